@@ -1,0 +1,409 @@
+//! The catalog snapshot: the federation as one gateway sees it at one etcd revision.
+//!
+//! A `Snapshot` is a value. The watcher task owns one, applies `Change`s to it and publishes
+//! clones (`Arc<Snapshot>`) on a `tokio::sync::watch` channel; readers (DNS, router) never
+//! lock. The maps are persistent (`imbl`), so a clone is O(1) and one change costs
+//! O(log n): updating one service in a catalog of 100k exports touches a handful of nodes,
+//! not the whole snapshot.
+//!
+//! Besides the raw records, the snapshot keeps one derived `ServiceView` per clusterset
+//! service (the union of every cluster's export of it), recomputed from that service's own
+//! exports only when one of them changes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+
+use crate::model::{ExportRecord, GatewayRecord, PortSpec};
+use crate::names::{ClusterName, GatewayId, ServiceKey};
+
+/// Identifies one export: which gateway of which cluster exports which service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ExportKey {
+    pub cluster: ClusterName,
+    pub gateway: GatewayId,
+    pub service: ServiceKey,
+}
+
+/// Identifies one VIP: the VIP `cluster`'s gateways listen on for `service`; with a
+/// `target`, the cluster-pinned VIP that reaches only that target cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub cluster: ClusterName,
+    pub service: ServiceKey,
+    pub target: Option<ClusterName>,
+}
+
+/// One change to the catalog, already decoded and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    PutGateway(Arc<GatewayRecord>),
+    DeleteGateway {
+        cluster: ClusterName,
+        gateway: GatewayId,
+    },
+    PutExport(ExportKey, Arc<ExportRecord>),
+    DeleteExport(ExportKey),
+    PutVip(VipKey, IpAddr),
+    DeleteVip(VipKey),
+}
+
+/// What one cluster contributes to a clusterset service, summed over its gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterExport {
+    /// Gateways of this cluster that export the service.
+    pub gateways: u32,
+    /// Endpoint counts: the largest any gateway of the cluster reported (replicas of one
+    /// cluster see the same local endpoints, so counts are not summed).
+    pub endpoints_total: u32,
+    pub endpoints_healthy: u32,
+    /// Callers allowed by this cluster's export; empty means everyone.
+    pub allowed_callers: Vec<ClusterName>,
+}
+
+/// A clusterset service: the union of all clusters' exports of one `<name>.<ns>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub key: ServiceKey,
+    /// Ports by name. When clusters disagree on a port's definition, the cluster whose name
+    /// sorts first wins, so every gateway derives the same answer from the same catalog.
+    pub ports: Vec<PortSpec>,
+    /// Clusters exporting the service.
+    pub clusters: BTreeMap<ClusterName, ClusterExport>,
+}
+
+impl ServiceView {
+    /// Clusters that export the service with at least one healthy endpoint.
+    pub fn healthy_clusters(&self) -> impl Iterator<Item = &ClusterName> {
+        self.clusters
+            .iter()
+            .filter(|(_, c)| c.endpoints_healthy > 0)
+            .map(|(name, _)| name)
+    }
+
+    /// The port with this name, if the service has one.
+    pub fn port(&self, name: &str) -> Option<&PortSpec> {
+        self.ports.iter().find(|p| p.name == name)
+    }
+}
+
+type ServiceExports = OrdMap<(ClusterName, GatewayId), Arc<ExportRecord>>;
+
+/// The federation's catalog at one revision. Cheap to clone; see the module docs.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The store revision this snapshot reflects (0 before the first sync).
+    pub revision: i64,
+    gateways: OrdMap<ClusterName, OrdMap<GatewayId, Arc<GatewayRecord>>>,
+    exports: OrdMap<ServiceKey, ServiceExports>,
+    services: OrdMap<ServiceKey, Arc<ServiceView>>,
+    vips: OrdMap<VipKey, IpAddr>,
+    export_count: usize,
+}
+
+impl Snapshot {
+    /// An empty catalog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one change. Returns whether anything changed.
+    pub fn apply(&mut self, change: Change) -> bool {
+        match change {
+            Change::PutGateway(record) => {
+                let mut of_cluster = self
+                    .gateways
+                    .get(&record.cluster)
+                    .cloned()
+                    .unwrap_or_default();
+                let old = of_cluster.insert(record.gateway_id.clone(), record.clone());
+                let changed = old.as_deref() != Some(&*record);
+                self.gateways.insert(record.cluster.clone(), of_cluster);
+                changed
+            }
+            Change::DeleteGateway { cluster, gateway } => {
+                let Some(mut of_cluster) = self.gateways.get(&cluster).cloned() else {
+                    return false;
+                };
+                let changed = of_cluster.remove(&gateway).is_some();
+                if of_cluster.is_empty() {
+                    self.gateways.remove(&cluster);
+                } else {
+                    self.gateways.insert(cluster, of_cluster);
+                }
+                changed
+            }
+            Change::PutExport(key, record) => {
+                let mut of_service = self.exports.get(&key.service).cloned().unwrap_or_default();
+                let old = of_service.insert((key.cluster, key.gateway), record.clone());
+                if old.as_deref() == Some(&*record) {
+                    return false;
+                }
+                if old.is_none() {
+                    self.export_count += 1;
+                }
+                self.set_service_exports(key.service, of_service);
+                true
+            }
+            Change::DeleteExport(key) => {
+                let Some(mut of_service) = self.exports.get(&key.service).cloned() else {
+                    return false;
+                };
+                if of_service.remove(&(key.cluster, key.gateway)).is_none() {
+                    return false;
+                }
+                self.export_count -= 1;
+                self.set_service_exports(key.service, of_service);
+                true
+            }
+            Change::PutVip(key, vip) => self.vips.insert(key, vip) != Some(vip),
+            Change::DeleteVip(key) => self.vips.remove(&key).is_some(),
+        }
+    }
+
+    /// Stores a service's exports and recomputes its view from them alone.
+    fn set_service_exports(&mut self, service: ServiceKey, exports: ServiceExports) {
+        if exports.is_empty() {
+            self.exports.remove(&service);
+            self.services.remove(&service);
+            return;
+        }
+        let view = derive_view(service.clone(), &exports);
+        self.exports.insert(service.clone(), exports);
+        self.services.insert(service, Arc::new(view));
+    }
+
+    /// Every clusterset service, in name order.
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
+        self.services.values()
+    }
+
+    /// The persistent map of services, for cheap diffs between two snapshots.
+    pub fn service_map(&self) -> &OrdMap<ServiceKey, Arc<ServiceView>> {
+        &self.services
+    }
+
+    /// One clusterset service.
+    pub fn service(&self, key: &ServiceKey) -> Option<&Arc<ServiceView>> {
+        self.services.get(key)
+    }
+
+    /// Number of clusterset services.
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Number of export records (one per exporting gateway per service).
+    pub fn export_count(&self) -> usize {
+        self.export_count
+    }
+
+    /// The export record one gateway published for a service.
+    pub fn export(&self, key: &ExportKey) -> Option<&Arc<ExportRecord>> {
+        self.exports
+            .get(&key.service)?
+            .get(&(key.cluster.clone(), key.gateway.clone()))
+    }
+
+    /// Every export of one service: ((cluster, gateway), record).
+    pub fn exports_of(
+        &self,
+        service: &ServiceKey,
+    ) -> impl Iterator<Item = (&(ClusterName, GatewayId), &Arc<ExportRecord>)> {
+        self.exports.get(service).into_iter().flat_map(|m| m.iter())
+    }
+
+    /// Every cluster that has at least one live gateway, in name order.
+    pub fn clusters(&self) -> impl Iterator<Item = &ClusterName> {
+        self.gateways.keys()
+    }
+
+    /// The gateways of one cluster.
+    pub fn gateways_of(&self, cluster: &ClusterName) -> impl Iterator<Item = &Arc<GatewayRecord>> {
+        self.gateways.get(cluster).into_iter().flat_map(|m| m.values())
+    }
+
+    /// Every gateway of the federation.
+    pub fn gateways(&self) -> impl Iterator<Item = &Arc<GatewayRecord>> {
+        self.gateways.values().flat_map(|m| m.values())
+    }
+
+    /// One gateway record.
+    pub fn gateway(&self, cluster: &ClusterName, id: &GatewayId) -> Option<&Arc<GatewayRecord>> {
+        self.gateways.get(cluster)?.get(id)
+    }
+
+    /// The VIP `cluster` uses for `service` (`target: None`), or for the cluster-pinned name
+    /// of `service` in `target`.
+    pub fn vip(
+        &self,
+        cluster: &ClusterName,
+        service: &ServiceKey,
+        target: Option<&ClusterName>,
+    ) -> Option<IpAddr> {
+        self.vips
+            .get(&VipKey {
+                cluster: cluster.clone(),
+                service: service.clone(),
+                target: target.cloned(),
+            })
+            .copied()
+    }
+
+    /// Every VIP allocated, with its key.
+    pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &IpAddr)> {
+        self.vips.iter()
+    }
+}
+
+/// Builds a service's view from its exports. Pure; called only for the service that changed.
+fn derive_view(key: ServiceKey, exports: &ServiceExports) -> ServiceView {
+    let mut clusters: BTreeMap<ClusterName, ClusterExport> = BTreeMap::new();
+    let mut ports: BTreeMap<&str, &PortSpec> = BTreeMap::new();
+    // Exports iterate in (cluster, gateway) order, so the first definition of a port name
+    // comes from the cluster that sorts first.
+    for ((cluster, _gateway), record) in exports {
+        let entry = clusters
+            .entry(cluster.clone())
+            .or_insert_with(|| ClusterExport {
+                gateways: 0,
+                endpoints_total: 0,
+                endpoints_healthy: 0,
+                allowed_callers: record.allowed_callers.clone(),
+            });
+        entry.gateways += 1;
+        entry.endpoints_total = entry.endpoints_total.max(record.endpoints_total);
+        entry.endpoints_healthy = entry.endpoints_healthy.max(record.endpoints_healthy);
+        for port in &record.ports {
+            ports.entry(port.name.as_str()).or_insert(port);
+        }
+    }
+    ServiceView {
+        key,
+        ports: ports.into_values().cloned().collect(),
+        clusters,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, SCHEMA_VERSION};
+
+    fn cluster(s: &str) -> ClusterName {
+        ClusterName::new(s).expect("valid")
+    }
+
+    fn export(port: u16, healthy: u32) -> Arc<ExportRecord> {
+        Arc::new(ExportRecord {
+            schema: SCHEMA_VERSION,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints_total: 3,
+            endpoints_healthy: healthy,
+            allowed_callers: vec![],
+            labels: Default::default(),
+        })
+    }
+
+    fn key(c: &str, gw: &str, svc: &str) -> ExportKey {
+        ExportKey {
+            cluster: cluster(c),
+            gateway: GatewayId::new(gw).expect("valid"),
+            service: svc.parse().expect("valid"),
+        }
+    }
+
+    #[test]
+    fn services_are_the_union_of_cluster_exports() {
+        let mut snap = Snapshot::new();
+        assert!(snap.apply(Change::PutExport(key("west", "gw-0", "pay.prod"), export(9090, 0))));
+        assert!(snap.apply(Change::PutExport(key("east", "gw-0", "pay.prod"), export(8080, 2))));
+        assert!(snap.apply(Change::PutExport(key("east", "gw-1", "pay.prod"), export(8080, 3))));
+        // Re-applying the same record is not a change.
+        assert!(!snap.apply(Change::PutExport(key("east", "gw-1", "pay.prod"), export(8080, 3))));
+
+        let view = snap.service(&"pay.prod".parse().expect("valid")).expect("present");
+        assert_eq!(view.clusters.len(), 2);
+        assert_eq!(view.clusters[&cluster("east")].gateways, 2);
+        assert_eq!(view.clusters[&cluster("east")].endpoints_healthy, 3);
+        // "east" sorts before "west", so east's definition of the port wins.
+        assert_eq!(view.port("http").map(|p| p.port), Some(8080));
+        let healthy: Vec<_> = view.healthy_clusters().cloned().collect();
+        assert_eq!(healthy, vec![cluster("east")]);
+        assert_eq!(snap.export_count(), 3);
+
+        assert!(snap.apply(Change::DeleteExport(key("east", "gw-0", "pay.prod"))));
+        assert!(snap.apply(Change::DeleteExport(key("east", "gw-1", "pay.prod"))));
+        assert!(!snap.apply(Change::DeleteExport(key("east", "gw-1", "pay.prod"))));
+        let view = snap.service(&"pay.prod".parse().expect("valid")).expect("present");
+        assert_eq!(view.port("http").map(|p| p.port), Some(9090));
+        assert!(snap.apply(Change::DeleteExport(key("west", "gw-0", "pay.prod"))));
+        assert_eq!(snap.service_count(), 0);
+        assert_eq!(snap.export_count(), 0);
+    }
+
+    #[test]
+    fn clones_are_independent_values() {
+        let mut a = Snapshot::new();
+        a.apply(Change::PutExport(key("east", "gw-0", "pay.prod"), export(8080, 1)));
+        let b = a.clone();
+        a.apply(Change::PutExport(key("east", "gw-0", "cart.prod"), export(8080, 1)));
+        assert_eq!(a.service_count(), 2);
+        assert_eq!(b.service_count(), 1);
+    }
+
+    #[test]
+    fn vips_are_per_cluster_and_target() {
+        let mut snap = Snapshot::new();
+        let svc: ServiceKey = "pay.prod".parse().expect("valid");
+        let vk = |target: Option<&str>| VipKey {
+            cluster: cluster("east"),
+            service: svc.clone(),
+            target: target.map(cluster),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(snap.apply(Change::PutVip(vk(None), ip("127.77.0.1"))));
+        assert!(snap.apply(Change::PutVip(vk(Some("west")), ip("127.77.0.2"))));
+        assert_eq!(snap.vip(&cluster("east"), &svc, None), Some(ip("127.77.0.1")));
+        assert_eq!(
+            snap.vip(&cluster("east"), &svc, Some(&cluster("west"))),
+            Some(ip("127.77.0.2"))
+        );
+        assert_eq!(snap.vip(&cluster("west"), &svc, None), None);
+        assert!(snap.apply(Change::DeleteVip(vk(None))));
+        assert_eq!(snap.vip(&cluster("east"), &svc, None), None);
+    }
+
+    #[test]
+    fn gateways_group_by_cluster() {
+        let mut snap = Snapshot::new();
+        let gw = |c: &str, id: &str| {
+            Arc::new(GatewayRecord {
+                schema: SCHEMA_VERSION,
+                cluster: cluster(c),
+                gateway_id: GatewayId::new(id).expect("valid"),
+                region: String::new(),
+                zone: String::new(),
+                quic_addrs: vec![],
+                spiffe_id: format!("spiffe://td/cluster/{c}/gateway"),
+                draining: false,
+            })
+        };
+        assert!(snap.apply(Change::PutGateway(gw("east", "a"))));
+        assert!(snap.apply(Change::PutGateway(gw("east", "b"))));
+        assert!(snap.apply(Change::PutGateway(gw("west", "a"))));
+        assert_eq!(snap.gateways_of(&cluster("east")).count(), 2);
+        assert_eq!(snap.clusters().count(), 2);
+        assert!(snap.apply(Change::DeleteGateway {
+            cluster: cluster("west"),
+            gateway: GatewayId::new("a").expect("valid"),
+        }));
+        assert_eq!(snap.clusters().count(), 1);
+    }
+}

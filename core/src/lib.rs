@@ -1,0 +1,15 @@
+//! meshup-core: the vocabulary every other meshup crate shares.
+//!
+//! Pure code only: no sockets, no etcd, no QUIC, no DNS server. What is here takes values and
+//! returns values, so it is table-tested and fuzzed without a network.
+//!
+//! - [`names`]: validated cluster, namespace, service and port names.
+//! - [`identity`]: SPIFFE IDs and gateway identities, parsed strictly.
+//! - [`model`]: the catalog records gateways publish (JSON with a schema version) and their
+//!   validation.
+//! - [`catalog`]: the immutable, cheaply cloned catalog snapshot and the changes applied to it.
+
+pub mod catalog;
+pub mod identity;
+pub mod model;
+pub mod names;

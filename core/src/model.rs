@@ -1,0 +1,471 @@
+//! The records a gateway publishes to the catalog, as JSON with a schema version.
+//!
+//! Every record is decoded and then validated; a record that fails either is skipped by the
+//! catalog reducer (never a crash, never poisoning the rest). Validation is pure so it is
+//! table-tested here and fuzzed with the rest of the catalog decoding.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::{GatewayIdentity, SpiffeId};
+use crate::names::{ClusterName, GatewayId, NameError, check_port_name};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Largest catalog value a gateway accepts, in bytes; larger ones are skipped unread.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Most ports one export may declare.
+pub const MAX_PORTS: usize = 64;
+/// Most addresses one gateway may advertise.
+pub const MAX_GATEWAY_ADDRS: usize = 8;
+/// Most labels on one export, and the longest label key or value.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_LABEL_TEXT: usize = 253;
+/// Most caller clusters one export may list.
+pub const MAX_ALLOWED_CALLERS: usize = 256;
+/// Longest region or zone name.
+pub const MAX_LOCALITY_LEN: usize = 128;
+
+/// Why a record was rejected. Each variant says what to fix in the publishing gateway.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("value is {len} bytes, more than the {MAX_RECORD_BYTES}-byte limit")]
+    TooLarge { len: usize },
+    #[error("value is not valid JSON for this record: {0}")]
+    Decode(String),
+    #[error("schema version {found} is not supported (this gateway reads version {SCHEMA_VERSION})")]
+    UnsupportedSchema { found: u32 },
+    #[error("port {port} of {name:?} is not a valid port (1-65535)")]
+    BadPort { name: String, port: u16 },
+    #[error("port name is invalid: {0}")]
+    BadPortName(NameError),
+    #[error("port name {0:?} is declared twice")]
+    DuplicatePort(String),
+    #[error("{what}: {count} entries, more than the limit of {max}")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("endpoint counts are inconsistent: {healthy} healthy of {total} total")]
+    BadEndpointCounts { healthy: u32, total: u32 },
+    #[error(
+        "address {0} is not routable between clusters (unspecified, multicast, link-local, or loopback where loopback is not allowed)"
+    )]
+    UnroutableAddress(IpAddr),
+    #[error("address {0} has port 0")]
+    ZeroPort(SocketAddr),
+    #[error("record is for {found}, but its key names {expected}")]
+    WrongOwner { expected: String, found: String },
+    #[error("identity {0:?} is not a gateway SPIFFE ID of that cluster")]
+    BadIdentity(String),
+    #[error("{what} is longer than {max} characters")]
+    TextTooLong { what: &'static str, max: usize },
+}
+
+/// Which addresses a federation accepts in records. Loopback addresses only make sense when
+/// every gateway runs on one machine (the demo, tests); elsewhere a loopback address in the
+/// catalog would make peers dial themselves, so it is rejected unless allowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AddressRules {
+    pub allow_loopback: bool,
+}
+
+impl AddressRules {
+    /// Rules for a federation whose gateways all run on one host.
+    pub const LOOPBACK: Self = Self {
+        allow_loopback: true,
+    };
+
+    /// Checks that `addr` could be reached from another cluster.
+    pub fn check_ip(&self, addr: IpAddr) -> Result<(), RecordError> {
+        let unroutable = addr.is_unspecified()
+            || addr.is_multicast()
+            || (addr.is_loopback() && !self.allow_loopback)
+            || match addr {
+                IpAddr::V4(v4) => v4.is_link_local() || v4.is_broadcast(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+        if unroutable {
+            Err(RecordError::UnroutableAddress(addr))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Checks a socket address: a routable IP and a non-zero port.
+    pub fn check_socket(&self, addr: SocketAddr) -> Result<(), RecordError> {
+        self.check_ip(addr.ip())?;
+        if addr.port() == 0 {
+            return Err(RecordError::ZeroPort(addr));
+        }
+        Ok(())
+    }
+}
+
+/// A transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// The lowercase name used in SRV names (`_http._tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+/// One named port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    pub name: String,
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+}
+
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+
+impl PortSpec {
+    /// Checks the name and the number.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_port_name(&self.name).map_err(RecordError::BadPortName)?;
+        if self.port == 0 {
+            return Err(RecordError::BadPort {
+                name: self.name.clone(),
+                port: self.port,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a list of ports: each valid, names unique, not too many.
+pub fn validate_ports(ports: &[PortSpec]) -> Result<(), RecordError> {
+    check_count("ports", ports.len(), MAX_PORTS)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for p in ports {
+        p.validate()?;
+        if !seen.insert(p.name.as_str()) {
+            return Err(RecordError::DuplicatePort(p.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn check_count(what: &'static str, count: usize, max: usize) -> Result<(), RecordError> {
+    if count > max {
+        Err(RecordError::TooMany { what, count, max })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_text(what: &'static str, text: &str, max: usize) -> Result<(), RecordError> {
+    if text.len() > max {
+        Err(RecordError::TextTooLong { what, max })
+    } else {
+        Ok(())
+    }
+}
+
+/// A gateway's own record: where peers reach it and who it is.
+/// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>`, bound to the gateway's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRecord {
+    pub schema: u32,
+    pub cluster: ClusterName,
+    pub gateway_id: GatewayId,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    /// QUIC addresses peers dial, in order of preference.
+    pub quic_addrs: Vec<SocketAddr>,
+    /// The SPIFFE ID the gateway presents: `spiffe://<td>/cluster/<cluster>/gateway`.
+    pub spiffe_id: String,
+    /// Set while the gateway drains: peers open no new streams to it.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+impl GatewayRecord {
+    /// Checks the record on its own and against the key it was found under.
+    pub fn validate(
+        &self,
+        key_cluster: &ClusterName,
+        key_gateway: &GatewayId,
+        rules: &AddressRules,
+    ) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        if &self.cluster != key_cluster || &self.gateway_id != key_gateway {
+            return Err(RecordError::WrongOwner {
+                expected: format!("{key_cluster}/{key_gateway}"),
+                found: format!("{}/{}", self.cluster, self.gateway_id),
+            });
+        }
+        check_text("region", &self.region, MAX_LOCALITY_LEN)?;
+        check_text("zone", &self.zone, MAX_LOCALITY_LEN)?;
+        check_count("quic_addrs", self.quic_addrs.len(), MAX_GATEWAY_ADDRS)?;
+        for addr in &self.quic_addrs {
+            rules.check_socket(*addr)?;
+        }
+        let identity = SpiffeId::parse(&self.spiffe_id)
+            .ok()
+            .and_then(|id| GatewayIdentity::from_spiffe_id(&id).ok());
+        match identity {
+            Some(id) if id.cluster == self.cluster => Ok(()),
+            _ => Err(RecordError::BadIdentity(self.spiffe_id.clone())),
+        }
+    }
+}
+
+/// A service one cluster offers to the federation.
+/// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>/exports/<ns>/<name>`, lease-bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportRecord {
+    pub schema: u32,
+    pub ports: Vec<PortSpec>,
+    /// Local endpoints the exporting gateway knows of.
+    pub endpoints_total: u32,
+    /// Of those, the ones that passed the gateway's last probe.
+    pub endpoints_healthy: u32,
+    /// Clusters allowed to call this export; empty means every cluster of the federation.
+    #[serde(default)]
+    pub allowed_callers: Vec<ClusterName>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl ExportRecord {
+    /// Checks ports, counts and limits.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        validate_ports(&self.ports)?;
+        if self.endpoints_healthy > self.endpoints_total {
+            return Err(RecordError::BadEndpointCounts {
+                healthy: self.endpoints_healthy,
+                total: self.endpoints_total,
+            });
+        }
+        check_count(
+            "allowed_callers",
+            self.allowed_callers.len(),
+            MAX_ALLOWED_CALLERS,
+        )?;
+        check_count("labels", self.labels.len(), MAX_LABELS)?;
+        for (k, v) in &self.labels {
+            check_text("label key", k, MAX_LABEL_TEXT)?;
+            check_text("label value", v, MAX_LABEL_TEXT)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `caller` may open streams to this export.
+    pub fn allows(&self, caller: &ClusterName) -> bool {
+        self.allowed_callers.is_empty() || self.allowed_callers.contains(caller)
+    }
+}
+
+/// A VIP allocated to one service in one cluster.
+/// Key: `<prefix>/v1/vips/<cluster>/<ns>/<name>` (clusterset VIP) or
+/// `<prefix>/v1/vips/<cluster>/<ns>/<name>/pinned/<target>` (cluster-pinned VIP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipRecord {
+    pub schema: u32,
+    pub vip: IpAddr,
+}
+
+impl VipRecord {
+    /// Checks the schema and that the address is usable as a listener address.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        if self.vip.is_unspecified() || self.vip.is_multicast() {
+            return Err(RecordError::UnroutableAddress(self.vip));
+        }
+        Ok(())
+    }
+}
+
+fn check_schema(found: u32) -> Result<(), RecordError> {
+    if found == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(RecordError::UnsupportedSchema { found })
+    }
+}
+
+/// Decodes a record from catalog bytes: size limit first, then JSON. Validation is separate
+/// because some checks need the key.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge { len: bytes.len() });
+    }
+    serde_json::from_slice(bytes).map_err(|e| RecordError::Decode(e.to_string()))
+}
+
+/// Encodes a record for the catalog.
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    // Serializing these plain structs (strings, numbers, maps with string keys) cannot fail.
+    serde_json::to_vec(record).expect("catalog records always serialize to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway() -> GatewayRecord {
+        GatewayRecord {
+            schema: SCHEMA_VERSION,
+            cluster: ClusterName::new("east").expect("valid"),
+            gateway_id: GatewayId::new("gw-0").expect("valid"),
+            region: "us-east-1".into(),
+            zone: "us-east-1a".into(),
+            quic_addrs: vec!["10.0.0.1:15443".parse().expect("addr")],
+            spiffe_id: "spiffe://mesh.local/cluster/east/gateway".into(),
+            draining: false,
+        }
+    }
+
+    fn export() -> ExportRecord {
+        ExportRecord {
+            schema: SCHEMA_VERSION,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints_total: 3,
+            endpoints_healthy: 2,
+            allowed_callers: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn check_gw(g: &GatewayRecord, rules: AddressRules) -> Result<(), RecordError> {
+        let c = ClusterName::new("east").expect("valid");
+        let id = GatewayId::new("gw-0").expect("valid");
+        g.validate(&c, &id, &rules)
+    }
+
+    #[test]
+    fn gateway_records_are_checked_against_their_key() {
+        let strict = AddressRules::default();
+        assert_eq!(check_gw(&gateway(), strict), Ok(()));
+
+        let mut g = gateway();
+        g.cluster = ClusterName::new("west").expect("valid");
+        g.spiffe_id = "spiffe://mesh.local/cluster/west/gateway".into();
+        assert!(matches!(
+            check_gw(&g, strict),
+            Err(RecordError::WrongOwner { .. })
+        ));
+
+        let mut g = gateway();
+        g.spiffe_id = "spiffe://mesh.local/cluster/west/gateway".into();
+        assert!(matches!(
+            check_gw(&g, strict),
+            Err(RecordError::BadIdentity(_))
+        ));
+
+        let mut g = gateway();
+        g.schema = 2;
+        assert_eq!(
+            check_gw(&g, strict),
+            Err(RecordError::UnsupportedSchema { found: 2 })
+        );
+    }
+
+    #[test]
+    fn unroutable_gateway_addresses_are_rejected() {
+        let strict = AddressRules::default();
+        for (addr, strict_ok, loopback_ok) in [
+            ("10.0.0.1:15443", true, true),
+            ("[2001:db8::1]:15443", true, true),
+            ("127.0.0.1:15443", false, true),
+            ("[::1]:15443", false, true),
+            ("169.254.1.1:15443", false, false),
+            ("[fe80::1]:15443", false, false),
+            ("0.0.0.0:15443", false, false),
+            ("224.0.0.1:15443", false, false),
+            ("10.0.0.1:0", false, false),
+        ] {
+            let mut g = gateway();
+            g.quic_addrs = vec![addr.parse().expect("addr")];
+            assert_eq!(check_gw(&g, strict).is_ok(), strict_ok, "{addr} strict");
+            assert_eq!(
+                check_gw(&g, AddressRules::LOOPBACK).is_ok(),
+                loopback_ok,
+                "{addr} loopback allowed"
+            );
+        }
+    }
+
+    #[test]
+    fn export_records_are_validated() {
+        assert_eq!(export().validate(), Ok(()));
+        let mut e = export();
+        e.ports[0].port = 0;
+        assert!(matches!(e.validate(), Err(RecordError::BadPort { .. })));
+        let mut e = export();
+        e.ports.push(e.ports[0].clone());
+        assert!(matches!(e.validate(), Err(RecordError::DuplicatePort(_))));
+        let mut e = export();
+        e.ports[0].name = "HTTP".into();
+        assert!(matches!(e.validate(), Err(RecordError::BadPortName(_))));
+        let mut e = export();
+        e.endpoints_healthy = 4;
+        assert!(matches!(
+            e.validate(),
+            Err(RecordError::BadEndpointCounts { .. })
+        ));
+        let mut e = export();
+        e.labels = (0..=MAX_LABELS).map(|i| (i.to_string(), String::new())).collect();
+        assert!(matches!(e.validate(), Err(RecordError::TooMany { .. })));
+    }
+
+    #[test]
+    fn decode_rejects_bad_bytes_without_panicking() {
+        assert!(matches!(
+            decode::<ExportRecord>(b"{not json"),
+            Err(RecordError::Decode(_))
+        ));
+        assert!(matches!(
+            decode::<ExportRecord>(&vec![b' '; MAX_RECORD_BYTES + 1]),
+            Err(RecordError::TooLarge { .. })
+        ));
+        // Unknown fields are an error, so a typo in a hand-written record is caught.
+        let mut v = serde_json::to_value(export()).expect("to value");
+        v["surprise"] = serde_json::json!(1);
+        assert!(decode::<ExportRecord>(&serde_json::to_vec(&v).expect("bytes")).is_err());
+        let e = export();
+        assert_eq!(decode::<ExportRecord>(&encode(&e)), Ok(e));
+    }
+
+    #[test]
+    fn allowed_callers_default_to_everyone() {
+        let east = ClusterName::new("east").expect("valid");
+        let west = ClusterName::new("west").expect("valid");
+        let mut e = export();
+        assert!(e.allows(&east));
+        e.allowed_callers = vec![west.clone()];
+        assert!(!e.allows(&east));
+        assert!(e.allows(&west));
+    }
+}

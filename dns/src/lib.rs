@@ -1,0 +1,1 @@
+//! meshup-dns (being built).

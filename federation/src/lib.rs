@@ -1,0 +1,1 @@
+//! meshup-federation (being built).

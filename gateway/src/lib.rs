@@ -1,0 +1,1 @@
+//! meshup-gateway (being built).
