@@ -7,9 +7,11 @@
 //! - [`identity`]: SPIFFE IDs and gateway identities, parsed strictly.
 //! - [`model`]: the catalog records gateways publish (JSON with a schema version) and their
 //!   validation.
+//! - [`tunnel`]: the tunnel stream header and status codec.
 //! - [`catalog`]: the immutable, cheaply cloned catalog snapshot and the changes applied to it.
 
 pub mod catalog;
 pub mod identity;
 pub mod model;
 pub mod names;
+pub mod tunnel;
