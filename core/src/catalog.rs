@@ -222,7 +222,10 @@ impl Snapshot {
 
     /// The gateways of one cluster.
     pub fn gateways_of(&self, cluster: &ClusterName) -> impl Iterator<Item = &Arc<GatewayRecord>> {
-        self.gateways.get(cluster).into_iter().flat_map(|m| m.values())
+        self.gateways
+            .get(cluster)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     /// Every gateway of the federation.
@@ -322,13 +325,27 @@ mod tests {
     #[test]
     fn services_are_the_union_of_cluster_exports() {
         let mut snap = Snapshot::new();
-        assert!(snap.apply(Change::PutExport(key("west", "gw-0", "pay.prod"), export(9090, 0))));
-        assert!(snap.apply(Change::PutExport(key("east", "gw-0", "pay.prod"), export(8080, 2))));
-        assert!(snap.apply(Change::PutExport(key("east", "gw-1", "pay.prod"), export(8080, 3))));
+        assert!(snap.apply(Change::PutExport(
+            key("west", "gw-0", "pay.prod"),
+            export(9090, 0)
+        )));
+        assert!(snap.apply(Change::PutExport(
+            key("east", "gw-0", "pay.prod"),
+            export(8080, 2)
+        )));
+        assert!(snap.apply(Change::PutExport(
+            key("east", "gw-1", "pay.prod"),
+            export(8080, 3)
+        )));
         // Re-applying the same record is not a change.
-        assert!(!snap.apply(Change::PutExport(key("east", "gw-1", "pay.prod"), export(8080, 3))));
+        assert!(!snap.apply(Change::PutExport(
+            key("east", "gw-1", "pay.prod"),
+            export(8080, 3)
+        )));
 
-        let view = snap.service(&"pay.prod".parse().expect("valid")).expect("present");
+        let view = snap
+            .service(&"pay.prod".parse().expect("valid"))
+            .expect("present");
         assert_eq!(view.clusters.len(), 2);
         assert_eq!(view.clusters[&cluster("east")].gateways, 2);
         assert_eq!(view.clusters[&cluster("east")].endpoints_healthy, 3);
@@ -341,7 +358,9 @@ mod tests {
         assert!(snap.apply(Change::DeleteExport(key("east", "gw-0", "pay.prod"))));
         assert!(snap.apply(Change::DeleteExport(key("east", "gw-1", "pay.prod"))));
         assert!(!snap.apply(Change::DeleteExport(key("east", "gw-1", "pay.prod"))));
-        let view = snap.service(&"pay.prod".parse().expect("valid")).expect("present");
+        let view = snap
+            .service(&"pay.prod".parse().expect("valid"))
+            .expect("present");
         assert_eq!(view.port("http").map(|p| p.port), Some(9090));
         assert!(snap.apply(Change::DeleteExport(key("west", "gw-0", "pay.prod"))));
         assert_eq!(snap.service_count(), 0);
@@ -351,9 +370,15 @@ mod tests {
     #[test]
     fn clones_are_independent_values() {
         let mut a = Snapshot::new();
-        a.apply(Change::PutExport(key("east", "gw-0", "pay.prod"), export(8080, 1)));
+        a.apply(Change::PutExport(
+            key("east", "gw-0", "pay.prod"),
+            export(8080, 1),
+        ));
         let b = a.clone();
-        a.apply(Change::PutExport(key("east", "gw-0", "cart.prod"), export(8080, 1)));
+        a.apply(Change::PutExport(
+            key("east", "gw-0", "cart.prod"),
+            export(8080, 1),
+        ));
         assert_eq!(a.service_count(), 2);
         assert_eq!(b.service_count(), 1);
     }
@@ -370,7 +395,10 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert!(snap.apply(Change::PutVip(vk(None), ip("127.77.0.1"))));
         assert!(snap.apply(Change::PutVip(vk(Some("west")), ip("127.77.0.2"))));
-        assert_eq!(snap.vip(&cluster("east"), &svc, None), Some(ip("127.77.0.1")));
+        assert_eq!(
+            snap.vip(&cluster("east"), &svc, None),
+            Some(ip("127.77.0.1"))
+        );
         assert_eq!(
             snap.vip(&cluster("east"), &svc, Some(&cluster("west"))),
             Some(ip("127.77.0.2"))

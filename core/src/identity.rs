@@ -36,7 +36,9 @@ pub enum IdentityError {
         "SPIFFE ID {0:?} has a bad path: segments must be non-empty, not '.' or '..', of letters, digits, '.', '-' and '_'"
     )]
     BadPath(String),
-    #[error("SPIFFE ID {0:?} is not a gateway identity (want spiffe://<trust-domain>/cluster/<cluster>/gateway)")]
+    #[error(
+        "SPIFFE ID {0:?} is not a gateway identity (want spiffe://<trust-domain>/cluster/<cluster>/gateway)"
+    )]
     NotAGateway(String),
     #[error("SPIFFE ID names a bad cluster: {0}")]
     BadCluster(#[from] NameError),

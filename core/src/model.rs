@@ -35,7 +35,9 @@ pub enum RecordError {
     TooLarge { len: usize },
     #[error("value is not valid JSON for this record: {0}")]
     Decode(String),
-    #[error("schema version {found} is not supported (this gateway reads version {SCHEMA_VERSION})")]
+    #[error(
+        "schema version {found} is not supported (this gateway reads version {SCHEMA_VERSION})"
+    )]
     UnsupportedSchema { found: u32 },
     #[error("port {port} of {name:?} is not a valid port (1-65535)")]
     BadPort { name: String, port: u16 },
@@ -436,7 +438,9 @@ mod tests {
             Err(RecordError::BadEndpointCounts { .. })
         ));
         let mut e = export();
-        e.labels = (0..=MAX_LABELS).map(|i| (i.to_string(), String::new())).collect();
+        e.labels = (0..=MAX_LABELS)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
         assert!(matches!(e.validate(), Err(RecordError::TooMany { .. })));
     }
 
