@@ -1,0 +1,47 @@
+//! Poll a condition until it holds, instead of sleeping and hoping.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// How often conditions are polled.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Polls `check` until it returns `true`; panics with `what` after `timeout`.
+pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {timeout:?}: {what}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Polls `check` until it returns `Ok`, and returns that value; panics after `timeout` with
+/// `what` and the last error, so the failure message shows the state that was wrong.
+pub async fn eventually_ok<T, E, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    E: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("condition not met within {timeout:?}: {what}; last state: {e:?}")
+            }
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
