@@ -1,0 +1,486 @@
+//! Pure answer synthesis: (zone view, query name, query type) → answer records and rcode.
+//!
+//! Nothing here touches a socket or a clock. The hickory `ZoneHandler` (slow path) and the
+//! precomputed wire table (fast path) are both built from [`resolve`], so they cannot
+//! disagree about what exists.
+//!
+//! Names served (Kubernetes Multi-Cluster Services DNS specification v1.0.0):
+//!
+//! | name (relative to the zone)          | records                                     |
+//! | ------------------------------------ | ------------------------------------------- |
+//! | apex                                 | SOA, NS (+ glue for an in-zone NS host)     |
+//! | `dns-version`                        | TXT `"1.0.0"`                               |
+//! | `<svc>.<ns>.svc`                     | A or AAAA: this cluster's VIP for the service |
+//! | `_<port>._<proto>.<svc>.<ns>.svc`    | SRV 10 100 `<port>` `<svc>.<ns>.svc.<zone>` (+ A/AAAA additional) |
+//! | `<svc>.<ns>.svc.<cluster>`           | A or AAAA: the VIP pinned to `<cluster>`    |
+//! | `svc`, `<ns>.svc`, `_<proto>.<svc>.<ns>.svc`, `<cluster>`, `svc.<cluster>`, `<ns>.svc.<cluster>` | empty non-terminals (NODATA) |
+//!
+//! A service in the catalog without a VIP for this cluster yet answers NODATA (NOERROR, no
+//! records, SOA in authority, short negative TTL): the name exists, the client caches the
+//! absence only for the negative TTL and retries, whereas SERVFAIL makes many stub resolvers
+//! try every search domain and server and then fail hard. The reserved form
+//! `<cluster>.<svc>.<ns>.svc` does not exist (NXDOMAIN).
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use hickory_proto::op::ResponseCode;
+use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use meshup_core::catalog::{ServiceView, Snapshot};
+use meshup_core::names::{ClusterName, ServiceKey};
+
+use crate::config::{ConfigError, DnsConfig, secs_u32};
+
+/// The version TXT the MCS DNS specification asks for.
+pub const SCHEMA_VERSION_TXT: &str = "1.0.0";
+/// SRV priority for a ClusterSetIP service (the specification's example, `SRV 10 100 ...`).
+pub const SRV_PRIORITY: u16 = 10;
+/// SRV weight for a ClusterSetIP service: one target, so the value only has to be non-zero.
+pub const SRV_WEIGHT: u16 = 100;
+
+/// Static zone settings, derived once from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneSettings {
+    /// Zone apex, lowercase and fully qualified.
+    pub origin: Name,
+    /// TTL of positive answers, seconds.
+    pub ttl: u32,
+    /// TTL of the SOA record when asked for, seconds.
+    pub soa_ttl: u32,
+    /// TTL of the SOA in negative answers: min(SOA TTL, SOA MINIMUM) (RFC 2308 §3).
+    pub negative_ttl: u32,
+    /// SOA MINIMUM field.
+    pub soa_minimum: u32,
+    pub soa_refresh: i32,
+    pub soa_retry: i32,
+    pub soa_expire: i32,
+    pub ns_host: Name,
+    pub rname: Name,
+    /// Address answered for `ns_host` when it lies inside the zone.
+    pub ns_glue: Option<IpAddr>,
+}
+
+impl ZoneSettings {
+    /// Derives the settings from a config (validates it first).
+    pub fn from_config(cfg: &DnsConfig) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let as_i32 = |d| i32::try_from(secs_u32(d)).unwrap_or(i32::MAX);
+        let soa_ttl = secs_u32(cfg.soa_ttl);
+        let soa_minimum = secs_u32(cfg.negative_ttl);
+        Ok(Self {
+            origin: cfg.zone_name()?,
+            ttl: secs_u32(cfg.ttl),
+            soa_ttl,
+            negative_ttl: soa_ttl.min(soa_minimum),
+            soa_minimum,
+            soa_refresh: as_i32(cfg.soa_refresh),
+            soa_retry: as_i32(cfg.soa_retry),
+            soa_expire: as_i32(cfg.soa_expire),
+            ns_host: cfg.ns_host()?,
+            rname: cfg.rname()?,
+            ns_glue: cfg.ns_glue(),
+        })
+    }
+}
+
+/// Everything an answer depends on: settings, this gateway's cluster and one snapshot.
+///
+/// Cluster-pinned empty non-terminals need "does cluster X export anything (in namespace
+/// N)?", which the snapshot cannot answer without a scan; that index is computed at most
+/// once per view, on first use.
+#[derive(Debug)]
+pub struct ZoneView {
+    pub settings: Arc<ZoneSettings>,
+    pub local: ClusterName,
+    pub snapshot: Arc<Snapshot>,
+    pinned: OnceLock<PinnedIndex>,
+}
+
+/// Which clusters export anything, and in which namespaces.
+#[derive(Debug, Default)]
+struct PinnedIndex {
+    clusters: HashSet<String>,
+    cluster_namespaces: HashSet<(String, String)>,
+}
+
+impl ZoneView {
+    /// A view of one snapshot.
+    pub fn new(settings: Arc<ZoneSettings>, local: ClusterName, snapshot: Arc<Snapshot>) -> Self {
+        Self {
+            settings,
+            local,
+            snapshot,
+            pinned: OnceLock::new(),
+        }
+    }
+
+    fn pinned(&self) -> &PinnedIndex {
+        self.pinned.get_or_init(|| {
+            let mut index = PinnedIndex::default();
+            for view in self.snapshot.services() {
+                for cluster in view.clusters.keys() {
+                    index.clusters.insert(cluster.as_str().to_owned());
+                    index.cluster_namespaces.insert((
+                        cluster.as_str().to_owned(),
+                        view.key.namespace.as_str().to_owned(),
+                    ));
+                }
+            }
+            index
+        })
+    }
+
+    /// Whether any service lives in namespace `ns` (O(log n): keys sort by namespace first).
+    fn namespace_exists(&self, ns: &str) -> bool {
+        let Ok(first) = ServiceKey::parse(ns, "a") else {
+            return false;
+        };
+        self.snapshot
+            .service_map()
+            .range(first..)
+            .next()
+            .is_some_and(|(k, _)| k.namespace.as_str() == ns)
+    }
+}
+
+/// The result of one lookup, in the layout of the response message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub rcode: ResponseCode,
+    /// AA: set for every answer from inside the zone, clear for REFUSED.
+    pub authoritative: bool,
+    pub answers: Vec<Record>,
+    pub authorities: Vec<Record>,
+    pub additionals: Vec<Record>,
+}
+
+impl Answer {
+    fn refused() -> Self {
+        Self {
+            rcode: ResponseCode::Refused,
+            authoritative: false,
+            answers: vec![],
+            authorities: vec![],
+            additionals: vec![],
+        }
+    }
+
+    /// NOERROR with nothing in the answer section.
+    pub fn is_nodata(&self) -> bool {
+        self.rcode == ResponseCode::NoError && self.answers.is_empty()
+    }
+}
+
+/// What a name inside the zone is.
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    Apex,
+    Version,
+    NsHost,
+    /// Exists only because names exist below it.
+    EmptyNonTerminal,
+    Service {
+        view: Arc<ServiceView>,
+        pinned: Option<ClusterName>,
+    },
+    Srv {
+        view: Arc<ServiceView>,
+        port: u16,
+    },
+}
+
+/// Answers one question. `qname` may be in any case; records carry lowercase owner names
+/// (the question section, echoed by the server, keeps the client's case).
+pub fn resolve(zone: &ZoneView, qname: &Name, qtype: RecordType) -> Answer {
+    let settings = &*zone.settings;
+    let mut name = qname.to_lowercase();
+    name.set_fqdn(true);
+    if !settings.origin.zone_of(&name) {
+        return Answer::refused();
+    }
+    let Some(node) = classify(zone, &name) else {
+        return negative(settings, ResponseCode::NXDomain);
+    };
+    let ttl = settings.ttl;
+    let mut answer = Answer {
+        rcode: ResponseCode::NoError,
+        authoritative: true,
+        answers: vec![],
+        authorities: vec![],
+        additionals: vec![],
+    };
+    let any = qtype == RecordType::ANY;
+    match node {
+        Node::Apex => match qtype {
+            RecordType::SOA => {
+                answer.answers.push(soa_record(
+                    settings,
+                    zone.snapshot.revision,
+                    settings.soa_ttl,
+                ));
+                // Like hickory's catalog: a SOA answer carries the NS set in authority.
+                answer.authorities.push(ns_record(settings));
+                answer.additionals.extend(glue(settings));
+            }
+            RecordType::NS => {
+                answer.answers.push(ns_record(settings));
+                answer.additionals.extend(glue(settings));
+            }
+            // RFC 8482: one RRset is a complete answer to ANY.
+            RecordType::ANY => {
+                answer.answers.push(soa_record(
+                    settings,
+                    zone.snapshot.revision,
+                    settings.soa_ttl,
+                ));
+            }
+            _ => {}
+        },
+        Node::Version => {
+            if qtype == RecordType::TXT || any {
+                answer.answers.push(Record::from_rdata(
+                    name,
+                    ttl,
+                    RData::TXT(TXT::new(vec![SCHEMA_VERSION_TXT.to_owned()])),
+                ));
+            }
+        }
+        Node::NsHost => {
+            if let Some(ip) = settings.ns_glue
+                && wants_address(qtype, ip)
+            {
+                answer.answers.push(address_record(name, ttl, ip));
+            }
+        }
+        Node::EmptyNonTerminal => {}
+        Node::Service { view, pinned } => {
+            if let Some(ip) = zone.snapshot.vip(&zone.local, &view.key, pinned.as_ref())
+                && wants_address(qtype, ip)
+            {
+                answer.answers.push(address_record(name, ttl, ip));
+            }
+        }
+        Node::Srv { view, port } => {
+            if qtype == RecordType::SRV || any {
+                let target = service_name(settings, &view.key, None);
+                if let Some(target) = target {
+                    answer.answers.push(Record::from_rdata(
+                        name,
+                        ttl,
+                        RData::SRV(SRV::new(SRV_PRIORITY, SRV_WEIGHT, port, target.clone())),
+                    ));
+                    if let Some(ip) = zone.snapshot.vip(&zone.local, &view.key, None) {
+                        answer.additionals.push(address_record(target, ttl, ip));
+                    }
+                }
+            }
+        }
+    }
+    if answer.answers.is_empty() {
+        return negative(settings, ResponseCode::NoError);
+    }
+    answer
+}
+
+/// NXDOMAIN or NODATA: no answer, the SOA in authority with the negative TTL.
+fn negative(settings: &ZoneSettings, rcode: ResponseCode) -> Answer {
+    Answer {
+        rcode,
+        authoritative: true,
+        answers: vec![],
+        // The serial in a negative answer does not matter to caches; 0 keeps the negative
+        // templates independent of the catalog revision.
+        authorities: vec![soa_record(settings, 0, settings.negative_ttl)],
+        additionals: vec![],
+    }
+}
+
+/// The SOA record; the serial is the catalog revision (modulo 2^32, serial arithmetic).
+pub fn soa_record(settings: &ZoneSettings, revision: i64, ttl: u32) -> Record {
+    Record::from_rdata(
+        settings.origin.clone(),
+        ttl,
+        RData::SOA(SOA::new(
+            settings.ns_host.clone(),
+            settings.rname.clone(),
+            revision as u32,
+            settings.soa_refresh,
+            settings.soa_retry,
+            settings.soa_expire,
+            settings.soa_minimum,
+        )),
+    )
+}
+
+/// The apex NS record.
+pub fn ns_record(settings: &ZoneSettings) -> Record {
+    Record::from_rdata(
+        settings.origin.clone(),
+        settings.soa_ttl,
+        RData::NS(NS(settings.ns_host.clone())),
+    )
+}
+
+/// Glue for an in-zone NS host.
+fn glue(settings: &ZoneSettings) -> Option<Record> {
+    let ip = settings.ns_glue?;
+    settings
+        .origin
+        .zone_of(&settings.ns_host)
+        .then(|| address_record(settings.ns_host.clone(), settings.soa_ttl, ip))
+}
+
+fn wants_address(qtype: RecordType, ip: IpAddr) -> bool {
+    matches!(
+        (qtype, ip),
+        (RecordType::A, IpAddr::V4(_)) | (RecordType::AAAA, IpAddr::V6(_)) | (RecordType::ANY, _)
+    )
+}
+
+fn address_record(name: Name, ttl: u32, ip: IpAddr) -> Record {
+    let rdata = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(name, ttl, rdata)
+}
+
+/// `<svc>.<ns>.svc[.<cluster>].<zone>`.
+pub fn service_name(
+    settings: &ZoneSettings,
+    key: &ServiceKey,
+    pinned: Option<&ClusterName>,
+) -> Option<Name> {
+    let mut labels: Vec<&str> = vec![key.name.as_str(), key.namespace.as_str(), "svc"];
+    if let Some(cluster) = pinned {
+        labels.push(cluster.as_str());
+    }
+    relative_name(settings, &labels)
+}
+
+/// A name from labels (leftmost first) under the zone apex.
+pub fn relative_name(settings: &ZoneSettings, labels: &[&str]) -> Option<Name> {
+    let rel = Name::from_labels(labels.iter().map(|l| l.as_bytes())).ok()?;
+    rel.append_domain(&settings.origin).ok()
+}
+
+/// Finds what `name` (lowercase, inside the zone) is; `None` when it does not exist.
+fn classify(zone: &ZoneView, name: &Name) -> Option<Node> {
+    let settings = &*zone.settings;
+    let depth = usize::from(name.num_labels() - settings.origin.num_labels());
+    let mut labels: Vec<&str> = Vec::with_capacity(depth);
+    for label in name.iter().take(depth) {
+        // Every name we serve is ASCII; anything else does not exist.
+        labels.push(std::str::from_utf8(label).ok()?);
+    }
+    if labels.is_empty() {
+        return Some(Node::Apex);
+    }
+    if *name == settings.ns_host && settings.ns_glue.is_some() {
+        return Some(Node::NsHost);
+    }
+    if name.zone_of(&settings.ns_host) && settings.ns_glue.is_some() {
+        return Some(Node::EmptyNonTerminal);
+    }
+    let snapshot = &*zone.snapshot;
+    let service = |ns: &str, svc: &str| {
+        let key = ServiceKey::parse(ns, svc).ok()?;
+        snapshot.service(&key).cloned()
+    };
+    let ent = || Some(Node::EmptyNonTerminal);
+    match labels.as_slice() {
+        ["dns-version"] => Some(Node::Version),
+        ["svc"] if snapshot.service_count() > 0 => ent(),
+        [ns, "svc"] if zone.namespace_exists(ns) => ent(),
+        [svc, ns, "svc"] => service(ns, svc).map(|view| Node::Service { view, pinned: None }),
+        [proto, svc, ns, "svc"] if proto.starts_with('_') => {
+            let view = service(ns, svc)?;
+            let proto = &proto[1..];
+            view.ports
+                .iter()
+                .any(|p| p.protocol.as_str() == proto)
+                .then_some(Node::EmptyNonTerminal)
+        }
+        [port, proto, svc, ns, "svc"] if port.starts_with('_') && proto.starts_with('_') => {
+            let view = service(ns, svc)?;
+            let found = view
+                .port(&port[1..])
+                .filter(|p| p.protocol.as_str() == &proto[1..])?;
+            let port = found.port;
+            Some(Node::Srv { view, port })
+        }
+        [cluster] if zone.pinned().clusters.contains(*cluster) => ent(),
+        ["svc", cluster] if zone.pinned().clusters.contains(*cluster) => ent(),
+        [ns, "svc", cluster]
+            if zone
+                .pinned()
+                .cluster_namespaces
+                .contains(&((*cluster).to_owned(), (*ns).to_owned())) =>
+        {
+            ent()
+        }
+        [svc, ns, "svc", cluster] => {
+            let view = service(ns, svc)?;
+            let pinned = ClusterName::new(cluster).ok()?;
+            view.clusters.contains_key(&pinned).then(|| Node::Service {
+                view,
+                pinned: Some(pinned),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Every name that exists in the zone (lowercase), for precomputing answers. Names are
+/// unique; the order is stable for a given snapshot.
+pub fn existing_names(zone: &ZoneView) -> Vec<Name> {
+    let settings = &*zone.settings;
+    let mut rel: BTreeSet<Vec<String>> = BTreeSet::new();
+    let push = |rel: &mut BTreeSet<Vec<String>>, labels: &[&str]| {
+        rel.insert(labels.iter().map(|s| (*s).to_owned()).collect());
+    };
+    push(&mut rel, &[]);
+    push(&mut rel, &["dns-version"]);
+    let mut out = Vec::new();
+    for view in zone.snapshot.services() {
+        let (svc, ns) = (view.key.name.as_str(), view.key.namespace.as_str());
+        push(&mut rel, &["svc"]);
+        push(&mut rel, &[ns, "svc"]);
+        push(&mut rel, &[svc, ns, "svc"]);
+        for port in &view.ports {
+            let proto = format!("_{}", port.protocol.as_str());
+            let port_label = format!("_{}", port.name);
+            push(&mut rel, &[&proto, svc, ns, "svc"]);
+            push(&mut rel, &[&port_label, &proto, svc, ns, "svc"]);
+        }
+        for cluster in view.clusters.keys() {
+            let c = cluster.as_str();
+            push(&mut rel, &[c]);
+            push(&mut rel, &["svc", c]);
+            push(&mut rel, &[ns, "svc", c]);
+            push(&mut rel, &[svc, ns, "svc", c]);
+        }
+    }
+    for labels in &rel {
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        if let Some(name) = relative_name(settings, &labels) {
+            out.push(name);
+        }
+    }
+    // The NS host and the empty non-terminals between it and the apex.
+    if settings.ns_glue.is_some() && settings.origin.zone_of(&settings.ns_host) {
+        let mut host = settings.ns_host.clone();
+        while host.num_labels() > settings.origin.num_labels() {
+            if !out.contains(&host) {
+                out.push(host.clone());
+            }
+            host = host.base_name();
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

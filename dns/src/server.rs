@@ -1,0 +1,506 @@
+//! The DNS server: bind (UDP workers + TCP listener), run until cancelled, drain.
+//!
+//! Threads and tasks:
+//! - `udp_workers` OS threads, each owning one SO_REUSEPORT UDP socket and a blocking
+//!   recv/send loop. They answer from the precomputed [`FastTable`] and fall back to the
+//!   hickory catalog inline (`Handle::block_on`; the catalog never waits on I/O).
+//! - one task rebuilds the table when the catalog snapshot changes and publishes it on a
+//!   `watch` channel. Workers check `has_changed()` (one atomic load) per packet and only
+//!   take the channel's lock when there is something new. Until the table for the newest
+//!   snapshot is published, workers answer through the catalog, which reads the newest
+//!   snapshot directly: a catalog change is visible to the very next query.
+//! - one task accepts TCP connections (capped; each with an idle/read deadline) and answers
+//!   them through the catalog.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hickory_server::net::xfer::Protocol;
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::ClusterName;
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::answer::{ZoneSettings, ZoneView};
+use crate::config::{ConfigError, DnsConfig};
+use crate::handler::{ClustersetZone, Guarded, ViewSource};
+use crate::metrics::{FAST_LATENCY_SAMPLE, Metrics, Path, classify_response};
+use crate::wire::{Fast, FastTable, TableError};
+
+/// How often a UDP worker wakes up without traffic to notice shutdown.
+const WORKER_POLL: Duration = Duration::from_millis(100);
+/// Socket receive buffer asked for each UDP socket, to absorb bursts.
+const UDP_RECV_BUFFER_BYTES: usize = 4 << 20;
+/// How long `run` waits for TCP connections and workers to finish after shutdown.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// Attempts to find a port free for both UDP and TCP when the config asks for port 0.
+const EPHEMERAL_BIND_ATTEMPTS: usize = 16;
+
+/// Why the DNS server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("invalid dns config: {0}")]
+    Config(#[from] ConfigError),
+    #[error(
+        "cannot bind DNS {proto} on {addr}: {source} (is another DNS server running on that port? change dns.listen)"
+    )]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("cannot configure DNS socket on {addr}: {source}")]
+    Socket { addr: SocketAddr, source: io::Error },
+    #[error("cannot start DNS UDP worker thread: {0}")]
+    Thread(io::Error),
+    #[error("cannot build the DNS answer table: {0}")]
+    Table(#[from] TableError),
+    #[error("DNS table builder task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A bound, not yet running DNS server. See the module docs.
+#[derive(Debug)]
+pub struct DnsServer {
+    local_addr: SocketAddr,
+    udp: Vec<UdpSocket>,
+    tcp: std::net::TcpListener,
+    config: DnsConfig,
+    settings: Arc<ZoneSettings>,
+    local: ClusterName,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Metrics,
+}
+
+/// One published table and the view it was built from.
+#[derive(Debug)]
+struct Published {
+    view: Arc<ZoneView>,
+    table: FastTable,
+}
+
+impl DnsServer {
+    /// Validates the config and binds UDP (one socket per worker) and TCP on the same port.
+    /// A port already in use fails here, at start-up.
+    pub fn bind(
+        config: &DnsConfig,
+        local: ClusterName,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        metrics: Metrics,
+    ) -> Result<Self, DnsError> {
+        let settings = Arc::new(ZoneSettings::from_config(config)?);
+        let attempts = if config.listen.port() == 0 {
+            EPHEMERAL_BIND_ATTEMPTS
+        } else {
+            1
+        };
+        let mut last_err = None;
+        for _ in 0..attempts {
+            match bind_all(config) {
+                Ok((local_addr, udp, tcp)) => {
+                    return Ok(Self {
+                        local_addr,
+                        udp,
+                        tcp,
+                        config: config.clone(),
+                        settings,
+                        local,
+                        snapshots,
+                        metrics,
+                    });
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or(DnsError::Bind {
+            proto: "udp",
+            addr: config.listen,
+            source: io::Error::other("no bind attempt made"),
+        }))
+    }
+
+    /// The bound address (UDP and TCP share the port).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops the workers, closes TCP
+    /// connections (waiting at most a few seconds) and returns. Must be called inside a
+    /// tokio runtime.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DnsError> {
+        let Self {
+            local_addr,
+            udp,
+            tcp,
+            config,
+            settings,
+            local,
+            snapshots,
+            metrics,
+        } = self;
+        let guarded = Arc::new(Guarded::new(ClustersetZone::new(ViewSource::new(
+            settings.clone(),
+            local.clone(),
+            snapshots.clone(),
+        ))));
+
+        let mut snap_rx = snapshots.clone();
+        let first = snap_rx.borrow_and_update().clone();
+        let published = build_table(&settings, &local, first).await?;
+        metrics.table_rebuilt();
+        let (table_tx, table_rx) = watch::channel(Arc::new(published));
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = tokio::runtime::Handle::current();
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        for (i, socket) in udp.into_iter().enumerate() {
+            let worker = UdpWorker {
+                socket,
+                tables: table_rx.clone(),
+                snapshots: snapshots.clone(),
+                guarded: guarded.clone(),
+                metrics: metrics.clone(),
+                stop: stop.clone(),
+                runtime: handle.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("meshup-dns-udp-{i}"))
+                .spawn(move || worker.run());
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(DnsError::Thread(e));
+                }
+            }
+        }
+        info!(%local_addr, zone = %settings.origin, workers = workers.len(), "DNS server running");
+
+        let tracker = TaskTracker::new();
+        // Table rebuilds, off the hot path.
+        {
+            let (settings, local, metrics, shutdown) = (
+                settings.clone(),
+                local.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        changed = snap_rx.changed() => {
+                            if changed.is_err() {
+                                // The catalog owner is gone; keep serving the last table.
+                                return;
+                            }
+                        }
+                    }
+                    let snapshot = snap_rx.borrow_and_update().clone();
+                    let started = Instant::now();
+                    match build_table(&settings, &local, snapshot).await {
+                        Ok(published) => {
+                            let names = published.table.len();
+                            table_tx.send_replace(Arc::new(published));
+                            metrics.table_rebuilt();
+                            debug!(names, elapsed = ?started.elapsed(), "DNS table rebuilt");
+                        }
+                        Err(error) => {
+                            warn!(%error, "DNS table rebuild failed; queries use the catalog path")
+                        }
+                    }
+                }
+            });
+        }
+
+        let listener = tcp
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(tcp))
+            .map_err(|source| DnsError::Socket {
+                addr: local_addr,
+                source,
+            })?;
+        let permits = Arc::new(Semaphore::new(config.max_tcp_connections));
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off briefly, keep going.
+                        warn!(%error, "DNS TCP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                metrics.tcp_rejected();
+                drop(stream);
+                continue;
+            };
+            let conn = TcpConnection {
+                guarded: guarded.clone(),
+                metrics: metrics.clone(),
+                idle: config.tcp_idle_timeout,
+                shutdown: shutdown.clone(),
+            };
+            tracker.spawn(async move {
+                conn.serve(stream, peer).await;
+                drop(permit);
+            });
+        }
+
+        stop.store(true, Ordering::Relaxed);
+        tracker.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("DNS TCP connections still open after the drain deadline; dropping them");
+        }
+        let joined = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                if w.join().is_err() {
+                    warn!("a DNS UDP worker panicked");
+                }
+            }
+        });
+        if tokio::time::timeout(DRAIN_DEADLINE, joined).await.is_err() {
+            warn!("DNS UDP workers did not stop within the drain deadline");
+        }
+        info!(%local_addr, "DNS server stopped");
+        Ok(())
+    }
+
+    /// Spawns [`run`](Self::run) on the current runtime; cancel the token and await the
+    /// handle to stop.
+    pub fn spawn(
+        self,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), DnsError>> {
+        tokio::spawn(self.run(shutdown))
+    }
+}
+
+async fn build_table(
+    settings: &Arc<ZoneSettings>,
+    local: &ClusterName,
+    snapshot: Arc<Snapshot>,
+) -> Result<Published, DnsError> {
+    let view = Arc::new(ZoneView::new(settings.clone(), local.clone(), snapshot));
+    let published = tokio::task::spawn_blocking(move || {
+        FastTable::build(&view).map(|table| Published { view, table })
+    })
+    .await??;
+    Ok(published)
+}
+
+type Bound = (SocketAddr, Vec<UdpSocket>, std::net::TcpListener);
+
+fn bind_all(config: &DnsConfig) -> Result<Bound, DnsError> {
+    let first = udp_socket(config.listen)?;
+    let local_addr = first.local_addr().map_err(|source| DnsError::Socket {
+        addr: config.listen,
+        source,
+    })?;
+    let mut udp = vec![first];
+    for _ in 1..config.udp_workers {
+        udp.push(udp_socket(local_addr)?);
+    }
+    let tcp = tcp_listener(local_addr)?;
+    Ok((local_addr, udp, tcp))
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
+    let sock_err = |source| DnsError::Socket { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(sock_err)?;
+    socket.set_reuse_port(true).map_err(sock_err)?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER_BYTES);
+    socket.bind(&addr.into()).map_err(|source| DnsError::Bind {
+        proto: "udp",
+        addr,
+        source,
+    })?;
+    socket
+        .set_read_timeout(Some(WORKER_POLL))
+        .map_err(sock_err)?;
+    Ok(socket.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {
+    let sock_err = |source| DnsError::Socket { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(sock_err)?;
+    socket.set_reuse_address(true).map_err(sock_err)?;
+    let bind_err = |source| DnsError::Bind {
+        proto: "tcp",
+        addr,
+        source,
+    };
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    socket.listen(1024).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
+/// One UDP socket's receive loop.
+struct UdpWorker {
+    socket: UdpSocket,
+    tables: watch::Receiver<Arc<Published>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    guarded: Arc<Guarded>,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// What a worker holds between packets: the current table and whether it was built from
+/// the newest snapshot (if not, the catalog path answers from the newest one).
+struct WorkerState {
+    table: Arc<Published>,
+    fresh: bool,
+}
+
+impl UdpWorker {
+    fn run(mut self) {
+        let mut buf = vec![0u8; 65_535];
+        let mut out = Vec::with_capacity(4096);
+        let mut state = self.refresh();
+        let mut packets: u64 = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, src) = match self.socket.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(error) => {
+                    // ICMP errors from earlier sends surface here on some systems; not fatal.
+                    debug!(%error, "DNS UDP receive error");
+                    continue;
+                }
+            };
+            // One atomic load each; the locks are only taken when something changed.
+            if self.tables.has_changed().unwrap_or(false)
+                || self.snapshots.has_changed().unwrap_or(false)
+            {
+                state = self.refresh();
+            }
+            packets = packets.wrapping_add(1);
+            let sample = packets % FAST_LATENCY_SAMPLE == 0;
+            let started = sample.then(Instant::now);
+            let packet = &buf[..n];
+            let fast = if state.fresh {
+                state.table.table.answer(packet, &mut out)
+            } else {
+                Fast::Slow
+            };
+            match fast {
+                Fast::Answered { qtype, rcode } => {
+                    self.send(&out, src);
+                    self.metrics.query(Path::Fast, qtype, u16::from(rcode));
+                    if let Some(t) = started {
+                        self.metrics.latency(Path::Fast, t.elapsed().as_secs_f64());
+                    }
+                }
+                Fast::Drop => self.metrics.dropped(),
+                Fast::Slow => {
+                    let t = Instant::now();
+                    let resp = self.runtime.block_on(self.guarded.answer_bytes(
+                        packet,
+                        src,
+                        Protocol::Udp,
+                    ));
+                    match resp {
+                        Some(resp) => {
+                            self.send(&resp, src);
+                            let (qtype, rcode, truncated) = classify_response(&resp);
+                            self.metrics.query(Path::Slow, qtype, rcode);
+                            if truncated {
+                                self.metrics.truncated();
+                            }
+                            self.metrics.latency(Path::Slow, t.elapsed().as_secs_f64());
+                        }
+                        None => self.metrics.dropped(),
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&self, bytes: &[u8], to: SocketAddr) {
+        if let Err(error) = self.socket.send_to(bytes, to) {
+            debug!(%error, %to, "DNS UDP send failed");
+        }
+    }
+
+    fn refresh(&mut self) -> WorkerState {
+        let newest = self.snapshots.borrow_and_update().clone();
+        let table = self.tables.borrow_and_update().clone();
+        let fresh = Arc::ptr_eq(&table.view.snapshot, &newest);
+        WorkerState { table, fresh }
+    }
+}
+
+/// One TCP client connection: length-prefixed queries until idle, EOF or shutdown.
+struct TcpConnection {
+    guarded: Arc<Guarded>,
+    metrics: Metrics,
+    idle: Duration,
+    shutdown: CancellationToken,
+}
+
+impl TcpConnection {
+    async fn serve(self, mut stream: TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        loop {
+            let len = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                read = tokio::time::timeout(self.idle, stream.read_u16()) => match read {
+                    Ok(Ok(len)) => usize::from(len),
+                    // Idle deadline, EOF or a reset: close.
+                    _ => return,
+                },
+            };
+            let mut query = vec![0u8; len];
+            match tokio::time::timeout(self.idle, stream.read_exact(&mut query)).await {
+                Ok(Ok(_)) => {}
+                _ => return,
+            }
+            let started = Instant::now();
+            let Some(resp) = self.guarded.answer_bytes(&query, peer, Protocol::Tcp).await else {
+                self.metrics.dropped();
+                continue;
+            };
+            let (qtype, rcode, _) = classify_response(&resp);
+            self.metrics.query(Path::Tcp, qtype, rcode);
+            self.metrics
+                .latency(Path::Tcp, started.elapsed().as_secs_f64());
+            let Ok(len) = u16::try_from(resp.len()) else {
+                return;
+            };
+            let mut framed = Vec::with_capacity(resp.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&resp);
+            match tokio::time::timeout(self.idle, stream.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                _ => return,
+            }
+        }
+    }
+}

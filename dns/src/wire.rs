@@ -1,0 +1,390 @@
+//! The fast path: answers precomputed in wire form, served by patching a few bytes.
+//!
+//! For every name that exists in the zone and every query type with an answer, the whole
+//! response message (header, lowercase question, records, compressed) is encoded once per
+//! catalog change from [`resolve`](crate::answer::resolve). A query that matches is answered
+//! by copying that template and patching only:
+//!
+//! - the ID and the RD bit (copied from the query),
+//! - the question (copied byte for byte from the query: same length, since the key is the
+//!   lowercased name, so the client's 0x20 case comes back and compression pointers into the
+//!   question stay valid),
+//! - an OPT record appended when the query had one (ARCOUNT + 1).
+//!
+//! Anything unusual (other opcodes or flags, several questions, a compressed or malformed
+//! question, EDNS version > 0, meta query types, a response that would not fit the client's
+//! UDP size) returns [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
+//! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
+
+use std::collections::HashMap;
+
+use hickory_proto::ProtoError;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
+
+use crate::answer::{Answer, ZoneView, existing_names, resolve};
+
+/// Size of the DNS header.
+pub const HEADER_LEN: usize = 12;
+/// Largest UDP answer without EDNS (RFC 1035 §4.2.1).
+pub const MAX_PLAIN_UDP: usize = 512;
+/// Query types precomputed per name; every other ordinary type is NODATA for a name that
+/// exists.
+pub const FAST_TYPES: [RecordType; 7] = [
+    RecordType::A,
+    RecordType::AAAA,
+    RecordType::SRV,
+    RecordType::TXT,
+    RecordType::SOA,
+    RecordType::NS,
+    RecordType::ANY,
+];
+const TYPE_OPT: u16 = 41;
+const CLASS_IN: u16 = 1;
+const OPT_RR_LEN: usize = 11;
+
+/// Why the template table could not be built (an encoding bug, not an input problem).
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("could not encode the precomputed answer for {name} {qtype}: {source}")]
+    Encode {
+        name: String,
+        qtype: RecordType,
+        source: ProtoError,
+    },
+}
+
+/// Precomputed answers for one name.
+#[derive(Debug)]
+struct NameEntry {
+    /// (qtype, whole response) for the types that have records.
+    answers: Vec<(u16, Box<[u8]>)>,
+    /// NODATA response (its question's type is patched from the query).
+    nodata: Box<[u8]>,
+}
+
+/// The table of precomputed answers for one snapshot.
+#[derive(Debug)]
+pub struct FastTable {
+    names: HashMap<Box<[u8]>, NameEntry>,
+    /// Lowercase wire form of the apex, to tell "in zone, unknown" (NXDOMAIN) from
+    /// "outside the zone" (REFUSED, slow path).
+    apex: Box<[u8]>,
+    /// NXDOMAIN: header flags byte 3 and the SOA record, uncompressed (the question varies).
+    nx_soa: Box<[u8]>,
+}
+
+/// What the fast path did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fast {
+    /// `out` holds the response.
+    Answered { qtype: u16, rcode: ResponseCode },
+    /// Not for the fast path: hand the packet to the hickory catalog.
+    Slow,
+    /// Not answerable at all (a response, or too short to have an ID): drop silently.
+    Drop,
+}
+
+/// Encodes an [`Answer`] as a complete response with ID 0 and a lowercase question.
+pub fn encode_answer(
+    qname: &Name,
+    qtype: RecordType,
+    answer: &Answer,
+) -> Result<Vec<u8>, ProtoError> {
+    let mut msg = Message::new(0, MessageType::Response, OpCode::Query);
+    msg.metadata.authoritative = answer.authoritative;
+    msg.metadata.response_code = answer.rcode;
+    msg.add_query(Query::query(qname.to_lowercase(), qtype));
+    msg.answers.extend(answer.answers.iter().cloned());
+    msg.authorities.extend(answer.authorities.iter().cloned());
+    msg.additionals.extend(answer.additionals.iter().cloned());
+    msg.to_vec()
+}
+
+impl FastTable {
+    /// Precomputes every answer of a zone view. O(names × types); run off the hot path.
+    pub fn build(zone: &ZoneView) -> Result<Self, TableError> {
+        let err = |name: &Name, qtype, source| TableError::Encode {
+            name: name.to_string(),
+            qtype,
+            source,
+        };
+        let mut names = HashMap::new();
+        for name in existing_names(zone) {
+            let mut answers = Vec::new();
+            for qtype in FAST_TYPES {
+                let answer = resolve(zone, &name, qtype);
+                if answer.rcode == ResponseCode::NoError && !answer.answers.is_empty() {
+                    let bytes =
+                        encode_answer(&name, qtype, &answer).map_err(|e| err(&name, qtype, e))?;
+                    answers.push((u16::from(qtype), bytes.into_boxed_slice()));
+                }
+            }
+            // CAA stands for "any ordinary type with no records here".
+            let answer = resolve(zone, &name, RecordType::CAA);
+            let nodata = encode_answer(&name, RecordType::CAA, &answer)
+                .map_err(|e| err(&name, RecordType::CAA, e))?;
+            names.insert(
+                wire_name(&name).into_boxed_slice(),
+                NameEntry {
+                    answers,
+                    nodata: nodata.into_boxed_slice(),
+                },
+            );
+        }
+        let origin = &zone.settings.origin;
+        let nx = crate::answer::soa_record(&zone.settings, 0, zone.settings.negative_ttl);
+        let mut nx_soa = Vec::new();
+        {
+            let mut enc = BinEncoder::new(&mut nx_soa);
+            enc.set_name_encoding(NameEncoding::Uncompressed);
+            nx.emit(&mut enc)
+                .map_err(|e| err(origin, RecordType::SOA, e))?;
+        }
+        Ok(Self {
+            names,
+            apex: wire_name(origin).into_boxed_slice(),
+            nx_soa: nx_soa.into_boxed_slice(),
+        })
+    }
+
+    /// Number of names with precomputed answers.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the table is empty (it never is: the apex always exists).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// Answers `query` into `out` if it is an ordinary query. Never panics on any input.
+    pub fn answer(&self, query: &[u8], out: &mut Vec<u8>) -> Fast {
+        let Some(q) = parse_query(query) else {
+            return if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
+                Fast::Drop
+            } else {
+                Fast::Slow
+            };
+        };
+        let question = &query[HEADER_LEN..q.question_end];
+        let limit = match q.edns_payload {
+            Some(p) => usize::from(p).max(MAX_PLAIN_UDP),
+            None => MAX_PLAIN_UDP,
+        };
+        out.clear();
+        let rcode;
+        match self.names.get(&q.key[..q.key_len]) {
+            Some(entry) => {
+                let template = entry
+                    .answers
+                    .iter()
+                    .find(|(t, _)| *t == q.qtype)
+                    .map(|(_, b)| &**b);
+                let template = match template {
+                    Some(t) => t,
+                    None if is_ordinary_type(q.qtype) => &*entry.nodata,
+                    None => return Fast::Slow,
+                };
+                // The template's question has the same length (same name, lowercased).
+                if template.len() < question.len() + HEADER_LEN {
+                    return Fast::Slow;
+                }
+                out.extend_from_slice(template);
+                out[HEADER_LEN..HEADER_LEN + question.len()].copy_from_slice(question);
+                rcode = ResponseCode::from_low(template[3] & 0x0f);
+            }
+            None => {
+                if !is_ordinary_type(q.qtype) && q.qtype != u16::from(RecordType::ANY)
+                    || !in_zone(&q.key[..q.key_len], &self.apex)
+                {
+                    return Fast::Slow;
+                }
+                // NXDOMAIN: AA, rcode 3, one SOA in authority.
+                out.extend_from_slice(&[0, 0, 0x84, 0x03, 0, 1, 0, 0, 0, 1, 0, 0]);
+                out.extend_from_slice(question);
+                out.extend_from_slice(&self.nx_soa);
+                rcode = ResponseCode::NXDomain;
+            }
+        }
+        out[0] = query[0];
+        out[1] = query[1];
+        // QR, opcode 0, AA and TC from the template; RD echoed from the query.
+        out[2] = (out[2] & !0x01) | (query[2] & 0x01);
+        if let Some(payload) = q.edns_payload {
+            let arcount = u16::from_be_bytes([out[10], out[11]]).saturating_add(1);
+            out[10..12].copy_from_slice(&arcount.to_be_bytes());
+            let [hi, lo] = payload.max(MAX_PLAIN_UDP as u16).to_be_bytes();
+            // Root name, type OPT, class = payload size, ext-rcode 0, version 0, no flags,
+            // no options: what hickory's catalog sends for an EDNS query.
+            out.extend_from_slice(&[0, 0, 41, hi, lo, 0, 0, 0, 0, 0, 0]);
+        }
+        if out.len() > limit {
+            // Truncation is rare and subtle: hickory's encoder does it.
+            out.clear();
+            return Fast::Slow;
+        }
+        Fast::Answered {
+            qtype: q.qtype,
+            rcode,
+        }
+    }
+}
+
+/// A parsed ordinary query.
+struct ParsedQuery {
+    key: [u8; 255],
+    key_len: usize,
+    question_end: usize,
+    qtype: u16,
+    edns_payload: Option<u16>,
+}
+
+/// Parses a query the fast path can answer; `None` for anything else.
+fn parse_query(p: &[u8]) -> Option<ParsedQuery> {
+    let header = p.get(..HEADER_LEN)?;
+    // QR=0, opcode 0 (QUERY), AA=0, TC=0 in byte 2 (RD may be anything); byte 3: RA, Z,
+    // AD, CD and RCODE all zero.
+    if header[2] & 0xfe != 0 || header[3] != 0 {
+        return None;
+    }
+    let count = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);
+    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    if qd != 1 || an != 0 || ns != 0 || ar > 1 {
+        return None;
+    }
+    let mut key = [0u8; 255];
+    let mut pos = HEADER_LEN;
+    let mut key_len = 0;
+    loop {
+        let len = usize::from(*p.get(pos)?);
+        if len == 0 {
+            key[key_len] = 0;
+            key_len += 1;
+            pos += 1;
+            break;
+        }
+        // Pointers (0xC0) and the extended label types are not for the fast path.
+        if len > 63 || key_len + 1 + len + 1 > key.len() {
+            return None;
+        }
+        let label = p.get(pos + 1..pos + 1 + len)?;
+        key[key_len] = len as u8;
+        for (dst, src) in key[key_len + 1..key_len + 1 + len].iter_mut().zip(label) {
+            *dst = src.to_ascii_lowercase();
+        }
+        key_len += 1 + len;
+        pos += 1 + len;
+    }
+    let fixed = p.get(pos..pos + 4)?;
+    let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
+    let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
+    if qclass != CLASS_IN {
+        return None;
+    }
+    let question_end = pos + 4;
+    let rest = &p[question_end..];
+    let edns_payload = if ar == 1 {
+        // Exactly one OPT: root name, type 41, class = payload, ttl = ext-rcode|version|flags,
+        // rdlen covering the rest of the packet exactly.
+        let opt = rest.get(..OPT_RR_LEN)?;
+        let rdlen = usize::from(u16::from_be_bytes([opt[9], opt[10]]));
+        if opt[0] != 0
+            || u16::from_be_bytes([opt[1], opt[2]]) != TYPE_OPT
+            || opt[5] != 0
+            || opt[6] != 0
+            || rest.len() != OPT_RR_LEN + rdlen
+            || !options_well_formed(&rest[OPT_RR_LEN..])
+        {
+            return None;
+        }
+        Some(u16::from_be_bytes([opt[3], opt[4]]))
+    } else {
+        if !rest.is_empty() {
+            return None;
+        }
+        None
+    };
+    Some(ParsedQuery {
+        key,
+        key_len,
+        question_end,
+        qtype,
+        edns_payload,
+    })
+}
+
+/// EDNS options are (code, len, data) triples filling the RDATA exactly. Options are
+/// ignored (as hickory does without NSID configured), but a malformed list goes to the slow
+/// path, which answers FORMERR.
+fn options_well_formed(mut data: &[u8]) -> bool {
+    while !data.is_empty() {
+        let Some(head) = data.get(..4) else {
+            return false;
+        };
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        let code = u16::from_be_bytes([head[0], head[1]]);
+        // NSID (3) is answered by hickory when configured; keep it on the slow path.
+        if code == 3 {
+            return false;
+        }
+        match data.get(4 + len..) {
+            Some(rest) => data = rest,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Data types (not meta types like OPT, TSIG, AXFR, IXFR): a name without them is NODATA.
+fn is_ordinary_type(qtype: u16) -> bool {
+    (1..128).contains(&qtype) && qtype != TYPE_OPT || (256..0xff00).contains(&qtype)
+}
+
+/// Whether `name` (lowercase wire form) is `apex` or below it, on a label boundary.
+fn in_zone(name: &[u8], apex: &[u8]) -> bool {
+    let mut pos = 0;
+    while pos < name.len() {
+        if &name[pos..] == apex {
+            return true;
+        }
+        pos += 1 + usize::from(name[pos]);
+    }
+    false
+}
+
+/// Uncompressed lowercase wire form of a name.
+pub fn wire_name(name: &Name) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    for label in name.to_lowercase().iter() {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zone_membership_is_label_aligned() {
+        let apex = wire_name(&Name::from_ascii("clusterset.local.").expect("name"));
+        let yes = wire_name(&Name::from_ascii("a.b.clusterset.local.").expect("name"));
+        let no = wire_name(&Name::from_ascii("xclusterset.local.").expect("name"));
+        assert!(in_zone(&yes, &apex));
+        assert!(in_zone(&apex, &apex));
+        assert!(!in_zone(&no, &apex));
+    }
+
+    #[test]
+    fn ordinary_types_exclude_meta_types() {
+        assert!(is_ordinary_type(1));
+        assert!(is_ordinary_type(257));
+        for meta in [0, 41, 250, 251, 252, 255] {
+            assert!(!is_ordinary_type(meta), "{meta}");
+        }
+    }
+}
