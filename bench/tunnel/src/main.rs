@@ -1,1 +1,274 @@
-fn main() {}
+//! Side-by-side data-path benchmark: direct TCP, the stunnel mTLS pair, the nginx stream
+//! mTLS pair and the meshup gateway pair, measured in one run and printed as ratios.
+//!
+//! The machine is shared and noisy (BENCHMARKS.md), so absolute figures mean little: each
+//! measure runs every contender back to back (order rotated per round), and the tables
+//! compare them with each other. CPU is the tunnel processes' own utime + stime over each
+//! phase, from /proc.
+//!
+//! Layout: `backend` (sink/echo server) and `load` (the clients) speak `protocol`;
+//! `peers/` sets up the contenders, `meshup_pair` the gateways; `cpu` reads /proc;
+//! `report` prints the tables.
+
+mod backend;
+mod certs;
+mod cpu;
+mod dns_query;
+mod load;
+mod meshup_pair;
+mod peers;
+mod procs;
+mod protocol;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::backend::Backend;
+use crate::certs::Pki;
+use crate::peers::Contender;
+use crate::report::{Figure, Measure, Report};
+
+/// Side-by-side data-path benchmark of meshup against stunnel and nginx mTLS pairs.
+#[derive(Debug, Parser)]
+#[command(name = "meshup-bench-tunnel")]
+struct Args {
+    /// Seconds each throughput phase sends for.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Measured 1 KiB request/response exchanges per contender and round.
+    #[arg(long, default_value_t = 20_000)]
+    requests: usize,
+    /// New connections per contender and round.
+    #[arg(long, default_value_t = 500)]
+    new_connections: usize,
+    /// Rounds; each figure is the median over the rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Short smoke run (1 s phases, few requests, one round): checks that everything
+    /// works, its figures are not worth comparing.
+    #[arg(long)]
+    quick: bool,
+    /// The `meshup` binary for the gateway pair.
+    #[arg(long)]
+    meshup: Option<PathBuf>,
+    /// Leave out the meshup pair (e.g. while the daemon does not build).
+    #[arg(long)]
+    no_meshup: bool,
+    /// Keep the temporary directory (configs, certificates, logs) for inspection.
+    #[arg(long)]
+    keep_temp: bool,
+}
+
+/// Upper bound on one latency phase, whatever the request count: a stalled or crawling
+/// tunnel fails the phase instead of holding the run.
+const LATENCY_PHASE_LIMIT: Duration = Duration::from_secs(120);
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.duration = 1.0;
+        args.requests = 2_000;
+        args.new_connections = 100;
+        args.rounds = 1;
+    }
+    // Ctrl-C becomes an error so that every child guard's Drop runs on the way out.
+    tokio::select! {
+        result = run(args) => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; peers stopped"),
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let temp = tempfile::Builder::new()
+        .prefix("meshup-bench-tunnel-")
+        .tempdir()
+        .context("create temp dir")?;
+    let dir = temp.path().to_owned();
+    if args.keep_temp {
+        // Dropping a kept TempDir does not delete it.
+        let _ = temp.keep();
+        eprintln!("keeping {}", dir.display());
+    }
+
+    let backend = Backend::start().await?;
+    let pki = Pki::generate(&dir)?;
+    let mut report = Report::default();
+
+    // A missing or broken peer is a broken benchmark: fail loudly, naming the package.
+    let mut contenders = vec![Contender::direct(backend.addr())];
+    contenders.push(peers::stunnel::start(&dir, &pki, backend.addr()).context("stunnel pair")?);
+    contenders.push(peers::nginx::start(&dir, &pki, backend.addr()).context("nginx pair")?);
+    if args.no_meshup {
+        report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
+    } else {
+        let binary = args
+            .meshup
+            .clone()
+            .unwrap_or_else(meshup_pair::default_binary);
+        match meshup_pair::start(&dir, &binary, backend.addr()).await {
+            Ok(contender) => contenders.push(contender),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                eprintln!("meshup: not available ({reason})");
+                report.record_unavailable("meshup", reason);
+            }
+        }
+    }
+    for contender in &mut contenders {
+        contender.probe(Duration::from_secs(10)).await?;
+    }
+
+    print_header(&args, &contenders);
+    let duration = Duration::from_secs_f64(args.duration);
+    let measures = [
+        Measure::Throughput(1),
+        Measure::Throughput(16),
+        Measure::Throughput(64),
+        Measure::RequestResponse,
+        Measure::NewConnection,
+    ];
+    for round in 0..args.rounds {
+        for measure in measures {
+            // Rotate the order each round so no contender always runs first or last.
+            let n = contenders.len();
+            for i in 0..n {
+                let contender = &mut contenders[(i + round) % n];
+                let outcome = run_phase(contender, measure, &args, duration).await;
+                match outcome {
+                    Ok(figure) => {
+                        eprintln!(
+                            "round {}/{} {:?} {}: {}",
+                            round + 1,
+                            args.rounds,
+                            measure,
+                            contender.name,
+                            describe(&figure)
+                        );
+                        report.record(measure, &contender.name, contender.kind, figure);
+                    }
+                    Err(e) => {
+                        eprintln!("{:?} {}: FAILED: {e:#}", measure, contender.name);
+                        report.record_failure(
+                            measure,
+                            &contender.name,
+                            contender.kind,
+                            format!("{e:#}"),
+                        );
+                    }
+                }
+                // Let the previous phase's connections close and sockets drain.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    println!("{}", report.render());
+    // Contenders (and their child guards) drop here, before the temp dir.
+    drop(contenders);
+    Ok(())
+}
+
+/// Runs one measure against one contender, with the tunnel's CPU time around it.
+async fn run_phase(
+    contender: &mut Contender,
+    measure: Measure,
+    args: &Args,
+    duration: Duration,
+) -> Result<Figure> {
+    contender.ensure_running()?;
+    let cpu_before = cpu_seconds(contender)?;
+    let figure = match measure {
+        Measure::Throughput(connections) => {
+            let t = load::throughput(contender.addr, connections, duration).await?;
+            let cpu_s = cpu_delta(contender, cpu_before)?;
+            Figure::Throughput {
+                gbps: t.gbps(),
+                bytes: t.bytes,
+                cpu_s,
+            }
+        }
+        Measure::RequestResponse => {
+            let l =
+                load::request_response(contender.addr, args.requests, LATENCY_PHASE_LIMIT).await?;
+            let cpu_s = cpu_delta(contender, cpu_before)?;
+            Figure::Latency {
+                p50_us: l.p50_us,
+                p99_us: l.p99_us,
+                ops: l.ops,
+                cpu_s,
+            }
+        }
+        Measure::NewConnection => {
+            let l =
+                load::new_connections(contender.addr, args.new_connections, LATENCY_PHASE_LIMIT)
+                    .await?;
+            let cpu_s = cpu_delta(contender, cpu_before)?;
+            Figure::Latency {
+                p50_us: l.p50_us,
+                p99_us: l.p99_us,
+                ops: l.ops,
+                cpu_s,
+            }
+        }
+    };
+    // A tunnel that crashed at the end of a phase must not report figures as if it worked.
+    contender.ensure_running()?;
+    Ok(figure)
+}
+
+fn cpu_seconds(contender: &Contender) -> Result<Option<f64>> {
+    if contender.cpu.is_empty() {
+        return Ok(None);
+    }
+    contender.cpu.seconds().map(Some)
+}
+
+fn cpu_delta(contender: &Contender, before: Option<f64>) -> Result<Option<f64>> {
+    Ok(match (before, cpu_seconds(contender)?) {
+        (Some(b), Some(a)) => Some(a - b),
+        _ => None,
+    })
+}
+
+fn describe(figure: &Figure) -> String {
+    match figure {
+        Figure::Throughput { gbps, cpu_s, .. } => {
+            format!("{gbps:.2} Gb/s, tunnel CPU {cpu_s:.2?} s")
+        }
+        Figure::Latency {
+            p50_us,
+            p99_us,
+            cpu_s,
+            ..
+        } => format!("p50 {p50_us:.1} µs, p99 {p99_us:.1} µs, tunnel CPU {cpu_s:.2?} s"),
+    }
+}
+
+fn print_header(args: &Args, contenders: &[Contender]) {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "meshup tunnel benchmark: {cores} cores, load average {}",
+        load.trim()
+    );
+    println!(
+        "throughput phases {:.1} s; {} warm requests of 1 KiB; {} new connections; {} round(s){}",
+        args.duration,
+        args.requests,
+        args.new_connections,
+        args.rounds,
+        if args.quick {
+            " (quick smoke run: figures not comparable)"
+        } else {
+            ""
+        }
+    );
+    for c in contenders {
+        println!("  {:<8} via {}", c.name, c.addr);
+    }
+    println!("Each figure is the median over rounds; CPU is the tunnel processes' utime+stime.");
+}

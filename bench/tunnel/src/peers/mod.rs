@@ -1,0 +1,127 @@
+//! The contenders: direct TCP and the tunnel pairs a user would pick instead of meshup.
+//! Each is set up by the benchmark itself on 127.0.0.1 and torn down when dropped.
+
+pub mod nginx;
+pub mod stunnel;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::cpu::CpuMeter;
+use crate::procs::ChildGuard;
+use crate::protocol::{MESSAGE_SIZE, MODE_ECHO};
+
+/// What a contender is, which decides the ratios it is compared by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Plain loopback TCP straight to the backend: the physical limit.
+    Direct,
+    /// An mTLS tunnel pair a user would pick instead (stunnel, nginx).
+    Peer,
+    /// The meshup gateway pair under test.
+    Meshup,
+}
+
+/// One way from the load generator to the backend.
+#[derive(Debug)]
+pub struct Contender {
+    pub name: String,
+    pub kind: Kind,
+    /// Where the load generator connects.
+    pub addr: SocketAddr,
+    /// CPU of the tunnel processes only (empty for direct).
+    pub cpu: CpuMeter,
+    /// Processes to check between phases and to end on drop.
+    children: Vec<ChildGuard>,
+}
+
+impl Contender {
+    pub fn direct(backend: SocketAddr) -> Self {
+        Self {
+            name: "direct".to_owned(),
+            kind: Kind::Direct,
+            addr: backend,
+            cpu: CpuMeter::new(Vec::new()),
+            children: Vec::new(),
+        }
+    }
+
+    /// A contender whose tunnel processes are `tunnel` (CPU is counted for these and their
+    /// children) and which also owns `helpers` (e.g. etcd), not counted.
+    pub fn with_processes(
+        name: &str,
+        kind: Kind,
+        addr: SocketAddr,
+        tunnel: Vec<ChildGuard>,
+        helpers: Vec<ChildGuard>,
+    ) -> Self {
+        let cpu = CpuMeter::new(tunnel.iter().map(ChildGuard::pid).collect());
+        let mut children = tunnel;
+        children.extend(helpers);
+        Self {
+            name: name.to_owned(),
+            kind,
+            addr,
+            cpu,
+            children,
+        }
+    }
+
+    /// Fails if any of the contender's processes has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        for child in &mut self.children {
+            child.ensure_running()?;
+        }
+        Ok(())
+    }
+
+    /// Sends one echo request through the contender, retrying until `limit`: proves the whole
+    /// path (including both TLS handshakes and certificate checks) works before measuring.
+    pub async fn probe(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.ensure_running()?;
+            let attempt = tokio::time::timeout(Duration::from_secs(3), echo_once(self.addr)).await;
+            let error = match attempt {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => anyhow::anyhow!("no response within 3 s"),
+            };
+            if Instant::now() >= deadline {
+                let logs: Vec<String> = self
+                    .children
+                    .iter()
+                    .map(|c| format!("--- {c:?}\n{}", c.log_tail()))
+                    .collect();
+                bail!(
+                    "{}: a request through {} failed for {limit:?}: {error:#}\n{}",
+                    self.name,
+                    self.addr,
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn echo_once(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    let mut buf = vec![0x42u8; MESSAGE_SIZE];
+    buf[0] = MODE_ECHO;
+    stream
+        .write_all(&buf)
+        .await
+        .context("write probe request")?;
+    stream
+        .read_exact(&mut buf)
+        .await
+        .context("read probe response")?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! Child processes of the benchmark (tunnel peers, etcd, gateways) and the guard that ends
+//! them.
+//!
+//! Every child is started in its own process group, so that ending the group also ends the
+//! processes it forked itself (nginx's worker). The guard ends the group on drop: first a
+//! SIGTERM so that nginx and etcd shut down their own children, then a SIGKILL after a short
+//! grace period. Drop runs on normal return, on `?` errors and on panics, and `main` turns
+//! Ctrl-C into an error so that it runs then too.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a child gets to exit after SIGTERM before it is killed.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// A running child process that is ended (with its whole process group) on drop.
+#[derive(Debug)]
+pub struct ChildGuard {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `cmd` in a new process group, stdout and stderr going to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("create log {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("clone log handle {}", log.display()))?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {name} ({program})"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The child's process id (the leader of its process group).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails, with the end of the child's log, if the child has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "{} exited ({status}); end of its log {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log)
+            ),
+            Err(e) => Err(e).with_context(|| format!("poll {}", self.name)),
+        }
+    }
+
+    /// Waits until `addr` accepts TCP connections, failing early if the child exits.
+    pub fn wait_for_port(&mut self, addr: SocketAddr, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.ensure_running()?;
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not listen on {addr} within {limit:?}; end of its log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    log_tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of the child's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let group = format!("-{}", self.child.id());
+        signal_group("TERM", &group);
+        let deadline = Instant::now() + TERM_GRACE;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                // The leader is gone; make sure nothing it forked lingers.
+                signal_group("KILL", &group);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal_group("KILL", &group);
+        // The leader may not be in its group any more if it changed it; kill it directly too.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends a signal to a process group through kill(1): the crate forbids `unsafe`, and this
+/// runs only at teardown, so the extra process does not matter.
+fn signal_group(signal: &str, group: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}").as_str(), "--", group])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The last 30 lines of a log file (or why it could not be read).
+pub fn log_tail(path: &Path) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// A loopback TCP port that is free right now. Another process could take it before the
+/// peer binds it; on a benchmark machine that race is rare and the peer then fails loudly.
+pub fn free_port() -> Result<u16> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0 to find a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("local address of probe socket")?
+        .port())
+}
+
+/// Finds `names` on PATH (first match wins), or fails naming the Debian package to install.
+pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in names {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    // /usr/sbin is not on every user's PATH, and nginx lives there.
+    for name in names {
+        let candidate = Path::new("/usr/sbin").join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "none of {names:?} found on PATH: install the Debian package `{package}` (apt-get install {package})"
+    )
+}

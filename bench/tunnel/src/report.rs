@@ -1,0 +1,445 @@
+//! Collects the figures of every phase and prints one table per measure, with ratios to
+//! direct TCP and to the best tunnel peer, CPU per unit of work, and meshup's targets.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::peers::Kind;
+
+/// The measures, in the order they are run and printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Measure {
+    /// Aggregate throughput over this many connections.
+    Throughput(usize),
+    /// 1 KiB request/response on one warm connection.
+    RequestResponse,
+    /// Connect, 1 KiB request, first response byte.
+    NewConnection,
+}
+
+impl Measure {
+    fn title(&self) -> String {
+        match self {
+            Measure::Throughput(1) => "Single-stream throughput (1 connection)".to_owned(),
+            Measure::Throughput(n) => format!("Aggregate throughput ({n} connections)"),
+            Measure::RequestResponse => "1 KiB request/response, one warm connection".to_owned(),
+            Measure::NewConnection => {
+                "New connection: connect → 1 KiB request → first response byte".to_owned()
+            }
+        }
+    }
+}
+
+/// One contender's figures in one phase of one round.
+#[derive(Debug, Clone, Copy)]
+pub enum Figure {
+    Throughput {
+        gbps: f64,
+        bytes: u64,
+        /// Tunnel CPU seconds over the phase (None for direct).
+        cpu_s: Option<f64>,
+    },
+    Latency {
+        p50_us: f64,
+        p99_us: f64,
+        /// Operations (requests or connections) done in the phase, warm-up included, which
+        /// is what the CPU was spent on.
+        ops: u64,
+        cpu_s: Option<f64>,
+    },
+}
+
+/// Median of each figure over the rounds.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    /// Gb/s or p50 µs.
+    main: f64,
+    /// p99 µs for latency measures.
+    p99: f64,
+    /// CPU seconds per GB or per 1000 operations.
+    cpu_per_unit: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    kind: Kind,
+    /// `Err(reason)` when the contender could not run this measure.
+    figures: Result<Vec<Figure>, String>,
+}
+
+/// All results of a run.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Per measure, the contenders in their set-up order.
+    entries: BTreeMap<Measure, Vec<Entry>>,
+    /// Contenders that were not available at all, with the reason.
+    unavailable: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn record(&mut self, measure: Measure, name: &str, kind: Kind, figure: Figure) {
+        let entry = self.entry(measure, name, kind);
+        if let Ok(figures) = &mut entry.figures {
+            figures.push(figure);
+        }
+    }
+
+    /// Marks a contender as failed for a measure (it keeps running the others).
+    pub fn record_failure(&mut self, measure: Measure, name: &str, kind: Kind, reason: String) {
+        self.entry(measure, name, kind).figures = Err(reason);
+    }
+
+    pub fn record_unavailable(&mut self, name: &str, reason: String) {
+        self.unavailable.push((name.to_owned(), reason));
+    }
+
+    fn entry(&mut self, measure: Measure, name: &str, kind: Kind) -> &mut Entry {
+        let entries = self.entries.entry(measure).or_default();
+        if let Some(i) = entries.iter().position(|e| e.name == name) {
+            &mut entries[i]
+        } else {
+            entries.push(Entry {
+                name: name.to_owned(),
+                kind,
+                figures: Ok(Vec::new()),
+            });
+            let last = entries.len() - 1;
+            &mut entries[last]
+        }
+    }
+
+    /// Renders every table and the target check.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut targets = Vec::new();
+        for (measure, entries) in &self.entries {
+            let _ = writeln!(out, "\n== {} ==", measure.title());
+            let summaries: Vec<(&Entry, Result<Summary, String>)> =
+                entries.iter().map(|e| (e, summarize(e))).collect();
+            match measure {
+                Measure::Throughput(_) => {
+                    render_throughput(&mut out, &summaries, *measure, &mut targets)
+                }
+                Measure::RequestResponse => render_rr(&mut out, &summaries, &mut targets),
+                Measure::NewConnection => render_new_connection(&mut out, &summaries, &mut targets),
+            }
+        }
+        for (name, reason) in &self.unavailable {
+            let _ = writeln!(out, "\n{name}: not available ({reason})");
+        }
+        if !targets.is_empty() {
+            let _ = writeln!(out, "\n== meshup targets (BENCHMARKS.md) ==");
+            for line in targets {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        out
+    }
+}
+
+fn summarize(entry: &Entry) -> Result<Summary, String> {
+    let figures = entry.figures.as_ref().map_err(Clone::clone)?;
+    if figures.is_empty() {
+        return Err("no figures".to_owned());
+    }
+    let mut main = Vec::new();
+    let mut p99 = Vec::new();
+    let mut cpu = Vec::new();
+    for figure in figures {
+        match *figure {
+            Figure::Throughput { gbps, bytes, cpu_s } => {
+                main.push(gbps);
+                if let Some(c) = cpu_s {
+                    cpu.push(c / (bytes as f64 / 1e9));
+                }
+            }
+            Figure::Latency {
+                p50_us,
+                p99_us,
+                ops,
+                cpu_s,
+            } => {
+                main.push(p50_us);
+                p99.push(p99_us);
+                if let Some(c) = cpu_s {
+                    cpu.push(c / ops as f64 * 1000.0);
+                }
+            }
+        }
+    }
+    Ok(Summary {
+        main: median(&mut main),
+        p99: if p99.is_empty() {
+            f64::NAN
+        } else {
+            median(&mut p99)
+        },
+        cpu_per_unit: (!cpu.is_empty()).then(|| median(&mut cpu)),
+    })
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+type Rows<'a> = [(&'a Entry, Result<Summary, String>)];
+
+fn find<'a>(rows: &'a Rows<'a>, kind: Kind) -> Vec<(&'a str, Summary)> {
+    rows.iter()
+        .filter(|(e, _)| e.kind == kind)
+        .filter_map(|(e, s)| s.as_ref().ok().map(|s| (e.name.as_str(), *s)))
+        .collect()
+}
+
+fn cpu_cell(cpu: Option<f64>) -> String {
+    cpu.map_or_else(|| "—".to_owned(), |c| format!("{c:.3}"))
+}
+
+fn ratio_cell(value: f64, base: Option<f64>) -> String {
+    match base {
+        Some(b) if b > 0.0 => format!("{:.2}×", value / b),
+        _ => "—".to_owned(),
+    }
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "MET" } else { "MISSED" }
+}
+
+fn render_throughput(
+    out: &mut String,
+    rows: &Rows<'_>,
+    measure: Measure,
+    targets: &mut Vec<String>,
+) {
+    let direct = find(rows, Kind::Direct).first().map(|(_, s)| s.main);
+    // The better tunnel pair is the faster one.
+    let best = find(rows, Kind::Peer)
+        .into_iter()
+        .max_by(|a, b| a.1.main.total_cmp(&b.1.main));
+    let _ = writeln!(
+        out,
+        "{:<10} {:>9} {:>10} {:>14} {:>16}",
+        "contender", "Gb/s", "× direct", "× best peer", "tunnel CPU-s/GB"
+    );
+    for (entry, summary) in rows {
+        match summary {
+            Ok(s) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.2} {:>10} {:>14} {:>16}",
+                    entry.name,
+                    s.main,
+                    ratio_cell(s.main, direct),
+                    ratio_cell(s.main, best.map(|b| b.1.main)),
+                    cpu_cell(s.cpu_per_unit)
+                );
+                if entry.kind == Kind::Meshup
+                    && let Some((best_name, b)) = best
+                {
+                    let r = s.main / b.main;
+                    targets.push(format!(
+                        "{}: {:.2}× {best_name} (target ≥ 1.00×) {}",
+                        measure_short(measure),
+                        r,
+                        verdict(r >= 1.0)
+                    ));
+                }
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "{:<10} failed: {reason}", entry.name);
+            }
+        }
+    }
+    if let Some((name, _)) = best {
+        let _ = writeln!(out, "(best peer: {name})");
+    }
+}
+
+fn measure_short(measure: Measure) -> String {
+    match measure {
+        Measure::Throughput(1) => "throughput, 1 stream".to_owned(),
+        Measure::Throughput(n) => format!("throughput, {n} connections"),
+        Measure::RequestResponse => "1 KiB RR".to_owned(),
+        Measure::NewConnection => "new connection".to_owned(),
+    }
+}
+
+fn render_rr(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
+    let direct = find(rows, Kind::Direct).first().map(|(_, s)| *s);
+    // The better tunnel pair is the one with the lower median.
+    let best = find(rows, Kind::Peer)
+        .into_iter()
+        .min_by(|a, b| a.1.main.total_cmp(&b.1.main));
+    let _ = writeln!(
+        out,
+        "{:<10} {:>8} {:>8} {:>11} {:>11} {:>13} {:>17}",
+        "contender", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs", "p50 × best", "CPU-s/1000 req"
+    );
+    for (entry, summary) in rows {
+        match summary {
+            Ok(s) => {
+                let added = |v: f64, d: Option<f64>| {
+                    d.map_or_else(|| "—".to_owned(), |d| format!("{:+.1}", v - d))
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>8.1} {:>8.1} {:>11} {:>11} {:>13} {:>17}",
+                    entry.name,
+                    s.main,
+                    s.p99,
+                    added(s.main, direct.map(|d| d.main)),
+                    added(s.p99, direct.map(|d| d.p99)),
+                    ratio_cell(s.main, best.map(|b| b.1.main)),
+                    cpu_cell(s.cpu_per_unit)
+                );
+                if entry.kind == Kind::Meshup
+                    && let Some(d) = direct
+                {
+                    let p50 = s.main - d.main;
+                    let p99 = s.p99 - d.p99;
+                    targets.push(format!(
+                        "1 KiB RR added over direct: p50 {p50:+.1} µs (target ≤ +40) {}, p99 {p99:+.1} µs (target ≤ +80) {}",
+                        verdict(p50 <= 40.0),
+                        verdict(p99 <= 80.0)
+                    ));
+                }
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "{:<10} failed: {reason}", entry.name);
+            }
+        }
+    }
+    if let Some((name, _)) = best {
+        let _ = writeln!(out, "(best peer: {name}; +p50/+p99 are added over direct)");
+    }
+}
+
+fn render_new_connection(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
+    let direct = find(rows, Kind::Direct).first().map(|(_, s)| s.main);
+    let stunnel = find(rows, Kind::Peer)
+        .into_iter()
+        .find(|(name, _)| *name == "stunnel")
+        .map(|(_, s)| s);
+    let best = find(rows, Kind::Peer)
+        .into_iter()
+        .min_by(|a, b| a.1.main.total_cmp(&b.1.main));
+    let _ = writeln!(
+        out,
+        "{:<10} {:>9} {:>9} {:>10} {:>13} {:>12} {:>18}",
+        "contender",
+        "p50 µs",
+        "p99 µs",
+        "× direct",
+        "p50 × stunnel",
+        "p50 × best",
+        "CPU-s/1000 conn"
+    );
+    for (entry, summary) in rows {
+        match summary {
+            Ok(s) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>9.1} {:>9.1} {:>10} {:>13} {:>12} {:>18}",
+                    entry.name,
+                    s.main,
+                    s.p99,
+                    ratio_cell(s.main, direct),
+                    ratio_cell(s.main, stunnel.map(|b| b.main)),
+                    ratio_cell(s.main, best.map(|b| b.1.main)),
+                    cpu_cell(s.cpu_per_unit)
+                );
+                if entry.kind == Kind::Meshup
+                    && let Some(st) = stunnel
+                {
+                    let r = s.main / st.main;
+                    targets.push(format!(
+                        "new connection: p50 {r:.2}× the stunnel pair (target ≤ 0.25×) {}; p99 {:.2}×",
+                        verdict(r <= 0.25),
+                        s.p99 / st.p99
+                    ));
+                }
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "{:<10} failed: {reason}", entry.name);
+            }
+        }
+    }
+    if let Some((name, _)) = best {
+        let _ = writeln!(out, "(best peer: {name})");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throughput(gbps: f64) -> Figure {
+        Figure::Throughput {
+            gbps,
+            bytes: 1_000_000_000,
+            cpu_s: Some(0.5),
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn throughput_table_compares_meshup_with_the_faster_peer() {
+        let mut report = Report::default();
+        let m = Measure::Throughput(1);
+        report.record(
+            m,
+            "direct",
+            Kind::Direct,
+            Figure::Throughput {
+                gbps: 20.0,
+                bytes: 1,
+                cpu_s: None,
+            },
+        );
+        report.record(m, "stunnel", Kind::Peer, throughput(4.0));
+        report.record(m, "nginx", Kind::Peer, throughput(5.0));
+        report.record(m, "meshup", Kind::Meshup, throughput(6.0));
+        let text = report.render();
+        assert!(text.contains("(best peer: nginx)"), "{text}");
+        assert!(text.contains("1.20× nginx (target ≥ 1.00×) MET"), "{text}");
+        assert!(text.contains("0.500"), "CPU-s/GB: {text}");
+    }
+
+    #[test]
+    fn failed_and_unavailable_contenders_are_reported() {
+        let mut report = Report::default();
+        let m = Measure::RequestResponse;
+        report.record(
+            m,
+            "direct",
+            Kind::Direct,
+            Figure::Latency {
+                p50_us: 20.0,
+                p99_us: 30.0,
+                ops: 1000,
+                cpu_s: None,
+            },
+        );
+        report.record_failure(m, "nginx", Kind::Peer, "boom".to_owned());
+        report.record_unavailable("meshup", "binary missing".to_owned());
+        let text = report.render();
+        assert!(text.contains("nginx      failed: boom"), "{text}");
+        assert!(
+            text.contains("meshup: not available (binary missing)"),
+            "{text}"
+        );
+    }
+}
