@@ -80,3 +80,44 @@ pub fn synthetic(local: &str, clusters: &[&str], services: usize) -> Result<Snap
     snap.revision = 1;
     Ok(snap)
 }
+
+/// Three clusters, seen from `east` (the local cluster):
+///
+/// - `pay.prod`: exported by `east` (ports `http`/tcp 8080, `dns`/udp 53) and `west`; east's
+///   VIP 10.64.0.1, pinned-to-west VIP 10.64.0.2 (no pinned VIP for east: NODATA).
+/// - `cart.shop`: exported by `south` only; VIP 10.64.0.3.
+/// - `v6.prod`: exported by `west`; IPv6 VIP fd00::6.
+/// - `novip.prod`: exported by `west`; no VIP for east yet (only west has one).
+///
+/// Revision 42.
+pub fn three_clusters() -> Snapshot {
+    let ip = |s: &str| {
+        s.parse::<IpAddr>()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    };
+    let changes = [
+        export(
+            "east",
+            "pay.prod",
+            &[("http", 8080, Protocol::Tcp), ("dns", 53, Protocol::Udp)],
+        ),
+        export("west", "pay.prod", &[("http", 8080, Protocol::Tcp)]),
+        export("south", "cart.shop", &[("grpc", 9000, Protocol::Tcp)]),
+        export("west", "v6.prod", &[("http", 80, Protocol::Tcp)]),
+        export("west", "novip.prod", &[("http", 80, Protocol::Tcp)]),
+        vip("east", "pay.prod", None, ip("10.64.0.1")),
+        vip("east", "pay.prod", Some("west"), ip("10.64.0.2")),
+        vip("east", "cart.shop", None, ip("10.64.0.3")),
+        vip("east", "v6.prod", None, ip("fd00::6")),
+        // Another cluster's VIP must not leak into east's answers.
+        vip("west", "novip.prod", None, ip("10.99.0.1")),
+    ];
+    let mut snap = Snapshot::new();
+    // The names above are literals that satisfy the name rules; a typo would show up as a
+    // missing service in every test using the fixture.
+    for change in changes.into_iter().flatten() {
+        snap.apply(change);
+    }
+    snap.revision = 42;
+    snap
+}

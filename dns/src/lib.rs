@@ -27,6 +27,9 @@ pub mod metrics;
 pub mod server;
 pub mod wire;
 
+#[cfg(test)]
+mod agreement_tests;
+
 pub use config::DnsConfig;
 pub use metrics::Metrics;
 pub use server::{DnsError, DnsServer};
