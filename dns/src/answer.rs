@@ -424,10 +424,12 @@ fn classify(zone: &ZoneView, name: &Name) -> Option<Node> {
         [svc, ns, "svc", cluster] => {
             let view = service(ns, svc)?;
             let pinned = ClusterName::new(cluster).ok()?;
-            view.clusters.contains_key(&pinned).then(|| Node::Service {
-                view,
-                pinned: Some(pinned),
-            })
+            view.clusters
+                .contains_key(&pinned)
+                .then_some(Node::Service {
+                    view,
+                    pinned: Some(pinned),
+                })
         }
         _ => None,
     }

@@ -99,12 +99,13 @@ impl ClustersetZone {
             return LookupControlFlow::Break(Err(LookupError::NameExists));
         }
         let additionals =
-            (!answer.additionals.is_empty()).then(|| LookupRecords::Section(answer.additionals));
-        let mut lookup = AuthLookup::answers(LookupRecords::Section(answer.answers), additionals);
-        // The catalog puts the NS set in authority for SOA answers itself (see `lookup`), so
-        // `answer.authorities` is not passed on here.
-        let _ = &mut lookup;
-        LookupControlFlow::Break(Ok(lookup))
+            (!answer.additionals.is_empty()).then_some(LookupRecords::Section(answer.additionals));
+        // `answer.authorities` is not passed on: for the one positive answer that has any (the
+        // NS set next to a SOA), the catalog adds it itself through `lookup(origin, NS)`.
+        LookupControlFlow::Break(Ok(AuthLookup::answers(
+            LookupRecords::Section(answer.answers),
+            additionals,
+        )))
     }
 }
 
@@ -212,8 +213,7 @@ impl Guarded {
         };
         self.handle_request::<Capture, TokioTime>(&request, capture.clone())
             .await;
-        let out = capture.out.lock().unwrap_or_else(|e| e.into_inner()).take();
-        out
+        capture.out.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
 
@@ -243,7 +243,7 @@ fn formerr(header: &[u8]) -> Vec<u8> {
     out[0] = header[0];
     out[1] = header[1];
     out[2] = 0x80 | (header[2] & 0x79);
-    out[3] = u8::from(ResponseCode::FormErr.low());
+    out[3] = ResponseCode::FormErr.low();
     out
 }
 

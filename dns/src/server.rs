@@ -402,7 +402,7 @@ impl UdpWorker {
                 state = self.refresh();
             }
             packets = packets.wrapping_add(1);
-            let sample = packets % FAST_LATENCY_SAMPLE == 0;
+            let sample = packets.is_multiple_of(FAST_LATENCY_SAMPLE);
             let started = sample.then(Instant::now);
             let packet = &buf[..n];
             let fast = if state.fresh {

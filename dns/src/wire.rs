@@ -174,8 +174,7 @@ impl FastTable {
             None => MAX_PLAIN_UDP,
         };
         out.clear();
-        let rcode;
-        match self.names.get(&q.key[..q.key_len]) {
+        let rcode = match self.names.get(&q.key[..q.key_len]) {
             Some(entry) => {
                 let template = entry
                     .answers
@@ -193,7 +192,7 @@ impl FastTable {
                 }
                 out.extend_from_slice(template);
                 out[HEADER_LEN..HEADER_LEN + question.len()].copy_from_slice(question);
-                rcode = ResponseCode::from_low(template[3] & 0x0f);
+                ResponseCode::from_low(template[3] & 0x0f)
             }
             None => {
                 if !is_ordinary_type(q.qtype) && q.qtype != u16::from(RecordType::ANY)
@@ -205,9 +204,9 @@ impl FastTable {
                 out.extend_from_slice(&[0, 0, 0x84, 0x03, 0, 1, 0, 0, 0, 1, 0, 0]);
                 out.extend_from_slice(question);
                 out.extend_from_slice(&self.nx_soa);
-                rcode = ResponseCode::NXDomain;
+                ResponseCode::NXDomain
             }
-        }
+        };
         out[0] = query[0];
         out[1] = query[1];
         // QR, opcode 0, AA and TC from the template; RD echoed from the query.
