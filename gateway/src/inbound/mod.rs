@@ -1,0 +1,535 @@
+//! Inbound: serve peers' tunnel streams to local endpoints.
+//!
+//! Accept loop (one task): caps handshakes in progress at `max_handshakes`, asks unvalidated
+//! clients for a Retry once half of that is in use (address validation under load), and
+//! refuses everything while draining. Per connection (one task): reads the caller's cluster
+//! from its certificate, then accepts streams. Per stream (one task): header under a
+//! timeout → authorization → endpoint choice (power of two choices on in-flight streams) →
+//! TCP connect under a timeout → one status answer → splice.
+//!
+//! Every answer other than `Connected` is sent before any byte reaches a backend, so the
+//! caller may retry elsewhere.
+
+mod balance;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_core::tunnel::{
+    DecodeError, MAX_HEADER_LEN, RequestHeader, Status, decode_header, encode_status,
+};
+use quinn::{RecvStream, SendStream};
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use balance::Balancer;
+pub use balance::pick_two;
+
+use crate::tunnel::{self, Endpoint, RESET_ABORT, splice::splice};
+
+/// One service this gateway serves to the federation, from the gateway's config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalExport {
+    pub service: ServiceKey,
+    /// Service ports peers may ask for (the port number is the same on the endpoints).
+    pub ports: Vec<u16>,
+    /// Local endpoints (IP:port pairs are built from these IPs and the requested port when
+    /// the port differs — see [`LocalExport::endpoint_addrs`]).
+    pub endpoints: Vec<SocketAddr>,
+    /// Callers allowed; empty means every cluster of the federation.
+    pub allowed_callers: Vec<ClusterName>,
+}
+
+impl LocalExport {
+    /// Whether `caller` may use this export.
+    pub fn allows(&self, caller: &ClusterName) -> bool {
+        self.allowed_callers.is_empty() || self.allowed_callers.contains(caller)
+    }
+
+    /// The endpoints to connect to for service `port`: endpoints whose port equals `port`,
+    /// or, if the export lists single-port endpoints with another port (a service port
+    /// mapped to a target port), all of them as listed.
+    pub fn endpoint_addrs(&self, port: u16) -> Vec<SocketAddr> {
+        let exact: Vec<SocketAddr> = self
+            .endpoints
+            .iter()
+            .copied()
+            .filter(|e| e.port() == port)
+            .collect();
+        if exact.is_empty() && self.ports.len() == 1 {
+            self.endpoints.clone()
+        } else {
+            exact
+        }
+    }
+}
+
+/// The local exports, keyed by service. Published through a `watch` so config reloads apply
+/// to new streams without restarting anything.
+pub type LocalExports = BTreeMap<ServiceKey, LocalExport>;
+
+/// Builds the map from a list (later entries replace earlier ones of the same service).
+pub fn local_exports(list: impl IntoIterator<Item = LocalExport>) -> LocalExports {
+    list.into_iter().map(|e| (e.service.clone(), e)).collect()
+}
+
+/// What a finished drain looked like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Whether every in-flight stream finished before the deadline.
+    pub completed: bool,
+    /// Streams still open when the drain returned.
+    pub remaining: i64,
+}
+
+/// Errors of one inbound stream (logged, counted; the stream is answered or reset).
+#[derive(Debug, Error)]
+enum StreamError {
+    #[error("peer sent no complete header within {0:?}")]
+    HeaderTimeout(Duration),
+    #[error("invalid header: {0}")]
+    BadHeader(DecodeError),
+    #[error("stream closed before a complete header: {0}")]
+    Read(String),
+    #[error("cannot answer the peer: {0}")]
+    Answer(String),
+}
+
+/// The running inbound server. Dropping it does not stop it; use the shutdown token or
+/// [`Server::drain`].
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    endpoint: Arc<Endpoint>,
+    exports: watch::Receiver<Arc<LocalExports>>,
+    draining: AtomicBool,
+    drain_started: CancellationToken,
+    streams: TaskTracker,
+    balancer: Balancer,
+    handshakes: Arc<Semaphore>,
+}
+
+impl Server {
+    /// Starts accepting peers on `endpoint` until `shutdown`.
+    pub fn spawn(
+        endpoint: Arc<Endpoint>,
+        exports: watch::Receiver<Arc<LocalExports>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let max_handshakes = endpoint.config().max_handshakes as usize;
+        let inner = Arc::new(Shared {
+            endpoint,
+            exports,
+            draining: AtomicBool::new(false),
+            drain_started: CancellationToken::new(),
+            streams: TaskTracker::new(),
+            balancer: Balancer::default(),
+            handshakes: Arc::new(Semaphore::new(max_handshakes)),
+        });
+        tokio::spawn(accept_loop(inner.clone(), shutdown));
+        Self { inner }
+    }
+
+    /// Streams currently being served.
+    pub fn in_flight(&self) -> usize {
+        self.inner.streams.len()
+    }
+
+    /// Whether [`Server::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Stops taking new connections (refused) and new streams (answered `Draining`), then
+    /// waits for in-flight streams up to `deadline`. Does not close the endpoint: call
+    /// [`Endpoint::close`] with [`tunnel::CLOSE_DRAINING`] afterwards (outbound shares it).
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        self.inner.draining.store(true, Ordering::Release);
+        self.inner.drain_started.cancel();
+        self.inner.streams.close();
+        let completed = tokio::time::timeout(deadline, self.inner.streams.wait())
+            .await
+            .is_ok();
+        DrainReport {
+            completed,
+            remaining: self.inner.streams.len() as i64,
+        }
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let cfg = shared.endpoint.config().clone();
+    let retry_above = (cfg.max_handshakes / 2) as usize;
+    let metrics = shared.endpoint.metrics().clone();
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            i = shared.endpoint.quinn().accept() => match i {
+                Some(i) => i,
+                None => return, // endpoint closed
+            },
+        };
+        if shared.draining.load(Ordering::Acquire) {
+            metrics.handshake_failed("draining");
+            incoming.refuse();
+            continue;
+        }
+        let in_progress = cfg.max_handshakes as usize - shared.handshakes.available_permits();
+        // Under load, make unvalidated clients prove their address first (a Retry costs the
+        // attacker a round trip and keeps us under 3x amplification).
+        if in_progress >= retry_above && !incoming.remote_address_validated() {
+            if incoming.may_retry() {
+                let _ = incoming.retry();
+            } else {
+                incoming.refuse();
+            }
+            continue;
+        }
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            metrics.handshake_failed("too_many_handshakes");
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "incoming connection failed");
+                    return;
+                }
+            };
+            let timeout = shared.endpoint.config().connect_timeout;
+            let conn = match tokio::time::timeout(timeout, connecting).await {
+                Err(_) => {
+                    shared.endpoint.metrics().handshake_failed("timeout");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    // Certificate rejections were counted by the verifier with their reason.
+                    if !is_verifier_rejection(&e) {
+                        shared
+                            .endpoint
+                            .metrics()
+                            .handshake_failed(classify_handshake_error(&e));
+                    }
+                    tracing::info!(%remote, error = %e, "inbound handshake failed");
+                    return;
+                }
+                Ok(Ok(conn)) => conn,
+            };
+            drop(permit);
+            serve_connection(shared, conn, shutdown).await;
+        });
+    }
+}
+
+fn is_verifier_rejection(e: &quinn::ConnectionError) -> bool {
+    let s = e.to_string();
+    s.contains("invalid peer certificate")
+}
+
+fn classify_handshake_error(e: &quinn::ConnectionError) -> &'static str {
+    let s = e.to_string();
+    if s.contains("NoCertificatesPresented") || s.contains("no certificates") {
+        "no_client_cert"
+    } else if s.contains("ALPN") || s.contains("NoApplicationProtocol") {
+        "alpn"
+    } else {
+        "handshake"
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    shutdown: CancellationToken,
+) {
+    let remote = conn.remote_address();
+    let Some(peer) = tunnel::peer_identity(&conn, &shared.endpoint.identity().trust_domain) else {
+        // The verifier accepted it, so this cannot happen short of a bug; refuse loudly.
+        tracing::error!(%remote, "connected peer has no readable SVID; closing");
+        conn.close(RESET_ABORT, b"no identity");
+        return;
+    };
+    shared.endpoint.track(&conn);
+    let caller = peer.identity.cluster.clone();
+    let span = tracing::info_span!("inbound", peer = %caller, %remote, serial = %peer.serial);
+    async move {
+        tracing::debug!("peer connected");
+        loop {
+            let (send, recv) = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(tunnel::CLOSE_SHUTDOWN, b"shutdown");
+                    return;
+                }
+                s = conn.accept_bi() => match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(reason = %e, "peer connection ended");
+                        return;
+                    }
+                },
+            };
+            let shared2 = shared.clone();
+            let caller = caller.clone();
+            shared
+                .streams
+                .spawn(serve_stream(shared2, caller, send, recv).in_current_span());
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The decision for one header: which status to answer, and where to connect if any.
+/// Pure: everything it needs is passed in.
+pub fn authorize(
+    header: &RequestHeader,
+    peer_cluster: &ClusterName,
+    exports: &LocalExports,
+    draining: bool,
+) -> Result<Vec<SocketAddr>, Status> {
+    if draining {
+        return Err(Status::Draining);
+    }
+    // The header's caller must be the cluster the certificate proves.
+    if &header.caller != peer_cluster {
+        return Err(Status::Forbidden);
+    }
+    let Some(export) = exports.get(&header.service) else {
+        return Err(Status::UnknownService);
+    };
+    if !export.ports.contains(&header.port) {
+        return Err(Status::UnknownService);
+    }
+    if !export.allows(peer_cluster) {
+        return Err(Status::Forbidden);
+    }
+    let endpoints = export.endpoint_addrs(header.port);
+    if endpoints.is_empty() {
+        return Err(Status::NoEndpoints);
+    }
+    Ok(endpoints)
+}
+
+async fn serve_stream(
+    shared: Arc<Shared>,
+    caller: ClusterName,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let metrics = shared.endpoint.metrics().clone();
+    let mut guard = metrics.stream("inbound");
+    let header_timeout = shared.endpoint.config().header_timeout;
+    let connect_timeout = shared.endpoint.config().connect_timeout;
+    let (header, rest) = match read_header(&mut recv, header_timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::info!(error = %e, "rejecting stream");
+            if let StreamError::BadHeader(_) = e {
+                guard.set_result(Status::BadRequest.as_str());
+                let _ = answer(&mut send, Status::BadRequest).await;
+            } else {
+                guard.set_result("header_error");
+                let _ = send.reset(RESET_ABORT);
+            }
+            let _ = recv.stop(RESET_ABORT);
+            return;
+        }
+    };
+    let exports = shared.exports.borrow().clone();
+    let draining = shared.draining.load(Ordering::Acquire);
+    let span = tracing::info_span!("stream", id = header.request_id, service = %header.service, port = header.port);
+    async move {
+        let endpoints = match authorize(&header, &caller, &exports, draining) {
+            Ok(e) => e,
+            Err(status) => {
+                tracing::info!(%status, "refusing stream");
+                guard.set_result(status.as_str());
+                let _ = answer(&mut send, status).await;
+                let _ = recv.stop(RESET_ABORT);
+                return;
+            }
+        };
+        let Some((tcp, load)) = shared.balancer.connect(&endpoints, connect_timeout).await else {
+            guard.set_result(Status::ConnectFailed.as_str());
+            let _ = answer(&mut send, Status::ConnectFailed).await;
+            let _ = recv.stop(RESET_ABORT);
+            return;
+        };
+        if let Err(e) = answer(&mut send, Status::Connected).await {
+            tracing::debug!(error = %e, "caller went away before the answer");
+            guard.set_result("error");
+            return;
+        }
+        let outcome = splice(tcp, send, recv, &rest).await;
+        drop(load);
+        // Inbound: TCP is the backend, so QUIC → TCP is toward the upstream.
+        metrics.add_bytes("inbound", outcome.quic_to_tcp, outcome.tcp_to_quic);
+        guard.set_result(if outcome.reset { "reset" } else { "done" });
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Reads one header (bounded in size and time). Returns it and any payload bytes that came
+/// after it in the same read.
+async fn read_header(
+    recv: &mut RecvStream,
+    timeout: Duration,
+) -> Result<(RequestHeader, Vec<u8>), StreamError> {
+    let read = async {
+        let mut buf = vec![0u8; MAX_HEADER_LEN];
+        let mut len = 0;
+        loop {
+            match decode_header(&buf[..len]) {
+                Ok((header, used)) => return Ok((header, buf[used..len].to_vec())),
+                Err(e) if e.is_incomplete() => {}
+                Err(e) => return Err(StreamError::BadHeader(e)),
+            }
+            // `len < MAX_HEADER_LEN` here: a full buffer always decodes or fails, because the
+            // body length is bounded so that the whole header fits.
+            match recv.read(&mut buf[len..]).await {
+                Ok(Some(n)) => len += n,
+                Ok(None) => return Err(StreamError::Read("stream finished".into())),
+                Err(e) => return Err(StreamError::Read(e.to_string())),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| StreamError::HeaderTimeout(timeout))?
+}
+
+async fn answer(send: &mut SendStream, status: Status) -> Result<(), StreamError> {
+    send.write_all(&encode_status(status))
+        .await
+        .map_err(|e| StreamError::Answer(e.to_string()))?;
+    if status != Status::Connected {
+        let _ = send.finish();
+    }
+    Ok(())
+}
+
+/// Connects to a local endpoint, with `TCP_NODELAY` (small writes must not wait on Nagle).
+pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Option<TcpStream> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%addr, error = %e, "local endpoint refused");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%addr, ?timeout, "local endpoint connect timed out");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ServiceKey {
+        s.parse().expect("valid")
+    }
+    fn cluster(s: &str) -> ClusterName {
+        ClusterName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn authorize_table() {
+        let ep: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let exports = local_exports([
+            LocalExport {
+                service: key("pay.prod"),
+                ports: vec![8080],
+                endpoints: vec![ep],
+                allowed_callers: vec![cluster("east")],
+            },
+            LocalExport {
+                service: key("empty.prod"),
+                ports: vec![80],
+                endpoints: vec![],
+                allowed_callers: vec![],
+            },
+        ]);
+        let h = |svc: &str, port: u16, caller: &str| RequestHeader {
+            request_id: 1,
+            service: key(svc),
+            port,
+            caller: cluster(caller),
+        };
+        let east = cluster("east");
+        let west = cluster("west");
+        let cases: &[(
+            RequestHeader,
+            &ClusterName,
+            bool,
+            Result<Vec<SocketAddr>, Status>,
+        )] = &[
+            (h("pay.prod", 8080, "east"), &east, false, Ok(vec![ep])),
+            (
+                h("pay.prod", 8080, "east"),
+                &east,
+                true,
+                Err(Status::Draining),
+            ),
+            (
+                h("pay.prod", 8080, "east"),
+                &west,
+                false,
+                Err(Status::Forbidden),
+            ),
+            (
+                h("pay.prod", 8080, "west"),
+                &west,
+                false,
+                Err(Status::Forbidden),
+            ),
+            (
+                h("pay.prod", 9090, "east"),
+                &east,
+                false,
+                Err(Status::UnknownService),
+            ),
+            (
+                h("nope.prod", 8080, "east"),
+                &east,
+                false,
+                Err(Status::UnknownService),
+            ),
+            (
+                h("empty.prod", 80, "west"),
+                &west,
+                false,
+                Err(Status::NoEndpoints),
+            ),
+        ];
+        for (header, peer, draining, want) in cases {
+            assert_eq!(
+                &authorize(header, peer, &exports, *draining),
+                want,
+                "{header:?} from {peer}"
+            );
+        }
+    }
+}

@@ -1,0 +1,430 @@
+//! Outbound: accept clients on VIP:port listeners and carry each connection to a local
+//! endpoint or through a QUIC stream to a peer gateway.
+//!
+//! - The reconciler task owns the listeners: on every catalog or local-export change (and
+//!   every few seconds, to retry binds that failed) it diffs [`route::desired_listeners`]
+//!   against what is bound. A removed listener is closed at once (new connects are refused);
+//!   connections it already accepted run to their end.
+//! - Each client connection is one task: it asks [`route::candidates`] where to go and tries
+//!   them in order. A candidate is abandoned (next one tried) when the pool has no
+//!   connection, the stream cannot be opened, or the answer is not `Connected` — all before
+//!   a single client byte is read, so nothing is ever replayed. Client bytes are read only
+//!   after `Connected`.
+//! - [`pool`] keeps one QUIC connection per peer gateway; streams to a cluster with several
+//!   gateways rotate across them.
+
+pub mod pool;
+pub mod route;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::ClusterName;
+use meshup_core::tunnel::{RequestHeader, STATUS_LEN, Status, decode_status, encode_header};
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use pool::{PeerKey, Pool, PoolError};
+pub use route::{Candidate, Route, candidates, desired_listeners};
+
+use crate::inbound::{DrainReport, LocalExports, connect_tcp};
+use crate::tunnel::{ConnectError, Endpoint, RESET_ABORT, splice::splice};
+
+/// How often the reconciler re-checks listeners even without a catalog change (retries
+/// binds that failed, e.g. an address still held by a closing listener).
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Why one attempt at one candidate failed (the next candidate is tried).
+#[derive(Debug, Error)]
+enum AttemptError {
+    #[error("no pooled connection: {0}")]
+    Pool(#[from] PoolError),
+    #[error("cannot open a stream: {0}")]
+    Open(String),
+    #[error("no answer to the header: {0}")]
+    Answer(String),
+    #[error("peer answered {0}")]
+    Refused(Status),
+    #[error("no local endpoint accepted the connection")]
+    LocalConnect,
+}
+
+/// The real pool dialer: QUIC through the gateway's endpoint.
+#[derive(Debug, Clone)]
+pub struct QuicDialer(pub Arc<Endpoint>);
+
+impl pool::Dialer for QuicDialer {
+    type Conn = quinn::Connection;
+
+    fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<quinn::Connection, ConnectError>> {
+        let endpoint = self.0.clone();
+        let peer = peer.clone();
+        Box::pin(async move {
+            let result = endpoint.connect(peer.addr, &peer.cluster).await;
+            endpoint
+                .metrics()
+                .dialed(if result.is_ok() { "ok" } else { "error" });
+            result
+        })
+    }
+
+    fn is_usable(conn: &quinn::Connection) -> bool {
+        conn.close_reason().is_none()
+    }
+}
+
+/// The running outbound proxy.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    endpoint: Arc<Endpoint>,
+    local: ClusterName,
+    exports: watch::Receiver<Arc<LocalExports>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    pool: Pool<quinn::Connection>,
+    connections: TaskTracker,
+    stop_listeners: CancellationToken,
+    bound: watch::Sender<Arc<BTreeMap<SocketAddr, Route>>>,
+    rotation: AtomicUsize,
+    next_request_id: AtomicU64,
+}
+
+impl Proxy {
+    /// Starts the reconciler (which binds listeners as the catalog asks) until `shutdown`.
+    pub fn spawn(
+        endpoint: Arc<Endpoint>,
+        local_cluster: ClusterName,
+        exports: watch::Receiver<Arc<LocalExports>>,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let pool = Pool::spawn(
+            QuicDialer(endpoint.clone()),
+            endpoint.config().max_connection_age,
+        );
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        let inner = Arc::new(Shared {
+            endpoint,
+            local: local_cluster,
+            exports,
+            snapshots,
+            pool,
+            connections: TaskTracker::new(),
+            stop_listeners: shutdown.child_token(),
+            bound: watch::Sender::new(Arc::new(BTreeMap::new())),
+            rotation: AtomicUsize::new(0),
+            next_request_id: AtomicU64::new(seed << 16),
+        });
+        tokio::spawn(reconcile_loop(inner.clone()));
+        Self { inner }
+    }
+
+    /// The listeners currently bound.
+    pub fn listeners(&self) -> Arc<BTreeMap<SocketAddr, Route>> {
+        self.inner.bound.borrow().clone()
+    }
+
+    /// Watches the bound listeners (for readiness: "every VIP is listening").
+    pub fn watch_listeners(&self) -> watch::Receiver<Arc<BTreeMap<SocketAddr, Route>>> {
+        self.inner.bound.subscribe()
+    }
+
+    /// Client connections currently being proxied.
+    pub fn in_flight(&self) -> usize {
+        self.inner.connections.len()
+    }
+
+    /// QUIC dials made by the pool so far.
+    pub fn dials(&self) -> u64 {
+        self.inner.pool.dials()
+    }
+
+    /// Closes every listener (new connects are refused) and waits up to `deadline` for the
+    /// connections in flight to finish.
+    pub async fn drain(&self, deadline: Duration) -> DrainReport {
+        self.inner.stop_listeners.cancel();
+        self.inner.connections.close();
+        let completed = tokio::time::timeout(deadline, self.inner.connections.wait())
+            .await
+            .is_ok();
+        DrainReport {
+            completed,
+            remaining: self.inner.connections.len() as i64,
+        }
+    }
+}
+
+// === reconciler ===
+
+struct Bound {
+    route: Route,
+    stop: CancellationToken,
+}
+
+async fn reconcile_loop(shared: Arc<Shared>) {
+    let mut snapshots = shared.snapshots.clone();
+    let mut exports = shared.exports.clone();
+    let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    loop {
+        let desired = desired_listeners(&snapshots.borrow_and_update().clone(), &shared.local);
+        exports.borrow_and_update();
+        reconcile(&shared, &mut bound, &desired);
+        tokio::select! {
+            _ = shared.stop_listeners.cancelled() => break,
+            r = snapshots.changed() => if r.is_err() { break },
+            r = exports.changed() => if r.is_err() { break },
+            _ = tick.tick() => {}
+        }
+    }
+    for (_, b) in std::mem::take(&mut bound) {
+        b.stop.cancel();
+    }
+    shared.bound.send_replace(Arc::new(BTreeMap::new()));
+    shared.endpoint.metrics().listeners.set(0);
+}
+
+fn reconcile(
+    shared: &Arc<Shared>,
+    bound: &mut BTreeMap<SocketAddr, Bound>,
+    desired: &BTreeMap<SocketAddr, Route>,
+) {
+    bound.retain(|addr, b| {
+        let keep = desired.get(addr) == Some(&b.route);
+        if !keep {
+            tracing::info!(%addr, service = %b.route.service, "closing VIP listener");
+            b.stop.cancel();
+        }
+        keep
+    });
+    for (addr, route) in desired {
+        if bound.contains_key(addr) {
+            continue;
+        }
+        match bind(*addr) {
+            Ok(listener) => {
+                tracing::info!(%addr, service = %route.service, target = ?route.target, "VIP listener bound");
+                let stop = shared.stop_listeners.child_token();
+                tokio::spawn(accept_loop(
+                    shared.clone(),
+                    listener,
+                    route.clone(),
+                    stop.clone(),
+                ));
+                bound.insert(
+                    *addr,
+                    Bound {
+                        route: route.clone(),
+                        stop,
+                    },
+                );
+            }
+            Err(e) => {
+                // Retried at the next tick: a just-closed listener may still hold it.
+                tracing::warn!(%addr, error = %e, "cannot bind VIP listener; will retry");
+            }
+        }
+    }
+    let now: BTreeMap<SocketAddr, Route> =
+        bound.iter().map(|(a, b)| (*a, b.route.clone())).collect();
+    shared.endpoint.metrics().listeners.set(now.len() as i64);
+    shared.bound.send_if_modified(|cur| {
+        if **cur == now {
+            false
+        } else {
+            *cur = Arc::new(now);
+            true
+        }
+    });
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    route: Route,
+    stop: CancellationToken,
+) {
+    let route = Arc::new(route);
+    loop {
+        let (tcp, client) = tokio::select! {
+            _ = stop.cancelled() => return, // drops the listener: new connects are refused
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared2 = shared.clone();
+        let route = route.clone();
+        shared
+            .connections
+            .spawn(handle_client(shared2, tcp, client, route));
+    }
+}
+
+// === one client connection ===
+
+async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, route: Arc<Route>) {
+    let request_id = shared.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("outbound", id = request_id, %client, service = %route.service, port = route.port);
+    async move {
+        let metrics = shared.endpoint.metrics().clone();
+        let mut guard = metrics.stream("outbound");
+        let snapshot = shared.snapshots.borrow().clone();
+        let exports = shared.exports.borrow().clone();
+        let cands = candidates(&snapshot, &shared.local, &exports, &route);
+        if cands.is_empty() {
+            tracing::info!("no cluster can serve this connection");
+        }
+        let header = RequestHeader {
+            request_id,
+            service: route.service.clone(),
+            port: route.port,
+            caller: shared.local.clone(),
+        };
+        for cand in cands {
+            match cand {
+                Candidate::Local(eps) => match connect_local(&shared, &eps).await {
+                    Ok(mut up) => {
+                        let mut tcp = tcp;
+                        let (a, b) = tokio::io::copy_bidirectional(&mut tcp, &mut up)
+                            .await
+                            .unwrap_or((0, 0));
+                        metrics.add_bytes("outbound", a, b);
+                        guard.set_result("done");
+                        return;
+                    }
+                    Err(e) => tracing::info!(error = %e, "local candidate failed"),
+                },
+                Candidate::Remote { cluster, gateways } => {
+                    let n = gateways.len();
+                    let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
+                    // Each gateway of the cluster at most once, rotating the first choice so
+                    // streams spread across a cluster's gateways.
+                    for i in 0..n {
+                        let peer = PeerKey {
+                            cluster: cluster.clone(),
+                            addr: gateways[(start + i) % n],
+                        };
+                        match open_tunnel(&shared, &peer, &header).await {
+                            Ok((send, recv)) => {
+                                let out = splice(tcp, send, recv, &[]).await;
+                                metrics.add_bytes("outbound", out.tcp_to_quic, out.quic_to_tcp);
+                                guard.set_result(if out.reset { "reset" } else { "done" });
+                                return;
+                            }
+                            Err(AttemptError::Refused(status)) if !status.retry_elsewhere() => {
+                                tracing::warn!(%peer, %status, "peer refused; not retrying");
+                                guard.set_result(status.as_str());
+                                reset_tcp(tcp);
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::info!(%peer, error = %e, "candidate failed; trying the next");
+                                if let AttemptError::Refused(status) = e {
+                                    guard.set_result(status.as_str());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        guard.set_result("no_route");
+        reset_tcp(tcp);
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn connect_local(shared: &Shared, eps: &[SocketAddr]) -> Result<TcpStream, AttemptError> {
+    let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
+    for i in 0..eps.len().min(3) {
+        let ep = eps[(start + i) % eps.len()];
+        if let Some(s) = connect_tcp(ep, shared.endpoint.config().connect_timeout).await {
+            return Ok(s);
+        }
+    }
+    Err(AttemptError::LocalConnect)
+}
+
+/// Opens a stream to `peer`, sends the header and waits for `Connected`. Nothing of the
+/// client's has been read yet, so any failure here may be retried elsewhere.
+async fn open_tunnel(
+    shared: &Shared,
+    peer: &PeerKey,
+    header: &RequestHeader,
+) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
+    let conn = shared.pool.get(peer).await?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| AttemptError::Open(e.to_string()))?;
+    let timeout = shared.endpoint.config().header_timeout;
+    let exchange = async {
+        send.write_all(&encode_header(header))
+            .await
+            .map_err(|e| AttemptError::Answer(e.to_string()))?;
+        let mut buf = [0u8; STATUS_LEN];
+        recv.read_exact(&mut buf)
+            .await
+            .map_err(|e| AttemptError::Answer(e.to_string()))?;
+        decode_status(&buf).map_err(|e| AttemptError::Answer(e.to_string()))
+    };
+    let status = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let _ = send.reset(RESET_ABORT);
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = send.reset(RESET_ABORT);
+            let _ = recv.stop(RESET_ABORT);
+            return Err(AttemptError::Answer(format!("timed out after {timeout:?}")));
+        }
+    };
+    if status != Status::Connected {
+        let _ = recv.stop(RESET_ABORT);
+        return Err(AttemptError::Refused(status));
+    }
+    Ok((send, recv))
+}
+
+/// Closes a client connection with RST: it must see a failure, not a clean empty response.
+fn reset_tcp(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}

@@ -1,0 +1,360 @@
+//! One QUIC connection per peer gateway, shared by every proxied TCP connection to it.
+//!
+//! Invariants (each is tested below by counting dials):
+//!
+//! 1. At most one dial per peer is in flight. Callers that ask while it runs wait for its
+//!    result; 1000 simultaneous callers cause exactly one handshake.
+//! 2. A connection that is closed (`Dialer::is_usable` false) is never handed out; the next
+//!    caller redials at once (a dead connection is not a failed dial).
+//! 3. A connection older than `max_age` is never handed out; the next caller gets a new one.
+//!    The old one is only dropped from the pool: streams still open on it finish, and it
+//!    closes when the last of them does.
+//! 4. After a failed dial the peer is in backoff (exponential, capped): callers fail fast
+//!    with `PoolError::Backoff` and no dial happens until it expires, so a dead peer costs
+//!    one handshake timeout per backoff period, not one per client connection.
+//!
+//! The state is owned by one task; callers talk to it over a channel and never lock.
+//! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use meshup_core::names::ClusterName;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::tunnel::ConnectError;
+
+/// First backoff after a failed dial.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest backoff between dials to a failing peer.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A peer gateway: the cluster it must prove it belongs to and where to dial it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    pub cluster: ClusterName,
+    pub addr: SocketAddr,
+}
+
+impl fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.cluster, self.addr)
+    }
+}
+
+/// Why the pool has no connection for a caller.
+#[derive(Debug, Clone, Error)]
+pub enum PoolError {
+    #[error("dial to {peer} failed: {source}")]
+    Dial { peer: String, source: ConnectError },
+    #[error("{peer} is in backoff after failed dials; next attempt in {remaining:?}")]
+    Backoff { peer: String, remaining: Duration },
+    #[error("connection pool is shut down")]
+    Closed,
+}
+
+/// How the pool makes and checks connections; the real one dials QUIC, tests count.
+pub trait Dialer: Send + Sync + 'static {
+    type Conn: Clone + Send + Sync + 'static;
+    /// Dials `peer` (bounded by the dialer's own timeout).
+    fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<Self::Conn, ConnectError>>;
+    /// Whether a pooled connection may still carry new streams.
+    fn is_usable(conn: &Self::Conn) -> bool;
+}
+
+/// Backoff after `failures` consecutive failed dials (≥ 1). Pure.
+pub fn backoff(failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1u32 << shift).min(BACKOFF_MAX)
+}
+
+/// Handle to the pool task. Cheap to clone.
+#[derive(Debug)]
+pub struct Pool<C> {
+    tx: mpsc::UnboundedSender<Msg<C>>,
+    dials: Arc<AtomicU64>,
+}
+
+impl<C> Clone for Pool<C> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            dials: self.dials.clone(),
+        }
+    }
+}
+
+type Reply<C> = oneshot::Sender<Result<C, PoolError>>;
+
+enum Msg<C> {
+    Get {
+        peer: PeerKey,
+        reply: Reply<C>,
+    },
+    Dialed {
+        peer: PeerKey,
+        result: Result<C, ConnectError>,
+    },
+}
+
+struct Slot<C> {
+    conn: Option<(C, Instant)>,
+    dialing: bool,
+    waiters: Vec<Reply<C>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl<C> Default for Slot<C> {
+    fn default() -> Self {
+        Self {
+            conn: None,
+            dialing: false,
+            waiters: Vec::new(),
+            failures: 0,
+            retry_at: None,
+        }
+    }
+}
+
+impl<C: Clone + Send + Sync + 'static> Pool<C> {
+    /// Starts the pool task. It ends when every handle is dropped.
+    pub fn spawn<D>(dialer: D, max_age: Duration) -> Self
+    where
+        D: Dialer<Conn = C>,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let dials = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(dialer, max_age, rx, tx.downgrade(), dials.clone()));
+        Self { tx, dials }
+    }
+
+    /// A connection to `peer`: the pooled one, or a new one (see the invariants above).
+    pub async fn get(&self, peer: &PeerKey) -> Result<C, PoolError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Get {
+                peer: peer.clone(),
+                reply,
+            })
+            .map_err(|_| PoolError::Closed)?;
+        rx.await.map_err(|_| PoolError::Closed)?
+    }
+
+    /// Dials started since the pool began.
+    pub fn dials(&self) -> u64 {
+        self.dials.load(Ordering::Relaxed)
+    }
+}
+
+async fn run<D: Dialer>(
+    dialer: D,
+    max_age: Duration,
+    mut rx: mpsc::UnboundedReceiver<Msg<D::Conn>>,
+    tx: mpsc::WeakUnboundedSender<Msg<D::Conn>>,
+    dials: Arc<AtomicU64>,
+) {
+    let dialer = Arc::new(dialer);
+    let mut slots: HashMap<PeerKey, Slot<D::Conn>> = HashMap::new();
+    while let Some(msg) = rx.recv().await {
+        let now = Instant::now();
+        match msg {
+            Msg::Get { peer, reply } => {
+                let slot = slots.entry(peer.clone()).or_default();
+                if let Some((conn, born)) = &slot.conn {
+                    if D::is_usable(conn) && now.duration_since(*born) < max_age {
+                        let _ = reply.send(Ok(conn.clone()));
+                        continue;
+                    }
+                    tracing::debug!(%peer, "pooled connection closed or too old; replacing it");
+                    slot.conn = None;
+                }
+                if slot.dialing {
+                    slot.waiters.push(reply);
+                    continue;
+                }
+                if let Some(at) = slot.retry_at
+                    && now < at
+                {
+                    let _ = reply.send(Err(PoolError::Backoff {
+                        peer: peer.to_string(),
+                        remaining: at - now,
+                    }));
+                    continue;
+                }
+                slot.dialing = true;
+                slot.waiters.push(reply);
+                dials.fetch_add(1, Ordering::Relaxed);
+                let Some(tx) = tx.upgrade() else { return };
+                let dial = dialer.dial(&peer);
+                tokio::spawn(async move {
+                    let result = dial.await;
+                    let _ = tx.send(Msg::Dialed { peer, result });
+                });
+            }
+            Msg::Dialed { peer, result } => {
+                let slot = slots.entry(peer.clone()).or_default();
+                slot.dialing = false;
+                let waiters = std::mem::take(&mut slot.waiters);
+                match result {
+                    Ok(conn) => {
+                        slot.failures = 0;
+                        slot.retry_at = None;
+                        slot.conn = Some((conn.clone(), now));
+                        for w in waiters {
+                            let _ = w.send(Ok(conn.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        slot.failures = slot.failures.saturating_add(1);
+                        let wait = backoff(slot.failures);
+                        slot.retry_at = Some(now + wait);
+                        tracing::info!(%peer, error = %e, backoff = ?wait, "dial failed");
+                        for w in waiters {
+                            let _ = w.send(Err(PoolError::Dial {
+                                peer: peer.to_string(),
+                                source: e.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[derive(Clone)]
+    struct FakeConn {
+        alive: Arc<AtomicBool>,
+    }
+
+    #[derive(Clone, Default)]
+    struct FakeDialer {
+        dials: Arc<AtomicU64>,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl Dialer for FakeDialer {
+        type Conn = FakeConn;
+        fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<FakeConn, ConnectError>> {
+            self.dials.fetch_add(1, Ordering::SeqCst);
+            let fail = self.fail.load(Ordering::SeqCst);
+            let addr = peer.addr;
+            Box::pin(async move {
+                // A handshake takes time, so concurrent callers overlap with it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if fail {
+                    Err(ConnectError::Timeout {
+                        addr,
+                        timeout: Duration::from_millis(20),
+                    })
+                } else {
+                    Ok(FakeConn {
+                        alive: Arc::new(AtomicBool::new(true)),
+                    })
+                }
+            })
+        }
+        fn is_usable(conn: &FakeConn) -> bool {
+            conn.alive.load(Ordering::SeqCst)
+        }
+    }
+
+    fn peer() -> PeerKey {
+        PeerKey {
+            cluster: ClusterName::new("west").expect("valid"),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(10), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[tokio::test]
+    async fn thousand_concurrent_callers_cause_one_dial() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
+        let gets = (0..1000).map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.get(&peer()).await.is_ok() })
+        });
+        for g in futures::future::join_all(gets).await {
+            assert!(g.expect("task"));
+        }
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.dials(), 1);
+    }
+
+    #[tokio::test]
+    async fn dead_and_old_connections_are_replaced() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_millis(300));
+        let c1 = pool.get(&peer()).await.expect("dial");
+        let again = pool.get(&peer()).await.expect("pooled");
+        assert!(Arc::ptr_eq(&c1.alive, &again.alive));
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+
+        c1.alive.store(false, Ordering::SeqCst);
+        let c2 = pool.get(&peer()).await.expect("redial");
+        assert!(!Arc::ptr_eq(&c1.alive, &c2.alive));
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+
+        tokio::time::sleep(Duration::from_millis(310)).await;
+        let c3 = pool.get(&peer()).await.expect("recycled");
+        assert!(!Arc::ptr_eq(&c2.alive, &c3.alive));
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn failed_dials_back_off_and_callers_fail_fast() {
+        let dialer = FakeDialer::default();
+        dialer.fail.store(true, Ordering::SeqCst);
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(60));
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Dial { .. })
+        ));
+        // Within the backoff: no dial, immediate error.
+        for _ in 0..50 {
+            assert!(matches!(
+                pool.get(&peer()).await,
+                Err(PoolError::Backoff { .. })
+            ));
+        }
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(backoff(1)).await;
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Dial { .. })
+        ));
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        // Second failure: longer backoff.
+        tokio::time::sleep(backoff(1)).await;
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Backoff { .. })
+        ));
+        tokio::time::sleep(backoff(2)).await;
+        dialer.fail.store(false, Ordering::SeqCst);
+        assert!(pool.get(&peer()).await.is_ok());
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+    }
+}

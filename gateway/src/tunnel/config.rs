@@ -1,0 +1,282 @@
+//! The `tunnel:` section of the gateway config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::IdentityFiles;
+
+/// Default QUIC listen address (loopback: a gateway exposed beyond it is an explicit choice).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15443";
+/// Idle timeout: a peer silent this long is dead. With keep-alives every second, a dead peer
+/// is noticed after 3 s (RELIABILITY.md promise 9: within ~3.5 s).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keep-alive interval: keeps idle connections alive and probes liveness.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Concurrent bidirectional streams per connection: one per proxied TCP connection, so
+/// 1000 concurrent client connections to one peer fit with room to spare.
+pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+/// Incoming handshakes in progress; above half of it, unvalidated clients get a Retry.
+pub const DEFAULT_MAX_HANDSHAKES: u32 = 256;
+/// Connections are recycled after this age, so rotated certificates are eventually used by
+/// every connection (keep it below half the certificate lifetime; default SVIDs live 24 h).
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+/// Timeout of one QUIC handshake and of one TCP connect to a local endpoint.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a peer has to send a complete header on a new stream.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a drain waits for in-flight streams before closing anyway.
+pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+/// Per-stream receive window: one stream can fill a ~1 ms RTT path at several Gb/s.
+pub const DEFAULT_STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// Per-connection receive window, shared by all streams of a connection.
+pub const DEFAULT_CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
+/// Configuration of the QUIC tunnel. The trust domain is not here: it is federation-wide
+/// and lives at the top level of the gateway config (the integrator passes it to
+/// [`crate::identity::Identity::load`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// UDP address the QUIC endpoint binds (inbound and outbound share it).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Addresses peers should dial (published in the gateway record); empty means `listen`.
+    #[serde(default)]
+    pub advertise: Vec<SocketAddr>,
+    /// PEM certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// PEM PKCS#8/SEC1/PKCS#1 private key.
+    pub key: PathBuf,
+    /// PEM trust bundle (federation CA certificates).
+    pub bundle: PathBuf,
+    #[serde(default = "d_idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(default = "d_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    #[serde(default = "d_max_streams")]
+    pub max_streams: u32,
+    #[serde(default = "d_max_handshakes")]
+    pub max_handshakes: u32,
+    #[serde(default = "d_max_age", with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    #[serde(default = "d_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d_header", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    #[serde(default = "d_drain", with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    #[serde(default = "d_stream_window")]
+    pub stream_window_bytes: u32,
+    #[serde(default = "d_conn_window")]
+    pub connection_window_bytes: u32,
+}
+
+fn default_listen() -> SocketAddr {
+    // The constant is a literal address; parsing it cannot fail.
+    DEFAULT_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 15443)))
+}
+fn d_idle() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn d_keep_alive() -> Duration {
+    DEFAULT_KEEP_ALIVE
+}
+fn d_max_streams() -> u32 {
+    DEFAULT_MAX_STREAMS
+}
+fn d_max_handshakes() -> u32 {
+    DEFAULT_MAX_HANDSHAKES
+}
+fn d_max_age() -> Duration {
+    DEFAULT_MAX_CONNECTION_AGE
+}
+fn d_connect() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn d_header() -> Duration {
+    DEFAULT_HEADER_TIMEOUT
+}
+fn d_drain() -> Duration {
+    DEFAULT_DRAIN_DEADLINE
+}
+fn d_stream_window() -> u32 {
+    DEFAULT_STREAM_WINDOW_BYTES
+}
+fn d_conn_window() -> u32 {
+    DEFAULT_CONNECTION_WINDOW_BYTES
+}
+
+/// A `tunnel:` section that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("tunnel.{field} must be greater than zero")]
+    Zero { field: &'static str },
+    #[error(
+        "tunnel.keep_alive ({keep_alive:?}) must be shorter than tunnel.idle_timeout ({idle:?}), or idle connections die"
+    )]
+    KeepAliveTooLong {
+        keep_alive: Duration,
+        idle: Duration,
+    },
+    #[error("tunnel.idle_timeout {0:?} exceeds the QUIC limit")]
+    IdleTooLong(Duration),
+    #[error("tunnel.{field} = {value} is above the limit of {max}")]
+    TooLarge {
+        field: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("tunnel.stream_window_bytes must not exceed tunnel.connection_window_bytes")]
+    WindowOrder,
+}
+
+impl TunnelConfig {
+    /// A config with every default and the given identity files.
+    pub fn with_files(files: IdentityFiles) -> Self {
+        Self {
+            listen: default_listen(),
+            advertise: Vec::new(),
+            cert: files.cert,
+            key: files.key,
+            bundle: files.bundle,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            stream_window_bytes: DEFAULT_STREAM_WINDOW_BYTES,
+            connection_window_bytes: DEFAULT_CONNECTION_WINDOW_BYTES,
+        }
+    }
+
+    /// The identity files named by this config.
+    pub fn files(&self) -> IdentityFiles {
+        IdentityFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            bundle: self.bundle.clone(),
+        }
+    }
+
+    /// Rejects impossible combinations with a message naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("keep_alive", self.keep_alive),
+            ("max_connection_age", self.max_connection_age),
+            ("connect_timeout", self.connect_timeout),
+            ("header_timeout", self.header_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        for (field, v) in [
+            ("max_streams", self.max_streams),
+            ("max_handshakes", self.max_handshakes),
+            ("stream_window_bytes", self.stream_window_bytes),
+            ("connection_window_bytes", self.connection_window_bytes),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.keep_alive >= self.idle_timeout {
+            return Err(ConfigError::KeepAliveTooLong {
+                keep_alive: self.keep_alive,
+                idle: self.idle_timeout,
+            });
+        }
+        if quinn::IdleTimeout::try_from(self.idle_timeout).is_err() {
+            return Err(ConfigError::IdleTooLong(self.idle_timeout));
+        }
+        // Bounded so a config typo cannot ask for millions of streams' worth of state.
+        const MAX_STREAMS: u32 = 1 << 20;
+        if self.max_streams > MAX_STREAMS {
+            return Err(ConfigError::TooLarge {
+                field: "max_streams",
+                value: self.max_streams.into(),
+                max: MAX_STREAMS.into(),
+            });
+        }
+        if self.stream_window_bytes > self.connection_window_bytes {
+            return Err(ConfigError::WindowOrder);
+        }
+        Ok(())
+    }
+
+    /// Addresses to publish for peers.
+    pub fn advertised(&self, bound: SocketAddr) -> Vec<SocketAddr> {
+        if self.advertise.is_empty() {
+            vec![bound]
+        } else {
+            self.advertise.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_with_only_paths_gets_every_default_and_unknown_fields_are_refused() {
+        let cfg: TunnelConfig =
+            serde_norway::from_str("cert: c.pem\nkey: k.pem\nbundle: b.pem\n").expect("parses");
+        assert_eq!(cfg, TunnelConfig::with_files(cfg.files()));
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        cfg.validate().expect("defaults are valid");
+
+        let cfg: TunnelConfig = serde_norway::from_str(
+            "cert: c\nkey: k\nbundle: b\nidle_timeout: 5s\nkeep_alive: 500ms\nmax_streams: 10\n",
+        )
+        .expect("parses");
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.keep_alive, Duration::from_millis(500));
+        assert_eq!(cfg.max_streams, 10);
+
+        assert!(
+            serde_norway::from_str::<TunnelConfig>("cert: c\nkey: k\nbundle: b\nidle: 1s\n")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn impossible_combinations_are_rejected() {
+        let base = TunnelConfig::with_files(IdentityFiles::in_dir(std::path::Path::new("x")));
+        let mut c = base.clone();
+        c.keep_alive = Duration::from_secs(3);
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::KeepAliveTooLong { .. })
+        ));
+        let mut c = base.clone();
+        c.max_streams = 0;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "max_streams"
+            })
+        );
+        let mut c = base.clone();
+        c.header_timeout = Duration::ZERO;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "header_timeout"
+            })
+        );
+        let mut c = base;
+        c.stream_window_bytes = c.connection_window_bytes + 1;
+        assert_eq!(c.validate(), Err(ConfigError::WindowOrder));
+    }
+}

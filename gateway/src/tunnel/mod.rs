@@ -1,0 +1,298 @@
+//! The QUIC endpoint every tunnel stream runs over: mutual TLS 1.3 with SPIFFE identities,
+//! ALPN `meshup/1`, and transport settings chosen on purpose (see [`transport_config`]).
+//!
+//! One UDP socket serves both directions: [`crate::inbound`] accepts peers' connections on it
+//! and [`crate::outbound`] dials peers from it. There is no plaintext mode and no fallback:
+//! a peer without a valid client certificate never completes a handshake.
+
+mod config;
+mod metrics;
+pub(crate) mod splice;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshup_core::names::ClusterName;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{AckFrequencyConfig, IdleTimeout, TransportConfig, VarInt};
+use thiserror::Error;
+
+pub use config::{
+    ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_WINDOW_BYTES, DEFAULT_DRAIN_DEADLINE,
+    DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_WINDOW_BYTES, TunnelConfig,
+};
+pub(crate) use metrics::ConnectionGuard;
+pub use metrics::{
+    BytesLabels, DialLabels, DirectionLabels, Metrics, ReasonLabels, StreamResultLabels,
+};
+
+use crate::identity::{
+    CertResolver, Identity, PeerIdentity, PeerVerifier, check_svid, server_name_for,
+};
+
+/// ALPN protocol id: a peer speaking anything else fails the handshake.
+pub const ALPN: &[u8] = b"meshup/1";
+
+/// Application close code: the gateway is draining (peers should not reconnect to it).
+pub const CLOSE_DRAINING: VarInt = VarInt::from_u32(0x10);
+/// Application close code: the connection reached its maximum age and is being replaced.
+pub const CLOSE_RECYCLED: VarInt = VarInt::from_u32(0x11);
+/// Application close code: the gateway shut down without a drain.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x12);
+/// Stream reset/stop code: the TCP connection on the other side was reset (RST).
+pub const RESET_TCP: VarInt = VarInt::from_u32(0x1);
+/// Stream reset/stop code: the stream is abandoned (protocol error, timeout, shutdown).
+pub const RESET_ABORT: VarInt = VarInt::from_u32(0x2);
+
+/// Errors binding the endpoint. None is worth retrying without changing config or files.
+#[derive(Debug, Error)]
+pub enum BindError {
+    #[error("invalid tunnel config: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot build TLS config: {0}")]
+    Tls(String),
+    #[error("cannot bind QUIC endpoint on udp {addr}: {source} (is another gateway running?)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Errors dialing a peer gateway.
+#[derive(Debug, Clone, Error)]
+pub enum ConnectError {
+    #[error("cannot start a connection to {addr}: {reason}")]
+    Start { addr: SocketAddr, reason: String },
+    #[error("handshake with {addr} timed out after {timeout:?}")]
+    Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+}
+
+impl ConnectError {
+    /// Whether retrying later may succeed. A rejected certificate is not transient in
+    /// seconds, but a rotation can fix it, so only local misuse is final.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ConnectError::Start { .. })
+    }
+}
+
+/// The transport settings every tunnel connection uses, both directions.
+///
+/// - keep-alive + idle timeout: a silently dead peer is noticed within `idle_timeout`
+///   (quinn's default is 30 s and no keep-alive).
+/// - explicit stream limit (quinn's default of 100 makes extra streams wait silently).
+/// - receive windows sized for throughput on a fast path.
+/// - ACK frequency: we ask the peer to ACK every ack-eliciting packet without delay. With
+///   quinn's default 25 ms `max_ack_delay`, a lone small request whose response is not yet
+///   ready is acknowledged only after 25 ms, and a sender limited by its congestion window
+///   or pacing then stalls that long; interactive request/response traffic must not pay it.
+pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, ConfigError> {
+    cfg.validate()?;
+    let mut t = TransportConfig::default();
+    let idle = IdleTimeout::try_from(cfg.idle_timeout)
+        .map_err(|_| ConfigError::IdleTooLong(cfg.idle_timeout))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(cfg.keep_alive));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams));
+    // We never use unidirectional streams or datagrams: grant none.
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.datagram_receive_buffer_size(None);
+    t.stream_receive_window(VarInt::from_u32(cfg.stream_window_bytes));
+    t.receive_window(VarInt::from_u32(cfg.connection_window_bytes));
+    t.send_window(u64::from(cfg.connection_window_bytes));
+    let mut ack = AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(0))
+        .max_ack_delay(Some(Duration::from_millis(1)));
+    t.ack_frequency_config(Some(ack));
+    Ok(t)
+}
+
+/// The gateway's QUIC endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    quinn: quinn::Endpoint,
+    identity: Arc<Identity>,
+    config: TunnelConfig,
+    metrics: Metrics,
+    client_config: quinn::ClientConfig,
+    local_addr: SocketAddr,
+}
+
+impl Endpoint {
+    /// Validates `config`, builds the TLS and transport configs and binds the UDP socket.
+    /// Must be called inside a tokio runtime.
+    pub fn bind(
+        config: &TunnelConfig,
+        identity: Arc<Identity>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, BindError> {
+        let transport = Arc::new(transport_config(config)?);
+        identity.attach_metrics(metrics.clone());
+        let server = server_config(config, &identity, transport.clone())?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(client_tls(&identity)?));
+        client_config.transport_config(transport);
+        let quinn =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| BindError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = quinn.local_addr().map_err(|source| BindError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(Arc::new(Self {
+            quinn,
+            identity,
+            config: config.clone(),
+            metrics,
+            client_config,
+            local_addr,
+        }))
+    }
+
+    /// The bound UDP address (the real port when `listen` asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Addresses to publish in this gateway's catalog record.
+    pub fn advertised_addrs(&self) -> Vec<SocketAddr> {
+        self.config.advertised(self.local_addr)
+    }
+
+    /// The config the endpoint was bound with.
+    pub fn config(&self) -> &TunnelConfig {
+        &self.config
+    }
+
+    /// Our identity.
+    pub fn identity(&self) -> &Arc<Identity> {
+        &self.identity
+    }
+
+    /// The metrics this endpoint records into.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The underlying quinn endpoint.
+    pub fn quinn(&self) -> &quinn::Endpoint {
+        &self.quinn
+    }
+
+    /// Dials a gateway of `cluster` at `addr`. The server must present an SVID of our trust
+    /// domain naming exactly `cluster`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        cluster: &ClusterName,
+    ) -> Result<quinn::Connection, ConnectError> {
+        let connecting = self
+            .quinn
+            .connect_with(self.client_config.clone(), addr, &server_name_for(cluster))
+            .map_err(|e| ConnectError::Start {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let timeout = self.config.connect_timeout;
+        let conn = match tokio::time::timeout(timeout, connecting).await {
+            Err(_) => {
+                self.metrics.handshake_failed("timeout");
+                return Err(ConnectError::Timeout { addr, timeout });
+            }
+            Ok(Err(source)) => return Err(ConnectError::Handshake { addr, source }),
+            Ok(Ok(conn)) => conn,
+        };
+        self.track(&conn);
+        Ok(conn)
+    }
+
+    /// Counts `conn` in the active-connections gauge until it closes.
+    pub(crate) fn track(&self, conn: &quinn::Connection) {
+        let guard = ConnectionGuard::new(&self.metrics);
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            drop(guard);
+        });
+    }
+
+    /// Closes every connection with `code` and stops the endpoint.
+    pub fn close(&self, code: VarInt, reason: &[u8]) {
+        self.quinn.close(code, reason);
+    }
+
+    /// Waits until every connection is closed and its close was sent (bounded by idle
+    /// timeouts), so a process can exit without peers waiting on a silent socket.
+    pub async fn wait_idle(&self) {
+        self.quinn.wait_idle().await;
+    }
+}
+
+/// Who the peer of an established connection is, read from its certificate (which the
+/// verifier already checked during the handshake).
+pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<PeerIdentity> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    check_svid(leaf.as_ref(), trust_domain, None).ok()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn server_config(
+    cfg: &TunnelConfig,
+    identity: &Arc<Identity>,
+    transport: Arc<TransportConfig>,
+) -> Result<quinn::ServerConfig, BindError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| BindError::Tls(e.to_string()))?
+        .with_client_cert_verifier(PeerVerifier::new(identity.clone()))
+        .with_cert_resolver(Arc::new(CertResolver(identity.clone())));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // 0-RTT off: replayable early data has no place in a proxy of arbitrary TCP.
+    tls.max_early_data_size = 0;
+    tls.send_half_rtt_data = false;
+    // No session tickets: a resumed handshake would skip client-certificate verification.
+    tls.send_tls13_tickets = 0;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(transport);
+    // Bounded queue of connection attempts not yet handled by the accept loop; the accept
+    // loop itself caps handshakes in progress at `max_handshakes`.
+    server.max_incoming(
+        usize::try_from(cfg.max_handshakes)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2),
+    );
+    server.incoming_buffer_size(64 * 1024);
+    server.incoming_buffer_size_total(u64::from(cfg.max_handshakes) * 64 * 1024);
+    Ok(server)
+}
+
+fn client_tls(identity: &Arc<Identity>) -> Result<QuicClientConfig, BindError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| BindError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(PeerVerifier::new(identity.clone()))
+        .with_client_cert_resolver(Arc::new(CertResolver(identity.clone())));
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    // Session resumption would skip our verifier on later handshakes (and its cluster
+    // check); every handshake verifies the full chain.
+    tls.resumption = rustls::client::Resumption::disabled();
+    QuicClientConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))
+}
