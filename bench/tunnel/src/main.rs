@@ -34,7 +34,7 @@ use crate::report::{Figure, Measure, Report};
 
 /// Side-by-side data-path benchmark of meshup against stunnel and nginx mTLS pairs.
 #[derive(Debug, Parser)]
-#[command(name = "meshup-bench-tunnel")]
+#[command(name = "meshup-bench-tunnel", args_override_self = true)]
 struct Args {
     /// Seconds each throughput phase sends for.
     #[arg(long, default_value_t = 5.0)]

@@ -102,9 +102,9 @@ pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Con
         let mut cmd = Command::new(binary);
         cmd.args(["gateway", "--config"])
             .arg(&config_path)
-            // Gateway logs at info on stderr into the log file; per-connection logs at
-            // debug would cost time the peers do not pay.
-            .env("RUST_LOG", "info");
+            // Warnings and errors only (into the log file): per-connection logging would
+            // cost time the peers (stunnel `debug = 3`, nginx `warn`) do not pay.
+            .env("MESHUP_LOG", "warn");
         let mut gateway = ChildGuard::spawn(
             &format!("meshup gateway ({cluster})"),
             cmd,
