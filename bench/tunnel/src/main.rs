@@ -58,10 +58,17 @@ struct Args {
     /// Leave out the meshup pair (e.g. while the daemon does not build).
     #[arg(long)]
     no_meshup: bool,
+    /// Run only these contenders (comma-separated: direct, stunnel, nginx, meshup), e.g.
+    /// `--only direct,meshup` while working on the gateway. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Keep the temporary directory (configs, certificates, logs) for inspection.
     #[arg(long)]
     keep_temp: bool,
 }
+
+/// Contender names, in the order they are set up and printed.
+const CONTENDERS: [&str; 4] = ["direct", "stunnel", "nginx", "meshup"];
 
 /// Upper bound on one latency phase, whatever the request count: a stalled or crawling
 /// tunnel fails the phase instead of holding the run.
@@ -99,11 +106,29 @@ async fn run(args: Args) -> Result<()> {
     let pki = Pki::generate(&dir)?;
     let mut report = Report::default();
 
+    for name in &args.only {
+        anyhow::ensure!(
+            CONTENDERS.contains(&name.as_str()),
+            "--only: unknown contender {name:?} (known: {})",
+            CONTENDERS.join(", ")
+        );
+    }
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+
     // A missing or broken peer is a broken benchmark: fail loudly, naming the package.
-    let mut contenders = vec![Contender::direct(backend.addr())];
-    contenders.push(peers::stunnel::start(&dir, &pki, backend.addr()).context("stunnel pair")?);
-    contenders.push(peers::nginx::start(&dir, &pki, backend.addr()).context("nginx pair")?);
-    if args.no_meshup {
+    let mut contenders = Vec::new();
+    if wanted("direct") {
+        contenders.push(Contender::direct(backend.addr()));
+    }
+    if wanted("stunnel") {
+        contenders.push(peers::stunnel::start(&dir, &pki, backend.addr()).context("stunnel pair")?);
+    }
+    if wanted("nginx") {
+        contenders.push(peers::nginx::start(&dir, &pki, backend.addr()).context("nginx pair")?);
+    }
+    if !wanted("meshup") {
+        // Left out on purpose: nothing to report.
+    } else if args.no_meshup {
         report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
     } else {
         let binary = args
