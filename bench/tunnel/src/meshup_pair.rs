@@ -110,17 +110,26 @@ pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Con
             cmd,
             &dir.join(format!("{cluster}.log")),
         )?;
-        gateway.wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], ports.admin)),
-            Duration::from_secs(15),
-        )?;
+        let admin = SocketAddr::from(([127, 0, 0, 1], ports.admin));
+        gateway.wait_for_port(admin, Duration::from_secs(15))?;
+        wait_ready(&mut gateway, admin).await?;
         if cluster == "east" {
             east_ports = Some(ports);
         }
         gateways.push(gateway);
     }
     let east_ports = east_ports.context("east gateway was not started")?;
-    let vip = find_vip(&mut gateways, east_ports).await?;
+    let vip = match find_vip(&mut gateways, east_ports).await {
+        Ok(vip) => vip,
+        Err(e) => {
+            // East's own view of the service is the quickest clue to what is missing.
+            let admin = SocketAddr::from(([127, 0, 0, 1], east_ports.admin));
+            let status = admin_get(admin, "/status")
+                .await
+                .map_or_else(|e| format!("(GET /status failed: {e:#})"), |(_, body)| body);
+            return Err(e).context(format!("east's admin /status: {status}"));
+        }
+    };
     let addr = SocketAddr::from((vip, SERVICE_PORT));
     let mut contender =
         Contender::with_processes("meshup", Kind::Meshup, addr, gateways, vec![etcd]);
@@ -182,6 +191,59 @@ async fn find_vip(gateways: &mut [ChildGuard], east: GatewayPorts) -> Result<Ipv
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Waits until the gateway's admin `/ready` answers 200 (bound, catalog reachable).
+async fn wait_ready(gateway: &mut ChildGuard, admin: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + READY_LIMIT;
+    loop {
+        gateway.ensure_running()?;
+        let last = match admin_get(admin, "/ready").await {
+            Ok((200, _)) => return Ok(()),
+            Ok((code, body)) => format!("{code} {body}"),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bail!(
+                "gateway not ready within {READY_LIMIT:?} (last /ready: {last}); end of its log:\n{}",
+                gateway.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A bounded HTTP/1.1 GET on the admin server: (status code, body).
+async fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(admin)
+            .await
+            .with_context(|| format!("connect admin {admin}"))?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .context("write admin request")?;
+        let mut text = Vec::new();
+        stream
+            .read_to_end(&mut text)
+            .await
+            .context("read admin response")?;
+        anyhow::Ok(String::from_utf8_lossy(&text).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .with_context(|| format!("GET {path} on {admin}: no answer within 2 s"))??;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("GET {path} on {admin}: no HTTP status in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    Ok((code, body))
 }
 
 /// Starts a single-member etcd on free loopback ports with its data in `dir`.
