@@ -1,1 +1,47 @@
-//! meshup-federation (being built).
+//! meshup-federation: the federation's catalog over a key-value store.
+//!
+//! - [`store`]: the store seam ([`Store`]) with two implementations of the same semantics,
+//!   [`etcd::EtcdStore`] and [`embedded::EmbeddedStore`].
+//! - [`keys`]: the key layout; [`reducer`]: key + value → snapshot change or skip reason
+//!   (pure).
+//! - [`watcher`]: list, watch, resume, relist; publishes `Arc<Snapshot>`s.
+//! - [`publisher`]: a gateway's own records under its lease, with anti-entropy.
+//! - [`vips`]: VIP allocation by create-if-absent transactions.
+//! - [`config`]: the `catalog` configuration section and the store constructor.
+//!
+//! Every task stops on a `tokio_util::sync::CancellationToken`; see each module for what
+//! dropping its handle does.
+
+pub mod backoff;
+pub mod config;
+pub mod embedded;
+pub mod etcd;
+pub mod keys;
+pub mod publisher;
+pub mod reducer;
+pub mod store;
+pub mod vips;
+pub mod watcher;
+
+use prometheus_client::registry::Registry;
+
+pub use store::{Store, StoreError};
+
+/// Every catalog metric, registered at once.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub watcher: watcher::Metrics,
+    pub publisher: publisher::Metrics,
+    pub vips: vips::Metrics,
+}
+
+impl Metrics {
+    /// Registers the metrics of all catalog modules.
+    pub fn register(registry: &mut Registry) -> Self {
+        Self {
+            watcher: watcher::Metrics::register(registry),
+            publisher: publisher::Metrics::register(registry),
+            vips: vips::Metrics::register(registry),
+        }
+    }
+}

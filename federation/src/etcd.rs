@@ -1,0 +1,425 @@
+//! The etcd implementation of the store seam (etcd-client 0.21).
+//!
+//! - The channel has HTTP/2 keep-alive (a dead TCP peer is noticed in seconds, not at the
+//!   kernel's TCP timeout) and every request carries `require-leader`, so a member cut off
+//!   from its cluster fails requests and watches instead of serving stale data silently.
+//! - Every unary request has a deadline ([`EtcdOptions::request_timeout`]), enforced here with
+//!   `tokio::time::timeout` so a hung server (SIGSTOP) cannot hang a caller.
+//! - Lists are paged by the caller ([`crate::store::list_prefix`]); the decoding limit is
+//!   raised so one page of maximal records still fits.
+//! - A watch runs in its own task that forwards responses into a bounded channel and sends
+//!   progress requests; the task ends when the `Watch` is dropped.
+
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions,
+    TlsOptions, Txn as EtcdTxn, TxnOp as EtcdTxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use crate::store::{
+    Compare, Event, EventKind, KeyRange, KeyValue, LeaseId, Page, Revision, Store, StoreError,
+    StoreFuture, Txn, TxnOp, TxnResult, Watch, WatchItem,
+};
+
+/// Default deadline of one unary request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default HTTP/2 keep-alive interval and timeout on the etcd channel.
+pub const DEFAULT_KEEP_ALIVE: (Duration, Duration) =
+    (Duration::from_secs(2), Duration::from_secs(3));
+/// Largest message accepted from etcd: a page of `LIST_PAGE_KEYS` maximal (64 KiB) records
+/// plus keys, or a watch response carrying a large transaction.
+const MAX_DECODING_MESSAGE_BYTES: usize = 96 * 1024 * 1024;
+/// Watch responses buffered between the forwarding task and the watcher.
+const WATCH_BUFFER: usize = 256;
+
+/// How to reach etcd.
+#[derive(Clone, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Username and password, when etcd authentication is on.
+    pub user: Option<(String, String)>,
+    /// TLS (CA, and a client identity for mTLS), for `https://` endpoints.
+    pub tls: Option<TlsOptions>,
+    /// Deadline of one unary request (0: [`DEFAULT_REQUEST_TIMEOUT`]).
+    pub request_timeout: Duration,
+}
+
+impl fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The password never reaches a log line.
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls.is_some())
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// A store backed by an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    request_timeout: Duration,
+    endpoints: Vec<String>,
+}
+
+impl fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd. Does not wait for etcd to be up unless authentication is on (the
+    /// token is fetched at connect); requests fail with a retryable error meanwhile.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        if options.endpoints.is_empty() {
+            return Err(StoreError::Config("no etcd endpoints configured".into()));
+        }
+        let request_timeout = if options.request_timeout.is_zero() {
+            DEFAULT_REQUEST_TIMEOUT
+        } else {
+            options.request_timeout
+        };
+        let mut connect = ConnectOptions::new()
+            .with_keep_alive(DEFAULT_KEEP_ALIVE.0, DEFAULT_KEEP_ALIVE.1)
+            .with_keep_alive_while_idle(true)
+            .with_connect_timeout(request_timeout)
+            .with_require_leader(true);
+        if let Some((user, password)) = &options.user {
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        if let Some(tls) = options.tls.clone() {
+            connect = connect.with_tls(tls);
+        }
+        let client = tokio::time::timeout(
+            request_timeout,
+            Client::connect(&options.endpoints, Some(connect)),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(request_timeout))?
+        .map_err(map_err)?;
+        Ok(Self {
+            client,
+            request_timeout,
+            endpoints: options.endpoints,
+        })
+    }
+
+    async fn deadline<T>(
+        &self,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.request_timeout, fut)
+            .await
+            .map_err(|_| StoreError::Timeout(self.request_timeout))?
+            .map_err(map_err)
+    }
+}
+
+/// Maps etcd-client errors onto the seam's error kinds by gRPC code and etcd's messages.
+fn map_err(e: etcd_client::Error) -> StoreError {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            let msg = status.message().to_owned();
+            match status.code() {
+                _ if msg.contains("lease not found") => StoreError::LeaseNotFound(0),
+                _ if msg.contains("compacted") => StoreError::Compacted {
+                    requested: 0,
+                    compacted: 0,
+                },
+                Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::Aborted => StoreError::Unavailable(format!("{:?}: {msg}", status.code())),
+                code => StoreError::Rejected(format!("{code:?}: {msg}")),
+            }
+        }
+        etcd_client::Error::InvalidArgs(m) => StoreError::Config(m),
+        etcd_client::Error::InvalidUri(e) => StoreError::Config(e.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: Bytes::copy_from_slice(kv.key()),
+        value: Bytes::copy_from_slice(kv.value()),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        lease: kv.lease(),
+    }
+}
+
+fn to_op(op: TxnOp) -> EtcdTxnOp {
+    match op {
+        TxnOp::Put { key, value, lease } => {
+            let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            EtcdTxnOp::put(key.to_vec(), value.to_vec(), options)
+        }
+        TxnOp::Delete { key } => EtcdTxnOp::delete(key.to_vec(), None),
+        TxnOp::Get { key } => EtcdTxnOp::get(key.to_vec(), None),
+    }
+}
+
+/// Converts one watch response into seam items.
+fn convert(resp: &etcd_client::WatchResponse) -> Result<Option<WatchItem>, StoreError> {
+    if resp.canceled() {
+        if resp.compact_revision() > 0 {
+            return Ok(Some(WatchItem::Compacted {
+                compact_revision: resp.compact_revision(),
+            }));
+        }
+        return Err(StoreError::Unavailable(format!(
+            "etcd cancelled the watch: {}",
+            resp.cancel_reason()
+        )));
+    }
+    let events = resp.events();
+    if events.is_empty() {
+        let revision = resp.header().map_or(0, |h| h.revision());
+        return Ok(Some(WatchItem::Progress { revision }));
+    }
+    let mut out = Vec::with_capacity(events.len());
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        let kind = match event.event_type() {
+            EventType::Put => EventKind::Put,
+            EventType::Delete => EventKind::Delete,
+        };
+        out.push(Event {
+            kind,
+            kv: to_kv(kv),
+        });
+    }
+    Ok(Some(WatchItem::Events(out)))
+}
+
+impl Store for EtcdStore {
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn revision(&self) -> StoreFuture<'_, Revision> {
+        Box::pin(async move {
+            let mut kv = self.client.kv_client();
+            // A keys-only, count-only read of one key is the cheapest way to get the header.
+            let resp = self
+                .deadline(kv.get("\0", Some(GetOptions::new().with_count_only())))
+                .await?;
+            Ok(resp.header().map_or(0, |h| h.revision()))
+        })
+    }
+
+    fn range(
+        &self,
+        range: KeyRange,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page> {
+        Box::pin(async move {
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+            let mut options =
+                GetOptions::new().with_limit(i64::try_from(limit.max(1)).unwrap_or(i64::MAX));
+            options = if range.end.is_empty() {
+                options.with_from_key()
+            } else {
+                options.with_range(range.end.to_vec())
+            };
+            if let Some(rev) = revision {
+                options = options.with_revision(rev);
+            }
+            let resp = self
+                .deadline(kv.get(range.start.to_vec(), Some(options)))
+                .await
+                .map_err(|e| match e {
+                    StoreError::Compacted { .. } => StoreError::Compacted {
+                        requested: revision.unwrap_or(0),
+                        compacted: 0,
+                    },
+                    other => other,
+                })?;
+            Ok(Page {
+                kvs: resp.kvs().iter().map(to_kv).collect(),
+                more: resp.more(),
+                revision: resp.header().map_or(0, |h| h.revision()),
+            })
+        })
+    }
+
+    fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {
+        Box::pin(async move {
+            let mut client = self
+                .client
+                .watch_client()
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+            let mut options = WatchOptions::new().with_start_revision(start_revision.max(1));
+            options = if range.end.is_empty() {
+                options.with_from_key()
+            } else {
+                options.with_range(range.end.to_vec())
+            };
+            let stream = self
+                .deadline(client.watch(range.start.to_vec(), Some(options)))
+                .await?;
+            let (mut requests, mut responses) = stream.split();
+            let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+            let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        msg = responses.message() => {
+                            let item = match msg {
+                                Ok(Some(resp)) => match convert(&resp) {
+                                    Ok(Some(item)) => Ok(item),
+                                    Ok(None) => continue,
+                                    Err(e) => Err(e),
+                                },
+                                // The server closed the stream: end ours so the caller resumes.
+                                Ok(None) => break,
+                                Err(e) => Err(map_err(e)),
+                            };
+                            let last = !matches!(item, Ok(WatchItem::Events(_) | WatchItem::Progress { .. }));
+                            if tx.send(item).await.is_err() || last {
+                                break;
+                            }
+                        }
+                        Some(()) = progress_rx.recv() => {
+                            if let Err(e) = requests.request_progress().await {
+                                let _ = tx.send(Err(map_err(e))).await;
+                                break;
+                            }
+                        }
+                        () = tx.closed() => break,
+                    }
+                }
+                // Dropping `requests` closes the request stream and cancels the watch on etcd.
+            });
+            let progress = Box::new(move || {
+                let _ = progress_tx.try_send(());
+            });
+            Ok(Watch::new(rx, progress))
+        })
+    }
+
+    fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
+        Box::pin(async move {
+            let mut lease = self.client.lease_client();
+            let secs = i64::try_from(ttl.as_secs_f64().ceil() as u64)
+                .unwrap_or(i64::MAX)
+                .max(1);
+            let resp = self.deadline(lease.grant(secs, None)).await?;
+            Ok(resp.id())
+        })
+    }
+
+    fn keep_alive(&self, id: LeaseId) -> StoreFuture<'_, Duration> {
+        Box::pin(async move {
+            let mut lease = self.client.lease_client();
+            let result = tokio::time::timeout(self.request_timeout, async {
+                let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await
+            .map_err(|_| StoreError::Timeout(self.request_timeout))?;
+            match result.map_err(map_err) {
+                Ok(Some(resp)) if resp.ttl() > 0 => {
+                    Ok(Duration::from_secs(resp.ttl().unsigned_abs()))
+                }
+                // TTL 0: etcd's answer for a lease that does not exist (any more).
+                Ok(Some(_)) => Err(StoreError::LeaseNotFound(id)),
+                Ok(None) => Err(StoreError::Unavailable("keep-alive stream closed".into())),
+                Err(StoreError::LeaseNotFound(_)) => Err(StoreError::LeaseNotFound(id)),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn revoke_lease(&self, id: LeaseId) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut lease = self.client.lease_client();
+            match self.deadline(lease.revoke(id)).await {
+                Ok(_) => Ok(()),
+                Err(StoreError::LeaseNotFound(_)) => Err(StoreError::LeaseNotFound(id)),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
+        Box::pin(async move {
+            let lease_of_put = txn
+                .success
+                .iter()
+                .chain(&txn.failure)
+                .find_map(|op| match op {
+                    TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
+                    _ => None,
+                });
+            let compares: Vec<EtcdCompare> = txn
+                .compares
+                .into_iter()
+                .map(|c| match c {
+                    Compare::Absent(key) => {
+                        EtcdCompare::create_revision(key.to_vec(), CompareOp::Equal, 0)
+                    }
+                    Compare::ModRevision(key, rev) => {
+                        EtcdCompare::mod_revision(key.to_vec(), CompareOp::Equal, rev)
+                    }
+                })
+                .collect();
+            let request = EtcdTxn::new()
+                .when(compares)
+                .and_then(txn.success.into_iter().map(to_op).collect::<Vec<_>>())
+                .or_else(txn.failure.into_iter().map(to_op).collect::<Vec<_>>());
+            let mut kv = self
+                .client
+                .kv_client()
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
+            let resp = match self.deadline(kv.txn(request)).await {
+                Ok(resp) => resp,
+                Err(StoreError::LeaseNotFound(_)) => {
+                    return Err(StoreError::LeaseNotFound(lease_of_put.unwrap_or(0)));
+                }
+                Err(e) => return Err(e),
+            };
+            let gets = resp
+                .op_responses()
+                .into_iter()
+                .filter_map(|r| match r {
+                    TxnOpResponse::Get(get) => Some(get.kvs().first().map(to_kv)),
+                    _ => None,
+                })
+                .collect();
+            Ok(TxnResult {
+                succeeded: resp.succeeded(),
+                revision: resp.header().map_or(0, |h| h.revision()),
+                gets,
+            })
+        })
+    }
+
+    fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut kv = self.client.kv_client();
+            self.deadline(kv.compact(revision, None)).await.map(|_| ())
+        })
+    }
+}

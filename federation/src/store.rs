@@ -1,0 +1,439 @@
+//! The store seam: what the catalog needs from a key-value store, and nothing more.
+//!
+//! Two implementations share these semantics and one test suite: [`crate::etcd::EtcdStore`]
+//! (a real etcd cluster) and [`crate::embedded::EmbeddedStore`] (in-process).
+//!
+//! - Every write gets a store-wide, strictly increasing **revision**.
+//! - **Leases** expire unless kept alive; keys written under a lease vanish with it.
+//! - **Ranges** are read in pages at one pinned revision, so a 100k-key list never becomes
+//!   one huge message and is still one consistent view.
+//! - **Watches** deliver every change from a start revision, in order; below the compaction
+//!   point a watch yields [`WatchItem::Compacted`], which is an outcome, not an error.
+//! - **Transactions** compare-and-set: "create if absent", "delete if unchanged".
+//!
+//! The trait is object safe (`Arc<dyn Store>`): methods return boxed futures.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// A store revision (etcd's `mod_revision` space). Starts at 1 for an empty store.
+pub type Revision = i64;
+/// A lease id. Never 0 (0 means "no lease" in etcd).
+pub type LeaseId = i64;
+
+/// A boxed future returning a store result; what every [`Store`] method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Most keys one page of a list carries. Catalog values are at most 64 KiB
+/// (`MAX_RECORD_BYTES`), typical ones a few hundred bytes, so a page stays well below the
+/// gRPC message limit the etcd client is configured with.
+pub const LIST_PAGE_KEYS: usize = 1000;
+
+/// Why a store operation failed. [`StoreError::is_retryable`] tells callers whether to back
+/// off and try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "catalog store unreachable or not ready: {0} (check that etcd is running and has a leader)"
+    )]
+    Unavailable(String),
+    #[error("catalog store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("revision {requested} was compacted (oldest readable revision: {compacted}); relist")]
+    Compacted {
+        requested: Revision,
+        compacted: Revision,
+    },
+    #[error("lease {0:x} does not exist (expired, revoked, or lost in a store restart)")]
+    LeaseNotFound(LeaseId),
+    #[error("catalog store rejected the request: {0} (check permissions and request size)")]
+    Rejected(String),
+    #[error("catalog store configuration is unusable: {0}")]
+    Config(String),
+    #[error("catalog store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// Whether the same request may succeed later (back off and retry).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Timeout(_))
+    }
+
+    /// A short, fixed label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Compacted { .. } => "compacted",
+            StoreError::LeaseNotFound(_) => "lease_not_found",
+            StoreError::Rejected(_) => "rejected",
+            StoreError::Config(_) => "config",
+            StoreError::Closed => "closed",
+        }
+    }
+}
+
+/// One stored key with its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Bytes,
+    pub value: Bytes,
+    pub create_revision: Revision,
+    pub mod_revision: Revision,
+    /// 0 when the key is not lease-bound.
+    pub lease: LeaseId,
+}
+
+/// One page of a range read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// Whether keys remain after the last one in `kvs`.
+    pub more: bool,
+    /// The revision the page was read at.
+    pub revision: Revision,
+}
+
+/// A key range `[start, end)`. An empty `end` means "to the end of the keyspace".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: Bytes,
+    pub end: Bytes,
+}
+
+impl KeyRange {
+    /// Every key that starts with `prefix`.
+    pub fn prefix(prefix: impl Into<Bytes>) -> Self {
+        let start: Bytes = prefix.into();
+        let end = prefix_end(&start);
+        Self { start, end }
+    }
+
+    /// Whether `key` is inside the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= &self.start[..] && (self.end.is_empty() || key < &self.end[..])
+    }
+}
+
+/// The first key after every key with this prefix (etcd's range-end convention).
+pub fn prefix_end(prefix: &[u8]) -> Bytes {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Bytes::from(end);
+        }
+    }
+    // All 0xff (or empty): the range runs to the end of the keyspace.
+    Bytes::new()
+}
+
+/// Whether an event stored or removed its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change to one key. For a delete, `kv.value` is empty and `kv.mod_revision` is the
+/// revision of the deletion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+}
+
+/// What a watch delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchItem {
+    /// Changes in revision order (one message may span several revisions).
+    Events(Vec<Event>),
+    /// The watch is alive and the store is at `revision` (answer to a progress request or
+    /// the creation acknowledgement).
+    Progress { revision: Revision },
+    /// The start revision is below the compaction point: this watch is over; relist.
+    Compacted { compact_revision: Revision },
+}
+
+/// A running watch. Items arrive on a bounded channel; the stream ends (`None`) when the
+/// store cancels the watch (a broken connection, or a watcher too slow to keep up), after
+/// which the caller resumes from the last revision it applied. Dropping the `Watch` cancels
+/// it on the store.
+pub struct Watch {
+    items: mpsc::Receiver<Result<WatchItem, StoreError>>,
+    progress: Box<dyn Fn() + Send + Sync>,
+}
+
+impl fmt::Debug for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Watch").finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    /// Builds a watch from its item channel and a function that asks the store for a
+    /// progress notification.
+    pub fn new(
+        items: mpsc::Receiver<Result<WatchItem, StoreError>>,
+        progress: Box<dyn Fn() + Send + Sync>,
+    ) -> Self {
+        Self { items, progress }
+    }
+
+    /// The next item, or `None` when the watch was cancelled by the store.
+    pub async fn next(&mut self) -> Option<Result<WatchItem, StoreError>> {
+        self.items.recv().await
+    }
+
+    /// Asks the store to send a [`WatchItem::Progress`] soon; used to detect stalled watches.
+    /// Never blocks; a request that cannot be queued is dropped (the stall detector notices).
+    pub fn request_progress(&self) {
+        (self.progress)();
+    }
+}
+
+/// A condition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key does not exist.
+    Absent(Bytes),
+    /// The key exists with exactly this `mod_revision`.
+    ModRevision(Bytes, Revision),
+}
+
+/// One operation of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOp {
+    Put {
+        key: Bytes,
+        value: Bytes,
+        /// 0 for no lease.
+        lease: LeaseId,
+    },
+    Delete {
+        key: Bytes,
+    },
+    Get {
+        key: Bytes,
+    },
+}
+
+/// A compare-and-set transaction: if every compare holds, run `success`, else `failure`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<TxnOp>,
+    pub failure: Vec<TxnOp>,
+}
+
+/// What a transaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnResult {
+    pub succeeded: bool,
+    /// The store revision after the transaction.
+    pub revision: Revision,
+    /// One entry per `Get` of the branch that ran, in order.
+    pub gets: Vec<Option<KeyValue>>,
+}
+
+/// What the catalog needs from a key-value store. See the module docs for the semantics both
+/// implementations share.
+pub trait Store: Send + Sync + fmt::Debug {
+    /// "etcd" or "embedded", for logs and metrics.
+    fn backend(&self) -> &'static str;
+
+    /// The current revision.
+    fn revision(&self) -> StoreFuture<'_, Revision>;
+
+    /// Reads at most `limit` keys of `range` in key order, at `revision` (`None`: the current
+    /// one). Reading below the compaction point fails with [`StoreError::Compacted`].
+    fn range(
+        &self,
+        range: KeyRange,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page>;
+
+    /// Watches `range` from `start_revision` (inclusive).
+    fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch>;
+
+    /// Grants a lease of `ttl` (rounded up to whole seconds).
+    fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId>;
+
+    /// Refreshes a lease once; returns the TTL it now has. A lease that no longer exists is
+    /// [`StoreError::LeaseNotFound`].
+    fn keep_alive(&self, lease: LeaseId) -> StoreFuture<'_, Duration>;
+
+    /// Revokes a lease, deleting its keys at once.
+    fn revoke_lease(&self, lease: LeaseId) -> StoreFuture<'_, ()>;
+
+    /// Runs a compare-and-set transaction.
+    fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult>;
+
+    /// Discards history before `revision`: watches and reads below it become `Compacted`.
+    fn compact(&self, revision: Revision) -> StoreFuture<'_, ()>;
+}
+
+// === helpers over any Store ===
+
+/// Every key with `prefix`, read page by page at one pinned revision, and that revision.
+///
+/// If the pinned revision is compacted while paging (a very slow list on a busy store), the
+/// list starts over at the then-current revision, at most `LIST_RESTARTS` times.
+pub async fn list_prefix(
+    store: &dyn Store,
+    prefix: &[u8],
+) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+    const LIST_RESTARTS: usize = 3;
+    let range = KeyRange::prefix(Bytes::copy_from_slice(prefix));
+    let mut attempt = 0;
+    'restart: loop {
+        attempt += 1;
+        let mut kvs = Vec::new();
+        let mut revision = None;
+        let mut next = range.clone();
+        loop {
+            let page = match store.range(next.clone(), revision, LIST_PAGE_KEYS).await {
+                Ok(page) => page,
+                Err(StoreError::Compacted { .. }) if attempt < LIST_RESTARTS => continue 'restart,
+                Err(e) => return Err(e),
+            };
+            revision = Some(page.revision);
+            let last = page.kvs.last().map(|kv| kv.key.clone());
+            kvs.extend(page.kvs);
+            match last {
+                Some(last) if page.more => {
+                    // The next page starts right after the last key: append a zero byte.
+                    let mut start = last.to_vec();
+                    start.push(0);
+                    next.start = Bytes::from(start);
+                }
+                _ => return Ok((kvs, page.revision)),
+            }
+        }
+    }
+}
+
+/// Reads one key.
+pub async fn get(store: &dyn Store, key: impl Into<Bytes>) -> Result<Option<KeyValue>, StoreError> {
+    let result = store
+        .txn(Txn {
+            compares: vec![],
+            success: vec![TxnOp::Get { key: key.into() }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(result.gets.into_iter().next().flatten())
+}
+
+/// Writes one key (under `lease`, 0 for none); returns the new revision.
+pub async fn put(
+    store: &dyn Store,
+    key: impl Into<Bytes>,
+    value: impl Into<Bytes>,
+    lease: LeaseId,
+) -> Result<Revision, StoreError> {
+    let result = store
+        .txn(Txn {
+            compares: vec![],
+            success: vec![TxnOp::Put {
+                key: key.into(),
+                value: value.into(),
+                lease,
+            }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(result.revision)
+}
+
+/// Deletes one key unconditionally; returns the revision after.
+pub async fn delete(store: &dyn Store, key: impl Into<Bytes>) -> Result<Revision, StoreError> {
+    let result = store
+        .txn(Txn {
+            compares: vec![],
+            success: vec![TxnOp::Delete { key: key.into() }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(result.revision)
+}
+
+/// What [`create_if_absent`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// The key was created at this revision.
+    Created(Revision),
+    /// The key already existed with this value.
+    Exists(KeyValue),
+}
+
+/// Creates `key` only if it does not exist; otherwise returns what is there.
+pub async fn create_if_absent(
+    store: &dyn Store,
+    key: impl Into<Bytes>,
+    value: impl Into<Bytes>,
+    lease: LeaseId,
+) -> Result<CreateOutcome, StoreError> {
+    let key = key.into();
+    let result = store
+        .txn(Txn {
+            compares: vec![Compare::Absent(key.clone())],
+            success: vec![TxnOp::Put {
+                key: key.clone(),
+                value: value.into(),
+                lease,
+            }],
+            failure: vec![TxnOp::Get { key }],
+        })
+        .await?;
+    if result.succeeded {
+        return Ok(CreateOutcome::Created(result.revision));
+    }
+    match result.gets.into_iter().next().flatten() {
+        Some(kv) => Ok(CreateOutcome::Exists(kv)),
+        // Deleted between the compare and the get is impossible inside one transaction.
+        None => Err(StoreError::Unavailable(
+            "create-if-absent failed but the key is missing".into(),
+        )),
+    }
+}
+
+/// Deletes `key` only if its `mod_revision` is still `mod_revision`; returns whether it did.
+pub async fn delete_if_mod_revision(
+    store: &dyn Store,
+    key: impl Into<Bytes>,
+    mod_revision: Revision,
+) -> Result<bool, StoreError> {
+    let key = key.into();
+    let result = store
+        .txn(Txn {
+            compares: vec![Compare::ModRevision(key.clone(), mod_revision)],
+            success: vec![TxnOp::Delete { key }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(result.succeeded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_follows_etcd() {
+        assert_eq!(prefix_end(b"/a/"), Bytes::from_static(b"/a0"));
+        assert_eq!(prefix_end(b"a\xff"), Bytes::from_static(b"b"));
+        assert_eq!(prefix_end(b"\xff\xff"), Bytes::new());
+        let r = KeyRange::prefix(Bytes::from_static(b"/m/"));
+        assert!(r.contains(b"/m/x"));
+        assert!(!r.contains(b"/m0"));
+        assert!(!r.contains(b"/l"));
+    }
+}
