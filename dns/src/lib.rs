@@ -22,6 +22,7 @@
 pub mod answer;
 pub mod config;
 pub mod fixture;
+pub mod fuzzing;
 pub mod handler;
 pub mod metrics;
 pub mod server;
