@@ -106,7 +106,7 @@ wait_for_answer "$NSD_PORT" "$PROBE"
 
 # --- meshup ---
 MESH_PORT="$(free_port)"
-"$BIN" serve "$MESH_PORT" "$SERVICES" 1 >"$WORK/meshup.log" 2>&1 &
+"$BIN" serve "$MESH_PORT" "$SERVICES" "${MESHUP_UDP_WORKERS:-1}" >"$WORK/meshup.log" 2>&1 &
 MESH_PID=$!
 PIDS+=("$MESH_PID")
 wait_for_answer "$MESH_PORT" "$PROBE"

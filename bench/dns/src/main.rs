@@ -33,7 +33,9 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize| args.get(i).map(String::as_str);
     let services = |i: usize| -> anyhow::Result<usize> {
-        arg(i).map_or(Ok(DEFAULT_SERVICES), |s| s.parse().context("SERVICES must be a number"))
+        arg(i).map_or(Ok(DEFAULT_SERVICES), |s| {
+            s.parse().context("SERVICES must be a number")
+        })
     };
     match arg(0) {
         Some("gen") => {
@@ -42,9 +44,13 @@ fn main() -> anyhow::Result<()> {
             generate(Path::new(dir), &snap)
         }
         Some("serve") => {
-            let port: u16 = arg(1).context("usage: serve PORT [SERVICES] [WORKERS]")?.parse()?;
+            let port: u16 = arg(1)
+                .context("usage: serve PORT [SERVICES] [WORKERS]")?
+                .parse()?;
             let snap = meshup_dns::fixture::synthetic(LOCAL, &CLUSTERS, services(2)?)?;
-            let workers = arg(3).map_or(Ok(1), str::parse).context("WORKERS must be a number")?;
+            let workers = arg(3)
+                .map_or(Ok(1), str::parse)
+                .context("WORKERS must be a number")?;
             serve(port, snap, workers)
         }
         _ => bail!("usage: meshup-bench-dns gen DIR [SERVICES] | serve PORT [SERVICES] [WORKERS]"),
@@ -76,7 +82,9 @@ fn generate(dir: &Path, snap: &Snapshot) -> anyhow::Result<()> {
             )?;
         }
         for cluster in view.clusters.keys() {
-            let pinned = snap.vip(&local, &view.key, Some(cluster)).context("synthetic pinned VIP")?;
+            let pinned = snap
+                .vip(&local, &view.key, Some(cluster))
+                .context("synthetic pinned VIP")?;
             writeln!(zone, "{base}.{cluster} IN {} {pinned}", rtype(pinned))?;
         }
         // The query mix: mostly A on service names, some SRV and cluster-pinned names.
@@ -98,7 +106,9 @@ fn rtype(ip: IpAddr) -> &'static str {
 fn serve(port: u16, snap: Snapshot, workers: usize) -> anyhow::Result<()> {
     // One runtime thread: the UDP workers are their own threads; the runtime only runs the
     // TCP listener and table rebuilds.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let cfg = DnsConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -107,7 +117,12 @@ fn serve(port: u16, snap: Snapshot, workers: usize) -> anyhow::Result<()> {
         };
         let (_tx, rx) = watch::channel(Arc::new(snap));
         let mut registry = prometheus_client::registry::Registry::default();
-        let server = DnsServer::bind(&cfg, ClusterName::new(LOCAL)?, rx, Metrics::register(&mut registry))?;
+        let server = DnsServer::bind(
+            &cfg,
+            ClusterName::new(LOCAL)?,
+            rx,
+            Metrics::register(&mut registry),
+        )?;
         println!("listening {}", server.local_addr());
         let shutdown = CancellationToken::new();
         let task = server.spawn(shutdown.clone());
