@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::protocol::{MESSAGE_SIZE, MODE_ECHO, MODE_SINK};
+use crate::protocol::{MESSAGE_SIZE, MODE_ECHO, MODE_SINK, SINK_READY};
 
 /// Read buffer for the sink: several frames per read system call.
 const SINK_BUFFER: usize = 256 * 1024;
@@ -76,6 +76,10 @@ async fn serve(mut stream: TcpStream) -> Result<()> {
 
 /// Counts framed payload bytes until the zero-length frame, then answers with the count.
 async fn sink(mut stream: TcpStream) -> Result<()> {
+    stream
+        .write_all(&[SINK_READY])
+        .await
+        .context("write ready byte")?;
     let mut buf = vec![0u8; SINK_BUFFER];
     let mut total: u64 = 0;
     loop {

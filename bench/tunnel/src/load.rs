@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::protocol::{FRAME_PAYLOAD, MESSAGE_SIZE, MODE_ECHO, MODE_SINK};
+use crate::protocol::{FRAME_PAYLOAD, MESSAGE_SIZE, MODE_ECHO, MODE_SINK, SINK_READY};
 
 /// Limit for establishing one connection through a tunnel.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
@@ -78,10 +78,10 @@ pub async fn throughput(
 ) -> Result<Throughput> {
     let mut streams = Vec::with_capacity(connections);
     for _ in 0..connections {
-        streams.push(connect(addr).await?);
+        streams.push(open_sink(addr).await?);
     }
-    // Connections are set up before the clock starts: this measure is about the data path,
-    // connection set-up has its own phase.
+    // Connections are set up end to end (the backend has answered on each) before the clock
+    // starts: this measure is about the data path, connection set-up has its own phase.
     let start = Instant::now();
     let deadline = start + duration;
     let tasks: Vec<_> = streams
@@ -102,15 +102,31 @@ pub async fn throughput(
     })
 }
 
+/// Connects and waits for the backend's ready byte, proving every hop is established.
+async fn open_sink(addr: SocketAddr) -> Result<TcpStream> {
+    let mut stream = connect(addr).await?;
+    stream
+        .write_all(&[MODE_SINK])
+        .await
+        .context("write mode byte")?;
+    let mut ready = [0u8; 1];
+    timeout(CONNECT_LIMIT, stream.read_exact(&mut ready))
+        .await
+        .context("backend did not answer a new throughput connection within 10 s")?
+        .context("read backend ready byte")?;
+    ensure!(
+        ready[0] == SINK_READY,
+        "unexpected ready byte {:#x}",
+        ready[0]
+    );
+    Ok(stream)
+}
+
 /// Sends frames until `deadline`, then the end frame; returns the backend's byte count after
 /// checking that it matches what was sent (so a tunnel that drops data cannot look fast).
 async fn send_until(mut stream: TcpStream, deadline: Instant) -> Result<u64> {
     let mut frame = vec![0x5au8; 4 + FRAME_PAYLOAD];
     frame[..4].copy_from_slice(&(FRAME_PAYLOAD as u32).to_be_bytes());
-    stream
-        .write_all(&[MODE_SINK])
-        .await
-        .context("write mode byte")?;
     let mut sent: u64 = 0;
     while Instant::now() < deadline {
         stream.write_all(&frame).await.context("write frame")?;
