@@ -12,8 +12,9 @@
 //! - one task accepts TCP connections (capped; each with an idle/read deadline) and answers
 //!   them through the catalog.
 
-use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -22,6 +23,10 @@ use std::time::{Duration, Instant};
 use hickory_server::net::xfer::Protocol;
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::ClusterName;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +41,13 @@ use crate::handler::{ClustersetZone, Guarded, ViewSource};
 use crate::metrics::{FAST_LATENCY_SAMPLE, Metrics, Path, classify_response};
 use crate::wire::{Fast, FastTable, TableError};
 
+/// Datagrams moved per recvmmsg/sendmmsg call.
+const UDP_BATCH: usize = 32;
+/// Largest UDP query accepted (bigger datagrams are dropped): a question is at most 259
+/// bytes, so this leaves ample room for EDNS options.
+const MAX_UDP_QUERY: usize = 4096;
+/// No control messages on send.
+const NO_CMSGS: [ControlMessage<'static>; 0] = [];
 /// How often a UDP worker wakes up without traffic to notice shutdown.
 const WORKER_POLL: Duration = Duration::from_millis(100);
 /// Socket receive buffer asked for each UDP socket, to absorb bursts.
@@ -372,80 +384,147 @@ struct WorkerState {
 
 impl UdpWorker {
     fn run(mut self) {
-        let mut buf = vec![0u8; 65_535];
-        let mut out = Vec::with_capacity(4096);
+        let fd = self.socket.as_raw_fd();
+        let mut bufs = vec![vec![0u8; MAX_UDP_QUERY]; UDP_BATCH];
+        let mut outs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| Vec::with_capacity(1024)).collect();
+        let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+        let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+        let mut received: Vec<(usize, Option<SockaddrStorage>, bool)> =
+            Vec::with_capacity(UDP_BATCH);
+        let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(UDP_BATCH);
         let mut state = self.refresh();
         let mut packets: u64 = 0;
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, src) = match self.socket.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    continue;
+            // One syscall for every datagram already queued (at least one; SO_RCVTIMEO wakes
+            // us to check `stop`).
+            received.clear();
+            {
+                let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
+                    bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
+                match recvmmsg(
+                    fd,
+                    &mut recv_headers,
+                    iovs.iter_mut(),
+                    MsgFlags::MSG_WAITFORONE,
+                    None,
+                ) {
+                    Ok(msgs) => {
+                        for m in msgs {
+                            let truncated = m.flags.contains(MsgFlags::MSG_TRUNC);
+                            received.push((m.bytes, m.address, truncated));
+                        }
+                    }
+                    Err(Errno::EAGAIN | Errno::EINTR) => continue,
+                    Err(error) => {
+                        // ICMP errors from earlier sends surface here; not fatal.
+                        debug!(%error, "DNS UDP receive error");
+                        continue;
+                    }
                 }
-                Err(error) => {
-                    // ICMP errors from earlier sends surface here on some systems; not fatal.
-                    debug!(%error, "DNS UDP receive error");
-                    continue;
-                }
-            };
-            // One atomic load each; the locks are only taken when something changed.
+            }
+            // One atomic load each per batch; the locks are only taken when something changed.
             if self.tables.has_changed().unwrap_or(false)
                 || self.snapshots.has_changed().unwrap_or(false)
             {
                 state = self.refresh();
             }
-            packets = packets.wrapping_add(1);
-            let sample = packets.is_multiple_of(FAST_LATENCY_SAMPLE);
-            let started = sample.then(Instant::now);
-            let packet = &buf[..n];
-            let fast = if state.fresh {
-                state.table.table.answer(packet, &mut out)
-            } else {
-                Fast::Slow
-            };
-            match fast {
-                Fast::Answered { qtype, rcode } => {
-                    self.send(&out, src);
-                    self.metrics.query(Path::Fast, qtype, u16::from(rcode));
-                    if let Some(t) = started {
-                        self.metrics.latency(Path::Fast, t.elapsed().as_secs_f64());
-                    }
+            replies.clear();
+            for (i, &(n, addr, truncated)) in received.iter().enumerate() {
+                let Some(addr) = addr else {
+                    continue;
+                };
+                if truncated {
+                    // Larger than any query we answer: not a DNS query worth parsing.
+                    self.metrics.dropped();
+                    continue;
                 }
-                Fast::Drop => self.metrics.dropped(),
-                Fast::Slow => {
-                    let t = Instant::now();
-                    let resp = self.runtime.block_on(self.guarded.answer_bytes(
-                        packet,
-                        src,
-                        Protocol::Udp,
-                    ));
-                    match resp {
-                        Some(resp) => {
-                            self.send(&resp, src);
-                            let (qtype, rcode, truncated) = classify_response(&resp);
-                            self.metrics.query(Path::Slow, qtype, rcode);
-                            if truncated {
-                                self.metrics.truncated();
-                            }
-                            self.metrics.latency(Path::Slow, t.elapsed().as_secs_f64());
-                        }
-                        None => self.metrics.dropped(),
-                    }
+                packets = packets.wrapping_add(1);
+                let sample = packets.is_multiple_of(FAST_LATENCY_SAMPLE);
+                if self.answer(&state, &bufs[i][..n], addr, &mut outs[i], sample) {
+                    replies.push((i, addr));
                 }
+            }
+            self.send_batch(fd, &mut send_headers, &outs, &replies);
+        }
+    }
+
+    /// Answers one datagram into `out`; returns whether there is something to send.
+    fn answer(
+        &self,
+        state: &WorkerState,
+        packet: &[u8],
+        addr: SockaddrStorage,
+        out: &mut Vec<u8>,
+        sample: bool,
+    ) -> bool {
+        let started = sample.then(Instant::now);
+        let fast = if state.fresh {
+            state.table.table.answer(packet, out)
+        } else {
+            Fast::Slow
+        };
+        match fast {
+            Fast::Answered { qtype, rcode } => {
+                self.metrics.query(Path::Fast, qtype, u16::from(rcode));
+                if let Some(t) = started {
+                    self.metrics.latency(Path::Fast, t.elapsed().as_secs_f64());
+                }
+                true
+            }
+            Fast::Drop => {
+                self.metrics.dropped();
+                false
+            }
+            Fast::Slow => {
+                let Some(src) = to_socket_addr(&addr) else {
+                    return false;
+                };
+                let t = Instant::now();
+                let resp =
+                    self.runtime
+                        .block_on(self.guarded.answer_bytes(packet, src, Protocol::Udp));
+                let Some(resp) = resp else {
+                    self.metrics.dropped();
+                    return false;
+                };
+                let (qtype, rcode, truncated) = classify_response(&resp);
+                self.metrics.query(Path::Slow, qtype, rcode);
+                if truncated {
+                    self.metrics.truncated();
+                }
+                self.metrics.latency(Path::Slow, t.elapsed().as_secs_f64());
+                *out = resp;
+                true
             }
         }
     }
 
-    fn send(&self, bytes: &[u8], to: SocketAddr) {
-        if let Err(error) = self.socket.send_to(bytes, to) {
-            debug!(%error, %to, "DNS UDP send failed");
+    /// Sends the answers with one `sendmmsg` call. If the kernel refuses one datagram, the
+    /// call reports only those before it; the rest of that batch is dropped like any lost
+    /// UDP packet (the clients retry). The results are not iterated: nix would read the
+    /// unused source-address slots of the send headers.
+    fn send_batch(
+        &self,
+        fd: RawFd,
+        headers: &mut MultiHeaders<SockaddrStorage>,
+        outs: &[Vec<u8>],
+        replies: &[(usize, SockaddrStorage)],
+    ) {
+        if replies.is_empty() {
+            return;
+        }
+        let slices: Vec<[IoSlice<'_>; 1]> = replies
+            .iter()
+            .map(|(i, _)| [IoSlice::new(&outs[*i])])
+            .collect();
+        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|(_, a)| Some(*a)).collect();
+        loop {
+            match sendmmsg(fd, headers, &slices, &addrs, NO_CMSGS, MsgFlags::empty()) {
+                Err(Errno::EINTR) => continue,
+                Err(error) => debug!(%error, "DNS UDP send failed; answers dropped"),
+                Ok(_) => {}
+            }
+            return;
         }
     }
 
@@ -503,4 +582,13 @@ impl TcpConnection {
             }
         }
     }
+}
+
+/// The sender's address as a std address (for the catalog path).
+fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
+    }
+    addr.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
