@@ -55,6 +55,8 @@ pub enum CertsError {
     },
     #[error("{path} already exists; refusing to overwrite a CA (remove it to start over)")]
     AlreadyExists { path: PathBuf },
+    #[error("invalid cluster name {0:?}: {1}")]
+    Cluster(String, meshup_core::names::NameError),
     #[error("invalid trust domain {0:?}")]
     TrustDomain(String),
     #[error("certificate generation failed: {0}")]
@@ -79,18 +81,21 @@ pub fn init_ca(trust_domain: &str, out_dir: &Path) -> Result<(), CertsError> {
     Ok(())
 }
 
-/// Issues a gateway SVID for `cluster` signed by the CA in `ca_dir`, valid for `lifetime`,
-/// into `out_dir` (`cert.pem`, `key.pem`, `bundle.pem`). The trust domain is the CA's.
+/// Issues a gateway SVID for `cluster` (a DNS-1123 label, validated here) signed by the CA in
+/// `ca_dir`, valid for `lifetime` ([`DEFAULT_SVID_LIFETIME`] is a good choice), into `out_dir`
+/// (`cert.pem`, `key.pem`, `bundle.pem`). The trust domain is the CA's.
 /// Files are replaced atomically (write, then rename), so a reloading gateway never sees half a
 /// file.
 pub fn issue(
     ca_dir: &Path,
-    cluster: &ClusterName,
+    cluster: &str,
     out_dir: &Path,
     lifetime: Duration,
 ) -> Result<GatewayIdentity, CertsError> {
+    let cluster =
+        ClusterName::new(cluster).map_err(|e| CertsError::Cluster(cluster.to_owned(), e))?;
     let ca = Ca::load(ca_dir)?;
-    let identity = GatewayIdentity::new(&ca.trust_domain, cluster.clone())
+    let identity = GatewayIdentity::new(&ca.trust_domain, cluster)
         .map_err(|_| CertsError::TrustDomain(ca.trust_domain.clone()))?;
     let now = SystemTime::now();
     let spec = LeafSpec {
@@ -329,8 +334,11 @@ mod tests {
             init_ca("mesh.test", &ca),
             Err(CertsError::AlreadyExists { .. })
         ));
-        let cluster = ClusterName::new("east").expect("valid");
-        let id = issue(&ca, &cluster, &gw, Duration::from_secs(3600)).expect("issue");
+        assert!(matches!(
+            issue(&ca, "East", &gw, Duration::from_secs(1)),
+            Err(CertsError::Cluster(..))
+        ));
+        let id = issue(&ca, "east", &gw, Duration::from_secs(3600)).expect("issue");
         assert_eq!(id.to_string(), "spiffe://mesh.test/cluster/east/gateway");
 
         let pem = fs::read(gw.join(CERT_FILE)).expect("cert");

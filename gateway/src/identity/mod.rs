@@ -380,7 +380,7 @@ mod tests {
         let ca = dir.path().join("ca");
         let gw = dir.path().join("gw");
         certs::init_ca("mesh.test", &ca).expect("ca");
-        certs::issue(&ca, &cluster("east"), &gw, Duration::from_secs(3600)).expect("issue");
+        certs::issue(&ca, "east", &gw, Duration::from_secs(3600)).expect("issue");
 
         // Wrong cluster or trust domain for our own cert: refused at load.
         assert!(matches!(
@@ -412,7 +412,7 @@ mod tests {
         assert_eq!(id.current().serial, first);
 
         // A fresh valid one: swapped in.
-        certs::issue(&ca, &cluster("east"), &gw, Duration::from_secs(3600)).expect("issue");
+        certs::issue(&ca, "east", &gw, Duration::from_secs(3600)).expect("issue");
         assert_eq!(id.reload().expect("valid"), true);
         assert_ne!(id.current().serial, first);
     }

@@ -6,7 +6,7 @@
 //! a peer without a valid client certificate never completes a handshake.
 
 mod config;
-mod metrics;
+pub mod metrics;
 pub(crate) mod splice;
 
 use std::net::SocketAddr;

@@ -1,0 +1,396 @@
+//! In-process federation pieces for data-plane tests: a PKI in a temp dir, gateways (QUIC
+//! endpoint + inbound server + outbound proxy) on loopback, catalog snapshots built from
+//! `Change`s, and small TCP backends that count what reaches them.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use meshup_core::catalog::{Change, ExportKey, Snapshot, VipKey};
+use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
+use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
+use meshup_gateway::certs;
+use meshup_gateway::identity::{Identity, IdentityFiles};
+use meshup_gateway::inbound::{self, LocalExport, LocalExports};
+use meshup_gateway::outbound::Proxy;
+use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub const TD: &str = "mesh.test";
+pub const SERVICE_PORT: u16 = 8080;
+
+/// Runs a test body under a hard timeout: a hung test fails instead of blocking CI.
+pub async fn within<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, body).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// Polls `check` until it returns true or `limit` passes; returns the time it took.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn cluster(name: &str) -> ClusterName {
+    ClusterName::new(name).expect("valid cluster")
+}
+
+pub fn service() -> ServiceKey {
+    "pay.prod".parse().expect("valid service")
+}
+
+/// A VIP unique to this test (process id + counter), in 127.0.0.0/8 so no set-up is needed.
+pub fn next_vip() -> IpAddr {
+    static N: AtomicU8 = AtomicU8::new(1);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        90 + (pid % 100) as u8,
+        (pid / 100 % 250) as u8,
+        n,
+    ))
+}
+
+// === PKI ===
+
+/// A federation CA and the gateways' identity directories in a temp dir.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        certs::init_ca(TD, &ca).expect("init ca");
+        Self { dir, ca }
+    }
+
+    /// Issues a valid SVID for `cluster` into `<dir>/<name>` and returns that directory.
+    pub fn issue(&self, name: &str, cluster_name: &str) -> PathBuf {
+        let out = self.dir.path().join(name);
+        certs::issue(&self.ca, cluster_name, &out, Duration::from_secs(3600)).expect("issue");
+        out
+    }
+
+    /// Writes a leaf per `spec` into `<dir>/<name>`.
+    pub fn leaf(&self, name: &str, spec: &certs::LeafSpec) -> PathBuf {
+        let out = self.dir.path().join(name);
+        certs::write_leaf(&self.ca, spec, &out).expect("write leaf");
+        out
+    }
+}
+
+// === gateways ===
+
+/// One gateway's data plane, in process.
+pub struct Gateway {
+    pub cluster: ClusterName,
+    pub identity: Arc<Identity>,
+    pub endpoint: Arc<Endpoint>,
+    pub server: inbound::Server,
+    pub proxy: Proxy,
+    pub metrics: Metrics,
+    pub snapshots: watch::Sender<Arc<Snapshot>>,
+    pub exports: watch::Sender<Arc<LocalExports>>,
+    pub shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Starts a gateway of `cluster_name` with identity files in `id_dir`.
+    pub fn start(cluster_name: &str, id_dir: &Path, tweak: impl FnOnce(&mut TunnelConfig)) -> Self {
+        let files = IdentityFiles::in_dir(id_dir);
+        let mut cfg = TunnelConfig::with_files(files.clone());
+        cfg.listen = "127.0.0.1:0".parse().expect("addr");
+        tweak(&mut cfg);
+        let cluster = cluster(cluster_name);
+        let identity = Identity::load(files, TD, cluster.clone()).expect("identity");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let endpoint = Endpoint::bind(&cfg, identity.clone(), metrics.clone()).expect("bind");
+        let shutdown = CancellationToken::new();
+        identity.spawn_reloader(
+            meshup_gateway::identity::DEFAULT_RELOAD_INTERVAL,
+            shutdown.clone(),
+        );
+        let (exports, exports_rx) = watch::channel(Arc::new(LocalExports::new()));
+        let (snapshots, snapshots_rx) = watch::channel(Arc::new(Snapshot::new()));
+        let server = inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.clone());
+        let proxy = Proxy::spawn(
+            endpoint.clone(),
+            cluster.clone(),
+            exports_rx,
+            snapshots_rx,
+            shutdown.clone(),
+        );
+        Self {
+            cluster,
+            identity,
+            endpoint,
+            server,
+            proxy,
+            metrics,
+            snapshots,
+            exports,
+            shutdown,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves `pay.prod:8080` to the federation from `backend`.
+    pub fn export(&self, backend: SocketAddr, allowed: &[&str]) {
+        self.exports
+            .send_replace(Arc::new(inbound::local_exports([LocalExport {
+                service: service(),
+                ports: vec![SERVICE_PORT],
+                endpoints: vec![backend],
+                allowed_callers: allowed.iter().map(|c| cluster(c)).collect(),
+            }])));
+    }
+
+    /// Waits until the outbound proxy listens on `vip:8080`.
+    pub async fn wait_listening(&self, vip: IpAddr) {
+        let addr = SocketAddr::new(vip, SERVICE_PORT);
+        let proxy = self.proxy.clone();
+        eventually(Duration::from_secs(5), "VIP listener bound", move || {
+            let bound = proxy.listeners().contains_key(&addr);
+            async move { bound }
+        })
+        .await;
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.endpoint
+            .close(meshup_gateway::tunnel::CLOSE_SHUTDOWN, b"test over");
+    }
+}
+
+/// A gateway record for `cluster` at `addr`.
+pub fn gateway_record(cluster_name: &str, id: &str, addr: SocketAddr, draining: bool) -> Change {
+    Change::PutGateway(Arc::new(GatewayRecord {
+        schema: SCHEMA_VERSION,
+        cluster: cluster(cluster_name),
+        gateway_id: GatewayId::new(id).expect("valid id"),
+        region: String::new(),
+        zone: String::new(),
+        quic_addrs: vec![addr],
+        spiffe_id: format!("spiffe://{TD}/cluster/{cluster_name}/gateway"),
+        draining,
+    }))
+}
+
+/// An export of `pay.prod:8080` by one gateway of `cluster`.
+pub fn export_record(cluster_name: &str, id: &str, healthy: u32) -> Change {
+    Change::PutExport(
+        ExportKey {
+            cluster: cluster(cluster_name),
+            gateway: GatewayId::new(id).expect("valid id"),
+            service: service(),
+        },
+        Arc::new(ExportRecord {
+            schema: SCHEMA_VERSION,
+            ports: vec![PortSpec {
+                name: "http".into(),
+                port: SERVICE_PORT,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints_total: healthy.max(1),
+            endpoints_healthy: healthy,
+            allowed_callers: vec![],
+            labels: Default::default(),
+        }),
+    )
+}
+
+/// The VIP `local` uses for `pay.prod` (or its pinned form for `target`).
+pub fn vip_record(local: &str, target: Option<&str>, vip: IpAddr) -> Change {
+    Change::PutVip(
+        VipKey {
+            cluster: cluster(local),
+            service: service(),
+            target: target.map(cluster),
+        },
+        vip,
+    )
+}
+
+pub fn snapshot(changes: impl IntoIterator<Item = Change>) -> Arc<Snapshot> {
+    let mut s = Snapshot::new();
+    for c in changes {
+        s.apply(c);
+    }
+    Arc::new(s)
+}
+
+/// The usual two-cluster set-up: east calls `pay.prod` at `vip`, west serves it from
+/// `backend` at `west_addr` (which may be a relay or an impostor).
+pub fn east_to_west(vip: IpAddr, west_addr: SocketAddr) -> Arc<Snapshot> {
+    snapshot([
+        gateway_record("west", "w1", west_addr, false),
+        export_record("west", "w1", 1),
+        vip_record("east", None, vip),
+    ])
+}
+
+// === backends ===
+
+/// A TCP backend that counts accepted connections and runs `serve` on each.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = s.set_nodelay(true);
+                tokio::spawn(serve(s));
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    /// Echoes everything; on EOF from the client, finishes its own side.
+    pub async fn echo() -> Self {
+        Self::start(|mut s| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        })
+        .await
+    }
+
+    /// Hashes everything until EOF, then answers the 32-byte SHA-256 and closes.
+    pub async fn sha256_sink() -> Self {
+        Self::start(|mut s| async move {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => h.update(&buf[..n]),
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(&h.finalize()).await;
+            let _ = s.shutdown().await;
+        })
+        .await
+    }
+}
+
+/// Connects a client to `vip:8080`.
+pub async fn dial(vip: IpAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(SocketAddr::new(vip, SERVICE_PORT)).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// Sends `msg` and reads the same number of bytes back.
+pub async fn ping(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await?;
+    Ok(back)
+}
+
+// === UDP relay ===
+
+/// A user-space UDP relay between one client and `target`: can blackhole traffic (a peer
+/// that dies silently) and counts QUIC Retry packets from the server.
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub blackhole: Arc<std::sync::atomic::AtomicBool>,
+    pub retries_seen: Arc<AtomicUsize>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
+        back.connect(target).await.expect("connect relay");
+        let addr = front.local_addr().expect("addr");
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let retries_seen = Arc::new(AtomicUsize::new(0));
+        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        {
+            let (front, back, blackhole, client) = (
+                front.clone(),
+                back.clone(),
+                blackhole.clone(),
+                client.clone(),
+            );
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *client.lock().expect("relay lock") = Some(from);
+                    if !blackhole.load(Ordering::SeqCst) {
+                        let _ = back.send(&buf[..n]).await;
+                    }
+                }
+            });
+        }
+        {
+            let (blackhole, retries) = (blackhole.clone(), retries_seen.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = back.recv(&mut buf).await {
+                    // QUIC v1 long header, type Retry: 1 1 11 xxxx.
+                    if n > 0 && buf[0] & 0xF0 == 0xF0 {
+                        retries.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let to = *client.lock().expect("relay lock");
+                    if let (false, Some(to)) = (blackhole.load(Ordering::SeqCst), to) {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    }
+                }
+            });
+        }
+        Self {
+            addr,
+            blackhole,
+            retries_seen,
+        }
+    }
+}

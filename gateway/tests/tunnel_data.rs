@@ -1,0 +1,248 @@
+//! Bytes through client → east outbound → QUIC → west inbound → backend: integrity, half
+//! close, resets, many concurrent connections on one QUIC connection, and latency of small
+//! request/response exchanges.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Two gateways wired east → west for `pay.prod` at a fresh VIP.
+async fn pair(backend: &Backend) -> (Pki, Gateway, Gateway, std::net::IpAddr) {
+    let pki = Pki::new();
+    let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+    let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+    west.export(backend.addr, &[]);
+    let vip = next_vip();
+    east.snapshots.send_replace(east_to_west(vip, west.addr()));
+    east.wait_listening(vip).await;
+    (pki, east, west, vip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_arrives_intact() {
+    within(Duration::from_secs(240), async {
+        let sink = Backend::sha256_sink().await;
+        let (_pki, east, _west, vip) = pair(&sink).await;
+        let mut client = dial(vip).await.expect("connect");
+
+        const TOTAL: usize = 1 << 30;
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut state: u64 = 0x1234_5678_9abc_def0;
+        let mut hash = Sha256::new();
+        let start = Instant::now();
+        for _ in 0..TOTAL / chunk.len() {
+            // Cheap pseudo-random bytes: a stuck or reordered chunk changes the digest.
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            hash.update(&chunk);
+            client.write_all(&chunk).await.expect("write");
+        }
+        client.shutdown().await.expect("FIN");
+        let mut digest = Vec::new();
+        client.read_to_end(&mut digest).await.expect("digest");
+        let secs = start.elapsed().as_secs_f64();
+        assert_eq!(digest, hash.finalize().to_vec(), "SHA-256 through the tunnel differs");
+        eprintln!(
+            "1 GiB through the tunnel in {secs:.1} s = {:.2} Gb/s (debug build, includes hashing both ends)",
+            8.0 * TOTAL as f64 / secs / 1e9
+        );
+        assert_eq!(sink.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(east.proxy.dials(), 1);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_is_carried_both_ways() {
+    within(Duration::from_secs(30), async {
+        // Backend: reads to EOF, then answers how much it got, then closes.
+        let counter = Backend::start(|mut s| async move {
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).await.is_ok() {
+                let _ = s.write_all(format!("got {}", got.len()).as_bytes()).await;
+            }
+        })
+        .await;
+        let (_pki, east, west, vip) = pair(&counter).await;
+
+        // Client → server FIN: the server sees EOF and can still answer.
+        let mut c = dial(vip).await.expect("connect");
+        c.write_all(&[7u8; 100_000]).await.expect("write");
+        c.shutdown().await.expect("FIN");
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)
+            .await
+            .expect("answer after our FIN");
+        assert_eq!(answer, "got 100000");
+
+        // Server → client FIN: the client sees EOF and can still send.
+        let greeter = Backend::start(|mut s| async move {
+            let _ = s.write_all(b"hello").await;
+            let _ = s.shutdown().await; // FIN towards the client
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).await.is_ok() {
+                // Report on a side channel: the length of what arrived after our FIN.
+                let _ = std::fs::write(
+                    std::env::temp_dir().join(format!("meshup-halfclose-{}", std::process::id())),
+                    got.len().to_string(),
+                );
+            }
+        })
+        .await;
+        west.export(greeter.addr, &[]);
+        let mut c = dial(vip).await.expect("connect");
+        let mut hello = Vec::new();
+        c.read_to_end(&mut hello).await.expect("read to server FIN");
+        assert_eq!(hello, b"hello");
+        c.write_all(&[1u8; 54_321])
+            .await
+            .expect("still writable after server FIN");
+        c.shutdown().await.expect("FIN");
+        let marker = std::env::temp_dir().join(format!("meshup-halfclose-{}", std::process::id()));
+        eventually(
+            Duration::from_secs(5),
+            "server got bytes sent after its FIN",
+            || {
+                let ok = std::fs::read_to_string(&marker)
+                    .map(|s| s == "54321")
+                    .unwrap_or(false);
+                async move { ok }
+            },
+        )
+        .await;
+        let _ = std::fs::remove_file(marker);
+        drop(east);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_is_carried_across_both_ways() {
+    within(Duration::from_secs(30), async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::io::ErrorKind>();
+        // Backend: echo one message, then wait for more and report how reading ended.
+        let backend = Backend::start(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut buf = [0u8; 5];
+                if s.read_exact(&mut buf).await.is_err() {
+                    return;
+                }
+                if buf == *b"reset" {
+                    // Server-side RST: zero linger and close.
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    drop(s);
+                    return;
+                }
+                let _ = s.write_all(&buf).await;
+                let mut rest = [0u8; 16];
+                let kind = match s.read(&mut rest).await {
+                    Ok(0) => std::io::ErrorKind::UnexpectedEof, // clean FIN
+                    Ok(_) => std::io::ErrorKind::InvalidData,
+                    Err(e) => e.kind(),
+                };
+                let _ = tx.send(kind);
+            }
+        })
+        .await;
+        let (_pki, _east, _west, vip) = pair(&backend).await;
+
+        // Client RST → backend sees a reset, not a FIN.
+        let mut c = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut c, b"hello").await.expect("echo"), b"hello");
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(c);
+        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("backend noticed within 5 s")
+            .expect("report");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+
+        // Backend RST → client sees a reset, not a clean EOF.
+        let mut c = dial(vip).await.expect("connect");
+        c.write_all(b"reset").await.expect("write");
+        let mut buf = [0u8; 16];
+        let res = c.read(&mut buf).await;
+        assert!(
+            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "client should see a reset, got {res:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_connections_share_one_quic_connection() {
+    within(Duration::from_secs(90), async {
+        let echo = Backend::echo().await;
+        let (_pki, east, west, vip) = pair(&echo).await;
+        // Open all first (so they are concurrent), then talk on each.
+        let mut clients = Vec::new();
+        for _ in 0..1000 {
+            clients.push(dial(vip).await.expect("connect"));
+        }
+        let tasks = clients.into_iter().enumerate().map(|(i, mut c)| {
+            tokio::spawn(async move {
+                let msg = format!("client {i:04}");
+                let back = ping(&mut c, msg.as_bytes()).await.expect("echo");
+                assert_eq!(back, msg.as_bytes());
+                c // keep it open until all have answered
+            })
+        });
+        let open: Vec<_> = futures::future::join_all(tasks)
+            .await
+            .into_iter()
+            .map(|r| r.expect("client task"))
+            .collect();
+        assert_eq!(echo.accepted.load(Ordering::SeqCst), 1000);
+        assert_eq!(
+            east.proxy.dials(),
+            1,
+            "1000 connections must share one QUIC dial"
+        );
+        assert_eq!(west.server.in_flight(), 1000);
+        assert_eq!(east.metrics.active_connections.get(), 1);
+        drop(open);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_request_response_has_no_delayed_ack_stall() {
+    within(Duration::from_secs(60), async {
+        let echo = Backend::echo().await;
+        let (_pki, _east, _west, vip) = pair(&echo).await;
+        let mut c = dial(vip).await.expect("connect");
+        let msg = vec![0x5au8; 1024];
+        for _ in 0..50 {
+            ping(&mut c, &msg).await.expect("warm-up");
+        }
+        let mut samples = Vec::new();
+        for _ in 0..500 {
+            let t = Instant::now();
+            ping(&mut c, &msg).await.expect("echo");
+            samples.push(t.elapsed());
+        }
+        samples.sort();
+        let p50 = samples[samples.len() / 2];
+        let p99 = samples[samples.len() * 99 / 100];
+        eprintln!("1 KiB RR through the gateway pair, warm stream: p50 {p50:?}, p99 {p99:?}");
+        // A 25 ms delayed-ACK stall would put p50 at ~25 ms.
+        assert!(
+            p50 < Duration::from_millis(5),
+            "p50 {p50:?} suggests ACK-delay stalls"
+        );
+    })
+    .await;
+}
