@@ -259,6 +259,11 @@ impl Snapshot {
     pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &IpAddr)> {
         self.vips.iter()
     }
+
+    /// The persistent map of VIPs, for cheap diffs between two snapshots.
+    pub fn vip_map(&self) -> &OrdMap<VipKey, IpAddr> {
+        &self.vips
+    }
 }
 
 /// Builds a service's view from its exports. Pure; called only for the service that changed.
