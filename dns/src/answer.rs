@@ -439,49 +439,64 @@ fn classify(zone: &ZoneView, name: &Name) -> Option<Node> {
 /// unique; the order is stable for a given snapshot.
 pub fn existing_names(zone: &ZoneView) -> Vec<Name> {
     let settings = &*zone.settings;
-    let mut rel: BTreeSet<Vec<String>> = BTreeSet::new();
-    let push = |rel: &mut BTreeSet<Vec<String>>, labels: &[&str]| {
-        rel.insert(labels.iter().map(|s| (*s).to_owned()).collect());
-    };
-    push(&mut rel, &[]);
-    push(&mut rel, &["dns-version"]);
-    let mut out = Vec::new();
+    let mut names: BTreeSet<Name> = zone_names(settings).into_iter().collect();
     for view in zone.snapshot.services() {
-        let (svc, ns) = (view.key.name.as_str(), view.key.namespace.as_str());
-        push(&mut rel, &["svc"]);
-        push(&mut rel, &[ns, "svc"]);
-        push(&mut rel, &[svc, ns, "svc"]);
-        for port in &view.ports {
-            let proto = format!("_{}", port.protocol.as_str());
-            let port_label = format!("_{}", port.name);
-            push(&mut rel, &[&proto, svc, ns, "svc"]);
-            push(&mut rel, &[&port_label, &proto, svc, ns, "svc"]);
-        }
-        for cluster in view.clusters.keys() {
-            let c = cluster.as_str();
-            push(&mut rel, &[c]);
-            push(&mut rel, &["svc", c]);
-            push(&mut rel, &[ns, "svc", c]);
-            push(&mut rel, &[svc, ns, "svc", c]);
-        }
+        names.extend(service_names(settings, view));
     }
-    for labels in &rel {
-        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-        if let Some(name) = relative_name(settings, &labels) {
-            out.push(name);
-        }
-    }
-    // The NS host and the empty non-terminals between it and the apex.
+    names.into_iter().collect()
+}
+
+/// Names that exist whatever the catalog holds: the apex, `dns-version`, and the NS host
+/// with the empty non-terminals between it and the apex (when it is in the zone and has an
+/// address).
+pub fn zone_names(settings: &ZoneSettings) -> Vec<Name> {
+    let mut out: Vec<Name> = [&[][..], &["dns-version"][..]]
+        .iter()
+        .filter_map(|labels| relative_name(settings, labels))
+        .collect();
     if settings.ns_glue.is_some() && settings.origin.zone_of(&settings.ns_host) {
         let mut host = settings.ns_host.clone();
         while host.num_labels() > settings.origin.num_labels() {
-            if !out.contains(&host) {
-                out.push(host.clone());
-            }
+            out.push(host.clone());
             host = host.base_name();
         }
     }
     out
+}
+
+/// The names one service makes exist, including the empty non-terminals above them
+/// (which other services may share).
+pub fn service_names(settings: &ZoneSettings, view: &ServiceView) -> Vec<Name> {
+    let (svc, ns) = (view.key.name.as_str(), view.key.namespace.as_str());
+    let mut rel: Vec<Vec<String>> = vec![
+        vec!["svc".into()],
+        vec![ns.into(), "svc".into()],
+        vec![svc.into(), ns.into(), "svc".into()],
+    ];
+    for port in &view.ports {
+        let proto = format!("_{}", port.protocol.as_str());
+        rel.push(vec![proto.clone(), svc.into(), ns.into(), "svc".into()]);
+        rel.push(vec![
+            format!("_{}", port.name),
+            proto,
+            svc.into(),
+            ns.into(),
+            "svc".into(),
+        ]);
+    }
+    for cluster in view.clusters.keys() {
+        let c = cluster.as_str();
+        rel.push(vec![c.into()]);
+        rel.push(vec!["svc".into(), c.into()]);
+        rel.push(vec![ns.into(), "svc".into(), c.into()]);
+        rel.push(vec![svc.into(), ns.into(), "svc".into(), c.into()]);
+    }
+    rel.iter()
+        .filter_map(|labels| {
+            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+            relative_name(settings, &labels)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -167,7 +167,7 @@ impl DnsServer {
 
         let mut snap_rx = snapshots.clone();
         let first = snap_rx.borrow_and_update().clone();
-        let published = build_table(&settings, &local, first).await?;
+        let published = build_table(&settings, &local, first, None).await?;
         metrics.table_rebuilt();
         let (table_tx, table_rx) = watch::channel(Arc::new(published));
 
@@ -219,12 +219,13 @@ impl DnsServer {
                     }
                     let snapshot = snap_rx.borrow_and_update().clone();
                     let started = Instant::now();
-                    match build_table(&settings, &local, snapshot).await {
+                    let previous = table_tx.borrow().clone();
+                    match build_table(&settings, &local, snapshot, Some(previous)).await {
                         Ok(published) => {
                             let names = published.table.len();
                             table_tx.send_replace(Arc::new(published));
                             metrics.table_rebuilt();
-                            debug!(names, elapsed = ?started.elapsed(), "DNS table rebuilt");
+                            debug!(names, elapsed = ?started.elapsed(), "DNS table updated");
                         }
                         Err(error) => {
                             warn!(%error, "DNS table rebuild failed; queries use the catalog path")
@@ -304,14 +305,21 @@ impl DnsServer {
     }
 }
 
+/// Builds the table for `snapshot` on a blocking thread: incrementally from `previous`
+/// when there is one, from scratch otherwise.
 async fn build_table(
     settings: &Arc<ZoneSettings>,
     local: &ClusterName,
     snapshot: Arc<Snapshot>,
+    previous: Option<Arc<Published>>,
 ) -> Result<Published, DnsError> {
     let view = Arc::new(ZoneView::new(settings.clone(), local.clone(), snapshot));
     let published = tokio::task::spawn_blocking(move || {
-        FastTable::build(&view).map(|table| Published { view, table })
+        let table = match &previous {
+            Some(prev) => prev.table.update(&prev.view, &view),
+            None => FastTable::build(&view),
+        };
+        table.map(|table| Published { view, table })
     })
     .await??;
     Ok(published)

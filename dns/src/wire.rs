@@ -16,14 +16,18 @@
 //! UDP size) returns [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
 //! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use hickory_proto::ProtoError;
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
-use crate::answer::{Answer, ZoneView, existing_names, resolve};
+use imbl::ordmap::DiffItem;
+use meshup_core::names::ServiceKey;
+
+use crate::answer::{Answer, ZoneView, existing_names, resolve, service_names, zone_names};
 
 /// Size of the DNS header.
 pub const HEADER_LEN: usize = 12;
@@ -56,7 +60,7 @@ pub enum TableError {
 }
 
 /// Precomputed answers for one name.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 struct NameEntry {
     /// (qtype, whole response) for the types that have records.
     answers: Vec<(u16, Box<[u8]>)>,
@@ -67,12 +71,41 @@ struct NameEntry {
 /// The table of precomputed answers for one snapshot.
 #[derive(Debug)]
 pub struct FastTable {
-    names: HashMap<Box<[u8]>, NameEntry>,
+    /// Entries are shared between successive tables, so an update copies pointers only.
+    names: HashMap<Box<[u8]>, Arc<NameEntry>>,
     /// Lowercase wire form of the apex, to tell "in zone, unknown" (NXDOMAIN) from
     /// "outside the zone" (REFUSED, slow path).
     apex: Box<[u8]>,
     /// NXDOMAIN: header flags byte 3 and the SOA record, uncompressed (the question varies).
     nx_soa: Box<[u8]>,
+}
+
+/// The precomputed answers of one existing name; `None` when the name does not exist.
+fn entry_for(zone: &ZoneView, name: &Name) -> Result<Option<NameEntry>, TableError> {
+    let err = |qtype, source| TableError::Encode {
+        name: name.to_string(),
+        qtype,
+        source,
+    };
+    // CAA stands for "any ordinary type with no records here".
+    let probe = resolve(zone, name, RecordType::CAA);
+    if probe.rcode != ResponseCode::NoError {
+        return Ok(None);
+    }
+    let mut answers = Vec::new();
+    for qtype in FAST_TYPES {
+        let answer = resolve(zone, name, qtype);
+        if answer.rcode == ResponseCode::NoError && !answer.answers.is_empty() {
+            let bytes = encode_answer(name, qtype, &answer).map_err(|e| err(qtype, e))?;
+            answers.push((u16::from(qtype), bytes.into_boxed_slice()));
+        }
+    }
+    let nodata =
+        encode_answer(name, RecordType::CAA, &probe).map_err(|e| err(RecordType::CAA, e))?;
+    Ok(Some(NameEntry {
+        answers,
+        nodata: nodata.into_boxed_slice(),
+    }))
 }
 
 /// What the fast path did with a packet.
@@ -105,33 +138,11 @@ pub fn encode_answer(
 impl FastTable {
     /// Precomputes every answer of a zone view. O(names × types); run off the hot path.
     pub fn build(zone: &ZoneView) -> Result<Self, TableError> {
-        let err = |name: &Name, qtype, source| TableError::Encode {
-            name: name.to_string(),
-            qtype,
-            source,
-        };
         let mut names = HashMap::new();
         for name in existing_names(zone) {
-            let mut answers = Vec::new();
-            for qtype in FAST_TYPES {
-                let answer = resolve(zone, &name, qtype);
-                if answer.rcode == ResponseCode::NoError && !answer.answers.is_empty() {
-                    let bytes =
-                        encode_answer(&name, qtype, &answer).map_err(|e| err(&name, qtype, e))?;
-                    answers.push((u16::from(qtype), bytes.into_boxed_slice()));
-                }
+            if let Some(entry) = entry_for(zone, &name)? {
+                names.insert(wire_name(&name).into_boxed_slice(), Arc::new(entry));
             }
-            // CAA stands for "any ordinary type with no records here".
-            let answer = resolve(zone, &name, RecordType::CAA);
-            let nodata = encode_answer(&name, RecordType::CAA, &answer)
-                .map_err(|e| err(&name, RecordType::CAA, e))?;
-            names.insert(
-                wire_name(&name).into_boxed_slice(),
-                NameEntry {
-                    answers,
-                    nodata: nodata.into_boxed_slice(),
-                },
-            );
         }
         let origin = &zone.settings.origin;
         let nx = crate::answer::soa_record(&zone.settings, 0, zone.settings.negative_ttl);
@@ -139,14 +150,84 @@ impl FastTable {
         {
             let mut enc = BinEncoder::new(&mut nx_soa);
             enc.set_name_encoding(NameEncoding::Uncompressed);
-            nx.emit(&mut enc)
-                .map_err(|e| err(origin, RecordType::SOA, e))?;
+            nx.emit(&mut enc).map_err(|source| TableError::Encode {
+                name: origin.to_string(),
+                qtype: RecordType::SOA,
+                source,
+            })?;
         }
         Ok(Self {
             names,
             apex: wire_name(origin).into_boxed_slice(),
             nx_soa: nx_soa.into_boxed_slice(),
         })
+    }
+
+    /// The table for `new`, derived from this table (built for `old`) by recomputing only
+    /// the names of services whose view or local VIPs changed, found with the persistent
+    /// maps' cheap `diff`. Falls back to [`build`](Self::build) when the zone settings or
+    /// the local cluster differ, or when most services changed.
+    pub fn update(&self, old: &ZoneView, new: &ZoneView) -> Result<Self, TableError> {
+        if old.settings != new.settings || old.local != new.local {
+            return Self::build(new);
+        }
+        let (before, after) = (&*old.snapshot, &*new.snapshot);
+        let mut touched: BTreeSet<&ServiceKey> = BTreeSet::new();
+        for item in before.service_map().diff(after.service_map()) {
+            touched.insert(match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                DiffItem::Update { new: (k, _), .. } => k,
+            });
+        }
+        for item in before.vip_map().diff(after.vip_map()) {
+            let key = match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+                DiffItem::Update { new: (k, _), .. } => k,
+            };
+            if key.cluster == new.local {
+                touched.insert(&key.service);
+            }
+        }
+        if touched.len() * 2 > after.service_count().max(16) {
+            return Self::build(new);
+        }
+        // Every name a touched service had or has (its empty non-terminals included, since
+        // they may appear or vanish with it), plus the apex (its SOA serial is the revision).
+        let settings = &*new.settings;
+        let mut candidates: BTreeSet<Name> = zone_names(settings).into_iter().collect();
+        for key in touched {
+            for snap in [before, after] {
+                if let Some(view) = snap.service(key) {
+                    candidates.extend(service_names(settings, view));
+                }
+            }
+        }
+        let mut names = self.names.clone();
+        for name in candidates {
+            let key = wire_name(&name).into_boxed_slice();
+            match entry_for(new, &name)? {
+                Some(entry) => names.insert(key, Arc::new(entry)),
+                None => names.remove(&key),
+            };
+        }
+        Ok(Self {
+            names,
+            apex: self.apex.clone(),
+            nx_soa: self.nx_soa.clone(),
+        })
+    }
+
+    /// Whether two tables hold the same answers (for tests of [`update`](Self::update)).
+    pub fn same_answers(&self, other: &Self) -> bool {
+        self.names.len() == other.names.len()
+            && self.names.iter().all(|(k, v)| {
+                other
+                    .names
+                    .get(k)
+                    .is_some_and(|o| o.nodata == v.nodata && o.answers == v.answers)
+            })
+            && self.apex == other.apex
+            && self.nx_soa == other.nx_soa
     }
 
     /// Number of names with precomputed answers.
@@ -376,6 +457,79 @@ mod tests {
         assert!(in_zone(&yes, &apex));
         assert!(in_zone(&apex, &apex));
         assert!(!in_zone(&no, &apex));
+    }
+
+    /// A sequence of catalog changes: after each, the incremental table equals a table
+    /// built from scratch.
+    #[test]
+    fn incremental_updates_equal_full_builds() {
+        use std::net::IpAddr;
+
+        use meshup_core::catalog::{Change, ExportKey, VipKey};
+        use meshup_core::model::Protocol;
+        use meshup_core::names::{ClusterName, GatewayId};
+
+        use crate::answer::ZoneSettings;
+        use crate::config::DnsConfig;
+        use crate::fixture::{export, synthetic, vip};
+
+        let settings =
+            Arc::new(ZoneSettings::from_config(&DnsConfig::default()).expect("settings"));
+        let local = ClusterName::new("east").expect("name");
+        let view_of = |snap: &meshup_core::catalog::Snapshot| {
+            ZoneView::new(settings.clone(), local.clone(), Arc::new(snap.clone()))
+        };
+        let mut snap = synthetic("east", &["east", "west", "south"], 60).expect("catalog");
+        let mut view = view_of(&snap);
+        let mut table = FastTable::build(&view).expect("table");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let key = |c: &str, s: &str| ExportKey {
+            cluster: ClusterName::new(c).expect("name"),
+            gateway: GatewayId::new("gw-0").expect("id"),
+            service: s.parse().expect("key"),
+        };
+        let steps: Vec<Vec<Change>> = vec![
+            // A new service in a new namespace, exported by a new cluster.
+            vec![
+                export("north", "fresh.newns", &[("web", 80, Protocol::Tcp)]).expect("c"),
+                vip("east", "fresh.newns", None, ip("10.70.0.1")).expect("c"),
+            ],
+            // Its VIP changes to IPv6; a pinned VIP appears.
+            vec![
+                vip("east", "fresh.newns", None, ip("fd00::70")).expect("c"),
+                vip("east", "fresh.newns", Some("north"), ip("10.70.0.2")).expect("c"),
+            ],
+            // Ports change on an existing service.
+            vec![export("west", "svc-3.ns-3", &[("grpc", 9000, Protocol::Tcp)]).expect("c")],
+            // A VIP of another cluster changes: no visible effect, still consistent.
+            vec![vip("west", "svc-4.ns-4", None, ip("10.99.0.4")).expect("c")],
+            // The only service of namespace newns and of cluster north goes away.
+            vec![
+                Change::DeleteExport(key("north", "fresh.newns")),
+                Change::DeleteVip(VipKey {
+                    cluster: local.clone(),
+                    service: "fresh.newns".parse().expect("key"),
+                    target: None,
+                }),
+            ],
+            // A service loses one exporting cluster.
+            vec![Change::DeleteExport(key("south", "svc-5.ns-5"))],
+        ];
+        for (i, changes) in steps.into_iter().enumerate() {
+            for c in changes {
+                snap.apply(c);
+            }
+            snap.revision += 1;
+            let next = view_of(&snap);
+            let updated = table.update(&view, &next).expect("update");
+            let rebuilt = FastTable::build(&next).expect("build");
+            assert!(
+                updated.same_answers(&rebuilt),
+                "step {i}: incremental table differs"
+            );
+            table = updated;
+            view = next;
+        }
     }
 
     #[test]

@@ -562,6 +562,7 @@ async fn garbage_gets_formerr_or_nothing_and_the_server_keeps_answering() -> any
             }
             cases.push(p);
         }
+        let spray = UdpSocket::bind("127.0.0.1:0").await?;
         for (i, packet) in cases.iter().enumerate() {
             if i < 10 || i % 300 == 0 {
                 let replies = send_then_probe(server.addr, packet).await?;
@@ -578,8 +579,9 @@ async fn garbage_gets_formerr_or_nothing_and_the_server_keeps_answering() -> any
                     }
                 }
             } else {
-                let sock = UdpSocket::bind("127.0.0.1:0").await?;
-                sock.send_to(packet, server.addr).await?;
+                // One long-lived socket: replies to these packets must not land on a later
+                // probe socket that happens to reuse the port.
+                spray.send_to(packet, server.addr).await?;
             }
         }
         // Still answering, over UDP and TCP.
