@@ -1,7 +1,18 @@
-//! meshup-gateway (being built).
+//! meshup-gateway: the east-west gateway and the `meshup` binary.
+//!
+//! One gateway process runs, per cluster: a QUIC endpoint ([`tunnel`]), outbound listeners on
+//! VIPs ([`outbound`]), an inbound stream server ([`inbound`]), the DNS server (meshup-dns), a
+//! catalog publisher and watcher (meshup-federation), endpoint probes ([`health`]) and the
+//! admin HTTP server ([`admin`]). [`app`] wires them together: bind, run, drain.
 
+pub mod admin;
+pub mod app;
 pub mod certs;
+pub mod config;
+pub mod demo;
+pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
+pub mod readiness;
 pub mod tunnel;

@@ -1,1 +1,132 @@
-fn main() {}
+//! The `meshup` command: the gateway daemon, the demo, certificate tooling and config checks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use meshup_gateway::config::{Config, ProcessEnv};
+use meshup_gateway::{app, certs, demo};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshup",
+    version,
+    about = "Link service clusters across regions."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run an east-west gateway (the daemon).
+    Gateway {
+        /// The gateway's YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a live federation of three clusters on this machine and keep it running.
+    Demo(demo::DemoOptions),
+    /// Create a federation CA or issue gateway certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a federation CA (ca.pem, ca-key.pem, bundle.pem) in DIR.
+    Init {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a gateway SVID (spiffe://TD/cluster/NAME/gateway) signed by the CA in --ca.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificate lifetime (e.g. 24h, 7d).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file and print it with defaults filled in and secrets redacted.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Gateway { config } => {
+            let config = Config::load(&config, &ProcessEnv)?;
+            runtime()?.block_on(app::run_until_signal(config))?;
+        }
+        Command::Demo(opts) => runtime()?.block_on(demo::run(opts))?,
+        Command::Certs(CertsCommand::Init { trust_domain, out }) => {
+            certs::init_ca(&trust_domain, &out)?;
+            println!(
+                "created federation CA for {trust_domain} in {}",
+                out.display()
+            );
+        }
+        Command::Certs(CertsCommand::Issue {
+            ca,
+            cluster,
+            out,
+            lifetime,
+        }) => {
+            certs::issue(&ca, &cluster, &out, lifetime)?;
+            println!(
+                "issued gateway certificate for cluster {cluster} in {} (valid {})",
+                out.display(),
+                humantime::format_duration(lifetime)
+            );
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = Config::load(&file, &ProcessEnv)?;
+            println!("# {} is valid", file.display());
+            print!("{}", config.redacted_yaml());
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("MESHUP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

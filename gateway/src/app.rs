@@ -1,0 +1,522 @@
+//! The gateway, wired: bind everything, run, drain.
+//!
+//! Start-up binds every socket first (QUIC, DNS, admin), so a port conflict fails loudly before
+//! anything is published; then it starts the catalog watcher, publisher, VIP allocator,
+//! endpoint probes, inbound and outbound proxies and the admin server. `/ready` turns 200 when
+//! the identity is loaded and the first full catalog sync is done; one unreachable remote
+//! cluster never holds readiness back (peers are dialed lazily).
+//!
+//! Drain (SIGTERM or [`Gateway::drain`]): mark the gateway draining in the catalog, stop
+//! taking connections, let in-flight streams finish up to `tunnel.drain_deadline`, close the
+//! QUIC endpoint with the `draining` code, revoke the lease, stop every task.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshup_core::catalog::Snapshot;
+use meshup_core::model::{ExportRecord, GatewayRecord, SCHEMA_VERSION};
+use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_dns::DnsServer;
+use meshup_federation::config::Backend;
+use meshup_federation::embedded::EmbeddedStore;
+use meshup_federation::publisher::{Publisher, PublisherConfig, PublisherHandle};
+use meshup_federation::vips::{VipAllocator, VipConfig};
+use meshup_federation::watcher::{Watcher, WatcherConfig, WatcherStatus};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{
+    AdminServer, CatalogStatus, ClusterStatus, GatewayStatus, ServiceStatus, StatusSource,
+    StatusView,
+};
+use crate::config::{Config, ExportConfig};
+use crate::health::{self, HealthMap};
+use crate::identity::{DEFAULT_RELOAD_INTERVAL, Identity};
+use crate::inbound::{self, LocalExport, LocalExports};
+use crate::outbound::{self, route};
+use crate::readiness::Readiness;
+use crate::tunnel::{self, Endpoint};
+
+/// How long a service must be gone from every cluster before its VIP is freed.
+pub const VIP_GRACE: Duration = Duration::from_secs(300);
+/// How long the final stop waits for background tasks after the drain.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the gateway could not start. Each variant names the part that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("identity: {0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error("QUIC endpoint: {0}")]
+    Tunnel(#[from] tunnel::BindError),
+    #[error("catalog store: {0}")]
+    Catalog(#[from] meshup_federation::config::ConfigError),
+    #[error("DNS server: {0}")]
+    Dns(#[from] meshup_dns::DnsError),
+    #[error("admin server: {0}")]
+    Admin(#[from] crate::admin::AdminError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Addresses a running gateway actually bound (the real ports when the config asked for 0).
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    pub quic: SocketAddr,
+    pub dns: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    cluster: ClusterName,
+    addrs: BoundAddrs,
+    drain_deadline: Duration,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+    endpoint: Arc<Endpoint>,
+    publisher: Arc<PublisherHandle>,
+    /// Feeds probe results to the publisher; stopped first on drain so the publisher can be
+    /// shut down (which needs the only reference).
+    export_updates: JoinHandle<()>,
+    watcher: Watcher,
+    inbound: inbound::Server,
+    outbound: outbound::Proxy,
+    draining: watch::Sender<bool>,
+    /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
+    /// to stop.
+    _exports: watch::Sender<Arc<LocalExports>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds and starts a gateway. `embedded` is the in-process store shared by the gateways
+    /// of one process (required when `catalog.backend` is `embedded`).
+    pub async fn start(config: Config, embedded: Option<&EmbeddedStore>) -> Result<Self, AppError> {
+        let cluster = config.cluster.clone();
+        let gateway_id = config.gateway_id();
+        let shutdown = CancellationToken::new();
+        let readiness = Readiness::new();
+        let identity_ready = readiness.register("identity");
+        let sync_ready = readiness.register("catalog sync");
+        let mut registry = Registry::with_prefix("meshup");
+
+        // Identity and every socket first: failures here stop start-up before anything is
+        // published.
+        let identity =
+            Identity::load(config.tunnel.files(), &config.trust_domain, cluster.clone())?;
+        let tunnel_metrics = tunnel::metrics::Metrics::register(&mut registry);
+        let endpoint = Endpoint::bind(&config.tunnel, identity.clone(), tunnel_metrics)?;
+        drop(identity_ready);
+        let store = config.catalog.connect(embedded).await?;
+        let layout = config.catalog.layout()?;
+        let catalog_metrics = meshup_federation::Metrics::register(&mut registry);
+        let watcher = Watcher::spawn(
+            store.clone(),
+            layout.clone(),
+            config.catalog.address_rules(),
+            WatcherConfig::default(),
+            catalog_metrics.watcher.clone(),
+            shutdown.child_token(),
+        );
+        let dns_metrics = meshup_dns::Metrics::register(&mut registry);
+        let dns = DnsServer::bind(
+            &config.dns,
+            cluster.clone(),
+            watcher.snapshots(),
+            dns_metrics,
+        )?;
+        let admin = AdminServer::bind(config.admin.http).await?;
+        let addrs = BoundAddrs {
+            quic: endpoint.local_addr(),
+            dns: dns.local_addr(),
+            admin: admin.local_addr(),
+        };
+        tracing::info!(
+            %cluster, gateway = %gateway_id, quic = %addrs.quic, dns = %addrs.dns, admin = %addrs.admin,
+            catalog = ?config.catalog.backend, "gateway bound"
+        );
+
+        let mut tasks = Vec::new();
+        tasks.push(identity.spawn_reloader(DEFAULT_RELOAD_INTERVAL, shutdown.child_token()));
+        let dns_stop = shutdown.child_token();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = dns.run(dns_stop).await {
+                tracing::error!(error = %e, "DNS server stopped");
+            }
+        }));
+
+        // Local endpoints: probed, published as counts, served to peers.
+        let targets: Vec<(ServiceKey, Vec<SocketAddr>)> = config
+            .exports
+            .iter()
+            .map(|e| (e.key(), e.endpoints.clone()))
+            .collect();
+        let health = health::spawn(
+            targets,
+            health::DEFAULT_PROBE_INTERVAL,
+            health::DEFAULT_PROBE_TIMEOUT,
+            shutdown.child_token(),
+        )
+        .await;
+        let record = GatewayRecord {
+            schema: SCHEMA_VERSION,
+            cluster: cluster.clone(),
+            gateway_id: gateway_id.clone(),
+            region: config.region.clone(),
+            zone: config.zone.clone(),
+            quic_addrs: endpoint.advertised_addrs(),
+            spiffe_id: identity.gateway_identity().spiffe_id().to_string(),
+            draining: false,
+        };
+        let publisher = Publisher::new(store.clone(), layout.clone(), record)
+            .with_exports(export_records(&config.exports, &health.borrow()))
+            .with_config(PublisherConfig {
+                lease_ttl: config.catalog.lease_ttl,
+                ..PublisherConfig::default()
+            })
+            .with_metrics(catalog_metrics.publisher.clone())
+            .spawn(shutdown.child_token());
+        let publisher = Arc::new(publisher);
+        let export_updates = spawn_export_updates(
+            config.exports.clone(),
+            health,
+            publisher.clone(),
+            shutdown.child_token(),
+        );
+
+        let vips = VipAllocator::new(
+            store,
+            layout,
+            VipConfig {
+                cluster: cluster.clone(),
+                cidr: config.vip_cidr,
+                grace: VIP_GRACE,
+            },
+            catalog_metrics.vips.clone(),
+        );
+        tasks.push(vips.spawn(watcher.snapshots(), shutdown.child_token()));
+
+        let (exports_tx, exports_rx) = watch::channel(Arc::new(local_exports(&config.exports)));
+        let inbound =
+            inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.child_token());
+        let outbound = outbound::Proxy::spawn(
+            endpoint.clone(),
+            cluster.clone(),
+            exports_rx.clone(),
+            watcher.snapshots(),
+            shutdown.child_token(),
+        );
+
+        // Ready once the first full catalog sync is applied.
+        let status = watcher.status();
+        let sync_stop = shutdown.child_token();
+        tasks.push(tokio::spawn(async move {
+            let mut status = status;
+            tokio::select! {
+                _ = sync_stop.cancelled() => {}
+                synced = status.wait_for(|s| s.synced) => {
+                    if synced.is_ok() {
+                        tracing::info!("first catalog sync done: ready");
+                    }
+                }
+            }
+            drop(sync_ready);
+        }));
+
+        let (draining, _) = watch::channel(false);
+        let source = Arc::new(Status {
+            cluster: cluster.clone(),
+            gateway_id: gateway_id.to_string(),
+            region: config.region.clone(),
+            backend: match config.catalog.backend {
+                Backend::Embedded => "embedded".into(),
+                Backend::Etcd => "etcd".into(),
+            },
+            readiness: readiness.clone(),
+            snapshots: watcher.snapshots(),
+            watcher: watcher.status(),
+            exports: exports_rx,
+            draining: draining.subscribe(),
+        });
+        let registry = Arc::new(registry);
+        let admin_stop = shutdown.child_token();
+        let admin_readiness = readiness.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = admin
+                .run(admin_readiness, registry, source, admin_stop)
+                .await
+            {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        }));
+
+        Ok(Self {
+            cluster,
+            addrs,
+            drain_deadline: config.tunnel.drain_deadline,
+            readiness,
+            shutdown,
+            endpoint,
+            publisher,
+            export_updates,
+            watcher,
+            inbound,
+            outbound,
+            draining,
+            _exports: exports_tx,
+            tasks,
+        })
+    }
+
+    /// The addresses bound.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// The cluster this gateway belongs to.
+    pub fn cluster(&self) -> &ClusterName {
+        &self.cluster
+    }
+
+    /// Readiness (what `/ready` reports).
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// The catalog as this gateway sees it.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.watcher.snapshots()
+    }
+
+    /// The watcher's health.
+    pub fn watcher_status(&self) -> watch::Receiver<WatcherStatus> {
+        self.watcher.status()
+    }
+
+    /// VIP:port listeners currently bound by the outbound proxy.
+    pub fn listeners(&self) -> Arc<BTreeMap<SocketAddr, route::Route>> {
+        self.outbound.listeners()
+    }
+
+    /// Drains and stops the gateway; returns whether every in-flight stream finished in time.
+    pub async fn drain(self) -> bool {
+        let deadline = self.drain_deadline;
+        tracing::info!(
+            ?deadline,
+            "draining: marked in the catalog, no new connections"
+        );
+        self.draining.send_replace(true);
+        self.publisher.set_draining(true);
+        let (inbound, outbound) =
+            tokio::join!(self.inbound.drain(deadline), self.outbound.drain(deadline));
+        let completed = inbound.completed && outbound.completed;
+        if completed {
+            tracing::info!("drain complete: every in-flight stream finished");
+        } else {
+            tracing::warn!(
+                inbound_left = inbound.remaining,
+                outbound_left = outbound.remaining,
+                "drain deadline passed; closing the remaining streams"
+            );
+        }
+        self.endpoint.close(tunnel::CLOSE_DRAINING, b"draining");
+        let _ = tokio::time::timeout(STOP_TIMEOUT, self.endpoint.wait_idle()).await;
+        // Revoking the lease removes our records at once instead of after the TTL.
+        self.export_updates.abort();
+        let _ = self.export_updates.await;
+        match Arc::try_unwrap(self.publisher) {
+            Ok(publisher) => publisher.shutdown().await,
+            // Unreachable while the update task was the only other holder; cancelling the
+            // token below still revokes the lease, just without waiting for it.
+            Err(_) => {
+                tracing::warn!("publisher still shared at shutdown; revoking in the background")
+            }
+        }
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(STOP_TIMEOUT, task).await;
+        }
+        tracing::info!("gateway stopped");
+        completed
+    }
+}
+
+/// Runs a gateway until SIGTERM or Ctrl-C, then drains it. The daemon's main loop.
+pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let embedded = (config.catalog.backend == Backend::Embedded).then(EmbeddedStore::new);
+    let gateway = Gateway::start(config, embedded.as_ref()).await?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+    gateway.drain().await;
+    Ok(())
+}
+
+/// The inbound/outbound view of this gateway's exports.
+fn local_exports(exports: &[ExportConfig]) -> LocalExports {
+    inbound::local_exports(exports.iter().map(|e| LocalExport {
+        service: e.key(),
+        ports: e.ports.iter().map(|p| p.port).collect(),
+        endpoints: e.endpoints.clone(),
+        allowed_callers: e.allowed_callers.clone(),
+    }))
+}
+
+/// The export records to publish, with endpoint counts from the latest probes. Pure.
+pub fn export_records(
+    exports: &[ExportConfig],
+    health: &HealthMap,
+) -> Vec<(ServiceKey, ExportRecord)> {
+    exports
+        .iter()
+        .map(|e| {
+            let key = e.key();
+            let (healthy, total) = health
+                .get(&key)
+                .map(|h| (h.healthy(), h.total()))
+                .unwrap_or((0, u32::try_from(e.endpoints.len()).unwrap_or(u32::MAX)));
+            let record = ExportRecord {
+                schema: SCHEMA_VERSION,
+                ports: e.ports.clone(),
+                endpoints_total: total,
+                endpoints_healthy: healthy,
+                allowed_callers: e.allowed_callers.clone(),
+                labels: e.labels.clone(),
+            };
+            (key, record)
+        })
+        .collect()
+}
+
+/// Republishes the exports whenever the probes change what is healthy.
+fn spawn_export_updates(
+    exports: Vec<ExportConfig>,
+    mut health: watch::Receiver<HealthMap>,
+    publisher: Arc<PublisherHandle>,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = health.changed() => if changed.is_err() { return },
+            }
+            let records = export_records(&exports, &health.borrow_and_update());
+            publisher.set_exports(records);
+        }
+    })
+}
+
+/// Builds the admin status view from the gateway's live channels.
+struct Status {
+    cluster: ClusterName,
+    gateway_id: String,
+    region: String,
+    backend: String,
+    readiness: Readiness,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    watcher: watch::Receiver<WatcherStatus>,
+    exports: watch::Receiver<Arc<LocalExports>>,
+    draining: watch::Receiver<bool>,
+}
+
+impl StatusSource for Status {
+    fn status(&self) -> StatusView {
+        let snapshot = self.snapshots.borrow().clone();
+        let watcher = self.watcher.borrow().clone();
+        let exports = self.exports.borrow().clone();
+        let mut clusters: Vec<ClusterStatus> = snapshot
+            .clusters()
+            .map(|c| ClusterStatus {
+                name: c.to_string(),
+                local: *c == self.cluster,
+                gateways: snapshot
+                    .gateways_of(c)
+                    .map(|g| GatewayStatus {
+                        id: g.gateway_id.to_string(),
+                        addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
+                        draining: g.draining,
+                        connected: false,
+                        rtt_ms: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if !clusters.iter().any(|c| c.local) {
+            clusters.push(ClusterStatus {
+                name: self.cluster.to_string(),
+                local: true,
+                gateways: vec![],
+            });
+        }
+        let services = snapshot
+            .services()
+            .map(|svc| {
+                let target = svc.ports.first().and_then(|p| {
+                    let r = route::Route {
+                        service: svc.key.clone(),
+                        port: p.port,
+                        target: None,
+                    };
+                    route::candidates(&snapshot, &self.cluster, &exports, &r)
+                        .into_iter()
+                        .next()
+                        .map(|c| match c {
+                            route::Candidate::Local(_) => format!("{} (local)", self.cluster),
+                            route::Candidate::Remote { cluster, .. } => cluster.to_string(),
+                        })
+                });
+                ServiceStatus {
+                    name: svc.key.to_string(),
+                    vip: snapshot
+                        .vip(&self.cluster, &svc.key, None)
+                        .map(|v| v.to_string()),
+                    ports: svc
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}/{} {}", p.port, p.protocol.as_str(), p.name))
+                        .collect(),
+                    clusters: svc
+                        .clusters
+                        .iter()
+                        .map(|(c, e)| (c.to_string(), e.endpoints_healthy, e.endpoints_total))
+                        .collect(),
+                    target,
+                }
+            })
+            .collect();
+        StatusView {
+            cluster: self.cluster.to_string(),
+            gateway_id: self.gateway_id.clone(),
+            region: self.region.clone(),
+            ready: self.readiness.is_ready(),
+            pending: self
+                .readiness
+                .pending()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            draining: *self.draining.borrow(),
+            catalog: CatalogStatus {
+                backend: self.backend.clone(),
+                revision: snapshot.revision,
+                synced: watcher.synced,
+                connected: watcher.connected,
+                stale_seconds: watcher.staleness().map_or(0.0, |d| d.as_secs_f64()),
+                services: snapshot.service_count(),
+                exports: snapshot.export_count(),
+            },
+            clusters,
+            services,
+        }
+    }
+}

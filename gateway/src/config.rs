@@ -1,0 +1,438 @@
+//! The gateway's configuration: one YAML file, unknown fields rejected, every default named,
+//! `validate()` rejecting impossible combinations with a message that says what to change,
+//! plus a few environment overrides for deployment (`MESHUP_*`).
+//!
+//! Each subsystem owns its section's type (`catalog:` → meshup-federation, `dns:` →
+//! meshup-dns, `tunnel:` → this crate's tunnel module); this module composes them.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use ipnet::IpNet;
+use meshup_core::identity::check_trust_domain;
+use meshup_core::model::{PortSpec, validate_ports};
+use meshup_core::names::{ClusterName, GatewayId, Namespace, ServiceKey, ServiceName};
+use meshup_dns::DnsConfig;
+use meshup_federation::config::CatalogConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::tunnel::TunnelConfig;
+
+/// Default admin HTTP address: loopback only.
+pub const DEFAULT_ADMIN_HTTP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15020);
+/// Smallest VIP range we accept: a /30 would leave no room for a real catalog.
+pub const MIN_VIP_ADDRESSES: u128 = 16;
+/// Most exports one gateway may declare.
+pub const MAX_EXPORTS: usize = 4096;
+/// Most endpoints one export may declare.
+pub const MAX_ENDPOINTS_PER_EXPORT: usize = 1024;
+
+/// Why a configuration was rejected. Every message names the field to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("environment variable {name}={value:?} is not valid: {message}")]
+    Env {
+        name: &'static str,
+        value: String,
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's cluster (an RFC 1123 label).
+    pub cluster: ClusterName,
+    /// This gateway's id within its cluster. Default: `<cluster>-0`.
+    #[serde(default)]
+    pub gateway_id: Option<GatewayId>,
+    /// Locality, used to prefer nearby clusters.
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    /// The federation's SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Where the catalog lives.
+    pub catalog: CatalogConfig,
+    /// Range this cluster's VIPs are allocated from.
+    pub vip_cidr: IpNet,
+    pub tunnel: TunnelConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Services this cluster offers to the federation.
+    #[serde(default)]
+    pub exports: Vec<ExportConfig>,
+}
+
+/// The admin surface.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Admin HTTP address (`/ready`, `/live`, `/metrics`, status page).
+    #[serde(default = "default_admin_http")]
+    pub http: SocketAddr,
+    /// The admin API has no authentication of its own, so it binds to loopback unless the
+    /// operator says otherwise here.
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+fn default_admin_http() -> SocketAddr {
+    DEFAULT_ADMIN_HTTP
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            http: DEFAULT_ADMIN_HTTP,
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// One service this cluster exports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub name: ServiceName,
+    pub namespace: Namespace,
+    pub ports: Vec<PortSpec>,
+    /// Local endpoints (`ip:port`) the gateway connects to. The port of a service port maps
+    /// to the same port on each endpoint unless the endpoint names its own.
+    pub endpoints: Vec<SocketAddr>,
+    /// Clusters allowed to call this service; empty means every cluster of the federation.
+    #[serde(default)]
+    pub allowed_callers: Vec<ClusterName>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl ExportConfig {
+    /// The clusterset service this export belongs to.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a config file.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        config.apply_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text (no validation).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// This gateway's id, defaulted from the cluster name.
+    pub fn gateway_id(&self) -> GatewayId {
+        self.gateway_id.clone().unwrap_or_else(|| {
+            GatewayId::new(&format!("{}-0", self.cluster))
+                .unwrap_or_else(|_| GatewayId::new("gateway-0").expect("a literal valid label"))
+        })
+    }
+
+    /// Applies `MESHUP_*` environment overrides (for containers, where the file is shared
+    /// across replicas and the per-replica bits come from the environment).
+    pub fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        if let Some(v) = env.var("MESHUP_GATEWAY_ID") {
+            self.gateway_id = Some(GatewayId::new(&v).map_err(|e| ConfigError::Env {
+                name: "MESHUP_GATEWAY_ID",
+                value: v.clone(),
+                message: e.to_string(),
+            })?);
+        }
+        if let Some(v) = env.var("MESHUP_CATALOG_ENDPOINTS") {
+            self.catalog.endpoints = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        if let Some(v) = env.var("MESHUP_ADMIN_HTTP") {
+            self.admin.http = v.parse().map_err(|e| ConfigError::Env {
+                name: "MESHUP_ADMIN_HTTP",
+                value: v.clone(),
+                message: format!("{e}"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Rejects impossible combinations. Each error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_trust_domain(&self.trust_domain)
+            .map_err(|e| invalid("trust_domain", e.to_string()))?;
+        self.catalog
+            .validate()
+            .map_err(|e| invalid("catalog", e.to_string()))?;
+        self.tunnel
+            .validate()
+            .map_err(|e| invalid("tunnel", e.to_string()))?;
+        self.dns
+            .validate()
+            .map_err(|e| invalid("dns", e.to_string()))?;
+
+        let vip_count: u128 = match self.vip_cidr {
+            IpNet::V4(n) => 1u128 << (32 - n.prefix_len()),
+            IpNet::V6(n) => 1u128 << (128 - n.prefix_len()).min(127),
+        };
+        if vip_count < MIN_VIP_ADDRESSES {
+            return Err(invalid(
+                "vip_cidr",
+                format!(
+                    "{} holds {vip_count} addresses; use a range of at least {MIN_VIP_ADDRESSES} (e.g. a /24)",
+                    self.vip_cidr
+                ),
+            ));
+        }
+        if !self.admin.http.ip().is_loopback() && !self.admin.allow_non_loopback {
+            return Err(invalid(
+                "admin.http",
+                format!(
+                    "{} is not a loopback address; the admin API has no authentication, so bind it to 127.0.0.1 or set admin.allow_non_loopback: true",
+                    self.admin.http
+                ),
+            ));
+        }
+        if self.exports.len() > MAX_EXPORTS {
+            return Err(invalid(
+                "exports",
+                format!("{} exports, more than {MAX_EXPORTS}", self.exports.len()),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, e) in self.exports.iter().enumerate() {
+            let field = format!("exports[{i}] ({}.{})", e.name, e.namespace);
+            if !seen.insert(e.key()) {
+                return Err(invalid(field, "the same service is exported twice"));
+            }
+            if e.ports.is_empty() {
+                return Err(invalid(field, "an export needs at least one port"));
+            }
+            validate_ports(&e.ports).map_err(|err| invalid(&field, err.to_string()))?;
+            if e.endpoints.is_empty() {
+                return Err(invalid(
+                    field,
+                    "an export needs at least one local endpoint (ip:port)",
+                ));
+            }
+            if e.endpoints.len() > MAX_ENDPOINTS_PER_EXPORT {
+                return Err(invalid(
+                    field,
+                    format!("more than {MAX_ENDPOINTS_PER_EXPORT} endpoints"),
+                ));
+            }
+            if let Some(bad) = e
+                .endpoints
+                .iter()
+                .find(|a| a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast())
+            {
+                return Err(invalid(
+                    field,
+                    format!("endpoint {bad} is not an address a gateway can connect to"),
+                ));
+            }
+            if e.allowed_callers.contains(&self.cluster) && e.allowed_callers.len() == 1 {
+                // Allowed only from itself: legal, but almost always a typo for the peer.
+                tracing::warn!(%field, "export allows only its own cluster as a caller");
+            }
+        }
+        Ok(())
+    }
+
+    /// The config as YAML with secrets redacted, for `meshup config check` and logs.
+    pub fn redacted_yaml(&self) -> String {
+        let mut value = match serde_norway::to_value(self) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot render config: {e}\n"),
+        };
+        redact(&mut value);
+        serde_norway::to_string(&value).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Replaces values of keys that look secret.
+fn redact(value: &mut serde_norway::Value) {
+    match value {
+        serde_norway::Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let secret = k
+                    .as_str()
+                    .is_some_and(|k| k.contains("password") && !k.ends_with("_file"));
+                if secret {
+                    *v = serde_norway::Value::String("<redacted>".into());
+                } else {
+                    redact(v);
+                }
+            }
+        }
+        serde_norway::Value::Sequence(seq) => seq.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
+/// Where environment overrides come from. Tests pass a map; the binary passes the process
+/// environment, so tests never depend on (or change) the real environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for std::collections::HashMap<&'static str, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const SAMPLE: &str = r#"
+cluster: east
+region: us-east-1
+trust_domain: mesh.local
+catalog:
+  backend: embedded
+  prefix: /meshup
+  lease_ttl: 10s
+vip_cidr: 127.77.0.0/16
+tunnel:
+  cert: certs/cert.pem
+  key: certs/key.pem
+  bundle: certs/bundle.pem
+admin:
+  http: 127.0.0.1:15020
+exports:
+  - name: pay
+    namespace: prod
+    ports: [{name: http, port: 8080, protocol: tcp}]
+    endpoints: ["127.0.0.1:18080"]
+"#;
+
+    fn sample() -> Config {
+        Config::parse(SAMPLE).expect("sample parses")
+    }
+
+    #[test]
+    fn sample_config_is_valid() {
+        let c = sample();
+        c.validate().expect("valid");
+        assert_eq!(c.gateway_id().as_str(), "east-0");
+        assert_eq!(c.exports[0].key().to_string(), "pay.prod");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_with_their_name() {
+        let text = SAMPLE.replace("region:", "regoin:");
+        let err = Config::parse(&text).expect_err("typo must be rejected");
+        assert!(err.to_string().contains("regoin"), "{err}");
+    }
+
+    #[test]
+    fn impossible_combinations_are_explained() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "vip_cidr: 127.77.0.0/16",
+                "vip_cidr: 127.77.0.0/30",
+                "vip_cidr",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 10.1.2.3:15020",
+                "admin.http",
+            ),
+            (
+                "trust_domain: mesh.local",
+                "trust_domain: Mesh.Local",
+                "trust_domain",
+            ),
+            ("port: 8080", "port: 0", "exports[0]"),
+            (
+                r#"endpoints: ["127.0.0.1:18080"]"#,
+                "endpoints: []",
+                "exports[0]",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = SAMPLE.replace(from, to);
+            let err = match Config::parse(&text) {
+                Ok(c) => c.validate().expect_err(to).to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(field), "{to}: {err}");
+        }
+        let mut twice = sample();
+        twice.exports.push(twice.exports[0].clone());
+        let err = twice.validate().expect_err("duplicate export");
+        assert!(err.to_string().contains("exported twice"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_apply_and_are_checked() {
+        let mut c = sample();
+        let env: HashMap<&'static str, String> = HashMap::from([
+            ("MESHUP_GATEWAY_ID", "east-7".to_string()),
+            ("MESHUP_ADMIN_HTTP", "127.0.0.1:25020".to_string()),
+        ]);
+        c.apply_env(&env).expect("valid overrides");
+        assert_eq!(c.gateway_id().as_str(), "east-7");
+        assert_eq!(c.admin.http.port(), 25020);
+
+        let bad: HashMap<&'static str, String> =
+            HashMap::from([("MESHUP_GATEWAY_ID", "East_7".to_string())]);
+        let err = c.apply_env(&bad).expect_err("bad id");
+        assert!(err.to_string().contains("MESHUP_GATEWAY_ID"), "{err}");
+    }
+}
