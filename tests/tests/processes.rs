@@ -1,0 +1,582 @@
+//! Tests with real `meshup gateway` processes on a real etcd: what depends on a process dying
+//! (kill -9) or being told to stop (SIGTERM) can only be shown with real processes.
+//!
+//! The `meshup` binary must be built (`cargo build --workspace` builds it; `.ci/test` does).
+//! A missing binary, `etcd` or `etcdctl` is a loud failure, never a skip.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use meshup_tests::{EtcdServer, eventually_ok};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TRUST_DOMAIN: &str = "proc.test";
+/// Lease TTL of the gateways under test: etcd 3.4's minimum.
+const LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// The `meshup` binary next to this test executable (target/<profile>/meshup).
+fn meshup_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let bin = dir.join("meshup");
+    assert!(
+        bin.exists(),
+        "the meshup binary is missing at {}: run `cargo build --workspace` first (.ci/test does)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port() -> u16 {
+    // Bind-and-release: a small window in which another process could take the port; the
+    // gateway then fails to start loudly, which the test reports.
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A federation's certificates, made with the real CLI.
+struct Certs {
+    dir: tempfile::TempDir,
+}
+
+impl Certs {
+    fn new(clusters: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        run_meshup(&[
+            "certs",
+            "init",
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--out",
+            path_str(&ca),
+        ]);
+        for c in clusters {
+            let out = dir.path().join(c);
+            run_meshup(&[
+                "certs",
+                "issue",
+                "--ca",
+                path_str(&ca),
+                "--cluster",
+                c,
+                "--out",
+                path_str(&out),
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn of(&self, cluster: &str) -> PathBuf {
+        self.dir.path().join(cluster)
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn run_meshup(args: &[&str]) {
+    let out = Command::new(meshup_bin())
+        .args(args)
+        .output()
+        .expect("run meshup");
+    assert!(
+        out.status.success(),
+        "meshup {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One `meshup gateway` process.
+struct GatewayProcess {
+    child: Option<Child>,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+struct GatewaySpec<'a> {
+    cluster: &'a str,
+    vip_cidr: &'a str,
+    etcd: &'a EtcdServer,
+    certs: &'a Certs,
+    prefix: &'a str,
+    /// (service name, namespace, port, backend address)
+    exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
+    drain_deadline: Duration,
+}
+
+impl GatewayProcess {
+    fn start(spec: GatewaySpec<'_>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let certs = spec.certs.of(spec.cluster);
+        let mut exports = String::new();
+        for (name, ns, port, backend) in &spec.exports {
+            exports.push_str(&format!(
+                "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
+            ));
+        }
+        let config = format!(
+            r#"cluster: {cluster}
+gateway_id: {cluster}-0
+trust_domain: {TRUST_DOMAIN}
+catalog:
+  backend: etcd
+  endpoints: ["{etcd}"]
+  prefix: {prefix}
+  lease_ttl: {ttl}s
+  allow_loopback_addresses: true
+vip_cidr: {vip_cidr}
+tunnel:
+  listen: 127.0.0.1:{quic}
+  cert: {certs}/cert.pem
+  key: {certs}/key.pem
+  bundle: {certs}/bundle.pem
+  drain_deadline: {drain}ms
+dns:
+  listen: 127.0.0.1:{dns}
+admin:
+  http: {admin}
+exports:
+{exports}"#,
+            cluster = spec.cluster,
+            etcd = spec.etcd.endpoint(),
+            prefix = spec.prefix,
+            ttl = LEASE_TTL.as_secs(),
+            vip_cidr = spec.vip_cidr,
+            quic = free_port(),
+            certs = certs.display(),
+            drain = spec.drain_deadline.as_millis(),
+            dns = free_port(),
+            exports = if exports.is_empty() {
+                "  []\n".to_string()
+            } else {
+                exports
+            },
+        );
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = dir.path().join("gateway.log");
+        let child = Command::new(meshup_bin())
+            .args(["gateway", "--config", path_str(&config_path)])
+            .env("MESHUP_LOG", "info,meshup=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn meshup gateway");
+        Self {
+            child: Some(child),
+            admin,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("process running")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path on the admin server: (status code, body).
+    fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let mut s = StdTcpStream::connect_timeout(&self.admin, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no status code")?;
+        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+        Ok((code, body.to_string()))
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "gateway exited during start-up ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if matches!(self.admin_get("/ready"), Ok((200, _))) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within 30s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The VIP (and port) this gateway's cluster uses for `<name>.<ns>`, once it has one and
+    /// a healthy target for it.
+    async fn wait_routable(&self, service: &str, port: u16) -> SocketAddr {
+        eventually_ok(
+            &format!("{service} routable from this gateway"),
+            Duration::from_secs(20),
+            || async {
+                let (_, body) = self.admin_get("/status")?;
+                let status: serde_json::Value = serde_json::from_str(&body)?;
+                let svc = status["services"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|s| s["name"] == service))
+                    .context("service not in status")?;
+                if svc["target"].is_null() {
+                    bail!("no target yet: {svc}");
+                }
+                let vip = svc["vip"].as_str().context("no VIP yet")?;
+                Ok::<_, anyhow::Error>(SocketAddr::new(vip.parse()?, port))
+            },
+        )
+        .await
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("process");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit within {timeout:?}; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A backend that streams bytes forever to each connection.
+async fn streaming_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk = vec![7u8; 16 * 1024];
+                while c.write_all(&chunk).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that echoes every byte back.
+async fn echo_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
+    etcd.etcdctl(&["get", "--prefix", "--keys-only", prefix])
+        .expect("etcdctl get")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_gateway_records_leave_the_catalog_within_ttl_plus_one_second() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["west"]);
+    let backend = echo_backend().await;
+    let mut west = GatewayProcess::start(GatewaySpec {
+        cluster: "west",
+        vip_cidr: "127.78.2.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/lease",
+        exports: vec![("pay", "prod", 8080, backend)],
+        drain_deadline: Duration::from_secs(2),
+    });
+    west.wait_ready().await;
+    let own = "/lease/v1/clusters/west/";
+    eventually_ok(
+        "west's gateway and export records",
+        Duration::from_secs(10),
+        || async {
+            let keys = keys_under(&etcd, own);
+            if keys.iter().any(|k| k.ends_with("/exports/prod/pay")) && keys.len() >= 2 {
+                Ok(keys)
+            } else {
+                Err(keys)
+            }
+        },
+    )
+    .await;
+
+    west.signal("-KILL");
+    let killed = Instant::now();
+    west.wait_exit(Duration::from_secs(5)).await;
+    eventually_ok(
+        "records gone after kill -9",
+        Duration::from_secs(10),
+        || async {
+            let keys = keys_under(&etcd, own);
+            if keys.is_empty() { Ok(()) } else { Err(keys) }
+        },
+    )
+    .await;
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after <= LEASE_TTL + Duration::from_secs(1),
+        "records took {gone_after:?} to leave the catalog (TTL {LEASE_TTL:?} + 1 s allowed)"
+    );
+    // VIPs are not lease-bound: the cluster's allocation survives its gateway.
+    assert!(
+        !keys_under(&etcd, "/lease/v1/vips/west/").is_empty(),
+        "VIPs must outlive a gateway restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_remote_gateway_resets_the_client_within_seconds() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let backend = streaming_backend().await;
+    let mut west = GatewayProcess::start(GatewaySpec {
+        cluster: "west",
+        vip_cidr: "127.78.12.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/kill",
+        exports: vec![("stream", "test", 9000, backend)],
+        drain_deadline: Duration::from_secs(2),
+    });
+    let mut east = GatewayProcess::start(GatewaySpec {
+        cluster: "east",
+        vip_cidr: "127.78.11.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/kill",
+        exports: vec![],
+        drain_deadline: Duration::from_secs(2),
+    });
+    west.wait_ready().await;
+    east.wait_ready().await;
+    let vip = east.wait_routable("stream.test", 9000).await;
+
+    let mut client = TcpStream::connect(vip).await.expect("connect to the VIP");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0usize;
+    while received < 256 * 1024 {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("bytes flow before the kill")
+            .expect("read");
+        assert!(n > 0, "stream ended before the kill");
+        received += n;
+    }
+
+    west.signal("-KILL");
+    let killed = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let noticed = killed.elapsed();
+    let outcome = outcome.unwrap_or_else(|_| {
+        panic!(
+            "client connection still hanging 10 s after kill -9; east log:\n{}",
+            east.log_text()
+        )
+    });
+    let err = outcome.expect_err("a dead remote must reset the client, not end it cleanly");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(
+        noticed <= Duration::from_millis(4500),
+        "client saw the reset {noticed:?} after kill -9 (promise: ~3.5 s)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_connections_to_completion() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let backend = echo_backend().await;
+    let mut west = GatewayProcess::start(GatewaySpec {
+        cluster: "west",
+        vip_cidr: "127.78.22.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/drain",
+        exports: vec![("echo", "test", 7000, backend)],
+        drain_deadline: Duration::from_secs(10),
+    });
+    let mut east = GatewayProcess::start(GatewaySpec {
+        cluster: "east",
+        vip_cidr: "127.78.21.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/drain",
+        exports: vec![],
+        drain_deadline: Duration::from_secs(2),
+    });
+    west.wait_ready().await;
+    east.wait_ready().await;
+    let vip = east.wait_routable("echo.test", 7000).await;
+
+    // Five connections, each sending 40 chunks of 16 KiB over ~2 s and reading the echo.
+    const CHUNKS: usize = 40;
+    const CHUNK: usize = 16 * 1024;
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(8);
+    let mut clients = Vec::new();
+    for i in 0..5u8 {
+        let started = started_tx.clone();
+        clients.push(tokio::spawn(async move {
+            let conn = TcpStream::connect(vip).await?;
+            let (mut r, mut w) = conn.into_split();
+            let writer = tokio::spawn(async move {
+                let mut sent = Sha256::new();
+                for c in 0..CHUNKS {
+                    let chunk: Vec<u8> =
+                        (0..CHUNK).map(|j| (j + c + usize::from(i)) as u8).collect();
+                    w.write_all(&chunk).await?;
+                    sent.update(&chunk);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                w.shutdown().await?;
+                Ok::<_, std::io::Error>(sent.finalize())
+            });
+            let mut got = Sha256::new();
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut total = 0;
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                if total == 0 {
+                    // The first echoed byte proves the stream reached west's backend: from
+                    // now on the connection is in flight through west.
+                    let _ = started.send(()).await;
+                }
+                got.update(&buf[..n]);
+                total += n;
+            }
+            let sent = writer.await.map_err(std::io::Error::other)??;
+            Ok::<_, std::io::Error>((total, sent == got.finalize()))
+        }));
+    }
+    for _ in 0..5 {
+        started_rx.recv().await.expect("every client started");
+    }
+
+    west.signal("-TERM");
+    // Peers learn of the drain through the catalog before the gateway goes away.
+    eventually_ok(
+        "west marked draining in etcd",
+        Duration::from_secs(3),
+        || async {
+            let v = etcd.etcdctl(&[
+                "get",
+                "/drain/v1/clusters/west/gateways/west-0",
+                "--print-value-only",
+            ])?;
+            if v.contains("\"draining\":true") {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("record: {v}"))
+            }
+        },
+    )
+    .await;
+    for c in clients {
+        let (total, same) = tokio::time::timeout(Duration::from_secs(20), c)
+            .await
+            .expect("in-flight connection finished")
+            .expect("client task")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "in-flight connection broke during drain: {e}; west log:\n{}",
+                    west.log_text()
+                )
+            });
+        assert_eq!(total, CHUNKS * CHUNK, "every byte echoed");
+        assert!(same, "echo intact");
+    }
+    let code = west.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(code, Some(0), "a drained gateway exits cleanly");
+    assert!(
+        west.log_text().contains("draining"),
+        "the gateway logs its drain"
+    );
+    // After a clean exit the lease is revoked: the records are gone at once, not after TTL.
+    assert!(keys_under(&etcd, "/drain/v1/clusters/west/").is_empty());
+}
