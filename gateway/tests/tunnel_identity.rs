@@ -224,8 +224,7 @@ async fn server_with_the_wrong_cluster_in_its_id_gets_zero_bytes() {
             .send_replace(east_to_west(vip, impostor.addr()));
         east.wait_listening(vip).await;
 
-        let mut c = dial(vip).await.expect("connect to VIP");
-        let res = ping(&mut c, b"hello").await;
+        let res = try_ping(vip, b"hello").await;
         assert!(
             res.is_err(),
             "connection through an impostor must fail, got {res:?}"

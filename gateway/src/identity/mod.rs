@@ -81,6 +81,9 @@ impl IdentityFiles {
     }
 }
 
+/// Raw bytes of the cert, key and bundle files, compared to notice changes.
+type FileContents = (Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// One consistent set of identity material.
 pub struct Material {
     /// What we present in handshakes.
@@ -92,7 +95,7 @@ pub struct Material {
     /// Our own certificate's expiry.
     pub not_after: SystemTime,
     /// Raw file contents, to notice changes without parsing.
-    fingerprint: (Vec<u8>, Vec<u8>, Vec<u8>),
+    fingerprint: FileContents,
 }
 
 impl fmt::Debug for Material {
@@ -224,7 +227,7 @@ impl Identity {
     }
 }
 
-fn read_all(files: &IdentityFiles) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), IdentityError> {
+fn read_all(files: &IdentityFiles) -> Result<FileContents, IdentityError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| IdentityError::Read {
             path: path.to_owned(),
@@ -246,7 +249,7 @@ fn load_material(
 /// SVID for exactly our trust domain and cluster, and the key must match the certificate.
 fn material_from(
     files: &IdentityFiles,
-    fingerprint: (Vec<u8>, Vec<u8>, Vec<u8>),
+    fingerprint: FileContents,
     trust_domain: &str,
     cluster: &ClusterName,
 ) -> Result<Material, IdentityError> {
@@ -392,7 +395,7 @@ mod tests {
         let id = Identity::load(IdentityFiles::in_dir(&gw), "mesh.test", cluster("east"))
             .expect("loads");
         let first = id.current().serial.clone();
-        assert_eq!(id.reload().expect("unchanged"), false);
+        assert!(!id.reload().expect("unchanged"));
 
         // A truncated certificate: rejected, old material kept.
         std::fs::write(
@@ -413,7 +416,7 @@ mod tests {
 
         // A fresh valid one: swapped in.
         certs::issue(&ca, "east", &gw, Duration::from_secs(3600)).expect("issue");
-        assert_eq!(id.reload().expect("valid"), true);
+        assert!(id.reload().expect("valid"));
         assert_ne!(id.current().serial, first);
     }
 }

@@ -480,12 +480,13 @@ mod tests {
         };
         let east = cluster("east");
         let west = cluster("west");
-        let cases: &[(
+        type Case<'a> = (
             RequestHeader,
-            &ClusterName,
+            &'a ClusterName,
             bool,
             Result<Vec<SocketAddr>, Status>,
-        )] = &[
+        );
+        let cases: &[Case<'_>] = &[
             (h("pay.prod", 8080, "east"), &east, false, Ok(vec![ep])),
             (
                 h("pay.prod", 8080, "east"),

@@ -315,6 +315,8 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             port: route.port,
             caller: shared.local.clone(),
         };
+        // The last refusal names the stream's result if nothing connects.
+        let mut result = "no_route";
         for cand in cands {
             match cand {
                 Candidate::Local(eps) => match connect_local(&shared, &eps).await {
@@ -354,16 +356,17 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                             }
                             Err(e) => {
                                 tracing::info!(%peer, error = %e, "candidate failed; trying the next");
-                                if let AttemptError::Refused(status) = e {
-                                    guard.set_result(status.as_str());
-                                }
+                                result = match e {
+                                    AttemptError::Refused(status) => status.as_str(),
+                                    _ => "unreachable",
+                                };
                             }
                         }
                     }
                 }
             }
         }
-        guard.set_result("no_route");
+        guard.set_result(result);
         reset_tcp(tcp);
     }
     .instrument(span)

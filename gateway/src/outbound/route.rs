@@ -224,7 +224,7 @@ mod tests {
         // south: only draining gateways; north: no healthy endpoints.
         assert_eq!(
             candidates(&s, &c("east"), &none, &route),
-            [remote_west.clone()]
+            std::slice::from_ref(&remote_west)
         );
 
         let mine = local_exports([LocalExport {

@@ -1,0 +1,307 @@
+//! Things that change while traffic flows: catalog changes close listeners, peers die
+//! silently, gateways drain, candidates refuse, clients must prove their address.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use meshup_gateway::tunnel::{self, CLOSE_DRAINING};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_export_closes_its_listener_but_open_connections_finish() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(echo.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(east_to_west(vip, west.addr()));
+        east.wait_listening(vip).await;
+
+        let mut open = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut open, b"one").await.expect("echo"), b"one");
+
+        // West withdraws the export and the VIP goes with it.
+        east.snapshots
+            .send_replace(snapshot([gateway_record("west", "w1", west.addr(), false)]));
+        eventually(Duration::from_secs(5), "VIP listener closed (connect refused)", || async {
+            matches!(dial(vip).await, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+        .await;
+        assert!(east.proxy.listeners().is_empty());
+
+        // The connection accepted before keeps working and ends cleanly.
+        assert_eq!(ping(&mut open, b"two").await.expect("still echoes"), b"two");
+        open.shutdown().await.expect("FIN");
+        let mut rest = Vec::new();
+        open.read_to_end(&mut rest).await.expect("clean end");
+        assert!(rest.is_empty());
+        eventually(
+            Duration::from_secs(5),
+            "proxy has no connection in flight",
+            || {
+                let n = east.proxy.in_flight();
+                async move { n == 0 }
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_is_noticed_within_three_and_a_half_seconds_and_idle_is_kept_alive() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        let relay = Relay::start(west.addr()).await;
+        let conn = east
+            .endpoint
+            .connect(relay.addr, &cluster("west"))
+            .await
+            .expect("connect through relay");
+
+        // Idle for longer than the idle timeout: keep-alives hold the connection open.
+        tokio::time::sleep(tunnel::DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        assert!(
+            conn.close_reason().is_none(),
+            "idle connection died: {:?}",
+            conn.close_reason()
+        );
+
+        // The peer goes silent (packets dropped both ways, like SIGKILL or a blackhole).
+        relay.blackhole.store(true, Ordering::SeqCst);
+        let start = Instant::now();
+        let reason = conn.closed().await;
+        let took = start.elapsed();
+        eprintln!("silent peer noticed after {took:?} ({reason})");
+        assert!(
+            matches!(reason, quinn::ConnectionError::TimedOut),
+            "{reason:?}"
+        );
+        assert!(
+            took <= Duration::from_millis(3500),
+            "noticed after {took:?}"
+        );
+        // Not instantly either: the idle timeout, not something else, closed it.
+        assert!(
+            took >= tunnel::DEFAULT_IDLE_TIMEOUT
+                - tunnel::DEFAULT_KEEP_ALIVE
+                - Duration::from_millis(100)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_new_work_lets_streams_finish_and_closes_with_draining() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(echo.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(east_to_west(vip, west.addr()));
+        east.wait_listening(vip).await;
+
+        let mut inflight = dial(vip).await.expect("connect");
+        assert_eq!(
+            ping(&mut inflight, b"before").await.expect("echo"),
+            b"before"
+        );
+        assert_eq!(west.server.in_flight(), 1);
+
+        // A connection made before the drain, to watch how it is closed at the end.
+        let prober = Gateway::start("east", &pki.dir.path().join("east"), |_| {});
+        let watcher = prober
+            .endpoint
+            .connect(west.addr(), &cluster("west"))
+            .await
+            .expect("connect before drain");
+
+        let server = west.server.clone();
+        let drain = tokio::spawn(async move { server.drain(Duration::from_secs(10)).await });
+        eventually(Duration::from_secs(2), "drain started", || {
+            let d = west.server.is_draining();
+            async move { d }
+        })
+        .await;
+
+        // New stream on the existing QUIC connection: answered `draining`, nothing proxied.
+        let res = try_ping(vip, b"new").await;
+        assert!(
+            res.is_err(),
+            "new connection during drain must fail: {res:?}"
+        );
+        assert_eq!(echo.accepted.load(Ordering::SeqCst), 1);
+        let metrics = east.metrics.clone();
+        eventually(
+            Duration::from_secs(2),
+            "outbound stream counted as draining",
+            || {
+                let n = metrics
+                    .streams_closed
+                    .get_or_create(&tunnel::StreamResultLabels {
+                        direction: "outbound",
+                        result: "draining",
+                    })
+                    .get();
+                async move { n == 1 }
+            },
+        )
+        .await;
+        // New QUIC connections are refused too.
+        assert!(
+            prober
+                .endpoint
+                .connect(west.addr(), &cluster("west"))
+                .await
+                .is_err()
+        );
+
+        // The in-flight stream still works, and the drain ends when it does.
+        assert_eq!(
+            ping(&mut inflight, b"during").await.expect("echo"),
+            b"during"
+        );
+        assert!(!drain.is_finished());
+        drop(inflight);
+        let report = drain.await.expect("drain task");
+        assert!(report.completed, "{report:?}");
+        assert_eq!(report.remaining, 0);
+
+        // Close with the draining code: peers see why.
+        west.endpoint.close(CLOSE_DRAINING, b"draining");
+        match watcher.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, CLOSE_DRAINING)
+            }
+            other => panic!("expected an application close with the draining code, got {other:?}"),
+        }
+        west.endpoint.wait_idle().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_candidate_fails_over_before_any_byte_and_pinned_vip_stays_pinned() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let north_backend = Backend::echo().await;
+        let west_backend = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let north = Gateway::start("north", &pki.issue("north", "north"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        // North only lets south call it: east gets `forbidden` there and moves on to west.
+        north.export(north_backend.addr, &["south"]);
+        west.export(west_backend.addr, &[]);
+        let vip = next_vip();
+        let pinned = next_vip();
+        east.snapshots.send_replace(snapshot([
+            gateway_record("north", "n1", north.addr(), false),
+            gateway_record("west", "w1", west.addr(), false),
+            export_record("north", "n1", 1),
+            export_record("west", "w1", 1),
+            vip_record("east", None, vip),
+            vip_record("east", Some("north"), pinned),
+        ]));
+        east.wait_listening(vip).await;
+        east.wait_listening(pinned).await;
+
+        let mut c = dial(vip).await.expect("connect");
+        assert_eq!(
+            ping(&mut c, b"hello").await.expect("echo via west"),
+            b"hello"
+        );
+        assert_eq!(north_backend.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(west_backend.accepted.load(Ordering::SeqCst), 1);
+
+        // The VIP pinned to north never falls over to west.
+        assert!(try_ping(pinned, b"hello").await.is_err());
+        assert_eq!(west_backend.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(north_backend.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unvalidated_clients_get_a_retry_under_load() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        // max_handshakes = 1 puts the Retry threshold at 0 handshakes in progress: every new
+        // client must validate its address first.
+        let west = Gateway::start("west", &pki.issue("west", "west"), |c| c.max_handshakes = 1);
+        let relay = Relay::start(west.addr()).await;
+        let conn = east
+            .endpoint
+            .connect(relay.addr, &cluster("west"))
+            .await
+            .expect("connects after a Retry");
+        assert!(
+            relay.retries_seen.load(Ordering::SeqCst) >= 1,
+            "no Retry packet seen"
+        );
+        drop(conn);
+
+        // With the default cap nobody is asked to retry when idle.
+        let calm = Gateway::start("west", &pki.dir.path().join("west"), |_| {});
+        let relay = Relay::start(calm.addr()).await;
+        east.endpoint
+            .connect(relay.addr, &cluster("west"))
+            .await
+            .expect("connects");
+        assert_eq!(relay.retries_seen.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_with_fin_per_new_connection_has_no_ack_delay_stall() {
+    within(Duration::from_secs(60), async {
+        let pki = Pki::new();
+        // HTTP/1.0 style: request, FIN, response, close — a new TCP connection every time.
+        let backend = Backend::start(|mut s| async move {
+            let mut req = Vec::new();
+            if s.read_to_end(&mut req).await.is_ok() {
+                let _ = s.write_all(&req).await;
+            }
+        })
+        .await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(backend.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(east_to_west(vip, west.addr()));
+        east.wait_listening(vip).await;
+        let req = vec![0x42u8; 1024];
+        let mut samples = Vec::new();
+        for i in 0..220 {
+            let t = Instant::now();
+            let mut c = dial(vip).await.expect("connect");
+            c.write_all(&req).await.expect("write");
+            c.shutdown().await.expect("FIN");
+            let mut resp = Vec::new();
+            c.read_to_end(&mut resp).await.expect("read");
+            assert_eq!(resp.len(), req.len());
+            if i >= 20 {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        let p50 = samples[samples.len() / 2];
+        let p99 = samples[samples.len() * 99 / 100];
+        eprintln!("1 KiB request+FIN on a new TCP connection, warm QUIC: p50 {p50:?}, p99 {p99:?}");
+        assert!(
+            p50 < Duration::from_millis(5),
+            "p50 {p50:?} suggests ACK-delay stalls"
+        );
+    })
+    .await;
+}
