@@ -305,3 +305,47 @@ async fn request_with_fin_per_new_connection_has_no_ack_delay_stall() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_proxied_connections_are_reset_busy_ones_are_not() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let idle = Duration::from_millis(600);
+        let east = Gateway::start("east", &pki.issue("east", "east"), |c| {
+            c.stream_idle_timeout = idle
+        });
+        let west = Gateway::start("west", &pki.issue("west", "west"), |c| {
+            c.stream_idle_timeout = idle
+        });
+        west.export(echo.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(east_to_west(vip, west.addr()));
+        east.wait_listening(vip).await;
+
+        let mut quiet = dial(vip).await.expect("connect");
+        let mut busy = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut quiet, b"hi").await.expect("echo"), b"hi");
+        let start = Instant::now();
+        // Busy: a byte every 200 ms for three idle periods.
+        while start.elapsed() < 3 * idle {
+            assert_eq!(
+                ping(&mut busy, b"x")
+                    .await
+                    .expect("busy connection survives"),
+                b"x"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Quiet: reset by now.
+        let mut buf = [0u8; 1];
+        let res = tokio::time::timeout(Duration::from_secs(2), quiet.read(&mut buf))
+            .await
+            .expect("quiet connection was not closed");
+        assert!(
+            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "idle connection should be reset, got {res:?}"
+        );
+    })
+    .await;
+}

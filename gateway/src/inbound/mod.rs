@@ -33,7 +33,10 @@ use tracing::Instrument;
 use balance::Balancer;
 pub use balance::pick_two;
 
-use crate::tunnel::{self, Endpoint, RESET_ABORT, splice::splice};
+use crate::tunnel::{
+    self, Endpoint, RESET_ABORT,
+    splice::{splice, splice_result},
+};
 
 /// One service this gateway serves to the federation, from the gateway's config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,7 +369,10 @@ async fn serve_stream(
                 return;
             }
         };
-        let Some((tcp, load)) = shared.balancer.connect(&endpoints, connect_timeout).await else {
+        // The whole search is bounded by one connect timeout, so the caller (which waits
+        // header + connect timeout for our answer) always hears from us first.
+        let search = shared.balancer.connect(&endpoints, connect_timeout);
+        let Ok(Some((tcp, load))) = tokio::time::timeout(connect_timeout, search).await else {
             guard.set_result(Status::ConnectFailed.as_str());
             let _ = answer(&mut send, Status::ConnectFailed).await;
             let _ = recv.stop(RESET_ABORT);
@@ -377,11 +383,12 @@ async fn serve_stream(
             guard.set_result("error");
             return;
         }
-        let outcome = splice(tcp, send, recv, &rest).await;
+        let idle = shared.endpoint.config().stream_idle_timeout;
+        let outcome = splice(tcp, send, recv, &rest, idle).await;
         drop(load);
         // Inbound: TCP is the backend, so QUIC → TCP is toward the upstream.
         metrics.add_bytes("inbound", outcome.quic_to_tcp, outcome.tcp_to_quic);
-        guard.set_result(if outcome.reset { "reset" } else { "done" });
+        guard.set_result(splice_result(&outcome));
     }
     .instrument(span)
     .await;

@@ -37,7 +37,10 @@ pub use pool::{PeerKey, Pool, PoolError};
 pub use route::{Candidate, Route, candidates, desired_listeners};
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
-use crate::tunnel::{ConnectError, Endpoint, RESET_ABORT, splice::splice};
+use crate::tunnel::{
+    ConnectError, Endpoint, RESET_ABORT,
+    splice::{splice, splice_result},
+};
 
 /// How often the reconciler re-checks listeners even without a catalog change (retries
 /// binds that failed, e.g. an address still held by a closing listener).
@@ -343,9 +346,10 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                         };
                         match open_tunnel(&shared, &peer, &header).await {
                             Ok((send, recv)) => {
-                                let out = splice(tcp, send, recv, &[]).await;
+                                let idle = shared.endpoint.config().stream_idle_timeout;
+                                let out = splice(tcp, send, recv, &[], idle).await;
                                 metrics.add_bytes("outbound", out.tcp_to_quic, out.quic_to_tcp);
-                                guard.set_result(if out.reset { "reset" } else { "done" });
+                                guard.set_result(splice_result(&out));
                                 return;
                             }
                             Err(AttemptError::Refused(status)) if !status.retry_elsewhere() => {
@@ -396,7 +400,7 @@ async fn open_tunnel(
         .open_bi()
         .await
         .map_err(|e| AttemptError::Open(e.to_string()))?;
-    let timeout = shared.endpoint.config().header_timeout;
+    let timeout = shared.endpoint.config().answer_timeout();
     let exchange = async {
         send.write_all(&encode_header(header))
             .await

@@ -30,6 +30,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a drain waits for in-flight streams before closing anyway.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+/// A proxied connection with no byte in either direction for this long is reset on both
+/// sides, so abandoned connections cannot pin streams and memory forever (one hour, like
+/// Envoy's default idle timeout: long-lived but quiet database connections survive).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Per-stream receive window: one stream can fill a ~1 ms RTT path at several Gb/s.
 pub const DEFAULT_STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 /// Per-connection receive window, shared by all streams of a connection.
@@ -69,6 +73,8 @@ pub struct TunnelConfig {
     pub header_timeout: Duration,
     #[serde(default = "d_drain", with = "humantime_serde")]
     pub drain_deadline: Duration,
+    #[serde(default = "d_stream_idle", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     #[serde(default = "d_stream_window")]
     pub stream_window_bytes: u32,
     #[serde(default = "d_conn_window")]
@@ -104,6 +110,9 @@ fn d_header() -> Duration {
 }
 fn d_drain() -> Duration {
     DEFAULT_DRAIN_DEADLINE
+}
+fn d_stream_idle() -> Duration {
+    DEFAULT_STREAM_IDLE_TIMEOUT
 }
 fn d_stream_window() -> u32 {
     DEFAULT_STREAM_WINDOW_BYTES
@@ -153,6 +162,7 @@ impl TunnelConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             drain_deadline: DEFAULT_DRAIN_DEADLINE,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             stream_window_bytes: DEFAULT_STREAM_WINDOW_BYTES,
             connection_window_bytes: DEFAULT_CONNECTION_WINDOW_BYTES,
         }
@@ -175,6 +185,7 @@ impl TunnelConfig {
             ("max_connection_age", self.max_connection_age),
             ("connect_timeout", self.connect_timeout),
             ("header_timeout", self.header_timeout),
+            ("stream_idle_timeout", self.stream_idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { field });
@@ -212,6 +223,13 @@ impl TunnelConfig {
             return Err(ConfigError::WindowOrder);
         }
         Ok(())
+    }
+
+    /// How long a caller waits for the status answer: the peer's header read plus its
+    /// (bounded) search for a local endpoint, so a slow-but-working peer is not abandoned
+    /// while it is still connecting.
+    pub fn answer_timeout(&self) -> Duration {
+        self.header_timeout + self.connect_timeout
     }
 
     /// Addresses to publish for peers.

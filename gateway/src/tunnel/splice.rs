@@ -6,15 +6,18 @@
 //!   flowing the other way.
 //! - TCP RST (read/write fails) → QUIC `reset` of our send side and `stop` of our receive
 //!   side; QUIC reset/stop from the peer or a lost connection → TCP RST (zero linger, close).
+//! - Idle: no byte either way for `idle_timeout` resets both sides (RELIABILITY.md 12).
 //! - Backpressure: each direction awaits its write before the next read, so a slow reader
 //!   slows the writer down through TCP windows and QUIC flow control; nothing buffers more
 //!   than one chunk per direction.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quinn::{ReadError, RecvStream, SendStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::{RESET_ABORT, RESET_TCP};
 
@@ -29,6 +32,17 @@ pub(crate) struct SpliceOutcome {
     pub quic_to_tcp: u64,
     /// Whether the connection ended with a reset (either side) instead of two FINs.
     pub reset: bool,
+    /// Whether the reset was ours, for idleness.
+    pub idle: bool,
+}
+
+/// The metric label of a finished splice.
+pub(crate) fn splice_result(out: &SpliceOutcome) -> &'static str {
+    match (out.idle, out.reset) {
+        (true, _) => "idle",
+        (false, true) => "reset",
+        (false, false) => "done",
+    }
 }
 
 /// Why one direction stopped early.
@@ -38,6 +52,8 @@ enum Abort {
     Tcp,
     /// The QUIC side was reset/stopped or the connection died: reset the TCP side.
     Quic,
+    /// Nothing moved for the idle timeout.
+    Idle,
 }
 
 /// Splices until both directions are done or either aborts. `initial` is payload already
@@ -47,10 +63,16 @@ pub(crate) async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
     initial: &[u8],
+    idle_timeout: Duration,
 ) -> SpliceOutcome {
     let (mut tr, mut tw) = tcp.into_split();
     let mut up = 0u64;
     let mut down = 0u64;
+    // Milliseconds since `start` of the last byte moved in either direction. An atomic, not a
+    // Cell, because the future must stay `Send`; both directions run in this one task.
+    let start = Instant::now();
+    let last_active = AtomicU64::new(0);
+    let touch = || last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
     let tcp_to_quic = async {
         let mut buf = vec![0u8; CHUNK];
@@ -66,6 +88,7 @@ pub(crate) async fn splice(
                         return Err(Abort::Quic);
                     }
                     up += n as u64;
+                    touch();
                 }
                 Err(_) => return Err(Abort::Tcp),
             }
@@ -81,6 +104,7 @@ pub(crate) async fn splice(
                 Ok(Some(chunk)) => {
                     tw.write_all(&chunk.bytes).await.map_err(|_| Abort::Tcp)?;
                     down += chunk.bytes.len() as u64;
+                    touch();
                 }
                 Ok(None) => {
                     // Stream finished: send FIN to TCP.
@@ -96,13 +120,28 @@ pub(crate) async fn splice(
         }
     };
 
-    let result = futures::future::try_join(tcp_to_quic, quic_to_tcp).await;
+    let idle = async {
+        loop {
+            let last = Duration::from_millis(last_active.load(Ordering::Relaxed));
+            let deadline = start + last + idle_timeout;
+            if Instant::now() >= deadline {
+                return Err::<(), Abort>(Abort::Idle);
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let both = futures::future::try_join(tcp_to_quic, quic_to_tcp);
+    let result = tokio::select! {
+        r = both => r.map(|_| ()),
+        Err(e) = idle => Err(e),
+    };
+    let idled = matches!(result, Err(Abort::Idle));
     let reset = match result {
-        Ok(_) => false,
+        Ok(()) => false,
         Err(abort) => {
             let code = match abort {
                 Abort::Tcp => RESET_TCP,
-                Abort::Quic => RESET_ABORT,
+                Abort::Quic | Abort::Idle => RESET_ABORT,
             };
             // Either side failing aborts both: a half-dead proxied connection is worse than
             // a clean reset the application can see.
@@ -120,5 +159,6 @@ pub(crate) async fn splice(
         tcp_to_quic: up,
         quic_to_tcp: down,
         reset,
+        idle: idled,
     }
 }
