@@ -171,6 +171,14 @@ impl DnsServer {
         metrics.table_rebuilt();
         let (table_tx, table_rx) = watch::channel(Arc::new(published));
 
+        // Everything that can fail comes before the worker threads start.
+        let listener = tcp
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(tcp))
+            .map_err(|source| DnsError::Socket {
+                addr: local_addr,
+                source,
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let handle = tokio::runtime::Handle::current();
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
@@ -235,13 +243,6 @@ impl DnsServer {
             });
         }
 
-        let listener = tcp
-            .set_nonblocking(true)
-            .and_then(|()| TcpListener::from_std(tcp))
-            .map_err(|source| DnsError::Socket {
-                addr: local_addr,
-                source,
-            })?;
         let permits = Arc::new(Semaphore::new(config.max_tcp_connections));
         loop {
             let (stream, peer) = tokio::select! {
