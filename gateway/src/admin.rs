@@ -193,7 +193,11 @@ async fn status_page(State(state): State<AdminState>) -> Html<String> {
 /// links to each with RTT), then services and where their traffic goes now. Pure.
 pub fn render_page(view: &StatusView) -> String {
     let mut out = String::with_capacity(8 * 1024);
-    let title = format!("meshup — {} / {}", esc(&view.cluster), esc(&view.gateway_id));
+    let title = format!(
+        "meshup — {} / {}",
+        esc(&view.cluster),
+        esc(&view.gateway_id)
+    );
     let _ = write!(
         out,
         "<!doctype html><html><head><meta charset=utf-8><title>{title}</title>\
@@ -224,7 +228,10 @@ pub fn render_page(view: &StatusView) -> String {
         stale = if view.catalog.connected {
             "store connected".to_string()
         } else {
-            format!("store unreachable, {:.0}s stale", view.catalog.stale_seconds)
+            format!(
+                "store unreachable, {:.0}s stale",
+                view.catalog.stale_seconds
+            )
         },
     );
     out.push_str(&render_picture(view));
@@ -289,7 +296,8 @@ fn render_picture(view: &StatusView) -> String {
                  <text x={:.0} y={:.0} font-size=12 fill='#555'>{}</text>",
                 (lx + x) / 2.0 + 4.0,
                 (ly + y) / 2.0 - 4.0,
-                rtt.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "no link".into())
+                rtt.map(|v| format!("{v:.2} ms"))
+                    .unwrap_or_else(|| "no link".into())
             );
         }
     }
