@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshup_gateway::config::{Config, ProcessEnv};
+use meshup_gateway::identity::Identity;
 use meshup_gateway::{app, certs, demo};
 use tracing_subscriber::EnvFilter;
 
@@ -111,6 +112,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&file, &ProcessEnv)?;
             println!("# {} is valid", file.display());
             print!("{}", config.redacted_yaml());
+            // The files the gateway needs at start-up must load too; a config that parses
+            // but points at a missing or wrong certificate would fail only at start.
+            Identity::load(
+                config.tunnel.files(),
+                &config.trust_domain,
+                config.cluster.clone(),
+            )
+            .context("the tunnel's certificate files cannot be used")?;
+            println!("# certificates load and match cluster {}", config.cluster);
         }
     }
     Ok(())
