@@ -254,23 +254,27 @@ fn print_federation(gateways: &[Gateway]) {
         let dns = east.addrs().dns;
         println!("\nTry, as a client in cluster east:");
         if let Some(v) = vip("hello.demo", None) {
-            println!(
-                "  curl http://{v}:{SERVICE_PORT}/                 # hello.demo: east serves it itself"
+            try_line(
+                &format!("curl http://{v}:{SERVICE_PORT}/"),
+                "hello.demo: east serves it itself",
             );
         }
         if let Some(v) = vip("pay.prod", None) {
-            println!(
-                "  curl http://{v}:{SERVICE_PORT}/                 # pay.prod: tunnelled over QUIC to west or north"
+            try_line(
+                &format!("curl http://{v}:{SERVICE_PORT}/"),
+                "pay.prod: tunnelled over QUIC to west or north",
             );
         }
         if let Some(v) = vip("pay.prod", Some("north")) {
-            println!(
-                "  curl http://{v}:{SERVICE_PORT}/                 # pay.prod pinned to north"
+            try_line(
+                &format!("curl http://{v}:{SERVICE_PORT}/"),
+                "pay.prod pinned to north",
             );
         }
         if let Some(v) = vip("ledger.prod", None) {
-            println!(
-                "  curl http://{v}:{SERVICE_PORT}/                 # ledger.prod: north allows only west, so east is refused"
+            try_line(
+                &format!("curl http://{v}:{SERVICE_PORT}/"),
+                "ledger.prod: north allows only west, so east is refused",
             );
         }
         println!(
@@ -290,6 +294,11 @@ fn print_federation(gateways: &[Gateway]) {
         );
         println!("  curl http://{}/metrics", east.addrs().admin);
     }
+}
+
+/// Prints one suggested command with its explanation aligned.
+fn try_line(command: &str, why: &str) {
+    println!("  {command:<72} # {why}");
 }
 
 /// `--check`: one request per service from east, through the real listeners and tunnel.
