@@ -298,7 +298,7 @@ fn print_federation(gateways: &[Gateway]) {
 
 /// Prints one suggested command with its explanation aligned.
 fn try_line(command: &str, why: &str) {
-    println!("  {command:<72} # {why}");
+    println!("  {command:<34} # {why}");
 }
 
 /// `--check`: one request per service from east, through the real listeners and tunnel.
