@@ -104,7 +104,11 @@ pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Con
             .arg(&config_path)
             // Warnings and errors only (into the log file): per-connection logging would
             // cost time the peers (stunnel `debug = 3`, nginx `warn`) do not pay.
-            .env("MESHUP_LOG", "warn");
+            .env(
+                "MESHUP_LOG",
+                // An operator's own MESHUP_LOG wins, for debugging the pair.
+                std::env::var("MESHUP_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            );
         let mut gateway = ChildGuard::spawn(
             &format!("meshup gateway ({cluster})"),
             cmd,

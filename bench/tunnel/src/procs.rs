@@ -88,6 +88,16 @@ impl ChildGuard {
         }
     }
 
+    /// What this child is, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} (pid {}, log {})",
+            self.name,
+            self.child.id(),
+            self.log.display()
+        )
+    }
+
     /// The last lines of the child's log, for error messages.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log)

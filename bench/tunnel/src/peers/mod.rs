@@ -95,7 +95,7 @@ impl Contender {
                 let logs: Vec<String> = self
                     .children
                     .iter()
-                    .map(|c| format!("--- {c:?}\n{}", c.log_tail()))
+                    .map(|c| format!("--- {}:\n{}", c.describe(), c.log_tail()))
                     .collect();
                 bail!(
                     "{}: a request through {} failed for {limit:?}: {error:#}\n{}",
