@@ -246,3 +246,45 @@ async fn small_request_response_has_no_delayed_ack_stall() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_spread_across_a_clusters_gateways_with_one_dial_each() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west_dir = pki.issue("west", "west");
+        let w1 = Gateway::start("west", &west_dir, |_| {});
+        let w2 = Gateway::start("west", &west_dir, |_| {});
+        w1.export(echo.addr, &[]);
+        w2.export(echo.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(snapshot([
+            gateway_record("west", "w1", w1.addr(), false),
+            gateway_record("west", "w2", w2.addr(), false),
+            export_record("west", "w1", 1),
+            export_record("west", "w2", 1),
+            vip_record("east", None, vip),
+        ]));
+        east.wait_listening(vip).await;
+        let mut open = Vec::new();
+        for i in 0..40 {
+            let mut c = dial(vip).await.expect("connect");
+            let msg = format!("spread {i:02}");
+            assert_eq!(
+                ping(&mut c, msg.as_bytes()).await.expect("echo"),
+                msg.as_bytes()
+            );
+            open.push(c);
+        }
+        let (a, b) = (w1.server.in_flight(), w2.server.in_flight());
+        assert_eq!(a + b, 40);
+        assert!(a >= 10 && b >= 10, "streams not spread: {a} vs {b}");
+        assert_eq!(
+            east.proxy.dials(),
+            2,
+            "one QUIC connection per peer gateway"
+        );
+    })
+    .await;
+}

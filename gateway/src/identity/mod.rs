@@ -24,7 +24,7 @@ use rustls::sign::CertifiedKey;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-pub use svid::{PeerIdentity, SvidError, check_svid};
+pub use svid::{PeerIdentity, SvidError, check_svid, trust_domain_of};
 pub use verify::{PeerVerifier, server_name_for};
 
 use crate::tunnel::Metrics;

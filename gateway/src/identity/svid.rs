@@ -47,6 +47,21 @@ pub struct PeerIdentity {
     pub identity: GatewayIdentity,
     /// Certificate serial number, lower-case hex: tells rotations apart in logs and tests.
     pub serial: String,
+    /// Validity of the peer's certificate (Unix seconds), to bound connection lifetimes.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// The trust domain named by a certificate's first SPIFFE URI SAN, if any.
+pub fn trust_domain_of(leaf_der: &[u8]) -> Option<String> {
+    let (_, cert) = X509Certificate::from_der(leaf_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|g| match g {
+        GeneralName::URI(u) => SpiffeId::parse(u)
+            .ok()
+            .map(|id| id.trust_domain().to_owned()),
+        _ => None,
+    })
 }
 
 /// Applies the SVID rules to a leaf certificate.
@@ -96,5 +111,7 @@ pub fn check_svid(
     Ok(PeerIdentity {
         identity,
         serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
     })
 }

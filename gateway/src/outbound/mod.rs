@@ -83,6 +83,14 @@ impl pool::Dialer for QuicDialer {
     fn is_usable(conn: &quinn::Connection) -> bool {
         conn.close_reason().is_none()
     }
+
+    /// Half the peer certificate's lifetime, so rotated certificates are in use on every
+    /// connection well before the old ones expire (RELIABILITY.md promise 15).
+    fn lifetime(conn: &quinn::Connection) -> Option<Duration> {
+        let peer = crate::tunnel::peer_identity_unchecked(conn)?;
+        let secs = u64::try_from((peer.not_after - peer.not_before) / 2).ok()?;
+        Some(Duration::from_secs(secs))
+    }
 }
 
 /// The running outbound proxy.

@@ -6,7 +6,8 @@
 //!    result; 1000 simultaneous callers cause exactly one handshake.
 //! 2. A connection that is closed (`Dialer::is_usable` false) is never handed out; the next
 //!    caller redials at once (a dead connection is not a failed dial).
-//! 3. A connection older than `max_age` is never handed out; the next caller gets a new one.
+//! 3. A connection older than `max_age` (or than the dialer's `lifetime` for it, e.g. half
+//!    the certificate lifetime) is never handed out; the next caller gets a new one.
 //!    The old one is only dropped from the pool: streams still open on it finish, and it
 //!    closes when the last of them does.
 //! 4. After a failed dial the peer is in backoff (exponential, capped): callers fail fast
@@ -67,6 +68,10 @@ pub trait Dialer: Send + Sync + 'static {
     fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<Self::Conn, ConnectError>>;
     /// Whether a pooled connection may still carry new streams.
     fn is_usable(conn: &Self::Conn) -> bool;
+    /// A per-connection cap on how long it is handed out, below the pool's `max_age`.
+    fn lifetime(_conn: &Self::Conn) -> Option<Duration> {
+        None
+    }
 }
 
 /// Backoff after `failures` consecutive failed dials (≥ 1). Pure.
@@ -105,6 +110,7 @@ enum Msg<C> {
 }
 
 struct Slot<C> {
+    /// The connection and the instant after which it is no longer handed out.
     conn: Option<(C, Instant)>,
     dialing: bool,
     waiters: Vec<Reply<C>>,
@@ -168,8 +174,8 @@ async fn run<D: Dialer>(
         match msg {
             Msg::Get { peer, reply } => {
                 let slot = slots.entry(peer.clone()).or_default();
-                if let Some((conn, born)) = &slot.conn {
-                    if D::is_usable(conn) && now.duration_since(*born) < max_age {
+                if let Some((conn, retire_at)) = &slot.conn {
+                    if D::is_usable(conn) && now < *retire_at {
                         let _ = reply.send(Ok(conn.clone()));
                         continue;
                     }
@@ -207,7 +213,8 @@ async fn run<D: Dialer>(
                     Ok(conn) => {
                         slot.failures = 0;
                         slot.retry_at = None;
-                        slot.conn = Some((conn.clone(), now));
+                        let age = D::lifetime(&conn).map_or(max_age, |l| l.min(max_age));
+                        slot.conn = Some((conn.clone(), now + age));
                         for w in waiters {
                             let _ = w.send(Ok(conn.clone()));
                         }
@@ -238,12 +245,15 @@ mod tests {
     #[derive(Clone)]
     struct FakeConn {
         alive: Arc<AtomicBool>,
+        lifetime: Option<Duration>,
     }
 
     #[derive(Clone, Default)]
     struct FakeDialer {
         dials: Arc<AtomicU64>,
         fail: Arc<AtomicBool>,
+        /// Milliseconds of certificate-derived lifetime per connection (0: none).
+        lifetime_ms: Arc<AtomicU64>,
     }
 
     impl Dialer for FakeDialer {
@@ -251,6 +261,10 @@ mod tests {
         fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<FakeConn, ConnectError>> {
             self.dials.fetch_add(1, Ordering::SeqCst);
             let fail = self.fail.load(Ordering::SeqCst);
+            let lifetime = match self.lifetime_ms.load(Ordering::SeqCst) {
+                0 => None,
+                ms => Some(Duration::from_millis(ms)),
+            };
             let addr = peer.addr;
             Box::pin(async move {
                 // A handshake takes time, so concurrent callers overlap with it.
@@ -263,12 +277,16 @@ mod tests {
                 } else {
                     Ok(FakeConn {
                         alive: Arc::new(AtomicBool::new(true)),
+                        lifetime,
                     })
                 }
             })
         }
         fn is_usable(conn: &FakeConn) -> bool {
             conn.alive.load(Ordering::SeqCst)
+        }
+        fn lifetime(conn: &FakeConn) -> Option<Duration> {
+            conn.lifetime
         }
     }
 
@@ -321,6 +339,20 @@ mod tests {
         let c3 = pool.get(&peer()).await.expect("recycled");
         assert!(!Arc::ptr_eq(&c2.alive, &c3.alive));
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_connections_own_lifetime_caps_its_age() {
+        let dialer = FakeDialer::default();
+        dialer.lifetime_ms.store(200, Ordering::SeqCst);
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
+        let c1 = pool.get(&peer()).await.expect("dial");
+        let again = pool.get(&peer()).await.expect("pooled");
+        assert!(Arc::ptr_eq(&c1.alive, &again.alive));
+        tokio::time::sleep(Duration::from_millis(210)).await;
+        let c2 = pool.get(&peer()).await.expect("replaced");
+        assert!(!Arc::ptr_eq(&c1.alive, &c2.alive));
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

@@ -249,6 +249,18 @@ pub fn peer_identity(conn: &quinn::Connection, trust_domain: &str) -> Option<Pee
     check_svid(leaf.as_ref(), trust_domain, None).ok()
 }
 
+/// The peer's certificate details without the trust-domain check (for connections we
+/// dialed, whose server certificate the verifier already checked).
+pub(crate) fn peer_identity_unchecked(conn: &quinn::Connection) -> Option<PeerIdentity> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    let td = crate::identity::trust_domain_of(leaf.as_ref())?;
+    check_svid(leaf.as_ref(), &td, None).ok()
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
