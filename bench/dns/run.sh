@@ -28,10 +28,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A loopback port free for both UDP and TCP.
 free_port() {
   python3 -c 'import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
-t = socket.socket(); t.bind(("127.0.0.1", s.getsockname()[1])); print(s.getsockname()[1])'
+for _ in range(100):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    t = socket.socket()
+    try:
+        t.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free port")'
 }
 
 # A process and all its descendants (NSD forks xfrd, main and the serving child).

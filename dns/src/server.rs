@@ -398,15 +398,18 @@ impl UdpWorker {
         let mut outs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| Vec::with_capacity(1024)).collect();
         let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
         let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
-        let mut received: Vec<(usize, Option<SockaddrStorage>, bool)> =
-            Vec::with_capacity(UDP_BATCH);
-        let mut replies: Vec<(usize, SockaddrStorage)> = Vec::with_capacity(UDP_BATCH);
+        // Per received datagram: (length, truncated) and its source address, kept apart so
+        // the 128-byte addresses are copied as little as possible.
+        let mut received: Vec<(usize, bool)> = Vec::with_capacity(UDP_BATCH);
+        let mut sources: Vec<Option<SockaddrStorage>> = Vec::with_capacity(UDP_BATCH);
+        let mut replies: Vec<usize> = Vec::with_capacity(UDP_BATCH);
         let mut state = self.refresh();
         let mut packets: u64 = 0;
         while !self.stop.load(Ordering::Relaxed) {
             // One syscall for every datagram already queued (at least one; SO_RCVTIMEO wakes
             // us to check `stop`).
             received.clear();
+            sources.clear();
             {
                 let mut iovs: Vec<[IoSliceMut<'_>; 1]> =
                     bufs.iter_mut().map(|b| [IoSliceMut::new(b)]).collect();
@@ -420,7 +423,8 @@ impl UdpWorker {
                     Ok(msgs) => {
                         for m in msgs {
                             let truncated = m.flags.contains(MsgFlags::MSG_TRUNC);
-                            received.push((m.bytes, m.address, truncated));
+                            received.push((m.bytes, truncated));
+                            sources.push(m.address);
                         }
                     }
                     Err(Errno::EAGAIN | Errno::EINTR) => continue,
@@ -438,8 +442,8 @@ impl UdpWorker {
                 state = self.refresh();
             }
             replies.clear();
-            for (i, &(n, addr, truncated)) in received.iter().enumerate() {
-                let Some(addr) = addr else {
+            for (i, &(n, truncated)) in received.iter().enumerate() {
+                let Some(addr) = &sources[i] else {
                     continue;
                 };
                 if truncated {
@@ -450,10 +454,10 @@ impl UdpWorker {
                 packets = packets.wrapping_add(1);
                 let sample = packets.is_multiple_of(FAST_LATENCY_SAMPLE);
                 if self.answer(&state, &bufs[i][..n], addr, &mut outs[i], sample) {
-                    replies.push((i, addr));
+                    replies.push(i);
                 }
             }
-            self.send_batch(fd, &mut send_headers, &outs, &replies);
+            self.send_batch(fd, &mut send_headers, &outs, &sources, &replies);
         }
     }
 
@@ -462,7 +466,7 @@ impl UdpWorker {
         &self,
         state: &WorkerState,
         packet: &[u8],
-        addr: SockaddrStorage,
+        addr: &SockaddrStorage,
         out: &mut Vec<u8>,
         sample: bool,
     ) -> bool {
@@ -485,7 +489,7 @@ impl UdpWorker {
                 false
             }
             Fast::Slow => {
-                let Some(src) = to_socket_addr(&addr) else {
+                let Some(src) = to_socket_addr(addr) else {
                     return false;
                 };
                 let t = Instant::now();
@@ -517,16 +521,15 @@ impl UdpWorker {
         fd: RawFd,
         headers: &mut MultiHeaders<SockaddrStorage>,
         outs: &[Vec<u8>],
-        replies: &[(usize, SockaddrStorage)],
+        sources: &[Option<SockaddrStorage>],
+        replies: &[usize],
     ) {
         if replies.is_empty() {
             return;
         }
-        let slices: Vec<[IoSlice<'_>; 1]> = replies
-            .iter()
-            .map(|(i, _)| [IoSlice::new(&outs[*i])])
-            .collect();
-        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|(_, a)| Some(*a)).collect();
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            replies.iter().map(|&i| [IoSlice::new(&outs[i])]).collect();
+        let addrs: Vec<Option<SockaddrStorage>> = replies.iter().map(|&i| sources[i]).collect();
         loop {
             match sendmmsg(fd, headers, &slices, &addrs, NO_CMSGS, MsgFlags::empty()) {
                 Err(Errno::EINTR) => continue,
