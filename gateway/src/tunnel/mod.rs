@@ -310,3 +310,29 @@ fn client_tls(identity: &Arc<Identity>) -> Result<QuicClientConfig, BindError> {
     tls.resumption = rustls::client::Resumption::disabled();
     QuicClientConfig::try_from(tls).map_err(|e| BindError::Tls(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityFiles;
+
+    /// The settings are asserted as quinn sees them (its Debug output is the only reader
+    /// of a built `TransportConfig`); behaviour is asserted in `tests/tunnel_lifecycle.rs`.
+    #[test]
+    fn transport_settings_are_the_chosen_ones() {
+        let cfg = TunnelConfig::with_files(IdentityFiles::in_dir(std::path::Path::new("x")));
+        let t = format!("{:?}", transport_config(&cfg).expect("valid"));
+        for expected in [
+            "max_concurrent_bidi_streams: 4096",
+            "max_concurrent_uni_streams: 0",
+            "max_idle_timeout: Some(3000)",
+            "keep_alive_interval: Some(1s)",
+            &format!("stream_receive_window: {}", 8 * 1024 * 1024),
+            &format!("receive_window: {}", 32 * 1024 * 1024),
+            "max_ack_delay: Some(1ms)",
+            "datagram_receive_buffer_size: None",
+        ] {
+            assert!(t.contains(expected), "{expected:?} not in {t}");
+        }
+    }
+}
