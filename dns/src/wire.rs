@@ -16,7 +16,7 @@
 //! UDP size) returns [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
 //! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use hickory_proto::ProtoError;
@@ -61,20 +61,97 @@ pub enum TableError {
     },
 }
 
-/// Precomputed answers for one name.
-#[derive(Debug, PartialEq, Eq)]
-struct NameEntry {
-    /// (qtype, whole response) for the types that have records.
-    answers: Vec<(u16, Box<[u8]>)>,
-    /// NODATA response (its question's type is patched from the query).
-    nodata: Box<[u8]>,
+/// One name's precomputed answers in a single allocation, so a lookup walks one region of
+/// memory instead of chasing a pointer per field (the table does not fit in cache; each
+/// dependent miss costs as much as the rest of the answer). Layout:
+///
+/// `[key_len u8][key][count u8]([qtype u16][len u16] × count)[nodata_len u16][answers…][nodata]`
+///
+/// Hash and equality are those of the key, so the set can be searched with `&[u8]`.
+#[derive(Debug, Clone)]
+struct NameEntry(Arc<[u8]>);
+
+impl NameEntry {
+    /// Packs an entry; `None` if a length does not fit its field (cannot happen for DNS
+    /// names and messages, which are at most 255 and 65535 bytes).
+    fn pack(key: &[u8], answers: &[(u16, Vec<u8>)], nodata: &[u8]) -> Option<Self> {
+        let mut blob = Vec::with_capacity(
+            4 + key.len()
+                + 4 * answers.len()
+                + answers.iter().map(|a| a.1.len()).sum::<usize>()
+                + nodata.len(),
+        );
+        blob.push(u8::try_from(key.len()).ok()?);
+        blob.extend_from_slice(key);
+        blob.push(u8::try_from(answers.len()).ok()?);
+        for (qtype, bytes) in answers {
+            blob.extend_from_slice(&qtype.to_be_bytes());
+            blob.extend_from_slice(&u16::try_from(bytes.len()).ok()?.to_be_bytes());
+        }
+        blob.extend_from_slice(&u16::try_from(nodata.len()).ok()?.to_be_bytes());
+        for (_, bytes) in answers {
+            blob.extend_from_slice(bytes);
+        }
+        blob.extend_from_slice(nodata);
+        Some(Self(blob.into()))
+    }
+
+    fn key(&self) -> &[u8] {
+        let len = usize::from(self.0.first().copied().unwrap_or(0));
+        self.0.get(1..1 + len).unwrap_or(&[])
+    }
+
+    /// The response template for `qtype`, or the NODATA template when `qtype` has no
+    /// records here (`Err(())` when the blob is malformed, which `pack` never produces).
+    fn template(&self, qtype: u16) -> Result<(bool, &[u8]), ()> {
+        let b = &*self.0;
+        let u16_at = |i: usize| -> Result<usize, ()> {
+            let two = b.get(i..i + 2).ok_or(())?;
+            Ok(usize::from(u16::from_be_bytes([two[0], two[1]])))
+        };
+        let mut pos = 1 + usize::from(*b.first().ok_or(())?);
+        let count = usize::from(*b.get(pos).ok_or(())?);
+        pos += 1;
+        let dir = pos;
+        let nodata_len = u16_at(dir + 4 * count)?;
+        let mut off = dir + 4 * count + 2;
+        for i in 0..count {
+            let t = u16_at(dir + 4 * i)?;
+            let len = u16_at(dir + 4 * i + 2)?;
+            if t == usize::from(qtype) {
+                return b.get(off..off + len).map(|t| (true, t)).ok_or(());
+            }
+            off += len;
+        }
+        b.get(off..off + nodata_len).map(|t| (false, t)).ok_or(())
+    }
 }
+
+impl std::borrow::Borrow<[u8]> for NameEntry {
+    fn borrow(&self) -> &[u8] {
+        self.key()
+    }
+}
+
+impl std::hash::Hash for NameEntry {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for NameEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for NameEntry {}
 
 /// The table of precomputed answers for one snapshot.
 #[derive(Debug)]
 pub struct FastTable {
     /// Entries are shared between successive tables, so an update copies pointers only.
-    names: HashMap<Box<[u8]>, Arc<NameEntry>, NameHash>,
+    names: HashSet<NameEntry, NameHash>,
     /// Lowercase wire form of the apex, to tell "in zone, unknown" (NXDOMAIN) from
     /// "outside the zone" (REFUSED, slow path).
     apex: Box<[u8]>,
@@ -99,15 +176,13 @@ fn entry_for(zone: &ZoneView, name: &Name) -> Result<Option<NameEntry>, TableErr
         let answer = resolve(zone, name, qtype);
         if answer.rcode == ResponseCode::NoError && !answer.answers.is_empty() {
             let bytes = encode_answer(name, qtype, &answer).map_err(|e| err(qtype, e))?;
-            answers.push((u16::from(qtype), bytes.into_boxed_slice()));
+            answers.push((u16::from(qtype), bytes));
         }
     }
     let nodata =
         encode_answer(name, RecordType::CAA, &probe).map_err(|e| err(RecordType::CAA, e))?;
-    Ok(Some(NameEntry {
-        answers,
-        nodata: nodata.into_boxed_slice(),
-    }))
+    // A name with answers too large to pack is simply left to the catalog path.
+    Ok(NameEntry::pack(&wire_name(name), &answers, &nodata))
 }
 
 /// Hashing for the name table: a seeded multiply-rotate hash over 8-byte words (the
@@ -197,10 +272,10 @@ pub fn encode_answer(
 impl FastTable {
     /// Precomputes every answer of a zone view. O(names × types); run off the hot path.
     pub fn build(zone: &ZoneView) -> Result<Self, TableError> {
-        let mut names = HashMap::with_hasher(NameHash::new());
+        let mut names = HashSet::with_hasher(NameHash::new());
         for name in existing_names(zone) {
             if let Some(entry) = entry_for(zone, &name)? {
-                names.insert(wire_name(&name).into_boxed_slice(), Arc::new(entry));
+                names.insert(entry);
             }
         }
         let origin = &zone.settings.origin;
@@ -263,11 +338,14 @@ impl FastTable {
         }
         let mut names = self.names.clone();
         for name in candidates {
-            let key = wire_name(&name).into_boxed_slice();
             match entry_for(new, &name)? {
-                Some(entry) => names.insert(key, Arc::new(entry)),
-                None => names.remove(&key),
-            };
+                Some(entry) => {
+                    names.replace(entry);
+                }
+                None => {
+                    names.remove(&wire_name(&name)[..]);
+                }
+            }
         }
         Ok(Self {
             names,
@@ -279,12 +357,10 @@ impl FastTable {
     /// Whether two tables hold the same answers (for tests of [`update`](Self::update)).
     pub fn same_answers(&self, other: &Self) -> bool {
         self.names.len() == other.names.len()
-            && self.names.iter().all(|(k, v)| {
-                other
-                    .names
-                    .get(k)
-                    .is_some_and(|o| o.nodata == v.nodata && o.answers == v.answers)
-            })
+            && self
+                .names
+                .iter()
+                .all(|e| other.names.get(e.key()).is_some_and(|o| o.0 == e.0))
             && self.apex == other.apex
             && self.nx_soa == other.nx_soa
     }
@@ -317,15 +393,10 @@ impl FastTable {
         out.clear();
         let rcode = match self.names.get(&key[..q.key_len]) {
             Some(entry) => {
-                let template = entry
-                    .answers
-                    .iter()
-                    .find(|(t, _)| *t == q.qtype)
-                    .map(|(_, b)| &**b);
-                let template = match template {
-                    Some(t) => t,
-                    None if is_ordinary_type(q.qtype) => &*entry.nodata,
-                    None => return Fast::Slow,
+                let template = match entry.template(q.qtype) {
+                    Ok((true, t)) => t,
+                    Ok((false, t)) if is_ordinary_type(q.qtype) => t,
+                    _ => return Fast::Slow,
                 };
                 // The template's question has the same length (same name, lowercased).
                 if template.len() < question.len() + HEADER_LEN {
