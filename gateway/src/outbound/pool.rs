@@ -61,6 +61,18 @@ pub enum PoolError {
     Closed,
 }
 
+impl PoolError {
+    /// Whether asking again later may succeed (the outbound proxy tries the next candidate
+    /// now either way).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PoolError::Dial { source, .. } => source.is_retryable(),
+            PoolError::Backoff { .. } => true,
+            PoolError::Closed => false,
+        }
+    }
+}
+
 /// How the pool makes and checks connections; the real one dials QUIC, tests count.
 pub trait Dialer: Send + Sync + 'static {
     type Conn: Clone + Send + Sync + 'static;
