@@ -180,7 +180,9 @@ impl Identity {
     }
 
     /// Spawns the reloader: polls the files every `interval` until `shutdown`. A broken set of
-    /// files is logged once per distinct content, not at every poll.
+    /// files is logged once per distinct error, and only when it is seen on two polls in a
+    /// row: rotation writes the key before the certificate, so one poll may see a new key
+    /// with the old certificate, which is normal and fixes itself.
     pub fn spawn_reloader(
         self: &Arc<Self>,
         interval: Duration,
@@ -191,6 +193,7 @@ impl Identity {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_error: Option<String> = None;
+            let mut pending: Option<String> = None;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -200,12 +203,19 @@ impl Identity {
                 match this.reload() {
                     Ok(true) => {
                         last_error = None;
+                        pending = None;
                         tracing::info!(serial = %this.current().serial, "identity reloaded: new handshakes use the new certificate");
                     }
-                    Ok(false) => {}
+                    Ok(false) => {
+                        // Files equal the material in use: healthy again.
+                        pending = None;
+                        last_error = None;
+                    }
                     Err(e) => {
                         let msg = e.to_string();
-                        if last_error.as_deref() != Some(&msg) {
+                        let persists = pending.as_deref() == Some(&msg);
+                        pending = Some(msg.clone());
+                        if persists && last_error.as_deref() != Some(&msg) {
                             tracing::warn!(error = %msg, serial = %this.current().serial, "new identity files rejected; keeping the previous certificate");
                             last_error = Some(msg);
                         }
