@@ -62,6 +62,10 @@ struct Args {
     /// `--only direct,meshup` while working on the gateway. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Fail (exit non-zero) if the meshup pair cannot be set up, instead of measuring the
+    /// others and reporting it as not available. For CI smoke runs once the daemon is in.
+    #[arg(long)]
+    require_meshup: bool,
     /// Keep the temporary directory (configs, certificates, logs) for inspection.
     #[arg(long)]
     keep_temp: bool,
@@ -200,6 +204,19 @@ async fn run(args: Args) -> Result<()> {
     println!("{}", report.render());
     // Contenders (and their child guards) drop here, before the temp dir.
     drop(contenders);
+    // The figures are never a gate, but a phase that failed means a contender is broken,
+    // which a smoke run must notice.
+    let failed = report.failed_phases();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} phase(s) failed; see the tables above"
+    );
+    if args.require_meshup {
+        anyhow::ensure!(
+            !report.is_unavailable("meshup"),
+            "--require-meshup: the meshup pair did not run"
+        );
+    }
     Ok(())
 }
 

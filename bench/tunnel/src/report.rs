@@ -94,6 +94,20 @@ impl Report {
         self.unavailable.push((name.to_owned(), reason));
     }
 
+    /// Whether `name` could not be set up at all.
+    pub fn is_unavailable(&self, name: &str) -> bool {
+        self.unavailable.iter().any(|(n, _)| n == name)
+    }
+
+    /// How many (measure, contender) pairs failed.
+    pub fn failed_phases(&self) -> usize {
+        self.entries
+            .values()
+            .flatten()
+            .filter(|e| e.figures.is_err())
+            .count()
+    }
+
     fn entry(&mut self, measure: Measure, name: &str, kind: Kind) -> &mut Entry {
         let entries = self.entries.entry(measure).or_default();
         if let Some(i) = entries.iter().position(|e| e.name == name) {
@@ -436,6 +450,8 @@ mod tests {
         report.record_failure(m, "nginx", Kind::Peer, "boom".to_owned());
         report.record_unavailable("meshup", "binary missing".to_owned());
         let text = report.render();
+        assert_eq!(report.failed_phases(), 1);
+        assert!(report.is_unavailable("meshup"));
         assert!(text.contains("nginx      failed: boom"), "{text}");
         assert!(
             text.contains("meshup: not available (binary missing)"),
