@@ -130,6 +130,12 @@ impl EtcdStore {
 /// Maps etcd-client errors onto the seam's error kinds by gRPC code and etcd's messages.
 fn map_err(e: etcd_client::Error) -> StoreError {
     use tonic::Code;
+    // The keep-alive path reports a missing lease as a plain error string.
+    if let etcd_client::Error::LeaseKeepAliveError(msg) = &e
+        && msg.contains("lease not found")
+    {
+        return StoreError::LeaseNotFound(0);
+    }
     match e {
         etcd_client::Error::GRpcStatus(status) => {
             let msg = status.message().to_owned();
@@ -258,7 +264,9 @@ impl Store for EtcdStore {
             Ok(Page {
                 kvs: resp.kvs().iter().map(to_kv).collect(),
                 more: resp.more(),
-                revision: resp.header().map_or(0, |h| h.revision()),
+                // The header carries the store's current revision; the page was read at the
+                // pinned one.
+                revision: revision.unwrap_or_else(|| resp.header().map_or(0, |h| h.revision())),
             })
         })
     }

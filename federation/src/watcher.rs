@@ -227,6 +227,9 @@ impl Watcher {
     }
 
     /// The snapshot channel: the current catalog, replaced on every change.
+    ///
+    /// Clone the `Arc` out of `borrow()` and drop the guard at once: a `Ref` (also the one
+    /// `wait_for` returns) held across an `.await` blocks the watcher's next publish.
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.clone()
     }
@@ -396,16 +399,15 @@ impl Run {
 
     /// Applies one watch message and publishes the result once.
     fn apply_events(&mut self, events: Vec<Event>) {
+        // One revision can carry several events (a transaction, a lease expiry); they all
+        // arrive in one message, so duplicates are judged against the revision applied
+        // before this message, not against the event just applied.
         let before = self.snapshot.revision;
         for event in events {
             let rev = event.kv.mod_revision;
-            if rev <= self.snapshot.revision {
+            if rev <= before || rev < self.snapshot.revision {
                 // Already applied (a resumed watch may repeat the boundary revision).
-                tracing::debug!(
-                    rev,
-                    applied = self.snapshot.revision,
-                    "dropping duplicate catalog event"
-                );
+                tracing::debug!(rev, applied = before, "dropping duplicate catalog event");
                 continue;
             }
             let value = match event.kind {

@@ -1,4 +1,5 @@
-//! Shared pieces of the federation integration tests.
+//! Shared pieces of the federation integration tests: the two store fixtures, a store wrapper
+//! that can be "disconnected", record builders and timeouts.
 //!
 //! The etcd harness lives in the `meshup-tests` crate (`tests/src/`), which depends on the
 //! gateway; including its files by path keeps these tests independent of the gateway build.
@@ -8,3 +9,310 @@
 pub mod etcd;
 #[path = "../../../tests/src/eventually.rs"]
 pub mod eventually;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
+use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
+use meshup_federation::embedded::EmbeddedStore;
+use meshup_federation::etcd::{EtcdOptions, EtcdStore};
+use meshup_federation::keys::KeyLayout;
+use meshup_federation::publisher::PublisherConfig;
+use meshup_federation::store::{
+    KeyRange, LeaseId, Page, Revision, Store, StoreError, StoreFuture, Txn, TxnResult, Watch,
+};
+use meshup_federation::watcher::WatcherConfig;
+use tokio::sync::{mpsc, watch};
+
+pub use etcd::EtcdServer;
+#[allow(unused_imports)]
+pub use eventually::{assert_eventually, eventually_ok};
+
+/// Runs a test body with a deadline, so a hang fails the test instead of the CI job.
+pub async fn within<F: Future>(limit: Duration, body: F) -> F::Output {
+    match tokio::time::timeout(limit, body).await {
+        Ok(out) => out,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+/// Logs to the test output (shown for failing tests), filtered by `RUST_LOG`.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Which store a test runs against.
+pub enum Fixture {
+    Embedded(EmbeddedStore),
+    Etcd {
+        server: EtcdServer,
+        store: EtcdStore,
+    },
+}
+
+impl Fixture {
+    pub fn embedded() -> Self {
+        init_logs();
+        Fixture::Embedded(EmbeddedStore::new())
+    }
+
+    /// Starts a real etcd (blocking work off the runtime threads) and connects to it.
+    pub async fn etcd() -> Self {
+        init_logs();
+        let server = tokio::task::spawn_blocking(EtcdServer::start)
+            .await
+            .expect("etcd start task");
+        let store = EtcdStore::connect(EtcdOptions {
+            endpoints: vec![server.endpoint()],
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .expect("connect to etcd");
+        Fixture::Etcd { server, store }
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Fixture::Embedded(s) => Arc::new(s.clone()),
+            Fixture::Etcd { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
+    pub fn is_etcd(&self) -> bool {
+        matches!(self, Fixture::Etcd { .. })
+    }
+
+    /// Writes raw bytes the way an operator would: `etcdctl put` on etcd (value from stdin,
+    /// so any bytes and sizes work), a plain put on the embedded store.
+    pub async fn put_raw(&self, key: &str, value: &[u8]) {
+        match self {
+            Fixture::Embedded(s) => {
+                meshup_federation::store::put(s, key.to_owned(), Bytes::copy_from_slice(value), 0)
+                    .await
+                    .expect("put");
+            }
+            Fixture::Etcd { server, .. } => {
+                server
+                    .etcdctl_with_stdin(&["put", key], Some(value))
+                    .expect("etcdctl put");
+            }
+        }
+    }
+}
+
+/// Fast settings so tests converge in seconds.
+pub fn watcher_config() -> WatcherConfig {
+    WatcherConfig {
+        stall_timeout: Duration::from_secs(3),
+        progress_interval: Duration::from_secs(1),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    }
+}
+
+pub fn publisher_config(ttl_secs: u64) -> PublisherConfig {
+    PublisherConfig {
+        lease_ttl: Duration::from_secs(ttl_secs),
+        anti_entropy_interval: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(500),
+    }
+}
+
+pub fn layout() -> KeyLayout {
+    KeyLayout::new("/meshup-test").expect("valid prefix")
+}
+
+pub fn cluster(name: &str) -> ClusterName {
+    ClusterName::new(name).expect("valid cluster")
+}
+
+pub fn gateway_id(name: &str) -> GatewayId {
+    GatewayId::new(name).expect("valid gateway id")
+}
+
+pub fn service(key: &str) -> ServiceKey {
+    key.parse().expect("valid service key")
+}
+
+pub fn gateway(cluster_name: &str, id: &str) -> GatewayRecord {
+    GatewayRecord {
+        schema: SCHEMA_VERSION,
+        cluster: cluster(cluster_name),
+        gateway_id: gateway_id(id),
+        region: "r1".into(),
+        zone: "z1".into(),
+        quic_addrs: vec!["10.1.2.3:15443".parse().expect("addr")],
+        spiffe_id: format!("spiffe://mesh.test/cluster/{cluster_name}/gateway"),
+        draining: false,
+    }
+}
+
+pub fn export(port: u16, healthy: u32) -> ExportRecord {
+    ExportRecord {
+        schema: SCHEMA_VERSION,
+        ports: vec![PortSpec {
+            name: "http".into(),
+            port,
+            protocol: Protocol::Tcp,
+        }],
+        endpoints_total: healthy.max(1),
+        endpoints_healthy: healthy,
+        allowed_callers: vec![],
+        labels: Default::default(),
+    }
+}
+
+/// A store wrapper whose "connection" can be cut: while down, every call fails as if etcd
+/// were unreachable and open watches end. Writers keep using the real store meanwhile.
+#[derive(Debug)]
+pub struct Flaky {
+    inner: Arc<dyn Store>,
+    down: Arc<AtomicBool>,
+    epoch: watch::Sender<u64>,
+}
+
+impl Flaky {
+    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            down: Arc::new(AtomicBool::new(false)),
+            epoch: watch::channel(0).0,
+        })
+    }
+
+    pub fn disconnect(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    pub fn reconnect(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("test: connection cut".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Store for Flaky {
+    fn backend(&self) -> &'static str {
+        "flaky"
+    }
+    fn revision(&self) -> StoreFuture<'_, Revision> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.revision().await
+        })
+    }
+    fn range(
+        &self,
+        range: KeyRange,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.range(range, revision, limit).await
+        })
+    }
+    fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {
+        Box::pin(async move {
+            // Subscribe before checking, so a disconnect racing with this call still ends
+            // the watch.
+            let mut epoch = self.epoch.subscribe();
+            epoch.borrow_and_update();
+            self.check()?;
+            let mut inner = self.inner.watch(range, start_revision).await?;
+            let (tx, rx) = mpsc::channel(64);
+            let (ptx, mut prx) = mpsc::channel::<()>(1);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = epoch.changed() => return,
+                        Some(()) = prx.recv() => inner.request_progress(),
+                        item = inner.next() => match item {
+                            Some(item) => if tx.send(item).await.is_err() { return },
+                            None => return,
+                        },
+                    }
+                }
+            });
+            Ok(Watch::new(
+                rx,
+                Box::new(move || {
+                    let _ = ptx.try_send(());
+                }),
+            ))
+        })
+    }
+    fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.grant_lease(ttl).await
+        })
+    }
+    fn keep_alive(&self, lease: LeaseId) -> StoreFuture<'_, Duration> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.keep_alive(lease).await
+        })
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.revoke_lease(lease).await
+        })
+    }
+    fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.txn(txn).await
+        })
+    }
+    fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.compact(revision).await
+        })
+    }
+}
+
+/// Generates one `#[tokio::test]` per backend for a generic test function taking a
+/// [`Fixture`].
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Fixture::embedded()).await;
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Fixture::etcd().await).await;
+                }
+            )*
+        }
+    };
+}

@@ -1,0 +1,538 @@
+//! The catalog over both stores: publishers and watchers ("gateways"), resume and relist,
+//! corrupt records, lease expiry, VIP allocation. Each test runs against the embedded store
+//! and a real etcd.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use meshup_core::catalog::{Snapshot, VipKey};
+use meshup_core::model::{AddressRules, MAX_RECORD_BYTES, encode};
+use meshup_federation::publisher::Publisher;
+use meshup_federation::reducer::SkipReason;
+use meshup_federation::store::{self, Store};
+use meshup_federation::vips::{self, VipAllocator, VipConfig};
+use meshup_federation::watcher::{self, Watcher};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(60);
+const CONVERGE: Duration = Duration::from_secs(10);
+
+fn spawn_watcher(store: Arc<dyn Store>, cancel: &CancellationToken) -> (Watcher, watcher::Metrics) {
+    let metrics = watcher::Metrics::default();
+    let w = Watcher::spawn(
+        store,
+        layout(),
+        AddressRules::default(),
+        watcher_config(),
+        metrics.clone(),
+        cancel.child_token(),
+    );
+    (w, metrics)
+}
+
+/// Waits until the snapshot satisfies `check`.
+async fn until(rx: &watch::Receiver<Arc<Snapshot>>, what: &str, check: impl Fn(&Snapshot) -> bool) {
+    let mut rx = rx.clone();
+    // Keep only the verdict: `wait_for` hands out a read guard that must not be held.
+    let ok = tokio::time::timeout(CONVERGE, rx.wait_for(|s| check(s)))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(ok, "catalog did not converge within {CONVERGE:?}: {what}");
+}
+
+async fn two_gateways_round_trip(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let east = Publisher::new(store.clone(), layout(), gateway("east", "gw-0"))
+            .with_exports([(service("pay.prod"), export(8080, 2))])
+            .with_config(publisher_config(3))
+            .spawn(cancel.child_token());
+        let west = Publisher::new(store.clone(), layout(), gateway("west", "gw-0"))
+            .with_exports([
+                (service("pay.prod"), export(8080, 1)),
+                (service("cart.prod"), export(9090, 1)),
+            ])
+            .with_config(publisher_config(3))
+            .spawn(cancel.child_token());
+        let (east_view, _) = spawn_watcher(store.clone(), &cancel);
+        let (west_view, _) = spawn_watcher(store.clone(), &cancel);
+        for view in [&east_view, &west_view] {
+            until(&view.snapshots(), "both gateways and their exports", |s| {
+                s.gateways().count() == 2 && s.export_count() == 3 && s.service_count() == 2
+            })
+            .await;
+            let snap = view.snapshots().borrow().clone();
+            let pay = snap.service(&service("pay.prod")).expect("pay.prod");
+            assert_eq!(pay.clusters.len(), 2);
+        }
+        // Updates travel both ways.
+        east.set_exports([
+            (service("pay.prod"), export(8080, 0)),
+            (service("db.prod"), export(5432, 1)),
+        ]);
+        west.set_draining(true);
+        for view in [&east_view, &west_view] {
+            until(
+                &view.snapshots(),
+                "east's new exports and west draining",
+                |s| {
+                    s.service(&service("db.prod")).is_some()
+                        && s.service(&service("pay.prod"))
+                            .is_some_and(|v| v.clusters[&cluster("east")].endpoints_healthy == 0)
+                        && s.gateway(&cluster("west"), &gateway_id("gw-0"))
+                            .is_some_and(|g| g.draining)
+                },
+            )
+            .await;
+        }
+        // Shutdown revokes the lease: records vanish at once, not after the TTL.
+        let start = Instant::now();
+        east.shutdown().await;
+        until(&west_view.snapshots(), "east gone", |s| {
+            s.gateways_of(&cluster("east")).count() == 0 && s.export_count() == 2
+        })
+        .await;
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "revocation took {:?}",
+            start.elapsed()
+        );
+        let status = west_view.status().borrow().clone();
+        assert!(
+            status.synced && status.connected && status.relists == 0,
+            "{status:?}"
+        );
+        cancel.cancel();
+        drop(west);
+    })
+    .await;
+}
+
+async fn dead_publisher_records_expire_within_ttl(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let ttl = 2;
+        let publisher = Publisher::new(store.clone(), layout(), gateway("east", "gw-dead"))
+            .with_exports([(service("pay.prod"), export(8080, 1))])
+            .with_config(publisher_config(ttl))
+            .spawn(cancel.child_token());
+        let (view, _) = spawn_watcher(store.clone(), &cancel);
+        until(&view.snapshots(), "published", |s| s.export_count() == 1).await;
+        // Let at least one keep-alive happen, then die without revoking.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let died = Instant::now();
+        publisher.abort();
+        let mut rx = view.snapshots();
+        let gone = tokio::time::timeout(
+            Duration::from_secs(ttl + 1),
+            rx.wait_for(|s| s.export_count() == 0 && s.gateways().count() == 0),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        assert!(
+            gone,
+            "records still present {:?} after the publisher died (TTL {ttl}s)",
+            died.elapsed()
+        );
+        eprintln!(
+            "records of a dead publisher gone after {:?} (TTL {ttl}s)",
+            died.elapsed()
+        );
+        cancel.cancel();
+    })
+    .await;
+}
+
+/// Disconnects the watcher, writes and deletes meanwhile, compacts past its revision, and
+/// reconnects: exactly one relist, after which the deletions are gone and the writes present.
+async fn compaction_while_disconnected_forces_one_relist(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let l = layout();
+        let k = |c: &str, svc: &str| {
+            l.export(&meshup_core::catalog::ExportKey {
+                cluster: cluster(c),
+                gateway: gateway_id("gw-0"),
+                service: service(svc),
+            })
+        };
+        for svc in ["a.prod", "b.prod", "c.prod"] {
+            store::put(store.as_ref(), k("east", svc), encode(&export(80, 1)), 0)
+                .await
+                .expect("put");
+        }
+        let flaky = Flaky::new(store.clone());
+        let (view, metrics) = spawn_watcher(flaky.clone(), &cancel);
+        until(&view.snapshots(), "initial three exports", |s| {
+            s.export_count() == 3
+        })
+        .await;
+        let before = view.snapshots().borrow().clone();
+
+        flaky.disconnect();
+        let mut status = view.status();
+        tokio::time::timeout(CONVERGE, status.wait_for(|s| !s.connected))
+            .await
+            .expect("watcher notices the cut connection")
+            .expect("status");
+        store::delete(store.as_ref(), k("east", "a.prod"))
+            .await
+            .expect("delete");
+        store::delete(store.as_ref(), k("east", "b.prod"))
+            .await
+            .expect("delete");
+        store::put(
+            store.as_ref(),
+            k("west", "d.prod"),
+            encode(&export(80, 1)),
+            0,
+        )
+        .await
+        .expect("put");
+        let rev = store::put(
+            store.as_ref(),
+            k("west", "e.prod"),
+            encode(&export(80, 1)),
+            0,
+        )
+        .await
+        .expect("put");
+        store.compact(rev).await.expect("compact");
+        // While disconnected the last catalog keeps serving, unchanged.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            Arc::ptr_eq(&before, &view.snapshots().borrow()),
+            "snapshot changed while disconnected"
+        );
+
+        flaky.reconnect();
+        until(
+            &view.snapshots(),
+            "deletions removed and additions present after the relist",
+            |s| {
+                s.export_count() == 3
+                    && s.service(&service("a.prod")).is_none()
+                    && s.service(&service("b.prod")).is_none()
+                    && s.service(&service("e.prod")).is_some()
+            },
+        )
+        .await;
+        // Further events arrive through the new watch, without another relist.
+        store::put(
+            store.as_ref(),
+            k("west", "f.prod"),
+            encode(&export(80, 1)),
+            0,
+        )
+        .await
+        .expect("put");
+        until(&view.snapshots(), "post-relist event", |s| {
+            s.export_count() == 4
+        })
+        .await;
+        let status = view.status().borrow().clone();
+        assert_eq!(status.relists, 1, "{status:?}");
+        assert_eq!(metrics.relists(), 1);
+        assert!(status.connected && status.revision >= rev, "{status:?}");
+        cancel.cancel();
+    })
+    .await;
+}
+
+/// A broken stream without compaction resumes from the last applied revision: nothing is
+/// missed, nothing is applied twice, and there is no relist.
+async fn broken_watch_resumes_without_relist(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let flaky = Flaky::new(store.clone());
+        let (view, _) = spawn_watcher(flaky.clone(), &cancel);
+        assert!(view.wait_synced().await);
+        let mut revisions = Vec::new();
+        let mut rx = view.snapshots();
+        let collector = tokio::spawn(async move {
+            let mut seen = vec![rx.borrow_and_update().revision];
+            while rx.changed().await.is_ok() {
+                seen.push(rx.borrow_and_update().revision);
+            }
+            seen
+        });
+        let l = layout();
+        for round in 0..3 {
+            for i in 0..5 {
+                let key = l.export(&meshup_core::catalog::ExportKey {
+                    cluster: cluster("east"),
+                    gateway: gateway_id("gw-0"),
+                    service: service(&format!("s{round}x{i}.prod")),
+                });
+                revisions.push(
+                    store::put(store.as_ref(), key, encode(&export(80, 1)), 0)
+                        .await
+                        .expect("put"),
+                );
+            }
+            flaky.disconnect();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            flaky.reconnect();
+        }
+        until(&view.snapshots(), "all 15 exports", |s| {
+            s.export_count() == 15
+        })
+        .await;
+        let status = view.status().borrow().clone();
+        assert_eq!(status.relists, 0, "{status:?}");
+        assert!(status.watch_restarts >= 1, "{status:?}");
+        drop(view);
+        let seen = collector.await.expect("collector");
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "snapshot revisions not strictly increasing: {seen:?}"
+        );
+        assert_eq!(seen.last(), revisions.last());
+        cancel.cancel();
+    })
+    .await;
+}
+
+async fn corrupt_records_are_skipped_and_the_rest_syncs(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let good = Publisher::new(store.clone(), layout(), gateway("west", "gw-0"))
+            .with_exports([(service("pay.prod"), export(8080, 1))])
+            .with_config(publisher_config(5))
+            .spawn(cancel.child_token());
+        let l = layout();
+        let export_key = |svc: &str| {
+            l.export(&meshup_core::catalog::ExportKey {
+                cluster: cluster("east"),
+                gateway: gateway_id("gw-1"),
+                service: service(svc),
+            })
+        };
+        // A valid record that is later overwritten by garbage must disappear.
+        f.put_raw(&export_key("ghost.prod"), &encode(&export(80, 1)))
+            .await;
+        let (view, metrics) = spawn_watcher(store.clone(), &cancel);
+        until(&view.snapshots(), "ghost present", |s| {
+            s.service(&service("ghost.prod")).is_some()
+        })
+        .await;
+
+        let mut loopback = gateway("east", "gw-1");
+        loopback.quic_addrs = vec!["127.0.0.1:15443".parse().expect("addr")];
+        let foreign = gateway("west", "gw-9");
+        let mut bad_port = serde_json::to_value(export(8080, 1)).expect("json");
+        bad_port["ports"][0]["port"] = 0.into();
+        let v2 =
+            br#"{"schema":2,"ports":[],"endpoints_total":0,"endpoints_healthy":0,"shiny":true}"#;
+        let corrupt: Vec<(String, Vec<u8>, SkipReason)> = vec![
+            (
+                export_key("ghost.prod"),
+                b"{\"schema\":1,\"ports\":[".to_vec(),
+                SkipReason::Undecodable,
+            ),
+            (
+                export_key("json.prod"),
+                b"not json at all".to_vec(),
+                SkipReason::Undecodable,
+            ),
+            (
+                export_key("schema.prod"),
+                v2.to_vec(),
+                SkipReason::UnsupportedSchema,
+            ),
+            (
+                export_key("port.prod"),
+                serde_json::to_vec(&bad_port).expect("json"),
+                SkipReason::BadPorts,
+            ),
+            (
+                l.gateway(&cluster("east"), &gateway_id("gw-1")),
+                encode(&loopback),
+                SkipReason::UnroutableAddress,
+            ),
+            (
+                l.gateway(&cluster("east"), &gateway_id("gw-2")),
+                encode(&foreign),
+                SkipReason::WrongOwner,
+            ),
+            (
+                export_key("huge.prod"),
+                vec![b' '; MAX_RECORD_BYTES + 100],
+                SkipReason::Oversized,
+            ),
+            (
+                format!("{}clusters/east/gateways/UPPER", l.root()),
+                b"{}".to_vec(),
+                SkipReason::UnparseableKey,
+            ),
+        ];
+        for (key, value, _) in &corrupt {
+            f.put_raw(key, value).await;
+        }
+        f.put_raw(&format!("{}policies/prod/pay", l.root()), b"future feature")
+            .await;
+        // Everything valid still syncs, including what is written after the garbage.
+        f.put_raw(&export_key("late.prod"), &encode(&export(81, 1)))
+            .await;
+        until(
+            &view.snapshots(),
+            "valid records present, ghost gone",
+            |s| {
+                s.service(&service("late.prod")).is_some()
+                    && s.service(&service("pay.prod")).is_some()
+                    && s.service(&service("ghost.prod")).is_none()
+            },
+        )
+        .await;
+        let snap = view.snapshots().borrow().clone();
+        assert_eq!(snap.export_count(), 2, "only pay.prod and late.prod");
+        assert_eq!(snap.gateways().count(), 1, "only west/gw-0");
+        for (key, _, reason) in &corrupt {
+            assert!(
+                metrics.skipped(*reason) >= 1,
+                "{key}: no skip counted for {reason:?}"
+            );
+        }
+        // A fresh watcher (full list) skips the same records and syncs the rest.
+        let (fresh, fresh_metrics) = spawn_watcher(store.clone(), &cancel);
+        until(&fresh.snapshots(), "fresh list", |s| {
+            s.export_count() == 2 && s.gateways().count() == 1
+        })
+        .await;
+        assert!(fresh_metrics.skipped(SkipReason::Oversized) == 1);
+        cancel.cancel();
+        drop(good);
+    })
+    .await;
+}
+
+async fn vip_replicas_agree_and_free_after_grace(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let cidr: ipnet::IpNet = "127.77.0.0/16".parse().expect("cidr");
+        let grace = Duration::from_millis(1500);
+        let config = VipConfig {
+            cluster: cluster("east"),
+            cidr,
+            grace,
+        };
+        let replica_a = VipAllocator::new(
+            store.clone(),
+            layout(),
+            config.clone(),
+            vips::Metrics::default(),
+        );
+        let replica_b =
+            VipAllocator::new(store.clone(), layout(), config, vips::Metrics::default());
+
+        // Direct race: both replicas allocate the same keys at the same moment.
+        let mut ips = BTreeSet::new();
+        for i in 0..20 {
+            let key = VipKey {
+                cluster: cluster("east"),
+                service: service(&format!("race{i}.prod")),
+                target: None,
+            };
+            let (a, b) = tokio::join!(replica_a.allocate(&key), replica_b.allocate(&key));
+            let (a, b) = (a.expect("replica a"), b.expect("replica b"));
+            assert_eq!(a, b, "replicas disagree on {key:?}");
+            assert!(cidr.contains(&a));
+            assert!(ips.insert(a), "address {a} handed out twice");
+        }
+
+        // Reconcilers of both replicas, driven by the catalog.
+        let publisher = Publisher::new(store.clone(), layout(), gateway("west", "gw-0"))
+            .with_exports((0..5).map(|i| (service(&format!("svc{i}.prod")), export(80, 1))))
+            .with_config(publisher_config(5))
+            .spawn(cancel.child_token());
+        let (view_a, _) = spawn_watcher(store.clone(), &cancel);
+        let (view_b, _) = spawn_watcher(store.clone(), &cancel);
+        let _a = replica_a
+            .clone()
+            .spawn(view_a.snapshots(), cancel.child_token());
+        let _b = replica_b
+            .clone()
+            .spawn(view_b.snapshots(), cancel.child_token());
+        let wanted_count = 5 * 2; // clusterset VIP + pinned to west, per service
+        until(&view_a.snapshots(), "every service has its VIPs", |s| {
+            s.vips()
+                .filter(|(k, _)| k.service.name.as_str().starts_with("svc"))
+                .count()
+                == wanted_count
+        })
+        .await;
+        let snap = view_a.snapshots().borrow().clone();
+        let east_vips: Vec<IpAddr> = snap
+            .vips()
+            .filter(|(k, _)| k.cluster == cluster("east"))
+            .map(|(_, ip)| *ip)
+            .collect();
+        let unique: BTreeSet<IpAddr> = east_vips.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            east_vips.len(),
+            "two VIP keys share an address"
+        );
+        assert!(vips::plan(&snap, &cluster("east")).missing.is_empty());
+        // Both replicas see the same VIPs.
+        until(&view_b.snapshots(), "replica b agrees", |s| {
+            s.vips()
+                .filter(|(k, _)| k.cluster == cluster("east"))
+                .map(|(_, ip)| *ip)
+                .collect::<Vec<_>>()
+                == east_vips
+        })
+        .await;
+
+        // The race keys have no service: freed after the grace period, not before.
+        let freed_check = Instant::now();
+        assert!(
+            snap.vips()
+                .any(|(k, _)| k.service.name.as_str().starts_with("race"))
+        );
+        // Services gone from every cluster: their VIPs and claims go after the grace period.
+        publisher.set_exports([(service("svc0.prod"), export(80, 1))]);
+        until(&view_a.snapshots(), "unused VIPs freed", |s| {
+            s.vips()
+                .filter(|(k, _)| k.cluster == cluster("east"))
+                .count()
+                == 2
+        })
+        .await;
+        assert!(
+            freed_check.elapsed() >= grace,
+            "freed before the grace period: {:?}",
+            freed_check.elapsed()
+        );
+        let (claims, _) = store::list_prefix(
+            store.as_ref(),
+            layout().address_claims_of(&cluster("east")).as_bytes(),
+        )
+        .await
+        .expect("list claims");
+        assert_eq!(claims.len(), 2, "claims freed with their VIPs");
+        cancel.cancel();
+    })
+    .await;
+}
+
+both_backends!(
+    two_gateways_round_trip,
+    dead_publisher_records_expire_within_ttl,
+    compaction_while_disconnected_forces_one_relist,
+    broken_watch_resumes_without_relist,
+    corrupt_records_are_skipped_and_the_rest_syncs,
+    vip_replicas_agree_and_free_after_grace,
+);
