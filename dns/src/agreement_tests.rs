@@ -47,6 +47,12 @@ fn query(id: u16, name: &Name, qtype: RecordType, edns: Option<u16>, rd: bool) -
 
 #[tokio::test]
 async fn fast_and_catalog_paths_agree_for_every_name_form() {
+    tokio::time::timeout(std::time::Duration::from_secs(120), agree())
+        .await
+        .expect("agreement check finishes within its deadline");
+}
+
+async fn agree() {
     let cfg = DnsConfig::default();
     let settings = Arc::new(ZoneSettings::from_config(&cfg).expect("settings"));
     let local = ClusterName::new("east").expect("name");

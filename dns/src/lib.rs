@@ -6,12 +6,16 @@
 //! Design, outside in:
 //! - [`DnsServer`] binds UDP and TCP at start-up, then runs until a `CancellationToken`
 //!   fires. It reads the catalog from a `watch::Receiver<Arc<Snapshot>>` and never locks on
-//!   the hot path.
+//!   the hot path. UDP is served by dedicated worker threads (one SO_REUSEPORT socket each,
+//!   `recvmmsg`/`sendmmsg` batches); TCP by a capped accept loop with per-connection
+//!   deadlines (see [`server`]).
 //! - The **fast path** ([`wire`]): every answer of the current snapshot precomputed in wire
 //!   form, keyed by lowercased name and type; a UDP query is answered by copying a template
 //!   and patching ID, RD, question case and EDNS.
 //! - The **slow path** ([`handler`]): hickory's `Catalog` with [`handler::ClustersetZone`]
-//!   as its `ZoneHandler`, for TCP and for anything the fast path declines.
+//!   as its `ZoneHandler`, for TCP and for anything the fast path declines. It answers from
+//!   the newest snapshot, so a catalog change is visible to the next query even before the
+//!   fast table for it is published.
 //! - Both paths take their records from one pure function, [`answer::resolve`].
 //!
 //! Safety rules (RELIABILITY.md 17–19): authoritative only (REFUSED outside the zone,
