@@ -229,6 +229,7 @@ impl Gateway {
             drop(sync_ready);
         }));
 
+        let links = spawn_link_refresh(outbound.clone(), shutdown.child_token(), &mut tasks);
         let (draining, _) = watch::channel(false);
         let source = Arc::new(Status {
             cluster: cluster.clone(),
@@ -243,6 +244,7 @@ impl Gateway {
             watcher: watcher.status(),
             exports: exports_rx,
             draining: draining.subscribe(),
+            links,
         });
         let registry = Arc::new(registry);
         let admin_stop = shutdown.child_token();
@@ -427,6 +429,31 @@ struct Status {
     watcher: watch::Receiver<WatcherStatus>,
     exports: watch::Receiver<Arc<LocalExports>>,
     draining: watch::Receiver<bool>,
+    links: watch::Receiver<Arc<Vec<outbound::PeerLink>>>,
+}
+
+/// How often the status page's view of peer links is refreshed.
+const LINK_REFRESH: Duration = Duration::from_secs(1);
+
+/// Keeps a snapshot of the live peer links for the status page (the pool answers
+/// asynchronously; the admin handlers read this without waiting).
+fn spawn_link_refresh(
+    outbound: outbound::Proxy,
+    stop: CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> watch::Receiver<Arc<Vec<outbound::PeerLink>>> {
+    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+    tasks.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LINK_REFRESH);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            tx.send_replace(Arc::new(outbound.links().await));
+        }
+    }));
+    rx
 }
 
 impl StatusSource for Status {
@@ -434,6 +461,7 @@ impl StatusSource for Status {
         let snapshot = self.snapshots.borrow().clone();
         let watcher = self.watcher.borrow().clone();
         let exports = self.exports.borrow().clone();
+        let links = self.links.borrow().clone();
         let mut clusters: Vec<ClusterStatus> = snapshot
             .clusters()
             .map(|c| ClusterStatus {
@@ -441,12 +469,17 @@ impl StatusSource for Status {
                 local: *c == self.cluster,
                 gateways: snapshot
                     .gateways_of(c)
-                    .map(|g| GatewayStatus {
-                        id: g.gateway_id.to_string(),
-                        addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
-                        draining: g.draining,
-                        connected: false,
-                        rtt_ms: None,
+                    .map(|g| {
+                        let link = links.iter().find(|l| {
+                            l.peer.cluster == g.cluster && g.quic_addrs.contains(&l.peer.addr)
+                        });
+                        GatewayStatus {
+                            id: g.gateway_id.to_string(),
+                            addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
+                            draining: g.draining,
+                            connected: link.is_some(),
+                            rtt_ms: link.map(|l| l.rtt.as_secs_f64() * 1000.0),
+                        }
                     })
                     .collect(),
             })

@@ -93,6 +93,14 @@ impl pool::Dialer for QuicDialer {
     }
 }
 
+/// A live connection to a peer gateway, as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLink {
+    pub peer: PeerKey,
+    /// quinn's smoothed RTT estimate.
+    pub rtt: Duration,
+}
+
 /// The running outbound proxy.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -159,6 +167,20 @@ impl Proxy {
     /// Client connections currently being proxied.
     pub fn in_flight(&self) -> usize {
         self.inner.connections.len()
+    }
+
+    /// Live QUIC connections to peer gateways with their current RTT estimate.
+    pub async fn links(&self) -> Vec<PeerLink> {
+        self.inner
+            .pool
+            .connections()
+            .await
+            .into_iter()
+            .map(|(peer, conn)| PeerLink {
+                rtt: conn.rtt(),
+                peer,
+            })
+            .collect()
     }
 
     /// QUIC dials made by the pool so far.

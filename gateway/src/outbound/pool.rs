@@ -119,6 +119,10 @@ enum Msg<C> {
         peer: PeerKey,
         result: Result<C, ConnectError>,
     },
+    /// Every pooled connection that is still usable, for the admin status page.
+    List {
+        reply: oneshot::Sender<Vec<(PeerKey, C)>>,
+    },
 }
 
 struct Slot<C> {
@@ -164,6 +168,15 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
             })
             .map_err(|_| PoolError::Closed)?;
         rx.await.map_err(|_| PoolError::Closed)?
+    }
+
+    /// The pooled connections that may still carry streams, by peer.
+    pub async fn connections(&self) -> Vec<(PeerKey, C)> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::List { reply }).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// Dials started since the pool began.
@@ -216,6 +229,16 @@ async fn run<D: Dialer>(
                     let result = dial.await;
                     let _ = tx.send(Msg::Dialed { peer, result });
                 });
+            }
+            Msg::List { reply } => {
+                let live = slots
+                    .iter()
+                    .filter_map(|(peer, slot)| {
+                        let (conn, _) = slot.conn.as_ref()?;
+                        D::is_usable(conn).then(|| (peer.clone(), conn.clone()))
+                    })
+                    .collect();
+                let _ = reply.send(live);
             }
             Msg::Dialed { peer, result } => {
                 let slot = slots.entry(peer.clone()).or_default();
@@ -400,5 +423,38 @@ mod tests {
         dialer.fail.store(false, Ordering::SeqCst);
         assert!(pool.get(&peer()).await.is_ok());
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn connections_lists_only_usable_pooled_connections() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer, Duration::from_secs(60));
+        let a = PeerKey {
+            cluster: ClusterName::new("west").expect("valid"),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let b = PeerKey {
+            cluster: ClusterName::new("north").expect("valid"),
+            addr: "127.0.0.1:2".parse().expect("addr"),
+        };
+        assert!(pool.connections().await.is_empty());
+        let conn_a = pool.get(&a).await.expect("dial a");
+        pool.get(&b).await.expect("dial b");
+        let mut listed: Vec<PeerKey> = pool
+            .connections()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, vec![b.clone(), a.clone()]);
+        conn_a.alive.store(false, Ordering::SeqCst);
+        let listed: Vec<PeerKey> = pool
+            .connections()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(listed, vec![b]);
     }
 }
