@@ -273,7 +273,7 @@ fn render_picture(view: &StatusView) -> String {
     };
     let local = view.clusters.iter().position(|c| c.local);
     let mut svg = format!(
-        "<svg width={W} height={H} viewBox='0 0 {W} {H}' role=img aria-label='federation'>"
+        "<svg width='{W}' height='{H}' viewBox='0 0 {W} {H}' role='img' aria-label='federation'>"
     );
     if let Some(li) = local {
         let (lx, ly) = pos(li);
@@ -292,8 +292,8 @@ fn render_picture(view: &StatusView) -> String {
             let dash = if up { "" } else { " stroke-dasharray='6 4'" };
             let _ = write!(
                 svg,
-                "<line x1={lx:.0} y1={ly:.0} x2={x:.0} y2={y:.0} stroke='{color}' stroke-width=2{dash}/>\
-                 <text x={:.0} y={:.0} font-size=12 fill='#555'>{}</text>",
+                "<line x1='{lx:.0}' y1='{ly:.0}' x2='{x:.0}' y2='{y:.0}' stroke='{color}' stroke-width='2'{dash}/>\
+                 <text x='{:.0}' y='{:.0}' font-size='12' fill='#555'>{}</text>",
                 (lx + x) / 2.0 + 4.0,
                 (ly + y) / 2.0 - 4.0,
                 rtt.map(|v| format!("{v:.2} ms"))
@@ -313,9 +313,9 @@ fn render_picture(view: &StatusView) -> String {
         };
         let _ = write!(
             svg,
-            "<circle cx={x:.0} cy={y:.0} r=38 fill='{fill}' stroke='#345' stroke-width=1.5/>\
-             <text x={x:.0} y={y:.0} text-anchor=middle font-weight=bold>{}</text>\
-             <text x={x:.0} y={:.0} text-anchor=middle font-size=11 fill='#555'>{} gw</text>",
+            "<circle cx='{x:.0}' cy='{y:.0}' r='38' fill='{fill}' stroke='#345' stroke-width='1.5'/>\
+             <text x='{x:.0}' y='{y:.0}' text-anchor='middle' font-weight='bold'>{}</text>\
+             <text x='{x:.0}' y='{:.0}' text-anchor='middle' font-size='11' fill='#555'>{} gw</text>",
             esc(&c.name),
             y + 16.0,
             c.gateways.len()
@@ -373,6 +373,17 @@ mod tests {
         assert!(!page.contains("<script>"));
         assert!(page.contains("&lt;script&gt;"));
         assert_eq!(page.matches("<circle").count(), 2);
+        // Inside SVG every attribute value is quoted: an unquoted value swallows the '/' of
+        // '/>' and nests every following element inside the circle, where it is not drawn.
+        let svg = &page[page.find("<svg").expect("svg")..page.find("</svg>").expect("end")];
+        for (i, _) in svg.match_indices('=') {
+            assert_eq!(
+                &svg[i + 1..i + 2],
+                "'",
+                "unquoted attribute near {:?}",
+                &svg[i.saturating_sub(12)..i + 6]
+            );
+        }
         assert!(page.contains("0.25 ms"));
     }
 }

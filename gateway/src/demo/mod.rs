@@ -203,7 +203,9 @@ async fn wait_converged(gateways: &[Gateway]) -> anyhow::Result<()> {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the demo federation did not converge within 20 s");
+            anyhow::bail!(
+                "the demo federation did not converge within 20 s: some VIP listeners in 127.77.0.0/16 could not bind (is another `meshup demo` running?)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
