@@ -283,7 +283,8 @@ mod tests {
                 "{key}"
             );
         }
-        let bad: [(&[u8], fn(&KeyError) -> bool); 9] = [
+        type Check = fn(&KeyError) -> bool;
+        let bad: [(&[u8], Check); 9] = [
             (b"/m/v1/clusters/East/gateways/gw", |e| {
                 matches!(e, KeyError::BadName { .. })
             }),

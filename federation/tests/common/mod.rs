@@ -52,6 +52,7 @@ pub fn init_logs() {
 }
 
 /// Which store a test runs against.
+#[allow(clippy::large_enum_variant)] // one per test; size is irrelevant
 pub enum Fixture {
     Embedded(EmbeddedStore),
     Etcd {
