@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use meshup_core::model::{AddressRules, encode};
+use meshup_federation::config::{Backend, CatalogConfig};
 use meshup_federation::etcd::{EtcdOptions, EtcdStore};
 use meshup_federation::publisher::Publisher;
 use meshup_federation::store::{self, Store, StoreError};
@@ -56,16 +57,24 @@ async fn gateways_write_only_under_their_own_cluster() {
         ctl(&["auth", "enable"]);
     });
     within(Duration::from_secs(60), async {
-        let east: Arc<dyn Store> = Arc::new(
-            EtcdStore::connect(EtcdOptions {
-                endpoints: vec![server.endpoint()],
-                user: Some(("east-gw".into(), "east-pw".into())),
-                request_timeout: Duration::from_secs(2),
-                ..Default::default()
-            })
+        // Through the configuration section, as the gateway does it: the password comes
+        // from a file.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let password_file = dir.path().join("etcd-password");
+        std::fs::write(&password_file, "east-pw\n").expect("write password file");
+        let config = CatalogConfig {
+            backend: Backend::Etcd,
+            endpoints: vec![server.endpoint()],
+            prefix: "/meshup-test".into(),
+            username: Some("east-gw".into()),
+            password_file: Some(password_file),
+            ..Default::default()
+        };
+        let east: Arc<dyn Store> = config
+            .connect(None)
             .await
-            .expect("east connects with its credentials"),
-        );
+            .expect("east connects with its credentials");
+        assert_eq!(config.layout().expect("layout"), layout());
         let cancel = CancellationToken::new();
         let publisher = Publisher::new(east.clone(), layout(), gateway("east", "gw-0"))
             .with_exports([(service("pay.prod"), export(8080, 1))])
