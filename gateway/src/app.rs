@@ -90,7 +90,7 @@ pub struct Gateway {
     draining: watch::Sender<bool>,
     /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
     /// to stop.
-    _exports: watch::Sender<Arc<LocalExports>>,
+    _exports: Arc<watch::Sender<Arc<LocalExports>>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -183,10 +183,16 @@ impl Gateway {
             .with_metrics(catalog_metrics.publisher.clone())
             .spawn(shutdown.child_token());
         let publisher = Arc::new(publisher);
+        let exports_tx = Arc::new(watch::Sender::new(Arc::new(local_exports(
+            &config.exports,
+            &health.borrow(),
+        ))));
+        let exports_rx = exports_tx.subscribe();
         let export_updates = spawn_export_updates(
             config.exports.clone(),
             health,
             publisher.clone(),
+            exports_tx.clone(),
             shutdown.child_token(),
         );
 
@@ -202,7 +208,6 @@ impl Gateway {
         );
         tasks.push(vips.spawn(watcher.snapshots(), shutdown.child_token()));
 
-        let (exports_tx, exports_rx) = watch::channel(Arc::new(local_exports(&config.exports)));
         let inbound =
             inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.child_token());
         let outbound = outbound::Proxy::spawn(
@@ -210,6 +215,7 @@ impl Gateway {
             cluster.clone(),
             exports_rx.clone(),
             watcher.snapshots(),
+            config.vip_cidr,
             shutdown.child_token(),
         );
 
@@ -363,13 +369,34 @@ pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// The inbound/outbound view of this gateway's exports.
-fn local_exports(exports: &[ExportConfig]) -> LocalExports {
-    inbound::local_exports(exports.iter().map(|e| LocalExport {
-        service: e.key(),
-        ports: e.ports.iter().map(|p| p.port).collect(),
-        endpoints: e.endpoints.clone(),
-        allowed_callers: e.allowed_callers.clone(),
+/// The inbound/outbound view of this gateway's exports: only the endpoints that passed the
+/// last probe, so new connections skip a dead endpoint instead of waiting out its connect
+/// timeout. When none passed, all are kept: trying is better than refusing outright (the
+/// probe may be what is wrong), and the catalog already tells peers we have nothing healthy.
+/// Pure.
+pub fn local_exports(exports: &[ExportConfig], health: &HealthMap) -> LocalExports {
+    inbound::local_exports(exports.iter().map(|e| {
+        let key = e.key();
+        let healthy: Vec<SocketAddr> = health
+            .get(&key)
+            .map(|h| {
+                h.endpoints
+                    .iter()
+                    .filter(|(_, up)| *up)
+                    .map(|(a, _)| *a)
+                    .collect()
+            })
+            .unwrap_or_default();
+        LocalExport {
+            service: key,
+            ports: e.ports.iter().map(|p| p.port).collect(),
+            endpoints: if healthy.is_empty() {
+                e.endpoints.clone()
+            } else {
+                healthy
+            },
+            allowed_callers: e.allowed_callers.clone(),
+        }
     }))
 }
 
@@ -399,11 +426,13 @@ pub fn export_records(
         .collect()
 }
 
-/// Republishes the exports whenever the probes change what is healthy.
+/// Republishes the exports, and updates the endpoints the proxies use, whenever the probes
+/// change what is healthy.
 fn spawn_export_updates(
     exports: Vec<ExportConfig>,
     mut health: watch::Receiver<HealthMap>,
     publisher: Arc<PublisherHandle>,
+    local: Arc<watch::Sender<Arc<LocalExports>>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -412,8 +441,9 @@ fn spawn_export_updates(
                 _ = stop.cancelled() => return,
                 changed = health.changed() => if changed.is_err() { return },
             }
-            let records = export_records(&exports, &health.borrow_and_update());
-            publisher.set_exports(records);
+            let current = health.borrow_and_update().clone();
+            publisher.set_exports(export_records(&exports, &current));
+            local.send_replace(Arc::new(local_exports(&exports, &current)));
         }
     })
 }
@@ -551,5 +581,50 @@ impl StatusSource for Status {
             clusters,
             services,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::health::EndpointHealth;
+
+    fn export() -> ExportConfig {
+        serde_norway::from_str(
+            "{name: pay, namespace: prod, ports: [{name: http, port: 8080}], endpoints: [\"127.0.0.1:1\", \"127.0.0.1:2\"]}",
+        )
+        .expect("valid export")
+    }
+
+    fn health(up: &[bool]) -> HealthMap {
+        let addrs = export().endpoints;
+        Arc::new(BTreeMap::from([(
+            export().key(),
+            EndpointHealth {
+                endpoints: addrs.into_iter().zip(up.iter().copied()).collect(),
+            },
+        )]))
+    }
+
+    #[test]
+    fn counts_and_endpoints_follow_the_probes() {
+        let exports = [export()];
+        let key = export().key();
+        let h = health(&[false, true]);
+        let records = export_records(&exports, &h);
+        assert_eq!(records[0].1.endpoints_total, 2);
+        assert_eq!(records[0].1.endpoints_healthy, 1);
+        let local = local_exports(&exports, &h);
+        assert_eq!(
+            local[&key].endpoints,
+            vec!["127.0.0.1:2".parse().expect("addr")]
+        );
+        // Nothing healthy: keep trying every endpoint rather than refusing outright.
+        let none = local_exports(&exports, &health(&[false, false]));
+        assert_eq!(none[&key].endpoints.len(), 2);
+        let records = export_records(&exports, &health(&[false, false]));
+        assert_eq!(records[0].1.endpoints_healthy, 0);
     }
 }

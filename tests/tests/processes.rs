@@ -580,3 +580,103 @@ async fn sigterm_drains_in_flight_connections_to_completion() {
     // After a clean exit the lease is revoked: the records are gone at once, not after TTL.
     assert!(keys_under(&etcd, "/drain/v1/clusters/west/").is_empty());
 }
+
+/// A backend that answers every connection with `len` bytes of a known pattern and closes.
+async fn bulk_backend(len: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if c.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = c.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
+    // The backend writes the whole response and closes at once, so on the serving gateway the
+    // stream is "finished" long before the client has read it: the drain must still wait
+    // until the peer acknowledged every byte before closing the QUIC connection.
+    const LEN: usize = 48 * 1024 * 1024;
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let backend = bulk_backend(LEN).await;
+    let mut west = GatewayProcess::start(GatewaySpec {
+        cluster: "west",
+        vip_cidr: "127.78.32.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/tail",
+        exports: vec![("bulk", "test", 7100, backend)],
+        drain_deadline: Duration::from_secs(10),
+    });
+    let mut east = GatewayProcess::start(GatewaySpec {
+        cluster: "east",
+        vip_cidr: "127.78.31.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: "/tail",
+        exports: vec![],
+        drain_deadline: Duration::from_secs(2),
+    });
+    west.wait_ready().await;
+    east.wait_ready().await;
+    let vip = east.wait_routable("bulk.test", 7100).await;
+
+    let mut client = TcpStream::connect(vip).await.expect("connect");
+    // The client has nothing to send (like an HTTP/1.0 request already written): its FIN
+    // ends the upstream direction, so once the backend finishes, no stream stays open to
+    // hold the drain back.
+    client.shutdown().await.expect("half-close");
+    let mut buf = vec![0u8; 64 * 1024];
+    let first = tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf))
+        .await
+        .expect("first bytes")
+        .expect("read");
+    assert!(first > 0);
+    // Let the serving side run ahead: the client pauses, so most of the response sits in
+    // QUIC buffers, unacknowledged, when the drain starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    west.signal("-TERM");
+    let mut total = first;
+    let mut intact = buf[..first]
+        .iter()
+        .enumerate()
+        .all(|(i, b)| usize::from(*b) == i % 251);
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), client.read(&mut buf))
+            .await
+            .expect("response keeps flowing during the drain")
+            .unwrap_or_else(|e| {
+                panic!(
+                    "response cut after {total} of {LEN} bytes: {e}; west log:\n{}",
+                    west.log_text()
+                )
+            });
+        if n == 0 {
+            break;
+        }
+        for b in &buf[..n] {
+            // The pattern restarts with every 64 KiB chunk the backend writes.
+            intact &= usize::from(*b) == total % (64 * 1024) % 251;
+            total += 1;
+        }
+    }
+    assert_eq!(total, LEN, "every byte of the response arrived");
+    assert!(intact, "bytes arrived in order and unchanged");
+    assert_eq!(west.wait_exit(Duration::from_secs(15)).await, Some(0));
+}

@@ -230,7 +230,7 @@ async fn accept_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                             .metrics()
                             .handshake_failed(classify_handshake_error(&e));
                     }
-                    tracing::info!(%remote, error = %e, "inbound handshake failed");
+                    tracing::debug!(%remote, error = %e, "inbound handshake failed");
                     return;
                 }
                 Ok(Ok(conn)) => conn,
@@ -343,7 +343,7 @@ async fn serve_stream(
     let (header, rest) = match read_header(&mut recv, header_timeout).await {
         Ok(h) => h,
         Err(e) => {
-            tracing::info!(error = %e, "rejecting stream");
+            tracing::debug!(error = %e, "rejecting stream");
             if let StreamError::BadHeader(_) = e {
                 guard.set_result(Status::BadRequest.as_str());
                 let _ = answer(&mut send, Status::BadRequest).await;
@@ -362,7 +362,7 @@ async fn serve_stream(
         let endpoints = match authorize(&header, &caller, &exports, draining) {
             Ok(e) => e,
             Err(status) => {
-                tracing::info!(%status, "refusing stream");
+                tracing::debug!(%status, "refusing stream");
                 guard.set_result(status.as_str());
                 let _ = answer(&mut send, status).await;
                 let _ = recv.stop(RESET_ABORT);
@@ -441,11 +441,11 @@ pub(crate) async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Option<T
             Some(s)
         }
         Ok(Err(e)) => {
-            tracing::info!(%addr, error = %e, "local endpoint refused");
+            tracing::debug!(%addr, error = %e, "local endpoint refused");
             None
         }
         Err(_) => {
-            tracing::info!(%addr, ?timeout, "local endpoint connect timed out");
+            tracing::debug!(%addr, ?timeout, "local endpoint connect timed out");
             None
         }
     }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use ipnet::IpNet;
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::ClusterName;
 use meshup_core::tunnel::{RequestHeader, STATUS_LEN, Status, decode_status, encode_header};
@@ -113,6 +114,8 @@ struct Shared {
     local: ClusterName,
     exports: watch::Receiver<Arc<LocalExports>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The cluster's `vip_cidr`: listeners are only ever bound inside it.
+    vip_range: IpNet,
     pool: Pool<quinn::Connection>,
     connections: TaskTracker,
     stop_listeners: CancellationToken,
@@ -128,6 +131,7 @@ impl Proxy {
         local_cluster: ClusterName,
         exports: watch::Receiver<Arc<LocalExports>>,
         snapshots: watch::Receiver<Arc<Snapshot>>,
+        vip_range: IpNet,
         shutdown: CancellationToken,
     ) -> Self {
         let pool = Pool::spawn(
@@ -143,6 +147,7 @@ impl Proxy {
             local: local_cluster,
             exports,
             snapshots,
+            vip_range,
             pool,
             connections: TaskTracker::new(),
             stop_listeners: shutdown.child_token(),
@@ -216,7 +221,11 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
-        let desired = desired_listeners(&snapshots.borrow_and_update().clone(), &shared.local);
+        let desired = desired_listeners(
+            &snapshots.borrow_and_update().clone(),
+            &shared.local,
+            &shared.vip_range,
+        );
         exports.borrow_and_update();
         reconcile(&shared, &mut bound, &desired);
         tokio::select! {
@@ -340,7 +349,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         let exports = shared.exports.borrow().clone();
         let cands = candidates(&snapshot, &shared.local, &exports, &route);
         if cands.is_empty() {
-            tracing::info!("no cluster can serve this connection");
+            tracing::debug!("no cluster can serve this connection");
         }
         let header = RequestHeader {
             request_id,
@@ -362,7 +371,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                         guard.set_result("done");
                         return;
                     }
-                    Err(e) => tracing::info!(error = %e, "local candidate failed"),
+                    Err(e) => tracing::debug!(error = %e, "local candidate failed"),
                 },
                 Candidate::Remote { cluster, gateways } => {
                     let n = gateways.len();
@@ -383,13 +392,13 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                                 return;
                             }
                             Err(AttemptError::Refused(status)) if !status.retry_elsewhere() => {
-                                tracing::warn!(%peer, %status, "peer refused; not retrying");
+                                tracing::debug!(%peer, %status, "peer refused; not retrying");
                                 guard.set_result(status.as_str());
                                 reset_tcp(tcp);
                                 return;
                             }
                             Err(e) => {
-                                tracing::info!(%peer, error = %e, "candidate failed; trying the next");
+                                tracing::debug!(%peer, error = %e, "candidate failed; trying the next");
                                 result = match e {
                                     AttemptError::Refused(status) => status.as_str(),
                                     _ => "unreachable",
@@ -426,11 +435,15 @@ async fn open_tunnel(
     header: &RequestHeader,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
     let conn = shared.pool.get(peer).await?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(|e| AttemptError::Open(e.to_string()))?;
     let timeout = shared.endpoint.config().answer_timeout();
+    // quinn waits silently while the peer's stream limit is reached; bound the wait so the
+    // connection moves on to another gateway or cluster (no client byte was sent yet).
+    let (mut send, mut recv) = tokio::time::timeout(timeout, conn.open_bi())
+        .await
+        .map_err(|_| {
+            AttemptError::Open(format!("no stream credit from {peer} within {timeout:?}"))
+        })?
+        .map_err(|e| AttemptError::Open(e.to_string()))?;
     let exchange = async {
         send.write_all(&encode_header(header))
             .await

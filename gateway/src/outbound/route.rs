@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use ipnet::IpNet;
 use meshup_core::catalog::Snapshot;
 use meshup_core::model::Protocol;
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -33,12 +34,28 @@ pub enum Candidate {
 }
 
 /// The listeners this cluster's gateways keep: every TCP port of every service that has a
-/// VIP allocated for `local`, plus every cluster-pinned VIP of it.
-pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName) -> BTreeMap<SocketAddr, Route> {
+/// VIP allocated for `local`, plus every cluster-pinned VIP of it. Only VIPs inside
+/// `vip_range` (the cluster's `vip_cidr`) are listened on: a catalog record naming any other
+/// address (a narrowed range, a hand-written or hostile record) must never make the gateway
+/// open an unauthenticated proxy on, say, the node's own address.
+pub fn desired_listeners(
+    snapshot: &Snapshot,
+    local: &ClusterName,
+    vip_range: &IpNet,
+) -> BTreeMap<SocketAddr, Route> {
     let mut out = BTreeMap::new();
+    let vip = |target: Option<&ClusterName>, svc: &ServiceKey| {
+        let v = snapshot.vip(local, svc, target)?;
+        if vip_range.contains(&v) {
+            Some(v)
+        } else {
+            tracing::warn!(vip = %v, service = %svc, range = %vip_range, "catalog VIP outside vip_cidr; not listening on it");
+            None
+        }
+    };
     for svc in snapshot.services() {
         let tcp_ports = || svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
-        if let Some(vip) = snapshot.vip(local, &svc.key, None) {
+        if let Some(vip) = vip(None, &svc.key) {
             for p in tcp_ports() {
                 out.insert(
                     SocketAddr::new(vip, p.port),
@@ -51,7 +68,7 @@ pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName) -> BTreeMap<S
             }
         }
         for target in svc.clusters.keys() {
-            if let Some(vip) = snapshot.vip(local, &svc.key, Some(target)) {
+            if let Some(vip) = vip(Some(target), &svc.key) {
                 for p in tcp_ports() {
                     out.insert(
                         SocketAddr::new(vip, p.port),
@@ -125,6 +142,9 @@ mod tests {
     fn c(s: &str) -> ClusterName {
         ClusterName::new(s).expect("valid")
     }
+    fn loopback() -> IpNet {
+        "127.0.0.0/8".parse().expect("cidr")
+    }
     fn key() -> ServiceKey {
         "pay.prod".parse().expect("valid")
     }
@@ -188,7 +208,7 @@ mod tests {
             vip(None, [127, 77, 0, 1]),
             vip(Some("west"), [127, 77, 0, 2]),
         ]);
-        let l = desired_listeners(&s, &c("east"));
+        let l = desired_listeners(&s, &c("east"), &loopback());
         let addrs: Vec<String> = l.keys().map(|a| a.to_string()).collect();
         assert_eq!(addrs, ["127.77.0.1:8080", "127.77.0.2:8080"]);
         assert_eq!(
@@ -196,7 +216,10 @@ mod tests {
             Some(c("west"))
         );
         // Another cluster's VIPs are not ours.
-        assert!(desired_listeners(&s, &c("west")).is_empty());
+        assert!(desired_listeners(&s, &c("west"), &loopback()).is_empty());
+        // VIPs outside the cluster's range are never listened on.
+        let narrow: IpNet = "10.0.0.0/8".parse().expect("cidr");
+        assert!(desired_listeners(&s, &c("east"), &narrow).is_empty());
     }
 
     #[test]

@@ -121,9 +121,14 @@ fn d_conn_window() -> u32 {
     DEFAULT_CONNECTION_WINDOW_BYTES
 }
 
+/// Longest duration any tunnel setting may have.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A `tunnel:` section that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
+    #[error("tunnel.{field} is longer than the {}-day maximum", max.as_secs() / 86_400)]
+    DurationTooLong { field: &'static str, max: Duration },
     #[error("tunnel.{field} must be greater than zero")]
     Zero { field: &'static str },
     #[error(
@@ -186,9 +191,18 @@ impl TunnelConfig {
             ("connect_timeout", self.connect_timeout),
             ("header_timeout", self.header_timeout),
             ("stream_idle_timeout", self.stream_idle_timeout),
+            ("drain_deadline", self.drain_deadline),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Zero { field });
+            }
+            // `Instant + Duration` panics past ~292 years; every deadline is built that way,
+            // so a typo like `300000y` must be refused here, not crash a task later.
+            if d > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong {
+                    field,
+                    max: MAX_DURATION,
+                });
             }
         }
         for (field, v) in [
@@ -266,6 +280,21 @@ mod tests {
             serde_norway::from_str::<TunnelConfig>("cert: c\nkey: k\nbundle: b\nidle: 1s\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn absurd_durations_are_rejected_before_they_can_overflow_a_deadline() {
+        let mut cfg = TunnelConfig::with_files(IdentityFiles::in_dir(std::path::Path::new("x")));
+        cfg.max_connection_age = Duration::from_secs(u64::MAX / 2);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DurationTooLong {
+                field: "max_connection_age",
+                ..
+            })
+        ));
+        cfg.max_connection_age = MAX_DURATION;
+        assert_eq!(cfg.validate(), Ok(()));
     }
 
     #[test]

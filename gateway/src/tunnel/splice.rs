@@ -79,8 +79,12 @@ pub(crate) async fn splice(
         loop {
             match tr.read(&mut buf).await {
                 Ok(0) => {
-                    // FIN from TCP: finish the stream (already-closed is fine).
+                    // FIN from TCP: finish the stream (already-closed is fine), then wait
+                    // until the peer has acknowledged every byte. `finish` only queues the
+                    // FIN; returning at once would let a drain consider this stream done and
+                    // close the connection with its tail still unacknowledged (lost).
                     let _ = send.finish();
+                    let _ = send.stopped().await;
                     return Ok(());
                 }
                 Ok(n) => {

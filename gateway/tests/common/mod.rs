@@ -143,6 +143,7 @@ impl Gateway {
             cluster.clone(),
             exports_rx,
             snapshots_rx,
+            "127.0.0.0/8".parse().expect("cidr"),
             shutdown.clone(),
         );
         Self {
