@@ -39,7 +39,7 @@ pub use route::{Candidate, Route, candidates, desired_listeners};
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::{
-    ConnectError, Endpoint, RESET_ABORT,
+    CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
     splice::{splice, splice_result},
 };
 
@@ -83,6 +83,19 @@ impl pool::Dialer for QuicDialer {
 
     fn is_usable(conn: &quinn::Connection) -> bool {
         conn.close_reason().is_none()
+    }
+
+    fn retire(&self, conn: quinn::Connection) {
+        // Like a maximum connection duration elsewhere: no new streams from now on, the
+        // open ones get the drain deadline, then the connection closes, so no connection
+        // outlives its age (or its certificate's half-life) by more than that.
+        let grace = self.0.config().drain_deadline;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = tokio::time::sleep(grace) => conn.close(CLOSE_RECYCLED, b"recycled"),
+            }
+        });
     }
 
     /// Half the peer certificate's lifetime, so rotated certificates are in use on every

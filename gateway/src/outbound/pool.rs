@@ -84,6 +84,9 @@ pub trait Dialer: Send + Sync + 'static {
     fn lifetime(_conn: &Self::Conn) -> Option<Duration> {
         None
     }
+    /// Called once when a still-usable connection is retired for age: it gets no new
+    /// streams, and the dialer closes it after giving the open ones time to finish.
+    fn retire(&self, _conn: Self::Conn) {}
 }
 
 /// Backoff after `failures` consecutive failed dials (≥ 1). Pure.
@@ -205,7 +208,11 @@ async fn run<D: Dialer>(
                         continue;
                     }
                     tracing::debug!(%peer, "pooled connection closed or too old; replacing it");
-                    slot.conn = None;
+                    if let Some((conn, _)) = slot.conn.take()
+                        && D::is_usable(&conn)
+                    {
+                        dialer.retire(conn);
+                    }
                 }
                 if slot.dialing {
                     slot.waiters.push(reply);
@@ -286,6 +293,7 @@ mod tests {
     #[derive(Clone, Default)]
     struct FakeDialer {
         dials: Arc<AtomicU64>,
+        retired: Arc<AtomicU64>,
         fail: Arc<AtomicBool>,
         /// Milliseconds of certificate-derived lifetime per connection (0: none).
         lifetime_ms: Arc<AtomicU64>,
@@ -319,6 +327,9 @@ mod tests {
         }
         fn is_usable(conn: &FakeConn) -> bool {
             conn.alive.load(Ordering::SeqCst)
+        }
+        fn retire(&self, _conn: FakeConn) {
+            self.retired.fetch_add(1, Ordering::SeqCst);
         }
         fn lifetime(conn: &FakeConn) -> Option<Duration> {
             conn.lifetime
@@ -369,11 +380,15 @@ mod tests {
         let c2 = pool.get(&peer()).await.expect("redial");
         assert!(!Arc::ptr_eq(&c1.alive, &c2.alive));
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        // A dead connection is simply dropped: nothing to retire.
+        assert_eq!(dialer.retired.load(Ordering::SeqCst), 0);
 
         tokio::time::sleep(Duration::from_millis(310)).await;
         let c3 = pool.get(&peer()).await.expect("recycled");
         assert!(!Arc::ptr_eq(&c2.alive, &c3.alive));
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+        // The old but usable one is handed to the dialer to be closed after a grace.
+        assert_eq!(dialer.retired.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
