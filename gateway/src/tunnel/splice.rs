@@ -22,6 +22,8 @@ use tokio::time::Instant;
 use super::{RESET_ABORT, RESET_TCP};
 
 const CHUNK: usize = 64 * 1024;
+/// Buffer of the QUIC → TCP direction: large enough to gather a whole flight of packets.
+const QUIC_TO_TCP_BUFFER: usize = 256 * 1024;
 
 /// How a splice ended and what it moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,11 +105,16 @@ pub(crate) async fn splice(
             tw.write_all(initial).await.map_err(|_| Abort::Tcp)?;
             down += initial.len() as u64;
         }
+        // `read` gathers every chunk quinn has ready into one buffer, so the TCP side sees
+        // few large writes instead of one small `send` per QUIC packet (each of which runs
+        // the kernel's receive path and wakes the reader): the copy is cheaper than those
+        // system calls.
+        let mut buf = vec![0u8; QUIC_TO_TCP_BUFFER];
         loop {
-            match recv.read_chunk(CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    tw.write_all(&chunk.bytes).await.map_err(|_| Abort::Tcp)?;
-                    down += chunk.bytes.len() as u64;
+            match recv.read(&mut buf).await {
+                Ok(Some(n)) => {
+                    tw.write_all(&buf[..n]).await.map_err(|_| Abort::Tcp)?;
+                    down += n as u64;
                     touch();
                 }
                 Ok(None) => {
