@@ -463,6 +463,8 @@ impl Store for EmbeddedStore {
             }
         }
         if registered {
+            // A bookmark: the replay above and every later fan-out go through this channel
+            // under the lock, so everything up to `state.revision` precedes it.
             let _ = tx.try_send(Ok(WatchItem::Progress {
                 revision: state.revision,
             }));
@@ -474,6 +476,8 @@ impl Store for EmbeddedStore {
             let Some(inner) = weak.upgrade() else { return };
             let state = inner.lock();
             let revision = state.revision;
+            // Also a bookmark: fan-out happens under this lock, so every event up to
+            // `revision` is queued before it (a watch whose queue overflowed was removed).
             if let Some(sub) = state.subscribers.iter().find(|s| s.id == id) {
                 // A full buffer already proves the watch is alive; dropping is fine.
                 let _ = sub.tx.try_send(Ok(WatchItem::Progress { revision }));

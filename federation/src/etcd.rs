@@ -9,8 +9,20 @@
 //!   raised so one page of maximal records still fits.
 //! - A watch runs in its own task that forwards responses into a bounded channel and sends
 //!   progress requests; the task ends when the `Watch` is dropped.
+//! - Bookmarks ([`WatchItem::Progress`]) come only from answers etcd orders with the watch's
+//!   events: the periodic per-watch progress notifications (`progress_notify`, sent by etcd
+//!   only to caught-up watchers, every `--experimental-watch-progress-notify-interval`,
+//!   10 min by default), and answers to progress requests on etcd releases that send them
+//!   through the event stream (see [`orders_requested_progress`]). Older releases send the
+//!   requested answer on a side channel with the store's current revision, so it can
+//!   overtake events still queued for the watch (etcd-io/etcd#15220); resuming from it could
+//!   skip those events, so there it only proves liveness ([`WatchItem::Alive`]). On those
+//!   releases, run etcd with `--experimental-watch-progress-notify-interval` well below the
+//!   history the compaction keeps (e.g. `1m` when compacting every 5 min); otherwise a quiet
+//!   catalog's watcher still relists after a broken watch, as before bookmarks.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,6 +47,8 @@ pub const DEFAULT_KEEP_ALIVE: (Duration, Duration) =
 const MAX_DECODING_MESSAGE_BYTES: usize = 96 * 1024 * 1024;
 /// Watch responses buffered between the forwarding task and the watcher.
 const WATCH_BUFFER: usize = 256;
+/// etcd's watch id on answers to a progress request (they belong to the whole stream).
+const STREAM_WATCH_ID: i64 = -1;
 
 /// How to reach etcd.
 #[derive(Clone, Default)]
@@ -66,6 +80,9 @@ pub struct EtcdStore {
     client: Client,
     request_timeout: Duration,
     endpoints: Vec<String>,
+    /// Whether the server orders requested progress answers with events; learnt from its
+    /// version on the first watch that could ask (shared by clones).
+    ordered_progress: Arc<OnceLock<bool>>,
 }
 
 impl fmt::Debug for EtcdStore {
@@ -113,7 +130,34 @@ impl EtcdStore {
             client,
             request_timeout,
             endpoints: options.endpoints,
+            ordered_progress: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Whether requested progress answers may serve as bookmarks, asking etcd for its
+    /// version once. An unanswered status request counts as "no" (only bookmarks are lost,
+    /// not correctness) and is asked again on the next watch.
+    async fn requested_progress_is_ordered(&self) -> bool {
+        if let Some(ordered) = self.ordered_progress.get() {
+            return *ordered;
+        }
+        let mut maintenance = self.client.maintenance_client();
+        match self.deadline(maintenance.status()).await {
+            Ok(status) => {
+                let ordered = orders_requested_progress(status.version());
+                tracing::debug!(
+                    version = status.version(),
+                    ordered,
+                    "etcd version: requested progress answers {} bookmarks",
+                    if ordered { "are" } else { "are not" }
+                );
+                *self.ordered_progress.get_or_init(|| ordered)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd status unavailable; progress answers are not bookmarks");
+                false
+            }
+        }
     }
 
     async fn deadline<T>(
@@ -181,8 +225,35 @@ fn to_op(op: TxnOp) -> EtcdTxnOp {
     }
 }
 
-/// Converts one watch response into seam items.
-fn convert(resp: &etcd_client::WatchResponse) -> Result<Option<WatchItem>, StoreError> {
+/// Whether an etcd server of this version sends answers to progress requests through the
+/// watch's event stream, after every event they cover (etcd-io/etcd#15237, with the
+/// follow-up etcd-io/etcd#17557 for watches that never see an event). The thresholds are
+/// conservative: releases made well after both fixes were backported. Pure.
+pub fn orders_requested_progress(version: &str) -> bool {
+    let mut parts = version
+        .trim()
+        .trim_start_matches('v')
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u32>().ok());
+    let (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    match (major, minor) {
+        (3, 4) => patch >= 34,
+        (3, 5) => patch >= 16,
+        (3, m) => m >= 6,
+        (m, _) => m > 3,
+    }
+}
+
+/// Converts one watch response into seam items. `ordered_requests`: whether answers to
+/// progress requests are bookmarks on this server ([`orders_requested_progress`]).
+fn convert(
+    resp: &etcd_client::WatchResponse,
+    ordered_requests: bool,
+) -> Result<Option<WatchItem>, StoreError> {
     if resp.canceled() {
         if resp.compact_revision() > 0 {
             return Ok(Some(WatchItem::Compacted {
@@ -196,7 +267,20 @@ fn convert(resp: &etcd_client::WatchResponse) -> Result<Option<WatchItem>, Store
     }
     let events = resp.events();
     if events.is_empty() {
-        let revision = resp.header().map_or(0, |h| h.revision());
+        // The creation acknowledgement carries the store's revision while the history from
+        // the start revision may still be replaying: resuming from it could skip events.
+        if resp.created() {
+            return Ok(Some(WatchItem::Alive));
+        }
+        let Some(revision) = resp.header().map(|h| h.revision()).filter(|r| *r > 0) else {
+            return Ok(Some(WatchItem::Alive));
+        };
+        // A response for this watch's own id without events is a periodic progress
+        // notification, which etcd queues behind the watch's events; a stream-wide one
+        // answers a progress request and is ordered only on fixed releases.
+        if resp.watch_id() == STREAM_WATCH_ID && !ordered_requests {
+            return Ok(Some(WatchItem::Alive));
+        }
         return Ok(Some(WatchItem::Progress { revision }));
     }
     let mut out = Vec::with_capacity(events.len());
@@ -277,7 +361,12 @@ impl Store for EtcdStore {
                 .client
                 .watch_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
-            let mut options = WatchOptions::new().with_start_revision(start_revision.max(1));
+            let ordered_requests = self.requested_progress_is_ordered().await;
+            // `progress_notify`: etcd's periodic bookmarks for a quiet watch (see the module
+            // docs); they work on every release.
+            let mut options = WatchOptions::new()
+                .with_start_revision(start_revision.max(1))
+                .with_progress_notify();
             options = if range.end.is_empty() {
                 options.with_from_key()
             } else {
@@ -294,7 +383,7 @@ impl Store for EtcdStore {
                     tokio::select! {
                         msg = responses.message() => {
                             let item = match msg {
-                                Ok(Some(resp)) => match convert(&resp) {
+                                Ok(Some(resp)) => match convert(&resp, ordered_requests) {
                                     Ok(Some(item)) => Ok(item),
                                     Ok(None) => continue,
                                     Err(e) => Err(e),
@@ -303,7 +392,10 @@ impl Store for EtcdStore {
                                 Ok(None) => break,
                                 Err(e) => Err(map_err(e)),
                             };
-                            let last = !matches!(item, Ok(WatchItem::Events(_) | WatchItem::Progress { .. }));
+                            let last = !matches!(
+                                item,
+                                Ok(WatchItem::Events(_) | WatchItem::Progress { .. } | WatchItem::Alive)
+                            );
                             if tx.send(item).await.is_err() || last {
                                 break;
                             }
@@ -429,5 +521,32 @@ impl Store for EtcdStore {
             let mut kv = self.client.kv_client();
             self.deadline(kv.compact(revision, None)).await.map(|_| ())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_progress_is_trusted_only_on_fixed_releases() {
+        let table = [
+            ("3.4.23", false),
+            ("3.4.33", false),
+            ("3.4.34", true),
+            ("3.5.9", false),
+            ("3.5.16", true),
+            ("3.6.0", true),
+            ("v3.6.4", true),
+            ("3.5.17-rc.0", true),
+            ("4.0.0", true),
+            ("2.3.8", false),
+            ("", false),
+            ("garbage", false),
+            ("3.5", false),
+        ];
+        for (version, ordered) in table {
+            assert_eq!(orders_requested_progress(version), ordered, "{version:?}");
+        }
     }
 }

@@ -154,16 +154,25 @@ pub struct Event {
 pub enum WatchItem {
     /// Changes in revision order (one message may span several revisions).
     Events(Vec<Event>),
-    /// The watch is alive and the store is at `revision` (answer to a progress request or
-    /// the creation acknowledgement).
+    /// A bookmark: every event of this watch at or below `revision` has been delivered, so a
+    /// new watch may resume from `revision + 1` without a gap even when the watched range
+    /// itself had no event for a long time (etcd revisions are store-wide: on a shared etcd a
+    /// quiet range's last event soon falls below the compaction point). Successive bookmarks
+    /// may repeat a revision or even go back; callers keep the maximum. Also proves liveness.
     Progress { revision: Revision },
+    /// The watch is alive, but the answer carries no revision that is safe to resume from:
+    /// etcd's creation acknowledgement (history may still be replaying) and, on etcd
+    /// releases that send requested progress answers out of order with events
+    /// (etcd-io/etcd#15220), the answer to [`Watch::request_progress`].
+    Alive,
     /// The start revision is below the compaction point: this watch is over; relist.
     Compacted { compact_revision: Revision },
 }
 
 /// A running watch. Items arrive on a bounded channel; the stream ends (`None`) when the
 /// store cancels the watch (a broken connection, or a watcher too slow to keep up), after
-/// which the caller resumes from the last revision it applied. Dropping the `Watch` cancels
+/// which the caller resumes after the last revision it knows complete (its last event or
+/// bookmark, whichever is later). Dropping the `Watch` cancels
 /// it on the store.
 pub struct Watch {
     items: mpsc::Receiver<Result<WatchItem, StoreError>>,
@@ -191,7 +200,8 @@ impl Watch {
         self.items.recv().await
     }
 
-    /// Asks the store to send a [`WatchItem::Progress`] soon; used to detect stalled watches.
+    /// Asks the store to send a [`WatchItem::Progress`] (or [`WatchItem::Alive`]) soon; used
+    /// to detect stalled watches and to advance the resume point of a quiet watch.
     /// Never blocks; a request that cannot be queued is dropped (the stall detector notices).
     pub fn request_progress(&self) {
         (self.progress)();

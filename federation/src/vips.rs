@@ -13,7 +13,14 @@
 //! on the VIP's `mod_revision`, so replicas freeing at once do no harm.
 //!
 //! [`VipAllocator::spawn`] runs the reconciler, driven by the watcher's snapshots; it stops
-//! on the `CancellationToken` (or when the snapshot channel closes).
+//! on the `CancellationToken` (or when the snapshot channel closes). It plans only when a
+//! new snapshot arrives; its tick only frees VIPs whose grace period ended and retries keys
+//! whose backoff ended. A key that failed (range full, corrupt record, store error) waits
+//! [`retry_delay`] before its next attempt (1 s doubling to 60 s), so one full range or
+//! one corrupt record costs a few transactions and log lines a minute, not up to
+//! [`MAX_PROBES`] transactions and a warning per key per second. The backoff of a key ends
+//! early when the catalog frees an address (after a full range) and is forgotten when the
+//! key stops being missing.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -28,6 +35,7 @@ use meshup_core::names::ClusterName;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -40,8 +48,14 @@ use crate::store::{self, Compare, Store, StoreError, Txn, TxnOp};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 /// Addresses tried for one VIP before giving up.
 pub const MAX_PROBES: u32 = 64;
-/// How often the reconciler re-checks even without catalog changes (grace expiry, retries).
+/// How often the reconciler looks for ended grace periods and ended backoffs; planning
+/// itself happens only on a new snapshot.
 const RECONCILE_TICK: Duration = Duration::from_secs(1);
+/// Backoff of a key after its first failure; doubled per further failure.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest backoff of a key: how long a repaired corrupt record or a widened store
+/// permission may go unnoticed.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Why a VIP could not be allocated or freed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +98,7 @@ pub struct Metrics {
     allocated: Counter,
     freed: Counter,
     errors: Family<ErrorLabels, Counter>,
+    backing_off: Gauge,
 }
 
 impl Metrics {
@@ -105,7 +120,38 @@ impl Metrics {
             "Failed VIP allocations or frees, by kind",
             m.errors.clone(),
         );
+        registry.register(
+            "catalog_vips_backing_off",
+            "VIPs this cluster needs whose allocation failed and waits for its next try",
+            m.backing_off.clone(),
+        );
         m
+    }
+
+    /// Failed allocations or frees so far of one kind ("exhausted", "corrupt", or a store
+    /// error label), for tests and the admin page.
+    pub fn errors(&self, kind: &'static str) -> u64 {
+        self.errors
+            .get_or_create(&ErrorLabels { error: kind })
+            .get()
+    }
+
+    /// VIPs waiting for their next allocation try.
+    pub fn backing_off(&self) -> i64 {
+        self.backing_off.get()
+    }
+
+    fn set_backing_off(&self, retries: &Retries) {
+        self.backing_off
+            .set(i64::try_from(retries.len()).unwrap_or(i64::MAX));
+    }
+
+    fn count_error(&self, e: &VipError) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                error: error_label(e),
+            })
+            .inc();
     }
 }
 
@@ -140,7 +186,8 @@ impl VipAllocator {
         let vip_key = Bytes::from(self.layout.vip(key));
         let owner = self.layout.vip(key);
         let seed = stable_hash(owner.as_bytes());
-        for probe in 0..MAX_PROBES {
+        let probes = probe_limit(self.config.cidr);
+        for probe in 0..probes {
             let Some(ip) = candidate(self.config.cidr, seed, probe) else {
                 break;
             };
@@ -222,31 +269,60 @@ impl VipAllocator {
         Err(VipError::Exhausted {
             key: owner,
             cidr: self.config.cidr,
-            probes: MAX_PROBES,
+            probes,
         })
     }
 
     /// Frees `key`'s VIP and its address claim. Returns whether this call freed it.
+    ///
+    /// A corrupt VIP record does not say which address it holds, so its claims are found by
+    /// owner instead (a claim's value is the VIP key): otherwise the address would stay
+    /// claimed by nobody, forever.
     pub async fn release(&self, key: &VipKey) -> Result<bool, VipError> {
         let vip_key = self.layout.vip(key);
         let Some(existing) = store::get(self.store.as_ref(), vip_key.clone()).await? else {
             return Ok(false);
         };
+        let mut compares = vec![Compare::ModRevision(
+            Bytes::from(vip_key.clone()),
+            existing.mod_revision,
+        )];
         let mut success = vec![TxnOp::Delete {
             key: Bytes::from(vip_key.clone()),
         }];
-        if let Ok(record) = decode::<VipRecord>(&existing.value) {
-            success.push(TxnOp::Delete {
+        match decode::<VipRecord>(&existing.value) {
+            Ok(record) => success.push(TxnOp::Delete {
                 key: Bytes::from(self.layout.address_claim(&self.config.cluster, record.vip)),
-            });
+            }),
+            Err(e) => {
+                let (claims, _) = store::list_prefix(
+                    self.store.as_ref(),
+                    self.layout
+                        .address_claims_of(&self.config.cluster)
+                        .as_bytes(),
+                )
+                .await?;
+                let owned: Vec<_> = claims
+                    .into_iter()
+                    .filter(|claim| claim.value == vip_key.as_bytes())
+                    .collect();
+                tracing::warn!(
+                    key = %vip_key,
+                    error = %e,
+                    claims = owned.len(),
+                    "freeing a corrupt VIP record; its address claims are found by owner"
+                );
+                for claim in owned {
+                    // Only if unchanged: a claim re-taken meanwhile belongs to someone else.
+                    compares.push(Compare::ModRevision(claim.key.clone(), claim.mod_revision));
+                    success.push(TxnOp::Delete { key: claim.key });
+                }
+            }
         }
         let result = self
             .store
             .txn(Txn {
-                compares: vec![Compare::ModRevision(
-                    Bytes::from(vip_key.clone()),
-                    existing.mod_revision,
-                )],
+                compares,
                 success,
                 failure: vec![],
             })
@@ -274,59 +350,253 @@ impl VipAllocator {
         cancel: CancellationToken,
     ) {
         let mut unused_since: HashMap<VipKey, Instant> = HashMap::new();
+        let mut allocations = Retries::default();
+        let mut frees = Retries::default();
+        // The work list of the last plan: keys leave it when done, so a tick between our
+        // write and the snapshot that shows it does not redo the work.
+        let mut work = VipPlan::default();
+        // This cluster's VIPs in the last planned snapshot, to notice freed addresses.
+        let mut held: BTreeSet<(VipKey, IpAddr)> = BTreeSet::new();
         let mut tick = tokio::time::interval(
             RECONCILE_TICK.min(self.config.grace.max(Duration::from_millis(50))),
         );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Plans once at start even without a change notification: the receiver may come in
+        // having seen the current snapshot already.
+        let mut planned = false;
         loop {
-            tokio::select! {
+            let changed = tokio::select! {
                 () = cancel.cancelled() => return,
-                changed = snapshots.changed() => if changed.is_err() { return },
-                _ = tick.tick() => {}
-            }
-            let snapshot = snapshots.borrow_and_update().clone();
-            // Revision 0: the watcher has not listed yet; an empty catalog would free
-            // every VIP.
-            if snapshot.revision == 0 {
-                continue;
-            }
-            let plan = plan(&snapshot, &self.config.cluster);
-            for key in &plan.missing {
-                if cancel.is_cancelled() {
-                    return;
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
                 }
-                if let Err(e) = self.allocate(key).await {
-                    tracing::warn!(error = %e, key = %self.layout.vip(key), "VIP allocation failed; will retry");
-                    self.metrics
-                        .errors
-                        .get_or_create(&ErrorLabels {
-                            error: error_label(&e),
-                        })
-                        .inc();
-                }
-            }
-            let now = Instant::now();
-            unused_since.retain(|k, _| plan.unused.contains(k));
-            for key in &plan.unused {
-                let since = *unused_since.entry(key.clone()).or_insert(now);
-                if now.duration_since(since) < self.config.grace {
+                _ = tick.tick() => false,
+            };
+            if changed || !planned {
+                let snapshot = snapshots.borrow_and_update().clone();
+                // Revision 0: the watcher has not listed yet; an empty catalog would free
+                // every VIP.
+                if snapshot.revision == 0 {
                     continue;
                 }
-                match self.release(key).await {
-                    Ok(_) => {
-                        unused_since.remove(key);
+                planned = true;
+                work = plan(&snapshot, &self.config.cluster);
+                let now_held: BTreeSet<(VipKey, IpAddr)> = snapshot
+                    .vips()
+                    .filter(|(k, _)| k.cluster == self.config.cluster)
+                    .map(|(k, ip)| (k.clone(), *ip))
+                    .collect();
+                let freed_address = held.difference(&now_held).next().is_some();
+                held = now_held;
+                allocations.retain_only(&work.missing);
+                frees.retain_only(&work.unused);
+                if freed_address {
+                    // A full range may have room now: retry those keys at once.
+                    allocations.reset_kind(FailureKind::Exhausted);
+                }
+                self.metrics.set_backing_off(&allocations);
+            }
+            if !self
+                .allocate_due(&mut work, &mut allocations, &cancel)
+                .await
+            {
+                return;
+            }
+            self.free_due(&mut work, &mut unused_since, &mut frees)
+                .await;
+        }
+    }
+
+    /// Allocates every missing key whose backoff has ended; false if cancelled meanwhile.
+    async fn allocate_due(
+        &self,
+        work: &mut VipPlan,
+        retries: &mut Retries,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let now = Instant::now();
+        // Set once a key found no free address although its probes covered the whole range:
+        // every other key would probe the same full range, so they wait too.
+        let mut range_full = false;
+        let mut waiting_for_room = 0usize;
+        let mut done = Vec::new();
+        for key in &work.missing {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            if !retries.is_due(key, now) {
+                continue;
+            }
+            if range_full {
+                retries.failed(key, FailureKind::Exhausted, now);
+                waiting_for_room += 1;
+                continue;
+            }
+            match self.allocate(key).await {
+                Ok(_) => {
+                    retries.succeeded(key);
+                    done.push(key.clone());
+                }
+                Err(e) => {
+                    let kind = FailureKind::of(&e);
+                    if kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr) {
+                        range_full = true;
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, key = %self.layout.vip(key), "freeing VIP failed; will retry");
-                        self.metrics
-                            .errors
-                            .get_or_create(&ErrorLabels {
-                                error: error_label(&e),
-                            })
-                            .inc();
+                    let (delay, first) = retries.failed(key, kind, Instant::now());
+                    self.metrics.count_error(&e);
+                    if first {
+                        tracing::warn!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "VIP allocation failed; will retry with backoff");
+                    } else {
+                        tracing::debug!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "VIP allocation failed again");
                     }
                 }
             }
         }
+        if waiting_for_room > 0 {
+            tracing::warn!(
+                cidr = %self.config.cidr,
+                waiting = waiting_for_room,
+                "VIP range is full: more services need a VIP than vip_cidr holds; widen it"
+            );
+        }
+        for key in done {
+            work.missing.remove(&key);
+        }
+        self.metrics.set_backing_off(retries);
+        true
+    }
+
+    /// Frees unused VIPs whose grace period (and any backoff after a failed free) ended.
+    async fn free_due(
+        &self,
+        work: &mut VipPlan,
+        unused_since: &mut HashMap<VipKey, Instant>,
+        retries: &mut Retries,
+    ) {
+        let now = Instant::now();
+        unused_since.retain(|k, _| work.unused.contains(k));
+        let mut done = Vec::new();
+        for key in &work.unused {
+            let since = *unused_since.entry(key.clone()).or_insert(now);
+            if now.duration_since(since) < self.config.grace || !retries.is_due(key, now) {
+                continue;
+            }
+            match self.release(key).await {
+                Ok(_) => {
+                    retries.succeeded(key);
+                    unused_since.remove(key);
+                    done.push(key.clone());
+                }
+                Err(e) => {
+                    let (delay, first) = retries.failed(key, FailureKind::of(&e), Instant::now());
+                    self.metrics.count_error(&e);
+                    if first {
+                        tracing::warn!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "freeing VIP failed; will retry with backoff");
+                    } else {
+                        tracing::debug!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "freeing VIP failed again");
+                    }
+                }
+            }
+        }
+        for key in done {
+            work.unused.remove(&key);
+        }
+    }
+}
+
+/// Why the last try for a key failed: decides what ends its backoff early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No free address: ends when the catalog frees one.
+    Exhausted,
+    /// A corrupt VIP record: an operator must delete it; noticed at the next try.
+    Corrupt,
+    /// The store failed or refused: noticed at the next try.
+    Store,
+}
+
+impl FailureKind {
+    /// The kind of `e`.
+    pub fn of(e: &VipError) -> Self {
+        match e {
+            VipError::Exhausted { .. } => FailureKind::Exhausted,
+            VipError::Corrupt { .. } => FailureKind::Corrupt,
+            VipError::Store(_) => FailureKind::Store,
+        }
+    }
+}
+
+/// The wait after `failures` consecutive failures of one key: [`RETRY_MIN`] doubling up to
+/// [`RETRY_MAX`]. Pure.
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_MIN.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
+#[derive(Debug, Clone)]
+struct RetryState {
+    failures: u32,
+    kind: FailureKind,
+    not_before: Instant,
+}
+
+/// Per-key backoff of the reconciler. Pure bookkeeping: the caller passes the time.
+#[derive(Debug, Default)]
+pub struct Retries {
+    keys: HashMap<VipKey, RetryState>,
+}
+
+impl Retries {
+    /// Whether `key` may be tried at `now` (never failed, or its backoff ended).
+    pub fn is_due(&self, key: &VipKey, now: Instant) -> bool {
+        self.keys.get(key).is_none_or(|s| now >= s.not_before)
+    }
+
+    /// Records a failure at `now`; returns the backoff and whether this is the first failure
+    /// of this kind in a row (worth a warning; repeats are not).
+    pub fn failed(&mut self, key: &VipKey, kind: FailureKind, now: Instant) -> (Duration, bool) {
+        let (failures, first) = match self.keys.get(key) {
+            Some(s) if s.kind == kind => (s.failures.saturating_add(1), false),
+            _ => (1, true),
+        };
+        let delay = retry_delay(failures);
+        self.keys.insert(
+            key.clone(),
+            RetryState {
+                failures,
+                kind,
+                not_before: now + delay,
+            },
+        );
+        (delay, first)
+    }
+
+    /// Forgets `key`'s failures.
+    pub fn succeeded(&mut self, key: &VipKey) {
+        self.keys.remove(key);
+    }
+
+    /// Forgets every key outside `active` (a key that comes back starts afresh).
+    pub fn retain_only(&mut self, active: &BTreeSet<VipKey>) {
+        self.keys.retain(|k, _| active.contains(k));
+    }
+
+    /// Ends the backoff of every key whose last failure was `kind` (its cause may be gone).
+    pub fn reset_kind(&mut self, kind: FailureKind) {
+        self.keys.retain(|_, s| s.kind != kind);
+    }
+
+    /// Keys with a recorded failure.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key has a recorded failure.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
     }
 }
 
@@ -392,15 +662,35 @@ fn stable_hash(bytes: &[u8]) -> u128 {
     u128::from(h)
 }
 
+/// The first usable offset in `cidr` and the number of usable addresses: IPv4 ranges
+/// larger than /31 lose their network and broadcast addresses. Pure.
+fn usable(cidr: IpNet) -> (u128, u128) {
+    let host_bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len());
+    match cidr {
+        IpNet::V4(_) if host_bits >= 2 => (1, (1u128 << host_bits) - 2),
+        _ => (0, 1u128.checked_shl(host_bits).unwrap_or(u128::MAX)),
+    }
+}
+
+/// Addresses one allocation tries in `cidr`: [`MAX_PROBES`], or fewer when the range is
+/// smaller (probing a /30 64 times would ask about its two addresses 32 times each). Pure.
+pub fn probe_limit(cidr: IpNet) -> u32 {
+    let (_, count) = usable(cidr);
+    u32::try_from(count.min(u128::from(MAX_PROBES))).unwrap_or(MAX_PROBES)
+}
+
+/// Whether one allocation's probes try every usable address of `cidr`, so that its
+/// failure means the range is full for every key. Pure.
+pub fn probes_cover_range(cidr: IpNet) -> bool {
+    let (_, count) = usable(cidr);
+    count <= u128::from(probe_limit(cidr))
+}
+
 /// The `probe`-th candidate address for a key with hash `seed` in `cidr`. Skips the network
 /// and broadcast addresses of IPv4 ranges larger than /31. `None` if the range is empty.
 pub fn candidate(cidr: IpNet, seed: u128, probe: u32) -> Option<IpAddr> {
-    let host_bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len());
     // Number of usable offsets and the first one.
-    let (first, count): (u128, u128) = match cidr {
-        IpNet::V4(_) if host_bits >= 2 => (1, (1u128 << host_bits) - 2),
-        _ => (0, 1u128.checked_shl(host_bits).unwrap_or(u128::MAX)),
-    };
+    let (first, count) = usable(cidr);
     if count == 0 {
         return None;
     }
@@ -454,5 +744,68 @@ mod tests {
             candidate(net, stable_hash(b"a"), 0),
             candidate(net, stable_hash(b"a"), 0)
         );
+    }
+
+    #[test]
+    fn probes_stop_at_the_size_of_small_ranges() {
+        let table = [
+            ("127.77.0.0/16", MAX_PROBES, false),
+            ("10.0.0.0/26", 62, true),
+            ("10.0.0.0/25", MAX_PROBES, false),
+            ("10.0.0.0/30", 2, true),
+            ("10.0.0.7/32", 1, true),
+            ("fd00::/120", MAX_PROBES, false),
+            ("fd00::/64", MAX_PROBES, false),
+        ];
+        for (cidr, limit, covers) in table {
+            let net: IpNet = cidr.parse().expect("cidr");
+            assert_eq!(probe_limit(net), limit, "{cidr}");
+            assert_eq!(probes_cover_range(net), covers, "{cidr}");
+        }
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let secs: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_delay(0), RETRY_MIN);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
+
+    fn key(name: &str) -> VipKey {
+        VipKey {
+            cluster: ClusterName::new("east").expect("cluster"),
+            service: format!("{name}.prod").parse().expect("service"),
+            target: None,
+        }
+    }
+
+    #[test]
+    fn retries_back_off_per_key_and_reset() {
+        let t0 = Instant::now();
+        let mut r = Retries::default();
+        let (a, b) = (key("a"), key("b"));
+        assert!(r.is_due(&a, t0));
+        assert_eq!(r.failed(&a, FailureKind::Exhausted, t0), (RETRY_MIN, true));
+        assert!(!r.is_due(&a, t0 + Duration::from_millis(999)));
+        assert!(r.is_due(&a, t0 + RETRY_MIN));
+        assert!(r.is_due(&b, t0), "backoff is per key");
+        // Repeats double and are not worth another warning; a new kind starts over.
+        assert_eq!(
+            r.failed(&a, FailureKind::Exhausted, t0),
+            (Duration::from_secs(2), false)
+        );
+        assert_eq!(r.failed(&a, FailureKind::Store, t0), (RETRY_MIN, true));
+        // Success forgets the key.
+        r.succeeded(&a);
+        assert!(r.is_due(&a, t0) && r.is_empty());
+        // Freed room ends only the "range full" backoffs.
+        r.failed(&a, FailureKind::Exhausted, t0);
+        r.failed(&b, FailureKind::Corrupt, t0);
+        r.reset_kind(FailureKind::Exhausted);
+        assert!(r.is_due(&a, t0) && !r.is_due(&b, t0));
+        // A key that is no longer missing is forgotten.
+        r.retain_only(&BTreeSet::from([a.clone()]));
+        assert!(r.is_due(&b, t0) && r.is_empty());
     }
 }

@@ -5,9 +5,16 @@
 //!
 //! - events at or below the applied revision are dropped (no duplicates; the snapshot's
 //!   revision only moves forward);
+//! - two revisions are kept apart. The snapshot's `revision` is the revision of the data:
+//!   the list revision or the last applied event. The **resume revision** is how far the
+//!   watch is known to be complete: the maximum of the snapshot's revision and every
+//!   bookmark ([`WatchItem::Progress`]) received. etcd revisions are store-wide, so on a
+//!   shared etcd a quiet catalog's last event soon falls below the compaction point while
+//!   bookmarks keep up with the store; resuming from the last event would make every
+//!   gateway relist the whole catalog after any broken watch (a thundering herd);
 //! - a broken stream (error, end, or a stall: no event and no progress answer for
 //!   [`WatcherConfig::stall_timeout`] although progress is requested every
-//!   [`WatcherConfig::progress_interval`]) is resumed from the last applied revision;
+//!   [`WatcherConfig::progress_interval`]) is resumed from the resume revision + 1;
 //! - `Compacted` (the resume point is gone) triggers one relist: the new snapshot is built
 //!   from scratch on the side and published once, so deletions that happened meanwhile are
 //!   reconciled only after the full list, atomically;
@@ -108,6 +115,7 @@ pub struct Metrics {
     watch_restarts: Counter,
     staleness_seconds: Gauge<f64, AtomicU64>,
     revision: Gauge,
+    resume_revision: Gauge,
     exports: Gauge,
 }
 
@@ -147,6 +155,11 @@ impl Metrics {
             m.revision.clone(),
         );
         registry.register(
+            "catalog_resume_revision",
+            "Store revision a broken catalog watch resumes after (advanced by progress answers)",
+            m.resume_revision.clone(),
+        );
+        registry.register(
             "catalog_exports",
             "Export records in the served catalog",
             m.exports.clone(),
@@ -166,6 +179,11 @@ impl Metrics {
     /// Relists so far.
     pub fn relists(&self) -> u64 {
         self.relists.get()
+    }
+
+    /// The revision a broken watch resumes after (for tests and the admin page).
+    pub fn resume_revision(&self) -> Revision {
+        self.resume_revision.get()
     }
 
     /// The staleness gauge's current value.
@@ -212,6 +230,7 @@ impl Watcher {
             config,
             metrics: metrics.clone(),
             snapshot: Snapshot::new(),
+            resume_rev: 0,
             snap_tx,
             status: initial,
             status_tx,
@@ -288,6 +307,10 @@ struct Run {
     backoff: Backoff,
     metrics: Metrics,
     snapshot: Snapshot,
+    /// Every event of the catalog up to this revision is in `snapshot`: the watch resumes
+    /// after it. At least `snapshot.revision`; ahead of it after bookmarks on a quiet
+    /// catalog. Only a relist sets it back (a store restored from an older backup).
+    resume_rev: Revision,
     snap_tx: watch::Sender<Arc<Snapshot>>,
     status: WatcherStatus,
     status_tx: watch::Sender<WatcherStatus>,
@@ -318,7 +341,7 @@ impl Run {
                     }
                 }
             }
-            let from = self.snapshot.revision + 1;
+            let from = self.resume_rev + 1;
             let watch = tokio::select! {
                 () = cancel.cancelled() => return,
                 w = self.store.watch(KeyRange::prefix(self.layout.root().to_owned()), from) => w,
@@ -333,12 +356,18 @@ impl Run {
                 WatchEnd::Compacted => {
                     tracing::warn!(
                         revision = self.snapshot.revision,
+                        resume = self.resume_rev,
                         "catalog watch fell below the compaction point; relisting"
                     );
                     need_list = true;
                 }
                 WatchEnd::Broken(reason) => {
-                    tracing::warn!(revision = self.snapshot.revision, %reason, "catalog watch broken; resuming");
+                    tracing::warn!(
+                        revision = self.snapshot.revision,
+                        resume = self.resume_rev,
+                        %reason,
+                        "catalog watch broken; resuming"
+                    );
                     self.status.watch_restarts += 1;
                     self.metrics.watch_restarts.inc();
                     self.lost_contact(&reason);
@@ -388,7 +417,11 @@ impl Run {
             deadline = tokio::time::Instant::now() + self.config.stall_timeout;
             match item {
                 WatchItem::Compacted { .. } => return WatchEnd::Compacted,
-                WatchItem::Progress { .. } => self.contact(false),
+                WatchItem::Progress { revision } => {
+                    self.advance_resume(revision);
+                    self.contact(false);
+                }
+                WatchItem::Alive => self.contact(false),
                 WatchItem::Events(events) => {
                     self.apply_events(events);
                     self.backoff.reset();
@@ -421,7 +454,17 @@ impl Run {
         if self.snapshot.revision != before {
             self.publish();
         }
+        self.advance_resume(self.snapshot.revision);
         self.contact(false);
+    }
+
+    /// Moves the resume point forward (never back: bookmarks may repeat or lag).
+    fn advance_resume(&mut self, revision: Revision) {
+        let next = self.resume_rev.max(revision);
+        if next != self.resume_rev {
+            self.resume_rev = next;
+            self.metrics.resume_revision.set(next);
+        }
     }
 
     /// Replaces the whole view with a fresh list (first sync or relist after compaction).
@@ -442,6 +485,9 @@ impl Run {
         }
         fresh.revision = revision;
         self.snapshot = fresh;
+        // Set, not advanced: after a store that went back, the old resume point is invalid.
+        self.resume_rev = revision;
+        self.metrics.resume_revision.set(revision);
         if self.status.synced {
             self.status.relists += 1;
             self.metrics.relists.inc();

@@ -528,6 +528,146 @@ async fn vip_replicas_agree_and_free_after_grace(f: Fixture) {
     .await;
 }
 
+/// A range smaller than the catalog needs: the missing VIPs back off instead of probing
+/// the range every second, and freeing a VIP lets the next one through at once.
+async fn vip_allocation_backs_off_while_the_range_is_full(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        // Two usable addresses for three services (six VIPs: clusterset + pinned to west).
+        let cidr: ipnet::IpNet = "127.77.0.0/30".parse().expect("cidr");
+        let publisher = Publisher::new(store.clone(), layout(), gateway("west", "gw-0"))
+            .with_exports((0..3).map(|i| (service(&format!("svc{i}.prod")), export(80, 1))))
+            .with_config(publisher_config(5))
+            .spawn(cancel.child_token());
+        let (view, _) = spawn_watcher(store.clone(), &cancel);
+        let counting = Counting::new(store.clone());
+        let metrics = vips::Metrics::default();
+        let allocator = VipAllocator::new(
+            counting.clone(),
+            layout(),
+            VipConfig {
+                cluster: cluster("east"),
+                cidr,
+                grace: Duration::from_millis(500),
+            },
+            metrics.clone(),
+        );
+        let _reconciler = allocator.spawn(view.snapshots(), cancel.child_token());
+        let east_vips = |s: &Snapshot| {
+            s.vips()
+                .filter(|(k, _)| k.cluster == cluster("east"))
+                .count()
+        };
+        until(&view.snapshots(), "the range filled", |s| east_vips(s) == 2).await;
+        let deadline = Instant::now() + CONVERGE;
+        while metrics.errors("exhausted") == 0 {
+            assert!(Instant::now() < deadline, "no allocation ran out of room");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Before the fix: 4 missing keys x 64 probes every tick (grace-capped at 500 ms),
+        // about 1,500 transactions in 3 s. Now: a few probes of the two addresses per backoff.
+        let before = counting.txns();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let spent = counting.txns() - before;
+        eprintln!("allocation transactions in 3 s with a full range: {spent}");
+        assert!(
+            spent <= 12,
+            "{spent} transactions in 3 s against a full range"
+        );
+        assert_eq!(metrics.backing_off(), 4, "four VIPs wait for room");
+        let snap = view.snapshots().borrow().clone();
+        assert_eq!(vips::plan(&snap, &cluster("east")).missing.len(), 4);
+
+        // svc0 (first in key order) holds both addresses. Dropping it frees them after the
+        // grace period, and svc2 gets them at once, not at the end of its backoff (4 s or
+        // more by now).
+        publisher.set_exports([(service("svc2.prod"), export(80, 1))]);
+        let dropped = Instant::now();
+        until(&view.snapshots(), "svc2 holds both VIPs", |s| {
+            east_vips(s) == 2
+                && s.vips()
+                    .filter(|(k, _)| k.cluster == cluster("east"))
+                    .all(|(k, _)| k.service == service("svc2.prod"))
+        })
+        .await;
+        let took = dropped.elapsed();
+        eprintln!("svc2 allocated {took:?} after svc0 and svc1 were dropped");
+        assert!(
+            took < Duration::from_millis(2500),
+            "allocation waited out its backoff after room was freed: {took:?}"
+        );
+        // The gauge follows once the reconciler has finished its pass.
+        assert_eventually("no VIP waits any more", CONVERGE, || async {
+            metrics.backing_off() == 0
+        })
+        .await;
+        cancel.cancel();
+    })
+    .await;
+}
+
+/// A corrupt VIP record does not say which address it holds; freeing it still frees the
+/// address claims it owns (and only those).
+async fn releasing_a_corrupt_vip_frees_its_claim(f: Fixture) {
+    within(LIMIT, async {
+        let store = f.store();
+        let l = layout();
+        let key = VipKey {
+            cluster: cluster("east"),
+            service: service("broken.prod"),
+            target: None,
+        };
+        let vip_key = l.vip(&key);
+        let ours = l.address_claim(&cluster("east"), "127.77.0.9".parse().expect("ip"));
+        let theirs = l.address_claim(&cluster("east"), "127.77.0.10".parse().expect("ip"));
+        f.put_raw(&vip_key, b"{\"schema\":1,\"vip\":").await;
+        f.put_raw(&ours, vip_key.as_bytes()).await;
+        f.put_raw(
+            &theirs,
+            l.vip(&VipKey {
+                service: service("fine.prod"),
+                ..key.clone()
+            })
+            .as_bytes(),
+        )
+        .await;
+        let allocator = VipAllocator::new(
+            store.clone(),
+            l.clone(),
+            VipConfig {
+                cluster: cluster("east"),
+                cidr: "127.77.0.0/16".parse().expect("cidr"),
+                grace: Duration::from_secs(1),
+            },
+            vips::Metrics::default(),
+        );
+        assert!(allocator.release(&key).await.expect("release"));
+        assert!(
+            store::get(store.as_ref(), vip_key)
+                .await
+                .expect("get")
+                .is_none()
+        );
+        assert!(
+            store::get(store.as_ref(), ours)
+                .await
+                .expect("get")
+                .is_none(),
+            "the corrupt record's claim was left behind"
+        );
+        assert!(
+            store::get(store.as_ref(), theirs)
+                .await
+                .expect("get")
+                .is_some(),
+            "another service's claim was freed"
+        );
+    })
+    .await;
+}
+
 both_backends!(
     two_gateways_round_trip,
     dead_publisher_records_expire_within_ttl,
@@ -535,4 +675,6 @@ both_backends!(
     broken_watch_resumes_without_relist,
     corrupt_records_are_skipped_and_the_rest_syncs,
     vip_replicas_agree_and_free_after_grace,
+    vip_allocation_backs_off_while_the_range_is_full,
+    releasing_a_corrupt_vip_frees_its_claim,
 );
