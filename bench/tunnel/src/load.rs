@@ -149,43 +149,87 @@ async fn send_until(mut stream: TcpStream, deadline: Instant) -> Result<u64> {
     Ok(confirmed)
 }
 
-/// One warm connection, `requests` sequential 1 KiB request/response exchanges.
-pub async fn request_response(
-    addr: SocketAddr,
-    requests: usize,
+/// One warm connection for sequential 1 KiB request/response exchanges, measured in slices
+/// so that contenders can take turns: on a shared machine the background load shifts within
+/// seconds, and interleaving lets every contender see the same mix of it.
+#[derive(Debug)]
+pub struct RrConnection {
+    stream: TcpStream,
+    request: Vec<u8>,
+    response: Vec<u8>,
+    hist: Histogram<u64>,
+    /// Requests done so far, warm-up included.
+    ops: u64,
+    /// Time spent inside `open` and `run`, checked against the phase limit.
+    active: Duration,
     limit: Duration,
-) -> Result<Latency> {
-    let started = Instant::now();
-    let mut stream = connect(addr).await?;
-    let mut request = vec![0x42u8; MESSAGE_SIZE];
-    request[0] = MODE_ECHO;
-    let mut response = vec![0u8; MESSAGE_SIZE];
-    let mut hist = new_histogram()?;
-    for i in 0..WARMUP_REQUESTS + requests {
-        if started.elapsed() > limit {
-            bail!("request/response phase exceeded {limit:?} after {i} requests");
+}
+
+impl RrConnection {
+    /// Connects and sends the warm-up requests (not recorded).
+    pub async fn open(addr: SocketAddr, limit: Duration) -> Result<Self> {
+        let t0 = Instant::now();
+        let stream = connect(addr).await?;
+        let mut request = vec![0x42u8; MESSAGE_SIZE];
+        request[0] = MODE_ECHO;
+        let mut conn = Self {
+            stream,
+            request,
+            response: vec![0u8; MESSAGE_SIZE],
+            hist: new_histogram()?,
+            ops: 0,
+            active: Duration::ZERO,
+            limit,
+        };
+        for _ in 0..WARMUP_REQUESTS {
+            conn.exchange().await?;
         }
+        conn.active += t0.elapsed();
+        Ok(conn)
+    }
+
+    /// `requests` measured exchanges.
+    pub async fn run(&mut self, requests: usize) -> Result<()> {
+        let t0 = Instant::now();
+        for i in 0..requests {
+            if self.active + t0.elapsed() > self.limit {
+                bail!(
+                    "request/response phase exceeded {:?} after {} requests",
+                    self.limit,
+                    self.ops as usize + i
+                );
+            }
+            let elapsed = self.exchange().await?;
+            record(&mut self.hist, elapsed);
+        }
+        self.active += t0.elapsed();
+        Ok(())
+    }
+
+    /// Percentiles of the measured exchanges so far.
+    pub fn latency(&self) -> Latency {
+        Latency::from_histogram(&self.hist, self.ops)
+    }
+
+    async fn exchange(&mut self) -> Result<Duration> {
         let t0 = Instant::now();
         // A single request must not hang the run: bound each one.
         timeout(Duration::from_secs(5), async {
-            stream.write_all(&request).await.context("write request")?;
-            stream
-                .read_exact(&mut response)
+            self.stream
+                .write_all(&self.request)
+                .await
+                .context("write request")?;
+            self.stream
+                .read_exact(&mut self.response)
                 .await
                 .context("read response")?;
             anyhow::Ok(())
         })
         .await
         .context("request got no response within 5 s")??;
-        let elapsed = t0.elapsed();
-        if i >= WARMUP_REQUESTS {
-            record(&mut hist, elapsed);
-        }
+        self.ops += 1;
+        Ok(t0.elapsed())
     }
-    Ok(Latency::from_histogram(
-        &hist,
-        (WARMUP_REQUESTS + requests) as u64,
-    ))
 }
 
 /// `connections` times: connect, send 1 KiB, wait for the first response byte, close.

@@ -106,9 +106,12 @@ async fn run(args: Args) -> Result<()> {
         .tempdir()
         .context("create temp dir")?;
     let dir = temp.path().to_owned();
-    if args.keep_temp {
-        // Dropping a kept TempDir does not delete it.
-        let _ = temp.keep();
+    // Removed on drop unless kept (on request, or below when a phase failed).
+    let mut temp = Some(temp);
+    if args.keep_temp
+        && let Some(t) = temp.take()
+    {
+        let _ = t.keep();
         eprintln!("keeping {}", dir.display());
     }
 
@@ -169,33 +172,20 @@ async fn run(args: Args) -> Result<()> {
     ];
     for round in 0..args.rounds {
         for measure in measures {
+            if measure == Measure::RequestResponse {
+                let outcomes =
+                    request_response_interleaved(&mut contenders, args.requests, round).await;
+                for (contender, outcome) in contenders.iter().zip(outcomes) {
+                    record_outcome(&mut report, round, args.rounds, measure, contender, outcome);
+                }
+                continue;
+            }
             // Rotate the order each round so no contender always runs first or last.
             let n = contenders.len();
             for i in 0..n {
                 let contender = &mut contenders[(i + round) % n];
                 let outcome = run_phase(contender, measure, &args, duration).await;
-                match outcome {
-                    Ok(figure) => {
-                        eprintln!(
-                            "round {}/{} {:?} {}: {}",
-                            round + 1,
-                            args.rounds,
-                            measure,
-                            contender.name,
-                            describe(&figure)
-                        );
-                        report.record(measure, &contender.name, contender.kind, figure);
-                    }
-                    Err(e) => {
-                        eprintln!("{:?} {}: FAILED: {e:#}", measure, contender.name);
-                        report.record_failure(
-                            measure,
-                            &contender.name,
-                            contender.kind,
-                            format!("{e:#}"),
-                        );
-                    }
-                }
+                record_outcome(&mut report, round, args.rounds, measure, contender, outcome);
                 // Let the previous phase's connections close and sockets drain.
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
@@ -207,6 +197,16 @@ async fn run(args: Args) -> Result<()> {
     // The figures are never a gate, but a phase that failed means a contender is broken,
     // which a smoke run must notice.
     let failed = report.failed_phases();
+    if failed > 0
+        && let Some(t) = temp.take()
+    {
+        // The peers' and gateways' logs are the first thing to read after a failure.
+        let _ = t.keep();
+        eprintln!(
+            "a phase failed: keeping configs and logs in {}",
+            dir.display()
+        );
+    }
     anyhow::ensure!(
         failed == 0,
         "{failed} phase(s) failed; see the tables above"
@@ -218,6 +218,97 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints a phase's outcome and records it.
+fn record_outcome(
+    report: &mut Report,
+    round: usize,
+    rounds: usize,
+    measure: Measure,
+    contender: &Contender,
+    outcome: Result<Figure>,
+) {
+    match outcome {
+        Ok(figure) => {
+            eprintln!(
+                "round {}/{rounds} {measure:?} {}: {}",
+                round + 1,
+                contender.name,
+                describe(&figure)
+            );
+            report.record(measure, &contender.name, contender.kind, figure);
+        }
+        Err(e) => {
+            eprintln!("{measure:?} {}: FAILED: {e:#}", contender.name);
+            report.record_failure(measure, &contender.name, contender.kind, format!("{e:#}"));
+        }
+    }
+}
+
+/// Slices the request/response phase is cut into; contenders take turns slice by slice.
+const RR_SLICES: usize = 10;
+
+/// The request/response measure for every contender at once: each opens and warms its
+/// connection, then they take turns running `requests / RR_SLICES` exchanges, the order
+/// rotated per slice. CPU counts only the contender's own turns. Returns one outcome per
+/// contender, in order.
+async fn request_response_interleaved(
+    contenders: &mut [Contender],
+    requests: usize,
+    round: usize,
+) -> Vec<Result<Figure>> {
+    struct Turn {
+        conn: load::RrConnection,
+        cpu_s: Option<f64>,
+    }
+    let mut turns: Vec<Result<Turn>> = Vec::with_capacity(contenders.len());
+    for contender in contenders.iter_mut() {
+        let opened = async {
+            contender.ensure_running()?;
+            let before = cpu_seconds(contender)?;
+            let conn = load::RrConnection::open(contender.addr, LATENCY_PHASE_LIMIT).await?;
+            let cpu_s = cpu_delta(contender, before)?;
+            anyhow::Ok(Turn { conn, cpu_s })
+        }
+        .await;
+        turns.push(opened);
+    }
+    let n = contenders.len();
+    let per_slice = requests.div_ceil(RR_SLICES);
+    for slice in 0..RR_SLICES {
+        let count = per_slice.min(requests.saturating_sub(slice * per_slice));
+        for i in 0..n {
+            let idx = (i + slice + round) % n;
+            let contender = &mut contenders[idx];
+            let Ok(turn) = &mut turns[idx] else { continue };
+            let result = async {
+                contender.ensure_running()?;
+                let before = cpu_seconds(contender)?;
+                turn.conn.run(count).await?;
+                let spent = cpu_delta(contender, before)?;
+                turn.cpu_s = turn.cpu_s.zip(spent).map(|(a, b)| a + b);
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                turns[idx] = Err(e);
+            }
+        }
+    }
+    turns
+        .into_iter()
+        .map(|turn| {
+            let turn = turn?;
+            let l = turn.conn.latency();
+            Ok(Figure::Latency {
+                p50_us: l.p50_us,
+                p99_us: l.p99_us,
+                ops: l.ops,
+                cpu_s: turn.cpu_s,
+            })
+        })
+        .collect()
 }
 
 /// Runs one measure against one contender, with the tunnel's CPU time around it.
@@ -240,15 +331,8 @@ async fn run_phase(
             }
         }
         Measure::RequestResponse => {
-            let l =
-                load::request_response(contender.addr, args.requests, LATENCY_PHASE_LIMIT).await?;
-            let cpu_s = cpu_delta(contender, cpu_before)?;
-            Figure::Latency {
-                p50_us: l.p50_us,
-                p99_us: l.p99_us,
-                ops: l.ops,
-                cpu_s,
-            }
+            // Interleaved across contenders instead: see `request_response_interleaved`.
+            anyhow::bail!("request/response runs interleaved, not per contender")
         }
         Measure::NewConnection => {
             let l =

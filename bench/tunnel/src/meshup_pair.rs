@@ -27,6 +27,11 @@ const SERVICE_PORT: u16 = 9000;
 /// How long the pair gets to start, meet in the catalog and route a first request.
 const READY_LIMIT: Duration = Duration::from_secs(30);
 
+/// Gateway log filter: warnings, plus the few lifecycle lines (VIP allocated, listener
+/// bound or closed) that explain a refused connection. Nothing per connection: that would
+/// cost time the peers (stunnel `debug = 3`, nginx `warn`) do not pay.
+const GATEWAY_LOG: &str = "warn,meshup_gateway::outbound=info,meshup_federation::vips=info";
+
 /// One gateway's ports.
 #[derive(Debug, Clone, Copy)]
 struct GatewayPorts {
@@ -102,12 +107,11 @@ pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Con
         let mut cmd = Command::new(binary);
         cmd.args(["gateway", "--config"])
             .arg(&config_path)
-            // Warnings and errors only (into the log file): per-connection logging would
-            // cost time the peers (stunnel `debug = 3`, nginx `warn`) do not pay.
+            // See GATEWAY_LOG.
             .env(
                 "MESHUP_LOG",
                 // An operator's own MESHUP_LOG wins, for debugging the pair.
-                std::env::var("MESHUP_LOG").unwrap_or_else(|_| "warn".to_owned()),
+                std::env::var("MESHUP_LOG").unwrap_or_else(|_| GATEWAY_LOG.to_owned()),
             );
         let mut gateway = ChildGuard::spawn(
             &format!("meshup gateway ({cluster})"),
