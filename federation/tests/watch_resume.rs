@@ -6,12 +6,10 @@
 //! etcd 3.4.23 (the version CI installs) sends answers to progress *requests* out of order
 //! with events (etcd-io/etcd#15220), so the store uses etcd's periodic progress
 //! notifications there. Their interval is a server flag (10 min by default); the etcd test
-//! re-runs itself with `ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL` set, which the
-//! harness's etcd inherits (setting the variable in-process would need `unsafe`).
+//! starts its etcd with a short one.
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(90);
 const CONVERGE: Duration = Duration::from_secs(15);
-/// etcd's periodic progress notification interval in the etcd test.
-const NOTIFY_ENV: &str = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL";
-const NOTIFY_INTERVAL: &str = "500ms";
+/// etcd's periodic progress notifications, every 500 ms, in the etcd test.
+const NOTIFY_FLAG: &str = "--experimental-watch-progress-notify-interval=500ms";
 
 fn export_key(svc: &str) -> String {
     layout().export(&ExportKey {
@@ -158,39 +155,9 @@ async fn embedded_quiet_catalog_resumes_from_bookmarks_without_relist() {
     .await;
 }
 
-/// Runs [`etcd_quiet_catalog_inner`] in a child process whose etcd sends periodic progress
-/// notifications every [`NOTIFY_INTERVAL`].
-#[test]
-fn etcd_quiet_catalog_resumes_from_bookmarks_without_relist() {
-    let exe = std::env::current_exe().expect("test binary path");
-    let out = Command::new(exe)
-        .args([
-            "--exact",
-            "etcd_quiet_catalog_inner",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(NOTIFY_ENV, NOTIFY_INTERVAL)
-        .output()
-        .expect("re-run the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "inner etcd test failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by etcd_quiet_catalog_resumes_from_bookmarks_without_relist, which sets etcd's progress-notify interval"]
-async fn etcd_quiet_catalog_inner() {
-    assert!(
-        std::env::var_os(NOTIFY_ENV).is_some(),
-        "{NOTIFY_ENV} is not set: run etcd_quiet_catalog_resumes_from_bookmarks_without_relist instead"
-    );
-    let mut f = Fixture::etcd().await;
+async fn etcd_quiet_catalog_resumes_from_bookmarks_without_relist() {
+    let mut f = Fixture::etcd_with_args(&[NOTIFY_FLAG]).await;
     let store = f.store();
     let (_flaky, view, metrics, cancel) =
         within(LIMIT, quiet_catalog_resumes_from_bookmarks(&f)).await;

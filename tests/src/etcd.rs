@@ -35,6 +35,8 @@ pub struct EtcdServer {
     // Kept for its Drop: the data directory lives as long as the server.
     data_dir: tempfile::TempDir,
     log_path: PathBuf,
+    /// Extra etcd flags, applied again on every restart.
+    extra_args: Vec<String>,
 }
 
 impl EtcdServer {
@@ -42,10 +44,16 @@ impl EtcdServer {
     ///
     /// Panics (loudly) if `etcd` is not installed or does not become healthy.
     pub fn start() -> Self {
+        Self::start_with_args(&[])
+    }
+
+    /// Like [`EtcdServer::start`], with extra etcd flags (kept across restarts), e.g.
+    /// `--experimental-watch-progress-notify-interval=500ms`.
+    pub fn start_with_args(extra_args: &[&str]) -> Self {
         require_binary("etcd");
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start() {
+            match Self::try_start(extra_args) {
                 Ok(server) => return server,
                 Err(e) => last_error = Some(e),
             }
@@ -53,7 +61,7 @@ impl EtcdServer {
         panic!("etcd did not start after {START_ATTEMPTS} attempts: {last_error:?}");
     }
 
-    fn try_start() -> anyhow::Result<Self> {
+    fn try_start(extra_args: &[&str]) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("meshup-etcd-")
             .tempdir()
@@ -66,6 +74,7 @@ impl EtcdServer {
             peer_port,
             data_dir,
             log_path,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         server.spawn()?;
         if let Err(e) = server.wait_healthy() {
@@ -243,6 +252,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-level=warn")
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

@@ -69,8 +69,13 @@ impl Fixture {
 
     /// Starts a real etcd (blocking work off the runtime threads) and connects to it.
     pub async fn etcd() -> Self {
+        Self::etcd_with_args(&[]).await
+    }
+
+    /// An etcd fixture whose server runs with extra flags.
+    pub async fn etcd_with_args(args: &'static [&'static str]) -> Self {
         init_logs();
-        let server = tokio::task::spawn_blocking(EtcdServer::start)
+        let server = tokio::task::spawn_blocking(move || EtcdServer::start_with_args(args))
             .await
             .expect("etcd start task");
         let store = EtcdStore::connect(EtcdOptions {
