@@ -75,6 +75,8 @@ pub struct GatewayStatus {
     /// Whether this gateway holds a live QUIC connection to it.
     pub connected: bool,
     pub rtt_ms: Option<f64>,
+    /// Path MTU of the live connection (UDP payload bytes).
+    pub mtu: Option<u16>,
 }
 
 /// One clusterset service and where its traffic from this cluster goes.

@@ -509,6 +509,7 @@ impl StatusSource for Status {
                             draining: g.draining,
                             connected: link.is_some(),
                             rtt_ms: link.map(|l| l.rtt.as_secs_f64() * 1000.0),
+                            mtu: link.map(|l| l.mtu),
                         }
                     })
                     .collect(),

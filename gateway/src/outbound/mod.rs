@@ -113,6 +113,8 @@ pub struct PeerLink {
     pub peer: PeerKey,
     /// quinn's smoothed RTT estimate.
     pub rtt: Duration,
+    /// The path MTU (largest UDP payload) discovery has found so far.
+    pub mtu: u16,
 }
 
 /// The running outbound proxy.
@@ -196,6 +198,7 @@ impl Proxy {
             .into_iter()
             .map(|(peer, conn)| PeerLink {
                 rtt: conn.rtt(),
+                mtu: conn.stats().path.current_mtu,
                 peer,
             })
             .collect()

@@ -79,6 +79,23 @@ pub struct TunnelConfig {
     pub stream_window_bytes: u32,
     #[serde(default = "d_conn_window")]
     pub connection_window_bytes: u32,
+    /// Largest UDP payload path-MTU discovery probes for, and the largest this endpoint
+    /// accepts. Discovery starts at 1200 bytes and falls back on black holes, so a value
+    /// above the real path MTU only costs a few probes; on jumbo-frame networks (and
+    /// loopback) large packets cut per-packet work several times over.
+    #[serde(default = "d_max_udp_payload")]
+    pub max_udp_payload: u16,
+}
+
+/// Default `max_udp_payload`: a 9000-byte jumbo frame less IPv6 and UDP headers.
+pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
+/// Smallest UDP payload QUIC allows (RFC 9000 §14).
+pub const MIN_UDP_PAYLOAD: u16 = 1200;
+/// Largest UDP payload there is (65535 less the 8-byte UDP header).
+pub const MAX_UDP_PAYLOAD: u16 = 65527;
+
+fn d_max_udp_payload() -> u16 {
+    DEFAULT_MAX_UDP_PAYLOAD
 }
 
 fn default_listen() -> SocketAddr {
@@ -127,6 +144,8 @@ pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// A `tunnel:` section that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
+    #[error("tunnel.max_udp_payload is {0}; QUIC needs {MIN_UDP_PAYLOAD} to {MAX_UDP_PAYLOAD}")]
+    UdpPayload(u16),
     #[error("tunnel.{field} is longer than the {}-day maximum", max.as_secs() / 86_400)]
     DurationTooLong { field: &'static str, max: Duration },
     #[error("tunnel.{field} must be greater than zero")]
@@ -170,6 +189,7 @@ impl TunnelConfig {
             stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             stream_window_bytes: DEFAULT_STREAM_WINDOW_BYTES,
             connection_window_bytes: DEFAULT_CONNECTION_WINDOW_BYTES,
+            max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
         }
     }
 
@@ -235,6 +255,9 @@ impl TunnelConfig {
         }
         if self.stream_window_bytes > self.connection_window_bytes {
             return Err(ConfigError::WindowOrder);
+        }
+        if !(MIN_UDP_PAYLOAD..=MAX_UDP_PAYLOAD).contains(&self.max_udp_payload) {
+            return Err(ConfigError::UdpPayload(self.max_udp_payload));
         }
         Ok(())
     }

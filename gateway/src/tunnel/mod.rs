@@ -113,6 +113,9 @@ pub fn transport_config(cfg: &TunnelConfig) -> Result<TransportConfig, ConfigErr
     let mut ack = AckFrequencyConfig::default();
     ack.max_ack_delay(Some(Duration::from_millis(1)));
     t.ack_frequency_config(Some(ack));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }
 
@@ -140,11 +143,19 @@ impl Endpoint {
         let server = server_config(config, &identity, transport.clone())?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_tls(&identity)?));
         client_config.transport_config(transport);
-        let quinn =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| BindError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bind_error = |source| BindError::Bind {
+            addr: config.listen,
+            source,
+        };
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(config.max_udp_payload)
+            .map_err(|e| bind_error(std::io::Error::other(e.to_string())))?;
+        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
+        let quinn = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+            .map_err(bind_error)?;
         let local_addr = quinn.local_addr().map_err(|source| BindError::Bind {
             addr: config.listen,
             source,
@@ -331,6 +342,7 @@ mod tests {
             &format!("receive_window: {}", 32 * 1024 * 1024),
             "max_ack_delay: Some(1ms)",
             "datagram_receive_buffer_size: None",
+            "upper_bound: 8952",
         ] {
             assert!(t.contains(expected), "{expected:?} not in {t}");
         }
