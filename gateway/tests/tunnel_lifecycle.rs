@@ -349,3 +349,59 @@ async fn idle_proxied_connections_are_reset_busy_ones_are_not() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_cluster_beyond_its_connection_limit_is_closed() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let east_id = pki.issue("east", "east");
+        let west = Gateway::start("west", &pki.issue("west", "west"), |c| {
+            c.max_connections_per_cluster = 2;
+        });
+        let east = Gateway::start("east", &east_id, |_| {});
+        let mut kept = Vec::new();
+        for _ in 0..2 {
+            let conn = east
+                .endpoint
+                .connect(west.addr(), &cluster("west"))
+                .await
+                .expect("within the limit");
+            kept.push(conn);
+        }
+        let third = east
+            .endpoint
+            .connect(west.addr(), &cluster("west"))
+            .await
+            .expect("the handshake itself succeeds");
+        let reason = tokio::time::timeout(Duration::from_secs(5), third.closed())
+            .await
+            .expect("the third connection is closed by the server");
+        assert!(
+            reason.to_string().contains("too many connections"),
+            "closed for the limit: {reason}"
+        );
+        // The first two are untouched, and closing one frees its slot.
+        assert!(kept.iter().all(|c| c.close_reason().is_none()));
+        let first = kept.remove(0);
+        first.close(0u32.into(), b"done");
+        eventually(
+            Duration::from_secs(5),
+            "a freed slot admits a new connection",
+            || {
+                let endpoint = east.endpoint.clone();
+                let addr = west.addr();
+                async move {
+                    let Ok(conn) = endpoint.connect(addr, &cluster("west")).await else {
+                        return false;
+                    };
+                    // Closed at once when over the limit; alive while within it.
+                    tokio::time::timeout(Duration::from_millis(300), conn.closed())
+                        .await
+                        .is_err()
+                }
+            },
+        )
+        .await;
+    })
+    .await;
+}

@@ -122,6 +122,47 @@ struct Shared {
     streams: TaskTracker,
     balancer: Balancer,
     handshakes: Arc<Semaphore>,
+    /// Live connections per caller cluster, capped at `max_connections_per_cluster`.
+    per_cluster: Arc<std::sync::Mutex<BTreeMap<ClusterName, u32>>>,
+}
+
+/// Holds one of a cluster's connection slots; frees it on drop.
+struct ClusterSlot {
+    counts: Arc<std::sync::Mutex<BTreeMap<ClusterName, u32>>>,
+    cluster: ClusterName,
+}
+
+impl ClusterSlot {
+    /// Takes a slot for `cluster` if it has fewer than `max` connections. Pure bookkeeping,
+    /// never awaits while holding the lock.
+    fn acquire(
+        counts: &Arc<std::sync::Mutex<BTreeMap<ClusterName, u32>>>,
+        cluster: &ClusterName,
+        max: u32,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(cluster.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            cluster: cluster.clone(),
+        })
+    }
+}
+
+impl Drop for ClusterSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.cluster) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.cluster);
+            }
+        }
+    }
 }
 
 impl Server {
@@ -140,6 +181,7 @@ impl Server {
             streams: TaskTracker::new(),
             balancer: Balancer::default(),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
+            per_cluster: Arc::default(),
         });
         tokio::spawn(accept_loop(inner.clone(), shutdown));
         Self { inner }
@@ -269,8 +311,20 @@ async fn serve_connection(
         conn.close(RESET_ABORT, b"no identity");
         return;
     };
-    shared.endpoint.track(&conn);
     let caller = peer.identity.cluster.clone();
+    // One cluster's gateways need a connection each (plus one being recycled); a peer that
+    // opens more is misbehaving, and each connection can carry thousands of streams.
+    let max = shared.endpoint.config().max_connections_per_cluster;
+    let Some(_slot) = ClusterSlot::acquire(&shared.per_cluster, &caller, max) else {
+        shared
+            .endpoint
+            .metrics()
+            .handshake_failed("too_many_connections");
+        tracing::debug!(%remote, cluster = %caller, max, "cluster at its connection limit; closing");
+        conn.close(RESET_ABORT, b"too many connections");
+        return;
+    };
+    shared.endpoint.track(&conn);
     let span = tracing::info_span!("inbound", peer = %caller, %remote, serial = %peer.serial);
     async move {
         tracing::debug!("peer connected");
@@ -539,5 +593,30 @@ mod tests {
                 "{header:?} from {peer}"
             );
         }
+    }
+
+    #[test]
+    fn connections_per_cluster_are_capped_and_slots_come_back() {
+        let counts = Arc::default();
+        let east = ClusterName::new("east").expect("valid");
+        let west = ClusterName::new("west").expect("valid");
+        let a = ClusterSlot::acquire(&counts, &east, 2).expect("first");
+        let b = ClusterSlot::acquire(&counts, &east, 2).expect("second");
+        assert!(
+            ClusterSlot::acquire(&counts, &east, 2).is_none(),
+            "third refused"
+        );
+        assert!(
+            ClusterSlot::acquire(&counts, &west, 2).is_some(),
+            "other clusters unaffected"
+        );
+        drop(a);
+        let _c = ClusterSlot::acquire(&counts, &east, 2).expect("freed slot reused");
+        drop(b);
+        assert_eq!(
+            counts.lock().expect("lock").get(&west),
+            None,
+            "empty entries removed"
+        );
     }
 }

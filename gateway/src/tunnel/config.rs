@@ -85,6 +85,9 @@ pub struct TunnelConfig {
     /// loopback) large packets cut per-packet work several times over.
     #[serde(default = "d_max_udp_payload")]
     pub max_udp_payload: u16,
+    /// Live QUIC connections one caller cluster may hold to this gateway.
+    #[serde(default = "d_max_conns_per_cluster")]
+    pub max_connections_per_cluster: u32,
 }
 
 /// Default `max_udp_payload`: a 9000-byte jumbo frame less IPv6 and UDP headers.
@@ -93,6 +96,14 @@ pub const DEFAULT_MAX_UDP_PAYLOAD: u16 = 8952;
 pub const MIN_UDP_PAYLOAD: u16 = 1200;
 /// Largest UDP payload there is (65535 less the 8-byte UDP header).
 pub const MAX_UDP_PAYLOAD: u16 = 65527;
+
+/// Default `max_connections_per_cluster`: one per peer gateway of a large cluster, with
+/// room for connections being recycled.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLUSTER: u32 = 16;
+
+fn d_max_conns_per_cluster() -> u32 {
+    DEFAULT_MAX_CONNECTIONS_PER_CLUSTER
+}
 
 fn d_max_udp_payload() -> u16 {
     DEFAULT_MAX_UDP_PAYLOAD
@@ -190,6 +201,7 @@ impl TunnelConfig {
             stream_window_bytes: DEFAULT_STREAM_WINDOW_BYTES,
             connection_window_bytes: DEFAULT_CONNECTION_WINDOW_BYTES,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
+            max_connections_per_cluster: DEFAULT_MAX_CONNECTIONS_PER_CLUSTER,
         }
     }
 
@@ -229,6 +241,10 @@ impl TunnelConfig {
             ("max_streams", self.max_streams),
             ("max_handshakes", self.max_handshakes),
             ("stream_window_bytes", self.stream_window_bytes),
+            (
+                "max_connections_per_cluster",
+                self.max_connections_per_cluster,
+            ),
             ("connection_window_bytes", self.connection_window_bytes),
         ] {
             if v == 0 {
