@@ -324,8 +324,9 @@ fn health(addr: SocketAddr) -> std::io::Result<bool> {
     Ok(response.contains("\"health\":\"true\""))
 }
 
-/// A port the kernel just handed out on 127.0.0.1 (released again for etcd to bind).
-fn free_port() -> anyhow::Result<u16> {
+/// A port the kernel just handed out on 127.0.0.1, released again for a server to bind (a
+/// small window in which another process could take it; the server then fails loudly).
+pub fn free_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(listener.local_addr()?.port())
 }

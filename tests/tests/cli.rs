@@ -1,24 +1,11 @@
 //! The `meshup` command as a user runs it: the demo (the README's first command) and
 //! `config check`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use meshup_tests::meshup_bin;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn meshup_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executables live in target/<profile>/deps")
-        .join("meshup");
-    assert!(
-        bin.exists(),
-        "the meshup binary is missing at {}: run `cargo build --workspace` first (.ci/test does)",
-        bin.display()
-    );
-    bin
-}
 
 /// Runs meshup with a hard timeout; returns (success, stdout, stderr).
 fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {

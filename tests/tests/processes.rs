@@ -5,13 +5,13 @@
 //! A missing binary, `etcd` or `etcdctl` is a loud failure, never a skip.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use meshup_tests::{EtcdServer, eventually_ok};
+use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,29 +20,9 @@ const TRUST_DOMAIN: &str = "proc.test";
 /// Lease TTL of the gateways under test: etcd 3.4's minimum.
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
-/// The `meshup` binary next to this test executable (target/<profile>/meshup).
-fn meshup_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executables live in target/<profile>/deps");
-    let bin = dir.join("meshup");
-    assert!(
-        bin.exists(),
-        "the meshup binary is missing at {}: run `cargo build --workspace` first (.ci/test does)",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    // Bind-and-release: a small window in which another process could take the port; the
-    // gateway then fails to start loudly, which the test reports.
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// A free loopback port for a gateway's listener.
+fn port() -> u16 {
+    meshup_tests::free_port().expect("a free loopback port")
 }
 
 /// A federation's certificates, made with the real CLI.
@@ -121,7 +101,7 @@ struct GatewaySpec<'a> {
 impl GatewayProcess {
     fn start(spec: GatewaySpec<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
         let certs = spec.certs.of(spec.cluster);
         let mut exports = String::new();
         for (name, ns, port, backend) in &spec.exports {
@@ -157,10 +137,10 @@ exports:
             prefix = spec.prefix,
             ttl = LEASE_TTL.as_secs(),
             vip_cidr = spec.vip_cidr,
-            quic = free_port(),
+            quic = port(),
             certs = certs.display(),
             drain = spec.drain_deadline.as_millis(),
-            dns = free_port(),
+            dns = port(),
             exports = if exports.is_empty() {
                 "  []\n".to_string()
             } else {
