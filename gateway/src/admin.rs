@@ -77,6 +77,10 @@ pub struct GatewayStatus {
     pub rtt_ms: Option<f64>,
     /// Path MTU of the live connection (UDP payload bytes).
     pub mtu: Option<u16>,
+    /// Packets lost on the live connection so far.
+    pub lost_packets: Option<u64>,
+    /// MTU black holes detected on the live connection (each drops the MTU to 1200).
+    pub black_holes: Option<u64>,
 }
 
 /// One clusterset service and where its traffic from this cluster goes.

@@ -510,6 +510,8 @@ impl StatusSource for Status {
                             connected: link.is_some(),
                             rtt_ms: link.map(|l| l.rtt.as_secs_f64() * 1000.0),
                             mtu: link.map(|l| l.mtu),
+                            lost_packets: link.map(|l| l.lost_packets),
+                            black_holes: link.map(|l| l.black_holes),
                         }
                     })
                     .collect(),

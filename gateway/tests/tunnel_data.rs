@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
+use meshup_gateway::tunnel::DEFAULT_MAX_UDP_PAYLOAD;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -57,6 +58,19 @@ async fn one_gib_arrives_intact() {
         );
         assert_eq!(sink.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(east.proxy.dials(), 1);
+
+        // Loopback carries jumbo packets: path MTU discovery must end at the configured
+        // maximum and stay there. A GSO batch larger than one UDP send is refused by the
+        // kernel (EMSGSIZE) and lost whole, which trips quinn's black-hole detector and pins
+        // the MTU at 1200 bytes for the connection's busy life.
+        let links = east.proxy.links().await;
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(links[0].black_holes, 0, "MTU black hole detected: {links:?}");
+        eventually(Duration::from_secs(5), "path MTU at tunnel.max_udp_payload", || async {
+            let links = east.proxy.links().await;
+            links.len() == 1 && links[0].mtu == DEFAULT_MAX_UDP_PAYLOAD && links[0].black_holes == 0
+        })
+        .await;
     })
     .await;
 }

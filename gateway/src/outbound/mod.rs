@@ -115,6 +115,10 @@ pub struct PeerLink {
     pub rtt: Duration,
     /// The path MTU (largest UDP payload) discovery has found so far.
     pub mtu: u16,
+    /// Packets declared lost on this connection so far.
+    pub lost_packets: u64,
+    /// Times the path MTU fell back to the minimum after losses of large packets.
+    pub black_holes: u64,
 }
 
 /// The running outbound proxy.
@@ -196,10 +200,15 @@ impl Proxy {
             .connections()
             .await
             .into_iter()
-            .map(|(peer, conn)| PeerLink {
-                rtt: conn.rtt(),
-                mtu: conn.stats().path.current_mtu,
-                peer,
+            .map(|(peer, conn)| {
+                let path = conn.stats().path;
+                PeerLink {
+                    rtt: conn.rtt(),
+                    mtu: path.current_mtu,
+                    lost_packets: path.lost_packets,
+                    black_holes: path.black_holes_detected,
+                    peer,
+                }
             })
             .collect()
     }

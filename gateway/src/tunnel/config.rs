@@ -88,6 +88,10 @@ pub struct TunnelConfig {
     /// Live QUIC connections one caller cluster may hold to this gateway.
     #[serde(default = "d_max_conns_per_cluster")]
     pub max_connections_per_cluster: u32,
+    /// Send and receive buffer asked of the kernel for the UDP socket. The kernel caps it at
+    /// `net.core.rmem_max` / `wmem_max`; the gateway warns at start when it got less.
+    #[serde(default = "d_socket_buffer")]
+    pub socket_buffer_bytes: u32,
 }
 
 /// Default `max_udp_payload`: a 9000-byte jumbo frame less IPv6 and UDP headers.
@@ -100,6 +104,16 @@ pub const MAX_UDP_PAYLOAD: u16 = 65527;
 /// Default `max_connections_per_cluster`: one per peer gateway of a large cluster, with
 /// room for connections being recycled.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLUSTER: u32 = 16;
+
+/// Default `socket_buffer_bytes`: a whole flight at several Gb/s and a ~1 ms RTT, so a
+/// burst is not dropped at the socket while the gateway is busy elsewhere.
+pub const DEFAULT_SOCKET_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
+/// Largest `socket_buffer_bytes` accepted.
+pub const MAX_SOCKET_BUFFER_BYTES: u32 = 256 * 1024 * 1024;
+
+fn d_socket_buffer() -> u32 {
+    DEFAULT_SOCKET_BUFFER_BYTES
+}
 
 fn d_max_conns_per_cluster() -> u32 {
     DEFAULT_MAX_CONNECTIONS_PER_CLUSTER
@@ -202,6 +216,7 @@ impl TunnelConfig {
             connection_window_bytes: DEFAULT_CONNECTION_WINDOW_BYTES,
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             max_connections_per_cluster: DEFAULT_MAX_CONNECTIONS_PER_CLUSTER,
+            socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
         }
     }
 
@@ -246,6 +261,7 @@ impl TunnelConfig {
                 self.max_connections_per_cluster,
             ),
             ("connection_window_bytes", self.connection_window_bytes),
+            ("socket_buffer_bytes", self.socket_buffer_bytes),
         ] {
             if v == 0 {
                 return Err(ConfigError::Zero { field });
@@ -267,6 +283,13 @@ impl TunnelConfig {
                 field: "max_streams",
                 value: self.max_streams.into(),
                 max: MAX_STREAMS.into(),
+            });
+        }
+        if self.socket_buffer_bytes > MAX_SOCKET_BUFFER_BYTES {
+            return Err(ConfigError::TooLarge {
+                field: "socket_buffer_bytes",
+                value: self.socket_buffer_bytes.into(),
+                max: MAX_SOCKET_BUFFER_BYTES.into(),
             });
         }
         if self.stream_window_bytes > self.connection_window_bytes {
@@ -361,6 +384,23 @@ mod tests {
                 field: "header_timeout"
             })
         );
+        let mut c = base.clone();
+        c.socket_buffer_bytes = 0;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "socket_buffer_bytes"
+            })
+        );
+        let mut c = base.clone();
+        c.socket_buffer_bytes = MAX_SOCKET_BUFFER_BYTES + 1;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::TooLarge {
+                field: "socket_buffer_bytes",
+                ..
+            })
+        ));
         let mut c = base;
         c.stream_window_bytes = c.connection_window_bytes + 1;
         assert_eq!(c.validate(), Err(ConfigError::WindowOrder));

@@ -7,6 +7,7 @@
 
 mod config;
 pub mod metrics;
+mod socket;
 pub(crate) mod splice;
 
 use std::net::SocketAddr;
@@ -22,7 +23,8 @@ pub use config::{
     ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_WINDOW_BYTES, DEFAULT_DRAIN_DEADLINE,
     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_STREAMS,
-    DEFAULT_STREAM_IDLE_TIMEOUT, DEFAULT_STREAM_WINDOW_BYTES, TunnelConfig,
+    DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_SOCKET_BUFFER_BYTES, DEFAULT_STREAM_IDLE_TIMEOUT,
+    DEFAULT_STREAM_WINDOW_BYTES, TunnelConfig,
 };
 pub(crate) use metrics::ConnectionGuard;
 pub use metrics::{
@@ -152,10 +154,30 @@ impl Endpoint {
             .max_udp_payload_size(config.max_udp_payload)
             .map_err(|e| bind_error(std::io::Error::other(e.to_string())))?;
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let wanted = config.socket_buffer_bytes as usize;
+        match socket::size_buffers(&socket, wanted) {
+            // Linux reports twice the usable size it granted.
+            Ok((recv, send)) if recv / 2 < wanted || send / 2 < wanted => tracing::warn!(
+                wanted,
+                recv_granted = recv / 2,
+                send_granted = send / 2,
+                "the kernel gave the tunnel socket smaller buffers than tunnel.socket_buffer_bytes; \
+                 bursts may be dropped (raise net.core.rmem_max and net.core.wmem_max)"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot size the tunnel socket's buffers"),
+        }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
-        let quinn = quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
-            .map_err(bind_error)?;
+        let socket =
+            socket::TunnelSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
+        let quinn = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         let local_addr = quinn.local_addr().map_err(|source| BindError::Bind {
             addr: config.listen,
             source,
