@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
+use sha2::{Digest, Sha256};
 use meshup_gateway::tunnel::{self, CLOSE_DRAINING};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -226,6 +227,49 @@ async fn refused_candidate_fails_over_before_any_byte_and_pinned_vip_stays_pinne
         assert!(try_ping(pinned, b"hello").await.is_err());
         assert_eq!(west_backend.accepted.load(Ordering::SeqCst), 1);
         assert_eq!(north_backend.accepted.load(Ordering::SeqCst), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_before_the_answer_survive_a_refusal_exactly_once() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let north_backend = Backend::sha256_sink().await;
+        let west_backend = Backend::sha256_sink().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let north = Gateway::start("north", &pki.issue("north", "north"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        north.export(north_backend.addr, &["south"]);
+        west.export(west_backend.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(snapshot([
+            gateway_record("north", "n1", north.addr(), false),
+            gateway_record("west", "w1", west.addr(), false),
+            export_record("north", "n1", 1),
+            export_record("west", "w1", 1),
+            vip_record("east", None, vip),
+        ]));
+        east.wait_listening(vip).await;
+
+        // The client writes more than the early-data allowance and half-closes at once,
+        // before any peer can have answered: north refuses after some of it went out, west
+        // must receive every byte once, in order, then the FIN.
+        for len in [1, 1000, 16 * 1024, 100 * 1024] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let mut c = dial(vip).await.expect("connect");
+            c.write_all(&payload).await.expect("write");
+            c.shutdown().await.expect("FIN");
+            let mut digest = Vec::new();
+            c.read_to_end(&mut digest).await.expect("digest");
+            assert_eq!(
+                digest,
+                Sha256::digest(&payload).to_vec(),
+                "{len} bytes arrived altered"
+            );
+        }
+        assert_eq!(north_backend.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(west_backend.accepted.load(Ordering::SeqCst), 4);
     })
     .await;
 }

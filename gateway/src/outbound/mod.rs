@@ -28,6 +28,7 @@ use meshup_core::catalog::Snapshot;
 use meshup_core::names::ClusterName;
 use meshup_core::tunnel::{RequestHeader, STATUS_LEN, Status, decode_status, encode_header};
 use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -60,6 +61,22 @@ enum AttemptError {
     Refused(Status),
     #[error("no local endpoint accepted the connection")]
     LocalConnect,
+    #[error("the client reset its connection before the peer answered")]
+    ClientReset,
+}
+
+/// Most client bytes sent ahead of the peer's answer (see [`Early`]).
+const EARLY_DATA_MAX: usize = 16 * 1024;
+
+/// Client bytes read while waiting for a peer's answer. They go out right behind the header,
+/// so a new connection's first request does not wait a round trip for `Connected`; they are
+/// kept until a peer accepts, so a refusal can still be retried elsewhere with nothing lost.
+/// A refusing peer never passes them on (its answer comes before any byte reaches a backend).
+#[derive(Debug, Default)]
+struct Early {
+    bytes: Vec<u8>,
+    /// The client half-closed before any peer answered.
+    eof: bool,
 }
 
 /// The real pool dialer: QUIC through the gateway's endpoint.
@@ -384,11 +401,21 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         };
         // The last refusal names the stream's result if nothing connects.
         let mut result = "no_route";
+        let mut tcp = tcp;
+        let mut early = Early::default();
         for cand in cands {
             match cand {
                 Candidate::Local(eps) => match connect_local(&shared, &eps).await {
                     Ok(mut up) => {
-                        let mut tcp = tcp;
+                        // Bytes a refusing remote peer did not pass on go first.
+                        if up.write_all(&early.bytes).await.is_err() {
+                            guard.set_result("error");
+                            reset_tcp(tcp);
+                            return;
+                        }
+                        if early.eof {
+                            let _ = up.shutdown().await;
+                        }
                         let (a, b) = tokio::io::copy_bidirectional(&mut tcp, &mut up)
                             .await
                             .unwrap_or((0, 0));
@@ -408,12 +435,17 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                             cluster: cluster.clone(),
                             addr: gateways[(start + i) % n],
                         };
-                        match open_tunnel(&shared, &peer, &header).await {
+                        match open_tunnel(&shared, &peer, &header, &mut tcp, &mut early).await {
                             Ok((send, recv)) => {
                                 let idle = shared.endpoint.config().stream_idle_timeout;
                                 let out = splice(tcp, send, recv, &[], idle).await;
-                                metrics.add_bytes("outbound", out.tcp_to_quic, out.quic_to_tcp);
+                                let up = out.tcp_to_quic + early.bytes.len() as u64;
+                                metrics.add_bytes("outbound", up, out.quic_to_tcp);
                                 guard.set_result(splice_result(&out));
+                                return;
+                            }
+                            Err(AttemptError::ClientReset) => {
+                                guard.set_result("reset");
                                 return;
                             }
                             Err(AttemptError::Refused(status)) if !status.retry_elsewhere() => {
@@ -452,12 +484,16 @@ async fn connect_local(shared: &Shared, eps: &[SocketAddr]) -> Result<TcpStream,
     Err(AttemptError::LocalConnect)
 }
 
-/// Opens a stream to `peer`, sends the header and waits for `Connected`. Nothing of the
-/// client's has been read yet, so any failure here may be retried elsewhere.
+/// Opens a stream to `peer`, sends the header and waits for `Connected`. Meanwhile client
+/// bytes (up to [`EARLY_DATA_MAX`]) follow the header and are kept in `early`; bytes kept
+/// from an earlier refused attempt go out first. Any failure here may be retried elsewhere,
+/// because no peer has passed a client byte on yet.
 async fn open_tunnel(
     shared: &Shared,
     peer: &PeerKey,
     header: &RequestHeader,
+    tcp: &mut TcpStream,
+    early: &mut Early,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
     let conn = shared.pool.get(peer).await?;
     let timeout = shared.endpoint.config().answer_timeout();
@@ -469,20 +505,40 @@ async fn open_tunnel(
             AttemptError::Open(format!("no stream credit from {peer} within {timeout:?}"))
         })?
         .map_err(|e| AttemptError::Open(e.to_string()))?;
+    let answer = |e: quinn::WriteError| AttemptError::Answer(e.to_string());
     let exchange = async {
-        send.write_all(&encode_header(header))
-            .await
-            .map_err(|e| AttemptError::Answer(e.to_string()))?;
-        let mut buf = [0u8; STATUS_LEN];
-        recv.read_exact(&mut buf)
-            .await
-            .map_err(|e| AttemptError::Answer(e.to_string()))?;
-        decode_status(&buf).map_err(|e| AttemptError::Answer(e.to_string()))
+        let mut first = encode_header(header);
+        first.extend_from_slice(&early.bytes);
+        send.write_all(&first).await.map_err(answer)?;
+        let mut status = [0u8; STATUS_LEN];
+        let mut got = 0;
+        let mut chunk = vec![0u8; EARLY_DATA_MAX];
+        while got < STATUS_LEN {
+            let room = EARLY_DATA_MAX - early.bytes.len();
+            tokio::select! {
+                // Both reads are cancel-safe: a read that loses the race consumed nothing.
+                r = recv.read(&mut status[got..]) => match r {
+                    Ok(Some(n)) => got += n,
+                    Ok(None) => return Err(AttemptError::Answer("stream finished".into())),
+                    Err(e) => return Err(AttemptError::Answer(e.to_string())),
+                },
+                r = tcp.read(&mut chunk[..room]), if !early.eof && room > 0 => match r {
+                    Ok(0) => early.eof = true,
+                    Ok(n) => {
+                        early.bytes.extend_from_slice(&chunk[..n]);
+                        send.write_all(&chunk[..n]).await.map_err(answer)?;
+                    }
+                    Err(_) => return Err(AttemptError::ClientReset),
+                },
+            }
+        }
+        decode_status(&status).map_err(|e| AttemptError::Answer(e.to_string()))
     };
     let status = match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let _ = send.reset(RESET_ABORT);
+            let _ = recv.stop(RESET_ABORT);
             return Err(e);
         }
         Err(_) => {
@@ -492,13 +548,18 @@ async fn open_tunnel(
         }
     };
     if status != Status::Connected {
+        let _ = send.reset(RESET_ABORT);
         let _ = recv.stop(RESET_ABORT);
         return Err(AttemptError::Refused(status));
+    }
+    if early.eof {
+        // The client's FIN came before the answer: pass it on now (splice reads EOF again
+        // from the socket, and finishing twice is harmless).
+        let _ = send.finish();
     }
     Ok((send, recv))
 }
 
-/// Closes a client connection with RST: it must see a failure, not a clean empty response.
 fn reset_tcp(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
