@@ -85,9 +85,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gateway { config } => {
             let config = Config::load(&config, &ProcessEnv)?;
-            runtime()?.block_on(app::run_until_signal(config))?;
+            runtime(config.worker_threads)?.block_on(app::run_until_signal(config))?;
         }
-        Command::Demo(opts) => runtime()?.block_on(demo::run(opts))?,
+        Command::Demo(opts) => runtime(None)?.block_on(demo::run(opts))?,
         Command::Certs(CertsCommand::Init { trust_domain, out }) => {
             certs::init_ca(&trust_domain, &out)?;
             println!(
@@ -126,8 +126,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The async runtime: `worker_threads` threads, or one per CPU core.
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -167,6 +167,7 @@ async fn cluster_config(
             allow_non_loopback: false,
         },
         exports,
+        worker_threads: None,
     };
     config.validate()?;
     Ok(config)
