@@ -513,6 +513,9 @@ async fn open_tunnel(
         let mut status = [0u8; STATUS_LEN];
         let mut got = 0;
         let mut chunk = vec![0u8; EARLY_DATA_MAX];
+        // A refusing peer stops our sending side right after its answer, so a failed write
+        // here only ends the early bytes: the answer (read next) says what happened.
+        let mut sending = true;
         while got < STATUS_LEN {
             let room = EARLY_DATA_MAX - early.bytes.len();
             tokio::select! {
@@ -522,11 +525,11 @@ async fn open_tunnel(
                     Ok(None) => return Err(AttemptError::Answer("stream finished".into())),
                     Err(e) => return Err(AttemptError::Answer(e.to_string())),
                 },
-                r = tcp.read(&mut chunk[..room]), if !early.eof && room > 0 => match r {
+                r = tcp.read(&mut chunk[..room]), if sending && !early.eof && room > 0 => match r {
                     Ok(0) => early.eof = true,
                     Ok(n) => {
                         early.bytes.extend_from_slice(&chunk[..n]);
-                        send.write_all(&chunk[..n]).await.map_err(answer)?;
+                        sending = send.write_all(&chunk[..n]).await.is_ok();
                     }
                     Err(_) => return Err(AttemptError::ClientReset),
                 },
