@@ -9,21 +9,27 @@
 //! - Idle: no byte either way for `idle_timeout` resets both sides (RELIABILITY.md 12).
 //! - Backpressure: each direction awaits its write before the next read, so a slow reader
 //!   slows the writer down through TCP windows and QUIC flow control; nothing buffers more
-//!   than one chunk per direction.
+//!   than one read per direction.
+//! - No copies of our own: TCP reads land in a `BytesMut` whose filled part is handed to
+//!   quinn as it is, and quinn's received chunks go to TCP in one vectored write.
 
+use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{RESET_ABORT, RESET_TCP};
 
+/// Allocation the TCP → QUIC direction reads into; each read's bytes go to quinn as a
+/// slice of it, and a new one is taken when less than a quarter is left.
 const CHUNK: usize = 64 * 1024;
-/// Buffer of the QUIC → TCP direction: large enough to gather a whole flight of packets.
-const QUIC_TO_TCP_BUFFER: usize = 256 * 1024;
+/// Received chunks gathered into one TCP write: a whole flight of packets at a jumbo MTU.
+const QUIC_TO_TCP_CHUNKS: usize = 32;
 
 /// How a splice ended and what it moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,9 +83,12 @@ pub(crate) async fn splice(
     let touch = || last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 
     let tcp_to_quic = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
-            match tr.read(&mut buf).await {
+            if buf.capacity() < CHUNK / 4 {
+                buf = BytesMut::with_capacity(CHUNK);
+            }
+            match tr.read_buf(&mut buf).await {
                 Ok(0) => {
                     // FIN from TCP: finish the stream (already-closed is fine), then wait
                     // until the peer has acknowledged every byte. `finish` only queues the
@@ -90,7 +99,9 @@ pub(crate) async fn splice(
                     return Ok(());
                 }
                 Ok(n) => {
-                    if send.write_all(&buf[..n]).await.is_err() {
+                    // The read bytes leave `buf` (which keeps its spare capacity) without a
+                    // copy; quinn holds them until the peer acknowledges them.
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
                         return Err(Abort::Quic);
                     }
                     up += n as u64;
@@ -105,15 +116,16 @@ pub(crate) async fn splice(
             tw.write_all(initial).await.map_err(|_| Abort::Tcp)?;
             down += initial.len() as u64;
         }
-        // `read` gathers every chunk quinn has ready into one buffer, so the TCP side sees
-        // few large writes instead of one small `send` per QUIC packet (each of which runs
-        // the kernel's receive path and wakes the reader): the copy is cheaper than those
-        // system calls.
-        let mut buf = vec![0u8; QUIC_TO_TCP_BUFFER];
+        // Every chunk quinn has ready goes to TCP in one vectored write, so the TCP side
+        // sees few large sends instead of one per QUIC packet (each of which runs the
+        // kernel's receive path and wakes the reader).
+        let mut chunks: [Bytes; QUIC_TO_TCP_CHUNKS] = Default::default();
         loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(n)) => {
-                    tw.write_all(&buf[..n]).await.map_err(|_| Abort::Tcp)?;
+            match recv.read_chunks(&mut chunks).await {
+                Ok(Some(k)) => {
+                    let n = write_all_chunks(&mut tw, &mut chunks[..k])
+                        .await
+                        .map_err(|_| Abort::Tcp)?;
                     down += n as u64;
                     touch();
                 }
@@ -171,5 +183,133 @@ pub(crate) async fn splice(
         quic_to_tcp: down,
         reset,
         idle: idled,
+    }
+}
+
+/// Writes every byte of `chunks` to `w`, as few vectored writes as the socket allows, and
+/// returns how many that was. The chunks are consumed (left empty).
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut chunks: &mut [Bytes],
+) -> io::Result<usize> {
+    let total = chunks.iter().map(Bytes::len).sum();
+    loop {
+        while chunks.first().is_some_and(Bytes::is_empty) {
+            chunks = &mut chunks[1..];
+        }
+        if chunks.is_empty() {
+            return Ok(total);
+        }
+        let mut slices = [IoSlice::new(&[]); QUIC_TO_TCP_CHUNKS];
+        let count = chunks.len().min(QUIC_TO_TCP_CHUNKS);
+        for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
+            *slice = IoSlice::new(chunk);
+        }
+        let mut written = w.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        for chunk in chunks.iter_mut() {
+            let step = written.min(chunk.len());
+            chunk.advance(step);
+            written -= step;
+            if written == 0 {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A writer that takes at most `limit` bytes per call, across slices, to exercise
+    /// partial vectored writes.
+    struct Trickle {
+        out: Vec<u8>,
+        limit: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.limit);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut left = self.limit;
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(left);
+                self.out.extend_from_slice(&b[..take]);
+                left -= take;
+                n += take;
+                if left == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn partial_vectored_writes_deliver_every_byte_in_order() {
+        let pieces: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"abc".to_vec(),
+            vec![7u8; 1000],
+            b"".to_vec(),
+            b"z".to_vec(),
+            (0..=255u8).collect(),
+        ];
+        let expected: Vec<u8> = pieces.concat();
+        for limit in [1, 2, 3, 7, 999, 1000, 1004, 5000] {
+            let mut chunks: Vec<Bytes> = pieces.iter().cloned().map(Bytes::from).collect();
+            let mut w = Trickle {
+                out: Vec::new(),
+                limit,
+            };
+            let n = write_all_chunks(&mut w, &mut chunks).await.expect("writes");
+            assert_eq!(n, expected.len(), "limit {limit}");
+            assert_eq!(w.out, expected, "limit {limit}");
+            assert!(chunks.iter().all(Bytes::is_empty));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_takes_nothing_is_an_error_not_a_spin() {
+        let mut chunks = vec![Bytes::from_static(b"data")];
+        let mut w = Trickle {
+            out: Vec::new(),
+            limit: 0,
+        };
+        let err = write_all_chunks(&mut w, &mut chunks)
+            .await
+            .expect_err("WriteZero");
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 }
