@@ -15,6 +15,8 @@ cd "$root"
 target="${CARGO_TARGET_DIR:-$root/target}"
 
 defaults=(--rounds 3)
+# One worker thread per gateway, as nginx runs one worker: six processes share two cores.
+threads=(--gateway-threads 1)
 for arg in "$@"; do
   if [[ "$arg" == "--quick" ]]; then defaults=(); fi
 done
@@ -30,4 +32,4 @@ else
   meshup_args=(--meshup "$target/release/meshup-did-not-build")
 fi
 
-exec "$target/release/meshup-bench-tunnel" "${defaults[@]}" "${meshup_args[@]}" "$@"
+exec "$target/release/meshup-bench-tunnel" "${defaults[@]}" "${threads[@]}" "${meshup_args[@]}" "$@"

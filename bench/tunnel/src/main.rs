@@ -69,18 +69,35 @@ struct Args {
     /// Keep the temporary directory (configs, certificates, logs) for inspection.
     #[arg(long)]
     keep_temp: bool,
+    /// `worker_threads` of each meshup gateway. Default: the gateway's own (one per core).
+    #[arg(long)]
+    gateway_threads: Option<usize>,
+    /// Internal: run as one plain TCP relay (`LISTEN=TARGET`) of the `relay` floor pair.
+    #[arg(long, hide = true)]
+    relay: Option<String>,
 }
 
 /// Contender names, in the order they are set up and printed.
-const CONTENDERS: [&str; 4] = ["direct", "stunnel", "nginx", "meshup"];
+const CONTENDERS: [&str; 5] = ["direct", "relay", "stunnel", "nginx", "meshup"];
 
 /// Upper bound on one latency phase, whatever the request count: a stalled or crawling
 /// tunnel fails the phase instead of holding the run.
 const LATENCY_PHASE_LIMIT: Duration = Duration::from_secs(120);
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let mut args = Args::parse();
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(spec) = &args.relay {
+        let (listen, target) = peers::relay::parse_spec(spec)?;
+        return peers::relay::run(listen, target);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(bench_main(args))
+}
+
+async fn bench_main(mut args: Args) -> Result<()> {
     if args.quick {
         args.duration = 1.0;
         args.requests = 2_000;
@@ -133,6 +150,9 @@ async fn run(args: Args) -> Result<()> {
     if wanted("direct") {
         contenders.push(Contender::direct(backend.addr()));
     }
+    if wanted("relay") {
+        contenders.push(peers::relay::start(&dir, backend.addr()).context("relay pair")?);
+    }
     if wanted("stunnel") {
         contenders.push(peers::stunnel::start(&dir, &pki, backend.addr()).context("stunnel pair")?);
     }
@@ -148,7 +168,7 @@ async fn run(args: Args) -> Result<()> {
             .meshup
             .clone()
             .unwrap_or_else(meshup_pair::default_binary);
-        match meshup_pair::start(&dir, &binary, backend.addr()).await {
+        match meshup_pair::start(&dir, &binary, backend.addr(), args.gateway_threads).await {
             Ok(contender) => contenders.push(contender),
             Err(e) => {
                 let reason = format!("{e:#}");

@@ -42,7 +42,12 @@ struct GatewayPorts {
 
 /// Starts etcd and both gateways under `dir` and returns the contender (client-facing
 /// address: east's virtual IP for the service).
-pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Contender> {
+pub async fn start(
+    dir: &Path,
+    binary: &Path,
+    backend: SocketAddr,
+    threads: Option<usize>,
+) -> Result<Contender> {
     if !binary.is_file() {
         bail!(
             "no meshup binary at {} (build it: cargo build --release -p meshup-gateway, or pass --meshup PATH)",
@@ -99,6 +104,7 @@ pub async fn start(dir: &Path, binary: &Path, backend: SocketAddr) -> Result<Con
             &cert_dir,
             ports,
             exports_backend.then_some(backend),
+            threads,
         );
         let config_path = dir.join(format!("{cluster}.yaml"));
         std::fs::write(&config_path, config).context("write gateway config")?;
@@ -153,6 +159,7 @@ fn gateway_config(
     cert_dir: &Path,
     ports: GatewayPorts,
     backend: Option<SocketAddr>,
+    threads: Option<usize>,
 ) -> String {
     let exports = match backend {
         Some(backend) => format!(
@@ -161,6 +168,7 @@ fn gateway_config(
         None => "exports: []\n".to_owned(),
     };
     let cert_dir = cert_dir.display();
+    let threads = threads.map_or(String::new(), |n| format!("worker_threads: {n}\n"));
     format!(
         "cluster: {cluster}\n\
          gateway_id: {cluster}-0\n\
@@ -170,7 +178,7 @@ fn gateway_config(
          tunnel:\n  listen: 127.0.0.1:{tunnel}\n  cert: {cert_dir}/cert.pem\n  key: {cert_dir}/key.pem\n  bundle: {cert_dir}/bundle.pem\n\
          dns:\n  listen: 127.0.0.1:{dns}\n\
          admin:\n  http: 127.0.0.1:{admin}\n\
-         {exports}",
+         {threads}{exports}",
         tunnel = ports.tunnel,
         dns = ports.dns,
         admin = ports.admin,

@@ -324,6 +324,13 @@ fn render_rr(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
                         verdict(p50 <= 40.0),
                         verdict(p99 <= 80.0)
                     ));
+                    if let Some((_, f)) = find(rows, Kind::Floor).first() {
+                        targets.push(format!(
+                            "  (two plain TCP relay processes add p50 {:+.1} µs here; meshup adds {:+.1} µs over them)",
+                            f.main - d.main,
+                            s.main - f.main
+                        ));
+                    }
                 }
             }
             Err(reason) => {

@@ -2,6 +2,7 @@
 //! Each is set up by the benchmark itself on 127.0.0.1 and torn down when dropped.
 
 pub mod nginx;
+pub mod relay;
 pub mod stunnel;
 
 use std::net::SocketAddr;
@@ -24,6 +25,9 @@ pub enum Kind {
     Peer,
     /// The meshup gateway pair under test.
     Meshup,
+    /// Two plain TCP relay processes: what any two-process tunnel pays for its hops on
+    /// this machine. A reference line, not a peer.
+    Floor,
 }
 
 /// One way from the load generator to the backend.
