@@ -274,6 +274,105 @@ async fn bytes_sent_before_the_answer_survive_a_refusal_exactly_once() {
     .await;
 }
 
+/// A peer gateway that accepts streams, reads `wait_for` bytes of each, then drops the whole
+/// connection without answering (as a gateway killed mid-stream would).
+async fn mute_peer(
+    pki: &Pki,
+    wait_for: usize,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let files = meshup_gateway::identity::IdentityFiles::in_dir(&pki.issue("north", "north"));
+    let mut cfg = tunnel::TunnelConfig::with_files(files.clone());
+    cfg.listen = "127.0.0.1:0".parse().expect("addr");
+    let identity =
+        meshup_gateway::identity::Identity::load(files, TD, cluster("north")).expect("identity");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = tunnel::Metrics::register(&mut registry);
+    let endpoint = tunnel::Endpoint::bind(&cfg, identity, metrics).expect("bind");
+    let addr = endpoint.local_addr();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.quinn().accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let Ok((_send, mut recv)) = conn.accept_bi().await else {
+                continue;
+            };
+            let mut seen = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while seen < wait_for {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => seen += n,
+                    _ => break,
+                }
+            }
+            conn.close(tunnel::CLOSE_SHUTDOWN, b"gone");
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_lost_after_client_bytes_went_out_is_never_replayed() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let west_backend = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(west_backend.addr, &[]);
+        // North comes first among the candidates, takes the stream and vanishes unanswered.
+        let via = |north: std::net::SocketAddr, vip| {
+            snapshot([
+                gateway_record("north", "n1", north, false),
+                gateway_record("west", "w1", west.addr(), false),
+                export_record("north", "n1", 1),
+                export_record("west", "w1", 1),
+                vip_record("east", None, vip),
+            ])
+        };
+
+        // Nothing of the client's went out before the loss: the connection moves to west.
+        let (north_addr, north) = mute_peer(&pki, 0).await;
+        let vip = next_vip();
+        east.snapshots.send_replace(via(north_addr, vip));
+        east.wait_listening(vip).await;
+        let mut c = dial(vip).await.expect("connect");
+        eventually(
+            Duration::from_secs(5),
+            "east dialled west after north",
+            || {
+                let dials = east.proxy.dials();
+                async move { dials >= 2 }
+            },
+        )
+        .await;
+        assert_eq!(
+            ping(&mut c, b"hello").await.expect("echo via west"),
+            b"hello"
+        );
+        assert_eq!(west_backend.accepted.load(Ordering::SeqCst), 1);
+        north.abort();
+
+        // The client's first bytes reached north before it vanished: north may have passed
+        // them on, so they are not replayed to west; the client sees its connection fail.
+        let payload = vec![0x5au8; 1000];
+        let (north_addr, north) = mute_peer(&pki, payload.len()).await;
+        let vip = next_vip();
+        east.snapshots.send_replace(via(north_addr, vip));
+        east.wait_listening(vip).await;
+        let mut c = dial(vip).await.expect("connect");
+        c.write_all(&payload).await.expect("write");
+        // A reset or an EOF; an echo would mean west got the bytes.
+        let mut buf = vec![0u8; payload.len()];
+        let res = c.read(&mut buf).await;
+        assert!(matches!(res, Ok(0) | Err(_)), "{res:?}");
+        assert_eq!(
+            west_backend.accepted.load(Ordering::SeqCst),
+            1,
+            "client bytes were replayed to west"
+        );
+        north.abort();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unvalidated_clients_get_a_retry_under_load() {
     within(Duration::from_secs(30), async {

@@ -454,6 +454,16 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                                 reset_tcp(tcp);
                                 return;
                             }
+                            Err(AttemptError::Answer(e)) if !early.bytes.is_empty() => {
+                                // Client bytes went out and no answer came back: the peer
+                                // may have connected and passed them on before it was lost.
+                                // Replaying them elsewhere could deliver them twice
+                                // (RELIABILITY.md 10), so the client gets a reset instead.
+                                tracing::debug!(%peer, error = %e, "answer lost after client bytes were sent; not retrying");
+                                guard.set_result("unreachable");
+                                reset_tcp(tcp);
+                                return;
+                            }
                             Err(e) => {
                                 tracing::debug!(%peer, error = %e, "candidate failed; trying the next");
                                 result = match e {
