@@ -374,6 +374,51 @@ async fn an_answer_lost_after_client_bytes_went_out_is_never_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_next_address_is_dialled_when_the_first_is_dead() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |c| {
+            c.connect_timeout = Duration::from_millis(300)
+        });
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(echo.addr, &[]);
+        // A UDP socket nobody reads: a handshake to it times out.
+        let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let dead_addr = dead.local_addr().expect("addr");
+        let vip = next_vip();
+        east.snapshots.send_replace(snapshot([
+            gateway_record_at("west", "w1", &[dead_addr, west.addr()], false),
+            export_record("west", "w1", 1),
+            vip_record("east", None, vip),
+        ]));
+        east.wait_listening(vip).await;
+        for _ in 0..3 {
+            assert_eq!(try_ping(vip, b"hello").await.expect("echo"), b"hello");
+        }
+        // The dead address was dialled once and is in backoff; the live one serves all.
+        assert_eq!(east.proxy.dials(), 2);
+        let links = east.proxy.links().await;
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(links[0].peer.addr, west.addr());
+
+        // West leaves the catalog: its pooled connection is forgotten.
+        east.snapshots
+            .send_replace(snapshot([vip_record("east", None, vip)]));
+        eventually(
+            Duration::from_secs(5),
+            "departed peer dropped from the pool",
+            || {
+                let proxy = east.proxy.clone();
+                async move { proxy.links().await.is_empty() }
+            },
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unvalidated_clients_get_a_retry_under_load() {
     within(Duration::from_secs(30), async {
         let pki = Pki::new();

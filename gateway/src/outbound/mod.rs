@@ -16,7 +16,7 @@
 pub mod pool;
 pub mod route;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -263,11 +263,9 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
-        let desired = desired_listeners(
-            &snapshots.borrow_and_update().clone(),
-            &shared.local,
-            &shared.vip_range,
-        );
+        let snapshot = snapshots.borrow_and_update().clone();
+        let desired = desired_listeners(&snapshot, &shared.local, &shared.vip_range);
+        shared.pool.retain(catalog_peers(&snapshot));
         exports.borrow_and_update();
         reconcile(&shared, &mut bound, &desired);
         tokio::select! {
@@ -282,6 +280,20 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     }
     shared.bound.send_replace(Arc::new(BTreeMap::new()));
     shared.endpoint.metrics().listeners.set(0);
+}
+
+/// Every (cluster, QUIC address) of every gateway the catalog lists.
+fn catalog_peers(snapshot: &Snapshot) -> HashSet<PeerKey> {
+    snapshot
+        .clusters()
+        .flat_map(|c| snapshot.gateways_of(c))
+        .flat_map(|g| {
+            g.quic_addrs.iter().map(|addr| PeerKey {
+                cluster: g.cluster.clone(),
+                addr: *addr,
+            })
+        })
+        .collect()
 }
 
 fn reconcile(
@@ -429,12 +441,24 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     let n = gateways.len();
                     let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
                     // Each gateway of the cluster at most once, rotating the first choice so
-                    // streams spread across a cluster's gateways.
-                    for i in 0..n {
+                    // streams spread across a cluster's gateways; a gateway's next advertised
+                    // address only when the previous one could not be reached.
+                    let attempts: Vec<(usize, usize, SocketAddr)> = (0..n)
+                        .flat_map(|i| {
+                            let addrs = &gateways[(start + i) % n];
+                            (0..addrs.len()).map(move |j| (i, j, addrs[j]))
+                        })
+                        .collect();
+                    let mut answered = None;
+                    for (i, j, addr) in attempts {
+                        if answered == Some(i) {
+                            continue;
+                        }
                         let peer = PeerKey {
                             cluster: cluster.clone(),
-                            addr: gateways[(start + i) % n],
+                            addr,
                         };
+                        tracing::trace!(%peer, address = j, "attempt");
                         match open_tunnel(&shared, &peer, &header, &mut tcp, &mut early).await {
                             Ok((send, recv)) => {
                                 let idle = shared.endpoint.config().stream_idle_timeout;
@@ -466,6 +490,11 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                             }
                             Err(e) => {
                                 tracing::debug!(%peer, error = %e, "candidate failed; trying the next");
+                                // A gateway that answered (or took the stream) answers the
+                                // same on its other addresses: move on to the next gateway.
+                                if matches!(e, AttemptError::Refused(_) | AttemptError::Answer(_)) {
+                                    answered = Some(i);
+                                }
                                 result = match e {
                                     AttemptError::Refused(status) => status.as_str(),
                                     _ => "unreachable",

@@ -17,7 +17,7 @@
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -126,6 +126,10 @@ enum Msg<C> {
     List {
         reply: oneshot::Sender<Vec<(PeerKey, C)>>,
     },
+    /// Forget every peer not in the set (it left the catalog).
+    Retain {
+        peers: HashSet<PeerKey>,
+    },
 }
 
 struct Slot<C> {
@@ -180,6 +184,13 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
             return Vec::new();
         }
         rx.await.unwrap_or_default()
+    }
+
+    /// Forgets every peer outside `peers` (the gateways the catalog still lists), so slots
+    /// do not pile up as gateways come and go. A forgotten connection is not closed here:
+    /// it ends when its last stream does.
+    pub fn retain(&self, peers: HashSet<PeerKey>) {
+        let _ = self.tx.send(Msg::Retain { peers });
     }
 
     /// Dials started since the pool began.
@@ -246,6 +257,10 @@ async fn run<D: Dialer>(
                     })
                     .collect();
                 let _ = reply.send(live);
+            }
+            Msg::Retain { peers } => {
+                // A dial in progress keeps its slot so its waiters get their answer.
+                slots.retain(|peer, slot| slot.dialing || peers.contains(peer));
             }
             Msg::Dialed { peer, result } => {
                 let slot = slots.entry(peer.clone()).or_default();
@@ -389,6 +404,33 @@ mod tests {
         assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
         // The old but usable one is handed to the dialer to be closed after a grace.
         assert_eq!(dialer.retired.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn departed_peers_are_forgotten_and_kept_ones_stay_pooled() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
+        let other = PeerKey {
+            cluster: ClusterName::new("north").expect("valid"),
+            addr: "127.0.0.1:2".parse().expect("addr"),
+        };
+        pool.get(&peer()).await.expect("dial");
+        pool.get(&other).await.expect("dial");
+        assert_eq!(pool.connections().await.len(), 2);
+
+        pool.retain(HashSet::from([peer()]));
+        let live: Vec<PeerKey> = pool
+            .connections()
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(live, vec![peer()]);
+        pool.get(&peer()).await.expect("still pooled");
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        // A departed peer that comes back is dialled afresh.
+        pool.get(&other).await.expect("dial again");
+        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]

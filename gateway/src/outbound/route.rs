@@ -25,11 +25,11 @@ pub struct Route {
 pub enum Candidate {
     /// This cluster exports the service: connect to these local endpoints directly.
     Local(Vec<SocketAddr>),
-    /// A remote cluster: open a stream to one of its gateways (first address of each,
-    /// draining gateways left out).
+    /// A remote cluster: open a stream to one of its gateways (draining gateways left
+    /// out), each with its advertised addresses in order.
     Remote {
         cluster: ClusterName,
-        gateways: Vec<SocketAddr>,
+        gateways: Vec<Vec<SocketAddr>>,
     },
 }
 
@@ -112,10 +112,10 @@ pub fn candidates(
         if cluster == local || route.target.as_ref().is_some_and(|t| t != cluster) {
             continue;
         }
-        let gateways: Vec<SocketAddr> = snapshot
+        let gateways: Vec<Vec<SocketAddr>> = snapshot
             .gateways_of(cluster)
-            .filter(|g| !g.draining)
-            .filter_map(|g| g.quic_addrs.first().copied())
+            .filter(|g| !g.draining && !g.quic_addrs.is_empty())
+            .map(|g| g.quic_addrs.clone())
             .collect();
         if !gateways.is_empty() {
             out.push(Candidate::Remote {
@@ -242,7 +242,7 @@ mod tests {
         let none = LocalExports::new();
         let remote_west = Candidate::Remote {
             cluster: c("west"),
-            gateways: vec!["127.0.0.1:1001".parse().expect("addr")],
+            gateways: vec![vec!["127.0.0.1:1001".parse().expect("addr")]],
         };
         // south: only draining gateways; north: no healthy endpoints.
         assert_eq!(

@@ -196,13 +196,23 @@ impl Drop for Gateway {
 
 /// A gateway record for `cluster` at `addr`.
 pub fn gateway_record(cluster_name: &str, id: &str, addr: SocketAddr, draining: bool) -> Change {
+    gateway_record_at(cluster_name, id, &[addr], draining)
+}
+
+/// A gateway record advertising `addrs`, in order.
+pub fn gateway_record_at(
+    cluster_name: &str,
+    id: &str,
+    addrs: &[SocketAddr],
+    draining: bool,
+) -> Change {
     Change::PutGateway(Arc::new(GatewayRecord {
         schema: SCHEMA_VERSION,
         cluster: cluster(cluster_name),
         gateway_id: GatewayId::new(id).expect("valid id"),
         region: String::new(),
         zone: String::new(),
-        quic_addrs: vec![addr],
+        quic_addrs: addrs.to_vec(),
         spiffe_id: format!("spiffe://{TD}/cluster/{cluster_name}/gateway"),
         draining,
     }))
