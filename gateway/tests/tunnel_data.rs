@@ -302,3 +302,115 @@ async fn streams_spread_across_a_clusters_gateways_with_one_dial_each() {
     })
     .await;
 }
+
+/// East serves `pay.prod` itself: the VIP goes straight to the local endpoint, no tunnel.
+async fn local(backend: &Backend, idle: Duration) -> (Pki, Gateway, std::net::IpAddr) {
+    let pki = Pki::new();
+    let east = Gateway::start("east", &pki.issue("east", "east"), |c| {
+        c.stream_idle_timeout = idle
+    });
+    east.export(backend.addr, &[]);
+    let vip = next_vip();
+    east.snapshots.send_replace(snapshot([
+        gateway_record("east", "e1", east.addr(), false),
+        export_record("east", "e1", 1),
+        vip_record("east", None, vip),
+    ]));
+    east.wait_listening(vip).await;
+    (pki, east, vip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_path_carries_half_close_and_resets_and_times_out_idle_connections() {
+    within(Duration::from_secs(30), async {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::io::ErrorKind>();
+        // Backend: "count" reads to EOF and answers the length; "reset" resets; anything
+        // else is echoed, then it reports how its next read ended.
+        let backend = Backend::start(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut cmd = [0u8; 5];
+                if s.read_exact(&mut cmd).await.is_err() {
+                    return;
+                }
+                match &cmd {
+                    b"count" => {
+                        let mut got = Vec::new();
+                        if s.read_to_end(&mut got).await.is_ok() {
+                            let _ = s.write_all(format!("got {}", got.len()).as_bytes()).await;
+                        }
+                    }
+                    b"reset" => {
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    }
+                    _ => {
+                        let _ = s.write_all(&cmd).await;
+                        let mut rest = [0u8; 16];
+                        let kind = match s.read(&mut rest).await {
+                            Ok(0) => std::io::ErrorKind::UnexpectedEof,
+                            Ok(_) => std::io::ErrorKind::InvalidData,
+                            Err(e) => e.kind(),
+                        };
+                        let _ = tx.send(kind);
+                    }
+                }
+            }
+        })
+        .await;
+        let idle = Duration::from_millis(500);
+        let (_pki, east, vip) = local(&backend, idle).await;
+
+        // Client FIN: the backend sees EOF and still answers.
+        let mut c = dial(vip).await.expect("connect");
+        c.write_all(b"count").await.expect("write");
+        c.write_all(&[7u8; 100_000]).await.expect("write");
+        c.shutdown().await.expect("FIN");
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)
+            .await
+            .expect("answer after our FIN");
+        assert_eq!(answer, "got 100000");
+
+        // Client RST → the backend sees a reset, not a FIN.
+        let mut c = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut c, b"hello").await.expect("echo"), b"hello");
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .expect("linger");
+        drop(c);
+        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("backend noticed within 5 s")
+            .expect("report");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+
+        // Backend RST → the client sees a reset.
+        let mut c = dial(vip).await.expect("connect");
+        c.write_all(b"reset").await.expect("write");
+        let mut buf = [0u8; 16];
+        let res = c.read(&mut buf).await;
+        assert!(
+            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "client should see a reset, got {res:?}"
+        );
+
+        // Nothing moving for the idle timeout: both sides are reset.
+        let mut c = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut c, b"quiet").await.expect("echo"), b"quiet");
+        let started = std::time::Instant::now();
+        let res = c.read(&mut buf).await;
+        assert!(
+            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "idle client should see a reset, got {res:?}"
+        );
+        assert!(started.elapsed() >= idle, "reset before the idle timeout");
+        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("backend noticed within 5 s")
+            .expect("report");
+        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        // Every one of these went to the local endpoint: no QUIC dial at all.
+        assert_eq!(east.proxy.dials(), 0);
+    })
+    .await;
+}

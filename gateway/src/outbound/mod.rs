@@ -41,7 +41,7 @@ pub use route::{Candidate, Route, candidates, desired_listeners};
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::{
     CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
-    splice::{splice, splice_result},
+    splice::{splice, splice_result, splice_tcp},
 };
 
 /// How often the reconciler re-checks listeners even without a catalog change (retries
@@ -419,20 +419,18 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             match cand {
                 Candidate::Local(eps) => match connect_local(&shared, &eps).await {
                     Ok(mut up) => {
-                        // Bytes a refusing remote peer did not pass on go first.
+                        // Bytes a refusing remote peer did not pass on go first. A client
+                        // FIN seen meanwhile is read again from the socket by the splice.
                         if up.write_all(&early.bytes).await.is_err() {
                             guard.set_result("error");
                             reset_tcp(tcp);
                             return;
                         }
-                        if early.eof {
-                            let _ = up.shutdown().await;
-                        }
-                        let (a, b) = tokio::io::copy_bidirectional(&mut tcp, &mut up)
-                            .await
-                            .unwrap_or((0, 0));
-                        metrics.add_bytes("outbound", a, b);
-                        guard.set_result("done");
+                        let idle = shared.endpoint.config().stream_idle_timeout;
+                        let out = splice_tcp(tcp, up, idle).await;
+                        let sent = out.tcp_to_quic + early.bytes.len() as u64;
+                        metrics.add_bytes("outbound", sent, out.quic_to_tcp);
+                        guard.set_result(splice_result(&out));
                         return;
                     }
                     Err(e) => tracing::debug!(error = %e, "local candidate failed"),

@@ -34,9 +34,9 @@ const QUIC_TO_TCP_CHUNKS: usize = 32;
 /// How a splice ended and what it moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct SpliceOutcome {
-    /// Bytes read from TCP and written to the stream.
+    /// Bytes read from TCP and written to the stream ([`splice_tcp`]: client → upstream).
     pub tcp_to_quic: u64,
-    /// Bytes read from the stream and written to TCP.
+    /// Bytes read from the stream and written to TCP ([`splice_tcp`]: upstream → client).
     pub quic_to_tcp: u64,
     /// Whether the connection ended with a reset (either side) instead of two FINs.
     pub reset: bool,
@@ -76,11 +76,8 @@ pub(crate) async fn splice(
     let (mut tr, mut tw) = tcp.into_split();
     let mut up = 0u64;
     let mut down = 0u64;
-    // Milliseconds since `start` of the last byte moved in either direction. An atomic, not a
-    // Cell, because the future must stay `Send`; both directions run in this one task.
-    let start = Instant::now();
-    let last_active = AtomicU64::new(0);
-    let touch = || last_active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    let activity = Activity::new();
+    let touch = || activity.touch();
 
     let tcp_to_quic = async {
         let mut buf = BytesMut::with_capacity(CHUNK);
@@ -143,20 +140,10 @@ pub(crate) async fn splice(
         }
     };
 
-    let idle = async {
-        loop {
-            let last = Duration::from_millis(last_active.load(Ordering::Relaxed));
-            let deadline = start + last + idle_timeout;
-            if Instant::now() >= deadline {
-                return Err::<(), Abort>(Abort::Idle);
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
     let both = futures::future::try_join(tcp_to_quic, quic_to_tcp);
     let result = tokio::select! {
         r = both => r.map(|_| ()),
-        Err(e) = idle => Err(e),
+        () = activity.idle(idle_timeout) => Err(Abort::Idle),
     };
     let idled = matches!(result, Err(Abort::Idle));
     let reset = match result {
@@ -171,9 +158,7 @@ pub(crate) async fn splice(
             let _ = send.reset(code);
             let _ = recv.stop(code);
             if let Ok(tcp) = tr.reunite(tw) {
-                // Zero linger makes close() send RST instead of FIN.
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                drop(tcp);
+                reset(tcp);
             }
             true
         }
@@ -182,6 +167,105 @@ pub(crate) async fn splice(
         tcp_to_quic: up,
         quic_to_tcp: down,
         reset,
+        idle: idled,
+    }
+}
+
+/// When a splice last moved a byte, for its idle timeout. Milliseconds since `start` in an
+/// atomic, not a `Cell`, because the splice future must stay `Send`; both directions run in
+/// one task.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `timeout`.
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Closes `tcp` with a reset instead of a FIN (zero linger).
+fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// Splices a client TCP connection to a local endpoint's (the outbound path when this
+/// cluster serves the service itself), with the same rules as [`splice`]: each direction's
+/// FIN is passed on alone, a reset on either side resets the other, and `idle_timeout` with
+/// nothing moving resets both.
+pub(crate) async fn splice_tcp(
+    client: TcpStream,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+) -> SpliceOutcome {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let activity = Activity::new();
+    async fn pump(
+        from: &mut tokio::net::tcp::OwnedReadHalf,
+        to: &mut tokio::net::tcp::OwnedWriteHalf,
+        moved: &mut u64,
+        activity: &Activity,
+    ) -> Result<(), Abort> {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) => return to.shutdown().await.map_err(|_| Abort::Tcp),
+                Ok(n) => {
+                    to.write_all(&buf[..n]).await.map_err(|_| Abort::Tcp)?;
+                    *moved += n as u64;
+                    activity.touch();
+                }
+                Err(_) => return Err(Abort::Tcp),
+            }
+        }
+    }
+    let both = futures::future::try_join(
+        pump(&mut cr, &mut uw, &mut up, &activity),
+        pump(&mut ur, &mut cw, &mut down, &activity),
+    );
+    let result = tokio::select! {
+        r = both => r.map(|_| ()),
+        () = activity.idle(idle_timeout) => Err(Abort::Idle),
+    };
+    let idled = matches!(result, Err(Abort::Idle));
+    let reset_both = result.is_err();
+    if reset_both {
+        if let Ok(tcp) = cr.reunite(cw) {
+            reset(tcp);
+        }
+        if let Ok(tcp) = ur.reunite(uw) {
+            reset(tcp);
+        }
+    }
+    SpliceOutcome {
+        tcp_to_quic: up,
+        quic_to_tcp: down,
+        reset: reset_both,
         idle: idled,
     }
 }
