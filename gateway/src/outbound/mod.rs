@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use pool::{PeerKey, Pool, PoolError};
-pub use route::{Candidate, Route, candidates, desired_listeners};
+pub use route::{Candidate, Listeners, Route, candidates, desired_listeners};
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::{
@@ -261,10 +261,17 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut snapshots = shared.snapshots.clone();
     let mut exports = shared.exports.clone();
     let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
+    let mut warned = std::collections::BTreeSet::new();
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let desired = desired_listeners(&snapshot, &shared.local, &shared.vip_range);
+        // Once per VIP while it stays out of range, not at every tick.
+        for vip in desired.outside.difference(&warned) {
+            tracing::warn!(%vip, range = %shared.vip_range, "catalog VIP outside vip_cidr; not listening on it");
+        }
+        warned = desired.outside;
+        let desired = desired.routes;
         shared.pool.retain(catalog_peers(&snapshot));
         exports.borrow_and_update();
         reconcile(&shared, &mut bound, &desired);

@@ -1,8 +1,8 @@
 //! Pure routing decisions: which VIP:port listeners should exist, and where one new client
 //! connection should go. No I/O; table-tested.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use meshup_core::catalog::Snapshot;
@@ -33,23 +33,28 @@ pub enum Candidate {
     },
 }
 
+/// The listeners this cluster's gateways keep.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Listeners {
+    pub routes: BTreeMap<SocketAddr, Route>,
+    /// Catalog VIPs of ours outside `vip_cidr`, left out (the caller logs them once).
+    pub outside: BTreeSet<IpAddr>,
+}
+
 /// The listeners this cluster's gateways keep: every TCP port of every service that has a
 /// VIP allocated for `local`, plus every cluster-pinned VIP of it. Only VIPs inside
 /// `vip_range` (the cluster's `vip_cidr`) are listened on: a catalog record naming any other
 /// address (a narrowed range, a hand-written or hostile record) must never make the gateway
 /// open an unauthenticated proxy on, say, the node's own address.
-pub fn desired_listeners(
-    snapshot: &Snapshot,
-    local: &ClusterName,
-    vip_range: &IpNet,
-) -> BTreeMap<SocketAddr, Route> {
+pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName, vip_range: &IpNet) -> Listeners {
     let mut out = BTreeMap::new();
-    let vip = |target: Option<&ClusterName>, svc: &ServiceKey| {
+    let mut outside = BTreeSet::new();
+    let mut vip = |target: Option<&ClusterName>, svc: &ServiceKey| {
         let v = snapshot.vip(local, svc, target)?;
         if vip_range.contains(&v) {
             Some(v)
         } else {
-            tracing::warn!(vip = %v, service = %svc, range = %vip_range, "catalog VIP outside vip_cidr; not listening on it");
+            outside.insert(v);
             None
         }
     };
@@ -82,7 +87,10 @@ pub fn desired_listeners(
             }
         }
     }
-    out
+    Listeners {
+        routes: out,
+        outside,
+    }
 }
 
 /// Where a new connection for `route` may go, best first. Local endpoints first if this
@@ -208,7 +216,7 @@ mod tests {
             vip(None, [127, 77, 0, 1]),
             vip(Some("west"), [127, 77, 0, 2]),
         ]);
-        let l = desired_listeners(&s, &c("east"), &loopback());
+        let l = desired_listeners(&s, &c("east"), &loopback()).routes;
         let addrs: Vec<String> = l.keys().map(|a| a.to_string()).collect();
         assert_eq!(addrs, ["127.77.0.1:8080", "127.77.0.2:8080"]);
         assert_eq!(
@@ -216,10 +224,16 @@ mod tests {
             Some(c("west"))
         );
         // Another cluster's VIPs are not ours.
-        assert!(desired_listeners(&s, &c("west"), &loopback()).is_empty());
-        // VIPs outside the cluster's range are never listened on.
+        assert_eq!(
+            desired_listeners(&s, &c("west"), &loopback()),
+            Listeners::default()
+        );
+        // VIPs outside the cluster's range are never listened on, and are reported.
         let narrow: IpNet = "10.0.0.0/8".parse().expect("cidr");
-        assert!(desired_listeners(&s, &c("east"), &narrow).is_empty());
+        let l = desired_listeners(&s, &c("east"), &narrow);
+        assert!(l.routes.is_empty());
+        let outside: Vec<String> = l.outside.iter().map(ToString::to_string).collect();
+        assert_eq!(outside, ["127.77.0.1", "127.77.0.2"]);
     }
 
     #[test]
