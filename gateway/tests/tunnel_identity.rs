@@ -309,3 +309,34 @@ async fn rotation_reaches_new_handshakes_and_spares_open_connections() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_inbound_connection_outlives_the_peers_certificate() {
+    within(Duration::from_secs(30), async {
+        let pki = Pki::new();
+        let mut short = LeafSpec::gateway(TD, "east");
+        short.not_after = SystemTime::now() + Duration::from_secs(3);
+        let east = Gateway::start("east", &pki.leaf("east-short", &short), |_| {});
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        // A raw connection, outside east's pool (which would recycle it at half-life): west
+        // itself must close it when the certificate that opened it expires.
+        let conn = east
+            .endpoint
+            .connect(west.addr(), &cluster("west"))
+            .await
+            .expect("connect while valid");
+        let opened = std::time::Instant::now();
+        match conn.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code, tunnel::CLOSE_EXPIRED)
+            }
+            other => panic!("expected the certificate-expired close, got {other:?}"),
+        }
+        let lived = opened.elapsed();
+        assert!(
+            lived <= Duration::from_secs(5),
+            "closed {lived:?} after opening; the certificate expired within 3 s"
+        );
+    })
+    .await;
+}

@@ -326,12 +326,21 @@ async fn serve_connection(
     };
     shared.endpoint.track(&conn);
     let span = tracing::info_span!("inbound", peer = %caller, %remote, serial = %peer.serial);
+    // A connection never outlives the certificate that opened it (RELIABILITY.md 15): a
+    // well-behaved peer recycles at half the lifetime, this is the backstop.
+    let expiry = tokio::time::sleep(until_expiry(peer.not_after, unix_now()));
     async move {
         tracing::debug!("peer connected");
+        tokio::pin!(expiry);
         loop {
             let (send, recv) = tokio::select! {
                 _ = shutdown.cancelled() => {
                     conn.close(tunnel::CLOSE_SHUTDOWN, b"shutdown");
+                    return;
+                }
+                () = &mut expiry => {
+                    tracing::info!("peer certificate expired; closing its connection");
+                    conn.close(tunnel::CLOSE_EXPIRED, b"certificate expired");
                     return;
                 }
                 s = conn.accept_bi() => match s {
@@ -351,6 +360,21 @@ async fn serve_connection(
     }
     .instrument(span)
     .await;
+}
+
+/// Seconds since the Unix epoch, by the wall clock certificates are judged by.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Time until a certificate valid until `not_after` expires, as of `now` (both Unix
+/// seconds): zero once expired, at most [`tunnel::MAX_DURATION`] so a far-off date cannot
+/// overflow a timer.
+pub fn until_expiry(not_after: i64, now: i64) -> Duration {
+    let secs = u64::try_from(not_after.saturating_sub(now)).unwrap_or(0);
+    Duration::from_secs(secs).min(tunnel::MAX_DURATION)
 }
 
 /// The decision for one header: which status to answer, and where to connect if any.
@@ -514,6 +538,15 @@ mod tests {
     }
     fn cluster(s: &str) -> ClusterName {
         ClusterName::new(s).expect("valid")
+    }
+
+    #[test]
+    fn expiry_is_never_negative_and_never_overflows() {
+        assert_eq!(until_expiry(100, 40), Duration::from_secs(60));
+        assert_eq!(until_expiry(100, 100), Duration::ZERO);
+        assert_eq!(until_expiry(100, 500), Duration::ZERO);
+        assert_eq!(until_expiry(i64::MIN, i64::MAX), Duration::ZERO);
+        assert_eq!(until_expiry(i64::MAX, i64::MIN), tunnel::MAX_DURATION);
     }
 
     #[test]

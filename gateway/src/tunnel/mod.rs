@@ -24,7 +24,7 @@ pub use config::{
     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_SOCKET_BUFFER_BYTES, DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_STREAM_WINDOW_BYTES, TunnelConfig,
+    DEFAULT_STREAM_WINDOW_BYTES, MAX_DURATION, TunnelConfig,
 };
 pub(crate) use metrics::ConnectionGuard;
 pub use metrics::{
@@ -44,6 +44,8 @@ pub const CLOSE_DRAINING: VarInt = VarInt::from_u32(0x10);
 pub const CLOSE_RECYCLED: VarInt = VarInt::from_u32(0x11);
 /// Application close code: the gateway shut down without a drain.
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x12);
+/// Application close code: the peer's certificate expired while the connection was open.
+pub const CLOSE_EXPIRED: VarInt = VarInt::from_u32(0x13);
 /// Stream reset/stop code: the TCP connection on the other side was reset (RST).
 pub const RESET_TCP: VarInt = VarInt::from_u32(0x1);
 /// Stream reset/stop code: the stream is abandoned (protocol error, timeout, shutdown).
