@@ -734,6 +734,13 @@ async fn dig_over_udp_and_tcp() -> anyhow::Result<()> {
             let refused = run(&[tcp_flag, "example.com"]).await?;
             assert!(refused.contains("status: REFUSED"), "{refused}");
             assert!(!refused.contains(" ra"), "no RA: {refused}");
+            // The zone is class IN only: CHAOS or HESIOD questions get no IN data.
+            for class in ["CH", "HS"] {
+                let other =
+                    run(&[tcp_flag, "-c", class, "pay.prod.svc.clusterset.local", "A"]).await?;
+                assert!(other.contains("status: REFUSED"), "{class}: {other}");
+                assert!(other.contains("ANSWER: 0"), "{class}: {other}");
+            }
         }
         server.stop().await
     })
