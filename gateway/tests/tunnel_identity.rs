@@ -206,6 +206,19 @@ async fn bad_client_certificates_get_zero_bytes_proxied() {
             .get_or_create(&tunnel::ReasonLabels { reason: "expired" })
             .get();
         assert!(failures >= 1, "expired rejection counted");
+        // A client without a certificate is counted under its own reason, not lumped in
+        // with "handshake".
+        let metrics = west.metrics.clone();
+        eventually(Duration::from_secs(5), "no_client_cert counted", || {
+            let n = metrics
+                .handshake_failures
+                .get_or_create(&tunnel::ReasonLabels {
+                    reason: "no_client_cert",
+                })
+                .get();
+            async move { n == 1 }
+        })
+        .await;
     })
     .await;
 }
