@@ -126,6 +126,20 @@ impl EtcdStore {
         .await
         .map_err(|_| StoreError::Timeout(request_timeout))?
         .map_err(map_err)?;
+        if options.tls.is_some() {
+            // The client connects lazily. A certificate problem would otherwise surface only
+            // as endless retries, so ask once now: a TLS rejection is a configuration error
+            // worth failing start-up for; an unreachable etcd is not (the watcher waits).
+            let mut maintenance = client.maintenance_client();
+            if let Ok(Err(e)) = tokio::time::timeout(request_timeout, maintenance.status()).await
+                && let Some(reason) = tls_rejection(&e)
+            {
+                return Err(StoreError::Config(format!(
+                    "TLS to etcd at {:?} failed: {reason} (check catalog.tls: ca, cert, key)",
+                    options.endpoints
+                )));
+            }
+        }
         Ok(Self {
             client,
             request_timeout,
@@ -172,6 +186,31 @@ impl EtcdStore {
 }
 
 /// Maps etcd-client errors onto the seam's error kinds by gRPC code and etcd's messages.
+/// The TLS error behind a failed request, if the failure was a TLS handshake: the rustls
+/// error anywhere in the source chain (tokio-rustls wraps it in an `io::Error`; etcd-client
+/// keeps the transport error inside the gRPC status).
+fn tls_rejection(e: &etcd_client::Error) -> Option<String> {
+    let start: &(dyn std::error::Error + 'static) = match e {
+        etcd_client::Error::GRpcStatus(status) => status,
+        other => other,
+    };
+    let mut current = Some(start);
+    while let Some(err) = current {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        current = err.source();
+    }
+    None
+}
+
 fn map_err(e: etcd_client::Error) -> StoreError {
     use tonic::Code;
     // The keep-alive path reports a missing lease as a plain error string.

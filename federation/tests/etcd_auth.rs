@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use meshup_core::model::{AddressRules, encode};
+use meshup_core::model::encode;
 use meshup_federation::config::{Backend, CatalogConfig};
 use meshup_federation::etcd::{EtcdOptions, EtcdStore};
-use meshup_federation::publisher::Publisher;
 use meshup_federation::store::{self, Store, StoreError};
-use meshup_federation::watcher::{self, Watcher};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,18 +74,8 @@ async fn gateways_write_only_under_their_own_cluster() {
             .expect("east connects with its credentials");
         assert_eq!(config.layout().expect("layout"), layout());
         let cancel = CancellationToken::new();
-        let publisher = Publisher::new(east.clone(), layout(), gateway("east", "gw-0"))
-            .with_exports([(service("pay.prod"), export(8080, 1))])
-            .with_config(publisher_config(3))
-            .spawn(cancel.child_token());
-        let view = Watcher::spawn(
-            east.clone(),
-            layout(),
-            AddressRules::default(),
-            watcher_config(),
-            watcher::Metrics::default(),
-            cancel.child_token(),
-        );
+        let publisher = publish_pay(east.clone(), "east", 3, &cancel);
+        let view = watch_catalog(east.clone(), &cancel);
         let mut snaps = view.snapshots();
         let ok = tokio::time::timeout(
             Duration::from_secs(10),

@@ -29,10 +29,7 @@ async fn etcd_killed_for_30s_then_restarted() {
             .with_exports([(service("pay.prod"), export(8080, 1))])
             .with_config(publisher_config(ttl))
             .spawn(cancel.child_token());
-        let west = Publisher::new(store.clone(), layout(), gateway("west", "gw-0"))
-            .with_exports([(service("pay.prod"), export(8080, 1))])
-            .with_config(publisher_config(ttl))
-            .spawn(cancel.child_token());
+        let west = publish_pay(store.clone(), "west", ttl, &cancel);
         let metrics = watcher::Metrics::default();
         let view = Watcher::spawn(
             store.clone(),
@@ -152,14 +149,7 @@ async fn a_hung_etcd_is_detected_as_a_stalled_watch() {
     let store = fixture.store();
     within(Duration::from_secs(60), async {
         let cancel = CancellationToken::new();
-        let view = Watcher::spawn(
-            store.clone(),
-            layout(),
-            AddressRules::default(),
-            watcher_config(),
-            watcher::Metrics::default(),
-            cancel.child_token(),
-        );
+        let view = watch_catalog(store.clone(), &cancel);
         assert!(view.wait_synced().await);
         server.pause();
         let mut status = view.status();

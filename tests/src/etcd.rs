@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use super::tls::Pki;
+
 /// Longest time `start()`/`restart()` wait for etcd to report healthy.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Times `start()` retries with fresh ports when another process took one in between.
@@ -37,6 +39,9 @@ pub struct EtcdServer {
     log_path: PathBuf,
     /// Extra etcd flags, applied again on every restart.
     extra_args: Vec<String>,
+    /// With TLS: the PKI (client URLs are `https://`, client certificates required) and
+    /// the plain-HTTP metrics port `/health` is polled on.
+    tls: Option<(Pki, u16)>,
 }
 
 impl EtcdServer {
@@ -50,10 +55,21 @@ impl EtcdServer {
     /// Like [`EtcdServer::start`], with extra etcd flags (kept across restarts), e.g.
     /// `--experimental-watch-progress-notify-interval=500ms`.
     pub fn start_with_args(extra_args: &[&str]) -> Self {
+        Self::start_inner(extra_args, false)
+    }
+
+    /// An etcd that serves clients only over TLS and requires a client certificate signed
+    /// by its CA (`--client-cert-auth`). [`EtcdServer::tls`] has the CA and a client
+    /// certificate; [`EtcdServer::endpoint`] is `https://`.
+    pub fn start_tls() -> Self {
+        Self::start_inner(&[], true)
+    }
+
+    fn start_inner(extra_args: &[&str], tls: bool) -> Self {
         require_binary("etcd");
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(extra_args) {
+            match Self::try_start(extra_args, tls) {
                 Ok(server) => return server,
                 Err(e) => last_error = Some(e),
             }
@@ -61,13 +77,20 @@ impl EtcdServer {
         panic!("etcd did not start after {START_ATTEMPTS} attempts: {last_error:?}");
     }
 
-    fn try_start(extra_args: &[&str]) -> anyhow::Result<Self> {
+    fn try_start(extra_args: &[&str], tls: bool) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("meshup-etcd-")
             .tempdir()
             .context("creating etcd data dir")?;
         let log_path = data_dir.path().join("etcd.log");
         let (client_port, peer_port) = (free_port()?, free_port()?);
+        let tls = if tls {
+            let dir = data_dir.path().join("pki");
+            std::fs::create_dir_all(&dir).context("creating the etcd PKI dir")?;
+            Some((Pki::generate(&dir)?, free_port()?))
+        } else {
+            None
+        };
         let mut server = Self {
             child: None,
             client_port,
@@ -75,6 +98,7 @@ impl EtcdServer {
             data_dir,
             log_path,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            tls,
         };
         server.spawn()?;
         if let Err(e) = server.wait_healthy() {
@@ -84,9 +108,15 @@ impl EtcdServer {
         Ok(server)
     }
 
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The CA and client certificate of a TLS etcd ([`EtcdServer::start_tls`]).
+    pub fn tls(&self) -> Option<&Pki> {
+        self.tls.as_ref().map(|(pki, _)| pki)
     }
 
     /// The client address.
@@ -230,7 +260,7 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = File::options()
             .create(true)
@@ -252,6 +282,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-level=warn")
+            .args(self.tls_args())
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -260,6 +291,27 @@ impl EtcdServer {
             .context("spawning etcd")?;
         self.child = Some(child);
         Ok(())
+    }
+
+    fn tls_args(&self) -> Vec<String> {
+        let Some((pki, metrics_port)) = &self.tls else {
+            return Vec::new();
+        };
+        vec![
+            format!("--cert-file={}", pki.server_cert.display()),
+            format!("--key-file={}", pki.server_key.display()),
+            format!("--trusted-ca-file={}", pki.ca.display()),
+            "--client-cert-auth".to_owned(),
+            format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"),
+        ]
+    }
+
+    /// Where plain-HTTP `/health` answers: the client port, or the metrics port with TLS.
+    fn health_addr(&self) -> SocketAddr {
+        match &self.tls {
+            Some((_, port)) => SocketAddr::from(([127, 0, 0, 1], *port)),
+            None => self.client_addr(),
+        }
     }
 
     /// Polls `GET /health` until it says `true`. No sleeping on guesses.
@@ -274,7 +326,7 @@ impl EtcdServer {
                     self.log_tail()
                 );
             }
-            if health(self.client_addr()).unwrap_or(false) {
+            if health(self.health_addr()).unwrap_or(false) {
                 return Ok(());
             }
             if Instant::now() >= deadline {

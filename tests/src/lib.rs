@@ -1,9 +1,10 @@
-//! Test harness shared by the integration tests: a real etcd server, the `meshup` binary,
-//! free loopback ports and polling helpers.
+//! Test harness shared by the integration tests: a real etcd server (plain or TLS), the
+//! `meshup` binary, free loopback ports, polling helpers and a throw-away TLS PKI.
 
 pub mod etcd;
 pub mod eventually;
 pub mod meshup;
+pub mod tls;
 
 pub use etcd::{EtcdServer, free_port};
 pub use eventually::{assert_eventually, eventually_ok};

@@ -14,6 +14,10 @@
 #[path = "../../../tests/src/etcd.rs"]
 #[allow(dead_code)]
 mod etcd_server;
+// The harness's TLS mode needs it; the benchmark runs etcd without TLS.
+#[path = "../../../tests/src/tls.rs"]
+#[allow(dead_code)]
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

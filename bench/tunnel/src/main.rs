@@ -11,7 +11,6 @@
 //! `report` prints the tables.
 
 mod backend;
-mod certs;
 mod cpu;
 mod dns_query;
 mod load;
@@ -28,9 +27,9 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use crate::backend::Backend;
-use crate::certs::Pki;
 use crate::peers::Contender;
 use crate::report::{Figure, Measure, Report};
+use meshup_tests::tls::Pki;
 
 /// Side-by-side data-path benchmark of meshup against stunnel and nginx mTLS pairs.
 #[derive(Debug, Parser)]

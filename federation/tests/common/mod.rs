@@ -9,6 +9,8 @@
 pub mod etcd;
 #[path = "../../../tests/src/eventually.rs"]
 pub mod eventually;
+#[path = "../../../tests/src/tls.rs"]
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use meshup_federation::store::{
 };
 use meshup_federation::watcher::WatcherConfig;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 pub use etcd::EtcdServer;
 #[allow(unused_imports)]
@@ -125,6 +128,34 @@ pub fn watcher_config() -> WatcherConfig {
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(500),
     }
+}
+
+/// A watcher of the whole catalog on `store` with the test settings, stopped by `cancel`.
+pub fn watch_catalog(
+    store: Arc<dyn Store>,
+    cancel: &CancellationToken,
+) -> meshup_federation::watcher::Watcher {
+    meshup_federation::watcher::Watcher::spawn(
+        store,
+        layout(),
+        meshup_core::model::AddressRules::default(),
+        watcher_config(),
+        meshup_federation::watcher::Metrics::default(),
+        cancel.child_token(),
+    )
+}
+
+/// `cluster`'s gateway `gw-0` publishing `pay.prod:8080` with one endpoint on `store`.
+pub fn publish_pay(
+    store: Arc<dyn Store>,
+    cluster: &str,
+    ttl_secs: u64,
+    cancel: &CancellationToken,
+) -> meshup_federation::publisher::PublisherHandle {
+    meshup_federation::publisher::Publisher::new(store, layout(), gateway(cluster, "gw-0"))
+        .with_exports([(service("pay.prod"), export(8080, 1))])
+        .with_config(publisher_config(ttl_secs))
+        .spawn(cancel.child_token())
 }
 
 pub fn publisher_config(ttl_secs: u64) -> PublisherConfig {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{Contender, Kind};
-use crate::certs::{Pki, SERVER_NAME};
 use crate::procs::{ChildGuard, find_program, free_port};
+use meshup_tests::tls::{Pki, SERVER_NAME};
 
 /// Starts nginx in `dir` and returns the contender once the plain end listens.
 pub fn start(dir: &Path, pki: &Pki, backend: SocketAddr) -> Result<Contender> {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{Contender, Kind};
-use crate::certs::{Pki, SERVER_NAME};
 use crate::procs::{ChildGuard, find_program, free_port};
+use meshup_tests::tls::{Pki, SERVER_NAME};
 
 /// Starts both stunnel processes in `dir` and returns the contender once both listen.
 pub fn start(dir: &Path, pki: &Pki, backend: SocketAddr) -> Result<Contender> {

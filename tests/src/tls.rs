@@ -1,7 +1,8 @@
-//! A throw-away PKI for the stunnel and nginx pairs: one CA, a server certificate for
+//! A throw-away PKI for plain TLS peers (etcd with client-certificate auth in tests; the
+//! stunnel and nginx pairs in the tunnel benchmark): one CA, a server certificate for
 //! `localhost`/127.0.0.1 and a client certificate, written as PEM files.
 //!
-//! The meshup pair makes its own certificates with `meshup certs`, as an operator would.
+//! Gateways make their own SPIFFE certificates with `meshup certs`, as an operator would.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,7 @@ use rcgen::{
 /// The DNS name in the server certificate, which the client side of each pair verifies.
 pub const SERVER_NAME: &str = "localhost";
 
-/// Paths of the PEM files of the benchmark PKI.
+/// Paths of the PEM files of the PKI.
 #[derive(Debug, Clone)]
 pub struct Pki {
     pub ca: PathBuf,
@@ -33,7 +34,7 @@ impl Pki {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params
             .distinguished_name
-            .push(DnType::CommonName, "meshup bench CA");
+            .push(DnType::CommonName, "meshup test CA");
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
             KeyUsagePurpose::CrlSign,
@@ -52,18 +53,22 @@ impl Pki {
             .distinguished_name
             .push(DnType::CommonName, SERVER_NAME);
         server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // ClientAuth too: etcd's own HTTP gateway dials its gRPC port with this certificate.
+        server_params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         server_params.use_authority_key_identifier_extension = true;
         let server_cert = server_params
             .signed_by(&server_key, &issuer)
             .context("sign server certificate")?;
 
         let client_key = KeyPair::generate().context("generate client key")?;
-        let mut client_params = CertificateParams::new(vec!["client.bench.local".to_owned()])
+        let mut client_params = CertificateParams::new(vec!["client.meshup.test".to_owned()])
             .context("client params")?;
         client_params
             .distinguished_name
-            .push(DnType::CommonName, "bench client");
+            .push(DnType::CommonName, "meshup test client");
         client_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         client_params.use_authority_key_identifier_extension = true;
