@@ -46,18 +46,19 @@ pub const VIP_GRACE: Duration = Duration::from_secs(300);
 /// How long the final stop waits for background tasks after the drain.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the gateway could not start. Each variant names the part that failed.
+/// Why the gateway could not start. Each variant names the part that failed; the cause is
+/// the error's source (print with `{:#}` for the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("identity: {0}")]
+    #[error("identity")]
     Identity(#[from] crate::identity::IdentityError),
-    #[error("QUIC endpoint: {0}")]
+    #[error("QUIC endpoint")]
     Tunnel(#[from] tunnel::BindError),
-    #[error("catalog store: {0}")]
+    #[error("catalog store")]
     Catalog(#[from] meshup_federation::config::ConfigError),
-    #[error("DNS server: {0}")]
+    #[error("DNS server")]
     Dns(#[from] meshup_dns::DnsError),
-    #[error("admin server: {0}")]
+    #[error("admin server")]
     Admin(#[from] crate::admin::AdminError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),

@@ -109,6 +109,8 @@ impl GatewayProcess {
                 "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
             ));
         }
+        // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
+        // UDP port probed free over TCP may already be taken by another test's socket.
         let config = format!(
             r#"cluster: {cluster}
 gateway_id: {cluster}-0
@@ -121,13 +123,13 @@ catalog:
   allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
 tunnel:
-  listen: 127.0.0.1:{quic}
+  listen: 127.0.0.1:0
   cert: {certs}/cert.pem
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
 dns:
-  listen: 127.0.0.1:{dns}
+  listen: 127.0.0.1:0
 admin:
   http: {admin}
 exports:
@@ -137,10 +139,8 @@ exports:
             prefix = spec.prefix,
             ttl = LEASE_TTL.as_secs(),
             vip_cidr = spec.vip_cidr,
-            quic = port(),
             certs = certs.display(),
             drain = spec.drain_deadline.as_millis(),
-            dns = port(),
             exports = if exports.is_empty() {
                 "  []\n".to_string()
             } else {

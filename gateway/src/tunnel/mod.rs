@@ -58,7 +58,7 @@ pub enum BindError {
     Config(#[from] ConfigError),
     #[error("cannot build TLS config: {0}")]
     Tls(String),
-    #[error("cannot bind QUIC endpoint on udp {addr}: {source} (is another gateway running?)")]
+    #[error("cannot bind QUIC endpoint on udp {addr} (is another gateway running?)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
