@@ -350,6 +350,13 @@ async fn killed_gateway_records_leave_the_catalog_within_ttl_plus_one_second() {
         },
     )
     .await;
+    // The VIP is allocated asynchronously after start: wait for it, so the check below
+    // that it survives the kill is about survival, not about timing.
+    eventually_ok("west's VIP allocated", Duration::from_secs(10), || async {
+        let vips = keys_under(&etcd, "/lease/v1/vips/west/");
+        if vips.is_empty() { Err(vips) } else { Ok(vips) }
+    })
+    .await;
 
     west.signal("-KILL");
     let killed = Instant::now();
