@@ -579,9 +579,10 @@ async fn open_tunnel(
                 },
             }
         }
-        decode_status(&status).map_err(|e| AttemptError::Answer(e.to_string()))
+        let status = decode_status(&status).map_err(|e| AttemptError::Answer(e.to_string()))?;
+        Ok((status, sending))
     };
-    let status = match tokio::time::timeout(timeout, exchange).await {
+    let (status, sent_all) = match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             let _ = send.reset(RESET_ABORT);
@@ -598,6 +599,15 @@ async fn open_tunnel(
         let _ = send.reset(RESET_ABORT);
         let _ = recv.stop(RESET_ABORT);
         return Err(AttemptError::Refused(status));
+    }
+    if !sent_all {
+        // Accepted, yet some early bytes did not go out: the stream is broken, and the
+        // peer may already have passed the rest on, so this ends without a retry.
+        let _ = send.reset(RESET_ABORT);
+        let _ = recv.stop(RESET_ABORT);
+        return Err(AttemptError::Answer(
+            "the stream failed while sending the client's first bytes".into(),
+        ));
     }
     if early.eof {
         // The client's FIN came before the answer: pass it on now (splice reads EOF again
