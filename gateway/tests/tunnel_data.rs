@@ -142,58 +142,48 @@ async fn half_close_is_carried_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_is_carried_across_both_ways() {
     within(Duration::from_secs(30), async {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::io::ErrorKind>();
-        // Backend: echo one message, then wait for more and report how reading ended.
-        let backend = Backend::start(move |mut s| {
-            let tx = tx.clone();
-            async move {
-                let mut buf = [0u8; 5];
-                if s.read_exact(&mut buf).await.is_err() {
-                    return;
-                }
-                if buf == *b"reset" {
-                    // Server-side RST: zero linger and close.
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                    drop(s);
-                    return;
-                }
-                let _ = s.write_all(&buf).await;
-                let mut rest = [0u8; 16];
-                let kind = match s.read(&mut rest).await {
-                    Ok(0) => std::io::ErrorKind::UnexpectedEof, // clean FIN
-                    Ok(_) => std::io::ErrorKind::InvalidData,
-                    Err(e) => e.kind(),
-                };
-                let _ = tx.send(kind);
-            }
-        })
-        .await;
+        let (backend, mut reports) = Backend::reset_probe().await;
         let (_pki, _east, _west, vip) = pair(&backend).await;
-
-        // Client RST → backend sees a reset, not a FIN.
-        let mut c = dial(vip).await.expect("connect");
-        assert_eq!(ping(&mut c, b"hello").await.expect("echo"), b"hello");
-        socket2::SockRef::from(&c)
-            .set_linger(Some(Duration::ZERO))
-            .expect("linger");
-        drop(c);
-        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("backend noticed within 5 s")
-            .expect("report");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
-
-        // Backend RST → client sees a reset, not a clean EOF.
-        let mut c = dial(vip).await.expect("connect");
-        c.write_all(b"reset").await.expect("write");
-        let mut buf = [0u8; 16];
-        let res = c.read(&mut buf).await;
-        assert!(
-            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "client should see a reset, got {res:?}"
-        );
+        resets_cross_both_ways(vip, &mut reports).await;
     })
     .await;
+}
+
+/// How the backend's read ended after its echo, within 5 s.
+async fn backend_saw(
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::ErrorKind>,
+) -> std::io::ErrorKind {
+    tokio::time::timeout(Duration::from_secs(5), reports.recv())
+        .await
+        .expect("backend noticed within 5 s")
+        .expect("report")
+}
+
+/// Through `vip` to a [`Backend::reset_probe`]: a client RST reaches the backend as a reset,
+/// not a FIN, and a backend RST reaches the client as a reset, not a clean EOF.
+async fn resets_cross_both_ways(
+    vip: std::net::IpAddr,
+    reports: &mut tokio::sync::mpsc::UnboundedReceiver<std::io::ErrorKind>,
+) {
+    let mut c = dial(vip).await.expect("connect");
+    assert_eq!(ping(&mut c, b"hello").await.expect("echo"), b"hello");
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(c);
+    assert_eq!(
+        backend_saw(reports).await,
+        std::io::ErrorKind::ConnectionReset
+    );
+
+    let mut c = dial(vip).await.expect("connect");
+    c.write_all(b"reset").await.expect("write");
+    let mut buf = [0u8; 16];
+    let res = c.read(&mut buf).await;
+    assert!(
+        matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client should see a reset, got {res:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,40 +313,7 @@ async fn local(backend: &Backend, idle: Duration) -> (Pki, Gateway, std::net::Ip
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_path_carries_half_close_and_resets_and_times_out_idle_connections() {
     within(Duration::from_secs(30), async {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::io::ErrorKind>();
-        // Backend: "count" reads to EOF and answers the length; "reset" resets; anything
-        // else is echoed, then it reports how its next read ended.
-        let backend = Backend::start(move |mut s| {
-            let tx = tx.clone();
-            async move {
-                let mut cmd = [0u8; 5];
-                if s.read_exact(&mut cmd).await.is_err() {
-                    return;
-                }
-                match &cmd {
-                    b"count" => {
-                        let mut got = Vec::new();
-                        if s.read_to_end(&mut got).await.is_ok() {
-                            let _ = s.write_all(format!("got {}", got.len()).as_bytes()).await;
-                        }
-                    }
-                    b"reset" => {
-                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                    }
-                    _ => {
-                        let _ = s.write_all(&cmd).await;
-                        let mut rest = [0u8; 16];
-                        let kind = match s.read(&mut rest).await {
-                            Ok(0) => std::io::ErrorKind::UnexpectedEof,
-                            Ok(_) => std::io::ErrorKind::InvalidData,
-                            Err(e) => e.kind(),
-                        };
-                        let _ = tx.send(kind);
-                    }
-                }
-            }
-        })
-        .await;
+        let (backend, mut reports) = Backend::reset_probe().await;
         let idle = Duration::from_millis(500);
         let (_pki, east, vip) = local(&backend, idle).await;
 
@@ -371,44 +328,23 @@ async fn local_path_carries_half_close_and_resets_and_times_out_idle_connections
             .expect("answer after our FIN");
         assert_eq!(answer, "got 100000");
 
-        // Client RST → the backend sees a reset, not a FIN.
-        let mut c = dial(vip).await.expect("connect");
-        assert_eq!(ping(&mut c, b"hello").await.expect("echo"), b"hello");
-        socket2::SockRef::from(&c)
-            .set_linger(Some(Duration::ZERO))
-            .expect("linger");
-        drop(c);
-        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("backend noticed within 5 s")
-            .expect("report");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
-
-        // Backend RST → the client sees a reset.
-        let mut c = dial(vip).await.expect("connect");
-        c.write_all(b"reset").await.expect("write");
-        let mut buf = [0u8; 16];
-        let res = c.read(&mut buf).await;
-        assert!(
-            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "client should see a reset, got {res:?}"
-        );
+        resets_cross_both_ways(vip, &mut reports).await;
 
         // Nothing moving for the idle timeout: both sides are reset.
         let mut c = dial(vip).await.expect("connect");
         assert_eq!(ping(&mut c, b"quiet").await.expect("echo"), b"quiet");
         let started = std::time::Instant::now();
+        let mut buf = [0u8; 16];
         let res = c.read(&mut buf).await;
         assert!(
             matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "idle client should see a reset, got {res:?}"
         );
         assert!(started.elapsed() >= idle, "reset before the idle timeout");
-        let kind = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("backend noticed within 5 s")
-            .expect("report");
-        assert_eq!(kind, std::io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            backend_saw(&mut reports).await,
+            std::io::ErrorKind::ConnectionReset
+        );
         // Every one of these went to the local endpoint: no QUIC dial at all.
         assert_eq!(east.proxy.dials(), 0);
     })

@@ -190,6 +190,25 @@ async fn drain_refuses_new_work_lets_streams_finish_and_closes_with_draining() {
     .await;
 }
 
+/// East's catalog with north and west both exporting `pay.prod` (north first in line),
+/// plus `vips`.
+fn north_then_west(
+    north: std::net::SocketAddr,
+    west: std::net::SocketAddr,
+    vips: impl IntoIterator<Item = meshup_core::catalog::Change>,
+) -> std::sync::Arc<meshup_core::catalog::Snapshot> {
+    snapshot(
+        [
+            gateway_record("north", "n1", north, false),
+            gateway_record("west", "w1", west, false),
+            export_record("north", "n1", 1),
+            export_record("west", "w1", 1),
+        ]
+        .into_iter()
+        .chain(vips),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_candidate_fails_over_before_any_byte_and_pinned_vip_stays_pinned() {
     within(Duration::from_secs(30), async {
@@ -204,14 +223,14 @@ async fn refused_candidate_fails_over_before_any_byte_and_pinned_vip_stays_pinne
         west.export(west_backend.addr, &[]);
         let vip = next_vip();
         let pinned = next_vip();
-        east.snapshots.send_replace(snapshot([
-            gateway_record("north", "n1", north.addr(), false),
-            gateway_record("west", "w1", west.addr(), false),
-            export_record("north", "n1", 1),
-            export_record("west", "w1", 1),
-            vip_record("east", None, vip),
-            vip_record("east", Some("north"), pinned),
-        ]));
+        east.snapshots.send_replace(north_then_west(
+            north.addr(),
+            west.addr(),
+            [
+                vip_record("east", None, vip),
+                vip_record("east", Some("north"), pinned),
+            ],
+        ));
         east.wait_listening(vip).await;
         east.wait_listening(pinned).await;
 
@@ -243,13 +262,11 @@ async fn bytes_sent_before_the_answer_survive_a_refusal_exactly_once() {
         north.export(north_backend.addr, &["south"]);
         west.export(west_backend.addr, &[]);
         let vip = next_vip();
-        east.snapshots.send_replace(snapshot([
-            gateway_record("north", "n1", north.addr(), false),
-            gateway_record("west", "w1", west.addr(), false),
-            export_record("north", "n1", 1),
-            export_record("west", "w1", 1),
-            vip_record("east", None, vip),
-        ]));
+        east.snapshots.send_replace(north_then_west(
+            north.addr(),
+            west.addr(),
+            [vip_record("east", None, vip)],
+        ));
         east.wait_listening(vip).await;
 
         // The client writes more than the early-data allowance and half-closes at once,
@@ -319,13 +336,7 @@ async fn an_answer_lost_after_client_bytes_went_out_is_never_replayed() {
         west.export(west_backend.addr, &[]);
         // North comes first among the candidates, takes the stream and vanishes unanswered.
         let via = |north: std::net::SocketAddr, vip| {
-            snapshot([
-                gateway_record("north", "n1", north, false),
-                gateway_record("west", "w1", west.addr(), false),
-                export_record("north", "n1", 1),
-                export_record("west", "w1", 1),
-                vip_record("east", None, vip),
-            ])
+            north_then_west(north, west.addr(), [vip_record("east", None, vip)])
         };
 
         // Nothing of the client's went out before the loss: the connection moves to west.

@@ -311,6 +311,50 @@ impl Backend {
         .await
     }
 
+    /// A backend for half-close and reset checks, by the first 5 bytes of a connection:
+    /// `count` reads to EOF and answers `got <n>`; `reset` closes with an RST; anything else
+    /// is echoed, then how the next read ended (a FIN is `UnexpectedEof`, data
+    /// `InvalidData`, else the error kind) goes to the receiver.
+    pub async fn reset_probe() -> (
+        Self,
+        tokio::sync::mpsc::UnboundedReceiver<std::io::ErrorKind>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let backend = Self::start(move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let mut cmd = [0u8; 5];
+                if s.read_exact(&mut cmd).await.is_err() {
+                    return;
+                }
+                match &cmd {
+                    b"count" => {
+                        let mut got = Vec::new();
+                        if s.read_to_end(&mut got).await.is_ok() {
+                            let _ = s.write_all(format!("got {}", got.len()).as_bytes()).await;
+                        }
+                    }
+                    b"reset" => {
+                        // Zero linger: dropping the socket sends an RST.
+                        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    }
+                    _ => {
+                        let _ = s.write_all(&cmd).await;
+                        let mut rest = [0u8; 16];
+                        let kind = match s.read(&mut rest).await {
+                            Ok(0) => std::io::ErrorKind::UnexpectedEof,
+                            Ok(_) => std::io::ErrorKind::InvalidData,
+                            Err(e) => e.kind(),
+                        };
+                        let _ = tx.send(kind);
+                    }
+                }
+            }
+        })
+        .await;
+        (backend, rx)
+    }
+
     /// Hashes everything until EOF, then answers the 32-byte SHA-256 and closes.
     pub async fn sha256_sink() -> Self {
         Self::start(|mut s| async move {
