@@ -262,6 +262,7 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut exports = shared.exports.clone();
     let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
     let mut warned = std::collections::BTreeSet::new();
+    let mut pruned: Option<Arc<Snapshot>> = None;
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
@@ -272,7 +273,11 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         }
         warned = desired.outside;
         let desired = desired.routes;
-        shared.pool.retain(catalog_peers(&snapshot));
+        // The peer set changes only with the catalog, not at every tick.
+        if pruned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &snapshot)) {
+            shared.pool.retain(catalog_peers(&snapshot));
+            pruned = Some(snapshot);
+        }
         exports.borrow_and_update();
         reconcile(&shared, &mut bound, &desired);
         tokio::select! {
