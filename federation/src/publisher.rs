@@ -628,19 +628,61 @@ mod tests {
     }
 
     #[test]
-    fn batches_respect_limits() {
-        let ops: Vec<TxnOp> = (0..150)
-            .map(|i| TxnOp::Put {
-                key: Bytes::from(format!("k{i}")),
-                value: Bytes::from(vec![0u8; 30_000]),
+    fn batches_respect_limits_exactly() {
+        fn put(i: usize, value_len: usize) -> TxnOp {
+            TxnOp::Put {
+                key: Bytes::from(format!("k{i:03}")), // 4 bytes
+                value: Bytes::from(vec![0u8; value_len]),
                 lease: 1,
-            })
-            .collect();
-        let b = batches(ops);
-        assert!(
-            b.iter()
-                .all(|b| b.len() <= MAX_TXN_OPS && b.len() * 30_000 <= MAX_TXN_BYTES + 30_000)
-        );
-        assert_eq!(b.iter().map(Vec::len).sum::<usize>(), 150);
+            }
+        }
+        fn size(op: &TxnOp) -> usize {
+            match op {
+                TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                TxnOp::Delete { key } | TxnOp::Get { key } => key.len(),
+            }
+        }
+        // (ops, expected batch sizes)
+        let per_mib = MAX_TXN_BYTES / 30_004; // 30,000-byte values: 34 fit in 1 MiB
+        let cases: Vec<(Vec<TxnOp>, Vec<usize>)> = vec![
+            // The byte cap binds: 34 ops of 30,004 bytes fill a batch, the 35th starts one.
+            (
+                (0..150).map(|i| put(i, 30_000)).collect(),
+                vec![per_mib, per_mib, per_mib, per_mib, 150 - 4 * per_mib],
+            ),
+            // The op cap binds: 64 small ops, then the rest.
+            ((0..150).map(|i| put(i, 10)).collect(), vec![64, 64, 22]),
+            // Exactly at the byte cap: one batch; one byte more: two.
+            (
+                vec![put(0, MAX_TXN_BYTES / 2 - 4), put(1, MAX_TXN_BYTES / 2 - 4)],
+                vec![2],
+            ),
+            (
+                vec![put(0, MAX_TXN_BYTES / 2 - 4), put(1, MAX_TXN_BYTES / 2 - 3)],
+                vec![1, 1],
+            ),
+            // An op larger than the cap on its own still goes out, alone.
+            (
+                vec![put(0, 10), put(1, MAX_TXN_BYTES), put(2, 10)],
+                vec![1, 1, 1],
+            ),
+            (Vec::new(), Vec::new()),
+        ];
+        for (n, (ops, want)) in cases.into_iter().enumerate() {
+            let total = ops.len();
+            let b = batches(ops);
+            let got: Vec<usize> = b.iter().map(Vec::len).collect();
+            assert_eq!(got, want, "case {n}");
+            assert_eq!(got.iter().sum::<usize>(), total, "case {n}: ops lost");
+            for batch in &b {
+                let bytes: usize = batch.iter().map(size).sum();
+                assert!(batch.len() <= MAX_TXN_OPS, "case {n}: {} ops", batch.len());
+                assert!(
+                    bytes <= MAX_TXN_BYTES || batch.len() == 1,
+                    "case {n}: {bytes} bytes in {} ops",
+                    batch.len()
+                );
+            }
+        }
     }
 }

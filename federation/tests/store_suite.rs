@@ -235,7 +235,29 @@ async fn bookmarks_never_run_ahead_of_events(f: Fixture) {
                 other => panic!("unexpected watch item: {other:?}"),
             }
         }
-        eprintln!("{bookmarks} bookmarks during the replay, none ahead of it");
+        // Bookmarks flow at all: once caught up, one arrives (etcd's periodic notification,
+        // every 500 ms in the test harness; the embedded store answers the request), and it
+        // covers everything delivered. Without this the loop above could pass on a store
+        // that never sends a bookmark.
+        w.request_progress();
+        let caught_up = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match w.next().await {
+                    Some(Ok(WatchItem::Progress { revision })) => return revision,
+                    Some(Ok(WatchItem::Alive)) => w.request_progress(),
+                    other => panic!("unexpected watch item after the replay: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a bookmark once the watch caught up");
+        assert!(
+            caught_up >= last,
+            "bookmark at {caught_up} behind the delivered {last}"
+        );
+        eprintln!(
+            "{bookmarks} bookmarks during the replay, none ahead of it; then one at {caught_up}"
+        );
     })
     .await;
 }

@@ -453,6 +453,20 @@ exports:
     }
 
     #[test]
+    fn redaction_hides_every_password_value_but_keeps_file_paths() {
+        let mut value: serde_norway::Value = serde_norway::from_str(
+            "catalog:\n  password: hunter2\n  password_file: /etc/pw\n  nested: [{etcd_password: x}]\n",
+        )
+        .expect("yaml");
+        redact(&mut value);
+        let text = serde_norway::to_string(&value).expect("render");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("password: <redacted>"), "{text}");
+        assert!(text.contains("etcd_password: <redacted>"), "{text}");
+        assert!(text.contains("password_file: /etc/pw"), "{text}");
+    }
+
+    #[test]
     fn environment_overrides_apply_and_are_checked() {
         let mut c = sample();
         let env: HashMap<&'static str, String> = HashMap::from([

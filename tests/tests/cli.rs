@@ -9,9 +9,14 @@ use std::time::{Duration, Instant};
 
 /// Runs meshup with a hard timeout; returns (success, stdout, stderr).
 fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
+    run_with_env(args, &[], timeout)
+}
+
+fn run_with_env(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (bool, String, String) {
     let mut child = Command::new(meshup_bin())
         .args(args)
         .env("MESHUP_LOG", "warn")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -37,37 +42,106 @@ fn run(args: &[&str], timeout: Duration) -> (bool, String, String) {
 fn demo_federates_three_clusters_and_routes_across_them() {
     let (ok, out, err) = run(&["demo", "--check"], Duration::from_secs(90));
     assert!(ok, "demo --check failed:\n{out}\n{err}");
-    // Every cluster printed with its status page, and the checks went where they should:
-    // hello.demo served locally by east, pay.prod tunnelled to a remote cluster, ledger.prod
-    // refused because only west may call it.
+    // Each cluster has its row in the table: name, status page, DNS and QUIC addresses.
     for cluster in ["east", "west", "north"] {
-        assert!(out.contains(cluster), "{cluster} missing:\n{out}");
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{cluster} ")))
+            .unwrap_or_else(|| panic!("no table row for {cluster}:\n{out}"));
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields.len(), 4, "{row}");
+        assert!(fields[1].starts_with("http://127.0.0.1:"), "{row}");
+        for addr in &fields[2..] {
+            addr.parse::<std::net::SocketAddr>()
+                .unwrap_or_else(|e| panic!("{addr} in {row}: {e}"));
+        }
     }
+    // The checks went where they should: hello.demo served locally by east, pay.prod
+    // tunnelled to a remote exporter, ledger.prod refused by north's authorization (the demo
+    // itself checks the reset and north's `forbidden` counter, and fails otherwise).
+    assert!(out.contains("check hello.demo: served by east\n"), "{out}");
     assert!(
-        out.contains("hello from hello.demo in cluster east"),
-        "{out}"
-    );
-    let pay = out
-        .lines()
-        .find(|l| l.starts_with("hello from pay.prod in cluster"))
-        .unwrap_or_else(|| panic!("no pay.prod answer:\n{out}"));
-    assert!(
-        pay.contains("cluster west") || pay.contains("cluster north"),
-        "pay.prod must be served by a remote exporter: {pay}"
+        out.contains("check pay.prod: served by west\n")
+            || out.contains("check pay.prod: served by north\n"),
+        "pay.prod must be served by a remote exporter:\n{out}"
     );
     assert!(
-        out.contains("check ledger.prod: refused as configured"),
+        out.contains("check ledger.prod: refused as configured (north: forbidden"),
         "{out}"
     );
 }
 
-#[test]
-fn config_check_explains_what_is_wrong() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let good = std::fs::read_to_string(
+/// A valid west config with certificates issued by `meshup certs`, in `dir`.
+fn valid_config(dir: &Path) -> String {
+    let ca = dir.join("ca");
+    let west = dir.join("west");
+    let path = |p: &Path| p.to_str().expect("utf-8 temp path").to_owned();
+    let (ok, out, err) = run(
+        &[
+            "certs",
+            "init",
+            "--trust-domain",
+            "example.mesh",
+            "--out",
+            &path(&ca),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(ok, "certs init: {out}{err}");
+    let (ok, out, err) = run(
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            &path(&ca),
+            "--cluster",
+            "west",
+            "--out",
+            &path(&west),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(ok, "certs issue: {out}{err}");
+    let example = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/west.yaml"),
     )
     .expect("example config");
+    assert!(
+        example.contains("examples/certs/west/"),
+        "the example's certificate paths moved"
+    );
+    example.replace("examples/certs/west/", &format!("{}/", path(&west)))
+}
+
+#[test]
+fn config_check_accepts_the_example_and_explains_what_is_wrong() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = valid_config(dir.path());
+    let path = dir.path().join("west.yaml");
+    let path_str = path.to_str().expect("utf-8");
+
+    // The example with real certificates passes, and every default is printed.
+    std::fs::write(&path, &good).expect("write");
+    let (ok, out, err) = run(&["config", "check", path_str], Duration::from_secs(20));
+    assert!(ok, "the example must be valid:\n{out}\n{err}");
+    assert!(out.contains("is valid"), "{out}");
+    assert!(
+        out.contains("# certificates load and match cluster west"),
+        "{out}"
+    );
+    for default in [
+        "idle_timeout: 3s",
+        "max_streams: 4096",
+        "drain_deadline: 20s",
+        "ttl: 5s",
+    ] {
+        assert!(
+            out.contains(default),
+            "default {default} not printed:\n{out}"
+        );
+    }
+
+    // Each mistake is rejected with a message that names it.
     let cases = [
         ("region:", "regoin:", "unknown field `regoin`"),
         ("lease_ttl: 10s", "lease_ttl: soon", "lease_ttl"),
@@ -77,12 +151,14 @@ fn config_check_explains_what_is_wrong() {
             "vip_cidr",
         ),
         ("http: 127.0.0.1:15021", "http: 0.0.0.0:15021", "admin.http"),
+        ("cert: ", "cert: /nonexistent", "certificate"),
     ];
     for (from, to, expect) in cases {
-        let path = dir.path().join("bad.yaml");
-        std::fs::write(&path, good.replace(from, to)).expect("write");
+        assert!(good.contains(from), "the example no longer has {from}");
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, good.replacen(from, to, 1)).expect("write");
         let (ok, out, err) = run(
-            &["config", "check", path.to_str().expect("utf-8")],
+            &["config", "check", bad.to_str().expect("utf-8")],
             Duration::from_secs(20),
         );
         assert!(!ok, "{to}: must be rejected\n{out}");
@@ -91,14 +167,58 @@ fn config_check_explains_what_is_wrong() {
             "{to}: error must mention {expect}: {err}"
         );
     }
-    // The example itself is valid, but its certificates do not exist until issued.
+}
+
+#[test]
+fn config_check_applies_environment_overrides_and_redacts_secrets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = valid_config(dir.path());
+    // etcd credentials: a user and a password file; the URL carries a password too.
+    let password_file = dir.path().join("etcd-password");
+    std::fs::write(&password_file, "pw-in-file-1234").expect("write");
+    let with_auth = good.replace(
+        "  prefix: /meshup\n",
+        &format!(
+            "  prefix: /meshup\n  username: west\n  password_file: {}\n",
+            password_file.display()
+        ),
+    );
+    assert_ne!(with_auth, good);
     let path = dir.path().join("west.yaml");
-    std::fs::write(&path, &good).expect("write");
-    let (ok, out, err) = run(
+    std::fs::write(&path, &with_auth).expect("write");
+    let (ok, out, err) = run_with_env(
         &["config", "check", path.to_str().expect("utf-8")],
+        &[
+            (
+                "MESHUP_CATALOG_ENDPOINTS",
+                "http://127.0.0.1:23790, http://127.0.0.1:23791",
+            ),
+            ("MESHUP_GATEWAY_ID", "west-7"),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("- http://127.0.0.1:23790\n") && out.contains("- http://127.0.0.1:23791\n"),
+        "MESHUP_CATALOG_ENDPOINTS must replace the file's endpoints:\n{out}"
+    );
+    assert!(
+        !out.contains("127.0.0.1:2379\n"),
+        "the file's endpoint must be gone:\n{out}"
+    );
+    assert!(out.contains("gateway_id: west-7"), "{out}");
+    assert!(out.contains("username: west"), "{out}");
+    assert!(
+        !out.contains("pw-in-file-1234"),
+        "the password leaked:\n{out}"
+    );
+
+    // A bad override is an error naming the variable, not a silent default.
+    let (ok, _, err) = run_with_env(
+        &["config", "check", path.to_str().expect("utf-8")],
+        &[("MESHUP_GATEWAY_ID", "West_7")],
         Duration::from_secs(20),
     );
     assert!(!ok);
-    assert!(out.contains("is valid"), "{out}");
-    assert!(err.contains("certificate"), "{err}");
+    assert!(err.contains("MESHUP_GATEWAY_ID"), "{err}");
 }

@@ -305,34 +305,86 @@ fn try_line(command: &str, why: &str) {
 }
 
 /// `--check`: one request per service from east, through the real listeners and tunnel.
+/// Each answer must come from the cluster the federation says should serve it, and the
+/// refused call must be refused by north's authorization (its `forbidden` counter rises and
+/// east resets the client), not by a timeout or any other error.
 async fn check_end_to_end(gateways: &[Gateway]) -> anyhow::Result<()> {
     let east = gateways.first().context("no gateways")?;
+    let north = gateways
+        .iter()
+        .find(|g| g.cluster().as_str() == "north")
+        .context("no north gateway")?;
     let snapshot = east.snapshots().borrow().clone();
-    for (svc, expect) in [
-        ("hello.demo", Some("cluster east")),
-        ("pay.prod", Some("hello from pay.prod in cluster")),
-        ("ledger.prod", None),
-    ] {
+    let vip = |svc: &str| -> anyhow::Result<SocketAddr> {
         let key: ServiceKey = svc.parse()?;
-        let vip = snapshot
+        let ip = snapshot
             .vip(east.cluster(), &key, None)
             .with_context(|| format!("no VIP for {svc}"))?;
-        let reply = http_get(SocketAddr::new(vip, SERVICE_PORT)).await;
-        match (expect, reply) {
-            (Some(want), Ok(body)) if body.contains(want) => {
-                println!("check {svc}: {}", body.trim())
-            }
-            (None, Err(e)) => println!("check {svc}: refused as configured ({e})"),
-            (None, Ok(body)) if body.is_empty() => {
-                println!("check {svc}: refused as configured (closed)")
-            }
-            (want, got) => anyhow::bail!("check {svc}: wanted {want:?}, got {got:?}"),
-        }
+        Ok(SocketAddr::new(ip, SERVICE_PORT))
+    };
+
+    // Served locally by east; tunnelled to one of pay.prod's two exporters.
+    for (svc, served_by) in [
+        ("hello.demo", &["east"][..]),
+        ("pay.prod", &["west", "north"]),
+    ] {
+        let body = http_get(vip(svc)?)
+            .await
+            .with_context(|| format!("check {svc}: no answer"))?;
+        let by = served_by
+            .iter()
+            .find(|c| body.contains(&format!("hello from {svc} in cluster {c} ")))
+            .with_context(|| {
+                format!("check {svc}: wanted an answer from {served_by:?}, got {body:?}")
+            })?;
+        println!("check {svc}: served by {by}");
+        println!("{}", body.trim());
     }
+
+    // ledger.prod: only west may call it, so north refuses east before any byte is passed on.
+    let forbidden_before = forbidden_streams(north).await?;
+    match http_get(vip("ledger.prod")?).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => anyhow::bail!("check ledger.prod: wanted a reset (forbidden), got {other:?}"),
+    }
+    // North counts the stream when its handler ends, which may be just after east's reset.
+    let mut counted = 0;
+    for _ in 0..100 {
+        counted = forbidden_streams(north).await? - forbidden_before;
+        if counted > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::ensure!(
+        counted == 1,
+        "check ledger.prod: north counted {counted} forbidden streams, wanted 1"
+    );
+    println!("check ledger.prod: refused as configured (north: forbidden; east reset the client)");
     Ok(())
 }
 
+/// North's count of inbound streams refused as `forbidden`, read from its `/metrics`.
+async fn forbidden_streams(gateway: &Gateway) -> anyhow::Result<u64> {
+    let addr = gateway.addrs().admin;
+    let page = http_request(addr, "/metrics")
+        .await
+        .context("reading /metrics")?;
+    let series = "meshup_tunnel_streams_closed_total{direction=\"inbound\",result=\"forbidden\"}";
+    Ok(page
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .map(|v| v.trim().parse::<u64>())
+        .transpose()
+        .context("parsing the forbidden counter")?
+        .unwrap_or(0))
+}
+
 async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    http_request(addr, "/").await
+}
+
+async fn http_request(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn =
         tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
@@ -340,8 +392,10 @@ async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
             })??;
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
-        .await?;
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut body = String::new();
     tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut body))
         .await
