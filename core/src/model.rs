@@ -1,5 +1,12 @@
 //! The records a gateway publishes to the catalog, as JSON with a schema version.
 //!
+//! Records evolve while gateways of two versions run side by side (a rolling upgrade), so
+//! their decoding is forward-compatible (docs/records.md): `schema` is the major version and
+//! a reader accepts every record of its major version, whatever its `schema_minor`, ignoring
+//! fields it does not know. A writer adds fields under a new minor; only a change an older
+//! reader would misread takes a new major, and only records of an unknown major are skipped.
+//! Config files, written by people, stay strict instead (unknown fields rejected).
+//!
 //! Every record is decoded and then validated; a record that fails either is skipped by the
 //! catalog reducer (never a crash, never poisoning the rest). Validation is pure so it is
 //! table-tested here and fuzzed with the rest of the catalog decoding.
@@ -12,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::identity::{GatewayIdentity, SpiffeId};
 use crate::names::{ClusterName, GatewayId, NameError, check_port_name};
 
-/// The schema version this build writes and reads.
+/// The schema major version this build writes and reads (the `schema` field). Records of
+/// this major are read whatever their minor (`schema_minor`, absent means 0).
 pub const SCHEMA_VERSION: u32 = 1;
 /// Largest catalog value a gateway accepts, in bytes; larger ones are skipped unread.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
@@ -129,7 +137,6 @@ impl Protocol {
 
 /// One named port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PortSpec {
     pub name: String,
     pub port: u16,
@@ -187,7 +194,6 @@ fn check_text(what: &'static str, text: &str, max: usize) -> Result<(), RecordEr
 /// A gateway's own record: where peers reach it and who it is.
 /// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>`, bound to the gateway's lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct GatewayRecord {
     pub schema: u32,
     pub cluster: ClusterName,
@@ -239,7 +245,6 @@ impl GatewayRecord {
 /// A service one cluster offers to the federation.
 /// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>/exports/<ns>/<name>`, lease-bound.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ExportRecord {
     pub schema: u32,
     pub ports: Vec<PortSpec>,
@@ -288,7 +293,6 @@ impl ExportRecord {
 /// Key: `<prefix>/v1/vips/<cluster>/<ns>/<name>` (clusterset VIP) or
 /// `<prefix>/v1/vips/<cluster>/<ns>/<name>/pinned/<target>` (cluster-pinned VIP).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct VipRecord {
     pub schema: u32,
     pub vip: IpAddr,
@@ -394,6 +398,74 @@ mod tests {
         );
     }
 
+    /// What a gateway of a later minor version may write: new fields at every level and its
+    /// minor version. A gateway of this version must read it as the record it knows.
+    #[test]
+    fn records_of_a_newer_minor_are_read_with_their_new_fields_ignored() {
+        let gateway_json = r#"{"schema":1,"schema_minor":7,"cluster":"east","gateway_id":"gw-0",
+            "region":"us-east-1","zone":"us-east-1a","quic_addrs":["10.0.0.1:15443"],
+            "spiffe_id":"spiffe://mesh.local/cluster/east/gateway","draining":false,
+            "capacity":{"streams":100},"build":"0.9.0"}"#;
+        let g: GatewayRecord = decode(gateway_json.as_bytes()).expect("a newer minor decodes");
+        assert_eq!(g, gateway());
+        assert_eq!(check_gw(&g, AddressRules::default()), Ok(()));
+
+        let export_json = r#"{"schema":1,"schema_minor":3,"ports":[{"name":"http","port":8080,
+            "protocol":"tcp","app_protocol":"http2"}],"endpoints_total":3,"endpoints_healthy":2,
+            "allowed_callers":[],"labels":{},"weight_hint":40}"#;
+        let e: ExportRecord = decode(export_json.as_bytes()).expect("a newer minor decodes");
+        assert_eq!(e, export());
+        assert_eq!(e.validate(), Ok(()));
+
+        let vip_json = r#"{"schema":1,"schema_minor":2,"vip":"127.77.0.1","family":"v4"}"#;
+        let v: VipRecord = decode(vip_json.as_bytes()).expect("a newer minor decodes");
+        assert_eq!(v.validate(), Ok(()));
+    }
+
+    /// The other direction: a gateway of a later minor (modelled by a record type with one
+    /// more field, defaulted) reads what this version writes, and this version reads the
+    /// exact bytes the first release wrote (no `schema_minor`).
+    #[test]
+    fn records_of_an_older_minor_are_read_by_newer_readers() {
+        #[derive(Debug, Deserialize)]
+        struct NewerExport {
+            schema: u32,
+            #[serde(default)]
+            schema_minor: u32,
+            ports: Vec<PortSpec>,
+            endpoints_total: u32,
+            endpoints_healthy: u32,
+            #[serde(default)]
+            weight_hint: Option<u32>,
+        }
+        let written = encode(&export());
+        let newer: NewerExport = decode(&written).expect("a newer reader decodes our record");
+        assert_eq!((newer.schema, newer.schema_minor), (SCHEMA_VERSION, 0));
+        assert_eq!(newer.ports, export().ports);
+        assert_eq!((newer.endpoints_total, newer.endpoints_healthy), (3, 2));
+        assert_eq!(newer.weight_hint, None);
+
+        // Bytes as the first release (schema 1, no minor) published them.
+        let first_release = br#"{"schema":1,"ports":[{"name":"http","port":8080,"protocol":"tcp"}],"endpoints_total":3,"endpoints_healthy":2,"allowed_callers":[],"labels":{}}"#;
+        let e: ExportRecord = decode(first_release).expect("first-release bytes decode");
+        assert_eq!(e, export());
+    }
+
+    /// A new major is the one change an older reader must not guess at: skipped, named.
+    #[test]
+    fn records_of_another_major_are_rejected_whatever_they_hold() {
+        for json in [
+            r#"{"schema":2,"vip":"127.77.0.1"}"#,
+            r#"{"schema":0,"vip":"127.77.0.1","extra":1}"#,
+        ] {
+            let v: VipRecord = decode(json.as_bytes()).expect("decodes");
+            assert!(
+                matches!(v.validate(), Err(RecordError::UnsupportedSchema { .. })),
+                "{json}"
+            );
+        }
+    }
+
     #[test]
     fn unroutable_gateway_addresses_are_rejected() {
         let strict = AddressRules::default();
@@ -454,9 +526,13 @@ mod tests {
             decode::<ExportRecord>(&vec![b' '; MAX_RECORD_BYTES + 1]),
             Err(RecordError::TooLarge { .. })
         ));
-        // Unknown fields are an error, so a typo in a hand-written record is caught.
+        // A missing required field or a wrong type is an error (unknown fields are not: see
+        // `records_of_a_newer_minor_are_read_with_their_new_fields_ignored`).
         let mut v = serde_json::to_value(export()).expect("to value");
-        v["surprise"] = serde_json::json!(1);
+        v["endpoints_total"] = serde_json::json!("three");
+        assert!(decode::<ExportRecord>(&serde_json::to_vec(&v).expect("bytes")).is_err());
+        let mut v = serde_json::to_value(export()).expect("to value");
+        v.as_object_mut().expect("an object").remove("ports");
         assert!(decode::<ExportRecord>(&serde_json::to_vec(&v).expect("bytes")).is_err());
         let e = export();
         assert_eq!(decode::<ExportRecord>(&encode(&e)), Ok(e));

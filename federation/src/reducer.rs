@@ -139,8 +139,8 @@ pub fn reduce(
     }
 }
 
-/// Decodes a record, telling a newer schema apart from garbage: records deny unknown fields,
-/// so a version-2 record with new fields would otherwise look merely undecodable.
+/// Decodes a record, telling a newer major schema apart from garbage: a record of another
+/// major may change a field's type, and would otherwise look merely undecodable.
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
     #[derive(serde::Deserialize)]
     struct SchemaOnly {
@@ -251,6 +251,18 @@ mod tests {
             (EXPORT_KEY, export_json(8080), None),
             (EXPORT_KEY, export_json(0), Some(SkipReason::BadPorts)),
             (EXPORT_KEY, v2.to_vec(), Some(SkipReason::UnsupportedSchema)),
+            // A newer minor of our major, with fields this version does not know: applied.
+            (
+                EXPORT_KEY,
+                br#"{"schema":1,"schema_minor":4,"ports":[{"name":"http","port":8080,"app_protocol":"grpc"}],"endpoints_total":1,"endpoints_healthy":1,"failover_hint":"west"}"#.to_vec(),
+                None,
+            ),
+            // A new major whose fields no longer decode as ours: still named as a schema skip.
+            (
+                EXPORT_KEY,
+                br#"{"schema":3,"ports":"http/8080"}"#.to_vec(),
+                Some(SkipReason::UnsupportedSchema),
+            ),
             (
                 EXPORT_KEY,
                 br#"{"schema":1}"#.to_vec(),

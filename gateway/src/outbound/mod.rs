@@ -448,19 +448,9 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     Err(e) => tracing::debug!(error = %e, "local candidate failed"),
                 },
                 Candidate::Remote { cluster, gateways } => {
-                    let n = gateways.len();
                     let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
-                    // Each gateway of the cluster at most once, rotating the first choice so
-                    // streams spread across a cluster's gateways; a gateway's next advertised
-                    // address only when the previous one could not be reached.
-                    let attempts: Vec<(usize, usize, SocketAddr)> = (0..n)
-                        .flat_map(|i| {
-                            let addrs = &gateways[(start + i) % n];
-                            (0..addrs.len()).map(move |j| (i, j, addrs[j]))
-                        })
-                        .collect();
                     let mut answered = None;
-                    for (i, j, addr) in attempts {
+                    for (i, addr) in attempt_order(&gateways, start) {
                         if answered == Some(i) {
                             continue;
                         }
@@ -468,8 +458,8 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                             cluster: cluster.clone(),
                             addr,
                         };
-                        tracing::trace!(%peer, address = j, "attempt");
-                        match open_tunnel(&shared, &peer, &header, &mut tcp, &mut early).await {
+                        tracing::trace!(%peer, "attempt");
+                        let error = match open_tunnel(&shared, &peer, &header, &mut tcp, &mut early).await {
                             Ok((send, recv)) => {
                                 let idle = shared.endpoint.config().stream_idle_timeout;
                                 let out = splice(tcp, send, recv, &[], idle).await;
@@ -478,37 +468,25 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                                 guard.set_result(splice_result(&out));
                                 return;
                             }
-                            Err(AttemptError::ClientReset) => {
-                                guard.set_result("reset");
-                                return;
-                            }
-                            Err(AttemptError::Refused(status)) if !status.retry_elsewhere() => {
-                                tracing::debug!(%peer, %status, "peer refused; not retrying");
-                                guard.set_result(status.as_str());
-                                reset_tcp(tcp);
-                                return;
-                            }
-                            Err(AttemptError::Answer(e)) if !early.bytes.is_empty() => {
-                                // Client bytes went out and no answer came back: the peer
-                                // may have connected and passed them on before it was lost.
-                                // Replaying them elsewhere could deliver them twice
-                                // (RELIABILITY.md 10), so the client gets a reset instead.
-                                tracing::debug!(%peer, error = %e, "answer lost after client bytes were sent; not retrying");
-                                guard.set_result("unreachable");
-                                reset_tcp(tcp);
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::debug!(%peer, error = %e, "candidate failed; trying the next");
-                                // A gateway that answered (or took the stream) answers the
-                                // same on its other addresses: move on to the next gateway.
-                                if matches!(e, AttemptError::Refused(_) | AttemptError::Answer(_)) {
-                                    answered = Some(i);
+                            Err(e) => e,
+                        };
+                        match after_failure(&error, !early.bytes.is_empty()) {
+                            AfterFailure::Stop { result, reset_client } => {
+                                tracing::debug!(%peer, %error, "attempt failed; not retrying");
+                                guard.set_result(result);
+                                if reset_client {
+                                    reset_tcp(tcp);
                                 }
-                                result = match e {
-                                    AttemptError::Refused(status) => status.as_str(),
-                                    _ => "unreachable",
-                                };
+                                return;
+                            }
+                            AfterFailure::NextGateway { result: r } => {
+                                tracing::debug!(%peer, %error, "gateway refused or lost; trying the next");
+                                answered = Some(i);
+                                result = r;
+                            }
+                            AfterFailure::NextAddress { result: r } => {
+                                tracing::debug!(%peer, %error, "address unreachable; trying the next");
+                                result = r;
                             }
                         }
                     }
@@ -520,6 +498,65 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
     }
     .instrument(span)
     .await;
+}
+
+/// The order of attempts within one remote cluster: each gateway once, the first choice
+/// rotating with `start` so streams spread across the cluster's gateways, and for each gateway
+/// its advertised addresses in order. Yields (gateway index, address).
+fn attempt_order(gateways: &[Vec<SocketAddr>], start: usize) -> Vec<(usize, SocketAddr)> {
+    let n = gateways.len();
+    (0..n)
+        .flat_map(|k| {
+            let i = (start + k) % n;
+            gateways[i].iter().map(move |addr| (i, *addr))
+        })
+        .collect()
+}
+
+/// What a failed attempt means for the client's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFailure {
+    /// Give up with this stream result; reset the client unless it is already gone.
+    Stop {
+        result: &'static str,
+        reset_client: bool,
+    },
+    /// The gateway answered or took the stream, so its other addresses would answer the
+    /// same: try the next gateway.
+    NextGateway { result: &'static str },
+    /// The address could not be reached: try the gateway's next address, then the next gateway.
+    NextAddress { result: &'static str },
+}
+
+/// Retry or stop after `error`, given whether client bytes went out with the attempt (pure).
+/// Nothing is retried once a peer may have passed client bytes on (RELIABILITY 10 in
+/// docs/reliability.md): a lost answer after early bytes resets the client instead.
+fn after_failure(error: &AttemptError, early_bytes_sent: bool) -> AfterFailure {
+    match error {
+        AttemptError::ClientReset => AfterFailure::Stop {
+            result: "reset",
+            reset_client: false,
+        },
+        AttemptError::Refused(status) if !status.retry_elsewhere() => AfterFailure::Stop {
+            result: status.as_str(),
+            reset_client: true,
+        },
+        AttemptError::Answer(_) if early_bytes_sent => AfterFailure::Stop {
+            result: "unreachable",
+            reset_client: true,
+        },
+        AttemptError::Refused(status) => AfterFailure::NextGateway {
+            result: status.as_str(),
+        },
+        AttemptError::Answer(_) => AfterFailure::NextGateway {
+            result: "unreachable",
+        },
+        AttemptError::Pool(_) | AttemptError::Open(_) | AttemptError::LocalConnect => {
+            AfterFailure::NextAddress {
+                result: "unreachable",
+            }
+        }
+    }
 }
 
 async fn connect_local(shared: &Shared, eps: &[SocketAddr]) -> Result<TcpStream, AttemptError> {
@@ -625,4 +662,143 @@ async fn open_tunnel(
 fn reset_tcp(tcp: TcpStream) {
     let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
     drop(tcp);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn attempts_rotate_gateways_and_keep_each_gateways_addresses_in_order() {
+        let gateways = vec![
+            vec![addr(1), addr(2)],
+            vec![addr(3)],
+            vec![addr(4), addr(5)],
+        ];
+        let table: [(usize, Vec<(usize, u16)>); 4] = [
+            (0, vec![(0, 1), (0, 2), (1, 3), (2, 4), (2, 5)]),
+            (1, vec![(1, 3), (2, 4), (2, 5), (0, 1), (0, 2)]),
+            (2, vec![(2, 4), (2, 5), (0, 1), (0, 2), (1, 3)]),
+            (4, vec![(1, 3), (2, 4), (2, 5), (0, 1), (0, 2)]),
+        ];
+        for (start, want) in table {
+            let got: Vec<(usize, u16)> = attempt_order(&gateways, start)
+                .into_iter()
+                .map(|(i, a)| (i, a.port()))
+                .collect();
+            assert_eq!(got, want, "start {start}");
+        }
+        assert!(attempt_order(&[], 3).is_empty());
+    }
+
+    #[test]
+    fn a_failure_is_retried_only_while_no_peer_can_have_passed_client_bytes_on() {
+        use AfterFailure::*;
+        let refused = |s| AttemptError::Refused(s);
+        let lost = || AttemptError::Answer("connection lost".into());
+        let table: Vec<(AttemptError, bool, AfterFailure)> = vec![
+            // Unreachable before anything was sent: the next address of the same gateway.
+            (
+                AttemptError::Open("closed".into()),
+                false,
+                NextAddress {
+                    result: "unreachable",
+                },
+            ),
+            (
+                AttemptError::Open("closed".into()),
+                true,
+                NextAddress {
+                    result: "unreachable",
+                },
+            ),
+            (
+                AttemptError::LocalConnect,
+                false,
+                NextAddress {
+                    result: "unreachable",
+                },
+            ),
+            // A refusal comes before any byte reaches a backend: the next gateway, early
+            // bytes or not.
+            (
+                refused(Status::NoEndpoints),
+                false,
+                NextGateway {
+                    result: "no_endpoints",
+                },
+            ),
+            (
+                refused(Status::Draining),
+                true,
+                NextGateway { result: "draining" },
+            ),
+            (
+                refused(Status::Forbidden),
+                true,
+                NextGateway {
+                    result: "forbidden",
+                },
+            ),
+            (
+                refused(Status::ConnectFailed),
+                false,
+                NextGateway {
+                    result: "connect_failed",
+                },
+            ),
+            (
+                refused(Status::UnknownService),
+                false,
+                NextGateway {
+                    result: "unknown_service",
+                },
+            ),
+            // A request every peer would refuse the same way: stop.
+            (
+                refused(Status::BadRequest),
+                false,
+                Stop {
+                    result: "bad_request",
+                    reset_client: true,
+                },
+            ),
+            // A lost answer: retried only if no client byte went out with the attempt.
+            (
+                lost(),
+                false,
+                NextGateway {
+                    result: "unreachable",
+                },
+            ),
+            (
+                lost(),
+                true,
+                Stop {
+                    result: "unreachable",
+                    reset_client: true,
+                },
+            ),
+            // The client is gone: nothing to retry, nobody to reset.
+            (
+                AttemptError::ClientReset,
+                false,
+                Stop {
+                    result: "reset",
+                    reset_client: false,
+                },
+            ),
+        ];
+        for (error, early, want) in table {
+            assert_eq!(
+                after_failure(&error, early),
+                want,
+                "{error} (early bytes sent: {early})"
+            );
+        }
+    }
 }

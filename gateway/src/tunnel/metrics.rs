@@ -50,6 +50,8 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabels, Counter>,
     pub pool_dials: Family<DialLabels, Counter>,
     pub active_connections: Gauge,
+    /// Connections closed because nothing arrived from the peer for `tunnel.idle_timeout`.
+    pub silent_peers: Counter,
     pub listeners: Gauge,
 }
 
@@ -57,7 +59,7 @@ impl Metrics {
     /// Creates the metrics and registers them under `meshup_tunnel_*`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
-        let r = registry.sub_registry_with_prefix("meshup_tunnel");
+        let r = registry.sub_registry_with_prefix("tunnel");
         r.register(
             "streams_opened",
             "Tunnel streams opened",
@@ -88,6 +90,11 @@ impl Metrics {
             "active_connections",
             "QUIC connections currently established (both directions)",
             m.active_connections.clone(),
+        );
+        r.register(
+            "silent_peers",
+            "QUIC connections closed because the peer sent nothing for tunnel.idle_timeout",
+            m.silent_peers.clone(),
         );
         r.register(
             "listeners",

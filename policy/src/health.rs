@@ -1,0 +1,506 @@
+//! Live health, as this gateway observed it: outcomes of its own attempts per (service,
+//! cluster), the state of its QUIC connections per peer cluster, and the counters behind
+//! circuit breaking and the retry budget.
+//!
+//! The catalog's endpoint counts say what a cluster's own gateways believe; these signals say
+//! whether this gateway can actually reach it. A cluster's records in the catalog never prove
+//! it alive (docs/reliability.md, promise 3), and a peer never seen is unknown, not failed
+//! (promise 6).
+//!
+//! Every method takes `now`; nothing here reads a clock or sleeps.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meshup_core::names::{ClusterName, ServiceKey};
+
+use crate::record::{OutlierDetection, RetryPolicy};
+
+/// Length of the window the retry budget counts connections and retries in.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
+const RETRY_BUCKETS: usize = 10;
+
+/// How one attempt at a cluster ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The peer (or the local endpoint) accepted the connection.
+    Success,
+    /// It could not be reached, refused for a reason that says it cannot serve (no endpoints,
+    /// connect failed, draining), or did not answer in time.
+    Failure,
+}
+
+/// The state of this gateway's connection to a peer cluster, from the QUIC layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSignal {
+    /// A live connection, with its smoothed RTT.
+    Up { rtt: Duration },
+    /// The connection was lost or has gone silent, or dialling failed, since `since`.
+    Down { since: Instant },
+}
+
+/// Outlier and circuit state of one (service, cluster).
+#[derive(Debug, Clone, Default)]
+struct Target {
+    consecutive_failures: u32,
+    /// Ejections so far; the next one lasts `base × (ejections + 1)`, up to the maximum.
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    /// Since the last ejection ended, until the next success: one failure ejects again.
+    probation: bool,
+    /// When the target last became available again (hold-down runs from here).
+    recovered_at: Option<Instant>,
+    /// Whether the last availability observation said available.
+    available: bool,
+    pending: u32,
+    active: u32,
+}
+
+/// Counts of connections and retries in a sliding window of one-second buckets.
+#[derive(Debug, Clone, Default)]
+struct RetryWindow {
+    /// (second since the epoch instant, connections, retries)
+    buckets: [(u64, u32, u32); RETRY_BUCKETS],
+}
+
+/// Live health of everything this gateway routes to. One task owns it; the decision reads it.
+#[derive(Debug, Clone)]
+pub struct Health {
+    epoch: Instant,
+    targets: BTreeMap<(ServiceKey, ClusterName), Target>,
+    peers: BTreeMap<ClusterName, PeerSignal>,
+    retries: RetryWindow,
+}
+
+/// An ejection that an outcome caused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    pub until: Instant,
+    /// The how-many-th ejection of this target (1 for the first).
+    pub count: u32,
+}
+
+// === impl Health ===
+
+impl Health {
+    /// Empty health; `epoch` anchors the retry window's buckets (any instant before `now`).
+    pub fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            targets: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            retries: RetryWindow::default(),
+        }
+    }
+
+    fn target(&self, service: &ServiceKey, cluster: &ClusterName) -> Option<&Target> {
+        self.targets.get(&(service.clone(), cluster.clone()))
+    }
+
+    fn target_mut(&mut self, service: &ServiceKey, cluster: &ClusterName) -> &mut Target {
+        self.targets
+            .entry((service.clone(), cluster.clone()))
+            .or_insert_with(|| Target {
+                available: true,
+                ..Target::default()
+            })
+    }
+
+    /// Records the outcome of an attempt. `clusters` is how many clusters currently serve the
+    /// service (candidates before ejection): ejection never takes more than
+    /// `max_ejected_percent` of them, and never the last one. Returns the ejection this
+    /// outcome caused, if any.
+    pub fn record(
+        &mut self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        outcome: Outcome,
+        clusters: usize,
+        cfg: &OutlierDetection,
+        now: Instant,
+    ) -> Option<Ejection> {
+        let ejected_now = self
+            .targets
+            .iter()
+            .filter(|((s, c), t)| {
+                s == service && c != cluster && t.ejected_until.is_some_and(|u| u > now)
+            })
+            .count();
+        let t = self.target_mut(service, cluster);
+        if t.ejected_until.is_some_and(|u| u <= now) {
+            // The ejection is over: the target is back, on probation.
+            t.ejected_until = None;
+            t.probation = true;
+        }
+        match outcome {
+            Outcome::Success => {
+                t.consecutive_failures = 0;
+                t.probation = false;
+                None
+            }
+            Outcome::Failure => {
+                if t.ejected_until.is_some() {
+                    return None; // already out; late outcomes of old attempts change nothing
+                }
+                t.consecutive_failures = t.consecutive_failures.saturating_add(1);
+                let due = t.probation || t.consecutive_failures >= cfg.consecutive_failures;
+                let allowed_share = clusters * cfg.max_ejected_percent as usize / 100;
+                let allowed = ejected_now < allowed_share && ejected_now + 1 < clusters;
+                if !due || !allowed {
+                    return None;
+                }
+                t.ejections = t.ejections.saturating_add(1);
+                let length = cfg
+                    .base_ejection
+                    .saturating_mul(t.ejections)
+                    .min(cfg.max_ejection);
+                let until = now + length;
+                t.ejected_until = Some(until);
+                t.consecutive_failures = 0;
+                t.probation = false;
+                // Back at `until`; the hold-down runs from then.
+                t.recovered_at = Some(until);
+                Some(Ejection {
+                    until,
+                    count: t.ejections,
+                })
+            }
+        }
+    }
+
+    /// Until when the target is ejected, if it is at `now`.
+    pub fn ejected_until(
+        &self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        now: Instant,
+    ) -> Option<Instant> {
+        self.target(service, cluster)
+            .and_then(|t| t.ejected_until)
+            .filter(|u| *u > now)
+    }
+
+    /// Ejections of the target so far.
+    pub fn ejections(&self, service: &ServiceKey, cluster: &ClusterName) -> u32 {
+        self.target(service, cluster).map_or(0, |t| t.ejections)
+    }
+
+    /// Feeds whether the target is available by every other signal (catalog endpoints, peer
+    /// connection, drills). A transition back to available starts its hold-down.
+    pub fn observe_available(
+        &mut self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        available: bool,
+        now: Instant,
+    ) {
+        let t = self.target_mut(service, cluster);
+        if available && !t.available {
+            t.recovered_at = Some(now);
+        }
+        t.available = available;
+    }
+
+    /// Until when the target is held down after recovering, if it is at `now`.
+    pub fn held_down_until(
+        &self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        hold_down: Duration,
+        now: Instant,
+    ) -> Option<Instant> {
+        self.target(service, cluster)
+            .and_then(|t| t.recovered_at)
+            .map(|at| at + hold_down)
+            .filter(|until| *until > now)
+    }
+
+    /// The latest QUIC-level signal of a peer cluster.
+    pub fn observe_peer(&mut self, cluster: &ClusterName, signal: PeerSignal) {
+        self.peers.insert(cluster.clone(), signal);
+    }
+
+    /// What is known of a peer cluster's connection; `None` until first seen.
+    pub fn peer(&self, cluster: &ClusterName) -> Option<PeerSignal> {
+        self.peers.get(cluster).copied()
+    }
+
+    /// Forgets a peer cluster that left the catalog.
+    pub fn forget_peer(&mut self, cluster: &ClusterName) {
+        self.peers.remove(cluster);
+        self.targets.retain(|(_, c), _| c != cluster);
+    }
+
+    /// An attempt at the target started (it is pending until `attempt_finished`).
+    pub fn attempt_started(&mut self, service: &ServiceKey, cluster: &ClusterName) {
+        let t = self.target_mut(service, cluster);
+        t.pending = t.pending.saturating_add(1);
+    }
+
+    /// An attempt ended; `connected` means a connection is now active at the target.
+    pub fn attempt_finished(
+        &mut self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        connected: bool,
+    ) {
+        let t = self.target_mut(service, cluster);
+        t.pending = t.pending.saturating_sub(1);
+        if connected {
+            t.active = t.active.saturating_add(1);
+        }
+    }
+
+    /// An active connection at the target ended.
+    pub fn connection_ended(&mut self, service: &ServiceKey, cluster: &ClusterName) {
+        let t = self.target_mut(service, cluster);
+        t.active = t.active.saturating_sub(1);
+    }
+
+    /// (active, pending) at the target.
+    pub fn load(&self, service: &ServiceKey, cluster: &ClusterName) -> (u32, u32) {
+        self.target(service, cluster)
+            .map_or((0, 0), |t| (t.active, t.pending))
+    }
+
+    fn bucket(&mut self, now: Instant) -> &mut (u64, u32, u32) {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        let slot = &mut self.retries.buckets[(second % RETRY_BUCKETS as u64) as usize];
+        if slot.0 != second {
+            *slot = (second, 0, 0);
+        }
+        slot
+    }
+
+    fn window(&self, now: Instant) -> (u32, u32) {
+        let second = now.saturating_duration_since(self.epoch).as_secs();
+        self.retries
+            .buckets
+            .iter()
+            .filter(|(s, _, _)| *s + (RETRY_BUCKETS as u64) > second && *s <= second)
+            .fold((0, 0), |(c, r), (_, bc, br)| (c + bc, r + br))
+    }
+
+    /// A new client connection arrived (the base of the retry budget).
+    pub fn connection_arrived(&mut self, now: Instant) {
+        let b = self.bucket(now);
+        b.1 = b.1.saturating_add(1);
+    }
+
+    /// Whether a retry may be made now; if so it is counted. Retries in the window stay below
+    /// `budget_percent` of the connections in it, but `min_retries` are always allowed, so a
+    /// quiet service can still fail over.
+    pub fn take_retry(&mut self, policy: &RetryPolicy, now: Instant) -> bool {
+        let (connections, retries) = self.window(now);
+        let budget = (connections as u64 * u64::from(policy.budget_percent) / 100)
+            .max(u64::from(policy.min_retries));
+        if u64::from(retries) >= budget {
+            return false;
+        }
+        let b = self.bucket(now);
+        b.2 = b.2.saturating_add(1);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> ServiceKey {
+        "pay.prod".parse().expect("key")
+    }
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("name")
+    }
+    fn cfg() -> OutlierDetection {
+        OutlierDetection {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(10),
+            max_ejection: Duration::from_secs(25),
+            max_ejected_percent: 50,
+        }
+    }
+
+    #[test]
+    fn consecutive_failures_eject_for_growing_times_and_probation_re_ejects() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let (s, west) = (svc(), c("west"));
+        let fail = |h: &mut Health, at: Duration| {
+            h.record(&s, &west, Outcome::Failure, 2, &cfg(), t0 + at)
+        };
+        // Two failures, a success, two failures: never three in a row.
+        assert_eq!(fail(&mut h, Duration::ZERO), None);
+        assert_eq!(fail(&mut h, Duration::from_millis(1)), None);
+        assert_eq!(h.record(&s, &west, Outcome::Success, 2, &cfg(), t0), None);
+        assert_eq!(fail(&mut h, Duration::from_millis(2)), None);
+        assert_eq!(fail(&mut h, Duration::from_millis(3)), None);
+        // The third in a row ejects for the base time.
+        let first = fail(&mut h, Duration::from_secs(1)).expect("ejected");
+        assert_eq!(
+            first,
+            Ejection {
+                until: t0 + Duration::from_secs(11),
+                count: 1
+            }
+        );
+        assert_eq!(
+            h.ejected_until(&s, &west, t0 + Duration::from_secs(5)),
+            Some(first.until)
+        );
+        // Failures while ejected (late outcomes) change nothing.
+        assert_eq!(fail(&mut h, Duration::from_secs(2)), None);
+        // Back at 11 s, on probation: one failure ejects again, for twice as long.
+        assert_eq!(
+            h.ejected_until(&s, &west, t0 + Duration::from_secs(11)),
+            None
+        );
+        let second = fail(&mut h, Duration::from_secs(12)).expect("re-ejected");
+        assert_eq!(
+            second,
+            Ejection {
+                until: t0 + Duration::from_secs(32),
+                count: 2
+            }
+        );
+        // The third is capped at the maximum (25 s, not 30 s).
+        let third = fail(&mut h, Duration::from_secs(33)).expect("re-ejected");
+        assert_eq!(third.until, t0 + Duration::from_secs(58));
+        // A success after the ejection ends probation: one failure no longer ejects.
+        assert_eq!(
+            h.record(
+                &s,
+                &west,
+                Outcome::Success,
+                2,
+                &cfg(),
+                t0 + Duration::from_secs(60)
+            ),
+            None
+        );
+        assert_eq!(fail(&mut h, Duration::from_secs(61)), None);
+        assert_eq!(h.ejections(&s, &west), 3);
+    }
+
+    #[test]
+    fn ejection_never_takes_the_last_cluster_nor_more_than_the_share() {
+        let t0 = Instant::now();
+        let s = svc();
+        // (clusters serving the service, max ejected %, how many of them fail) → ejected
+        let table = [
+            (1, 100, 1, 0),
+            (2, 100, 2, 1),
+            (2, 50, 2, 1),
+            (4, 50, 4, 2),
+            (4, 10, 4, 0),
+            (3, 100, 3, 2),
+        ];
+        for (clusters, pct, failing, want) in table {
+            let mut h = Health::new(t0);
+            let mut cfg = cfg();
+            cfg.max_ejected_percent = pct;
+            let mut ejected = 0;
+            for i in 0..failing {
+                let cl = c(&format!("c{i}"));
+                for _ in 0..3 {
+                    if h.record(&s, &cl, Outcome::Failure, clusters, &cfg, t0)
+                        .is_some()
+                    {
+                        ejected += 1;
+                    }
+                }
+            }
+            assert_eq!(
+                ejected, want,
+                "{clusters} clusters, {pct} %, {failing} failing"
+            );
+        }
+    }
+
+    #[test]
+    fn recovery_starts_a_hold_down() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let (s, west) = (svc(), c("west"));
+        let hold = Duration::from_secs(30);
+        assert_eq!(
+            h.held_down_until(&s, &west, hold, t0),
+            None,
+            "never down: no hold-down"
+        );
+        h.observe_available(&s, &west, false, t0);
+        h.observe_available(&s, &west, false, t0 + Duration::from_secs(5));
+        assert_eq!(
+            h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(5)),
+            None
+        );
+        h.observe_available(&s, &west, true, t0 + Duration::from_secs(10));
+        let until = t0 + Duration::from_secs(40);
+        assert_eq!(
+            h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(39)),
+            Some(until)
+        );
+        assert_eq!(h.held_down_until(&s, &west, hold, until), None);
+        // Staying available does not restart it.
+        h.observe_available(&s, &west, true, t0 + Duration::from_secs(20));
+        assert_eq!(
+            h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(39)),
+            Some(until)
+        );
+    }
+
+    #[test]
+    fn retries_stay_within_the_budget_of_the_window() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            budget_percent: 20,
+            min_retries: 3,
+        };
+        // A quiet service still gets its minimum.
+        let taken = (0..10).filter(|_| h.take_retry(&policy, t0)).count();
+        assert_eq!(taken, 3);
+        // 100 connections in the window: 20 % of them.
+        for _ in 0..100 {
+            h.connection_arrived(t0 + Duration::from_millis(500));
+        }
+        let taken = (0..50)
+            .filter(|_| h.take_retry(&policy, t0 + Duration::from_millis(600)))
+            .count();
+        assert_eq!(taken, 17, "20 retries in the window, 3 already taken");
+        // Once the window has passed, the old connections and retries no longer count.
+        let later = t0 + RETRY_WINDOW + Duration::from_secs(1);
+        let taken = (0..10).filter(|_| h.take_retry(&policy, later)).count();
+        assert_eq!(taken, 3);
+    }
+
+    #[test]
+    fn circuit_counts_follow_attempts_and_connections() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let (s, west) = (svc(), c("west"));
+        h.attempt_started(&s, &west);
+        h.attempt_started(&s, &west);
+        assert_eq!(h.load(&s, &west), (0, 2));
+        h.attempt_finished(&s, &west, true);
+        h.attempt_finished(&s, &west, false);
+        assert_eq!(h.load(&s, &west), (1, 0));
+        h.connection_ended(&s, &west);
+        h.connection_ended(&s, &west);
+        assert_eq!(h.load(&s, &west), (0, 0), "never below zero");
+    }
+
+    #[test]
+    fn peers_are_unknown_until_seen_and_forgotten_when_gone() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let west = c("west");
+        assert_eq!(h.peer(&west), None);
+        h.observe_peer(&west, PeerSignal::Down { since: t0 });
+        assert_eq!(h.peer(&west), Some(PeerSignal::Down { since: t0 }));
+        h.forget_peer(&west);
+        assert_eq!(h.peer(&west), None);
+    }
+}

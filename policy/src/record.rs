@@ -1,0 +1,708 @@
+//! Policy and drill records: what operators write, as versioned JSON in the catalog store.
+//!
+//! Both follow the catalog's evolution rule (docs/records.md): `schema` is the major version,
+//! `schema_minor` the minor, unknown fields are ignored, and a record of another major is
+//! skipped. Everything else about a record is checked by `validate`, which says what is wrong
+//! in words an operator can act on; a bad record is skipped and the previous good one (or the
+//! default) stays in force.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use meshup_core::names::{ClusterName, ServiceKey};
+use serde::{Deserialize, Serialize};
+
+/// The major schema version of policy and drill records.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Largest record accepted, in bytes.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Most priority levels, and most clusters in one level.
+pub const MAX_LEVELS: usize = 16;
+pub const MAX_LEVEL_CLUSTERS: usize = 256;
+/// Largest weight of one cluster in a level.
+pub const MAX_WEIGHT: u32 = 10_000;
+/// Most attempts (the first one and retries) at one new connection.
+pub const MAX_ATTEMPTS: u32 = 10;
+/// Longest a drill may last: a forgotten drill ends by itself.
+pub const MAX_DRILL_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest free text (who, why) of a drill.
+pub const MAX_DRILL_TEXT: usize = 512;
+
+/// Default consecutive failures that eject a cluster (Envoy's `consecutive_5xx`).
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default first ejection; the n-th ejection lasts n times as long, up to the maximum.
+pub const DEFAULT_BASE_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Default largest share of a service's clusters ejected at once. Unlike Envoy's 10 % (which
+/// with few clusters means "never"), a federation has a handful of clusters: half of them.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// Default time a recovered cluster must stay healthy before it takes its traffic back.
+pub const DEFAULT_FAILBACK_HOLD_DOWN: Duration = Duration::from_secs(30);
+/// Default over-provisioning factor of spill-over, in percent (Envoy's 1.4): a level keeps all
+/// of its traffic down to 1/1.4 ≈ 71 % healthy capacity and spills the rest.
+pub const DEFAULT_OVERPROVISIONING_PERCENT: u32 = 140;
+/// Default circuit-breaker limits per target cluster.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+pub const DEFAULT_MAX_PENDING: u32 = 1_000;
+/// Default attempts per connection and retry budget (Envoy: 20 % of active, minimum 3).
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+pub const DEFAULT_MIN_RETRIES: u32 = 3;
+
+/// Why a policy or drill record was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("value is {len} bytes, more than the {MAX_RECORD_BYTES}-byte limit")]
+    TooLarge { len: usize },
+    #[error("value is not valid JSON for this record: {0}")]
+    Decode(String),
+    #[error(
+        "schema version {found} is not supported (this gateway reads version {SCHEMA_VERSION})"
+    )]
+    UnsupportedSchema { found: u32 },
+    #[error("level {level} lists no cluster")]
+    EmptyLevel { level: usize },
+    #[error("cluster {cluster} is listed twice (levels {first} and {second})")]
+    DuplicateCluster {
+        cluster: ClusterName,
+        first: usize,
+        second: usize,
+    },
+    #[error("the weights of level {level} sum to zero: no cluster of it could get traffic")]
+    ZeroWeights { level: usize },
+    #[error("{what} is {value}, outside {min}..={max}")]
+    OutOfRange {
+        what: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("local_only and priority levels contradict each other: drop one")]
+    LocalOnlyWithLevels,
+    #[error("outlier detection: max_ejection ({max:?}) is shorter than base_ejection ({base:?})")]
+    EjectionOrder { base: Duration, max: Duration },
+    #[error("a drill needs {0}: who did it and why are the audit trail")]
+    MissingAudit(&'static str),
+    #[error("{0} is longer than {MAX_DRILL_TEXT} bytes")]
+    TextTooLong(&'static str),
+    #[error("a drill must expire after it starts (created {created}, expires {expires})")]
+    ExpiresBeforeCreated { created: i64, expires: i64 },
+    #[error("a drill may last at most {} days; set an earlier expiry", MAX_DRILL_LIFETIME.as_secs() / 86_400)]
+    TooLong,
+    #[error("a pin drill needs the service whose traffic it pins")]
+    PinWithoutService,
+}
+
+/// Decodes a record: size limit first, then JSON. A record of another major schema is named
+/// as such even when its fields no longer decode as ours.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    #[derive(Deserialize)]
+    struct SchemaOnly {
+        schema: u32,
+    }
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge { len: bytes.len() });
+    }
+    serde_json::from_slice(bytes).map_err(|e| match serde_json::from_slice::<SchemaOnly>(bytes) {
+        Ok(s) if s.schema != SCHEMA_VERSION => RecordError::UnsupportedSchema { found: s.schema },
+        _ => RecordError::Decode(e.to_string()),
+    })
+}
+
+fn check_schema(found: u32) -> Result<(), RecordError> {
+    if found == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(RecordError::UnsupportedSchema { found })
+    }
+}
+
+fn check_range(what: &'static str, value: u64, min: u64, max: u64) -> Result<(), RecordError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(RecordError::OutOfRange {
+            what,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+// === policy ===
+
+/// Failover and traffic policy of one clusterset service.
+/// Key: `<prefix>/v1/policies/<ns>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub schema: u32,
+    #[serde(default)]
+    pub schema_minor: u32,
+    /// Priority levels, best first; traffic goes to the first level with healthy capacity and
+    /// spills to the next in proportion to what it lost. Empty: the default locality order
+    /// (this cluster, then its zone, its region, then the rest by measured RTT). Clusters
+    /// listed in no level get no traffic.
+    #[serde(default)]
+    pub levels: Vec<Level>,
+    /// Only this cluster's own endpoints; never another cluster.
+    #[serde(default)]
+    pub local_only: bool,
+    #[serde(default)]
+    pub min_healthy: MinHealthy,
+    /// Spill-over factor in percent: a level's share is min(100, factor × healthy %).
+    #[serde(default = "default_overprovisioning")]
+    pub overprovisioning_percent: u32,
+    #[serde(default)]
+    pub outlier: OutlierDetection,
+    /// A recovered cluster takes its traffic back only after staying healthy this long.
+    #[serde(default = "default_hold_down", with = "humantime_serde")]
+    pub failback_hold_down: Duration,
+    #[serde(default)]
+    pub circuit: CircuitBreaker,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// One priority level: clusters that share traffic by weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Level {
+    pub clusters: Vec<Member>,
+}
+
+/// A cluster of a level and its weight within it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub cluster: ClusterName,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// Below this many healthy endpoints (and this share of its endpoints), a cluster is not a
+/// candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinHealthy {
+    #[serde(default = "default_min_endpoints")]
+    pub endpoints: u32,
+    #[serde(default)]
+    pub percent: u32,
+}
+
+/// Passive outlier detection of a target cluster, from the outcomes of attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutlierDetection {
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_base_ejection", with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(default = "default_max_ejection", with = "humantime_serde")]
+    pub max_ejection: Duration,
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+/// Limits per target cluster; over them, the next candidate (or a fast refusal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CircuitBreaker {
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_max_pending")]
+    pub max_pending: u32,
+}
+
+/// Retries before any byte went upstream: at most `max_attempts` per connection, and retries
+/// at most `budget_percent` of recent connections (but always `min_retries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    #[serde(default = "default_min_retries")]
+    pub min_retries: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_min_endpoints() -> u32 {
+    1
+}
+fn default_overprovisioning() -> u32 {
+    DEFAULT_OVERPROVISIONING_PERCENT
+}
+fn default_hold_down() -> Duration {
+    DEFAULT_FAILBACK_HOLD_DOWN
+}
+fn default_consecutive_failures() -> u32 {
+    DEFAULT_CONSECUTIVE_FAILURES
+}
+fn default_base_ejection() -> Duration {
+    DEFAULT_BASE_EJECTION
+}
+fn default_max_ejection() -> Duration {
+    DEFAULT_MAX_EJECTION
+}
+fn default_max_ejected_percent() -> u32 {
+    DEFAULT_MAX_EJECTED_PERCENT
+}
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_max_pending() -> u32 {
+    DEFAULT_MAX_PENDING
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_budget_percent() -> u32 {
+    DEFAULT_RETRY_BUDGET_PERCENT
+}
+fn default_min_retries() -> u32 {
+    DEFAULT_MIN_RETRIES
+}
+
+impl Default for MinHealthy {
+    fn default() -> Self {
+        Self {
+            endpoints: default_min_endpoints(),
+            percent: 0,
+        }
+    }
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            base_ejection: DEFAULT_BASE_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+            max_ejected_percent: DEFAULT_MAX_EJECTED_PERCENT,
+        }
+    }
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: DEFAULT_MAX_PENDING,
+        }
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            min_retries: DEFAULT_MIN_RETRIES,
+        }
+    }
+}
+
+impl Default for PolicyRecord {
+    /// The policy of a service that has none: default locality order, default limits.
+    fn default() -> Self {
+        Self {
+            schema: SCHEMA_VERSION,
+            schema_minor: 0,
+            levels: Vec::new(),
+            local_only: false,
+            min_healthy: MinHealthy::default(),
+            overprovisioning_percent: DEFAULT_OVERPROVISIONING_PERCENT,
+            outlier: OutlierDetection::default(),
+            failback_hold_down: DEFAULT_FAILBACK_HOLD_DOWN,
+            circuit: CircuitBreaker::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+impl PolicyRecord {
+    /// Rejects a policy that cannot work, saying why.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        check_range("levels", self.levels.len() as u64, 0, MAX_LEVELS as u64)?;
+        if self.local_only && !self.levels.is_empty() {
+            return Err(RecordError::LocalOnlyWithLevels);
+        }
+        let mut seen: Vec<(ClusterName, usize)> = Vec::new();
+        for (i, level) in self.levels.iter().enumerate() {
+            if level.clusters.is_empty() {
+                return Err(RecordError::EmptyLevel { level: i });
+            }
+            check_range(
+                "clusters in a level",
+                level.clusters.len() as u64,
+                1,
+                MAX_LEVEL_CLUSTERS as u64,
+            )?;
+            for m in &level.clusters {
+                if let Some((_, first)) = seen.iter().find(|(c, _)| c == &m.cluster) {
+                    return Err(RecordError::DuplicateCluster {
+                        cluster: m.cluster.clone(),
+                        first: *first,
+                        second: i,
+                    });
+                }
+                seen.push((m.cluster.clone(), i));
+                check_range("weight", u64::from(m.weight), 0, u64::from(MAX_WEIGHT))?;
+            }
+            if level.clusters.iter().all(|m| m.weight == 0) {
+                return Err(RecordError::ZeroWeights { level: i });
+            }
+        }
+        check_range(
+            "min_healthy.percent",
+            u64::from(self.min_healthy.percent),
+            0,
+            100,
+        )?;
+        check_range(
+            "overprovisioning_percent",
+            u64::from(self.overprovisioning_percent),
+            100,
+            1000,
+        )?;
+        let o = &self.outlier;
+        check_range(
+            "outlier.consecutive_failures",
+            u64::from(o.consecutive_failures),
+            1,
+            1000,
+        )?;
+        check_range(
+            "outlier.max_ejected_percent",
+            u64::from(o.max_ejected_percent),
+            0,
+            100,
+        )?;
+        check_range(
+            "outlier.base_ejection (ms)",
+            o.base_ejection.as_millis() as u64,
+            1,
+            3_600_000,
+        )?;
+        if o.max_ejection < o.base_ejection {
+            return Err(RecordError::EjectionOrder {
+                base: o.base_ejection,
+                max: o.max_ejection,
+            });
+        }
+        check_range(
+            "failback_hold_down (s)",
+            self.failback_hold_down.as_secs(),
+            0,
+            3600,
+        )?;
+        check_range(
+            "circuit.max_connections",
+            u64::from(self.circuit.max_connections),
+            1,
+            1 << 24,
+        )?;
+        check_range(
+            "circuit.max_pending",
+            u64::from(self.circuit.max_pending),
+            1,
+            1 << 24,
+        )?;
+        check_range(
+            "retry.max_attempts",
+            u64::from(self.retry.max_attempts),
+            1,
+            u64::from(MAX_ATTEMPTS),
+        )?;
+        check_range(
+            "retry.budget_percent",
+            u64::from(self.retry.budget_percent),
+            0,
+            100,
+        )?;
+        check_range(
+            "retry.min_retries",
+            u64::from(self.retry.min_retries),
+            0,
+            1000,
+        )?;
+        Ok(())
+    }
+
+    /// Every cluster the levels name, with its level.
+    pub fn level_of(&self, cluster: &ClusterName) -> Option<(usize, u32)> {
+        self.levels.iter().enumerate().find_map(|(i, l)| {
+            l.clusters
+                .iter()
+                .find(|m| &m.cluster == cluster)
+                .map(|m| (i, m.weight))
+        })
+    }
+}
+
+// === drills ===
+
+/// What a drill does to its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillKind {
+    /// No new connections to the cluster; existing ones finish.
+    Drain,
+    /// The cluster is treated as dead, as in a real outage.
+    Fail,
+    /// The service's traffic goes to this cluster only.
+    Pin,
+}
+
+impl DrillKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillKind::Drain => "drain",
+            DrillKind::Fail => "fail",
+            DrillKind::Pin => "pin",
+        }
+    }
+}
+
+/// An operator override. Key: `<prefix>/v1/drills/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub schema: u32,
+    #[serde(default)]
+    pub schema_minor: u32,
+    pub kind: DrillKind,
+    pub cluster: ClusterName,
+    /// One service only; none: every service (not allowed for `pin`).
+    #[serde(default)]
+    pub service: Option<ServiceKey>,
+    pub who: String,
+    pub why: String,
+    /// Unix seconds.
+    pub created: i64,
+    /// Unix seconds; mandatory, so a forgotten drill ends by itself.
+    pub expires: i64,
+}
+
+impl DrillRecord {
+    /// Rejects a drill without its audit fields, with a bad lifetime, or a pin without a
+    /// service.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        if self.who.trim().is_empty() {
+            return Err(RecordError::MissingAudit("who"));
+        }
+        if self.why.trim().is_empty() {
+            return Err(RecordError::MissingAudit("why"));
+        }
+        if self.who.len() > MAX_DRILL_TEXT {
+            return Err(RecordError::TextTooLong("who"));
+        }
+        if self.why.len() > MAX_DRILL_TEXT {
+            return Err(RecordError::TextTooLong("why"));
+        }
+        if self.expires <= self.created {
+            return Err(RecordError::ExpiresBeforeCreated {
+                created: self.created,
+                expires: self.expires,
+            });
+        }
+        if self.expires - self.created > MAX_DRILL_LIFETIME.as_secs() as i64 {
+            return Err(RecordError::TooLong);
+        }
+        if self.kind == DrillKind::Pin && self.service.is_none() {
+            return Err(RecordError::PinWithoutService);
+        }
+        Ok(())
+    }
+
+    /// Whether the drill is in force at `unix_now`.
+    pub fn active(&self, unix_now: i64) -> bool {
+        self.created <= unix_now && unix_now < self.expires
+    }
+
+    /// Whether the drill applies to `service`.
+    pub fn covers(&self, service: &ServiceKey) -> bool {
+        self.service.as_ref().is_none_or(|s| s == service)
+    }
+}
+
+/// The clusters a policy names, for checks elsewhere.
+pub fn named_clusters(policy: &PolicyRecord) -> BTreeSet<ClusterName> {
+    policy
+        .levels
+        .iter()
+        .flat_map(|l| l.clusters.iter().map(|m| m.cluster.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: &str) -> Result<PolicyRecord, RecordError> {
+        let p: PolicyRecord = decode(json.as_bytes())?;
+        p.validate()?;
+        Ok(p)
+    }
+
+    #[test]
+    fn a_minimal_policy_gets_every_default() {
+        let p = policy(r#"{"schema":1}"#).expect("valid");
+        assert_eq!(p, PolicyRecord::default());
+        let p = policy(
+            r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":80},{"cluster":"north","weight":20}]},{"clusters":[{"cluster":"east"}]}],
+                "failback_hold_down":"10s","outlier":{"consecutive_failures":3,"base_ejection":"2s"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(p.levels.len(), 2);
+        assert_eq!(p.levels[1].clusters[0].weight, 1);
+        assert_eq!(p.failback_hold_down, Duration::from_secs(10));
+        assert_eq!(p.outlier.consecutive_failures, 3);
+        assert_eq!(p.outlier.base_ejection, Duration::from_secs(2));
+        assert_eq!(p.outlier.max_ejection, DEFAULT_MAX_EJECTION);
+        let west = ClusterName::new("west").expect("valid");
+        assert_eq!(p.level_of(&west), Some((0, 80)));
+    }
+
+    #[test]
+    fn policies_that_cannot_work_are_rejected_with_the_reason() {
+        let table: &[(&str, &str)] = &[
+            (r#"{"schema":2}"#, "schema version 2"),
+            (
+                r#"{"schema":1,"levels":[{"clusters":[]}]}"#,
+                "level 0 lists no cluster",
+            ),
+            (
+                r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west"}]},{"clusters":[{"cluster":"west"}]}]}"#,
+                "west is listed twice (levels 0 and 1)",
+            ),
+            (
+                r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":0},{"cluster":"east","weight":0}]}]}"#,
+                "weights of level 0 sum to zero",
+            ),
+            (
+                r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":10001}]}]}"#,
+                "weight is 10001",
+            ),
+            (
+                r#"{"schema":1,"local_only":true,"levels":[{"clusters":[{"cluster":"west"}]}]}"#,
+                "local_only and priority levels",
+            ),
+            (
+                r#"{"schema":1,"outlier":{"base_ejection":"60s","max_ejection":"10s"}}"#,
+                "max_ejection",
+            ),
+            (
+                r#"{"schema":1,"retry":{"max_attempts":0}}"#,
+                "retry.max_attempts is 0",
+            ),
+            (
+                r#"{"schema":1,"overprovisioning_percent":50}"#,
+                "overprovisioning_percent is 50",
+            ),
+            (
+                r#"{"schema":1,"min_healthy":{"percent":101}}"#,
+                "min_healthy.percent is 101",
+            ),
+            (
+                r#"{"schema":1,"failback_hold_down":"soon"}"#,
+                "not valid JSON",
+            ),
+            (
+                r#"{"schema":1,"levels":[{"clusters":[{"cluster":"West!"}]}]}"#,
+                "not valid JSON",
+            ),
+            (r#"{"schema":"1"}"#, "not valid JSON"),
+            ("not json", "not valid JSON"),
+        ];
+        for (json, want) in table {
+            let err = policy(json).expect_err(json).to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+        let huge = format!(r#"{{"schema":1,"pad":"{}"}}"#, "x".repeat(MAX_RECORD_BYTES));
+        assert!(matches!(policy(&huge), Err(RecordError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn policies_and_drills_of_a_newer_minor_are_read() {
+        let p = policy(r#"{"schema":1,"schema_minor":5,"canary":{"cluster":"west"},"retry":{"max_attempts":2,"jitter":"5ms"}}"#)
+            .expect("a newer minor is read");
+        assert_eq!(p.retry.max_attempts, 2);
+        let d: DrillRecord = decode(
+            br#"{"schema":1,"schema_minor":2,"kind":"fail","cluster":"west","who":"ana","why":"game day","created":100,"expires":200,"ticket":"OPS-1"}"#,
+        )
+        .expect("decodes");
+        assert_eq!(d.validate(), Ok(()));
+    }
+
+    fn drill(kind: &str, service: Option<&str>, created: i64, expires: i64) -> String {
+        let service = service.map_or(String::new(), |s| format!(r#","service":{s}"#));
+        format!(
+            r#"{{"schema":1,"kind":"{kind}","cluster":"west","who":"ana","why":"game day","created":{created},"expires":{expires}{service}}}"#
+        )
+    }
+
+    #[test]
+    fn drills_need_an_audit_trail_an_expiry_and_a_service_to_pin() {
+        let pay = r#"{"namespace":"prod","name":"pay"}"#;
+        let ok = [
+            drill("drain", None, 100, 200),
+            drill("fail", Some(pay), 100, 200),
+            drill("pin", Some(pay), 100, 100 + 7 * 86_400),
+        ];
+        for json in &ok {
+            let d: DrillRecord = decode(json.as_bytes()).expect(json);
+            assert_eq!(d.validate(), Ok(()), "{json}");
+        }
+        let bad = [
+            (drill("pin", None, 100, 200), "needs the service"),
+            (
+                drill("drain", None, 200, 200),
+                "must expire after it starts",
+            ),
+            (
+                drill("drain", None, 100, 101 + 7 * 86_400),
+                "at most 7 days",
+            ),
+            (
+                drill("drain", None, 100, 200).replace(r#""who":"ana""#, r#""who":" ""#),
+                "needs who",
+            ),
+            (
+                drill("drain", None, 100, 200).replace(r#""why":"game day""#, r#""why":"""#),
+                "needs why",
+            ),
+            (drill("explode", None, 100, 200), "not valid JSON"),
+            (
+                drill("drain", None, 100, 200).replace(r#","expires":200"#, ""),
+                "not valid JSON",
+            ),
+        ];
+        for (json, want) in &bad {
+            let err = decode::<DrillRecord>(json.as_bytes())
+                .and_then(|d| d.validate())
+                .expect_err(json)
+                .to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_drill_is_active_from_creation_until_expiry_and_covers_its_service() {
+        let d: DrillRecord = decode(
+            drill(
+                "fail",
+                Some(r#"{"namespace":"prod","name":"pay"}"#),
+                100,
+                200,
+            )
+            .as_bytes(),
+        )
+        .expect("decodes");
+        for (now, active) in [(99, false), (100, true), (199, true), (200, false)] {
+            assert_eq!(d.active(now), active, "at {now}");
+        }
+        assert!(d.covers(&"pay.prod".parse().expect("key")));
+        assert!(!d.covers(&"ledger.prod".parse().expect("key")));
+    }
+}
