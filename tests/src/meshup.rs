@@ -1,61 +1,69 @@
 //! The `meshup` binary under test.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::time::SystemTime;
 
-/// The `meshup` binary of the running test's profile (`target/<profile>/meshup`), built fresh:
-/// the first call in a test process runs `cargo build -p meshup-gateway --bin meshup` for that
-/// profile, which is a no-op when the binary is current and a rebuild after an edit, so
-/// `cargo test -p meshup-tests` never tests a stale gateway. A failed build is a loud failure.
+/// Sources the `meshup` binary is built from (the gateway and the crates it depends on): an
+/// edit to any of them makes the binary stale.
+const SOURCES: &[&str] = &[
+    "core/src",
+    "core/Cargo.toml",
+    "federation/src",
+    "federation/Cargo.toml",
+    "dns/src",
+    "dns/Cargo.toml",
+    "gateway/src",
+    "gateway/Cargo.toml",
+];
+
+/// The `meshup` binary next to the running test executable (`target/<profile>/meshup`),
+/// checked to be newer than every source it is built from, so a test never runs a stale
+/// gateway after an edit (`cargo test -p meshup-tests` alone does not rebuild it; `.ci/test`
+/// builds the workspace first). A missing or stale binary is a loud failure.
 pub fn meshup_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(build).clone()
-}
-
-fn build() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
+    let bin = exe
         .parent()
         .and_then(Path::parent)
-        .expect("test executables live in target/<profile>/deps");
-    let target_dir = profile_dir
+        .expect("test executables live in target/<profile>/deps")
+        .join("meshup");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "the meshup binary is missing at {} ({e}): run `cargo build --workspace` first (.ci/test does)",
+                bin.display()
+            )
+        });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the profile directory sits in the target directory");
-    let profile = profile_dir
-        .file_name()
-        .and_then(|p| p.to_str())
-        .expect("a UTF-8 profile name");
-    // cargo names the dev profile's directory `debug`.
-    let profile = if profile == "debug" { "dev" } else { profile };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let out = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "--locked",
-            "-p",
-            "meshup-gateway",
-            "--bin",
-            "meshup",
-        ])
-        .args(["--profile", profile])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .env("CARGO_TARGET_DIR", target_dir)
-        .output()
-        .expect("run cargo to build the meshup binary");
-    assert!(
-        out.status.success(),
-        "building the meshup binary failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = profile_dir.join("meshup");
-    assert!(
-        bin.exists(),
-        "cargo built meshup, but not at {}",
-        bin.display()
-    );
+        .expect("tests/ sits in the workspace root");
+    if let Some((newer, at)) = SOURCES
+        .iter()
+        .filter_map(|s| newest(&root.join(s)))
+        .max_by_key(|(_, at)| *at)
+        && at > built
+    {
+        panic!(
+            "the meshup binary at {} is older than {} (modified {:?} after the build): run `cargo build --workspace` first",
+            bin.display(),
+            newer.display(),
+            at.duration_since(built).unwrap_or_default()
+        );
+    }
     bin
+}
+
+/// The most recently modified file under `path` (itself, if a file), skipping build output.
+fn newest(path: &Path) -> Option<(PathBuf, SystemTime)> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return Some((path.to_path_buf(), meta.modified().ok()?));
+    }
+    std::fs::read_dir(path)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name() != "target")
+        .filter_map(|e| newest(&e.path()))
+        .max_by_key(|(_, at)| *at)
 }
