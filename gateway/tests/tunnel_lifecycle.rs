@@ -1,5 +1,6 @@
 //! Things that change while traffic flows: catalog changes close listeners, peers die
-//! silently, gateways drain, candidates refuse, clients must prove their address.
+//! silently, pooled connections age out, gateways drain, candidates refuse, clients must
+//! prove their address.
 
 mod common;
 
@@ -75,26 +76,114 @@ async fn silent_peer_is_noticed_within_three_and_a_half_seconds_and_idle_is_kept
             conn.close_reason()
         );
 
-        // The peer goes silent (packets dropped both ways, like SIGKILL or a blackhole).
-        relay.blackhole.store(true, Ordering::SeqCst);
-        let start = Instant::now();
+        // The peer goes silent (packets dropped both ways, like SIGKILL or a blackhole) once an
+        // exchange is complete: the worst moment, as east then sends nothing until its next
+        // keep-alive, a whole interval away, and quinn's own idle timer only starts again
+        // there (it would notice after up to idle + keep_alive = 4 s). Timed from the peer's
+        // last datagram to east: the peer died no earlier than that.
+        relay.blackhole_when_quiet(Duration::from_millis(50));
+        eventually(Duration::from_secs(5), "the relay went silent", || {
+            let silent = relay.blackhole.load(Ordering::SeqCst);
+            async move { silent }
+        })
+        .await;
+        let died = relay.last_to_client().expect("east heard from west");
         let reason = conn.closed().await;
-        let took = start.elapsed();
-        eprintln!("silent peer noticed after {took:?} ({reason})");
-        assert!(
-            matches!(reason, quinn::ConnectionError::TimedOut),
-            "{reason:?}"
-        );
+        let took = died.elapsed();
+        eprintln!("silent peer noticed {took:?} after its last datagram ({reason})");
         assert!(
             took <= Duration::from_millis(3500),
-            "noticed after {took:?}"
+            "noticed {took:?} after the peer died"
         );
-        // Not instantly either: the idle timeout, not something else, closed it.
+        // Not before either: a peer is dead after `idle_timeout` of silence, not sooner.
         assert!(
-            took >= tunnel::DEFAULT_IDLE_TIMEOUT
-                - tunnel::DEFAULT_KEEP_ALIVE
-                - Duration::from_millis(100)
+            took >= tunnel::DEFAULT_IDLE_TIMEOUT,
+            "closed after only {took:?} of silence"
         );
+        assert!(
+            matches!(reason, quinn::ConnectionError::LocallyClosed),
+            "{reason:?}"
+        );
+        assert_eq!(east.metrics.silent_peers.get(), 1, "closed for silence");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aged_connection_takes_no_new_streams_and_its_open_stream_runs_to_its_end() {
+    within(Duration::from_secs(30), async {
+        const AGE: Duration = Duration::from_secs(1);
+        let pki = Pki::new();
+        let echo = Backend::echo().await;
+        let east = Gateway::start("east", &pki.issue("east", "east"), |c| {
+            c.max_connection_age = AGE;
+            // Grace for the streams of a retired connection: long enough for `before` to end.
+            c.drain_deadline = Duration::from_secs(5);
+        });
+        let west = Gateway::start("west", &pki.issue("west", "west"), |_| {});
+        west.export(echo.addr, &[]);
+        let vip = next_vip();
+        east.snapshots.send_replace(east_to_west(vip, west.addr()));
+        east.wait_listening(vip).await;
+
+        // Taken before the first dial starts, so the first QUIC connection is handed out
+        // until at least `first_dial + AGE`.
+        let first_dial = Instant::now();
+        let mut before = dial(vip).await.expect("connect");
+        assert_eq!(ping(&mut before, b"before").await.expect("echo"), b"before");
+        assert_eq!(east.proxy.dials(), 1);
+
+        // New proxied connections, one at a time: each that finished before the age rode the
+        // first QUIC connection; after the age, one of them dials a second.
+        let give_up = Instant::now() + AGE + Duration::from_secs(5);
+        let replaced = loop {
+            let mut c = dial(vip).await.expect("connect");
+            assert_eq!(ping(&mut c, b"probe").await.expect("echo"), b"probe");
+            let done = Instant::now();
+            match east.proxy.dials() {
+                1 => assert!(done < give_up, "no new QUIC connection after the age"),
+                2 => break done,
+                n => panic!("{n} dials"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            replaced >= first_dial + AGE,
+            "a new QUIC connection {:?} after the first, before max_connection_age",
+            replaced - first_dial
+        );
+        eprintln!(
+            "first QUIC connection replaced {:?} after it was dialled",
+            replaced - first_dial
+        );
+        // Later ones share the new connection.
+        for _ in 0..3 {
+            assert_eq!(try_ping(vip, b"later").await.expect("echo"), b"later");
+        }
+        assert_eq!(east.proxy.dials(), 2);
+
+        // The stream opened before still works on the old connection, and ends cleanly.
+        assert_eq!(east.metrics.active_connections.get(), 2);
+        assert_eq!(
+            ping(&mut before, b"after the age")
+                .await
+                .expect("still works"),
+            b"after the age"
+        );
+        before.shutdown().await.expect("FIN");
+        let mut rest = Vec::new();
+        before.read_to_end(&mut rest).await.expect("clean end");
+        assert!(rest.is_empty());
+        // Then the retired connection closes (after its grace), and only the new one is left.
+        eventually(
+            Duration::from_secs(10),
+            "the retired connection closed",
+            || {
+                let n = east.metrics.active_connections.get();
+                async move { n == 1 }
+            },
+        )
+        .await;
     })
     .await;
 }
@@ -528,9 +617,17 @@ async fn idle_proxied_connections_are_reset_busy_ones_are_not() {
 
         let mut quiet = dial(vip).await.expect("connect");
         let mut busy = dial(vip).await.expect("connect");
+        // The gateways last saw the quiet connection move a byte after this instant.
+        let quiet_last = Instant::now();
         assert_eq!(ping(&mut quiet, b"hi").await.expect("echo"), b"hi");
+        let quiet_reset = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            let res = quiet.read(&mut buf).await.map_err(|e| e.kind());
+            (res, Instant::now())
+        });
         let start = Instant::now();
-        // Busy: a byte every 200 ms for three idle periods.
+        // Busy: a byte every 50 ms (a twelfth of the idle timeout, so a slow machine does not
+        // make it idle) for three idle periods.
         while start.elapsed() < 3 * idle {
             assert_eq!(
                 ping(&mut busy, b"x")
@@ -538,16 +635,22 @@ async fn idle_proxied_connections_are_reset_busy_ones_are_not() {
                     .expect("busy connection survives"),
                 b"x"
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Quiet: reset by now.
-        let mut buf = [0u8; 1];
-        let res = tokio::time::timeout(Duration::from_secs(2), quiet.read(&mut buf))
+        // Quiet: reset by now, and not before it had been idle for the timeout.
+        let (res, reset_at) = tokio::time::timeout(Duration::from_secs(2), quiet_reset)
             .await
-            .expect("quiet connection was not closed");
+            .expect("quiet connection was not closed")
+            .expect("reader task");
+        assert_eq!(
+            res.map(|_| ()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "idle connection should be reset"
+        );
         assert!(
-            matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-            "idle connection should be reset, got {res:?}"
+            reset_at - quiet_last >= idle,
+            "reset after {:?}, before the idle timeout",
+            reset_at - quiet_last
         );
     })
     .await;

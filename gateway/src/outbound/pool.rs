@@ -13,6 +13,11 @@
 //! 4. After a failed dial the peer is in backoff (exponential, capped): callers fail fast
 //!    with `PoolError::Backoff` and no dial happens until it expires, so a dead peer costs
 //!    one handshake timeout per backoff period, not one per client connection.
+//! 5. A connection dialled with credentials that are no longer ours (the certificate was
+//!    rotated, see [`Credentials`]) is never handed out; the next caller dials with the new
+//!    ones, so new proxied connections present the new certificate within one reload. The old
+//!    connection keeps its open streams and is retired when it reaches the age it would have
+//!    been retired at anyway: a rotation never cuts a stream earlier than ageing would.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -89,6 +94,21 @@ pub trait Dialer: Send + Sync + 'static {
     fn retire(&self, _conn: Self::Conn) {}
 }
 
+/// What a dialer presents to peers in its handshakes, so the pool notices a rotation.
+pub trait Credentials {
+    /// Names the credentials a dial started now would present (our certificate's serial).
+    /// Connections dialled under another name are replaced for new streams (invariant 5).
+    fn credentials(&self) -> String;
+}
+
+/// The QUIC dialer presents the identity's current certificate in every new handshake (the
+/// client-certificate resolver asks for it each time), so that certificate's serial names it.
+impl Credentials for super::QuicDialer {
+    fn credentials(&self) -> String {
+        self.0.identity().current().serial.clone()
+    }
+}
+
 /// Backoff after `failures` consecutive failed dials (≥ 1). Pure.
 pub fn backoff(failures: u32) -> Duration {
     let shift = failures.saturating_sub(1).min(16);
@@ -132,10 +152,21 @@ enum Msg<C> {
     },
 }
 
+/// A pooled connection.
+struct Pooled<C> {
+    conn: C,
+    /// After this instant the connection is no longer handed out.
+    retire_at: Instant,
+    /// The credentials it was dialled with.
+    credentials: String,
+}
+
 struct Slot<C> {
-    /// The connection and the instant after which it is no longer handed out.
-    conn: Option<(C, Instant)>,
+    conn: Option<Pooled<C>>,
     dialing: bool,
+    /// The credentials the dial in progress presents (read when it started: a rotation during
+    /// the handshake costs one extra dial later, never a connection with the old certificate).
+    dialing_with: String,
     waiters: Vec<Reply<C>>,
     failures: u32,
     retry_at: Option<Instant>,
@@ -146,6 +177,7 @@ impl<C> Default for Slot<C> {
         Self {
             conn: None,
             dialing: false,
+            dialing_with: String::new(),
             waiters: Vec::new(),
             failures: 0,
             retry_at: None,
@@ -157,7 +189,7 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
     /// Starts the pool task. It ends when every handle is dropped.
     pub fn spawn<D>(dialer: D, max_age: Duration) -> Self
     where
-        D: Dialer<Conn = C>,
+        D: Dialer<Conn = C> + Credentials,
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let dials = Arc::new(AtomicU64::new(0));
@@ -199,7 +231,7 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
     }
 }
 
-async fn run<D: Dialer>(
+async fn run<D: Dialer + Credentials>(
     dialer: D,
     max_age: Duration,
     mut rx: mpsc::UnboundedReceiver<Msg<D::Conn>>,
@@ -213,16 +245,32 @@ async fn run<D: Dialer>(
         match msg {
             Msg::Get { peer, reply } => {
                 let slot = slots.entry(peer.clone()).or_default();
-                if let Some((conn, retire_at)) = &slot.conn {
-                    if D::is_usable(conn) && now < *retire_at {
-                        let _ = reply.send(Ok(conn.clone()));
+                let credentials = dialer.credentials();
+                if let Some(pooled) = slot.conn.take() {
+                    let usable = D::is_usable(&pooled.conn);
+                    let young = now < pooled.retire_at;
+                    let current = pooled.credentials == credentials;
+                    if usable && young && current {
+                        let _ = reply.send(Ok(pooled.conn.clone()));
+                        slot.conn = Some(pooled);
                         continue;
                     }
-                    tracing::debug!(%peer, "pooled connection closed or too old; replacing it");
-                    if let Some((conn, _)) = slot.conn.take()
-                        && D::is_usable(&conn)
-                    {
-                        dialer.retire(conn);
+                    if !usable {
+                        tracing::debug!(%peer, "pooled connection closed; replacing it");
+                    } else if !young {
+                        tracing::debug!(%peer, "pooled connection too old; replacing it");
+                        dialer.retire(pooled.conn);
+                    } else {
+                        tracing::info!(%peer, "our certificate changed; new streams go to a new connection");
+                        // Open streams stay on the old connection until it is as old as it
+                        // would have been retired at anyway.
+                        let dialer = dialer.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(pooled.retire_at).await;
+                            if D::is_usable(&pooled.conn) {
+                                dialer.retire(pooled.conn);
+                            }
+                        });
                     }
                 }
                 if slot.dialing {
@@ -239,6 +287,7 @@ async fn run<D: Dialer>(
                     continue;
                 }
                 slot.dialing = true;
+                slot.dialing_with = credentials;
                 slot.waiters.push(reply);
                 dials.fetch_add(1, Ordering::Relaxed);
                 let Some(tx) = tx.upgrade() else { return };
@@ -252,7 +301,7 @@ async fn run<D: Dialer>(
                 let live = slots
                     .iter()
                     .filter_map(|(peer, slot)| {
-                        let (conn, _) = slot.conn.as_ref()?;
+                        let conn = &slot.conn.as_ref()?.conn;
                         D::is_usable(conn).then(|| (peer.clone(), conn.clone()))
                     })
                     .collect();
@@ -271,7 +320,11 @@ async fn run<D: Dialer>(
                         slot.failures = 0;
                         slot.retry_at = None;
                         let age = D::lifetime(&conn).map_or(max_age, |l| l.min(max_age));
-                        slot.conn = Some((conn.clone(), now + age));
+                        slot.conn = Some(Pooled {
+                            conn: conn.clone(),
+                            retire_at: now + age,
+                            credentials: std::mem::take(&mut slot.dialing_with),
+                        });
                         for w in waiters {
                             let _ = w.send(Ok(conn.clone()));
                         }
@@ -296,8 +349,16 @@ async fn run<D: Dialer>(
 
 #[cfg(test)]
 mod tests {
+    //! On paused time: every instant below is exact, so the tests assert each boundary (the
+    //! last instant a connection is still handed out and the first it is not) instead of
+    //! sleeping past it with a margin.
+
     use super::*;
     use std::sync::atomic::AtomicBool;
+
+    /// How long a fake handshake takes.
+    const HANDSHAKE: Duration = Duration::from_millis(20);
+    const MS: Duration = Duration::from_millis(1);
 
     #[derive(Clone)]
     struct FakeConn {
@@ -312,6 +373,8 @@ mod tests {
         fail: Arc<AtomicBool>,
         /// Milliseconds of certificate-derived lifetime per connection (0: none).
         lifetime_ms: Arc<AtomicU64>,
+        /// Which certificate new dials present; bumped to simulate a rotation.
+        certificate: Arc<AtomicU64>,
     }
 
     impl Dialer for FakeDialer {
@@ -326,11 +389,11 @@ mod tests {
             let addr = peer.addr;
             Box::pin(async move {
                 // A handshake takes time, so concurrent callers overlap with it.
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(HANDSHAKE).await;
                 if fail {
                     Err(ConnectError::Timeout {
                         addr,
-                        timeout: Duration::from_millis(20),
+                        timeout: HANDSHAKE,
                     })
                 } else {
                     Ok(FakeConn {
@@ -351,11 +414,37 @@ mod tests {
         }
     }
 
+    impl Credentials for FakeDialer {
+        fn credentials(&self) -> String {
+            format!("certificate {}", self.certificate.load(Ordering::SeqCst))
+        }
+    }
+
+    impl FakeDialer {
+        fn dials(&self) -> u64 {
+            self.dials.load(Ordering::SeqCst)
+        }
+        fn retired(&self) -> u64 {
+            self.retired.load(Ordering::SeqCst)
+        }
+    }
+
     fn peer() -> PeerKey {
         PeerKey {
             cluster: ClusterName::new("west").expect("valid"),
             addr: "127.0.0.1:1".parse().expect("addr"),
         }
+    }
+
+    fn same(a: &FakeConn, b: &FakeConn) -> bool {
+        Arc::ptr_eq(&a.alive, &b.alive)
+    }
+
+    /// A connection from the pool and the instant it was handed out (on paused time, the
+    /// instant its dial completed when it was a new one).
+    async fn get(pool: &Pool<FakeConn>) -> (FakeConn, Instant) {
+        let conn = pool.get(&peer()).await.expect("a connection");
+        (conn, Instant::now())
     }
 
     #[test]
@@ -367,7 +456,7 @@ mod tests {
         assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn thousand_concurrent_callers_cause_one_dial() {
         let dialer = FakeDialer::default();
         let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
@@ -378,35 +467,41 @@ mod tests {
         for g in futures::future::join_all(gets).await {
             assert!(g.expect("task"));
         }
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+        assert_eq!(dialer.dials(), 1);
         assert_eq!(pool.dials(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn dead_and_old_connections_are_replaced() {
+        const AGE: Duration = Duration::from_millis(300);
         let dialer = FakeDialer::default();
-        let pool = Pool::spawn(dialer.clone(), Duration::from_millis(300));
-        let c1 = pool.get(&peer()).await.expect("dial");
-        let again = pool.get(&peer()).await.expect("pooled");
-        assert!(Arc::ptr_eq(&c1.alive, &again.alive));
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
+        let pool = Pool::spawn(dialer.clone(), AGE);
+        let (c1, _) = get(&pool).await;
+        let (again, _) = get(&pool).await;
+        assert!(same(&c1, &again));
+        assert_eq!(dialer.dials(), 1);
 
         c1.alive.store(false, Ordering::SeqCst);
-        let c2 = pool.get(&peer()).await.expect("redial");
-        assert!(!Arc::ptr_eq(&c1.alive, &c2.alive));
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        let (c2, dialled) = get(&pool).await;
+        assert!(!same(&c1, &c2));
+        assert_eq!(dialer.dials(), 2);
         // A dead connection is simply dropped: nothing to retire.
-        assert_eq!(dialer.retired.load(Ordering::SeqCst), 0);
+        assert_eq!(dialer.retired(), 0);
 
-        tokio::time::sleep(Duration::from_millis(310)).await;
-        let c3 = pool.get(&peer()).await.expect("recycled");
-        assert!(!Arc::ptr_eq(&c2.alive, &c3.alive));
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+        // Handed out until the last instant before its age, not at it.
+        tokio::time::sleep_until(dialled + AGE - MS).await;
+        let (still, _) = get(&pool).await;
+        assert!(same(&c2, &still), "replaced before its age");
+        assert_eq!(dialer.retired(), 0);
+        tokio::time::sleep_until(dialled + AGE).await;
+        let (c3, _) = get(&pool).await;
+        assert!(!same(&c2, &c3), "handed out at its age");
+        assert_eq!(dialer.dials(), 3);
         // The old but usable one is handed to the dialer to be closed after a grace.
-        assert_eq!(dialer.retired.load(Ordering::SeqCst), 1);
+        assert_eq!(dialer.retired(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn departed_peers_are_forgotten_and_kept_ones_stay_pooled() {
         let dialer = FakeDialer::default();
         let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
@@ -427,27 +522,32 @@ mod tests {
             .collect();
         assert_eq!(live, vec![peer()]);
         pool.get(&peer()).await.expect("still pooled");
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        assert_eq!(dialer.dials(), 2);
         // A departed peer that comes back is dialled afresh.
         pool.get(&other).await.expect("dial again");
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+        assert_eq!(dialer.dials(), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_connections_own_lifetime_caps_its_age() {
+        const LIFETIME: Duration = Duration::from_millis(200);
         let dialer = FakeDialer::default();
-        dialer.lifetime_ms.store(200, Ordering::SeqCst);
+        dialer
+            .lifetime_ms
+            .store(LIFETIME.as_millis() as u64, Ordering::SeqCst);
         let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
-        let c1 = pool.get(&peer()).await.expect("dial");
-        let again = pool.get(&peer()).await.expect("pooled");
-        assert!(Arc::ptr_eq(&c1.alive, &again.alive));
-        tokio::time::sleep(Duration::from_millis(210)).await;
-        let c2 = pool.get(&peer()).await.expect("replaced");
-        assert!(!Arc::ptr_eq(&c1.alive, &c2.alive));
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
+        let (c1, dialled) = get(&pool).await;
+        tokio::time::sleep_until(dialled + LIFETIME - MS).await;
+        let (again, _) = get(&pool).await;
+        assert!(same(&c1, &again), "replaced before its lifetime");
+        tokio::time::sleep_until(dialled + LIFETIME).await;
+        let (c2, _) = get(&pool).await;
+        assert!(!same(&c1, &c2), "handed out past its lifetime");
+        assert_eq!(dialer.dials(), 2);
+        assert_eq!(dialer.retired(), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failed_dials_back_off_and_callers_fail_fast() {
         let dialer = FakeDialer::default();
         dialer.fail.store(true, Ordering::SeqCst);
@@ -456,33 +556,92 @@ mod tests {
             pool.get(&peer()).await,
             Err(PoolError::Dial { .. })
         ));
-        // Within the backoff: no dial, immediate error.
+        let failed = Instant::now();
+        // Within the backoff: no dial, immediate error, up to its last instant.
         for _ in 0..50 {
             assert!(matches!(
                 pool.get(&peer()).await,
                 Err(PoolError::Backoff { .. })
             ));
         }
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 1);
-        tokio::time::sleep(backoff(1)).await;
-        assert!(matches!(
-            pool.get(&peer()).await,
-            Err(PoolError::Dial { .. })
-        ));
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 2);
-        // Second failure: longer backoff.
-        tokio::time::sleep(backoff(1)).await;
+        tokio::time::sleep_until(failed + backoff(1) - MS).await;
         assert!(matches!(
             pool.get(&peer()).await,
             Err(PoolError::Backoff { .. })
         ));
-        tokio::time::sleep(backoff(2)).await;
+        assert_eq!(dialer.dials(), 1);
+        // At its end: the next caller dials.
+        tokio::time::sleep_until(failed + backoff(1)).await;
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Dial { .. })
+        ));
+        let failed = Instant::now();
+        assert_eq!(dialer.dials(), 2);
+        // Second failure: the backoff doubled.
+        tokio::time::sleep_until(failed + backoff(2) - MS).await;
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Backoff { .. })
+        ));
+        assert_eq!(dialer.dials(), 2);
+        tokio::time::sleep_until(failed + backoff(2)).await;
         dialer.fail.store(false, Ordering::SeqCst);
         assert!(pool.get(&peer()).await.is_ok());
-        assert_eq!(dialer.dials.load(Ordering::SeqCst), 3);
+        assert_eq!(dialer.dials(), 3);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn a_new_certificate_moves_new_callers_to_a_new_connection_and_spares_the_old_one() {
+        const AGE: Duration = Duration::from_millis(300);
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), AGE);
+        let (old, dialled) = get(&pool).await;
+        tokio::time::sleep_until(dialled + AGE / 3).await;
+
+        dialer.certificate.fetch_add(1, Ordering::SeqCst);
+        let (new, _) = get(&pool).await;
+        assert!(
+            !same(&old, &new),
+            "handed out a connection with the old certificate"
+        );
+        assert_eq!(dialer.dials(), 2);
+        let (again, _) = get(&pool).await;
+        assert!(same(&new, &again), "the new connection is pooled");
+        assert_eq!(dialer.dials(), 2);
+
+        // The old connection is not cut: it is retired only at the age it was dialled for.
+        assert!(old.alive.load(Ordering::SeqCst));
+        tokio::time::sleep_until(dialled + AGE - MS).await;
+        assert_eq!(dialer.retired(), 0, "retired before its age");
+        tokio::time::sleep_until(dialled + AGE + MS).await;
+        assert_eq!(dialer.retired(), 1, "not retired at its age");
+        let (still, _) = get(&pool).await;
+        assert!(same(&new, &still));
+        assert_eq!(dialer.dials(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_that_changes_during_a_dial_costs_one_more_dial() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
+        let first = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.get(&peer()).await.expect("dial") })
+        };
+        // Mid-handshake: this dial may present either certificate, so it counts as the old.
+        tokio::time::sleep(HANDSHAKE / 2).await;
+        dialer.certificate.fetch_add(1, Ordering::SeqCst);
+        let c1 = first.await.expect("task");
+        let (c2, _) = get(&pool).await;
+        assert!(!same(&c1, &c2));
+        assert_eq!(dialer.dials(), 2);
+        let (c3, _) = get(&pool).await;
+        assert!(same(&c2, &c3));
+        assert_eq!(dialer.dials(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn connections_lists_only_usable_pooled_connections() {
         let dialer = FakeDialer::default();
         let pool = Pool::spawn(dialer, Duration::from_secs(60));

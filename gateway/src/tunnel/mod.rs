@@ -24,7 +24,7 @@ pub use config::{
     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LISTEN,
     DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_STREAMS,
     DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_SOCKET_BUFFER_BYTES, DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_STREAM_WINDOW_BYTES, MAX_DURATION, TunnelConfig,
+    DEFAULT_STREAM_WINDOW_BYTES, MAX_DURATION, MIN_UDP_PAYLOAD, TunnelConfig,
 };
 pub(crate) use metrics::ConnectionGuard;
 pub use metrics::{
@@ -46,6 +46,8 @@ pub const CLOSE_RECYCLED: VarInt = VarInt::from_u32(0x11);
 pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x12);
 /// Application close code: the peer's certificate expired while the connection was open.
 pub const CLOSE_EXPIRED: VarInt = VarInt::from_u32(0x13);
+/// Application close code: nothing arrived from the peer for `tunnel.idle_timeout`.
+pub const CLOSE_SILENT: VarInt = VarInt::from_u32(0x14);
 /// Stream reset/stop code: the TCP connection on the other side was reset (RST).
 pub const RESET_TCP: VarInt = VarInt::from_u32(0x1);
 /// Stream reset/stop code: the stream is abandoned (protocol error, timeout, shutdown).
@@ -251,12 +253,22 @@ impl Endpoint {
         Ok(conn)
     }
 
-    /// Counts `conn` in the active-connections gauge until it closes.
+    /// Counts `conn` in the active-connections gauge until it closes, and closes it once the
+    /// peer has been silent for `idle_timeout` (see [`peer_silent_for`]).
     pub(crate) fn track(&self, conn: &quinn::Connection) {
         let guard = ConnectionGuard::new(&self.metrics);
         let conn = conn.clone();
+        let idle = self.config.idle_timeout;
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            conn.closed().await;
+            tokio::select! {
+                _ = conn.closed() => {}
+                () = peer_silent_for(&conn, idle) => {
+                    tracing::info!(remote = %conn.remote_address(), ?idle, "peer silent; closing the connection");
+                    metrics.silent_peers.inc();
+                    conn.close(CLOSE_SILENT, b"peer silent");
+                }
+            }
             drop(guard);
         });
     }
@@ -270,6 +282,33 @@ impl Endpoint {
     /// timeouts), so a process can exit without peers waiting on a silent socket.
     pub async fn wait_idle(&self) {
         self.quinn.wait_idle().await;
+    }
+}
+
+/// Resolves once nothing has arrived on `conn` for `idle`.
+///
+/// quinn's own idle timer starts again at the first packet we send after the peer's last one,
+/// and with keep-alives that packet is our next keep-alive, up to `keep_alive` later: a peer
+/// that died right after its last packet would be noticed only after `idle + keep_alive`.
+/// Counting from the last packet received makes `idle_timeout` mean what it says (a peer
+/// silent this long is dead). Live peers answer our keep-alives, so with `keep_alive` below
+/// `idle_timeout` (the config insists) a live connection never stays silent that long;
+/// quinn's timer remains the backstop.
+async fn peer_silent_for(conn: &quinn::Connection, idle: Duration) {
+    // Arrivals are seen at this granularity, so silence is noticed at most one check late.
+    let check = (idle / 30).max(Duration::from_millis(10));
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut since = tokio::time::Instant::now();
+    loop {
+        let deadline = since + idle;
+        tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + check)).await;
+        let now = conn.stats().udp_rx.datagrams;
+        if now != seen {
+            seen = now;
+            since = tokio::time::Instant::now();
+        } else if tokio::time::Instant::now() >= deadline {
+            return;
+        }
     }
 }
 

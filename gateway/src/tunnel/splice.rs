@@ -171,32 +171,38 @@ pub(crate) async fn splice(
     }
 }
 
-/// When a splice last moved a byte, for its idle timeout. Milliseconds since `start` in an
+/// When a splice last moved a byte, for its idle timeout. Nanoseconds since `start` in an
 /// atomic, not a `Cell`, because the splice future must stay `Send`; both directions run in
-/// one task.
+/// one task. Not milliseconds: rounding the last byte's instant down would put the deadline
+/// up to a millisecond before `idle_timeout` had passed.
 struct Activity {
     start: Instant,
-    last_ms: AtomicU64,
+    last_ns: AtomicU64,
 }
 
 impl Activity {
     fn new() -> Self {
         Self {
             start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        // u64 nanoseconds last 584 years.
+        let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_ns.store(ns, Ordering::Relaxed);
     }
 
-    /// Resolves once nothing has moved for `timeout`.
+    /// When the splice is idle unless another byte moves first.
+    fn deadline(&self, timeout: Duration) -> Instant {
+        self.start + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed)) + timeout
+    }
+
+    /// Resolves once nothing has moved for `timeout`, never earlier.
     async fn idle(&self, timeout: Duration) {
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = self.start + last + timeout;
+            let deadline = self.deadline(timeout);
             if Instant::now() >= deadline {
                 return;
             }
@@ -382,6 +388,38 @@ mod tests {
             assert_eq!(w.out, expected, "limit {limit}");
             assert!(chunks.iter().all(Bytes::is_empty));
         }
+    }
+
+    /// Pure timer logic, on paused time: the idle deadline is exactly `timeout` after the last
+    /// byte's instant (not a rounded one), moves with every byte, and the splice is not idle
+    /// before it.
+    #[tokio::test(start_paused = true)]
+    async fn idle_fires_no_sooner_than_the_timeout_after_the_last_byte() {
+        const TIMEOUT: Duration = Duration::from_millis(600);
+        let activity = Activity::new();
+        // Bytes move at instants that are not whole milliseconds after the splice began.
+        tokio::time::advance(Duration::from_micros(1_700)).await;
+        activity.touch();
+        assert_eq!(activity.deadline(TIMEOUT), Instant::now() + TIMEOUT);
+        let idle = activity.idle(TIMEOUT);
+        tokio::pin!(idle);
+        tokio::select! {
+            () = &mut idle => panic!("idle while bytes were still moving"),
+            () = tokio::time::sleep(TIMEOUT / 2) => {}
+        }
+        tokio::time::advance(Duration::from_micros(400)).await;
+        activity.touch();
+        let last_byte = Instant::now();
+        assert_eq!(activity.deadline(TIMEOUT), last_byte + TIMEOUT);
+        (&mut idle).await;
+        let fired = Instant::now();
+        assert!(
+            fired >= last_byte + TIMEOUT,
+            "idle {:?} after the last byte, before the {TIMEOUT:?} timeout",
+            fired - last_byte
+        );
+        // The timer wheel rounds deadlines up to the next millisecond, no more.
+        assert!(fired <= last_byte + TIMEOUT + Duration::from_millis(1));
     }
 
     #[tokio::test]

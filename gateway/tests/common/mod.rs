@@ -186,6 +186,16 @@ impl Gateway {
     }
 }
 
+/// A QUIC connection from `peer` to `server`, dialed as the pool dials (so with `peer`'s valid
+/// certificate) but outside the pool: the test owns every stream on it and writes whatever
+/// bytes it likes, as a buggy or hostile peer of the federation could.
+pub async fn raw_connection(peer: &Gateway, server: &Gateway) -> quinn::Connection {
+    peer.endpoint
+        .connect(server.addr(), &server.cluster)
+        .await
+        .expect("a peer with a valid certificate completes the handshake")
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -400,42 +410,75 @@ pub async fn ping(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
 // === UDP relay ===
 
 /// A user-space UDP relay between one client and `target`: can blackhole traffic (a peer
-/// that dies silently) and counts QUIC Retry packets from the server.
+/// that dies silently), drop datagrams above a size (a path-MTU black hole), and counts QUIC
+/// Retry packets from the server.
 pub struct Relay {
     pub addr: SocketAddr,
     pub blackhole: Arc<std::sync::atomic::AtomicBool>,
     pub retries_seen: Arc<AtomicUsize>,
+    /// Datagrams longer than this (UDP payload bytes) are dropped, both ways.
+    pub max_datagram: Arc<AtomicUsize>,
+    /// Datagrams dropped for their size.
+    pub dropped_large: Arc<AtomicUsize>,
+    /// When the last datagram from the server was passed to the client.
+    last_to_client: Arc<std::sync::Mutex<Option<Instant>>>,
+    /// When the last datagram was passed on, either way.
+    last_any: Arc<std::sync::Mutex<Option<Instant>>>,
 }
 
 impl Relay {
     pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::AtomicBool;
         use tokio::net::UdpSocket;
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
         let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind relay"));
         back.connect(target).await.expect("connect relay");
         let addr = front.local_addr().expect("addr");
-        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let blackhole = Arc::new(AtomicBool::new(false));
         let retries_seen = Arc::new(AtomicUsize::new(0));
+        let max_datagram = Arc::new(AtomicUsize::new(usize::MAX));
+        let dropped_large = Arc::new(AtomicUsize::new(0));
+        let last_to_client: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+        let last_any: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        // Whether a datagram of `n` bytes may pass, counting the ones dropped for size.
+        let fits = {
+            let (max, dropped) = (max_datagram.clone(), dropped_large.clone());
+            move |n: usize| {
+                let fits = n <= max.load(Ordering::SeqCst);
+                if !fits {
+                    dropped.fetch_add(1, Ordering::SeqCst);
+                }
+                fits
+            }
+        };
         {
-            let (front, back, blackhole, client) = (
+            let (front, back, blackhole, client, fits) = (
                 front.clone(),
                 back.clone(),
                 blackhole.clone(),
                 client.clone(),
+                fits.clone(),
             );
+            let any = last_any.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     *client.lock().expect("relay lock") = Some(from);
-                    if !blackhole.load(Ordering::SeqCst) {
+                    if !blackhole.load(Ordering::SeqCst) && fits(n) {
+                        *any.lock().expect("relay lock") = Some(Instant::now());
                         let _ = back.send(&buf[..n]).await;
                     }
                 }
             });
         }
         {
-            let (blackhole, retries) = (blackhole.clone(), retries_seen.clone());
+            let (blackhole, retries, last, any) = (
+                blackhole.clone(),
+                retries_seen.clone(),
+                last_to_client.clone(),
+                last_any.clone(),
+            );
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = back.recv(&mut buf).await {
@@ -444,8 +487,15 @@ impl Relay {
                         retries.fetch_add(1, Ordering::SeqCst);
                     }
                     let to = *client.lock().expect("relay lock");
-                    if let (false, Some(to)) = (blackhole.load(Ordering::SeqCst), to) {
+                    if let (false, Some(to)) = (blackhole.load(Ordering::SeqCst), to)
+                        && fits(n)
+                    {
+                        // Taken before the send, so the client cannot have heard from the
+                        // server any later than this.
+                        let at = Instant::now();
                         let _ = front.send_to(&buf[..n], to).await;
+                        *last.lock().expect("relay lock") = Some(at);
+                        *any.lock().expect("relay lock") = Some(at);
                     }
                 }
             });
@@ -454,6 +504,132 @@ impl Relay {
             addr,
             blackhole,
             retries_seen,
+            max_datagram,
+            dropped_large,
+            last_to_client,
+            last_any,
         }
+    }
+
+    /// Drops everything, both ways, once the server has sent the client a datagram and
+    /// then nothing passed either way for `quiet`: every exchange is complete, and between
+    /// idle QUIC peers the next datagram is a keep-alive a whole interval later, the worst
+    /// moment for the client to notice that its peer died.
+    pub fn blackhole_when_quiet(&self, quiet: Duration) {
+        let armed = Instant::now();
+        let (blackhole, last, any) = (
+            self.blackhole.clone(),
+            self.last_to_client.clone(),
+            self.last_any.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                // Held across the check and the store, so no datagram passes in between.
+                let last_any = any.lock().expect("relay lock");
+                let spoke = last.lock().expect("relay lock").is_some_and(|t| t > armed);
+                if spoke && last_any.is_some_and(|t| t.elapsed() >= quiet) {
+                    blackhole.store(true, Ordering::SeqCst);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// When the last datagram from the server was passed to the client.
+    pub fn last_to_client(&self) -> Option<Instant> {
+        *self.last_to_client.lock().expect("relay lock")
+    }
+}
+
+// === a peer that records who called ===
+
+/// A stand-in for a peer gateway of `cluster` that answers every tunnel stream `connected`
+/// and echoes it, and records for each stream the serial of the certificate its caller's
+/// QUIC connection presented (which a real gateway only logs). Its endpoint verifies callers
+/// exactly like a gateway's does.
+pub struct EchoPeer {
+    pub addr: SocketAddr,
+    endpoint: Arc<Endpoint>,
+    connections: Arc<AtomicUsize>,
+    streams: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EchoPeer {
+    pub fn start(id_dir: &Path, cluster_name: &str) -> Self {
+        use meshup_core::tunnel::{Status, decode_header, encode_status};
+        let files = IdentityFiles::in_dir(id_dir);
+        let mut cfg = TunnelConfig::with_files(files.clone());
+        cfg.listen = "127.0.0.1:0".parse().expect("addr");
+        let identity = Identity::load(files, TD, cluster(cluster_name)).expect("identity");
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let endpoint = Endpoint::bind(&cfg, identity, metrics).expect("bind");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let streams: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let (ep, conns, log) = (endpoint.clone(), connections.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.quinn().accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                let serial = meshup_gateway::tunnel::peer_identity(&conn, TD)
+                    .expect("the verifier accepted an SVID")
+                    .serial;
+                conns.fetch_add(1, Ordering::SeqCst);
+                let log = log.clone();
+                tokio::spawn(async move {
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        let (serial, log) = (serial.clone(), log.clone());
+                        tokio::spawn(async move {
+                            let mut buf = Vec::new();
+                            let mut chunk = [0u8; 4096];
+                            let used = loop {
+                                match decode_header(&buf) {
+                                    Ok((_, used)) => break used,
+                                    Err(e) if e.is_incomplete() => {}
+                                    Err(_) => return,
+                                }
+                                match recv.read(&mut chunk).await {
+                                    Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+                                    _ => return,
+                                }
+                            };
+                            log.lock().expect("peer lock").push(serial);
+                            let answer = encode_status(Status::Connected);
+                            if send.write_all(&answer).await.is_err()
+                                || send.write_all(&buf[used..]).await.is_err()
+                            {
+                                return;
+                            }
+                            let _ = tokio::io::copy(&mut recv, &mut send).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+        Self {
+            addr: endpoint.local_addr(),
+            endpoint,
+            connections,
+            streams,
+        }
+    }
+
+    /// QUIC connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// For each stream so far, in the order they arrived: the serial of the certificate
+    /// its caller presented.
+    pub fn stream_serials(&self) -> Vec<String> {
+        self.streams.lock().expect("peer lock").clone()
+    }
+}
+
+impl Drop for EchoPeer {
+    fn drop(&mut self) {
+        self.endpoint
+            .close(meshup_gateway::tunnel::CLOSE_SHUTDOWN, b"test over");
     }
 }
