@@ -274,6 +274,11 @@ impl DnsServer {
             });
         }
 
+        // Close the listening socket now, not when `run` returns: while it stays open the
+        // kernel keeps completing handshakes into its backlog, and those clients would send
+        // queries nobody reads until the drain below ends. Closed, they are refused at once
+        // and retry another server.
+        drop(listener);
         stop.store(true, Ordering::Relaxed);
         tracker.close();
         if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())

@@ -46,8 +46,8 @@ pub const VIP_GRACE: Duration = Duration::from_secs(300);
 /// How long the final stop waits for background tasks after the drain.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the gateway could not start. Each variant names the part that failed; the cause is
-/// the error's source (print with `{:#}` for the whole chain).
+/// Why the gateway could not start, or did not stop cleanly. Each variant names the part
+/// that failed; the cause is the error's source (print with `{:#}` for the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("identity")]
@@ -62,6 +62,13 @@ pub enum AppError {
     Admin(#[from] crate::admin::AdminError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The drain ran out of time: in-flight streams were cut, not finished. Reported so the
+    /// exit status tells a supervisor (and whoever reads its log) that clients saw errors.
+    #[error(
+        "drain deadline of {} passed with connections still open; they were closed (raise tunnel.drain_deadline if they were meant to finish)",
+        humantime::format_duration(*.0)
+    )]
+    DrainDeadline(Duration),
 }
 
 /// Addresses a running gateway actually bound (the real ports when the config asked for 0).
@@ -356,7 +363,9 @@ impl Gateway {
     }
 }
 
-/// Runs a gateway until SIGTERM or Ctrl-C, then drains it. The daemon's main loop.
+/// Runs a gateway until SIGTERM or Ctrl-C, then drains it. The daemon's main loop. A drain
+/// that had to cut streams at `tunnel.drain_deadline` ends in [`AppError::DrainDeadline`],
+/// so the process exits non-zero.
 pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
@@ -366,8 +375,12 @@ pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
     }
-    gateway.drain().await;
-    Ok(())
+    let deadline = gateway.drain_deadline;
+    if gateway.drain().await {
+        Ok(())
+    } else {
+        Err(AppError::DrainDeadline(deadline))
+    }
 }
 
 /// The inbound/outbound view of this gateway's exports: only the endpoints that passed the

@@ -77,6 +77,25 @@ impl TestServer {
         Ok(())
     }
 
+    /// Starts the shutdown without waiting for it, so a test can watch the drain.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits until the server's `run` has returned, at most `limit`; how long that took.
+    pub async fn stopped_within(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let started = tokio::time::Instant::now();
+        let task = self
+            .task
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("server already stopped"))?;
+        tokio::time::timeout(limit, task)
+            .await
+            .map_err(|_| anyhow::anyhow!("server still running {limit:?} after shutdown"))???;
+        self.task = None;
+        Ok(started.elapsed())
+    }
+
     /// The metrics in Prometheus text form.
     pub fn metrics_text(&self) -> String {
         let mut out = String::new();
