@@ -4,13 +4,18 @@
 //! The `meshup` binary must be built (`cargo build --workspace` builds it; `.ci/test` does).
 //! A missing binary, `etcd` or `etcdctl` is a loud failure, never a skip.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use meshup_core::model::{VipRecord, decode};
+use meshup_federation::etcd::{EtcdOptions, EtcdStore};
+use meshup_federation::store::{self, KeyValue, Store};
 use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -96,6 +101,9 @@ struct GatewaySpec<'a> {
     /// (service name, namespace, port, backend address)
     exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
     drain_deadline: Duration,
+    /// Set through `MESHUP_GATEWAY_ID`, as each replica of a cluster is deployed; `None`
+    /// keeps the config file's `<cluster>-0`.
+    replica_id: Option<&'a str>,
 }
 
 impl GatewayProcess {
@@ -150,9 +158,16 @@ exports:
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let log = dir.path().join("gateway.log");
-        let child = Command::new(meshup_bin())
+        let mut command = Command::new(meshup_bin());
+        command
             .args(["gateway", "--config", path_str(&config_path)])
             .env("MESHUP_LOG", "info,meshup=debug")
+            // Plain log lines: the tests read the bound DNS address from the log.
+            .env("NO_COLOR", "1");
+        if let Some(id) = spec.replica_id {
+            command.env("MESHUP_GATEWAY_ID", id);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -241,6 +256,52 @@ exports:
         .await
     }
 
+    /// The DNS address the gateway bound (its config says port 0), from its start-up log line
+    /// `gateway bound ... dns=<addr> ...`.
+    async fn dns_addr(&self) -> SocketAddr {
+        eventually_ok(
+            "the gateway logs its DNS address",
+            Duration::from_secs(20),
+            || async {
+                let log = self.log_text();
+                let line = log
+                    .lines()
+                    .find(|l| l.contains("gateway bound"))
+                    .context("no `gateway bound` line yet")?;
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("dns="))
+                    .with_context(|| format!("no dns= field in {line:?}"))?;
+                Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?)
+            },
+        )
+        .await
+    }
+
+    /// One counter of the gateway's `/metrics`.
+    fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (code, body) = self.admin_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        let line = body
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .with_context(|| format!("no {name} in /metrics"))?;
+        let value = line.split_whitespace().nth(1).context("no value")?;
+        Ok(value.parse()?)
+    }
+
+    /// SIGKILL, sent straight from this process (no `kill` child to wait for), and the
+    /// instant just before it: the moment the gateway stopped keeping its lease alive is no
+    /// later than this.
+    fn kill9(&mut self) -> Instant {
+        let child = self.child.as_mut().expect("process running");
+        let at = Instant::now();
+        child.kill().expect("SIGKILL the gateway");
+        at
+    }
+
     fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([sig, &self.pid().to_string()])
@@ -310,6 +371,54 @@ async fn echo_backend() -> SocketAddr {
     addr
 }
 
+/// An in-process etcd client: polling through it costs a loopback round trip, not an
+/// `etcdctl` process, so a deadline checked with it measures etcd, not process start-up.
+async fn catalog_client(etcd: &EtcdServer) -> Arc<dyn Store> {
+    Arc::new(
+        EtcdStore::connect(EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .expect("connect to etcd"),
+    )
+}
+
+/// Every key under `prefix`, read in-process.
+async fn list(store: &dyn Store, prefix: &str) -> anyhow::Result<Vec<KeyValue>> {
+    Ok(store::list_prefix(store, prefix.as_bytes()).await?.0)
+}
+
+fn key_str(kv: &KeyValue) -> String {
+    String::from_utf8_lossy(&kv.key).into_owned()
+}
+
+/// The A records `dig` gets from a gateway's DNS server for `name`.
+fn dig(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string()])
+        .args(["+short", "+tries=1", "+time=2", name, "A"])
+        .output()
+        .context("run dig")?;
+    if !out.status.success() {
+        bail!(
+            "dig {name} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .parse()
+                .with_context(|| format!("dig {name}: not an address: {l:?}"))
+        })
+        .collect()
+}
+
 fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {
     etcd.etcdctl(&["get", "--prefix", "--keys-only", prefix])
         .expect("etcdctl get")
@@ -324,6 +433,7 @@ async fn killed_gateway_records_leave_the_catalog_within_ttl_plus_one_second() {
     let etcd = tokio::task::spawn_blocking(EtcdServer::start)
         .await
         .expect("etcd");
+    let catalog = catalog_client(&etcd).await;
     let certs = Certs::new(&["west"]);
     let backend = echo_backend().await;
     let mut west = GatewayProcess::start(GatewaySpec {
@@ -334,51 +444,306 @@ async fn killed_gateway_records_leave_the_catalog_within_ttl_plus_one_second() {
         prefix: "/lease",
         exports: vec![("pay", "prod", 8080, backend)],
         drain_deadline: Duration::from_secs(2),
+        replica_id: None,
     });
     west.wait_ready().await;
     let own = "/lease/v1/clusters/west/";
-    eventually_ok(
+    let records = eventually_ok(
         "west's gateway and export records",
         Duration::from_secs(10),
         || async {
-            let keys = keys_under(&etcd, own);
-            if keys.iter().any(|k| k.ends_with("/exports/prod/pay")) && keys.len() >= 2 {
+            let keys: Vec<String> = list(catalog.as_ref(), own)
+                .await?
+                .iter()
+                .map(key_str)
+                .collect();
+            if keys.len() == 2 && keys.iter().any(|k| k.ends_with("/exports/prod/pay")) {
                 Ok(keys)
             } else {
-                Err(keys)
+                Err(anyhow::anyhow!("records: {keys:?}"))
             }
         },
     )
     .await;
-    // The VIP is allocated asynchronously after start: wait for it, so the check below
-    // that it survives the kill is about survival, not about timing.
-    eventually_ok("west's VIP allocated", Duration::from_secs(10), || async {
-        let vips = keys_under(&etcd, "/lease/v1/vips/west/");
-        if vips.is_empty() { Err(vips) } else { Ok(vips) }
+    assert!(
+        records.iter().any(|k| k.ends_with("/gateways/west-0")),
+        "{records:?}"
+    );
+    // The VIPs (clusterset and pinned to west) are allocated asynchronously after start:
+    // wait for both, so the check below that they survive the kill is about survival, not
+    // about timing.
+    let vips_prefix = "/lease/v1/vips/west/";
+    let vips = eventually_ok("west's VIPs allocated", Duration::from_secs(10), || async {
+        let vips = list(catalog.as_ref(), vips_prefix).await?;
+        if vips.len() == 2 {
+            Ok(vips)
+        } else {
+            Err(anyhow::anyhow!(
+                "VIPs: {:?}",
+                vips.iter().map(key_str).collect::<Vec<_>>()
+            ))
+        }
     })
     .await;
 
-    west.signal("-KILL");
-    let killed = Instant::now();
-    west.wait_exit(Duration::from_secs(5)).await;
+    let killed = west.kill9();
+    // Polled in-process every 20 ms: the first poll that finds the records gone comes
+    // within a loopback round trip of their deletion.
     eventually_ok(
         "records gone after kill -9",
         Duration::from_secs(10),
         || async {
-            let keys = keys_under(&etcd, own);
-            if keys.is_empty() { Ok(()) } else { Err(keys) }
+            let keys = list(catalog.as_ref(), own).await?;
+            if keys.is_empty() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "still there: {:?}",
+                    keys.iter().map(key_str).collect::<Vec<_>>()
+                ))
+            }
         },
     )
     .await;
     let gone_after = killed.elapsed();
+    eprintln!(
+        "records of a kill -9'd gateway gone {gone_after:?} after the kill (TTL {LEASE_TTL:?})"
+    );
     assert!(
         gone_after <= LEASE_TTL + Duration::from_secs(1),
         "records took {gone_after:?} to leave the catalog (TTL {LEASE_TTL:?} + 1 s allowed)"
     );
-    // VIPs are not lease-bound: the cluster's allocation survives its gateway.
-    assert!(
-        !keys_under(&etcd, "/lease/v1/vips/west/").is_empty(),
-        "VIPs must outlive a gateway restart"
+    west.wait_exit(Duration::from_secs(5)).await;
+    // VIPs are not lease-bound: the cluster's allocation survives its gateway, unchanged.
+    let after = list(catalog.as_ref(), vips_prefix)
+        .await
+        .expect("list VIPs");
+    assert_eq!(after, vips, "VIPs must outlive a gateway restart");
+}
+
+/// Two replicas of one cluster (same config, different `MESHUP_GATEWAY_ID`) allocate VIPs
+/// from one etcd at the same moments: every VIP is allocated once, by one of them, and both
+/// answer exactly etcd's address for every name, clusterset and cluster-pinned, over DNS and
+/// on their status page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_one_cluster_answer_the_same_vip_for_every_service() {
+    const PREFIX: &str = "/replicas";
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let catalog = catalog_client(&etcd).await;
+    let certs = Certs::new(&["east", "west"]);
+    let backend = echo_backend().await;
+    // Both replicas start together and export the same local service, so they race for its
+    // VIPs from their first catalog on.
+    let spec = |id| GatewaySpec {
+        cluster: "east",
+        vip_cidr: "127.78.41.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: PREFIX,
+        exports: vec![("ledger", "prod", 7000, backend)],
+        drain_deadline: Duration::from_secs(2),
+        replica_id: Some(id),
+    };
+    let mut replicas = [
+        GatewayProcess::start(spec("east-0")),
+        GatewayProcess::start(spec("east-1")),
+    ];
+    for r in &mut replicas {
+        r.wait_ready().await;
+    }
+    // West joins once both replicas are up: both see its four services in the same watch
+    // event and race for all of their VIPs.
+    let mut west = GatewayProcess::start(GatewaySpec {
+        cluster: "west",
+        vip_cidr: "127.78.42.0/24",
+        etcd: &etcd,
+        certs: &certs,
+        prefix: PREFIX,
+        exports: vec![
+            ("pay", "prod", 8080, backend),
+            ("cart", "prod", 8081, backend),
+            ("search", "prod", 8082, backend),
+            ("mail", "prod", 8083, backend),
+        ],
+        drain_deadline: Duration::from_secs(2),
+        replica_id: None,
+    });
+    west.wait_ready().await;
+    let services: BTreeMap<&str, &str> = [
+        ("ledger.prod", "east"),
+        ("pay.prod", "west"),
+        ("cart.prod", "west"),
+        ("search.prod", "west"),
+        ("mail.prod", "west"),
+    ]
+    .into_iter()
+    .collect();
+    // One clusterset VIP per service and one pinned to the cluster that exports it.
+    let wanted = services.len() * 2;
+
+    let vip_prefix = format!("{PREFIX}/v1/vips/east/");
+    let claim_prefix = format!("{PREFIX}/v1/vip-claims/east/");
+    let vips: BTreeMap<String, KeyValue> =
+        eventually_ok("east's VIPs allocated", Duration::from_secs(20), || async {
+            let vips = list(catalog.as_ref(), &vip_prefix).await?;
+            if vips.len() == wanted {
+                Ok(vips.into_iter().map(|kv| (key_str(&kv), kv)).collect())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} of {wanted} VIPs: {:?}",
+                    vips.len(),
+                    vips.iter().map(key_str).collect::<Vec<_>>()
+                ))
+            }
+        })
+        .await;
+    // etcd's answer, per DNS name.
+    let mut expected: BTreeMap<String, IpAddr> = BTreeMap::new();
+    for (svc, exporter) in &services {
+        let (name, ns) = svc.split_once('.').expect("name.namespace");
+        let base = format!("{vip_prefix}{ns}/{name}");
+        for (key, dns) in [
+            (base.clone(), format!("{name}.{ns}.svc.clusterset.local")),
+            (
+                format!("{base}/pinned/{exporter}"),
+                format!("{name}.{ns}.svc.{exporter}.clusterset.local"),
+            ),
+        ] {
+            let kv = vips
+                .get(&key)
+                .unwrap_or_else(|| panic!("no VIP key {key}: {:?}", vips.keys()));
+            // Written once: a replica that lost the race adopted the winner's record
+            // instead of overwriting it.
+            assert_eq!(
+                kv.create_revision, kv.mod_revision,
+                "{key} was overwritten after its allocation"
+            );
+            let record: VipRecord = decode(&kv.value).expect("a valid VIP record");
+            assert!(
+                matches!(record.vip, IpAddr::V4(v4) if v4.octets()[..3] == [127, 78, 41]),
+                "{key}: {} is outside east's vip_cidr",
+                record.vip
+            );
+            expected.insert(dns, record.vip);
+        }
+    }
+    let distinct: BTreeSet<IpAddr> = expected.values().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        wanted,
+        "two names share an address: {expected:?}"
+    );
+    // One address claim per VIP, naming its VIP key: no replica claimed a second address
+    // for a service it lost.
+    let claims = list(catalog.as_ref(), &claim_prefix)
+        .await
+        .expect("list claims");
+    let claimed: BTreeMap<String, String> = claims
+        .iter()
+        .map(|kv| {
+            let ip = key_str(kv)[claim_prefix.len()..].to_owned();
+            (ip, String::from_utf8_lossy(&kv.value).into_owned())
+        })
+        .collect();
+    let held: BTreeMap<String, String> = vips
+        .iter()
+        .map(|(key, kv)| {
+            let record: VipRecord = decode(&kv.value).expect("VIP record");
+            (record.vip.to_string(), key.clone())
+        })
+        .collect();
+    assert_eq!(claimed, held, "address claims and VIP keys disagree");
+    // Between them, the replicas allocated each VIP exactly once.
+    let allocated = eventually_ok("allocation counters", Duration::from_secs(10), || async {
+        let mut total = 0.0;
+        for r in &replicas {
+            total += r.metric("meshup_catalog_vips_allocated_total")?;
+        }
+        Ok::<_, anyhow::Error>(total)
+    })
+    .await;
+    assert_eq!(
+        allocated, wanted as f64,
+        "VIP allocations by both replicas together"
+    );
+
+    for (i, replica) in replicas.iter().enumerate() {
+        let dns = replica.dns_addr().await;
+        // Over DNS, every name: each replica serves its own watcher's copy of the catalog.
+        let answers = eventually_ok(
+            &format!("replica {i} answers etcd's VIP for every name"),
+            Duration::from_secs(10),
+            || async {
+                let mut answers = BTreeMap::new();
+                for name in expected.keys() {
+                    let query = name.clone();
+                    let got = tokio::task::spawn_blocking(move || dig(dns, &query))
+                        .await
+                        .expect("dig task")?;
+                    answers.insert(name.clone(), got);
+                }
+                let wanted: BTreeMap<String, Vec<IpAddr>> = expected
+                    .iter()
+                    .map(|(n, ip)| (n.clone(), vec![*ip]))
+                    .collect();
+                if answers == wanted {
+                    Ok(answers)
+                } else {
+                    Err(anyhow::anyhow!("answers {answers:?}, etcd {wanted:?}"))
+                }
+            },
+        )
+        .await;
+        assert_eq!(answers.len(), wanted);
+        // And on the status page, every service with its clusterset VIP.
+        let (code, body) = replica.admin_get("/status").expect("/status");
+        assert_eq!(code, 200);
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        assert_eq!(
+            status["gateway_id"],
+            format!("east-{i}"),
+            "MESHUP_GATEWAY_ID names the replica"
+        );
+        let shown: BTreeMap<String, String> = status["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().expect("name").to_owned(),
+                    s["vip"].as_str().unwrap_or("none").to_owned(),
+                )
+            })
+            .collect();
+        let clusterset: BTreeMap<String, String> = services
+            .keys()
+            .map(|svc| {
+                let (name, ns) = svc.split_once('.').expect("name.namespace");
+                let ip = expected[&format!("{name}.{ns}.svc.clusterset.local")];
+                ((*svc).to_owned(), ip.to_string())
+            })
+            .collect();
+        assert_eq!(shown, clusterset, "replica {i}'s status page");
+    }
+    // Both replicas are in the catalog under their own ids.
+    let gateways: Vec<String> = list(
+        catalog.as_ref(),
+        &format!("{PREFIX}/v1/clusters/east/gateways/"),
+    )
+    .await
+    .expect("list")
+    .iter()
+    .map(key_str)
+    .filter(|k| !k.contains("/exports/"))
+    .collect();
+    assert_eq!(
+        gateways,
+        [
+            format!("{PREFIX}/v1/clusters/east/gateways/east-0"),
+            format!("{PREFIX}/v1/clusters/east/gateways/east-1"),
+        ]
     );
 }
 
@@ -397,6 +762,7 @@ async fn kill_9_of_the_remote_gateway_resets_the_client_within_seconds() {
         prefix: "/kill",
         exports: vec![("stream", "test", 9000, backend)],
         drain_deadline: Duration::from_secs(2),
+        replica_id: None,
     });
     let mut east = GatewayProcess::start(GatewaySpec {
         cluster: "east",
@@ -406,6 +772,7 @@ async fn kill_9_of_the_remote_gateway_resets_the_client_within_seconds() {
         prefix: "/kill",
         exports: vec![],
         drain_deadline: Duration::from_secs(2),
+        replica_id: None,
     });
     west.wait_ready().await;
     east.wait_ready().await;
@@ -423,8 +790,7 @@ async fn kill_9_of_the_remote_gateway_resets_the_client_within_seconds() {
         received += n;
     }
 
-    west.signal("-KILL");
-    let killed = Instant::now();
+    let killed = west.kill9();
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match client.read(&mut buf).await {
@@ -465,6 +831,7 @@ async fn sigterm_drains_in_flight_connections_to_completion() {
         prefix: "/drain",
         exports: vec![("echo", "test", 7000, backend)],
         drain_deadline: Duration::from_secs(10),
+        replica_id: None,
     });
     let mut east = GatewayProcess::start(GatewaySpec {
         cluster: "east",
@@ -474,6 +841,7 @@ async fn sigterm_drains_in_flight_connections_to_completion() {
         prefix: "/drain",
         exports: vec![],
         drain_deadline: Duration::from_secs(2),
+        replica_id: None,
     });
     west.wait_ready().await;
     east.wait_ready().await;
@@ -610,6 +978,7 @@ async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
         prefix: "/tail",
         exports: vec![("bulk", "test", 7100, backend)],
         drain_deadline: Duration::from_secs(10),
+        replica_id: None,
     });
     let mut east = GatewayProcess::start(GatewaySpec {
         cluster: "east",
@@ -619,6 +988,7 @@ async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
         prefix: "/tail",
         exports: vec![],
         drain_deadline: Duration::from_secs(2),
+        replica_id: None,
     });
     west.wait_ready().await;
     east.wait_ready().await;

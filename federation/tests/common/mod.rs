@@ -9,6 +9,7 @@
 pub mod etcd;
 #[path = "../../../tests/src/eventually.rs"]
 pub mod eventually;
+pub mod relay;
 #[path = "../../../tests/src/tls.rs"]
 pub mod tls;
 
@@ -115,6 +116,30 @@ impl Fixture {
                 server
                     .etcdctl_with_stdin(&["put", key], Some(value))
                     .expect("etcdctl put");
+            }
+        }
+    }
+
+    /// Deletes a key the way an operator would: `etcdctl del` on etcd, a plain delete on the
+    /// embedded store. Returns how many keys were deleted.
+    pub async fn delete_raw(&self, key: &str) -> u64 {
+        match self {
+            Fixture::Embedded(s) => {
+                let existed = meshup_federation::store::get(s, key.to_owned())
+                    .await
+                    .expect("get")
+                    .is_some();
+                meshup_federation::store::delete(s, key.to_owned())
+                    .await
+                    .expect("delete");
+                u64::from(existed)
+            }
+            Fixture::Etcd { server, .. } => {
+                let out = tokio::task::block_in_place(|| server.etcdctl(&["del", key]))
+                    .expect("etcdctl del");
+                out.trim()
+                    .parse()
+                    .expect("etcdctl del prints the number deleted")
             }
         }
     }
