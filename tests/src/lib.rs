@@ -3,6 +3,7 @@
 
 pub mod etcd;
 pub mod eventually;
+pub mod http;
 pub mod meshup;
 pub mod tls;
 

@@ -5,8 +5,7 @@
 //! A missing binary, `etcd` or `etcdctl` is a loud failure, never a skip.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, SocketAddr, TcpStream as StdTcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -191,21 +190,7 @@ exports:
 
     /// GET a path on the admin server: (status code, body).
     fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        let mut s = StdTcpStream::connect_timeout(&self.admin, Duration::from_secs(1))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status code")?;
-        let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-        Ok((code, body.to_string()))
+        meshup_tests::http::get(self.admin, path)
     }
 
     async fn wait_ready(&mut self) {

@@ -335,6 +335,20 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
         }
     };
 
+    // Ends the current word (`quoted`: it was a quoted string), in command position or not.
+    macro_rules! end_word {
+        ($quoted:expr) => {
+            finish(
+                &mut word,
+                &mut at_start,
+                &mut skip_next_word,
+                &mut out,
+                line,
+                $quoted,
+            )
+        };
+    }
+
     while i < chars.len() {
         let c = chars[i];
         let next = chars.get(i + 1).copied();
@@ -392,25 +406,11 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     continue;
                 }
                 '\'' => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        true,
-                    );
+                    end_word!(true);
                     stack.push(Mode::Single);
                 }
                 '"' => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        true,
-                    );
+                    end_word!(true);
                     stack.push(Mode::Double);
                 }
                 '$' if next == Some('{') => {
@@ -432,14 +432,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     i += 2;
                 }
                 '$' if next == Some('(') => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     stack.push(Mode::Code {
                         subst: Some(at_start),
                     });
@@ -447,14 +440,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     i += 1;
                 }
                 ')' if subst.is_some() => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     stack.pop();
                     at_start = subst.unwrap_or(false);
                 }
@@ -476,14 +462,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                 }
                 '<' if next == Some('<') && chars.get(i + 2) != Some(&'<') => {
                     // A here-document: its body is data, skipped when this line ends.
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     let mut j = i + 2;
                     while chars.get(j).is_some_and(|c| *c == '-' || *c == ' ') {
                         j += 1;
@@ -503,14 +482,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     continue;
                 }
                 '\n' => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     at_start = true;
                     skip_next_word = false;
                     line += 1;
@@ -535,14 +507,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     }
                 }
                 ';' | '|' | '&' | '(' | '`' => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     // `2>&1` and `&>` redirect; `;;`, `|`, `&&` and `(` start a command.
                     let redirect = c == '&'
                         && (chars.get(i.wrapping_sub(1)) == Some(&'>') || next == Some('>'));
@@ -552,25 +517,11 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
                     }
                 }
                 c if c.is_whitespace() => {
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                 }
                 '>' | '<' => {
                     // A redirection: its target is not a command.
-                    finish(
-                        &mut word,
-                        &mut at_start,
-                        &mut skip_next_word,
-                        &mut out,
-                        line,
-                        false,
-                    );
+                    end_word!(false);
                     i += 1;
                     while chars
                         .get(i)
@@ -605,14 +556,7 @@ fn shell_commands(src: &str) -> Vec<(usize, String)> {
         }
         i += 1;
     }
-    finish(
-        &mut word,
-        &mut at_start,
-        &mut skip_next_word,
-        &mut out,
-        line,
-        false,
-    );
+    end_word!(false);
     out
 }
 
