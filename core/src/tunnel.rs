@@ -4,7 +4,7 @@
 //! [`RequestHeader`] first; the serving gateway answers with exactly one [`Status`] before any
 //! payload byte flows. `Connected` is the only answer after which bytes are spliced; every
 //! other answer arrives before a client byte left the caller, so the caller may retry
-//! elsewhere (RELIABILITY.md promise 10).
+//! elsewhere (docs/reliability.md promise 10).
 //!
 //! Wire format of the request (all integers big-endian):
 //!

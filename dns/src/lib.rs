@@ -18,7 +18,7 @@
 //!   fast table for it is published.
 //! - Both paths take their records from one pure function, [`answer::resolve`].
 //!
-//! Safety rules (RELIABILITY.md 17–19): authoritative only (REFUSED outside the zone,
+//! Safety rules (docs/reliability.md 17–19): authoritative only (REFUSED outside the zone,
 //! RA=0, no recursion), UDP answers within the client's EDNS size (512 without) with TC=1
 //! when cut, minimal ANY (RFC 8482), responses (QR=1) never answered, malformed queries
 //! answered FORMERR or dropped, TCP connections capped and under read deadlines.

@@ -1,7 +1,7 @@
 //! Side-by-side data-path benchmark: direct TCP, the stunnel mTLS pair, the nginx stream
 //! mTLS pair and the meshup gateway pair, measured in one run and printed as ratios.
 //!
-//! The machine is shared and noisy (BENCHMARKS.md), so absolute figures mean little: each
+//! The machine is shared and noisy (docs/benchmarks.md), so absolute figures mean little: each
 //! measure runs every contender back to back (order rotated per round), and the tables
 //! compare them with each other. CPU is the tunnel processes' own utime + stime over each
 //! phase, from /proc.

@@ -143,7 +143,7 @@ impl Report {
             let _ = writeln!(out, "\n{name}: not available ({reason})");
         }
         if !targets.is_empty() {
-            let _ = writeln!(out, "\n== meshup targets (BENCHMARKS.md) ==");
+            let _ = writeln!(out, "\n== meshup targets (docs/benchmarks.md) ==");
             for line in targets {
                 let _ = writeln!(out, "{line}");
             }

@@ -1,7 +1,7 @@
 //! SPIFFE X.509-SVID rules on a leaf certificate, as a pure function of its DER bytes.
 //!
 //! The chain itself is verified by webpki against the trust bundle ([`super::verify`]); this
-//! adds what webpki does not know about (RELIABILITY.md promise 14): exactly one URI SAN, a
+//! adds what webpki does not know about (docs/reliability.md promise 14): exactly one URI SAN, a
 //! valid gateway SPIFFE ID, the trust domain equal to ours, the leaf not a CA, and (when the
 //! caller knows whom it dialed) the cluster equal to the expected one.
 

@@ -326,7 +326,7 @@ async fn serve_connection(
     };
     shared.endpoint.track(&conn);
     let span = tracing::info_span!("inbound", peer = %caller, %remote, serial = %peer.serial);
-    // A connection never outlives the certificate that opened it (RELIABILITY.md 15): a
+    // A connection never outlives the certificate that opened it (docs/reliability.md 15): a
     // well-behaved peer recycles at half the lifetime, this is the backstop.
     let expiry = tokio::time::sleep(until_expiry(peer.not_after, unix_now()));
     async move {

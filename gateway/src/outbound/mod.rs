@@ -116,7 +116,7 @@ impl pool::Dialer for QuicDialer {
     }
 
     /// Half the peer certificate's lifetime, so rotated certificates are in use on every
-    /// connection well before the old ones expire (RELIABILITY.md promise 15).
+    /// connection well before the old ones expire (docs/reliability.md promise 15).
     fn lifetime(conn: &quinn::Connection) -> Option<Duration> {
         let peer = crate::tunnel::peer_identity_unchecked(conn)?;
         let secs = u64::try_from((peer.not_after - peer.not_before) / 2).ok()?;

@@ -6,7 +6,7 @@
 //!   flowing the other way.
 //! - TCP RST (read/write fails) → QUIC `reset` of our send side and `stop` of our receive
 //!   side; QUIC reset/stop from the peer or a lost connection → TCP RST (zero linger, close).
-//! - Idle: no byte either way for `idle_timeout` resets both sides (RELIABILITY.md 12).
+//! - Idle: no byte either way for `idle_timeout` resets both sides (docs/reliability.md 12).
 //! - Backpressure: each direction awaits its write before the next read, so a slow reader
 //!   slows the writer down through TCP windows and QUIC flow control; nothing buffers more
 //!   than one read per direction.
