@@ -46,14 +46,7 @@ fn unread_by_server(server: SocketAddr, client: SocketAddr) -> Option<u64> {
 
 /// Reads one length-prefixed reply.
 async fn read_reply(stream: &mut TcpStream) -> anyhow::Result<Message> {
-    let reply = tokio::time::timeout(REPLY_DEADLINE, async {
-        let len = stream.read_u16().await?;
-        let mut buf = vec![0u8; usize::from(len)];
-        stream.read_exact(&mut buf).await?;
-        anyhow::Ok(buf)
-    })
-    .await
-    .map_err(|_| anyhow::anyhow!("no TCP reply within {REPLY_DEADLINE:?}"))??;
+    let reply = read_tcp_reply(stream).await?;
     Ok(Message::from_vec(&reply)?)
 }
 

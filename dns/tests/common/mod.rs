@@ -163,15 +163,19 @@ pub async fn tcp_exchange(stream: &mut TcpStream, packet: &[u8]) -> anyhow::Resu
     let len = u16::try_from(packet.len())?;
     stream.write_all(&len.to_be_bytes()).await?;
     stream.write_all(packet).await?;
-    let reply = tokio::time::timeout(REPLY_DEADLINE, async {
+    read_tcp_reply(stream).await
+}
+
+/// Reads one length-prefixed reply from a TCP stream, within [`REPLY_DEADLINE`].
+pub async fn read_tcp_reply(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(REPLY_DEADLINE, async {
         let len = stream.read_u16().await?;
         let mut buf = vec![0u8; usize::from(len)];
         stream.read_exact(&mut buf).await?;
         anyhow::Ok(buf)
     })
     .await
-    .map_err(|_| anyhow::anyhow!("no TCP reply within {REPLY_DEADLINE:?}"))??;
-    Ok(reply)
+    .map_err(|_| anyhow::anyhow!("no TCP reply within {REPLY_DEADLINE:?}"))?
 }
 
 /// One query over a fresh TCP connection, decoded.
