@@ -17,7 +17,8 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use crate::model::{ExportRecord, GatewayRecord, PortSpec};
-use crate::names::{ClusterName, GatewayId, ServiceKey};
+use crate::names::{ClusterName, DrillId, GatewayId, ServiceKey};
+use crate::policy::{DrillRecord, PolicyRecord};
 
 /// Identifies one export: which gateway of which cluster exports which service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,6 +49,12 @@ pub enum Change {
     DeleteExport(ExportKey),
     PutVip(VipKey, IpAddr),
     DeleteVip(VipKey),
+    /// A clusterset service's failover policy.
+    PutPolicy(ServiceKey, Arc<PolicyRecord>),
+    DeletePolicy(ServiceKey),
+    /// An operator drill (in force or not: its times say).
+    PutDrill(DrillId, Arc<DrillRecord>),
+    DeleteDrill(DrillId),
 }
 
 /// What one cluster contributes to a clusterset service, summed over its gateways.
@@ -100,6 +107,8 @@ pub struct Snapshot {
     exports: OrdMap<ServiceKey, ServiceExports>,
     services: OrdMap<ServiceKey, Arc<ServiceView>>,
     vips: OrdMap<VipKey, IpAddr>,
+    policies: OrdMap<ServiceKey, Arc<PolicyRecord>>,
+    drills: OrdMap<DrillId, Arc<DrillRecord>>,
     export_count: usize,
 }
 
@@ -160,6 +169,14 @@ impl Snapshot {
             }
             Change::PutVip(key, vip) => self.vips.insert(key, vip) != Some(vip),
             Change::DeleteVip(key) => self.vips.remove(&key).is_some(),
+            Change::PutPolicy(key, policy) => {
+                self.policies.insert(key, policy.clone()).as_deref() != Some(&*policy)
+            }
+            Change::DeletePolicy(key) => self.policies.remove(&key).is_some(),
+            Change::PutDrill(id, drill) => {
+                self.drills.insert(id, drill.clone()).as_deref() != Some(&*drill)
+            }
+            Change::DeleteDrill(id) => self.drills.remove(&id).is_some(),
         }
     }
 
@@ -258,6 +275,21 @@ impl Snapshot {
     /// Every VIP allocated, with its key.
     pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &IpAddr)> {
         self.vips.iter()
+    }
+
+    /// A service's failover policy, if an operator set one (else the default applies).
+    pub fn policy(&self, service: &ServiceKey) -> Option<&Arc<PolicyRecord>> {
+        self.policies.get(service)
+    }
+
+    /// Every policy, by service.
+    pub fn policies(&self) -> impl Iterator<Item = (&ServiceKey, &Arc<PolicyRecord>)> {
+        self.policies.iter()
+    }
+
+    /// Every drill record, in force or not (see [`DrillRecord::active`]), by id.
+    pub fn drills(&self) -> impl Iterator<Item = (&DrillId, &Arc<DrillRecord>)> {
+        self.drills.iter()
     }
 
     /// The persistent map of VIPs, for cheap diffs between two snapshots.

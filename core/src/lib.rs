@@ -7,6 +7,8 @@
 //! - [`identity`]: SPIFFE IDs and gateway identities, parsed strictly.
 //! - [`model`]: the catalog records gateways publish (JSON with a schema version) and their
 //!   validation.
+//! - [`policy`]: the failover policy and drill records operators write, and their
+//!   validation (the decision that uses them is the `meshup-policy` crate).
 //! - [`tunnel`]: the tunnel stream header and status codec.
 //! - [`catalog`]: the immutable, cheaply cloned catalog snapshot and the changes applied to it.
 
@@ -14,4 +16,5 @@ pub mod catalog;
 pub mod identity;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod tunnel;

@@ -165,6 +165,13 @@ label_type!(
     check_dns1123_label
 );
 
+label_type!(
+    /// An operator drill's id (`drain-west-0412`): an RFC 1123 label, unique in a federation.
+    DrillId,
+    "drill id",
+    check_dns1123_label
+);
+
 /// Checks a port name: an IANA service name (RFC 6335): at most 15 characters, lowercase
 /// letters, digits and '-', at least one letter, no leading, trailing or double '-'.
 pub fn check_port_name(value: &str) -> Result<(), NameError> {

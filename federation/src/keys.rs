@@ -6,7 +6,9 @@
 //! <prefix>/v1/vips/<cluster>/<ns>/<name>                                        VipRecord, clusterset VIP
 //! <prefix>/v1/vips/<cluster>/<ns>/<name>/pinned/<target-cluster>                VipRecord, cluster-pinned VIP
 //! <prefix>/v1/vip-claims/<cluster>/<ip>                                         address claim
-//! <prefix>/v1/policies/...   <prefix>/v1/drills/...                             ignored for now
+//! <prefix>/v1/policies/<ns>/<name>                                            PolicyRecord of a clusterset service
+//! <prefix>/v1/drills/<drill-id>                                                DrillRecord (an operator override)
+//! <prefix>/v1/drill-audit/<drill-id>                                           DrillAudit: how a drill ended (not watched into the snapshot)
 //! ```
 //!
 //! **Address claims.** A VIP key maps a service to an address; the claim key maps the address
@@ -18,7 +20,7 @@
 use std::net::IpAddr;
 
 use meshup_core::catalog::{ExportKey, VipKey};
-use meshup_core::names::{ClusterName, GatewayId, NameError, ServiceKey};
+use meshup_core::names::{ClusterName, DrillId, GatewayId, NameError, ServiceKey};
 
 /// The schema generation of the key layout.
 pub const LAYOUT_VERSION: &str = "v1";
@@ -44,11 +46,11 @@ pub enum KeyError {
     BadPrefix(String),
 }
 
-/// Catalog areas this build reads but does not act on yet.
+/// Catalog areas the snapshot does not hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IgnoredKind {
-    Policy,
-    Drill,
+    /// How drills ended: written once, read by operators, never routed on.
+    DrillAudit,
 }
 
 /// What a key names.
@@ -65,6 +67,10 @@ pub enum CatalogKey {
         cluster: ClusterName,
         ip: IpAddr,
     },
+    /// A clusterset service's failover policy.
+    Policy(ServiceKey),
+    /// An operator drill.
+    Drill(DrillId),
     Ignored(IgnoredKind),
 }
 
@@ -131,6 +137,29 @@ impl KeyLayout {
         format!("{}vips/{cluster}/", self.root)
     }
 
+    /// `<prefix>/v1/policies/<ns>/<name>`
+    pub fn policy(&self, service: &ServiceKey) -> String {
+        format!(
+            "{}policies/{}/{}",
+            self.root, service.namespace, service.name
+        )
+    }
+
+    /// `<prefix>/v1/drills/<drill-id>`
+    pub fn drill(&self, id: &DrillId) -> String {
+        format!("{}drills/{id}", self.root)
+    }
+
+    /// `<prefix>/v1/drills/`: every drill.
+    pub fn drills(&self) -> String {
+        format!("{}drills/", self.root)
+    }
+
+    /// `<prefix>/v1/drill-audit/<drill-id>`
+    pub fn drill_audit(&self, id: &DrillId) -> String {
+        format!("{}drill-audit/{id}", self.root)
+    }
+
     /// `<prefix>/v1/vip-claims/<cluster>/<ip>`
     pub fn address_claim(&self, cluster: &ClusterName, ip: IpAddr) -> String {
         format!("{}vip-claims/{cluster}/{ip}", self.root)
@@ -184,8 +213,9 @@ impl KeyLayout {
                     text: (*ip).to_owned(),
                 })?,
             }),
-            ["policies", ..] => Ok(CatalogKey::Ignored(IgnoredKind::Policy)),
-            ["drills", ..] => Ok(CatalogKey::Ignored(IgnoredKind::Drill)),
+            ["policies", ns, name] => Ok(CatalogKey::Policy(service(ns, name)?)),
+            ["drills", id] => Ok(CatalogKey::Drill(DrillId::new(id).map_err(name_err)?)),
+            ["drill-audit", _] => Ok(CatalogKey::Ignored(IgnoredKind::DrillAudit)),
             _ => Err(KeyError::Unrecognized(key.to_owned())),
         }
     }
@@ -272,17 +302,35 @@ mod tests {
     #[test]
     fn bad_and_ignored_keys() {
         let l = KeyLayout::new("/m").expect("prefix");
-        let ignored = [
-            ("/m/v1/policies/prod/pay", IgnoredKind::Policy),
-            ("/m/v1/drills/east", IgnoredKind::Drill),
-        ];
-        for (key, kind) in ignored {
-            assert_eq!(
-                l.parse(key.as_bytes()),
-                Ok(CatalogKey::Ignored(kind)),
-                "{key}"
+        assert_eq!(
+            l.parse(b"/m/v1/policies/prod/pay"),
+            Ok(CatalogKey::Policy(svc("pay.prod")))
+        );
+        assert_eq!(l.policy(&svc("pay.prod")), "/m/v1/policies/prod/pay");
+        let drill = DrillId::new("drain-east").expect("valid");
+        assert_eq!(
+            l.parse(b"/m/v1/drills/drain-east"),
+            Ok(CatalogKey::Drill(drill.clone()))
+        );
+        assert_eq!(l.drill(&drill), "/m/v1/drills/drain-east");
+        assert_eq!(
+            l.parse(l.drill_audit(&drill).as_bytes()),
+            Ok(CatalogKey::Ignored(IgnoredKind::DrillAudit))
+        );
+        for bad in [
+            "/m/v1/policies/prod",
+            "/m/v1/policies/prod/pay/x",
+            "/m/v1/drills/a/b",
+        ] {
+            assert!(
+                matches!(l.parse(bad.as_bytes()), Err(KeyError::Unrecognized(_))),
+                "{bad}"
             );
         }
+        assert!(matches!(
+            l.parse(b"/m/v1/drills/Drain_East"),
+            Err(KeyError::BadName { .. })
+        ));
         type Check = fn(&KeyError) -> bool;
         let bad: [(&[u8], Check); 9] = [
             (b"/m/v1/clusters/East/gateways/gw", |e| {

@@ -13,7 +13,9 @@ use meshup_core::model::{
     self, AddressRules, ExportRecord, GatewayRecord, RecordError, SCHEMA_VERSION, VipRecord,
 };
 
-use crate::keys::{CatalogKey, IgnoredKind, KeyError, KeyLayout};
+use meshup_core::policy::{self, DrillRecord, PolicyRecord};
+
+use crate::keys::{CatalogKey, KeyError, KeyLayout};
 
 /// Why a key was skipped; the metric label of `catalog_skipped_records_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -79,7 +81,7 @@ impl SkipReason {
 pub enum Outcome {
     /// Apply this change to the snapshot.
     Apply(Change),
-    /// A key this build reads but does not act on (policies, drills, address claims).
+    /// A key the snapshot does not hold (address claims, drill audit entries).
     Ignore,
     /// The key or value is bad: log it, count it, and apply `retract` if present.
     Skip {
@@ -109,8 +111,21 @@ pub fn reduce(
         }
     };
     match (parsed, value) {
-        (CatalogKey::Ignored(IgnoredKind::Policy | IgnoredKind::Drill), _)
-        | (CatalogKey::AddressClaim { .. }, _) => Outcome::Ignore,
+        (CatalogKey::Ignored(_), _) | (CatalogKey::AddressClaim { .. }, _) => Outcome::Ignore,
+        (CatalogKey::Policy(service), None) => Outcome::Apply(Change::DeletePolicy(service)),
+        (CatalogKey::Policy(service), Some(bytes)) => {
+            match policy::decode::<PolicyRecord>(bytes).and_then(|r| r.validate().map(|()| r)) {
+                Ok(r) => Outcome::Apply(Change::PutPolicy(service, Arc::new(r))),
+                Err(e) => skip_operator_record(e),
+            }
+        }
+        (CatalogKey::Drill(id), None) => Outcome::Apply(Change::DeleteDrill(id)),
+        (CatalogKey::Drill(id), Some(bytes)) => {
+            match policy::decode::<DrillRecord>(bytes).and_then(|r| r.validate().map(|()| r)) {
+                Ok(r) => Outcome::Apply(Change::PutDrill(id, Arc::new(r))),
+                Err(e) => skip_operator_record(e),
+            }
+        }
         (CatalogKey::Gateway { cluster, gateway }, None) => {
             Outcome::Apply(Change::DeleteGateway { cluster, gateway })
         }
@@ -162,6 +177,24 @@ fn skip(error: RecordError, retract: Change) -> Outcome {
         reason: SkipReason::of(&error),
         detail: error.to_string(),
         retract: Some(retract),
+    }
+}
+
+/// A bad policy or drill is skipped without retracting the one it overwrote: an operator's
+/// typo must not turn a working policy into the default, nor end a drill in progress. The
+/// previous good record (or the default) stays in force, and the log line says why.
+fn skip_operator_record(error: policy::RecordError) -> Outcome {
+    use policy::RecordError as E;
+    let reason = match &error {
+        E::TooLarge { .. } => SkipReason::Oversized,
+        E::Decode(_) => SkipReason::Undecodable,
+        E::UnsupportedSchema { .. } => SkipReason::UnsupportedSchema,
+        _ => SkipReason::Invalid,
+    };
+    Outcome::Skip {
+        reason,
+        detail: error.to_string(),
+        retract: None,
     }
 }
 
@@ -315,11 +348,7 @@ mod tests {
     #[test]
     fn ignored_keys_and_deletes() {
         let rules = AddressRules::default();
-        for key in [
-            "/m/v1/policies/prod/pay",
-            "/m/v1/drills/east",
-            "/m/v1/vip-claims/east/127.77.0.1",
-        ] {
+        for key in ["/m/v1/vip-claims/east/127.77.0.1", "/m/v1/drill-audit/d1"] {
             assert_eq!(
                 reduce(&layout(), &rules, key.as_bytes(), Some(b"garbage")),
                 Outcome::Ignore,
@@ -334,6 +363,80 @@ mod tests {
             reduce(&layout(), &rules, b"/m/v1/junk", None),
             Outcome::Ignore
         );
+    }
+
+    #[test]
+    fn a_bad_policy_or_drill_leaves_the_previous_good_one_in_force() {
+        const POLICY_KEY: &str = "/m/v1/policies/prod/pay";
+        const DRILL_KEY: &str = "/m/v1/drills/d1";
+        let rules = AddressRules::default();
+        let mut snap = Snapshot::new();
+        let mut apply = |key: &str, value: Option<&[u8]>| {
+            let outcome = reduce(&layout(), &rules, key.as_bytes(), value);
+            let reason = match &outcome {
+                Outcome::Apply(c) => {
+                    snap.apply(c.clone());
+                    None
+                }
+                Outcome::Skip {
+                    reason, retract, ..
+                } => {
+                    assert_eq!(
+                        retract, &None,
+                        "{key}: an operator record is never retracted"
+                    );
+                    Some(*reason)
+                }
+                Outcome::Ignore => panic!("{key} is read"),
+            };
+            (reason, snap.clone())
+        };
+        let pay = "pay.prod".parse().expect("key");
+        let good = br#"{"schema":1,"levels":[{"clusters":[{"cluster":"west"}]}]}"#;
+        let (reason, s) = apply(POLICY_KEY, Some(good));
+        assert_eq!(reason, None);
+        assert_eq!(s.policy(&pay).map(|p| p.levels.len()), Some(1));
+        // (bad value, reason): each skipped, the good policy still in force.
+        let bad: [(&[u8], SkipReason); 5] = [
+            (b"{", SkipReason::Undecodable),
+            (
+                br#"{"schema":2,"levels":"x"}"#,
+                SkipReason::UnsupportedSchema,
+            ),
+            (
+                br#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":0}]}]}"#,
+                SkipReason::Invalid,
+            ),
+            (
+                br#"{"schema":1,"levels":[{"clusters":[{"cluster":"west"},{"cluster":"west"}]}]}"#,
+                SkipReason::Invalid,
+            ),
+            (&[b' '; 70_000], SkipReason::Oversized),
+        ];
+        for (value, want) in bad {
+            let (reason, s) = apply(POLICY_KEY, Some(value));
+            assert_eq!(
+                reason,
+                Some(want),
+                "{}",
+                String::from_utf8_lossy(&value[..value.len().min(80)])
+            );
+            assert_eq!(s.policy(&pay).map(|p| p.levels.len()), Some(1));
+        }
+        let (_, s) = apply(POLICY_KEY, None);
+        assert!(s.policy(&pay).is_none(), "deleted: the default applies");
+
+        let drill = br#"{"schema":1,"kind":"drain","cluster":"west","who":"ops","why":"rehearsal","created":100,"expires":200}"#;
+        let (reason, s) = apply(DRILL_KEY, Some(drill));
+        assert_eq!(reason, None);
+        assert_eq!(s.drills().count(), 1);
+        let no_expiry =
+            br#"{"schema":1,"kind":"drain","cluster":"west","who":"ops","why":"x","created":100}"#;
+        let (reason, s) = apply(DRILL_KEY, Some(no_expiry));
+        assert_eq!(reason, Some(SkipReason::Undecodable));
+        assert_eq!(s.drills().count(), 1, "the drill in progress stays");
+        let (_, s) = apply(DRILL_KEY, None);
+        assert_eq!(s.drills().count(), 0);
     }
 
     #[test]

@@ -17,7 +17,10 @@
 
 pub mod decide;
 pub mod health;
-pub mod record;
+/// The records live in `meshup-core` with every other catalog record; re-exported here.
+pub mod record {
+    pub use meshup_core::policy::*;
+}
 
 pub use decide::{
     ClusterState, Decision, Excluded, Explanation, Inputs, Locality, Verdict, decide,

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use meshup_core::names::{ClusterName, ServiceKey};
+use crate::names::{ClusterName, ServiceKey};
 use serde::{Deserialize, Serialize};
 
 /// The major schema version of policy and drill records.
