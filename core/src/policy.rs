@@ -47,6 +47,7 @@ pub const DEFAULT_MAX_PENDING: u32 = 1_000;
 /// Default attempts per connection and retry budget (Envoy: 20 % of active, minimum 3).
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Retries per second always allowed, whatever the budget.
 pub const DEFAULT_MIN_RETRIES: u32 = 3;
 
 /// Why a policy or drill record was rejected.
@@ -211,7 +212,8 @@ pub struct CircuitBreaker {
 }
 
 /// Retries before any byte went upstream: at most `max_attempts` per connection, and retries
-/// at most `budget_percent` of recent connections (but always `min_retries`).
+/// at most `budget_percent` of recent connections, but always `min_retries` per second, so a
+/// quiet service can still fail over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RetryPolicy {
     #[serde(default = "default_max_attempts")]

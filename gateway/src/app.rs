@@ -24,6 +24,7 @@ use meshup_federation::embedded::EmbeddedStore;
 use meshup_federation::publisher::{Publisher, PublisherConfig, PublisherHandle};
 use meshup_federation::vips::{VipAllocator, VipConfig};
 use meshup_federation::watcher::{Watcher, WatcherConfig, WatcherStatus};
+use meshup_policy::Locality;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -220,10 +221,15 @@ impl Gateway {
             inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.child_token());
         let outbound = outbound::Proxy::spawn(
             endpoint.clone(),
-            cluster.clone(),
+            Locality {
+                cluster: cluster.clone(),
+                region: config.region.clone(),
+                zone: config.zone.clone(),
+            },
             exports_rx.clone(),
             watcher.snapshots(),
             config.vip_cidr,
+            outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),
         );
 
@@ -259,6 +265,7 @@ impl Gateway {
             exports: exports_rx,
             draining: draining.subscribe(),
             links,
+            outbound: outbound.clone(),
         });
         let registry = Arc::new(registry);
         let admin_stop = shutdown.child_token();
@@ -474,6 +481,7 @@ struct Status {
     exports: watch::Receiver<Arc<LocalExports>>,
     draining: watch::Receiver<bool>,
     links: watch::Receiver<Arc<Vec<outbound::PeerLink>>>,
+    outbound: outbound::Proxy,
 }
 
 /// How often the status page's view of peer links is refreshed.
@@ -547,12 +555,15 @@ impl StatusSource for Status {
                         port: p.port,
                         target: None,
                     };
-                    route::candidates(&snapshot, &self.cluster, &exports, &r)
-                        .into_iter()
-                        .next()
-                        .map(|c| match c {
-                            route::Candidate::Local(_) => format!("{} (local)", self.cluster),
-                            route::Candidate::Remote { cluster, .. } => cluster.to_string(),
+                    self.outbound
+                        .explain(&snapshot, &exports, &r)
+                        .main_target()
+                        .map(|c| {
+                            if c == &self.cluster {
+                                format!("{c} (local)")
+                            } else {
+                                c.to_string()
+                            }
                         })
                 });
                 ServiceStatus {

@@ -164,6 +164,23 @@ pub struct Decision {
     pub max_attempts: u32,
 }
 
+impl Decision {
+    /// The cluster that gets the largest share of new connections (the first in order among
+    /// equals): what a status page shows as "where this service goes now".
+    pub fn main_target(&self) -> Option<&ClusterName> {
+        self.explanations
+            .iter()
+            .filter_map(|e| match e.verdict {
+                Verdict::Candidate {
+                    rank, share_ppm, ..
+                } => Some((share_ppm, std::cmp::Reverse(rank), &e.cluster)),
+                Verdict::Excluded(_) => None,
+            })
+            .max()
+            .map(|(_, _, c)| c)
+    }
+}
+
 /// A cluster still in the running, with what the levels need.
 #[derive(Debug, Clone)]
 struct Member<'a> {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use meshup_core::names::{ClusterName, ServiceKey};
 
-use crate::record::{OutlierDetection, RetryPolicy};
+use crate::record::{CircuitBreaker, OutlierDetection, RetryPolicy};
 
 /// Length of the window the retry budget counts connections and retries in.
 pub const RETRY_WINDOW: Duration = Duration::from_secs(10);
@@ -225,6 +225,12 @@ impl Health {
         self.peers.get(cluster).copied()
     }
 
+    /// Forgets what is known of a peer cluster's connection (its gateways changed and none
+    /// was seen yet): unknown again, not failed. Outlier state is kept.
+    pub fn clear_peer(&mut self, cluster: &ClusterName) {
+        self.peers.remove(cluster);
+    }
+
     /// Forgets a peer cluster that left the catalog.
     pub fn forget_peer(&mut self, cluster: &ClusterName) {
         self.peers.remove(cluster);
@@ -235,6 +241,23 @@ impl Health {
     pub fn attempt_started(&mut self, service: &ServiceKey, cluster: &ClusterName) {
         let t = self.target_mut(service, cluster);
         t.pending = t.pending.saturating_add(1);
+    }
+
+    /// Starts an attempt at the target if its circuit is closed: fewer than `max_connections`
+    /// active and fewer than `max_pending` opening. Over the limit nothing is counted and the
+    /// load is returned as (active, pending), for the refusal's metric and log line.
+    pub fn try_start(
+        &mut self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        circuit: &CircuitBreaker,
+    ) -> Result<(), (u32, u32)> {
+        let t = self.target_mut(service, cluster);
+        if t.active >= circuit.max_connections || t.pending >= circuit.max_pending {
+            return Err((t.active, t.pending));
+        }
+        t.pending = t.pending.saturating_add(1);
+        Ok(())
     }
 
     /// An attempt ended; `connected` means a connection is now active at the target.
@@ -288,12 +311,12 @@ impl Health {
     }
 
     /// Whether a retry may be made now; if so it is counted. Retries in the window stay below
-    /// `budget_percent` of the connections in it, but `min_retries` are always allowed, so a
-    /// quiet service can still fail over.
+    /// `budget_percent` of the connections in it, but `min_retries` per second of the window
+    /// are always allowed, so a quiet service can still fail over.
     pub fn take_retry(&mut self, policy: &RetryPolicy, now: Instant) -> bool {
         let (connections, retries) = self.window(now);
         let budget = (connections as u64 * u64::from(policy.budget_percent) / 100)
-            .max(u64::from(policy.min_retries));
+            .max(u64::from(policy.min_retries) * RETRY_WINDOW.as_secs());
         if u64::from(retries) >= budget {
             return false;
         }
@@ -459,21 +482,21 @@ mod tests {
             budget_percent: 20,
             min_retries: 3,
         };
-        // A quiet service still gets its minimum.
-        let taken = (0..10).filter(|_| h.take_retry(&policy, t0)).count();
-        assert_eq!(taken, 3);
-        // 100 connections in the window: 20 % of them.
-        for _ in 0..100 {
+        // A quiet service still gets its minimum: 3 per second of the 10 s window.
+        let taken = (0..100).filter(|_| h.take_retry(&policy, t0)).count();
+        assert_eq!(taken, 30);
+        // 1000 connections in the window: 20 % of them.
+        for _ in 0..1000 {
             h.connection_arrived(t0 + Duration::from_millis(500));
         }
-        let taken = (0..50)
+        let taken = (0..500)
             .filter(|_| h.take_retry(&policy, t0 + Duration::from_millis(600)))
             .count();
-        assert_eq!(taken, 17, "20 retries in the window, 3 already taken");
+        assert_eq!(taken, 170, "200 retries in the window, 30 already taken");
         // Once the window has passed, the old connections and retries no longer count.
         let later = t0 + RETRY_WINDOW + Duration::from_secs(1);
-        let taken = (0..10).filter(|_| h.take_retry(&policy, later)).count();
-        assert_eq!(taken, 3);
+        let taken = (0..100).filter(|_| h.take_retry(&policy, later)).count();
+        assert_eq!(taken, 30);
     }
 
     #[test]
@@ -490,6 +513,35 @@ mod tests {
         h.connection_ended(&s, &west);
         h.connection_ended(&s, &west);
         assert_eq!(h.load(&s, &west), (0, 0), "never below zero");
+    }
+
+    #[test]
+    fn the_circuit_refuses_over_either_limit_and_counts_nothing_then() {
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let (s, west) = (svc(), c("west"));
+        let circuit = CircuitBreaker {
+            max_connections: 2,
+            max_pending: 1,
+        };
+        // (step, expected) in order: one pending at a time, two active at most.
+        assert_eq!(h.try_start(&s, &west, &circuit), Ok(()));
+        assert_eq!(
+            h.try_start(&s, &west, &circuit),
+            Err((0, 1)),
+            "pending limit"
+        );
+        h.attempt_finished(&s, &west, true);
+        assert_eq!(h.try_start(&s, &west, &circuit), Ok(()));
+        h.attempt_finished(&s, &west, true);
+        assert_eq!(
+            h.try_start(&s, &west, &circuit),
+            Err((2, 0)),
+            "active limit"
+        );
+        assert_eq!(h.load(&s, &west), (2, 0), "a refusal counts nothing");
+        h.connection_ended(&s, &west);
+        assert_eq!(h.try_start(&s, &west, &circuit), Ok(()));
     }
 
     #[test]

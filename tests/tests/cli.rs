@@ -57,16 +57,28 @@ fn demo_federates_three_clusters_and_routes_across_them() {
         }
     }
     // The checks went where they should: hello.demo served locally by east, pay.prod
-    // tunnelled to a remote exporter, ledger.prod refused by north's authorization (the demo
-    // itself checks the reset and north's `forbidden` counter, and fails otherwise).
+    // tunnelled to both remote exporters by its 80/20 policy, ledger.prod refused by east from
+    // the catalog's export rules (the demo itself checks the reset, east's counter and that
+    // north saw no stream, and fails otherwise).
     assert!(out.contains("check hello.demo: served by east\n"), "{out}");
+    let split = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("check pay.prod: 50 new connections, policy west 80 / north 20: ")
+        })
+        .unwrap_or_else(|| panic!("no pay.prod check line:\n{out}"));
+    let counts: Vec<u32> = split
+        .split(", ")
+        .filter_map(|part| part.split_once(' ').and_then(|(_, n)| n.parse().ok()))
+        .collect();
     assert!(
-        out.contains("check pay.prod: served by west\n")
-            || out.contains("check pay.prod: served by north\n"),
-        "pay.prod must be served by a remote exporter:\n{out}"
+        matches!(counts.as_slice(), [west, north] if west + north == 50 && west > north && *north > 0),
+        "pay.prod's split must follow its policy: {split}"
     );
     assert!(
-        out.contains("check ledger.prod: refused as configured (north: forbidden"),
+        out.contains(
+            "check ledger.prod: refused as configured (north allows only west: east never tried it"
+        ),
         "{out}"
     );
 }

@@ -69,6 +69,23 @@ const PLAN: &[ClusterPlan] = &[
     },
 ];
 
+/// The failover policy the demo gives pay.prod: 80 % of new connections to west, 20 % to
+/// north, one level (if west fails, north takes everything).
+pub const PAY_POLICY: &str = r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":80},{"cluster":"north","weight":20}]}]}"#;
+
+/// Writes [`PAY_POLICY`] into the catalog, as an operator would.
+async fn set_pay_policy(store: &EmbeddedStore) -> anyhow::Result<()> {
+    let layout = meshup_federation::keys::KeyLayout::new(DEMO_PREFIX)?;
+    let key = layout.policy(&"pay.prod".parse()?);
+    meshup_federation::store::put(store, key, PAY_POLICY.as_bytes().to_vec(), 0)
+        .await
+        .context("writing pay.prod's policy")?;
+    Ok(())
+}
+
+/// The demo's catalog prefix.
+const DEMO_PREFIX: &str = "/meshup-demo";
+
 /// Runs the demo.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
@@ -89,6 +106,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             .with_context(|| format!("starting the gateway of {}", plan.name))?;
         gateways.push(gateway);
     }
+    set_pay_policy(&store).await?;
     wait_converged(&gateways).await?;
     print_federation(&gateways);
 
@@ -147,7 +165,7 @@ async fn cluster_config(
         trust_domain: TRUST_DOMAIN.into(),
         catalog: CatalogConfig {
             backend: Backend::Embedded,
-            prefix: "/meshup-demo".into(),
+            prefix: DEMO_PREFIX.into(),
             lease_ttl: Duration::from_secs(5),
             allow_loopback_addresses: true,
             ..CatalogConfig::default()
@@ -188,12 +206,14 @@ fn expected_routes() -> Vec<ServiceKey> {
 /// Waits until every gateway is ready and listens on a VIP for every service.
 async fn wait_converged(gateways: &[Gateway]) -> anyhow::Result<()> {
     let services = expected_routes();
+    let pay: ServiceKey = "pay.prod".parse()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let done = gateways.iter().all(|g| {
             let snapshot = g.snapshots().borrow().clone();
             let listeners = g.listeners();
             g.readiness().is_ready()
+                && snapshot.policy(&pay).is_some()
                 && services.iter().all(|s| {
                     snapshot.vip(g.cluster(), s, None).is_some_and(|vip| {
                         listeners.contains_key(&SocketAddr::new(vip, SERVICE_PORT))
@@ -265,7 +285,7 @@ fn print_federation(gateways: &[Gateway]) {
         if let Some(v) = vip("pay.prod", None) {
             try_line(
                 &format!("curl http://{v}:{SERVICE_PORT}/"),
-                "pay.prod: tunnelled over QUIC to west or north",
+                "pay.prod: over QUIC, 80 % to west, 20 % to north (its policy)",
             );
         }
         if let Some(v) = vip("pay.prod", Some("north")) {
@@ -277,7 +297,7 @@ fn print_federation(gateways: &[Gateway]) {
         if let Some(v) = vip("ledger.prod", None) {
             try_line(
                 &format!("curl http://{v}:{SERVICE_PORT}/"),
-                "ledger.prod: north allows only west, so east is refused",
+                "ledger.prod: north allows only west, so east refuses at once",
             );
         }
         println!(
@@ -304,13 +324,14 @@ fn try_line(command: &str, why: &str) {
     println!("  {command:<34} # {why}");
 }
 
-/// `--check`: one request per service from east, through the real listeners and tunnel.
-/// Each answer must come from the cluster the federation says should serve it, and the
-/// refused call must be refused by north's authorization (its `forbidden` counter rises and
-/// east resets the client), not by a timeout or any other error.
+/// `--check`: requests from east through the real listeners and tunnel. Each answer must come
+/// from the cluster the federation says should serve it (pay.prod's split must follow its
+/// 80/20 policy), and the refused call must be refused by east itself, from the catalog's
+/// export rules (east resets the client, north sees no stream), not by a timeout or any other
+/// error.
 async fn check_end_to_end(gateways: &[Gateway]) -> anyhow::Result<()> {
     let east = gateways.first().context("no gateways")?;
-    let north = gateways
+    let north_gw = gateways
         .iter()
         .find(|g| g.cluster().as_str() == "north")
         .context("no north gateway")?;
@@ -323,60 +344,99 @@ async fn check_end_to_end(gateways: &[Gateway]) -> anyhow::Result<()> {
         Ok(SocketAddr::new(ip, SERVICE_PORT))
     };
 
-    // Served locally by east; tunnelled to one of pay.prod's two exporters.
-    for (svc, served_by) in [
-        ("hello.demo", &["east"][..]),
-        ("pay.prod", &["west", "north"]),
-    ] {
-        let body = http_get(vip(svc)?)
-            .await
-            .with_context(|| format!("check {svc}: no answer"))?;
-        let by = served_by
-            .iter()
-            .find(|c| body.contains(&format!("hello from {svc} in cluster {c} ")))
-            .with_context(|| {
-                format!("check {svc}: wanted an answer from {served_by:?}, got {body:?}")
-            })?;
-        println!("check {svc}: served by {by}");
-        println!("{}", body.trim());
-    }
+    // Served locally by east.
+    let body = http_get(vip("hello.demo")?)
+        .await
+        .context("check hello.demo: no answer")?;
+    anyhow::ensure!(
+        served_by(&body) == Some("east"),
+        "check hello.demo: wanted an answer from east, got {body:?}"
+    );
+    println!("check hello.demo: served by east");
+    println!("{}", body.trim());
 
-    // ledger.prod: only west may call it, so north refuses east before any byte is passed on.
-    let forbidden_before = forbidden_streams(north).await?;
+    // Tunnelled to pay.prod's two exporters by its policy, 80/20.
+    let (mut west, mut north) = (0, 0);
+    for _ in 0..PAY_CONNECTIONS {
+        let body = http_get(vip("pay.prod")?)
+            .await
+            .context("check pay.prod: no answer")?;
+        match served_by(&body) {
+            Some("west") => west += 1,
+            Some("north") => north += 1,
+            _ => anyhow::bail!("check pay.prod: wanted an answer from west or north, got {body:?}"),
+        }
+    }
+    // With 50 draws at 20 %, north gets none with probability 0.8^50 ≈ 1e-5.
+    anyhow::ensure!(
+        west > north && north > 0,
+        "check pay.prod: policy 80/20, got west {west}, north {north} of {PAY_CONNECTIONS}"
+    );
+    println!(
+        "check pay.prod: {PAY_CONNECTIONS} new connections, policy west 80 / north 20: west {west}, north {north}"
+    );
+
+    // ledger.prod: only west may call it. East knows from the catalog and never tries north:
+    // it resets the client at once, and north sees no stream.
+    let forbidden_before = forbidden_streams(north_gw).await?;
+    let refused_before = refused_here(east).await?;
     match http_get(vip("ledger.prod")?).await {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => anyhow::bail!("check ledger.prod: wanted a reset (forbidden), got {other:?}"),
     }
-    // North counts the stream when its handler ends, which may be just after east's reset.
-    let mut counted = 0;
-    for _ in 0..100 {
-        counted = forbidden_streams(north).await? - forbidden_before;
-        if counted > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let refused = refused_here(east).await? - refused_before;
+    let forbidden = forbidden_streams(north_gw).await? - forbidden_before;
     anyhow::ensure!(
-        counted == 1,
-        "check ledger.prod: north counted {counted} forbidden streams, wanted 1"
+        refused == 1 && forbidden == 0,
+        "check ledger.prod: east counted {refused} connections with no route (wanted 1), north {forbidden} forbidden streams (wanted 0)"
     );
-    println!("check ledger.prod: refused as configured (north: forbidden; east reset the client)");
+    println!(
+        "check ledger.prod: refused as configured (north allows only west: east never tried it and reset the client)"
+    );
     Ok(())
+}
+
+/// New connections to pay.prod in `--check`.
+const PAY_CONNECTIONS: u32 = 50;
+
+/// The `x-served-by` header of a demo backend's answer.
+fn served_by(answer: &str) -> Option<&str> {
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-served-by: "))
+        .map(str::trim)
+}
+
+/// East's count of ledger.prod connections no cluster could take, from its `/metrics`.
+async fn refused_here(gateway: &Gateway) -> anyhow::Result<u64> {
+    metric(
+        gateway,
+        "meshup_service_connections_total{service=\"ledger.prod\",source_cluster=\"east\",destination_cluster=\"none\",result=\"no_route\"}",
+    )
+    .await
 }
 
 /// North's count of inbound streams refused as `forbidden`, read from its `/metrics`.
 async fn forbidden_streams(gateway: &Gateway) -> anyhow::Result<u64> {
+    metric(
+        gateway,
+        "meshup_tunnel_streams_closed_total{direction=\"inbound\",result=\"forbidden\"}",
+    )
+    .await
+}
+
+/// One counter series of a gateway's `/metrics` (0 when absent).
+async fn metric(gateway: &Gateway, series: &str) -> anyhow::Result<u64> {
     let addr = gateway.addrs().admin;
     let page = http_request(addr, "/metrics")
         .await
         .context("reading /metrics")?;
-    let series = "meshup_tunnel_streams_closed_total{direction=\"inbound\",result=\"forbidden\"}";
     Ok(page
         .lines()
         .find_map(|l| l.strip_prefix(series))
         .map(|v| v.trim().parse::<u64>())
         .transpose()
-        .context("parsing the forbidden counter")?
+        .with_context(|| format!("parsing {series}"))?
         .unwrap_or(0))
 }
 

@@ -5,16 +5,22 @@
 //!   every few seconds, to retry binds that failed) it diffs [`route::desired_listeners`]
 //!   against what is bound. A removed listener is closed at once (new connects are refused);
 //!   connections it already accepted run to their end.
-//! - Each client connection is one task: it asks [`route::candidates`] where to go and tries
-//!   them in order. A candidate is abandoned (next one tried) when the pool has no
-//!   connection, the stream cannot be opened, or the answer is not `Connected` — all before
-//!   a single client byte is read, so nothing is ever replayed. Client bytes are read only
-//!   after `Connected`.
+//! - Each client connection is one task: it asks the failover decision ([`steer`], over
+//!   [`meshup_policy::decide`]) which clusters to try and in which order, attempts them, and
+//!   reports every outcome back (outlier detection, circuit counts, the retry budget). What
+//!   to do after a failed attempt is [`after_failure`], pure: nothing is retried once a peer
+//!   may have passed a client byte on.
+//! - [`liveness`] bounds the wait for a peer's answer by its RTT and skips peers that went
+//!   silent, so a dead gateway costs new connections one bounded wait, not a QUIC idle
+//!   timeout (docs/policy.md, "Fast failover"). A monitor task samples every pooled
+//!   connection for proof of life and feeds each cluster's signal to the decision.
 //! - [`pool`] keeps one QUIC connection per peer gateway; streams to a cluster with several
 //!   gateways rotate across them.
 
+pub mod liveness;
 pub mod pool;
 pub mod route;
+pub mod steer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -36,7 +42,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use pool::{PeerKey, Pool, PoolError};
-pub use route::{Candidate, Listeners, Route, candidates, desired_listeners};
+pub use route::{Listeners, Route, Serving, Target, desired_listeners, serving};
+pub use steer::{ServiceMetrics, Steering};
+
+use meshup_policy::Locality;
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::{
@@ -57,6 +66,8 @@ enum AttemptError {
     Open(String),
     #[error("no answer to the header: {0}")]
     Answer(String),
+    #[error("the peer sent nothing within {0:?} of the header: suspected dead")]
+    Silent(Duration),
     #[error("peer answered {0}")]
     Refused(Status),
     #[error("no local endpoint accepted the connection")]
@@ -79,21 +90,30 @@ struct Early {
     eof: bool,
 }
 
-/// The real pool dialer: QUIC through the gateway's endpoint.
+/// The real pool dialer: QUIC through the gateway's endpoint. A completed handshake is
+/// proof of life of the peer ([`liveness`]), told to the steering state.
 #[derive(Debug, Clone)]
-pub struct QuicDialer(pub Arc<Endpoint>);
+pub struct QuicDialer(pub Arc<Endpoint>, pub Arc<Steering>);
 
 impl pool::Dialer for QuicDialer {
     type Conn = quinn::Connection;
 
     fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<quinn::Connection, ConnectError>> {
         let endpoint = self.0.clone();
+        let steering = self.1.clone();
         let peer = peer.clone();
         Box::pin(async move {
             let result = endpoint.connect(peer.addr, &peer.cluster).await;
             endpoint
                 .metrics()
                 .dialed(if result.is_ok() { "ok" } else { "error" });
+            if result.is_ok() {
+                let t = steering
+                    .lock()
+                    .liveness
+                    .answered(&peer, std::time::Instant::now());
+                steering.peer_transition(&peer, t);
+            }
             result
         })
     }
@@ -148,6 +168,7 @@ pub struct Proxy {
 struct Shared {
     endpoint: Arc<Endpoint>,
     local: ClusterName,
+    steering: Arc<Steering>,
     exports: watch::Receiver<Arc<LocalExports>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// The cluster's `vip_cidr`: listeners are only ever bound inside it.
@@ -162,16 +183,20 @@ struct Shared {
 
 impl Proxy {
     /// Starts the reconciler (which binds listeners as the catalog asks) until `shutdown`.
+    /// `local` says where this gateway is (the default failover order starts there);
+    /// `metrics` are the per-service metrics it counts into.
     pub fn spawn(
         endpoint: Arc<Endpoint>,
-        local_cluster: ClusterName,
+        local: Locality,
         exports: watch::Receiver<Arc<LocalExports>>,
         snapshots: watch::Receiver<Arc<Snapshot>>,
         vip_range: IpNet,
+        metrics: ServiceMetrics,
         shutdown: CancellationToken,
     ) -> Self {
+        let steering = Arc::new(Steering::new(local.clone(), metrics));
         let pool = Pool::spawn(
-            QuicDialer(endpoint.clone()),
+            QuicDialer(endpoint.clone(), steering.clone()),
             endpoint.config().max_connection_age,
         );
         let seed = std::time::SystemTime::now()
@@ -180,7 +205,8 @@ impl Proxy {
             .unwrap_or_default();
         let inner = Arc::new(Shared {
             endpoint,
-            local: local_cluster,
+            local: local.cluster.clone(),
+            steering,
             exports,
             snapshots,
             vip_range,
@@ -192,6 +218,7 @@ impl Proxy {
             next_request_id: AtomicU64::new(seed << 16),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
+        tokio::spawn(monitor_peers(inner.clone()));
         Self { inner }
     }
 
@@ -228,6 +255,26 @@ impl Proxy {
                 }
             })
             .collect()
+    }
+
+    /// The decision a new connection for `route` would get now, with the explanation of every
+    /// cluster. Changes nothing (no retry-budget count, no availability observed).
+    pub fn explain(
+        &self,
+        snapshot: &Snapshot,
+        exports: &LocalExports,
+        route: &Route,
+    ) -> meshup_policy::Decision {
+        self.inner.steering.explain(
+            snapshot,
+            &route.service,
+            &serving(snapshot, &self.inner.local, exports, route),
+        )
+    }
+
+    /// The decision's live state (health, liveness) and the per-service metrics.
+    pub fn steering(&self) -> &Steering {
+        &self.inner.steering
     }
 
     /// QUIC dials made by the pool so far.
@@ -306,6 +353,64 @@ fn catalog_peers(snapshot: &Snapshot) -> HashSet<PeerKey> {
             })
         })
         .collect()
+}
+
+/// How often every pooled connection is sampled for proof of life, and suspect peers probed.
+pub const PEER_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Samples every pooled connection (datagrams received, RTT) so peers that went silent are
+/// noticed and peers that came back are trusted again; asks the pool for a connection to each
+/// suspect peer (it dials with backoff when the old connection closed), and hands each
+/// cluster's signal to the decision.
+async fn monitor_peers(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(PEER_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probing: HashSet<PeerKey> = HashSet::new();
+    let (probed_tx, mut probed_rx) = tokio::sync::mpsc::unbounded_channel::<PeerKey>();
+    loop {
+        tokio::select! {
+            _ = shared.stop_listeners.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        while let Ok(peer) = probed_rx.try_recv() {
+            probing.remove(&peer);
+        }
+        let conns = shared.pool.connections().await;
+        let now = std::time::Instant::now();
+        let mut transitions = Vec::new();
+        let suspects: Vec<PeerKey> = {
+            let mut st = shared.steering.lock();
+            for (peer, conn) in &conns {
+                let t = st.liveness.sample(
+                    peer,
+                    conn.stable_id(),
+                    conn.stats().udp_rx.datagrams,
+                    conn.rtt(),
+                    now,
+                );
+                transitions.push((peer.clone(), t));
+            }
+            st.liveness.suspects().cloned().collect()
+        };
+        for (peer, t) in transitions {
+            shared.steering.peer_transition(&peer, t);
+        }
+        for peer in suspects {
+            if probing.insert(peer.clone()) {
+                let pool = shared.pool.clone();
+                let done = probed_tx.clone();
+                tokio::spawn(async move {
+                    // A new connection shows up in the next sample; a failure keeps it suspect.
+                    let _ = pool.get(&peer).await;
+                    let _ = done.send(peer);
+                });
+            }
+        }
+        let snapshot = shared.snapshots.borrow().clone();
+        shared
+            .steering
+            .refresh_peers(&snapshot, &catalog_peers(&snapshot));
+    }
 }
 
 fn reconcile(
@@ -413,91 +518,260 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         let mut guard = metrics.stream("outbound");
         let snapshot = shared.snapshots.borrow().clone();
         let exports = shared.exports.borrow().clone();
-        let cands = candidates(&snapshot, &shared.local, &exports, &route);
-        if cands.is_empty() {
-            tracing::debug!("no cluster can serve this connection");
+        let steering = &shared.steering;
+        let service = &route.service;
+        let plan = steering.plan(
+            &snapshot,
+            service,
+            serving(&snapshot, &shared.local, &exports, &route),
+        );
+        if plan.targets.is_empty() {
+            tracing::debug!(explanations = ?plan.decision.explanations, "no cluster can serve this connection");
         }
         let header = RequestHeader {
             request_id,
-            service: route.service.clone(),
+            service: service.clone(),
             port: route.port,
             caller: shared.local.clone(),
         };
-        // The last refusal names the stream's result if nothing connects.
+        let sm = &steering.metrics;
+        let pair = |cluster: &ClusterName| steer::PairLabels::new(service, &shared.local, cluster);
+        let counted = |cluster: Option<&ClusterName>, result: &'static str| {
+            sm.connections
+                .get_or_create(&steer::PairResultLabels {
+                    service: service.to_string(),
+                    source_cluster: shared.local.to_string(),
+                    destination_cluster: cluster.map_or_else(|| "none".to_owned(), ToString::to_string),
+                    result,
+                })
+                .inc();
+        };
+        let failed_attempt = |cluster: &ClusterName, reason: &'static str| {
+            sm.attempt_failures
+                .get_or_create(&steer::PairResultLabels {
+                    service: service.to_string(),
+                    source_cluster: shared.local.to_string(),
+                    destination_cluster: cluster.to_string(),
+                    result: reason,
+                })
+                .inc();
+        };
+        // The last failure names the stream's result if nothing connects.
         let mut result = "no_route";
         let mut tcp = tcp;
         let mut early = Early::default();
-        for cand in cands {
-            match cand {
-                Candidate::Local(eps) => match connect_local(&shared, &eps).await {
-                    Ok(mut up) => {
-                        // Bytes a refusing remote peer did not pass on go first. A client
-                        // FIN seen meanwhile is read again from the socket by the splice.
-                        if up.write_all(&early.bytes).await.is_err() {
-                            guard.set_result("error");
-                            reset_tcp(tcp);
-                            return;
-                        }
-                        let idle = shared.endpoint.config().stream_idle_timeout;
-                        let out = splice_tcp(tcp, up, idle).await;
-                        let sent = out.tcp_to_quic + early.bytes.len() as u64;
-                        metrics.add_bytes("outbound", sent, out.quic_to_tcp);
-                        guard.set_result(splice_result(&out));
-                        return;
+        let max_attempts = plan.decision.max_attempts.max(1) as usize;
+        let mut attempts = 0;
+        for (cluster, target) in &plan.targets {
+            if attempts == max_attempts {
+                break;
+            }
+            {
+                let mut st = steering.lock();
+                if attempts > 0 && !st.health.take_retry(&plan.policy.retry, std::time::Instant::now()) {
+                    drop(st);
+                    tracing::debug!(%cluster, "retry budget spent; not retrying");
+                    sm.retry_budget_exhausted
+                        .get_or_create(&steer::ServiceLabels::new(service, &shared.local))
+                        .inc();
+                    result = "retry_budget";
+                    break;
+                }
+                if let Err((active, pending)) = st.health.try_start(service, cluster, &plan.policy.circuit) {
+                    drop(st);
+                    tracing::debug!(%cluster, active, pending, "circuit open; next candidate");
+                    sm.circuit_open.get_or_create(&pair(cluster)).inc();
+                    result = "circuit_open";
+                    continue;
+                }
+            }
+            if attempts > 0 {
+                sm.retries.get_or_create(&pair(cluster)).inc();
+            }
+            attempts += 1;
+            let attempt = match target {
+                Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
+                Target::Remote { gateways } => {
+                    attempt_remote(&shared, cluster, gateways, &header, tcp, &mut early).await
+                }
+            };
+            match attempt {
+                Attempt::Connected(conn) => {
+                    steering.lock().health.attempt_finished(service, cluster, true);
+                    steering.record(service, cluster, &plan, true);
+                    counted(Some(cluster), "connected");
+                    let idle = shared.endpoint.config().stream_idle_timeout;
+                    let out = match conn {
+                        Connected::Local { tcp, up } => splice_tcp(tcp, up, idle).await,
+                        Connected::Remote { tcp, send, recv } => splice(tcp, send, recv, &[], idle).await,
+                    };
+                    steering.lock().health.connection_ended(service, cluster);
+                    let sent = out.tcp_to_quic + early.bytes.len() as u64;
+                    metrics.add_bytes("outbound", sent, out.quic_to_tcp);
+                    guard.set_result(splice_result(&out));
+                    return;
+                }
+                Attempt::Failed { tcp: back, result: r, cluster_failed, stop } => {
+                    steering.lock().health.attempt_finished(service, cluster, false);
+                    if cluster_failed {
+                        steering.record(service, cluster, &plan, false);
                     }
-                    Err(e) => tracing::debug!(error = %e, "local candidate failed"),
-                },
-                Candidate::Remote { cluster, gateways } => {
-                    let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
-                    let mut answered = None;
-                    for (i, addr) in attempt_order(&gateways, start) {
-                        if answered == Some(i) {
-                            continue;
-                        }
-                        let peer = PeerKey {
-                            cluster: cluster.clone(),
-                            addr,
-                        };
-                        tracing::trace!(%peer, "attempt");
-                        let error = match open_tunnel(&shared, &peer, &header, &mut tcp, &mut early).await {
-                            Ok((send, recv)) => {
-                                let idle = shared.endpoint.config().stream_idle_timeout;
-                                let out = splice(tcp, send, recv, &[], idle).await;
-                                let up = out.tcp_to_quic + early.bytes.len() as u64;
-                                metrics.add_bytes("outbound", up, out.quic_to_tcp);
-                                guard.set_result(splice_result(&out));
-                                return;
+                    failed_attempt(cluster, r);
+                    result = r;
+                    match (back, stop) {
+                        (Some(t), false) => tcp = t,
+                        (back, _) => {
+                            counted(Some(cluster), r);
+                            guard.set_result(r);
+                            if let Some(t) = back {
+                                reset_tcp(t);
                             }
-                            Err(e) => e,
-                        };
-                        match after_failure(&error, !early.bytes.is_empty()) {
-                            AfterFailure::Stop { result, reset_client } => {
-                                tracing::debug!(%peer, %error, "attempt failed; not retrying");
-                                guard.set_result(result);
-                                if reset_client {
-                                    reset_tcp(tcp);
-                                }
-                                return;
-                            }
-                            AfterFailure::NextGateway { result: r } => {
-                                tracing::debug!(%peer, %error, "gateway refused or lost; trying the next");
-                                answered = Some(i);
-                                result = r;
-                            }
-                            AfterFailure::NextAddress { result: r } => {
-                                tracing::debug!(%peer, %error, "address unreachable; trying the next");
-                                result = r;
-                            }
+                            return;
                         }
                     }
                 }
             }
         }
+        counted(None, result);
         guard.set_result(result);
         reset_tcp(tcp);
     }
     .instrument(span)
     .await;
+}
+
+/// A connection that reached its upstream.
+enum Connected {
+    Local {
+        tcp: TcpStream,
+        up: TcpStream,
+    },
+    Remote {
+        tcp: TcpStream,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    },
+}
+
+/// How one attempt at one cluster ended.
+enum Attempt {
+    Connected(Connected),
+    Failed {
+        /// The client connection, unless it is gone.
+        tcp: Option<TcpStream>,
+        result: &'static str,
+        /// Whether the failure says the cluster cannot serve (for outlier detection); a client
+        /// that went away or a request nobody would accept says nothing of the cluster.
+        cluster_failed: bool,
+        /// Whether the connection ends here (no retry elsewhere).
+        stop: bool,
+    },
+}
+
+async fn attempt_local(
+    shared: &Shared,
+    eps: &[SocketAddr],
+    tcp: TcpStream,
+    early: &Early,
+) -> Attempt {
+    match connect_local(shared, eps).await {
+        Ok(mut up) => {
+            // Bytes a refusing remote peer did not pass on go first. A client FIN seen
+            // meanwhile is read again from the socket by the splice.
+            if up.write_all(&early.bytes).await.is_err() {
+                return Attempt::Failed {
+                    tcp: Some(tcp),
+                    result: "error",
+                    cluster_failed: false,
+                    stop: true,
+                };
+            }
+            Attempt::Connected(Connected::Local { tcp, up })
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "local endpoints failed");
+            Attempt::Failed {
+                tcp: Some(tcp),
+                result: "unreachable",
+                cluster_failed: true,
+                stop: false,
+            }
+        }
+    }
+}
+
+/// Tries the cluster's gateways in rotation (suspect ones last, skipped while others are
+/// left), each address in order, as [`after_failure`] says.
+async fn attempt_remote(
+    shared: &Shared,
+    cluster: &ClusterName,
+    gateways: &[Vec<SocketAddr>],
+    header: &RequestHeader,
+    mut tcp: TcpStream,
+    early: &mut Early,
+) -> Attempt {
+    let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
+    let order = attempt_order(gateways, start);
+    let mut result = "unreachable";
+    let mut answered = None;
+    let order: Vec<(usize, SocketAddr)> = {
+        let st = shared.steering.lock();
+        let peer = |addr: SocketAddr| PeerKey {
+            cluster: cluster.clone(),
+            addr,
+        };
+        let (live, suspect): (Vec<_>, Vec<_>) = order
+            .into_iter()
+            .partition(|(_, a)| !st.liveness.is_suspect(&peer(*a)));
+        if live.is_empty() { suspect } else { live }
+    };
+    for (i, addr) in order {
+        if answered == Some(i) {
+            continue;
+        }
+        let peer = PeerKey {
+            cluster: cluster.clone(),
+            addr,
+        };
+        tracing::trace!(%peer, "attempt");
+        let failed = match open_tunnel(shared, &peer, header, &mut tcp, early).await {
+            Ok((send, recv)) => return Attempt::Connected(Connected::Remote { tcp, send, recv }),
+            Err(f) => f,
+        };
+        match after_failure(&failed.error, failed.sent_client_bytes) {
+            AfterFailure::Stop {
+                result,
+                reset_client,
+            } => {
+                tracing::debug!(%peer, error = %failed.error, "attempt failed; not retrying");
+                let cluster_failed = !matches!(
+                    failed.error,
+                    AttemptError::ClientReset | AttemptError::Refused(Status::BadRequest)
+                );
+                return Attempt::Failed {
+                    tcp: reset_client.then_some(tcp),
+                    result,
+                    cluster_failed,
+                    stop: true,
+                };
+            }
+            AfterFailure::NextGateway { result: r } => {
+                tracing::debug!(%peer, error = %failed.error, "gateway refused or lost; trying the next");
+                answered = Some(i);
+                result = r;
+            }
+            AfterFailure::NextAddress { result: r } => {
+                tracing::debug!(%peer, error = %failed.error, "address unreachable; trying the next");
+                result = r;
+            }
+        }
+    }
+    Attempt::Failed {
+        tcp: Some(tcp),
+        result,
+        cluster_failed: true,
+        stop: false,
+    }
 }
 
 /// The order of attempts within one remote cluster: each gateway once, the first choice
@@ -541,16 +815,20 @@ fn after_failure(error: &AttemptError, early_bytes_sent: bool) -> AfterFailure {
             result: status.as_str(),
             reset_client: true,
         },
-        AttemptError::Answer(_) if early_bytes_sent => AfterFailure::Stop {
-            result: "unreachable",
-            reset_client: true,
-        },
+        AttemptError::Answer(_) | AttemptError::Silent(_) if early_bytes_sent => {
+            AfterFailure::Stop {
+                result: "unreachable",
+                reset_client: true,
+            }
+        }
         AttemptError::Refused(status) => AfterFailure::NextGateway {
             result: status.as_str(),
         },
         AttemptError::Answer(_) => AfterFailure::NextGateway {
             result: "unreachable",
         },
+        // A silent peer's other addresses reach the same dead process.
+        AttemptError::Silent(_) => AfterFailure::NextGateway { result: "silent" },
         AttemptError::Pool(_) | AttemptError::Open(_) | AttemptError::LocalConnect => {
             AfterFailure::NextAddress {
                 result: "unreachable",
@@ -570,86 +848,182 @@ async fn connect_local(shared: &Shared, eps: &[SocketAddr]) -> Result<TcpStream,
     Err(AttemptError::LocalConnect)
 }
 
-/// Opens a stream to `peer`, sends the header and waits for `Connected`. Meanwhile client
-/// bytes (up to [`EARLY_DATA_MAX`]) follow the header and are kept in `early`; bytes kept
-/// from an earlier refused attempt go out first. Any failure here may be retried elsewhere,
-/// because no peer has passed a client byte on yet.
+/// A failed attempt at one peer, and whether client bytes went out with it.
+#[derive(Debug)]
+struct Failed {
+    error: AttemptError,
+    sent_client_bytes: bool,
+}
+
+impl From<AttemptError> for Failed {
+    fn from(error: AttemptError) -> Self {
+        Self {
+            error,
+            sent_client_bytes: false,
+        }
+    }
+}
+
+/// Opens a stream to `peer`, sends the header and waits for `Connected`, reading client bytes
+/// meanwhile (up to [`EARLY_DATA_MAX`], kept in `early`). They go out right behind the header
+/// only to a peer with fresh proof of life ([`liveness`]); otherwise they follow the answer.
+/// The wait for the answer is bounded by the peer's RTT: a peer that sends nothing at all in
+/// that time is suspected dead and the attempt abandoned; one that is alive gets up to the
+/// configured answer timeout.
 async fn open_tunnel(
     shared: &Shared,
     peer: &PeerKey,
     header: &RequestHeader,
     tcp: &mut TcpStream,
     early: &mut Early,
-) -> Result<(quinn::SendStream, quinn::RecvStream), AttemptError> {
-    let conn = shared.pool.get(peer).await?;
-    let timeout = shared.endpoint.config().answer_timeout();
+) -> Result<(quinn::SendStream, quinn::RecvStream), Failed> {
+    let steering = &shared.steering;
+    let conn = match shared.pool.get(peer).await {
+        Ok(c) => c,
+        Err(e) => {
+            if !matches!(e, PoolError::Closed) {
+                let t = steering
+                    .lock()
+                    .liveness
+                    .suspect(peer, std::time::Instant::now());
+                steering.peer_transition(peer, t);
+            }
+            return Err(AttemptError::Pool(e).into());
+        }
+    };
+    let cap = shared.endpoint.config().answer_timeout();
+    let (early_ok, wait) = {
+        let st = steering.lock();
+        (
+            st.liveness.early_allowed(peer, std::time::Instant::now()),
+            st.liveness.answer_wait(peer, cap),
+        )
+    };
     // quinn waits silently while the peer's stream limit is reached; bound the wait so the
     // connection moves on to another gateway or cluster (no client byte was sent yet).
-    let (mut send, mut recv) = tokio::time::timeout(timeout, conn.open_bi())
+    let (mut send, mut recv) = tokio::time::timeout(cap, conn.open_bi())
         .await
-        .map_err(|_| {
-            AttemptError::Open(format!("no stream credit from {peer} within {timeout:?}"))
-        })?
+        .map_err(|_| AttemptError::Open(format!("no stream credit from {peer} within {cap:?}")))?
         .map_err(|e| AttemptError::Open(e.to_string()))?;
+    let received_before = conn.stats().udp_rx.datagrams;
+    let mut sent_client_bytes = false;
     let answer = |e: quinn::WriteError| AttemptError::Answer(e.to_string());
-    let exchange = async {
-        let mut first = encode_header(header);
-        first.extend_from_slice(&early.bytes);
-        send.write_all(&first).await.map_err(answer)?;
-        let mut status = [0u8; STATUS_LEN];
-        let mut got = 0;
-        let mut chunk = vec![0u8; EARLY_DATA_MAX];
-        // A refusing peer stops our sending side right after its answer, so a failed write
-        // here only ends the early bytes: the answer (read next) says what happened.
-        let mut sending = true;
-        while got < STATUS_LEN {
-            let room = EARLY_DATA_MAX - early.bytes.len();
-            tokio::select! {
-                // Both reads are cancel-safe: a read that loses the race consumed nothing.
-                r = recv.read(&mut status[got..]) => match r {
-                    Ok(Some(n)) => got += n,
-                    Ok(None) => return Err(AttemptError::Answer("stream finished".into())),
-                    Err(e) => return Err(AttemptError::Answer(e.to_string())),
-                },
-                r = tcp.read(&mut chunk[..room]), if sending && !early.eof && room > 0 => match r {
-                    Ok(0) => early.eof = true,
-                    Ok(n) => {
-                        early.bytes.extend_from_slice(&chunk[..n]);
-                        sending = send.write_all(&chunk[..n]).await.is_ok();
-                    }
-                    Err(_) => return Err(AttemptError::ClientReset),
-                },
+    let outcome = {
+        let sent = &mut sent_client_bytes;
+        let exchange = async {
+            let mut first = encode_header(header);
+            if early_ok {
+                first.extend_from_slice(&early.bytes);
+                *sent = !early.bytes.is_empty();
             }
+            send.write_all(&first).await.map_err(answer)?;
+            let mut status = [0u8; STATUS_LEN];
+            let mut got = 0;
+            let mut chunk = vec![0u8; EARLY_DATA_MAX];
+            // A refusing peer stops our sending side right after its answer, so a failed
+            // write here only ends the early bytes: the answer (read next) says what happened.
+            let mut sending = true;
+            while got < STATUS_LEN {
+                let room = EARLY_DATA_MAX - early.bytes.len();
+                tokio::select! {
+                    // Both reads are cancel-safe: a read that loses the race consumed nothing.
+                    r = recv.read(&mut status[got..]) => match r {
+                        Ok(Some(n)) => got += n,
+                        Ok(None) => return Err(AttemptError::Answer("stream finished".into())),
+                        Err(e) => return Err(AttemptError::Answer(e.to_string())),
+                    },
+                    r = tcp.read(&mut chunk[..room]), if sending && !early.eof && room > 0 => match r {
+                        Ok(0) => early.eof = true,
+                        Ok(n) => {
+                            early.bytes.extend_from_slice(&chunk[..n]);
+                            if early_ok {
+                                *sent = true;
+                                sending = send.write_all(&chunk[..n]).await.is_ok();
+                            }
+                        }
+                        Err(_) => return Err(AttemptError::ClientReset),
+                    },
+                }
+            }
+            let status = decode_status(&status).map_err(|e| AttemptError::Answer(e.to_string()))?;
+            Ok((status, sending))
+        };
+        tokio::pin!(exchange);
+        match tokio::time::timeout(wait, &mut exchange).await {
+            Ok(r) => Some(r),
+            // Nothing at all from the peer since the header: suspect it, move on.
+            Err(_) if conn.stats().udp_rx.datagrams == received_before => None,
+            // Alive, just slow to answer (its backend is slow to accept): wait on.
+            Err(_) => tokio::time::timeout(cap.saturating_sub(wait), &mut exchange)
+                .await
+                .ok()
+                .or(Some(Err(AttemptError::Answer(format!(
+                    "timed out after {cap:?}"
+                ))))),
         }
-        let status = decode_status(&status).map_err(|e| AttemptError::Answer(e.to_string()))?;
-        Ok((status, sending))
     };
-    let (status, sent_all) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let _ = send.reset(RESET_ABORT);
-            let _ = recv.stop(RESET_ABORT);
-            return Err(e);
-        }
-        Err(_) => {
-            let _ = send.reset(RESET_ABORT);
-            let _ = recv.stop(RESET_ABORT);
-            return Err(AttemptError::Answer(format!("timed out after {timeout:?}")));
-        }
-    };
-    if status != Status::Connected {
+    let fail = |error: AttemptError,
+                sent_client_bytes: bool,
+                send: &mut quinn::SendStream,
+                recv: &mut quinn::RecvStream| {
         let _ = send.reset(RESET_ABORT);
         let _ = recv.stop(RESET_ABORT);
-        return Err(AttemptError::Refused(status));
+        Failed {
+            error,
+            sent_client_bytes,
+        }
+    };
+    let (status, sent_all) = match outcome {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return Err(fail(e, sent_client_bytes, &mut send, &mut recv)),
+        None => {
+            let t = steering
+                .lock()
+                .liveness
+                .suspect(peer, std::time::Instant::now());
+            steering.peer_transition(peer, t);
+            return Err(fail(
+                AttemptError::Silent(wait),
+                sent_client_bytes,
+                &mut send,
+                &mut recv,
+            ));
+        }
+    };
+    let t = steering
+        .lock()
+        .liveness
+        .answered(peer, std::time::Instant::now());
+    steering.peer_transition(peer, t);
+    if status != Status::Connected {
+        return Err(fail(
+            AttemptError::Refused(status),
+            sent_client_bytes,
+            &mut send,
+            &mut recv,
+        ));
     }
     if !sent_all {
         // Accepted, yet some early bytes did not go out: the stream is broken, and the
         // peer may already have passed the rest on, so this ends without a retry.
-        let _ = send.reset(RESET_ABORT);
-        let _ = recv.stop(RESET_ABORT);
-        return Err(AttemptError::Answer(
-            "the stream failed while sending the client's first bytes".into(),
+        return Err(fail(
+            AttemptError::Answer("the stream failed while sending the client's first bytes".into()),
+            sent_client_bytes,
+            &mut send,
+            &mut recv,
         ));
+    }
+    if !early_ok && !early.bytes.is_empty() {
+        // Held back until the answer: they go first now.
+        if let Err(e) = send.write_all(&early.bytes).await {
+            // Some may have gone out: no retry.
+            return Err(fail(
+                AttemptError::Answer(e.to_string()),
+                true,
+                &mut send,
+                &mut recv,
+            ));
+        }
     }
     if early.eof {
         // The client's FIN came before the answer: pass it on now (splice reads EOF again

@@ -1,5 +1,5 @@
-//! Pure routing decisions: which VIP:port listeners should exist, and where one new client
-//! connection should go. No I/O; table-tested.
+//! Pure routing inputs: which VIP:port listeners should exist, and which clusters could serve
+//! one new client connection (the policy decides among them). No I/O; table-tested.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use meshup_core::catalog::Snapshot;
 use meshup_core::model::Protocol;
 use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_policy::ClusterState;
 
 use crate::inbound::LocalExports;
 
@@ -20,17 +21,22 @@ pub struct Route {
     pub target: Option<ClusterName>,
 }
 
-/// One place a connection may go, in order of preference.
+/// Where one cluster's share of a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Candidate {
+pub enum Target {
     /// This cluster exports the service: connect to these local endpoints directly.
     Local(Vec<SocketAddr>),
     /// A remote cluster: open a stream to one of its gateways (draining gateways left
     /// out), each with its advertised addresses in order.
-    Remote {
-        cluster: ClusterName,
-        gateways: Vec<Vec<SocketAddr>>,
-    },
+    Remote { gateways: Vec<Vec<SocketAddr>> },
+}
+
+/// Every cluster that could serve a connection for a route, as the decision needs them
+/// ([`ClusterState`], in the order given) and with where to send it ([`Target`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Serving {
+    pub states: Vec<ClusterState>,
+    pub targets: BTreeMap<ClusterName, Target>,
 }
 
 /// The listeners this cluster's gateways keep.
@@ -93,31 +99,55 @@ pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName, vip_range: &I
     }
 }
 
-/// Where a new connection for `route` may go, best first. Local endpoints first if this
-/// cluster exports the service; then every other cluster exporting it with healthy
-/// endpoints and at least one non-draining gateway. A pinned route yields only its target.
-pub fn candidates(
+/// The clusters that export `route`'s service, with what the catalog says of each: this
+/// cluster if it exports the service itself (its endpoint counts from its published record
+/// when there is one), then every other exporting cluster with its healthy endpoint counts,
+/// its locality, whether its export allows `local`, and its gateways that are not draining.
+/// A pinned route keeps only its target. The decision ([`meshup_policy::decide`]) chooses.
+pub fn serving(
     snapshot: &Snapshot,
     local: &ClusterName,
     local_exports: &LocalExports,
     route: &Route,
-) -> Vec<Candidate> {
-    let mut out = Vec::new();
-    let local_allowed = route.target.as_ref().is_none_or(|t| t == local);
-    if local_allowed
+) -> Serving {
+    let mut out = Serving::default();
+    let view = snapshot.service(&route.service);
+    let wanted = |c: &ClusterName| route.target.as_ref().is_none_or(|t| t == c);
+    let locality = |c: &ClusterName| {
+        snapshot
+            .gateways_of(c)
+            .next()
+            .map(|g| (g.region.clone(), g.zone.clone()))
+            .unwrap_or_default()
+    };
+    if wanted(local)
         && let Some(export) = local_exports.get(&route.service)
         && export.ports.contains(&route.port)
     {
         let eps = export.endpoint_addrs(route.port);
         if !eps.is_empty() {
-            out.push(Candidate::Local(eps));
+            let n = u32::try_from(eps.len()).unwrap_or(u32::MAX);
+            let (total, healthy) = view
+                .and_then(|v| v.clusters.get(local))
+                .map_or((n, n), |c| (c.endpoints_total, c.endpoints_healthy));
+            let (region, zone) = locality(local);
+            out.states.push(ClusterState {
+                cluster: local.clone(),
+                region,
+                zone,
+                endpoints_total: total,
+                endpoints_healthy: healthy,
+                allows_us: true,
+                gateways: 0,
+            });
+            out.targets.insert(local.clone(), Target::Local(eps));
         }
     }
-    let Some(view) = snapshot.service(&route.service) else {
+    let Some(view) = view else {
         return out;
     };
-    for cluster in view.healthy_clusters() {
-        if cluster == local || route.target.as_ref().is_some_and(|t| t != cluster) {
+    for (cluster, export) in &view.clusters {
+        if cluster == local || !wanted(cluster) {
             continue;
         }
         let gateways: Vec<Vec<SocketAddr>> = snapshot
@@ -125,12 +155,18 @@ pub fn candidates(
             .filter(|g| !g.draining && !g.quic_addrs.is_empty())
             .map(|g| g.quic_addrs.clone())
             .collect();
-        if !gateways.is_empty() {
-            out.push(Candidate::Remote {
-                cluster: cluster.clone(),
-                gateways,
-            });
-        }
+        let (region, zone) = locality(cluster);
+        out.states.push(ClusterState {
+            cluster: cluster.clone(),
+            region,
+            zone,
+            endpoints_total: export.endpoints_total,
+            endpoints_healthy: export.endpoints_healthy,
+            allows_us: export.allowed_callers.is_empty() || export.allowed_callers.contains(local),
+            gateways: gateways.len(),
+        });
+        out.targets
+            .insert(cluster.clone(), Target::Remote { gateways });
     }
     out
 }
@@ -169,6 +205,9 @@ mod tests {
         }))
     }
     fn export(cluster: &str, id: &str, healthy: u32) -> Change {
+        export_allowing(cluster, id, healthy, &[])
+    }
+    fn export_allowing(cluster: &str, id: &str, healthy: u32, allowed: &[&str]) -> Change {
         Change::PutExport(
             ExportKey {
                 cluster: c(cluster),
@@ -184,7 +223,7 @@ mod tests {
                 }],
                 endpoints_total: healthy.max(1),
                 endpoints_healthy: healthy,
-                allowed_callers: vec![],
+                allowed_callers: allowed.iter().map(|a| c(a)).collect(),
                 labels: Default::default(),
             }),
         )
@@ -237,7 +276,7 @@ mod tests {
     }
 
     #[test]
-    fn candidates_prefer_local_then_healthy_non_draining_remotes() {
+    fn serving_lists_local_then_every_exporting_cluster_with_what_the_decision_needs() {
         let s = snapshot(vec![
             gateway("west", "w1", 1001, false),
             gateway("west", "w2", 1002, true),
@@ -246,6 +285,7 @@ mod tests {
             export("west", "w1", 2),
             export("south", "s1", 2),
             export("north", "n1", 0),
+            export_allowing("far", "f1", 1, &["west"]),
         ]);
         let route = Route {
             service: key(),
@@ -254,14 +294,32 @@ mod tests {
         };
         let ep: SocketAddr = "127.0.0.1:9000".parse().expect("addr");
         let none = LocalExports::new();
-        let remote_west = Candidate::Remote {
-            cluster: c("west"),
-            gateways: vec![vec!["127.0.0.1:1001".parse().expect("addr")]],
+        let state = |cluster: &str, healthy: u32, allows_us: bool, gateways: usize| ClusterState {
+            cluster: c(cluster),
+            region: String::new(),
+            zone: String::new(),
+            endpoints_total: healthy.max(1),
+            endpoints_healthy: healthy,
+            allows_us,
+            gateways,
         };
-        // south: only draining gateways; north: no healthy endpoints.
+        // Every exporting cluster is listed (the decision says why one is out): far forbids
+        // us; north has no healthy endpoint; south only a draining gateway.
+        let got = serving(&s, &c("east"), &none, &route);
         assert_eq!(
-            candidates(&s, &c("east"), &none, &route),
-            std::slice::from_ref(&remote_west)
+            got.states,
+            [
+                state("far", 1, false, 0),
+                state("north", 0, true, 1),
+                state("south", 2, true, 0),
+                state("west", 2, true, 1),
+            ]
+        );
+        assert_eq!(
+            got.targets.get(&c("west")),
+            Some(&Target::Remote {
+                gateways: vec![vec!["127.0.0.1:1001".parse().expect("addr")]]
+            })
         );
 
         let mine = local_exports([LocalExport {
@@ -270,21 +328,26 @@ mod tests {
             endpoints: vec![ep],
             allowed_callers: vec![],
         }]);
-        assert_eq!(
-            candidates(&s, &c("east"), &mine, &route),
-            [Candidate::Local(vec![ep]), remote_west.clone()]
-        );
+        let got = serving(&s, &c("east"), &mine, &route);
+        assert_eq!(got.states[0], state("east", 1, true, 0));
+        assert_eq!(got.targets.get(&c("east")), Some(&Target::Local(vec![ep])));
+        assert_eq!(got.states.len(), 5);
         // Pinned to west: only west, even though we export it locally.
         let pinned = Route {
             target: Some(c("west")),
             ..route.clone()
         };
-        assert_eq!(candidates(&s, &c("east"), &mine, &pinned), [remote_west]);
-        // Pinned to a cluster without healthy endpoints: nothing.
-        let pinned_north = Route {
-            target: Some(c("north")),
+        let got = serving(&s, &c("east"), &mine, &pinned);
+        assert_eq!(got.states, [state("west", 2, true, 1)]);
+        // A port the local export does not serve: not local.
+        let other_port = Route {
+            port: 9999,
             ..route
         };
-        assert!(candidates(&s, &c("east"), &mine, &pinned_north).is_empty());
+        assert!(
+            !serving(&s, &c("east"), &mine, &other_port)
+                .targets
+                .contains_key(&c("east"))
+        );
     }
 }

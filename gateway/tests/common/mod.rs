@@ -16,7 +16,7 @@ use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
 use meshup_gateway::certs;
 use meshup_gateway::identity::{Identity, IdentityFiles};
 use meshup_gateway::inbound::{self, LocalExport, LocalExports};
-use meshup_gateway::outbound::Proxy;
+use meshup_gateway::outbound::{Proxy, ServiceMetrics};
 use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -140,10 +140,15 @@ impl Gateway {
         let server = inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.clone());
         let proxy = Proxy::spawn(
             endpoint.clone(),
-            cluster.clone(),
+            meshup_policy::Locality {
+                cluster: cluster.clone(),
+                region: String::new(),
+                zone: String::new(),
+            },
             exports_rx,
             snapshots_rx,
             "127.0.0.0/8".parse().expect("cidr"),
+            ServiceMetrics::register(&mut registry),
             shutdown.clone(),
         );
         Self {

@@ -1,0 +1,415 @@
+//! Steering: the state the failover decision reads (live health and peer liveness) and the
+//! per-service metrics, behind one lock that is only ever held for pure calls (never across
+//! an await). The decision itself is [`meshup_policy::decide`]; this module asks it, keeps the
+//! counters it depends on, and counts what happened.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_core::policy::{DrillRecord, PolicyRecord};
+use meshup_policy::{Decision, Excluded, Health, Inputs, Locality, Outcome, Verdict, decide};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::liveness::{Liveness, Transition};
+use super::pool::PeerKey;
+use super::route::{Serving, Target};
+
+/// The state behind the lock.
+#[derive(Debug)]
+pub struct State {
+    pub health: Health,
+    pub liveness: Liveness,
+}
+
+/// Everything one connection's attempts need from the decision.
+#[derive(Debug)]
+pub struct Plan {
+    pub decision: Decision,
+    pub policy: Arc<PolicyRecord>,
+    /// Where each cluster of the order is reached.
+    pub targets: Vec<(ClusterName, Target)>,
+    /// Clusters serving the service before ejection (outlier detection's base).
+    pub serving: usize,
+}
+
+/// The decision's state and the per-service metrics of one gateway.
+#[derive(Debug)]
+pub struct Steering {
+    pub local: Locality,
+    state: Mutex<State>,
+    default_policy: Arc<PolicyRecord>,
+    draws: AtomicU64,
+    pub metrics: ServiceMetrics,
+}
+
+impl Steering {
+    pub fn new(local: Locality, metrics: ServiceMetrics) -> Self {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        Self {
+            local,
+            state: Mutex::new(State {
+                health: Health::new(Instant::now()),
+                liveness: Liveness::new(),
+            }),
+            default_policy: Arc::new(PolicyRecord::default()),
+            draws: AtomicU64::new(seed),
+            metrics,
+        }
+    }
+
+    /// The state, for pure calls only. A panic while it was held cannot leave it
+    /// inconsistent in a way worse than stale counters, so a poisoned lock is taken over.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A uniformly distributed draw (SplitMix64 over a counter).
+    fn draw(&self) -> u64 {
+        let mut z = self
+            .draws
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Decides where a new connection for `service` goes, counts it for the retry budget,
+    /// and notes each cluster's availability (a cluster that comes back starts its hold-down).
+    pub fn plan(&self, snapshot: &Snapshot, service: &ServiceKey, serving: Serving) -> Plan {
+        let policy = snapshot
+            .policy(service)
+            .cloned()
+            .unwrap_or_else(|| self.default_policy.clone());
+        let drills: Vec<DrillRecord> = snapshot
+            .drills()
+            .map(|(_, d)| DrillRecord::clone(d))
+            .filter(|d| d.cluster_in(&serving))
+            .collect();
+        let now = Instant::now();
+        let unix_now = unix_now();
+        let draw = self.draw();
+        let decision = {
+            let mut st = self.lock();
+            st.health.connection_arrived(now);
+            let decision = decide(&Inputs {
+                service,
+                local: &self.local,
+                policy: &policy,
+                clusters: &serving.states,
+                health: &st.health,
+                drills: &drills,
+                now,
+                unix_now,
+                draw,
+            });
+            for e in &decision.explanations {
+                st.health
+                    .observe_available(service, &e.cluster, available(&e.verdict), now);
+            }
+            decision
+        };
+        let level = decision
+            .explanations
+            .iter()
+            .find_map(|e| match e.verdict {
+                Verdict::Candidate { rank: 0, level, .. } => Some(level as i64),
+                _ => None,
+            })
+            .unwrap_or(-1);
+        self.metrics
+            .failover_level
+            .get_or_create(&ServiceLabels::new(service, &self.local.cluster))
+            .set(level);
+        let serving_count = decision
+            .explanations
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.verdict,
+                    Verdict::Candidate { .. } | Verdict::Excluded(Excluded::Ejected { .. })
+                )
+            })
+            .count();
+        let mut targets_by = serving.targets;
+        let targets = decision
+            .order
+            .iter()
+            .filter_map(|c| targets_by.remove(c).map(|t| (c.clone(), t)))
+            .collect();
+        Plan {
+            decision,
+            policy,
+            targets,
+            serving: serving_count,
+        }
+    }
+
+    /// The decision a connection would get now, without counting it or observing anything.
+    pub fn explain(
+        &self,
+        snapshot: &Snapshot,
+        service: &ServiceKey,
+        serving: &Serving,
+    ) -> Decision {
+        let policy = snapshot
+            .policy(service)
+            .cloned()
+            .unwrap_or_else(|| self.default_policy.clone());
+        let drills: Vec<DrillRecord> = snapshot
+            .drills()
+            .map(|(_, d)| DrillRecord::clone(d))
+            .filter(|d| d.cluster_in(serving))
+            .collect();
+        let st = self.lock();
+        decide(&Inputs {
+            service,
+            local: &self.local,
+            policy: &policy,
+            clusters: &serving.states,
+            health: &st.health,
+            drills: &drills,
+            now: Instant::now(),
+            unix_now: unix_now(),
+            draw: 0,
+        })
+    }
+
+    /// Records how an attempt at `cluster` ended, for outlier detection; counts and logs an
+    /// ejection it causes.
+    pub fn record(&self, service: &ServiceKey, cluster: &ClusterName, plan: &Plan, ok: bool) {
+        let outcome = if ok {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        };
+        let ejection = self.lock().health.record(
+            service,
+            cluster,
+            outcome,
+            plan.serving,
+            &plan.policy.outlier,
+            Instant::now(),
+        );
+        if let Some(e) = ejection {
+            tracing::warn!(%service, %cluster, ejections = e.count, until = ?e.until.saturating_duration_since(Instant::now()), "cluster ejected by outlier detection");
+            self.metrics
+                .ejections
+                .get_or_create(&PairLabels::new(service, &self.local.cluster, cluster))
+                .inc();
+        }
+    }
+
+    /// A liveness transition of a peer gateway, logged and counted.
+    pub fn peer_transition(&self, peer: &PeerKey, t: Transition) {
+        match t {
+            Transition::None => {}
+            Transition::Suspected => {
+                tracing::warn!(%peer, "peer gateway silent: new connections skip it");
+                self.metrics
+                    .peers_suspected
+                    .get_or_create(&ClusterLabels {
+                        destination_cluster: peer.cluster.to_string(),
+                    })
+                    .inc();
+            }
+            Transition::Recovered => {
+                tracing::info!(%peer, "peer gateway alive again");
+            }
+        }
+    }
+
+    /// Re-derives each cluster's peer signal for the decision from its gateways' liveness,
+    /// and forgets peers that left the catalog.
+    pub fn refresh_peers(&self, snapshot: &Snapshot, catalog_peers: &HashSet<PeerKey>) {
+        let mut st = self.lock();
+        st.liveness.retain(catalog_peers);
+        for cluster in snapshot.clusters() {
+            if cluster == &self.local.cluster {
+                continue;
+            }
+            let gateways: Vec<PeerKey> = snapshot
+                .gateways_of(cluster)
+                .filter(|g| !g.draining)
+                .flat_map(|g| {
+                    g.quic_addrs.iter().map(|addr| PeerKey {
+                        cluster: cluster.clone(),
+                        addr: *addr,
+                    })
+                })
+                .collect();
+            match st.liveness.cluster_signal(&gateways) {
+                Some(signal) => st.health.observe_peer(cluster, signal),
+                None => st.health.clear_peer(cluster),
+            }
+        }
+    }
+}
+
+/// Whether a verdict says the cluster is up by every signal but outlier detection (which
+/// has its own return path), so that a transition to up starts the failback hold-down.
+fn available(verdict: &Verdict) -> bool {
+    !matches!(
+        verdict,
+        Verdict::Excluded(
+            Excluded::FailedByDrill { .. }
+                | Excluded::NoHealthyEndpoints
+                | Excluded::BelowHealthyMinimum { .. }
+                | Excluded::NoGateway
+                | Excluded::PeerDown { .. }
+        )
+    )
+}
+
+/// Unix seconds now (drills carry wall-clock times).
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Whether a drill names a cluster that can serve the route at all (the others cannot change
+/// the decision, so they are not copied per connection).
+trait DrillScope {
+    fn cluster_in(&self, serving: &Serving) -> bool;
+}
+
+impl DrillScope for DrillRecord {
+    fn cluster_in(&self, serving: &Serving) -> bool {
+        serving.targets.contains_key(&self.cluster)
+    }
+}
+
+// === metrics ===
+
+/// `service`, `source_cluster`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+    pub source_cluster: String,
+}
+
+impl ServiceLabels {
+    pub fn new(service: &ServiceKey, source: &ClusterName) -> Self {
+        Self {
+            service: service.to_string(),
+            source_cluster: source.to_string(),
+        }
+    }
+}
+
+/// `service`, `source_cluster`, `destination_cluster`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairLabels {
+    pub service: String,
+    pub source_cluster: String,
+    pub destination_cluster: String,
+}
+
+impl PairLabels {
+    pub fn new(service: &ServiceKey, source: &ClusterName, destination: &ClusterName) -> Self {
+        Self {
+            service: service.to_string(),
+            source_cluster: source.to_string(),
+            destination_cluster: destination.to_string(),
+        }
+    }
+}
+
+/// [`PairLabels`] and a `result` or `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairResultLabels {
+    pub service: String,
+    pub source_cluster: String,
+    /// `none` when no cluster took the connection.
+    pub destination_cluster: String,
+    pub result: &'static str,
+}
+
+/// `destination_cluster`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub destination_cluster: String,
+}
+
+/// Per-service routing metrics, `meshup_service_*`.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceMetrics {
+    /// New client connections by where they went and how they ended up: `connected`, or the
+    /// reason none of the attempts connected.
+    pub connections: Family<PairResultLabels, Counter>,
+    /// Failed attempts by cluster and reason (a connection may fail several and still connect).
+    pub attempt_failures: Family<PairResultLabels, Counter>,
+    /// Attempts after the first, by the cluster they went to.
+    pub retries: Family<PairLabels, Counter>,
+    /// Retries not made because the retry budget was spent.
+    pub retry_budget_exhausted: Family<ServiceLabels, Counter>,
+    /// Clusters skipped because their circuit was open.
+    pub circuit_open: Family<PairLabels, Counter>,
+    /// Ejections by outlier detection.
+    pub ejections: Family<PairLabels, Counter>,
+    /// The priority level of the cluster new connections go to first (0: the best; -1: none).
+    pub failover_level: Family<ServiceLabels, Gauge>,
+    /// Peer gateways found silent (new connections skip them until they show life).
+    pub peers_suspected: Family<ClusterLabels, Counter>,
+}
+
+impl ServiceMetrics {
+    /// Creates the metrics and registers them under `meshup_service_*`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("service");
+        r.register(
+            "connections",
+            "New client connections, by destination cluster and result",
+            m.connections.clone(),
+        );
+        r.register(
+            "attempt_failures",
+            "Failed attempts at a cluster, by reason",
+            m.attempt_failures.clone(),
+        );
+        r.register(
+            "retries",
+            "Attempts after the first one of a connection",
+            m.retries.clone(),
+        );
+        r.register(
+            "retry_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "circuit_open",
+            "Clusters skipped because their circuit breaker was open",
+            m.circuit_open.clone(),
+        );
+        r.register(
+            "ejections",
+            "Clusters ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        r.register(
+            "failover_level",
+            "Priority level of the cluster new connections go to first (-1: none)",
+            m.failover_level.clone(),
+        );
+        r.register(
+            "peers_suspected",
+            "Peer gateways found silent by the answer wait or a failed dial",
+            m.peers_suspected.clone(),
+        );
+        m
+    }
+}
