@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use meshup_core::names::{ClusterName, ServiceKey};
 
-use crate::health::{Health, PeerSignal};
+use crate::health::{Health, PeerSignal, TargetView};
 use crate::record::{DrillKind, DrillRecord, PolicyRecord};
 
 /// Shares are in parts per million.
@@ -226,8 +226,26 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
 
     let mut verdicts: Vec<Option<Verdict>> = vec![None; clusters.len()];
     // Members of each level: (level, member).
-    let mut members: Vec<(usize, Member<'_>)> = Vec::new();
-    let default_levels = default_levels(local, clusters, health);
+    let mut members: Vec<(usize, Member<'_>)> = Vec::with_capacity(clusters.len());
+    let default_levels = if pin.is_none() && !policy.local_only && policy.levels.is_empty() {
+        default_levels(local, clusters, health)
+    } else {
+        Vec::new()
+    };
+    // The policy's clusters by name, for one binary search per cluster.
+    let mut named: Vec<(&ClusterName, usize, u32)> = policy
+        .levels
+        .iter()
+        .enumerate()
+        .flat_map(|(i, l)| l.clusters.iter().map(move |m| (&m.cluster, i, m.weight)))
+        .collect();
+    named.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let level_of = |c: &ClusterName| {
+        named
+            .binary_search_by(|(n, _, _)| (*n).cmp(c))
+            .ok()
+            .map(|i| (named[i].1, named[i].2))
+    };
 
     for (index, state) in clusters.iter().enumerate() {
         let cluster = &state.cluster;
@@ -251,7 +269,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
         } else if policy.levels.is_empty() {
             Ok((default_levels[index], 1))
         } else {
-            policy.level_of(cluster).ok_or(Excluded::NotInPolicy)
+            level_of(cluster).ok_or(Excluded::NotInPolicy)
         };
         let (level, weight) = match placement {
             Ok(p) => p,
@@ -265,10 +283,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
             verdicts[index] = Some(Verdict::Excluded(Excluded::ForbidsUs));
             continue;
         }
-        let exclusion = exclusion(state, is_local, policy, health, service, &active);
+        let view = health.view(service, cluster, policy.failback_hold_down, now);
+        let exclusion = exclusion(state, is_local, policy, health, &view, &active);
         let excluded = exclusion.is_some();
-        let ejected = health.ejected_until(service, cluster, now);
-        let hold_down = health.held_down_until(service, cluster, policy.failback_hold_down, now);
+        let ejected = view.ejected_until;
+        let hold_down = view.held_down_until;
         let health_ppm = if state.endpoints_total == 0 {
             0
         } else {
@@ -299,23 +318,27 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     }
 
     let level_count = members.iter().map(|(l, _)| l + 1).max().unwrap_or(0);
+    // Per level: the sum of effective weights, and of the weights of members with any.
+    // Members that are out entirely (dead, ejected, drained, holding down) leave the level:
+    // the others share its traffic by their weights. Members that lost part of their
+    // endpoints stay, and the level spills what they lost.
+    let mut level_effective = vec![0u64; level_count];
+    let mut level_weights = vec![0u64; level_count];
+    for (l, m) in &members {
+        let e = m.effective();
+        if e > 0 {
+            level_effective[*l] += e;
+            level_weights[*l] += u64::from(m.weight);
+        }
+    }
     // Each level's share of the traffic, in ppm.
     let factor = u64::from(policy.overprovisioning_percent);
     let mut shares = vec![0u64; level_count];
     let mut remaining = MILLION;
     for (level, share) in shares.iter_mut().enumerate() {
-        let (mut weighted, mut weights) = (0u64, 0u64);
-        // Members that are out entirely (dead, ejected, drained, holding down) leave the
-        // level: the others share its traffic by their weights. Members that lost part of
-        // their endpoints stay, and the level spills what they lost.
-        for (_, m) in members
-            .iter()
-            .filter(|(l, m)| *l == level && m.effective() > 0)
-        {
-            weighted += m.effective();
-            weights += u64::from(m.weight);
-        }
-        let health = weighted.checked_div(weights).unwrap_or(0);
+        let health = level_effective[level]
+            .checked_div(level_weights[level])
+            .unwrap_or(0);
         *share = (health * factor / 100).min(MILLION).min(remaining);
         remaining -= *share;
     }
@@ -335,16 +358,11 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     for (level, share) in shares.iter().enumerate() {
         acc += share;
         if *share > 0 && level_draw < acc {
-            let in_level: Vec<&Member<'_>> = members
-                .iter()
-                .filter(|(l, m)| *l == level && m.effective() > 0)
-                .map(|(_, m)| m)
-                .collect();
-            let sum: u64 = in_level.iter().map(|m| m.effective()).sum();
+            let sum = level_effective[level];
             if sum > 0 {
                 let pick = ((u128::from(member_draw) * u128::from(sum)) >> 32) as u64;
                 let mut acc = 0;
-                for m in &in_level {
+                for (_, m) in members.iter().filter(|(l, _)| *l == level) {
                     acc += m.effective();
                     if pick < acc {
                         chosen = Some(m.index);
@@ -368,14 +386,15 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
             .cmp(&(b.index != chosen.unwrap_or(usize::MAX)))
             .then(la.cmp(lb))
             .then(b.effective().cmp(&a.effective()))
-            .then(a.state.cluster.cmp(&b.state.cluster))
+            // Input order breaks ties (the gateway lists clusters by name): no string compare.
+            .then(a.index.cmp(&b.index))
     });
     let mut held: Vec<(usize, &Member<'_>)> = members
         .iter()
         .filter(|(_, m)| m.eligible && m.hold_down.is_some())
         .map(|(l, m)| (*l, m))
         .collect();
-    held.sort_by(|(la, a), (lb, b)| la.cmp(lb).then(a.state.cluster.cmp(&b.state.cluster)));
+    held.sort_by(|(la, a), (lb, b)| la.cmp(lb).then(a.index.cmp(&b.index)));
     let mut last_resort: Vec<(usize, &Member<'_>)> = Vec::new();
     if ranked.is_empty() && held.is_empty() {
         last_resort = members
@@ -392,12 +411,7 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
         let share_ppm = if m.effective() == 0 {
             0
         } else {
-            let level_sum: u64 = members
-                .iter()
-                .filter(|(l, _)| l == level)
-                .map(|(_, o)| o.effective())
-                .sum();
-            shares[*level] * m.effective() / level_sum.max(1)
+            shares[*level] * m.effective() / level_effective[*level].max(1)
         };
         let note = match (m.hold_down, m.ejected) {
             (Some(until), _) => Some(Note::HoldDown { until }),
@@ -439,7 +453,7 @@ fn exclusion(
     is_local: bool,
     policy: &PolicyRecord,
     health: &Health,
-    service: &ServiceKey,
+    view: &TargetView,
     drills: &[&DrillRecord],
 ) -> Option<Excluded> {
     let cluster = &state.cluster;
@@ -483,7 +497,7 @@ fn exclusion(
             return Some(Excluded::PeerDown { since });
         }
     }
-    let (active, pending) = health.load(service, cluster);
+    let (active, pending) = (view.active, view.pending);
     if active >= policy.circuit.max_connections || pending >= policy.circuit.max_pending {
         return Some(Excluded::CircuitOpen { active, pending });
     }
@@ -491,7 +505,7 @@ fn exclusion(
 }
 
 /// The default level of each cluster: 0 for ours, 1 for our zone, 2 for our region, then one
-/// level each for the rest, nearest (by RTT) first; clusters never measured go last, by name.
+/// level each for the rest, nearest (by RTT) first; clusters never measured go last, in input order (the gateway lists them by name).
 fn default_levels(local: &Locality, clusters: &[ClusterState], health: &Health) -> Vec<usize> {
     let rtt = |c: &ClusterName| match health.peer(c) {
         Some(PeerSignal::Up { rtt }) => rtt,
@@ -508,23 +522,19 @@ fn default_levels(local: &Locality, clusters: &[ClusterState], health: &Health) 
             None
         }
     };
-    let mut rest: Vec<&ClusterState> = clusters.iter().filter(|s| near(s).is_none()).collect();
-    rest.sort_by(|a, b| {
-        rtt(&a.cluster)
-            .cmp(&rtt(&b.cluster))
-            .then(a.cluster.cmp(&b.cluster))
-    });
-    clusters
+    let mut levels: Vec<usize> = clusters.iter().map(|s| near(s).unwrap_or(0)).collect();
+    // The far ones: sorted by RTT, then input order (by name), numbered from level 3.
+    let mut rest: Vec<(Duration, usize)> = clusters
         .iter()
-        .map(|s| {
-            near(s).unwrap_or_else(|| {
-                3 + rest
-                    .iter()
-                    .position(|r| r.cluster == s.cluster)
-                    .expect("every far cluster is in `rest`")
-            })
-        })
-        .collect()
+        .enumerate()
+        .filter(|(_, s)| near(s).is_none())
+        .map(|(i, s)| (rtt(&s.cluster), i))
+        .collect();
+    rest.sort_unstable();
+    for (position, (_, i)) in rest.into_iter().enumerate() {
+        levels[i] = 3 + position;
+    }
+    levels
 }
 
 impl fmt::Display for Excluded {

@@ -67,9 +67,19 @@ struct RetryWindow {
 #[derive(Debug, Clone)]
 pub struct Health {
     epoch: Instant,
-    targets: BTreeMap<(ServiceKey, ClusterName), Target>,
+    /// Per service, per cluster: looked up by reference, never by a cloned key.
+    targets: BTreeMap<ServiceKey, BTreeMap<ClusterName, Target>>,
     peers: BTreeMap<ClusterName, PeerSignal>,
     retries: RetryWindow,
+}
+
+/// What the decision reads of one (service, cluster) at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetView {
+    pub ejected_until: Option<Instant>,
+    pub held_down_until: Option<Instant>,
+    pub active: u32,
+    pub pending: u32,
 }
 
 /// An ejection that an outcome caused.
@@ -94,16 +104,52 @@ impl Health {
     }
 
     fn target(&self, service: &ServiceKey, cluster: &ClusterName) -> Option<&Target> {
-        self.targets.get(&(service.clone(), cluster.clone()))
+        self.targets.get(service)?.get(cluster)
     }
 
     fn target_mut(&mut self, service: &ServiceKey, cluster: &ClusterName) -> &mut Target {
-        self.targets
-            .entry((service.clone(), cluster.clone()))
-            .or_insert_with(|| Target {
-                available: true,
-                ..Target::default()
-            })
+        // Keys are cloned only when a target is first seen.
+        if !self.targets.contains_key(service) {
+            self.targets.insert(service.clone(), BTreeMap::new());
+        }
+        let of_service = self
+            .targets
+            .get_mut(service)
+            .expect("inserted above if it was missing");
+        if !of_service.contains_key(cluster) {
+            of_service.insert(
+                cluster.clone(),
+                Target {
+                    available: true,
+                    ..Target::default()
+                },
+            );
+        }
+        of_service
+            .get_mut(cluster)
+            .expect("inserted above if it was missing")
+    }
+
+    /// Everything the decision reads of one target, in one lookup.
+    pub fn view(
+        &self,
+        service: &ServiceKey,
+        cluster: &ClusterName,
+        hold_down: Duration,
+        now: Instant,
+    ) -> TargetView {
+        match self.target(service, cluster) {
+            None => TargetView::default(),
+            Some(t) => TargetView {
+                ejected_until: t.ejected_until.filter(|u| *u > now),
+                held_down_until: t
+                    .recovered_at
+                    .map(|at| at + hold_down)
+                    .filter(|until| *until > now),
+                active: t.active,
+                pending: t.pending,
+            },
+        }
     }
 
     /// Records the outcome of an attempt. `clusters` is how many clusters currently serve the
@@ -119,13 +165,12 @@ impl Health {
         cfg: &OutlierDetection,
         now: Instant,
     ) -> Option<Ejection> {
-        let ejected_now = self
-            .targets
-            .iter()
-            .filter(|((s, c), t)| {
-                s == service && c != cluster && t.ejected_until.is_some_and(|u| u > now)
-            })
-            .count();
+        let ejected_now = self.targets.get(service).map_or(0, |of_service| {
+            of_service
+                .iter()
+                .filter(|(c, t)| *c != cluster && t.ejected_until.is_some_and(|u| u > now))
+                .count()
+        });
         let t = self.target_mut(service, cluster);
         if t.ejected_until.is_some_and(|u| u <= now) {
             // The ejection is over: the target is back, on probation.
@@ -234,7 +279,9 @@ impl Health {
     /// Forgets a peer cluster that left the catalog.
     pub fn forget_peer(&mut self, cluster: &ClusterName) {
         self.peers.remove(cluster);
-        self.targets.retain(|(_, c), _| c != cluster);
+        for of_service in self.targets.values_mut() {
+            of_service.remove(cluster);
+        }
     }
 
     /// An attempt at the target started (it is pending until `attempt_finished`).

@@ -179,6 +179,46 @@ struct Shared {
     bound: watch::Sender<Arc<BTreeMap<SocketAddr, Route>>>,
     rotation: AtomicUsize,
     next_request_id: AtomicU64,
+    prepared: std::sync::Mutex<PreparedCache>,
+}
+
+/// Each route's [`steer::Prepared`], valid for one catalog snapshot and one set of local
+/// exports: a new connection reuses it instead of reading the catalog again.
+#[derive(Debug, Default)]
+struct PreparedCache {
+    snapshot: Option<Arc<Snapshot>>,
+    exports: Option<Arc<LocalExports>>,
+    routes: std::collections::HashMap<Route, Arc<steer::Prepared>>,
+}
+
+/// The route's prepared catalog view, from the cache or made now.
+fn prepared(shared: &Shared, route: &Route) -> Arc<steer::Prepared> {
+    let snapshot = shared.snapshots.borrow().clone();
+    let exports = shared.exports.borrow().clone();
+    let mut cache = shared.prepared.lock().unwrap_or_else(|e| e.into_inner());
+    let current = cache
+        .snapshot
+        .as_ref()
+        .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
+        && cache
+            .exports
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, &exports));
+    if !current {
+        cache.routes.clear();
+        cache.snapshot = Some(snapshot.clone());
+        cache.exports = Some(exports.clone());
+    }
+    if let Some(p) = cache.routes.get(route) {
+        return p.clone();
+    }
+    let p = Arc::new(shared.steering.prepare(
+        &snapshot,
+        &route.service,
+        serving(&snapshot, &shared.local, &exports, route),
+    ));
+    cache.routes.insert(route.clone(), p.clone());
+    p
 }
 
 impl Proxy {
@@ -216,6 +256,7 @@ impl Proxy {
             bound: watch::Sender::new(Arc::new(BTreeMap::new())),
             rotation: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(seed << 16),
+            prepared: Default::default(),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
         tokio::spawn(monitor_peers(inner.clone()));
@@ -265,11 +306,13 @@ impl Proxy {
         exports: &LocalExports,
         route: &Route,
     ) -> meshup_policy::Decision {
-        self.inner.steering.explain(
+        let steering = &self.inner.steering;
+        let prepared = steering.prepare(
             snapshot,
             &route.service,
-            &serving(snapshot, &self.inner.local, exports, route),
-        )
+            serving(snapshot, &self.inner.local, exports, route),
+        );
+        steering.explain(&route.service, &prepared)
     }
 
     /// The decision's live state (health, liveness) and the per-service metrics.
@@ -516,16 +559,10 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
     async move {
         let metrics = shared.endpoint.metrics().clone();
         let mut guard = metrics.stream("outbound");
-        let snapshot = shared.snapshots.borrow().clone();
-        let exports = shared.exports.borrow().clone();
         let steering = &shared.steering;
         let service = &route.service;
-        let plan = steering.plan(
-            &snapshot,
-            service,
-            serving(&snapshot, &shared.local, &exports, &route),
-        );
-        if plan.targets.is_empty() {
+        let plan = steering.plan(service, prepared(&shared, &route));
+        if plan.decision.order.is_empty() {
             tracing::debug!(explanations = ?plan.decision.explanations, "no cluster can serve this connection");
         }
         let header = RequestHeader {
@@ -562,13 +599,13 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         let mut early = Early::default();
         let max_attempts = plan.decision.max_attempts.max(1) as usize;
         let mut attempts = 0;
-        for (cluster, target) in &plan.targets {
+        for (cluster, target) in plan.targets() {
             if attempts == max_attempts {
                 break;
             }
             {
                 let mut st = steering.lock();
-                if attempts > 0 && !st.health.take_retry(&plan.policy.retry, std::time::Instant::now()) {
+                if attempts > 0 && !st.health.take_retry(&plan.policy().retry, std::time::Instant::now()) {
                     drop(st);
                     tracing::debug!(%cluster, "retry budget spent; not retrying");
                     sm.retry_budget_exhausted
@@ -577,7 +614,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     result = "retry_budget";
                     break;
                 }
-                if let Err((active, pending)) = st.health.try_start(service, cluster, &plan.policy.circuit) {
+                if let Err((active, pending)) = st.health.try_start(service, cluster, &plan.policy().circuit) {
                     drop(st);
                     tracing::debug!(%cluster, active, pending, "circuit open; next candidate");
                     sm.circuit_open.get_or_create(&pair(cluster)).inc();

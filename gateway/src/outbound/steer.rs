@@ -29,15 +29,39 @@ pub struct State {
     pub liveness: Liveness,
 }
 
+/// What the decision for one route needs from the catalog: the same for every connection
+/// until the catalog snapshot or the local exports change, so it is prepared once per change
+/// and shared.
+#[derive(Debug)]
+pub struct Prepared {
+    pub serving: Serving,
+    pub policy: Arc<PolicyRecord>,
+    /// Drills naming a cluster that serves the route (in force or not: times decide).
+    pub drills: Vec<DrillRecord>,
+    level_labels: ServiceLabels,
+}
+
 /// Everything one connection's attempts need from the decision.
 #[derive(Debug)]
 pub struct Plan {
     pub decision: Decision,
-    pub policy: Arc<PolicyRecord>,
-    /// Where each cluster of the order is reached.
-    pub targets: Vec<(ClusterName, Target)>,
+    pub prepared: Arc<Prepared>,
     /// Clusters serving the service before ejection (outlier detection's base).
     pub serving: usize,
+}
+
+impl Plan {
+    /// The clusters to try, in order, with where each is reached.
+    pub fn targets(&self) -> impl Iterator<Item = (&ClusterName, &Target)> {
+        self.decision
+            .order
+            .iter()
+            .filter_map(|c| self.prepared.serving.targets.get(c).map(|t| (c, t)))
+    }
+
+    pub fn policy(&self) -> &PolicyRecord {
+        &self.prepared.policy
+    }
 }
 
 /// The decision's state and the per-service metrics of one gateway.
@@ -85,18 +109,28 @@ impl Steering {
         z ^ (z >> 31)
     }
 
-    /// Decides where a new connection for `service` goes, counts it for the retry budget,
-    /// and notes each cluster's availability (a cluster that comes back starts its hold-down).
-    pub fn plan(&self, snapshot: &Snapshot, service: &ServiceKey, serving: Serving) -> Plan {
+    /// Reads what the decision for `service` needs from the catalog (see [`Prepared`]).
+    pub fn prepare(&self, snapshot: &Snapshot, service: &ServiceKey, serving: Serving) -> Prepared {
         let policy = snapshot
             .policy(service)
             .cloned()
             .unwrap_or_else(|| self.default_policy.clone());
-        let drills: Vec<DrillRecord> = snapshot
+        let drills = snapshot
             .drills()
             .map(|(_, d)| DrillRecord::clone(d))
             .filter(|d| d.cluster_in(&serving))
             .collect();
+        Prepared {
+            serving,
+            policy,
+            drills,
+            level_labels: ServiceLabels::new(service, &self.local.cluster),
+        }
+    }
+
+    /// Decides where a new connection for `service` goes, counts it for the retry budget,
+    /// and notes each cluster's availability (a cluster that comes back starts its hold-down).
+    pub fn plan(&self, service: &ServiceKey, prepared: Arc<Prepared>) -> Plan {
         let now = Instant::now();
         let unix_now = unix_now();
         let draw = self.draw();
@@ -106,10 +140,10 @@ impl Steering {
             let decision = decide(&Inputs {
                 service,
                 local: &self.local,
-                policy: &policy,
-                clusters: &serving.states,
+                policy: &prepared.policy,
+                clusters: &prepared.serving.states,
                 health: &st.health,
-                drills: &drills,
+                drills: &prepared.drills,
                 now,
                 unix_now,
                 draw,
@@ -130,9 +164,9 @@ impl Steering {
             .unwrap_or(-1);
         self.metrics
             .failover_level
-            .get_or_create(&ServiceLabels::new(service, &self.local.cluster))
+            .get_or_create(&prepared.level_labels)
             .set(level);
-        let serving_count = decision
+        let serving = decision
             .explanations
             .iter()
             .filter(|e| {
@@ -142,44 +176,23 @@ impl Steering {
                 )
             })
             .count();
-        let mut targets_by = serving.targets;
-        let targets = decision
-            .order
-            .iter()
-            .filter_map(|c| targets_by.remove(c).map(|t| (c.clone(), t)))
-            .collect();
         Plan {
             decision,
-            policy,
-            targets,
-            serving: serving_count,
+            prepared,
+            serving,
         }
     }
 
     /// The decision a connection would get now, without counting it or observing anything.
-    pub fn explain(
-        &self,
-        snapshot: &Snapshot,
-        service: &ServiceKey,
-        serving: &Serving,
-    ) -> Decision {
-        let policy = snapshot
-            .policy(service)
-            .cloned()
-            .unwrap_or_else(|| self.default_policy.clone());
-        let drills: Vec<DrillRecord> = snapshot
-            .drills()
-            .map(|(_, d)| DrillRecord::clone(d))
-            .filter(|d| d.cluster_in(serving))
-            .collect();
+    pub fn explain(&self, service: &ServiceKey, prepared: &Prepared) -> Decision {
         let st = self.lock();
         decide(&Inputs {
             service,
             local: &self.local,
-            policy: &policy,
-            clusters: &serving.states,
+            policy: &prepared.policy,
+            clusters: &prepared.serving.states,
             health: &st.health,
-            drills: &drills,
+            drills: &prepared.drills,
             now: Instant::now(),
             unix_now: unix_now(),
             draw: 0,
@@ -199,7 +212,7 @@ impl Steering {
             cluster,
             outcome,
             plan.serving,
-            &plan.policy.outlier,
+            &plan.prepared.policy.outlier,
             Instant::now(),
         );
         if let Some(e) = ejection {
