@@ -92,6 +92,10 @@ pub enum RecordError {
     TooLong,
     #[error("a pin drill needs the service whose traffic it pins")]
     PinWithoutService,
+    #[error("a drill audit entry needs ended_by: who ended the drill")]
+    MissingEndedBy,
+    #[error("a drill cannot have expired at {ended}, before its expiry at {expires}")]
+    ExpiredEarly { ended: i64, expires: i64 },
 }
 
 /// Decodes a record: size limit first, then JSON. A record of another major schema is named
@@ -528,6 +532,76 @@ impl DrillRecord {
     }
 }
 
+/// How a drill ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DrillEnd {
+    /// An operator stopped it before its expiry.
+    Stopped,
+    /// Its expiry passed and a gateway ended it.
+    Expired,
+}
+
+impl DrillEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillEnd::Stopped => "stopped",
+            DrillEnd::Expired => "expired",
+        }
+    }
+}
+
+/// Who ends a drill whose expiry passed, in its audit entry.
+pub const EXPIRY_ACTOR: &str = "meshup";
+
+/// How a drill ended: the drill as it last stood, when, how and by whom. Written once per
+/// drill, in the transaction that deletes the drill, so a drill is either in force or audited,
+/// never both and never neither (docs/policy.md). Key: `<prefix>/v1/drill-audit/<id>`; the
+/// watcher does not read it into the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillAudit {
+    pub schema: u32,
+    #[serde(default)]
+    pub schema_minor: u32,
+    /// The drill as it was when it ended.
+    pub drill: DrillRecord,
+    /// Unix seconds.
+    pub ended: i64,
+    pub how: DrillEnd,
+    /// The operator who stopped it, or [`EXPIRY_ACTOR`] for an expiry.
+    pub ended_by: String,
+    /// The store revision the drill was created at, when known: tells two drills of one id
+    /// apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_revision: Option<i64>,
+}
+
+impl DrillAudit {
+    /// Rejects an audit entry that cannot be true: a bad drill, no one who ended it, or an
+    /// expiry recorded before the drill's expiry.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        check_schema(self.schema)?;
+        self.drill.validate()?;
+        if self.ended_by.trim().is_empty() {
+            return Err(RecordError::MissingEndedBy);
+        }
+        if self.ended_by.len() > MAX_DRILL_TEXT {
+            return Err(RecordError::TextTooLong("ended_by"));
+        }
+        if self.how == DrillEnd::Expired && self.ended < self.drill.expires {
+            return Err(RecordError::ExpiredEarly {
+                ended: self.ended,
+                expires: self.drill.expires,
+            });
+        }
+        if let Some(revision) = self.created_revision {
+            let value = u64::try_from(revision).unwrap_or(0);
+            check_range("created_revision", value, 1, i64::MAX as u64)?;
+        }
+        Ok(())
+    }
+}
+
 /// The clusters a policy names, for checks elsewhere.
 pub fn named_clusters(policy: &PolicyRecord) -> BTreeSet<ClusterName> {
     policy
@@ -685,6 +759,99 @@ mod tests {
                 .and_then(|d| d.validate())
                 .expect_err(json)
                 .to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+
+    fn audit(how: &str, ended: i64, extra: &str) -> String {
+        format!(
+            r#"{{"schema":1,"drill":{},"ended":{ended},"how":"{how}","ended_by":"meshup"{extra}}}"#,
+            drill("drain", None, 100, 200)
+        )
+    }
+
+    fn read_audit(json: &str) -> Result<DrillAudit, RecordError> {
+        let a: DrillAudit = decode(json.as_bytes())?;
+        a.validate()?;
+        Ok(a)
+    }
+
+    #[test]
+    fn a_drill_audit_round_trips_and_needs_no_revision() {
+        let a = read_audit(&audit("expired", 200, r#","created_revision":42"#)).expect("valid");
+        assert_eq!(
+            (a.how, a.ended, a.ended_by.as_str(), a.created_revision),
+            (DrillEnd::Expired, 200, EXPIRY_ACTOR, Some(42))
+        );
+        assert_eq!(a.drill.who, "ana");
+        let bytes = serde_json::to_vec(&a).expect("encodes");
+        assert_eq!(decode::<DrillAudit>(&bytes), Ok(a.clone()));
+        // Without a revision the field is left out, and absent reads as none.
+        let plain = DrillAudit {
+            created_revision: None,
+            ..a
+        };
+        let text = serde_json::to_string(&plain).expect("encodes");
+        assert!(!text.contains("created_revision"), "{text}");
+        assert_eq!(read_audit(&text), Ok(plain));
+        let stopped =
+            read_audit(&audit("stopped", 50, "")).expect("a stop may come before the start");
+        assert_eq!((stopped.how, stopped.schema_minor), (DrillEnd::Stopped, 0));
+    }
+
+    #[test]
+    fn drill_audits_of_a_newer_minor_are_read() {
+        let json = format!(
+            r#"{{"schema":1,"schema_minor":3,"drill":{},"ended":300,"how":"stopped","ended_by":"ana","approved_by":"bo","created_revision":7}}"#,
+            drill("fail", None, 100, 200).replace(
+                r#""schema":1,"#,
+                r#""schema":1,"schema_minor":4,"ticket":"OPS-1","#
+            )
+        );
+        let a = read_audit(&json).expect("a newer minor with unknown fields is read");
+        assert_eq!(
+            (a.schema_minor, a.drill.schema_minor, a.drill.kind, a.how),
+            (3, 4, DrillKind::Fail, DrillEnd::Stopped)
+        );
+        assert_eq!(a.created_revision, Some(7));
+    }
+
+    #[test]
+    fn drill_audits_that_cannot_be_true_are_rejected_with_the_reason() {
+        let bad = [
+            (
+                audit("expired", 200, "")
+                    .replace(r#"{"schema":1,"drill""#, r#"{"schema":2,"drill""#),
+                "schema version 2",
+            ),
+            (audit("vanished", 200, ""), "not valid JSON"),
+            (
+                audit("expired", 199, ""),
+                "expired at 199, before its expiry at 200",
+            ),
+            (
+                audit("stopped", 150, "").replace(r#""ended_by":"meshup""#, r#""ended_by":" ""#),
+                "needs ended_by",
+            ),
+            (
+                audit("stopped", 150, "").replace(r#","ended_by":"meshup""#, ""),
+                "not valid JSON",
+            ),
+            (
+                audit("stopped", 150, "").replace(r#""who":"ana""#, r#""who":"""#),
+                "needs who",
+            ),
+            (
+                audit("stopped", 150, r#","created_revision":0"#),
+                "created_revision is 0",
+            ),
+            (
+                r#"{"schema":1,"ended":1,"how":"stopped","ended_by":"ana"}"#.to_owned(),
+                "not valid JSON",
+            ),
+        ];
+        for (json, want) in &bad {
+            let err = read_audit(json).expect_err(json).to_string();
             assert!(err.contains(want), "{json}: {err}");
         }
     }

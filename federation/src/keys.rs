@@ -160,6 +160,11 @@ impl KeyLayout {
         format!("{}drill-audit/{id}", self.root)
     }
 
+    /// `<prefix>/v1/drill-audit/`: every drill audit entry.
+    pub fn drill_audits(&self) -> String {
+        format!("{}drill-audit/", self.root)
+    }
+
     /// `<prefix>/v1/vip-claims/<cluster>/<ip>`
     pub fn address_claim(&self, cluster: &ClusterName, ip: IpAddr) -> String {
         format!("{}vip-claims/{cluster}/{ip}", self.root)
@@ -317,6 +322,9 @@ mod tests {
             l.parse(l.drill_audit(&drill).as_bytes()),
             Ok(CatalogKey::Ignored(IgnoredKind::DrillAudit))
         );
+        assert_eq!(l.drill_audit(&drill), "/m/v1/drill-audit/drain-east");
+        assert!(l.drill_audit(&drill).starts_with(&l.drill_audits()));
+        assert!(!l.drill(&drill).starts_with(&l.drill_audits()));
         for bad in [
             "/m/v1/policies/prod",
             "/m/v1/policies/prod/pay/x",

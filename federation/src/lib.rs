@@ -7,6 +7,7 @@
 //! - [`watcher`]: list, watch, resume, relist; publishes `Arc<Snapshot>`s.
 //! - [`publisher`]: a gateway's own records under its lease, with anti-entropy.
 //! - [`vips`]: VIP allocation by create-if-absent transactions.
+//! - [`drills`]: starting, stopping and expiring operator drills, each end audited once.
 //! - [`config`]: the `catalog` configuration section and the store constructor.
 //!
 //! Every task stops on a `tokio_util::sync::CancellationToken`; see each module for what
@@ -14,6 +15,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod drills;
 pub mod embedded;
 pub mod etcd;
 pub mod keys;

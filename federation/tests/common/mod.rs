@@ -1,5 +1,6 @@
-//! Shared pieces of the federation integration tests: the two store fixtures, a store wrapper
-//! that can be "disconnected", record builders and timeouts.
+//! Shared pieces of the federation integration tests: the two store fixtures, store wrappers
+//! (one that can be "disconnected", one that counts transactions, one that stages a race),
+//! record builders and timeouts.
 //!
 //! The etcd harness lives in the `meshup-tests` crate (`tests/src/`), which depends on the
 //! gateway; including its files by path keeps these tests independent of the gateway build.
@@ -96,6 +97,24 @@ impl Fixture {
         match self {
             Fixture::Embedded(s) => Arc::new(s.clone()),
             Fixture::Etcd { store, .. } => Arc::new(store.clone()),
+        }
+    }
+
+    /// A second client of the same store, as another gateway would have: its own etcd
+    /// connection; for the embedded fixture the same store behind [`Interleave`], whose
+    /// transactions yield first as a round trip would, so racing clients interleave.
+    pub async fn another_client(&self) -> Arc<dyn Store> {
+        match self {
+            Fixture::Embedded(s) => Interleave::new(Arc::new(s.clone()), |_| None),
+            Fixture::Etcd { server, .. } => Arc::new(
+                EtcdStore::connect(EtcdOptions {
+                    endpoints: vec![server.endpoint()],
+                    request_timeout: Duration::from_secs(2),
+                    ..Default::default()
+                })
+                .await
+                .expect("connect to etcd"),
+            ),
         }
     }
 
@@ -407,6 +426,82 @@ impl Store for Counting {
     fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
         self.txns.fetch_add(1, Ordering::SeqCst);
         self.inner.txn(txn)
+    }
+    fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
+        self.inner.compact(revision)
+    }
+}
+
+/// What [`Interleave`] runs before a transaction: given the transaction about to run, the
+/// one to run first, if any.
+pub type InterleaveHook = Box<dyn Fn(&Txn) -> Option<Txn> + Send + Sync>;
+
+/// A store wrapper that runs a transaction of its own just before a transaction its hook
+/// picks, to stage a race at an exact point: another writer getting in between a read and
+/// a compare-and-set. Every transaction yields to the scheduler first, as a round trip to
+/// etcd would, so callers racing on the in-process store interleave rather than run each
+/// read-then-write to completion.
+pub struct Interleave {
+    inner: Arc<dyn Store>,
+    hook: InterleaveHook,
+}
+
+impl std::fmt::Debug for Interleave {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Interleave")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Interleave {
+    pub fn new(
+        inner: Arc<dyn Store>,
+        hook: impl Fn(&Txn) -> Option<Txn> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            hook: Box::new(hook),
+        })
+    }
+}
+
+impl Store for Interleave {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn revision(&self) -> StoreFuture<'_, Revision> {
+        self.inner.revision()
+    }
+    fn range(
+        &self,
+        range: KeyRange,
+        revision: Option<Revision>,
+        limit: usize,
+    ) -> StoreFuture<'_, Page> {
+        self.inner.range(range, revision, limit)
+    }
+    fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {
+        self.inner.watch(range, start_revision)
+    }
+    fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
+        self.inner.grant_lease(ttl)
+    }
+    fn keep_alive(&self, lease: LeaseId) -> StoreFuture<'_, Duration> {
+        self.inner.keep_alive(lease)
+    }
+    fn revoke_lease(&self, lease: LeaseId) -> StoreFuture<'_, ()> {
+        self.inner.revoke_lease(lease)
+    }
+    fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
+        let first = (self.hook)(&txn);
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            if let Some(first) = first {
+                self.inner.txn(first).await?;
+            }
+            self.inner.txn(txn).await
+        })
     }
     fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
         self.inner.compact(revision)
