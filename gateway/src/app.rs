@@ -206,8 +206,8 @@ impl Gateway {
         );
 
         let vips = VipAllocator::new(
-            store,
-            layout,
+            store.clone(),
+            layout.clone(),
             VipConfig {
                 cluster: cluster.clone(),
                 cidr: config.vip_cidr,
@@ -216,6 +216,14 @@ impl Gateway {
             catalog_metrics.vips.clone(),
         );
         tasks.push(vips.spawn(watcher.snapshots(), shutdown.child_token()));
+        // Every gateway ends drills past their expiry; one transaction per drill makes the
+        // race between gateways harmless (one audit entry each).
+        tasks.push(tokio::spawn(meshup_federation::drills::run_expiry(
+            store.clone(),
+            layout.clone(),
+            watcher.snapshots(),
+            shutdown.child_token(),
+        )));
 
         let inbound =
             inbound::Server::spawn(endpoint.clone(), exports_rx.clone(), shutdown.child_token());
