@@ -103,22 +103,33 @@ impl Steering {
         let decision = {
             let mut st = self.lock();
             st.health.connection_arrived(now);
-            let decision = decide(&Inputs {
-                service,
-                local: &self.local,
-                policy: &policy,
-                clusters: &serving.states,
-                health: &st.health,
-                drills: &drills,
-                now,
-                unix_now,
-                draw,
-            });
+            let decide_now = |health: &Health| {
+                decide(&Inputs {
+                    service,
+                    local: &self.local,
+                    policy: &policy,
+                    clusters: &serving.states,
+                    health,
+                    drills: &drills,
+                    now,
+                    unix_now,
+                    draw,
+                })
+            };
+            let decision = decide_now(&st.health);
+            let mut recovered = false;
             for e in &decision.explanations {
-                st.health
-                    .observe_available(service, &e.cluster, available(&e.verdict), now);
+                recovered |=
+                    st.health
+                        .observe_available(service, &e.cluster, available(&e.verdict), now);
             }
-            decision
+            if recovered {
+                // A cluster is back by every signal as of this connection: its hold-down
+                // starts now, so this connection's choice must already honour it.
+                decide_now(&st.health)
+            } else {
+                decision
+            }
         };
         let level = decision
             .explanations
@@ -411,5 +422,120 @@ impl ServiceMetrics {
             m.peers_suspected.clone(),
         );
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use meshup_core::catalog::Change;
+    use meshup_core::policy::{Level, Member};
+    use meshup_policy::ClusterState;
+    use meshup_policy::decide::Note;
+
+    use super::*;
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("name")
+    }
+
+    fn steering() -> Steering {
+        Steering::new(
+            Locality {
+                cluster: c("east"),
+                region: String::new(),
+                zone: String::new(),
+            },
+            ServiceMetrics::default(),
+        )
+    }
+
+    /// West (level 0) and north (level 1), each with one endpoint, west's healthy or not.
+    fn serving(west_healthy: u32) -> Serving {
+        let mut out = Serving::default();
+        for (i, (name, healthy)) in [("west", west_healthy), ("north", 1)]
+            .into_iter()
+            .enumerate()
+        {
+            out.states.push(ClusterState {
+                cluster: c(name),
+                region: String::new(),
+                zone: String::new(),
+                endpoints_total: 1,
+                endpoints_healthy: healthy,
+                allows_us: true,
+                gateways: 1,
+            });
+            let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16));
+            out.targets.insert(
+                c(name),
+                Target::Remote {
+                    gateways: vec![vec![addr]],
+                },
+            );
+        }
+        out
+    }
+
+    fn snapshot(policy: PolicyRecord) -> Snapshot {
+        let mut s = Snapshot::new();
+        s.apply(Change::PutPolicy(svc(), Arc::new(policy)));
+        s
+    }
+
+    fn svc() -> ServiceKey {
+        "pay.prod".parse().expect("key")
+    }
+
+    #[test]
+    fn the_connection_that_first_sees_a_cluster_back_already_holds_it_down() {
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            levels: ["west", "north"]
+                .into_iter()
+                .map(|name| Level {
+                    clusters: vec![Member {
+                        cluster: c(name),
+                        weight: 1,
+                    }],
+                })
+                .collect(),
+            failback_hold_down: std::time::Duration::from_secs(30),
+            ..PolicyRecord::default()
+        });
+        // West is down: north serves, and west is noted unavailable.
+        let plan = st.plan(&s, &svc(), serving(0));
+        assert_eq!(plan.decision.order, [c("north")]);
+        // West is back. Every connection from this one on, for the hold-down, goes to north
+        // first; west is only a retry behind it.
+        for i in 0..3 {
+            let plan = st.plan(&s, &svc(), serving(1));
+            assert_eq!(
+                plan.decision.order,
+                [c("north"), c("west")],
+                "connection {i}"
+            );
+            let west = &plan.decision.explanations[0];
+            assert!(
+                matches!(
+                    west.verdict,
+                    Verdict::Candidate {
+                        note: Some(Note::HoldDown { .. }),
+                        ..
+                    }
+                ),
+                "connection {i}: {west:?}"
+            );
+        }
+        // Without a hold-down, a cluster that comes back is first again at once.
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            failback_hold_down: std::time::Duration::ZERO,
+            ..PolicyRecord::clone(s.policy(&svc()).expect("policy"))
+        });
+        st.plan(&s, &svc(), serving(0));
+        let plan = st.plan(&s, &svc(), serving(1));
+        assert_eq!(plan.decision.order, [c("west"), c("north")]);
     }
 }
