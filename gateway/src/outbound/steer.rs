@@ -40,6 +40,19 @@ pub struct Plan {
     pub serving: usize,
 }
 
+impl Plan {
+    /// The clusters the decision left out because their circuit breaker was open.
+    pub fn circuit_open(&self) -> impl Iterator<Item = &ClusterName> {
+        self.decision
+            .explanations
+            .iter()
+            .filter_map(|e| match e.verdict {
+                Verdict::Excluded(Excluded::CircuitOpen { .. }) => Some(&e.cluster),
+                _ => None,
+            })
+    }
+}
+
 /// The decision's state and the per-service metrics of one gateway.
 #[derive(Debug)]
 pub struct Steering {
@@ -159,12 +172,21 @@ impl Steering {
             .iter()
             .filter_map(|c| targets_by.remove(c).map(|t| (c.clone(), t)))
             .collect();
-        Plan {
+        let plan = Plan {
             decision,
             policy,
             targets,
             serving: serving_count,
+        };
+        // Skipped for their circuit by the decision itself; a circuit found open only when
+        // the attempt starts is counted there.
+        for cluster in plan.circuit_open() {
+            self.metrics
+                .circuit_open
+                .get_or_create(&PairLabels::new(service, &self.local.cluster, cluster))
+                .inc();
         }
+        plan
     }
 
     /// The decision a connection would get now, without counting it or observing anything.
@@ -366,7 +388,8 @@ pub struct ServiceMetrics {
     pub retries: Family<PairLabels, Counter>,
     /// Retries not made because the retry budget was spent.
     pub retry_budget_exhausted: Family<ServiceLabels, Counter>,
-    /// Clusters skipped because their circuit was open.
+    /// Clusters skipped because their circuit was open, once per new connection: left out by
+    /// the decision, or found open when the attempt was to start.
     pub circuit_open: Family<PairLabels, Counter>,
     /// Ejections by outlier detection.
     pub ejections: Family<PairLabels, Counter>,
@@ -486,6 +509,56 @@ mod tests {
 
     fn svc() -> ServiceKey {
         "pay.prod".parse().expect("key")
+    }
+
+    #[test]
+    fn clusters_left_out_for_an_open_circuit_are_counted_per_connection() {
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            levels: vec![Level {
+                clusters: ["west", "north"]
+                    .into_iter()
+                    .map(|name| Member {
+                        cluster: c(name),
+                        weight: 1,
+                    })
+                    .collect(),
+            }],
+            circuit: meshup_core::policy::CircuitBreaker {
+                max_connections: 1,
+                max_pending: 10,
+            },
+            ..PolicyRecord::default()
+        });
+        let circuit_open = |cluster: &str| {
+            st.metrics
+                .circuit_open
+                .get_or_create(&PairLabels::new(&svc(), &c("east"), &c(cluster)))
+                .get()
+        };
+        let connect = |cluster: &str| {
+            let mut state = st.lock();
+            let policy = s.policy(&svc()).expect("policy");
+            assert_eq!(
+                state.health.try_start(&svc(), &c(cluster), &policy.circuit),
+                Ok(())
+            );
+            state.health.attempt_finished(&svc(), &c(cluster), true);
+        };
+        // (cluster whose only connection slot gets taken, order next, circuit skips so far)
+        connect("west");
+        let plan = st.plan(&s, &svc(), serving(1));
+        assert_eq!(plan.decision.order, [c("north")]);
+        assert_eq!((circuit_open("west"), circuit_open("north")), (1, 0));
+        connect("north");
+        let plan = st.plan(&s, &svc(), serving(1));
+        assert!(plan.decision.order.is_empty());
+        let skipped: Vec<&ClusterName> = plan.circuit_open().collect();
+        assert_eq!(skipped, [&c("west"), &c("north")]);
+        assert_eq!((circuit_open("west"), circuit_open("north")), (2, 1));
+        // `explain` (the status page) counts nothing.
+        st.explain(&s, &svc(), &serving(1));
+        assert_eq!((circuit_open("west"), circuit_open("north")), (2, 1));
     }
 
     #[test]
