@@ -231,19 +231,22 @@ impl Health {
     }
 
     /// Feeds whether the target is available by every other signal (catalog endpoints, peer
-    /// connection, drills). A transition back to available starts its hold-down.
+    /// connection, drills). A transition back to available starts its hold-down; returns
+    /// whether this observation was one, so a decision taken before it can be taken again.
     pub fn observe_available(
         &mut self,
         service: &ServiceKey,
         cluster: &ClusterName,
         available: bool,
         now: Instant,
-    ) {
+    ) -> bool {
         let t = self.target_mut(service, cluster);
-        if available && !t.available {
+        let recovered = available && !t.available;
+        if recovered {
             t.recovered_at = Some(now);
         }
         t.available = available;
+        recovered
     }
 
     /// Until when the target is held down after recovering, if it is at `now`.
@@ -499,13 +502,16 @@ mod tests {
             None,
             "never down: no hold-down"
         );
-        h.observe_available(&s, &west, false, t0);
-        h.observe_available(&s, &west, false, t0 + Duration::from_secs(5));
+        assert!(!h.observe_available(&s, &west, false, t0));
+        assert!(!h.observe_available(&s, &west, false, t0 + Duration::from_secs(5)));
         assert_eq!(
             h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(5)),
             None
         );
-        h.observe_available(&s, &west, true, t0 + Duration::from_secs(10));
+        assert!(
+            h.observe_available(&s, &west, true, t0 + Duration::from_secs(10)),
+            "back: the hold-down starts"
+        );
         let until = t0 + Duration::from_secs(40);
         assert_eq!(
             h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(39)),
@@ -513,7 +519,7 @@ mod tests {
         );
         assert_eq!(h.held_down_until(&s, &west, hold, until), None);
         // Staying available does not restart it.
-        h.observe_available(&s, &west, true, t0 + Duration::from_secs(20));
+        assert!(!h.observe_available(&s, &west, true, t0 + Duration::from_secs(20)));
         assert_eq!(
             h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(39)),
             Some(until)

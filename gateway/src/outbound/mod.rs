@@ -593,8 +593,13 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                 })
                 .inc();
         };
-        // The last failure names the stream's result if nothing connects.
-        let mut result = "no_route";
+        // The last failure names the stream's result if nothing connects; with no attempt at
+        // all, an open circuit is the reason if the decision left a cluster out for one.
+        let mut result = if plan.circuit_open().next().is_some() {
+            "circuit_open"
+        } else {
+            "no_route"
+        };
         let mut tcp = tcp;
         let mut early = Early::default();
         let max_attempts = plan.decision.max_attempts.max(1) as usize;

@@ -62,6 +62,17 @@ impl Plan {
     pub fn policy(&self) -> &PolicyRecord {
         &self.prepared.policy
     }
+
+    /// The clusters the decision left out because their circuit breaker was open.
+    pub fn circuit_open(&self) -> impl Iterator<Item = &ClusterName> {
+        self.decision
+            .explanations
+            .iter()
+            .filter_map(|e| match e.verdict {
+                Verdict::Excluded(Excluded::CircuitOpen { .. }) => Some(&e.cluster),
+                _ => None,
+            })
+    }
 }
 
 /// The decision's state and the per-service metrics of one gateway.
@@ -137,22 +148,33 @@ impl Steering {
         let decision = {
             let mut st = self.lock();
             st.health.connection_arrived(now);
-            let decision = decide(&Inputs {
-                service,
-                local: &self.local,
-                policy: &prepared.policy,
-                clusters: &prepared.serving.states,
-                health: &st.health,
-                drills: &prepared.drills,
-                now,
-                unix_now,
-                draw,
-            });
+            let decide_now = |health: &Health| {
+                decide(&Inputs {
+                    service,
+                    local: &self.local,
+                    policy: &prepared.policy,
+                    clusters: &prepared.serving.states,
+                    health,
+                    drills: &prepared.drills,
+                    now,
+                    unix_now,
+                    draw,
+                })
+            };
+            let decision = decide_now(&st.health);
+            let mut recovered = false;
             for e in &decision.explanations {
-                st.health
-                    .observe_available(service, &e.cluster, available(&e.verdict), now);
+                recovered |=
+                    st.health
+                        .observe_available(service, &e.cluster, available(&e.verdict), now);
             }
-            decision
+            if recovered {
+                // A cluster is back by every signal as of this connection: its hold-down
+                // starts now, so this connection's choice must already honour it.
+                decide_now(&st.health)
+            } else {
+                decision
+            }
         };
         let level = decision
             .explanations
@@ -176,11 +198,20 @@ impl Steering {
                 )
             })
             .count();
-        Plan {
+        let plan = Plan {
             decision,
             prepared,
             serving,
+        };
+        // Skipped for their circuit by the decision itself; a circuit found open only when
+        // the attempt starts is counted there.
+        for cluster in plan.circuit_open() {
+            self.metrics
+                .circuit_open
+                .get_or_create(&PairLabels::new(service, &self.local.cluster, cluster))
+                .inc();
         }
+        plan
     }
 
     /// The decision a connection would get now, without counting it or observing anything.
@@ -368,7 +399,8 @@ pub struct ServiceMetrics {
     pub retries: Family<PairLabels, Counter>,
     /// Retries not made because the retry budget was spent.
     pub retry_budget_exhausted: Family<ServiceLabels, Counter>,
-    /// Clusters skipped because their circuit was open.
+    /// Clusters skipped because their circuit was open, once per new connection: left out by
+    /// the decision, or found open when the attempt was to start.
     pub circuit_open: Family<PairLabels, Counter>,
     /// Ejections by outlier detection.
     pub ejections: Family<PairLabels, Counter>,
@@ -424,5 +456,170 @@ impl ServiceMetrics {
             m.peers_suspected.clone(),
         );
         m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use meshup_core::catalog::Change;
+    use meshup_core::policy::{Level, Member};
+    use meshup_policy::ClusterState;
+    use meshup_policy::decide::Note;
+
+    use super::*;
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("name")
+    }
+
+    fn steering() -> Steering {
+        Steering::new(
+            Locality {
+                cluster: c("east"),
+                region: String::new(),
+                zone: String::new(),
+            },
+            ServiceMetrics::default(),
+        )
+    }
+
+    /// West (level 0) and north (level 1), each with one endpoint, west's healthy or not.
+    fn serving(west_healthy: u32) -> Serving {
+        let mut out = Serving::default();
+        for (i, (name, healthy)) in [("west", west_healthy), ("north", 1)]
+            .into_iter()
+            .enumerate()
+        {
+            out.states.push(ClusterState {
+                cluster: c(name),
+                region: String::new(),
+                zone: String::new(),
+                endpoints_total: 1,
+                endpoints_healthy: healthy,
+                allows_us: true,
+                gateways: 1,
+            });
+            let addr = SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16));
+            out.targets.insert(
+                c(name),
+                Target::Remote {
+                    gateways: vec![vec![addr]],
+                },
+            );
+        }
+        out
+    }
+
+    fn snapshot(policy: PolicyRecord) -> Snapshot {
+        let mut s = Snapshot::new();
+        s.apply(Change::PutPolicy(svc(), Arc::new(policy)));
+        s
+    }
+
+    fn svc() -> ServiceKey {
+        "pay.prod".parse().expect("key")
+    }
+
+    #[test]
+    fn clusters_left_out_for_an_open_circuit_are_counted_per_connection() {
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            levels: vec![Level {
+                clusters: ["west", "north"]
+                    .into_iter()
+                    .map(|name| Member {
+                        cluster: c(name),
+                        weight: 1,
+                    })
+                    .collect(),
+            }],
+            circuit: meshup_core::policy::CircuitBreaker {
+                max_connections: 1,
+                max_pending: 10,
+            },
+            ..PolicyRecord::default()
+        });
+        let circuit_open = |cluster: &str| {
+            st.metrics
+                .circuit_open
+                .get_or_create(&PairLabels::new(&svc(), &c("east"), &c(cluster)))
+                .get()
+        };
+        let connect = |cluster: &str| {
+            let mut state = st.lock();
+            let policy = s.policy(&svc()).expect("policy");
+            assert_eq!(
+                state.health.try_start(&svc(), &c(cluster), &policy.circuit),
+                Ok(())
+            );
+            state.health.attempt_finished(&svc(), &c(cluster), true);
+        };
+        // (cluster whose only connection slot gets taken, order next, circuit skips so far)
+        connect("west");
+        let plan = st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(1))));
+        assert_eq!(plan.decision.order, [c("north")]);
+        assert_eq!((circuit_open("west"), circuit_open("north")), (1, 0));
+        connect("north");
+        let plan = st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(1))));
+        assert!(plan.decision.order.is_empty());
+        let skipped: Vec<&ClusterName> = plan.circuit_open().collect();
+        assert_eq!(skipped, [&c("west"), &c("north")]);
+        assert_eq!((circuit_open("west"), circuit_open("north")), (2, 1));
+        // `explain` (the status page) counts nothing.
+        st.explain(&svc(), &st.prepare(&s, &svc(), serving(1)));
+        assert_eq!((circuit_open("west"), circuit_open("north")), (2, 1));
+    }
+
+    #[test]
+    fn the_connection_that_first_sees_a_cluster_back_already_holds_it_down() {
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            levels: ["west", "north"]
+                .into_iter()
+                .map(|name| Level {
+                    clusters: vec![Member {
+                        cluster: c(name),
+                        weight: 1,
+                    }],
+                })
+                .collect(),
+            failback_hold_down: std::time::Duration::from_secs(30),
+            ..PolicyRecord::default()
+        });
+        // West is down: north serves, and west is noted unavailable.
+        let plan = st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(0))));
+        assert_eq!(plan.decision.order, [c("north")]);
+        // West is back. Every connection from this one on, for the hold-down, goes to north
+        // first; west is only a retry behind it.
+        for i in 0..3 {
+            let plan = st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(1))));
+            assert_eq!(
+                plan.decision.order,
+                [c("north"), c("west")],
+                "connection {i}"
+            );
+            let west = &plan.decision.explanations[0];
+            assert!(
+                matches!(
+                    west.verdict,
+                    Verdict::Candidate {
+                        note: Some(Note::HoldDown { .. }),
+                        ..
+                    }
+                ),
+                "connection {i}: {west:?}"
+            );
+        }
+        // Without a hold-down, a cluster that comes back is first again at once.
+        let st = steering();
+        let s = snapshot(PolicyRecord {
+            failback_hold_down: std::time::Duration::ZERO,
+            ..PolicyRecord::clone(s.policy(&svc()).expect("policy"))
+        });
+        st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(0))));
+        let plan = st.plan(&svc(), Arc::new(st.prepare(&s, &svc(), serving(1))));
+        assert_eq!(plan.decision.order, [c("west"), c("north")]);
     }
 }

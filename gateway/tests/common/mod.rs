@@ -1,7 +1,12 @@
 //! In-process federation pieces for data-plane tests: a PKI in a temp dir, gateways (QUIC
 //! endpoint + inbound server + outbound proxy) on loopback, catalog snapshots built from
-//! `Change`s, and small TCP backends that count what reaches them.
+//! `Change`s, and small TCP backends that count what reaches them and can stop listening.
+//! [`admin`] asks a gateway's admin HTTP surface and parses `/metrics`; [`federation`] runs
+//! whole gateways (`app::Gateway`) on one embedded store.
 #![allow(dead_code)]
+
+pub mod admin;
+pub mod federation;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -10,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use meshup_core::catalog::{Change, ExportKey, Snapshot, VipKey};
 use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
 use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
@@ -288,10 +294,17 @@ pub fn east_to_west(vip: IpAddr, west_addr: SocketAddr) -> Arc<Snapshot> {
 
 // === backends ===
 
-/// A TCP backend that counts accepted connections and runs `serve` on each.
+/// What a backend runs on each connection it accepts.
+type Serve = Arc<dyn Fn(TcpStream) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A TCP backend that counts accepted connections and runs `serve` on each. It can stop
+/// listening ([`Backend::refuse`]: connects are refused, accepted connections run on) and
+/// listen again on the same address ([`Backend::resume`]).
 pub struct Backend {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
+    serve: Serve,
+    accepting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Backend {
@@ -304,16 +317,48 @@ impl Backend {
             .await
             .expect("bind backend");
         let addr = listener.local_addr().expect("addr");
+        let serve: Serve = Arc::new(move |s| Box::pin(serve(s)));
         let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = s.set_nodelay(true);
-                tokio::spawn(serve(s));
+        let task = accept_loop(listener, serve.clone(), accepted.clone());
+        Self {
+            addr,
+            accepted,
+            serve,
+            accepting: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Stops listening: from when this returns, connects to [`Backend::addr`] are refused.
+    /// Connections already accepted run on.
+    pub async fn refuse(&self) {
+        let task = self.accepting.lock().expect("backend lock").take();
+        if let Some(task) = task {
+            task.abort();
+            // Resolves once the task, and with it the listener, is dropped.
+            let _ = task.await;
+        }
+    }
+
+    /// Listens again on the same address (after [`Backend::refuse`]).
+    pub async fn resume(&self) {
+        let start = Instant::now();
+        let listener = loop {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+            match socket.bind(self.addr).and_then(|()| socket.listen(1024)) {
+                Ok(l) => break l,
+                // Something may hold the port for a moment (a connect that picked it as its
+                // ephemeral port): try again briefly.
+                Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                    tracing::debug!(addr = %self.addr, error = %e, "rebinding backend");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.addr),
             }
-        });
-        Self { addr, accepted }
+        };
+        let task = accept_loop(listener, self.serve.clone(), self.accepted.clone());
+        let old = self.accepting.lock().expect("backend lock").replace(task);
+        assert!(old.is_none(), "resume of a backend that was listening");
     }
 
     /// Echoes everything; on EOF from the client, finishes its own side.
@@ -387,6 +432,20 @@ impl Backend {
         })
         .await
     }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    serve: Serve,
+    count: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let _ = s.set_nodelay(true);
+            tokio::spawn(serve(s));
+        }
+    })
 }
 
 /// Connects a client to `vip:8080`.
