@@ -45,3 +45,22 @@ where
         }
     }
 }
+
+/// Polls `check` until it returns `true` or `timeout` passes; whether it held. For waits
+/// whose failure the caller reports itself (with figures gathered meanwhile).
+pub async fn poll_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
