@@ -1,9 +1,10 @@
 //! Test harness shared by the integration tests: a real etcd server (plain or TLS), the
-//! `meshup` binary, free loopback ports, polling helpers, a throw-away TLS PKI, and a
-//! new-connection workload with its fault checker.
+//! `meshup` binary and real gateway processes, free loopback ports, polling helpers, a
+//! throw-away TLS PKI, and a new-connection workload with its fault checker.
 
 pub mod etcd;
 pub mod eventually;
+pub mod gateways;
 pub mod http;
 pub mod meshup;
 pub mod tls;
