@@ -1,12 +1,15 @@
-//! Test harness shared by the integration tests: a real etcd server (plain or TLS), the
-//! `meshup` binary and real gateway processes, free loopback ports, polling helpers, a
-//! throw-away TLS PKI, and a new-connection workload with its fault checker.
+//! Test harness shared by the integration tests and the benchmarks: a real etcd server
+//! (plain or TLS), the `meshup` binary and real gateway processes, free loopback ports,
+//! polling helpers, a throw-away TLS PKI, a new-connection workload with its fault checker,
+//! child processes ended with their process group, and nginx `stream` peers.
 
 pub mod etcd;
 pub mod eventually;
 pub mod gateways;
 pub mod http;
 pub mod meshup;
+pub mod nginx;
+pub mod procs;
 pub mod tls;
 pub mod workload;
 

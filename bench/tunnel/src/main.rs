@@ -8,7 +8,8 @@
 //!
 //! Layout: `backend` (sink/echo server) and `load` (the clients) speak `protocol`;
 //! `peers/` sets up the contenders, `meshup_pair` the gateways; `cpu` reads /proc;
-//! `report` prints the tables.
+//! `report` prints the tables. Child processes and nginx's set-up are shared with the
+//! failover benchmark (`meshup_tests::procs`, `meshup_tests::nginx`).
 
 mod backend;
 mod cpu;
@@ -16,7 +17,6 @@ mod dns_query;
 mod load;
 mod meshup_pair;
 mod peers;
-mod procs;
 mod protocol;
 mod report;
 
