@@ -1,10 +1,12 @@
 //! Test harness shared by the integration tests and the benchmarks: a real etcd server
-//! (plain or TLS), the `meshup` binary and real gateway processes, free loopback ports,
-//! polling helpers, a throw-away TLS PKI, a new-connection workload with its fault checker,
-//! child processes ended with their process group, and nginx `stream` peers.
+//! (plain or TLS), the `meshup` binary and real gateway processes, the three-cluster failover
+//! federation, free loopback ports, polling helpers, a throw-away TLS PKI, a new-connection
+//! workload with its fault checker, child processes ended with their process group, and
+//! nginx `stream` peers.
 
 pub mod etcd;
 pub mod eventually;
+pub mod failover;
 pub mod gateways;
 pub mod http;
 pub mod meshup;
