@@ -8,6 +8,7 @@
 //! Ctrl-C into an error so that it runs then too.
 
 use std::fs::File;
+use std::future::Future;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -183,4 +184,19 @@ pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
     bail!(
         "none of {names:?} found on PATH: install the Debian package `{package}` (apt-get install {package})"
     )
+}
+
+/// Runs `work` until it ends, or until the process gets SIGINT (Ctrl-C), SIGTERM (e.g. from
+/// `timeout`) or SIGHUP: those become an error, so that every child guard's Drop runs on the
+/// way out; otherwise the peers would outlive the benchmark.
+pub async fn until_signalled<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); peers stopped"),
+        _ = term.recv() => bail!("terminated (SIGTERM); peers stopped"),
+        _ = hup.recv() => bail!("hung up (SIGHUP); peers stopped"),
+    }
 }

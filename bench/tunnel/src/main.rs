@@ -103,17 +103,7 @@ async fn bench_main(mut args: Args) -> Result<()> {
         args.new_connections = 100;
         args.rounds = 1;
     }
-    // Ctrl-C, SIGTERM (e.g. from `timeout`) and SIGHUP become an error so that every child
-    // guard's Drop runs on the way out; otherwise the peers would outlive the benchmark.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-    tokio::select! {
-        result = run(args) => result,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (SIGINT); peers stopped"),
-        _ = term.recv() => anyhow::bail!("terminated (SIGTERM); peers stopped"),
-        _ = hup.recv() => anyhow::bail!("hung up (SIGHUP); peers stopped"),
-    }
+    meshup_tests::procs::until_signalled(run(args)).await
 }
 
 async fn run(args: Args) -> Result<()> {
