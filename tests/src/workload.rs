@@ -391,6 +391,17 @@ pub fn check(outcomes: &[Outcome], fault: Duration, window: Duration) -> FaultFi
     }
 }
 
+/// From `fault` to the start of the last successful attempt that started at or after it and
+/// took longer than `over`: how long the fault kept new connections slow (`None`: none was).
+/// A failover that makes connections wait instead of fail shows here, not in the failures.
+pub fn last_slower_than(outcomes: &[Outcome], fault: Duration, over: Duration) -> Option<Duration> {
+    outcomes
+        .iter()
+        .filter(|o| o.start >= fault && o.result.is_ok() && o.latency > over)
+        .map(|o| o.start - fault)
+        .max()
+}
+
 /// Milliseconds with one decimal, or `-`.
 pub fn ms(d: Option<Duration>) -> String {
     d.map_or_else(
@@ -482,6 +493,8 @@ pub struct FaultRun {
     pub end: Instant,
     /// Whether the run ended on a settled recovery rather than on the limit.
     pub settled: bool,
+    /// Every attempt, for figures beyond [`FaultFigures`].
+    pub outcomes: Vec<Outcome>,
 }
 
 /// Runs `workload`; once it has `plan.warm_successes` successes, calls `fault` (which injects
@@ -539,6 +552,7 @@ pub async fn run_with_fault(
         fault: at,
         end,
         settled,
+        outcomes,
     })
 }
 
@@ -738,6 +752,21 @@ mod tests {
         let f = check(&[ok(0, 1)], ms(1000), ms(1000));
         assert_eq!(f.recovered, None);
         assert_eq!(f.first.attempts + f.after.attempts, 0);
+    }
+
+    #[test]
+    fn the_last_slow_connection_counts_successes_after_the_fault_only() {
+        let outcomes = [
+            ok(500, 900),                         // before the fault
+            ok(1100, 1150),                       // slow: waited on a dead end
+            ok(1300, 120),                        // slow
+            failed(1900, 2000, Failure::Timeout), // a failure, not a slow success
+            ok(2200, 5),
+        ];
+        let over = ms(100);
+        assert_eq!(last_slower_than(&outcomes, ms(1000), over), Some(ms(300)));
+        assert_eq!(last_slower_than(&outcomes, ms(1000), ms(2000)), None);
+        assert_eq!(last_slower_than(&outcomes, ms(1400), over), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use meshup_tests::workload::{FaultRun, Phase, ms};
+use meshup_tests::workload::{FaultRun, Phase, last_slower_than, ms};
 
 use crate::contenders::Fault;
 
@@ -12,6 +12,9 @@ use crate::contenders::Fault;
 /// none failing at all, which the same figures show).
 pub const TARGET_WINDOW: Duration = Duration::from_secs(1);
 pub const TARGET_FAILED_PERCENT: f64 = 1.0;
+/// A new connection slower than this after the fault waited on the faulted end (on loopback,
+/// connect → response takes about a millisecond).
+pub const SLOW: Duration = Duration::from_millis(100);
 
 /// What one contender did under one fault.
 #[derive(Debug)]
@@ -108,6 +111,18 @@ impl Report {
                     .last_failure
                     .map_or_else(|| "none failed".to_owned(), |d| ms(Some(d)))
             });
+            line(
+                &mut out,
+                &format!(
+                    "fault → last connection slower than {} ms",
+                    SLOW.as_millis()
+                ),
+                &|r| {
+                    let fault = r.run.figures.fault;
+                    last_slower_than(&r.run.outcomes, fault, SLOW)
+                        .map_or_else(|| "none".to_owned(), |d| ms(Some(d)))
+                },
+            );
             line(&mut out, "failed, first second", &|r| {
                 failed(&r.run.figures.first)
             });
@@ -124,7 +139,7 @@ impl Report {
             line(&mut out, "p50 / p99 after", &|r| {
                 latency(&r.run.figures.after)
             });
-            line(&mut out, "served by (before / first s / after)", &|r| {
+            line(&mut out, "accepted by (before / first s / after)", &|r| {
                 let [a, b] = r.ends;
                 r.served
                     .iter()
