@@ -186,17 +186,23 @@ pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
     )
 }
 
-/// Runs `work` until it ends, or until the process gets SIGINT (Ctrl-C), SIGTERM (e.g. from
-/// `timeout`) or SIGHUP: those become an error, so that every child guard's Drop runs on the
-/// way out; otherwise the peers would outlive the benchmark.
-pub async fn until_signalled<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-    tokio::select! {
-        result = work => result,
-        _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); peers stopped"),
-        _ = term.recv() => bail!("terminated (SIGTERM); peers stopped"),
-        _ = hup.recv() => bail!("hung up (SIGHUP); peers stopped"),
-    }
+/// Runs `work` on a new multi-thread runtime until it ends, or until the process gets SIGINT
+/// (Ctrl-C), SIGTERM (e.g. from `timeout`) or SIGHUP: those become an error, so that every
+/// child guard's Drop runs on the way out; otherwise the peers would outlive the benchmark.
+pub fn run_until_signalled<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+            let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+            tokio::select! {
+                result = work => result,
+                _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); peers stopped"),
+                _ = term.recv() => bail!("terminated (SIGTERM); peers stopped"),
+                _ = hup.recv() => bail!("hung up (SIGHUP); peers stopped"),
+            }
+        })
 }

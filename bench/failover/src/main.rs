@@ -70,21 +70,12 @@ struct Args {
 const ACCEPT_SLACK: Duration = Duration::from_millis(250);
 
 fn main() -> Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(bench_main(args))
-}
-
-async fn bench_main(mut args: Args) -> Result<()> {
+    let mut args = Args::parse();
     if args.quick {
         args.warm = 200;
         args.settle = 1.5;
     }
-    meshup_tests::procs::until_signalled(run(args)).await
+    meshup_tests::procs::run_until_signalled(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {

@@ -84,26 +84,18 @@ const CONTENDERS: [&str; 5] = ["direct", "relay", "stunnel", "nginx", "meshup"];
 const LATENCY_PHASE_LIMIT: Duration = Duration::from_secs(120);
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Some(spec) = &args.relay {
         let (listen, target) = peers::relay::parse_spec(spec)?;
         return peers::relay::run(listen, target);
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(bench_main(args))
-}
-
-async fn bench_main(mut args: Args) -> Result<()> {
     if args.quick {
         args.duration = 1.0;
         args.requests = 2_000;
         args.new_connections = 100;
         args.rounds = 1;
     }
-    meshup_tests::procs::until_signalled(run(args)).await
+    meshup_tests::procs::run_until_signalled(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {
