@@ -8,22 +8,15 @@ use std::time::{Duration, Instant};
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Polls `check` until it returns `true`; panics with `what` after `timeout`.
-pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "condition not met within {timeout:?}: {what}"
-        );
-        tokio::time::sleep(POLL_INTERVAL).await;
-    }
+    assert!(
+        poll_until(timeout, check).await,
+        "condition not met within {timeout:?}: {what}"
+    );
 }
 
 /// Polls `check` until it returns `Ok`, and returns that value; panics after `timeout` with
@@ -43,5 +36,24 @@ where
             }
             Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
         }
+    }
+}
+
+/// Polls `check` until it returns `true` or `timeout` passes; whether it held. For waits
+/// whose failure the caller reports itself (with figures gathered meanwhile).
+pub async fn poll_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }

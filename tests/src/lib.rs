@@ -1,12 +1,20 @@
-//! Test harness shared by the integration tests: a real etcd server (plain or TLS), the
-//! `meshup` binary, free loopback ports, polling helpers and a throw-away TLS PKI.
+//! Test harness shared by the integration tests and the benchmarks: a real etcd server
+//! (plain or TLS), the `meshup` binary and real gateway processes, the three-cluster failover
+//! federation, free loopback ports, polling helpers, a throw-away TLS PKI, a new-connection
+//! workload with its fault checker, child processes ended with their process group, and
+//! nginx `stream` peers.
 
 pub mod etcd;
 pub mod eventually;
+pub mod failover;
+pub mod gateways;
 pub mod http;
 pub mod meshup;
+pub mod nginx;
+pub mod procs;
 pub mod tls;
+pub mod workload;
 
 pub use etcd::{EtcdServer, free_port};
-pub use eventually::{assert_eventually, eventually_ok};
+pub use eventually::{assert_eventually, eventually_ok, poll_until};
 pub use meshup::meshup_bin;

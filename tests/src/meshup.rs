@@ -12,6 +12,8 @@ const SOURCES: &[&str] = &[
     "federation/Cargo.toml",
     "dns/src",
     "dns/Cargo.toml",
+    "policy/src",
+    "policy/Cargo.toml",
     "gateway/src",
     "gateway/Cargo.toml",
 ];

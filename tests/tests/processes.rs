@@ -6,322 +6,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshup_core::model::{VipRecord, decode};
 use meshup_federation::etcd::{EtcdOptions, EtcdStore};
 use meshup_federation::store::{self, KeyValue, Store};
-use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL};
+use meshup_tests::workload::EchoServer;
+use meshup_tests::{EtcdServer, eventually_ok};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const TRUST_DOMAIN: &str = "proc.test";
-/// Lease TTL of the gateways under test: etcd 3.4's minimum.
-const LEASE_TTL: Duration = Duration::from_secs(2);
-
-/// A free loopback port for a gateway's listener.
-fn port() -> u16 {
-    meshup_tests::free_port().expect("a free loopback port")
-}
-
-/// A federation's certificates, made with the real CLI.
-struct Certs {
-    dir: tempfile::TempDir,
-}
-
-impl Certs {
-    fn new(clusters: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca");
-        run_meshup(&[
-            "certs",
-            "init",
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--out",
-            path_str(&ca),
-        ]);
-        for c in clusters {
-            let out = dir.path().join(c);
-            run_meshup(&[
-                "certs",
-                "issue",
-                "--ca",
-                path_str(&ca),
-                "--cluster",
-                c,
-                "--out",
-                path_str(&out),
-            ]);
-        }
-        Self { dir }
-    }
-
-    fn of(&self, cluster: &str) -> PathBuf {
-        self.dir.path().join(cluster)
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
-
-fn run_meshup(args: &[&str]) {
-    let out = Command::new(meshup_bin())
-        .args(args)
-        .output()
-        .expect("run meshup");
-    assert!(
-        out.status.success(),
-        "meshup {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// One `meshup gateway` process.
-struct GatewayProcess {
-    child: Option<Child>,
-    admin: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-struct GatewaySpec<'a> {
-    cluster: &'a str,
-    vip_cidr: &'a str,
-    etcd: &'a EtcdServer,
-    certs: &'a Certs,
-    prefix: &'a str,
-    /// (service name, namespace, port, backend address)
-    exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
-    drain_deadline: Duration,
-    /// Set through `MESHUP_GATEWAY_ID`, as each replica of a cluster is deployed; `None`
-    /// keeps the config file's `<cluster>-0`.
-    replica_id: Option<&'a str>,
-}
-
-impl GatewayProcess {
-    fn start(spec: GatewaySpec<'_>) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
-        let certs = spec.certs.of(spec.cluster);
-        let mut exports = String::new();
-        for (name, ns, port, backend) in &spec.exports {
-            exports.push_str(&format!(
-                "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
-            ));
-        }
-        // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
-        // UDP port probed free over TCP may already be taken by another test's socket.
-        let config = format!(
-            r#"cluster: {cluster}
-gateway_id: {cluster}-0
-trust_domain: {TRUST_DOMAIN}
-catalog:
-  backend: etcd
-  endpoints: ["{etcd}"]
-  prefix: {prefix}
-  lease_ttl: {ttl}s
-  allow_loopback_addresses: true
-vip_cidr: {vip_cidr}
-tunnel:
-  listen: 127.0.0.1:0
-  cert: {certs}/cert.pem
-  key: {certs}/key.pem
-  bundle: {certs}/bundle.pem
-  drain_deadline: {drain}ms
-dns:
-  listen: 127.0.0.1:0
-admin:
-  http: {admin}
-exports:
-{exports}"#,
-            cluster = spec.cluster,
-            etcd = spec.etcd.endpoint(),
-            prefix = spec.prefix,
-            ttl = LEASE_TTL.as_secs(),
-            vip_cidr = spec.vip_cidr,
-            certs = certs.display(),
-            drain = spec.drain_deadline.as_millis(),
-            exports = if exports.is_empty() {
-                "  []\n".to_string()
-            } else {
-                exports
-            },
-        );
-        let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.path().join("gateway.log");
-        let mut command = Command::new(meshup_bin());
-        command
-            .args(["gateway", "--config", path_str(&config_path)])
-            .env("MESHUP_LOG", "info,meshup=debug")
-            // Plain log lines: the tests read the bound DNS address from the log.
-            .env("NO_COLOR", "1");
-        if let Some(id) = spec.replica_id {
-            command.env("MESHUP_GATEWAY_ID", id);
-        }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn meshup gateway");
-        Self {
-            child: Some(child),
-            admin,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("process running")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET a path on the admin server: (status code, body).
-    fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        meshup_tests::http::get(self.admin, path)
-    }
-
-    async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "gateway exited during start-up ({status}); log:\n{}",
-                    self.log_text()
-                );
-            }
-            if matches!(self.admin_get("/ready"), Ok((200, _))) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not ready within 30s; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// The VIP (and port) this gateway's cluster uses for `<name>.<ns>`, once it has one and
-    /// a healthy target for it.
-    async fn wait_routable(&self, service: &str, port: u16) -> SocketAddr {
-        eventually_ok(
-            &format!("{service} routable from this gateway"),
-            Duration::from_secs(20),
-            || async {
-                let (_, body) = self.admin_get("/status")?;
-                let status: serde_json::Value = serde_json::from_str(&body)?;
-                let svc = status["services"]
-                    .as_array()
-                    .and_then(|s| s.iter().find(|s| s["name"] == service))
-                    .context("service not in status")?;
-                if svc["target"].is_null() {
-                    bail!("no target yet: {svc}");
-                }
-                let vip = svc["vip"].as_str().context("no VIP yet")?;
-                Ok::<_, anyhow::Error>(SocketAddr::new(vip.parse()?, port))
-            },
-        )
-        .await
-    }
-
-    /// The DNS address the gateway bound (its config says port 0), from its start-up log line
-    /// `gateway bound ... dns=<addr> ...`.
-    async fn dns_addr(&self) -> SocketAddr {
-        eventually_ok(
-            "the gateway logs its DNS address",
-            Duration::from_secs(20),
-            || async {
-                let log = self.log_text();
-                let line = log
-                    .lines()
-                    .find(|l| l.contains("gateway bound"))
-                    .context("no `gateway bound` line yet")?;
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("dns="))
-                    .with_context(|| format!("no dns= field in {line:?}"))?;
-                Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?)
-            },
-        )
-        .await
-    }
-
-    /// One counter of the gateway's `/metrics`.
-    fn metric(&self, name: &str) -> anyhow::Result<f64> {
-        let (code, body) = self.admin_get("/metrics")?;
-        if code != 200 {
-            bail!("/metrics answered {code}");
-        }
-        let line = body
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .with_context(|| format!("no {name} in /metrics"))?;
-        let value = line.split_whitespace().nth(1).context("no value")?;
-        Ok(value.parse()?)
-    }
-
-    /// SIGKILL, sent straight from this process (no `kill` child to wait for), and the
-    /// instant just before it: the moment the gateway stopped keeping its lease alive is no
-    /// later than this.
-    fn kill9(&mut self) -> Instant {
-        let child = self.child.as_mut().expect("process running");
-        let at = Instant::now();
-        child.kill().expect("SIGKILL the gateway");
-        at
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    /// Waits for the process to exit; returns its exit code.
-    async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().expect("process");
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not exit within {timeout:?}; log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// A backend that streams bytes forever to each connection.
 async fn streaming_backend() -> SocketAddr {
@@ -334,22 +32,6 @@ async fn streaming_backend() -> SocketAddr {
                 while c.write_all(&chunk).await.is_ok() {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-            });
-        }
-    });
-    addr
-}
-
-/// A backend that echoes every byte back.
-async fn echo_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((c, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = c.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
             });
         }
     });
@@ -420,16 +102,11 @@ async fn killed_gateway_records_leave_the_catalog_within_ttl_plus_one_second() {
         .expect("etcd");
     let catalog = catalog_client(&etcd).await;
     let certs = Certs::new(&["west"]);
-    let backend = echo_backend().await;
+    let echo = EchoServer::start().await.expect("echo server");
+    let backend = echo.addr();
     let mut west = GatewayProcess::start(GatewaySpec {
-        cluster: "west",
-        vip_cidr: "127.78.2.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/lease",
         exports: vec![("pay", "prod", 8080, backend)],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
+        ..GatewaySpec::new("west", "127.78.2.0/24", &etcd, &certs, "/lease")
     });
     west.wait_ready().await;
     let own = "/lease/v1/clusters/west/";
@@ -518,18 +195,14 @@ async fn replicas_of_one_cluster_answer_the_same_vip_for_every_service() {
         .expect("etcd");
     let catalog = catalog_client(&etcd).await;
     let certs = Certs::new(&["east", "west"]);
-    let backend = echo_backend().await;
+    let echo = EchoServer::start().await.expect("echo server");
+    let backend = echo.addr();
     // Both replicas start together and export the same local service, so they race for its
     // VIPs from their first catalog on.
     let spec = |id| GatewaySpec {
-        cluster: "east",
-        vip_cidr: "127.78.41.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: PREFIX,
         exports: vec![("ledger", "prod", 7000, backend)],
-        drain_deadline: Duration::from_secs(2),
         replica_id: Some(id),
+        ..GatewaySpec::new("east", "127.78.41.0/24", &etcd, &certs, PREFIX)
     };
     let mut replicas = [
         GatewayProcess::start(spec("east-0")),
@@ -541,19 +214,13 @@ async fn replicas_of_one_cluster_answer_the_same_vip_for_every_service() {
     // West joins once both replicas are up: both see its four services in the same watch
     // event and race for all of their VIPs.
     let mut west = GatewayProcess::start(GatewaySpec {
-        cluster: "west",
-        vip_cidr: "127.78.42.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: PREFIX,
         exports: vec![
             ("pay", "prod", 8080, backend),
             ("cart", "prod", 8081, backend),
             ("search", "prod", 8082, backend),
             ("mail", "prod", 8083, backend),
         ],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
+        ..GatewaySpec::new("west", "127.78.42.0/24", &etcd, &certs, PREFIX)
     });
     west.wait_ready().await;
     let services: BTreeMap<&str, &str> = [
@@ -740,25 +407,16 @@ async fn kill_9_of_the_remote_gateway_resets_the_client_within_seconds() {
     let certs = Certs::new(&["east", "west"]);
     let backend = streaming_backend().await;
     let mut west = GatewayProcess::start(GatewaySpec {
-        cluster: "west",
-        vip_cidr: "127.78.12.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/kill",
         exports: vec![("stream", "test", 9000, backend)],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
+        ..GatewaySpec::new("west", "127.78.12.0/24", &etcd, &certs, "/kill")
     });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        cluster: "east",
-        vip_cidr: "127.78.11.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/kill",
-        exports: vec![],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
-    });
+    let mut east = GatewayProcess::start(GatewaySpec::new(
+        "east",
+        "127.78.11.0/24",
+        &etcd,
+        &certs,
+        "/kill",
+    ));
     west.wait_ready().await;
     east.wait_ready().await;
     let vip = east.wait_routable("stream.test", 9000).await;
@@ -807,27 +465,20 @@ async fn sigterm_drains_in_flight_connections_to_completion() {
         .await
         .expect("etcd");
     let certs = Certs::new(&["east", "west"]);
-    let backend = echo_backend().await;
+    let echo = EchoServer::start().await.expect("echo server");
+    let backend = echo.addr();
     let mut west = GatewayProcess::start(GatewaySpec {
-        cluster: "west",
-        vip_cidr: "127.78.22.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/drain",
         exports: vec![("echo", "test", 7000, backend)],
         drain_deadline: Duration::from_secs(10),
-        replica_id: None,
+        ..GatewaySpec::new("west", "127.78.22.0/24", &etcd, &certs, "/drain")
     });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        cluster: "east",
-        vip_cidr: "127.78.21.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/drain",
-        exports: vec![],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
-    });
+    let mut east = GatewayProcess::start(GatewaySpec::new(
+        "east",
+        "127.78.21.0/24",
+        &etcd,
+        &certs,
+        "/drain",
+    ));
     west.wait_ready().await;
     east.wait_ready().await;
     let vip = east.wait_routable("echo.test", 7000).await;
@@ -956,25 +607,17 @@ async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
     let certs = Certs::new(&["east", "west"]);
     let backend = bulk_backend(LEN).await;
     let mut west = GatewayProcess::start(GatewaySpec {
-        cluster: "west",
-        vip_cidr: "127.78.32.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/tail",
         exports: vec![("bulk", "test", 7100, backend)],
         drain_deadline: Duration::from_secs(10),
-        replica_id: None,
+        ..GatewaySpec::new("west", "127.78.32.0/24", &etcd, &certs, "/tail")
     });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        cluster: "east",
-        vip_cidr: "127.78.31.0/24",
-        etcd: &etcd,
-        certs: &certs,
-        prefix: "/tail",
-        exports: vec![],
-        drain_deadline: Duration::from_secs(2),
-        replica_id: None,
-    });
+    let mut east = GatewayProcess::start(GatewaySpec::new(
+        "east",
+        "127.78.31.0/24",
+        &etcd,
+        &certs,
+        "/tail",
+    ));
     west.wait_ready().await;
     east.wait_ready().await;
     let vip = east.wait_routable("bulk.test", 7100).await;

@@ -8,7 +8,8 @@
 //!
 //! Layout: `backend` (sink/echo server) and `load` (the clients) speak `protocol`;
 //! `peers/` sets up the contenders, `meshup_pair` the gateways; `cpu` reads /proc;
-//! `report` prints the tables.
+//! `report` prints the tables. Child processes and nginx's set-up are shared with the
+//! failover benchmark (`meshup_tests::procs`, `meshup_tests::nginx`).
 
 mod backend;
 mod cpu;
@@ -16,7 +17,6 @@ mod dns_query;
 mod load;
 mod meshup_pair;
 mod peers;
-mod procs;
 mod protocol;
 mod report;
 
@@ -84,36 +84,18 @@ const CONTENDERS: [&str; 5] = ["direct", "relay", "stunnel", "nginx", "meshup"];
 const LATENCY_PHASE_LIMIT: Duration = Duration::from_secs(120);
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Some(spec) = &args.relay {
         let (listen, target) = peers::relay::parse_spec(spec)?;
         return peers::relay::run(listen, target);
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")?
-        .block_on(bench_main(args))
-}
-
-async fn bench_main(mut args: Args) -> Result<()> {
     if args.quick {
         args.duration = 1.0;
         args.requests = 2_000;
         args.new_connections = 100;
         args.rounds = 1;
     }
-    // Ctrl-C, SIGTERM (e.g. from `timeout`) and SIGHUP become an error so that every child
-    // guard's Drop runs on the way out; otherwise the peers would outlive the benchmark.
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-    tokio::select! {
-        result = run(args) => result,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted (SIGINT); peers stopped"),
-        _ = term.recv() => anyhow::bail!("terminated (SIGTERM); peers stopped"),
-        _ = hup.recv() => anyhow::bail!("hung up (SIGHUP); peers stopped"),
-    }
+    meshup_tests::procs::run_until_signalled(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {

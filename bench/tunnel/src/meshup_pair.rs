@@ -17,7 +17,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::dns_query::lookup_a;
 use crate::peers::{Contender, Kind};
-use crate::procs::{ChildGuard, find_program, free_port};
+use meshup_tests::free_port;
+use meshup_tests::procs::{ChildGuard, find_program};
 
 const TRUST_DOMAIN: &str = "bench.local";
 const SERVICE_NAME: &str = "sink";

@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cpu::CpuMeter;
-use crate::procs::ChildGuard;
 use crate::protocol::{MESSAGE_SIZE, MODE_ECHO};
+use meshup_tests::procs::ChildGuard;
 
 /// What a contender is, which decides the ratios it is compared by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,8 @@ use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{Contender, Kind};
-use crate::procs::{ChildGuard, free_port};
+use meshup_tests::free_port;
+use meshup_tests::procs::ChildGuard;
 
 pub fn start(dir: &Path, backend: SocketAddr) -> Result<Contender> {
     let exe = std::env::current_exe().context("find the benchmark binary for the relays")?;

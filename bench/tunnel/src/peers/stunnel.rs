@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::{Contender, Kind};
-use crate::procs::{ChildGuard, find_program, free_port};
+use meshup_tests::free_port;
+use meshup_tests::procs::{ChildGuard, find_program};
 use meshup_tests::tls::{Pki, SERVER_NAME};
 
 /// Starts both stunnel processes in `dir` and returns the contender once both listen.

@@ -1,4 +1,4 @@
-//! Child processes of the benchmark (tunnel peers, etcd, gateways) and the guard that ends
+//! Child processes of the benchmarks (tunnel peers, etcd, gateways) and the guard that ends
 //! them.
 //!
 //! Every child is started in its own process group, so that ending the group also ends the
@@ -8,7 +8,8 @@
 //! Ctrl-C into an error so that it runs then too.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::future::Future;
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,6 +89,19 @@ impl ChildGuard {
         }
     }
 
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, …) to the child's whole process group (so a
+    /// master and the workers it forked alike); returns the instant just before it was sent.
+    pub fn signal_group(&self, signal: &str) -> Result<Instant> {
+        let at = Instant::now();
+        if !signal_group(signal, &format!("-{}", self.child.id())) {
+            bail!(
+                "kill -{signal} of {}'s process group failed",
+                self.describe()
+            );
+        }
+        Ok(at)
+    }
+
     /// What this child is, for messages.
     pub fn describe(&self) -> String {
         format!(
@@ -127,14 +141,15 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Sends a signal to a process group through kill(1): the crate forbids `unsafe`, and this
-/// runs only at teardown, so the extra process does not matter.
-fn signal_group(signal: &str, group: &str) {
-    let _ = Command::new("kill")
+/// Sends a signal to a process group through kill(1) (the crate forbids `unsafe`); whether
+/// it was delivered.
+fn signal_group(signal: &str, group: &str) -> bool {
+    Command::new("kill")
         .args([format!("-{signal}").as_str(), "--", group])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The last 30 lines of a log file (or why it could not be read).
@@ -146,17 +161,6 @@ pub fn log_tail(path: &Path) -> String {
         }
         Err(e) => format!("(cannot read {}: {e})", path.display()),
     }
-}
-
-/// A loopback TCP port that is free right now. Another process could take it before the
-/// peer binds it; on a benchmark machine that race is rare and the peer then fails loudly.
-pub fn free_port() -> Result<u16> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0 to find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("local address of probe socket")?
-        .port())
 }
 
 /// Finds `names` on PATH (first match wins), or fails naming the Debian package to install.
@@ -180,4 +184,25 @@ pub fn find_program(names: &[&str], package: &str) -> Result<PathBuf> {
     bail!(
         "none of {names:?} found on PATH: install the Debian package `{package}` (apt-get install {package})"
     )
+}
+
+/// Runs `work` on a new multi-thread runtime until it ends, or until the process gets SIGINT
+/// (Ctrl-C), SIGTERM (e.g. from `timeout`) or SIGHUP: those become an error, so that every
+/// child guard's Drop runs on the way out; otherwise the peers would outlive the benchmark.
+pub fn run_until_signalled<T>(work: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+            let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+            tokio::select! {
+                result = work => result,
+                _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT); peers stopped"),
+                _ = term.recv() => bail!("terminated (SIGTERM); peers stopped"),
+                _ = hup.recv() => bail!("hung up (SIGHUP); peers stopped"),
+            }
+        })
 }

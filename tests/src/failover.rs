@@ -1,0 +1,207 @@
+//! The failover set-up shared by `tests/tests/failover.rs` and `bench/failover`: three
+//! clusters on one real etcd, one gateway each. `east` is the client side (no exports);
+//! `west` and `north` export `echo.prod`, each backed by an [`EchoServer`] of its own, so
+//! every connection's serving cluster is known. The policy of `echo.prod` is written with
+//! `etcdctl put` before the gateways start: `levels: [[west], [north]]` (docs/policy.md).
+//! Drills are written the same way.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use meshup_core::policy::{DrillRecord, PolicyRecord};
+
+use crate::gateways::{Certs, GatewayProcess, GatewaySpec};
+use crate::workload::EchoServer;
+use crate::{EtcdServer, eventually_ok};
+
+/// The service clients reach through east.
+pub const SERVICE: &str = "echo.prod";
+pub const SERVICE_NAME: &str = "echo";
+pub const NAMESPACE: &str = "prod";
+pub const PORT: u16 = 7000;
+/// The policy's levels, best first.
+pub const LEVELS: [&str; 2] = ["west", "north"];
+
+/// How the federation is started.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    /// Catalog prefix.
+    pub prefix: &'a str,
+    /// Second octet of the VIP ranges: east `127.<o>.1.0/24`, west `.2`, north `.3`.
+    pub vip_octet: u8,
+    /// The `meshup` binary; `None`: the one under test ([`crate::meshup_bin`]).
+    pub binary: Option<&'a Path>,
+    /// `MESHUP_LOG` of the gateways (`None`: the harness default).
+    pub log_filter: Option<&'a str>,
+    /// `worker_threads` of the gateways (`None`: the gateway's default).
+    pub worker_threads: Option<usize>,
+}
+
+/// East, west and north on one etcd, with the policy in force.
+#[derive(Debug)]
+pub struct Federation {
+    pub etcd: EtcdServer,
+    pub east: GatewayProcess,
+    pub west: GatewayProcess,
+    pub north: GatewayProcess,
+    pub west_echo: EchoServer,
+    pub north_echo: EchoServer,
+    /// East's VIP and port for `echo.prod`: where clients connect.
+    pub vip: SocketAddr,
+    prefix: String,
+    // Certificates live as long as the gateways that read them.
+    _certs: Certs,
+}
+
+/// The policy record of `echo.prod`: one level per cluster, in `levels` order.
+pub fn policy_json(levels: &[&str]) -> String {
+    let levels: Vec<serde_json::Value> = levels
+        .iter()
+        .map(|c| serde_json::json!({"clusters": [{"cluster": c}]}))
+        .collect();
+    serde_json::json!({"schema": 1, "levels": levels}).to_string()
+}
+
+/// A drill record of `kind` (`drain`, `fail`, `pin`) on `cluster` for `echo.prod`, made now,
+/// expiring in ten minutes.
+pub fn drill_json(kind: &str, cluster: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    serde_json::json!({
+        "schema": 1,
+        "kind": kind,
+        "cluster": cluster,
+        "service": {"namespace": NAMESPACE, "name": SERVICE_NAME},
+        "who": "meshup failover harness",
+        "why": "failover test: new connections must leave the cluster, none may fail",
+        "created": now,
+        "expires": now + 600,
+    })
+    .to_string()
+}
+
+impl Federation {
+    /// Starts etcd, writes the policy, starts the three gateways and waits until east routes
+    /// `echo.prod` and lists both exporting clusters.
+    pub async fn start(options: Options<'_>) -> anyhow::Result<Self> {
+        let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+            .await
+            .context("etcd start task")?;
+        let clusters = ["east", "west", "north"];
+        let certs = match options.binary {
+            Some(binary) => Certs::with_binary(binary, &clusters),
+            None => Certs::new(&clusters),
+        };
+        let prefix = options.prefix.to_owned();
+        // Checked against the record types first: a policy the gateways skip as invalid
+        // would make every figure below meaningless.
+        let policy = policy_json(&LEVELS);
+        meshup_core::policy::decode::<PolicyRecord>(policy.as_bytes())?.validate()?;
+        etcd.etcdctl(&[
+            "put",
+            &format!("{prefix}/v1/policies/{NAMESPACE}/{SERVICE_NAME}"),
+            &policy,
+        ])?;
+
+        let west_echo = EchoServer::start().await?;
+        let north_echo = EchoServer::start().await?;
+        let cidr = |n: u8| format!("127.{}.{n}.0/24", options.vip_octet);
+        let (east_cidr, west_cidr, north_cidr) = (cidr(1), cidr(2), cidr(3));
+        let spec = |cluster, vip_cidr, echo: Option<&EchoServer>| GatewaySpec {
+            exports: echo
+                .map(|e| vec![(SERVICE_NAME, NAMESPACE, PORT, e.addr())])
+                .unwrap_or_default(),
+            log_filter: options.log_filter,
+            worker_threads: options.worker_threads,
+            ..GatewaySpec::new(cluster, vip_cidr, &etcd, &certs, &prefix)
+        };
+        let mut west = GatewayProcess::start(spec("west", &west_cidr, Some(&west_echo)));
+        let mut north = GatewayProcess::start(spec("north", &north_cidr, Some(&north_echo)));
+        let mut east = GatewayProcess::start(spec("east", &east_cidr, None));
+        for g in [&mut west, &mut north, &mut east] {
+            g.wait_ready().await;
+        }
+        eventually_ok(
+            "east lists west and north for echo.prod",
+            Duration::from_secs(20),
+            || async {
+                let listed = listed_clusters(&east)?;
+                anyhow::ensure!(
+                    LEVELS.iter().all(|c| listed.iter().any(|l| l == c)),
+                    "east lists {listed:?}"
+                );
+                Ok(())
+            },
+        )
+        .await;
+        let vip = east.wait_routable(SERVICE, PORT).await;
+        Ok(Self {
+            etcd,
+            east,
+            west,
+            north,
+            west_echo,
+            north_echo,
+            vip,
+            prefix,
+            _certs: certs,
+        })
+    }
+
+    /// The gateway of `cluster` (west or north).
+    pub fn gateway(&mut self, cluster: &str) -> &mut GatewayProcess {
+        match cluster {
+            "west" => &mut self.west,
+            "north" => &mut self.north,
+            "east" => &mut self.east,
+            other => panic!("no cluster {other} in the failover federation"),
+        }
+    }
+
+    /// The echo server behind `cluster` (west or north).
+    pub fn echo(&self, cluster: &str) -> &EchoServer {
+        match cluster {
+            "west" => &self.west_echo,
+            "north" => &self.north_echo,
+            other => panic!("{other} exports no echo server"),
+        }
+    }
+
+    /// The exporting cluster whose echo server accepted the most connections since `from`.
+    pub fn serving_since(&self, from: Instant) -> &'static str {
+        let west = self.west_echo.accepted_between(from, None);
+        let north = self.north_echo.accepted_between(from, None);
+        if north > west { "north" } else { "west" }
+    }
+
+    /// Connections each exporting cluster's echo server accepted in `[from, to)`, in
+    /// [`LEVELS`] order.
+    pub fn served_between(&self, from: Instant, to: Option<Instant>) -> [(&'static str, usize); 2] {
+        LEVELS.map(|c| (c, self.echo(c).accepted_between(from, to)))
+    }
+
+    /// Writes a drill with `etcdctl put` under `<prefix>/v1/drills/<id>`; returns the instant
+    /// just before the put.
+    pub fn write_drill(&self, id: &str, kind: &str, cluster: &str) -> anyhow::Result<Instant> {
+        let drill = drill_json(kind, cluster);
+        meshup_core::policy::decode::<DrillRecord>(drill.as_bytes())?.validate()?;
+        let key = format!("{}/v1/drills/{id}", self.prefix);
+        let at = Instant::now();
+        self.etcd.etcdctl(&["put", &key, &drill])?;
+        Ok(at)
+    }
+}
+
+/// The clusters east's status page lists for `echo.prod` (from its catalog, stale or not).
+pub fn listed_clusters(east: &GatewayProcess) -> anyhow::Result<Vec<String>> {
+    let svc = east.service_status(SERVICE)?;
+    Ok(svc["clusters"]
+        .as_array()
+        .context("no clusters")?
+        .iter()
+        .filter_map(|c| c[0].as_str().map(str::to_owned))
+        .collect())
+}

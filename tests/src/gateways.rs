@@ -1,0 +1,405 @@
+//! Real `meshup gateway` processes on a real etcd, set up as an operator would: certificates
+//! made with the `meshup certs` CLI, one YAML config file per gateway, the process started
+//! from the binary, readiness and routes read from its admin server.
+//!
+//! What depends on a process dying (kill -9), being paused (SIGSTOP) or told to stop
+//! (SIGTERM) can only be shown with real processes. The binary is the one under test
+//! ([`meshup_bin`], checked not to be stale) unless a benchmark names another (a release
+//! build) with [`Certs::with_binary`]: the gateways run the binary that made their
+//! certificates.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::{EtcdServer, eventually_ok, meshup_bin};
+
+/// The federation's SPIFFE trust domain.
+pub const TRUST_DOMAIN: &str = "proc.test";
+/// Lease TTL of the gateways: etcd 3.4's minimum.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// A free loopback port for a gateway's listener.
+pub fn port() -> u16 {
+    crate::free_port().expect("a free loopback port")
+}
+
+/// A federation's certificates, made with the real CLI, and the binary that made them.
+#[derive(Debug)]
+pub struct Certs {
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+}
+
+impl Certs {
+    /// A CA and one certificate per cluster, made by the binary under test.
+    pub fn new(clusters: &[&str]) -> Self {
+        Self::with_binary(&meshup_bin(), clusters)
+    }
+
+    /// The same, made by `binary`, which also runs the gateways started with these.
+    pub fn with_binary(binary: &Path, clusters: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca");
+        run_meshup(
+            binary,
+            &[
+                "certs",
+                "init",
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--out",
+                path_str(&ca),
+            ],
+        );
+        for c in clusters {
+            let out = dir.path().join(c);
+            run_meshup(
+                binary,
+                &[
+                    "certs",
+                    "issue",
+                    "--ca",
+                    path_str(&ca),
+                    "--cluster",
+                    c,
+                    "--out",
+                    path_str(&out),
+                ],
+            );
+        }
+        Self {
+            dir,
+            binary: binary.to_owned(),
+        }
+    }
+
+    /// The directory of `cluster`'s certificate, key and bundle.
+    pub fn of(&self, cluster: &str) -> PathBuf {
+        self.dir.path().join(cluster)
+    }
+
+    /// The `meshup` binary these were made with.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
+/// A temp path as the `&str` a command line or config file takes.
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn run_meshup(binary: &Path, args: &[&str]) {
+    let out = Command::new(binary)
+        .args(args)
+        .output()
+        .expect("run meshup");
+    assert!(
+        out.status.success(),
+        "meshup {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What one gateway process is: its cluster, catalog and exports.
+#[derive(Debug)]
+pub struct GatewaySpec<'a> {
+    pub cluster: &'a str,
+    pub vip_cidr: &'a str,
+    pub etcd: &'a EtcdServer,
+    pub certs: &'a Certs,
+    pub prefix: &'a str,
+    /// (service name, namespace, port, backend address)
+    pub exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
+    pub drain_deadline: Duration,
+    /// Set through `MESHUP_GATEWAY_ID`, as each replica of a cluster is deployed; `None`
+    /// keeps the config file's `<cluster>-0`.
+    pub replica_id: Option<&'a str>,
+    /// `MESHUP_LOG`; `None`: `info,meshup=debug`.
+    pub log_filter: Option<&'a str>,
+    /// `worker_threads`; `None`: the gateway's default (one per core).
+    pub worker_threads: Option<usize>,
+}
+
+impl<'a> GatewaySpec<'a> {
+    /// A gateway of `cluster` without exports, 2 s drain deadline, default id, log and
+    /// threads; set the other fields with struct update syntax.
+    pub fn new(
+        cluster: &'a str,
+        vip_cidr: &'a str,
+        etcd: &'a EtcdServer,
+        certs: &'a Certs,
+        prefix: &'a str,
+    ) -> Self {
+        Self {
+            cluster,
+            vip_cidr,
+            etcd,
+            certs,
+            prefix,
+            exports: Vec::new(),
+            drain_deadline: Duration::from_secs(2),
+            replica_id: None,
+            log_filter: None,
+            worker_threads: None,
+        }
+    }
+
+    /// The gateway's config file.
+    fn config(&self, admin: SocketAddr) -> String {
+        let certs = self.certs.of(self.cluster);
+        let mut exports = String::new();
+        for (name, ns, port, backend) in &self.exports {
+            exports.push_str(&format!(
+                "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
+            ));
+        }
+        // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
+        // UDP port probed free over TCP may already be taken by another test's socket.
+        format!(
+            r#"cluster: {cluster}
+gateway_id: {cluster}-0
+trust_domain: {TRUST_DOMAIN}
+catalog:
+  backend: etcd
+  endpoints: ["{etcd}"]
+  prefix: {prefix}
+  lease_ttl: {ttl}s
+  allow_loopback_addresses: true
+vip_cidr: {vip_cidr}
+tunnel:
+  listen: 127.0.0.1:0
+  cert: {certs}/cert.pem
+  key: {certs}/key.pem
+  bundle: {certs}/bundle.pem
+  drain_deadline: {drain}ms
+dns:
+  listen: 127.0.0.1:0
+admin:
+  http: {admin}
+{threads}exports:
+{exports}"#,
+            cluster = self.cluster,
+            etcd = self.etcd.endpoint(),
+            prefix = self.prefix,
+            ttl = LEASE_TTL.as_secs(),
+            vip_cidr = self.vip_cidr,
+            certs = certs.display(),
+            drain = self.drain_deadline.as_millis(),
+            threads = self
+                .worker_threads
+                .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
+            exports = if exports.is_empty() {
+                "  []\n".to_string()
+            } else {
+                exports
+            },
+        )
+    }
+}
+
+/// One `meshup gateway` process. Killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    child: Option<Child>,
+    cluster: String,
+    admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Writes the config and starts the process (not yet ready: see [`Self::wait_ready`]).
+    pub fn start(spec: GatewaySpec<'_>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, spec.config(admin)).expect("write config");
+        let log = dir.path().join("gateway.log");
+        let mut command = Command::new(spec.certs.binary());
+        command
+            .args(["gateway", "--config", path_str(&config_path)])
+            .env("MESHUP_LOG", spec.log_filter.unwrap_or("info,meshup=debug"))
+            // Plain log lines: the tests read the bound DNS address from the log.
+            .env("NO_COLOR", "1");
+        if let Some(id) = spec.replica_id {
+            command.env("MESHUP_GATEWAY_ID", id);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn meshup gateway");
+        Self {
+            child: Some(child),
+            cluster: spec.cluster.to_owned(),
+            admin,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The cluster this gateway belongs to.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("process running")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET a path on the admin server: (status code, body).
+    pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        crate::http::get(self.admin, path)
+    }
+
+    /// Waits until `/ready` answers 200; panics with the log if the process exits first.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "gateway exited during start-up ({status}); log:\n{}",
+                    self.log_text()
+                );
+            }
+            if matches!(self.admin_get("/ready"), Ok((200, _))) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready within 30s; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The status page's entry for `<name>.<ns>` (JSON), if the gateway knows the service.
+    pub fn service_status(&self, service: &str) -> anyhow::Result<serde_json::Value> {
+        let (_, body) = self.admin_get("/status")?;
+        let status: serde_json::Value = serde_json::from_str(&body)?;
+        status["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == service))
+            .cloned()
+            .context("service not in status")
+    }
+
+    /// The VIP (and port) this gateway's cluster uses for `<name>.<ns>`, once it has one and
+    /// a healthy target for it.
+    pub async fn wait_routable(&self, service: &str, port: u16) -> SocketAddr {
+        eventually_ok(
+            &format!("{service} routable from this gateway"),
+            Duration::from_secs(20),
+            || async {
+                let svc = self.service_status(service)?;
+                if svc["target"].is_null() {
+                    bail!("no target yet: {svc}");
+                }
+                let vip = svc["vip"].as_str().context("no VIP yet")?;
+                Ok::<_, anyhow::Error>(SocketAddr::new(vip.parse()?, port))
+            },
+        )
+        .await
+    }
+
+    /// The DNS address the gateway bound (its config says port 0), from its start-up log line
+    /// `gateway bound ... dns=<addr> ...`.
+    pub async fn dns_addr(&self) -> SocketAddr {
+        eventually_ok(
+            "the gateway logs its DNS address",
+            Duration::from_secs(20),
+            || async {
+                let log = self.log_text();
+                let line = log
+                    .lines()
+                    .find(|l| l.contains("gateway bound"))
+                    .context("no `gateway bound` line yet")?;
+                let addr = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("dns="))
+                    .with_context(|| format!("no dns= field in {line:?}"))?;
+                Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?)
+            },
+        )
+        .await
+    }
+
+    /// One counter of the gateway's `/metrics`.
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (code, body) = self.admin_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        let line = body
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .with_context(|| format!("no {name} in /metrics"))?;
+        let value = line.split_whitespace().nth(1).context("no value")?;
+        Ok(value.parse()?)
+    }
+
+    /// SIGKILL, sent straight from this process (no `kill` child to wait for), and the
+    /// instant just before it: the moment the gateway stopped keeping its lease alive is no
+    /// later than this.
+    pub fn kill9(&mut self) -> Instant {
+        let child = self.child.as_mut().expect("process running");
+        let at = Instant::now();
+        child.kill().expect("SIGKILL the gateway");
+        at
+    }
+
+    /// Sends `sig` (`-TERM`, `-STOP`, `-CONT`) through kill(1); returns the instant just
+    /// before it was sent.
+    pub fn signal(&self, sig: &str) -> Instant {
+        let at = Instant::now();
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} failed");
+        at
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("process");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit within {timeout:?}; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A stopped (SIGSTOP) process dies from SIGKILL as well.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
