@@ -70,7 +70,8 @@ pub struct Health {
     /// Per service, per cluster: looked up by reference, never by a cloned key.
     targets: BTreeMap<ServiceKey, BTreeMap<ClusterName, Target>>,
     peers: BTreeMap<ClusterName, PeerSignal>,
-    retries: RetryWindow,
+    /// Per service: each service's retries are budgeted against its own connections.
+    retries: BTreeMap<ServiceKey, RetryWindow>,
 }
 
 /// What the decision reads of one (service, cluster) at one instant.
@@ -99,7 +100,7 @@ impl Health {
             epoch,
             targets: BTreeMap::new(),
             peers: BTreeMap::new(),
-            retries: RetryWindow::default(),
+            retries: BTreeMap::new(),
         }
     }
 
@@ -336,41 +337,55 @@ impl Health {
             .map_or((0, 0), |t| (t.active, t.pending))
     }
 
-    fn bucket(&mut self, now: Instant) -> &mut (u64, u32, u32) {
-        let second = now.saturating_duration_since(self.epoch).as_secs();
-        let slot = &mut self.retries.buckets[(second % RETRY_BUCKETS as u64) as usize];
+    fn second(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs()
+    }
+
+    fn bucket(&mut self, service: &ServiceKey, now: Instant) -> &mut (u64, u32, u32) {
+        let second = self.second(now);
+        if !self.retries.contains_key(service) {
+            self.retries.insert(service.clone(), RetryWindow::default());
+        }
+        let window = self
+            .retries
+            .get_mut(service)
+            .expect("inserted above if it was missing");
+        let slot = &mut window.buckets[(second % RETRY_BUCKETS as u64) as usize];
         if slot.0 != second {
             *slot = (second, 0, 0);
         }
         slot
     }
 
-    fn window(&self, now: Instant) -> (u32, u32) {
-        let second = now.saturating_duration_since(self.epoch).as_secs();
-        self.retries
-            .buckets
-            .iter()
-            .filter(|(s, _, _)| *s + (RETRY_BUCKETS as u64) > second && *s <= second)
-            .fold((0, 0), |(c, r), (_, bc, br)| (c + bc, r + br))
+    fn window(&self, service: &ServiceKey, now: Instant) -> (u32, u32) {
+        let second = self.second(now);
+        self.retries.get(service).map_or((0, 0), |w| {
+            w.buckets
+                .iter()
+                .filter(|(s, _, _)| *s + (RETRY_BUCKETS as u64) > second && *s <= second)
+                .fold((0, 0), |(c, r), (_, bc, br)| (c + bc, r + br))
+        })
     }
 
-    /// A new client connection arrived (the base of the retry budget).
-    pub fn connection_arrived(&mut self, now: Instant) {
-        let b = self.bucket(now);
+    /// A new client connection for `service` arrived (the base of its retry budget).
+    pub fn connection_arrived(&mut self, service: &ServiceKey, now: Instant) {
+        let b = self.bucket(service, now);
         b.1 = b.1.saturating_add(1);
     }
 
-    /// Whether a retry may be made now; if so it is counted. Retries in the window stay below
-    /// `budget_percent` of the connections in it, but `min_retries` per second of the window
-    /// are always allowed, so a quiet service can still fail over.
-    pub fn take_retry(&mut self, policy: &RetryPolicy, now: Instant) -> bool {
-        let (connections, retries) = self.window(now);
+    /// Whether a retry for `service` may be made now; if so it is counted. Retries in the
+    /// window stay below `budget_percent` of the service's connections in it, but
+    /// `min_retries` per second of the window are always allowed, so a quiet service can
+    /// still fail over. Each service has its own budget: a busy one lends none to a failing
+    /// quiet one.
+    pub fn take_retry(&mut self, service: &ServiceKey, policy: &RetryPolicy, now: Instant) -> bool {
+        let (connections, retries) = self.window(service, now);
         let budget = (connections as u64 * u64::from(policy.budget_percent) / 100)
             .max(u64::from(policy.min_retries) * RETRY_WINDOW.as_secs());
         if u64::from(retries) >= budget {
             return false;
         }
-        let b = self.bucket(now);
+        let b = self.bucket(service, now);
         b.2 = b.2.saturating_add(1);
         true
     }
@@ -535,20 +550,28 @@ mod tests {
             budget_percent: 20,
             min_retries: 3,
         };
+        let (s, other) = (svc(), "ledger.prod".parse().expect("key"));
         // A quiet service still gets its minimum: 3 per second of the 10 s window.
-        let taken = (0..100).filter(|_| h.take_retry(&policy, t0)).count();
+        let taken = (0..100).filter(|_| h.take_retry(&s, &policy, t0)).count();
         assert_eq!(taken, 30);
         // 1000 connections in the window: 20 % of them.
         for _ in 0..1000 {
-            h.connection_arrived(t0 + Duration::from_millis(500));
+            h.connection_arrived(&s, t0 + Duration::from_millis(500));
         }
         let taken = (0..500)
-            .filter(|_| h.take_retry(&policy, t0 + Duration::from_millis(600)))
+            .filter(|_| h.take_retry(&s, &policy, t0 + Duration::from_millis(600)))
             .count();
         assert_eq!(taken, 170, "200 retries in the window, 30 already taken");
+        // Another service's budget is its own: the busy one lends it nothing.
+        let taken = (0..100)
+            .filter(|_| h.take_retry(&other, &policy, t0 + Duration::from_millis(600)))
+            .count();
+        assert_eq!(taken, 30);
         // Once the window has passed, the old connections and retries no longer count.
         let later = t0 + RETRY_WINDOW + Duration::from_secs(1);
-        let taken = (0..100).filter(|_| h.take_retry(&policy, later)).count();
+        let taken = (0..100)
+            .filter(|_| h.take_retry(&s, &policy, later))
+            .count();
         assert_eq!(taken, 30);
     }
 

@@ -610,7 +610,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             }
             {
                 let mut st = steering.lock();
-                if attempts > 0 && !st.health.take_retry(&plan.policy().retry, std::time::Instant::now()) {
+                if attempts > 0 && !st.health.take_retry(service, &plan.policy().retry, std::time::Instant::now()) {
                     drop(st);
                     tracing::debug!(%cluster, "retry budget spent; not retrying");
                     sm.retry_budget_exhausted

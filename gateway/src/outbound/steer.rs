@@ -147,7 +147,7 @@ impl Steering {
         let draw = self.draw();
         let decision = {
             let mut st = self.lock();
-            st.health.connection_arrived(now);
+            st.health.connection_arrived(service, now);
             let decide_now = |health: &Health| {
                 decide(&Inputs {
                     service,
