@@ -35,7 +35,11 @@ pub fn drill_to_pb(id: &DrillId, d: &DrillRecord, revision: i64, unix_now: i64) 
         id: id.to_string(),
         kind: drill_kind_to_pb(d.kind) as i32,
         cluster: d.cluster.to_string(),
-        service: d.service.as_ref().map(ToString::to_string).unwrap_or_default(),
+        service: d
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
         who: d.who.clone(),
         why: d.why.clone(),
         created: d.created,

@@ -18,7 +18,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 /// The generated code of `meshup.admin.v1`.
-#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 pub mod pb {
     tonic::include_proto!("meshup.admin.v1");
 
@@ -31,8 +36,7 @@ pub mod pb {
 pub const SERVICE_NAME: &str = "meshup.admin.v1.AdminService";
 
 /// Where the CLI looks for the admin API when neither `--admin` nor `MESHUP_ADMIN` says.
-pub const DEFAULT_ADMIN_GRPC: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
+pub const DEFAULT_ADMIN_GRPC: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15021);
 
 /// The trailer of a FAILED_PRECONDITION answer to a lost compare-and-set: the key's current
 /// mod revision (0: it does not exist), so a client can read it without parsing the message.
@@ -51,7 +55,11 @@ pub mod enum_names {
     use super::pb;
     use serde::Serializer;
 
-    fn name<S: Serializer>(s: S, name: Option<&'static str>, value: i32) -> Result<S::Ok, S::Error> {
+    fn name<S: Serializer>(
+        s: S,
+        name: Option<&'static str>,
+        value: i32,
+    ) -> Result<S::Ok, S::Error> {
         match name {
             Some(n) => s.serialize_str(n),
             None => s.serialize_i32(value),
@@ -59,14 +67,26 @@ pub mod enum_names {
     }
 
     pub fn link_state<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        name(s, pb::LinkState::try_from(*v).ok().map(|e| e.as_str_name()), *v)
+        name(
+            s,
+            pb::LinkState::try_from(*v).ok().map(|e| e.as_str_name()),
+            *v,
+        )
     }
 
     pub fn drill_kind<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        name(s, pb::DrillKind::try_from(*v).ok().map(|e| e.as_str_name()), *v)
+        name(
+            s,
+            pb::DrillKind::try_from(*v).ok().map(|e| e.as_str_name()),
+            *v,
+        )
     }
 
     pub fn event_kind<S: Serializer>(v: &i32, s: S) -> Result<S::Ok, S::Error> {
-        name(s, pb::EventKind::try_from(*v).ok().map(|e| e.as_str_name()), *v)
+        name(
+            s,
+            pb::EventKind::try_from(*v).ok().map(|e| e.as_str_name()),
+            *v,
+        )
     }
 }

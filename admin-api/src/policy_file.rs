@@ -200,8 +200,7 @@ pub fn parse(text: &str, service: Option<&ServiceKey>) -> Result<PolicyFile, Fil
             return Err(FileError {
                 line: Some(1),
                 field: Some("service".into()),
-                message: "missing: name the service the policy is for (`service: pay.prod`)"
-                    .into(),
+                message: "missing: name the service the policy is for (`service: pay.prod`)".into(),
             });
         }
     };
@@ -291,11 +290,13 @@ fn line_of_record_error(text: &str, e: &policy::RecordError) -> Option<usize> {
                 .get(1)
                 .copied()
         }
-        E::OutOfRange { what: "weight", value, .. } => {
-            lines_with_key_value(text, "weight", &value.to_string())
-                .first()
-                .copied()
-        }
+        E::OutOfRange {
+            what: "weight",
+            value,
+            ..
+        } => lines_with_key_value(text, "weight", &value.to_string())
+            .first()
+            .copied(),
         E::OutOfRange { what: "levels", .. } => find_line(text, &["levels"]),
         _ => {
             let field = record_error_field(e)?;
@@ -454,7 +455,13 @@ outlier:
                 "levels[0].clusters[1].wieght",
                 "unknown field `wieght`",
             ),
-            ("outlier:", "outlyer:", 9, "outlyer", "unknown field `outlyer`"),
+            (
+                "outlier:",
+                "outlyer:",
+                9,
+                "outlyer",
+                "unknown field `outlyer`",
+            ),
             (
                 "consecutive_failures: 3",
                 "consecutive_failures: three",
@@ -527,8 +534,11 @@ outlier:
         }
         let err = parse("   \n", None).expect_err("empty");
         assert!(err.to_string().contains("empty"), "{err}");
-        let err = parse("service: pay.prod\nlocal_only: true\nlevels: [{clusters: [{cluster: a}]}]\n", None)
-            .expect_err("contradiction");
+        let err = parse(
+            "service: pay.prod\nlocal_only: true\nlevels: [{clusters: [{cluster: a}]}]\n",
+            None,
+        )
+        .expect_err("contradiction");
         assert_eq!(
             (err.line, err.field.as_deref()),
             (Some(2), Some("local_only")),

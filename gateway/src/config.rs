@@ -411,14 +411,21 @@ exports:
         assert_eq!(c.gateway_id().as_str(), "east-0");
         assert_eq!(c.exports[0].key().to_string(), "pay.prod");
         assert_eq!(c.worker_threads, None);
-        assert_eq!(c.admin.grpc, None, "the gRPC admin API is off unless configured");
+        assert_eq!(
+            c.admin.grpc, None,
+            "the gRPC admin API is off unless configured"
+        );
         let grpc = Config::parse(&SAMPLE.replace(
             "http: 127.0.0.1:15020",
             "http: 127.0.0.1:15020\n  grpc: 10.0.0.1:15021\n  allow_non_loopback_grpc: true",
         ))
         .expect("parses");
-        grpc.validate().expect("a non-loopback gRPC address with its opt-in");
-        assert_eq!(grpc.admin.grpc, Some("10.0.0.1:15021".parse().expect("addr")));
+        grpc.validate()
+            .expect("a non-loopback gRPC address with its opt-in");
+        assert_eq!(
+            grpc.admin.grpc,
+            Some("10.0.0.1:15021".parse().expect("addr"))
+        );
         let one = Config::parse(&SAMPLE.replace("region: us-east-1", "worker_threads: 1"))
             .expect("parses");
         one.validate().expect("valid");

@@ -342,7 +342,9 @@ fn status_error(conn: &Conn, s: Status) -> CliError {
             exit::UNREACHABLE,
             format!("{message} (the gateway answers, its catalog store does not)"),
         ),
-        Code::Unavailable | Code::Unknown if message.contains("transport error") || message.contains("connect") => {
+        Code::Unavailable | Code::Unknown
+            if message.contains("transport error") || message.contains("connect") =>
+        {
             unreachable(conn, &message)
         }
         Code::Unavailable => unreachable(conn, &message),
@@ -354,7 +356,9 @@ fn status_error(conn: &Conn, s: Status) -> CliError {
                 CALL_TIMEOUT.as_secs()
             ),
         ),
-        Code::ResourceExhausted => CliError::new(exit::OTHER, format!("{message}; try again later")),
+        Code::ResourceExhausted => {
+            CliError::new(exit::OTHER, format!("{message}; try again later"))
+        }
         Code::Unimplemented => CliError::new(
             exit::OTHER,
             format!(
@@ -370,7 +374,9 @@ fn status_error(conn: &Conn, s: Status) -> CliError {
 fn print<T: Serialize>(conn: &Conn, value: &T, table: fn(&T) -> String) -> Result<()> {
     let text = match conn.output {
         Output::Table => table(value),
-        Output::Json => serde_json::to_string_pretty(value).map(|s| s + "\n").map_err(other)?,
+        Output::Json => serde_json::to_string_pretty(value)
+            .map(|s| s + "\n")
+            .map_err(other)?,
         Output::Yaml => serde_norway::to_string(value).map_err(other)?,
     };
     print!("{text}");
@@ -433,8 +439,8 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                 .await
                 .map_err(|s| status_error(&conn, s))?
                 .into_inner();
-            let policy: serde_json::Value =
-                serde_json::from_str(&r.policy_json).unwrap_or(serde_json::Value::String(r.policy_json.clone()));
+            let policy: serde_json::Value = serde_json::from_str(&r.policy_json)
+                .unwrap_or(serde_json::Value::String(r.policy_json.clone()));
             let view = PolicyView {
                 service: r.service,
                 found: r.found,
@@ -696,7 +702,10 @@ async fn events(conn: &Conn, existing: bool, count: Option<usize>) -> Result<()>
         let Some(event) = event else {
             return Err(CliError::new(
                 exit::UNREACHABLE,
-                format!("the gateway at {} ended the event stream (it is stopping?)", conn.admin),
+                format!(
+                    "the gateway at {} ended the event stream (it is stopping?)",
+                    conn.admin
+                ),
             ));
         };
         let line = match conn.output {

@@ -65,7 +65,11 @@ fn percent(ppm: u64) -> String {
 }
 
 fn dash(s: &str) -> String {
-    if s.is_empty() { "-".into() } else { s.to_owned() }
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
 }
 
 fn link_word(v: i32) -> &'static str {
@@ -105,7 +109,10 @@ pub fn status(r: &pb::GetStatusResponse) -> String {
         } else if c.connected {
             "store connected".to_owned()
         } else {
-            format!("STORE UNREACHABLE, {:.0}s stale (routing on the last catalog)", c.stale_seconds)
+            format!(
+                "STORE UNREACHABLE, {:.0}s stale (routing on the last catalog)",
+                c.stale_seconds
+            )
         },
         c.services,
         c.exports,
@@ -117,7 +124,15 @@ pub fn status(r: &pb::GetStatusResponse) -> String {
         let link = link_word(cl.link);
         let rtt = cl.rtt_ms.map_or("-".into(), |v| format!("{v:.2} ms"));
         if cl.gateways.is_empty() {
-            rows.push(vec![cl.name.clone(), link.into(), rtt.clone(), "-".into(), "-".into(), "-".into(), "-".into()]);
+            rows.push(vec![
+                cl.name.clone(),
+                link.into(),
+                rtt.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]);
         }
         for gw in &cl.gateways {
             let state = if gw.draining {
@@ -145,7 +160,9 @@ pub fn status(r: &pb::GetStatusResponse) -> String {
         }
     }
     out.push_str(&table(
-        &["CLUSTER", "LINK", "RTT", "GATEWAY", "ADDRESS", "STATE", "LOSS"],
+        &[
+            "CLUSTER", "LINK", "RTT", "GATEWAY", "ADDRESS", "STATE", "LOSS",
+        ],
         &rows,
     ));
     out
@@ -189,7 +206,11 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
                 } else {
                     s.failover_level.to_string()
                 },
-                if shares.is_empty() { "-".into() } else { shares.join(", ") },
+                if shares.is_empty() {
+                    "-".into()
+                } else {
+                    shares.join(", ")
+                },
                 format!(
                     "{}{}",
                     if s.has_policy { "policy" } else { "default" },
@@ -203,7 +224,16 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
         })
         .collect();
     table(
-        &["SERVICE", "VIP", "PORTS", "CLUSTERS (healthy/total)", "TARGET", "LEVEL", "SHARES", "NOTES"],
+        &[
+            "SERVICE",
+            "VIP",
+            "PORTS",
+            "CLUSTERS (healthy/total)",
+            "TARGET",
+            "LEVEL",
+            "SHARES",
+            "NOTES",
+        ],
         &rows,
     )
 }
@@ -242,28 +272,49 @@ pub fn resolve(r: &pb::ResolveResponse) -> String {
                 } else {
                     format!("out: {}", v.code)
                 },
-                if v.level < 0 { "-".into() } else { v.level.to_string() },
-                if v.candidate { percent(v.share_ppm) } else { "-".into() },
+                if v.level < 0 {
+                    "-".into()
+                } else {
+                    v.level.to_string()
+                },
+                if v.candidate {
+                    percent(v.share_ppm)
+                } else {
+                    "-".into()
+                },
                 v.reason.clone(),
                 dash(&when(v.until)),
             ]
         })
         .collect();
-    out.push_str(&table(&["CLUSTER", "VERDICT", "LEVEL", "SHARE", "REASON", "UNTIL"], &rows));
+    out.push_str(&table(
+        &["CLUSTER", "VERDICT", "LEVEL", "SHARE", "REASON", "UNTIL"],
+        &rows,
+    ));
     out
 }
 
 pub fn policy(v: &PolicyView) -> String {
-    let record: Result<meshup_core::policy::PolicyRecord, _> = serde_json::from_value(v.policy.clone());
+    let record: Result<meshup_core::policy::PolicyRecord, _> =
+        serde_json::from_value(v.policy.clone());
     let service: Result<meshup_core::names::ServiceKey, _> = v.service.parse();
     let head = if v.found {
-        format!("# policy for {} at revision {} (set it with --revision {})\n", v.service, v.revision, v.revision)
+        format!(
+            "# policy for {} at revision {} (set it with --revision {})\n",
+            v.service, v.revision, v.revision
+        )
     } else {
-        format!("# no policy stored for {}: the default below applies (create one with --revision 0)\n", v.service)
+        format!(
+            "# no policy stored for {}: the default below applies (create one with --revision 0)\n",
+            v.service
+        )
     };
     match (record, service) {
         (Ok(r), Ok(s)) => head + &meshup_admin_api::policy_file::to_yaml(&s, &r),
-        _ => format!("{head}# the stored record does not decode; as stored:\n{}\n", v.policy),
+        _ => format!(
+            "{head}# the stored record does not decode; as stored:\n{}\n",
+            v.policy
+        ),
     }
 }
 
@@ -280,7 +331,10 @@ pub fn written(v: &WriteView) -> String {
             }
         )
     } else {
-        format!("policy for {} unchanged (revision {})\n", v.service, v.revision)
+        format!(
+            "policy for {} unchanged (revision {})\n",
+            v.service, v.revision
+        )
     };
     for w in &v.warnings {
         out.push_str(&format!("warning: {w}\n"));
@@ -335,11 +389,18 @@ pub fn drills(drills: &[pb::Drill], audit: &[pb::DrillAudit]) -> String {
                     scope(d),
                     d.who.clone(),
                     d.why.clone(),
-                    if d.active { when(d.expires) } else { format!("expired, ending: {}", when(d.expires)) },
+                    if d.active {
+                        when(d.expires)
+                    } else {
+                        format!("expired, ending: {}", when(d.expires))
+                    },
                 ]
             })
             .collect();
-        out.push_str(&table(&["ID", "KIND", "CLUSTER", "SERVICE", "WHO", "WHY", "EXPIRES"], &rows));
+        out.push_str(&table(
+            &["ID", "KIND", "CLUSTER", "SERVICE", "WHO", "WHY", "EXPIRES"],
+            &rows,
+        ));
     }
     if !audit.is_empty() {
         out.push_str("\nended:\n");
@@ -359,7 +420,12 @@ pub fn drills(drills: &[pb::Drill], audit: &[pb::DrillAudit]) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["ID", "KIND", "CLUSTER", "SERVICE", "WHO", "WHY", "ENDED", "AT"], &rows));
+        out.push_str(&table(
+            &[
+                "ID", "KIND", "CLUSTER", "SERVICE", "WHO", "WHY", "ENDED", "AT",
+            ],
+            &rows,
+        ));
     }
     out
 }
@@ -367,7 +433,11 @@ pub fn drills(drills: &[pb::Drill], audit: &[pb::DrillAudit]) -> String {
 pub fn event(e: &pb::Event) -> String {
     let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(e.at_unix_ms).unwrap_or(0));
     let kind = EventKind::try_from(e.kind)
-        .map(|k| k.as_str_name().trim_start_matches("EVENT_KIND_").to_ascii_lowercase())
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("EVENT_KIND_")
+                .to_ascii_lowercase()
+        })
         .unwrap_or_else(|_| e.kind.to_string());
     format!(
         "{} rev {} {}{} {}\n",
@@ -394,6 +464,9 @@ mod tests {
         );
         assert_eq!(t, "A          LONGER  C\nx          y       z\nwide-cell\n");
         assert_eq!(when(0), "");
-        assert!(when(unix_now() + 3600).contains("(in 59m") || when(unix_now() + 3600).contains("(in 1h"));
+        assert!(
+            when(unix_now() + 3600).contains("(in 59m")
+                || when(unix_now() + 3600).contains("(in 1h")
+        );
     }
 }

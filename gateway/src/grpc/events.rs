@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use meshup_admin_api::convert::drill_kind_word;
 use meshup_admin_api::convert::drill_kind_to_pb;
+use meshup_admin_api::convert::drill_kind_word;
 use meshup_admin_api::pb::{Event, EventKind};
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -91,7 +91,11 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
                     };
                     out.push(export_event(key, cluster, text));
                 }
-                for cluster in was.clusters.keys().filter(|c| !svc.clusters.contains_key(*c)) {
+                for cluster in was
+                    .clusters
+                    .keys()
+                    .filter(|c| !svc.clusters.contains_key(*c))
+                {
                     out.push(export_event(
                         key,
                         cluster,
@@ -159,7 +163,11 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
         );
         e.drill = id.to_string();
         e.cluster = d.cluster.to_string();
-        e.service = d.service.as_ref().map(ToString::to_string).unwrap_or_default();
+        e.service = d
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         out.push(e);
     }
     for (id, d) in before.iter().filter(|(k, _)| !after.contains_key(*k)) {
@@ -199,7 +207,8 @@ pub fn target_changes(
         if was == target {
             continue;
         }
-        let name = |c: &Option<ClusterName>| c.as_ref().map_or("nowhere".to_owned(), ToString::to_string);
+        let name =
+            |c: &Option<ClusterName>| c.as_ref().map_or("nowhere".to_owned(), ToString::to_string);
         let mut e = event(
             EventKind::TargetChanged,
             format!(
@@ -217,7 +226,8 @@ pub fn target_changes(
 
 /// Unix seconds as RFC 3339 (UTC), for texts.
 pub fn unix_text(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -281,7 +291,11 @@ mod tests {
     #[test]
     fn snapshot_changes_become_events() {
         let mut a = Snapshot::new();
-        for ch in [gateway("east", false), gateway("west", false), export("west", 2)] {
+        for ch in [
+            gateway("east", false),
+            gateway("west", false),
+            export("west", 2),
+        ] {
             a.apply(ch);
         }
         let mut b = a.clone();
@@ -340,7 +354,10 @@ mod tests {
             EventKind::PolicyDeleted,
             "policy for pay.prod deleted: the default applies".into()
         )));
-        assert!(got.contains(&(EventKind::DrillEnded, "drill fail-west ended (fail west)".into())));
+        assert!(got.contains(&(
+            EventKind::DrillEnded,
+            "drill fail-west ended (fail west)".into()
+        )));
         let got = kinds(&diff(&Snapshot::new(), &a));
         assert!(got.contains(&(
             EventKind::ServiceAdded,

@@ -100,7 +100,10 @@ fn conflict(message: String, current: i64) -> Status {
 
 fn service_arg(text: &str) -> Result<ServiceKey, Status> {
     if text.trim().is_empty() {
-        return Err(invalid("service", "missing: name it as <name>.<namespace> (pay.prod)"));
+        return Err(invalid(
+            "service",
+            "missing: name it as <name>.<namespace> (pay.prod)",
+        ));
     }
     parse_service(text).map_err(|e| invalid("service", e))
 }
@@ -116,7 +119,10 @@ fn unknown_service(snapshot: &Snapshot, key: &ServiceKey) -> Status {
 /// A policy's JSON, decoded and validated; INVALID_ARGUMENT naming the field otherwise.
 fn policy_arg(json: &str) -> Result<PolicyRecord, Status> {
     if json.trim().is_empty() {
-        return Err(invalid("policy_json", "missing: the PolicyRecord as JSON (docs/policy.md)"));
+        return Err(invalid(
+            "policy_json",
+            "missing: the PolicyRecord as JSON (docs/policy.md)",
+        ));
     }
     let bad = |e: RecordError| match record_error_field(&e) {
         Some(field) => invalid(&format!("policy_json.{field}"), e),
@@ -204,12 +210,15 @@ pub fn verdicts(decision: &Decision, now: Instant, unix_now: i64) -> Vec<pb::Clu
                         }
                         Some(Note::HoldDown { until }) => {
                             v.code = "hold_down".into();
-                            v.reason = "recovered, holding down: tried after every other candidate".into();
+                            v.reason =
+                                "recovered, holding down: tried after every other candidate".into();
                             v.until = unix_of(*until, now, unix_now);
                         }
                         Some(Note::LastResort { ejected_until }) => {
                             v.code = "last_resort".into();
-                            v.reason = "ejected by outlier detection, tried as nothing else is left".into();
+                            v.reason =
+                                "ejected by outlier detection, tried as nothing else is left"
+                                    .into();
                             v.until = unix_of(*ejected_until, now, unix_now);
                         }
                     }
@@ -271,7 +280,12 @@ impl AdminApi {
 
     /// The decision for the service's first TCP port (what its VIP serves), as the status
     /// page shows it.
-    fn service_decision(&self, snapshot: &Snapshot, exports: &LocalExports, key: &ServiceKey) -> Option<Decision> {
+    fn service_decision(
+        &self,
+        snapshot: &Snapshot,
+        exports: &LocalExports,
+        key: &ServiceKey,
+    ) -> Option<Decision> {
         let svc = snapshot.service(key)?;
         let port = svc.ports.first()?;
         let route = Route {
@@ -282,7 +296,12 @@ impl AdminApi {
         Some(self.ctx.outbound.explain(snapshot, exports, &route))
     }
 
-    fn service_info(&self, snapshot: &Snapshot, exports: &LocalExports, key: &ServiceKey) -> Option<pb::ServiceInfo> {
+    fn service_info(
+        &self,
+        snapshot: &Snapshot,
+        exports: &LocalExports,
+        key: &ServiceKey,
+    ) -> Option<pb::ServiceInfo> {
         let svc = snapshot.service(key)?;
         let decision = self.service_decision(snapshot, exports, key);
         let main = decision.as_ref().and_then(|d| d.main_target().cloned());
@@ -300,7 +319,11 @@ impl AdminApi {
                 _ => None,
             })
             .collect();
-        shares.sort_by(|a, b| b.share_ppm.cmp(&a.share_ppm).then(a.cluster.cmp(&b.cluster)));
+        shares.sort_by(|a, b| {
+            b.share_ppm
+                .cmp(&a.share_ppm)
+                .then(a.cluster.cmp(&b.cluster))
+        });
         let level = main
             .as_ref()
             .and_then(|m| shares.iter().find(|s| &s.cluster == m.as_str()))
@@ -336,7 +359,9 @@ impl AdminApi {
             has_policy: snapshot.policy(key).is_some(),
             drills: snapshot
                 .drills()
-                .filter(|(_, d)| d.active(unix) && d.covers(key) && svc.clusters.contains_key(&d.cluster))
+                .filter(|(_, d)| {
+                    d.active(unix) && d.covers(key) && svc.clusters.contains_key(&d.cluster)
+                })
                 .map(|(id, _)| id.to_string())
                 .collect(),
         })
@@ -395,9 +420,9 @@ impl AdminService for AdminApi {
                 let gateways: Vec<pb::GatewayLink> = snapshot
                     .gateways_of(c)
                     .map(|g| {
-                        let link = links
-                            .iter()
-                            .find(|l| l.peer.cluster == g.cluster && g.quic_addrs.contains(&l.peer.addr));
+                        let link = links.iter().find(|l| {
+                            l.peer.cluster == g.cluster && g.quic_addrs.contains(&l.peer.addr)
+                        });
                         pb::GatewayLink {
                             id: g.gateway_id.to_string(),
                             addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
@@ -414,12 +439,7 @@ impl AdminService for AdminApi {
                     })
                     .collect();
                 // A cluster never measured through the decision but with an open connection.
-                let rtt = rtt.or_else(|| {
-                    gateways
-                        .iter()
-                        .filter_map(|g| g.rtt_ms)
-                        .reduce(f64::min)
-                });
+                let rtt = rtt.or_else(|| gateways.iter().filter_map(|g| g.rtt_ms).reduce(f64::min));
                 pb::ClusterInfo {
                     name: c.to_string(),
                     local,
@@ -450,7 +470,12 @@ impl AdminService for AdminApi {
                 region: ctx.region.clone(),
                 zone: ctx.zone.clone(),
                 ready: ctx.readiness.is_ready(),
-                pending: ctx.readiness.pending().iter().map(|s| s.to_string()).collect(),
+                pending: ctx
+                    .readiness
+                    .pending()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
                 draining: *ctx.draining.borrow(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 connections_in_flight: ctx.outbound.in_flight() as u64,
@@ -508,10 +533,14 @@ impl AdminService for AdminApi {
         if req.name.trim().is_empty() {
             return Err(invalid(
                 "name",
-                format!("missing: a DNS name (pay.prod.svc.{}) or a service (pay.prod)", self.ctx.dns_zone),
+                format!(
+                    "missing: a DNS name (pay.prod.svc.{}) or a service (pay.prod)",
+                    self.ctx.dns_zone
+                ),
             ));
         }
-        let name = parse_resolve_name(&req.name, &self.ctx.dns_zone).map_err(|e| invalid("name", e))?;
+        let name =
+            parse_resolve_name(&req.name, &self.ctx.dns_zone).map_err(|e| invalid("name", e))?;
         let snapshot = self.snapshot();
         let svc = snapshot
             .service(&name.service)
@@ -691,7 +720,10 @@ impl AdminService for AdminApi {
         let req = request.into_inner();
         let key = service_arg(&req.service)?;
         if req.revision < 0 {
-            return Err(invalid("revision", "must be the revision read, or 0 for whatever is stored"));
+            return Err(invalid(
+                "revision",
+                "must be the revision read, or 0 for whatever is stored",
+            ));
         }
         let k = Bytes::from(self.ctx.layout.policy(&key));
         let revision = if req.revision == 0 {
@@ -762,7 +794,10 @@ impl AdminService for AdminApi {
             ));
         }
         if req.why.trim().is_empty() {
-            return Err(invalid("why", "missing: say why (--why TEXT); it goes into the audit trail"));
+            return Err(invalid(
+                "why",
+                "missing: say why (--why TEXT); it goes into the audit trail",
+            ));
         }
         if req.duration_seconds == 0 {
             return Err(invalid(
@@ -784,7 +819,10 @@ impl AdminService for AdminApi {
             ));
         }
         if kind == policy::DrillKind::Pin && service.is_none() {
-            return Err(invalid("service", "a pin drill needs the service whose traffic it pins"));
+            return Err(invalid(
+                "service",
+                "a pin drill needs the service whose traffic it pins",
+            ));
         }
         let snapshot = self.snapshot();
         if !snapshot.clusters().any(|c| c == &cluster) {
@@ -814,11 +852,14 @@ impl AdminService for AdminApi {
         let ids: Vec<DrillId> = if given {
             vec![DrillId::new(req.id.trim()).map_err(|e| invalid("id", e))?]
         } else {
-            (0..3).filter_map(|n| generated_id(kind, &cluster, created, n)).collect()
+            (0..3)
+                .filter_map(|n| generated_id(kind, &cluster, created, n))
+                .collect()
         };
         let mut last = None;
         for id in ids {
-            match drills::start_drill(self.ctx.store.as_ref(), &self.ctx.layout, &id, &record).await {
+            match drills::start_drill(self.ctx.store.as_ref(), &self.ctx.layout, &id, &record).await
+            {
                 Ok(revision) => {
                     tracing::info!(drill = %id, kind = kind.as_str(), %cluster, who = %record.who, why = %record.why, expires = record.expires, "drill started through the admin API");
                     return Ok(Response::new(pb::StartDrillResponse {
@@ -831,7 +872,10 @@ impl AdminService for AdminApi {
                 Err(e) => return Err(drill_status(e)),
             }
         }
-        Err(last.map_or_else(|| Status::internal("no drill id could be made"), drill_status))
+        Err(last.map_or_else(
+            || Status::internal("no drill id could be made"),
+            drill_status,
+        ))
     }
 
     async fn stop_drill(
@@ -884,8 +928,11 @@ impl AdminService for AdminApi {
         let mut drills = Vec::new();
         for kv in kvs {
             let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let id = key.strip_prefix(prefix.as_str()).and_then(|s| DrillId::new(s).ok());
-            let record = policy::decode::<DrillRecord>(&kv.value).and_then(|d| d.validate().map(|()| d));
+            let id = key
+                .strip_prefix(prefix.as_str())
+                .and_then(|s| DrillId::new(s).ok());
+            let record =
+                policy::decode::<DrillRecord>(&kv.value).and_then(|d| d.validate().map(|()| d));
             match (id, record) {
                 (Some(id), Ok(d)) => drills.push(drill_to_pb(&id, &d, kv.create_revision, unix)),
                 (_, r) => {
@@ -928,12 +975,23 @@ impl AdminService for AdminApi {
             let _permit = permit;
             watch_loop(api, req.include_existing, tx).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
-fn generated_id(kind: policy::DrillKind, cluster: &ClusterName, at: i64, n: usize) -> Option<DrillId> {
-    let suffix = if n == 0 { format!("{at}") } else { format!("{at}-{n}") };
+fn generated_id(
+    kind: policy::DrillKind,
+    cluster: &ClusterName,
+    at: i64,
+    n: usize,
+) -> Option<DrillId> {
+    let suffix = if n == 0 {
+        format!("{at}")
+    } else {
+        format!("{at}-{n}")
+    };
     let room = 63usize.saturating_sub(kind.as_str().len() + suffix.len() + 2);
     let c: String = cluster.as_str().chars().take(room).collect();
     let c = c.trim_end_matches('-');
@@ -947,7 +1005,9 @@ fn drill_status(e: DrillError) -> Status {
             Some(f) => invalid(&f, &e),
             None => Status::invalid_argument(e.to_string()),
         },
-        DrillError::Exists { .. } | DrillError::IdUsed { .. } => Status::already_exists(e.to_string()),
+        DrillError::Exists { .. } | DrillError::IdUsed { .. } => {
+            Status::already_exists(e.to_string())
+        }
         DrillError::NoSuchDrill { .. } => Status::not_found(format!(
             "{e}; `meshup drill list` shows the drills in force"
         )),
@@ -967,7 +1027,11 @@ fn stamp(mut e: pb::Event, revision: i64) -> pb::Event {
 /// Sends events until the client leaves: a sync event, optionally the catalog as it is, then
 /// every change. Snapshots coalesce in the watch channel, so a slow client gets fewer,
 /// larger diffs, never an unbounded queue.
-async fn watch_loop(api: AdminApi, include_existing: bool, tx: mpsc::Sender<Result<pb::Event, Status>>) {
+async fn watch_loop(
+    api: AdminApi,
+    include_existing: bool,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
     let mut snapshots = api.ctx.snapshots.clone();
     let mut current = snapshots.borrow_and_update().clone();
     let sync = pb::Event {
