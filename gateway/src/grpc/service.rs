@@ -326,7 +326,7 @@ impl AdminApi {
         });
         let level = main
             .as_ref()
-            .and_then(|m| shares.iter().find(|s| &s.cluster == m.as_str()))
+            .and_then(|m| shares.iter().find(|s| s.cluster == m.as_str()))
             .map_or(-1, |s| s.level);
         let unix = unix_now();
         Some(pb::ServiceInfo {
