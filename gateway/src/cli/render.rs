@@ -261,9 +261,11 @@ pub fn resolve(r: &pb::ResolveResponse) -> String {
             r.order.join(" → ")
         }
     ));
-    let rows: Vec<Vec<String>> = r
-        .verdicts
-        .iter()
+    // Candidates in their order, then the clusters that are out.
+    let mut sorted: Vec<&pb::ClusterVerdict> = r.verdicts.iter().collect();
+    sorted.sort_by_key(|v| (!v.candidate, v.rank));
+    let rows: Vec<Vec<String>> = sorted
+        .into_iter()
         .map(|v| {
             vec![
                 v.cluster.clone(),

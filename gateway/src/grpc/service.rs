@@ -273,6 +273,39 @@ pub fn verdicts(decision: &Decision, now: Instant, unix_now: i64) -> Vec<pb::Clu
         .collect()
 }
 
+/// The candidates in their most likely order, ranked again: each new connection draws its
+/// first choice by share, so the order of one draw (the explanation's ranks) would mislead.
+/// Plain candidates by level, then share (largest first); then clusters holding down; then
+/// last resorts. Returns the verdicts (in their input order) and that order.
+pub fn likely_order(
+    mut verdicts: Vec<pb::ClusterVerdict>,
+) -> (Vec<pb::ClusterVerdict>, Vec<String>) {
+    let class = |v: &pb::ClusterVerdict| match v.code.as_str() {
+        "candidate" => 0,
+        "hold_down" => 1,
+        _ => 2,
+    };
+    let mut ranked: Vec<usize> = (0..verdicts.len())
+        .filter(|&i| verdicts[i].candidate)
+        .collect();
+    ranked.sort_by(|&a, &b| {
+        let (a, b) = (&verdicts[a], &verdicts[b]);
+        class(a)
+            .cmp(&class(b))
+            .then(a.level.cmp(&b.level))
+            .then(b.share_ppm.cmp(&a.share_ppm))
+            .then(a.rank.cmp(&b.rank))
+    });
+    let order = ranked
+        .iter()
+        .map(|&i| verdicts[i].cluster.clone())
+        .collect();
+    for (rank, &i) in ranked.iter().enumerate() {
+        verdicts[i].rank = u32::try_from(rank).unwrap_or(u32::MAX);
+    }
+    (verdicts, order)
+}
+
 impl AdminApi {
     fn snapshot(&self) -> Arc<Snapshot> {
         self.ctx.snapshots.borrow().clone()
@@ -584,6 +617,7 @@ impl AdminService for AdminApi {
         let exports = self.ctx.exports.borrow().clone();
         let (now, unix) = (Instant::now(), unix_now());
         let decision = self.ctx.outbound.explain(&snapshot, &exports, &route);
+        let (verdicts, order) = likely_order(verdicts(&decision, now, unix));
         Ok(Response::new(pb::ResolveResponse {
             service: name.service.to_string(),
             port: u32::from(port),
@@ -592,9 +626,9 @@ impl AdminService for AdminApi {
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
             pinned_cluster: name.cluster.map(|c| c.to_string()).unwrap_or_default(),
-            order: decision.order.iter().map(ToString::to_string).collect(),
+            order,
             max_attempts: decision.max_attempts,
-            verdicts: verdicts(&decision, now, unix),
+            verdicts,
             policy_source: if snapshot.policy(&name.service).is_some() {
                 "catalog".into()
             } else {
