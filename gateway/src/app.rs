@@ -61,6 +61,8 @@ pub enum AppError {
     Dns(#[from] meshup_dns::DnsError),
     #[error("admin server")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("gRPC admin server")]
+    Grpc(#[from] crate::grpc::GrpcError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     /// The drain ran out of time: in-flight streams were cut, not finished. Reported so the
@@ -78,6 +80,8 @@ pub struct BoundAddrs {
     pub quic: SocketAddr,
     pub dns: SocketAddr,
     pub admin: SocketAddr,
+    /// The gRPC admin API, when `admin.grpc` is set.
+    pub grpc: Option<SocketAddr>,
 }
 
 /// A running gateway.
@@ -141,10 +145,15 @@ impl Gateway {
             dns_metrics,
         )?;
         let admin = AdminServer::bind(config.admin.http).await?;
+        let grpc = match config.admin.grpc {
+            Some(addr) => Some(crate::grpc::GrpcServer::bind(addr).await?),
+            None => None,
+        };
         let addrs = BoundAddrs {
             quic: endpoint.local_addr(),
             dns: dns.local_addr(),
             admin: admin.local_addr(),
+            grpc: grpc.as_ref().map(|g| g.local_addr()),
         };
         tracing::info!(
             %cluster, gateway = %gateway_id, quic = %addrs.quic, dns = %addrs.dns, admin = %addrs.admin,
@@ -275,6 +284,32 @@ impl Gateway {
             links,
             outbound: outbound.clone(),
         });
+        if let Some(grpc) = grpc {
+            tracing::info!(addr = %grpc.local_addr(), "gRPC admin API listening");
+            let context = Arc::new(crate::grpc::Context {
+                cluster: cluster.clone(),
+                gateway_id: gateway_id.clone(),
+                region: config.region.clone(),
+                zone: config.zone.clone(),
+                backend: source.backend.clone(),
+                dns_zone: config.dns.zone.clone(),
+                store: store.clone(),
+                layout: layout.clone(),
+                readiness: readiness.clone(),
+                snapshots: watcher.snapshots(),
+                watcher: watcher.status(),
+                exports: source.exports.clone(),
+                draining: draining.subscribe(),
+                links: source.links.clone(),
+                outbound: outbound.clone(),
+            });
+            let grpc_stop = shutdown.child_token();
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = grpc.run(context, grpc_stop).await {
+                    tracing::error!(error = %e, "gRPC admin server stopped");
+                }
+            }));
+        }
         let registry = Arc::new(registry);
         let admin_stop = shutdown.child_token();
         let admin_readiness = readiness.clone();

@@ -104,6 +104,14 @@ pub struct AdminConfig {
     /// operator says otherwise here.
     #[serde(default)]
     pub allow_non_loopback: bool,
+    /// The gRPC admin API (`meshup status`, `policy`, `drill`, ...; docs/admin-api.md).
+    /// Default: none. `127.0.0.1:15021` is what the CLI looks for first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<SocketAddr>,
+    /// The gRPC API can change policies and start drills, and has no authentication yet, so
+    /// a non-loopback `grpc` address needs its own opt-in, apart from the HTTP one.
+    #[serde(default)]
+    pub allow_non_loopback_grpc: bool,
 }
 
 fn default_admin_http() -> SocketAddr {
@@ -115,6 +123,8 @@ impl Default for AdminConfig {
         Self {
             http: DEFAULT_ADMIN_HTTP,
             allow_non_loopback: false,
+            grpc: None,
+            allow_non_loopback_grpc: false,
         }
     }
 }
@@ -249,6 +259,17 @@ impl Config {
                 format!(
                     "{} is not a loopback address; the admin API has no authentication, so bind it to 127.0.0.1 or set admin.allow_non_loopback: true",
                     self.admin.http
+                ),
+            ));
+        }
+        if let Some(grpc) = self.admin.grpc
+            && !grpc.ip().is_loopback()
+            && !self.admin.allow_non_loopback_grpc
+        {
+            return Err(invalid(
+                "admin.grpc",
+                format!(
+                    "{grpc} is not a loopback address; the gRPC admin API writes policies and drills and has no authentication yet, so bind it to 127.0.0.1 or set admin.allow_non_loopback_grpc: true"
                 ),
             ));
         }
@@ -390,6 +411,21 @@ exports:
         assert_eq!(c.gateway_id().as_str(), "east-0");
         assert_eq!(c.exports[0].key().to_string(), "pay.prod");
         assert_eq!(c.worker_threads, None);
+        assert_eq!(
+            c.admin.grpc, None,
+            "the gRPC admin API is off unless configured"
+        );
+        let grpc = Config::parse(&SAMPLE.replace(
+            "http: 127.0.0.1:15020",
+            "http: 127.0.0.1:15020\n  grpc: 10.0.0.1:15021\n  allow_non_loopback_grpc: true",
+        ))
+        .expect("parses");
+        grpc.validate()
+            .expect("a non-loopback gRPC address with its opt-in");
+        assert_eq!(
+            grpc.admin.grpc,
+            Some("10.0.0.1:15021".parse().expect("addr"))
+        );
         let one = Config::parse(&SAMPLE.replace("region: us-east-1", "worker_threads: 1"))
             .expect("parses");
         one.validate().expect("valid");
@@ -415,6 +451,16 @@ exports:
                 "http: 127.0.0.1:15020",
                 "http: 10.1.2.3:15020",
                 "admin.http",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc: 10.1.2.3:15021\n  allow_non_loopback: true",
+                "admin.grpc",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  gprc: 127.0.0.1:15021",
+                "gprc",
             ),
             (
                 "trust_domain: mesh.local",

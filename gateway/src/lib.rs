@@ -3,13 +3,16 @@
 //! One gateway process runs, per cluster: a QUIC endpoint ([`tunnel`]), outbound listeners on
 //! VIPs ([`outbound`]), an inbound stream server ([`inbound`]), the DNS server (meshup-dns), a
 //! catalog publisher and watcher (meshup-federation), endpoint probes ([`health`]) and the
-//! admin HTTP server ([`admin`]). [`app`] wires them together: bind, run, drain.
+//! admin HTTP server ([`admin`]) and the gRPC admin API ([`grpc`]); [`cli`] holds the
+//! `meshup` client commands that talk to that API. [`app`] wires them together: bind, run, drain.
 
 pub mod admin;
 pub mod app;
 pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod grpc;
 pub mod health;
 pub mod identity;
 pub mod inbound;

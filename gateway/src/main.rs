@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meshup_gateway::config::{Config, ProcessEnv};
 use meshup_gateway::identity::Identity;
-use meshup_gateway::{app, certs, demo};
+use meshup_gateway::{app, certs, cli as client, demo};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -38,6 +38,9 @@ enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Client commands: ask a running gateway's admin API (see `meshup status --help`).
+    #[command(flatten)]
+    Admin(client::AdminCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +79,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshup: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<client::CliError>() {
+                Some(c) => ExitCode::from(c.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -88,6 +94,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime(config.worker_threads)?.block_on(app::run_until_signal(config))?;
         }
         Command::Demo(opts) => runtime(None)?.block_on(demo::run(opts))?,
+        Command::Admin(command) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?
+            .block_on(client::run(command))?,
         Command::Certs(CertsCommand::Init { trust_domain, out }) => {
             certs::init_ca(&trust_domain, &out)?;
             println!(

@@ -16,6 +16,12 @@ const SOURCES: &[&str] = &[
     "policy/Cargo.toml",
     "gateway/src",
     "gateway/Cargo.toml",
+    "policy/src",
+    "policy/Cargo.toml",
+    "admin-api/src",
+    "admin-api/Cargo.toml",
+    "admin-api/build.rs",
+    "proto",
 ];
 
 /// The `meshup` binary next to the running test executable (`target/<profile>/meshup`),

@@ -159,6 +159,8 @@ fn config(
         admin: AdminConfig {
             http: any,
             allow_non_loopback: false,
+            grpc: None,
+            allow_non_loopback_grpc: false,
         },
         exports,
         worker_threads: None,

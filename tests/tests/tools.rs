@@ -228,6 +228,7 @@ fn rust_sources() -> Vec<PathBuf> {
         "bench",
         "fuzz",
         "policy",
+        "admin-api",
         "api",
         "test-support",
     ] {

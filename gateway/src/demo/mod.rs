@@ -183,6 +183,8 @@ async fn cluster_config(
         admin: AdminConfig {
             http: loopback0,
             allow_non_loopback: false,
+            grpc: None,
+            allow_non_loopback_grpc: false,
         },
         exports,
         worker_threads: None,

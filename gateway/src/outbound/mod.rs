@@ -154,6 +154,8 @@ pub struct PeerLink {
     pub mtu: u16,
     /// Packets declared lost on this connection so far.
     pub lost_packets: u64,
+    /// Packets sent on this connection so far (the base of a loss ratio).
+    pub sent_packets: u64,
     /// Times the path MTU fell back to the minimum after losses of large packets.
     pub black_holes: u64,
 }
@@ -291,6 +293,7 @@ impl Proxy {
                     rtt: conn.rtt(),
                     mtu: path.current_mtu,
                     lost_packets: path.lost_packets,
+                    sent_packets: path.sent_packets,
                     black_holes: path.black_holes_detected,
                     peer,
                 }

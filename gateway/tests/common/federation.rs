@@ -61,6 +61,8 @@ pub fn gateway_config(
         admin: AdminConfig {
             http: any,
             allow_non_loopback: false,
+            grpc: None,
+            allow_non_loopback_grpc: false,
         },
         exports,
         worker_threads: None,

@@ -1,0 +1,722 @@
+//! The `meshup` client commands: `status`, `services`, `resolve`, `policy`, `drill`,
+//! `events`. Each talks to a gateway's gRPC admin API (`--admin ADDR`, or `MESHUP_ADMIN`,
+//! default 127.0.0.1:15021), prints a table for people or `-o json|yaml` for scripts, and
+//! exits with a code a script can trust:
+//!
+//! | code | meaning |
+//! | --- | --- |
+//! | 0 | done |
+//! | 1 | anything else (an internal error of the gateway, a failed write of the output) |
+//! | 2 | bad input: a wrong argument, a policy file or record that is not valid |
+//! | 3 | the gateway cannot be reached, or did not answer in time |
+//! | 4 | not found: an unknown service, cluster, policy or drill |
+//! | 5 | conflict: a compare-and-set lost (someone changed the policy since you read it), a drill id in use |
+//!
+//! Every error message says what to do next.
+
+mod render;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
+use meshup_admin_api::pb::{self, DrillKind as PbDrillKind};
+use meshup_admin_api::policy_file::{self, PolicyFile};
+use meshup_admin_api::{CURRENT_REVISION_METADATA, DEFAULT_ADMIN_GRPC, MAX_MESSAGE_BYTES};
+use meshup_core::names::ServiceKey;
+use serde::Serialize;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// How long to wait for the connection to the admin API.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one call may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Exit codes (see the module docs).
+pub mod exit {
+    pub const OTHER: u8 = 1;
+    pub const BAD_INPUT: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const NOT_FOUND: u8 = 4;
+    pub const CONFLICT: u8 = 5;
+}
+
+/// A failed command: the message to print and the exit code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, CliError>;
+
+/// Where the admin API is and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// The gateway's gRPC admin address (`admin.grpc` in its config).
+    #[arg(long, env = "MESHUP_ADMIN", default_value_t = DEFAULT_ADMIN_GRPC.to_string())]
+    pub admin: String,
+    /// Output: a table for people, json or yaml for scripts.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// The client commands, flattened into `meshup`'s own.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// This gateway and the federation: clusters, gateways, links (RTT, loss), catalog.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Clusterset services: who exports them, healthy endpoints, VIP, where traffic goes now.
+    Services {
+        /// Only this service (`name.namespace`).
+        service: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Where a new connection to NAME goes now, and why for every cluster.
+    Resolve {
+        /// `pay.prod.svc.clusterset.local`, a cluster-pinned name, or `pay.prod`.
+        name: String,
+        /// The service port (default: its first).
+        #[arg(long)]
+        port: Option<u16>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Failover policies: get, validate, set, apply, delete.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Drills: drain, fail or pin a cluster for a while, with an audit trail.
+    #[command(subcommand)]
+    Drill(DrillCommand),
+    /// Catalog changes as they happen (services, exports, gateways, policies, drills,
+    /// failovers), until Ctrl-C.
+    Events {
+        /// First list the catalog as it is now.
+        #[arg(long)]
+        existing: bool,
+        /// Stop after this many events (the first is the sync event).
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print a service's policy as a file to edit (the default when none is stored).
+    Get {
+        /// `name.namespace`
+        service: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Check a policy file, here and against the gateway's catalog; writes nothing.
+    Validate {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// The service, if the file does not name it.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only check the file, without asking a gateway.
+        #[arg(long)]
+        offline: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a policy file if the stored policy is still at --revision (0: none stored).
+    Set {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        /// The revision `policy get` printed; 0 to create.
+        #[arg(long)]
+        revision: i64,
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Validate a policy file and write it over whatever is stored (refused if someone
+    /// writes it between the read and the write).
+    Apply {
+        #[arg(long, short = 'f')]
+        file: PathBuf,
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a service's policy: the default applies again.
+    Delete {
+        service: String,
+        /// Only if the stored policy is still at this revision.
+        #[arg(long)]
+        revision: Option<i64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// No new connections to the cluster; open ones finish.
+    Drain,
+    /// The cluster is treated as dead, as in a real outage.
+    Fail,
+    /// The service's traffic goes to this cluster only (needs --service).
+    Pin,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrillCommand {
+    /// Start a drill. It ends by itself after --for.
+    Start {
+        #[arg(long, value_enum)]
+        kind: Kind,
+        #[arg(long)]
+        cluster: String,
+        /// Only this service (`name.namespace`); default: every service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Why: goes into the audit trail.
+        #[arg(long)]
+        why: String,
+        /// Who starts it: goes into the audit trail (the loopback API cannot tell who calls).
+        #[arg(long, env = "MESHUP_WHO")]
+        who: String,
+        /// How long it lasts (mandatory, at most 7 days): 30m, 2h.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        /// The drill id (default: made from kind, cluster and time).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop a drill before its expiry; its audit entry records who stopped it.
+    Stop {
+        id: String,
+        #[arg(long, env = "MESHUP_WHO")]
+        who: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Drills in force, and how the ended ones ended.
+    List {
+        /// Leave out the ended drills.
+        #[arg(long)]
+        no_audit: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Runs one client command.
+pub async fn run(command: AdminCommand) -> Result<()> {
+    match command {
+        AdminCommand::Status { conn } => {
+            let r = connect(&conn)
+                .await?
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            print(&conn, &r, render::status)
+        }
+        AdminCommand::Services { service, conn } => {
+            let r = connect(&conn)
+                .await?
+                .list_services(pb::ListServicesRequest {
+                    service: service.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            print(&conn, &r, render::services)
+        }
+        AdminCommand::Resolve { name, port, conn } => {
+            let r = connect(&conn)
+                .await?
+                .resolve(pb::ResolveRequest {
+                    name,
+                    port: port.map_or(0, u32::from),
+                })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            print(&conn, &r, render::resolve)
+        }
+        AdminCommand::Policy(p) => policy(p).await,
+        AdminCommand::Drill(d) => drill(d).await,
+        AdminCommand::Events {
+            existing,
+            count,
+            conn,
+        } => events(&conn, existing, count).await,
+    }
+}
+
+async fn connect(conn: &Conn) -> Result<AdminServiceClient<Channel>> {
+    let uri = if conn.admin.contains("://") {
+        conn.admin.clone()
+    } else {
+        format!("http://{}", conn.admin)
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
+        CliError::new(
+            exit::BAD_INPUT,
+            format!(
+                "--admin {:?} is not an address: {e} (use HOST:PORT, e.g. 127.0.0.1:15021)",
+                conn.admin
+            ),
+        )
+    })?;
+    let channel = endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| unreachable(conn, &error_chain(&e)))?;
+    Ok(AdminServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn unreachable(conn: &Conn, detail: &str) -> CliError {
+    CliError::new(
+        exit::UNREACHABLE,
+        format!(
+            "cannot reach the admin API at {}: {detail}. Is the gateway running with `admin: {{grpc: {}}}` in its config? Point --admin (or MESHUP_ADMIN) at its admin.grpc address.",
+            conn.admin, conn.admin
+        ),
+    )
+}
+
+/// A gRPC error as a message and an exit code.
+fn status_error(conn: &Conn, s: Status) -> CliError {
+    let message = s.message().to_owned();
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => CliError::new(exit::BAD_INPUT, message),
+        Code::NotFound => CliError::new(exit::NOT_FOUND, message),
+        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => {
+            CliError::new(exit::CONFLICT, message)
+        }
+        Code::Unavailable if message.contains("catalog store") => CliError::new(
+            exit::UNREACHABLE,
+            format!("{message} (the gateway answers, its catalog store does not)"),
+        ),
+        Code::Unavailable | Code::Unknown
+            if message.contains("transport error") || message.contains("connect") =>
+        {
+            unreachable(conn, &message)
+        }
+        Code::Unavailable => unreachable(conn, &message),
+        Code::DeadlineExceeded | Code::Cancelled => CliError::new(
+            exit::UNREACHABLE,
+            format!(
+                "the gateway at {} did not answer within {}s; try again, or check its log",
+                conn.admin,
+                CALL_TIMEOUT.as_secs()
+            ),
+        ),
+        Code::ResourceExhausted => {
+            CliError::new(exit::OTHER, format!("{message}; try again later"))
+        }
+        Code::Unimplemented => CliError::new(
+            exit::OTHER,
+            format!(
+                "the server at {} does not serve this call of meshup.admin.v1 (another program, or an older meshup): {message}",
+                conn.admin
+            ),
+        ),
+        code => CliError::new(exit::OTHER, format!("{code:?}: {message}")),
+    }
+}
+
+/// Prints an answer: the table, or JSON / YAML.
+fn print<T: Serialize>(conn: &Conn, value: &T, table: fn(&T) -> String) -> Result<()> {
+    let text = match conn.output {
+        Output::Table => table(value),
+        Output::Json => serde_json::to_string_pretty(value)
+            .map(|s| s + "\n")
+            .map_err(other)?,
+        Output::Yaml => serde_norway::to_string(value).map_err(other)?,
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn other(e: impl std::fmt::Display) -> CliError {
+    CliError::new(exit::OTHER, e.to_string())
+}
+
+fn read_policy_file(file: &PathBuf, service: Option<&str>) -> Result<PolicyFile> {
+    let service = service
+        .map(|s| {
+            s.parse::<ServiceKey>()
+                .map_err(|e| CliError::new(exit::BAD_INPUT, format!("--service: {e}")))
+        })
+        .transpose()?;
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        CliError::new(
+            exit::BAD_INPUT,
+            format!("cannot read policy file {}: {e}", file.display()),
+        )
+    })?;
+    policy_file::parse(&text, service.as_ref()).map_err(|e| {
+        CliError::new(
+            exit::BAD_INPUT,
+            format!(
+                "{}: {e}\n(policy files: docs/admin-api.md; `meshup policy get SERVICE` prints one to start from)",
+                file.display()
+            ),
+        )
+    })
+}
+
+/// What `policy get -o json|yaml` prints: the record as a value, not a string.
+#[derive(Debug, Serialize)]
+struct PolicyView {
+    service: String,
+    found: bool,
+    revision: i64,
+    policy: serde_json::Value,
+}
+
+/// What the policy writes print for scripts.
+#[derive(Debug, Serialize)]
+struct WriteView {
+    service: String,
+    revision: i64,
+    previous_revision: i64,
+    changed: bool,
+    warnings: Vec<String>,
+}
+
+async fn policy(command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Get { service, conn } => {
+            let r = connect(&conn)
+                .await?
+                .get_policy(pb::GetPolicyRequest { service })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            let policy: serde_json::Value = serde_json::from_str(&r.policy_json)
+                .unwrap_or(serde_json::Value::String(r.policy_json.clone()));
+            let view = PolicyView {
+                service: r.service,
+                found: r.found,
+                revision: r.revision,
+                policy,
+            };
+            print(&conn, &view, render::policy)
+        }
+        PolicyCommand::Validate {
+            file,
+            service,
+            offline,
+            conn,
+        } => {
+            let f = read_policy_file(&file, service.as_deref())?;
+            let mut warnings = Vec::new();
+            if !offline {
+                let r = connect(&conn)
+                    .await?
+                    .validate_policy(pb::ValidatePolicyRequest {
+                        service: f.service.to_string(),
+                        policy_json: f.json(),
+                    })
+                    .await
+                    .map_err(|s| status_error(&conn, s))?
+                    .into_inner();
+                warnings = r.warnings;
+            }
+            let view = WriteView {
+                service: f.service.to_string(),
+                revision: 0,
+                previous_revision: 0,
+                changed: false,
+                warnings,
+            };
+            print(&conn, &view, |v| {
+                let mut out = format!("{}: the policy for {} is valid\n", "ok", v.service);
+                for w in &v.warnings {
+                    out.push_str(&format!("warning: {w}\n"));
+                }
+                out
+            })
+        }
+        PolicyCommand::Set {
+            file,
+            revision,
+            service,
+            conn,
+        } => {
+            let f = read_policy_file(&file, service.as_deref())?;
+            let r = connect(&conn)
+                .await?
+                .set_policy(pb::SetPolicyRequest {
+                    service: f.service.to_string(),
+                    policy_json: f.json(),
+                    revision,
+                })
+                .await
+                .map_err(|s| cas_error(&conn, s))?
+                .into_inner();
+            let view = WriteView {
+                service: f.service.to_string(),
+                revision: r.revision,
+                previous_revision: revision,
+                changed: true,
+                warnings: r.warnings,
+            };
+            print(&conn, &view, render::written)
+        }
+        PolicyCommand::Apply {
+            file,
+            service,
+            conn,
+        } => {
+            let f = read_policy_file(&file, service.as_deref())?;
+            let mut client = connect(&conn).await?;
+            let current = client
+                .get_policy(pb::GetPolicyRequest {
+                    service: f.service.to_string(),
+                })
+                .await;
+            let (revision, unchanged) = match current {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let same = r.found
+                        && meshup_core::policy::decode::<meshup_core::policy::PolicyRecord>(
+                            r.policy_json.as_bytes(),
+                        )
+                        .is_ok_and(|stored| stored == f.record);
+                    (r.revision, same)
+                }
+                // Not stored and not exported yet: create it (the gateway warns).
+                Err(s) if s.code() == Code::NotFound => (0, false),
+                Err(s) => return Err(status_error(&conn, s)),
+            };
+            if unchanged {
+                let view = WriteView {
+                    service: f.service.to_string(),
+                    revision,
+                    previous_revision: revision,
+                    changed: false,
+                    warnings: Vec::new(),
+                };
+                return print(&conn, &view, render::written);
+            }
+            let r = client
+                .set_policy(pb::SetPolicyRequest {
+                    service: f.service.to_string(),
+                    policy_json: f.json(),
+                    revision,
+                })
+                .await
+                .map_err(|s| cas_error(&conn, s))?
+                .into_inner();
+            let view = WriteView {
+                service: f.service.to_string(),
+                revision: r.revision,
+                previous_revision: revision,
+                changed: true,
+                warnings: r.warnings,
+            };
+            print(&conn, &view, render::written)
+        }
+        PolicyCommand::Delete {
+            service,
+            revision,
+            conn,
+        } => {
+            let r = connect(&conn)
+                .await?
+                .delete_policy(pb::DeletePolicyRequest {
+                    service: service.clone(),
+                    revision: revision.unwrap_or(0),
+                })
+                .await
+                .map_err(|s| cas_error(&conn, s))?
+                .into_inner();
+            let view = WriteView {
+                service,
+                revision: r.revision,
+                previous_revision: revision.unwrap_or(0),
+                changed: true,
+                warnings: Vec::new(),
+            };
+            print(&conn, &view, |v| {
+                format!(
+                    "deleted the policy for {} (catalog revision {}): the default applies again\n",
+                    v.service, v.revision
+                )
+            })
+        }
+    }
+}
+
+/// A lost compare-and-set says the current revision (from the trailer) and how to go on.
+fn cas_error(conn: &Conn, s: Status) -> CliError {
+    let current = s
+        .metadata()
+        .get(CURRENT_REVISION_METADATA)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let mut e = status_error(conn, s);
+    if e.code == exit::CONFLICT
+        && let Some(c) = current
+    {
+        e.message.push_str(&format!(
+            "\n(current revision: {c}; `meshup policy get` shows what is stored)"
+        ));
+    }
+    e
+}
+
+/// What `drill start` prints for scripts.
+#[derive(Debug, Serialize)]
+struct DrillsView {
+    drills: Vec<pb::Drill>,
+    audit: Vec<pb::DrillAudit>,
+    revision: i64,
+}
+
+async fn drill(command: DrillCommand) -> Result<()> {
+    match command {
+        DrillCommand::Start {
+            kind,
+            cluster,
+            service,
+            why,
+            who,
+            duration,
+            id,
+            conn,
+        } => {
+            let kind = match kind {
+                Kind::Drain => PbDrillKind::Drain,
+                Kind::Fail => PbDrillKind::Fail,
+                Kind::Pin => PbDrillKind::Pin,
+            };
+            let r = connect(&conn)
+                .await?
+                .start_drill(pb::StartDrillRequest {
+                    id: id.unwrap_or_default(),
+                    kind: kind as i32,
+                    cluster,
+                    service: service.unwrap_or_default(),
+                    who,
+                    why,
+                    duration_seconds: duration.as_secs(),
+                })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            let drill = r.drill.unwrap_or_default();
+            print(&conn, &drill, render::drill_started)
+        }
+        DrillCommand::Stop { id, who, conn } => {
+            let r = connect(&conn)
+                .await?
+                .stop_drill(pb::StopDrillRequest { id, who })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            let audit = r.audit.unwrap_or_default();
+            print(&conn, &audit, render::drill_stopped)
+        }
+        DrillCommand::List { no_audit, conn } => {
+            let r = connect(&conn)
+                .await?
+                .list_drills(pb::ListDrillsRequest {
+                    include_audit: !no_audit,
+                })
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            let view = DrillsView {
+                drills: r.drills,
+                audit: r.audit,
+                revision: r.revision,
+            };
+            print(&conn, &view, |v| render::drills(&v.drills, &v.audit))
+        }
+    }
+}
+
+async fn events(conn: &Conn, existing: bool, count: Option<usize>) -> Result<()> {
+    let mut client = connect(conn).await?;
+    let mut stream = client
+        .watch_events(pb::WatchEventsRequest {
+            include_existing: existing,
+        })
+        .await
+        .map_err(|s| status_error(conn, s))?
+        .into_inner();
+    let mut seen = 0;
+    while count.is_none_or(|n| seen < n) {
+        let event = tokio::select! {
+            m = stream.message() => m.map_err(|s| status_error(conn, s))?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(event) = event else {
+            return Err(CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "the gateway at {} ended the event stream (it is stopping?)",
+                    conn.admin
+                ),
+            ));
+        };
+        let line = match conn.output {
+            Output::Table => render::event(&event),
+            Output::Json => serde_json::to_string(&event).map_err(other)? + "\n",
+            Output::Yaml => format!("---\n{}", serde_norway::to_string(&event).map_err(other)?),
+        };
+        print!("{line}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        seen += 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! What `WatchEvents` sends: the difference between two catalog snapshots as events, and
+//! changes of where services' traffic mainly goes. Pure, table-tested; the stream task in
+//! `service.rs` only moves snapshots in and events out.
+
+use std::collections::BTreeMap;
+
+use meshup_admin_api::convert::drill_kind_to_pb;
+use meshup_admin_api::convert::drill_kind_word;
+use meshup_admin_api::pb::{Event, EventKind};
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::{ClusterName, ServiceKey};
+
+/// An event without its time.
+fn event(kind: EventKind, text: String) -> Event {
+    Event {
+        kind: kind as i32,
+        text,
+        ..Event::default()
+    }
+}
+
+/// Every change from `old` to `new`, in a stable order: gateways, services and their
+/// exports, policies, drills.
+pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
+    let mut out = Vec::new();
+    // Gateways.
+    let gateways = |s: &Snapshot| {
+        s.gateways()
+            .map(|g| ((g.cluster.clone(), g.gateway_id.clone()), g.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (before, after) = (gateways(old), gateways(new));
+    for ((cluster, id), g) in &after {
+        let mut e = match before.get(&(cluster.clone(), id.clone())) {
+            None => event(
+                EventKind::GatewayJoined,
+                format!("gateway {id} of cluster {cluster} joined"),
+            ),
+            Some(was) if !was.draining && g.draining => event(
+                EventKind::GatewayDraining,
+                format!("gateway {id} of cluster {cluster} is draining"),
+            ),
+            _ => continue,
+        };
+        e.cluster = cluster.to_string();
+        e.gateway = id.to_string();
+        out.push(e);
+    }
+    for (cluster, id) in before.keys().filter(|k| !after.contains_key(k)) {
+        let mut e = event(
+            EventKind::GatewayLeft,
+            format!("gateway {id} of cluster {cluster} left"),
+        );
+        e.cluster = cluster.to_string();
+        e.gateway = id.to_string();
+        out.push(e);
+    }
+    // Services and their exports.
+    let (before, after) = (old.service_map(), new.service_map());
+    for (key, svc) in after {
+        match before.get(key) {
+            None => {
+                let clusters: Vec<String> = svc.clusters.keys().map(ToString::to_string).collect();
+                let mut e = event(
+                    EventKind::ServiceAdded,
+                    format!("service {key} added, exported by {}", clusters.join(", ")),
+                );
+                e.service = key.to_string();
+                out.push(e);
+            }
+            Some(was) if !std::sync::Arc::ptr_eq(was, svc) => {
+                for (cluster, export) in &svc.clusters {
+                    let text = match was.clusters.get(cluster) {
+                        None => format!(
+                            "{cluster} now exports {key} ({}/{} endpoints healthy)",
+                            export.endpoints_healthy, export.endpoints_total
+                        ),
+                        Some(prev)
+                            if (prev.endpoints_healthy, prev.endpoints_total)
+                                != (export.endpoints_healthy, export.endpoints_total) =>
+                        {
+                            format!(
+                                "{key} in {cluster}: {}/{} endpoints healthy (was {}/{})",
+                                export.endpoints_healthy,
+                                export.endpoints_total,
+                                prev.endpoints_healthy,
+                                prev.endpoints_total
+                            )
+                        }
+                        Some(_) => continue,
+                    };
+                    out.push(export_event(key, cluster, text));
+                }
+                for cluster in was
+                    .clusters
+                    .keys()
+                    .filter(|c| !svc.clusters.contains_key(*c))
+                {
+                    out.push(export_event(
+                        key,
+                        cluster,
+                        format!("{cluster} no longer exports {key}"),
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for key in before.keys().filter(|k| !after.contains_key(*k)) {
+        let mut e = event(
+            EventKind::ServiceRemoved,
+            format!("service {key} removed: no cluster exports it"),
+        );
+        e.service = key.to_string();
+        out.push(e);
+    }
+    // Policies.
+    let (before, after) = (
+        old.policies().collect::<BTreeMap<_, _>>(),
+        new.policies().collect::<BTreeMap<_, _>>(),
+    );
+    for (key, policy) in &after {
+        let text = match before.get(key) {
+            None => format!("policy for {key} set"),
+            Some(was) if was != policy => format!("policy for {key} changed"),
+            Some(_) => continue,
+        };
+        let mut e = event(EventKind::PolicySet, text);
+        e.service = key.to_string();
+        out.push(e);
+    }
+    for key in before.keys().filter(|k| !after.contains_key(*k)) {
+        let mut e = event(
+            EventKind::PolicyDeleted,
+            format!("policy for {key} deleted: the default applies"),
+        );
+        e.service = key.to_string();
+        out.push(e);
+    }
+    // Drills.
+    let (before, after) = (
+        old.drills().collect::<BTreeMap<_, _>>(),
+        new.drills().collect::<BTreeMap<_, _>>(),
+    );
+    for (id, d) in &after {
+        if before.contains_key(id) {
+            continue;
+        }
+        let scope = d
+            .service
+            .as_ref()
+            .map_or("every service".to_owned(), ToString::to_string);
+        let mut e = event(
+            EventKind::DrillStarted,
+            format!(
+                "drill {id} started by {}: {} {} ({scope}) until {}, because {}",
+                d.who,
+                drill_kind_word(drill_kind_to_pb(d.kind) as i32),
+                d.cluster,
+                unix_text(d.expires),
+                d.why
+            ),
+        );
+        e.drill = id.to_string();
+        e.cluster = d.cluster.to_string();
+        e.service = d
+            .service
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        out.push(e);
+    }
+    for (id, d) in before.iter().filter(|(k, _)| !after.contains_key(*k)) {
+        let mut e = event(
+            EventKind::DrillEnded,
+            format!(
+                "drill {id} ended ({} {})",
+                drill_kind_word(drill_kind_to_pb(d.kind) as i32),
+                d.cluster
+            ),
+        );
+        e.drill = id.to_string();
+        e.cluster = d.cluster.to_string();
+        out.push(e);
+    }
+    out
+}
+
+fn export_event(key: &ServiceKey, cluster: &ClusterName, text: String) -> Event {
+    let mut e = event(EventKind::ExportChanged, text);
+    e.service = key.to_string();
+    e.cluster = cluster.to_string();
+    e
+}
+
+/// Changes of the main target (where most new connections go) between two maps of
+/// service → target (`None`: nowhere).
+pub fn target_changes(
+    old: &BTreeMap<ServiceKey, Option<ClusterName>>,
+    new: &BTreeMap<ServiceKey, Option<ClusterName>>,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    for (key, target) in new {
+        let Some(was) = old.get(key) else {
+            continue; // a new service: its added event says enough
+        };
+        if was == target {
+            continue;
+        }
+        let name =
+            |c: &Option<ClusterName>| c.as_ref().map_or("nowhere".to_owned(), ToString::to_string);
+        let mut e = event(
+            EventKind::TargetChanged,
+            format!(
+                "{key}: new connections now go mainly to {} (was {})",
+                name(target),
+                name(was)
+            ),
+        );
+        e.service = key.to_string();
+        e.cluster = target.as_ref().map(ToString::to_string).unwrap_or_default();
+        out.push(e);
+    }
+    out
+}
+
+/// Unix seconds as RFC 3339 (UTC), for texts.
+pub fn unix_text(secs: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use meshup_core::catalog::{Change, ExportKey};
+    use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
+    use meshup_core::names::{DrillId, GatewayId};
+    use meshup_core::policy::{DrillKind, DrillRecord, PolicyRecord};
+
+    use super::*;
+
+    fn c(s: &str) -> ClusterName {
+        ClusterName::new(s).expect("cluster")
+    }
+
+    fn gateway(cluster: &str, draining: bool) -> Change {
+        Change::PutGateway(Arc::new(GatewayRecord {
+            schema: SCHEMA_VERSION,
+            cluster: c(cluster),
+            gateway_id: GatewayId::new(&format!("{cluster}-0")).expect("id"),
+            region: String::new(),
+            zone: String::new(),
+            quic_addrs: vec!["127.0.0.1:1".parse().expect("addr")],
+            spiffe_id: String::new(),
+            draining,
+        }))
+    }
+
+    fn export(cluster: &str, healthy: u32) -> Change {
+        Change::PutExport(
+            ExportKey {
+                cluster: c(cluster),
+                gateway: GatewayId::new(&format!("{cluster}-0")).expect("id"),
+                service: "pay.prod".parse().expect("key"),
+            },
+            Arc::new(ExportRecord {
+                schema: SCHEMA_VERSION,
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: Protocol::Tcp,
+                }],
+                endpoints_total: 2,
+                endpoints_healthy: healthy,
+                allowed_callers: vec![],
+                labels: Default::default(),
+            }),
+        )
+    }
+
+    fn kinds(events: &[Event]) -> Vec<(EventKind, String)> {
+        events
+            .iter()
+            .map(|e| (EventKind::try_from(e.kind).expect("kind"), e.text.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_changes_become_events() {
+        let mut a = Snapshot::new();
+        for ch in [
+            gateway("east", false),
+            gateway("west", false),
+            export("west", 2),
+        ] {
+            a.apply(ch);
+        }
+        let mut b = a.clone();
+        b.apply(gateway("west", true));
+        b.apply(export("east", 2));
+        b.apply(export("west", 1));
+        b.apply(Change::PutPolicy(
+            "pay.prod".parse().expect("key"),
+            Arc::new(PolicyRecord::default()),
+        ));
+        let drill = DrillId::new("fail-west").expect("id");
+        b.apply(Change::PutDrill(
+            drill.clone(),
+            Arc::new(DrillRecord {
+                schema: 1,
+                schema_minor: 0,
+                kind: DrillKind::Fail,
+                cluster: c("west"),
+                service: None,
+                who: "ana".into(),
+                why: "game day".into(),
+                created: 0,
+                expires: 3600,
+            }),
+        ));
+        let got = kinds(&diff(&a, &b));
+        assert_eq!(
+            got,
+            vec![
+                (
+                    EventKind::GatewayDraining,
+                    "gateway west-0 of cluster west is draining".into()
+                ),
+                (
+                    EventKind::ExportChanged,
+                    "east now exports pay.prod (2/2 endpoints healthy)".into()
+                ),
+                (
+                    EventKind::ExportChanged,
+                    "pay.prod in west: 1/2 endpoints healthy (was 2/2)".into()
+                ),
+                (EventKind::PolicySet, "policy for pay.prod set".into()),
+                (
+                    EventKind::DrillStarted,
+                    "drill fail-west started by ana: fail west (every service) until 1970-01-01T01:00:00Z, because game day".into()
+                ),
+            ]
+        );
+        // And back: everything added is removed again.
+        let got = kinds(&diff(&b, &a));
+        assert!(got.contains(&(
+            EventKind::ExportChanged,
+            "east no longer exports pay.prod".into()
+        )));
+        assert!(got.contains(&(
+            EventKind::PolicyDeleted,
+            "policy for pay.prod deleted: the default applies".into()
+        )));
+        assert!(got.contains(&(
+            EventKind::DrillEnded,
+            "drill fail-west ended (fail west)".into()
+        )));
+        let got = kinds(&diff(&Snapshot::new(), &a));
+        assert!(got.contains(&(
+            EventKind::ServiceAdded,
+            "service pay.prod added, exported by west".into()
+        )));
+        assert!(got.contains(&(
+            EventKind::GatewayJoined,
+            "gateway east-0 of cluster east joined".into()
+        )));
+        let got = kinds(&diff(&a, &Snapshot::new()));
+        assert!(got.contains(&(
+            EventKind::ServiceRemoved,
+            "service pay.prod removed: no cluster exports it".into()
+        )));
+        assert!(diff(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn target_changes_name_old_and_new() {
+        let pay: ServiceKey = "pay.prod".parse().expect("key");
+        let old = BTreeMap::from([(pay.clone(), Some(c("west")))]);
+        let new = BTreeMap::from([(pay.clone(), Some(c("north")))]);
+        let got = kinds(&target_changes(&old, &new));
+        assert_eq!(
+            got,
+            vec![(
+                EventKind::TargetChanged,
+                "pay.prod: new connections now go mainly to north (was west)".into()
+            )]
+        );
+        let gone = BTreeMap::from([(pay, None)]);
+        assert!(target_changes(&new, &gone)[0].text.contains("to nowhere"));
+        assert!(target_changes(&new, &new).is_empty());
+    }
+}

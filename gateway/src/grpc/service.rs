@@ -1,0 +1,1117 @@
+//! `meshup.admin.v1.AdminService`: every method reads the gateway's live state (catalog
+//! snapshot, local exports, links, the decision's health) or writes the catalog store with a
+//! compare-and-set transaction. Errors carry the standard codes and say what to do.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use meshup_admin_api::convert::{audit_to_pb, drill_kind_from_pb, drill_to_pb, record_error_field};
+use meshup_admin_api::names::{parse_resolve_name, parse_service};
+use meshup_admin_api::pb::admin_service_server::AdminService;
+use meshup_admin_api::pb::{self, EventKind, LinkState};
+use meshup_admin_api::policy_file::record_json;
+use meshup_admin_api::{CURRENT_REVISION_METADATA, MAX_DRILL_DURATION};
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::{ClusterName, DrillId, GatewayId, ServiceKey};
+use meshup_core::policy::{self, DrillEnd, DrillRecord, PolicyRecord, RecordError};
+use meshup_federation::drills::{self, DrillError, Ended};
+use meshup_federation::keys::KeyLayout;
+use meshup_federation::store::{self, Compare, Store, StoreError, Txn, TxnOp};
+use meshup_federation::watcher::WatcherStatus;
+use meshup_policy::{Decision, Excluded, PeerSignal, Verdict, decide::Note};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tonic::{Code, Request, Response, Status};
+
+use super::{MAX_WATCHERS, events};
+use crate::inbound::LocalExports;
+use crate::outbound::{self, PeerLink, route::Route, steer::unix_now};
+use crate::readiness::Readiness;
+
+/// What the API reads and writes: the gateway's live channels and its catalog store.
+#[derive(Debug)]
+pub struct Context {
+    pub cluster: ClusterName,
+    pub gateway_id: GatewayId,
+    pub region: String,
+    pub zone: String,
+    /// "etcd" or "embedded".
+    pub backend: String,
+    /// The DNS zone (`clusterset.local`), for `Resolve`.
+    pub dns_zone: String,
+    pub store: Arc<dyn Store>,
+    pub layout: KeyLayout,
+    pub readiness: Readiness,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub watcher: watch::Receiver<WatcherStatus>,
+    pub exports: watch::Receiver<Arc<LocalExports>>,
+    pub draining: watch::Receiver<bool>,
+    pub links: watch::Receiver<Arc<Vec<PeerLink>>>,
+    pub outbound: outbound::Proxy,
+}
+
+/// The service implementation.
+#[derive(Debug, Clone)]
+pub struct AdminApi {
+    ctx: Arc<Context>,
+    watchers: Arc<Semaphore>,
+}
+
+impl AdminApi {
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            watchers: Arc::new(Semaphore::new(MAX_WATCHERS)),
+        }
+    }
+}
+
+/// Most services whose main target a watch follows for TARGET_CHANGED events (each costs one
+/// decision per catalog change and per second).
+pub const MAX_TARGET_WATCHED_SERVICES: usize = 1000;
+/// How often a watch looks for main-target changes without a catalog change (health moves).
+pub const TARGET_POLL: Duration = Duration::from_secs(1);
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+fn store_status(e: &StoreError) -> Status {
+    let code = if e.is_retryable() {
+        Code::Unavailable
+    } else {
+        Code::FailedPrecondition
+    };
+    Status::new(code, format!("catalog store: {e}"))
+}
+
+/// A lost compare-and-set: FAILED_PRECONDITION, with the current revision in the message
+/// and the trailer.
+fn conflict(message: String, current: i64) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    if let Ok(v) = current.to_string().parse() {
+        metadata.insert(CURRENT_REVISION_METADATA, v);
+    }
+    Status::with_metadata(Code::FailedPrecondition, message, metadata)
+}
+
+fn service_arg(text: &str) -> Result<ServiceKey, Status> {
+    if text.trim().is_empty() {
+        return Err(invalid(
+            "service",
+            "missing: name it as <name>.<namespace> (pay.prod)",
+        ));
+    }
+    parse_service(text).map_err(|e| invalid("service", e))
+}
+
+fn unknown_service(snapshot: &Snapshot, key: &ServiceKey) -> Status {
+    Status::not_found(format!(
+        "no service {key} in the catalog (revision {}, {} services); `meshup services` lists them",
+        snapshot.revision,
+        snapshot.service_count()
+    ))
+}
+
+/// A policy's JSON, decoded and validated; INVALID_ARGUMENT naming the field otherwise.
+fn policy_arg(json: &str) -> Result<PolicyRecord, Status> {
+    if json.trim().is_empty() {
+        return Err(invalid(
+            "policy_json",
+            "missing: the PolicyRecord as JSON (docs/policy.md)",
+        ));
+    }
+    let bad = |e: RecordError| match record_error_field(&e) {
+        Some(field) => invalid(&format!("policy_json.{field}"), e),
+        None => invalid("policy_json", e),
+    };
+    let record: PolicyRecord = policy::decode(json.as_bytes()).map_err(bad)?;
+    record.validate().map_err(bad)?;
+    Ok(record)
+}
+
+/// What is legal in a policy but probably not meant.
+fn policy_warnings(snapshot: &Snapshot, key: &ServiceKey, record: &PolicyRecord) -> Vec<String> {
+    let mut out = Vec::new();
+    let view = snapshot.service(key);
+    if view.is_none() {
+        out.push(format!(
+            "no cluster exports {key} yet: the policy applies once one does"
+        ));
+    }
+    let known: Vec<&ClusterName> = snapshot.clusters().collect();
+    for cluster in policy::named_clusters(record) {
+        if !known.contains(&&cluster) {
+            out.push(format!(
+                "cluster {cluster} is not in the catalog (known: {}): a typo gets no traffic",
+                join(known.iter())
+            ));
+        } else if let Some(v) = view
+            && !v.clusters.contains_key(&cluster)
+        {
+            out.push(format!("cluster {cluster} does not export {key} (yet)"));
+        }
+    }
+    out
+}
+
+fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let v: Vec<String> = items.map(|i| i.to_string()).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Unix seconds of a monotonic instant (for "until when").
+fn unix_of(at: Instant, now: Instant, unix_now: i64) -> i64 {
+    if at >= now {
+        unix_now + i64::try_from((at - now).as_secs()).unwrap_or(i64::MAX / 2) + 1
+    } else {
+        unix_now - i64::try_from((now - at).as_secs()).unwrap_or(0)
+    }
+}
+
+/// Every cluster's verdict as a message: a fixed code, the reason in words, until when.
+pub fn verdicts(decision: &Decision, now: Instant, unix_now: i64) -> Vec<pb::ClusterVerdict> {
+    decision
+        .explanations
+        .iter()
+        .map(|e| {
+            let mut v = pb::ClusterVerdict {
+                cluster: e.cluster.to_string(),
+                ..Default::default()
+            };
+            match &e.verdict {
+                Verdict::Candidate {
+                    rank,
+                    level,
+                    share_ppm,
+                    weight,
+                    note,
+                } => {
+                    v.candidate = true;
+                    v.rank = u32::try_from(*rank).unwrap_or(u32::MAX);
+                    v.level = i32::try_from(*level).unwrap_or(i32::MAX);
+                    v.share_ppm = *share_ppm;
+                    v.weight = *weight;
+                    let base = format!(
+                        "level {level}, weight {weight}, {:.1}% of new connections",
+                        *share_ppm as f64 / 10_000.0
+                    );
+                    match note {
+                        None => {
+                            v.code = "candidate".into();
+                            v.reason = base;
+                        }
+                        Some(Note::HoldDown { until }) => {
+                            v.code = "hold_down".into();
+                            v.reason =
+                                "recovered, holding down: tried after every other candidate".into();
+                            v.until = unix_of(*until, now, unix_now);
+                        }
+                        Some(Note::LastResort { ejected_until }) => {
+                            v.code = "last_resort".into();
+                            v.reason =
+                                "ejected by outlier detection, tried as nothing else is left"
+                                    .into();
+                            v.until = unix_of(*ejected_until, now, unix_now);
+                        }
+                    }
+                }
+                Verdict::Excluded(x) => {
+                    v.level = -1;
+                    let (code, reason, until) = match x {
+                        Excluded::PinnedElsewhere { to, who } => (
+                            "pinned_elsewhere",
+                            format!("a pin drill of {who} sends the traffic to {to}"),
+                            0,
+                        ),
+                        Excluded::FailedByDrill { who, why, expires } => (
+                            "failed_by_drill",
+                            format!("failed by a drill of {who}: {why}"),
+                            *expires,
+                        ),
+                        Excluded::DrainedByDrill { who, why, expires } => (
+                            "drained_by_drill",
+                            format!("drained by a drill of {who}: {why}"),
+                            *expires,
+                        ),
+                        Excluded::ForbidsUs => ("forbids_us", x.to_string(), 0),
+                        Excluded::LocalOnly => ("local_only", x.to_string(), 0),
+                        Excluded::NotInPolicy => ("not_in_policy", x.to_string(), 0),
+                        Excluded::NoHealthyEndpoints => ("no_healthy_endpoints", x.to_string(), 0),
+                        Excluded::BelowHealthyMinimum { .. } => {
+                            ("below_healthy_minimum", x.to_string(), 0)
+                        }
+                        Excluded::NoGateway => ("no_gateway", x.to_string(), 0),
+                        Excluded::PeerDown { since } => (
+                            "peer_down",
+                            format!(
+                                "{} (for {}s)",
+                                x,
+                                now.saturating_duration_since(*since).as_secs()
+                            ),
+                            0,
+                        ),
+                        Excluded::CircuitOpen { .. } => ("circuit_open", x.to_string(), 0),
+                        Excluded::Ejected { until } => {
+                            ("ejected", x.to_string(), unix_of(*until, now, unix_now))
+                        }
+                    };
+                    v.code = code.into();
+                    v.reason = reason;
+                    v.until = until;
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// The candidates in their most likely order, ranked again: each new connection draws its
+/// first choice by share, so the order of one draw (the explanation's ranks) would mislead.
+/// Plain candidates by level, then share (largest first); then clusters holding down; then
+/// last resorts. Returns the verdicts (in their input order) and that order.
+pub fn likely_order(
+    mut verdicts: Vec<pb::ClusterVerdict>,
+) -> (Vec<pb::ClusterVerdict>, Vec<String>) {
+    let class = |v: &pb::ClusterVerdict| match v.code.as_str() {
+        "candidate" => 0,
+        "hold_down" => 1,
+        _ => 2,
+    };
+    let mut ranked: Vec<usize> = (0..verdicts.len())
+        .filter(|&i| verdicts[i].candidate)
+        .collect();
+    ranked.sort_by(|&a, &b| {
+        let (a, b) = (&verdicts[a], &verdicts[b]);
+        class(a)
+            .cmp(&class(b))
+            .then(a.level.cmp(&b.level))
+            .then(b.share_ppm.cmp(&a.share_ppm))
+            .then(a.rank.cmp(&b.rank))
+    });
+    let order = ranked
+        .iter()
+        .map(|&i| verdicts[i].cluster.clone())
+        .collect();
+    for (rank, &i) in ranked.iter().enumerate() {
+        verdicts[i].rank = u32::try_from(rank).unwrap_or(u32::MAX);
+    }
+    (verdicts, order)
+}
+
+impl AdminApi {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.ctx.snapshots.borrow().clone()
+    }
+
+    /// The decision for the service's first TCP port (what its VIP serves), as the status
+    /// page shows it.
+    fn service_decision(
+        &self,
+        snapshot: &Snapshot,
+        exports: &LocalExports,
+        key: &ServiceKey,
+    ) -> Option<Decision> {
+        let svc = snapshot.service(key)?;
+        let port = svc.ports.first()?;
+        let route = Route {
+            service: key.clone(),
+            port: port.port,
+            target: None,
+        };
+        Some(self.ctx.outbound.explain(snapshot, exports, &route))
+    }
+
+    fn service_info(
+        &self,
+        snapshot: &Snapshot,
+        exports: &LocalExports,
+        key: &ServiceKey,
+    ) -> Option<pb::ServiceInfo> {
+        let svc = snapshot.service(key)?;
+        let decision = self.service_decision(snapshot, exports, key);
+        let main = decision.as_ref().and_then(|d| d.main_target().cloned());
+        let mut shares: Vec<pb::Share> = decision
+            .iter()
+            .flat_map(|d| d.explanations.iter())
+            .filter_map(|e| match e.verdict {
+                Verdict::Candidate {
+                    share_ppm, level, ..
+                } if share_ppm > 0 => Some(pb::Share {
+                    cluster: e.cluster.to_string(),
+                    share_ppm,
+                    level: i32::try_from(level).unwrap_or(i32::MAX),
+                }),
+                _ => None,
+            })
+            .collect();
+        shares.sort_by(|a, b| {
+            b.share_ppm
+                .cmp(&a.share_ppm)
+                .then(a.cluster.cmp(&b.cluster))
+        });
+        let level = main
+            .as_ref()
+            .and_then(|m| shares.iter().find(|s| s.cluster == m.as_str()))
+            .map_or(-1, |s| s.level);
+        let unix = unix_now();
+        Some(pb::ServiceInfo {
+            service: key.to_string(),
+            vip: snapshot
+                .vip(&self.ctx.cluster, key, None)
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| pb::Port {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    protocol: p.protocol.as_str().into(),
+                })
+                .collect(),
+            clusters: svc
+                .clusters
+                .iter()
+                .map(|(c, e)| pb::ClusterEndpoints {
+                    cluster: c.to_string(),
+                    healthy: e.endpoints_healthy,
+                    total: e.endpoints_total,
+                })
+                .collect(),
+            main_target: main.map(|c| c.to_string()).unwrap_or_default(),
+            failover_level: level,
+            shares,
+            has_policy: snapshot.policy(key).is_some(),
+            drills: snapshot
+                .drills()
+                .filter(|(_, d)| {
+                    d.active(unix) && d.covers(key) && svc.clusters.contains_key(&d.cluster)
+                })
+                .map(|(id, _)| id.to_string())
+                .collect(),
+        })
+    }
+
+    fn main_targets(&self, snapshot: &Snapshot) -> BTreeMap<ServiceKey, Option<ClusterName>> {
+        let exports = self.ctx.exports.borrow().clone();
+        snapshot
+            .services()
+            .take(MAX_TARGET_WATCHED_SERVICES)
+            .map(|svc| {
+                let target = self
+                    .service_decision(snapshot, &exports, &svc.key)
+                    .and_then(|d| d.main_target().cloned());
+                (svc.key.clone(), target)
+            })
+            .collect()
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let ctx = &self.ctx;
+        let snapshot = self.snapshot();
+        let watcher = ctx.watcher.borrow().clone();
+        let links = ctx.links.borrow().clone();
+        let peers: BTreeMap<ClusterName, Option<PeerSignal>> = {
+            let st = ctx.outbound.steering().lock();
+            snapshot
+                .clusters()
+                .map(|c| (c.clone(), st.health.peer(c)))
+                .collect()
+        };
+        let mut clusters: Vec<pb::ClusterInfo> = snapshot
+            .clusters()
+            .map(|c| {
+                let local = c == &ctx.cluster;
+                let first = snapshot.gateways_of(c).next();
+                let (link, rtt) = if local {
+                    (LinkState::Local, None)
+                } else {
+                    match peers.get(c).copied().flatten() {
+                        Some(PeerSignal::Up { rtt }) => {
+                            (LinkState::Up, Some(rtt.as_secs_f64() * 1000.0))
+                        }
+                        Some(PeerSignal::Down { .. }) => (LinkState::Down, None),
+                        None => (LinkState::Unknown, None),
+                    }
+                };
+                let gateways: Vec<pb::GatewayLink> = snapshot
+                    .gateways_of(c)
+                    .map(|g| {
+                        let link = links.iter().find(|l| {
+                            l.peer.cluster == g.cluster && g.quic_addrs.contains(&l.peer.addr)
+                        });
+                        pb::GatewayLink {
+                            id: g.gateway_id.to_string(),
+                            addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
+                            draining: g.draining,
+                            connected: link.is_some(),
+                            rtt_ms: link.map(|l| l.rtt.as_secs_f64() * 1000.0),
+                            lost_packets: link.map_or(0, |l| l.lost_packets),
+                            sent_packets: link.map_or(0, |l| l.sent_packets),
+                            loss_ratio: link
+                                .filter(|l| l.sent_packets > 0)
+                                .map_or(0.0, |l| l.lost_packets as f64 / l.sent_packets as f64),
+                            mtu: link.map_or(0, |l| u32::from(l.mtu)),
+                        }
+                    })
+                    .collect();
+                // A cluster never measured through the decision but with an open connection.
+                let rtt = rtt.or_else(|| gateways.iter().filter_map(|g| g.rtt_ms).reduce(f64::min));
+                pb::ClusterInfo {
+                    name: c.to_string(),
+                    local,
+                    region: first.map(|g| g.region.clone()).unwrap_or_default(),
+                    zone: first.map(|g| g.zone.clone()).unwrap_or_default(),
+                    link: link as i32,
+                    rtt_ms: rtt,
+                    gateways,
+                }
+            })
+            .collect();
+        if !clusters.iter().any(|c| c.local) {
+            clusters.push(pb::ClusterInfo {
+                name: ctx.cluster.to_string(),
+                local: true,
+                region: ctx.region.clone(),
+                zone: ctx.zone.clone(),
+                link: LinkState::Local as i32,
+                ..Default::default()
+            });
+            clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        let unix = unix_now();
+        Ok(Response::new(pb::GetStatusResponse {
+            gateway: Some(pb::GatewayInfo {
+                cluster: ctx.cluster.to_string(),
+                gateway_id: ctx.gateway_id.to_string(),
+                region: ctx.region.clone(),
+                zone: ctx.zone.clone(),
+                ready: ctx.readiness.is_ready(),
+                pending: ctx
+                    .readiness
+                    .pending()
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                draining: *ctx.draining.borrow(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                connections_in_flight: ctx.outbound.in_flight() as u64,
+                dns_zone: ctx.dns_zone.clone(),
+            }),
+            catalog: Some(pb::CatalogInfo {
+                backend: ctx.backend.clone(),
+                revision: snapshot.revision,
+                synced: watcher.synced,
+                connected: watcher.connected,
+                stale_seconds: if watcher.connected {
+                    0.0
+                } else {
+                    watcher.staleness().map_or(0.0, |d| d.as_secs_f64())
+                },
+                services: snapshot.service_count() as u64,
+                exports: snapshot.export_count() as u64,
+                policies: snapshot.policies().count() as u64,
+                drills: snapshot.drills().filter(|(_, d)| d.active(unix)).count() as u64,
+            }),
+            clusters,
+        }))
+    }
+
+    async fn list_services(
+        &self,
+        request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let req = request.into_inner();
+        let snapshot = self.snapshot();
+        let exports = self.ctx.exports.borrow().clone();
+        let services = if req.service.trim().is_empty() {
+            snapshot
+                .services()
+                .filter_map(|s| self.service_info(&snapshot, &exports, &s.key))
+                .collect()
+        } else {
+            let key = service_arg(&req.service)?;
+            vec![
+                self.service_info(&snapshot, &exports, &key)
+                    .ok_or_else(|| unknown_service(&snapshot, &key))?,
+            ]
+        };
+        Ok(Response::new(pb::ListServicesResponse {
+            services,
+            revision: snapshot.revision,
+        }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.trim().is_empty() {
+            return Err(invalid(
+                "name",
+                format!(
+                    "missing: a DNS name (pay.prod.svc.{}) or a service (pay.prod)",
+                    self.ctx.dns_zone
+                ),
+            ));
+        }
+        let name =
+            parse_resolve_name(&req.name, &self.ctx.dns_zone).map_err(|e| invalid("name", e))?;
+        let snapshot = self.snapshot();
+        let svc = snapshot
+            .service(&name.service)
+            .ok_or_else(|| unknown_service(&snapshot, &name.service))?;
+        let port = if req.port == 0 {
+            svc.ports.first().map(|p| p.port).ok_or_else(|| {
+                Status::failed_precondition(format!("{} has no port", name.service))
+            })?
+        } else {
+            let wanted = u16::try_from(req.port).ok();
+            svc.ports
+                .iter()
+                .find(|p| Some(p.port) == wanted)
+                .map(|p| p.port)
+                .ok_or_else(|| {
+                    invalid(
+                        "port",
+                        format!(
+                            "{} is not a port of {} (ports: {})",
+                            req.port,
+                            name.service,
+                            join(svc.ports.iter().map(|p| format!("{} ({})", p.port, p.name)))
+                        ),
+                    )
+                })?
+        };
+        if let Some(c) = &name.cluster
+            && !svc.clusters.contains_key(c)
+        {
+            return Err(Status::not_found(format!(
+                "cluster {c} does not export {} (exported by: {})",
+                name.service,
+                join(svc.clusters.keys())
+            )));
+        }
+        let route = Route {
+            service: name.service.clone(),
+            port,
+            target: name.cluster.clone(),
+        };
+        let exports = self.ctx.exports.borrow().clone();
+        let (now, unix) = (Instant::now(), unix_now());
+        let decision = self.ctx.outbound.explain(&snapshot, &exports, &route);
+        let (verdicts, order) = likely_order(verdicts(&decision, now, unix));
+        Ok(Response::new(pb::ResolveResponse {
+            service: name.service.to_string(),
+            port: u32::from(port),
+            vip: snapshot
+                .vip(&self.ctx.cluster, &name.service, name.cluster.as_ref())
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            pinned_cluster: name.cluster.map(|c| c.to_string()).unwrap_or_default(),
+            order,
+            max_attempts: decision.max_attempts,
+            verdicts,
+            policy_source: if snapshot.policy(&name.service).is_some() {
+                "catalog".into()
+            } else {
+                "default".into()
+            },
+            revision: snapshot.revision,
+            decided_at: unix,
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<pb::GetPolicyRequest>,
+    ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        let key = service_arg(&request.into_inner().service)?;
+        let stored = store::get(self.ctx.store.as_ref(), self.ctx.layout.policy(&key))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let response = match stored {
+            Some(kv) => pb::GetPolicyResponse {
+                service: key.to_string(),
+                found: true,
+                policy_json: String::from_utf8_lossy(&kv.value).into_owned(),
+                revision: kv.mod_revision,
+            },
+            None => {
+                let snapshot = self.snapshot();
+                if snapshot.service(&key).is_none() {
+                    return Err(Status::not_found(format!(
+                        "no policy for {key}, and no cluster exports it: check the name (`meshup services` lists the services)"
+                    )));
+                }
+                pb::GetPolicyResponse {
+                    service: key.to_string(),
+                    found: false,
+                    policy_json: record_json(&PolicyRecord::default()),
+                    revision: 0,
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn validate_policy(
+        &self,
+        request: Request<pb::ValidatePolicyRequest>,
+    ) -> Result<Response<pb::ValidatePolicyResponse>, Status> {
+        let req = request.into_inner();
+        let key = service_arg(&req.service)?;
+        let record = policy_arg(&req.policy_json)?;
+        Ok(Response::new(pb::ValidatePolicyResponse {
+            normalized_json: record_json(&record),
+            warnings: policy_warnings(&self.snapshot(), &key, &record),
+        }))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<pb::SetPolicyRequest>,
+    ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let req = request.into_inner();
+        let key = service_arg(&req.service)?;
+        let record = policy_arg(&req.policy_json)?;
+        if req.revision < 0 {
+            return Err(invalid(
+                "revision",
+                "must be the revision read with GetPolicy, or 0 to create the policy",
+            ));
+        }
+        let json = record_json(&record);
+        let k = Bytes::from(self.ctx.layout.policy(&key));
+        let compare = if req.revision == 0 {
+            Compare::Absent(k.clone())
+        } else {
+            Compare::ModRevision(k.clone(), req.revision)
+        };
+        let result = self
+            .ctx
+            .store
+            .txn(Txn {
+                compares: vec![compare],
+                success: vec![TxnOp::Put {
+                    key: k.clone(),
+                    value: Bytes::from(json.clone()),
+                    lease: 0,
+                }],
+                failure: vec![TxnOp::Get { key: k }],
+            })
+            .await
+            .map_err(|e| store_status(&e))?;
+        if !result.succeeded {
+            let current = result
+                .gets
+                .into_iter()
+                .next()
+                .flatten()
+                .map_or(0, |kv| kv.mod_revision);
+            let message = match (req.revision, current) {
+                (0, c) => format!(
+                    "a policy for {key} already exists (revision {c}): read it with `meshup policy get {key}` and pass --revision {c} to replace it"
+                ),
+                (r, 0) => format!(
+                    "no policy for {key} is stored (you passed revision {r}: it was deleted since, or never was): pass revision 0 to create it"
+                ),
+                (r, c) => format!(
+                    "the policy for {key} changed since revision {r}: it is at revision {c} now; read it again, merge your change and retry with revision {c}"
+                ),
+            };
+            return Err(conflict(message, current));
+        }
+        tracing::info!(service = %key, revision = result.revision, "policy set through the admin API");
+        Ok(Response::new(pb::SetPolicyResponse {
+            revision: result.revision,
+            normalized_json: json,
+            warnings: policy_warnings(&self.snapshot(), &key, &record),
+        }))
+    }
+
+    async fn delete_policy(
+        &self,
+        request: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let req = request.into_inner();
+        let key = service_arg(&req.service)?;
+        if req.revision < 0 {
+            return Err(invalid(
+                "revision",
+                "must be the revision read, or 0 for whatever is stored",
+            ));
+        }
+        let k = Bytes::from(self.ctx.layout.policy(&key));
+        let revision = if req.revision == 0 {
+            match store::get(self.ctx.store.as_ref(), k.clone())
+                .await
+                .map_err(|e| store_status(&e))?
+            {
+                Some(kv) => kv.mod_revision,
+                None => {
+                    return Err(Status::not_found(format!(
+                        "no policy stored for {key}: the default applies already"
+                    )));
+                }
+            }
+        } else {
+            req.revision
+        };
+        let result = self
+            .ctx
+            .store
+            .txn(Txn {
+                compares: vec![Compare::ModRevision(k.clone(), revision)],
+                success: vec![TxnOp::Delete { key: k.clone() }],
+                failure: vec![TxnOp::Get { key: k }],
+            })
+            .await
+            .map_err(|e| store_status(&e))?;
+        if !result.succeeded {
+            return Err(match result.gets.into_iter().next().flatten() {
+                None => Status::not_found(format!(
+                    "no policy stored for {key}: the default applies already"
+                )),
+                Some(kv) => conflict(
+                    format!(
+                        "the policy for {key} changed since revision {revision}: it is at revision {} now; read it again before deleting it",
+                        kv.mod_revision
+                    ),
+                    kv.mod_revision,
+                ),
+            });
+        }
+        tracing::info!(service = %key, revision = result.revision, "policy deleted through the admin API");
+        Ok(Response::new(pb::DeletePolicyResponse {
+            revision: result.revision,
+        }))
+    }
+
+    async fn start_drill(
+        &self,
+        request: Request<pb::StartDrillRequest>,
+    ) -> Result<Response<pb::StartDrillResponse>, Status> {
+        let req = request.into_inner();
+        let kind = drill_kind_from_pb(req.kind)
+            .ok_or_else(|| invalid("kind", "missing or unknown: choose drain, fail or pin"))?;
+        if req.cluster.trim().is_empty() {
+            return Err(invalid("cluster", "missing: the cluster the drill acts on"));
+        }
+        let cluster = ClusterName::new(req.cluster.trim()).map_err(|e| invalid("cluster", e))?;
+        let service = if req.service.trim().is_empty() {
+            None
+        } else {
+            Some(service_arg(&req.service)?)
+        };
+        if req.who.trim().is_empty() {
+            return Err(invalid(
+                "who",
+                "missing: say who starts the drill (--who NAME); it goes into the audit trail",
+            ));
+        }
+        if req.why.trim().is_empty() {
+            return Err(invalid(
+                "why",
+                "missing: say why (--why TEXT); it goes into the audit trail",
+            ));
+        }
+        if req.duration_seconds == 0 {
+            return Err(invalid(
+                "duration_seconds",
+                format!(
+                    "a drill needs an expiry: say how long it lasts (--for 30m), at most {} days, so a forgotten drill ends by itself",
+                    MAX_DRILL_DURATION.as_secs() / 86_400
+                ),
+            ));
+        }
+        if req.duration_seconds > MAX_DRILL_DURATION.as_secs() {
+            return Err(invalid(
+                "duration_seconds",
+                format!(
+                    "{}s is longer than the {} days a drill may last; start a new one when it ends",
+                    req.duration_seconds,
+                    MAX_DRILL_DURATION.as_secs() / 86_400
+                ),
+            ));
+        }
+        if kind == policy::DrillKind::Pin && service.is_none() {
+            return Err(invalid(
+                "service",
+                "a pin drill needs the service whose traffic it pins",
+            ));
+        }
+        let snapshot = self.snapshot();
+        if !snapshot.clusters().any(|c| c == &cluster) {
+            return Err(Status::not_found(format!(
+                "cluster {cluster} is not in the catalog (clusters: {})",
+                join(snapshot.clusters())
+            )));
+        }
+        if let Some(s) = &service
+            && snapshot.service(s).is_none()
+        {
+            return Err(unknown_service(&snapshot, s));
+        }
+        let created = unix_now();
+        let record = DrillRecord {
+            schema: policy::SCHEMA_VERSION,
+            schema_minor: 0,
+            kind,
+            cluster: cluster.clone(),
+            service,
+            who: req.who.trim().to_owned(),
+            why: req.why.trim().to_owned(),
+            created,
+            expires: created + i64::try_from(req.duration_seconds).unwrap_or(i64::MAX / 2),
+        };
+        let given = !req.id.trim().is_empty();
+        let ids: Vec<DrillId> = if given {
+            vec![DrillId::new(req.id.trim()).map_err(|e| invalid("id", e))?]
+        } else {
+            (0..3)
+                .filter_map(|n| generated_id(kind, &cluster, created, n))
+                .collect()
+        };
+        let mut last = None;
+        for id in ids {
+            match drills::start_drill(self.ctx.store.as_ref(), &self.ctx.layout, &id, &record).await
+            {
+                Ok(revision) => {
+                    tracing::info!(drill = %id, kind = kind.as_str(), %cluster, who = %record.who, why = %record.why, expires = record.expires, "drill started through the admin API");
+                    return Ok(Response::new(pb::StartDrillResponse {
+                        drill: Some(drill_to_pb(&id, &record, revision, unix_now())),
+                    }));
+                }
+                Err(e @ (DrillError::Exists { .. } | DrillError::IdUsed { .. })) if !given => {
+                    last = Some(e);
+                }
+                Err(e) => return Err(drill_status(e)),
+            }
+        }
+        Err(last.map_or_else(
+            || Status::internal("no drill id could be made"),
+            drill_status,
+        ))
+    }
+
+    async fn stop_drill(
+        &self,
+        request: Request<pb::StopDrillRequest>,
+    ) -> Result<Response<pb::StopDrillResponse>, Status> {
+        let req = request.into_inner();
+        let id = DrillId::new(req.id.trim()).map_err(|e| invalid("id", e))?;
+        if req.who.trim().is_empty() {
+            return Err(invalid(
+                "who",
+                "missing: say who stops the drill (--who NAME); it goes into the audit entry",
+            ));
+        }
+        let ended = drills::end_drill(
+            self.ctx.store.as_ref(),
+            &self.ctx.layout,
+            &id,
+            DrillEnd::Stopped,
+            req.who.trim(),
+            unix_now(),
+        )
+        .await
+        .map_err(drill_status)?;
+        match ended {
+            Ended::Now { audit, revision } => {
+                tracing::info!(drill = %id, who = %req.who.trim(), revision, "drill stopped through the admin API");
+                Ok(Response::new(pb::StopDrillResponse {
+                    audit: Some(audit_to_pb(&id, &audit, unix_now())),
+                }))
+            }
+            // Not returned for a stop; answered as "already ended" all the same.
+            Ended::AlreadyEnded | Ended::NotDue { .. } => {
+                Err(Status::not_found(format!("drill {id} has already ended")))
+            }
+        }
+    }
+
+    async fn list_drills(
+        &self,
+        request: Request<pb::ListDrillsRequest>,
+    ) -> Result<Response<pb::ListDrillsResponse>, Status> {
+        let req = request.into_inner();
+        let ctx = &self.ctx;
+        let prefix = ctx.layout.drills();
+        let (kvs, revision) = store::list_prefix(ctx.store.as_ref(), prefix.as_bytes())
+            .await
+            .map_err(|e| store_status(&e))?;
+        let unix = unix_now();
+        let mut drills = Vec::new();
+        for kv in kvs {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let id = key
+                .strip_prefix(prefix.as_str())
+                .and_then(|s| DrillId::new(s).ok());
+            let record =
+                policy::decode::<DrillRecord>(&kv.value).and_then(|d| d.validate().map(|()| d));
+            match (id, record) {
+                (Some(id), Ok(d)) => drills.push(drill_to_pb(&id, &d, kv.create_revision, unix)),
+                (_, r) => {
+                    tracing::warn!(key, error = ?r.err(), "skipping an unreadable drill in ListDrills");
+                }
+            }
+        }
+        let audit = if req.include_audit {
+            drills::list_audit(ctx.store.as_ref(), &ctx.layout)
+                .await
+                .map_err(|e| store_status(&e))?
+                .iter()
+                .map(|a| audit_to_pb(&a.id, &a.audit, unix))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::ListDrillsResponse {
+            drills,
+            audit,
+            revision,
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let req = request.into_inner();
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{MAX_WATCHERS} event watchers are open already; close one and retry"
+            ))
+        })?;
+        let (tx, rx) = mpsc::channel::<Result<pb::Event, Status>>(256);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            watch_loop(api, req.include_existing, tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+fn generated_id(
+    kind: policy::DrillKind,
+    cluster: &ClusterName,
+    at: i64,
+    n: usize,
+) -> Option<DrillId> {
+    let suffix = if n == 0 {
+        format!("{at}")
+    } else {
+        format!("{at}-{n}")
+    };
+    let room = 63usize.saturating_sub(kind.as_str().len() + suffix.len() + 2);
+    let c: String = cluster.as_str().chars().take(room).collect();
+    let c = c.trim_end_matches('-');
+    DrillId::new(&format!("{}-{c}-{suffix}", kind.as_str())).ok()
+}
+
+fn drill_status(e: DrillError) -> Status {
+    match &e {
+        DrillError::Store(s) => store_status(s),
+        DrillError::Invalid { reason, .. } => match record_error_field(reason) {
+            Some(f) => invalid(&f, &e),
+            None => Status::invalid_argument(e.to_string()),
+        },
+        DrillError::Exists { .. } | DrillError::IdUsed { .. } => {
+            Status::already_exists(e.to_string())
+        }
+        DrillError::NoSuchDrill { .. } => Status::not_found(format!(
+            "{e}; `meshup drill list` shows the drills in force"
+        )),
+        DrillError::Unreadable { .. } => Status::failed_precondition(e.to_string()),
+        DrillError::Contended { .. } => Status::aborted(e.to_string()),
+    }
+}
+
+fn stamp(mut e: pb::Event, revision: i64) -> pb::Event {
+    e.revision = revision;
+    e.at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    e
+}
+
+/// Sends events until the client leaves: a sync event, optionally the catalog as it is, then
+/// every change. Snapshots coalesce in the watch channel, so a slow client gets fewer,
+/// larger diffs, never an unbounded queue.
+async fn watch_loop(
+    api: AdminApi,
+    include_existing: bool,
+    tx: mpsc::Sender<Result<pb::Event, Status>>,
+) {
+    let mut snapshots = api.ctx.snapshots.clone();
+    let mut current = snapshots.borrow_and_update().clone();
+    let sync = pb::Event {
+        kind: EventKind::Sync as i32,
+        text: format!(
+            "watching the catalog from revision {} ({} services)",
+            current.revision,
+            current.service_count()
+        ),
+        ..Default::default()
+    };
+    if tx.send(Ok(stamp(sync, current.revision))).await.is_err() {
+        return;
+    }
+    if include_existing {
+        for mut e in events::diff(&Snapshot::new(), &current) {
+            e.existing = true;
+            if tx.send(Ok(stamp(e, current.revision))).await.is_err() {
+                return;
+            }
+        }
+    }
+    let mut targets = api.main_targets(&current);
+    let mut tick = tokio::time::interval(super::service::TARGET_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut out = Vec::new();
+        tokio::select! {
+            _ = tx.closed() => return,
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = snapshots.borrow_and_update().clone();
+                out.extend(events::diff(&current, &next));
+                current = next;
+            }
+            _ = tick.tick() => {}
+        }
+        let now = api.main_targets(&current);
+        out.extend(events::target_changes(&targets, &now));
+        targets = now;
+        for e in out {
+            if tx.send(Ok(stamp(e, current.revision))).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,605 @@
+//! The `meshup` client commands as an operator runs them: the real binary against real
+//! `meshup gateway` processes on a real etcd, tables for people, `-o json|yaml` for scripts,
+//! and the exit codes scripts rely on (2 bad input, 3 unreachable, 4 not found, 5 conflict).
+//! And `grpcurl` (a required tool: `.ci/packages`) against the same API through reflection,
+//! with the standard health check.
+//!
+//! The `meshup` binary must be built (`cargo build --workspace`; `.ci/test` does). A missing
+//! binary, etcd or grpcurl is a loud failure, never a skip.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use meshup_tests::{EtcdServer, free_port, meshup_bin};
+
+const TRUST_DOMAIN: &str = "cli.test";
+const PORT: u16 = 7200;
+
+/// A backend that accepts connections (the gateway's probes) and closes them.
+fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || for _ in l.incoming() {});
+    addr
+}
+
+/// `meshup ARGS` with a hard timeout: (exit code, stdout, stderr).
+fn meshup(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut child = Command::new(meshup_bin())
+        .args(args)
+        .env("MESHUP_LOG", "warn")
+        .env_remove("MESHUP_ADMIN")
+        .env_remove("MESHUP_WHO")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn meshup");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("meshup {args:?} did not finish within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out: Output = child.wait_with_output().expect("output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One `meshup gateway` process (killed when dropped).
+struct Gateway {
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn start(
+        cluster: &str,
+        certs: &Path,
+        etcd: &EtcdServer,
+        prefix: &str,
+        grpc: Option<SocketAddr>,
+        export: Option<SocketAddr>,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = certs.join(cluster);
+        let n = match cluster {
+            "east" => 1,
+            "west" => 2,
+            _ => 3,
+        };
+        let exports = match export {
+            Some(b) => format!(
+                "exports:\n  - {{name: pay, namespace: prod, ports: [{{name: http, port: {PORT}}}], endpoints: [\"{b}\"]}}\n"
+            ),
+            None => String::new(),
+        };
+        let grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n"));
+        let config = format!(
+            "cluster: {cluster}\ntrust_domain: {TRUST_DOMAIN}\ncatalog:\n  backend: etcd\n  endpoints: [\"{etcd}\"]\n  prefix: {prefix}\n  lease_ttl: 2s\n  allow_loopback_addresses: true\nvip_cidr: 127.83.{n}.0/24\ntunnel:\n  listen: 127.0.0.1:0\n  cert: {c}/cert.pem\n  key: {c}/key.pem\n  bundle: {c}/bundle.pem\ndns:\n  listen: 127.0.0.1:0\nadmin:\n  http: 127.0.0.1:{http}\n{grpc}{exports}",
+            etcd = etcd.endpoint(),
+            c = certs.display(),
+            http = free_port().expect("port"),
+        );
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.path().join("gateway.log");
+        let child = Command::new(meshup_bin())
+            .args(["gateway", "--config", path.to_str().expect("utf-8")])
+            .env("MESHUP_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn meshup gateway");
+        Self {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn certs(clusters: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().expect("utf-8");
+    let (code, _, err) = meshup(
+        &["certs", "init", "--trust-domain", TRUST_DOMAIN, "--out", ca],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    for c in clusters {
+        let out = dir.path().join(c);
+        let (code, _, err) = meshup(
+            &[
+                "certs",
+                "issue",
+                "--ca",
+                ca,
+                "--cluster",
+                c,
+                "--out",
+                out.to_str().expect("utf-8"),
+            ],
+            &[],
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    dir
+}
+
+/// Polls `check` until it holds (30 s at most).
+fn until(what: &str, gateway: &Gateway, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "not within 30s: {what}; east's log:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}):\n{text}"))
+}
+
+const GOOD: &str = "\
+# pay: mostly west
+service: pay.prod
+levels:
+  - clusters:
+      - {cluster: west, weight: 80}
+      - {cluster: north, weight: 20}
+";
+
+#[test]
+fn client_commands_against_gateway_processes() {
+    let etcd = EtcdServer::start();
+    let certs = certs(&["east", "west", "north"]);
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port"))
+        .parse()
+        .expect("addr");
+    let prefix = "/cli";
+    let east = Gateway::start("east", certs.path(), &etcd, prefix, Some(grpc), None);
+    let _west = Gateway::start("west", certs.path(), &etcd, prefix, None, Some(backend()));
+    let _north = Gateway::start("north", certs.path(), &etcd, prefix, None, Some(backend()));
+    let admin = grpc.to_string();
+    let a = ["--admin", admin.as_str()];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&a);
+        meshup(&all, &[])
+    };
+
+    until("east sees pay.prod served by west and north", &east, || {
+        let (code, out, _) = run(&["services", "-o", "json"]);
+        code == 0
+            && json(&out)["services"][0]["clusters"]
+                .as_array()
+                .is_some_and(|c| c.iter().filter(|c| c["healthy"] == 1).count() == 2)
+    });
+
+    // status: this gateway, the catalog, every cluster; MESHUP_ADMIN works like --admin.
+    let (code, out, err) = meshup(&["status"], &[("MESHUP_ADMIN", &admin)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("gateway  east/east-0  meshup "), "{out}");
+    assert!(out.contains("state    ready"), "{out}");
+    assert!(out.contains("catalog  etcd revision "), "{out}");
+    for row in ["east     local", "north    ", "west     "] {
+        assert!(
+            out.lines().any(|l| l.starts_with(row)),
+            "no row {row:?}:\n{out}"
+        );
+    }
+    let (code, out, _) = run(&["status", "-o", "json"]);
+    assert_eq!(code, 0);
+    let status = json(&out);
+    assert_eq!(status["gateway"]["cluster"], "east");
+    assert_eq!(status["catalog"]["synced"], true);
+    assert_eq!(status["clusters"].as_array().map(Vec::len), Some(3));
+    assert_eq!(status["clusters"][0]["link"], "LINK_STATE_LOCAL");
+
+    // services: a table, and YAML for scripts.
+    let (code, out, err) = run(&["services"]);
+    assert_eq!(code, 0, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("pay.prod "))
+        .unwrap_or_else(|| panic!("no pay.prod row:\n{out}"));
+    assert!(
+        row.contains("north 1/1, west 1/1") && row.contains("7200/tcp"),
+        "{row}"
+    );
+    let (code, out, _) = run(&["services", "pay.prod", "-o", "yaml"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("service: pay.prod"), "{out}");
+    let (code, _, err) = run(&["services", "nope.prod"]);
+    assert_eq!(code, 4, "unknown service: {err}");
+    assert!(err.contains("no service nope.prod"), "{err}");
+
+    // resolve: the decision and every cluster's verdict.
+    let (code, out, err) = run(&["resolve", "pay.prod.svc.clusterset.local"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("pay.prod:7200 via VIP 127.83.1."), "{out}");
+    assert!(out.contains("default policy, up to 3 attempts"), "{out}");
+    assert!(out.contains("order: "), "{out}");
+    for c in ["north ", "west "] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(c) && l.contains("candidate")),
+            "{c}:\n{out}"
+        );
+    }
+    let (code, _, err) = run(&["resolve", "nope.prod.svc.clusterset.local"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("no service nope.prod") && err.contains("meshup services"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["resolve", "pay.prod", "--port", "9"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("port: 9 is not a port of pay.prod"), "{err}");
+
+    // policy: a malformed file names its line and field, and writes nothing.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        GOOD.replace(
+            "{cluster: north, weight: 20}",
+            "{cluster: north, wieght: 20}",
+        ),
+    )
+    .expect("write");
+    let bad = bad.to_str().expect("utf-8");
+    for cmd in [
+        &["policy", "validate", "-f", bad][..],
+        &["policy", "apply", "-f", bad][..],
+    ] {
+        let (code, _, err) = run(cmd);
+        assert_eq!(code, 2, "{cmd:?}: {err}");
+        assert!(
+            err.contains(
+                "bad.yaml: line 6, field levels[0].clusters[1].wieght: unknown field `wieght`"
+            ),
+            "{err}"
+        );
+    }
+    let (code, out, _) = run(&["policy", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["found"], false, "the bad file wrote nothing");
+
+    let good = dir.path().join("pay.yaml");
+    std::fs::write(&good, GOOD).expect("write");
+    let good = good.to_str().expect("utf-8");
+    let (code, out, err) = run(&["policy", "validate", "-f", good]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "ok: the policy for pay.prod is valid\n");
+    let (code, out, err) = run(&["policy", "apply", "-f", good]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("policy for pay.prod written at revision ") && out.ends_with("(created)\n"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["policy", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    let first = json(&out)["revision"].as_i64().expect("revision");
+    assert_eq!(
+        json(&out)["policy"]["levels"][0]["clusters"][0]["weight"],
+        80
+    );
+    let (code, out, _) = run(&["policy", "apply", "-f", good]);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("policy for pay.prod unchanged (revision {first})\n")
+        )
+    );
+    // The table form is a file to edit: it parses back as a policy file.
+    let (code, out, _) = run(&["policy", "get", "pay.prod"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with(&format!("# policy for pay.prod at revision {first}")),
+        "{out}"
+    );
+    let edited = dir.path().join("edited.yaml");
+    std::fs::write(&edited, out.replace("weight: 80", "weight: 70")).expect("write");
+    let edited = edited.to_str().expect("utf-8");
+    let (code, out, err) = run(&[
+        "policy",
+        "set",
+        "-f",
+        edited,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let second: i64 = out
+        .strip_prefix("policy for pay.prod written at revision ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    // A second operator who read the first revision loses, and is told what to do.
+    let (code, _, err) = run(&[
+        "policy",
+        "set",
+        "-f",
+        good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 5, "a stale write must be a conflict: {err}");
+    assert!(
+        err.contains(&format!("changed since revision {first}"))
+            && err.contains(&format!("current revision: {second}")),
+        "{err}"
+    );
+    until("resolve follows the stored policy", &east, || {
+        let (code, out, _) = run(&["resolve", "pay.prod", "-o", "json"]);
+        code == 0 && json(&out)["policy_source"] == "catalog"
+    });
+
+    // drill: no expiry is refused before anything is sent; then start, list, stop.
+    let (code, _, err) = run(&[
+        "drill",
+        "start",
+        "--kind",
+        "fail",
+        "--cluster",
+        "west",
+        "--why",
+        "game day",
+        "--who",
+        "ana",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--for <DURATION>"), "{err}");
+    let (code, _, err) = run(&[
+        "drill",
+        "start",
+        "--kind",
+        "fail",
+        "--cluster",
+        "wset",
+        "--why",
+        "game day",
+        "--who",
+        "ana",
+        "--for",
+        "10m",
+    ]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("cluster wset is not in the catalog"), "{err}");
+
+    // Watch the events while the drill starts and stops.
+    let mut events = Command::new(meshup_bin())
+        .args(["events", "-o", "json", "--admin", &admin])
+        .env("MESHUP_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn meshup events");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = events.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let sync = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a sync event");
+    assert_eq!(json(&sync)["kind"], "EVENT_KIND_SYNC", "{sync}");
+
+    let (code, out, err) = meshup(
+        &[
+            "drill",
+            "start",
+            "--kind",
+            "fail",
+            "--cluster",
+            "west",
+            "--why",
+            "game day",
+            "--for",
+            "10m",
+            "--id",
+            "gd-1",
+            "--admin",
+            &admin,
+        ],
+        &[("MESHUP_WHO", "ana")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("started drill gd-1: fail west (every service) until "),
+        "{out}"
+    );
+    let (code, out, _) = run(&["drill", "list", "-o", "json"]);
+    assert_eq!(code, 0);
+    let list = json(&out);
+    assert_eq!(list["drills"][0]["id"], "gd-1");
+    assert_eq!(list["drills"][0]["who"], "ana");
+    assert_eq!(list["drills"][0]["kind"], "DRILL_KIND_FAIL");
+    until("resolve shows west failed by the drill", &east, || {
+        let (_, out, _) = run(&["resolve", "pay.prod"]);
+        out.lines().any(|l| {
+            l.starts_with("west ")
+                && l.contains("out: failed_by_drill")
+                && l.contains("ana: game day")
+        })
+    });
+    let (code, out, _) = run(&["drill", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("gd-1 ") && l.contains("game day")),
+        "{out}"
+    );
+    let (code, out, err) = run(&["drill", "stop", "gd-1", "--who", "bo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("stopped drill gd-1") && out.contains("as bo"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["drill", "stop", "gd-1", "--who", "bo"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("already ended"), "{err}");
+    let (code, out, _) = run(&["drill", "list", "-o", "json"]);
+    assert_eq!(code, 0);
+    let list = json(&out);
+    assert_eq!(list["drills"].as_array().map(Vec::len), Some(0));
+    assert_eq!(list["audit"][0]["ended_by"], "bo");
+    assert_eq!(list["audit"][0]["how"], "stopped");
+
+    let mut kinds = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !kinds.contains(&"EVENT_KIND_DRILL_ENDED".to_string()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no drill_ended event; got {kinds:?}"));
+        kinds.push(json(&line)["kind"].as_str().unwrap_or("?").to_owned());
+    }
+    assert!(
+        kinds.contains(&"EVENT_KIND_DRILL_STARTED".to_string()),
+        "{kinds:?}"
+    );
+    let _ = events.kill();
+    let _ = events.wait();
+
+    // policy delete: the default applies again; deleting again is not found.
+    let (code, out, err) = run(&["policy", "delete", "pay.prod"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("the default applies again"), "{out}");
+    let (code, _, err) = run(&["policy", "delete", "pay.prod"]);
+    assert_eq!(code, 4, "{err}");
+
+    // events --count ends by itself.
+    let (code, out, err) = run(&["events", "--existing", "--count", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l.contains("(existing)")),
+        "{out}"
+    );
+
+    // Nothing listening: exit 3, saying where to point.
+    let nowhere = format!("127.0.0.1:{}", free_port().expect("port"));
+    let (code, _, err) = meshup(&["status", "--admin", &nowhere], &[]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(&format!("cannot reach the admin API at {nowhere}"))
+            && err.contains("admin.grpc"),
+        "{err}"
+    );
+}
+
+#[test]
+fn grpcurl_lists_the_services_and_sees_serving() {
+    let etcd = EtcdServer::start();
+    let certs = certs(&["east"]);
+    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port().expect("port"))
+        .parse()
+        .expect("addr");
+    let east = Gateway::start(
+        "east",
+        certs.path(),
+        &etcd,
+        "/grpcurl",
+        Some(grpc),
+        Some(backend()),
+    );
+    let addr = grpc.to_string();
+    let grpcurl = |args: &[&str]| -> (bool, String, String) {
+        let out = Command::new("grpcurl")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("grpcurl is required (`bash .ci/setup test` installs it): {e}")
+            });
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    until("grpcurl: the gateway is SERVING", &east, || {
+        let (ok, out, _) = grpcurl(&["-plaintext", &addr, "grpc.health.v1.Health/Check"]);
+        ok && out.contains("\"status\": \"SERVING\"")
+    });
+    let (ok, out, err) = grpcurl(&["-plaintext", &addr, "list"]);
+    assert!(ok, "{err}");
+    let listed: Vec<&str> = out.lines().collect();
+    for want in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "meshup.admin.v1.AdminService",
+    ] {
+        assert!(listed.contains(&want), "{want} not listed:\n{out}");
+    }
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        &addr,
+        "describe",
+        "meshup.admin.v1.AdminService",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("rpc Resolve") && out.contains("stream .meshup.admin.v1.Event"),
+        "{out}"
+    );
+    until("grpcurl: ListServices shows pay.prod", &east, || {
+        let (ok, out, _) = grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service": "pay.prod"}"#,
+            &addr,
+            "meshup.admin.v1.AdminService/ListServices",
+        ]);
+        ok && out.contains("\"service\": \"pay.prod\"")
+    });
+    // A bad call's status and message come through as they are.
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service": "pay.prod", "policy_json": "{\"schema\":1,\"retry\":{\"max_attempts\":0}}"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/ValidatePolicy",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("policy_json.retry.max_attempts"),
+        "{err}"
+    );
+}
