@@ -70,3 +70,47 @@ fn every_test_binary_that_starts_etcd_is_in_the_real_etcd_group() {
         "test binaries that start etcd but are not in the real-etcd group of .ci/nextest.toml: {missing:?}"
     );
 }
+
+/// The fuzz crates live outside the workspace with lockfiles of their own, and `.ci/fuzz`
+/// builds them `--locked`: a dependency added to a crate they use must be in their lockfiles
+/// too, or CI's fuzz tier fails after every test passed. Caught here, in the suite, instead.
+#[test]
+fn the_fuzz_lockfiles_match_the_crates_they_build() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let mut checked = 0;
+    for dir in std::fs::read_dir(root.join("fuzz"))
+        .expect("read fuzz/")
+        .flatten()
+    {
+        let manifest = dir.path().join("Cargo.toml");
+        if !manifest.exists() {
+            continue;
+        }
+        let out = std::process::Command::new(env!("CARGO"))
+            .args([
+                "metadata",
+                "--locked",
+                "--offline",
+                "--format-version",
+                "1",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .output()
+            .expect("run cargo metadata");
+        assert!(
+            out.status.success(),
+            "{} is out of date (run `cargo fetch` in {}): {}",
+            dir.path().join("Cargo.lock").display(),
+            dir.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 2,
+        "found {checked} fuzz crates, expected the dns and tunnel ones"
+    );
+}
