@@ -10,34 +10,21 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{eventually, within};
+use common::federation::gateway_config;
+use common::{Pki, eventually, within};
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, DrillKind, EventKind, LinkState};
 use meshup_admin_api::{CURRENT_REVISION_METADATA, SERVICE_NAME};
 use meshup_core::model::{PortSpec, Protocol};
-use meshup_core::names::{ClusterName, Namespace, ServiceName};
+use meshup_core::names::{Namespace, ServiceName};
 use meshup_federation::config::{Backend, CatalogConfig};
 use meshup_federation::embedded::EmbeddedStore;
 use meshup_gateway::app::Gateway;
-use meshup_gateway::config::{AdminConfig, Config, ExportConfig};
-use meshup_gateway::identity::IdentityFiles;
-use meshup_gateway::tunnel::TunnelConfig;
+use meshup_gateway::config::{Config, ExportConfig};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const TD: &str = "admin-api.test";
 const PORT: u16 = 7100;
-
-fn certs(clusters: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca = dir.path().join("ca");
-    meshup_gateway::certs::init_ca(TD, &ca).expect("CA");
-    for c in clusters {
-        meshup_gateway::certs::issue(&ca, c, &dir.path().join(c), Duration::from_secs(3600))
-            .expect("certificate");
-    }
-    dir
-}
 
 fn pay_export(backend: SocketAddr) -> ExportConfig {
     ExportConfig {
@@ -55,41 +42,21 @@ fn pay_export(backend: SocketAddr) -> ExportConfig {
 }
 
 /// A gateway of `cluster` on kernel-chosen loopback ports, with the gRPC admin API.
-fn config(
-    certs: &tempfile::TempDir,
-    cluster: &str,
-    vip_cidr: &str,
-    exports: Vec<ExportConfig>,
-) -> Config {
-    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let mut config = Config {
-        cluster: ClusterName::new(cluster).expect("cluster"),
-        gateway_id: None,
-        region: String::new(),
-        zone: String::new(),
-        trust_domain: TD.into(),
-        catalog: CatalogConfig {
-            backend: Backend::Embedded,
-            prefix: "/admin-api".into(),
-            allow_loopback_addresses: true,
-            ..CatalogConfig::default()
-        },
-        vip_cidr: vip_cidr.parse().expect("cidr"),
-        tunnel: TunnelConfig {
-            listen: any,
-            ..TunnelConfig::with_files(IdentityFiles::in_dir(&certs.path().join(cluster)))
-        },
-        dns: Default::default(),
-        admin: AdminConfig {
-            http: any,
-            allow_non_loopback: false,
-            grpc: Some(any),
-            allow_non_loopback_grpc: false,
-        },
-        exports,
-        worker_threads: None,
+fn config(pki: &Pki, cluster: &str, vip_cidr: &str, exports: Vec<ExportConfig>) -> Config {
+    let catalog = CatalogConfig {
+        backend: Backend::Embedded,
+        prefix: "/admin-api".into(),
+        allow_loopback_addresses: true,
+        ..CatalogConfig::default()
     };
-    config.dns.listen = any;
+    let mut config = gateway_config(
+        &pki.issue(cluster, cluster),
+        cluster,
+        catalog,
+        vip_cidr,
+        exports,
+    );
+    config.admin.grpc = Some("127.0.0.1:0".parse().expect("addr"));
     config.validate().expect("valid config");
     config
 }
@@ -128,15 +95,15 @@ const SPLIT: &str = r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","wei
 async fn every_admin_method_with_good_and_bad_input() {
     within(Duration::from_secs(120), async {
         let (west_backend, north_backend) = (common::Backend::echo().await, common::Backend::echo().await);
-        let certs = certs(&["east", "west", "north"]);
+        let pki = Pki::new();
         let store = EmbeddedStore::new();
-        let west = Gateway::start(config(&certs, "west", "127.82.2.0/24", vec![pay_export(west_backend.addr)]), Some(&store))
+        let west = Gateway::start(config(&pki, "west", "127.82.2.0/24", vec![pay_export(west_backend.addr)]), Some(&store))
             .await
             .expect("west starts");
-        let north = Gateway::start(config(&certs, "north", "127.82.3.0/24", vec![pay_export(north_backend.addr)]), Some(&store))
+        let north = Gateway::start(config(&pki, "north", "127.82.3.0/24", vec![pay_export(north_backend.addr)]), Some(&store))
             .await
             .expect("north starts");
-        let east = Gateway::start(config(&certs, "east", "127.82.1.0/24", vec![]), Some(&store))
+        let east = Gateway::start(config(&pki, "east", "127.82.1.0/24", vec![]), Some(&store))
             .await
             .expect("east starts");
         let mut api = client(&east).await;
