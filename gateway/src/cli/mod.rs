@@ -491,24 +491,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
             conn,
         } => {
             let f = read_policy_file(&file, service.as_deref())?;
-            let r = connect(&conn)
-                .await?
-                .set_policy(pb::SetPolicyRequest {
-                    service: f.service.to_string(),
-                    policy_json: f.json(),
-                    revision,
-                })
-                .await
-                .map_err(|s| cas_error(&conn, s))?
-                .into_inner();
-            let view = WriteView {
-                service: f.service.to_string(),
-                revision: r.revision,
-                previous_revision: revision,
-                changed: true,
-                warnings: r.warnings,
-            };
-            print(&conn, &view, render::written)
+            write_policy(&mut connect(&conn).await?, &conn, &f, revision).await
         }
         PolicyCommand::Apply {
             file,
@@ -546,23 +529,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                 };
                 return print(&conn, &view, render::written);
             }
-            let r = client
-                .set_policy(pb::SetPolicyRequest {
-                    service: f.service.to_string(),
-                    policy_json: f.json(),
-                    revision,
-                })
-                .await
-                .map_err(|s| cas_error(&conn, s))?
-                .into_inner();
-            let view = WriteView {
-                service: f.service.to_string(),
-                revision: r.revision,
-                previous_revision: revision,
-                changed: true,
-                warnings: r.warnings,
-            };
-            print(&conn, &view, render::written)
+            write_policy(&mut client, &conn, &f, revision).await
         }
         PolicyCommand::Delete {
             service,
@@ -596,6 +563,33 @@ async fn policy(command: PolicyCommand) -> Result<()> {
 }
 
 /// A lost compare-and-set says the current revision (from the trailer) and how to go on.
+/// Writes the file's policy if the stored one is still at `revision` (0: none stored), and
+/// prints what changed.
+async fn write_policy(
+    client: &mut AdminServiceClient<Channel>,
+    conn: &Conn,
+    f: &PolicyFile,
+    revision: i64,
+) -> Result<()> {
+    let r = client
+        .set_policy(pb::SetPolicyRequest {
+            service: f.service.to_string(),
+            policy_json: f.json(),
+            revision,
+        })
+        .await
+        .map_err(|s| cas_error(conn, s))?
+        .into_inner();
+    let view = WriteView {
+        service: f.service.to_string(),
+        revision: r.revision,
+        previous_revision: revision,
+        changed: true,
+        warnings: r.warnings,
+    };
+    print(conn, &view, render::written)
+}
+
 fn cas_error(conn: &Conn, s: Status) -> CliError {
     let current = s
         .metadata()
