@@ -16,7 +16,7 @@ pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -374,71 +374,13 @@ impl Store for Flaky {
     }
 }
 
-/// A store wrapper that counts transactions (every allocation probe is one), to bound how
-/// hard a component leans on the store.
-#[derive(Debug)]
-pub struct Counting {
-    inner: Arc<dyn Store>,
-    txns: AtomicU64,
-}
-
-impl Counting {
-    pub fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            txns: AtomicU64::new(0),
-        })
-    }
-
-    /// Transactions so far.
-    pub fn txns(&self) -> u64 {
-        self.txns.load(Ordering::SeqCst)
-    }
-}
-
-impl Store for Counting {
-    fn backend(&self) -> &'static str {
-        self.inner.backend()
-    }
-    fn revision(&self) -> StoreFuture<'_, Revision> {
-        self.inner.revision()
-    }
-    fn range(
-        &self,
-        range: KeyRange,
-        revision: Option<Revision>,
-        limit: usize,
-    ) -> StoreFuture<'_, Page> {
-        self.inner.range(range, revision, limit)
-    }
-    fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {
-        self.inner.watch(range, start_revision)
-    }
-    fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
-        self.inner.grant_lease(ttl)
-    }
-    fn keep_alive(&self, lease: LeaseId) -> StoreFuture<'_, Duration> {
-        self.inner.keep_alive(lease)
-    }
-    fn revoke_lease(&self, lease: LeaseId) -> StoreFuture<'_, ()> {
-        self.inner.revoke_lease(lease)
-    }
-    fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
-        self.txns.fetch_add(1, Ordering::SeqCst);
-        self.inner.txn(txn)
-    }
-    fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
-        self.inner.compact(revision)
-    }
-}
-
 /// What [`Interleave`] runs before a transaction: given the transaction about to run, the
 /// one to run first, if any.
 pub type InterleaveHook = Box<dyn Fn(&Txn) -> Option<Txn> + Send + Sync>;
 
-/// A store wrapper that runs a transaction of its own just before a transaction its hook
-/// picks, to stage a race at an exact point: another writer getting in between a read and
-/// a compare-and-set. Every transaction yields to the scheduler first, as a round trip to
+/// A store wrapper that shows its hook every transaction and runs a transaction of its own
+/// just before one the hook picks: to stage a race at an exact point (another writer getting
+/// in between a read and a compare-and-set), or just to count transactions. Every transaction yields to the scheduler first, as a round trip to
 /// etcd would, so callers racing on the in-process store interleave rather than run each
 /// read-then-write to completion.
 pub struct Interleave {
