@@ -128,8 +128,9 @@ impl Steering {
             .unwrap_or_else(|| self.default_policy.clone());
         let drills = snapshot
             .drills()
+            // Only drills naming a cluster that can serve the route can change its decision.
+            .filter(|(_, d)| serving.targets.contains_key(&d.cluster))
             .map(|(_, d)| DrillRecord::clone(d))
-            .filter(|d| d.cluster_in(&serving))
             .collect();
         Prepared {
             serving,
@@ -321,18 +322,6 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// Whether a drill names a cluster that can serve the route at all (the others cannot change
-/// the decision, so they are not copied per connection).
-trait DrillScope {
-    fn cluster_in(&self, serving: &Serving) -> bool;
-}
-
-impl DrillScope for DrillRecord {
-    fn cluster_in(&self, serving: &Serving) -> bool {
-        serving.targets.contains_key(&self.cluster)
-    }
 }
 
 // === metrics ===
