@@ -102,6 +102,36 @@ impl ChildGuard {
         Ok(at)
     }
 
+    /// Waits until the child exits by itself; fails if it does not within `limit` or exits
+    /// with a failure status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .with_context(|| format!("poll {}", self.name))?
+            {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    self.describe(),
+                    self.log_tail()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not exit within {limit:?}:\n{}",
+                    self.describe(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What this child is, for messages.
     pub fn describe(&self) -> String {
         format!(

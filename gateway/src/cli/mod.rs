@@ -1,4 +1,4 @@
-//! The `meshup` client commands: `status`, `services`, `resolve`, `policy`, `drill`,
+//! The `meshup` client commands: `status`, `clusters`, `services`, `resolve`, `policy`, `drill`,
 //! `events`. Each talks to a gateway's gRPC admin API (`--admin ADDR`, or `MESHUP_ADMIN`,
 //! default 127.0.0.1:15021), prints a table for people or `-o json|yaml` for scripts, and
 //! exits with a code a script can trust:
@@ -85,6 +85,12 @@ pub enum Output {
 pub enum AdminCommand {
     /// This gateway and the federation: clusters, gateways, links (RTT, loss), catalog.
     Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The federation's clusters as this gateway sees them: link, RTT, gateways connected,
+    /// services exported, streams open, loss.
+    Clusters {
         #[command(flatten)]
         conn: Conn,
     },
@@ -234,6 +240,13 @@ pub enum DrillCommand {
     },
 }
 
+/// What `meshup clusters` prints: the clusters of `GetStatus`, from the gateway in `cluster`.
+#[derive(Debug, Serialize)]
+pub struct Clusters {
+    pub cluster: String,
+    pub clusters: Vec<pb::ClusterInfo>,
+}
+
 /// Runs one client command.
 pub async fn run(command: AdminCommand) -> Result<()> {
     match command {
@@ -245,6 +258,19 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 .map_err(|s| status_error(&conn, s))?
                 .into_inner();
             print(&conn, &r, render::status)
+        }
+        AdminCommand::Clusters { conn } => {
+            let r = connect(&conn)
+                .await?
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .map_err(|s| status_error(&conn, s))?
+                .into_inner();
+            let view = Clusters {
+                cluster: r.gateway.map(|g| g.cluster).unwrap_or_default(),
+                clusters: r.clusters,
+            };
+            print(&conn, &view, render::clusters)
         }
         AdminCommand::Services { service, conn } => {
             let r = connect(&conn)

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meshup_admin_api::convert::drill_kind_word;
 use meshup_admin_api::pb::{self, EventKind, LinkState};
 
-use super::{PolicyView, WriteView};
+use super::{Clusters, PolicyView, WriteView};
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -166,6 +166,56 @@ pub fn status(r: &pb::GetStatusResponse) -> String {
         &rows,
     ));
     out
+}
+
+/// One line per cluster, as this gateway sees it: its link, the gateways answering, what it
+/// exports, the streams open to it now.
+pub fn clusters(r: &Clusters) -> String {
+    let rows: Vec<Vec<String>> = r
+        .clusters
+        .iter()
+        .map(|cl| {
+            let connected = cl.gateways.iter().filter(|g| g.connected).count();
+            let draining = cl.gateways.iter().filter(|g| g.draining).count();
+            let (lost, sent) = cl
+                .gateways
+                .iter()
+                .fold((0, 0), |(l, s), g| (l + g.lost_packets, s + g.sent_packets));
+            vec![
+                cl.name.clone(),
+                dash(&cl.region),
+                link_word(cl.link).into(),
+                cl.rtt_ms.map_or("-".into(), |v| format!("{v:.2} ms")),
+                if cl.local {
+                    format!("{} (this cluster)", cl.gateways.len())
+                } else if draining > 0 {
+                    format!(
+                        "{connected}/{} connected, {draining} draining",
+                        cl.gateways.len()
+                    )
+                } else {
+                    format!("{connected}/{} connected", cl.gateways.len())
+                },
+                cl.exports.to_string(),
+                if cl.local {
+                    "-".into()
+                } else {
+                    cl.open_streams.to_string()
+                },
+                if sent > 0 {
+                    format!("{:.2}%", lost as f64 * 100.0 / sent as f64)
+                } else {
+                    "-".into()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "CLUSTER", "REGION", "LINK", "RTT", "GATEWAYS", "EXPORTS", "STREAMS", "LOSS",
+        ],
+        &rows,
+    )
 }
 
 pub fn services(r: &pb::ListServicesResponse) -> String {

@@ -70,8 +70,12 @@ const PLAN: &[ClusterPlan] = &[
 ];
 
 /// The failover policy the demo gives pay.prod: 80 % of new connections to west, 20 % to
-/// north, one level (if west fails, north takes everything).
-pub const PAY_POLICY: &str = r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":80},{"cluster":"north","weight":20}]}]}"#;
+/// north, one level (if west fails, north takes everything). A cluster back from a failure
+/// (or a drill) gets traffic again after a 10 s hold-down, short enough for the tour.
+pub const PAY_POLICY: &str = r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west","weight":80},{"cluster":"north","weight":20}]}],"failback_hold_down":"10s"}"#;
+
+/// The failback hold-down of [`PAY_POLICY`].
+const PAY_HOLD_DOWN: Duration = Duration::from_secs(10);
 
 /// Writes [`PAY_POLICY`] into the catalog, as an operator would.
 async fn set_pay_policy(store: &EmbeddedStore) -> anyhow::Result<()> {
@@ -183,7 +187,7 @@ async fn cluster_config(
         admin: AdminConfig {
             http: loopback0,
             allow_non_loopback: false,
-            grpc: None,
+            grpc: Some(loopback0),
             allow_non_loopback_grpc: false,
         },
         exports,
@@ -318,7 +322,47 @@ fn print_federation(gateways: &[Gateway]) {
             dns.port()
         );
         println!("  curl http://{}/metrics", east.addrs().admin);
+        print_tour(east, vip("pay.prod", None));
     }
+}
+
+/// The id the tour gives its drill, so the stop command can name it.
+const TOUR_DRILL: &str = "tour-west";
+
+/// The guided tour: a failover of pay.prod rehearsed with the `meshup` commands against east's
+/// admin API while a client keeps calling. Every command line starts with `  $ ` so a test
+/// can run them as printed (tests/tests/demo_tour.rs).
+fn print_tour(east: &Gateway, pay_vip: Option<std::net::IpAddr>) {
+    let (Some(grpc), Some(pay)) = (east.addrs().grpc, pay_vip) else {
+        return;
+    };
+    let hold = PAY_HOLD_DOWN.as_secs();
+    println!(
+        "\nTour: rehearse a failover of pay.prod as an operator would. The meshup commands talk to\neast's admin API (gRPC, loopback only):\n"
+    );
+    println!("  $ export MESHUP_ADMIN={grpc}");
+    println!("\n1. In another terminal, a client in east that calls pay.prod twice a second:");
+    println!("  $ while sleep 0.5; do curl -sS http://{pay}:{SERVICE_PORT}/; done");
+    println!("\n2. Where a new connection goes now, and why for every cluster:");
+    println!("  $ meshup resolve pay.prod.svc.clusterset.local");
+    println!("  $ meshup clusters");
+    println!(
+        "\n3. Fail west for pay.prod, as in an outage, for 10 minutes (it ends by itself then).\n   The client keeps working: every new connection goes to north."
+    );
+    println!(
+        "  $ meshup drill start --kind fail --cluster west --service pay.prod --for 10m --why 'demo tour' --who \"$USER\" --id {TOUR_DRILL}"
+    );
+    println!("  $ meshup resolve pay.prod.svc.clusterset.local");
+    println!("  $ meshup services");
+    println!(
+        "\n4. End the drill. West gets new connections again after the policy's {hold} s failback\n   hold-down, not at once:"
+    );
+    println!("  $ meshup drill stop {TOUR_DRILL} --who \"$USER\"");
+    println!("  $ meshup drill list");
+    println!(
+        "\n5. The same as a live picture: http://{}/ ; as a stream: meshup events ; for scripts: -o json",
+        east.addrs().admin
+    );
 }
 
 /// Prints one suggested command with its explanation aligned.

@@ -427,13 +427,19 @@ impl AdminService for AdminApi {
         let snapshot = self.snapshot();
         let watcher = ctx.watcher.borrow().clone();
         let links = ctx.links.borrow().clone();
-        let peers: BTreeMap<ClusterName, Option<PeerSignal>> = {
+        let peers: BTreeMap<ClusterName, (Option<PeerSignal>, u32)> = {
             let st = ctx.outbound.steering().lock();
             snapshot
                 .clusters()
-                .map(|c| (c.clone(), st.health.peer(c)))
+                .map(|c| (c.clone(), (st.health.peer(c), st.health.active_at(c))))
                 .collect()
         };
+        let mut exported: BTreeMap<&ClusterName, u64> = BTreeMap::new();
+        for view in snapshot.services() {
+            for cluster in view.clusters.keys() {
+                *exported.entry(cluster).or_default() += 1;
+            }
+        }
         let mut clusters: Vec<pb::ClusterInfo> = snapshot
             .clusters()
             .map(|c| {
@@ -442,7 +448,7 @@ impl AdminService for AdminApi {
                 let (link, rtt) = if local {
                     (LinkState::Local, None)
                 } else {
-                    match peers.get(c).copied().flatten() {
+                    match peers.get(c).and_then(|(signal, _)| *signal) {
                         Some(PeerSignal::Up { rtt }) => {
                             (LinkState::Up, Some(rtt.as_secs_f64() * 1000.0))
                         }
@@ -481,6 +487,8 @@ impl AdminService for AdminApi {
                     link: link as i32,
                     rtt_ms: rtt,
                     gateways,
+                    exports: exported.get(c).copied().unwrap_or(0),
+                    open_streams: peers.get(c).map_or(0, |(_, active)| u64::from(*active)),
                 }
             })
             .collect();
