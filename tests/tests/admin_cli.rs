@@ -224,6 +224,39 @@ fn client_commands_against_gateway_processes() {
     assert_eq!(status["clusters"].as_array().map(Vec::len), Some(3));
     assert_eq!(status["clusters"][0]["link"], "LINK_STATE_LOCAL");
 
+    // clusters: one line each, with what it exports; JSON names the answering cluster.
+    let (code, out, err) = run(&["clusters"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("CLUSTER  REGION") && out.contains("EXPORTS  STREAMS  LOSS"),
+        "{out}"
+    );
+    let cells = |name: &str| -> Vec<String> {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name}:\n{out}"));
+        line.split("  ")
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    assert_eq!(
+        cells("east")[2..5],
+        ["local", "-", "1 (this cluster)"],
+        "{out}"
+    );
+    assert_eq!(cells("east")[5], "0", "east exports nothing:\n{out}");
+    for remote in ["west", "north"] {
+        assert_eq!(cells(remote)[5], "1", "{remote} exports pay.prod:\n{out}");
+    }
+    let (code, out, _) = run(&["clusters", "-o", "json"]);
+    assert_eq!(code, 0);
+    let clusters = json(&out);
+    assert_eq!(clusters["cluster"], "east");
+    assert_eq!(clusters["clusters"][2]["name"], "west");
+    assert_eq!(clusters["clusters"][2]["exports"], 1);
+
     // services: a table, and YAML for scripts.
     let (code, out, err) = run(&["services"]);
     assert_eq!(code, 0, "{err}");
