@@ -14,6 +14,7 @@
 //!
 //! Every error message says what to do next.
 
+mod export;
 mod render;
 
 use std::path::PathBuf;
@@ -123,6 +124,9 @@ pub enum AdminCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// This gateway's exports: list them, register or withdraw one at runtime.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,6 +280,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             count,
             conn,
         } => events(&conn, existing, count).await,
+        AdminCommand::Export(e) => export::run(e).await,
     }
 }
 
