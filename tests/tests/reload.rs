@@ -235,8 +235,7 @@ async fn editing_the_config_file_adds_changes_and_removes_exports() {
     assert!(
         west.log_text()
             .lines()
-            .filter(|l| l.contains("config reload refused"))
-            .next()
+            .find(|l| l.contains("config reload refused"))
             .is_some_and(|l| l.contains("line")),
         "a syntax error names its line"
     );
