@@ -468,3 +468,16 @@ impl Drop for GatewayProcess {
         }
     }
 }
+
+/// Runs `grpcurl ARGS` (a required tool: `.ci/packages`): (success, stdout, stderr).
+pub fn grpcurl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("grpcurl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("grpcurl is required (`bash .ci/setup test` installs it): {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

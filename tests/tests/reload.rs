@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig, export_entry};
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig, export_entry, grpcurl};
 use meshup_tests::{EtcdServer, assert_eventually, eventually_ok, meshup_bin};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -430,6 +430,43 @@ async fn sighup_reloads_once_and_the_api_registers_and_withdraws_exports() {
         err.contains("not registered through the admin API"),
         "{err}"
     );
+
+    // The API itself, with a standard client: register and withdraw through grpcurl.
+    let delta = tagged_backend("delta").await;
+    let addr = admin.to_string();
+    let body = format!(
+        r#"{{"export":{{"name":"delta","namespace":"test","ports":[{{"name":"tcp","port":7103}}],"endpoints":["{delta}"]}}}}"#
+    );
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &body,
+        &addr,
+        "meshup.admin.v1.AdminService/RegisterExport",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"outcome\": \"created\""), "{out}");
+    wait_in_dns(dns, "delta.test").await;
+    let delta_vip = east.wait_routable("delta.test", 7103).await;
+    let (tag, _) = eventually_ok("delta through east", WAIT, || tag_via(delta_vip)).await;
+    assert_eq!(tag, "delta");
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"delta.test"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/WithdrawExport",
+    ]);
+    assert!(ok, "{err}");
+    wait_gone_from_dns(dns, "delta.test").await;
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"delta.test"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/WithdrawExport",
+    ]);
+    assert!(!ok && err.contains("NotFound"), "withdrawn twice: {err}");
 
     // A reload that would take over an API export is refused; the API's stays.
     let refused_before = reloads(&west, "signal", "refused");
