@@ -9,6 +9,10 @@
 //! Drain (SIGTERM or [`Gateway::drain`]): mark the gateway draining in the catalog, stop
 //! taking connections, let in-flight streams finish up to `tunnel.drain_deadline`, close the
 //! QUIC endpoint with the `draining` code, revoke the lease, stop every task.
+//!
+//! Exports change while it runs ([`crate::exports`]): the export task follows the configured
+//! set (config reload on SIGHUP or a file change, [`crate::reload`]; the admin API) and
+//! turns each change into probe targets, catalog records and the proxies' endpoints.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
