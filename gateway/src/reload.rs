@@ -58,14 +58,18 @@ pub enum ReloadError {
 /// What a reload may change, from the running config to the file's: the exports' diff, or
 /// the first field that cannot change at runtime. Pure.
 pub fn plan(running: &Config, next: &Config) -> Result<ExportDiff, ReloadError> {
+    // Compared as data, so a new config field is covered without a change here. A config
+    // that cannot be rendered cannot be compared: refused rather than assumed equal.
     let fixed = |c: &Config| {
-        let mut v = serde_norway::to_value(c).unwrap_or(serde_norway::Value::Null);
+        let mut v = serde_norway::to_value(c).map_err(|e| ReloadError::Immutable {
+            field: format!("config (cannot compare it with the running one: {e})"),
+        })?;
         if let serde_norway::Value::Mapping(m) = &mut v {
             m.remove("exports");
         }
-        v
+        Ok::<_, ReloadError>(v)
     };
-    if let Some(field) = first_difference(&fixed(running), &fixed(next), "") {
+    if let Some(field) = first_difference(&fixed(running)?, &fixed(next)?, "") {
         return Err(ReloadError::Immutable { field });
     }
     Ok(ExportDiff::between(&running.exports, &next.exports))
