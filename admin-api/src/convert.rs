@@ -1,7 +1,11 @@
 //! Conversions between the catalog's records and the API's messages, and the field a record
 //! error is about (so INVALID_ARGUMENT and the CLI can name it).
 
-use meshup_core::names::DrillId;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use meshup_core::model::{PortSpec, Protocol};
+use meshup_core::names::{ClusterName, DrillId, Namespace, ServiceKey, ServiceName};
 use meshup_core::policy::{DrillAudit, DrillKind, DrillRecord, RecordError};
 
 use crate::pb;
@@ -92,6 +96,138 @@ pub fn record_error_field(err: &RecordError) -> Option<String> {
     })
 }
 
+/// An export as `RegisterExport` carries it, parsed into the catalog's types (the gateway
+/// validates it further, with the rules of the config file's exports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    pub name: ServiceName,
+    pub namespace: Namespace,
+    pub ports: Vec<PortSpec>,
+    pub endpoints: Vec<SocketAddr>,
+    pub allowed_callers: Vec<ClusterName>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Export {
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey::new(self.namespace.clone(), self.name.clone())
+    }
+}
+
+/// A message field that does not parse: INVALID_ARGUMENT names `field`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn field_error(field: impl Into<String>, message: impl std::fmt::Display) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// `tcp`, `udp`, `sctp`; empty is tcp.
+pub fn protocol_from_str(text: &str) -> Option<Protocol> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "sctp" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// Parses an export message; the error names the field (`export.endpoints[1]`).
+pub fn export_from_pb(spec: &pb::ExportSpec) -> Result<Export, FieldError> {
+    let name = ServiceName::new(spec.name.trim()).map_err(|e| field_error("export.name", e))?;
+    let namespace =
+        Namespace::new(spec.namespace.trim()).map_err(|e| field_error("export.namespace", e))?;
+    let ports = spec
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let port = u16::try_from(p.port).map_err(|_| {
+                field_error(
+                    format!("export.ports[{i}].port"),
+                    format!("{} is not a port number (1-65535)", p.port),
+                )
+            })?;
+            let protocol = protocol_from_str(&p.protocol).ok_or_else(|| {
+                field_error(
+                    format!("export.ports[{i}].protocol"),
+                    format!("{:?} is not tcp, udp or sctp", p.protocol),
+                )
+            })?;
+            Ok(PortSpec {
+                name: p.name.trim().to_owned(),
+                port,
+                protocol,
+            })
+        })
+        .collect::<Result<Vec<_>, FieldError>>()?;
+    let endpoints = spec
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            e.trim().parse::<SocketAddr>().map_err(|err| {
+                field_error(
+                    format!("export.endpoints[{i}]"),
+                    format!("{e:?} is not ip:port ({err})"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, FieldError>>()?;
+    let allowed_callers = spec
+        .allowed_callers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            ClusterName::new(c.trim())
+                .map_err(|e| field_error(format!("export.allowed_callers[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, FieldError>>()?;
+    Ok(Export {
+        name,
+        namespace,
+        ports,
+        endpoints,
+        allowed_callers,
+        labels: spec
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    })
+}
+
+/// An export as its message.
+pub fn export_to_pb(e: &Export) -> pb::ExportSpec {
+    pb::ExportSpec {
+        name: e.name.to_string(),
+        namespace: e.namespace.to_string(),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| pb::Port {
+                name: p.name.clone(),
+                port: u32::from(p.port),
+                protocol: p.protocol.as_str().to_owned(),
+            })
+            .collect(),
+        endpoints: e.endpoints.iter().map(ToString::to_string).collect(),
+        allowed_callers: e.allowed_callers.iter().map(ToString::to_string).collect(),
+        labels: e
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +252,49 @@ mod tests {
         assert_eq!(
             record_error_field(&RecordError::EmptyLevel { level: 2 }).as_deref(),
             Some("levels[2]")
+        );
+    }
+
+    #[test]
+    fn exports_round_trip_and_bad_fields_are_named() {
+        let spec = pb::ExportSpec {
+            name: "pay".into(),
+            namespace: "prod".into(),
+            ports: vec![pb::Port {
+                name: "http".into(),
+                port: 8080,
+                protocol: String::new(),
+            }],
+            endpoints: vec!["127.0.0.1:9000".into()],
+            allowed_callers: vec!["west".into()],
+            labels: [("team".to_owned(), "pay".to_owned())].into(),
+        };
+        let export = export_from_pb(&spec).expect("valid");
+        assert_eq!(export.key().to_string(), "pay.prod");
+        assert_eq!(export.ports[0].protocol, Protocol::Tcp);
+        let back = export_to_pb(&export);
+        assert_eq!(back.ports[0].protocol, "tcp");
+        assert_eq!(export_from_pb(&back).expect("again"), export);
+
+        let bad = |f: &dyn Fn(&mut pb::ExportSpec)| {
+            let mut s = spec.clone();
+            f(&mut s);
+            export_from_pb(&s).expect_err("invalid").field
+        };
+        assert_eq!(bad(&|s| s.name = "Pay_".into()), "export.name");
+        assert_eq!(bad(&|s| s.namespace.clear()), "export.namespace");
+        assert_eq!(bad(&|s| s.ports[0].port = 70_000), "export.ports[0].port");
+        assert_eq!(
+            bad(&|s| s.ports[0].protocol = "quic".into()),
+            "export.ports[0].protocol"
+        );
+        assert_eq!(
+            bad(&|s| s.endpoints.push("localhost:80".into())),
+            "export.endpoints[1]"
+        );
+        assert_eq!(
+            bad(&|s| s.allowed_callers = vec!["".into()]),
+            "export.allowed_callers[0]"
         );
     }
 }

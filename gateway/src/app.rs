@@ -9,9 +9,14 @@
 //! Drain (SIGTERM or [`Gateway::drain`]): mark the gateway draining in the catalog, stop
 //! taking connections, let in-flight streams finish up to `tunnel.drain_deadline`, close the
 //! QUIC endpoint with the `draining` code, revoke the lease, stop every task.
+//!
+//! Exports change while it runs ([`crate::exports`]): the export task follows the configured
+//! set (config reload on SIGHUP or a file change, [`crate::reload`]; the admin API) and
+//! turns each change into probe targets, catalog records and the proxies' endpoints.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,11 +40,13 @@ use crate::admin::{
     StatusView,
 };
 use crate::config::{Config, ExportConfig};
-use crate::health::{self, HealthMap};
+use crate::exports::{ExportSet, Exports};
+use crate::health::{self, HealthMap, Targets};
 use crate::identity::{DEFAULT_RELOAD_INTERVAL, Identity};
 use crate::inbound::{self, LocalExport, LocalExports};
 use crate::outbound::{self, route};
 use crate::readiness::Readiness;
+use crate::reload::{self, Loaded};
 use crate::tunnel::{self, Endpoint};
 
 /// How long a service must be gone from every cluster before its VIP is freed.
@@ -104,6 +111,12 @@ pub struct Gateway {
     /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
     /// to stop.
     _exports: Arc<watch::Sender<Arc<LocalExports>>>,
+    /// The exports as configured (file and API); changes are applied by the export task.
+    exports: Exports,
+    /// The config file in force (set by the reloader; empty for gateways started in-process).
+    loaded: Arc<watch::Sender<Loaded>>,
+    /// `meshup_config_reloads_total`, for the reloader.
+    reload_metrics: reload::Metrics,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -169,14 +182,12 @@ impl Gateway {
             }
         }));
 
-        // Local endpoints: probed, published as counts, served to peers.
-        let targets: Vec<(ServiceKey, Vec<SocketAddr>)> = config
-            .exports
-            .iter()
-            .map(|e| (e.key(), e.endpoints.clone()))
-            .collect();
+        // Local endpoints: probed, published as counts, served to peers. The exports change at
+        // runtime (config reload, admin API); the export task follows them.
+        let exports = Exports::new(cluster.clone(), ExportSet::new(config.exports.clone()));
+        let targets = watch::Sender::new(probe_targets(&config.exports));
         let health = health::spawn(
-            targets,
+            targets.subscribe(),
             health::DEFAULT_PROBE_INTERVAL,
             health::DEFAULT_PROBE_TIMEOUT,
             shutdown.child_token(),
@@ -193,7 +204,11 @@ impl Gateway {
             draining: false,
         };
         let publisher = Publisher::new(store.clone(), layout.clone(), record)
-            .with_exports(export_records(&config.exports, &health.borrow()))
+            .with_exports(export_records(
+                &config.exports,
+                &health.borrow(),
+                &BTreeMap::new(),
+            ))
             .with_config(PublisherConfig {
                 lease_ttl: config.catalog.lease_ttl,
                 ..PublisherConfig::default()
@@ -207,7 +222,8 @@ impl Gateway {
         ))));
         let exports_rx = exports_tx.subscribe();
         let export_updates = spawn_export_updates(
-            config.exports.clone(),
+            exports.subscribe(),
+            targets,
             health,
             publisher.clone(),
             exports_tx.clone(),
@@ -268,6 +284,8 @@ impl Gateway {
 
         let links = spawn_link_refresh(outbound.clone(), shutdown.child_token(), &mut tasks);
         let (draining, _) = watch::channel(false);
+        let loaded = Arc::new(watch::Sender::new(Loaded::default()));
+        let reload_metrics = reload::Metrics::register(&mut registry);
         let source = Arc::new(Status {
             cluster: cluster.clone(),
             gateway_id: gateway_id.to_string(),
@@ -302,6 +320,8 @@ impl Gateway {
                 draining: draining.subscribe(),
                 links: source.links.clone(),
                 outbound: outbound.clone(),
+                export_set: exports.clone(),
+                loaded: loaded.subscribe(),
             });
             let grpc_stop = shutdown.child_token();
             tasks.push(tokio::spawn(async move {
@@ -336,6 +356,9 @@ impl Gateway {
             outbound,
             draining,
             _exports: exports_tx,
+            exports,
+            loaded,
+            reload_metrics,
             tasks,
         })
     }
@@ -363,6 +386,24 @@ impl Gateway {
     /// The watcher's health.
     pub fn watcher_status(&self) -> watch::Receiver<WatcherStatus> {
         self.watcher.status()
+    }
+
+    /// The exports as configured (the file's and the admin API's), to change at runtime.
+    pub fn exports(&self) -> &Exports {
+        &self.exports
+    }
+
+    /// A reloader of the config file this gateway was started from (`text`: its bytes then).
+    pub fn reloader(&self, path: PathBuf, text: &str, config: Config) -> reload::Reloader {
+        reload::Reloader::new(
+            path,
+            Box::new(crate::config::ProcessEnv),
+            config,
+            text,
+            self.exports.clone(),
+            self.reload_metrics.clone(),
+            self.loaded.clone(),
+        )
     }
 
     /// VIP:port listeners currently bound by the outbound proxy.
@@ -413,18 +454,47 @@ impl Gateway {
     }
 }
 
+/// The config file a daemon was started from: its path and its bytes then.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
 /// Runs a gateway until SIGTERM or Ctrl-C, then drains it. The daemon's main loop. A drain
 /// that had to cut streams at `tunnel.drain_deadline` ends in [`AppError::DrainDeadline`],
-/// so the process exits non-zero.
-pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
+/// so the process exits non-zero. With `file`, SIGHUP and changes of the file reload it
+/// ([`reload`]).
+pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Result<(), AppError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    // Installed before start-up: SIGHUP's default action would end the process.
+    let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
     let embedded = (config.catalog.backend == Backend::Embedded).then(EmbeddedStore::new);
-    let gateway = Gateway::start(config, embedded.as_ref()).await?;
+    let gateway = Gateway::start(config.clone(), embedded.as_ref()).await?;
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
+    let reload_stop = gateway.shutdown.child_token();
+    let reloader = file.map(|f| gateway.reloader(f.path, &f.text, config));
+    let signals = tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if hup_tx.is_closed() {
+                tracing::warn!("SIGHUP: no config file to reload (started without one)");
+            } else {
+                // Full: a reload is pending already and will read the file.
+                let _ = hup_tx.try_send(());
+            }
+        }
+    });
+    if let Some(r) = reloader {
+        tokio::spawn(r.run(hup_rx, reload_stop));
+    } else {
+        drop(hup_rx);
+    }
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
     }
+    signals.abort();
     let deadline = gateway.drain_deadline;
     if gateway.drain().await {
         Ok(())
@@ -433,50 +503,80 @@ pub async fn run_until_signal(config: Config) -> Result<(), AppError> {
     }
 }
 
-/// The inbound/outbound view of this gateway's exports: only the endpoints that passed the
-/// last probe, so new connections skip a dead endpoint instead of waiting out its connect
-/// timeout. When none passed, all are kept: trying is better than refusing outright (the
-/// probe may be what is wrong), and the catalog already tells peers we have nothing healthy.
-/// Pure.
+/// What the prober probes for `exports`.
+pub fn probe_targets(exports: &[ExportConfig]) -> Targets {
+    Arc::new(
+        exports
+            .iter()
+            .map(|e| (e.key(), e.endpoints.clone()))
+            .collect(),
+    )
+}
+
+/// The inbound/outbound view of this gateway's exports: its endpoints less those the last
+/// probe found down, so new connections skip a dead endpoint instead of waiting out its
+/// connect timeout. Endpoints not probed yet (just configured) are kept: they were just
+/// configured to be used. When every endpoint is down, all are kept: trying is better than
+/// refusing outright (the probe may be what is wrong), and the catalog already tells peers
+/// we have nothing healthy. Pure.
 pub fn local_exports(exports: &[ExportConfig], health: &HealthMap) -> LocalExports {
     inbound::local_exports(exports.iter().map(|e| {
         let key = e.key();
-        let healthy: Vec<SocketAddr> = health
+        let down: Vec<SocketAddr> = health
             .get(&key)
             .map(|h| {
                 h.endpoints
                     .iter()
-                    .filter(|(_, up)| *up)
+                    .filter(|(_, up)| !*up)
                     .map(|(a, _)| *a)
                     .collect()
             })
             .unwrap_or_default();
+        let usable: Vec<SocketAddr> = e
+            .endpoints
+            .iter()
+            .copied()
+            .filter(|a| !down.contains(a))
+            .collect();
         LocalExport {
             service: key,
             ports: e.ports.iter().map(|p| p.port).collect(),
-            endpoints: if healthy.is_empty() {
+            endpoints: if usable.is_empty() {
                 e.endpoints.clone()
             } else {
-                healthy
+                usable
             },
             allowed_callers: e.allowed_callers.clone(),
         }
     }))
 }
 
-/// The export records to publish, with endpoint counts from the latest probes. Pure.
+/// The export records to publish, with endpoint counts from the latest probes. An export
+/// whose endpoints were not all probed yet (just added or changed) is published once they
+/// were, as at start-up, so peers never see it as all-down or untested: until then a changed
+/// export keeps the counts of its `previous` record, and a new one is left out. Pure.
 pub fn export_records(
     exports: &[ExportConfig],
     health: &HealthMap,
+    previous: &BTreeMap<ServiceKey, ExportRecord>,
 ) -> Vec<(ServiceKey, ExportRecord)> {
     exports
         .iter()
-        .map(|e| {
+        .filter_map(|e| {
             let key = e.key();
-            let (healthy, total) = health
-                .get(&key)
-                .map(|h| (h.healthy(), h.total()))
-                .unwrap_or((0, u32::try_from(e.endpoints.len()).unwrap_or(u32::MAX)));
+            let probed = health.get(&key).filter(|h| {
+                h.endpoints.len() == e.endpoints.len()
+                    && h.endpoints
+                        .iter()
+                        .zip(&e.endpoints)
+                        .all(|((a, _), b)| a == b)
+            });
+            let total = u32::try_from(e.endpoints.len()).unwrap_or(u32::MAX);
+            let healthy = match (probed, previous.get(&key)) {
+                (Some(h), _) => h.healthy(),
+                (None, Some(old)) => old.endpoints_healthy.min(total),
+                (None, None) => return None,
+            };
             let record = ExportRecord {
                 schema: SCHEMA_VERSION,
                 ports: e.ports.clone(),
@@ -485,29 +585,58 @@ pub fn export_records(
                 allowed_callers: e.allowed_callers.clone(),
                 labels: e.labels.clone(),
             };
-            (key, record)
+            Some((key, record))
         })
         .collect()
 }
 
-/// Republishes the exports, and updates the endpoints the proxies use, whenever the probes
-/// change what is healthy.
+/// The export task: follows the configured exports (reloads, the admin API) and the probes.
+/// On every change it sets what the prober probes, republishes the catalog records and
+/// updates the endpoints the proxies use. Removed exports leave the catalog at once (peers
+/// close their listeners; streams already open finish); new connections of a removed
+/// export are refused, of a changed one reach its new endpoints.
 fn spawn_export_updates(
-    exports: Vec<ExportConfig>,
+    mut set: watch::Receiver<Arc<ExportSet>>,
+    targets: watch::Sender<Targets>,
     mut health: watch::Receiver<HealthMap>,
     publisher: Arc<PublisherHandle>,
     local: Arc<watch::Sender<Arc<LocalExports>>>,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut published: BTreeMap<ServiceKey, ExportRecord> = {
+            let h = health.borrow_and_update().clone();
+            export_records(&set.borrow_and_update().all(), &h, &BTreeMap::new())
+                .into_iter()
+                .collect()
+        };
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = health.changed() => if changed.is_err() { return },
+                changed = set.changed() => if changed.is_err() { return },
             }
+            let exports = set.borrow_and_update().all();
+            let next = probe_targets(&exports);
+            targets.send_if_modified(|t| {
+                let differs = *t != next;
+                if differs {
+                    *t = next;
+                }
+                differs
+            });
             let current = health.borrow_and_update().clone();
-            publisher.set_exports(export_records(&exports, &current));
-            local.send_replace(Arc::new(local_exports(&exports, &current)));
+            let records = export_records(&exports, &current, &published);
+            publisher.set_exports(records.clone());
+            published = records.into_iter().collect();
+            let view = local_exports(&exports, &current);
+            local.send_if_modified(|l| {
+                let differs = **l != view;
+                if differs {
+                    *l = Arc::new(view);
+                }
+                differs
+            });
         }
     })
 }
@@ -683,8 +812,9 @@ mod tests {
     fn counts_and_endpoints_follow_the_probes() {
         let exports = [export()];
         let key = export().key();
+        let none = BTreeMap::new();
         let h = health(&[false, true]);
-        let records = export_records(&exports, &h);
+        let records = export_records(&exports, &h, &none);
         assert_eq!(records[0].1.endpoints_total, 2);
         assert_eq!(records[0].1.endpoints_healthy, 1);
         let local = local_exports(&exports, &h);
@@ -693,9 +823,57 @@ mod tests {
             vec!["127.0.0.1:2".parse().expect("addr")]
         );
         // Nothing healthy: keep trying every endpoint rather than refusing outright.
-        let none = local_exports(&exports, &health(&[false, false]));
-        assert_eq!(none[&key].endpoints.len(), 2);
-        let records = export_records(&exports, &health(&[false, false]));
+        let all_down = local_exports(&exports, &health(&[false, false]));
+        assert_eq!(all_down[&key].endpoints.len(), 2);
+        let records = export_records(&exports, &health(&[false, false]), &none);
         assert_eq!(records[0].1.endpoints_healthy, 0);
+    }
+
+    /// Exports added or changed at runtime (reload, admin API), before and after their first
+    /// probe.
+    #[test]
+    fn new_and_changed_exports_before_their_first_probe() {
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let key = export().key();
+        let probed = health(&[false, true]); // :1 down, :2 up
+        let published: BTreeMap<ServiceKey, ExportRecord> =
+            export_records(&[export()], &probed, &BTreeMap::new())
+                .into_iter()
+                .collect();
+
+        // Not probed and never published: left out until probed.
+        let unprobed: HealthMap = Arc::new(BTreeMap::new());
+        assert!(export_records(&[export()], &unprobed, &BTreeMap::new()).is_empty());
+        // ... but the proxies may use it at once.
+        assert_eq!(
+            local_exports(&[export()], &unprobed)[&key].endpoints.len(),
+            2
+        );
+
+        // Endpoint :2 swapped for :3: the record keeps its last counts until :3 is probed;
+        // new connections go to :3 at once, never to the removed :2 nor the down :1.
+        let mut swapped = export();
+        swapped.endpoints = vec![addr("127.0.0.1:1"), addr("127.0.0.1:3")];
+        let records = export_records(std::slice::from_ref(&swapped), &probed, &published);
+        assert_eq!(
+            (records[0].1.endpoints_healthy, records[0].1.endpoints_total),
+            (1, 2)
+        );
+        assert_eq!(
+            local_exports(std::slice::from_ref(&swapped), &probed)[&key].endpoints,
+            vec![addr("127.0.0.1:3")]
+        );
+        // Probed: its own counts.
+        let after: HealthMap = Arc::new(BTreeMap::from([(
+            key.clone(),
+            EndpointHealth {
+                endpoints: vec![(addr("127.0.0.1:1"), true), (addr("127.0.0.1:3"), true)],
+            },
+        )]));
+        let records = export_records(std::slice::from_ref(&swapped), &after, &published);
+        assert_eq!(records[0].1.endpoints_healthy, 2);
+        // Removed: gone from the records and the proxies' view.
+        assert!(export_records(&[], &after, &published).is_empty());
+        assert!(local_exports(&[], &after).is_empty());
     }
 }

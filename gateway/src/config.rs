@@ -130,7 +130,7 @@ impl Default for AdminConfig {
 }
 
 /// One service this cluster exports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     pub name: ServiceName,
@@ -151,6 +151,42 @@ impl ExportConfig {
     pub fn key(&self) -> ServiceKey {
         ServiceKey::new(self.namespace.clone(), self.name.clone())
     }
+
+    /// Checks one export of cluster `cluster`; errors name `field`. The same rules hold for
+    /// the config file's exports and for those registered through the admin API.
+    pub fn validate(&self, field: &str, cluster: &ClusterName) -> Result<(), ConfigError> {
+        if self.ports.is_empty() {
+            return Err(invalid(field, "an export needs at least one port"));
+        }
+        validate_ports(&self.ports).map_err(|err| invalid(field, err.to_string()))?;
+        if self.endpoints.is_empty() {
+            return Err(invalid(
+                field,
+                "an export needs at least one local endpoint (ip:port)",
+            ));
+        }
+        if self.endpoints.len() > MAX_ENDPOINTS_PER_EXPORT {
+            return Err(invalid(
+                field,
+                format!("more than {MAX_ENDPOINTS_PER_EXPORT} endpoints"),
+            ));
+        }
+        if let Some(bad) = self
+            .endpoints
+            .iter()
+            .find(|a| a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast())
+        {
+            return Err(invalid(
+                field,
+                format!("endpoint {bad} is not an address a gateway can connect to"),
+            ));
+        }
+        if self.allowed_callers.contains(cluster) && self.allowed_callers.len() == 1 {
+            // Allowed only from itself: legal, but almost always a typo for the peer.
+            tracing::warn!(%field, "export allows only its own cluster as a caller");
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -160,7 +196,14 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut config = Self::parse(&text).map_err(|e| match e {
+        Self::load_text(&text, path, env)
+    }
+
+    /// Parses, applies environment overrides and validates the text of the config file at
+    /// `path` (for messages): what [`Config::load`] does after reading, and what a reload
+    /// does with the bytes it hashed.
+    pub fn load_text(text: &str, path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let mut config = Self::parse(text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.display().to_string(),
                 message,
@@ -285,36 +328,7 @@ impl Config {
             if !seen.insert(e.key()) {
                 return Err(invalid(field, "the same service is exported twice"));
             }
-            if e.ports.is_empty() {
-                return Err(invalid(field, "an export needs at least one port"));
-            }
-            validate_ports(&e.ports).map_err(|err| invalid(&field, err.to_string()))?;
-            if e.endpoints.is_empty() {
-                return Err(invalid(
-                    field,
-                    "an export needs at least one local endpoint (ip:port)",
-                ));
-            }
-            if e.endpoints.len() > MAX_ENDPOINTS_PER_EXPORT {
-                return Err(invalid(
-                    field,
-                    format!("more than {MAX_ENDPOINTS_PER_EXPORT} endpoints"),
-                ));
-            }
-            if let Some(bad) = e
-                .endpoints
-                .iter()
-                .find(|a| a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast())
-            {
-                return Err(invalid(
-                    field,
-                    format!("endpoint {bad} is not an address a gateway can connect to"),
-                ));
-            }
-            if e.allowed_callers.contains(&self.cluster) && e.allowed_callers.len() == 1 {
-                // Allowed only from itself: legal, but almost always a typo for the peer.
-                tracing::warn!(%field, "export allows only its own cluster as a caller");
-            }
+            e.validate(&field, &self.cluster)?;
         }
         Ok(())
     }

@@ -66,15 +66,20 @@ pub async fn probe_once(
     join_all(probes).await.into_iter().collect()
 }
 
+/// What to probe: each export's endpoints.
+pub type Targets = Arc<Vec<(ServiceKey, Vec<SocketAddr>)>>;
+
 /// Starts the prober. The first probe runs before this returns, so the first catalog
-/// publication already carries real counts (a gateway does not start out "all down").
+/// publication already carries real counts (a gateway does not start out "all down"). When
+/// `targets` change (a reload, an export registered) the new ones are probed at once.
 pub async fn spawn(
-    targets: Vec<(ServiceKey, Vec<SocketAddr>)>,
+    mut targets: watch::Receiver<Targets>,
     interval: Duration,
     timeout: Duration,
     shutdown: CancellationToken,
 ) -> watch::Receiver<HealthMap> {
-    let first = probe_once(&targets, timeout).await;
+    let current = targets.borrow_and_update().clone();
+    let first = probe_once(&current, timeout).await;
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
@@ -84,8 +89,10 @@ pub async fn spawn(
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                changed = targets.changed() => if changed.is_err() { return },
             }
-            let next = probe_once(&targets, timeout).await;
+            let current = targets.borrow_and_update().clone();
+            let next = probe_once(&current, timeout).await;
             // Only wake readers when something changed.
             tx.send_if_modified(|cur| {
                 if **cur == next {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use meshup_gateway::config::{Config, ProcessEnv};
+use meshup_gateway::config::{Config, ConfigError, ProcessEnv};
 use meshup_gateway::identity::Identity;
 use meshup_gateway::{app, certs, cli as client, demo};
 use tracing_subscriber::EnvFilter;
@@ -89,9 +89,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Gateway { config } => {
-            let config = Config::load(&config, &ProcessEnv)?;
-            runtime(config.worker_threads)?.block_on(app::run_until_signal(config))?;
+        Command::Gateway { config: path } => {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let config = Config::load_text(&text, &path, &ProcessEnv)?;
+            let file = app::ConfigFile { path, text };
+            runtime(config.worker_threads)?.block_on(app::run_until_signal(config, Some(file)))?;
         }
         Command::Demo(opts) => runtime(None)?.block_on(demo::run(opts))?,
         Command::Admin(command) => tokio::runtime::Builder::new_current_thread()

@@ -123,6 +123,8 @@ pub struct GatewaySpec<'a> {
     pub log_filter: Option<&'a str>,
     /// `worker_threads`; `None`: the gateway's default (one per core).
     pub worker_threads: Option<usize>,
+    /// Serve the gRPC admin API on a free loopback port ([`GatewayProcess::grpc_addr`]).
+    pub grpc: bool,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -146,17 +148,16 @@ impl<'a> GatewaySpec<'a> {
             replica_id: None,
             log_filter: None,
             worker_threads: None,
+            grpc: false,
         }
     }
 
     /// The gateway's config file.
-    fn config(&self, admin: SocketAddr) -> String {
+    fn config(&self, admin: SocketAddr, grpc: Option<SocketAddr>) -> String {
         let certs = self.certs.of(self.cluster);
         let mut exports = String::new();
         for (name, ns, port, backend) in &self.exports {
-            exports.push_str(&format!(
-                "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
-            ));
+            exports.push_str(&export_entry(name, ns, *port, *backend));
         }
         // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
         // UDP port probed free over TCP may already be taken by another test's socket.
@@ -181,7 +182,7 @@ dns:
   listen: 127.0.0.1:0
 admin:
   http: {admin}
-{threads}exports:
+{grpc}{threads}exports:
 {exports}"#,
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
@@ -190,6 +191,7 @@ admin:
             vip_cidr = self.vip_cidr,
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
+            grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
             threads = self
                 .worker_threads
                 .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
@@ -202,12 +204,47 @@ admin:
     }
 }
 
+/// One line of a config file's `exports:` list: service `name.ns` on one TCP port, served
+/// by one backend.
+pub fn export_entry(name: &str, ns: &str, port: u16, backend: SocketAddr) -> String {
+    format!(
+        "  - {{name: {name}, namespace: {ns}, ports: [{{name: tcp, port: {port}, protocol: tcp}}], endpoints: [\"{backend}\"]}}\n"
+    )
+}
+
+/// The A records `dig` gets from a DNS server for `name` (empty for NXDOMAIN or NODATA).
+pub fn dig(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let out = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string()])
+        .args(["+short", "+tries=1", "+time=2", name, "A"])
+        .output()
+        .context("run dig")?;
+    if !out.status.success() {
+        bail!(
+            "dig {name} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim()
+                .parse()
+                .with_context(|| format!("dig {name}: not an address: {l:?}"))
+        })
+        .collect()
+}
+
 /// One `meshup gateway` process. Killed (SIGKILL) on drop.
 #[derive(Debug)]
 pub struct GatewayProcess {
     child: Option<Child>,
     cluster: String,
     admin: SocketAddr,
+    grpc: Option<SocketAddr>,
+    config: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -217,8 +254,11 @@ impl GatewayProcess {
     pub fn start(spec: GatewaySpec<'_>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let admin: SocketAddr = format!("127.0.0.1:{}", port()).parse().expect("addr");
+        let grpc = spec
+            .grpc
+            .then(|| SocketAddr::from(([127, 0, 0, 1], port())));
         let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, spec.config(admin)).expect("write config");
+        std::fs::write(&config_path, spec.config(admin, grpc)).expect("write config");
         let log = dir.path().join("gateway.log");
         let mut command = Command::new(spec.certs.binary());
         command
@@ -239,9 +279,34 @@ impl GatewayProcess {
             child: Some(child),
             cluster: spec.cluster.to_owned(),
             admin,
+            grpc,
+            config: config_path,
             log,
             _dir: dir,
         }
+    }
+
+    /// The gRPC admin address, when the spec asked for one.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc
+    }
+
+    /// The config file the gateway was started with.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The config file's text now.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read the config file")
+    }
+
+    /// Replaces the config file as editors do: a temporary file in the same directory,
+    /// renamed over it (one atomic change; the gateway never reads half a file).
+    pub fn write_config(&self, text: &str) {
+        let tmp = self.config.with_extension("yaml.tmp");
+        std::fs::write(&tmp, text).expect("write the new config");
+        std::fs::rename(&tmp, &self.config).expect("rename it over the config");
     }
 
     /// The cluster this gateway belongs to.
@@ -402,4 +467,17 @@ impl Drop for GatewayProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `grpcurl ARGS` (a required tool: `.ci/packages`): (success, stdout, stderr).
+pub fn grpcurl(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("grpcurl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("grpcurl is required (`bash .ci/setup test` installs it): {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

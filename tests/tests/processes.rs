@@ -6,15 +6,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use meshup_core::model::{VipRecord, decode};
 use meshup_federation::etcd::{EtcdOptions, EtcdStore};
 use meshup_federation::store::{self, KeyValue, Store};
-use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL};
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL, dig};
 use meshup_tests::workload::EchoServer;
 use meshup_tests::{EtcdServer, eventually_ok};
 use sha2::{Digest, Sha256};
@@ -59,31 +57,6 @@ async fn list(store: &dyn Store, prefix: &str) -> anyhow::Result<Vec<KeyValue>> 
 
 fn key_str(kv: &KeyValue) -> String {
     String::from_utf8_lossy(&kv.key).into_owned()
-}
-
-/// The A records `dig` gets from a gateway's DNS server for `name`.
-fn dig(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>> {
-    let out = Command::new("dig")
-        .arg(format!("@{}", server.ip()))
-        .args(["-p", &server.port().to_string()])
-        .args(["+short", "+tries=1", "+time=2", name, "A"])
-        .output()
-        .context("run dig")?;
-    if !out.status.success() {
-        bail!(
-            "dig {name} failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            l.trim()
-                .parse()
-                .with_context(|| format!("dig {name}: not an address: {l:?}"))
-        })
-        .collect()
 }
 
 fn keys_under(etcd: &EtcdServer, prefix: &str) -> Vec<String> {

@@ -14,6 +14,7 @@
 //!
 //! Every error message says what to do next.
 
+mod export;
 mod render;
 
 use std::path::PathBuf;
@@ -129,6 +130,9 @@ pub enum AdminCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// This gateway's exports: list them, register or withdraw one at runtime.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +306,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             count,
             conn,
         } => events(&conn, existing, count).await,
+        AdminCommand::Export(e) => export::run(e).await,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
+use meshup_admin_api::convert::{Export, export_from_pb, export_to_pb};
 use meshup_admin_api::convert::{audit_to_pb, drill_kind_from_pb, drill_to_pb, record_error_field};
 use meshup_admin_api::names::{parse_resolve_name, parse_service};
 use meshup_admin_api::pb::admin_service_server::AdminService;
@@ -27,6 +28,8 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Code, Request, Response, Status};
 
 use super::{MAX_WATCHERS, events};
+use crate::config::ExportConfig;
+use crate::exports::{ExportError, Registered};
 use crate::inbound::LocalExports;
 use crate::outbound::{self, PeerLink, route::Route, steer::unix_now};
 use crate::readiness::Readiness;
@@ -51,6 +54,10 @@ pub struct Context {
     pub draining: watch::Receiver<bool>,
     pub links: watch::Receiver<Arc<Vec<PeerLink>>>,
     pub outbound: outbound::Proxy,
+    /// The exports as configured (file and API): `RegisterExport` / `WithdrawExport`.
+    pub export_set: crate::exports::Exports,
+    /// The config file in force, for `ListExports`.
+    pub loaded: watch::Receiver<crate::reload::Loaded>,
 }
 
 /// The service implementation.
@@ -1020,6 +1027,99 @@ impl AdminService for AdminApi {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn list_exports(
+        &self,
+        _request: Request<pb::ListExportsRequest>,
+    ) -> Result<Response<pb::ListExportsResponse>, Status> {
+        let set = self.ctx.export_set.current();
+        let snapshot = self.snapshot();
+        let exports = set
+            .with_sources()
+            .into_iter()
+            .map(|(source, e)| {
+                let key = e.key();
+                let record = snapshot
+                    .service(&key)
+                    .and_then(|s| s.clusters.get(&self.ctx.cluster).cloned());
+                pb::LocalExportInfo {
+                    service: key.to_string(),
+                    source: source.as_str().into(),
+                    export: Some(export_to_pb(&Export::from(e))),
+                    published: record.is_some(),
+                    healthy: record.as_ref().map_or(0, |r| r.endpoints_healthy),
+                    total: record.as_ref().map_or(0, |r| r.endpoints_total),
+                }
+            })
+            .collect();
+        let loaded = self.ctx.loaded.borrow().clone();
+        Ok(Response::new(pb::ListExportsResponse {
+            exports,
+            config: Some(pb::ConfigFileInfo {
+                path: loaded.path,
+                sha256: loaded.sha256,
+                loaded_at: loaded.loaded_at,
+                reloads_applied: loaded.applied,
+                reloads_refused: loaded.refused,
+                last_error: loaded.last_error.unwrap_or_default(),
+            }),
+        }))
+    }
+
+    async fn register_export(
+        &self,
+        request: Request<pb::RegisterExportRequest>,
+    ) -> Result<Response<pb::RegisterExportResponse>, Status> {
+        let spec = request.into_inner().export.ok_or_else(|| {
+            invalid(
+                "export",
+                "missing: the export to register (name, namespace, ports, endpoints)",
+            )
+        })?;
+        let export = export_from_pb(&spec).map_err(|e| invalid(&e.field, &e.message))?;
+        let key = export.key();
+        let outcome = self
+            .ctx
+            .export_set
+            .register(ExportConfig::from(export))
+            .map_err(|e| export_status(&e))?;
+        let outcome = match outcome {
+            Registered::Created => "created",
+            Registered::Updated => "updated",
+            Registered::Unchanged => "unchanged",
+        };
+        tracing::info!(service = %key, outcome, "export registered through the admin API");
+        Ok(Response::new(pb::RegisterExportResponse {
+            service: key.to_string(),
+            outcome: outcome.into(),
+        }))
+    }
+
+    async fn withdraw_export(
+        &self,
+        request: Request<pb::WithdrawExportRequest>,
+    ) -> Result<Response<pb::WithdrawExportResponse>, Status> {
+        let key = service_arg(&request.into_inner().service)?;
+        self.ctx
+            .export_set
+            .withdraw(&key)
+            .map_err(|e| export_status(&e))?;
+        tracing::info!(service = %key, "export withdrawn through the admin API");
+        Ok(Response::new(pb::WithdrawExportResponse {
+            service: key.to_string(),
+        }))
+    }
+}
+
+/// A refused export change as a status: the rules' message with its code.
+fn export_status(e: &ExportError) -> Status {
+    match e {
+        ExportError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        ExportError::NotRegistered { .. } => Status::not_found(e.to_string()),
+        ExportError::FromFile { .. }
+        | ExportError::FromApi { .. }
+        | ExportError::TooMany { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 
