@@ -123,6 +123,8 @@ pub struct GatewaySpec<'a> {
     pub log_filter: Option<&'a str>,
     /// `worker_threads`; `None`: the gateway's default (one per core).
     pub worker_threads: Option<usize>,
+    /// `admin.grpc`: the gRPC admin API the `meshup` client commands talk to; `None`: off.
+    pub grpc: Option<SocketAddr>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -146,6 +148,7 @@ impl<'a> GatewaySpec<'a> {
             replica_id: None,
             log_filter: None,
             worker_threads: None,
+            grpc: None,
         }
     }
 
@@ -181,7 +184,7 @@ dns:
   listen: 127.0.0.1:0
 admin:
   http: {admin}
-{threads}exports:
+{grpc}{threads}exports:
 {exports}"#,
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
@@ -190,6 +193,9 @@ admin:
             vip_cidr = self.vip_cidr,
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
+            grpc = self
+                .grpc
+                .map_or(String::new(), |a| format!("  grpc: {a}\n")),
             threads = self
                 .worker_threads
                 .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
@@ -255,6 +261,11 @@ impl GatewayProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The admin HTTP address (`/ready`, `/status`, the status page at `/`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// GET a path on the admin server: (status code, body).
