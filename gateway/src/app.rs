@@ -35,10 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{
-    AdminServer, CatalogStatus, ClusterStatus, GatewayStatus, ServiceStatus, StatusSource,
-    StatusView,
-};
+use crate::admin::{AdminServer, LiveStatus};
 use crate::config::{Config, ExportConfig};
 use crate::exports::{ExportSet, Exports};
 use crate::health::{self, HealthMap, Targets};
@@ -282,11 +279,13 @@ impl Gateway {
             drop(sync_ready);
         }));
 
-        let links = spawn_link_refresh(outbound.clone(), shutdown.child_token(), &mut tasks);
+        let (links, link_refresh) =
+            crate::admin::view::spawn_link_refresh(outbound.clone(), shutdown.child_token());
+        tasks.push(link_refresh);
         let (draining, _) = watch::channel(false);
         let loaded = Arc::new(watch::Sender::new(Loaded::default()));
         let reload_metrics = reload::Metrics::register(&mut registry);
-        let source = Arc::new(Status {
+        let source = Arc::new(LiveStatus {
             cluster: cluster.clone(),
             gateway_id: gateway_id.to_string(),
             region: config.region.clone(),
@@ -639,149 +638,6 @@ fn spawn_export_updates(
             });
         }
     })
-}
-
-/// Builds the admin status view from the gateway's live channels.
-struct Status {
-    cluster: ClusterName,
-    gateway_id: String,
-    region: String,
-    backend: String,
-    readiness: Readiness,
-    snapshots: watch::Receiver<Arc<Snapshot>>,
-    watcher: watch::Receiver<WatcherStatus>,
-    exports: watch::Receiver<Arc<LocalExports>>,
-    draining: watch::Receiver<bool>,
-    links: watch::Receiver<Arc<Vec<outbound::PeerLink>>>,
-    outbound: outbound::Proxy,
-}
-
-/// How often the status page's view of peer links is refreshed.
-const LINK_REFRESH: Duration = Duration::from_secs(1);
-
-/// Keeps a snapshot of the live peer links for the status page (the pool answers
-/// asynchronously; the admin handlers read this without waiting).
-fn spawn_link_refresh(
-    outbound: outbound::Proxy,
-    stop: CancellationToken,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> watch::Receiver<Arc<Vec<outbound::PeerLink>>> {
-    let (tx, rx) = watch::channel(Arc::new(Vec::new()));
-    tasks.push(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(LINK_REFRESH);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            tx.send_replace(Arc::new(outbound.links().await));
-        }
-    }));
-    rx
-}
-
-impl StatusSource for Status {
-    fn status(&self) -> StatusView {
-        let snapshot = self.snapshots.borrow().clone();
-        let watcher = self.watcher.borrow().clone();
-        let exports = self.exports.borrow().clone();
-        let links = self.links.borrow().clone();
-        let mut clusters: Vec<ClusterStatus> = snapshot
-            .clusters()
-            .map(|c| ClusterStatus {
-                name: c.to_string(),
-                local: *c == self.cluster,
-                gateways: snapshot
-                    .gateways_of(c)
-                    .map(|g| {
-                        let link = links.iter().find(|l| {
-                            l.peer.cluster == g.cluster && g.quic_addrs.contains(&l.peer.addr)
-                        });
-                        GatewayStatus {
-                            id: g.gateway_id.to_string(),
-                            addrs: g.quic_addrs.iter().map(ToString::to_string).collect(),
-                            draining: g.draining,
-                            connected: link.is_some(),
-                            rtt_ms: link.map(|l| l.rtt.as_secs_f64() * 1000.0),
-                            mtu: link.map(|l| l.mtu),
-                            lost_packets: link.map(|l| l.lost_packets),
-                            black_holes: link.map(|l| l.black_holes),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        if !clusters.iter().any(|c| c.local) {
-            clusters.push(ClusterStatus {
-                name: self.cluster.to_string(),
-                local: true,
-                gateways: vec![],
-            });
-        }
-        let services = snapshot
-            .services()
-            .map(|svc| {
-                let target = svc.ports.first().and_then(|p| {
-                    let r = route::Route {
-                        service: svc.key.clone(),
-                        port: p.port,
-                        target: None,
-                    };
-                    self.outbound
-                        .explain(&snapshot, &exports, &r)
-                        .main_target()
-                        .map(|c| {
-                            if c == &self.cluster {
-                                format!("{c} (local)")
-                            } else {
-                                c.to_string()
-                            }
-                        })
-                });
-                ServiceStatus {
-                    name: svc.key.to_string(),
-                    vip: snapshot
-                        .vip(&self.cluster, &svc.key, None)
-                        .map(|v| v.to_string()),
-                    ports: svc
-                        .ports
-                        .iter()
-                        .map(|p| format!("{}/{} {}", p.port, p.protocol.as_str(), p.name))
-                        .collect(),
-                    clusters: svc
-                        .clusters
-                        .iter()
-                        .map(|(c, e)| (c.to_string(), e.endpoints_healthy, e.endpoints_total))
-                        .collect(),
-                    target,
-                }
-            })
-            .collect();
-        StatusView {
-            cluster: self.cluster.to_string(),
-            gateway_id: self.gateway_id.clone(),
-            region: self.region.clone(),
-            ready: self.readiness.is_ready(),
-            pending: self
-                .readiness
-                .pending()
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-            draining: *self.draining.borrow(),
-            catalog: CatalogStatus {
-                backend: self.backend.clone(),
-                revision: snapshot.revision,
-                synced: watcher.synced,
-                connected: watcher.connected,
-                stale_seconds: watcher.staleness().map_or(0.0, |d| d.as_secs_f64()),
-                services: snapshot.service_count(),
-                exports: snapshot.export_count(),
-            },
-            clusters,
-            services,
-        }
-    }
 }
 
 #[cfg(test)]

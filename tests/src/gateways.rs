@@ -322,6 +322,11 @@ impl GatewayProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The admin HTTP address (`/ready`, `/status`, the status page at `/`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
     /// GET a path on the admin server: (status code, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         crate::http::get(self.admin, path)

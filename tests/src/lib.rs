@@ -1,9 +1,10 @@
 //! Test harness shared by the integration tests and the benchmarks: a real etcd server
-//! (plain or TLS), the `meshup` binary and real gateway processes, the three-cluster failover
-//! federation, free loopback ports, polling helpers, a throw-away TLS PKI, a new-connection
-//! workload with its fault checker, child processes ended with their process group, and
-//! nginx `stream` peers.
+//! (plain or TLS), a real headless Chromium, the `meshup` binary and real gateway processes,
+//! the three-cluster failover federation, free loopback ports, polling helpers, a throw-away
+//! TLS PKI, a new-connection workload with its fault checker, child processes ended with
+//! their process group, and nginx `stream` peers.
 
+pub mod browser;
 pub mod etcd;
 pub mod eventually;
 pub mod failover;

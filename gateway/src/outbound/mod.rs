@@ -22,7 +22,7 @@ pub mod pool;
 pub mod route;
 pub mod steer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -158,6 +158,49 @@ pub struct PeerLink {
     pub sent_packets: u64,
     /// Times the path MTU fell back to the minimum after losses of large packets.
     pub black_holes: u64,
+    /// Tunnel streams open on it now: client connections carried to that peer.
+    pub open_streams: usize,
+}
+
+/// Tunnel streams open to each peer gateway, counted by the guards the connections hold.
+#[derive(Debug, Default)]
+struct OpenStreams(std::sync::Mutex<HashMap<PeerKey, usize>>);
+
+impl OpenStreams {
+    fn open(self: &Arc<Self>, peer: PeerKey) -> OpenStream {
+        *self.lock().entry(peer.clone()).or_default() += 1;
+        OpenStream {
+            streams: self.clone(),
+            peer,
+        }
+    }
+
+    fn count(&self, peer: &PeerKey) -> usize {
+        self.lock().get(peer).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerKey, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One open tunnel stream to a peer; uncounted when dropped, however the connection ends.
+#[derive(Debug)]
+struct OpenStream {
+    streams: Arc<OpenStreams>,
+    peer: PeerKey,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let mut counts = self.streams.lock();
+        if let Some(n) = counts.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The running outbound proxy.
@@ -182,6 +225,7 @@ struct Shared {
     rotation: AtomicUsize,
     next_request_id: AtomicU64,
     prepared: std::sync::Mutex<PreparedCache>,
+    open_streams: Arc<OpenStreams>,
 }
 
 /// Each route's [`steer::Prepared`], valid for one catalog snapshot and one set of local
@@ -259,6 +303,7 @@ impl Proxy {
             rotation: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(seed << 16),
             prepared: Default::default(),
+            open_streams: Default::default(),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
         tokio::spawn(monitor_peers(inner.clone()));
@@ -295,6 +340,7 @@ impl Proxy {
                     lost_packets: path.lost_packets,
                     sent_packets: path.sent_packets,
                     black_holes: path.black_holes_detected,
+                    open_streams: self.inner.open_streams.count(&peer),
                     peer,
                 }
             })
@@ -648,7 +694,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     let idle = shared.endpoint.config().stream_idle_timeout;
                     let out = match conn {
                         Connected::Local { tcp, up } => splice_tcp(tcp, up, idle).await,
-                        Connected::Remote { tcp, send, recv } => splice(tcp, send, recv, &[], idle).await,
+                        Connected::Remote { tcp, send, recv, _open } => splice(tcp, send, recv, &[], idle).await,
                     };
                     steering.lock().health.connection_ended(service, cluster);
                     let sent = out.tcp_to_quic + early.bytes.len() as u64;
@@ -695,6 +741,8 @@ enum Connected {
         tcp: TcpStream,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
+        /// Counts the stream as open to its peer until the splice ends.
+        _open: OpenStream,
     },
 }
 
@@ -780,7 +828,15 @@ async fn attempt_remote(
         };
         tracing::trace!(%peer, "attempt");
         let failed = match open_tunnel(shared, &peer, header, &mut tcp, early).await {
-            Ok((send, recv)) => return Attempt::Connected(Connected::Remote { tcp, send, recv }),
+            Ok((send, recv)) => {
+                let _open = shared.open_streams.open(peer);
+                return Attempt::Connected(Connected::Remote {
+                    tcp,
+                    send,
+                    recv,
+                    _open,
+                });
+            }
             Err(f) => f,
         };
         match after_failure(&failed.error, failed.sent_client_bytes) {
