@@ -13,13 +13,12 @@
 //! The `meshup` binary must be built (`cargo build --workspace`); a missing binary, etcd or
 //! Chromium fails the test, never skips it.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use meshup_tests::browser::{Browser, eval};
-use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, port};
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec};
 use meshup_tests::workload::EchoServer;
 use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
