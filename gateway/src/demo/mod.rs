@@ -182,9 +182,7 @@ async fn cluster_config(
         },
         admin: AdminConfig {
             http: loopback0,
-            allow_non_loopback: false,
-            grpc: None,
-            allow_non_loopback_grpc: false,
+            ..AdminConfig::default()
         },
         exports,
         worker_threads: None,
