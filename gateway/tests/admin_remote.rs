@@ -163,7 +163,10 @@ async fn assert_refused(
         None => {
             for s in [&status, &drill] {
                 assert!(
-                    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal),
+                    matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled
+                    ),
                     "{what}: {s:?}"
                 );
             }
