@@ -187,9 +187,12 @@ pub async fn channel(
 mod tests {
     use super::*;
 
+    /// `--admin`, whether `--cert` is set, and the authority and TLS it means (`None`: refused).
+    type Case = (&'static str, bool, Option<(&'static str, bool)>);
+
     #[test]
     fn the_address_says_whether_to_speak_tls() {
-        let cases: &[(&str, bool, Option<(&str, bool)>)] = &[
+        let cases: &[Case] = &[
             ("127.0.0.1:15021", false, Some(("127.0.0.1:15021", false))),
             ("127.0.0.1:15021", true, Some(("127.0.0.1:15021", true))),
             (
