@@ -336,6 +336,16 @@ impl Default for PolicyRecord {
 }
 
 impl PolicyRecord {
+    /// Whether two records say the same thing, whoever wrote them and when.
+    pub fn same_rules(&self, other: &Self) -> bool {
+        let rules = |r: &Self| Self {
+            updated_by: None,
+            updated_at: None,
+            ..r.clone()
+        };
+        rules(self) == rules(other)
+    }
+
     /// Rejects a policy that cannot work, saying why.
     pub fn validate(&self) -> Result<(), RecordError> {
         check_schema(self.schema)?;
@@ -754,6 +764,10 @@ mod tests {
             "{json}"
         );
         assert_eq!(policy(&json), Ok(now.clone()));
+        assert!(now.same_rules(&before) && now != before);
+        let mut other = now.clone();
+        other.local_only = true;
+        assert!(!other.same_rules(&now));
         #[derive(Deserialize)]
         struct Older {
             schema: u32,

@@ -539,7 +539,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                         && meshup_core::policy::decode::<meshup_core::policy::PolicyRecord>(
                             r.policy_json.as_bytes(),
                         )
-                        .is_ok_and(|stored| stored == f.record);
+                        .is_ok_and(|stored| stored.same_rules(&f.record));
                     (r.revision, same)
                 }
                 // Not stored and not exported yet: create it (the gateway warns).
