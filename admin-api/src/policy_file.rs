@@ -99,6 +99,12 @@ struct FileShape {
     circuit: Option<CircuitShape>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     retry: Option<RetryShape>,
+    /// Who last wrote the stored policy and when, as `policy get` prints them: accepted so
+    /// that file applies as it is, and replaced by the gateway with the writer of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    updated_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    updated_at: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -433,6 +439,8 @@ outlier:
         let mut record = parse(GOOD, None).expect("valid").record;
         record.local_only = false;
         record.min_healthy.percent = 10;
+        record.updated_by = Some("ana".into());
+        record.updated_at = Some(1_796_000_000);
         let pay: ServiceKey = "pay.prod".parse().expect("key");
         let text = to_yaml(&pay, &record);
         assert!(text.starts_with("service: pay.prod\n"), "{text}");

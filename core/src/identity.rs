@@ -1,6 +1,9 @@
 //! SPIFFE IDs, parsed strictly, and the gateway identity they carry.
 //!
-//! A gateway's SPIFFE ID is `spiffe://<trust-domain>/cluster/<cluster>/gateway`. The parser
+//! A gateway's SPIFFE ID is `spiffe://<trust-domain>/cluster/<cluster>/gateway`; an operator's
+//! (a person or tool with remote admin rights, docs/admin-api.md) is
+//! `spiffe://<trust-domain>/operator/<name>`. The two path forms cannot overlap, so a gateway
+//! certificate is never an operator and an operator certificate is never a gateway. The parser
 //! follows the SPIFFE ID specification (SPIFFE-ID.md §2): lowercase trust domain of
 //! `[a-z0-9.-_]`, no port, user info, query or fragment; path segments of `[A-Za-z0-9.-_]`,
 //! none empty, `.` or `..`; at most 2048 bytes in all. Certificate checks (one URI SAN, leaf
@@ -42,6 +45,14 @@ pub enum IdentityError {
     NotAGateway(String),
     #[error("SPIFFE ID names a bad cluster: {0}")]
     BadCluster(#[from] NameError),
+    #[error(
+        "SPIFFE ID {0:?} is not an operator identity (want spiffe://<trust-domain>/operator/<name>)"
+    )]
+    NotAnOperator(String),
+    #[error(
+        "operator name {0:?} is invalid: use 1 to 63 lowercase letters, digits and '-', starting with a letter and not ending with '-' (and not \"local\", which names loopback callers)"
+    )]
+    BadOperatorName(String),
 }
 
 /// A parsed SPIFFE ID.
@@ -188,6 +199,86 @@ impl fmt::Display for GatewayIdentity {
     }
 }
 
+/// The name loopback callers are recorded under; no operator certificate may carry it.
+pub const LOCAL_CALLER: &str = "local";
+/// Longest operator name, in bytes (a DNS label).
+pub const MAX_OPERATOR_NAME_LEN: usize = 63;
+
+/// Checks an operator name: a DNS label (`ana`, `ci-deploy`), never [`LOCAL_CALLER`].
+pub fn check_operator_name(name: &str) -> Result<(), IdentityError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_OPERATOR_NAME_LEN
+        && bytes[0].is_ascii_lowercase()
+        && bytes[bytes.len() - 1] != b'-'
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && name != LOCAL_CALLER;
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::BadOperatorName(name.to_owned()))
+    }
+}
+
+/// Who an operator is: a name under a trust domain, from an operator certificate
+/// (`meshup certs issue --operator NAME`).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct OperatorIdentity {
+    pub trust_domain: String,
+    /// A DNS label, checked by [`check_operator_name`].
+    pub name: String,
+}
+
+impl OperatorIdentity {
+    /// Builds an identity from a trust domain and a name, both checked.
+    pub fn new(trust_domain: &str, name: &str) -> Result<Self, IdentityError> {
+        check_trust_domain(trust_domain)?;
+        check_operator_name(name)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Reads an operator identity out of a SPIFFE ID of the form
+    /// `spiffe://<td>/operator/<name>`.
+    pub fn from_spiffe_id(id: &SpiffeId) -> Result<Self, IdentityError> {
+        let mut parts = id.path().split('/').skip(1);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("operator"), Some(name), None) => {
+                check_operator_name(name)?;
+                Ok(Self {
+                    trust_domain: id.trust_domain().to_owned(),
+                    name: name.to_owned(),
+                })
+            }
+            _ => Err(IdentityError::NotAnOperator(id.to_string())),
+        }
+    }
+
+    /// The SPIFFE ID of this operator.
+    pub fn spiffe_id(&self) -> SpiffeId {
+        SpiffeId {
+            trust_domain: self.trust_domain.clone(),
+            path: format!("/operator/{}", self.name),
+        }
+    }
+}
+
+impl fmt::Debug for OperatorIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OperatorIdentity({})", self.spiffe_id())
+    }
+}
+
+impl fmt::Display for OperatorIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.spiffe_id().fmt(f)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +329,56 @@ mod tests {
             let id = SpiffeId::parse(bad).expect("syntactically valid");
             assert!(GatewayIdentity::from_spiffe_id(&id).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn operator_and_gateway_ids_never_overlap() {
+        let cases: &[(&str, Option<&str>, bool)] = &[
+            // id, operator name if it is one, whether it is a gateway
+            ("spiffe://mesh.local/operator/ana", Some("ana"), false),
+            (
+                "spiffe://mesh.local/operator/ci-deploy-2",
+                Some("ci-deploy-2"),
+                false,
+            ),
+            ("spiffe://mesh.local/cluster/east/gateway", None, true),
+            ("spiffe://mesh.local/operator/local", None, false),
+            ("spiffe://mesh.local/operator/Ana", None, false),
+            ("spiffe://mesh.local/operator/-ana", None, false),
+            ("spiffe://mesh.local/operator/ana-", None, false),
+            ("spiffe://mesh.local/operator/9ana", None, false),
+            ("spiffe://mesh.local/operator/a_b", None, false),
+            ("spiffe://mesh.local/operator/ana/extra", None, false),
+            ("spiffe://mesh.local/operator", None, false),
+            ("spiffe://mesh.local/operators/ana", None, false),
+            ("spiffe://mesh.local/cluster/ana/operator", None, false),
+            ("spiffe://mesh.local", None, false),
+        ];
+        for (text, operator, gateway) in cases {
+            let id = SpiffeId::parse(text).expect("syntactically valid");
+            let op = OperatorIdentity::from_spiffe_id(&id);
+            assert_eq!(
+                op.as_ref().ok().map(|o| o.name.as_str()),
+                *operator,
+                "{text}"
+            );
+            if let Ok(op) = op {
+                assert_eq!(op.spiffe_id(), id, "{text}");
+                assert_eq!(op.trust_domain, "mesh.local");
+            }
+            assert_eq!(
+                GatewayIdentity::from_spiffe_id(&id).is_ok(),
+                *gateway,
+                "{text}"
+            );
+        }
+        let long = "a".repeat(MAX_OPERATOR_NAME_LEN + 1);
+        assert!(check_operator_name(&long).is_err());
+        assert!(check_operator_name(&long[1..]).is_ok());
+        assert!(matches!(
+            OperatorIdentity::new("mesh.local", "local"),
+            Err(IdentityError::BadOperatorName(_))
+        ));
+        assert!(OperatorIdentity::new("Mesh", "ana").is_err());
     }
 }

@@ -167,6 +167,14 @@ pub struct PolicyRecord {
     pub circuit: CircuitBreaker,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Who wrote this record through the admin API: an operator's certificate name, or the
+    /// caller on the gateway's loopback listener (`local`). Set by the gateway, never taken
+    /// from the writer's JSON. Absent in records written before it existed, or by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_by: Option<String>,
+    /// When (Unix seconds) the admin API wrote this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<i64>,
 }
 
 /// One priority level: clusters that share traffic by weight.
@@ -321,14 +329,33 @@ impl Default for PolicyRecord {
             failback_hold_down: DEFAULT_FAILBACK_HOLD_DOWN,
             circuit: CircuitBreaker::default(),
             retry: RetryPolicy::default(),
+            updated_by: None,
+            updated_at: None,
         }
     }
 }
 
 impl PolicyRecord {
+    /// Whether two records say the same thing, whoever wrote them and when.
+    pub fn same_rules(&self, other: &Self) -> bool {
+        let rules = |r: &Self| Self {
+            updated_by: None,
+            updated_at: None,
+            ..r.clone()
+        };
+        rules(self) == rules(other)
+    }
+
     /// Rejects a policy that cannot work, saying why.
     pub fn validate(&self) -> Result<(), RecordError> {
         check_schema(self.schema)?;
+        if self
+            .updated_by
+            .as_ref()
+            .is_some_and(|w| w.len() > MAX_DRILL_TEXT)
+        {
+            return Err(RecordError::TextTooLong("updated_by"));
+        }
         check_range("levels", self.levels.len() as u64, 0, MAX_LEVELS as u64)?;
         if self.local_only && !self.levels.is_empty() {
             return Err(RecordError::LocalOnlyWithLevels);
@@ -709,6 +736,47 @@ mod tests {
         )
         .expect("decodes");
         assert_eq!(d.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_author_fields_are_optional_both_ways() {
+        // A record from before the author fields: read, no author.
+        let before = policy(r#"{"schema":1,"levels":[{"clusters":[{"cluster":"west"}]}]}"#)
+            .expect("an old record is read");
+        assert_eq!(
+            (before.updated_by.as_deref(), before.updated_at),
+            (None, None)
+        );
+        assert!(
+            !serde_json::to_string(&before)
+                .expect("json")
+                .contains("updated_"),
+            "a record without an author is written without the fields"
+        );
+        // A record written now, read back; and read by a reader that knows none of its
+        // fields beyond the schema (as an older gateway ignores fields it does not know).
+        let mut now = before.clone();
+        now.updated_by = Some("ana".into());
+        now.updated_at = Some(1_796_000_000);
+        let json = serde_json::to_string(&now).expect("json");
+        assert!(
+            json.contains(r#""updated_by":"ana","updated_at":1796000000"#),
+            "{json}"
+        );
+        assert_eq!(policy(&json), Ok(now.clone()));
+        assert!(now.same_rules(&before) && now != before);
+        let mut other = now.clone();
+        other.local_only = true;
+        assert!(!other.same_rules(&now));
+        #[derive(Deserialize)]
+        struct Older {
+            schema: u32,
+            levels: Vec<Level>,
+        }
+        let older: Older = decode(json.as_bytes()).expect("an older reader skips the new fields");
+        assert_eq!((older.schema, older.levels), (1, now.levels.clone()));
+        let long = json.replace(r#""ana""#, &format!("{:?}", "a".repeat(MAX_DRILL_TEXT + 1)));
+        assert_eq!(policy(&long), Err(RecordError::TextTooLong("updated_by")));
     }
 
     fn drill(kind: &str, service: Option<&str>, created: i64, expires: i64) -> String {

@@ -86,6 +86,8 @@ pub struct BoundAddrs {
     pub admin: SocketAddr,
     /// The gRPC admin API, when `admin.grpc` is set.
     pub grpc: Option<SocketAddr>,
+    /// The remote (mTLS) gRPC admin API, when `admin.grpc_remote` is set.
+    pub grpc_remote: Option<SocketAddr>,
 }
 
 /// A running gateway.
@@ -159,11 +161,23 @@ impl Gateway {
             Some(addr) => Some(crate::grpc::GrpcServer::bind(addr).await?),
             None => None,
         };
+        let grpc_remote = match config.admin.grpc_remote {
+            Some(addr) => Some(
+                crate::grpc::GrpcServer::bind_remote(
+                    addr,
+                    identity.clone(),
+                    config.admin.operators.iter().cloned().collect(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let addrs = BoundAddrs {
             quic: endpoint.local_addr(),
             dns: dns.local_addr(),
             admin: admin.local_addr(),
             grpc: grpc.as_ref().map(|g| g.local_addr()),
+            grpc_remote: grpc_remote.as_ref().map(|g| g.local_addr()),
         };
         tracing::info!(
             %cluster, gateway = %gateway_id, quic = %addrs.quic, dns = %addrs.dns, admin = %addrs.admin,
@@ -301,8 +315,8 @@ impl Gateway {
             links,
             outbound: outbound.clone(),
         });
-        if let Some(grpc) = grpc {
-            tracing::info!(addr = %grpc.local_addr(), "gRPC admin API listening");
+        let grpc_servers: Vec<_> = grpc.into_iter().chain(grpc_remote).collect();
+        if !grpc_servers.is_empty() {
             let context = Arc::new(crate::grpc::Context {
                 cluster: cluster.clone(),
                 gateway_id: gateway_id.clone(),
@@ -322,12 +336,16 @@ impl Gateway {
                 export_set: exports.clone(),
                 loaded: loaded.subscribe(),
             });
-            let grpc_stop = shutdown.child_token();
-            tasks.push(tokio::spawn(async move {
-                if let Err(e) = grpc.run(context, grpc_stop).await {
-                    tracing::error!(error = %e, "gRPC admin server stopped");
-                }
-            }));
+            for grpc in grpc_servers {
+                let remote = grpc.is_remote();
+                tracing::info!(addr = %grpc.local_addr(), remote, "gRPC admin API listening");
+                let (context, grpc_stop) = (context.clone(), shutdown.child_token());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = grpc.run(context, grpc_stop).await {
+                        tracing::error!(error = %e, remote, "gRPC admin server stopped");
+                    }
+                }));
+            }
         }
         let registry = Arc::new(registry);
         let admin_stop = shutdown.child_token();

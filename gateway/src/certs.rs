@@ -4,6 +4,9 @@
 //! [`init_ca`] writes the CA once, [`issue`] mints a short-lived gateway X.509-SVID whose only
 //! URI SAN is `spiffe://<td>/cluster/<cluster>/gateway`. Gateways hot-reload the files
 //! ([`crate::identity`]), so rotation is "run `issue` again into the same directory".
+//! [`issue_operator`] mints an operator's client certificate, `spiffe://<td>/operator/<name>`,
+//! for the remote admin API (docs/admin-api.md): client authentication only, so it can never
+//! serve as a gateway, and gateways refuse it as a tunnel peer (not a gateway SPIFFE ID).
 //!
 //! [`LeafSpec`] and [`write_leaf`] also mint deliberately bad certificates (expired, wrong
 //! trust domain, CA-flagged leaf, ...) for the tests that prove those are rejected.
@@ -13,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use meshup_core::identity::{GatewayIdentity, check_trust_domain};
+use meshup_core::identity::{GatewayIdentity, OperatorIdentity, check_trust_domain};
 use meshup_core::names::ClusterName;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -31,6 +34,8 @@ pub const BUNDLE_FILE: &str = "bundle.pem";
 pub const CERT_FILE: &str = "cert.pem";
 /// Gateway private key file written by [`issue`] (mode 0600).
 pub const KEY_FILE: &str = "key.pem";
+/// Default operator certificate lifetime: a working day; issue a new one each day.
+pub const DEFAULT_OPERATOR_LIFETIME: Duration = Duration::from_secs(12 * 3600);
 /// Default SVID lifetime: short, because rotation is cheap (hot reload) and a leaked key
 /// should not stay useful for long.
 pub const DEFAULT_SVID_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -59,6 +64,8 @@ pub enum CertsError {
     Cluster(String, meshup_core::names::NameError),
     #[error("invalid trust domain {0:?}")]
     TrustDomain(String),
+    #[error("{0}")]
+    Operator(meshup_core::identity::IdentityError),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("CA files in {dir} are unusable: {reason}")]
@@ -104,7 +111,27 @@ pub fn issue(
         not_after: now + lifetime,
         is_ca: false,
         self_signed: false,
+        client_only: false,
     };
+    write_leaf(ca_dir, &spec, out_dir)?;
+    Ok(identity)
+}
+
+/// Issues an operator certificate for `name` (a DNS label, checked here), signed by the CA in
+/// `ca_dir`, valid for `lifetime`, into `out_dir` (`cert.pem`, `key.pem`, `bundle.pem`). Its
+/// only URI SAN is `spiffe://<td>/operator/<name>` and it may only authenticate a client.
+pub fn issue_operator(
+    ca_dir: &Path,
+    name: &str,
+    out_dir: &Path,
+    lifetime: Duration,
+) -> Result<OperatorIdentity, CertsError> {
+    let ca = Ca::load(ca_dir)?;
+    let identity = OperatorIdentity::new(&ca.trust_domain, name).map_err(CertsError::Operator)?;
+    let mut spec = LeafSpec::operator(&ca.trust_domain, name);
+    let now = SystemTime::now();
+    spec.not_before = now - CLOCK_SKEW_ALLOWANCE;
+    spec.not_after = now + lifetime;
     write_leaf(ca_dir, &spec, out_dir)?;
     Ok(identity)
 }
@@ -120,6 +147,8 @@ pub struct LeafSpec {
     pub is_ca: bool,
     /// Sign with its own key instead of the CA's (must be rejected).
     pub self_signed: bool,
+    /// Client authentication only (operator certificates); otherwise server and client.
+    pub client_only: bool,
 }
 
 impl LeafSpec {
@@ -132,6 +161,21 @@ impl LeafSpec {
             not_after: now + DEFAULT_SVID_LIFETIME,
             is_ca: false,
             self_signed: false,
+            client_only: false,
+        }
+    }
+
+    /// A valid operator certificate spec for `trust_domain`/`name`, valid from now on for
+    /// [`DEFAULT_OPERATOR_LIFETIME`].
+    pub fn operator(trust_domain: &str, name: &str) -> Self {
+        let now = SystemTime::now();
+        Self {
+            uri_sans: vec![format!("spiffe://{trust_domain}/operator/{name}")],
+            not_before: now - CLOCK_SKEW_ALLOWANCE,
+            not_after: now + DEFAULT_OPERATOR_LIFETIME,
+            is_ca: false,
+            self_signed: false,
+            client_only: true,
         }
     }
 }
@@ -143,7 +187,12 @@ pub fn write_leaf(ca_dir: &Path, spec: &LeafSpec, out_dir: &Path) -> Result<(), 
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "meshup gateway");
+    let common_name = if spec.client_only {
+        "meshup operator"
+    } else {
+        "meshup gateway"
+    };
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.subject_alt_names = spec
         .uri_sans
@@ -164,11 +213,16 @@ pub fn write_leaf(ca_dir: &Path, spec: &LeafSpec, out_dir: &Path) -> Result<(), 
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     }
-    // Gateways are both TLS servers (inbound) and clients (outbound) with one SVID.
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    // Gateways are both TLS servers (inbound) and clients (outbound) with one SVID;
+    // operators are only ever clients.
+    params.extended_key_usages = if spec.client_only {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    } else {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    };
     let cert = if spec.self_signed {
         params.self_signed(&key)?
     } else {
@@ -361,5 +415,36 @@ mod tests {
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert_eq!(life, 3600 + CLOCK_SKEW_ALLOWANCE.as_secs() as i64);
         assert!(gw.join(KEY_FILE).exists() && gw.join(BUNDLE_FILE).exists());
+    }
+
+    #[test]
+    fn operator_certificates_are_client_only_with_an_operator_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        let out = dir.path().join("ana");
+        init_ca("mesh.test", &ca).expect("ca");
+        for bad in ["Ana", "local", "", "a_b"] {
+            assert!(
+                matches!(
+                    issue_operator(&ca, bad, &out, DEFAULT_OPERATOR_LIFETIME),
+                    Err(CertsError::Operator(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let id = issue_operator(&ca, "ana", &out, Duration::from_secs(600)).expect("issue");
+        assert_eq!(id.to_string(), "spiffe://mesh.test/operator/ana");
+        let pem = fs::read(out.join(CERT_FILE)).expect("cert");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        assert!(!cert.is_ca());
+        let eku = cert
+            .extended_key_usage()
+            .expect("eku ext")
+            .expect("has eku")
+            .value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
+        assert_eq!(life, 600 + CLOCK_SKEW_ALLOWANCE.as_secs() as i64);
     }
 }

@@ -104,14 +104,20 @@ pub struct AdminConfig {
     /// operator says otherwise here.
     #[serde(default)]
     pub allow_non_loopback: bool,
-    /// The gRPC admin API (`meshup status`, `policy`, `drill`, ...; docs/admin-api.md).
-    /// Default: none. `127.0.0.1:15021` is what the CLI looks for first.
+    /// The gRPC admin API on loopback, plaintext (`meshup status`, `policy`, `drill`, ...;
+    /// docs/admin-api.md). Default: none. `127.0.0.1:15021` is what the CLI looks for first.
+    /// Loopback only: it writes policies and drills, and plaintext never leaves the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<SocketAddr>,
-    /// The gRPC API can change policies and start drills, and has no authentication yet, so
-    /// a non-loopback `grpc` address needs its own opt-in, apart from the HTTP one.
-    #[serde(default)]
-    pub allow_non_loopback_grpc: bool,
+    /// The gRPC admin API for remote operators: mutual TLS only (TLS 1.3), with the gateway's
+    /// tunnel certificate as the server's and an operator certificate
+    /// (`meshup certs issue --operator NAME`) required of every client. Any address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_remote: Option<SocketAddr>,
+    /// Operators allowed on `grpc_remote`, by name; empty: every operator certificate of the
+    /// trust domain. Each one may read and write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<String>,
 }
 
 fn default_admin_http() -> SocketAddr {
@@ -124,7 +130,8 @@ impl Default for AdminConfig {
             http: DEFAULT_ADMIN_HTTP,
             allow_non_loopback: false,
             grpc: None,
-            allow_non_loopback_grpc: false,
+            grpc_remote: None,
+            operators: Vec::new(),
         }
     }
 }
@@ -307,14 +314,39 @@ impl Config {
         }
         if let Some(grpc) = self.admin.grpc
             && !grpc.ip().is_loopback()
-            && !self.admin.allow_non_loopback_grpc
         {
             return Err(invalid(
                 "admin.grpc",
                 format!(
-                    "{grpc} is not a loopback address; the gRPC admin API writes policies and drills and has no authentication yet, so bind it to 127.0.0.1 or set admin.allow_non_loopback_grpc: true"
+                    "{grpc} is not a loopback address; this listener is plaintext and writes policies and drills, so it is loopback only: bind it to 127.0.0.1, and serve remote operators over mTLS on admin.grpc_remote (docs/admin-api.md)"
                 ),
             ));
+        }
+        if let (Some(grpc), Some(remote)) = (self.admin.grpc, self.admin.grpc_remote)
+            && grpc == remote
+            && grpc.port() != 0
+        {
+            return Err(invalid(
+                "admin.grpc_remote",
+                format!("{remote} is admin.grpc's address too; give each listener its own port"),
+            ));
+        }
+        if !self.admin.operators.is_empty() && self.admin.grpc_remote.is_none() {
+            return Err(invalid(
+                "admin.operators",
+                "lists operators but admin.grpc_remote is not set: operators only call the remote listener",
+            ));
+        }
+        let mut operators = BTreeSet::new();
+        for (i, name) in self.admin.operators.iter().enumerate() {
+            meshup_core::identity::check_operator_name(name)
+                .map_err(|e| invalid(format!("admin.operators[{i}]"), e.to_string()))?;
+            if !operators.insert(name) {
+                return Err(invalid(
+                    format!("admin.operators[{i}]"),
+                    format!("{name} is listed twice"),
+                ));
+            }
         }
         if self.exports.len() > MAX_EXPORTS {
             return Err(invalid(
@@ -431,15 +463,16 @@ exports:
         );
         let grpc = Config::parse(&SAMPLE.replace(
             "http: 127.0.0.1:15020",
-            "http: 127.0.0.1:15020\n  grpc: 10.0.0.1:15021\n  allow_non_loopback_grpc: true",
+            "http: 127.0.0.1:15020\n  grpc: 127.0.0.1:15021\n  grpc_remote: 10.0.0.1:15022\n  operators: [ana, ci-deploy]",
         ))
         .expect("parses");
         grpc.validate()
-            .expect("a non-loopback gRPC address with its opt-in");
+            .expect("a remote mTLS listener on any address, with an operator list");
         assert_eq!(
-            grpc.admin.grpc,
-            Some("10.0.0.1:15021".parse().expect("addr"))
+            grpc.admin.grpc_remote,
+            Some("10.0.0.1:15022".parse().expect("addr"))
         );
+        assert_eq!(grpc.admin.operators, ["ana", "ci-deploy"]);
         let one = Config::parse(&SAMPLE.replace("region: us-east-1", "worker_threads: 1"))
             .expect("parses");
         one.validate().expect("valid");
@@ -470,6 +503,32 @@ exports:
                 "http: 127.0.0.1:15020",
                 "http: 127.0.0.1:15020\n  grpc: 10.1.2.3:15021\n  allow_non_loopback: true",
                 "admin.grpc",
+            ),
+            // Plaintext off loopback has no opt-in any more.
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc: 10.1.2.3:15021\n  allow_non_loopback_grpc: true",
+                "allow_non_loopback_grpc",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc: 127.0.0.1:15021\n  grpc_remote: 127.0.0.1:15021",
+                "admin.grpc_remote",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc: 127.0.0.1:15021\n  operators: [ana]",
+                "admin.operators",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc_remote: 0.0.0.0:15022\n  operators: [ana, Bo]",
+                "admin.operators[1]",
+            ),
+            (
+                "http: 127.0.0.1:15020",
+                "http: 127.0.0.1:15020\n  grpc_remote: 0.0.0.0:15022\n  operators: [ana, ana]",
+                "admin.operators[1]",
             ),
             (
                 "http: 127.0.0.1:15020",

@@ -52,17 +52,28 @@ enum CertsCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a gateway SVID (spiffe://TD/cluster/NAME/gateway) signed by the CA in --ca.
+    /// Issue a gateway SVID (spiffe://TD/cluster/NAME/gateway, --cluster NAME) or an
+    /// operator certificate for the remote admin API (spiffe://TD/operator/NAME,
+    /// --operator NAME), signed by the CA in --ca.
     Issue {
         #[arg(long)]
         ca: PathBuf,
+        /// The cluster of the gateway the certificate is for.
+        #[arg(
+            long,
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
+        cluster: Option<String>,
+        /// The operator (a person or tool) the client certificate is for: a DNS label.
         #[arg(long)]
-        cluster: String,
+        operator: Option<String>,
         #[arg(long)]
         out: PathBuf,
-        /// Certificate lifetime (e.g. 24h, 7d).
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        lifetime: Duration,
+        /// Certificate lifetime (e.g. 24h, 7d; default 24h for a gateway, 12h for an
+        /// operator).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lifetime: Option<Duration>,
     },
 }
 
@@ -114,16 +125,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Certs(CertsCommand::Issue {
             ca,
             cluster,
+            operator,
             out,
             lifetime,
-        }) => {
-            certs::issue(&ca, &cluster, &out, lifetime)?;
-            println!(
-                "issued gateway certificate for cluster {cluster} in {} (valid {})",
-                out.display(),
-                humantime::format_duration(lifetime)
-            );
-        }
+        }) => match (cluster, operator) {
+            (Some(cluster), _) => {
+                let lifetime = lifetime.unwrap_or(certs::DEFAULT_SVID_LIFETIME);
+                certs::issue(&ca, &cluster, &out, lifetime)?;
+                println!(
+                    "issued gateway certificate for cluster {cluster} in {} (valid {})",
+                    out.display(),
+                    humantime::format_duration(lifetime)
+                );
+            }
+            (None, Some(name)) => {
+                let lifetime = lifetime.unwrap_or(certs::DEFAULT_OPERATOR_LIFETIME);
+                let id = certs::issue_operator(&ca, &name, &out, lifetime)?;
+                let dir = out.display();
+                println!(
+                    "issued operator certificate {id} in {dir} (valid {})\nuse it with: meshup status --admin https://HOST:PORT --cert {dir}/cert.pem --key {dir}/key.pem --ca {dir}/bundle.pem",
+                    humantime::format_duration(lifetime)
+                );
+            }
+            (None, None) => anyhow::bail!("certs issue needs --cluster NAME or --operator NAME"),
+        },
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file, &ProcessEnv)?;
             println!("# {} is valid", file.display());

@@ -182,6 +182,12 @@ async fn bad_client_certificates_get_zero_bytes_proxied() {
                 "wrong_trust_domain",
             ),
             ("other trust domain and CA", Some(foreign), "unknown_issuer"),
+            // An operator of our federation is no gateway: it calls the admin API only.
+            (
+                "operator certificate",
+                Some(pki.operator("ana")),
+                "not_an_svid",
+            ),
         ];
         let rejections = |reason: &'static str| {
             west.metrics

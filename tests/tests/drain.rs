@@ -158,9 +158,7 @@ fn config(
         dns: Default::default(),
         admin: AdminConfig {
             http: any,
-            allow_non_loopback: false,
-            grpc: None,
-            allow_non_loopback_grpc: false,
+            ..AdminConfig::default()
         },
         exports,
         worker_threads: None,

@@ -1,6 +1,7 @@
 //! The `meshup` client commands: `status`, `clusters`, `services`, `resolve`, `policy`, `drill`,
 //! `events`. Each talks to a gateway's gRPC admin API (`--admin ADDR`, or `MESHUP_ADMIN`,
-//! default 127.0.0.1:15021), prints a table for people or `-o json|yaml` for scripts, and
+//! default 127.0.0.1:15021; `--admin https://HOST:PORT` with an operator certificate for a
+//! remote gateway, [`remote`]), prints a table for people or `-o json|yaml` for scripts, and
 //! exits with a code a script can trust:
 //!
 //! | code | meaning |
@@ -15,6 +16,7 @@
 //! Every error message says what to do next.
 
 mod export;
+pub mod remote;
 mod render;
 
 use std::path::PathBuf;
@@ -67,8 +69,19 @@ type Result<T> = std::result::Result<T, CliError>;
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
     /// The gateway's gRPC admin address (`admin.grpc` in its config).
+    /// `https://HOST:PORT` for a remote gateway's `admin.grpc_remote` (mutual TLS).
     #[arg(long, env = "MESHUP_ADMIN", default_value_t = DEFAULT_ADMIN_GRPC.to_string())]
     pub admin: String,
+    /// Operator certificate for the remote admin API (`meshup certs issue --operator NAME`).
+    #[arg(long, env = "MESHUP_ADMIN_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (default: key.pem next to --cert).
+    #[arg(long, env = "MESHUP_ADMIN_KEY")]
+    pub key: Option<PathBuf>,
+    /// The federation's trust bundle to verify the gateway with (default: bundle.pem next to
+    /// --cert).
+    #[arg(long, env = "MESHUP_ADMIN_CA")]
+    pub ca: Option<PathBuf>,
     /// Output: a table for people, json or yaml for scripts.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -214,9 +227,10 @@ pub enum DrillCommand {
         /// Why: goes into the audit trail.
         #[arg(long)]
         why: String,
-        /// Who starts it: goes into the audit trail (the loopback API cannot tell who calls).
+        /// Who starts it: goes into the audit trail. Needed on the loopback API, which cannot
+        /// tell who calls; over https the operator certificate names you.
         #[arg(long, env = "MESHUP_WHO")]
-        who: String,
+        who: Option<String>,
         /// How long it lasts (mandatory, at most 7 days): 30m, 2h.
         #[arg(long = "for", value_parser = humantime::parse_duration)]
         duration: Duration,
@@ -229,8 +243,9 @@ pub enum DrillCommand {
     /// Stop a drill before its expiry; its audit entry records who stopped it.
     Stop {
         id: String,
+        /// Who stops it (as for `start`).
         #[arg(long, env = "MESHUP_WHO")]
-        who: String,
+        who: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -311,26 +326,29 @@ pub async fn run(command: AdminCommand) -> Result<()> {
 }
 
 async fn connect(conn: &Conn) -> Result<AdminServiceClient<Channel>> {
-    let uri = if conn.admin.contains("://") {
-        conn.admin.clone()
+    let target = remote::target(&conn.admin, conn.cert.is_some())?;
+    let tls = if target.tls {
+        Some(remote::client_config(conn)?)
     } else {
-        format!("http://{}", conn.admin)
+        None
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
-        CliError::new(
-            exit::BAD_INPUT,
-            format!(
-                "--admin {:?} is not an address: {e} (use HOST:PORT, e.g. 127.0.0.1:15021)",
-                conn.admin
-            ),
-        )
-    })?;
-    let channel = endpoint
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", target.authority))
+        .map_err(|e| {
+            CliError::new(
+                exit::BAD_INPUT,
+                format!(
+                    "--admin {:?} is not an address: {e} (use HOST:PORT, e.g. 127.0.0.1:15021)",
+                    conn.admin
+                ),
+            )
+        })?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(CALL_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|e| unreachable(conn, &error_chain(&e)))?;
+        .timeout(CALL_TIMEOUT);
+    let channel = match tls {
+        Some(tls) => remote::channel(endpoint, &target, tls).await,
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| unreachable(conn, &error_chain(&e)))?;
     Ok(AdminServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -351,10 +369,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn unreachable(conn: &Conn, detail: &str) -> CliError {
+    if detail.contains("alert") || detail.contains("certificate") {
+        return CliError::new(
+            exit::UNREACHABLE,
+            format!(
+                "the gateway at {} refused the TLS connection: {detail}. The remote admin API wants an operator certificate of its federation: pass --cert/--key issued by `meshup certs issue --operator NAME` with the federation's CA, and --ca with its bundle.pem.",
+                conn.admin
+            ),
+        );
+    }
     CliError::new(
         exit::UNREACHABLE,
         format!(
-            "cannot reach the admin API at {}: {detail}. Is the gateway running with `admin: {{grpc: {}}}` in its config? Point --admin (or MESHUP_ADMIN) at its admin.grpc address.",
+            "cannot reach the admin API at {}: {detail}. Is the gateway running with `admin: {{grpc: {}}}` in its config? Point --admin (or MESHUP_ADMIN) at its admin.grpc address (or at its admin.grpc_remote address as https://HOST:PORT, with --cert/--key).",
             conn.admin, conn.admin
         ),
     )
@@ -543,7 +570,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                         && meshup_core::policy::decode::<meshup_core::policy::PolicyRecord>(
                             r.policy_json.as_bytes(),
                         )
-                        .is_ok_and(|stored| stored == f.record);
+                        .is_ok_and(|stored| stored.same_rules(&f.record));
                     (r.revision, same)
                 }
                 // Not stored and not exported yet: create it (the gateway warns).
@@ -670,7 +697,7 @@ async fn drill(command: DrillCommand) -> Result<()> {
                     kind: kind as i32,
                     cluster,
                     service: service.unwrap_or_default(),
-                    who,
+                    who: who.unwrap_or_default(),
                     why,
                     duration_seconds: duration.as_secs(),
                 })
@@ -683,7 +710,10 @@ async fn drill(command: DrillCommand) -> Result<()> {
         DrillCommand::Stop { id, who, conn } => {
             let r = connect(&conn)
                 .await?
-                .stop_drill(pb::StopDrillRequest { id, who })
+                .stop_drill(pb::StopDrillRequest {
+                    id,
+                    who: who.unwrap_or_default(),
+                })
                 .await
                 .map_err(|s| status_error(&conn, s))?
                 .into_inner();

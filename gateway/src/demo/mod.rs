@@ -186,9 +186,8 @@ async fn cluster_config(
         },
         admin: AdminConfig {
             http: loopback0,
-            allow_non_loopback: false,
             grpc: Some(loopback0),
-            allow_non_loopback_grpc: false,
+            ..AdminConfig::default()
         },
         exports,
         worker_threads: None,

@@ -27,6 +27,7 @@ use meshup_policy::{Decision, Excluded, PeerSignal, Verdict, decide::Note};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Code, Request, Response, Status};
 
+use super::caller::{self, AuthorError, Caller, caller_of};
 use super::{MAX_WATCHERS, events};
 use crate::config::ExportConfig;
 use crate::exports::{ExportError, Registered};
@@ -103,6 +104,17 @@ fn conflict(message: String, current: i64) -> Status {
         metadata.insert(CURRENT_REVISION_METADATA, v);
     }
     Status::with_metadata(Code::FailedPrecondition, message, metadata)
+}
+
+/// The author a write records ([`caller::author`]); INVALID_ARGUMENT on `who` otherwise.
+fn author_arg(caller: &Caller, who: &str, action: &str) -> Result<String, Status> {
+    caller::author(caller, who).map_err(|e| match e {
+        AuthorError::Missing => invalid(
+            "who",
+            format!("missing: say who {action} (--who NAME); it goes into the audit trail"),
+        ),
+        e => invalid("who", e),
+    })
 }
 
 fn service_arg(text: &str) -> Result<ServiceKey, Status> {
@@ -704,15 +716,19 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::SetPolicyRequest>,
     ) -> Result<Response<pb::SetPolicyResponse>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
         let key = service_arg(&req.service)?;
-        let record = policy_arg(&req.policy_json)?;
+        let mut record = policy_arg(&req.policy_json)?;
         if req.revision < 0 {
             return Err(invalid(
                 "revision",
                 "must be the revision read with GetPolicy, or 0 to create the policy",
             ));
         }
+        // The author is the caller, whatever the JSON says.
+        record.updated_by = Some(caller.name().to_owned());
+        record.updated_at = Some(unix_now());
         let json = record_json(&record);
         let k = Bytes::from(self.ctx.layout.policy(&key));
         let compare = if req.revision == 0 {
@@ -754,7 +770,13 @@ impl AdminService for AdminApi {
             };
             return Err(conflict(message, current));
         }
-        tracing::info!(service = %key, revision = result.revision, "policy set through the admin API");
+        caller::audit(
+            &caller,
+            caller.name(),
+            "policy.set",
+            &key.to_string(),
+            result.revision,
+        );
         Ok(Response::new(pb::SetPolicyResponse {
             revision: result.revision,
             normalized_json: json,
@@ -766,6 +788,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
         let key = service_arg(&req.service)?;
         if req.revision < 0 {
@@ -814,7 +837,13 @@ impl AdminService for AdminApi {
                 ),
             });
         }
-        tracing::info!(service = %key, revision = result.revision, "policy deleted through the admin API");
+        caller::audit(
+            &caller,
+            caller.name(),
+            "policy.delete",
+            &key.to_string(),
+            result.revision,
+        );
         Ok(Response::new(pb::DeletePolicyResponse {
             revision: result.revision,
         }))
@@ -824,6 +853,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::StartDrillRequest>,
     ) -> Result<Response<pb::StartDrillResponse>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
         let kind = drill_kind_from_pb(req.kind)
             .ok_or_else(|| invalid("kind", "missing or unknown: choose drain, fail or pin"))?;
@@ -836,12 +866,7 @@ impl AdminService for AdminApi {
         } else {
             Some(service_arg(&req.service)?)
         };
-        if req.who.trim().is_empty() {
-            return Err(invalid(
-                "who",
-                "missing: say who starts the drill (--who NAME); it goes into the audit trail",
-            ));
-        }
+        let who = author_arg(&caller, &req.who, "starts the drill")?;
         if req.why.trim().is_empty() {
             return Err(invalid(
                 "why",
@@ -892,7 +917,7 @@ impl AdminService for AdminApi {
             kind,
             cluster: cluster.clone(),
             service,
-            who: req.who.trim().to_owned(),
+            who,
             why: req.why.trim().to_owned(),
             created,
             expires: created + i64::try_from(req.duration_seconds).unwrap_or(i64::MAX / 2),
@@ -911,6 +936,7 @@ impl AdminService for AdminApi {
             {
                 Ok(revision) => {
                     tracing::info!(drill = %id, kind = kind.as_str(), %cluster, who = %record.who, why = %record.why, expires = record.expires, "drill started through the admin API");
+                    caller::audit(&caller, &record.who, "drill.start", id.as_str(), revision);
                     return Ok(Response::new(pb::StartDrillResponse {
                         drill: Some(drill_to_pb(&id, &record, revision, unix_now())),
                     }));
@@ -931,27 +957,24 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::StopDrillRequest>,
     ) -> Result<Response<pb::StopDrillResponse>, Status> {
+        let caller = caller_of(&request)?;
         let req = request.into_inner();
         let id = DrillId::new(req.id.trim()).map_err(|e| invalid("id", e))?;
-        if req.who.trim().is_empty() {
-            return Err(invalid(
-                "who",
-                "missing: say who stops the drill (--who NAME); it goes into the audit entry",
-            ));
-        }
+        let who = author_arg(&caller, &req.who, "stops the drill")?;
         let ended = drills::end_drill(
             self.ctx.store.as_ref(),
             &self.ctx.layout,
             &id,
             DrillEnd::Stopped,
-            req.who.trim(),
+            &who,
             unix_now(),
         )
         .await
         .map_err(drill_status)?;
         match ended {
             Ended::Now { audit, revision } => {
-                tracing::info!(drill = %id, who = %req.who.trim(), revision, "drill stopped through the admin API");
+                tracing::info!(drill = %id, who = %who, revision, "drill stopped through the admin API");
+                caller::audit(&caller, &who, "drill.stop", id.as_str(), revision);
                 Ok(Response::new(pb::StopDrillResponse {
                     audit: Some(audit_to_pb(&id, &audit, unix_now())),
                 }))

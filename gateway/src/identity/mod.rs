@@ -8,6 +8,7 @@
 //! and established connections are untouched. Broken new files (half-written, mismatched
 //! key, wrong identity, expired) are logged and ignored; the last good material stays.
 
+mod operator;
 mod svid;
 mod verify;
 
@@ -24,6 +25,7 @@ use rustls::sign::CertifiedKey;
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
+pub use operator::{AdminServerVerifier, OperatorCertError, OperatorVerifier, check_operator_cert};
 pub use svid::{PeerIdentity, SvidError, check_svid, trust_domain_of};
 pub use verify::{PeerVerifier, server_name_for};
 

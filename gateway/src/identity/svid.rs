@@ -64,6 +64,24 @@ pub fn trust_domain_of(leaf_der: &[u8]) -> Option<String> {
     })
 }
 
+/// Every URI SAN of a certificate; `None` if its SAN extension does not parse.
+pub(super) fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Option<Vec<&'a str>> {
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => Some(
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Ok(None) => Some(Vec::new()),
+        Err(_) => None,
+    }
+}
+
 /// Applies the SVID rules to a leaf certificate.
 pub fn check_svid(
     leaf_der: &[u8],
@@ -74,19 +92,7 @@ pub fn check_svid(
     if cert.is_ca() {
         return Err(SvidError::LeafIsCa);
     }
-    let uris: Vec<&str> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|g| match g {
-                GeneralName::URI(u) => Some(*u),
-                _ => None,
-            })
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(_) => return Err(SvidError::BadEncoding),
-    };
+    let uris = uri_sans(&cert).ok_or(SvidError::BadEncoding)?;
     let [uri] = uris.as_slice() else {
         return Err(SvidError::UriSanCount(uris.len()));
     };

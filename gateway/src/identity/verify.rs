@@ -121,7 +121,7 @@ impl PeerVerifier {
     }
 }
 
-fn map_webpki_error(e: webpki::Error) -> (&'static str, rustls::Error) {
+pub(super) fn map_webpki_error(e: webpki::Error) -> (&'static str, rustls::Error) {
     use webpki::Error as W;
     let (reason, err) = match e {
         W::CertExpired { .. } => ("expired", CertificateError::Expired),

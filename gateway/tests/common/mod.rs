@@ -101,6 +101,15 @@ impl Pki {
         out
     }
 
+    /// Issues an operator certificate for `name` into `<dir>/operator-<name>` and returns
+    /// that directory.
+    pub fn operator(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("operator-{name}"));
+        certs::issue_operator(&self.ca, name, &out, Duration::from_secs(3600))
+            .expect("issue operator");
+        out
+    }
+
     /// Writes a leaf per `spec` into `<dir>/<name>`.
     pub fn leaf(&self, name: &str, spec: &certs::LeafSpec) -> PathBuf {
         let out = self.dir.path().join(name);
