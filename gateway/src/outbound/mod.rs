@@ -17,6 +17,8 @@
 //! - [`pool`] keeps one QUIC connection per peer gateway; streams to a cluster with several
 //!   gateways rotate across them.
 
+pub mod changes;
+pub mod link_metrics;
 pub mod liveness;
 pub mod pool;
 pub mod route;
@@ -48,6 +50,7 @@ pub use steer::{ServiceMetrics, Steering};
 use meshup_policy::Locality;
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
+use crate::tunnel::metrics::Label;
 use crate::tunnel::{
     CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
     splice::{splice, splice_result, splice_tcp},
@@ -182,6 +185,8 @@ struct Shared {
     rotation: AtomicUsize,
     next_request_id: AtomicU64,
     prepared: std::sync::Mutex<PreparedCache>,
+    /// Failovers and ejections as [`changes`] detects them.
+    changes: tokio::sync::broadcast::Sender<changes::SteeringChange>,
 }
 
 /// Each route's [`steer::Prepared`], valid for one catalog snapshot and one set of local
@@ -259,10 +264,22 @@ impl Proxy {
             rotation: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(seed << 16),
             prepared: Default::default(),
+            changes: tokio::sync::broadcast::Sender::new(changes::CHANNEL_CAPACITY),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
         tokio::spawn(monitor_peers(inner.clone()));
-        Self { inner }
+        let proxy = Self { inner };
+        tokio::spawn(changes::run(
+            proxy.clone(),
+            proxy.inner.changes.clone(),
+            shutdown.child_token(),
+        ));
+        proxy
+    }
+
+    /// Failovers and ejections from now on (see [`changes`]).
+    pub fn watch_changes(&self) -> tokio::sync::broadcast::Receiver<changes::SteeringChange> {
+        self.inner.changes.subscribe()
     }
 
     /// The listeners currently bound.
@@ -561,7 +578,6 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
     let span = tracing::info_span!("outbound", id = request_id, %client, service = %route.service, port = route.port);
     async move {
         let metrics = shared.endpoint.metrics().clone();
-        let mut guard = metrics.stream("outbound");
         let steering = &shared.steering;
         let service = &route.service;
         let plan = steering.plan(service, prepared(&shared, &route));
@@ -575,25 +591,17 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             caller: shared.local.clone(),
         };
         let sm = &steering.metrics;
-        let pair = |cluster: &ClusterName| steer::PairLabels::new(service, &shared.local, cluster);
+        // Label values are shared text (see `tunnel::metrics::Label`): no allocation here.
+        let labels = plan.prepared.labels();
+        let pair = |cluster: &ClusterName| labels.to(Label::from(cluster));
         let counted = |cluster: Option<&ClusterName>, result: &'static str| {
             sm.connections
-                .get_or_create(&steer::PairResultLabels {
-                    service: service.to_string(),
-                    source_cluster: shared.local.to_string(),
-                    destination_cluster: cluster.map_or_else(|| "none".to_owned(), ToString::to_string),
-                    result,
-                })
+                .get_or_create(&labels.result(Label::cluster_or_none(cluster), result))
                 .inc();
         };
         let failed_attempt = |cluster: &ClusterName, reason: &'static str| {
             sm.attempt_failures
-                .get_or_create(&steer::PairResultLabels {
-                    service: service.to_string(),
-                    source_cluster: shared.local.to_string(),
-                    destination_cluster: cluster.to_string(),
-                    result: reason,
-                })
+                .get_or_create(&labels.result(Label::from(cluster), reason))
                 .inc();
         };
         // The last failure names the stream's result if nothing connects; with no attempt at
@@ -616,9 +624,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                 if attempts > 0 && !st.health.take_retry(service, &plan.policy().retry, std::time::Instant::now()) {
                     drop(st);
                     tracing::debug!(%cluster, "retry budget spent; not retrying");
-                    sm.retry_budget_exhausted
-                        .get_or_create(&steer::ServiceLabels::new(service, &shared.local))
-                        .inc();
+                    sm.retry_budget_exhausted.get_or_create(labels).inc();
                     result = "retry_budget";
                     break;
                 }
@@ -634,6 +640,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                 sm.retries.get_or_create(&pair(cluster)).inc();
             }
             attempts += 1;
+            let mut guard = metrics.stream("outbound", labels.source_cluster.clone(), Label::from(cluster));
             let attempt = match target {
                 Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
                 Target::Remote { gateways } => {
@@ -652,7 +659,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     };
                     steering.lock().health.connection_ended(service, cluster);
                     let sent = out.tcp_to_quic + early.bytes.len() as u64;
-                    metrics.add_bytes("outbound", sent, out.quic_to_tcp);
+                    guard.add_bytes(sent, out.quic_to_tcp);
                     guard.set_result(splice_result(&out));
                     return;
                 }
@@ -662,12 +669,13 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                         steering.record(service, cluster, &plan, false);
                     }
                     failed_attempt(cluster, r);
+                    guard.set_result(r);
+                    drop(guard);
                     result = r;
                     match (back, stop) {
                         (Some(t), false) => tcp = t,
                         (back, _) => {
                             counted(Some(cluster), r);
-                            guard.set_result(r);
                             if let Some(t) = back {
                                 reset_tcp(t);
                             }
@@ -678,7 +686,6 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             }
         }
         counted(None, result);
-        guard.set_result(result);
         reset_tcp(tcp);
     }
     .instrument(span)
