@@ -2,8 +2,9 @@
 //! (plain or TLS), the `meshup` binary and real gateway processes, the three-cluster failover
 //! federation, free loopback ports, polling helpers, a throw-away TLS PKI, a new-connection
 //! workload with its fault checker, child processes ended with their process group, and
-//! nginx `stream` peers.
+//! nginx `stream` peers, and the Grafana dashboard checked against `/metrics`.
 
+pub mod dashboard;
 pub mod etcd;
 pub mod eventually;
 pub mod failover;
