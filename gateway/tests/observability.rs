@@ -34,6 +34,16 @@ const LIMIT: Duration = Duration::from_secs(60);
 const FAILOVERS: &str = "meshup_service_failovers_total";
 const EJECTIONS: &str = "meshup_service_ejections_total";
 
+/// Documented families whose labels are known only when they first count (an open circuit, a
+/// spent retry budget, a silent peer, a failed publish or VIP allocation).
+const COUNTED_FROM_THE_FIRST_EVENT: [&str; 5] = [
+    "meshup_service_circuit_open_total",
+    "meshup_service_retry_budget_exhausted_total",
+    "meshup_service_peers_suspected_total",
+    "meshup_catalog_publish_errors_total",
+    "meshup_catalog_vip_errors_total",
+];
+
 /// North first, west second; three consecutive failures eject for 2 s.
 const POLICY: &str = r#"{"schema":1,"levels":[{"clusters":[{"cluster":"north"}]},{"clusters":[{"cluster":"west"}]}],
     "outlier":{"consecutive_failures":3,"base_ejection":"2s","max_ejection":"2s"}}"#;
@@ -308,6 +318,9 @@ async fn every_metric_the_dashboard_queries_is_exposed_and_every_exposed_one_doc
                 Some(f) => {
                     covered.insert(f);
                 }
+                // prometheus-client writes a family only once it has a series, and these get
+                // theirs with their first event (a fault this scenario does not cause).
+                None if COUNTED_FROM_THE_FIRST_EVENT.contains(&name.as_str()) => {}
                 None => problems.push(format!(
                     "docs/metrics.md lists {name}, which no gateway exposes"
                 )),
