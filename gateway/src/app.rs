@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use meshup_core::catalog::Snapshot;
 use meshup_core::model::{ExportRecord, GatewayRecord, SCHEMA_VERSION};
-use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
 use meshup_dns::DnsServer;
 use meshup_federation::config::Backend;
 use meshup_federation::embedded::EmbeddedStore;
@@ -347,6 +347,7 @@ impl Gateway {
                 }));
             }
         }
+        register_gateway_metrics(&mut registry, &cluster, &gateway_id, &source.links);
         let registry = Arc::new(registry);
         let admin_stop = shutdown.child_token();
         let admin_readiness = readiness.clone();
@@ -656,6 +657,29 @@ fn spawn_export_updates(
             });
         }
     })
+}
+
+/// The series that describe the gateway itself: `meshup_gateway_info` (so a dashboard can
+/// join per-gateway series such as DNS and catalog ones to a cluster) and the peer links.
+fn register_gateway_metrics(
+    registry: &mut Registry,
+    cluster: &ClusterName,
+    gateway_id: &GatewayId,
+    links: &watch::Receiver<Arc<Vec<outbound::PeerLink>>>,
+) {
+    registry.register(
+        "gateway",
+        "This gateway: its cluster, id and version (the value is always 1)",
+        prometheus_client::metrics::info::Info::new(vec![
+            ("cluster".to_owned(), cluster.to_string()),
+            ("gateway".to_owned(), gateway_id.to_string()),
+            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ]),
+    );
+    registry.register_collector(Box::new(outbound::link_metrics::LinkCollector::new(
+        cluster.clone(),
+        links.clone(),
+    )));
 }
 
 #[cfg(test)]

@@ -218,7 +218,7 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
             );
             Exposition::parse(&r.body)
         };
-        let done = "meshup_tunnel_streams_closed_total{direction=\"inbound\",result=\"done\"}";
+        let done = "meshup_tunnel_streams_closed_total{destination_cluster=\"west\",direction=\"inbound\",result=\"done\",source_cluster=\"east\"}";
         eventually(
             Duration::from_secs(5),
             "west counted the stream",
@@ -252,28 +252,28 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
         }
         // The tunnel series tell what happened: one stream, 4 bytes each way, on each side.
         assert_eq!(
-            w.value("meshup_tunnel_streams_opened_total{direction=\"inbound\"}"),
+            w.value("meshup_tunnel_streams_opened_total{destination_cluster=\"west\",direction=\"inbound\",source_cluster=\"east\"}"),
             1.0
         );
         assert_eq!(w.value(done), 1.0);
         assert_eq!(
-            w.value("meshup_tunnel_streams_in_flight{direction=\"inbound\"}"),
+            w.value("meshup_tunnel_streams_in_flight{destination_cluster=\"west\",direction=\"inbound\",source_cluster=\"east\"}"),
             0.0
         );
         assert_eq!(
-            w.value("meshup_tunnel_bytes_total{direction=\"inbound\",flow=\"to_upstream\"}"),
+            w.value("meshup_tunnel_bytes_total{destination_cluster=\"west\",direction=\"inbound\",flow=\"to_upstream\",source_cluster=\"east\"}"),
             4.0
         );
         assert_eq!(
-            w.value("meshup_tunnel_bytes_total{direction=\"inbound\",flow=\"to_client\"}"),
+            w.value("meshup_tunnel_bytes_total{destination_cluster=\"west\",direction=\"inbound\",flow=\"to_client\",source_cluster=\"east\"}"),
             4.0
         );
         assert_eq!(
-            e.value("meshup_tunnel_streams_opened_total{direction=\"outbound\"}"),
+            e.value("meshup_tunnel_streams_opened_total{destination_cluster=\"west\",direction=\"outbound\",source_cluster=\"east\"}"),
             1.0
         );
         assert_eq!(
-            e.value("meshup_tunnel_bytes_total{direction=\"outbound\",flow=\"to_upstream\"}"),
+            e.value("meshup_tunnel_bytes_total{destination_cluster=\"west\",direction=\"outbound\",flow=\"to_upstream\",source_cluster=\"east\"}"),
             4.0
         );
         // One pooled QUIC connection, counted on both ends.

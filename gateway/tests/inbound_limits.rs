@@ -13,33 +13,27 @@ use meshup_core::tunnel::{
     MAGIC, MAX_BODY_LEN, PREFIX_LEN, RequestHeader, Status, VERSION, decode_status, encode_header,
     encode_status,
 };
-use meshup_gateway::tunnel::{BytesLabels, RESET_ABORT, StreamResultLabels};
+use meshup_gateway::tunnel::RESET_ABORT;
 use quinn::{ReadError, RecvStream, SendStream};
 
 /// Short, so the test is quick, and long enough that a stream finished early (reset at once)
 /// is told apart from one that timed out, even on a busy machine.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Streams the inbound side closed with `result`.
+/// Streams the inbound side closed with `result`, from any caller.
 fn closed(gw: &Gateway, result: &'static str) -> u64 {
-    gw.metrics
-        .streams_closed
-        .get_or_create(&StreamResultLabels {
-            direction: "inbound",
-            result,
-        })
-        .get()
+    gw.sum(
+        "meshup_tunnel_streams_closed_total",
+        &[("direction", "inbound"), ("result", result)],
+    ) as u64
 }
 
-/// Payload bytes the inbound side passed on to a backend.
+/// Payload bytes the inbound side passed on to a backend, from any caller.
 fn upstream_bytes(gw: &Gateway) -> u64 {
-    gw.metrics
-        .bytes
-        .get_or_create(&BytesLabels {
-            direction: "inbound",
-            flow: "to_upstream",
-        })
-        .get()
+    gw.sum(
+        "meshup_tunnel_bytes_total",
+        &[("direction", "inbound"), ("flow", "to_upstream")],
+    ) as u64
 }
 
 /// A header for `pay.prod:8080` that a gateway of `caller` may send.

@@ -195,14 +195,12 @@ async fn bad_client_certificates_get_zero_bytes_proxied() {
                 .get_or_create(&tunnel::ReasonLabels { reason })
                 .get()
         };
+        // From any caller: an attacker must not get a byte through whatever it claims.
         let upstream_bytes = || {
-            west.metrics
-                .bytes
-                .get_or_create(&tunnel::BytesLabels {
-                    direction: "inbound",
-                    flow: "to_upstream",
-                })
-                .get()
+            west.sum(
+                "meshup_tunnel_bytes_total",
+                &[("direction", "inbound"), ("flow", "to_upstream")],
+            ) as u64
         };
         for (name, dir, reason) in &cases {
             let before = rejections(reason);

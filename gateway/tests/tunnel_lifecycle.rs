@@ -231,19 +231,20 @@ async fn drain_refuses_new_work_lets_streams_finish_and_closes_with_draining() {
             "new connection during drain must fail: {res:?}"
         );
         assert_eq!(echo.accepted.load(Ordering::SeqCst), 1);
-        let metrics = east.metrics.clone();
         eventually(
             Duration::from_secs(2),
             "outbound stream counted as draining",
             || {
-                let n = metrics
-                    .streams_closed
-                    .get_or_create(&tunnel::StreamResultLabels {
-                        direction: "outbound",
-                        result: "draining",
-                    })
-                    .get();
-                async move { n == 1 }
+                let n = east.sum(
+                    "meshup_tunnel_streams_closed_total",
+                    &[
+                        ("direction", "outbound"),
+                        ("source_cluster", "east"),
+                        ("destination_cluster", "west"),
+                        ("result", "draining"),
+                    ],
+                );
+                async move { n == 1.0 }
             },
         )
         .await;

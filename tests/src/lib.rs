@@ -2,9 +2,11 @@
 //! (plain or TLS), a real headless Chromium, the `meshup` binary and real gateway processes,
 //! the three-cluster failover federation, free loopback ports, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
-//! their process group, and nginx `stream` peers.
+//! their process group, nginx `stream` peers, and the Grafana dashboard checked against
+//! `/metrics`.
 
 pub mod browser;
+pub mod dashboard;
 pub mod etcd;
 pub mod eventually;
 pub mod failover;

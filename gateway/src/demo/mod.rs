@@ -461,11 +461,11 @@ async fn refused_here(gateway: &Gateway) -> anyhow::Result<u64> {
     .await
 }
 
-/// North's count of inbound streams refused as `forbidden`, read from its `/metrics`.
+/// North's count of inbound streams from east refused as `forbidden`, read from its `/metrics`.
 async fn forbidden_streams(gateway: &Gateway) -> anyhow::Result<u64> {
     metric(
         gateway,
-        "meshup_tunnel_streams_closed_total{direction=\"inbound\",result=\"forbidden\"}",
+        "meshup_tunnel_streams_closed_total{direction=\"inbound\",source_cluster=\"east\",destination_cluster=\"north\",result=\"forbidden\"}",
     )
     .await
 }

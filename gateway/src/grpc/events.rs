@@ -3,12 +3,15 @@
 //! `service.rs` only moves snapshots in and events out.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use meshup_admin_api::convert::drill_kind_to_pb;
 use meshup_admin_api::convert::drill_kind_word;
 use meshup_admin_api::pb::{Event, EventKind};
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, ServiceKey};
+
+use crate::outbound::changes::SteeringChange;
 
 /// An event without its time.
 fn event(kind: EventKind, text: String) -> Event {
@@ -193,35 +196,62 @@ fn export_event(key: &ServiceKey, cluster: &ClusterName, text: String) -> Event 
     e
 }
 
-/// Changes of the main target (where most new connections go) between two maps of
-/// service → target (`None`: nowhere).
-pub fn target_changes(
-    old: &BTreeMap<ServiceKey, Option<ClusterName>>,
-    new: &BTreeMap<ServiceKey, Option<ClusterName>>,
-) -> Vec<Event> {
-    let mut out = Vec::new();
-    for (key, target) in new {
-        let Some(was) = old.get(key) else {
-            continue; // a new service: its added event says enough
-        };
-        if was == target {
-            continue;
+/// A failover or an ejection (from `outbound::changes`) as an event.
+pub fn steering_event(change: &SteeringChange) -> Event {
+    let name =
+        |c: &Option<ClusterName>| c.as_ref().map_or("nowhere".to_owned(), ToString::to_string);
+    let level = |l: &Option<usize>| l.map_or("none".to_owned(), |l| l.to_string());
+    match change {
+        SteeringChange::Failover {
+            service,
+            from,
+            from_level,
+            to,
+            to_level,
+        } => {
+            let mut text = format!(
+                "{service}: new connections now go mainly to {} (was {})",
+                name(to),
+                name(from)
+            );
+            if from_level != to_level {
+                text.push_str(&format!(
+                    ", failover level {} (was {})",
+                    level(to_level),
+                    level(from_level)
+                ));
+            }
+            let mut e = event(EventKind::TargetChanged, text);
+            e.service = service.to_string();
+            e.cluster = to.as_ref().map(ToString::to_string).unwrap_or_default();
+            e
         }
-        let name =
-            |c: &Option<ClusterName>| c.as_ref().map_or("nowhere".to_owned(), ToString::to_string);
-        let mut e = event(
-            EventKind::TargetChanged,
-            format!(
-                "{key}: new connections now go mainly to {} (was {})",
-                name(target),
-                name(was)
-            ),
-        );
-        e.service = key.to_string();
-        e.cluster = target.as_ref().map(ToString::to_string).unwrap_or_default();
-        out.push(e);
+        SteeringChange::Ejected {
+            service,
+            cluster,
+            duration,
+        } => {
+            let mut e = event(
+                EventKind::Ejected,
+                format!(
+                    "{cluster} ejected from {service} by outlier detection for {}",
+                    humantime::format_duration(Duration::from_secs(duration.as_secs().max(1)))
+                ),
+            );
+            e.service = service.to_string();
+            e.cluster = cluster.to_string();
+            e
+        }
+        SteeringChange::Returned { service, cluster } => {
+            let mut e = event(
+                EventKind::EjectionEnded,
+                format!("{cluster} is back for {service}: its ejection ended"),
+            );
+            e.service = service.to_string();
+            e.cluster = cluster.to_string();
+            e
+        }
     }
-    out
 }
 
 /// Unix seconds as RFC 3339 (UTC), for texts.
@@ -376,20 +406,77 @@ mod tests {
     }
 
     #[test]
-    fn target_changes_name_old_and_new() {
+    fn steering_changes_become_events_naming_service_and_cluster() {
         let pay: ServiceKey = "pay.prod".parse().expect("key");
-        let old = BTreeMap::from([(pay.clone(), Some(c("west")))]);
-        let new = BTreeMap::from([(pay.clone(), Some(c("north")))]);
-        let got = kinds(&target_changes(&old, &new));
-        assert_eq!(
-            got,
-            vec![(
+        // (change, kind, cluster field, text)
+        let table = [
+            (
+                SteeringChange::Failover {
+                    service: pay.clone(),
+                    from: Some(c("west")),
+                    from_level: Some(0),
+                    to: Some(c("north")),
+                    to_level: Some(1),
+                },
                 EventKind::TargetChanged,
-                "pay.prod: new connections now go mainly to north (was west)".into()
-            )]
-        );
-        let gone = BTreeMap::from([(pay, None)]);
-        assert!(target_changes(&new, &gone)[0].text.contains("to nowhere"));
-        assert!(target_changes(&new, &new).is_empty());
+                "north",
+                "pay.prod: new connections now go mainly to north (was west), failover level 1 (was 0)",
+            ),
+            (
+                SteeringChange::Failover {
+                    service: pay.clone(),
+                    from: Some(c("west")),
+                    from_level: Some(0),
+                    to: Some(c("north")),
+                    to_level: Some(0),
+                },
+                EventKind::TargetChanged,
+                "north",
+                "pay.prod: new connections now go mainly to north (was west)",
+            ),
+            (
+                SteeringChange::Failover {
+                    service: pay.clone(),
+                    from: Some(c("north")),
+                    from_level: Some(1),
+                    to: None,
+                    to_level: None,
+                },
+                EventKind::TargetChanged,
+                "",
+                "pay.prod: new connections now go mainly to nowhere (was north), failover level none (was 1)",
+            ),
+            (
+                SteeringChange::Ejected {
+                    service: pay.clone(),
+                    cluster: c("west"),
+                    duration: Duration::from_millis(29_700),
+                },
+                EventKind::Ejected,
+                "west",
+                "west ejected from pay.prod by outlier detection for 29s",
+            ),
+            (
+                SteeringChange::Returned {
+                    service: pay.clone(),
+                    cluster: c("west"),
+                },
+                EventKind::EjectionEnded,
+                "west",
+                "west is back for pay.prod: its ejection ended",
+            ),
+        ];
+        for (change, kind, cluster, text) in table {
+            let e = steering_event(&change);
+            assert_eq!(
+                (
+                    EventKind::try_from(e.kind).expect("kind"),
+                    e.cluster.as_str(),
+                    e.text.as_str()
+                ),
+                (kind, cluster, text)
+            );
+            assert_eq!(e.service, "pay.prod");
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::Stream;
@@ -24,7 +24,7 @@ use meshup_federation::keys::KeyLayout;
 use meshup_federation::store::{self, Compare, Store, StoreError, Txn, TxnOp};
 use meshup_federation::watcher::WatcherStatus;
 use meshup_policy::{Decision, Excluded, PeerSignal, Verdict, decide::Note};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tonic::{Code, Request, Response, Status};
 
 use super::caller::{self, AuthorError, Caller, caller_of};
@@ -76,12 +76,6 @@ impl AdminApi {
         }
     }
 }
-
-/// Most services whose main target a watch follows for TARGET_CHANGED events (each costs one
-/// decision per catalog change and per second).
-pub const MAX_TARGET_WATCHED_SERVICES: usize = 1000;
-/// How often a watch looks for main-target changes without a catalog change (health moves).
-pub const TARGET_POLL: Duration = Duration::from_secs(1);
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
@@ -417,20 +411,6 @@ impl AdminApi {
                 .map(|(id, _)| id.to_string())
                 .collect(),
         })
-    }
-
-    fn main_targets(&self, snapshot: &Snapshot) -> BTreeMap<ServiceKey, Option<ClusterName>> {
-        let exports = self.ctx.exports.borrow().clone();
-        snapshot
-            .services()
-            .take(MAX_TARGET_WATCHED_SERVICES)
-            .map(|svc| {
-                let target = self
-                    .service_decision(snapshot, &exports, &svc.key)
-                    .and_then(|d| d.main_target().cloned());
-                (svc.key.clone(), target)
-            })
-            .collect()
     }
 }
 
@@ -1219,9 +1199,8 @@ async fn watch_loop(
             }
         }
     }
-    let mut targets = api.main_targets(&current);
-    let mut tick = tokio::time::interval(super::service::TARGET_POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Failovers and ejections come from the gateway's one detector (`outbound::changes`).
+    let mut steering = Some(api.ctx.outbound.watch_changes());
     loop {
         let mut out = Vec::new();
         tokio::select! {
@@ -1234,15 +1213,30 @@ async fn watch_loop(
                 out.extend(events::diff(&current, &next));
                 current = next;
             }
-            _ = tick.tick() => {}
+            change = next_change(&mut steering) => match change {
+                Ok(change) => out.push(events::steering_event(&change)),
+                Err(broadcast::error::RecvError::Lagged(n)) => out.push(pb::Event {
+                    kind: EventKind::Lagged as i32,
+                    text: format!("{n} failover and ejection events were dropped: this watcher fell behind"),
+                    ..Default::default()
+                }),
+                Err(broadcast::error::RecvError::Closed) => steering = None,
+            }
         }
-        let now = api.main_targets(&current);
-        out.extend(events::target_changes(&targets, &now));
-        targets = now;
         for e in out {
             if tx.send(Ok(stamp(e, current.revision))).await.is_err() {
                 return;
             }
         }
+    }
+}
+
+/// The next steering change, or never once the detector is gone.
+async fn next_change(
+    rx: &mut Option<broadcast::Receiver<outbound::changes::SteeringChange>>,
+) -> Result<outbound::changes::SteeringChange, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

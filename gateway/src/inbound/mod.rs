@@ -33,6 +33,7 @@ use tracing::Instrument;
 use balance::Balancer;
 pub use balance::pick_two;
 
+use crate::tunnel::metrics::Label;
 use crate::tunnel::{
     self, Endpoint, RESET_ABORT,
     splice::{splice, splice_result},
@@ -415,7 +416,11 @@ async fn serve_stream(
     mut recv: RecvStream,
 ) {
     let metrics = shared.endpoint.metrics().clone();
-    let mut guard = metrics.stream("inbound");
+    let mut guard = metrics.stream(
+        "inbound",
+        Label::from(&caller),
+        Label::from(&shared.endpoint.identity().cluster),
+    );
     let header_timeout = shared.endpoint.config().header_timeout;
     let connect_timeout = shared.endpoint.config().connect_timeout;
     let (header, rest) = match read_header(&mut recv, header_timeout).await {
@@ -465,7 +470,7 @@ async fn serve_stream(
         let outcome = splice(tcp, send, recv, &rest, idle).await;
         drop(load);
         // Inbound: TCP is the backend, so QUIC → TCP is toward the upstream.
-        metrics.add_bytes("inbound", outcome.quic_to_tcp, outcome.tcp_to_quic);
+        guard.add_bytes(outcome.quic_to_tcp, outcome.tcp_to_quic);
         guard.set_result(splice_result(&outcome));
     }
     .instrument(span)

@@ -17,6 +17,8 @@
 //! - [`pool`] keeps one QUIC connection per peer gateway; streams to a cluster with several
 //!   gateways rotate across them.
 
+pub mod changes;
+pub mod link_metrics;
 pub mod liveness;
 pub mod pool;
 pub mod route;
@@ -48,6 +50,7 @@ pub use steer::{ServiceMetrics, Steering};
 use meshup_policy::Locality;
 
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
+use crate::tunnel::metrics::Label;
 use crate::tunnel::{
     CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
     splice::{splice, splice_result, splice_tcp},
@@ -226,6 +229,8 @@ struct Shared {
     next_request_id: AtomicU64,
     prepared: std::sync::Mutex<PreparedCache>,
     open_streams: Arc<OpenStreams>,
+    /// Failovers and ejections as [`changes`] detects them.
+    changes: tokio::sync::broadcast::Sender<changes::SteeringChange>,
 }
 
 /// Each route's [`steer::Prepared`], valid for one catalog snapshot and one set of local
@@ -304,10 +309,22 @@ impl Proxy {
             next_request_id: AtomicU64::new(seed << 16),
             prepared: Default::default(),
             open_streams: Default::default(),
+            changes: tokio::sync::broadcast::Sender::new(changes::CHANNEL_CAPACITY),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
         tokio::spawn(monitor_peers(inner.clone()));
-        Self { inner }
+        let proxy = Self { inner };
+        tokio::spawn(changes::run(
+            proxy.clone(),
+            proxy.inner.changes.clone(),
+            shutdown.child_token(),
+        ));
+        proxy
+    }
+
+    /// Failovers and ejections from now on (see [`changes`]).
+    pub fn watch_changes(&self) -> tokio::sync::broadcast::Receiver<changes::SteeringChange> {
+        self.inner.changes.subscribe()
     }
 
     /// The listeners currently bound.
@@ -607,7 +624,6 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
     let span = tracing::info_span!("outbound", id = request_id, %client, service = %route.service, port = route.port);
     async move {
         let metrics = shared.endpoint.metrics().clone();
-        let mut guard = metrics.stream("outbound");
         let steering = &shared.steering;
         let service = &route.service;
         let plan = steering.plan(service, prepared(&shared, &route));
@@ -621,25 +637,17 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             caller: shared.local.clone(),
         };
         let sm = &steering.metrics;
-        let pair = |cluster: &ClusterName| steer::PairLabels::new(service, &shared.local, cluster);
+        // Label values are shared text (see `tunnel::metrics::Label`): no allocation here.
+        let labels = plan.prepared.labels();
+        let pair = |cluster: &ClusterName| labels.to(Label::from(cluster));
         let counted = |cluster: Option<&ClusterName>, result: &'static str| {
             sm.connections
-                .get_or_create(&steer::PairResultLabels {
-                    service: service.to_string(),
-                    source_cluster: shared.local.to_string(),
-                    destination_cluster: cluster.map_or_else(|| "none".to_owned(), ToString::to_string),
-                    result,
-                })
+                .get_or_create(&labels.result(Label::cluster_or_none(cluster), result))
                 .inc();
         };
         let failed_attempt = |cluster: &ClusterName, reason: &'static str| {
             sm.attempt_failures
-                .get_or_create(&steer::PairResultLabels {
-                    service: service.to_string(),
-                    source_cluster: shared.local.to_string(),
-                    destination_cluster: cluster.to_string(),
-                    result: reason,
-                })
+                .get_or_create(&labels.result(Label::from(cluster), reason))
                 .inc();
         };
         // The last failure names the stream's result if nothing connects; with no attempt at
@@ -662,9 +670,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                 if attempts > 0 && !st.health.take_retry(service, &plan.policy().retry, std::time::Instant::now()) {
                     drop(st);
                     tracing::debug!(%cluster, "retry budget spent; not retrying");
-                    sm.retry_budget_exhausted
-                        .get_or_create(&steer::ServiceLabels::new(service, &shared.local))
-                        .inc();
+                    sm.retry_budget_exhausted.get_or_create(labels).inc();
                     result = "retry_budget";
                     break;
                 }
@@ -680,6 +686,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                 sm.retries.get_or_create(&pair(cluster)).inc();
             }
             attempts += 1;
+            let mut guard = metrics.stream("outbound", labels.source_cluster.clone(), Label::from(cluster));
             let attempt = match target {
                 Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
                 Target::Remote { gateways } => {
@@ -698,7 +705,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     };
                     steering.lock().health.connection_ended(service, cluster);
                     let sent = out.tcp_to_quic + early.bytes.len() as u64;
-                    metrics.add_bytes("outbound", sent, out.quic_to_tcp);
+                    guard.add_bytes(sent, out.quic_to_tcp);
                     guard.set_result(splice_result(&out));
                     return;
                 }
@@ -708,12 +715,13 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                         steering.record(service, cluster, &plan, false);
                     }
                     failed_attempt(cluster, r);
+                    guard.set_result(r);
+                    drop(guard);
                     result = r;
                     match (back, stop) {
                         (Some(t), false) => tcp = t,
                         (back, _) => {
                             counted(Some(cluster), r);
-                            guard.set_result(r);
                             if let Some(t) = back {
                                 reset_tcp(t);
                             }
@@ -724,7 +732,6 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             }
         }
         counted(None, result);
-        guard.set_result(result);
         reset_tcp(tcp);
     }
     .instrument(span)

@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use super::liveness::{Liveness, Transition};
 use super::pool::PeerKey;
 use super::route::{Serving, Target};
+use crate::tunnel::metrics::Label;
 
 /// The state behind the lock.
 #[derive(Debug)]
@@ -38,7 +39,16 @@ pub struct Prepared {
     pub policy: Arc<PolicyRecord>,
     /// Drills naming a cluster that serves the route (in force or not: times decide).
     pub drills: Vec<DrillRecord>,
-    level_labels: ServiceLabels,
+    /// The route's `service` and `source_cluster` labels, made once here so that counting a
+    /// connection allocates nothing.
+    labels: ServiceLabels,
+}
+
+impl Prepared {
+    /// The route's `service` and `source_cluster` labels.
+    pub fn labels(&self) -> &ServiceLabels {
+        &self.labels
+    }
 }
 
 /// Everything one connection's attempts need from the decision.
@@ -83,6 +93,9 @@ pub struct Steering {
     default_policy: Arc<PolicyRecord>,
     draws: AtomicU64,
     pub metrics: ServiceMetrics,
+    /// Woken when something the decision reads changed outside the catalog (an ejection), so
+    /// the change detector (`outbound::changes`) looks at once instead of at its next tick.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Steering {
@@ -100,6 +113,7 @@ impl Steering {
             default_policy: Arc::new(PolicyRecord::default()),
             draws: AtomicU64::new(seed),
             metrics,
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -136,7 +150,7 @@ impl Steering {
             serving,
             policy,
             drills,
-            level_labels: ServiceLabels::new(service, &self.local.cluster),
+            labels: ServiceLabels::new(service, &self.local.cluster),
         }
     }
 
@@ -187,7 +201,7 @@ impl Steering {
             .unwrap_or(-1);
         self.metrics
             .failover_level
-            .get_or_create(&prepared.level_labels)
+            .get_or_create(&prepared.labels)
             .set(level);
         let serving = decision
             .explanations
@@ -209,7 +223,7 @@ impl Steering {
         for cluster in plan.circuit_open() {
             self.metrics
                 .circuit_open
-                .get_or_create(&PairLabels::new(service, &self.local.cluster, cluster))
+                .get_or_create(&plan.prepared.labels.to(Label::from(cluster)))
                 .inc();
         }
         plan
@@ -251,8 +265,9 @@ impl Steering {
             tracing::warn!(%service, %cluster, ejections = e.count, until = ?e.until.saturating_duration_since(Instant::now()), "cluster ejected by outlier detection");
             self.metrics
                 .ejections
-                .get_or_create(&PairLabels::new(service, &self.local.cluster, cluster))
+                .get_or_create(&plan.prepared.labels.to(Label::from(cluster)))
                 .inc();
+            self.changed.notify_one();
         }
     }
 
@@ -265,7 +280,8 @@ impl Steering {
                 self.metrics
                     .peers_suspected
                     .get_or_create(&ClusterLabels {
-                        destination_cluster: peer.cluster.to_string(),
+                        source_cluster: Label::from(&self.local.cluster),
+                        destination_cluster: Label::from(&peer.cluster),
                     })
                     .inc();
             }
@@ -326,18 +342,38 @@ pub fn unix_now() -> i64 {
 
 // === metrics ===
 
-/// `service`, `source_cluster`.
+/// `service`, `source_cluster`. Made once per route preparation (a catalog change), so
+/// the per-connection label sets below only clone its shared text.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
-    pub service: String,
-    pub source_cluster: String,
+    pub service: Label,
+    pub source_cluster: Label,
 }
 
 impl ServiceLabels {
     pub fn new(service: &ServiceKey, source: &ClusterName) -> Self {
         Self {
-            service: service.to_string(),
-            source_cluster: source.to_string(),
+            service: Label::Text(service.to_string().into()),
+            source_cluster: Label::from(source),
+        }
+    }
+
+    /// The pair from this service's source to `destination`.
+    pub fn to(&self, destination: Label) -> PairLabels {
+        PairLabels {
+            service: self.service.clone(),
+            source_cluster: self.source_cluster.clone(),
+            destination_cluster: destination,
+        }
+    }
+
+    /// The pair to `destination` with a result or reason.
+    pub fn result(&self, destination: Label, result: &'static str) -> PairResultLabels {
+        PairResultLabels {
+            service: self.service.clone(),
+            source_cluster: self.source_cluster.clone(),
+            destination_cluster: destination,
+            result,
         }
     }
 }
@@ -345,35 +381,32 @@ impl ServiceLabels {
 /// `service`, `source_cluster`, `destination_cluster`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairLabels {
-    pub service: String,
-    pub source_cluster: String,
-    pub destination_cluster: String,
+    pub service: Label,
+    pub source_cluster: Label,
+    pub destination_cluster: Label,
 }
 
 impl PairLabels {
     pub fn new(service: &ServiceKey, source: &ClusterName, destination: &ClusterName) -> Self {
-        Self {
-            service: service.to_string(),
-            source_cluster: source.to_string(),
-            destination_cluster: destination.to_string(),
-        }
+        ServiceLabels::new(service, source).to(Label::from(destination))
     }
 }
 
 /// [`PairLabels`] and a `result` or `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PairResultLabels {
-    pub service: String,
-    pub source_cluster: String,
+    pub service: Label,
+    pub source_cluster: Label,
     /// `none` when no cluster took the connection.
-    pub destination_cluster: String,
+    pub destination_cluster: Label,
     pub result: &'static str,
 }
 
-/// `destination_cluster`.
+/// `source_cluster`, `destination_cluster`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClusterLabels {
-    pub destination_cluster: String,
+    pub source_cluster: Label,
+    pub destination_cluster: Label,
 }
 
 /// Per-service routing metrics, `meshup_service_*`.
@@ -393,6 +426,9 @@ pub struct ServiceMetrics {
     pub circuit_open: Family<PairLabels, Counter>,
     /// Ejections by outlier detection.
     pub ejections: Family<PairLabels, Counter>,
+    /// Changes of where a service's new connections mainly go (failover and failback), by the
+    /// cluster they go to now (`none`: nowhere). Counted by `outbound::changes`.
+    pub failovers: Family<PairLabels, Counter>,
     /// The priority level of the cluster new connections go to first (0: the best; -1: none).
     pub failover_level: Family<ServiceLabels, Gauge>,
     /// Peer gateways found silent (new connections skip them until they show life).
@@ -433,6 +469,11 @@ impl ServiceMetrics {
             "ejections",
             "Clusters ejected by outlier detection",
             m.ejections.clone(),
+        );
+        r.register(
+            "failovers",
+            "Changes of the cluster a service's new connections mainly go to (failover and failback), by the cluster they go to now",
+            m.failovers.clone(),
         );
         r.register(
             "failover_level",

@@ -28,7 +28,7 @@ pub use config::{
 };
 pub(crate) use metrics::ConnectionGuard;
 pub use metrics::{
-    BytesLabels, DialLabels, DirectionLabels, Metrics, ReasonLabels, StreamResultLabels,
+    BytesLabels, DialLabels, Label, Metrics, ReasonLabels, StreamLabels, StreamResultLabels,
 };
 
 use crate::identity::{

@@ -220,6 +220,8 @@ impl Federation {
             config.zone = plan.zone.into();
             // No test holds a connection across a drain for long.
             config.tunnel.drain_deadline = Duration::from_secs(2);
+            // The admin API too, for tests that watch the event stream.
+            config.admin.grpc = Some("127.0.0.1:0".parse().expect("addr"));
             let gateway = Gateway::start(config, Some(&store))
                 .await
                 .unwrap_or_else(|e| panic!("starting {}: {e:#}", plan.name));

@@ -128,6 +128,8 @@ pub struct Gateway {
     pub server: inbound::Server,
     pub proxy: Proxy,
     pub metrics: Metrics,
+    /// Where `metrics` are registered, as `meshup_*` (see [`Gateway::sum`]).
+    registry: prometheus_client::registry::Registry,
     pub snapshots: watch::Sender<Arc<Snapshot>>,
     pub exports: watch::Sender<Arc<LocalExports>>,
     pub shutdown: CancellationToken,
@@ -142,7 +144,7 @@ impl Gateway {
         tweak(&mut cfg);
         let cluster = cluster(cluster_name);
         let identity = Identity::load(files, TD, cluster.clone()).expect("identity");
-        let mut registry = prometheus_client::registry::Registry::default();
+        let mut registry = prometheus_client::registry::Registry::with_prefix("meshup");
         let metrics = Metrics::register(&mut registry);
         let endpoint = Endpoint::bind(&cfg, identity.clone(), metrics.clone()).expect("bind");
         let shutdown = CancellationToken::new();
@@ -173,10 +175,19 @@ impl Gateway {
             server,
             proxy,
             metrics,
+            registry,
             snapshots,
             exports,
             shutdown,
         }
+    }
+
+    /// The sum of the samples of `name` (`meshup_tunnel_bytes_total`) whose labels include
+    /// `labels`, over every other label (such as the cluster pair), as a scraper would see it.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encode");
+        admin::Exposition::parse(&text).sum(name, labels)
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,367 @@
+//! Failovers and ejections as events: what changed in the steering of each service between
+//! two looks at the decision.
+//!
+//! Detection is pure: [`Steered::of`] reduces one explained decision to what an operator
+//! follows (the level and cluster new connections mainly go to, the clusters outlier
+//! detection ejected), and [`changes`] compares two maps of them. The task in [`run`] only
+//! asks the decision again on every catalog or export change, on an ejection and once a
+//! second (health moves without the catalog), publishes the changes on a broadcast channel
+//! (`WatchEvents` subscribes) and counts the failovers. One detector per gateway, however
+//! many watchers: the counter counts each change once.
+//!
+//! Limits: an ejection is seen as soon as it happens (the steering wakes the detector), but a
+//! failover that flips back within one look is not seen; at most [`MAX_SERVICES`] services
+//! are followed.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_policy::{Decision, Verdict};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::Proxy;
+use super::route::Route;
+use crate::tunnel::metrics::Label;
+
+/// Most services the detector follows (each costs one decision per look).
+pub const MAX_SERVICES: usize = 1000;
+/// How often the detector looks without a catalog change or an ejection.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Changes kept for a slow watcher before it is told it lagged.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// What an operator follows of one service's steering.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Steered {
+    /// The priority level of the cluster tried first (`None`: no cluster can serve).
+    pub level: Option<usize>,
+    /// The cluster that gets the largest share of new connections.
+    pub target: Option<ClusterName>,
+    /// Clusters ejected by outlier detection (left out, or kept only as a last resort), and
+    /// until when.
+    pub ejected: BTreeMap<ClusterName, Instant>,
+}
+
+impl Steered {
+    /// Reduces one decision; `ejected_until` says until when outlier detection ejected a
+    /// cluster (asked of the health state, because a cluster that is also out for another
+    /// reason, such as no healthy endpoint, does not show its ejection in the verdict).
+    pub fn of(
+        decision: &Decision,
+        ejected_until: impl Fn(&ClusterName) -> Option<Instant>,
+    ) -> Self {
+        let level = decision.explanations.iter().find_map(|e| match e.verdict {
+            Verdict::Candidate { rank: 0, level, .. } => Some(level),
+            _ => None,
+        });
+        let ejected = decision
+            .explanations
+            .iter()
+            .filter_map(|e| ejected_until(&e.cluster).map(|until| (e.cluster.clone(), until)))
+            .collect();
+        Self {
+            level,
+            target: decision.main_target().cloned(),
+            ejected,
+        }
+    }
+}
+
+/// A change in a service's steering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SteeringChange {
+    /// The cluster (or the level) new connections mainly go to changed: a failover, or a
+    /// failback.
+    Failover {
+        service: ServiceKey,
+        from: Option<ClusterName>,
+        from_level: Option<usize>,
+        to: Option<ClusterName>,
+        to_level: Option<usize>,
+    },
+    /// Outlier detection ejected `cluster` for `service`, for `duration`.
+    Ejected {
+        service: ServiceKey,
+        cluster: ClusterName,
+        duration: Duration,
+    },
+    /// `cluster`'s ejection for `service` ended.
+    Returned {
+        service: ServiceKey,
+        cluster: ClusterName,
+    },
+}
+
+/// Every change from `old` to `new`, by service, failovers before ejections. A service that
+/// is new or gone has no changes (the catalog events say it). An ejection whose end moved is
+/// a new ejection.
+pub fn changes(
+    old: &BTreeMap<ServiceKey, Steered>,
+    new: &BTreeMap<ServiceKey, Steered>,
+    now: Instant,
+) -> Vec<SteeringChange> {
+    let mut out = Vec::new();
+    for (service, now_state) in new {
+        let Some(was) = old.get(service) else {
+            continue;
+        };
+        if (&was.target, was.level) != (&now_state.target, now_state.level) {
+            out.push(SteeringChange::Failover {
+                service: service.clone(),
+                from: was.target.clone(),
+                from_level: was.level,
+                to: now_state.target.clone(),
+                to_level: now_state.level,
+            });
+        }
+        for (cluster, until) in &now_state.ejected {
+            if was.ejected.get(cluster) != Some(until) {
+                out.push(SteeringChange::Ejected {
+                    service: service.clone(),
+                    cluster: cluster.clone(),
+                    duration: until.saturating_duration_since(now),
+                });
+            }
+        }
+        for cluster in was.ejected.keys() {
+            if !now_state.ejected.contains_key(cluster) {
+                out.push(SteeringChange::Returned {
+                    service: service.clone(),
+                    cluster: cluster.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Every followed service's steering now, as a new connection would get it.
+fn look(proxy: &Proxy) -> BTreeMap<ServiceKey, Steered> {
+    let snapshot = proxy.inner.snapshots.borrow().clone();
+    let exports = proxy.inner.exports.borrow().clone();
+    snapshot
+        .services()
+        .take(MAX_SERVICES)
+        .filter_map(|svc| {
+            let port = snapshot.service(&svc.key)?.ports.first()?.port;
+            let route = Route {
+                service: svc.key.clone(),
+                port,
+                target: None,
+            };
+            let decision = proxy.explain(&snapshot, &exports, &route);
+            let now = Instant::now();
+            let st = proxy.steering().lock();
+            let steered = Steered::of(&decision, |c| st.health.ejected_until(&svc.key, c, now));
+            Some((svc.key.clone(), steered))
+        })
+        .collect()
+}
+
+/// Looks until `stop`, publishing and counting every change.
+pub(super) async fn run(
+    proxy: Proxy,
+    tx: broadcast::Sender<SteeringChange>,
+    stop: CancellationToken,
+) {
+    let mut snapshots = proxy.inner.snapshots.clone();
+    let mut exports = proxy.inner.exports.clone();
+    let steering = proxy.inner.steering.clone();
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = look(&proxy);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = snapshots.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                snapshots.borrow_and_update();
+            }
+            r = exports.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                exports.borrow_and_update();
+            }
+            _ = steering.changed.notified() => {}
+            _ = tick.tick() => {}
+        }
+        let now_states = look(&proxy);
+        for change in changes(&last, &now_states, Instant::now()) {
+            if let SteeringChange::Failover { service, to, .. } = &change {
+                tracing::info!(%service, to = ?to, "main target changed");
+                steering
+                    .metrics
+                    .failovers
+                    .get_or_create(
+                        &super::steer::ServiceLabels::new(service, &steering.local.cluster)
+                            .to(Label::cluster_or_none(to.as_ref())),
+                    )
+                    .inc();
+            }
+            // No receiver (no watcher) is fine: the counter still counted.
+            let _ = tx.send(change);
+        }
+        last = now_states;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("cluster")
+    }
+
+    fn svc() -> ServiceKey {
+        "pay.prod".parse().expect("key")
+    }
+
+    fn state(level: Option<usize>, target: Option<&str>, ejected: &[(&str, Instant)]) -> Steered {
+        Steered {
+            level,
+            target: target.map(c),
+            ejected: ejected.iter().map(|(n, t)| (c(n), *t)).collect(),
+        }
+    }
+
+    #[test]
+    fn two_looks_become_failovers_ejections_and_returns() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(30);
+        let much_later = now + Duration::from_secs(60);
+        let failover = |from: Option<&str>, fl, to: Option<&str>, tl| SteeringChange::Failover {
+            service: svc(),
+            from: from.map(c),
+            from_level: fl,
+            to: to.map(c),
+            to_level: tl,
+        };
+        let ejected = |n: &str, secs| SteeringChange::Ejected {
+            service: svc(),
+            cluster: c(n),
+            duration: Duration::from_secs(secs),
+        };
+        let returned = |n: &str| SteeringChange::Returned {
+            service: svc(),
+            cluster: c(n),
+        };
+        // (before, after, changes)
+        let table: Vec<(Steered, Steered, Vec<SteeringChange>)> = vec![
+            // Nothing moved.
+            (
+                state(Some(0), Some("west"), &[]),
+                state(Some(0), Some("west"), &[]),
+                vec![],
+            ),
+            // West ejected: traffic fails over to north on level 1.
+            (
+                state(Some(0), Some("west"), &[]),
+                state(Some(1), Some("north"), &[("west", later)]),
+                vec![
+                    failover(Some("west"), Some(0), Some("north"), Some(1)),
+                    ejected("west", 30),
+                ],
+            ),
+            // Still ejected, same end: nothing new.
+            (
+                state(Some(1), Some("north"), &[("west", later)]),
+                state(Some(1), Some("north"), &[("west", later)]),
+                vec![],
+            ),
+            // Ejected again (the end moved) without a look in between.
+            (
+                state(Some(1), Some("north"), &[("west", later)]),
+                state(Some(1), Some("north"), &[("west", much_later)]),
+                vec![ejected("west", 60)],
+            ),
+            // Back: failback and the return.
+            (
+                state(Some(1), Some("north"), &[("west", later)]),
+                state(Some(0), Some("west"), &[]),
+                vec![
+                    failover(Some("north"), Some(1), Some("west"), Some(0)),
+                    returned("west"),
+                ],
+            ),
+            // Nowhere to go.
+            (
+                state(Some(0), Some("west"), &[]),
+                state(None, None, &[]),
+                vec![failover(Some("west"), Some(0), None, None)],
+            ),
+            // Same cluster, another level (a policy moved it): still a change of steering.
+            (
+                state(Some(0), Some("west"), &[]),
+                state(Some(1), Some("west"), &[]),
+                vec![failover(Some("west"), Some(0), Some("west"), Some(1))],
+            ),
+        ];
+        for (i, (before, after, want)) in table.into_iter().enumerate() {
+            let old = BTreeMap::from([(svc(), before)]);
+            let new = BTreeMap::from([(svc(), after)]);
+            assert_eq!(changes(&old, &new, now), want, "case {i}");
+        }
+    }
+
+    #[test]
+    fn a_decision_reduces_to_its_first_level_main_target_and_ejections() {
+        use meshup_policy::{Excluded, Explanation};
+        let now = Instant::now();
+        let until = now + Duration::from_secs(10);
+        let candidate = |rank, level, share_ppm| Verdict::Candidate {
+            rank,
+            level,
+            share_ppm,
+            weight: 1,
+            note: None,
+        };
+        let decision = Decision {
+            order: vec![c("north"), c("south")],
+            explanations: vec![
+                Explanation {
+                    cluster: c("west"),
+                    verdict: Verdict::Excluded(Excluded::Ejected { until }),
+                },
+                // Out for another reason and ejected too: still an ejection.
+                Explanation {
+                    cluster: c("east"),
+                    verdict: Verdict::Excluded(Excluded::NoHealthyEndpoints),
+                },
+                Explanation {
+                    cluster: c("south"),
+                    verdict: candidate(1, 1, 300_000),
+                },
+                Explanation {
+                    cluster: c("north"),
+                    verdict: candidate(0, 1, 700_000),
+                },
+            ],
+            max_attempts: 2,
+        };
+        let ejected = |cl: &ClusterName| (cl == &c("west") || cl == &c("east")).then_some(until);
+        assert_eq!(
+            Steered::of(&decision, ejected),
+            state(Some(1), Some("north"), &[("east", until), ("west", until)])
+        );
+        let nothing = Decision {
+            order: vec![],
+            explanations: vec![],
+            max_attempts: 1,
+        };
+        assert_eq!(Steered::of(&nothing, |_| None), Steered::default());
+    }
+
+    #[test]
+    fn services_that_come_or_go_have_no_steering_changes() {
+        let now = Instant::now();
+        let some = BTreeMap::from([(svc(), state(Some(0), Some("west"), &[]))]);
+        assert!(changes(&BTreeMap::new(), &some, now).is_empty());
+        assert!(changes(&some, &BTreeMap::new(), now).is_empty());
+    }
+}
