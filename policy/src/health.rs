@@ -337,16 +337,6 @@ impl Health {
             .map_or((0, 0), |t| (t.active, t.pending))
     }
 
-    /// Active connections at a cluster, every service summed: the streams this gateway has
-    /// open to it now.
-    pub fn active_at(&self, cluster: &ClusterName) -> u32 {
-        self.targets
-            .values()
-            .filter_map(|of_service| of_service.get(cluster))
-            .map(|t| t.active)
-            .sum()
-    }
-
     fn second(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_secs()
     }
@@ -599,24 +589,6 @@ mod tests {
         h.connection_ended(&s, &west);
         h.connection_ended(&s, &west);
         assert_eq!(h.load(&s, &west), (0, 0), "never below zero");
-    }
-
-    #[test]
-    fn active_at_sums_every_service_of_one_cluster() {
-        let mut h = Health::new(Instant::now());
-        let other: ServiceKey = "ledger.prod".parse().expect("a service key");
-        for (service, cluster) in [(svc(), "west"), (svc(), "west"), (other.clone(), "west")] {
-            h.attempt_started(&service, &c(cluster));
-            h.attempt_finished(&service, &c(cluster), true);
-        }
-        h.attempt_started(&other, &c("north"));
-        h.attempt_finished(&other, &c("north"), true);
-        h.attempt_started(&svc(), &c("north")); // pending, not active
-        assert_eq!(h.active_at(&c("west")), 3);
-        assert_eq!(h.active_at(&c("north")), 1);
-        h.connection_ended(&svc(), &c("west"));
-        assert_eq!(h.active_at(&c("west")), 2);
-        assert_eq!(h.active_at(&c("east")), 0);
     }
 
     #[test]

@@ -181,7 +181,10 @@ async fn run() {
     let renders_before: u64 = eval(&page, "Number(document.body.dataset.renders)")
         .await
         .expect("renders");
-    let admin = east.grpc_addr().expect("east serves the admin API").to_string();
+    let admin = east
+        .grpc_addr()
+        .expect("east serves the admin API")
+        .to_string();
     let (code, out, err) = meshup(&[
         "drill",
         "start",

@@ -426,11 +426,11 @@ impl AdminService for AdminApi {
         let snapshot = self.snapshot();
         let watcher = ctx.watcher.borrow().clone();
         let links = ctx.links.borrow().clone();
-        let peers: BTreeMap<ClusterName, (Option<PeerSignal>, u32)> = {
+        let peers: BTreeMap<ClusterName, Option<PeerSignal>> = {
             let st = ctx.outbound.steering().lock();
             snapshot
                 .clusters()
-                .map(|c| (c.clone(), (st.health.peer(c), st.health.active_at(c))))
+                .map(|c| (c.clone(), st.health.peer(c)))
                 .collect()
         };
         let mut exported: BTreeMap<&ClusterName, u64> = BTreeMap::new();
@@ -447,7 +447,7 @@ impl AdminService for AdminApi {
                 let (link, rtt) = if local {
                     (LinkState::Local, None)
                 } else {
-                    match peers.get(c).and_then(|(signal, _)| *signal) {
+                    match peers.get(c).copied().flatten() {
                         Some(PeerSignal::Up { rtt }) => {
                             (LinkState::Up, Some(rtt.as_secs_f64() * 1000.0))
                         }
@@ -473,11 +473,13 @@ impl AdminService for AdminApi {
                                 .filter(|l| l.sent_packets > 0)
                                 .map_or(0.0, |l| l.lost_packets as f64 / l.sent_packets as f64),
                             mtu: link.map_or(0, |l| u32::from(l.mtu)),
+                            open_streams: link.map_or(0, |l| l.open_streams as u64),
                         }
                     })
                     .collect();
                 // A cluster never measured through the decision but with an open connection.
                 let rtt = rtt.or_else(|| gateways.iter().filter_map(|g| g.rtt_ms).reduce(f64::min));
+                let open_streams = gateways.iter().map(|g| g.open_streams).sum();
                 pb::ClusterInfo {
                     name: c.to_string(),
                     local,
@@ -487,7 +489,7 @@ impl AdminService for AdminApi {
                     rtt_ms: rtt,
                     gateways,
                     exports: exported.get(c).copied().unwrap_or(0),
-                    open_streams: peers.get(c).map_or(0, |(_, active)| u64::from(*active)),
+                    open_streams,
                 }
             })
             .collect();

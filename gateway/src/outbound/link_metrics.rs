@@ -114,6 +114,7 @@ mod tests {
             lost_packets: lost,
             sent_packets: sent,
             black_holes: 0,
+            open_streams: 0,
         }
     }
 
