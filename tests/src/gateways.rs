@@ -82,6 +82,27 @@ impl Certs {
         self.dir.path().join(cluster)
     }
 
+    /// Issues an operator certificate (`meshup certs issue --operator NAME`) from the same CA;
+    /// returns its directory (cert.pem, key.pem, bundle.pem).
+    pub fn operator(&self, name: &str) -> PathBuf {
+        let out = self.dir.path().join(format!("operator-{name}"));
+        let ca = self.dir.path().join("ca");
+        run_meshup(
+            &self.binary,
+            &[
+                "certs",
+                "issue",
+                "--ca",
+                path_str(&ca),
+                "--operator",
+                name,
+                "--out",
+                path_str(&out),
+            ],
+        );
+        out
+    }
+
     /// The `meshup` binary these were made with.
     pub fn binary(&self) -> &Path {
         &self.binary
@@ -125,6 +146,9 @@ pub struct GatewaySpec<'a> {
     pub worker_threads: Option<usize>,
     /// Serve the gRPC admin API on a free loopback port ([`GatewayProcess::grpc_addr`]).
     pub grpc: bool,
+    /// Serve the remote (mutual TLS) admin API on a free loopback port
+    /// ([`GatewayProcess::grpc_remote_addr`]).
+    pub grpc_remote: bool,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -149,11 +173,17 @@ impl<'a> GatewaySpec<'a> {
             log_filter: None,
             worker_threads: None,
             grpc: false,
+            grpc_remote: false,
         }
     }
 
     /// The gateway's config file.
-    fn config(&self, admin: SocketAddr, grpc: Option<SocketAddr>) -> String {
+    fn config(
+        &self,
+        admin: SocketAddr,
+        grpc: Option<SocketAddr>,
+        remote: Option<SocketAddr>,
+    ) -> String {
         let certs = self.certs.of(self.cluster);
         let mut exports = String::new();
         for (name, ns, port, backend) in &self.exports {
@@ -182,7 +212,7 @@ dns:
   listen: 127.0.0.1:0
 admin:
   http: {admin}
-{grpc}{threads}exports:
+{grpc}{remote}{threads}exports:
 {exports}"#,
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
@@ -192,6 +222,7 @@ admin:
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
             grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
+            remote = remote.map_or(String::new(), |a| format!("  grpc_remote: {a}\n")),
             threads = self
                 .worker_threads
                 .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
@@ -244,6 +275,7 @@ pub struct GatewayProcess {
     cluster: String,
     admin: SocketAddr,
     grpc: Option<SocketAddr>,
+    grpc_remote: Option<SocketAddr>,
     config: PathBuf,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -258,7 +290,10 @@ impl GatewayProcess {
             .grpc
             .then(|| SocketAddr::from(([127, 0, 0, 1], port())));
         let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, spec.config(admin, grpc)).expect("write config");
+        let grpc_remote = spec
+            .grpc_remote
+            .then(|| SocketAddr::from(([127, 0, 0, 1], port())));
+        std::fs::write(&config_path, spec.config(admin, grpc, grpc_remote)).expect("write config");
         let log = dir.path().join("gateway.log");
         let mut command = Command::new(spec.certs.binary());
         command
@@ -280,6 +315,7 @@ impl GatewayProcess {
             cluster: spec.cluster.to_owned(),
             admin,
             grpc,
+            grpc_remote,
             config: config_path,
             log,
             _dir: dir,
@@ -289,6 +325,11 @@ impl GatewayProcess {
     /// The gRPC admin address, when the spec asked for one.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc
+    }
+
+    /// The remote (mutual TLS) admin address, when the spec asked for one.
+    pub fn grpc_remote_addr(&self) -> Option<SocketAddr> {
+        self.grpc_remote
     }
 
     /// The config file the gateway was started with.

@@ -636,3 +636,131 @@ fn grpcurl_lists_the_services_and_sees_serving() {
         "{err}"
     );
 }
+
+/// Remote admin as an operator meets it: a gateway process with `admin.grpc_remote`, the real
+/// `meshup` binary with an operator certificate from `meshup certs issue --operator`, and
+/// grpcurl as a third-party client. Only an operator certificate of the federation gets in;
+/// everything else is refused and writes nothing.
+#[test]
+fn remote_admin_takes_operator_certificates_only() {
+    use meshup_tests::gateways::{self, Certs, GatewayProcess, GatewaySpec, path_str};
+
+    let etcd = EtcdServer::start();
+    let certs = Certs::new(&["east", "west"]);
+    let ana = certs.operator("ana");
+    let mut east = GatewayProcess::start(GatewaySpec {
+        grpc: true,
+        grpc_remote: true,
+        ..GatewaySpec::new("east", "127.85.1.0/24", &etcd, &certs, "/remote")
+    });
+    let mut west = GatewayProcess::start(GatewaySpec::new(
+        "west",
+        "127.85.2.0/24",
+        &etcd,
+        &certs,
+        "/remote",
+    ));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        east.wait_ready().await;
+        west.wait_ready().await;
+    });
+    let remote_addr = east.grpc_remote_addr().expect("remote admin").to_string();
+    let remote = format!("https://{remote_addr}");
+    let local = east.grpc_addr().expect("local admin").to_string();
+    let ana_cert = ana.join("cert.pem");
+    let drill = |id: &str, extra: &[&str]| {
+        let mut args = vec![
+            "drill",
+            "start",
+            "--kind",
+            "drain",
+            "--cluster",
+            "west",
+            "--why",
+            "rehearsal",
+            "--for",
+            "10m",
+            "--id",
+            id,
+        ];
+        args.extend_from_slice(extra);
+        meshup(&args, &[])
+    };
+
+    // An operator certificate: the drill is written, and its author is the certificate's.
+    let (code, out, err) = drill(
+        "remote-ana",
+        &["--admin", &remote, "--cert", path_str(&ana_cert)],
+    );
+    assert_eq!(code, 0, "{out}{err}\n{}", east.log_text());
+    let (code, out, err) = meshup(
+        &[
+            "drill",
+            "list",
+            "-o",
+            "json",
+            "--admin",
+            &remote,
+            "--cert",
+            path_str(&ana_cert),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let list = json(&out);
+    let drills = list["drills"].as_array().expect("drills");
+    assert_eq!(drills.len(), 1, "{out}");
+    assert_eq!(drills[0]["id"], "remote-ana");
+    assert_eq!(
+        drills[0]["who"], "ana",
+        "the author comes from the certificate: {out}"
+    );
+
+    // No certificate: the CLI says what to do, exit 2.
+    let (code, _, err) = drill("remote-none", &["--admin", &remote, "--who", "ana"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("meshup certs issue --operator"), "{err}");
+    // A gateway's certificate is not an operator's.
+    let west_cert = certs.of("west").join("cert.pem");
+    let (code, _, err) = drill(
+        "remote-gateway",
+        &["--admin", &remote, "--cert", path_str(&west_cert)],
+    );
+    assert_ne!(code, 0, "a gateway SVID must not act as an operator");
+    assert!(err.contains("not an operator"), "{err}");
+    // Plaintext to the mTLS port: nothing answers in plaintext.
+    let (code, _, err) = drill("remote-plain", &["--admin", &remote_addr, "--who", "ana"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("use --admin https://"), "{err}");
+
+    // The server refuses by itself, whatever the client: grpcurl without a client certificate
+    // fails the handshake; with ana's it lists the services.
+    let (ok, _, err) = gateways::grpcurl(&["-insecure", "-max-time", "5", &remote_addr, "list"]);
+    assert!(!ok, "no client certificate must be refused: {err}");
+    let ana_key = ana.join("key.pem");
+    let (ok, out, err) = gateways::grpcurl(&[
+        "-insecure",
+        "-cert",
+        path_str(&ana_cert),
+        "-key",
+        path_str(&ana_key),
+        &remote_addr,
+        "list",
+    ]);
+    assert!(
+        ok && out.contains("meshup.admin.v1.AdminService"),
+        "{out}{err}"
+    );
+
+    // Nothing the refused calls tried was written.
+    let (code, out, err) = meshup(&["drill", "list", "-o", "json", "--admin", &local], &[]);
+    assert_eq!(code, 0, "{err}");
+    let ids: Vec<String> = json(&out)["drills"]
+        .as_array()
+        .expect("drills")
+        .iter()
+        .map(|d| d["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids, ["remote-ana"], "{out}");
+}

@@ -406,6 +406,18 @@ fn status_error(conn: &Conn, s: Status) -> CliError {
             unreachable(conn, &message)
         }
         Code::Unavailable => unreachable(conn, &message),
+        // A plaintext client at a TLS port: the server's TLS alert is no HTTP/2 frame.
+        Code::Internal | Code::Unknown
+            if message.contains("h2 protocol error") && !conn.admin.starts_with("https://") =>
+        {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "the server at {} does not speak plaintext gRPC ({message}): if it is a gateway's remote admin address (admin.grpc_remote, mutual TLS), use --admin https://{} with --cert from `meshup certs issue --operator NAME`",
+                    conn.admin, conn.admin
+                ),
+            )
+        }
         Code::DeadlineExceeded | Code::Cancelled => CliError::new(
             exit::UNREACHABLE,
             format!(

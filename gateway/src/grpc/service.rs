@@ -1076,6 +1076,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::RegisterExportRequest>,
     ) -> Result<Response<pb::RegisterExportResponse>, Status> {
+        let caller = caller_of(&request)?;
         let spec = request.into_inner().export.ok_or_else(|| {
             invalid(
                 "export",
@@ -1094,7 +1095,14 @@ impl AdminService for AdminApi {
             Registered::Updated => "updated",
             Registered::Unchanged => "unchanged",
         };
-        tracing::info!(service = %key, outcome, "export registered through the admin API");
+        // Revision 0: the export task publishes the record afterwards.
+        caller::audit(
+            &caller,
+            caller.name(),
+            "export.register",
+            &format!("{key} ({outcome})"),
+            0,
+        );
         Ok(Response::new(pb::RegisterExportResponse {
             service: key.to_string(),
             outcome: outcome.into(),
@@ -1105,12 +1113,19 @@ impl AdminService for AdminApi {
         &self,
         request: Request<pb::WithdrawExportRequest>,
     ) -> Result<Response<pb::WithdrawExportResponse>, Status> {
+        let caller = caller_of(&request)?;
         let key = service_arg(&request.into_inner().service)?;
         self.ctx
             .export_set
             .withdraw(&key)
             .map_err(|e| export_status(&e))?;
-        tracing::info!(service = %key, "export withdrawn through the admin API");
+        caller::audit(
+            &caller,
+            caller.name(),
+            "export.withdraw",
+            &key.to_string(),
+            0,
+        );
         Ok(Response::new(pb::WithdrawExportResponse {
             service: key.to_string(),
         }))
