@@ -266,25 +266,24 @@ pub struct Clusters {
     pub clusters: Vec<pb::ClusterInfo>,
 }
 
+async fn get_status(conn: &Conn) -> Result<pb::GetStatusResponse> {
+    Ok(connect(conn)
+        .await?
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(|s| status_error(conn, s))?
+        .into_inner())
+}
+
 /// Runs one client command.
 pub async fn run(command: AdminCommand) -> Result<()> {
     match command {
         AdminCommand::Status { conn } => {
-            let r = connect(&conn)
-                .await?
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .map_err(|s| status_error(&conn, s))?
-                .into_inner();
+            let r = get_status(&conn).await?;
             print(&conn, &r, render::status)
         }
         AdminCommand::Clusters { conn } => {
-            let r = connect(&conn)
-                .await?
-                .get_status(pb::GetStatusRequest {})
-                .await
-                .map_err(|s| status_error(&conn, s))?
-                .into_inner();
+            let r = get_status(&conn).await?;
             let view = Clusters {
                 cluster: r.gateway.map(|g| g.cluster).unwrap_or_default(),
                 clusters: r.clusters,
