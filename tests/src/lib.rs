@@ -20,4 +20,4 @@ pub mod workload;
 
 pub use etcd::{EtcdServer, free_port};
 pub use eventually::{assert_eventually, eventually_ok, poll_until};
-pub use meshup::meshup_bin;
+pub use meshup::{meshup, meshup_bin};

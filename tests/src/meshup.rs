@@ -1,7 +1,8 @@
 //! The `meshup` binary under test.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Sources the `meshup` binary is built from (the gateway and the crates it depends on): an
 /// edit to any of them makes the binary stale.
@@ -74,4 +75,35 @@ fn newest(path: &Path) -> Option<(PathBuf, SystemTime)> {
         .filter(|e| e.file_name() != "target")
         .filter_map(|e| newest(&e.path()))
         .max_by_key(|(_, at)| *at)
+}
+
+/// Runs `meshup ARGS` as an operator would, with `env` on top of this process's environment
+/// (less `MESHUP_ADMIN` and `MESHUP_WHO`, so only the test decides them); panics after 30 s.
+/// Returns (exit code, stdout, stderr).
+pub fn meshup(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut child = Command::new(meshup_bin())
+        .args(args)
+        .env("MESHUP_LOG", "warn")
+        .env_remove("MESHUP_ADMIN")
+        .env_remove("MESHUP_WHO")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn meshup");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("meshup {args:?} did not finish within 30s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

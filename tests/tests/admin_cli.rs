@@ -9,11 +9,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, grpcurl, path_str};
-use meshup_tests::{EtcdServer, free_port, meshup_bin};
+use meshup_tests::{EtcdServer, free_port, meshup, meshup_bin};
 
 const PORT: u16 = 7200;
 
@@ -23,35 +23,6 @@ fn backend() -> SocketAddr {
     let addr = l.local_addr().expect("addr");
     std::thread::spawn(move || for _ in l.incoming() {});
     addr
-}
-
-/// `meshup ARGS` with a hard timeout: (exit code, stdout, stderr).
-fn meshup(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut child = Command::new(meshup_bin())
-        .args(args)
-        .env("MESHUP_LOG", "warn")
-        .env_remove("MESHUP_ADMIN")
-        .env_remove("MESHUP_WHO")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn meshup");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("meshup {args:?} did not finish within 30s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out: Output = child.wait_with_output().expect("output");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// A gateway process of this suite: `cluster`'s VIPs in 127.83.N.0/24, pay.prod exported

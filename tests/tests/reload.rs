@@ -7,12 +7,11 @@
 //! binary, `etcd` or `dig` is a loud failure, never a skip.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig, export_entry, grpcurl};
-use meshup_tests::{EtcdServer, assert_eventually, eventually_ok, meshup_bin};
+use meshup_tests::{EtcdServer, assert_eventually, eventually_ok, meshup};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -253,18 +252,10 @@ async fn editing_the_config_file_adds_changes_and_removes_exports() {
 
 /// Runs `meshup ARGS --admin ADDR` (30 s at most): (exit code, stdout, stderr).
 fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(meshup_bin())
-        .args(args)
-        .args(["--admin", &admin.to_string()])
-        .env("MESHUP_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run meshup");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let admin = admin.to_string();
+    let mut all = args.to_vec();
+    all.extend(["--admin", admin.as_str()]);
+    meshup(&all, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

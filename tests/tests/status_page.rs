@@ -14,13 +14,12 @@
 //! Chromium fails the test, never skips it.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use meshup_tests::browser::{Browser, eval};
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec};
 use meshup_tests::workload::EchoServer;
-use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
+use meshup_tests::{EtcdServer, eventually_ok, meshup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -30,23 +29,6 @@ const PORT: u16 = 7300;
 const PAGE_UPDATE: Duration = Duration::from_secs(5);
 /// The committed screenshot may not grow past this.
 const MAX_SCREENSHOT_BYTES: usize = 300 * 1024;
-
-/// `meshup ARGS`: (exit code, stdout, stderr). The client commands carry their own deadline
-/// (exit code 3 when the gateway does not answer in time).
-fn meshup(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(meshup_bin())
-        .args(args)
-        .env("MESHUP_LOG", "warn")
-        .env_remove("MESHUP_ADMIN")
-        .env_remove("MESHUP_WHO")
-        .output()
-        .expect("run meshup");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// The text of the elements `selector` finds on the page, one string each.
 async fn texts(page: &chromiumoxide::Page, selector: &str) -> anyhow::Result<Vec<String>> {
@@ -185,24 +167,27 @@ async fn run() {
         .grpc_addr()
         .expect("east serves the admin API")
         .to_string();
-    let (code, out, err) = meshup(&[
-        "drill",
-        "start",
-        "--kind",
-        "fail",
-        "--cluster",
-        "west",
-        "--why",
-        "game <day>",
-        "--who",
-        "ana",
-        "--for",
-        "10m",
-        "--id",
-        "page-1",
-        "--admin",
-        &admin,
-    ]);
+    let (code, out, err) = meshup(
+        &[
+            "drill",
+            "start",
+            "--kind",
+            "fail",
+            "--cluster",
+            "west",
+            "--why",
+            "game <day>",
+            "--who",
+            "ana",
+            "--for",
+            "10m",
+            "--id",
+            "page-1",
+            "--admin",
+            &admin,
+        ],
+        &[],
+    );
     assert_eq!(code, 0, "drill start: {out}{err}");
     let row = eventually_ok("the open page shows the drill", PAGE_UPDATE, || async {
         let rows = texts(&page, "#drills tr[data-drill=\"page-1\"]").await?;
@@ -275,7 +260,10 @@ async fn run() {
     eprintln!("screenshot: {} ({} bytes)", path.display(), png.len());
 
     // Stopped from the CLI: gone from the open page.
-    let (code, out, err) = meshup(&["drill", "stop", "page-1", "--who", "ana", "--admin", &admin]);
+    let (code, out, err) = meshup(
+        &["drill", "stop", "page-1", "--who", "ana", "--admin", &admin],
+        &[],
+    );
     assert_eq!(code, 0, "drill stop: {out}{err}");
     eventually_ok("the open page drops the drill", PAGE_UPDATE, || async {
         let rows = texts(&page, "#drills tbody tr").await?;
