@@ -140,6 +140,63 @@ impl DnsServer {
         }))
     }
 
+    /// A server on sockets bound elsewhere: the UDP sockets (one worker each) and the TCP
+    /// listener a previous gateway process on this node handed over, so queries queued in
+    /// them are answered and none is refused while the processes change.
+    pub fn inherit(
+        config: &DnsConfig,
+        local: ClusterName,
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        metrics: Metrics,
+        udp: Vec<UdpSocket>,
+        tcp: std::net::TcpListener,
+    ) -> Result<Self, DnsError> {
+        let settings = Arc::new(ZoneSettings::from_config(config)?);
+        let local_addr = tcp.local_addr().map_err(|source| DnsError::Socket {
+            addr: config.listen,
+            source,
+        })?;
+        if udp.is_empty() {
+            return Err(DnsError::Socket {
+                addr: local_addr,
+                source: io::Error::other("no UDP socket handed over"),
+            });
+        }
+        for socket in &udp {
+            // The workers poll `stop` between reads; the timeout is the socket's own.
+            socket
+                .set_read_timeout(Some(WORKER_POLL))
+                .map_err(|source| DnsError::Socket {
+                    addr: local_addr,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            local_addr,
+            udp,
+            tcp,
+            config: config.clone(),
+            settings,
+            local,
+            snapshots,
+            metrics,
+        })
+    }
+
+    /// The listening sockets (UDP, one per worker, and TCP), to hand over to a successor.
+    pub fn sockets(
+        &self,
+    ) -> (
+        Vec<std::os::fd::BorrowedFd<'_>>,
+        std::os::fd::BorrowedFd<'_>,
+    ) {
+        use std::os::fd::AsFd;
+        (
+            self.udp.iter().map(|u| u.as_fd()).collect(),
+            self.tcp.as_fd(),
+        )
+    }
+
     /// The bound address (UDP and TCP share the port).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

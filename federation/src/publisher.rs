@@ -139,6 +139,9 @@ impl Metrics {
 struct Desired {
     gateway: GatewayRecord,
     exports: BTreeMap<ServiceKey, ExportRecord>,
+    /// No writes while set (the lease is still kept alive): a successor process publishes
+    /// the same keys during a hand-over.
+    paused: bool,
 }
 
 /// Builder of a publisher task.
@@ -160,6 +163,7 @@ impl Publisher {
             desired: Desired {
                 gateway,
                 exports: BTreeMap::new(),
+                paused: false,
             },
             config: PublisherConfig::default(),
             metrics: Metrics::default(),
@@ -242,6 +246,24 @@ impl PublisherHandle {
             d.gateway.draining = draining;
             changed
         });
+    }
+
+    /// Stops (`true`) or resumes (`false`) every write; the lease is kept alive either way.
+    /// A gateway handing its node over to a successor process pauses, so the two never
+    /// fight over the keys they share; resuming re-asserts every record at once.
+    pub fn set_paused(&self, paused: bool) {
+        self.desired.send_if_modified(|d| {
+            let changed = d.paused != paused;
+            d.paused = paused;
+            changed
+        });
+    }
+
+    /// Re-asserts every record now (value and lease), as the periodic anti-entropy pass does:
+    /// a successor calls it once its predecessor has paused, so keys the predecessor wrote
+    /// last are moved to this gateway's lease before that lease is revoked.
+    pub fn reassert(&self) {
+        self.desired.send_modify(|_| {});
     }
 
     /// The publisher's status channel.
@@ -333,7 +355,10 @@ impl Task {
             // A failed pass is retried after a backoff delay, but from the select below, so
             // keep-alives continue while the store refuses writes.
             let mut retry_in = None;
-            if dirty {
+            // Paused: nothing is written (the change is marked seen, so the loop waits for
+            // the next one) and the records are re-asserted when it resumes.
+            let paused = dirty && self.desired.borrow_and_update().paused;
+            if dirty && !paused {
                 match self.reconcile().await {
                     Ok(()) => {
                         dirty = false;

@@ -775,7 +775,76 @@ async fn releasing_a_corrupt_vip_frees_its_claim(f: Fixture) {
     .await;
 }
 
+/// A gateway process hands its node over to a successor with the same gateway id: the old
+/// publisher pauses, the new one re-asserts, and the old one's lease is revoked. Every record
+/// survives the revocation with the successor's values, and a paused publisher writes nothing
+/// even when its records change.
+async fn paused_publisher_hands_its_keys_to_a_successor(f: Fixture) {
+    within(LIMIT, async {
+        let cancel = CancellationToken::new();
+        let store = f.store();
+        let old = Publisher::new(store.clone(), layout(), gateway("east", "node-1"))
+            .with_exports([(service("pay.prod"), export(8080, 2))])
+            .with_config(publisher_config(3))
+            .spawn(cancel.child_token());
+        let (view, _) = spawn_watcher(store.clone(), &cancel);
+        until(&view.snapshots(), "the old process's records", |s| {
+            s.export_count() == 1
+        })
+        .await;
+        old.set_paused(true);
+        let mut successor = gateway("east", "node-1");
+        successor.quic_addrs = vec!["10.1.2.3:15444".parse().expect("addr")];
+        let new = Publisher::new(store.clone(), layout(), successor)
+            .with_exports([(service("pay.prod"), export(8080, 3))])
+            .with_config(publisher_config(3))
+            .spawn(cancel.child_token());
+        let is_new = |s: &Snapshot| {
+            s.gateways()
+                .any(|g| g.quic_addrs.iter().any(|a| a.port() == 15444))
+                && s.exports_of(&service("pay.prod"))
+                    .any(|(_, e)| e.endpoints_healthy == 3)
+        };
+        until(&view.snapshots(), "the successor's records", is_new).await;
+        // Paused: a change of the old process's exports is not written.
+        old.set_exports([(service("pay.prod"), export(8080, 1))]);
+        old.set_draining(true);
+        new.reassert();
+        let in_sync = |p: &meshup_federation::publisher::PublisherHandle| {
+            let mut st = p.status();
+            async move {
+                tokio::time::timeout(CONVERGE, st.wait_for(|s| s.in_sync))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            }
+        };
+        assert!(in_sync(&new).await, "the successor did not re-assert");
+        // The old process drains: its lease is revoked; nothing of the successor's goes.
+        old.shutdown().await;
+        let (late, _) = spawn_watcher(store.clone(), &cancel);
+        until(
+            &late.snapshots(),
+            "a fresh view after the old lease went",
+            |s| s.export_count() == 1 && s.gateways().count() == 1,
+        )
+        .await;
+        let snap = late.snapshots().borrow().clone();
+        assert!(
+            is_new(&snap),
+            "the successor's records were not kept: {snap:?}"
+        );
+        assert!(
+            snap.gateways().all(|g| !g.draining),
+            "the paused publisher wrote its draining flag"
+        );
+        cancel.cancel();
+        drop(new);
+    })
+    .await;
+}
+
 both_backends!(
+    paused_publisher_hands_its_keys_to_a_successor,
     two_gateways_round_trip,
     dead_publisher_records_expire_within_ttl,
     deleted_export_comes_back_within_the_anti_entropy_period,

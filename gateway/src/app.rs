@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::{AdminServer, LiveStatus};
 use crate::config::{Config, ExportConfig};
 use crate::exports::{ExportSet, Exports};
+use crate::handover::{Kind, SocketSets, Sockets, Successor};
 use crate::health::{self, HealthMap, Targets};
 use crate::identity::{DEFAULT_RELOAD_INTERVAL, Identity};
 use crate::inbound::{self, LocalExport, LocalExports};
@@ -69,6 +70,10 @@ pub enum AppError {
     Grpc(#[from] crate::grpc::GrpcError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("hand-over")]
+    Handover(#[from] crate::handover::HandoverError),
+    #[error("cannot take over a running gateway's sockets: {0}")]
+    TakeOver(String),
     /// The drain ran out of time: in-flight streams were cut, not finished. Reported so the
     /// exit status tells a supervisor (and whoever reads its log) that clients saw errors.
     #[error(
@@ -107,6 +112,15 @@ pub struct Gateway {
     inbound: inbound::Server,
     outbound: outbound::Proxy,
     draining: watch::Sender<bool>,
+    /// The listening sockets this gateway serves (to offer a successor) and the ones it
+    /// inherited from a predecessor.
+    sockets: SocketSets,
+    /// Stops the admin HTTP and gRPC servers alone (a successor took them over).
+    admin_stop: CancellationToken,
+    /// Stops the DNS server alone (at a hand-over drain, the successor answers).
+    dns_stop: CancellationToken,
+    /// Turns true once a successor process has taken over this node.
+    handed_over: watch::Sender<bool>,
     /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
     /// to stop.
     _exports: Arc<watch::Sender<Arc<LocalExports>>>,
@@ -123,6 +137,18 @@ impl Gateway {
     /// Binds and starts a gateway. `embedded` is the in-process store shared by the gateways
     /// of one process (required when `catalog.backend` is `embedded`).
     pub async fn start(config: Config, embedded: Option<&EmbeddedStore>) -> Result<Self, AppError> {
+        Self::start_with(config, embedded, None).await
+    }
+
+    /// [`Gateway::start`], taking over from the gateway process `successor` connected to:
+    /// its listening sockets are used instead of binding new ones, QUIC is bound on the
+    /// other of the two hand-over ports, and DNS starts answering once the catalog is synced
+    /// (the predecessor answers until then).
+    pub async fn start_with(
+        config: Config,
+        embedded: Option<&EmbeddedStore>,
+        successor: Option<&Successor>,
+    ) -> Result<Self, AppError> {
         let cluster = config.cluster.clone();
         let gateway_id = config.gateway_id();
         let shutdown = CancellationToken::new();
@@ -136,7 +162,20 @@ impl Gateway {
         let identity =
             Identity::load(config.tunnel.files(), &config.trust_domain, cluster.clone())?;
         let tunnel_metrics = tunnel::metrics::Metrics::register(&mut registry);
-        let endpoint = Endpoint::bind(&config.tunnel, identity.clone(), tunnel_metrics)?;
+        let inherited = successor.map(|s| s.sockets.clone()).unwrap_or_default();
+        let sockets = SocketSets {
+            offer: Sockets::default(),
+            inherited: inherited.clone(),
+        };
+        let tunnel_config = match successor {
+            None => config.tunnel.clone(),
+            Some(s) => config.tunnel.for_successor(s.quic_port).ok_or_else(|| {
+                AppError::TakeOver(
+                    "tunnel.handover_port is not set, so there is no free QUIC port to serve on while the running gateway drains".into(),
+                )
+            })?,
+        };
+        let endpoint = Endpoint::bind(&tunnel_config, identity.clone(), tunnel_metrics)?;
         drop(identity_ready);
         let store = config.catalog.connect(embedded).await?;
         let layout = config.catalog.layout()?;
@@ -150,15 +189,27 @@ impl Gateway {
             shutdown.child_token(),
         );
         let dns_metrics = meshup_dns::Metrics::register(&mut registry);
-        let dns = DnsServer::bind(
-            &config.dns,
-            cluster.clone(),
-            watcher.snapshots(),
-            dns_metrics,
-        )?;
-        let admin = AdminServer::bind(config.admin.http).await?;
+        let dns_udp = inherited.take_matching(Kind::DnsUdp, config.dns.listen);
+        let dns_tcp = inherited.take_matching(Kind::DnsTcp, config.dns.listen);
+        let dns = match (dns_udp.is_empty(), dns_tcp.into_iter().next()) {
+            (false, Some(tcp)) => DnsServer::inherit(
+                &config.dns,
+                cluster.clone(),
+                watcher.snapshots(),
+                dns_metrics,
+                dns_udp.into_iter().map(std::net::UdpSocket::from).collect(),
+                tcp.into(),
+            )?,
+            _ => DnsServer::bind(
+                &config.dns,
+                cluster.clone(),
+                watcher.snapshots(),
+                dns_metrics,
+            )?,
+        };
+        let admin = AdminServer::bind(config.admin.http, &inherited).await?;
         let grpc = match config.admin.grpc {
-            Some(addr) => Some(crate::grpc::GrpcServer::bind(addr).await?),
+            Some(addr) => Some(crate::grpc::GrpcServer::bind(addr, &inherited).await?),
             None => None,
         };
         let grpc_remote = match config.admin.grpc_remote {
@@ -167,6 +218,7 @@ impl Gateway {
                     addr,
                     identity.clone(),
                     config.admin.operators.iter().cloned().collect(),
+                    &inherited,
                 )
                 .await?,
             ),
@@ -181,14 +233,29 @@ impl Gateway {
         };
         tracing::info!(
             %cluster, gateway = %gateway_id, quic = %addrs.quic, dns = %addrs.dns, admin = %addrs.admin,
-            catalog = ?config.catalog.backend, "gateway bound"
+            catalog = ?config.catalog.backend, taken_over = successor.is_some(), "gateway bound"
         );
+        offer_sockets(&sockets.offer, &addrs, &dns, &admin, &grpc, &grpc_remote).map_err(|e| {
+            AppError::TakeOver(format!(
+                "cannot keep the listening sockets for a successor: {e}"
+            ))
+        })?;
 
         let mut tasks = Vec::new();
         tasks.push(identity.spawn_reloader(DEFAULT_RELOAD_INTERVAL, shutdown.child_token()));
         let dns_stop = shutdown.child_token();
+        let dns_run_stop = dns_stop.clone();
+        // Taking over: the predecessor answers from its synced catalog until this one has its
+        // own; answering from an empty one would deny names that exist.
+        let mut dns_synced = successor.map(|_| watcher.status());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = dns.run(dns_stop).await {
+            if let Some(status) = dns_synced.as_mut() {
+                tokio::select! {
+                    _ = dns_run_stop.cancelled() => return,
+                    _ = status.wait_for(|s| s.synced) => {}
+                }
+            }
+            if let Err(e) = dns.run(dns_run_stop).await {
                 tracing::error!(error = %e, "DNS server stopped");
             }
         }));
@@ -272,21 +339,34 @@ impl Gateway {
             },
             exports_rx.clone(),
             watcher.snapshots(),
-            config.vip_cidr,
+            outbound::VipListeners {
+                range: config.vip_cidr,
+                sockets: sockets.clone(),
+            },
             outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),
         );
 
-        // Ready once the first full catalog sync is applied.
+        // Ready once the first full catalog sync is applied and the VIP listeners follow it.
         let status = watcher.status();
         let sync_stop = shutdown.child_token();
+        let (sync_snapshots, sync_outbound) = (watcher.snapshots(), outbound.clone());
         tasks.push(tokio::spawn(async move {
             let mut status = status;
             tokio::select! {
                 _ = sync_stop.cancelled() => {}
-                synced = status.wait_for(|s| s.synced) => {
+                synced = async {
+                    status.wait_for(|s| s.synced).await?;
+                    let revision = sync_snapshots.borrow().revision;
+                    sync_outbound.reconciled(revision).await;
+                    Ok::<_, watch::error::RecvError>(())
+                } => {
                     if synced.is_ok() {
-                        tracing::info!("first catalog sync done: ready");
+                        let unused = inherited.clear();
+                        if unused > 0 {
+                            tracing::info!(unused, "closed the inherited sockets the catalog no longer wants");
+                        }
+                        tracing::info!("first catalog sync done, VIP listeners bound: ready");
                     }
                 }
             }
@@ -315,6 +395,7 @@ impl Gateway {
             links,
             outbound: outbound.clone(),
         });
+        let admin_stop = shutdown.child_token();
         let grpc_servers: Vec<_> = grpc.into_iter().chain(grpc_remote).collect();
         if !grpc_servers.is_empty() {
             let context = Arc::new(crate::grpc::Context {
@@ -339,7 +420,7 @@ impl Gateway {
             for grpc in grpc_servers {
                 let remote = grpc.is_remote();
                 tracing::info!(addr = %grpc.local_addr(), remote, "gRPC admin API listening");
-                let (context, grpc_stop) = (context.clone(), shutdown.child_token());
+                let (context, grpc_stop) = (context.clone(), admin_stop.child_token());
                 tasks.push(tokio::spawn(async move {
                     if let Err(e) = grpc.run(context, grpc_stop).await {
                         tracing::error!(error = %e, remote, "gRPC admin server stopped");
@@ -349,11 +430,11 @@ impl Gateway {
         }
         register_gateway_metrics(&mut registry, &cluster, &gateway_id, &source.links);
         let registry = Arc::new(registry);
-        let admin_stop = shutdown.child_token();
+        let admin_task_stop = admin_stop.clone();
         let admin_readiness = readiness.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = admin
-                .run(admin_readiness, registry, source, admin_stop)
+                .run(admin_readiness, registry, source, admin_task_stop)
                 .await
             {
                 tracing::error!(error = %e, "admin server stopped");
@@ -373,6 +454,10 @@ impl Gateway {
             inbound,
             outbound,
             draining,
+            sockets,
+            admin_stop,
+            dns_stop,
+            handed_over: watch::Sender::new(false),
             _exports: exports_tx,
             exports,
             loaded,
@@ -429,15 +514,59 @@ impl Gateway {
         self.outbound.listeners()
     }
 
+    /// Serves a successor process on `listener` (the hand-over socket): see
+    /// [`crate::handover`]. Once one has taken over, [`Gateway::drain`] leaves the catalog to
+    /// it.
+    pub fn serve_handover(&mut self, listener: std::os::unix::net::UnixListener) {
+        let predecessor = Arc::new(NodeHandover {
+            quic_port: self.addrs.quic.port(),
+            sockets: self.sockets.offer.clone(),
+            publisher: self.publisher.clone(),
+            readiness: self.readiness.clone(),
+            handing_over: std::sync::Mutex::new(None),
+            admin_stop: self.admin_stop.clone(),
+            outbound: self.outbound.clone(),
+        });
+        self.tasks.push(tokio::spawn(crate::handover::serve(
+            listener,
+            predecessor,
+            self.handed_over.clone(),
+            self.shutdown.child_token(),
+        )));
+    }
+
+    /// Whether a successor process has taken over this node.
+    pub fn handed_over(&self) -> watch::Receiver<bool> {
+        self.handed_over.subscribe()
+    }
+
+    /// Re-asserts every catalog record under this gateway's lease (a successor, once its
+    /// predecessor stopped writing).
+    pub fn reassert_records(&self) {
+        self.publisher.reassert();
+    }
+
     /// Drains and stops the gateway; returns whether every in-flight stream finished in time.
+    /// After a hand-over the successor serves the node: this gateway stops answering DNS at
+    /// once and leaves its records alone (they are the successor's now); otherwise it marks
+    /// itself draining in the catalog.
     pub async fn drain(self) -> bool {
         let deadline = self.drain_deadline;
-        tracing::info!(
-            ?deadline,
-            "draining: marked in the catalog, no new connections"
-        );
+        let handed_over = *self.handed_over.borrow();
+        if handed_over {
+            tracing::info!(
+                ?deadline,
+                "draining after a hand-over: the successor serves the node; finishing in-flight streams"
+            );
+            self.dns_stop.cancel();
+        } else {
+            tracing::info!(
+                ?deadline,
+                "draining: marked in the catalog, no new connections"
+            );
+            self.publisher.set_draining(true);
+        }
         self.draining.send_replace(true);
-        self.publisher.set_draining(true);
         let (inbound, outbound) =
             tokio::join!(self.inbound.drain(deadline), self.outbound.drain(deadline));
         let completed = inbound.completed && outbound.completed;
@@ -472,6 +601,71 @@ impl Gateway {
     }
 }
 
+/// This gateway's side of a hand-over (see [`crate::handover`]).
+struct NodeHandover {
+    quic_port: u16,
+    sockets: Sockets,
+    publisher: Arc<PublisherHandle>,
+    readiness: Readiness,
+    handing_over: std::sync::Mutex<Option<crate::readiness::BlockReady>>,
+    admin_stop: CancellationToken,
+    outbound: outbound::Proxy,
+}
+
+impl NodeHandover {
+    fn guard(&self) -> std::sync::MutexGuard<'_, Option<crate::readiness::BlockReady>> {
+        self.handing_over.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl crate::handover::Predecessor for NodeHandover {
+    fn offer(&self) -> std::io::Result<(u16, Sockets)> {
+        Ok((self.quic_port, self.sockets.clone()))
+    }
+
+    fn offered(&self) {
+        // The successor publishes the same keys; /ready answers for it from now on.
+        self.publisher.set_paused(true);
+        *self.guard() = Some(self.readiness.register("hand-over to a successor process"));
+    }
+
+    fn released(&self) {
+        // The successor answers the admin port and binds VIPs the catalog adds.
+        self.admin_stop.cancel();
+        self.outbound.freeze_listeners();
+    }
+
+    fn abandoned(&self, why: &str) {
+        tracing::warn!(%why, "hand-over abandoned: publishing and reporting ready again");
+        self.publisher.set_paused(false);
+        *self.guard() = None;
+    }
+}
+
+/// Keeps a duplicate of every fixed listening socket in `offer`, for a successor.
+fn offer_sockets(
+    offer: &Sockets,
+    addrs: &BoundAddrs,
+    dns: &DnsServer,
+    admin: &AdminServer,
+    grpc: &Option<crate::grpc::GrpcServer>,
+    grpc_remote: &Option<crate::grpc::GrpcServer>,
+) -> std::io::Result<()> {
+    let (udp, tcp) = dns.sockets();
+    for fd in udp {
+        offer.add(Kind::DnsUdp, addrs.dns, fd)?;
+    }
+    offer.add(Kind::DnsTcp, addrs.dns, tcp)?;
+    offer.add(Kind::AdminHttp, addrs.admin, admin.as_fd())?;
+    if let (Some(g), Some(addr)) = (grpc, addrs.grpc) {
+        offer.add(Kind::AdminGrpc, addr, g.as_fd())?;
+    }
+    if let (Some(g), Some(addr)) = (grpc_remote, addrs.grpc_remote) {
+        offer.add(Kind::AdminGrpcRemote, addr, g.as_fd())?;
+    }
+    Ok(())
+}
+
 /// The config file a daemon was started from: its path and its bytes then.
 #[derive(Debug, Clone)]
 pub struct ConfigFile {
@@ -489,7 +683,34 @@ pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Resul
     // Installed before start-up: SIGHUP's default action would end the process.
     let mut hup = signal(SignalKind::hangup()).map_err(AppError::Signals)?;
     let embedded = (config.catalog.backend == Backend::Embedded).then(EmbeddedStore::new);
-    let gateway = Gateway::start(config.clone(), embedded.as_ref()).await?;
+    // A gateway running on this node with the same hand-over socket hands its listening
+    // sockets over instead of making this one fail to bind them.
+    let successor = match &config.handover {
+        Some(h) => {
+            let path = h.socket.clone();
+            tokio::task::spawn_blocking(move || crate::handover::take_over(&path))
+                .await
+                .map_err(|e| AppError::TakeOver(e.to_string()))??
+        }
+        None => None,
+    };
+    let mut gateway =
+        Gateway::start_with(config.clone(), embedded.as_ref(), successor.as_ref()).await?;
+    // Held while the predecessor drains; its end closes when it exits.
+    let mut _predecessor = None;
+    if let Some(successor) = successor {
+        gateway.readiness.wait().await;
+        let released = tokio::task::spawn_blocking(move || successor.ready())
+            .await
+            .map_err(|e| AppError::TakeOver(e.to_string()))??;
+        // The predecessor writes no more; move every record to this gateway's lease.
+        gateway.reassert_records();
+        tracing::info!("took over from the previous gateway process; it drains on SIGTERM");
+        _predecessor = Some(released);
+    }
+    if let Some(h) = &config.handover {
+        gateway.serve_handover(crate::handover::listen(&h.socket)?);
+    }
     let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
     let reload_stop = gateway.shutdown.child_token();
     let reloader = file.map(|f| gateway.reloader(f.path, &f.text, config));

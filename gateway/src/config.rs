@@ -88,6 +88,19 @@ pub struct Config {
     /// threads and is the cheapest per byte and per request.
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// Replacing this gateway's process on the node without a lost connection
+    /// (docs/upgrade.md). Unset: a new process cannot start while this one runs.
+    #[serde(default)]
+    pub handover: Option<HandoverConfig>,
+}
+
+/// Where a successor process finds this one to take its listening sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandoverConfig {
+    /// The Unix socket the running gateway listens on (its directory should be private to
+    /// the gateway's user; peers of another user are refused).
+    pub socket: std::path::PathBuf,
 }
 
 /// Largest `worker_threads` accepted.
@@ -279,6 +292,12 @@ impl Config {
         self.dns
             .validate()
             .map_err(|e| invalid("dns", e.to_string()))?;
+        if self.handover.is_some() && self.tunnel.handover_port.is_none() {
+            return Err(invalid(
+                "handover",
+                "a hand-over needs tunnel.handover_port: the successor serves QUIC on it while this gateway drains on tunnel.listen's port (docs/upgrade.md)",
+            ));
+        }
         if let Some(n) = self.worker_threads
             && !(1..=MAX_WORKER_THREADS).contains(&n)
         {

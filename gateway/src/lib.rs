@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod exports;
 pub mod grpc;
+pub mod handover;
 pub mod health;
 pub mod identity;
 pub mod inbound;

@@ -10,9 +10,20 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 /// Shared readiness state. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Readiness {
     pending: Arc<Mutex<BTreeSet<&'static str>>>,
+    /// Whether nothing is pending, for [`Readiness::wait`].
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            pending: Default::default(),
+            ready: Arc::new(tokio::sync::watch::Sender::new(true)),
+        }
+    }
 }
 
 impl Readiness {
@@ -23,7 +34,11 @@ impl Readiness {
 
     /// Registers a start-up task; the gateway is not ready until the guard is dropped.
     pub fn register(&self, task: &'static str) -> BlockReady {
-        self.lock().insert(task);
+        {
+            let mut pending = self.lock();
+            pending.insert(task);
+            self.ready.send_replace(false);
+        }
         BlockReady {
             readiness: self.clone(),
             task,
@@ -33,6 +48,12 @@ impl Readiness {
     /// Tasks still pending, in name order; empty means ready.
     pub fn pending(&self) -> Vec<&'static str> {
         self.lock().iter().copied().collect()
+    }
+
+    /// Waits until every registered task has finished.
+    pub async fn wait(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|ready| *ready).await;
     }
 
     /// Whether every registered task has finished.
@@ -57,7 +78,9 @@ pub struct BlockReady {
 
 impl Drop for BlockReady {
     fn drop(&mut self) {
-        self.readiness.lock().remove(self.task);
+        let mut pending = self.readiness.lock();
+        pending.remove(self.task);
+        self.readiness.ready.send_replace(pending.is_empty());
     }
 }
 
@@ -76,5 +99,23 @@ mod tests {
         assert!(!r.is_ready());
         drop(sync);
         assert!(r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn wait_returns_once_the_last_guard_goes() {
+        let r = Readiness::new();
+        r.wait().await; // nothing pending
+        let sync = r.register("catalog sync");
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "returned while a task was pending");
+        drop(sync);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("wait returned")
+            .expect("join");
     }
 }

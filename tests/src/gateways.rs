@@ -149,6 +149,9 @@ pub struct GatewaySpec<'a> {
     /// Serve the remote (mutual TLS) admin API on a free loopback port
     /// ([`GatewayProcess::grpc_remote_addr`]).
     pub grpc_remote: bool,
+    /// Listen for a successor process on a hand-over socket, QUIC on a fixed port with a
+    /// hand-over port beside it ([`GatewayProcess::start_successor`]).
+    pub handover: bool,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -174,6 +177,7 @@ impl<'a> GatewaySpec<'a> {
             worker_threads: None,
             grpc: false,
             grpc_remote: false,
+            handover: false,
         }
     }
 
@@ -183,6 +187,7 @@ impl<'a> GatewaySpec<'a> {
         admin: SocketAddr,
         grpc: Option<SocketAddr>,
         remote: Option<SocketAddr>,
+        dir: &Path,
     ) -> String {
         let certs = self.certs.of(self.cluster);
         let mut exports = String::new();
@@ -190,7 +195,21 @@ impl<'a> GatewaySpec<'a> {
             exports.push_str(&export_entry(name, ns, *port, *backend));
         }
         // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
-        // UDP port probed free over TCP may already be taken by another test's socket.
+        // UDP port probed free over TCP may already be taken by another test's socket. A
+        // hand-over needs two fixed QUIC ports (the successor binds the other one).
+        let (quic_port, handover) = if self.handover {
+            let (a, b) = (free_udp_port(), free_udp_port());
+            let socket = dir.join("handover.sock");
+            (
+                a,
+                format!(
+                    "  handover_port: {b}\nhandover:\n  socket: {}\n",
+                    socket.display()
+                ),
+            )
+        } else {
+            (0, String::new())
+        };
         format!(
             r#"cluster: {cluster}
 gateway_id: {cluster}-0
@@ -203,12 +222,12 @@ catalog:
   allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
 tunnel:
-  listen: 127.0.0.1:0
+  listen: 127.0.0.1:{quic_port}
   cert: {certs}/cert.pem
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
-dns:
+{handover}dns:
   listen: 127.0.0.1:0
 admin:
   http: {admin}
@@ -233,6 +252,14 @@ admin:
             },
         )
     }
+}
+
+/// A UDP port free on 127.0.0.1 now (bound and released).
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
 }
 
 /// One line of a config file's `exports:` list: service `name.ns` on one TCP port, served
@@ -278,7 +305,10 @@ pub struct GatewayProcess {
     grpc_remote: Option<SocketAddr>,
     config: PathBuf,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The binary and environment it was started with (a successor gets the same).
+    binary: PathBuf,
+    env: Vec<(&'static str, String)>,
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl GatewayProcess {
@@ -293,33 +323,71 @@ impl GatewayProcess {
         let grpc_remote = spec
             .grpc_remote
             .then(|| SocketAddr::from(([127, 0, 0, 1], port())));
-        std::fs::write(&config_path, spec.config(admin, grpc, grpc_remote)).expect("write config");
-        let log = dir.path().join("gateway.log");
-        let mut command = Command::new(spec.certs.binary());
-        command
-            .args(["gateway", "--config", path_str(&config_path)])
-            .env("MESHUP_LOG", spec.log_filter.unwrap_or("info,meshup=debug"))
+        std::fs::write(
+            &config_path,
+            spec.config(admin, grpc, grpc_remote, dir.path()),
+        )
+        .expect("write config");
+        let mut env = vec![
+            (
+                "MESHUP_LOG",
+                spec.log_filter.unwrap_or("info,meshup=debug").to_owned(),
+            ),
             // Plain log lines: the tests read the bound DNS address from the log.
-            .env("NO_COLOR", "1");
+            ("NO_COLOR", "1".to_owned()),
+        ];
         if let Some(id) = spec.replica_id {
-            command.env("MESHUP_GATEWAY_ID", id);
+            env.push(("MESHUP_GATEWAY_ID", id.to_owned()));
         }
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn meshup gateway");
-        Self {
-            child: Some(child),
+        let mut gateway = Self {
+            child: None,
             cluster: spec.cluster.to_owned(),
             admin,
             grpc,
             grpc_remote,
             config: config_path,
-            log,
-            _dir: dir,
-        }
+            log: dir.path().join("gateway.log"),
+            binary: spec.certs.binary().to_owned(),
+            env,
+            dir: std::sync::Arc::new(dir),
+        };
+        gateway.spawn();
+        gateway
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(["gateway", "--config", path_str(&self.config)])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&self.log).expect("log file"))
+            .spawn()
+            .expect("spawn meshup gateway");
+        self.child = Some(child);
+    }
+
+    /// Starts a second process of this gateway (same binary, config file and environment),
+    /// as an upgrade on a node does; with [`GatewaySpec::handover`] it takes this one's
+    /// listening sockets. Its log is its own.
+    pub fn start_successor(&self) -> Self {
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or_default();
+        let mut next = Self {
+            child: None,
+            cluster: self.cluster.clone(),
+            admin: self.admin,
+            grpc: self.grpc,
+            grpc_remote: self.grpc_remote,
+            config: self.config.clone(),
+            log: self.dir.path().join(format!("gateway-{n}.log")),
+            binary: self.binary.clone(),
+            env: self.env.clone(),
+            dir: self.dir.clone(),
+        };
+        next.spawn();
+        next
     }
 
     /// The gRPC admin address, when the spec asked for one.

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::page;
 use super::view::{StatusSource, StatusView};
+use crate::handover::{self, Kind, Sockets};
 use crate::readiness::Readiness;
 
 /// Why the admin server could not start.
@@ -45,12 +46,19 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Binds the admin address; a port conflict fails start-up here.
-    pub async fn bind(addr: SocketAddr) -> Result<Self, AdminError> {
-        let listener = TcpListener::bind(addr)
+    /// Binds the admin address, or takes the listener a predecessor handed over; a port
+    /// conflict fails start-up here.
+    pub async fn bind(addr: SocketAddr, inherited: &Sockets) -> Result<Self, AdminError> {
+        let listener = handover::tcp_listener(inherited, Kind::AdminHttp, addr)
             .await
             .map_err(|source| AdminError::Bind { addr, source })?;
         Ok(Self { listener })
+    }
+
+    /// The listening socket, to offer a successor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
     }
 
     /// The address actually bound (useful with port 0).

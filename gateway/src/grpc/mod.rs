@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 
+use crate::handover::{self, Kind, Sockets};
 use crate::identity::Identity;
 use caller::Caller;
 
@@ -84,8 +85,8 @@ struct Remote {
 
 impl GrpcServer {
     /// Binds the loopback listener (`admin.grpc`); a port conflict fails start-up here.
-    pub async fn bind(addr: SocketAddr) -> Result<Self, GrpcError> {
-        let listener = TcpListener::bind(addr)
+    pub async fn bind(addr: SocketAddr, inherited: &Sockets) -> Result<Self, GrpcError> {
+        let listener = handover::tcp_listener(inherited, Kind::AdminGrpc, addr)
             .await
             .map_err(|source| GrpcError::Bind { addr, source })?;
         Ok(Self {
@@ -101,9 +102,10 @@ impl GrpcServer {
         addr: SocketAddr,
         identity: Arc<Identity>,
         operators: BTreeSet<String>,
+        inherited: &Sockets,
     ) -> Result<Self, GrpcError> {
         let tls = remote::server_config(&identity)?;
-        let listener = TcpListener::bind(addr)
+        let listener = handover::tcp_listener(inherited, Kind::AdminGrpcRemote, addr)
             .await
             .map_err(|source| GrpcError::Bind { addr, source })?;
         Ok(Self {
@@ -114,6 +116,12 @@ impl GrpcServer {
                 operators: Arc::new(operators),
             }),
         })
+    }
+
+    /// The listening socket, to offer a successor.
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
     }
 
     /// Whether this is the remote (mTLS) listener.

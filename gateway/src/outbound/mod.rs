@@ -49,6 +49,7 @@ pub use steer::{ServiceMetrics, Steering};
 
 use meshup_policy::Locality;
 
+use crate::handover::{Kind, SocketSets};
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::metrics::Label;
 use crate::tunnel::{
@@ -221,10 +222,18 @@ struct Shared {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// The cluster's `vip_cidr`: listeners are only ever bound inside it.
     vip_range: IpNet,
+    /// VIP listeners handed over by a predecessor (taken when bound) and the ones this
+    /// process would hand to a successor.
+    sockets: SocketSets,
+    /// Set once a successor process serves this node: the listeners stay as they are
+    /// (binding a new VIP here would race the successor for the address).
+    frozen: std::sync::atomic::AtomicBool,
     pool: Pool<quinn::Connection>,
     connections: TaskTracker,
     stop_listeners: CancellationToken,
     bound: watch::Sender<Arc<BTreeMap<SocketAddr, Route>>>,
+    /// The catalog revision the listeners were last reconciled with.
+    reconciled: watch::Sender<i64>,
     rotation: AtomicUsize,
     next_request_id: AtomicU64,
     prepared: std::sync::Mutex<PreparedCache>,
@@ -272,6 +281,15 @@ fn prepared(shared: &Shared, route: &Route) -> Arc<steer::Prepared> {
     p
 }
 
+/// Where the proxy listens: the cluster's VIP range (listeners are only ever bound inside
+/// it) and the listening sockets handed over by a predecessor process or kept for a
+/// successor ([`crate::handover`]).
+#[derive(Debug, Clone)]
+pub struct VipListeners {
+    pub range: IpNet,
+    pub sockets: SocketSets,
+}
+
 impl Proxy {
     /// Starts the reconciler (which binds listeners as the catalog asks) until `shutdown`.
     /// `local` says where this gateway is (the default failover order starts there);
@@ -281,10 +299,14 @@ impl Proxy {
         local: Locality,
         exports: watch::Receiver<Arc<LocalExports>>,
         snapshots: watch::Receiver<Arc<Snapshot>>,
-        vip_range: IpNet,
+        listeners: VipListeners,
         metrics: ServiceMetrics,
         shutdown: CancellationToken,
     ) -> Self {
+        let VipListeners {
+            range: vip_range,
+            sockets,
+        } = listeners;
         let steering = Arc::new(Steering::new(local.clone(), metrics));
         let pool = Pool::spawn(
             QuicDialer(endpoint.clone(), steering.clone()),
@@ -301,10 +323,13 @@ impl Proxy {
             exports,
             snapshots,
             vip_range,
+            sockets,
+            frozen: Default::default(),
             pool,
             connections: TaskTracker::new(),
             stop_listeners: shutdown.child_token(),
             bound: watch::Sender::new(Arc::new(BTreeMap::new())),
+            reconciled: watch::Sender::new(-1),
             rotation: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(seed << 16),
             prepared: Default::default(),
@@ -322,6 +347,12 @@ impl Proxy {
         proxy
     }
 
+    /// Keeps the VIP listeners as they are from now on: a successor process on this node
+    /// binds what the catalog adds (see [`crate::handover`]).
+    pub fn freeze_listeners(&self) {
+        self.inner.frozen.store(true, Ordering::Release);
+    }
+
     /// Failovers and ejections from now on (see [`changes`]).
     pub fn watch_changes(&self) -> tokio::sync::broadcast::Receiver<changes::SteeringChange> {
         self.inner.changes.subscribe()
@@ -330,6 +361,13 @@ impl Proxy {
     /// The listeners currently bound.
     pub fn listeners(&self) -> Arc<BTreeMap<SocketAddr, Route>> {
         self.inner.bound.borrow().clone()
+    }
+
+    /// Waits until the VIP listeners have been reconciled with a catalog of at least
+    /// `revision` (for readiness: the VIPs of the synced catalog are served).
+    pub async fn reconciled(&self, revision: i64) {
+        let mut rx = self.inner.reconciled.subscribe();
+        let _ = rx.wait_for(|r| *r >= revision).await;
     }
 
     /// Watches the bound listeners (for readiness: "every VIP is listening").
@@ -436,6 +474,14 @@ async fn reconcile_loop(shared: Arc<Shared>) {
         }
         exports.borrow_and_update();
         reconcile(&shared, &mut bound, &desired);
+        let revision = pruned.as_ref().map_or(0, |s| s.revision);
+        shared.reconciled.send_if_modified(|r| {
+            let newer = *r < revision;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
         tokio::select! {
             _ = shared.stop_listeners.cancelled() => break,
             r = snapshots.changed() => if r.is_err() { break },
@@ -527,11 +573,15 @@ fn reconcile(
     bound: &mut BTreeMap<SocketAddr, Bound>,
     desired: &BTreeMap<SocketAddr, Route>,
 ) {
+    if shared.frozen.load(Ordering::Acquire) {
+        return;
+    }
     bound.retain(|addr, b| {
         let keep = desired.get(addr) == Some(&b.route);
         if !keep {
             tracing::info!(%addr, service = %b.route.service, "closing VIP listener");
             b.stop.cancel();
+            shared.sockets.offer.remove(Kind::Vip, *addr);
         }
         keep
     });
@@ -539,7 +589,7 @@ fn reconcile(
         if bound.contains_key(addr) {
             continue;
         }
-        match bind(*addr) {
+        match bind(*addr, &shared.sockets) {
             Ok(listener) => {
                 tracing::info!(%addr, service = %route.service, target = ?route.target, "VIP listener bound");
                 let stop = shared.stop_listeners.child_token();
@@ -576,16 +626,29 @@ fn reconcile(
     });
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+/// The VIP listener for `addr`: the one a predecessor handed over, or a new one. Either way
+/// a duplicate is kept to offer a successor.
+fn bind(addr: SocketAddr, sockets: &SocketSets) -> std::io::Result<TcpListener> {
+    let listener = match sockets.inherited.take_tcp(Kind::Vip, addr) {
+        Some(inherited) => {
+            tracing::debug!(%addr, "VIP listener taken over");
+            inherited.set_nonblocking(true)?;
+            TcpListener::from_std(inherited)?
+        }
+        None => {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)?
+        }
     };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    sockets.offer.add(Kind::Vip, addr, &listener)?;
+    Ok(listener)
 }
 
 async fn accept_loop(

@@ -52,6 +52,12 @@ pub struct TunnelConfig {
     /// Addresses peers should dial (published in the gateway record); empty means `listen`.
     #[serde(default)]
     pub advertise: Vec<SocketAddr>,
+    /// The UDP port a successor process binds while this one drains during a hand-over on
+    /// the node (`handover.socket`); the next successor goes back to `listen`'s port, so both
+    /// must be open. Advertised addresses with `listen`'s port are published with the port in
+    /// use.
+    #[serde(default)]
+    pub handover_port: Option<u16>,
     /// PEM certificate chain (leaf first).
     pub cert: PathBuf,
     /// PEM PKCS#8/SEC1/PKCS#1 private key.
@@ -193,6 +199,10 @@ pub enum ConfigError {
     },
     #[error("tunnel.stream_window_bytes must not exceed tunnel.connection_window_bytes")]
     WindowOrder,
+    #[error(
+        "tunnel.handover_port {port} must differ from tunnel.listen's port and not be 0, and tunnel.listen must name a port (not 0): a successor binds the other of the two while this gateway drains"
+    )]
+    HandoverPort { port: u16 },
 }
 
 impl TunnelConfig {
@@ -201,6 +211,7 @@ impl TunnelConfig {
         Self {
             listen: default_listen(),
             advertise: Vec::new(),
+            handover_port: None,
             cert: files.cert,
             key: files.key,
             bundle: files.bundle,
@@ -268,6 +279,11 @@ impl TunnelConfig {
                 return Err(ConfigError::Zero { field });
             }
         }
+        if let Some(port) = self.handover_port
+            && (port == 0 || self.listen.port() == 0 || port == self.listen.port())
+        {
+            return Err(ConfigError::HandoverPort { port });
+        }
         if self.keep_alive >= self.idle_timeout {
             return Err(ConfigError::KeepAliveTooLong {
                 keep_alive: self.keep_alive,
@@ -316,6 +332,28 @@ impl TunnelConfig {
         } else {
             self.advertise.clone()
         }
+    }
+
+    /// The config a successor process uses to take over from a predecessor serving QUIC on
+    /// `predecessor_port`: it listens on the other of `listen`'s port and `handover_port`
+    /// (and its own successor will use the predecessor's), and advertises that port where
+    /// the config advertises the predecessor's. `None` without a `handover_port`.
+    pub fn for_successor(&self, predecessor_port: u16) -> Option<Self> {
+        let alternate = self.handover_port?;
+        let port = if predecessor_port == self.listen.port() {
+            alternate
+        } else {
+            self.listen.port()
+        };
+        let mut next = self.clone();
+        next.listen.set_port(port);
+        next.handover_port = Some(predecessor_port);
+        for a in &mut next.advertise {
+            if a.port() == predecessor_port {
+                a.set_port(port);
+            }
+        }
+        Some(next)
     }
 }
 
@@ -405,5 +443,45 @@ mod tests {
         let mut c = base;
         c.stream_window_bytes = c.connection_window_bytes + 1;
         assert_eq!(c.validate(), Err(ConfigError::WindowOrder));
+    }
+
+    #[test]
+    fn a_successor_takes_the_other_port_and_advertises_it() {
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        let mut c = TunnelConfig::with_files(IdentityFiles::in_dir(std::path::Path::new("x")));
+        c.listen = addr("0.0.0.0:15443");
+        c.advertise = vec![addr("10.0.0.7:15443"), addr("10.0.0.7:9999")];
+        assert!(
+            c.for_successor(15443).is_none(),
+            "no handover_port: no successor config"
+        );
+        c.handover_port = Some(15444);
+        c.validate().expect("valid");
+        // (predecessor's port, listen, handover_port, advertised)
+        let cases = [
+            (15443, 15444, 15443, vec!["10.0.0.7:15444", "10.0.0.7:9999"]),
+            (15444, 15443, 15444, vec!["10.0.0.7:15443", "10.0.0.7:9999"]),
+        ];
+        for (from, listen, next, advertised) in cases {
+            let s = c.for_successor(from).expect("successor config");
+            assert_eq!(s.listen.port(), listen, "from {from}");
+            assert_eq!(s.handover_port, Some(next), "from {from}");
+            s.validate().expect("the successor's config is valid");
+            let want: Vec<SocketAddr> = advertised.into_iter().map(addr).collect();
+            assert_eq!(s.advertised(s.listen), want, "from {from}");
+        }
+        for bad in [0, 15443] {
+            c.handover_port = Some(bad);
+            assert!(
+                matches!(c.validate(), Err(ConfigError::HandoverPort { .. })),
+                "{bad}"
+            );
+        }
+        c.handover_port = Some(15444);
+        c.listen = addr("0.0.0.0:0");
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::HandoverPort { .. })
+        ));
     }
 }

@@ -164,7 +164,10 @@ impl Gateway {
             },
             exports_rx,
             snapshots_rx,
-            "127.0.0.0/8".parse().expect("cidr"),
+            meshup_gateway::outbound::VipListeners {
+                range: "127.0.0.0/8".parse().expect("cidr"),
+                sockets: Default::default(),
+            },
             ServiceMetrics::register(&mut registry),
             shutdown.clone(),
         );

@@ -1,0 +1,271 @@
+//! Replacing a gateway process on a node (an upgrade, a restart) while clients use it:
+//! real `meshup gateway` processes on a real etcd, a client loop of new connections through
+//! the VIP, a long stream with every byte checked, and `dig` asking the node's DNS all along.
+//!
+//! The successor connects to the running gateway's hand-over socket, takes its listening
+//! sockets (VIP listeners, DNS, admin), serves QUIC on the other of the two hand-over ports,
+//! and becomes ready; then the old process gets SIGTERM and drains. Nothing may fail: not a
+//! connection, not a DNS answer, not a byte of the long stream, which stays on the old
+//! process until it ends. A second successor goes back to the first QUIC port.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig};
+use meshup_tests::workload::{EchoServer, Workload};
+use meshup_tests::{EtcdServer, eventually_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const SERVICE: &str = "echo.prod";
+const NAME: &str = "echo.prod.svc.clusterset.local";
+const PORT: u16 = 7000;
+
+/// `dig` against the node's DNS in a loop until stopped: (answers, failures with why).
+struct DnsLoop {
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DnsLoop {
+    fn start(server: SocketAddr, want: IpAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let thread = std::thread::spawn({
+            let (stop, answers, failures) = (stop.clone(), answers.clone(), failures.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match dig(server, NAME) {
+                        Ok(ips) if ips == vec![want] => {
+                            answers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(ips) => failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("answered {ips:?}")),
+                        Err(e) => failures.lock().expect("lock").push(format!("{e:#}")),
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            answers,
+            failures,
+            thread,
+        }
+    }
+
+    fn answers(&self) -> usize {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("dig loop");
+        (
+            self.answers.load(Ordering::Relaxed),
+            self.failures.lock().expect("lock").clone(),
+        )
+    }
+}
+
+/// A long connection through the VIP that sends 1 KiB every 5 ms and checks every echoed
+/// byte, until told to end; returns the bytes echoed intact.
+async fn long_stream(vip: SocketAddr, end: Arc<AtomicBool>) -> anyhow::Result<u64> {
+    let mut conn = TcpStream::connect(vip).await?;
+    let mut sent: u64 = 0;
+    let mut chunk = vec![0u8; 1024];
+    let mut back = vec![0u8; 1024];
+    while !end.load(Ordering::Relaxed) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = ((sent + i as u64) % 251) as u8;
+        }
+        conn.write_all(&chunk).await?;
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await??;
+        anyhow::ensure!(back == chunk, "echoed bytes differ at offset {sent}");
+        sent += chunk.len() as u64;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    conn.shutdown().await?;
+    Ok(sent)
+}
+
+/// The QUIC port the catalog publishes for `east` (as `west` sees it, from its status).
+fn published_quic_port(west: &GatewayProcess) -> anyhow::Result<u16> {
+    let (_, body) = west.admin_get("/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let text = status.to_string();
+    // The status lists every gateway of every cluster with its QUIC addresses.
+    let clusters = status["clusters"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no clusters in {text}"))?;
+    let east = clusters
+        .iter()
+        .find(|c| c["name"] == "east")
+        .ok_or_else(|| anyhow::anyhow!("no east in {text}"))?;
+    let addr = east["gateways"][0]["addrs"][0]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no QUIC address of east in {east}"))?;
+    Ok(addr.parse::<SocketAddr>()?.port())
+}
+
+async fn wait_log(process: &GatewayProcess, what: &str) {
+    eventually_ok(
+        &format!("log line {what:?}"),
+        Duration::from_secs(30),
+        || async {
+            let log = process.log_text();
+            anyhow::ensure!(log.contains(what), "not yet; log:\n{log}");
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_answer() {
+    let etcd = EtcdServer::start();
+    let certs = Certs::new(&["east", "west"]);
+    let echo = EchoServer::start().await.expect("echo backend");
+    let mut west = GatewayProcess::start(GatewaySpec {
+        exports: vec![("echo", "prod", PORT, echo.addr())],
+        ..GatewaySpec::new("west", "127.86.2.0/24", &etcd, &certs, "/handover")
+    });
+    let mut first = GatewayProcess::start(GatewaySpec {
+        handover: true,
+        drain_deadline: Duration::from_secs(20),
+        ..GatewaySpec::new("east", "127.86.1.0/24", &etcd, &certs, "/handover")
+    });
+    west.wait_ready().await;
+    first.wait_ready().await;
+    let vip = first.wait_routable(SERVICE, PORT).await;
+    let dns = first.dns_addr().await;
+    let first_port = eventually_ok(
+        "west sees east's QUIC port",
+        Duration::from_secs(20),
+        || async { published_quic_port(&west) },
+    )
+    .await;
+
+    let load = Workload::new(vip, 4, 40.0).start();
+    let dns_loop = DnsLoop::start(dns, vip.ip());
+    let end_stream = Arc::new(AtomicBool::new(false));
+    let stream = tokio::spawn(long_stream(vip, end_stream.clone()));
+    eventually_ok("the loops are running", Duration::from_secs(10), || async {
+        anyhow::ensure!(load.successes_since(Duration::ZERO) >= 20 && dns_loop.answers() >= 5);
+        Ok(())
+    })
+    .await;
+
+    // The successor takes over, with the old process serving throughout.
+    let mut second = first.start_successor();
+    wait_log(&second, "took over from the previous gateway process").await;
+    wait_log(&first, "the successor is ready").await;
+    second.wait_ready().await;
+    // The same kernel sockets, not new ones: a second bind of a VIP would fail here.
+    let log = second.log_text();
+    assert!(
+        log.contains("VIP listener taken over") && !log.contains("cannot bind VIP listener"),
+        "the successor did not take the VIP listener over; log:\n{log}"
+    );
+    let second_port = eventually_ok(
+        "the catalog publishes the successor's QUIC port",
+        Duration::from_secs(20),
+        || async {
+            let p = published_quic_port(&west)?;
+            anyhow::ensure!(p != first_port, "still {p}");
+            Ok(p)
+        },
+    )
+    .await;
+    let overlap = load.offset(std::time::Instant::now());
+    eventually_ok(
+        "new connections succeed with both processes up",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(load.successes_since(overlap) >= 40);
+            Ok(())
+        },
+    )
+    .await;
+
+    // The old process drains: the long stream still runs on it, then ends cleanly.
+    let term = first.signal("-TERM");
+    wait_log(&first, "draining after a hand-over").await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the stream keeps flowing meanwhile
+    end_stream.store(true, Ordering::Relaxed);
+    let streamed = stream
+        .await
+        .expect("join")
+        .expect("the long stream stayed intact");
+    let code = first.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "old process log:\n{}", first.log_text());
+    let after = load.offset(std::time::Instant::now());
+    eventually_ok(
+        "the successor alone serves new connections",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(load.successes_since(after) >= 40);
+            Ok(())
+        },
+    )
+    .await;
+
+    // A second successor goes back to the first QUIC port.
+    let mut third = second.start_successor();
+    wait_log(&third, "took over from the previous gateway process").await;
+    third.wait_ready().await;
+    second.signal("-TERM");
+    assert_eq!(
+        second.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "second process log:\n{}",
+        second.log_text()
+    );
+    let third_port = eventually_ok(
+        "the catalog publishes the third process's QUIC port",
+        Duration::from_secs(20),
+        || async {
+            let p = published_quic_port(&west)?;
+            anyhow::ensure!(p == first_port, "still {p}");
+            Ok(p)
+        },
+    )
+    .await;
+    let last = load.offset(std::time::Instant::now());
+    eventually_ok(
+        "the third process serves new connections",
+        Duration::from_secs(10),
+        || async {
+            anyhow::ensure!(load.successes_since(last) >= 40);
+            Ok(())
+        },
+    )
+    .await;
+
+    let outcomes = load.stop().await;
+    let (answers, dns_failures) = dns_loop.finish();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    eprintln!(
+        "hand-over: {} connections ({} failed), {answers} DNS answers ({} failed), long stream {streamed} bytes intact; QUIC ports {first_port} -> {second_port} -> {third_port}; old process stopped {:?} after SIGTERM",
+        outcomes.len(),
+        failed.len(),
+        dns_failures.len(),
+        term.elapsed(),
+    );
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    assert!(dns_failures.is_empty(), "DNS failures: {dns_failures:?}");
+    assert!(
+        streamed > 100 * 1024,
+        "the long stream moved only {streamed} bytes"
+    );
+    // Every record is the last process's: its lease holds them, the old leases are gone.
+    let (code, _) = third.admin_get("/ready").expect("ready");
+    assert_eq!(code, 200);
+}
