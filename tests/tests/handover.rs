@@ -6,7 +6,9 @@
 //! sockets (VIP listeners, DNS, admin), serves QUIC on the other of the two hand-over ports,
 //! and becomes ready; then the old process gets SIGTERM and drains. Nothing may fail: not a
 //! connection, not a DNS answer, not a byte of the long stream, which stays on the old
-//! process until it ends. A second successor goes back to the first QUIC port.
+//! process until it ends. A second successor goes back to the first QUIC port. Peers see it
+//! too: a client loop in the other cluster reaching a backend behind the replaced gateway
+//! loses nothing either, its gateway moving to the successor's QUIC port.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,6 +24,9 @@ use tokio::net::TcpStream;
 const SERVICE: &str = "echo.prod";
 const NAME: &str = "echo.prod.svc.clusterset.local";
 const PORT: u16 = 7000;
+/// Exported by the gateway being replaced, called from the other cluster.
+const INBOUND: &str = "pay.prod";
+const INBOUND_PORT: u16 = 7100;
 
 /// `dig` against the node's DNS in a loop until stopped: (answers, failures with why).
 struct DnsLoop {
@@ -133,12 +138,14 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
     let etcd = EtcdServer::start();
     let certs = Certs::new(&["east", "west"]);
     let echo = EchoServer::start().await.expect("echo backend");
+    let east_backend = EchoServer::start().await.expect("east's backend");
     let mut west = GatewayProcess::start(GatewaySpec {
         exports: vec![("echo", "prod", PORT, echo.addr())],
         ..GatewaySpec::new("west", "127.86.2.0/24", &etcd, &certs, "/handover")
     });
     let mut first = GatewayProcess::start(GatewaySpec {
         handover: true,
+        exports: vec![("pay", "prod", INBOUND_PORT, east_backend.addr())],
         drain_deadline: Duration::from_secs(20),
         ..GatewaySpec::new("east", "127.86.1.0/24", &etcd, &certs, "/handover")
     });
@@ -153,7 +160,9 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
     )
     .await;
 
+    let inbound_vip = west.wait_routable(INBOUND, INBOUND_PORT).await;
     let load = Workload::new(vip, 4, 40.0).start();
+    let inbound = Workload::new(inbound_vip, 2, 40.0).start();
     let dns_loop = DnsLoop::start(dns, vip.ip());
     let end_stream = Arc::new(AtomicBool::new(false));
     let stream = tokio::spawn(long_stream(vip, end_stream.clone()));
@@ -250,16 +259,31 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
     .await;
 
     let outcomes = load.stop().await;
+    let inbound_outcomes = inbound.stop().await;
+    let inbound_failed: Vec<_> = inbound_outcomes
+        .iter()
+        .filter(|o| o.result.is_err())
+        .collect();
     let (answers, dns_failures) = dns_loop.finish();
     let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     eprintln!(
-        "hand-over: {} connections ({} failed), {answers} DNS answers ({} failed), long stream {streamed} bytes intact; QUIC ports {first_port} -> {second_port} -> {third_port}; old process stopped {:?} after SIGTERM",
+        "hand-over: {} connections ({} failed), {} from the other cluster ({} failed), {answers} DNS answers ({} failed), long stream {streamed} bytes intact; QUIC ports {first_port} -> {second_port} -> {third_port}; old process stopped {:?} after SIGTERM",
         outcomes.len(),
         failed.len(),
+        inbound_outcomes.len(),
+        inbound_failed.len(),
         dns_failures.len(),
         term.elapsed(),
     );
     assert!(failed.is_empty(), "failed connections: {failed:?}");
+    assert!(
+        inbound_failed.is_empty(),
+        "failed connections from the other cluster: {inbound_failed:?}"
+    );
+    assert!(
+        east_backend.accepted() >= inbound_outcomes.len(),
+        "the other cluster's connections did not all reach east's backend"
+    );
     assert!(dns_failures.is_empty(), "DNS failures: {dns_failures:?}");
     assert!(
         streamed > 100 * 1024,
