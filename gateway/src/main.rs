@@ -107,7 +107,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             let config = Config::load_text(&text, &path, &ProcessEnv)?;
             let file = app::ConfigFile { path, text };
-            runtime(config.worker_threads)?.block_on(app::run_until_signal(config, Some(file)))?;
+            let runtime = runtime(config.worker_threads)?;
+            let result = runtime.block_on(app::run_until_signal(config, Some(file)));
+            // A hand-over thread may still wait on a successor that will not answer; the
+            // drain is over, so do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result?;
         }
         Command::Demo(opts) => runtime(None)?.block_on(demo::run(opts))?,
         Command::Admin(command) => tokio::runtime::Builder::new_current_thread()
