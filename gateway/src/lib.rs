@@ -19,6 +19,7 @@ pub mod grpc;
 pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod notify;
 pub mod outbound;
 pub mod readiness;
 pub mod reload;

@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     pending: Arc<Mutex<BTreeSet<&'static str>>>,
+    /// Woken whenever a guard is dropped, for [`Readiness::wait_ready`].
+    released: Arc<tokio::sync::Notify>,
 }
 
 impl Readiness {
@@ -40,6 +42,21 @@ impl Readiness {
         self.lock().is_empty()
     }
 
+    /// Returns once every registered task has finished (at once if none is pending). For
+    /// what must happen exactly when `/ready` turns 200, such as telling systemd.
+    pub async fn wait_ready(&self) {
+        loop {
+            // Registered before the check, so a guard dropped in between still wakes us.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.is_ready() {
+                return;
+            }
+            released.await;
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {
         // A panic while holding this lock cannot leave the set inconsistent (single insert or
         // remove), so a poisoned lock is still safe to use.
@@ -58,6 +75,7 @@ pub struct BlockReady {
 impl Drop for BlockReady {
     fn drop(&mut self) {
         self.readiness.lock().remove(self.task);
+        self.readiness.released.notify_waiters();
     }
 }
 
@@ -75,6 +93,27 @@ mod tests {
         drop(certs);
         assert!(!r.is_ready());
         drop(sync);
+        assert!(r.is_ready());
+    }
+
+    #[tokio::test]
+    async fn wait_ready_returns_when_the_last_guard_drops() {
+        let r = Readiness::new();
+        r.wait_ready().await; // nothing pending: at once
+        let certs = r.register("certificates");
+        let sync = r.register("catalog sync");
+        let waiter = tokio::spawn({
+            let r = r.clone();
+            async move { r.wait_ready().await }
+        });
+        drop(certs);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one task is still pending");
+        drop(sync);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the last guard")
+            .expect("waiter task");
         assert!(r.is_ready());
     }
 }
