@@ -149,6 +149,8 @@ pub struct GatewaySpec<'a> {
     /// Serve the remote (mutual TLS) admin API on a free loopback port
     /// ([`GatewayProcess::grpc_remote_addr`]).
     pub grpc_remote: bool,
+    /// More environment for the process (as a service manager sets `NOTIFY_SOCKET`).
+    pub env: Vec<(&'a str, String)>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -174,6 +176,7 @@ impl<'a> GatewaySpec<'a> {
             worker_threads: None,
             grpc: false,
             grpc_remote: false,
+            env: Vec::new(),
         }
     }
 
@@ -304,6 +307,7 @@ impl GatewayProcess {
         if let Some(id) = spec.replica_id {
             command.env("MESHUP_GATEWAY_ID", id);
         }
+        command.envs(spec.env.iter().map(|(k, v)| (*k, v)));
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
