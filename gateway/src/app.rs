@@ -699,7 +699,7 @@ pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Resul
     // Held while the predecessor drains; its end closes when it exits.
     let mut _predecessor = None;
     if let Some(successor) = successor {
-        gateway.readiness.wait().await;
+        gateway.readiness.wait_ready().await;
         let released = tokio::task::spawn_blocking(move || successor.ready())
             .await
             .map_err(|e| AppError::TakeOver(e.to_string()))??;
@@ -714,13 +714,31 @@ pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Resul
     let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
     let reload_stop = gateway.shutdown.child_token();
     let reloader = file.map(|f| gateway.reloader(f.path, &f.text, config));
+    // systemd (`Type=notify`): READY=1 exactly when `/ready` turns 200.
+    let ready = gateway.readiness.clone();
+    let told_ready = tokio::spawn(async move {
+        ready.wait_ready().await;
+        crate::notify::ready();
+    });
+    let (readiness, mut loaded) = (gateway.readiness.clone(), gateway.loaded.subscribe());
     let signals = tokio::spawn(async move {
         while hup.recv().await.is_some() {
             if hup_tx.is_closed() {
                 tracing::warn!("SIGHUP: no config file to reload (started without one)");
             } else {
+                // Before the first READY=1, `told_ready` says it; a reload has nothing to add.
+                let was_ready = readiness.is_ready();
+                if was_ready {
+                    crate::notify::reloading();
+                }
+                loaded.borrow_and_update();
                 // Full: a reload is pending already and will read the file.
                 let _ = hup_tx.try_send(());
+                // Every SIGHUP reload ends applied, unchanged or refused, each a change of
+                // `loaded`: READY=1 again then.
+                if loaded.changed().await.is_ok() && was_ready {
+                    crate::notify::ready();
+                }
             }
         }
     });
@@ -733,7 +751,9 @@ pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Resul
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
     }
+    crate::notify::stopping();
     signals.abort();
+    told_ready.abort();
     let deadline = gateway.drain_deadline;
     if gateway.drain().await {
         Ok(())

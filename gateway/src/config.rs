@@ -269,6 +269,23 @@ impl Config {
                 .map(String::from)
                 .collect();
         }
+        if let Some(v) = env.var("MESHUP_TUNNEL_ADVERTISE") {
+            // The per-node address peers dial (a DaemonSet passes `status.hostIP`).
+            self.tunnel.advertise = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse().map_err(|e| ConfigError::Env {
+                        name: "MESHUP_TUNNEL_ADVERTISE",
+                        value: v.clone(),
+                        message: format!(
+                            "{s:?}: {e}; want comma-separated IP:port (an IPv6 one as [addr]:port)"
+                        ),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
         if let Some(v) = env.var("MESHUP_ADMIN_HTTP") {
             self.admin.http = v.parse().map_err(|e| ConfigError::Env {
                 name: "MESHUP_ADMIN_HTTP",
@@ -619,5 +636,41 @@ exports:
             HashMap::from([("MESHUP_GATEWAY_ID", "East_7".to_string())]);
         let err = c.apply_env(&bad).expect_err("bad id");
         assert!(err.to_string().contains("MESHUP_GATEWAY_ID"), "{err}");
+    }
+
+    #[test]
+    fn tunnel_advertise_comes_from_the_environment() {
+        let addr = |s: &str| -> SocketAddr { s.parse().expect("addr") };
+        // (value, the advertised addresses, or the part of the error naming the problem)
+        let cases: &[(&str, Result<Vec<SocketAddr>, &str>)] = &[
+            ("10.0.3.7:15443", Ok(vec![addr("10.0.3.7:15443")])),
+            (
+                " 10.0.3.7:15443 , [fd00::7]:15443,",
+                Ok(vec![addr("10.0.3.7:15443"), addr("[fd00::7]:15443")]),
+            ),
+            ("", Ok(vec![])),
+            ("10.0.3.7", Err("\"10.0.3.7\"")),
+            ("10.0.3.7:15443,fd00::7:15443", Err("\"fd00::7:15443\"")),
+            ("node-a:15443", Err("\"node-a:15443\"")),
+        ];
+        for (value, want) in cases {
+            let mut c = sample();
+            c.tunnel.advertise = vec![addr("192.0.2.1:1")];
+            let env: HashMap<&'static str, String> =
+                HashMap::from([("MESHUP_TUNNEL_ADVERTISE", value.to_string())]);
+            match (c.apply_env(&env), want) {
+                (Ok(()), Ok(addrs)) => assert_eq!(&c.tunnel.advertise, addrs, "{value:?}"),
+                (Err(e), Err(part)) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains("MESHUP_TUNNEL_ADVERTISE") && e.contains(part),
+                        "{value:?}: {e}"
+                    );
+                    // Refused: the file's value stays.
+                    assert_eq!(c.tunnel.advertise, vec![addr("192.0.2.1:1")], "{value:?}");
+                }
+                (got, want) => panic!("{value:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 }

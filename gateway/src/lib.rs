@@ -20,6 +20,7 @@ pub mod handover;
 pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod notify;
 pub mod outbound;
 pub mod readiness;
 pub mod reload;

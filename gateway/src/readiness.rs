@@ -50,8 +50,9 @@ impl Readiness {
         self.lock().iter().copied().collect()
     }
 
-    /// Waits until every registered task has finished.
-    pub async fn wait(&self) {
+    /// Returns once every registered task has finished (at once if none is pending). For
+    /// what must happen exactly when `/ready` turns 200, such as telling systemd.
+    pub async fn wait_ready(&self) {
         let mut rx = self.ready.subscribe();
         let _ = rx.wait_for(|ready| *ready).await;
     }
@@ -102,20 +103,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn wait_returns_once_the_last_guard_goes() {
+    async fn wait_ready_returns_when_the_last_guard_drops() {
         let r = Readiness::new();
-        r.wait().await; // nothing pending
+        r.wait_ready().await; // nothing pending: at once
+        let certs = r.register("certificates");
         let sync = r.register("catalog sync");
         let waiter = tokio::spawn({
             let r = r.clone();
-            async move { r.wait().await }
+            async move { r.wait_ready().await }
         });
+        drop(certs);
         tokio::task::yield_now().await;
-        assert!(!waiter.is_finished(), "returned while a task was pending");
+        assert!(!waiter.is_finished(), "one task is still pending");
         drop(sync);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
             .await
-            .expect("wait returned")
-            .expect("join");
+            .expect("woken by the last guard")
+            .expect("waiter task");
+        assert!(r.is_ready());
     }
 }

@@ -152,6 +152,8 @@ pub struct GatewaySpec<'a> {
     /// Listen for a successor process on a hand-over socket, QUIC on a fixed port with a
     /// hand-over port beside it ([`GatewayProcess::start_successor`]).
     pub handover: bool,
+    /// More environment for the process (as a service manager sets `NOTIFY_SOCKET`).
+    pub env: Vec<(&'a str, String)>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -178,6 +180,7 @@ impl<'a> GatewaySpec<'a> {
             grpc: false,
             grpc_remote: false,
             handover: false,
+            env: Vec::new(),
         }
     }
 
@@ -307,7 +310,7 @@ pub struct GatewayProcess {
     log: PathBuf,
     /// The binary and environment it was started with (a successor gets the same).
     binary: PathBuf,
-    env: Vec<(&'static str, String)>,
+    env: Vec<(String, String)>,
     dir: std::sync::Arc<tempfile::TempDir>,
 }
 
@@ -330,15 +333,16 @@ impl GatewayProcess {
         .expect("write config");
         let mut env = vec![
             (
-                "MESHUP_LOG",
+                "MESHUP_LOG".to_owned(),
                 spec.log_filter.unwrap_or("info,meshup=debug").to_owned(),
             ),
             // Plain log lines: the tests read the bound DNS address from the log.
-            ("NO_COLOR", "1".to_owned()),
+            ("NO_COLOR".to_owned(), "1".to_owned()),
         ];
         if let Some(id) = spec.replica_id {
-            env.push(("MESHUP_GATEWAY_ID", id.to_owned()));
+            env.push(("MESHUP_GATEWAY_ID".to_owned(), id.to_owned()));
         }
+        env.extend(spec.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
         let mut gateway = Self {
             child: None,
             cluster: spec.cluster.to_owned(),

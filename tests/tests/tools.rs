@@ -75,6 +75,7 @@ const BASE: &[&str] = &[
     "basename",
     "cat",
     "chmod",
+    "chroot",
     "cmp",
     "cp",
     "cut",
@@ -89,6 +90,7 @@ const BASE: &[&str] = &[
     "grep",
     "head",
     "id",
+    "ldd",
     "ln",
     "ls",
     "mkdir",
@@ -156,7 +158,7 @@ fn manifest() -> BTreeMap<String, (String, String)> {
         );
         let (level, kind, package, provides) = (fields[0], fields[1], fields[2], fields[4]);
         assert!(
-            ["build", "test", "bench"].contains(&level),
+            ["build", "test", "bench", "deploy"].contains(&level),
             ".ci/packages:{}: unknown level {level}",
             n + 1
         );
@@ -672,7 +674,8 @@ fn every_build_and_test_tool_is_on_the_path() {
     let dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
     let mut absent = Vec::new();
     for (command, (level, package)) in manifest() {
-        if level == "bench" {
+        // bench and deploy are optional levels (`.ci/setup bench`, `.ci/setup deploy`).
+        if level == "bench" || level == "deploy" {
             continue;
         }
         if !dirs.iter().any(|d| d.join(&command).is_file()) {
