@@ -17,6 +17,7 @@ use meshup_dns::DnsConfig;
 use meshup_federation::config::CatalogConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::datapath::DatapathConfig;
 use crate::tunnel::TunnelConfig;
 
 /// Default admin HTTP address: loopback only.
@@ -80,6 +81,10 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The node datapath (docs/datapath.md): a dummy interface with the VIP range (and these
+    /// addresses) local on the node, set up at start-up. Absent: nothing is changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<DatapathConfig>,
     /// Services this cluster offers to the federation.
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
@@ -302,6 +307,11 @@ impl Config {
                     self.vip_cidr
                 ),
             ));
+        }
+        if let Some(datapath) = &self.datapath {
+            datapath
+                .validate(self.vip_cidr)
+                .map_err(|(field, message)| invalid(field, message))?;
         }
         if !self.admin.http.ip().is_loopback() && !self.admin.allow_non_loopback {
             return Err(invalid(

@@ -8,7 +8,7 @@
 //! build) with [`Certs::with_binary`]: the gateways run the binary that made their
 //! certificates.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,6 +149,16 @@ pub struct GatewaySpec<'a> {
     /// Serve the remote (mutual TLS) admin API on a free loopback port
     /// ([`GatewayProcess::grpc_remote_addr`]).
     pub grpc_remote: bool,
+    /// Run in this network namespace (`ip netns exec`, [`crate::netns`]) instead of the
+    /// test's: the admin server is then on the namespace's loopback, reached from there.
+    pub netns: Option<&'a str>,
+    /// The QUIC listen address's IP (port 0); `None`: 127.0.0.1. In a namespace, the
+    /// address other nodes reach it at.
+    pub tunnel_ip: Option<IpAddr>,
+    /// `dns.listen`; `None`: 127.0.0.1:0.
+    pub dns_listen: Option<SocketAddr>,
+    /// The `datapath:` section: (interface, node-local addresses); `None`: none.
+    pub datapath: Option<(&'a str, Vec<&'a str>)>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -174,6 +184,10 @@ impl<'a> GatewaySpec<'a> {
             worker_threads: None,
             grpc: false,
             grpc_remote: false,
+            netns: None,
+            tunnel_ip: None,
+            dns_listen: None,
+            datapath: None,
         }
     }
 
@@ -203,22 +217,33 @@ catalog:
   allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
 tunnel:
-  listen: 127.0.0.1:0
+  listen: {tunnel}
   cert: {certs}/cert.pem
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
 dns:
-  listen: 127.0.0.1:0
+  listen: {dns}
 admin:
   http: {admin}
-{grpc}{remote}{threads}exports:
+{grpc}{remote}{threads}{datapath}exports:
 {exports}"#,
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
             prefix = self.prefix,
             ttl = LEASE_TTL.as_secs(),
             vip_cidr = self.vip_cidr,
+            tunnel = SocketAddr::new(self.tunnel_ip.unwrap_or([127, 0, 0, 1].into()), 0),
+            dns = self
+                .dns_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            datapath =
+                self.datapath
+                    .as_ref()
+                    .map_or(String::new(), |(interface, addresses)| format!(
+                        "datapath:\n  interface: {interface}\n  addresses: [{}]\n",
+                        addresses.join(", ")
+                    )),
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
             grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
@@ -245,7 +270,25 @@ pub fn export_entry(name: &str, ns: &str, port: u16, backend: SocketAddr) -> Str
 
 /// The A records `dig` gets from a DNS server for `name` (empty for NXDOMAIN or NODATA).
 pub fn dig(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let out = Command::new("dig")
+    dig_in(None, server, name)
+}
+
+/// [`dig`], run inside the network namespace `netns` (`ip netns exec`) when given: a client
+/// in a pod asking its node-local DNS.
+pub fn dig_in(
+    netns: Option<&str>,
+    server: SocketAddr,
+    name: &str,
+) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "dig"]);
+            c
+        }
+        None => Command::new("dig"),
+    };
+    let out = command
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string()])
         .args(["+short", "+tries=1", "+time=2", name, "A"])
@@ -278,6 +321,7 @@ pub struct GatewayProcess {
     grpc_remote: Option<SocketAddr>,
     config: PathBuf,
     log: PathBuf,
+    netns: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -295,7 +339,15 @@ impl GatewayProcess {
             .then(|| SocketAddr::from(([127, 0, 0, 1], port())));
         std::fs::write(&config_path, spec.config(admin, grpc, grpc_remote)).expect("write config");
         let log = dir.path().join("gateway.log");
-        let mut command = Command::new(spec.certs.binary());
+        // `ip netns exec` execs the binary in place: the child is the gateway itself.
+        let mut command = match spec.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(spec.certs.binary());
+                c
+            }
+            None => Command::new(spec.certs.binary()),
+        };
         command
             .args(["gateway", "--config", path_str(&config_path)])
             .env("MESHUP_LOG", spec.log_filter.unwrap_or("info,meshup=debug"))
@@ -318,6 +370,7 @@ impl GatewayProcess {
             grpc_remote,
             config: config_path,
             log,
+            netns: spec.netns.map(str::to_owned),
             _dir: dir,
         }
     }
@@ -370,7 +423,10 @@ impl GatewayProcess {
 
     /// GET a path on the admin server: (status code, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        crate::http::get(self.admin, path)
+        match &self.netns {
+            Some(ns) => crate::netns::run_in(ns, || crate::http::get(self.admin, path)),
+            None => crate::http::get(self.admin, path),
+        }
     }
 
     /// Waits until `/ready` answers 200; panics with the log if the process exits first.

@@ -162,6 +162,7 @@ fn config(
         },
         exports,
         worker_threads: None,
+        datapath: None,
     };
     config.dns.listen = any;
     config.validate().expect("valid config");

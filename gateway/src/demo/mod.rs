@@ -191,6 +191,7 @@ async fn cluster_config(
         },
         exports,
         worker_threads: None,
+        datapath: None,
     };
     config.validate()?;
     Ok(config)

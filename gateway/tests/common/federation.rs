@@ -64,6 +64,7 @@ pub fn gateway_config(
         },
         exports,
         worker_threads: None,
+        datapath: None,
     };
     config.dns.listen = any;
     config.validate().expect("valid config");
