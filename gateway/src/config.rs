@@ -490,6 +490,46 @@ exports:
     }
 
     #[test]
+    fn datapath_section_is_optional_defaulted_and_checked() {
+        assert_eq!(sample().datapath, None, "no datapath unless configured");
+        let node = Config::parse(&SAMPLE.replace(
+            "vip_cidr: 127.77.0.0/16",
+            "vip_cidr: 169.254.253.0/24\ndatapath: {}",
+        ))
+        .expect("parses");
+        node.validate().expect("valid");
+        let datapath = node.datapath.expect("present");
+        assert_eq!(datapath.interface, crate::datapath::DEFAULT_INTERFACE);
+        assert!(datapath.addresses.is_empty());
+        let cases: &[(&str, &str)] = &[
+            (
+                "vip_cidr: 127.77.0.0/16\ndatapath: {}",
+                "datapath: vip_cidr 127.77.0.0/16 is in the loopback range",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {addresses: [169.254.253.53/32]}",
+                "datapath.addresses[0]: 169.254.253.53/32 is inside vip_cidr",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {interface: meshup-datapath-0}",
+                "datapath.interface",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {interfce: meshup0}",
+                "interfce",
+            ),
+        ];
+        for (to, want) in cases {
+            let text = SAMPLE.replace("vip_cidr: 127.77.0.0/16", to);
+            let err = match Config::parse(&text) {
+                Ok(c) => c.validate().expect_err(to).to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_are_rejected_with_their_name() {
         let text = SAMPLE.replace("region:", "regoin:");
         let err = Config::parse(&text).expect_err("typo must be rejected");
