@@ -56,6 +56,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// that failed; the cause is the error's source (print with `{:#}` for the whole chain).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    #[error("node datapath")]
+    Datapath(#[from] crate::datapath::DatapathError),
     #[error("identity")]
     Identity(#[from] crate::identity::IdentityError),
     #[error("QUIC endpoint")]
@@ -157,6 +159,17 @@ impl Gateway {
         let sync_ready = readiness.register("catalog sync");
         let mut registry = Registry::with_prefix("meshup");
 
+        // The node datapath before any socket: the VIP range and the node-local addresses
+        // (e.g. dns.listen's) must be local before anything binds them.
+        match &config.datapath {
+            Some(datapath) => crate::datapath::prepare(datapath, config.vip_cidr).await?,
+            None => {
+                let reach = crate::datapath::check_vips_local(config.vip_cidr);
+                if let Some(warning) = crate::datapath::reach_warning(config.vip_cidr, &reach) {
+                    tracing::warn!("{warning}");
+                }
+            }
+        }
         // Identity and every socket first: failures here stop start-up before anything is
         // published.
         let identity =

@@ -17,6 +17,7 @@ use meshup_dns::DnsConfig;
 use meshup_federation::config::CatalogConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::datapath::DatapathConfig;
 use crate::tunnel::TunnelConfig;
 
 /// Default admin HTTP address: loopback only.
@@ -80,6 +81,10 @@ pub struct Config {
     pub dns: DnsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The node datapath (docs/datapath.md): a dummy interface with the VIP range (and these
+    /// addresses) local on the node, set up at start-up. Absent: nothing is changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datapath: Option<DatapathConfig>,
     /// Services this cluster offers to the federation.
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
@@ -339,6 +344,11 @@ impl Config {
                 ),
             ));
         }
+        if let Some(datapath) = &self.datapath {
+            datapath
+                .validate(self.vip_cidr)
+                .map_err(|(field, message)| invalid(field, message))?;
+        }
         if !self.admin.http.ip().is_loopback() && !self.admin.allow_non_loopback {
             return Err(invalid(
                 "admin.http",
@@ -513,6 +523,46 @@ exports:
             .expect("parses");
         one.validate().expect("valid");
         assert_eq!(one.worker_threads, Some(1));
+    }
+
+    #[test]
+    fn datapath_section_is_optional_defaulted_and_checked() {
+        assert_eq!(sample().datapath, None, "no datapath unless configured");
+        let node = Config::parse(&SAMPLE.replace(
+            "vip_cidr: 127.77.0.0/16",
+            "vip_cidr: 169.254.253.0/24\ndatapath: {}",
+        ))
+        .expect("parses");
+        node.validate().expect("valid");
+        let datapath = node.datapath.expect("present");
+        assert_eq!(datapath.interface, crate::datapath::DEFAULT_INTERFACE);
+        assert!(datapath.addresses.is_empty());
+        let cases: &[(&str, &str)] = &[
+            (
+                "vip_cidr: 127.77.0.0/16\ndatapath: {}",
+                "datapath: vip_cidr 127.77.0.0/16 is in the loopback range",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {addresses: [169.254.253.53/32]}",
+                "datapath.addresses[0]: 169.254.253.53/32 is inside vip_cidr",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {interface: meshup-datapath-0}",
+                "datapath.interface",
+            ),
+            (
+                "vip_cidr: 169.254.253.0/24\ndatapath: {interfce: meshup0}",
+                "interfce",
+            ),
+        ];
+        for (to, want) in cases {
+            let text = SAMPLE.replace("vip_cidr: 127.77.0.0/16", to);
+            let err = match Config::parse(&text) {
+                Ok(c) => c.validate().expect_err(to).to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(err.contains(want), "{to}: {err}");
+        }
     }
 
     #[test]

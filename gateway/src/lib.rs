@@ -6,13 +6,14 @@
 //! admin HTTP server ([`admin`]) and the gRPC admin API ([`grpc`]); [`cli`] holds the
 //! `meshup` client commands that talk to that API. [`exports`] holds the exports (the config
 //! file's and the API's) as they change at runtime, and [`reload`] reloads the config file on
-//! SIGHUP and when it changes. [`app`] wires them together: bind, run, drain.
+//! SIGHUP and when it changes. [`datapath`] makes the VIP range local on a node. [`app`] wires them together: bind, run, drain.
 
 pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod datapath;
 pub mod demo;
 pub mod exports;
 pub mod grpc;

@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ const START_ATTEMPTS: usize = 3;
 #[derive(Debug)]
 pub struct EtcdServer {
     child: Option<Child>,
+    /// The address it listens on: 127.0.0.1, or a namespace's ([`EtcdServer::start_on`]).
+    host: IpAddr,
     client_port: u16,
     peer_port: u16,
     // Kept for its Drop: the data directory lives as long as the server.
@@ -55,21 +57,28 @@ impl EtcdServer {
     /// Like [`EtcdServer::start`], with extra etcd flags (kept across restarts), e.g.
     /// `--experimental-watch-progress-notify-interval=500ms`.
     pub fn start_with_args(extra_args: &[&str]) -> Self {
-        Self::start_inner(extra_args, false)
+        Self::start_inner(extra_args, false, IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// An etcd listening on `host` instead of 127.0.0.1: an address of the network namespace
+    /// the caller runs in, so other namespaces reach it (call it inside
+    /// [`crate::netns::Netns::run`]; a [`EtcdServer::restart`] must run there too).
+    pub fn start_on(host: IpAddr) -> Self {
+        Self::start_inner(&[], false, host)
     }
 
     /// An etcd that serves clients only over TLS and requires a client certificate signed
     /// by its CA (`--client-cert-auth`). [`EtcdServer::tls`] has the CA and a client
     /// certificate; [`EtcdServer::endpoint`] is `https://`.
     pub fn start_tls() -> Self {
-        Self::start_inner(&[], true)
+        Self::start_inner(&[], true, IpAddr::V4(Ipv4Addr::LOCALHOST))
     }
 
-    fn start_inner(extra_args: &[&str], tls: bool) -> Self {
+    fn start_inner(extra_args: &[&str], tls: bool, host: IpAddr) -> Self {
         require_binary("etcd");
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(extra_args, tls) {
+            match Self::try_start(extra_args, tls, host) {
                 Ok(server) => return server,
                 Err(e) => last_error = Some(e),
             }
@@ -77,7 +86,7 @@ impl EtcdServer {
         panic!("etcd did not start after {START_ATTEMPTS} attempts: {last_error:?}");
     }
 
-    fn try_start(extra_args: &[&str], tls: bool) -> anyhow::Result<Self> {
+    fn try_start(extra_args: &[&str], tls: bool, host: IpAddr) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("meshup-etcd-")
             .tempdir()
@@ -93,6 +102,7 @@ impl EtcdServer {
         };
         let mut server = Self {
             child: None,
+            host,
             client_port,
             peer_port,
             data_dir,
@@ -108,10 +118,14 @@ impl EtcdServer {
         Ok(server)
     }
 
-    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS; the host of
+    /// [`EtcdServer::start_on`]).
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!(
+            "{scheme}://{}",
+            SocketAddr::new(self.host, self.client_port)
+        )
     }
 
     /// The CA and client certificate of a TLS etcd ([`EtcdServer::start_tls`]).
@@ -121,7 +135,7 @@ impl EtcdServer {
 
     /// The client address.
     pub fn client_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+        SocketAddr::new(self.host, self.client_port)
     }
 
     /// Where etcd's own log goes (stdout and stderr), for failure messages.
@@ -261,7 +275,7 @@ impl EtcdServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = format!("http://{}", SocketAddr::new(self.host, self.peer_port));
         let log = File::options()
             .create(true)
             .append(true)

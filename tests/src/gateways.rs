@@ -8,7 +8,7 @@
 //! build) with [`Certs::with_binary`]: the gateways run the binary that made their
 //! certificates.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,6 +154,16 @@ pub struct GatewaySpec<'a> {
     pub handover: bool,
     /// More environment for the process (as a service manager sets `NOTIFY_SOCKET`).
     pub env: Vec<(&'a str, String)>,
+    /// Run in this network namespace (`ip netns exec`, [`crate::netns`]) instead of the
+    /// test's: the admin server is then on the namespace's loopback, reached from there.
+    pub netns: Option<&'a str>,
+    /// The QUIC listen address's IP (port 0); `None`: 127.0.0.1. In a namespace, the
+    /// address other nodes reach it at.
+    pub tunnel_ip: Option<IpAddr>,
+    /// `dns.listen`; `None`: 127.0.0.1:0.
+    pub dns_listen: Option<SocketAddr>,
+    /// The `datapath:` section: (interface, node-local addresses); `None`: none.
+    pub datapath: Option<(&'a str, Vec<&'a str>)>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -181,6 +191,10 @@ impl<'a> GatewaySpec<'a> {
             grpc_remote: false,
             handover: false,
             env: Vec::new(),
+            netns: None,
+            tunnel_ip: None,
+            dns_listen: None,
+            datapath: None,
         }
     }
 
@@ -225,22 +239,33 @@ catalog:
   allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
 tunnel:
-  listen: 127.0.0.1:{quic_port}
+  listen: {tunnel}
   cert: {certs}/cert.pem
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
 {handover}dns:
-  listen: 127.0.0.1:0
+  listen: {dns}
 admin:
   http: {admin}
-{grpc}{remote}{threads}exports:
+{grpc}{remote}{threads}{datapath}exports:
 {exports}"#,
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
             prefix = self.prefix,
             ttl = LEASE_TTL.as_secs(),
             vip_cidr = self.vip_cidr,
+            tunnel = SocketAddr::new(self.tunnel_ip.unwrap_or([127, 0, 0, 1].into()), quic_port),
+            dns = self
+                .dns_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            datapath =
+                self.datapath
+                    .as_ref()
+                    .map_or(String::new(), |(interface, addresses)| format!(
+                        "datapath:\n  interface: {interface}\n  addresses: [{}]\n",
+                        addresses.join(", ")
+                    )),
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
             grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
@@ -275,7 +300,25 @@ pub fn export_entry(name: &str, ns: &str, port: u16, backend: SocketAddr) -> Str
 
 /// The A records `dig` gets from a DNS server for `name` (empty for NXDOMAIN or NODATA).
 pub fn dig(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let out = Command::new("dig")
+    dig_in(None, server, name)
+}
+
+/// [`dig`], run inside the network namespace `netns` (`ip netns exec`) when given: a client
+/// in a pod asking its node-local DNS.
+pub fn dig_in(
+    netns: Option<&str>,
+    server: SocketAddr,
+    name: &str,
+) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "dig"]);
+            c
+        }
+        None => Command::new("dig"),
+    };
+    let out = command
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string()])
         .args(["+short", "+tries=1", "+time=2", name, "A"])
@@ -312,6 +355,7 @@ pub struct GatewayProcess {
     binary: PathBuf,
     env: Vec<(String, String)>,
     dir: std::sync::Arc<tempfile::TempDir>,
+    netns: Option<String>,
 }
 
 impl GatewayProcess {
@@ -353,6 +397,7 @@ impl GatewayProcess {
             log: dir.path().join("gateway.log"),
             binary: spec.certs.binary().to_owned(),
             env,
+            netns: spec.netns.map(str::to_owned),
             dir: std::sync::Arc::new(dir),
         };
         gateway.spawn();
@@ -360,7 +405,16 @@ impl GatewayProcess {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(&self.binary)
+        // `ip netns exec` execs the binary in place: the child is the gateway itself.
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
             .args(["gateway", "--config", path_str(&self.config)])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -388,6 +442,7 @@ impl GatewayProcess {
             log: self.dir.path().join(format!("gateway-{n}.log")),
             binary: self.binary.clone(),
             env: self.env.clone(),
+            netns: self.netns.clone(),
             dir: self.dir.clone(),
         };
         next.spawn();
@@ -442,7 +497,10 @@ impl GatewayProcess {
 
     /// GET a path on the admin server: (status code, body).
     pub fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        crate::http::get(self.admin, path)
+        match &self.netns {
+            Some(ns) => crate::netns::run_in(ns, || crate::http::get(self.admin, path)),
+            None => crate::http::get(self.admin, path),
+        }
     }
 
     /// Waits until `/ready` answers 200; panics with the log if the process exits first.

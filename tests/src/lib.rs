@@ -1,6 +1,6 @@
 //! Test harness shared by the integration tests and the benchmarks: a real etcd server
 //! (plain or TLS), a real headless Chromium, the `meshup` binary and real gateway processes,
-//! the three-cluster failover federation, free loopback ports, polling helpers, a throw-away
+//! the three-cluster failover federation, free loopback ports, network namespaces playing nodes and pods, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
 //! their process group, nginx `stream` peers, and the Grafana dashboard checked against
 //! `/metrics`.
@@ -13,6 +13,7 @@ pub mod failover;
 pub mod gateways;
 pub mod http;
 pub mod meshup;
+pub mod netns;
 pub mod nginx;
 pub mod procs;
 pub mod tls;

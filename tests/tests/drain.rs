@@ -163,6 +163,7 @@ fn config(
         exports,
         worker_threads: None,
         handover: None,
+        datapath: None,
     };
     config.dns.listen = any;
     config.validate().expect("valid config");

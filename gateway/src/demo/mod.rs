@@ -192,6 +192,7 @@ async fn cluster_config(
         exports,
         worker_threads: None,
         handover: None,
+        datapath: None,
     };
     config.validate()?;
     Ok(config)

@@ -65,6 +65,7 @@ pub fn gateway_config(
         exports,
         worker_threads: None,
         handover: None,
+        datapath: None,
     };
     config.dns.listen = any;
     config.validate().expect("valid config");
