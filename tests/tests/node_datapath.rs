@@ -20,7 +20,7 @@ use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig_in, path_str};
@@ -398,4 +398,225 @@ async fn without_a_datapath_a_range_that_is_not_local_is_warned_about() {
         "{warning}"
     );
     assert!(warning.contains("datapath"), "{warning}");
+}
+
+/// Counts of what one pod's clients saw while the node's gateway was replaced.
+#[derive(Debug, Default)]
+struct PodLoad {
+    connections: AtomicU64,
+    failed: std::sync::Mutex<Vec<String>>,
+    dns_answers: AtomicU64,
+    dns_failed: std::sync::Mutex<Vec<String>>,
+    streamed: AtomicU64,
+}
+
+/// New connections to `vip` from inside the pod `ns` (64 bytes each, echo checked), until
+/// `stop`.
+fn connection_loop(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<AtomicBool>) {
+    meshup_tests::netns::run_in(&ns, || {
+        let mut n: u64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let sent = format!("{n:064}").into_bytes();
+            let attempt = (|| -> std::io::Result<()> {
+                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(&sent)?;
+                let mut back = vec![0u8; sent.len()];
+                s.read_exact(&mut back)?;
+                if back != sent {
+                    return Err(std::io::Error::other("other bytes came back"));
+                }
+                Ok(())
+            })();
+            match attempt {
+                Ok(()) => load.connections.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    load.failed.lock().expect("lock").push(format!("#{n}: {e}"));
+                    0
+                }
+            };
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+/// One long connection from inside `ns`: 1 KiB every 5 ms, every byte checked, until `stop`.
+fn long_stream(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<AtomicBool>) {
+    meshup_tests::netns::run_in(&ns, || {
+        let run = || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let mut back = vec![0u8; 1024];
+            while !stop.load(Ordering::Relaxed) {
+                let at = load.streamed.load(Ordering::Relaxed);
+                let chunk: Vec<u8> = (0..1024u64).map(|i| ((at + i) % 251) as u8).collect();
+                s.write_all(&chunk)?;
+                s.read_exact(&mut back)?;
+                if back != chunk {
+                    return Err(std::io::Error::other(format!("bytes differ at {at}")));
+                }
+                load.streamed.fetch_add(1024, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            load.failed
+                .lock()
+                .expect("lock")
+                .push(format!("long stream: {e}"));
+        }
+    })
+}
+
+/// The zero-downtime upgrade on a node (docs/upgrade.md), in the node set-up above: a pod
+/// opening new connections to the VIP, another pod's long stream, and `dig` through the
+/// node-local DNS address run while the node's gateway is replaced by a new process. No
+/// connection, DNS answer or byte is lost; the old process exits 0 after its drain.
+#[tokio::test(flavor = "multi_thread")]
+async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer() {
+    require_root();
+    let mut east = Node::new("east");
+    let west = Node::new("west");
+    let (east_ip, west_ip) = east.link(&west, 77);
+    let pods = [east.add_pod("pod0", 78), east.add_pod("pod1", 78)];
+    let etcd = east.ns.run(|| EtcdServer::start_on(east_ip));
+    let backend = Echo::start(&west.ns);
+    let certs = Certs::new(&["east", "west"]);
+    let mut west_gw = GatewayProcess::start(GatewaySpec {
+        netns: Some(west.name()),
+        tunnel_ip: Some(west_ip),
+        exports: vec![("echo", "prod", PORT, backend.addr)],
+        ..GatewaySpec::new("west", WEST_VIPS, &etcd, &certs, "/upgrade")
+    });
+    let dns: SocketAddr = SocketAddr::new(NODE_DNS.parse().expect("ip"), 53);
+    let mut old = GatewayProcess::start(GatewaySpec {
+        netns: Some(east.name()),
+        tunnel_ip: Some(east_ip),
+        dns_listen: Some(dns),
+        datapath: Some(("meshup0", vec!["169.254.252.53/32"])),
+        handover: true,
+        drain_deadline: Duration::from_secs(20),
+        ..GatewaySpec::new("east", EAST_VIPS, &etcd, &certs, "/upgrade")
+    });
+    west_gw.wait_ready().await;
+    old.wait_ready().await;
+    let vip = old.wait_routable(SERVICE, PORT).await;
+    let name = "echo.prod.svc.clusterset.local";
+    eventually_ok(
+        "pod0 resolves the service",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(dig_in(Some(pods[0].ns.name()), dns, name)? == vec![vip.ip()]);
+            Ok(())
+        },
+    )
+    .await;
+
+    let load = Arc::new(PodLoad::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let end_stream = Arc::new(AtomicBool::new(false));
+    let mut threads = vec![
+        std::thread::spawn({
+            let (ns, load, stop) = (pods[0].ns.name().to_owned(), load.clone(), stop.clone());
+            move || connection_loop(ns, vip, load, stop)
+        }),
+        std::thread::spawn({
+            let (ns, load, end) = (
+                pods[1].ns.name().to_owned(),
+                load.clone(),
+                end_stream.clone(),
+            );
+            move || long_stream(ns, vip, load, end)
+        }),
+    ];
+    threads.push(std::thread::spawn({
+        let (ns, load, stop) = (pods[1].ns.name().to_owned(), load.clone(), stop.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                match dig_in(Some(&ns), dns, name) {
+                    Ok(a) if a == vec![vip.ip()] => {
+                        load.dns_answers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(a) => load.dns_failed.lock().expect("lock").push(format!("{a:?}")),
+                    Err(e) => load.dns_failed.lock().expect("lock").push(format!("{e:#}")),
+                }
+            }
+        }
+    }));
+    let progress = |min_conns: u64, min_dns: u64| {
+        let load = load.clone();
+        async move {
+            let (c0, d0) = (
+                load.connections.load(Ordering::Relaxed),
+                load.dns_answers.load(Ordering::Relaxed),
+            );
+            eventually_ok(
+                "the pods' clients get through",
+                Duration::from_secs(20),
+                || async {
+                    let c = load.connections.load(Ordering::Relaxed) - c0;
+                    let d = load.dns_answers.load(Ordering::Relaxed) - d0;
+                    anyhow::ensure!(
+                        c >= min_conns && d >= min_dns,
+                        "{c} connections, {d} answers"
+                    );
+                    Ok(())
+                },
+            )
+            .await;
+        }
+    };
+    progress(50, 5).await;
+
+    let mut new = old.start_successor();
+    // Until it has taken over, `/ready` on the shared admin port is the old process's.
+    eventually_ok(
+        "the new process takes over",
+        Duration::from_secs(30),
+        || async {
+            let log = new.log_text();
+            anyhow::ensure!(
+                log.contains("took over from the previous gateway process"),
+                "not yet:\n{log}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+    new.wait_ready().await;
+    progress(50, 5).await; // both processes up
+    old.signal("-TERM");
+    eventually_ok(
+        "the old process drains",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(old.log_text().contains("draining after a hand-over"));
+            Ok(())
+        },
+    )
+    .await;
+    progress(50, 5).await; // the new process alone takes new connections
+    end_stream.store(true, Ordering::Relaxed);
+    let code = old.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "old process log:\n{}", old.log_text());
+    progress(50, 5).await; // the old one gone
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let failed = load.failed.lock().expect("lock").clone();
+    let dns_failed = load.dns_failed.lock().expect("lock").clone();
+    println!(
+        "node upgrade in namespaces: {} new connections from pod0 ({} failed), long stream from pod1 {} bytes intact, {} DNS answers via {dns} ({} failed)",
+        load.connections.load(Ordering::Relaxed),
+        failed.len(),
+        load.streamed.load(Ordering::Relaxed),
+        load.dns_answers.load(Ordering::Relaxed),
+        dns_failed.len()
+    );
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert!(dns_failed.is_empty(), "DNS failures: {dns_failed:?}");
+    assert!(load.streamed.load(Ordering::Relaxed) >= 64 * 1024);
 }
