@@ -429,6 +429,21 @@ impl GatewayProcess {
     /// as an upgrade on a node does; with [`GatewaySpec::handover`] it takes this one's
     /// listening sockets. Its log is its own.
     pub fn start_successor(&self) -> Self {
+        self.successor_with(None)
+    }
+
+    /// [`Self::start_successor`] under another gateway id (`MESHUP_GATEWAY_ID`), as a
+    /// Kubernetes DaemonSet's new pod has its own name: for a moment the catalog lists both.
+    pub fn start_successor_as(&self, gateway_id: &str) -> Self {
+        self.successor_with(Some(gateway_id))
+    }
+
+    fn successor_with(&self, gateway_id: Option<&str>) -> Self {
+        let mut env = self.env.clone();
+        if let Some(id) = gateway_id {
+            env.retain(|(k, _)| k != "MESHUP_GATEWAY_ID");
+            env.push(("MESHUP_GATEWAY_ID".to_owned(), id.to_owned()));
+        }
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or_default();
@@ -441,7 +456,7 @@ impl GatewayProcess {
             config: self.config.clone(),
             log: self.dir.path().join(format!("gateway-{n}.log")),
             binary: self.binary.clone(),
-            env: self.env.clone(),
+            env,
             netns: self.netns.clone(),
             dir: self.dir.clone(),
         };

@@ -14,6 +14,12 @@
 //! interface of the name that is not a dummy (refused), and without a `datapath` section on a
 //! non-loopback range (it warns that clients cannot reach the VIPs).
 //!
+//! Two more replace gateways under load in that set-up (docs/upgrade.md): one node's
+//! gateway by a new process, with pods' new connections, a long stream and `dig` running
+//! throughout; and a rolling upgrade of a cluster across two nodes, each new process under a
+//! new gateway id as a DaemonSet's new pod, with the other cluster calling in. Nothing may
+//! fail, and the other cluster must end up seeing only the new gateways.
+//!
 //! Runs as root (CI does); otherwise it fails, saying so.
 
 use std::io::{Read as _, Write as _};
@@ -619,4 +625,188 @@ async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer()
     assert!(failed.is_empty(), "failed: {failed:?}");
     assert!(dns_failed.is_empty(), "DNS failures: {dns_failed:?}");
     assert!(load.streamed.load(Ordering::Relaxed) >= 64 * 1024);
+}
+
+/// The gateway ids of `cluster` that `gateway`'s catalog lists (from its status page).
+fn gateway_ids(gateway: &GatewayProcess, cluster: &str) -> anyhow::Result<Vec<String>> {
+    let (_, body) = gateway.admin_get("/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let clusters = status["clusters"].as_array().cloned().unwrap_or_default();
+    let mut ids: Vec<String> = clusters
+        .iter()
+        .filter(|c| c["name"] == cluster)
+        .flat_map(|c| c["gateways"].as_array().cloned().unwrap_or_default())
+        .filter_map(|g| g["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// A rolling upgrade of a cluster, one gateway per node across two nodes, the way a
+/// DaemonSet with `maxSurge: 1` does it: each node's new process has a new gateway id (the
+/// new pod's name), takes the node over, and the old one drains. Throughout, a pod on each
+/// node opens new connections to another cluster's service through its node's VIP and asks
+/// the node-local DNS, and the other cluster calls a service both nodes export. Nothing
+/// fails, DNS always answers the same VIP, and the other cluster ends up seeing the two new
+/// gateways and forgetting the old ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
+    require_root();
+    let west = Node::new("west");
+    let mut east_a = Node::new("east-a");
+    let mut east_b = Node::new("east-b");
+    let (west_a, a_ip) = west.link(&east_a, 77);
+    let (west_b, b_ip) = west.link(&east_b, 79);
+    east_a.ns.default_route(west_a);
+    east_b.ns.default_route(west_b);
+    let pods = [east_a.add_pod("pod-a", 78), east_b.add_pod("pod-b", 80)];
+    let etcd = west.ns.run(|| EtcdServer::start_on(west_a));
+    let backend = Echo::start(&west.ns);
+    let (pay_a, pay_b) = (Echo::start(&east_a.ns), Echo::start(&east_b.ns));
+    let certs = Certs::new(&["east", "west"]);
+    let mut west_gw = GatewayProcess::start(GatewaySpec {
+        netns: Some(west.name()),
+        tunnel_ip: Some(west_a),
+        exports: vec![("echo", "prod", PORT, backend.addr)],
+        ..GatewaySpec::new("west", WEST_VIPS, &etcd, &certs, "/rolling")
+    });
+    let dns: SocketAddr = SocketAddr::new(NODE_DNS.parse().expect("ip"), 53);
+    let east = |node: &Node, ip, id, pay: &Echo| {
+        GatewayProcess::start(GatewaySpec {
+            netns: Some(node.name()),
+            tunnel_ip: Some(ip),
+            dns_listen: Some(dns),
+            datapath: Some(("meshup0", vec!["169.254.252.53/32"])),
+            handover: true,
+            replica_id: Some(id),
+            exports: vec![("pay", "prod", 7100, pay.addr)],
+            drain_deadline: Duration::from_secs(20),
+            ..GatewaySpec::new("east", EAST_VIPS, &etcd, &certs, "/rolling")
+        })
+    };
+    let mut olds = vec![
+        east(&east_a, a_ip, "east-a-1", &pay_a),
+        east(&east_b, b_ip, "east-b-1", &pay_b),
+    ];
+    west_gw.wait_ready().await;
+    for g in &mut olds {
+        g.wait_ready().await;
+    }
+    let vip = olds[0].wait_routable(SERVICE, PORT).await;
+    assert_eq!(
+        olds[1].wait_routable(SERVICE, PORT).await,
+        vip,
+        "the nodes agree on the VIP"
+    );
+    let pay_vip = west_gw.wait_routable("pay.prod", 7100).await;
+    let name = "echo.prod.svc.clusterset.local";
+
+    let load = Arc::new(PodLoad::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for (ns, target) in [
+        (pods[0].ns.name().to_owned(), vip),
+        (pods[1].ns.name().to_owned(), vip),
+        (west.name().to_owned(), pay_vip),
+    ] {
+        let (load, stop) = (load.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            connection_loop(ns, target, load, stop)
+        }));
+    }
+    for pod in &pods {
+        let (ns, load, stop) = (pod.ns.name().to_owned(), load.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match dig_in(Some(&ns), dns, name) {
+                    Ok(a) if a == vec![vip.ip()] => {
+                        load.dns_answers.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(a) => load
+                        .dns_failed
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{ns}: {a:?}")),
+                    Err(e) => load
+                        .dns_failed
+                        .lock()
+                        .expect("lock")
+                        .push(format!("{ns}: {e:#}")),
+                }
+            }
+        }));
+    }
+    let progress = || {
+        let load = load.clone();
+        async move {
+            let (c0, d0) = (
+                load.connections.load(Ordering::Relaxed),
+                load.dns_answers.load(Ordering::Relaxed),
+            );
+            eventually_ok(
+                "the clients get through",
+                Duration::from_secs(20),
+                || async {
+                    let c = load.connections.load(Ordering::Relaxed) - c0;
+                    let d = load.dns_answers.load(Ordering::Relaxed) - d0;
+                    anyhow::ensure!(c >= 60 && d >= 6, "{c} connections, {d} answers");
+                    Ok(())
+                },
+            )
+            .await;
+        }
+    };
+    progress().await;
+
+    let mut news = Vec::new();
+    for (old, id) in olds.iter_mut().zip(["east-a-2", "east-b-2"]) {
+        let mut new = old.start_successor_as(id);
+        eventually_ok(
+            "the new process takes over",
+            Duration::from_secs(30),
+            || async {
+                let log = new.log_text();
+                anyhow::ensure!(log.contains("took over from the previous gateway process"));
+                Ok(())
+            },
+        )
+        .await;
+        new.wait_ready().await;
+        progress().await;
+        old.signal("-TERM");
+        let code = old.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(code, Some(0), "{id}'s predecessor:\n{}", old.log_text());
+        progress().await;
+        news.push(new);
+    }
+    let seen = eventually_ok(
+        "the other cluster sees the new gateways only",
+        Duration::from_secs(20),
+        || async {
+            let ids = gateway_ids(&west_gw, "east")?;
+            anyhow::ensure!(ids == ["east-a-2", "east-b-2"], "{ids:?}");
+            Ok(ids)
+        },
+    )
+    .await;
+    progress().await;
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let failed = load.failed.lock().expect("lock").clone();
+    let dns_failed = load.dns_failed.lock().expect("lock").clone();
+    println!(
+        "rolling upgrade of 2 nodes: {} new connections ({} failed), {} DNS answers ({} failed); west sees {seen:?}",
+        load.connections.load(Ordering::Relaxed),
+        failed.len(),
+        load.dns_answers.load(Ordering::Relaxed),
+        dns_failed.len(),
+    );
+    assert!(failed.is_empty(), "failed: {failed:?}");
+    assert!(dns_failed.is_empty(), "DNS failures: {dns_failed:?}");
+    assert!(
+        pay_a.echoed.load(Ordering::Relaxed) > 0 && pay_b.echoed.load(Ordering::Relaxed) > 0,
+        "the other cluster's calls reached both nodes' backends"
+    );
 }
