@@ -406,15 +406,10 @@ fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
     let (uid, pid) = (creds.uid.as_raw(), creds.pid.as_raw_pid());
     let me = rustix::process::geteuid().as_raw();
     if uid != me && uid != 0 {
-        let reason = format!("uid {uid} is not this gateway's user ({me})");
-        let _ = send(
+        return Err(refuse(
             stream,
-            &Message::Refused {
-                reason: reason.clone(),
-            },
-            &[],
-        );
-        return Err(reason);
+            format!("uid {uid} is not this gateway's user ({me})"),
+        ));
     }
     stream
         .set_read_timeout(Some(STEP_TIMEOUT))
@@ -422,15 +417,10 @@ fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
     match recv(stream).map_err(|e| e.to_string())?.0 {
         Message::Hello { version } if version == VERSION => {}
         Message::Hello { version } => {
-            let reason = format!("protocol version {version}; this gateway speaks {VERSION}");
-            let _ = send(
+            return Err(refuse(
                 stream,
-                &Message::Refused {
-                    reason: reason.clone(),
-                },
-                &[],
-            );
-            return Err(reason);
+                format!("protocol version {version}; this gateway speaks {VERSION}"),
+            ));
         }
         other => return Err(format!("expected hello, got {other:?}")),
     }
@@ -473,6 +463,18 @@ fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
             Err(why)
         }
     }
+}
+
+/// Tells the would-be successor why it is refused (best effort); returns the reason.
+fn refuse(stream: &UnixStream, reason: String) -> String {
+    let _ = send(
+        stream,
+        &Message::Refused {
+            reason: reason.clone(),
+        },
+        &[],
+    );
+    reason
 }
 
 fn send_offer(

@@ -518,6 +518,29 @@ impl GatewayProcess {
         }
     }
 
+    /// Waits until the process's log contains `what` (30 s at most).
+    pub async fn wait_log(&self, what: &str) {
+        eventually_ok(
+            &format!("log line {what:?}"),
+            Duration::from_secs(30),
+            || async {
+                let log = self.log_text();
+                anyhow::ensure!(log.contains(what), "not yet; log:\n{log}");
+                Ok(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until a successor ([`Self::start_successor`]) has taken over the sockets of
+    /// the process before it, then until it is ready. (Until it has taken over, `/ready`
+    /// on the shared admin port is the old process's.)
+    pub async fn wait_taken_over(&mut self) {
+        self.wait_log("took over from the previous gateway process")
+            .await;
+        self.wait_ready().await;
+    }
+
     /// Waits until `/ready` answers 200; panics with the log if the process exits first.
     pub async fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -120,19 +120,6 @@ fn published_quic_port(west: &GatewayProcess) -> anyhow::Result<u16> {
     Ok(addr.parse::<SocketAddr>()?.port())
 }
 
-async fn wait_log(process: &GatewayProcess, what: &str) {
-    eventually_ok(
-        &format!("log line {what:?}"),
-        Duration::from_secs(30),
-        || async {
-            let log = process.log_text();
-            anyhow::ensure!(log.contains(what), "not yet; log:\n{log}");
-            Ok(())
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_answer() {
     let etcd = EtcdServer::start();
@@ -174,8 +161,10 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
 
     // The successor takes over, with the old process serving throughout.
     let mut second = first.start_successor();
-    wait_log(&second, "took over from the previous gateway process").await;
-    wait_log(&first, "the successor is ready").await;
+    second
+        .wait_log("took over from the previous gateway process")
+        .await;
+    first.wait_log("the successor is ready").await;
     second.wait_ready().await;
     // The same kernel sockets, not new ones: a second bind of a VIP would fail here.
     let log = second.log_text();
@@ -206,7 +195,7 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
 
     // The old process drains: the long stream still runs on it, then ends cleanly.
     let term = first.signal("-TERM");
-    wait_log(&first, "draining after a hand-over").await;
+    first.wait_log("draining after a hand-over").await;
     tokio::time::sleep(Duration::from_millis(500)).await; // the stream keeps flowing meanwhile
     end_stream.store(true, Ordering::Relaxed);
     let streamed = stream
@@ -228,7 +217,9 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
 
     // A second successor goes back to the first QUIC port.
     let mut third = second.start_successor();
-    wait_log(&third, "took over from the previous gateway process").await;
+    third
+        .wait_log("took over from the previous gateway process")
+        .await;
     third.wait_ready().await;
     second.signal("-TERM");
     assert_eq!(

@@ -23,14 +23,14 @@
 //! Runs as root (CI does); otherwise it fails, saying so.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig_in, path_str};
-use meshup_tests::netns::{Netns, Node, require_root};
+use meshup_tests::netns::{Netns, Node, Pod, require_root};
 use meshup_tests::procs::ChildGuard;
 use meshup_tests::{EtcdServer, eventually_ok, meshup_bin};
 use sha2::{Digest as _, Sha256};
@@ -112,34 +112,75 @@ fn payload(seed: u8) -> Vec<u8> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pods_reach_a_remote_backend_through_their_nodes_vip_range() {
+/// The node DNS address (what the cluster DNS forwards `clusterset.local` to), port 53.
+fn node_dns() -> SocketAddr {
+    SocketAddr::new(NODE_DNS.parse().expect("ip"), 53)
+}
+
+/// East's node, with two pods and a ready gateway that makes the datapath itself (and, with
+/// `handover`, listens for a successor), linked to west's node with its ready gateway and a
+/// backend exporting `echo.prod`; etcd on east's uplink address, started inside east so both
+/// nodes reach it. Fields drop in order: processes before the namespaces they run in.
+struct TwoNodes {
+    east_gw: GatewayProcess,
+    _west_gw: GatewayProcess,
+    _certs: Certs,
+    backend: Echo,
+    _etcd: EtcdServer,
+    pods: [Pod; 2],
+    _west: Node,
+    east: Node,
+}
+
+async fn two_nodes(prefix: &str, handover: bool) -> TwoNodes {
     require_root();
     let mut east = Node::new("east");
     let west = Node::new("west");
     let (east_ip, west_ip) = east.link(&west, 77);
     let pods = [east.add_pod("pod0", 78), east.add_pod("pod1", 78)];
-    // etcd on east's uplink address, started inside east: both nodes reach it.
     let etcd = east.ns.run(|| EtcdServer::start_on(east_ip));
     let backend = Echo::start(&west.ns);
     let certs = Certs::new(&["east", "west"]);
-
     let mut west_gw = GatewayProcess::start(GatewaySpec {
         netns: Some(west.name()),
         tunnel_ip: Some(west_ip),
         exports: vec![("echo", "prod", PORT, backend.addr)],
-        ..GatewaySpec::new("west", WEST_VIPS, &etcd, &certs, "/datapath")
+        ..GatewaySpec::new("west", WEST_VIPS, &etcd, &certs, prefix)
     });
-    let dns: SocketAddr = SocketAddr::new(NODE_DNS.parse().expect("ip"), 53);
     let mut east_gw = GatewayProcess::start(GatewaySpec {
         netns: Some(east.name()),
         tunnel_ip: Some(east_ip),
-        dns_listen: Some(dns),
+        dns_listen: Some(node_dns()),
         datapath: Some(("meshup0", vec!["169.254.252.53/32"])),
-        ..GatewaySpec::new("east", EAST_VIPS, &etcd, &certs, "/datapath")
+        handover,
+        drain_deadline: Duration::from_secs(20),
+        ..GatewaySpec::new("east", EAST_VIPS, &etcd, &certs, prefix)
     });
     west_gw.wait_ready().await;
     east_gw.wait_ready().await;
+    TwoNodes {
+        east_gw,
+        _west_gw: west_gw,
+        _certs: certs,
+        backend,
+        _etcd: etcd,
+        pods,
+        _west: west,
+        east,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_reach_a_remote_backend_through_their_nodes_vip_range() {
+    let mut f = two_nodes("/datapath", false).await;
+    let TwoNodes {
+        east,
+        pods,
+        backend,
+        east_gw,
+        ..
+    } = &mut f;
+    let dns = node_dns();
 
     // The gateway made the datapath itself: a dummy interface, up, with the DNS address, and
     // one local route for the whole VIP range.
@@ -416,6 +457,67 @@ struct PodLoad {
     streamed: AtomicU64,
 }
 
+impl PodLoad {
+    /// Stops the client threads, waits for them, and returns the failures: (connections and
+    /// streams, DNS).
+    fn finish(
+        &self,
+        stop: &AtomicBool,
+        threads: Vec<std::thread::JoinHandle<()>>,
+    ) -> (Vec<String>, Vec<String>) {
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("client thread");
+        }
+        (
+            self.failed.lock().expect("lock").clone(),
+            self.dns_failed.lock().expect("lock").clone(),
+        )
+    }
+
+    /// Waits until at least `conns` more connections and `answers` more DNS answers got
+    /// through (from now).
+    async fn progress(&self, conns: u64, answers: u64) {
+        let (c0, d0) = (
+            self.connections.load(Ordering::Relaxed),
+            self.dns_answers.load(Ordering::Relaxed),
+        );
+        eventually_ok(
+            "the clients get through",
+            Duration::from_secs(20),
+            || async {
+                let c = self.connections.load(Ordering::Relaxed) - c0;
+                let d = self.dns_answers.load(Ordering::Relaxed) - d0;
+                anyhow::ensure!(c >= conns && d >= answers, "{c} connections, {d} answers");
+                Ok(())
+            },
+        )
+        .await;
+    }
+}
+
+/// `dig` for the service through the node-local DNS from inside `ns` until `stop`; every
+/// answer must be `vip`.
+fn dig_loop(ns: String, dns: SocketAddr, vip: IpAddr, load: Arc<PodLoad>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        match dig_in(Some(&ns), dns, "echo.prod.svc.clusterset.local") {
+            Ok(a) if a == vec![vip] => {
+                load.dns_answers.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(a) => load
+                .dns_failed
+                .lock()
+                .expect("lock")
+                .push(format!("{ns}: {a:?}")),
+            Err(e) => load
+                .dns_failed
+                .lock()
+                .expect("lock")
+                .push(format!("{ns}: {e:#}")),
+        }
+    }
+}
+
 /// New connections to `vip` from inside the pod `ns` (64 bytes each, echo checked), until
 /// `stop`.
 fn connection_loop(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<AtomicBool>) {
@@ -482,32 +584,11 @@ fn long_stream(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<Atomic
 /// connection, DNS answer or byte is lost; the old process exits 0 after its drain.
 #[tokio::test(flavor = "multi_thread")]
 async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer() {
-    require_root();
-    let mut east = Node::new("east");
-    let west = Node::new("west");
-    let (east_ip, west_ip) = east.link(&west, 77);
-    let pods = [east.add_pod("pod0", 78), east.add_pod("pod1", 78)];
-    let etcd = east.ns.run(|| EtcdServer::start_on(east_ip));
-    let backend = Echo::start(&west.ns);
-    let certs = Certs::new(&["east", "west"]);
-    let mut west_gw = GatewayProcess::start(GatewaySpec {
-        netns: Some(west.name()),
-        tunnel_ip: Some(west_ip),
-        exports: vec![("echo", "prod", PORT, backend.addr)],
-        ..GatewaySpec::new("west", WEST_VIPS, &etcd, &certs, "/upgrade")
-    });
-    let dns: SocketAddr = SocketAddr::new(NODE_DNS.parse().expect("ip"), 53);
-    let mut old = GatewayProcess::start(GatewaySpec {
-        netns: Some(east.name()),
-        tunnel_ip: Some(east_ip),
-        dns_listen: Some(dns),
-        datapath: Some(("meshup0", vec!["169.254.252.53/32"])),
-        handover: true,
-        drain_deadline: Duration::from_secs(20),
-        ..GatewaySpec::new("east", EAST_VIPS, &etcd, &certs, "/upgrade")
-    });
-    west_gw.wait_ready().await;
-    old.wait_ready().await;
+    let mut f = two_nodes("/upgrade", true).await;
+    let TwoNodes {
+        pods, east_gw: old, ..
+    } = &mut f;
+    let dns = node_dns();
     let vip = old.wait_routable(SERVICE, PORT).await;
     let name = "echo.prod.svc.clusterset.local";
     eventually_ok(
@@ -539,60 +620,13 @@ async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer()
     ];
     threads.push(std::thread::spawn({
         let (ns, load, stop) = (pods[1].ns.name().to_owned(), load.clone(), stop.clone());
-        move || {
-            while !stop.load(Ordering::Relaxed) {
-                match dig_in(Some(&ns), dns, name) {
-                    Ok(a) if a == vec![vip.ip()] => {
-                        load.dns_answers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(a) => load.dns_failed.lock().expect("lock").push(format!("{a:?}")),
-                    Err(e) => load.dns_failed.lock().expect("lock").push(format!("{e:#}")),
-                }
-            }
-        }
+        move || dig_loop(ns, dns, vip.ip(), load, stop)
     }));
-    let progress = |min_conns: u64, min_dns: u64| {
-        let load = load.clone();
-        async move {
-            let (c0, d0) = (
-                load.connections.load(Ordering::Relaxed),
-                load.dns_answers.load(Ordering::Relaxed),
-            );
-            eventually_ok(
-                "the pods' clients get through",
-                Duration::from_secs(20),
-                || async {
-                    let c = load.connections.load(Ordering::Relaxed) - c0;
-                    let d = load.dns_answers.load(Ordering::Relaxed) - d0;
-                    anyhow::ensure!(
-                        c >= min_conns && d >= min_dns,
-                        "{c} connections, {d} answers"
-                    );
-                    Ok(())
-                },
-            )
-            .await;
-        }
-    };
-    progress(50, 5).await;
+    load.progress(50, 5).await;
 
     let mut new = old.start_successor();
-    // Until it has taken over, `/ready` on the shared admin port is the old process's.
-    eventually_ok(
-        "the new process takes over",
-        Duration::from_secs(30),
-        || async {
-            let log = new.log_text();
-            anyhow::ensure!(
-                log.contains("took over from the previous gateway process"),
-                "not yet:\n{log}"
-            );
-            Ok(())
-        },
-    )
-    .await;
-    new.wait_ready().await;
-    progress(50, 5).await; // both processes up
+    new.wait_taken_over().await;
+    load.progress(50, 5).await; // both processes up
     old.signal("-TERM");
     eventually_ok(
         "the old process drains",
@@ -603,17 +637,12 @@ async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer()
         },
     )
     .await;
-    progress(50, 5).await; // the new process alone takes new connections
+    load.progress(50, 5).await; // the new process alone takes new connections
     end_stream.store(true, Ordering::Relaxed);
     let code = old.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "old process log:\n{}", old.log_text());
-    progress(50, 5).await; // the old one gone
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("client thread");
-    }
-    let failed = load.failed.lock().expect("lock").clone();
-    let dns_failed = load.dns_failed.lock().expect("lock").clone();
+    load.progress(50, 5).await; // the old one gone
+    let (failed, dns_failed) = load.finish(&stop, threads);
     println!(
         "node upgrade in namespaces: {} new connections from pod0 ({} failed), long stream from pod1 {} bytes intact, {} DNS answers via {dns} ({} failed)",
         load.connections.load(Ordering::Relaxed),
@@ -699,7 +728,6 @@ async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
         "the nodes agree on the VIP"
     );
     let pay_vip = west_gw.wait_routable("pay.prod", 7100).await;
-    let name = "echo.prod.svc.clusterset.local";
 
     let load = Arc::new(PodLoad::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -717,66 +745,20 @@ async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
     for pod in &pods {
         let (ns, load, stop) = (pod.ns.name().to_owned(), load.clone(), stop.clone());
         threads.push(std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match dig_in(Some(&ns), dns, name) {
-                    Ok(a) if a == vec![vip.ip()] => {
-                        load.dns_answers.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(a) => load
-                        .dns_failed
-                        .lock()
-                        .expect("lock")
-                        .push(format!("{ns}: {a:?}")),
-                    Err(e) => load
-                        .dns_failed
-                        .lock()
-                        .expect("lock")
-                        .push(format!("{ns}: {e:#}")),
-                }
-            }
+            dig_loop(ns, dns, vip.ip(), load, stop)
         }));
     }
-    let progress = || {
-        let load = load.clone();
-        async move {
-            let (c0, d0) = (
-                load.connections.load(Ordering::Relaxed),
-                load.dns_answers.load(Ordering::Relaxed),
-            );
-            eventually_ok(
-                "the clients get through",
-                Duration::from_secs(20),
-                || async {
-                    let c = load.connections.load(Ordering::Relaxed) - c0;
-                    let d = load.dns_answers.load(Ordering::Relaxed) - d0;
-                    anyhow::ensure!(c >= 60 && d >= 6, "{c} connections, {d} answers");
-                    Ok(())
-                },
-            )
-            .await;
-        }
-    };
-    progress().await;
+    load.progress(60, 6).await;
 
     let mut news = Vec::new();
     for (old, id) in olds.iter_mut().zip(["east-a-2", "east-b-2"]) {
         let mut new = old.start_successor_as(id);
-        eventually_ok(
-            "the new process takes over",
-            Duration::from_secs(30),
-            || async {
-                let log = new.log_text();
-                anyhow::ensure!(log.contains("took over from the previous gateway process"));
-                Ok(())
-            },
-        )
-        .await;
-        new.wait_ready().await;
-        progress().await;
+        new.wait_taken_over().await;
+        load.progress(60, 6).await;
         old.signal("-TERM");
         let code = old.wait_exit(Duration::from_secs(30)).await;
         assert_eq!(code, Some(0), "{id}'s predecessor:\n{}", old.log_text());
-        progress().await;
+        load.progress(60, 6).await;
         news.push(new);
     }
     let seen = eventually_ok(
@@ -789,13 +771,8 @@ async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
         },
     )
     .await;
-    progress().await;
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().expect("client thread");
-    }
-    let failed = load.failed.lock().expect("lock").clone();
-    let dns_failed = load.dns_failed.lock().expect("lock").clone();
+    load.progress(60, 6).await;
+    let (failed, dns_failed) = load.finish(&stop, threads);
     println!(
         "rolling upgrade of 2 nodes: {} new connections ({} failed), {} DNS answers ({} failed); west sees {seen:?}",
         load.connections.load(Ordering::Relaxed),
