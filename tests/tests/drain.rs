@@ -21,12 +21,12 @@ use meshup_gateway::app::Gateway;
 use meshup_gateway::config::{AdminConfig, Config, ExportConfig};
 use meshup_gateway::identity::{Identity, IdentityFiles};
 use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
+use meshup_tests::gateways::{Certs, TRUST_DOMAIN};
 use meshup_tests::{eventually_ok, meshup_bin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-const TRUST_DOMAIN: &str = "drain.test";
 const SERVICE: &str = "hang.test";
 const PORT: u16 = 7000;
 /// Short, so the forced stop comes quickly; every check below is relative to it.
@@ -37,28 +37,6 @@ const LONG_DEADLINE: Duration = Duration::from_secs(10);
 /// lease, stopping the tasks. Generous for a loaded machine, far below the deadline-free
 /// alternative (the stream never ends, so an unbounded drain never returns).
 const STOP_SLACK: Duration = Duration::from_secs(4);
-
-/// A federation CA and the certificates of `clusters`, in a temp dir.
-struct Certs {
-    dir: tempfile::TempDir,
-}
-
-impl Certs {
-    fn new(clusters: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ca = dir.path().join("ca");
-        meshup_gateway::certs::init_ca(TRUST_DOMAIN, &ca).expect("CA");
-        for c in clusters {
-            meshup_gateway::certs::issue(&ca, c, &dir.path().join(c), Duration::from_secs(3600))
-                .expect("gateway certificate");
-        }
-        Self { dir }
-    }
-
-    fn of(&self, cluster: &str) -> PathBuf {
-        self.dir.path().join(cluster)
-    }
-}
 
 /// A backend whose connections never end: it reads and discards, never answers, never
 /// closes. Reports each connection's first bytes (probes send none) and, later, that the
