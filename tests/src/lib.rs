@@ -7,8 +7,6 @@
 
 pub mod browser;
 pub mod dashboard;
-pub mod etcd;
-pub mod eventually;
 pub mod failover;
 pub mod gateways;
 pub mod http;
@@ -16,9 +14,9 @@ pub mod meshup;
 pub mod netns;
 pub mod nginx;
 pub mod procs;
-pub mod tls;
 pub mod workload;
 
-pub use etcd::{EtcdServer, free_port};
-pub use eventually::{assert_eventually, eventually_ok, poll_until};
 pub use meshup::{meshup, meshup_bin};
+pub use meshup_test_support::{
+    EtcdServer, assert_eventually, etcd, eventually, eventually_ok, free_port, poll_until, tls,
+};

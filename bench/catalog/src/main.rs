@@ -11,13 +11,7 @@
 //!
 //! Usage: `cargo run --release -p meshup-bench-catalog [-- --sizes 1000,10000,100000 --samples 200]`
 
-#[path = "../../../tests/src/etcd.rs"]
-#[allow(dead_code)]
-mod etcd_server;
-// The harness's TLS mode needs it; the benchmark runs etcd without TLS.
-#[path = "../../../tests/src/tls.rs"]
-#[allow(dead_code)]
-mod tls;
+use meshup_test_support::etcd as etcd_server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,17 +2,15 @@
 //! (one that can be "disconnected", one that counts transactions, one that stages a race),
 //! record builders and timeouts.
 //!
-//! The etcd harness lives in the `meshup-tests` crate (`tests/src/`), which depends on the
-//! gateway; including its files by path keeps these tests independent of the gateway build.
+//! The etcd harness, the test PKI and `eventually` come from `meshup-test-support`, which
+//! depends on no meshup crate (so these tests do not build the gateway).
 #![allow(dead_code)]
 
-#[path = "../../../tests/src/etcd.rs"]
-pub mod etcd;
-#[path = "../../../tests/src/eventually.rs"]
-pub mod eventually;
 pub mod relay;
-#[path = "../../../tests/src/tls.rs"]
-pub mod tls;
+
+// Not every test binary uses all three.
+#[allow(unused_imports)]
+pub use meshup_test_support::{etcd, eventually, tls};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::tls::Pki;
+use crate::tls::Pki;
 
 /// Longest time `start()`/`restart()` wait for etcd to report healthy.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -62,7 +62,7 @@ impl EtcdServer {
 
     /// An etcd listening on `host` instead of 127.0.0.1: an address of the network namespace
     /// the caller runs in, so other namespaces reach it (call it inside
-    /// [`crate::netns::Netns::run`]; a [`EtcdServer::restart`] must run there too).
+    /// `meshup_tests::netns::Netns::run`; a [`EtcdServer::restart`] must run there too).
     pub fn start_on(host: IpAddr) -> Self {
         Self::start_inner(&[], false, host)
     }

@@ -1,0 +1,16 @@
+//! Test helpers that every suite shares (the crate's own unit tests, the workspace-level
+//! integration tests in `tests/`, the benchmarks) and that depend on no meshup crate, so a
+//! crate's own tests can use them without building the gateway:
+//!
+//! - [`etcd`]: a real etcd on a free loopback port with a temp data dir (or a 3-member
+//!   cluster), started and stopped by the test;
+//! - [`tls`]: a test PKI (CA, server and client certificates) for etcd over TLS and the peers
+//!   benchmarks compare against;
+//! - [`eventually`]: waiting on a condition with a deadline instead of sleeping.
+
+pub mod etcd;
+pub mod eventually;
+pub mod tls;
+
+pub use etcd::{EtcdServer, free_port};
+pub use eventually::{assert_eventually, eventually_ok, poll_until};
