@@ -548,11 +548,6 @@ impl Gateway {
         )));
     }
 
-    /// Whether a successor process has taken over this node.
-    pub fn handed_over(&self) -> watch::Receiver<bool> {
-        self.handed_over.subscribe()
-    }
-
     /// Re-asserts every catalog record under this gateway's lease (a successor, once its
     /// predecessor stopped writing).
     pub fn reassert_records(&self) {

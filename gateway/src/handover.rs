@@ -160,11 +160,6 @@ impl Sockets {
         n
     }
 
-    /// Whether there is none.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-
     /// Fresh duplicates of every socket, in key order.
     fn duplicates(&self) -> io::Result<Vec<(Kind, SocketAddr, OwnedFd)>> {
         let map = self.lock();
