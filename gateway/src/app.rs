@@ -175,6 +175,9 @@ impl Gateway {
         let identity =
             Identity::load(config.tunnel.files(), &config.trust_domain, cluster.clone())?;
         let tunnel_metrics = tunnel::metrics::Metrics::register(&mut registry);
+        registry.register_collector(Box::new(crate::identity::IdentityCollector(
+            identity.clone(),
+        )));
         let inherited = successor.map(|s| s.sockets.clone()).unwrap_or_default();
         let sockets = SocketSets {
             offer: Sockets::default(),

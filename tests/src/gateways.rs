@@ -103,6 +103,30 @@ impl Certs {
         out
     }
 
+    /// Issues `cluster` a new certificate valid for `lifetime` into its directory, as an
+    /// operator's rotation does (`meshup certs issue --lifetime`; key, then certificate, each
+    /// renamed into place). Running gateways reload it from disk.
+    pub fn rotate(&self, cluster: &str, lifetime: Duration) {
+        let out = self.of(cluster);
+        let ca = self.dir.path().join("ca");
+        let lifetime = format!("{}s", lifetime.as_secs());
+        run_meshup(
+            &self.binary,
+            &[
+                "certs",
+                "issue",
+                "--ca",
+                path_str(&ca),
+                "--cluster",
+                cluster,
+                "--out",
+                path_str(&out),
+                "--lifetime",
+                &lifetime,
+            ],
+        );
+    }
+
     /// The `meshup` binary these were made with.
     pub fn binary(&self) -> &Path {
         &self.binary

@@ -24,3 +24,21 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
     Ok((code, body.to_string()))
 }
+
+/// Every series of the metric `family` on the admin server at `addr`: (labels as exposed,
+/// e.g. `{source_cluster="east",destination_cluster="west"}` or empty, value).
+pub fn metric_series(addr: SocketAddr, family: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    let (code, body) = get(addr, "/metrics")?;
+    anyhow::ensure!(code == 200, "/metrics answered {code}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let (labels, value) = rest.rsplit_once(' ')?;
+            (labels.is_empty() || labels.starts_with('{')).then(|| {
+                let value: f64 = value.parse().with_context(|| format!("value of {l}"))?;
+                Ok((labels.to_owned(), value))
+            })
+        })
+        .collect()
+}

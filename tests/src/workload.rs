@@ -412,7 +412,7 @@ pub fn ms(d: Option<Duration>) -> String {
 
 impl fmt::Display for FaultFigures {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let window = format!("first {:?}", self.window);
+        let window = format!("first {:.1?}", self.window);
         writeln!(
             f,
             "{:<14} {:>8} {:>10}  {:<34} {:>10} {:>10}",

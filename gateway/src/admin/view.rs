@@ -99,6 +99,9 @@ pub struct GatewayStatus {
     pub black_holes: Option<u64>,
     /// Tunnel streams this gateway has open to it now (client connections it carries).
     pub open_streams: Option<usize>,
+    /// Seconds since the live connection's handshake (connections are replaced before half
+    /// the peer certificate's lifetime).
+    pub connection_age_s: Option<f64>,
 }
 
 /// One clusterset service and where its traffic from this cluster goes.
@@ -307,6 +310,7 @@ fn cluster_status(inputs: &Inputs<'_>, c: &ClusterName) -> ClusterStatus {
                 }),
                 black_holes: link.map(|l| l.black_holes),
                 open_streams: link.map(|l| l.open_streams),
+                connection_age_s: link.map(|l| l.age.as_secs_f64()),
             }
         })
         .collect();
@@ -664,6 +668,7 @@ mod tests {
             sent_packets: 200,
             black_holes: 0,
             open_streams: 3,
+            age: Duration::from_secs(42),
         }];
         let peers = BTreeMap::from([
             (
@@ -719,6 +724,7 @@ mod tests {
         let west = &row("west").gateways[0];
         assert!(west.connected);
         assert_eq!(west.open_streams, Some(3));
+        assert_eq!(west.connection_age_s, Some(42.0));
         assert_eq!(west.loss_ratio, Some(0.01));
         assert_eq!(west.rtt_ms, Some(2.5));
         assert_eq!(row("west").region, "r-west");

@@ -14,6 +14,7 @@ mod verify;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -119,6 +120,8 @@ pub struct Identity {
     files: IdentityFiles,
     current: RwLock<Arc<Material>>,
     metrics: OnceLock<Metrics>,
+    /// New material swapped in since start-up.
+    reloads: AtomicU64,
 }
 
 impl fmt::Debug for Identity {
@@ -145,6 +148,7 @@ impl Identity {
             files,
             current: RwLock::new(Arc::new(material)),
             metrics: OnceLock::new(),
+            reloads: AtomicU64::new(0),
         }))
     }
 
@@ -178,7 +182,13 @@ impl Identity {
             .current
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = Arc::new(material);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// New certificates swapped in since start-up.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
     }
 
     /// Spawns the reloader: polls the files every `interval` until `shutdown`. A broken set of
@@ -377,6 +387,45 @@ impl rustls::client::ResolvesClientCert for CertResolver {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+/// The certificate in use as Prometheus series, read at scrape time:
+/// `meshup_certificate_expiry_timestamp_seconds` (alert on it well before it passes) and
+/// `meshup_certificate_reloads_total`.
+#[derive(Debug)]
+pub struct IdentityCollector(pub Arc<Identity>);
+
+impl prometheus_client::collector::Collector for IdentityCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), fmt::Error> {
+        use prometheus_client::encoding::NoLabelSet;
+        use prometheus_client::metrics::MetricType;
+        let expiry = self
+            .0
+            .current()
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        encoder
+            .encode_descriptor(
+                "certificate_expiry_timestamp_seconds",
+                "Expiry (Unix time) of the certificate this gateway presents in new handshakes",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&expiry)?;
+        encoder
+            .encode_descriptor(
+                "certificate_reloads",
+                "New certificates taken from disk since start-up (rotations)",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.0.reloads(), None)?;
+        Ok(())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The peer links as Prometheus series, read at scrape time from the links snapshot the
 //! gateway refreshes every second (`app::spawn_link_refresh`): RTT and packet counts per
-//! destination cluster. Nothing is recorded on the data path.
+//! destination cluster, and the age of the oldest live connection. Nothing is recorded on the
+//! data path.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +29,8 @@ struct ClusterLinks {
     rtt: Duration,
     lost: u64,
     sent: u64,
+    /// The oldest live connection's age.
+    oldest: Duration,
 }
 
 /// Sums the links per destination cluster. Pure.
@@ -38,12 +41,13 @@ fn per_cluster(links: &[PeerLink]) -> BTreeMap<&ClusterName, ClusterLinks> {
         c.rtt = c.rtt.max(l.rtt);
         c.lost += l.lost_packets;
         c.sent += l.sent_packets;
+        c.oldest = c.oldest.max(l.age);
     }
     out
 }
 
-/// Encodes `meshup_tunnel_rtt_seconds`, `meshup_tunnel_lost_packets_total` and
-/// `meshup_tunnel_sent_packets_total`.
+/// Encodes `meshup_tunnel_rtt_seconds`, `meshup_tunnel_connection_age_seconds`,
+/// `meshup_tunnel_lost_packets_total` and `meshup_tunnel_sent_packets_total`.
 #[derive(Debug)]
 pub struct LinkCollector {
     local: ClusterName,
@@ -75,6 +79,17 @@ impl Collector for LinkCollector {
             rtt.encode_family(&set)?
                 .encode_gauge(&l.rtt.as_secs_f64())?;
         }
+        let mut age = encoder.encode_descriptor(
+            "tunnel_connection_age_seconds",
+            "Age of the oldest live QUIC connection to a peer cluster (connections are replaced before half the peer certificate's lifetime)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (c, l) in &clusters {
+            let set = labels(c);
+            age.encode_family(&set)?
+                .encode_gauge(&l.oldest.as_secs_f64())?;
+        }
         for (name, help, value) in [
             (
                 "tunnel_lost_packets",
@@ -104,6 +119,7 @@ mod tests {
     use crate::outbound::pool::PeerKey;
 
     fn link(cluster: &str, port: u16, rtt_ms: u64, lost: u64, sent: u64) -> PeerLink {
+        let age = Duration::from_secs(rtt_ms * 10);
         PeerLink {
             peer: PeerKey {
                 cluster: ClusterName::new(cluster).expect("cluster"),
@@ -115,6 +131,7 @@ mod tests {
             sent_packets: sent,
             black_holes: 0,
             open_streams: 0,
+            age,
         }
     }
 
@@ -129,16 +146,19 @@ mod tests {
             .into_iter()
             .map(|(c, l)| (c.to_string(), l))
             .collect();
-        let want = [("north", 20, 0, 10), ("west", 7, 3, 150)].map(|(c, rtt, lost, sent)| {
-            (
-                c.to_owned(),
-                ClusterLinks {
-                    rtt: Duration::from_millis(rtt),
-                    lost,
-                    sent,
-                },
-            )
-        });
+        let want = [("north", 20, 0, 10, 200), ("west", 7, 3, 150, 70)].map(
+            |(c, rtt, lost, sent, oldest)| {
+                (
+                    c.to_owned(),
+                    ClusterLinks {
+                        rtt: Duration::from_millis(rtt),
+                        lost,
+                        sent,
+                        oldest: Duration::from_secs(oldest),
+                    },
+                )
+            },
+        );
         assert_eq!(got, want);
     }
 }

@@ -139,13 +139,38 @@ impl pool::Dialer for QuicDialer {
         });
     }
 
-    /// Half the peer certificate's lifetime, so rotated certificates are in use on every
-    /// connection well before the old ones expire (docs/reliability.md promise 15).
-    fn lifetime(conn: &quinn::Connection) -> Option<Duration> {
+    /// See [`connection_lifetime`]: rotated certificates are in use on every connection well
+    /// before the old ones expire (docs/reliability.md promise 15).
+    fn lifetime(&self, conn: &quinn::Connection) -> Option<Duration> {
         let peer = crate::tunnel::peer_identity_unchecked(conn)?;
-        let secs = u64::try_from((peer.not_after - peer.not_before) / 2).ok()?;
-        Some(Duration::from_secs(secs))
+        let own = self.0.identity().current().not_after;
+        let own = own
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        Some(connection_lifetime(
+            (peer.not_before, peer.not_after),
+            own,
+            steer::unix_now(),
+        ))
     }
+}
+
+/// Shortest time a pooled connection is handed out for: a dial per second at most.
+pub const MIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(1);
+
+/// How long a connection made `now` is handed out (all Unix seconds): half the peer
+/// certificate's whole validity, and half of what is left of either certificate it was made
+/// with — the peer's, and ours, at whose expiry the peer cuts the connection. Issuers
+/// back-date `not_before` for clock skew (ours by 5 minutes), so the whole validity alone
+/// would let a connection made with a 30-second certificate outlive it. At least
+/// [`MIN_CONNECTION_LIFETIME`]. Pure.
+pub fn connection_lifetime(peer: (i64, i64), own_not_after: i64, now: i64) -> Duration {
+    let (not_before, not_after) = peer;
+    let half = |secs: i64| secs.max(0) / 2;
+    let secs = half(not_after - not_before)
+        .min(half(not_after - now))
+        .min(half(own_not_after - now));
+    Duration::from_secs(u64::try_from(secs).unwrap_or(0)).max(MIN_CONNECTION_LIFETIME)
 }
 
 /// A live connection to a peer gateway, as the status page shows it.
@@ -164,6 +189,9 @@ pub struct PeerLink {
     pub black_holes: u64,
     /// Tunnel streams open on it now: client connections carried to that peer.
     pub open_streams: usize,
+    /// Time since its handshake: below half the peer certificate's lifetime and the
+    /// configured maximum age (docs/reliability.md promise 15).
+    pub age: Duration,
 }
 
 /// Tunnel streams open to each peer gateway, counted by the guards the connections hold.
@@ -387,9 +415,10 @@ impl Proxy {
             .connections()
             .await
             .into_iter()
-            .map(|(peer, conn)| {
+            .map(|pool::Live { peer, conn, age }| {
                 let path = conn.stats().path;
                 PeerLink {
+                    age,
                     rtt: conn.rtt(),
                     mtu: path.current_mtu,
                     lost_packets: path.lost_packets,
@@ -535,7 +564,7 @@ async fn monitor_peers(shared: Arc<Shared>) {
         let mut transitions = Vec::new();
         let suspects: Vec<PeerKey> = {
             let mut st = shared.steering.lock();
-            for (peer, conn) in &conns {
+            for pool::Live { peer, conn, .. } in &conns {
                 let t = st.liveness.sample(
                     peer,
                     conn.stable_id(),
@@ -1215,6 +1244,32 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn connections_live_half_of_the_shortest_certificate_validity_left() {
+        const NOW: i64 = 1_000_000;
+        // (peer not_before, peer not_after, own not_after) relative to NOW → seconds.
+        let cases = [
+            // A day-long peer certificate issued now, ours as long: half its lifetime.
+            ((0, 86_400), 86_400, 43_200),
+            // Back-dated by 5 minutes, 30 s left: half of what is left, not of 330 s.
+            ((-300, 30), 30, 15),
+            // Our certificate expires first: the peer cuts at its expiry, so half of ours.
+            ((0, 3_600), 600, 300),
+            // The peer's certificate is old: half of what is left of it.
+            ((-3_000, 600), 86_400, 300),
+            // (Nearly) expired: never below the floor, so no dial storm.
+            ((-300, 1), 86_400, 1),
+            ((-300, -5), -5, 1),
+        ];
+        for ((nb, na), own, want) in cases {
+            assert_eq!(
+                connection_lifetime((NOW + nb, NOW + na), NOW + own, NOW),
+                Duration::from_secs(want),
+                "peer ({nb}, {na}), own {own}"
+            );
+        }
     }
 
     #[test]

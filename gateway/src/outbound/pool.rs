@@ -8,8 +8,8 @@
 //!    caller redials at once (a dead connection is not a failed dial).
 //! 3. A connection older than `max_age` (or than the dialer's `lifetime` for it, e.g. half
 //!    the certificate lifetime) is never handed out; the next caller gets a new one.
-//!    The old one is only dropped from the pool: streams still open on it finish, and it
-//!    closes when the last of them does.
+//!    At that age it leaves the pool even if no caller asks (an idle connection does not
+//!    outlive it) and goes to `Dialer::retire`: no new streams, the open ones get a grace.
 //! 4. After a failed dial the peer is in backoff (exponential, capped): callers fail fast
 //!    with `PoolError::Backoff` and no dial happens until it expires, so a dead peer costs
 //!    one handshake timeout per backoff period, not one per client connection.
@@ -86,7 +86,7 @@ pub trait Dialer: Send + Sync + 'static {
     /// Whether a pooled connection may still carry new streams.
     fn is_usable(conn: &Self::Conn) -> bool;
     /// A per-connection cap on how long it is handed out, below the pool's `max_age`.
-    fn lifetime(_conn: &Self::Conn) -> Option<Duration> {
+    fn lifetime(&self, _conn: &Self::Conn) -> Option<Duration> {
         None
     }
     /// Called once when a still-usable connection is retired for age: it gets no new
@@ -144,7 +144,12 @@ enum Msg<C> {
     },
     /// Every pooled connection that is still usable, for the admin status page.
     List {
-        reply: oneshot::Sender<Vec<(PeerKey, C)>>,
+        reply: oneshot::Sender<Vec<Live<C>>>,
+    },
+    /// A pooled connection reached the age it is retired at (`retire_at`).
+    Expire {
+        peer: PeerKey,
+        retire_at: Instant,
     },
     /// Forget every peer not in the set (it left the catalog).
     Retain {
@@ -152,9 +157,20 @@ enum Msg<C> {
     },
 }
 
+/// A pooled connection that may still carry new streams, as [`Pool::connections`] lists it.
+#[derive(Debug, Clone)]
+pub struct Live<C> {
+    pub peer: PeerKey,
+    pub conn: C,
+    /// Time since its handshake completed.
+    pub age: Duration,
+}
+
 /// A pooled connection.
 struct Pooled<C> {
     conn: C,
+    /// When its handshake completed.
+    dialed_at: Instant,
     /// After this instant the connection is no longer handed out.
     retire_at: Instant,
     /// The credentials it was dialled with.
@@ -209,8 +225,8 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
         rx.await.map_err(|_| PoolError::Closed)?
     }
 
-    /// The pooled connections that may still carry streams, by peer.
-    pub async fn connections(&self) -> Vec<(PeerKey, C)> {
+    /// The pooled connections that may still carry streams, by peer, with their ages.
+    pub async fn connections(&self) -> Vec<Live<C>> {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Msg::List { reply }).is_err() {
             return Vec::new();
@@ -301,11 +317,28 @@ async fn run<D: Dialer + Credentials>(
                 let live = slots
                     .iter()
                     .filter_map(|(peer, slot)| {
-                        let conn = &slot.conn.as_ref()?.conn;
-                        D::is_usable(conn).then(|| (peer.clone(), conn.clone()))
+                        let pooled = slot.conn.as_ref()?;
+                        D::is_usable(&pooled.conn).then(|| Live {
+                            peer: peer.clone(),
+                            conn: pooled.conn.clone(),
+                            age: now - pooled.dialed_at,
+                        })
                     })
                     .collect();
                 let _ = reply.send(live);
+            }
+            Msg::Expire { peer, retire_at } => {
+                // Only the connection this timer was set for: it may have been replaced.
+                let Some(slot) = slots.get_mut(&peer) else {
+                    continue;
+                };
+                if slot.conn.as_ref().is_some_and(|p| p.retire_at == retire_at)
+                    && let Some(pooled) = slot.conn.take()
+                    && D::is_usable(&pooled.conn)
+                {
+                    tracing::debug!(%peer, "pooled connection reached its age; retiring it");
+                    dialer.retire(pooled.conn);
+                }
             }
             Msg::Retain { peers } => {
                 // A dial in progress keeps its slot so its waiters get their answer.
@@ -319,11 +352,20 @@ async fn run<D: Dialer + Credentials>(
                     Ok(conn) => {
                         slot.failures = 0;
                         slot.retry_at = None;
-                        let age = D::lifetime(&conn).map_or(max_age, |l| l.min(max_age));
+                        let age = dialer.lifetime(&conn).map_or(max_age, |l| l.min(max_age));
+                        let retire_at = now + age;
                         slot.conn = Some(Pooled {
                             conn: conn.clone(),
-                            retire_at: now + age,
+                            dialed_at: now,
+                            retire_at,
                             credentials: std::mem::take(&mut slot.dialing_with),
+                        });
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep_until(retire_at).await;
+                            if let Some(tx) = tx.upgrade() {
+                                let _ = tx.send(Msg::Expire { peer, retire_at });
+                            }
                         });
                         for w in waiters {
                             let _ = w.send(Ok(conn.clone()));
@@ -409,7 +451,7 @@ mod tests {
         fn retire(&self, _conn: FakeConn) {
             self.retired.fetch_add(1, Ordering::SeqCst);
         }
-        fn lifetime(conn: &FakeConn) -> Option<Duration> {
+        fn lifetime(&self, conn: &FakeConn) -> Option<Duration> {
             conn.lifetime
         }
     }
@@ -518,7 +560,7 @@ mod tests {
             .connections()
             .await
             .into_iter()
-            .map(|(p, _)| p)
+            .map(|l| l.peer)
             .collect();
         assert_eq!(live, vec![peer()]);
         pool.get(&peer()).await.expect("still pooled");
@@ -543,6 +585,34 @@ mod tests {
         tokio::time::sleep_until(dialled + LIFETIME).await;
         let (c2, _) = get(&pool).await;
         assert!(!same(&c1, &c2), "handed out past its lifetime");
+        assert_eq!(dialer.dials(), 2);
+        assert_eq!(dialer.retired(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_retired_at_its_age_without_a_caller() {
+        const LIFETIME: Duration = Duration::from_millis(200);
+        let dialer = FakeDialer::default();
+        dialer
+            .lifetime_ms
+            .store(LIFETIME.as_millis() as u64, Ordering::SeqCst);
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(3600));
+        let (_, dialled) = get(&pool).await;
+        tokio::time::sleep_until(dialled + LIFETIME - MS).await;
+        let live = pool.connections().await;
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].age, LIFETIME - MS);
+        assert_eq!(dialer.retired(), 0);
+        tokio::time::sleep_until(dialled + LIFETIME).await;
+        // The expiry is a message to the pool task: the listing after it sees it done.
+        tokio::task::yield_now().await;
+        assert!(
+            pool.connections().await.is_empty(),
+            "an idle connection outlived its age"
+        );
+        assert_eq!(dialer.retired(), 1);
+        // The next caller dials afresh; nothing is retired twice.
+        let _ = get(&pool).await;
         assert_eq!(dialer.dials(), 2);
         assert_eq!(dialer.retired(), 1);
     }
@@ -660,7 +730,7 @@ mod tests {
             .connections()
             .await
             .into_iter()
-            .map(|(p, _)| p)
+            .map(|l| l.peer)
             .collect();
         listed.sort();
         assert_eq!(listed, vec![b.clone(), a.clone()]);
@@ -669,7 +739,7 @@ mod tests {
             .connections()
             .await
             .into_iter()
-            .map(|(p, _)| p)
+            .map(|l| l.peer)
             .collect();
         assert_eq!(listed, vec![b]);
     }
