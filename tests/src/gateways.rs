@@ -11,6 +11,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -161,6 +163,8 @@ pub struct GatewaySpec<'a> {
     /// (service name, namespace, port, backend address)
     pub exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
     pub drain_deadline: Duration,
+    /// The catalog lease TTL ([`LEASE_TTL`] unless set: short, so tests see expiry fast).
+    pub lease_ttl: Duration,
     /// Set through `MESHUP_GATEWAY_ID`, as each replica of a cluster is deployed; `None`
     /// keeps the config file's `<cluster>-0`.
     pub replica_id: Option<&'a str>,
@@ -208,6 +212,7 @@ impl<'a> GatewaySpec<'a> {
             prefix,
             exports: Vec::new(),
             drain_deadline: Duration::from_secs(2),
+            lease_ttl: LEASE_TTL,
             replica_id: None,
             log_filter: None,
             worker_threads: None,
@@ -277,7 +282,7 @@ admin:
             cluster = self.cluster,
             etcd = self.etcd.endpoint(),
             prefix = self.prefix,
-            ttl = LEASE_TTL.as_secs(),
+            ttl = self.lease_ttl.as_secs(),
             vip_cidr = self.vip_cidr,
             tunnel = SocketAddr::new(self.tunnel_ip.unwrap_or([127, 0, 0, 1].into()), quic_port),
             dns = self
@@ -718,4 +723,61 @@ pub fn grpcurl(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `dig` for `name` against `server` (from inside the network namespace `netns`, if given) in
+/// a loop until [`DigLoop::finish`]; every answer must be exactly `want`.
+#[derive(Debug)]
+pub struct DigLoop {
+    stop: Arc<AtomicBool>,
+    answers: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl DigLoop {
+    pub fn start(netns: Option<String>, server: SocketAddr, name: &str, want: IpAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answers = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let thread = std::thread::spawn({
+            let (stop, answers, failures) = (stop.clone(), answers.clone(), failures.clone());
+            let name = name.to_owned();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match dig_in(netns.as_deref(), server, &name) {
+                        Ok(ips) if ips == vec![want] => {
+                            answers.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(ips) => failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("answered {ips:?}")),
+                        Err(e) => failures.lock().expect("lock").push(format!("{e:#}")),
+                    }
+                }
+            }
+        });
+        Self {
+            stop,
+            answers,
+            failures,
+            thread,
+        }
+    }
+
+    /// Right answers so far.
+    pub fn answers(&self) -> usize {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loop: (right answers, every failure with what was wrong).
+    pub fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("dig loop");
+        (
+            self.answers.load(Ordering::Relaxed),
+            self.failures.lock().expect("lock").clone(),
+        )
+    }
 }

@@ -236,3 +236,26 @@ pub fn run_until_signalled<T>(work: impl Future<Output = Result<T>>) -> Result<T
             }
         })
 }
+
+/// What a process holds now: resident memory and open file descriptors, from `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub rss_kib: u64,
+    pub fds: usize,
+}
+
+/// Reads [`Usage`] of `pid` from `/proc/<pid>/status` (VmRSS) and `/proc/<pid>/fd`.
+pub fn usage(pid: u32) -> Result<Usage> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("/proc/{pid}/fd"))?
+        .count();
+    Ok(Usage { rss_kib, fds })
+}

@@ -634,6 +634,27 @@ impl Drop for EchoServer {
     }
 }
 
+/// A long connection to `vip` that sends 1 KiB every 5 ms and checks every echoed
+/// byte, until told to end; returns the bytes echoed intact.
+pub async fn long_stream(vip: SocketAddr, end: Arc<AtomicBool>) -> anyhow::Result<u64> {
+    let mut conn = TcpStream::connect(vip).await?;
+    let mut sent: u64 = 0;
+    let mut chunk = vec![0u8; 1024];
+    let mut back = vec![0u8; 1024];
+    while !end.load(Ordering::Relaxed) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = ((sent + i as u64) % 251) as u8;
+        }
+        conn.write_all(&chunk).await?;
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await??;
+        anyhow::ensure!(back == chunk, "echoed bytes differ at offset {sent}");
+        sent += chunk.len() as u64;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    conn.shutdown().await?;
+    Ok(sent)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,16 +10,14 @@
 //! too: a client loop in the other cluster reaching a backend behind the replaced gateway
 //! loses nothing either, its gateway moving to the successor's QUIC port.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig};
-use meshup_tests::workload::{EchoServer, Workload};
+use meshup_tests::gateways::{Certs, DigLoop, GatewayProcess, GatewaySpec};
+use meshup_tests::workload::{EchoServer, Workload, long_stream};
 use meshup_tests::{EtcdServer, eventually_ok};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const SERVICE: &str = "echo.prod";
 const NAME: &str = "echo.prod.svc.clusterset.local";
@@ -27,79 +25,6 @@ const PORT: u16 = 7000;
 /// Exported by the gateway being replaced, called from the other cluster.
 const INBOUND: &str = "pay.prod";
 const INBOUND_PORT: u16 = 7100;
-
-/// `dig` against the node's DNS in a loop until stopped: (answers, failures with why).
-struct DnsLoop {
-    stop: Arc<AtomicBool>,
-    answers: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl DnsLoop {
-    fn start(server: SocketAddr, want: IpAddr) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let answers = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let thread = std::thread::spawn({
-            let (stop, answers, failures) = (stop.clone(), answers.clone(), failures.clone());
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match dig(server, NAME) {
-                        Ok(ips) if ips == vec![want] => {
-                            answers.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(ips) => failures
-                            .lock()
-                            .expect("lock")
-                            .push(format!("answered {ips:?}")),
-                        Err(e) => failures.lock().expect("lock").push(format!("{e:#}")),
-                    }
-                }
-            }
-        });
-        Self {
-            stop,
-            answers,
-            failures,
-            thread,
-        }
-    }
-
-    fn answers(&self) -> usize {
-        self.answers.load(Ordering::Relaxed)
-    }
-
-    fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("dig loop");
-        (
-            self.answers.load(Ordering::Relaxed),
-            self.failures.lock().expect("lock").clone(),
-        )
-    }
-}
-
-/// A long connection through the VIP that sends 1 KiB every 5 ms and checks every echoed
-/// byte, until told to end; returns the bytes echoed intact.
-async fn long_stream(vip: SocketAddr, end: Arc<AtomicBool>) -> anyhow::Result<u64> {
-    let mut conn = TcpStream::connect(vip).await?;
-    let mut sent: u64 = 0;
-    let mut chunk = vec![0u8; 1024];
-    let mut back = vec![0u8; 1024];
-    while !end.load(Ordering::Relaxed) {
-        for (i, b) in chunk.iter_mut().enumerate() {
-            *b = ((sent + i as u64) % 251) as u8;
-        }
-        conn.write_all(&chunk).await?;
-        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await??;
-        anyhow::ensure!(back == chunk, "echoed bytes differ at offset {sent}");
-        sent += chunk.len() as u64;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    conn.shutdown().await?;
-    Ok(sent)
-}
 
 /// The QUIC port the catalog publishes for `east` (as `west` sees it, from its status).
 fn published_quic_port(west: &GatewayProcess) -> anyhow::Result<u16> {
@@ -150,7 +75,7 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
     let inbound_vip = west.wait_routable(INBOUND, INBOUND_PORT).await;
     let load = Workload::new(vip, 4, 40.0).start();
     let inbound = Workload::new(inbound_vip, 2, 40.0).start();
-    let dns_loop = DnsLoop::start(dns, vip.ip());
+    let dns_loop = DigLoop::start(None, dns, NAME, vip.ip());
     let end_stream = Arc::new(AtomicBool::new(false));
     let stream = tokio::spawn(long_stream(vip, end_stream.clone()));
     eventually_ok("the loops are running", Duration::from_secs(10), || async {
