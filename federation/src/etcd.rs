@@ -5,6 +5,15 @@
 //!   from its cluster fails requests and watches instead of serving stale data silently.
 //! - Every unary request has a deadline ([`EtcdOptions::request_timeout`]), enforced here with
 //!   `tokio::time::timeout` so a hung server (SIGSTOP) cannot hang a caller.
+//! - A request that provably never reached a member (its connection was refused) is sent
+//!   again at once, up to [`UNSENT_ATTEMPTS`] times within its deadline. etcd-client balances
+//!   requests over every endpoint and keeps choosing a dead member's endpoint
+//!   (etcdv3/etcd-client#39): with one member of three down, about a third of the requests
+//!   failed, and three failed lease keep-alives in a row (a 2 s TTL) lost the gateway's lease
+//!   and dropped its records from every peer for a moment — failed connections at the peers
+//!   (docs/reliability.md, "leader killed"). Resending is safe for any request, writes
+//!   included, because nothing was sent; the next attempt is balanced again and most likely
+//!   lands on a live member.
 //! - Lists are paged by the caller ([`crate::store::list_prefix`]); the decoding limit is
 //!   raised so one page of maximal records still fits.
 //! - A watch runs in its own task that forwards responses into a bounded channel and sends
@@ -45,6 +54,9 @@ pub const DEFAULT_KEEP_ALIVE: (Duration, Duration) =
 /// Largest message accepted from etcd: a page of `LIST_PAGE_KEYS` maximal (64 KiB) records
 /// plus keys, or a watch response carrying a large transaction.
 const MAX_DECODING_MESSAGE_BYTES: usize = 96 * 1024 * 1024;
+/// Attempts of a request whose connection was refused (see the module docs): with one member
+/// of three down, all five land on it with odds of about 1 in 250.
+pub const UNSENT_ATTEMPTS: usize = 5;
 /// Watch responses buffered between the forwarding task and the watcher.
 const WATCH_BUFFER: usize = 256;
 /// etcd's watch id on answers to a progress request (they belong to the whole stream).
@@ -155,8 +167,14 @@ impl EtcdStore {
         if let Some(ordered) = self.ordered_progress.get() {
             return *ordered;
         }
-        let mut maintenance = self.client.maintenance_client();
-        match self.deadline(maintenance.status()).await {
+        let maintenance = self.client.maintenance_client();
+        match self
+            .deadline(|| {
+                let mut maintenance = maintenance.clone();
+                async move { maintenance.status().await }
+            })
+            .await
+        {
             Ok(status) => {
                 let ordered = orders_requested_progress(status.version());
                 tracing::debug!(
@@ -174,15 +192,60 @@ impl EtcdStore {
         }
     }
 
-    async fn deadline<T>(
-        &self,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        tokio::time::timeout(self.request_timeout, fut)
+    /// Runs `call` with the request deadline, again while it fails without having reached
+    /// a member ([`never_sent`]), at most [`UNSENT_ATTEMPTS`] times in all.
+    async fn deadline<T, Fut>(&self, mut call: impl FnMut() -> Fut) -> Result<T, StoreError>
+    where
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = async {
+            let mut attempt = 1;
+            loop {
+                match call().await {
+                    Err(e) if attempt < UNSENT_ATTEMPTS && never_sent(&e) => {
+                        tracing::debug!(error = %e, attempt, "etcd request not sent (a member refused the connection); sending it again");
+                        attempt += 1;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::time::timeout(self.request_timeout, attempts)
             .await
             .map_err(|_| StoreError::Timeout(self.request_timeout))?
             .map_err(map_err)
     }
+}
+
+/// Whether a request failed before it reached any member: the connection to the member it
+/// was balanced to was refused (nothing listens there). Only then is resending it safe
+/// whatever it was: a timeout or a reset may come after etcd applied it.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                // The connector's own words when its TCP connect failed.
+                && (status.message().starts_with("tcp connect error") || refused_in(status))
+        }
+        etcd_client::Error::TransportError(e) => refused_in(e),
+        etcd_client::Error::IoError(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
+/// Whether a refused connection is anywhere in `e`'s source chain.
+fn refused_in(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// Maps etcd-client errors onto the seam's error kinds by gRPC code and etcd's messages.
@@ -344,10 +407,16 @@ impl Store for EtcdStore {
 
     fn revision(&self) -> StoreFuture<'_, Revision> {
         Box::pin(async move {
-            let mut kv = self.client.kv_client();
+            let kv = self.client.kv_client();
             // A keys-only, count-only read of one key is the cheapest way to get the header.
             let resp = self
-                .deadline(kv.get("\0", Some(GetOptions::new().with_count_only())))
+                .deadline(|| {
+                    let mut kv = kv.clone();
+                    async move {
+                        kv.get("\0", Some(GetOptions::new().with_count_only()))
+                            .await
+                    }
+                })
                 .await?;
             Ok(resp.header().map_or(0, |h| h.revision()))
         })
@@ -360,7 +429,7 @@ impl Store for EtcdStore {
         limit: usize,
     ) -> StoreFuture<'_, Page> {
         Box::pin(async move {
-            let mut kv = self
+            let kv = self
                 .client
                 .kv_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
@@ -375,7 +444,11 @@ impl Store for EtcdStore {
                 options = options.with_revision(rev);
             }
             let resp = self
-                .deadline(kv.get(range.start.to_vec(), Some(options)))
+                .deadline(|| {
+                    let (mut kv, options) = (kv.clone(), options.clone());
+                    let start = range.start.to_vec();
+                    async move { kv.get(start, Some(options)).await }
+                })
                 .await
                 .map_err(|e| match e {
                     StoreError::Compacted { .. } => StoreError::Compacted {
@@ -396,7 +469,7 @@ impl Store for EtcdStore {
 
     fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {
         Box::pin(async move {
-            let mut client = self
+            let client = self
                 .client
                 .watch_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
@@ -412,7 +485,11 @@ impl Store for EtcdStore {
                 options.with_range(range.end.to_vec())
             };
             let stream = self
-                .deadline(client.watch(range.start.to_vec(), Some(options)))
+                .deadline(|| {
+                    let (mut client, options) = (client.clone(), options.clone());
+                    let start = range.start.to_vec();
+                    async move { client.watch(start, Some(options)).await }
+                })
                 .await?;
             let (mut requests, mut responses) = stream.split();
             let (tx, rx) = mpsc::channel(WATCH_BUFFER);
@@ -459,26 +536,34 @@ impl Store for EtcdStore {
 
     fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
         Box::pin(async move {
-            let mut lease = self.client.lease_client();
+            let lease = self.client.lease_client();
             let secs = i64::try_from(ttl.as_secs_f64().ceil() as u64)
                 .unwrap_or(i64::MAX)
                 .max(1);
-            let resp = self.deadline(lease.grant(secs, None)).await?;
+            let resp = self
+                .deadline(|| {
+                    let mut lease = lease.clone();
+                    async move { lease.grant(secs, None).await }
+                })
+                .await?;
             Ok(resp.id())
         })
     }
 
     fn keep_alive(&self, id: LeaseId) -> StoreFuture<'_, Duration> {
         Box::pin(async move {
-            let mut lease = self.client.lease_client();
-            let result = tokio::time::timeout(self.request_timeout, async {
-                let (mut keeper, mut stream) = lease.keep_alive(id).await?;
-                keeper.keep_alive().await?;
-                stream.message().await
-            })
-            .await
-            .map_err(|_| StoreError::Timeout(self.request_timeout))?;
-            match result.map_err(map_err) {
+            let lease = self.client.lease_client();
+            let result = self
+                .deadline(|| {
+                    let mut lease = lease.clone();
+                    async move {
+                        let (mut keeper, mut stream) = lease.keep_alive(id).await?;
+                        keeper.keep_alive().await?;
+                        stream.message().await
+                    }
+                })
+                .await;
+            match result {
                 Ok(Some(resp)) if resp.ttl() > 0 => {
                     Ok(Duration::from_secs(resp.ttl().unsigned_abs()))
                 }
@@ -493,8 +578,14 @@ impl Store for EtcdStore {
 
     fn revoke_lease(&self, id: LeaseId) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let mut lease = self.client.lease_client();
-            match self.deadline(lease.revoke(id)).await {
+            let lease = self.client.lease_client();
+            let revoked = self
+                .deadline(|| {
+                    let mut lease = lease.clone();
+                    async move { lease.revoke(id).await }
+                })
+                .await;
+            match revoked {
                 Ok(_) => Ok(()),
                 Err(StoreError::LeaseNotFound(_)) => Err(StoreError::LeaseNotFound(id)),
                 Err(e) => Err(e),
@@ -528,11 +619,17 @@ impl Store for EtcdStore {
                 .when(compares)
                 .and_then(txn.success.into_iter().map(to_op).collect::<Vec<_>>())
                 .or_else(txn.failure.into_iter().map(to_op).collect::<Vec<_>>());
-            let mut kv = self
+            let kv = self
                 .client
                 .kv_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
-            let resp = match self.deadline(kv.txn(request)).await {
+            let sent = self
+                .deadline(|| {
+                    let (mut kv, request) = (kv.clone(), request.clone());
+                    async move { kv.txn(request).await }
+                })
+                .await;
+            let resp = match sent {
                 Ok(resp) => resp,
                 Err(StoreError::LeaseNotFound(_)) => {
                     return Err(StoreError::LeaseNotFound(lease_of_put.unwrap_or(0)));
@@ -557,8 +654,13 @@ impl Store for EtcdStore {
 
     fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let mut kv = self.client.kv_client();
-            self.deadline(kv.compact(revision, None)).await.map(|_| ())
+            let kv = self.client.kv_client();
+            self.deadline(|| {
+                let mut kv = kv.clone();
+                async move { kv.compact(revision, None).await }
+            })
+            .await
+            .map(|_| ())
         })
     }
 }
@@ -566,6 +668,54 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refused_connection_counts_as_never_sent() {
+        use std::io::{Error as IoError, ErrorKind};
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        let refused_source = {
+            let mut s = tonic::Status::unavailable("transport error");
+            s.set_source(Arc::new(IoError::from(ErrorKind::ConnectionRefused)));
+            etcd_client::Error::GRpcStatus(s)
+        };
+        let reset_source = {
+            let mut s = tonic::Status::unavailable("transport error");
+            s.set_source(Arc::new(IoError::from(ErrorKind::ConnectionReset)));
+            etcd_client::Error::GRpcStatus(s)
+        };
+        let cases = [
+            // What a balanced request to a killed member fails with.
+            (status(tonic::Code::Unavailable, "tcp connect error"), true),
+            (refused_source, true),
+            (
+                etcd_client::Error::IoError(IoError::from(ErrorKind::ConnectionRefused)),
+                true,
+            ),
+            // It may have reached etcd: never resent.
+            (reset_source, false),
+            (
+                status(tonic::Code::Unavailable, "etcdserver: no leader"),
+                false,
+            ),
+            (
+                status(tonic::Code::Unavailable, "etcdserver: request timed out"),
+                false,
+            ),
+            (
+                status(tonic::Code::DeadlineExceeded, "tcp connect error"),
+                false,
+            ),
+            (
+                etcd_client::Error::IoError(IoError::from(ErrorKind::TimedOut)),
+                false,
+            ),
+            (etcd_client::Error::InvalidArgs("x".into()), false),
+        ];
+        for (e, want) in cases {
+            assert_eq!(never_sent(&e), want, "{e:?}");
+        }
+    }
 
     #[test]
     fn requested_progress_is_trusted_only_on_fixed_releases() {

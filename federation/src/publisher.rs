@@ -62,7 +62,8 @@ impl Default for PublisherConfig {
             lease_ttl: DEFAULT_LEASE_TTL,
             anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
             backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(2),
+            // One retry gap of the convergence bound after an outage (see there).
+            backoff_max: crate::watcher::DEFAULT_BACKOFF_MAX,
         }
     }
 }

@@ -26,7 +26,19 @@ use crate::tls::Pki;
 /// Longest time `start()`/`restart()` wait for etcd to report healthy.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Times `start()` retries with fresh ports when another process took one in between.
-const START_ATTEMPTS: usize = 3;
+pub(crate) const START_ATTEMPTS: usize = 3;
+
+/// What a catalog client is given: the client URLs of every member (one for an
+/// [`EtcdServer`], three for an [`crate::EtcdCluster`]).
+pub trait EtcdEndpoints: std::fmt::Debug + Sync {
+    fn endpoints(&self) -> Vec<String>;
+}
+
+impl EtcdEndpoints for EtcdServer {
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+}
 
 /// One single-member etcd cluster on 127.0.0.1. Killed (SIGKILL) on drop.
 #[derive(Debug)]
@@ -44,6 +56,10 @@ pub struct EtcdServer {
     /// With TLS: the PKI (client URLs are `https://`, client certificates required) and
     /// the plain-HTTP metrics port `/health` is polled on.
     tls: Option<(Pki, u16)>,
+    /// The member name and `--initial-cluster` list: `meshup-test` alone, or one member of
+    /// an [`EtcdCluster`].
+    pub(crate) name: String,
+    pub(crate) initial_cluster: String,
 }
 
 impl EtcdServer {
@@ -87,6 +103,17 @@ impl EtcdServer {
     }
 
     fn try_start(extra_args: &[&str], tls: bool, host: IpAddr) -> anyhow::Result<Self> {
+        let mut server = Self::prepare(extra_args, tls, host)?;
+        server.spawn()?;
+        if let Err(e) = server.wait_healthy() {
+            server.kill_child();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
+    /// A single-member server with its ports and data dir chosen, not yet started.
+    pub(crate) fn prepare(extra_args: &[&str], tls: bool, host: IpAddr) -> anyhow::Result<Self> {
         let data_dir = tempfile::Builder::new()
             .prefix("meshup-etcd-")
             .tempdir()
@@ -100,7 +127,9 @@ impl EtcdServer {
         } else {
             None
         };
-        let mut server = Self {
+        let name = "meshup-test".to_owned();
+        let initial_cluster = format!("{name}=http://{}", SocketAddr::new(host, peer_port));
+        Ok(Self {
             child: None,
             host,
             client_port,
@@ -109,13 +138,14 @@ impl EtcdServer {
             log_path,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             tls,
-        };
-        server.spawn()?;
-        if let Err(e) = server.wait_healthy() {
-            server.kill_child();
-            return Err(e);
-        }
-        Ok(server)
+            name,
+            initial_cluster,
+        })
+    }
+
+    /// The peer URL other members reach this one at.
+    pub(crate) fn peer_url(&self) -> String {
+        format!("http://{}", SocketAddr::new(self.host, self.peer_port))
     }
 
     /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS; the host of
@@ -222,33 +252,7 @@ impl EtcdServer {
         args: &[&str],
         stdin: Option<&[u8]>,
     ) -> anyhow::Result<String> {
-        require_binary("etcdctl");
-        let mut child = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoint()))
-            .arg("--command-timeout=10s")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running etcdctl")?;
-        {
-            let mut pipe = child.stdin.take().context("etcdctl stdin")?;
-            if let Some(bytes) = stdin {
-                pipe.write_all(bytes).context("writing etcdctl stdin")?;
-            }
-            // Dropping the pipe closes stdin so etcdctl sees end of input.
-        }
-        let out = child.wait_with_output().context("waiting for etcdctl")?;
-        if !out.status.success() {
-            bail!(
-                "etcdctl {args:?} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        etcdctl_at(&[self.endpoint()], args, stdin)
     }
 
     /// The current store revision (via `etcdctl endpoint status`).
@@ -273,9 +277,9 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    fn spawn(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn spawn(&mut self) -> anyhow::Result<()> {
         let client = self.endpoint();
-        let peer = format!("http://{}", SocketAddr::new(self.host, self.peer_port));
+        let peer = self.peer_url();
         let log = File::options()
             .create(true)
             .append(true)
@@ -283,7 +287,7 @@ impl EtcdServer {
             .context("opening etcd log")?;
         let log_err = log.try_clone().context("cloning etcd log handle")?;
         let child = Command::new("etcd")
-            .arg("--name=meshup-test")
+            .arg(format!("--name={}", self.name))
             .arg(format!(
                 "--data-dir={}",
                 self.data_dir.path().join("data").display()
@@ -292,7 +296,7 @@ impl EtcdServer {
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=meshup-test={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial_cluster))
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-level=warn")
@@ -329,7 +333,7 @@ impl EtcdServer {
     }
 
     /// Polls `GET /health` until it says `true`. No sleeping on guesses.
-    fn wait_healthy(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn wait_healthy(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -363,7 +367,7 @@ impl EtcdServer {
         }
     }
 
-    fn kill_child(&mut self) {
+    pub(crate) fn kill_child(&mut self) {
         if let Some(mut child) = self.child.take() {
             // A paused process dies from SIGKILL as well.
             let _ = child.kill();
@@ -376,6 +380,42 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill_child();
     }
+}
+
+/// Runs `etcdctl --endpoints=<endpoints> --command-timeout=10s <args>` (a later
+/// `--command-timeout` in `args` wins), feeding `stdin` when given, and returns its stdout.
+pub fn etcdctl_at(
+    endpoints: &[String],
+    args: &[&str],
+    stdin: Option<&[u8]>,
+) -> anyhow::Result<String> {
+    require_binary("etcdctl");
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running etcdctl")?;
+    {
+        let mut pipe = child.stdin.take().context("etcdctl stdin")?;
+        if let Some(bytes) = stdin {
+            pipe.write_all(bytes).context("writing etcdctl stdin")?;
+        }
+        // Dropping the pipe closes stdin so etcdctl sees end of input.
+    }
+    let out = child.wait_with_output().context("waiting for etcdctl")?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One `GET /health` over plain HTTP/1.0 with short timeouts.
@@ -397,7 +437,7 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-fn require_binary(name: &str) {
+pub(crate) fn require_binary(name: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(name).is_file()))
         .unwrap_or(false);

@@ -9,8 +9,10 @@
 //! - [`eventually`]: waiting on a condition with a deadline instead of sleeping.
 
 pub mod etcd;
+pub mod etcd_cluster;
 pub mod eventually;
 pub mod tls;
 
-pub use etcd::{EtcdServer, free_port};
+pub use etcd::{EtcdEndpoints, EtcdServer, etcdctl_at, free_port};
+pub use etcd_cluster::EtcdCluster;
 pub use eventually::{assert_eventually, eventually_ok, poll_until};

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{EtcdServer, eventually_ok, meshup_bin};
+use crate::{EtcdEndpoints, eventually_ok, meshup_bin};
 
 /// The federation's SPIFFE trust domain.
 pub const TRUST_DOMAIN: &str = "proc.test";
@@ -157,7 +157,8 @@ fn run_meshup(binary: &Path, args: &[&str]) {
 pub struct GatewaySpec<'a> {
     pub cluster: &'a str,
     pub vip_cidr: &'a str,
-    pub etcd: &'a EtcdServer,
+    /// The catalog: one etcd or every member of a cluster (all go in `catalog.endpoints`).
+    pub etcd: &'a dyn EtcdEndpoints,
     pub certs: &'a Certs,
     pub prefix: &'a str,
     /// (service name, namespace, port, backend address)
@@ -200,7 +201,7 @@ impl<'a> GatewaySpec<'a> {
     pub fn new(
         cluster: &'a str,
         vip_cidr: &'a str,
-        etcd: &'a EtcdServer,
+        etcd: &'a dyn EtcdEndpoints,
         certs: &'a Certs,
         prefix: &'a str,
     ) -> Self {
@@ -262,7 +263,7 @@ gateway_id: {cluster}-0
 trust_domain: {TRUST_DOMAIN}
 catalog:
   backend: etcd
-  endpoints: ["{etcd}"]
+  endpoints: [{etcd}]
   prefix: {prefix}
   lease_ttl: {ttl}s
   allow_loopback_addresses: true
@@ -280,7 +281,13 @@ admin:
 {grpc}{remote}{threads}{datapath}exports:
 {exports}"#,
             cluster = self.cluster,
-            etcd = self.etcd.endpoint(),
+            etcd = self
+                .etcd
+                .endpoints()
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             prefix = self.prefix,
             ttl = self.lease_ttl.as_secs(),
             vip_cidr = self.vip_cidr,
@@ -309,6 +316,24 @@ admin:
             },
         )
     }
+}
+
+/// Replaces `path` as editors do: a temporary file in the same directory, renamed over it
+/// (one atomic change; a reader never sees half a file).
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).expect("write the new file");
+    std::fs::rename(&tmp, path).expect("rename it over the old one");
+}
+
+/// The value of the sample `name` (no labels) in a Prometheus text exposition.
+pub fn metric_in(exposition: &str, name: &str) -> anyhow::Result<f64> {
+    let line = exposition
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .with_context(|| format!("no {name} in /metrics"))?;
+    let value = line.split_whitespace().nth(1).context("no value")?;
+    Ok(value.parse()?)
 }
 
 /// A UDP port free on 127.0.0.1 now (bound and released).
@@ -516,9 +541,7 @@ impl GatewayProcess {
     /// Replaces the config file as editors do: a temporary file in the same directory,
     /// renamed over it (one atomic change; the gateway never reads half a file).
     pub fn write_config(&self, text: &str) {
-        let tmp = self.config.with_extension("yaml.tmp");
-        std::fs::write(&tmp, text).expect("write the new config");
-        std::fs::rename(&tmp, &self.config).expect("rename it over the config");
+        replace_file(&self.config, text);
     }
 
     /// The cluster this gateway belongs to.
@@ -653,12 +676,7 @@ impl GatewayProcess {
         if code != 200 {
             bail!("/metrics answered {code}");
         }
-        let line = body
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .with_context(|| format!("no {name} in /metrics"))?;
-        let value = line.split_whitespace().nth(1).context("no value")?;
-        Ok(value.parse()?)
+        metric_in(&body, name)
     }
 
     /// SIGKILL, sent straight from this process (no `kill` child to wait for), and the

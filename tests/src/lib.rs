@@ -2,7 +2,8 @@
 //! (plain or TLS), a real headless Chromium, the `meshup` binary and real gateway processes,
 //! the three-cluster failover federation, free loopback ports, network namespaces playing nodes and pods, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
-//! their process group, nginx `stream` peers, and the Grafana dashboard checked against
+//! their process group, background samplers (a dig loop, metrics, catalog keys) with
+//! timestamps, nginx `stream` peers, and the Grafana dashboard checked against
 //! `/metrics`.
 
 pub mod browser;
@@ -14,9 +15,11 @@ pub mod meshup;
 pub mod netns;
 pub mod nginx;
 pub mod procs;
+pub mod sampler;
 pub mod workload;
 
 pub use meshup::{meshup, meshup_bin};
 pub use meshup_test_support::{
-    EtcdServer, assert_eventually, etcd, eventually, eventually_ok, free_port, poll_until, tls,
+    EtcdCluster, EtcdEndpoints, EtcdServer, assert_eventually, etcd, etcd_cluster, etcdctl_at,
+    eventually, eventually_ok, free_port, poll_until, tls,
 };
