@@ -136,7 +136,7 @@ impl UdpBlaster {
                 let mut n = (t as u64) << 48;
                 while !stop.load(Ordering::Relaxed) {
                     // The clock is read once per 256 datagrams: the loop stays send-bound.
-                    if n % 256 == 0 && Instant::now() >= deadline {
+                    if n.is_multiple_of(256) && Instant::now() >= deadline {
                         break;
                     }
                     buf.clear();
@@ -148,7 +148,7 @@ impl UdpBlaster {
                     }
                     n += 1;
                     if fresh_ports_every > 0
-                        && n % fresh_ports_every == 0
+                        && n.is_multiple_of(fresh_ports_every)
                         && let Ok(s) = blaster_socket(target)
                     {
                         socks[i] = s;

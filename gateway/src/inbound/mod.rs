@@ -15,7 +15,7 @@ mod balance;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -340,6 +340,11 @@ async fn serve_connection(
     let pending = Arc::new(Semaphore::new(
         shared.endpoint.config().max_pending_headers as usize,
     ));
+    let stalls = Arc::new(Stalls {
+        conn: conn.clone(),
+        in_a_row: AtomicU32::new(0),
+        max: shared.endpoint.config().max_pending_headers,
+    });
     async move {
         tracing::debug!("peer connected");
         tokio::pin!(expiry);
@@ -384,9 +389,10 @@ async fn serve_connection(
             };
             let shared2 = shared.clone();
             let caller = caller.clone();
-            shared
-                .streams
-                .spawn(serve_stream(shared2, caller, send, recv, permit).in_current_span());
+            shared.streams.spawn(
+                serve_stream(shared2, caller, send, recv, (permit, stalls.clone()))
+                    .in_current_span(),
+            );
         }
     }
     .instrument(span)
@@ -444,7 +450,7 @@ async fn serve_stream(
     caller: ClusterName,
     mut send: SendStream,
     mut recv: RecvStream,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    (pending, stalls): (tokio::sync::OwnedSemaphorePermit, Arc<Stalls>),
 ) {
     let metrics = shared.endpoint.metrics().clone();
     let mut guard = metrics.stream(
@@ -456,6 +462,7 @@ async fn serve_stream(
     let connect_timeout = shared.endpoint.config().connect_timeout;
     let header = read_header(&mut recv, header_timeout).await;
     drop(pending);
+    stalls.record(&header, &metrics);
     let (header, rest) = match header {
         Ok(h) => h,
         Err(e) => {
@@ -512,6 +519,43 @@ async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+/// Header timeouts in a row on one connection. A peer gateway sends the header with the
+/// stream's first bytes; `max` streams in a row without one in time (no success between)
+/// is a peer holding streams open on purpose, so the whole connection is closed: every
+/// stream it queued behind the pending-header cap goes with it at no cost per stream,
+/// instead of each being accepted and timed out in turn.
+#[derive(Debug)]
+struct Stalls {
+    conn: quinn::Connection,
+    in_a_row: AtomicU32,
+    max: u32,
+}
+
+impl Stalls {
+    fn record(
+        &self,
+        header: &Result<(RequestHeader, Vec<u8>), StreamError>,
+        metrics: &tunnel::Metrics,
+    ) {
+        match header {
+            Err(StreamError::HeaderTimeout(_)) => {
+                if self.in_a_row.fetch_add(1, Ordering::AcqRel) + 1 == self.max {
+                    tracing::warn!(
+                        streams = self.max,
+                        "peer opened streams and sent no header in time, {} in a row; closing its connection",
+                        self.max
+                    );
+                    metrics.stalling_peers.inc();
+                    self.conn
+                        .close(tunnel::CLOSE_STALLING, b"streams without a header");
+                }
+            }
+            Ok(_) => self.in_a_row.store(0, Ordering::Release),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Reads one header (bounded in size and time). Returns it and any payload bytes that came

@@ -49,6 +49,8 @@ pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x12);
 pub const CLOSE_EXPIRED: VarInt = VarInt::from_u32(0x13);
 /// Application close code: nothing arrived from the peer for `tunnel.idle_timeout`.
 pub const CLOSE_SILENT: VarInt = VarInt::from_u32(0x14);
+/// Application close code: `max_pending_headers` streams in a row sent no header in time.
+pub const CLOSE_STALLING: VarInt = VarInt::from_u32(0x15);
 /// Stream reset/stop code: the TCP connection on the other side was reset (RST).
 pub const RESET_TCP: VarInt = VarInt::from_u32(0x1);
 /// Stream reset/stop code: the stream is abandoned (protocol error, timeout, shutdown).
