@@ -95,11 +95,14 @@ pub struct DnsConfig {
     pub ns_address: Option<IpAddr>,
     /// SOA RNAME (mailbox as a name). Default `hostmaster.<zone>`.
     pub soa_rname: Option<String>,
-    /// A TCP connection that sends nothing for this long is closed; also the deadline to
-    /// receive one whole query once its length arrived.
+    /// A TCP connection whose next query (length prefix and body) has not wholly arrived
+    /// this long after the server began waiting for it is closed: a client dribbling bytes
+    /// gets no more time than one that sends nothing.
     #[serde(with = "humantime_serde")]
     pub tcp_idle_timeout: Duration,
-    /// Concurrent TCP connections; connections beyond are closed at once.
+    /// Concurrent TCP connections. At the cap, a new connection takes the slot of the one
+    /// that has waited longest for a query; it is closed at once only when every open one is
+    /// busy answering.
     pub max_tcp_connections: usize,
     /// UDP worker threads, each with its own SO_REUSEPORT socket.
     pub udp_workers: usize,

@@ -128,6 +128,8 @@ pub struct Metrics {
     refused: Counter,
     dropped: Counter,
     tcp_rejected: Counter,
+    tcp_evicted: Counter,
+    tcp_timed_out: Counter,
     table_rebuilds: Counter,
 }
 
@@ -154,6 +156,8 @@ impl Metrics {
         let refused = Counter::default();
         let dropped = Counter::default();
         let tcp_rejected = Counter::default();
+        let tcp_evicted = Counter::default();
+        let tcp_timed_out = Counter::default();
         let table_rebuilds = Counter::default();
         registry.register(
             "truncated",
@@ -174,6 +178,16 @@ impl Metrics {
             "tcp_rejected",
             "TCP connections closed at accept because max_tcp_connections was reached",
             tcp_rejected.clone(),
+        );
+        registry.register(
+            "tcp_evicted",
+            "TCP connections closed to make room for a new one at max_tcp_connections: the one waiting longest for a query",
+            tcp_evicted.clone(),
+        );
+        registry.register(
+            "tcp_timed_out",
+            "TCP connections closed because no complete query arrived within tcp_idle_timeout",
+            tcp_timed_out.clone(),
         );
         registry.register(
             "table_rebuilds",
@@ -203,6 +217,8 @@ impl Metrics {
             refused,
             dropped,
             tcp_rejected,
+            tcp_evicted,
+            tcp_timed_out,
             table_rebuilds,
         }
     }
@@ -244,6 +260,14 @@ impl Metrics {
 
     pub(crate) fn tcp_rejected(&self) {
         self.tcp_rejected.inc();
+    }
+
+    pub(crate) fn tcp_evicted(&self) {
+        self.tcp_evicted.inc();
+    }
+
+    pub(crate) fn tcp_timed_out(&self) {
+        self.tcp_timed_out.inc();
     }
 
     pub(crate) fn table_rebuilt(&self) {

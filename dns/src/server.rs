@@ -30,7 +30,7 @@ use nix::sys::socket::{
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -300,7 +300,9 @@ impl DnsServer {
             });
         }
 
-        let permits = Arc::new(Semaphore::new(config.max_tcp_connections));
+        let slots = Arc::new(std::sync::Mutex::new(TcpSlots::new(
+            config.max_tcp_connections,
+        )));
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -314,7 +316,7 @@ impl DnsServer {
                     }
                 },
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Some(slot) = TcpSlots::take(&slots, &metrics) else {
                 metrics.tcp_rejected();
                 drop(stream);
                 continue;
@@ -324,11 +326,9 @@ impl DnsServer {
                 metrics: metrics.clone(),
                 idle: config.tcp_idle_timeout,
                 shutdown: shutdown.clone(),
+                slot,
             };
-            tracker.spawn(async move {
-                conn.serve(stream, peer).await;
-                drop(permit);
-            });
+            tracker.spawn(conn.serve(stream, peer));
         }
 
         // Close the listening socket now, not when `run` returns: while it stays open the
@@ -610,31 +610,169 @@ impl UdpWorker {
     }
 }
 
-/// One TCP client connection: length-prefixed queries until idle, EOF or shutdown.
+// === TCP connection slots ===
+
+/// What to do with a TCP connection just accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Below the cap: serve it.
+    Open,
+    /// At the cap: close connection `id` (the one that has waited longest for a query) and
+    /// serve the new one in its place.
+    Evict(u64),
+    /// At the cap and every connection is busy answering: close the new one.
+    Reject,
+}
+
+/// The decision for a new connection, given the open ones (id and, while it waits for a
+/// query, since when) and the cap. Pure.
+///
+/// Waiting for a query is the only state a client can hold a slot in for free: a
+/// slow-loris opens connections and sends nothing, or a length prefix and then a byte now
+/// and then. Refusing new connections at the cap would let it keep every real client out
+/// for as long as the read deadline; closing the one that has waited longest instead means
+/// a stalled connection keeps its slot only until `max` newer ones have arrived, while a
+/// real client, whose query arrives with its connection, is served at once (RFC 7766 §6.2.3
+/// lets a server close idle connections when it needs the resources).
+fn admit(open: impl IntoIterator<Item = (u64, Option<Instant>)>, max: usize) -> Admit {
+    let mut count = 0;
+    let mut oldest: Option<(Instant, u64)> = None;
+    for (id, waiting_since) in open {
+        count += 1;
+        if let Some(since) = waiting_since
+            && oldest.is_none_or(|(o, _)| since < o)
+        {
+            oldest = Some((since, id));
+        }
+    }
+    if count < max {
+        Admit::Open
+    } else if let Some((_, id)) = oldest {
+        Admit::Evict(id)
+    } else {
+        Admit::Reject
+    }
+}
+
+/// The open TCP connections: one entry per connection, removed when it ends.
+#[derive(Debug)]
+struct TcpSlots {
+    max: usize,
+    next_id: u64,
+    open: std::collections::BTreeMap<u64, SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    waiting_since: Option<Instant>,
+    close: CancellationToken,
+}
+
+impl TcpSlots {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            next_id: 0,
+            open: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// A slot for a connection accepted now (closing the connection that waited longest
+    /// when at the cap), or `None` when every slot is busy answering.
+    fn take(slots: &Arc<std::sync::Mutex<Self>>, metrics: &Metrics) -> Option<TcpSlot> {
+        let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+        let decision = admit(s.open.iter().map(|(id, st)| (*id, st.waiting_since)), s.max);
+        match decision {
+            Admit::Reject => return None,
+            Admit::Evict(id) => {
+                if let Some(evicted) = s.open.remove(&id) {
+                    evicted.close.cancel();
+                    metrics.tcp_evicted();
+                }
+            }
+            Admit::Open => {}
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        let close = CancellationToken::new();
+        s.open.insert(
+            id,
+            SlotState {
+                waiting_since: Some(Instant::now()),
+                close: close.clone(),
+            },
+        );
+        Some(TcpSlot {
+            slots: slots.clone(),
+            id,
+            close,
+        })
+    }
+}
+
+/// One connection's slot; frees it on drop.
+#[derive(Debug)]
+struct TcpSlot {
+    slots: Arc<std::sync::Mutex<TcpSlots>>,
+    id: u64,
+    /// Cancelled when a newer connection took this slot.
+    close: CancellationToken,
+}
+
+impl TcpSlot {
+    /// Marks the connection waiting for a query since now (`true`) or busy with one.
+    fn waiting(&self, waiting: bool) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = s.open.get_mut(&self.id) {
+            st.waiting_since = waiting.then(Instant::now);
+        }
+    }
+}
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        s.open.remove(&self.id);
+    }
+}
+
+/// One TCP client connection: length-prefixed queries until idle, EOF, shutdown, or a newer
+/// connection needing its slot.
 struct TcpConnection {
     guarded: Arc<Guarded>,
     metrics: Metrics,
     idle: Duration,
     shutdown: CancellationToken,
+    slot: TcpSlot,
 }
 
 impl TcpConnection {
     async fn serve(self, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         loop {
-            let len = tokio::select! {
+            self.slot.waiting(true);
+            // One deadline for the whole query, length prefix and body: a client that
+            // dribbles a byte at a time gets no more time than one that sends nothing.
+            let read = async {
+                let len = usize::from(stream.read_u16().await?);
+                let mut query = vec![0u8; len];
+                stream.read_exact(&mut query).await?;
+                Ok::<_, std::io::Error>(query)
+            };
+            let query = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                read = tokio::time::timeout(self.idle, stream.read_u16()) => match read {
-                    Ok(Ok(len)) => usize::from(len),
-                    // Idle deadline, EOF or a reset: close.
-                    _ => return,
+                _ = self.slot.close.cancelled() => return,
+                read = tokio::time::timeout(self.idle, read) => match read {
+                    Ok(Ok(query)) => query,
+                    Err(_) => {
+                        self.metrics.tcp_timed_out();
+                        return;
+                    }
+                    // EOF or a reset: close.
+                    Ok(Err(_)) => return,
                 },
             };
-            let mut query = vec![0u8; len];
-            match tokio::time::timeout(self.idle, stream.read_exact(&mut query)).await {
-                Ok(Ok(_)) => {}
-                _ => return,
-            }
+            self.slot.waiting(false);
             let started = Instant::now();
             let Some(resp) = self.guarded.answer_bytes(&query, peer, Protocol::Tcp).await else {
                 self.metrics.dropped();
@@ -665,4 +803,31 @@ fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     }
     addr.as_sockaddr_in6()
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn a_new_connection_takes_a_free_slot_or_the_longest_waiting_one() {
+        let t0 = Instant::now();
+        let at = |ms: u64| Some(t0 + Duration::from_millis(ms));
+        // (open connections, cap, decision)
+        type Open = Vec<(u64, Option<Instant>)>;
+        let cases: Vec<(Open, usize, Admit)> = vec![
+            (vec![], 1, Admit::Open),
+            (vec![(1, at(0)), (2, None)], 3, Admit::Open),
+            // At the cap: the one waiting longest goes, busy ones are never chosen.
+            (vec![(1, at(5)), (2, at(1)), (3, None)], 3, Admit::Evict(2)),
+            (vec![(1, None), (2, at(9))], 2, Admit::Evict(2)),
+            // Every one busy answering: the new one is refused.
+            (vec![(1, None), (2, None)], 2, Admit::Reject),
+            // Above the cap (the cap was lowered by a reload): still one out, one in.
+            (vec![(1, at(3)), (2, at(2)), (3, at(4))], 2, Admit::Evict(2)),
+        ];
+        for (open, max, want) in cases {
+            assert_eq!(admit(open.clone(), max), want, "{open:?} max {max}");
+        }
+    }
 }

@@ -364,6 +364,20 @@ pub fn dig_in(
     server: SocketAddr,
     name: &str,
 ) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    dig_with(netns, server, name, &[])
+}
+
+/// [`dig`] over TCP (`+tcp`): one query on one new connection.
+pub fn dig_tcp(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    dig_with(None, server, name, &["+tcp"])
+}
+
+fn dig_with(
+    netns: Option<&str>,
+    server: SocketAddr,
+    name: &str,
+    options: &[&str],
+) -> anyhow::Result<Vec<std::net::IpAddr>> {
     let mut command = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -375,7 +389,9 @@ pub fn dig_in(
     let out = command
         .arg(format!("@{}", server.ip()))
         .args(["-p", &server.port().to_string()])
-        .args(["+short", "+tries=1", "+time=2", name, "A"])
+        .args(["+short", "+tries=1", "+time=2"])
+        .args(options)
+        .args([name, "A"])
         .output()
         .context("run dig")?;
     if !out.status.success() {
@@ -549,6 +565,13 @@ impl GatewayProcess {
         &self.cluster
     }
 
+    /// Whether the process is still running (it has not exited or been killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("process running")
     }
@@ -651,8 +674,18 @@ impl GatewayProcess {
     /// The DNS address the gateway bound (its config says port 0), from its start-up log line
     /// `gateway bound ... dns=<addr> ...`.
     pub async fn dns_addr(&self) -> SocketAddr {
+        self.bound_addr("dns").await
+    }
+
+    /// The QUIC address the gateway bound, from the same log line (`quic=<addr>`).
+    pub async fn quic_addr(&self) -> SocketAddr {
+        self.bound_addr("quic").await
+    }
+
+    async fn bound_addr(&self, field: &str) -> SocketAddr {
+        let prefix = format!("{field}=");
         eventually_ok(
-            "the gateway logs its DNS address",
+            &format!("the gateway logs its {field} address"),
             Duration::from_secs(20),
             || async {
                 let log = self.log_text();
@@ -662,12 +695,32 @@ impl GatewayProcess {
                     .context("no `gateway bound` line yet")?;
                 let addr = line
                     .split_whitespace()
-                    .find_map(|w| w.strip_prefix("dns="))
-                    .with_context(|| format!("no dns= field in {line:?}"))?;
+                    .find_map(|w| w.strip_prefix(prefix.as_str()))
+                    .with_context(|| format!("no {prefix} field in {line:?}"))?;
                 Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?)
             },
         )
         .await
+    }
+
+    /// The sum of every series of `/metrics` named `name` whose labels contain each of
+    /// `labels` (e.g. `direction="inbound"`); 0 when none matches.
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> anyhow::Result<f64> {
+        let (code, body) = self.admin_get("/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        let mut sum = 0.0;
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            if series_name == name && labels.iter().all(|l| series_labels.contains(l)) {
+                sum += value.parse::<f64>()?;
+            }
+        }
+        Ok(sum)
     }
 
     /// One counter of the gateway's `/metrics`.

@@ -10,6 +10,7 @@ pub mod browser;
 pub mod dashboard;
 pub mod failover;
 pub mod gateways;
+pub mod hostile;
 pub mod http;
 pub mod meshup;
 pub mod netns;

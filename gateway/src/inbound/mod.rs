@@ -15,7 +15,7 @@ mod balance;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -330,10 +330,45 @@ async fn serve_connection(
     // A connection never outlives the certificate that opened it (docs/reliability.md 15): a
     // well-behaved peer recycles at half the lifetime, this is the backstop.
     let expiry = tokio::time::sleep(until_expiry(peer.not_after, unix_now()));
+    // Streams of this connection still waiting for their header. A peer gateway sends the
+    // header with the stream's first bytes, so this stays near zero; a peer that opens
+    // streams and sends nothing (or a byte at a time) would otherwise make us hold a task and
+    // a timer for every one of its `max_streams` streams and churn through them each
+    // `header_timeout`. At the cap we stop accepting its streams: the ones it opened wait
+    // inside QUIC (counted against its stream limit, costing us no task), other connections
+    // are not affected (docs/reliability.md 12).
+    let pending = Arc::new(Semaphore::new(
+        shared.endpoint.config().max_pending_headers as usize,
+    ));
+    let stalls = Arc::new(Stalls {
+        conn: conn.clone(),
+        in_a_row: AtomicU32::new(0),
+        max: shared.endpoint.config().max_pending_headers,
+    });
     async move {
         tracing::debug!("peer connected");
         tokio::pin!(expiry);
         loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    conn.close(tunnel::CLOSE_SHUTDOWN, b"shutdown");
+                    return;
+                }
+                () = &mut expiry => {
+                    tracing::info!("peer certificate expired; closing its connection");
+                    conn.close(tunnel::CLOSE_EXPIRED, b"certificate expired");
+                    return;
+                }
+                reason = conn.closed() => {
+                    tracing::debug!(%reason, "peer connection ended");
+                    return;
+                }
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    // The semaphore is never closed.
+                    Err(_) => return,
+                },
+            };
             let (send, recv) = tokio::select! {
                 _ = shutdown.cancelled() => {
                     conn.close(tunnel::CLOSE_SHUTDOWN, b"shutdown");
@@ -354,9 +389,10 @@ async fn serve_connection(
             };
             let shared2 = shared.clone();
             let caller = caller.clone();
-            shared
-                .streams
-                .spawn(serve_stream(shared2, caller, send, recv).in_current_span());
+            shared.streams.spawn(
+                serve_stream(shared2, caller, send, recv, (permit, stalls.clone()))
+                    .in_current_span(),
+            );
         }
     }
     .instrument(span)
@@ -414,6 +450,7 @@ async fn serve_stream(
     caller: ClusterName,
     mut send: SendStream,
     mut recv: RecvStream,
+    (pending, stalls): (tokio::sync::OwnedSemaphorePermit, Arc<Stalls>),
 ) {
     let metrics = shared.endpoint.metrics().clone();
     let mut guard = metrics.stream(
@@ -423,13 +460,20 @@ async fn serve_stream(
     );
     let header_timeout = shared.endpoint.config().header_timeout;
     let connect_timeout = shared.endpoint.config().connect_timeout;
-    let (header, rest) = match read_header(&mut recv, header_timeout).await {
+    let header = read_header(&mut recv, header_timeout).await;
+    drop(pending);
+    stalls.record(&header, &metrics);
+    let (header, rest) = match header {
         Ok(h) => h,
         Err(e) => {
             tracing::debug!(error = %e, "rejecting stream");
             if let StreamError::BadHeader(_) = e {
                 guard.set_result(Status::BadRequest.as_str());
                 let _ = answer(&mut send, Status::BadRequest).await;
+            } else if let StreamError::HeaderTimeout(_) = e {
+                // A peer holding streams open without a header (docs/reliability.md 12).
+                guard.set_result("header_timeout");
+                let _ = send.reset(RESET_ABORT);
             } else {
                 guard.set_result("header_error");
                 let _ = send.reset(RESET_ABORT);
@@ -475,6 +519,43 @@ async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+/// Header timeouts in a row on one connection. A peer gateway sends the header with the
+/// stream's first bytes; `max` streams in a row without one in time (no success between)
+/// is a peer holding streams open on purpose, so the whole connection is closed: every
+/// stream it queued behind the pending-header cap goes with it at no cost per stream,
+/// instead of each being accepted and timed out in turn.
+#[derive(Debug)]
+struct Stalls {
+    conn: quinn::Connection,
+    in_a_row: AtomicU32,
+    max: u32,
+}
+
+impl Stalls {
+    fn record(
+        &self,
+        header: &Result<(RequestHeader, Vec<u8>), StreamError>,
+        metrics: &tunnel::Metrics,
+    ) {
+        match header {
+            Err(StreamError::HeaderTimeout(_)) => {
+                if self.in_a_row.fetch_add(1, Ordering::AcqRel) + 1 == self.max {
+                    tracing::warn!(
+                        streams = self.max,
+                        "peer opened streams and sent no header in time, {} in a row; closing its connection",
+                        self.max
+                    );
+                    metrics.stalling_peers.inc();
+                    self.conn
+                        .close(tunnel::CLOSE_STALLING, b"streams without a header");
+                }
+            }
+            Ok(_) => self.in_a_row.store(0, Ordering::Release),
+            Err(_) => {}
+        }
+    }
 }
 
 /// Reads one header (bounded in size and time). Returns it and any payload bytes that came

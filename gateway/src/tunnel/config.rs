@@ -29,6 +29,10 @@ pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a peer has to send a complete header on a new stream.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Streams of one connection accepted and still waiting for their header; above it, the
+/// connection's further streams wait inside QUIC until one is decided (a real peer sends the
+/// header with the stream's first bytes, so only a stalling peer ever reaches it).
+pub const DEFAULT_MAX_PENDING_HEADERS: u32 = 128;
 /// How long a drain waits for in-flight streams before closing anyway.
 pub const DEFAULT_DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 /// A proxied connection with no byte in either direction for this long is reset on both
@@ -72,6 +76,9 @@ pub struct TunnelConfig {
     pub max_streams: u32,
     #[serde(default = "d_max_handshakes")]
     pub max_handshakes: u32,
+    /// Streams of one connection accepted and still waiting for a complete header.
+    #[serde(default = "d_max_pending_headers")]
+    pub max_pending_headers: u32,
     #[serde(default = "d_max_age", with = "humantime_serde")]
     pub max_connection_age: Duration,
     #[serde(default = "d_connect", with = "humantime_serde")]
@@ -148,6 +155,9 @@ fn d_max_streams() -> u32 {
 fn d_max_handshakes() -> u32 {
     DEFAULT_MAX_HANDSHAKES
 }
+fn d_max_pending_headers() -> u32 {
+    DEFAULT_MAX_PENDING_HEADERS
+}
 fn d_max_age() -> Duration {
     DEFAULT_MAX_CONNECTION_AGE
 }
@@ -219,6 +229,7 @@ impl TunnelConfig {
             keep_alive: DEFAULT_KEEP_ALIVE,
             max_streams: DEFAULT_MAX_STREAMS,
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_pending_headers: DEFAULT_MAX_PENDING_HEADERS,
             max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
@@ -267,6 +278,7 @@ impl TunnelConfig {
         for (field, v) in [
             ("max_streams", self.max_streams),
             ("max_handshakes", self.max_handshakes),
+            ("max_pending_headers", self.max_pending_headers),
             ("stream_window_bytes", self.stream_window_bytes),
             (
                 "max_connections_per_cluster",
@@ -421,6 +433,14 @@ mod tests {
             c.validate(),
             Err(ConfigError::Zero {
                 field: "header_timeout"
+            })
+        );
+        let mut c = base.clone();
+        c.max_pending_headers = 0;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::Zero {
+                field: "max_pending_headers"
             })
         );
         let mut c = base.clone();

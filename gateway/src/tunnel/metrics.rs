@@ -119,6 +119,9 @@ pub struct Metrics {
     pub active_connections: Gauge,
     /// Connections closed because nothing arrived from the peer for `tunnel.idle_timeout`.
     pub silent_peers: Counter,
+    /// Connections closed because `tunnel.max_pending_headers` of their streams in a row
+    /// sent no complete header within `tunnel.header_timeout`.
+    pub stalling_peers: Counter,
     pub listeners: Gauge,
     /// In-flight streams per direction over every cluster pair (`[outbound, inbound]`), for
     /// [`Metrics::in_flight`]; not exported (the family above has the same numbers).
@@ -174,6 +177,11 @@ impl Metrics {
             "silent_peers",
             "QUIC connections closed because the peer sent nothing for tunnel.idle_timeout",
             m.silent_peers.clone(),
+        );
+        r.register(
+            "stalling_peers",
+            "QUIC connections closed because tunnel.max_pending_headers of their streams in a row sent no header within tunnel.header_timeout",
+            m.stalling_peers.clone(),
         );
         r.register(
             "listeners",

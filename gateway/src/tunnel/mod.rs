@@ -22,9 +22,10 @@ use thiserror::Error;
 pub use config::{
     ConfigError, DEFAULT_CONNECT_TIMEOUT, DEFAULT_CONNECTION_WINDOW_BYTES, DEFAULT_DRAIN_DEADLINE,
     DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_LISTEN,
-    DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_STREAMS,
-    DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_SOCKET_BUFFER_BYTES, DEFAULT_STREAM_IDLE_TIMEOUT,
-    DEFAULT_STREAM_WINDOW_BYTES, MAX_DURATION, MIN_UDP_PAYLOAD, TunnelConfig,
+    DEFAULT_MAX_CONNECTION_AGE, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_PENDING_HEADERS,
+    DEFAULT_MAX_STREAMS, DEFAULT_MAX_UDP_PAYLOAD, DEFAULT_SOCKET_BUFFER_BYTES,
+    DEFAULT_STREAM_IDLE_TIMEOUT, DEFAULT_STREAM_WINDOW_BYTES, MAX_DURATION, MIN_UDP_PAYLOAD,
+    TunnelConfig,
 };
 pub(crate) use metrics::ConnectionGuard;
 pub use metrics::{
@@ -48,6 +49,8 @@ pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x12);
 pub const CLOSE_EXPIRED: VarInt = VarInt::from_u32(0x13);
 /// Application close code: nothing arrived from the peer for `tunnel.idle_timeout`.
 pub const CLOSE_SILENT: VarInt = VarInt::from_u32(0x14);
+/// Application close code: `max_pending_headers` streams in a row sent no header in time.
+pub const CLOSE_STALLING: VarInt = VarInt::from_u32(0x15);
 /// Stream reset/stop code: the TCP connection on the other side was reset (RST).
 pub const RESET_TCP: VarInt = VarInt::from_u32(0x1);
 /// Stream reset/stop code: the stream is abandoned (protocol error, timeout, shutdown).
