@@ -160,6 +160,11 @@ pub struct GatewaySpec<'a> {
     /// The QUIC listen address's IP (port 0); `None`: 127.0.0.1. In a namespace, the
     /// address other nodes reach it at.
     pub tunnel_ip: Option<IpAddr>,
+    /// The QUIC listen port; `None`: 0 (any), which is what most tests want. A relay in front
+    /// of the gateway ([`meshup_test_support::relay`]) needs to know it before it starts.
+    pub tunnel_port: Option<u16>,
+    /// `tunnel.advertise`: the address peers dial instead of the bound one (a relay's).
+    pub advertise: Option<SocketAddr>,
     /// `dns.listen`; `None`: 127.0.0.1:0.
     pub dns_listen: Option<SocketAddr>,
     /// The `datapath:` section: (interface, node-local addresses); `None`: none.
@@ -193,6 +198,8 @@ impl<'a> GatewaySpec<'a> {
             env: Vec::new(),
             netns: None,
             tunnel_ip: None,
+            tunnel_port: None,
+            advertise: None,
             dns_listen: None,
             datapath: None,
         }
@@ -225,7 +232,7 @@ impl<'a> GatewaySpec<'a> {
                 ),
             )
         } else {
-            (0, String::new())
+            (self.tunnel_port.unwrap_or(0), String::new())
         };
         format!(
             r#"cluster: {cluster}
@@ -244,7 +251,7 @@ tunnel:
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
-{handover}dns:
+{advertise}{handover}dns:
   listen: {dns}
 admin:
   http: {admin}
@@ -268,6 +275,9 @@ admin:
                     )),
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
+            advertise = self
+                .advertise
+                .map_or(String::new(), |a| format!("  advertise: [\"{a}\"]\n")),
             grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
             remote = remote.map_or(String::new(), |a| format!("  grpc_remote: {a}\n")),
             threads = self
@@ -283,7 +293,7 @@ admin:
 }
 
 /// A UDP port free on 127.0.0.1 now (bound and released).
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("a free UDP port")
