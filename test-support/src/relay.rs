@@ -620,9 +620,10 @@ mod tests {
                 },
                 |f, now| f == Fate::Duplicate(now, now),
             ),
-            (Faults::delay(ms(50), ms(10)), |f, now| {
-                matches!(f, Fate::Deliver(at) if at >= now + ms(40) && at <= now + ms(60))
-            }),
+            (
+                Faults::delay(ms(50), ms(10)),
+                |f, now| matches!(f, Fate::Deliver(at) if at >= now + ms(40) && at <= now + ms(60)),
+            ),
             (
                 Faults {
                     reorder: 1.0,

@@ -18,5 +18,6 @@ pub mod workload;
 
 pub use meshup::{meshup, meshup_bin};
 pub use meshup_test_support::{
-    EtcdServer, assert_eventually, etcd, eventually, eventually_ok, free_port, poll_until, tls,
+    EtcdServer, assert_eventually, etcd, eventually, eventually_ok, free_port, poll_until, relay,
+    tls,
 };
