@@ -244,7 +244,9 @@ impl Health {
         let t = self.target_mut(service, cluster);
         let recovered = available && !t.available;
         if recovered {
-            t.recovered_at = Some(now);
+            // Never earlier than an ejection's end: a cluster seen alive again while still
+            // ejected holds down from the end of its ejection, not from now.
+            t.recovered_at = Some(t.recovered_at.map_or(now, |at| at.max(now)));
         }
         t.available = available;
         recovered
@@ -539,6 +541,41 @@ mod tests {
             h.held_down_until(&s, &west, hold, t0 + Duration::from_secs(39)),
             Some(until)
         );
+    }
+
+    #[test]
+    fn a_cluster_back_while_ejected_holds_down_from_the_end_of_its_ejection() {
+        // A partition: attempts fail (ejected for the base time) and the peer goes down; the
+        // link heals while the ejection lasts. The hold-down runs from the ejection's end,
+        // not from the heal (tests/tests/link_faults.rs found it cut short before).
+        let t0 = Instant::now();
+        let mut h = Health::new(t0);
+        let (s, west) = (svc(), c("west"));
+        let hold = Duration::from_secs(10);
+        let cfg = cfg();
+        let mut ejected = None;
+        for _ in 0..cfg.consecutive_failures {
+            ejected = h.record(&s, &west, Outcome::Failure, 2, &cfg, t0);
+        }
+        let until = ejected.expect("ejected after consecutive failures").until;
+        assert!(!h.observe_available(&s, &west, false, t0));
+        let healed = t0 + Duration::from_secs(5);
+        assert!(healed < until, "the heal comes while ejected");
+        assert!(h.observe_available(&s, &west, true, healed));
+        assert_eq!(
+            h.held_down_until(&s, &west, hold, until),
+            Some(until + hold),
+            "held down for the whole hold-down after the ejection"
+        );
+        // A heal after the ejection's end holds down from the heal.
+        let mut h = Health::new(t0);
+        for _ in 0..cfg.consecutive_failures {
+            h.record(&s, &west, Outcome::Failure, 2, &cfg, t0);
+        }
+        assert!(!h.observe_available(&s, &west, false, t0));
+        let late = until + Duration::from_secs(5);
+        assert!(h.observe_available(&s, &west, true, late));
+        assert_eq!(h.held_down_until(&s, &west, hold, late), Some(late + hold));
     }
 
     #[test]

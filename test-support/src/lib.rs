@@ -6,11 +6,14 @@
 //!   cluster), started and stopped by the test;
 //! - [`tls`]: a test PKI (CA, server and client certificates) for etcd over TLS and the peers
 //!   benchmarks compare against;
-//! - [`eventually`]: waiting on a condition with a deadline instead of sleeping.
+//! - [`eventually`]: waiting on a condition with a deadline instead of sleeping;
+//! - [`relay`]: a UDP relay that makes a link lossy, slow, duplicating, reordering or
+//!   partitioned (this kernel has no `tc netem`).
 
 pub mod etcd;
 pub mod etcd_cluster;
 pub mod eventually;
+pub mod relay;
 pub mod tls;
 
 pub use etcd::{EtcdEndpoints, EtcdServer, etcdctl_at, free_port};

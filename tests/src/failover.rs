@@ -25,7 +25,7 @@ pub const PORT: u16 = 7000;
 pub const LEVELS: [&str; 2] = ["west", "north"];
 
 /// How the federation is started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Options<'a> {
     /// Catalog prefix.
     pub prefix: &'a str,
@@ -37,6 +37,13 @@ pub struct Options<'a> {
     pub log_filter: Option<&'a str>,
     /// `worker_threads` of the gateways (`None`: the gateway's default).
     pub worker_threads: Option<usize>,
+    /// West's QUIC listen port and the address it advertises instead (a fault relay in
+    /// front of it, [`crate::relay`]); `None`: any port, advertised as bound.
+    pub west_tunnel: Option<(u16, SocketAddr)>,
+    /// The policy's `failback_hold_down`; `None`: the policy default.
+    pub failback_hold_down: Option<Duration>,
+    /// The policy's `outlier.base_ejection`; `None`: the policy default.
+    pub base_ejection: Option<Duration>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -57,11 +64,27 @@ pub struct Federation {
 
 /// The policy record of `echo.prod`: one level per cluster, in `levels` order.
 pub fn policy_json(levels: &[&str]) -> String {
+    policy_json_with(levels, None, None)
+}
+
+/// [`policy_json`] with a `failback_hold_down` and an `outlier.base_ejection` when given.
+pub fn policy_json_with(
+    levels: &[&str],
+    failback_hold_down: Option<Duration>,
+    base_ejection: Option<Duration>,
+) -> String {
     let levels: Vec<serde_json::Value> = levels
         .iter()
         .map(|c| serde_json::json!({"clusters": [{"cluster": c}]}))
         .collect();
-    serde_json::json!({"schema": 1, "levels": levels}).to_string()
+    let mut policy = serde_json::json!({"schema": 1, "levels": levels});
+    if let Some(hold) = failback_hold_down {
+        policy["failback_hold_down"] = format!("{}ms", hold.as_millis()).into();
+    }
+    if let Some(base) = base_ejection {
+        policy["outlier"] = serde_json::json!({"base_ejection": format!("{}ms", base.as_millis())});
+    }
+    policy.to_string()
 }
 
 /// A drill record of `kind` (`drain`, `fail`, `pin`) on `cluster` for `echo.prod`, made now,
@@ -98,7 +121,7 @@ impl Federation {
         let prefix = options.prefix.to_owned();
         // Checked against the record types first: a policy the gateways skip as invalid
         // would make every figure below meaningless.
-        let policy = policy_json(&LEVELS);
+        let policy = policy_json_with(&LEVELS, options.failback_hold_down, options.base_ejection);
         meshup_core::policy::decode::<PolicyRecord>(policy.as_bytes())?.validate()?;
         etcd.etcdctl(&[
             "put",
@@ -118,7 +141,11 @@ impl Federation {
             worker_threads: options.worker_threads,
             ..GatewaySpec::new(cluster, vip_cidr, &etcd, &certs, &prefix)
         };
-        let mut west = GatewayProcess::start(spec("west", &west_cidr, Some(&west_echo)));
+        let mut west = GatewayProcess::start(GatewaySpec {
+            tunnel_port: options.west_tunnel.map(|t| t.0),
+            advertise: options.west_tunnel.map(|t| t.1),
+            ..spec("west", &west_cidr, Some(&west_echo))
+        });
         let mut north = GatewayProcess::start(spec("north", &north_cidr, Some(&north_echo)));
         let mut east = GatewayProcess::start(spec("east", &east_cidr, None));
         for g in [&mut west, &mut north, &mut east] {

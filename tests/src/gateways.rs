@@ -189,6 +189,11 @@ pub struct GatewaySpec<'a> {
     /// The QUIC listen address's IP (port 0); `None`: 127.0.0.1. In a namespace, the
     /// address other nodes reach it at.
     pub tunnel_ip: Option<IpAddr>,
+    /// The QUIC listen port; `None`: 0 (any), which is what most tests want. A relay in front
+    /// of the gateway ([`meshup_test_support::relay`]) needs to know it before it starts.
+    pub tunnel_port: Option<u16>,
+    /// `tunnel.advertise`: the address peers dial instead of the bound one (a relay's).
+    pub advertise: Option<SocketAddr>,
     /// `dns.listen`; `None`: 127.0.0.1:0.
     pub dns_listen: Option<SocketAddr>,
     /// The `datapath:` section: (interface, node-local addresses); `None`: none.
@@ -223,6 +228,8 @@ impl<'a> GatewaySpec<'a> {
             env: Vec::new(),
             netns: None,
             tunnel_ip: None,
+            tunnel_port: None,
+            advertise: None,
             dns_listen: None,
             datapath: None,
         }
@@ -255,7 +262,7 @@ impl<'a> GatewaySpec<'a> {
                 ),
             )
         } else {
-            (0, String::new())
+            (self.tunnel_port.unwrap_or(0), String::new())
         };
         format!(
             r#"cluster: {cluster}
@@ -274,7 +281,7 @@ tunnel:
   key: {certs}/key.pem
   bundle: {certs}/bundle.pem
   drain_deadline: {drain}ms
-{handover}dns:
+{advertise}{handover}dns:
   listen: {dns}
 admin:
   http: {admin}
@@ -304,6 +311,9 @@ admin:
                     )),
             certs = certs.display(),
             drain = self.drain_deadline.as_millis(),
+            advertise = self
+                .advertise
+                .map_or(String::new(), |a| format!("  advertise: [\"{a}\"]\n")),
             grpc = grpc.map_or(String::new(), |a| format!("  grpc: {a}\n")),
             remote = remote.map_or(String::new(), |a| format!("  grpc_remote: {a}\n")),
             threads = self
@@ -337,7 +347,7 @@ pub fn metric_in(exposition: &str, name: &str) -> anyhow::Result<f64> {
 }
 
 /// A UDP port free on 127.0.0.1 now (bound and released).
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .expect("a free UDP port")

@@ -22,5 +22,5 @@ pub mod workload;
 pub use meshup::{meshup, meshup_bin};
 pub use meshup_test_support::{
     EtcdCluster, EtcdEndpoints, EtcdServer, assert_eventually, etcd, etcd_cluster, etcdctl_at,
-    eventually, eventually_ok, free_port, poll_until, tls,
+    eventually, eventually_ok, free_port, poll_until, relay, tls,
 };

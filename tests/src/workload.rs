@@ -15,6 +15,9 @@
 //! latency of the successes; and over everything that started at or after the fault, the time
 //! until the last failure and until the start of an unbroken run of successes.
 //!
+//! [`LongStream`] is one long connection (a bulk transfer, or a slow steady one) whose
+//! echo is checked by SHA-256, with its duration for throughput.
+//!
 //! [`EchoServer`] is the backend: it echoes every byte and records when it accepted each
 //! client connection, so a test can say which of several servers served a phase.
 
@@ -265,6 +268,150 @@ async fn attempt(addr: SocketAddr, request: &[u8], timeout: Duration) -> Result<
         .unwrap_or(Err(Failure::Timeout))
 }
 
+// === long streams ===
+
+/// One long connection: the client sends `total` bytes of a seeded pseudo-random pattern in
+/// `chunk`-byte writes (one every `pace`, or as fast as the path takes them), half-closes,
+/// and reads the echo meanwhile; the SHA-256 of what came back must equal that of what went
+/// out. Bounded by `timeout` as a whole.
+#[derive(Debug, Clone)]
+pub struct LongStream {
+    pub addr: SocketAddr,
+    pub total: u64,
+    pub chunk: usize,
+    /// Time between writes; `None`: back to back (a bulk transfer).
+    pub pace: Option<Duration>,
+    pub timeout: Duration,
+    /// Seeds the pattern, so two streams carry different bytes.
+    pub seed: u64,
+}
+
+/// How a [`LongStream`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamOutcome {
+    /// When it started and ended.
+    pub started: Instant,
+    pub ended: Instant,
+    /// Bytes written and echoed bytes read.
+    pub sent: u64,
+    pub received: u64,
+    /// SHA-256 of the bytes sent and of the bytes received, in hex.
+    pub sent_sha256: String,
+    pub received_sha256: String,
+    /// `Ok` only if every byte came back and the hashes match.
+    pub result: Result<(), Failure>,
+}
+
+impl StreamOutcome {
+    /// How long it ran.
+    pub fn elapsed(&self) -> Duration {
+        self.ended - self.started
+    }
+
+    /// Echoed megabytes (10^6 bytes) per second.
+    pub fn megabytes_per_second(&self) -> f64 {
+        self.received as f64 / 1e6 / self.elapsed().as_secs_f64().max(1e-9)
+    }
+}
+
+impl LongStream {
+    /// A bulk transfer of `total` bytes in 64 KiB writes, as fast as the path allows.
+    pub fn bulk(addr: SocketAddr, total: u64, timeout: Duration) -> Self {
+        Self {
+            addr,
+            total,
+            chunk: 64 * 1024,
+            pace: None,
+            timeout,
+            seed: 1,
+        }
+    }
+
+    /// Runs the stream to its end.
+    pub async fn run(self) -> StreamOutcome {
+        use rand::{RngCore, SeedableRng};
+        use sha2::{Digest, Sha256};
+        let started = Instant::now();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hashes = Arc::new(Mutex::new((Sha256::new(), Sha256::new())));
+        let exchange = {
+            let (sent, received, hashes) = (sent.clone(), received.clone(), hashes.clone());
+            let this = self.clone();
+            async move {
+                let conn = TcpStream::connect(this.addr)
+                    .await
+                    .map_err(|e| Failure::of(&e))?;
+                let _ = conn.set_nodelay(true);
+                let (mut r, mut w) = conn.into_split();
+                let writer = async {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(this.seed);
+                    let mut buf = vec![0u8; this.chunk.max(1)];
+                    let mut left = this.total;
+                    while left > 0 {
+                        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                        rng.fill_bytes(&mut buf[..n]);
+                        hashes.lock().expect("hash lock").0.update(&buf[..n]);
+                        w.write_all(&buf[..n]).await.map_err(|e| Failure::of(&e))?;
+                        sent.fetch_add(n as u64, Ordering::Relaxed);
+                        left -= n as u64;
+                        if let Some(pace) = this.pace {
+                            tokio::time::sleep(pace).await;
+                        }
+                    }
+                    w.shutdown().await.map_err(|e| Failure::of(&e))
+                };
+                let reader = async {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    loop {
+                        let n = r.read(&mut buf).await.map_err(|e| Failure::of(&e))?;
+                        if n == 0 {
+                            return Ok::<(), Failure>(());
+                        }
+                        hashes.lock().expect("hash lock").1.update(&buf[..n]);
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                };
+                // The reader's error is the one that says what happened to the connection
+                // (a reset); the writer's may only be its echo (a broken pipe).
+                let (wrote, read) = tokio::join!(writer, reader);
+                read.and(wrote)
+            }
+        };
+        let result = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Err(Failure::Timeout));
+        let ended = Instant::now();
+        let (sent_hash, received_hash) = {
+            let h = hashes.lock().expect("hash lock");
+            (h.0.clone().finalize(), h.1.clone().finalize())
+        };
+        let (sent, received) = (
+            sent.load(Ordering::Relaxed),
+            received.load(Ordering::Relaxed),
+        );
+        let hex = |d: &[u8]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let result = result.and_then(|()| {
+            if sent == self.total && received == sent && sent_hash == received_hash {
+                Ok(())
+            } else if received < sent {
+                Err(Failure::Closed)
+            } else {
+                Err(Failure::WrongBytes)
+            }
+        });
+        StreamOutcome {
+            started,
+            ended,
+            sent,
+            received,
+            sent_sha256: hex(&sent_hash),
+            received_sha256: hex(&received_hash),
+            result,
+        }
+    }
+}
+
 // === the checker ===
 
 /// Figures of the attempts that started in one phase.
@@ -278,7 +425,8 @@ pub struct Phase {
 }
 
 impl Phase {
-    fn of<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Self {
+    /// The figures of `outcomes` (a test picks which: by start time, for instance).
+    pub fn of<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Self {
         let mut phase = Phase::default();
         let mut latencies = Vec::new();
         for o in outcomes {
@@ -622,6 +770,17 @@ impl EchoServer {
             .count()
     }
 
+    /// When the first client connection at or after `from` was accepted, if one was.
+    pub fn first_accepted_since(&self, from: Instant) -> Option<Instant> {
+        self.accepted
+            .lock()
+            .expect("accept log lock")
+            .iter()
+            .filter(|t| **t >= from)
+            .min()
+            .copied()
+    }
+
     /// Client connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.lock().expect("accept log lock").len()
@@ -850,6 +1009,45 @@ mod tests {
                 .all(|o| o.result == Err(Failure::Timeout) && o.latency >= ms(300)),
             "{outcomes:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_long_stream_comes_back_whole_and_a_cut_one_says_so() {
+        let echo = EchoServer::start().await.expect("echo server");
+        let out = LongStream::bulk(echo.addr(), 4 << 20, Duration::from_secs(20))
+            .run()
+            .await;
+        assert_eq!(out.result, Ok(()), "{out:?}");
+        assert_eq!((out.sent, out.received), (4 << 20, 4 << 20));
+        assert_eq!(out.sent_sha256, out.received_sha256);
+        assert!(out.megabytes_per_second() > 0.0);
+
+        // A server that echoes 1000 bytes, then resets: the stream ends with an error at once,
+        // not at its timeout.
+        let cutter = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = cutter.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut c, _) = cutter.accept().await.expect("accept");
+            let mut buf = [0u8; 1000];
+            c.read_exact(&mut buf).await.expect("read");
+            c.write_all(&buf).await.expect("write");
+            // SO_LINGER 0: closing sends a RST.
+            c.set_zero_linger().expect("linger");
+            drop(c);
+        });
+        let stream = LongStream {
+            pace: Some(Duration::from_millis(5)),
+            chunk: 500,
+            ..LongStream::bulk(addr, 1 << 20, Duration::from_secs(20))
+        };
+        let out = stream.run().await;
+        server.await.expect("server");
+        assert!(
+            matches!(out.result, Err(Failure::Reset | Failure::Closed)),
+            "{out:?}"
+        );
+        assert!(out.received >= 1000 && out.received < 1 << 20, "{out:?}");
+        assert!(out.elapsed() < Duration::from_secs(10), "{out:?}");
     }
 
     #[tokio::test]

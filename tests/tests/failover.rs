@@ -50,8 +50,7 @@ fn options(prefix: &str, vip_octet: u8) -> Options<'_> {
         prefix,
         vip_octet,
         binary: None,
-        log_filter: None,
-        worker_threads: None,
+        ..Options::default()
     }
 }
 

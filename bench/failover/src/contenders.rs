@@ -67,6 +67,7 @@ impl Contender {
             binary: Some(binary),
             log_filter: Some(GATEWAY_LOG),
             worker_threads: threads,
+            ..Options::default()
         })
         .await?;
         Ok(Self::Meshup(Box::new(fed)))

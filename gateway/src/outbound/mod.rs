@@ -753,10 +753,14 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         let mut early = Early::default();
         let max_attempts = plan.decision.max_attempts.max(1) as usize;
         let mut attempts = 0;
-        for (cluster, target) in plan.targets() {
+        let targets: Vec<(&ClusterName, &Target)> = plan.targets().collect();
+        for (i, &(cluster, target)) in targets.iter().enumerate() {
             if attempts == max_attempts {
                 break;
             }
+            // Whether another cluster could still be tried after this one: if not, a peer that
+            // is only slow (its path's RTT just grew) must not be given up on early.
+            let more_after = i + 1 < targets.len() && attempts + 1 < max_attempts;
             {
                 let mut st = steering.lock();
                 if attempts > 0 && !st.health.take_retry(service, &plan.policy().retry, std::time::Instant::now()) {
@@ -782,7 +786,8 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             let attempt = match target {
                 Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
                 Target::Remote { gateways } => {
-                    attempt_remote(&shared, cluster, gateways, &header, tcp, &mut early).await
+                    attempt_remote(&shared, cluster, gateways, &header, tcp, &mut early, more_after)
+                        .await
                 }
             };
             match attempt {
@@ -893,7 +898,8 @@ async fn attempt_local(
 }
 
 /// Tries the cluster's gateways in rotation (suspect ones last, skipped while others are
-/// left), each address in order, as [`after_failure`] says.
+/// left), each address in order, as [`after_failure`] says. `more_after`: whether another
+/// cluster may be tried after this one.
 async fn attempt_remote(
     shared: &Shared,
     cluster: &ClusterName,
@@ -901,6 +907,7 @@ async fn attempt_remote(
     header: &RequestHeader,
     mut tcp: TcpStream,
     early: &mut Early,
+    more_after: bool,
 ) -> Attempt {
     let start = shared.rotation.fetch_add(1, Ordering::Relaxed);
     let order = attempt_order(gateways, start);
@@ -917,7 +924,8 @@ async fn attempt_remote(
             .partition(|(_, a)| !st.liveness.is_suspect(&peer(*a)));
         if live.is_empty() { suspect } else { live }
     };
-    for (i, addr) in order {
+    let count = order.len();
+    for (k, (i, addr)) in order.into_iter().enumerate() {
         if answered == Some(i) {
             continue;
         }
@@ -926,7 +934,8 @@ async fn attempt_remote(
             addr,
         };
         tracing::trace!(%peer, "attempt");
-        let failed = match open_tunnel(shared, &peer, header, &mut tcp, early).await {
+        let last = !more_after && k + 1 == count;
+        let failed = match open_tunnel(shared, &peer, header, &mut tcp, early, last).await {
             Ok((send, recv)) => {
                 let _open = shared.open_streams.open(peer);
                 return Attempt::Connected(Connected::Remote {
@@ -1069,13 +1078,17 @@ impl From<AttemptError> for Failed {
 /// only to a peer with fresh proof of life ([`liveness`]); otherwise they follow the answer.
 /// The wait for the answer is bounded by the peer's RTT: a peer that sends nothing at all in
 /// that time is suspected dead and the attempt abandoned; one that is alive gets up to the
-/// configured answer timeout.
+/// configured answer timeout. The `last` attempt of a connection (nowhere else to go) gets
+/// the answer timeout in any case: giving up early there gains nothing and would fail a
+/// connection to a live peer whose path just got slower than its smoothed RTT says (a route
+/// change, a queue filling up: tests/tests/link_faults.rs).
 async fn open_tunnel(
     shared: &Shared,
     peer: &PeerKey,
     header: &RequestHeader,
     tcp: &mut TcpStream,
     early: &mut Early,
+    last: bool,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), Failed> {
     let steering = &shared.steering;
     let conn = match shared.pool.get(peer).await {
@@ -1149,17 +1162,21 @@ async fn open_tunnel(
             Ok((status, sending))
         };
         tokio::pin!(exchange);
+        let silent = || conn.stats().udp_rx.datagrams == received_before;
         match tokio::time::timeout(wait, &mut exchange).await {
             Ok(r) => Some(r),
-            // Nothing at all from the peer since the header: suspect it, move on.
-            Err(_) if conn.stats().udp_rx.datagrams == received_before => None,
-            // Alive, just slow to answer (its backend is slow to accept): wait on.
-            Err(_) => tokio::time::timeout(cap.saturating_sub(wait), &mut exchange)
-                .await
-                .ok()
-                .or(Some(Err(AttemptError::Answer(format!(
+            // Nothing at all from the peer since the header, and somewhere else to go:
+            // suspect it, move on.
+            Err(_) if silent() && !last => None,
+            // Alive, just slow to answer (its backend is slow to accept), or the last
+            // chance: wait on.
+            Err(_) => match tokio::time::timeout(cap.saturating_sub(wait), &mut exchange).await {
+                Ok(r) => Some(r),
+                Err(_) if silent() => None,
+                Err(_) => Some(Err(AttemptError::Answer(format!(
                     "timed out after {cap:?}"
-                ))))),
+                )))),
+            },
         }
     };
     let fail = |error: AttemptError,
@@ -1183,7 +1200,7 @@ async fn open_tunnel(
                 .suspect(peer, std::time::Instant::now());
             steering.peer_transition(peer, t);
             return Err(fail(
-                AttemptError::Silent(wait),
+                AttemptError::Silent(if last { cap } else { wait }),
                 sent_client_bytes,
                 &mut send,
                 &mut recv,
