@@ -330,32 +330,17 @@ fn derive_view(key: ServiceKey, exports: &ServiceExports) -> ServiceView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Protocol, SCHEMA_VERSION};
-
-    fn cluster(s: &str) -> ClusterName {
-        ClusterName::new(s).expect("valid")
-    }
+    use crate::fixture::{self, cluster};
 
     fn export(port: u16, healthy: u32) -> Arc<ExportRecord> {
-        Arc::new(ExportRecord {
-            schema: SCHEMA_VERSION,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port,
-                protocol: Protocol::Tcp,
-            }],
-            endpoints_total: 3,
-            endpoints_healthy: healthy,
-            allowed_callers: vec![],
-            labels: Default::default(),
-        })
+        Arc::new(fixture::export(port, healthy))
     }
 
     fn key(c: &str, gw: &str, svc: &str) -> ExportKey {
         ExportKey {
             cluster: cluster(c),
-            gateway: GatewayId::new(gw).expect("valid"),
-            service: svc.parse().expect("valid"),
+            gateway: fixture::gateway_id(gw),
+            service: fixture::service(svc),
         }
     }
 
@@ -448,18 +433,7 @@ mod tests {
     #[test]
     fn gateways_group_by_cluster() {
         let mut snap = Snapshot::new();
-        let gw = |c: &str, id: &str| {
-            Arc::new(GatewayRecord {
-                schema: SCHEMA_VERSION,
-                cluster: cluster(c),
-                gateway_id: GatewayId::new(id).expect("valid"),
-                region: String::new(),
-                zone: String::new(),
-                quic_addrs: vec![],
-                spiffe_id: format!("spiffe://td/cluster/{c}/gateway"),
-                draining: false,
-            })
-        };
+        let gw = |c: &str, id: &str| Arc::new(fixture::gateway(c, id));
         assert!(snap.apply(Change::PutGateway(gw("east", "a"))));
         assert!(snap.apply(Change::PutGateway(gw("east", "b"))));
         assert!(snap.apply(Change::PutGateway(gw("west", "a"))));

@@ -11,8 +11,12 @@
 //!   validation (the decision that uses them is the `meshup-policy` crate).
 //! - [`tunnel`]: the tunnel stream header and status codec.
 //! - [`catalog`]: the immutable, cheaply cloned catalog snapshot and the changes applied to it.
+//! - `fixture` (tests only: this crate's, or others' with the `test-util` feature): record,
+//!   change and snapshot builders with the values most tests want.
 
 pub mod catalog;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fixture;
 pub mod identity;
 pub mod model;
 pub mod names;

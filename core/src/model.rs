@@ -336,31 +336,22 @@ pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// The gateway the JSON texts below describe.
     fn gateway() -> GatewayRecord {
         GatewayRecord {
-            schema: SCHEMA_VERSION,
-            cluster: ClusterName::new("east").expect("valid"),
-            gateway_id: GatewayId::new("gw-0").expect("valid"),
             region: "us-east-1".into(),
             zone: "us-east-1a".into(),
             quic_addrs: vec!["10.0.0.1:15443".parse().expect("addr")],
             spiffe_id: "spiffe://mesh.local/cluster/east/gateway".into(),
-            draining: false,
+            ..crate::fixture::gateway("east", "gw-0")
         }
     }
 
+    /// The export the JSON texts below describe.
     fn export() -> ExportRecord {
         ExportRecord {
-            schema: SCHEMA_VERSION,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port: 8080,
-                protocol: Protocol::Tcp,
-            }],
             endpoints_total: 3,
-            endpoints_healthy: 2,
-            allowed_callers: vec![],
-            labels: BTreeMap::new(),
+            ..crate::fixture::export(8080, 2)
         }
     }
 

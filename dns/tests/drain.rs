@@ -85,21 +85,21 @@ async fn shutdown_answers_the_query_in_flight_closes_idle_ones_and_refuses_new_o
             .await?;
         busy.write_all(&q[..q.len() / 2]).await?;
         let client = busy.local_addr()?;
-        eventually("server read the half query", REPLY_DEADLINE, || async {
-            Ok(unread_by_server(server.addr, client) == Some(0))
+        assert_eventually("server read the half query", REPLY_DEADLINE, || async {
+            unread_by_server(server.addr, client) == Some(0)
         })
-        .await?;
+        .await;
 
         server.begin_stop();
         closed_by_server(&mut idle, "idle connection").await?;
         // New connections are refused: the listening socket is closed, not merely no longer
         // accepted from (clients would then wait for answers that never come).
-        eventually("new connections refused", REPLY_DEADLINE, || async {
-            Ok(TcpStream::connect(server.addr)
+        assert_eventually("new connections refused", REPLY_DEADLINE, || async {
+            TcpStream::connect(server.addr)
                 .await
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
         })
-        .await?;
+        .await;
         // The query in flight is answered in full, then its connection is closed too.
         busy.write_all(&q[q.len() / 2..])
             .await
@@ -127,12 +127,12 @@ async fn a_query_that_never_completes_is_closed_at_its_read_deadline() -> anyhow
         stuck.write_all(&[0, 40, 0x12, 0x34, 0x01]).await?;
         let last_byte = tokio::time::Instant::now();
         let client = stuck.local_addr()?;
-        eventually(
+        assert_eventually(
             "server read the stuck query's start",
             REPLY_DEADLINE,
-            || async { Ok(unread_by_server(server.addr, client) == Some(0)) },
+            || async { unread_by_server(server.addr, client) == Some(0) },
         )
-        .await?;
+        .await;
         server.begin_stop();
         closed_by_server(&mut stuck, "stuck connection").await?;
         // Like any query in flight it had its whole read deadline, and no more.

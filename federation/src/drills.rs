@@ -562,15 +562,13 @@ fn describe_audit(value: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
     use meshup_core::catalog::Change;
     use meshup_core::names::ClusterName;
     use meshup_core::policy::DrillKind;
 
     use super::*;
     use crate::embedded::EmbeddedStore;
-    use crate::store::{KeyRange, LeaseId, Page, StoreFuture, TxnResult, Watch};
+    use crate::test_store::{Call, TestStore};
 
     /// A Unix time in 2027, where the paused test clocks start.
     const T0: i64 = 1_800_000_000;
@@ -717,63 +715,17 @@ mod tests {
         }
     }
 
-    /// The embedded store, counting transactions (every read and write of this module is
-    /// one) and failing them all while `down`.
-    #[derive(Debug)]
-    struct TestStore {
-        inner: EmbeddedStore,
-        txns: AtomicU64,
-        down: AtomicBool,
+    /// The embedded store behind the test store, which counts transactions (every read and
+    /// write of this module is one) and fails them all while disconnected.
+    fn test_store() -> Arc<TestStore> {
+        TestStore::new(Arc::new(EmbeddedStore::new()))
     }
 
-    impl TestStore {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                inner: EmbeddedStore::new(),
-                txns: AtomicU64::new(0),
-                down: AtomicBool::new(false),
-            })
-        }
-        fn txns(&self) -> u64 {
-            self.txns.load(Ordering::SeqCst)
-        }
-        async fn has(&self, key: String) -> bool {
-            store::get(&self.inner, key).await.expect("get").is_some()
-        }
-    }
-
-    impl Store for TestStore {
-        fn backend(&self) -> &'static str {
-            "test"
-        }
-        fn revision(&self) -> StoreFuture<'_, Revision> {
-            self.inner.revision()
-        }
-        fn range(&self, r: KeyRange, rev: Option<Revision>, limit: usize) -> StoreFuture<'_, Page> {
-            self.inner.range(r, rev, limit)
-        }
-        fn watch(&self, r: KeyRange, start: Revision) -> StoreFuture<'_, Watch> {
-            self.inner.watch(r, start)
-        }
-        fn grant_lease(&self, ttl: Duration) -> StoreFuture<'_, LeaseId> {
-            self.inner.grant_lease(ttl)
-        }
-        fn keep_alive(&self, lease: LeaseId) -> StoreFuture<'_, Duration> {
-            self.inner.keep_alive(lease)
-        }
-        fn revoke_lease(&self, lease: LeaseId) -> StoreFuture<'_, ()> {
-            self.inner.revoke_lease(lease)
-        }
-        fn txn(&self, txn: Txn) -> StoreFuture<'_, TxnResult> {
-            self.txns.fetch_add(1, Ordering::SeqCst);
-            if self.down.load(Ordering::SeqCst) {
-                return Box::pin(async { Err(StoreError::Unavailable("test: down".into())) });
-            }
-            self.inner.txn(txn)
-        }
-        fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
-            self.inner.compact(revision)
-        }
+    async fn has(store: &TestStore, key: String) -> bool {
+        store::get(store.inner().as_ref(), key)
+            .await
+            .expect("get")
+            .is_some()
     }
 
     fn snapshot(drills: &[(&str, &DrillRecord)]) -> Arc<Snapshot> {
@@ -811,7 +763,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_loop_ends_a_drill_at_its_expiry_then_leaves_it_alone() {
-        let store = TestStore::new();
+        let store = test_store();
         let layout = KeyLayout::default();
         let (a, d) = (id("a"), drill(T0 + 5));
         start_drill(store.as_ref(), &layout, &a, &d)
@@ -821,13 +773,19 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = spawn_loop(&store, rx, &cancel);
 
-        let before = store.txns();
+        let before = store.calls(Call::Txn);
         sleep_ms(4_900).await;
-        assert!(store.has(layout.drill(&a)).await, "not ended early");
-        assert_eq!(store.txns(), before, "no store traffic before the expiry");
+        assert!(has(&store, layout.drill(&a)).await, "not ended early");
+        assert_eq!(
+            store.calls(Call::Txn),
+            before,
+            "no store traffic before the expiry"
+        );
         sleep_ms(200).await;
-        assert!(!store.has(layout.drill(&a)).await, "ended at its expiry");
-        let audit = list_audit(&store.inner, &layout).await.expect("list");
+        assert!(!has(&store, layout.drill(&a)).await, "ended at its expiry");
+        let audit = list_audit(store.inner().as_ref(), &layout)
+            .await
+            .expect("list");
         assert_eq!(audit.len(), 1);
         assert_eq!(
             (
@@ -838,18 +796,22 @@ mod tests {
             (DrillEnd::Expired, T0 + 5, EXPIRY_ACTOR)
         );
         assert_eq!(audit[0].audit.drill, d);
-        let ended = store.txns();
+        let ended = store.calls(Call::Txn);
         assert_eq!(ended, before + 2, "one read, one transaction");
 
         // The watcher has not caught up: the snapshot still shows the drill. It is looked at
         // again only at its recheck, once.
         sleep_ms(50_000).await;
-        assert_eq!(store.txns(), ended, "no retries while the snapshot lags");
+        assert_eq!(
+            store.calls(Call::Txn),
+            ended,
+            "no retries while the snapshot lags"
+        );
         sleep_ms(15_000).await;
-        assert_eq!(store.txns(), ended + 1, "one recheck read");
+        assert_eq!(store.calls(Call::Txn), ended + 1, "one recheck read");
         tx.send(snapshot(&[])).expect("loop alive");
         sleep_ms(200_000).await;
-        assert_eq!(store.txns(), ended + 1, "nothing to do");
+        assert_eq!(store.calls(Call::Txn), ended + 1, "nothing to do");
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(1), task)
             .await
@@ -859,28 +821,35 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn store_errors_back_off_and_the_round_is_retried() {
-        let store = TestStore::new();
+        let store = test_store();
         let layout = KeyLayout::default();
         let (a, d) = (id("a"), drill(T0 - 1));
         start_drill(store.as_ref(), &layout, &a, &d)
             .await
             .expect("start");
-        store.down.store(true, Ordering::SeqCst);
-        let before = store.txns();
+        store.disconnect();
+        let before = store.calls(Call::Txn);
         let (_tx, rx) = watch::channel(snapshot(&[("a", &d)]));
         let cancel = CancellationToken::new();
         let _task = spawn_loop(&store, rx, &cancel);
         // Attempts at 0, 1, 3 and 7 s: the backoff doubles from 1 s.
         sleep_ms(10_500).await;
-        assert_eq!(store.txns() - before, 4, "backed off, no busy loop");
-        store.down.store(false, Ordering::SeqCst);
+        assert_eq!(
+            store.calls(Call::Txn) - before,
+            4,
+            "backed off, no busy loop"
+        );
+        store.reconnect();
         // The next attempt, at 15 s, ends it.
         sleep_ms(4_000).await;
-        assert!(store.has(layout.drill(&a)).await);
+        assert!(has(&store, layout.drill(&a)).await);
         sleep_ms(1_000).await;
-        assert!(!store.has(layout.drill(&a)).await);
+        assert!(!has(&store, layout.drill(&a)).await);
         assert_eq!(
-            list_audit(&store.inner, &layout).await.expect("list").len(),
+            list_audit(store.inner().as_ref(), &layout)
+                .await
+                .expect("list")
+                .len(),
             1
         );
         cancel.cancel();
@@ -888,7 +857,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_snapshot_wakes_the_loop_and_a_closed_channel_stops_it() {
-        let store = TestStore::new();
+        let store = test_store();
         let layout = KeyLayout::default();
         let (tx, rx) = watch::channel(snapshot(&[]));
         let cancel = CancellationToken::new();
@@ -901,7 +870,7 @@ mod tests {
         tx.send(snapshot(&[("a", &d)])).expect("loop alive");
         sleep_ms(1).await;
         assert!(
-            !store.has(layout.drill(&a)).await,
+            !has(&store, layout.drill(&a)).await,
             "ended on the new snapshot"
         );
         drop(tx);

@@ -9,6 +9,8 @@
 //! - [`vips`]: VIP allocation by create-if-absent transactions.
 //! - [`drills`]: starting, stopping and expiring operator drills, each end audited once.
 //! - [`config`]: the `catalog` configuration section and the store constructor.
+//! - `test_store` (tests only: this crate's, or others' with the `test-util` feature): a
+//!   store wrapper that counts calls, cuts the connection and stages races.
 //!
 //! Every task stops on a `tokio_util::sync::CancellationToken`; see each module for what
 //! dropping its handle does.
@@ -22,6 +24,8 @@ pub mod keys;
 pub mod publisher;
 pub mod reducer;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_store;
 pub mod vips;
 pub mod watcher;
 

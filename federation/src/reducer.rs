@@ -210,7 +210,8 @@ fn skip_key(error: KeyError) -> Outcome {
 mod tests {
     use super::*;
     use meshup_core::catalog::{ExportKey, Snapshot};
-    use meshup_core::model::{MAX_RECORD_BYTES, PortSpec, Protocol, encode};
+    use meshup_core::fixture;
+    use meshup_core::model::{MAX_RECORD_BYTES, encode};
     use meshup_core::names::{ClusterName, GatewayId};
 
     const GW_KEY: &str = "/m/v1/clusters/east/gateways/gw-0";
@@ -223,29 +224,15 @@ mod tests {
 
     fn gateway_json(cluster: &str, addr: &str) -> Vec<u8> {
         encode(&GatewayRecord {
-            schema: SCHEMA_VERSION,
-            cluster: ClusterName::new(cluster).expect("valid"),
-            gateway_id: GatewayId::new("gw-0").expect("valid"),
-            region: String::new(),
-            zone: String::new(),
             quic_addrs: vec![addr.parse().expect("addr")],
-            spiffe_id: format!("spiffe://td/cluster/{cluster}/gateway"),
-            draining: false,
+            ..fixture::gateway(cluster, "gw-0")
         })
     }
 
     fn export_json(port: u16) -> Vec<u8> {
         encode(&ExportRecord {
-            schema: SCHEMA_VERSION,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port,
-                protocol: Protocol::Tcp,
-            }],
             endpoints_total: 2,
-            endpoints_healthy: 1,
-            allowed_callers: vec![],
-            labels: Default::default(),
+            ..fixture::export(port, 1)
         })
     }
 

@@ -174,7 +174,7 @@ async fn compaction_while_disconnected_forces_one_relist(f: Fixture) {
                 .await
                 .expect("put");
         }
-        let flaky = Flaky::new(store.clone());
+        let flaky = TestStore::new(store.clone());
         let (view, metrics) = spawn_watcher(flaky.clone(), &cancel);
         until(&view.snapshots(), "initial three exports", |s| {
             s.export_count() == 3
@@ -354,7 +354,7 @@ async fn broken_watch_resumes_without_relist(f: Fixture) {
     within(LIMIT, async {
         let cancel = CancellationToken::new();
         let store = f.store();
-        let flaky = Flaky::new(store.clone());
+        let flaky = TestStore::new(store.clone());
         let (view, _) = spawn_watcher(flaky.clone(), &cancel);
         assert!(view.wait_synced().await);
         let mut revisions = Vec::new();
@@ -643,12 +643,7 @@ async fn vip_allocation_backs_off_while_the_range_is_full(f: Fixture) {
         let (view, _) = spawn_watcher(store.clone(), &cancel);
         // Every allocation probe is one transaction: count them to bound how hard the
         // allocator leans on the store.
-        let txns = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let seen = txns.clone();
-        let counting = Interleave::new(store.clone(), move |_| {
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            None
-        });
+        let counting = TestStore::new(store.clone());
         let metrics = vips::Metrics::default();
         let allocator = VipAllocator::new(
             counting.clone(),
@@ -667,17 +662,17 @@ async fn vip_allocation_backs_off_while_the_range_is_full(f: Fixture) {
                 .count()
         };
         until(&view.snapshots(), "the range filled", |s| east_vips(s) == 2).await;
-        let deadline = Instant::now() + CONVERGE;
-        while metrics.errors("exhausted") == 0 {
-            assert!(Instant::now() < deadline, "no allocation ran out of room");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert_eventually("an allocation ran out of room", CONVERGE, || {
+            let exhausted = metrics.errors("exhausted");
+            async move { exhausted > 0 }
+        })
+        .await;
 
         // Before the fix: 4 missing keys x 64 probes every tick (grace-capped at 500 ms),
         // about 1,500 transactions in 3 s. Now: a few probes of the two addresses per backoff.
-        let before = txns.load(std::sync::atomic::Ordering::SeqCst);
+        let before = counting.calls(Call::Txn);
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let spent = txns.load(std::sync::atomic::Ordering::SeqCst) - before;
+        let spent = counting.calls(Call::Txn) - before;
         eprintln!("allocation transactions in 3 s with a full range: {spent}");
         assert!(
             spent <= 12,

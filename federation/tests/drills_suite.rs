@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use common::{Fixture, Interleave, eventually_ok, layout, within};
+use common::{Fixture, TestStore, eventually_ok, layout, within};
 use meshup_core::model::encode;
 use meshup_core::names::DrillId;
 use meshup_core::policy::{self, DrillEnd, DrillKind, DrillRecord, EXPIRY_ACTOR, SCHEMA_VERSION};
@@ -268,11 +268,11 @@ async fn gateways_expiring_a_drill_at_once_write_one_audit_entry(f: Fixture) {
 
 /// A store on which, just before the first transaction that deletes `id`'s drill, someone
 /// else rewrites that drill as `to`.
-fn changing_before_the_end(s: Arc<dyn Store>, id: &DrillId, to: &DrillRecord) -> Arc<Interleave> {
+fn changing_before_the_end(s: Arc<dyn Store>, id: &DrillId, to: &DrillRecord) -> Arc<TestStore> {
     let key = Bytes::from(layout().drill(id));
     let value = Bytes::from(encode(to));
     let fired = AtomicBool::new(false);
-    Interleave::new(s, move |txn: &Txn| {
+    TestStore::with_before_txn(s, move |txn: &Txn| {
         let deletes = txn
             .success
             .iter()

@@ -75,7 +75,7 @@ async fn until_bookmarked(metrics: &watcher::Metrics, rev: Revision) {
 /// watch (and changes the catalog meanwhile): the watch resumes, with zero relists.
 async fn quiet_catalog_resumes_from_bookmarks(
     f: &Fixture,
-) -> (Arc<Flaky>, Watcher, watcher::Metrics, CancellationToken) {
+) -> (Arc<TestStore>, Watcher, watcher::Metrics, CancellationToken) {
     let store = f.store();
     for svc in ["a.prod", "b.prod", "c.prod"] {
         store::put(store.as_ref(), export_key(svc), encode(&export(80, 1)), 0)
@@ -83,7 +83,7 @@ async fn quiet_catalog_resumes_from_bookmarks(
             .expect("put");
     }
     let cancel = CancellationToken::new();
-    let flaky = Flaky::new(store.clone());
+    let flaky = TestStore::new(store.clone());
     let metrics = watcher::Metrics::default();
     let view = Watcher::spawn(
         flaky.clone(),

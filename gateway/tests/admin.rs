@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::admin::{Exposition, Response, get};
 use common::federation::{export_config, gateway_config};
-use common::{Pki, eventually, within};
+use common::{Pki, assert_eventually, within};
 use meshup_core::names::ServiceKey;
 use meshup_federation::config::{Backend, CatalogConfig};
 use meshup_federation::embedded::EmbeddedStore;
@@ -106,9 +106,9 @@ async fn ready_is_503_until_the_first_catalog_sync_then_200() {
 
         // Not ready while the watcher keeps failing to list (seen trying twice).
         let turned_away = front.turned_away.clone();
-        eventually(
-            Duration::from_secs(20),
+        assert_eventually(
             "the watcher tried the store twice",
+            Duration::from_secs(20),
             || {
                 let n = turned_away.load(Ordering::SeqCst);
                 async move { n >= 2 }
@@ -132,7 +132,7 @@ async fn ready_is_503_until_the_first_catalog_sync_then_200() {
             .await
             .expect("etcd");
         front.bring_up(etcd.client_addr());
-        eventually(Duration::from_secs(30), "/ready turns 200", || async move {
+        assert_eventually("/ready turns 200", Duration::from_secs(30), || async move {
             get(admin, "/ready").await.status == 200
         })
         .await;
@@ -189,7 +189,7 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
         // One connection from a client of east to west's backend, finished.
         let key: ServiceKey = "echo.test".parse().expect("key");
         let mut vip = None;
-        eventually(Duration::from_secs(20), "east routes echo.test", || {
+        assert_eventually("east routes echo.test", Duration::from_secs(20), || {
             let snapshot = east.snapshots().borrow().clone();
             vip = snapshot
                 .vip(east.cluster(), &key, None)
@@ -219,9 +219,9 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
             Exposition::parse(&r.body)
         };
         let done = "meshup_tunnel_streams_closed_total{destination_cluster=\"west\",direction=\"inbound\",result=\"done\",source_cluster=\"east\"}";
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "west counted the stream",
+            Duration::from_secs(5),
             || async move { scrape(west_admin).await.samples.get(done) == Some(&1.0) },
         )
         .await;

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::federation::gateway_config;
-use common::{Pki, eventually, within};
+use common::{Pki, assert_eventually, within};
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, DrillKind, EventKind, LinkState};
 use meshup_admin_api::{CURRENT_REVISION_METADATA, SERVICE_NAME};
@@ -111,7 +111,7 @@ async fn every_admin_method_with_good_and_bad_input() {
         // Health: SERVING once ready (the standard service, as grpcurl and kubelet ask it).
         let addr = east.addrs().grpc.expect("grpc");
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
-        eventually(Duration::from_secs(20), "health is SERVING", || {
+        assert_eventually("health is SERVING", Duration::from_secs(20), || {
             let mut health = health.clone();
             async move {
                 health
@@ -143,7 +143,7 @@ async fn every_admin_method_with_good_and_bad_input() {
         }
 
         // Every gateway sees both exporters of pay.prod.
-        eventually(Duration::from_secs(20), "east sees pay.prod from west and north", || {
+        assert_eventually("east sees pay.prod from west and north", Duration::from_secs(20), || {
             let mut api = api.clone();
             async move {
                 api.list_services(pb::ListServicesRequest { service: "pay.prod".into() })
@@ -316,7 +316,7 @@ async fn every_admin_method_with_good_and_bad_input() {
         assert!(stored.policy_json.contains(&format!("\"weight\":{winner}")), "{}", stored.policy_json);
 
         // The decision follows the stored policy: both candidates in one level, by weight.
-        eventually(Duration::from_secs(10), "resolve uses the stored policy", || {
+        assert_eventually("resolve uses the stored policy", Duration::from_secs(10), || {
             let mut api = api.clone();
             async move {
                 api.resolve(pb::ResolveRequest { name: "pay.prod".into(), port: 0 }).await.is_ok_and(|r| {
@@ -374,7 +374,7 @@ async fn every_admin_method_with_good_and_bad_input() {
             &["already exists"],
         );
         // The decision explains it: west is out until the drill's expiry, north takes it all.
-        eventually(Duration::from_secs(10), "resolve shows the drill", || {
+        assert_eventually("resolve shows the drill", Duration::from_secs(10), || {
             let mut api = api.clone();
             let expires = drill.expires;
             async move {

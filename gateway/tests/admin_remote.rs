@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::federation::{export_config, gateway_config};
-use common::{Pki, eventually, within};
+use common::{Pki, assert_eventually, within};
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, DrillKind};
 use meshup_core::policy::{DrillAudit, DrillRecord, PolicyRecord};
@@ -259,7 +259,7 @@ async fn operators_write_under_their_own_name_and_nobody_else_gets_in() {
 
         // --- a valid operator ----------------------------------------------------------
         let mut ana = operator_client(&remote_addr, &ana_dir).await;
-        eventually(Duration::from_secs(20), "east sees west's export", || {
+        assert_eventually("east sees west's export", Duration::from_secs(20), || {
             let mut ana = ana.clone();
             async move {
                 ana.list_services(pb::ListServicesRequest::default())

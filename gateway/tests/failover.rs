@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::federation::{Federation, Held, Tally, answer, drill_json, export_health, plan, tally};
-use common::{Backend, cluster, eventually, service, within};
+use common::{Backend, assert_eventually, cluster, service, within};
 use meshup_core::policy::{DrillEnd, DrillRecord, EXPIRY_ACTOR};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -490,7 +490,7 @@ async fn over_max_connections_new_connections_go_to_the_next_cluster_and_are_cou
 
         // One of west's connections ends: west takes new connections again.
         drop(held.remove(0));
-        eventually(Duration::from_secs(5), "west takes a new connection", || async move {
+        assert_eventually("west takes a new connection", Duration::from_secs(5), || async move {
             answer(vip).await.is_ok_and(|c| c == "west")
         })
         .await;
@@ -566,9 +566,9 @@ async fn retries_away_from_a_refusing_cluster_stay_within_the_retry_budget() {
 /// expiry: it left the catalog with one audit entry saying so (written by whichever gateway
 /// got there first). Returns the drill as audited.
 async fn expired(fed: &Federation, vip: SocketAddr, id: &str) -> DrillRecord {
-    eventually(
-        Duration::from_secs(6),
+    assert_eventually(
         &format!("{id} ended"),
+        Duration::from_secs(6),
         || async move { tally(vip, 5, 1).await.all("west") },
     )
     .await;
@@ -699,9 +699,9 @@ async fn a_bad_policy_is_skipped_and_counted_while_the_last_good_one_stays_and_d
                 before.push(fed.counter(g, SKIPPED, &[("reason", reason)]).await);
             }
             fed.write_policy(record).await;
-            eventually(
-                Duration::from_secs(10),
+            assert_eventually(
                 &format!("every gateway skipped {record} as {reason}"),
+                Duration::from_secs(10),
                 || {
                     let fed = &fed;
                     let before = before.clone();

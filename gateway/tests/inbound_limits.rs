@@ -133,7 +133,7 @@ async fn streams_without_a_complete_header_are_reset_after_the_header_timeout() 
         }
 
         // Counted once each under `header_error`, nothing else; nothing reached a backend.
-        eventually(Duration::from_secs(5), "four header errors counted", || {
+        assert_eventually("four header errors counted", Duration::from_secs(5), || {
             let n = closed(&west, "header_error");
             async move { n == 4 }
         })
@@ -245,7 +245,7 @@ async fn malformed_headers_are_refused_and_everything_else_keeps_working() {
             );
         }
         let refused = cases.len() as u64;
-        eventually(Duration::from_secs(5), "refusals counted", || {
+        assert_eventually("refusals counted", Duration::from_secs(5), || {
             let n = closed(&west, Status::BadRequest.as_str());
             async move { n == refused }
         })
@@ -281,7 +281,7 @@ async fn malformed_headers_are_refused_and_everything_else_keeps_working() {
             let rest = recv.read_to_end(64).await.expect("clean end");
             assert!(rest.is_empty(), "unexpected bytes {rest:?}");
         }
-        eventually(Duration::from_secs(5), "good streams done", || {
+        assert_eventually("good streams done", Duration::from_secs(5), || {
             let n = closed(&west, "done");
             async move { n == 3 }
         })

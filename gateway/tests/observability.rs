@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::admin::get;
 use common::federation::{Federation, plan, tally};
-use common::{eventually, within};
+use common::{assert_eventually, within};
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, EventKind};
 use meshup_tests::dashboard::{
@@ -235,12 +235,12 @@ async fn every_metric_the_dashboard_queries_is_exposed_and_every_exposed_one_doc
         let window = fail_over(&fed, vip).await;
         assert_eq!(fed.counter("east", EJECTIONS, &to("north")).await, 1.0, "{window}");
         let f = &fed;
-        eventually(LIMIT, "east's failover counted", || async move {
+        assert_eventually("east's failover counted", LIMIT, || async move {
             f.counter("east", FAILOVERS, &to("west")).await >= 1.0
         })
         .await;
         // Link series appear with the next refresh of the links (every second).
-        eventually(LIMIT, "east's link RTT exposed", || async move {
+        assert_eventually("east's link RTT exposed", LIMIT, || async move {
             get(f.gateway("east").addrs().admin, "/metrics")
                 .await
                 .body

@@ -66,7 +66,7 @@ async fn one_gib_arrives_intact() {
         let links = east.proxy.links().await;
         assert_eq!(links.len(), 1, "{links:?}");
         assert_eq!(links[0].black_holes, 0, "MTU black hole detected: {links:?}");
-        eventually(Duration::from_secs(5), "path MTU at tunnel.max_udp_payload", || async {
+        assert_eventually("path MTU at tunnel.max_udp_payload", Duration::from_secs(5), || async {
             let links = east.proxy.links().await;
             links.len() == 1 && links[0].mtu == DEFAULT_MAX_UDP_PAYLOAD && links[0].black_holes == 0
         })
@@ -123,9 +123,9 @@ async fn a_path_mtu_black_hole_falls_back_to_the_minimum_and_data_arrives_intact
         let mut hash = Sha256::new();
         write_random(&mut client, 1 << 20, &mut state, &mut hash).await;
         // Path MTU discovery first climbs to the configured maximum over the clean path.
-        eventually(
-            Duration::from_secs(10),
+        assert_eventually(
             "path MTU at tunnel.max_udp_payload",
+            Duration::from_secs(10),
             || async {
                 let links = east.proxy.links().await;
                 links.len() == 1 && links[0].mtu == DEFAULT_MAX_UDP_PAYLOAD
@@ -261,9 +261,9 @@ async fn half_close_is_carried_both_ways() {
             .expect("still writable after server FIN");
         c.shutdown().await.expect("FIN");
         let marker = std::env::temp_dir().join(format!("meshup-halfclose-{}", std::process::id()));
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "server got bytes sent after its FIN",
+            Duration::from_secs(5),
             || {
                 let ok = std::fs::read_to_string(&marker)
                     .map(|s| s == "54321")

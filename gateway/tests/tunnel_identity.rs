@@ -210,9 +210,9 @@ async fn bad_client_certificates_get_zero_bytes_proxied() {
                 "{name}: expected rejection, got status {result:?}"
             );
             // Rejected by the server for the right reason, counted once.
-            eventually(
-                Duration::from_secs(5),
+            assert_eventually(
                 &format!("{name}: counted as {reason}"),
+                Duration::from_secs(5),
                 || {
                     let n = rejections(reason);
                     async move { n == before + 1 }
@@ -244,9 +244,9 @@ async fn bad_client_certificates_get_zero_bytes_proxied() {
                 .as_deref(),
             Ok("connected")
         );
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "control connection reached the backend",
+            Duration::from_secs(5),
             || {
                 let n = echo.accepted.load(Ordering::SeqCst);
                 async move { n == 1 }
@@ -344,7 +344,7 @@ async fn rotation_reaches_new_handshakes_and_spares_open_connections() {
         // would pick the new certificate (the resolver reads `current()` in every handshake).
         // Polling that is cheap; polling with whole handshakes would add their duration,
         // which on a loaded machine says nothing about the reload.
-        let took = eventually(ROTATION_BOUND, "west reloaded its certificate", || {
+        let took = assert_eventually("west reloaded its certificate", ROTATION_BOUND, || {
             let changed = west.identity.current().serial != old;
             async move { changed }
         })
@@ -394,7 +394,7 @@ async fn a_rotated_caller_certificate_reaches_new_proxied_connections_and_spares
 
         // Rotate east's own certificate on disk.
         certs::issue(&pki.ca, "east", &east_dir, Duration::from_secs(7200)).expect("rotate");
-        let took = eventually(ROTATION_BOUND, "east reloaded its certificate", || {
+        let took = assert_eventually("east reloaded its certificate", ROTATION_BOUND, || {
             let changed = east.identity.current().serial != old;
             async move { changed }
         })

@@ -31,7 +31,7 @@ async fn removed_export_closes_its_listener_but_open_connections_finish() {
         // West withdraws the export and the VIP goes with it.
         east.snapshots
             .send_replace(snapshot([gateway_record("west", "w1", west.addr(), false)]));
-        eventually(Duration::from_secs(5), "VIP listener closed (connect refused)", || async {
+        assert_eventually("VIP listener closed (connect refused)", Duration::from_secs(5), || async {
             matches!(dial(vip).await, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
         })
         .await;
@@ -43,9 +43,9 @@ async fn removed_export_closes_its_listener_but_open_connections_finish() {
         let mut rest = Vec::new();
         open.read_to_end(&mut rest).await.expect("clean end");
         assert!(rest.is_empty());
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "proxy has no connection in flight",
+            Duration::from_secs(5),
             || {
                 let n = east.proxy.in_flight();
                 async move { n == 0 }
@@ -83,7 +83,7 @@ async fn silent_peer_is_noticed_within_three_and_a_half_seconds_and_idle_is_kept
         // there (it would notice after up to idle + keep_alive = 4 s). Timed from the peer's
         // last datagram to east: the peer died no earlier than that.
         relay.blackhole_when_quiet(Duration::from_millis(50));
-        eventually(Duration::from_secs(5), "the relay went silent", || {
+        assert_eventually("the relay went silent", Duration::from_secs(5), || {
             let silent = relay.blackhole.load(Ordering::SeqCst);
             async move { silent }
         })
@@ -176,9 +176,9 @@ async fn an_aged_connection_takes_no_new_streams_and_its_open_stream_runs_to_its
         before.read_to_end(&mut rest).await.expect("clean end");
         assert!(rest.is_empty());
         // Then the retired connection closes (after its grace), and only the new one is left.
-        eventually(
-            Duration::from_secs(10),
+        assert_eventually(
             "the retired connection closed",
+            Duration::from_secs(10),
             || {
                 let n = east.metrics.active_connections.get();
                 async move { n == 1 }
@@ -218,7 +218,7 @@ async fn drain_refuses_new_work_lets_streams_finish_and_closes_with_draining() {
 
         let server = west.server.clone();
         let drain = tokio::spawn(async move { server.drain(Duration::from_secs(10)).await });
-        eventually(Duration::from_secs(2), "drain started", || {
+        assert_eventually("drain started", Duration::from_secs(2), || {
             let d = west.server.is_draining();
             async move { d }
         })
@@ -231,9 +231,9 @@ async fn drain_refuses_new_work_lets_streams_finish_and_closes_with_draining() {
             "new connection during drain must fail: {res:?}"
         );
         assert_eq!(echo.accepted.load(Ordering::SeqCst), 1);
-        eventually(
-            Duration::from_secs(2),
+        assert_eventually(
             "outbound stream counted as draining",
+            Duration::from_secs(2),
             || {
                 let n = east.sum(
                     "meshup_tunnel_streams_closed_total",
@@ -460,9 +460,9 @@ async fn an_answer_lost_after_client_bytes_went_out_is_never_replayed() {
         east.snapshots.send_replace(via(north_addr, vip));
         east.wait_listening(vip).await;
         let mut c = dial(vip).await.expect("connect");
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "east dialled west after north",
+            Duration::from_secs(5),
             || {
                 let dials = east.proxy.dials();
                 async move { dials >= 2 }
@@ -546,9 +546,9 @@ async fn a_gateways_next_address_is_dialled_when_the_first_is_dead() {
         // West leaves the catalog: its pooled connection is forgotten.
         east.snapshots
             .send_replace(snapshot([vip_record("east", None, vip)]));
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "departed peer dropped from the pool",
+            Duration::from_secs(5),
             || {
                 let proxy = east.proxy.clone();
                 async move { proxy.links().await.is_empty() }
@@ -727,9 +727,9 @@ async fn a_cluster_beyond_its_connection_limit_is_closed() {
         assert!(kept.iter().all(|c| c.close_reason().is_none()));
         let first = kept.remove(0);
         first.close(0u32.into(), b"done");
-        eventually(
-            Duration::from_secs(5),
+        assert_eventually(
             "a freed slot admits a new connection",
+            Duration::from_secs(5),
             || {
                 let endpoint = east.endpoint.clone();
                 let addr = west.addr();

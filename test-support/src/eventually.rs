@@ -7,16 +7,19 @@ use std::time::{Duration, Instant};
 /// How often conditions are polled.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// Polls `check` until it returns `true`; panics with `what` after `timeout`.
-pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, check: F)
+/// Polls `check` until it returns `true`; panics with `what` after `timeout`. Returns how long
+/// the condition took to hold (a test may print or bound it).
+pub async fn assert_eventually<F, Fut>(what: &str, timeout: Duration, check: F) -> Duration
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    let start = Instant::now();
     assert!(
         poll_until(timeout, check).await,
         "condition not met within {timeout:?}: {what}"
     );
+    start.elapsed()
 }
 
 /// Polls `check` until it returns `Ok`, and returns that value; panics after `timeout` with

@@ -1,4 +1,5 @@
-//! Real `meshup gateway` processes on a real etcd, set up as an operator would: certificates
+//! Real `meshup gateway` processes on a real etcd (or each on its own embedded catalog), set
+//! up as an operator would: certificates
 //! made with the `meshup certs` CLI, one YAML config file per gateway, the process started
 //! from the binary, readiness and routes read from its admin server.
 //!
@@ -157,9 +158,12 @@ fn run_meshup(binary: &Path, args: &[&str]) {
 pub struct GatewaySpec<'a> {
     pub cluster: &'a str,
     pub vip_cidr: &'a str,
-    /// The catalog: one etcd or every member of a cluster (all go in `catalog.endpoints`).
-    pub etcd: &'a dyn EtcdEndpoints,
+    /// The catalog: one etcd or every member of a cluster (all go in `catalog.endpoints`);
+    /// `None`: the embedded store, the process's own ([`GatewaySpec::embedded`]), so it sees
+    /// no other gateway.
+    pub etcd: Option<&'a dyn EtcdEndpoints>,
     pub certs: &'a Certs,
+    /// The etcd key prefix (unused with the embedded store).
     pub prefix: &'a str,
     /// (service name, namespace, port, backend address)
     pub exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
@@ -211,11 +215,21 @@ impl<'a> GatewaySpec<'a> {
         prefix: &'a str,
     ) -> Self {
         Self {
+            etcd: Some(etcd),
+            prefix,
+            ..Self::embedded(cluster, vip_cidr, certs)
+        }
+    }
+
+    /// [`GatewaySpec::new`] with the embedded catalog instead of etcd: the gateway alone,
+    /// for what needs no federation (start-up, drain, exit status).
+    pub fn embedded(cluster: &'a str, vip_cidr: &'a str, certs: &'a Certs) -> Self {
+        Self {
             cluster,
             vip_cidr,
-            etcd,
+            etcd: None,
             certs,
-            prefix,
+            prefix: "",
             exports: Vec::new(),
             drain_deadline: Duration::from_secs(2),
             lease_ttl: LEASE_TTL,
@@ -264,16 +278,25 @@ impl<'a> GatewaySpec<'a> {
         } else {
             (self.tunnel_port.unwrap_or(0), String::new())
         };
+        let catalog = match self.etcd {
+            Some(etcd) => format!(
+                "  backend: etcd\n  endpoints: [{}]\n  prefix: {}\n  lease_ttl: {}s\n",
+                etcd.endpoints()
+                    .iter()
+                    .map(|e| format!("\"{e}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.prefix,
+                self.lease_ttl.as_secs()
+            ),
+            None => "  backend: embedded\n".to_owned(),
+        };
         format!(
             r#"cluster: {cluster}
 gateway_id: {cluster}-0
 trust_domain: {TRUST_DOMAIN}
 catalog:
-  backend: etcd
-  endpoints: [{etcd}]
-  prefix: {prefix}
-  lease_ttl: {ttl}s
-  allow_loopback_addresses: true
+{catalog}  allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
 tunnel:
   listen: {tunnel}
@@ -288,15 +311,6 @@ admin:
 {grpc}{remote}{threads}{datapath}exports:
 {exports}"#,
             cluster = self.cluster,
-            etcd = self
-                .etcd
-                .endpoints()
-                .iter()
-                .map(|e| format!("\"{e}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
-            prefix = self.prefix,
-            ttl = self.lease_ttl.as_secs(),
             vip_cidr = self.vip_cidr,
             tunnel = SocketAddr::new(self.tunnel_ip.unwrap_or([127, 0, 0, 1].into()), quic_port),
             dns = self
@@ -687,11 +701,13 @@ impl GatewayProcess {
         self.bound_addr("dns").await
     }
 
-    /// The QUIC address the gateway bound, from the same log line (`quic=<addr>`).
+    /// The QUIC address the gateway bound (its config says port 0 unless it hands over), from
+    /// the same log line: where a peer dials it.
     pub async fn quic_addr(&self) -> SocketAddr {
         self.bound_addr("quic").await
     }
 
+    /// The address in field `field` of the start-up log line `gateway bound ...`.
     async fn bound_addr(&self, field: &str) -> SocketAddr {
         let prefix = format!("{field}=");
         eventually_ok(

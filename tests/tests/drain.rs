@@ -7,11 +7,8 @@
 //! The catalog is the embedded store (one process each), so no etcd is involved.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use meshup_core::model::{PortSpec, Protocol};
 use meshup_core::names::{ClusterName, Namespace, ServiceKey, ServiceName};
 use meshup_core::tunnel::{RequestHeader, Status, decode_status, encode_header};
@@ -21,13 +18,14 @@ use meshup_gateway::app::Gateway;
 use meshup_gateway::config::{AdminConfig, Config, ExportConfig};
 use meshup_gateway::identity::{Identity, IdentityFiles};
 use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
-use meshup_tests::gateways::{Certs, TRUST_DOMAIN};
-use meshup_tests::{eventually_ok, meshup_bin};
+use meshup_tests::eventually_ok;
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, TRUST_DOMAIN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-const SERVICE: &str = "hang.test";
+const SERVICE_NAME: &str = "hang";
+const SERVICE_NAMESPACE: &str = "test";
 const PORT: u16 = 7000;
 /// Short, so the forced stop comes quickly; every check below is relative to it.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(1);
@@ -87,7 +85,9 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<Event>, what: &str) -> Even
 }
 
 fn service_key() -> ServiceKey {
-    SERVICE.parse().expect("valid service")
+    format!("{SERVICE_NAME}.{SERVICE_NAMESPACE}")
+        .parse()
+        .expect("valid service")
 }
 
 fn export(backend: SocketAddr) -> ExportConfig {
@@ -255,138 +255,12 @@ async fn connect_and_send(vip: IpAddr, msg: &[u8]) -> TcpStream {
 
 /// One `meshup gateway` process of cluster `west`, exporting the endless backend, with its
 /// own embedded catalog.
-struct GatewayProcess {
-    child: Child,
-    admin: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl GatewayProcess {
-    fn start(certs: &Certs, backend: SocketAddr, drain_deadline: Duration) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let admin = SocketAddr::from((
-            [127, 0, 0, 1],
-            meshup_tests::free_port().expect("free port"),
-        ));
-        let ids = certs.of("west");
-        let config = format!(
-            r#"cluster: west
-trust_domain: {TRUST_DOMAIN}
-catalog:
-  backend: embedded
-  allow_loopback_addresses: true
-vip_cidr: 127.79.12.0/24
-tunnel:
-  listen: 127.0.0.1:0
-  cert: {ids}/cert.pem
-  key: {ids}/key.pem
-  bundle: {ids}/bundle.pem
-  drain_deadline: {drain}ms
-dns:
-  listen: 127.0.0.1:0
-admin:
-  http: {admin}
-exports:
-  - {{name: hang, namespace: test, ports: [{{name: tcp, port: {PORT}, protocol: tcp}}], endpoints: ["{backend}"]}}
-"#,
-            ids = path_str(&ids),
-            drain = drain_deadline.as_millis(),
-        );
-        let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let log = dir.path().join("gateway.log");
-        let child = Command::new(meshup_bin())
-            .args(["gateway", "--config", path_str(&config_path)])
-            .env("MESHUP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn meshup gateway");
-        Self {
-            child,
-            admin,
-            log,
-            _dir: dir,
-        }
+fn west_process(certs: &Certs, backend: SocketAddr, drain_deadline: Duration) -> GatewaySpec<'_> {
+    GatewaySpec {
+        exports: vec![(SERVICE_NAME, SERVICE_NAMESPACE, PORT, backend)],
+        drain_deadline,
+        ..GatewaySpec::embedded("west", "127.79.12.0/24", certs)
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// GET a path on the admin server: (status code, body).
-    fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        meshup_tests::http::get(self.admin, path)
-    }
-
-    /// Waits until `/ready` answers 200 and returns the QUIC address the gateway published.
-    async fn wait_ready(&mut self) -> SocketAddr {
-        eventually_ok("gateway ready", Duration::from_secs(30), || {
-            let state = self.ready_addr();
-            async move { state }
-        })
-        .await
-    }
-
-    /// The published QUIC address once `/ready` answers 200.
-    fn ready_addr(&mut self) -> anyhow::Result<SocketAddr> {
-        if let Some(status) = self.child.try_wait()? {
-            panic!(
-                "gateway exited during start-up ({status}); log:\n{}",
-                self.log_text()
-            );
-        }
-        let (code, _) = self.admin_get("/ready")?;
-        if code != 200 {
-            bail!("/ready answered {code}");
-        }
-        let (_, body) = self.admin_get("/status")?;
-        let status: serde_json::Value = serde_json::from_str(&body)?;
-        let addr = status["clusters"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["local"] == true))
-            .and_then(|c| c["gateways"][0]["addrs"][0].as_str())
-            .context("own gateway record not in the catalog yet")?;
-        Ok(addr.parse()?)
-    }
-
-    fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -TERM failed");
-    }
-
-    /// Waits for the process to exit; its exit code.
-    async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not exit within {limit:?}; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
 }
 
 /// A peer's QUIC endpoint with the certificate of `east`.
@@ -412,8 +286,9 @@ fn header() -> Vec<u8> {
 async fn sigterm_past_the_drain_deadline_exits_non_zero_and_says_why() {
     let (backend, mut events) = endless_backend().await;
     let certs = Certs::new(&["east", "west"]);
-    let mut west = GatewayProcess::start(&certs, backend, DRAIN_DEADLINE);
-    let quic = west.wait_ready().await;
+    let mut west = GatewayProcess::start(west_process(&certs, backend, DRAIN_DEADLINE));
+    west.wait_ready().await;
+    let quic = west.quic_addr().await;
     // The process's catalog is its own, so the test dials it directly as east's pool would,
     // and opens one tunnel stream.
     let endpoint = east_endpoint(&certs);
@@ -433,7 +308,7 @@ async fn sigterm_past_the_drain_deadline_exits_non_zero_and_says_why() {
     );
 
     let signalled = Instant::now();
-    west.sigterm();
+    west.signal("-TERM");
     let code = west.wait_exit(DRAIN_DEADLINE + STOP_SLACK * 2).await;
     let took = signalled.elapsed();
     let log = west.log_text();
@@ -473,10 +348,10 @@ async fn sigterm_with_nothing_in_flight_exits_zero_without_waiting_for_the_deadl
     const LONG: Duration = LONG_DEADLINE;
     let (backend, _events) = endless_backend().await;
     let certs = Certs::new(&["west"]);
-    let mut west = GatewayProcess::start(&certs, backend, LONG);
+    let mut west = GatewayProcess::start(west_process(&certs, backend, LONG));
     west.wait_ready().await;
     let signalled = Instant::now();
-    west.sigterm();
+    west.signal("-TERM");
     let code = west.wait_exit(LONG + STOP_SLACK).await;
     let took = signalled.elapsed();
     let log = west.log_text();

@@ -1,5 +1,6 @@
 //! Harness for the DNS server tests: a server on 127.0.0.1:0 fed from a `watch` channel,
-//! raw UDP/TCP query helpers and a deadline for every test.
+//! raw UDP/TCP query helpers and a deadline for every test. Waiting on a condition comes from
+//! `meshup-test-support`.
 
 #![allow(dead_code)]
 
@@ -19,6 +20,10 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+// Not every test binary uses both.
+#[allow(unused_imports)]
+pub use meshup_test_support::{assert_eventually, eventually_ok};
 
 /// Every test body runs under this deadline.
 pub const TEST_DEADLINE: Duration = Duration::from_secs(30);
@@ -198,23 +203,4 @@ pub fn rdata(msg: &Message) -> Vec<String> {
         .iter()
         .map(|r| format!("{} {}", r.record_type(), r.data))
         .collect()
-}
-
-/// Polls `check` until it returns `Ok(true)` or the deadline passes.
-pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = anyhow::Result<bool>>,
-{
-    let until = tokio::time::Instant::now() + deadline;
-    loop {
-        if check().await? {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < until,
-            "{what} not reached within {deadline:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -516,8 +516,9 @@ pub fn spawn_link_refresh(
 mod tests {
     use std::net::SocketAddr;
 
-    use meshup_core::catalog::{Change, ExportKey};
-    use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, SCHEMA_VERSION};
+    use meshup_core::catalog::Change;
+    use meshup_core::fixture;
+    use meshup_core::model::{ExportRecord, GatewayRecord, SCHEMA_VERSION};
     use meshup_core::policy::{DrillKind, DrillRecord};
     use meshup_policy::{Excluded, Verdict, decide::Explanation};
 
@@ -539,38 +540,20 @@ mod tests {
     }
 
     fn gateway(cluster: &str, port: u16, draining: bool) -> Change {
-        Change::PutGateway(Arc::new(GatewayRecord {
-            schema: SCHEMA_VERSION,
-            cluster: c(cluster),
-            gateway_id: format!("{cluster}-0").parse().expect("id"),
+        fixture::put_gateway(GatewayRecord {
             region: format!("r-{cluster}"),
-            zone: String::new(),
             quic_addrs: vec![addr(port)],
-            spiffe_id: String::new(),
             draining,
-        }))
+            ..fixture::gateway(cluster, &format!("{cluster}-0"))
+        })
     }
 
     fn export(cluster: &str, healthy: u32) -> Change {
-        Change::PutExport(
-            ExportKey {
-                cluster: c(cluster),
-                gateway: format!("{cluster}-0").parse().expect("id"),
-                service: svc(),
-            },
-            Arc::new(ExportRecord {
-                schema: SCHEMA_VERSION,
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 8080,
-                    protocol: meshup_core::model::Protocol::Tcp,
-                }],
-                endpoints_total: 2,
-                endpoints_healthy: healthy,
-                allowed_callers: vec![],
-                labels: Default::default(),
-            }),
-        )
+        let record = ExportRecord {
+            endpoints_total: 2,
+            ..fixture::export(8080, healthy)
+        };
+        fixture::put_export(cluster, &format!("{cluster}-0"), "pay.prod", record)
     }
 
     fn drill(kind: DrillKind, cluster: &str, created: i64, expires: i64) -> Arc<DrillRecord> {

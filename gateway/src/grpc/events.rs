@@ -265,9 +265,10 @@ pub fn unix_text(secs: i64) -> String {
 mod tests {
     use std::sync::Arc;
 
-    use meshup_core::catalog::{Change, ExportKey};
-    use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
-    use meshup_core::names::{DrillId, GatewayId};
+    use meshup_core::catalog::Change;
+    use meshup_core::fixture;
+    use meshup_core::model::{ExportRecord, GatewayRecord};
+    use meshup_core::names::DrillId;
     use meshup_core::policy::{DrillKind, DrillRecord, PolicyRecord};
 
     use super::*;
@@ -277,38 +278,19 @@ mod tests {
     }
 
     fn gateway(cluster: &str, draining: bool) -> Change {
-        Change::PutGateway(Arc::new(GatewayRecord {
-            schema: SCHEMA_VERSION,
-            cluster: c(cluster),
-            gateway_id: GatewayId::new(&format!("{cluster}-0")).expect("id"),
-            region: String::new(),
-            zone: String::new(),
+        fixture::put_gateway(GatewayRecord {
             quic_addrs: vec!["127.0.0.1:1".parse().expect("addr")],
-            spiffe_id: String::new(),
             draining,
-        }))
+            ..fixture::gateway(cluster, &format!("{cluster}-0"))
+        })
     }
 
     fn export(cluster: &str, healthy: u32) -> Change {
-        Change::PutExport(
-            ExportKey {
-                cluster: c(cluster),
-                gateway: GatewayId::new(&format!("{cluster}-0")).expect("id"),
-                service: "pay.prod".parse().expect("key"),
-            },
-            Arc::new(ExportRecord {
-                schema: SCHEMA_VERSION,
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 8080,
-                    protocol: Protocol::Tcp,
-                }],
-                endpoints_total: 2,
-                endpoints_healthy: healthy,
-                allowed_callers: vec![],
-                labels: Default::default(),
-            }),
-        )
+        let record = ExportRecord {
+            endpoints_total: 2,
+            ..fixture::export(8080, healthy)
+        };
+        fixture::put_export(cluster, &format!("{cluster}-0"), "pay.prod", record)
     }
 
     fn kinds(events: &[Event]) -> Vec<(EventKind, String)> {

@@ -175,11 +175,10 @@ pub fn serving(
 mod tests {
     use super::*;
     use std::net::IpAddr;
-    use std::sync::Arc;
 
-    use meshup_core::catalog::{Change, ExportKey, VipKey};
-    use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, SCHEMA_VERSION};
-    use meshup_core::names::GatewayId;
+    use meshup_core::catalog::Change;
+    use meshup_core::fixture;
+    use meshup_core::model::{ExportRecord, GatewayRecord};
 
     use crate::inbound::{LocalExport, local_exports};
 
@@ -193,59 +192,26 @@ mod tests {
         "pay.prod".parse().expect("valid")
     }
     fn gateway(cluster: &str, id: &str, port: u16, draining: bool) -> Change {
-        Change::PutGateway(Arc::new(GatewayRecord {
-            schema: SCHEMA_VERSION,
-            cluster: c(cluster),
-            gateway_id: GatewayId::new(id).expect("valid"),
-            region: String::new(),
-            zone: String::new(),
+        fixture::put_gateway(GatewayRecord {
             quic_addrs: vec![SocketAddr::from(([127, 0, 0, 1], port))],
-            spiffe_id: format!("spiffe://td/cluster/{cluster}/gateway"),
             draining,
-        }))
+            ..fixture::gateway(cluster, id)
+        })
     }
     fn export(cluster: &str, id: &str, healthy: u32) -> Change {
         export_allowing(cluster, id, healthy, &[])
     }
     fn export_allowing(cluster: &str, id: &str, healthy: u32, allowed: &[&str]) -> Change {
-        Change::PutExport(
-            ExportKey {
-                cluster: c(cluster),
-                gateway: GatewayId::new(id).expect("valid"),
-                service: key(),
-            },
-            Arc::new(ExportRecord {
-                schema: SCHEMA_VERSION,
-                ports: vec![PortSpec {
-                    name: "http".into(),
-                    port: 8080,
-                    protocol: Protocol::Tcp,
-                }],
-                endpoints_total: healthy.max(1),
-                endpoints_healthy: healthy,
-                allowed_callers: allowed.iter().map(|a| c(a)).collect(),
-                labels: Default::default(),
-            }),
-        )
+        let record = ExportRecord {
+            allowed_callers: allowed.iter().map(|a| c(a)).collect(),
+            ..fixture::export(8080, healthy)
+        };
+        fixture::put_export(cluster, id, "pay.prod", record)
     }
     fn vip(target: Option<&str>, ip: [u8; 4]) -> Change {
-        Change::PutVip(
-            VipKey {
-                cluster: c("east"),
-                service: key(),
-                target: target.map(c),
-            },
-            IpAddr::from(ip),
-        )
+        fixture::put_vip("east", "pay.prod", target, IpAddr::from(ip))
     }
-
-    fn snapshot(changes: Vec<Change>) -> Snapshot {
-        let mut s = Snapshot::new();
-        for ch in changes {
-            s.apply(ch);
-        }
-        s
-    }
+    use fixture::snapshot;
 
     #[test]
     fn listeners_cover_clusterset_and_pinned_vips() {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::admin::{Exposition, scrape};
-use super::{Backend, Pki, SERVICE_PORT, TD, cluster, eventually, service};
+use super::{Backend, Pki, SERVICE_PORT, TD, assert_eventually, cluster, service};
 
 /// The catalog prefix of test federations.
 pub const PREFIX: &str = "/fedtest";
@@ -118,9 +118,9 @@ impl Backend {
     pub async fn refuse_after_probe(&self) -> Instant {
         let before = self.accepted.load(Ordering::SeqCst);
         let accepted = self.accepted.clone();
-        eventually(
-            meshup_gateway::health::DEFAULT_PROBE_INTERVAL * 3,
+        assert_eventually(
             "the gateway's health probe reached the backend",
+            meshup_gateway::health::DEFAULT_PROBE_INTERVAL * 3,
             || {
                 let probed = accepted.load(Ordering::SeqCst) > before;
                 async move { probed }
@@ -252,7 +252,7 @@ impl Federation {
                 fed.wait_export(observer, m.plan.name, Some(up)).await;
             }
         }
-        eventually(CONVERGE, "every gateway ready", || {
+        assert_eventually("every gateway ready", CONVERGE, || {
             let ready = fed
                 .members
                 .values()
@@ -303,9 +303,9 @@ impl Federation {
         let g = self.gateway(observer);
         let key = service();
         let mut vip = None;
-        eventually(
-            CONVERGE,
+        assert_eventually(
             &format!("{observer} listens on pay.prod's VIP"),
+            CONVERGE,
             || {
                 let snapshot = g.snapshots().borrow().clone();
                 vip = snapshot
@@ -328,7 +328,7 @@ impl Federation {
         check: impl Fn(&Snapshot) -> bool,
     ) {
         let g = self.gateway(observer);
-        eventually(CONVERGE, &format!("{observer}: {what}"), || {
+        assert_eventually(&format!("{observer}: {what}"), CONVERGE, || {
             let ok = check(&g.snapshots().borrow());
             async move { ok }
         })

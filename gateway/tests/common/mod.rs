@@ -16,21 +16,24 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use meshup_core::catalog::{Change, ExportKey, Snapshot, VipKey};
-use meshup_core::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
-use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
+use meshup_core::catalog::{Change, Snapshot};
+pub use meshup_core::fixture::{self, cluster};
+use meshup_core::model::GatewayRecord;
+use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_gateway::certs;
 use meshup_gateway::identity::{Identity, IdentityFiles};
 use meshup_gateway::inbound::{self, LocalExport, LocalExports};
 use meshup_gateway::outbound::{Proxy, ServiceMetrics};
 use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
+pub use meshup_test_support::assert_eventually;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub const TD: &str = "mesh.test";
+/// The federation's trust domain: the one of the catalog records' SPIFFE IDs.
+pub const TD: &str = fixture::TRUST_DOMAIN;
 pub const SERVICE_PORT: u16 = 8080;
 
 /// Runs a test body under a hard timeout: a hung test fails instead of blocking CI.
@@ -41,28 +44,11 @@ pub async fn within<T>(limit: Duration, body: impl Future<Output = T>) -> T {
     }
 }
 
-/// Polls `check` until it returns true or `limit` passes; returns the time it took.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub fn cluster(name: &str) -> ClusterName {
-    ClusterName::new(name).expect("valid cluster")
-}
+/// The service every data-plane test exports and calls.
+pub const SERVICE: &str = "pay.prod";
 
 pub fn service() -> ServiceKey {
-    "pay.prod".parse().expect("valid service")
+    fixture::service(SERVICE)
 }
 
 /// A VIP unique to this test (process id + counter), in 127.0.0.0/8 so no set-up is needed.
@@ -212,7 +198,7 @@ impl Gateway {
     pub async fn wait_listening(&self, vip: IpAddr) {
         let addr = SocketAddr::new(vip, SERVICE_PORT);
         let proxy = self.proxy.clone();
-        eventually(Duration::from_secs(5), "VIP listener bound", move || {
+        assert_eventually("VIP listener bound", Duration::from_secs(5), move || {
             let bound = proxy.listeners().contains_key(&addr);
             async move { bound }
         })
@@ -250,59 +236,30 @@ pub fn gateway_record_at(
     addrs: &[SocketAddr],
     draining: bool,
 ) -> Change {
-    Change::PutGateway(Arc::new(GatewayRecord {
-        schema: SCHEMA_VERSION,
-        cluster: cluster(cluster_name),
-        gateway_id: GatewayId::new(id).expect("valid id"),
-        region: String::new(),
-        zone: String::new(),
+    fixture::put_gateway(GatewayRecord {
         quic_addrs: addrs.to_vec(),
-        spiffe_id: format!("spiffe://{TD}/cluster/{cluster_name}/gateway"),
         draining,
-    }))
+        ..fixture::gateway(cluster_name, id)
+    })
 }
 
 /// An export of `pay.prod:8080` by one gateway of `cluster`.
 pub fn export_record(cluster_name: &str, id: &str, healthy: u32) -> Change {
-    Change::PutExport(
-        ExportKey {
-            cluster: cluster(cluster_name),
-            gateway: GatewayId::new(id).expect("valid id"),
-            service: service(),
-        },
-        Arc::new(ExportRecord {
-            schema: SCHEMA_VERSION,
-            ports: vec![PortSpec {
-                name: "http".into(),
-                port: SERVICE_PORT,
-                protocol: Protocol::Tcp,
-            }],
-            endpoints_total: healthy.max(1),
-            endpoints_healthy: healthy,
-            allowed_callers: vec![],
-            labels: Default::default(),
-        }),
+    fixture::put_export(
+        cluster_name,
+        id,
+        SERVICE,
+        fixture::export(SERVICE_PORT, healthy),
     )
 }
 
 /// The VIP `local` uses for `pay.prod` (or its pinned form for `target`).
 pub fn vip_record(local: &str, target: Option<&str>, vip: IpAddr) -> Change {
-    Change::PutVip(
-        VipKey {
-            cluster: cluster(local),
-            service: service(),
-            target: target.map(cluster),
-        },
-        vip,
-    )
+    fixture::put_vip(local, SERVICE, target, vip)
 }
 
 pub fn snapshot(changes: impl IntoIterator<Item = Change>) -> Arc<Snapshot> {
-    let mut s = Snapshot::new();
-    for c in changes {
-        s.apply(c);
-    }
-    Arc::new(s)
+    Arc::new(fixture::snapshot(changes))
 }
 
 /// The usual two-cluster set-up: east calls `pay.prod` at `vip`, west serves it from
