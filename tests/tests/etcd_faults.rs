@@ -497,8 +497,6 @@ fn first_at_most(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "does not hold yet (docs/reliability.md, etcd fault scenarios): connections reset \
-            during the outage and changes converge in 3.2 s; run with --run-ignored all"]
 async fn etcd_quorum_lost_for_60s_then_restored() {
     let _turn = SERIAL.lock().await;
     let mut fed = Federation::start("/quorum-loss", 92).await;

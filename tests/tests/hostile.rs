@@ -246,7 +246,6 @@ async fn under_attack<T>(
 // === 1. junk UDP at the QUIC port ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "promise not met yet: under the junk flood some workload connections are reset and p99 rises far above 3x (docs/reliability.md, hostile input); run with --run-ignored"]
 async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
     let mut fed = federation("/hostile-quic", 10).await;
     let quic = fed.west.quic_addr().await;
@@ -431,7 +430,7 @@ async fn dig_loop(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "promise not met yet: on two busy cores a few real queries time out and workload connections through the attacked gateway are reset (docs/reliability.md, hostile input); run with --run-ignored"]
+#[ignore = "promise not met yet: under ~110k junk datagrams/s and a slow-loris a few real queries time out (3 of 45 on 2026-12-01; cause not measured yet, drops at the flooded UDP socket are the suspect) (docs/reliability.md, hostile input); run with --run-ignored all"]
 async fn malformed_dns_and_a_tcp_slow_loris_leave_real_queries_answered() {
     let mut fed = federation("/hostile-dns", 20).await;
     let dns = fed.east.dns_addr().await;
@@ -682,7 +681,6 @@ async fn trickle_headers(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "promise not met yet: the limits hold, but some runs reset a few workload connections just after the attack ends (docs/reliability.md, hostile input); run with --run-ignored"]
 async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
     let mut fed = federation("/hostile-streams", 30).await;
     let quic = fed.west.quic_addr().await;
@@ -845,8 +843,10 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
         peak <= ((stallers + 1) * DEFAULT_MAX_PENDING_HEADERS as usize) as u64,
         "the gateway held more streams waiting for a header than the limits allow{table}"
     );
+    // Every connection closed as stalling timed out its whole run of pending headers first
+    // (the rest of its streams are reset with the connection, not timed out one by one).
     assert!(
-        timed_out_total >= (reset + t_reset) as f64 * 0.9,
+        timed_out_total >= stalling_closed * f64::from(DEFAULT_MAX_PENDING_HEADERS),
         "header timeouts not counted in metrics{table}"
     );
     assert!(
