@@ -751,18 +751,30 @@ impl TcpConnection {
         let _ = stream.set_nodelay(true);
         loop {
             self.slot.waiting(true);
-            // One deadline for the whole query, length prefix and body: a client that
-            // dribbles a byte at a time gets no more time than one that sends nothing.
-            let read = async {
-                let len = usize::from(stream.read_u16().await?);
-                let mut query = vec![0u8; len];
+            // Idle until the first byte of the next query: shutdown closes the connection
+            // then, as does a newer connection needing the slot, or the idle deadline.
+            let first = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.slot.close.cancelled() => return,
+                read = tokio::time::timeout(self.idle, stream.read_u8()) => match read {
+                    Ok(Ok(byte)) => byte,
+                    // Idle deadline, EOF or a reset: close.
+                    _ => return,
+                },
+            };
+            // A query in flight: one deadline from its first byte for the rest of it, length
+            // and body, so a client that dribbles a byte at a time gets no more time than one
+            // that stalls. Shutdown lets it finish (and answers it); a newer connection may
+            // still take the slot, since the query is not complete.
+            let rest = async {
+                let second = stream.read_u8().await?;
+                let mut query = vec![0u8; usize::from(u16::from_be_bytes([first, second]))];
                 stream.read_exact(&mut query).await?;
                 Ok::<_, std::io::Error>(query)
             };
             let query = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
                 _ = self.slot.close.cancelled() => return,
-                read = tokio::time::timeout(self.idle, read) => match read {
+                read = tokio::time::timeout(self.idle, rest) => match read {
                     Ok(Ok(query)) => query,
                     Err(_) => {
                         self.metrics.tcp_timed_out();

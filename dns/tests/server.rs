@@ -615,13 +615,15 @@ async fn tcp_connections_are_capped_and_idle_ones_closed() -> anyhow::Result<()>
         let mut b = TcpStream::connect(server.addr).await?;
         tcp_exchange(&mut a, &q).await?;
         tcp_exchange(&mut b, &q).await?;
-        // The third is closed at once.
+        // At the cap, a third connection takes the slot of the one that has waited longest
+        // for a query (a), which is closed at once; the new one is served.
         let mut c = TcpStream::connect(server.addr).await?;
         let mut byte = [0u8; 1];
-        let n = tokio::time::timeout(REPLY_DEADLINE, c.read(&mut byte)).await??;
-        assert_eq!(n, 0, "connection over the cap must be closed");
+        let n = tokio::time::timeout(REPLY_DEADLINE, a.read(&mut byte)).await??;
+        assert_eq!(n, 0, "the connection waiting longest must give its slot up");
+        tcp_exchange(&mut c, &q).await?;
         // Idle connections are closed after the idle timeout...
-        for s in [&mut a, &mut b] {
+        for s in [&mut b, &mut c] {
             let n = tokio::time::timeout(REPLY_DEADLINE, s.read(&mut byte)).await??;
             assert_eq!(n, 0, "idle connection must be closed");
         }
@@ -635,7 +637,12 @@ async fn tcp_connections_are_capped_and_idle_ones_closed() -> anyhow::Result<()>
             rdata(&tcp(server.addr, "pay.prod.svc.clusterset.local.", RecordType::A).await?),
             ["A 10.64.0.1"]
         );
-        assert!(server.metrics_text().contains("dns_tcp_rejected_total 1"));
+        let metrics = server.metrics_text();
+        assert!(
+            metrics.contains("dns_tcp_evicted_total 1")
+                && metrics.contains("dns_tcp_rejected_total 0"),
+            "{metrics}"
+        );
         server.stop().await
     })
     .await

@@ -969,7 +969,7 @@ mod tests {
         ];
         let text = check(&outcomes, ms(1000), ms(1000)).to_string();
         assert!(text.contains("before"), "{text}");
-        assert!(text.contains("first 1s"), "{text}");
+        assert!(text.contains("first 1.0s"), "{text}");
         assert!(text.contains("1 (reset 1)"), "{text}");
         assert!(text.contains("fault → last failure: 200.0 ms"), "{text}");
         assert!(text.contains("unbroken successes: 300.0 ms"), "{text}");
