@@ -352,12 +352,10 @@ pub fn replace_file(path: &Path, text: &str) {
 
 /// The value of the sample `name` (no labels) in a Prometheus text exposition.
 pub fn metric_in(exposition: &str, name: &str) -> anyhow::Result<f64> {
-    let line = exposition
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .with_context(|| format!("no {name} in /metrics"))?;
-    let value = line.split_whitespace().nth(1).context("no value")?;
-    Ok(value.parse()?)
+    crate::http::series_in(exposition, name)?
+        .into_iter()
+        .find_map(|(labels, value)| labels.is_empty().then_some(value))
+        .with_context(|| format!("no {name} in /metrics"))
 }
 
 /// A UDP port free on 127.0.0.1 now (bound and released).
@@ -736,17 +734,11 @@ impl GatewayProcess {
         if code != 200 {
             bail!("/metrics answered {code}");
         }
-        let mut sum = 0.0;
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-            if series_name == name && labels.iter().all(|l| series_labels.contains(l)) {
-                sum += value.parse::<f64>()?;
-            }
-        }
-        Ok(sum)
+        Ok(crate::http::series_in(&body, name)?
+            .into_iter()
+            .filter(|(series, _)| labels.iter().all(|l| series.contains(l)))
+            .map(|(_, value)| value)
+            .sum())
     }
 
     /// One counter of the gateway's `/metrics`.

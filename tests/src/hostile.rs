@@ -17,23 +17,9 @@ use meshup_gateway::identity::{Identity, IdentityFiles};
 use meshup_gateway::tunnel::{Endpoint, Metrics, TunnelConfig};
 
 use crate::gateways::{Certs, TRUST_DOMAIN};
+use crate::procs::rss_kib;
 
 // === memory ===
-
-/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    line.split_whitespace()
-        .nth(1)
-        .context("no VmRSS value")?
-        .parse()
-        .context("VmRSS value")
-}
 
 /// Samples a process's RSS every 50 ms on a thread of its own and keeps the peak.
 #[derive(Debug)]

@@ -30,7 +30,14 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
 pub fn metric_series(addr: SocketAddr, family: &str) -> anyhow::Result<Vec<(String, f64)>> {
     let (code, body) = get(addr, "/metrics")?;
     anyhow::ensure!(code == 200, "/metrics answered {code}");
-    body.lines()
+    series_in(&body, family)
+}
+
+/// Every series of the metric `family` in a Prometheus text exposition: (labels as written,
+/// or empty, value).
+pub fn series_in(exposition: &str, family: &str) -> anyhow::Result<Vec<(String, f64)>> {
+    exposition
+        .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(family)?;

@@ -244,16 +244,21 @@ pub struct Usage {
     pub fds: usize,
 }
 
-/// Reads [`Usage`] of `pid` from `/proc/<pid>/status` (VmRSS) and `/proc/<pid>/fd`.
-pub fn usage(pid: u32) -> Result<Usage> {
+/// Resident memory of process `pid` in KiB (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("/proc/{pid}/status"))?;
-    let rss_kib = status
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Reads [`Usage`] of `pid` from `/proc/<pid>/status` (VmRSS) and `/proc/<pid>/fd`.
+pub fn usage(pid: u32) -> Result<Usage> {
+    let rss_kib = rss_kib(pid)?;
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .with_context(|| format!("/proc/{pid}/fd"))?
         .count();

@@ -256,6 +256,29 @@ fn since(later: Option<Instant>, earlier: Instant) -> String {
 }
 
 /// How long each lasting record was missing from etcd at most, as `key: duration` lines.
+/// The catalog promises both scenarios share: no gateway relisted, and no record missing
+/// from etcd longer than the lease TTL (`when` qualifies the absence in the message).
+fn catalog_kept(
+    missed: &mut Vec<String>,
+    (relists_before, relists_after): ((f64, f64), (f64, f64)),
+    records: &[String],
+    missing: &[Duration],
+    when: &str,
+) {
+    if relists_after != relists_before {
+        missed.push(format!(
+            "a gateway relisted: (east, west) {relists_before:?} → {relists_after:?}"
+        ));
+    }
+    for (r, d) in records.iter().zip(missing) {
+        if *d > LEASE_TTL {
+            missed.push(format!(
+                "{r} was missing from etcd for {d:?}{when} > TTL {LEASE_TTL:?}"
+            ));
+        }
+    }
+}
+
 fn absences(keys: &[Sample<Option<BTreeSet<String>>>], records: &[String]) -> Vec<Duration> {
     records
         .iter()
@@ -439,18 +462,13 @@ async fn etcd_leader_killed_under_catalog_churn_and_traffic() {
             "catalog converged {other:?} after the new leader; must be ≤ {CONVERGED_WITHIN:?}"
         )),
     }
-    if relists_after != relists_before {
-        missed.push(format!(
-            "a gateway relisted: (east, west) {relists_before:?} → {relists_after:?}"
-        ));
-    }
-    for (r, d) in records.iter().zip(&missing) {
-        if *d > LEASE_TTL {
-            missed.push(format!(
-                "{r} was missing from etcd for {d:?} > TTL {LEASE_TTL:?}"
-            ));
-        }
-    }
+    catalog_kept(
+        &mut missed,
+        (relists_before, relists_after),
+        &records,
+        &missing,
+        "",
+    );
     if keys.iter().all(|(_, k)| k.is_none()) {
         missed.push("etcd's keys were never read: the record check saw nothing".to_owned());
     }
@@ -692,18 +710,13 @@ async fn etcd_quorum_lost_for_60s_then_restored() {
             since(other, after_at)
         )),
     }
-    if relists_after != relists_before {
-        missed.push(format!(
-            "a gateway relisted: (east, west) {relists_before:?} → {relists_after:?}"
-        ));
-    }
-    for (r, d) in records.iter().zip(&missing) {
-        if *d > LEASE_TTL {
-            missed.push(format!(
-                "{r} was missing from etcd for {d:?} after the return > TTL {LEASE_TTL:?}"
-            ));
-        }
-    }
+    catalog_kept(
+        &mut missed,
+        (relists_before, relists_after),
+        &records,
+        &missing,
+        " after the return",
+    );
     assert!(
         missed.is_empty(),
         "quorum loss: missed {} promise(s):\n- {}\n--- east's log (tail):\n{}\n--- west's log (tail):\n{}",

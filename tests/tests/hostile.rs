@@ -26,8 +26,9 @@ use meshup_gateway::tunnel::{
 use meshup_tests::EtcdServer;
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig, dig_tcp};
 use meshup_tests::hostile::{
-    LorisReport, RssWatch, UdpBlaster, capture_initial, junk, peer_endpoint, rss_kib, slow_loris,
+    LorisReport, RssWatch, UdpBlaster, capture_initial, junk, peer_endpoint, slow_loris,
 };
+use meshup_tests::procs::rss_kib;
 use meshup_tests::workload::{EchoServer, Failure, FaultFigures, Outcome, Workload, check, ms};
 
 const NAME: &str = "echo.test.svc.clusterset.local";
