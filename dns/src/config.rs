@@ -28,7 +28,7 @@ pub const DEFAULT_SOA_EXPIRE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on concurrent TCP connections; more are closed at accept.
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
-/// Default number of UDP worker threads (each with its own SO_REUSEPORT socket).
+/// Default number of UDP worker threads (they share the one UDP socket).
 pub const DEFAULT_UDP_WORKERS: usize = 1;
 
 /// Largest TTL DNS allows (RFC 2181 §8).
@@ -104,7 +104,7 @@ pub struct DnsConfig {
     /// that has waited longest for a query; it is closed at once only when every open one is
     /// busy answering.
     pub max_tcp_connections: usize,
-    /// UDP worker threads, each with its own SO_REUSEPORT socket.
+    /// UDP worker threads; they share the one UDP socket.
     pub udp_workers: usize,
 }
 

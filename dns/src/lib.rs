@@ -6,7 +6,7 @@
 //! Design, outside in:
 //! - [`DnsServer`] binds UDP and TCP at start-up, then runs until a `CancellationToken`
 //!   fires. It reads the catalog from a `watch::Receiver<Arc<Snapshot>>` and never locks on
-//!   the hot path. UDP is served by dedicated worker threads (one SO_REUSEPORT socket each,
+//!   the hot path. UDP is served by dedicated worker threads (sharing one socket,
 //!   `recvmmsg`/`sendmmsg` batches); TCP by a capped accept loop with per-connection
 //!   deadlines (see [`server`]).
 //! - The **fast path** ([`wire`]): every answer of the current snapshot precomputed in wire

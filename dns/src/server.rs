@@ -1,8 +1,8 @@
 //! The DNS server: bind (UDP workers + TCP listener), run until cancelled, drain.
 //!
 //! Threads and tasks:
-//! - `udp_workers` OS threads, each owning one SO_REUSEPORT UDP socket and a blocking
-//!   recv/send loop. They answer from the precomputed [`FastTable`] and fall back to the
+//! - `udp_workers` OS threads sharing one UDP socket (a duplicate descriptor each), each
+//!   with a blocking recvmmsg/sendmmsg loop. They answer from the precomputed [`FastTable`] and fall back to the
 //!   hickory catalog inline (`Handle::block_on`; the catalog never waits on I/O).
 //! - one task rebuilds the table when the catalog snapshot changes and publishes it on a
 //!   `watch` channel. Workers check `has_changed()` (one atomic load) per packet and only
@@ -25,7 +25,7 @@ use meshup_core::catalog::Snapshot;
 use meshup_core::names::ClusterName;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg,
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sockopt,
 };
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -101,7 +101,7 @@ struct Published {
 }
 
 impl DnsServer {
-    /// Validates the config and binds UDP (one socket per worker) and TCP on the same port.
+    /// Validates the config and binds UDP (one socket the workers share) and TCP on one port.
     /// A port already in use fails here, at start-up.
     pub fn bind(
         config: &DnsConfig,
@@ -140,7 +140,7 @@ impl DnsServer {
         }))
     }
 
-    /// A server on sockets bound elsewhere: the UDP sockets (one worker each) and the TCP
+    /// A server on sockets bound elsewhere: the UDP socket (several are all read) and the TCP
     /// listener a previous gateway process on this node handed over, so queries queued in
     /// them are answered and none is refused while the processes change.
     pub fn inherit(
@@ -162,15 +162,6 @@ impl DnsServer {
                 source: io::Error::other("no UDP socket handed over"),
             });
         }
-        for socket in &udp {
-            // The workers poll `stop` between reads; the timeout is the socket's own.
-            socket
-                .set_read_timeout(Some(WORKER_POLL))
-                .map_err(|source| DnsError::Socket {
-                    addr: local_addr,
-                    source,
-                })?;
-        }
         Ok(Self {
             local_addr,
             udp,
@@ -183,7 +174,7 @@ impl DnsServer {
         })
     }
 
-    /// The listening sockets (UDP, one per worker, and TCP), to hand over to a successor.
+    /// The listening sockets (UDP and TCP), to hand over to a successor.
     pub fn sockets(
         &self,
     ) -> (
@@ -239,7 +230,9 @@ impl DnsServer {
         let stop = Arc::new(AtomicBool::new(false));
         let handle = tokio::runtime::Handle::current();
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        for (i, socket) in udp.into_iter().enumerate() {
+        let sockets = worker_sockets(&udp, config.udp_workers, local_addr)?;
+        drop(udp);
+        for (i, socket) in sockets.into_iter().enumerate() {
             let worker = UdpWorker {
                 socket,
                 tables: table_rx.clone(),
@@ -391,34 +384,55 @@ async fn build_table(
 type Bound = (SocketAddr, Vec<UdpSocket>, std::net::TcpListener);
 
 fn bind_all(config: &DnsConfig) -> Result<Bound, DnsError> {
-    let first = udp_socket(config.listen)?;
-    let local_addr = first.local_addr().map_err(|source| DnsError::Socket {
+    let socket = udp_socket(config.listen)?;
+    let local_addr = socket.local_addr().map_err(|source| DnsError::Socket {
         addr: config.listen,
         source,
     })?;
-    let mut udp = vec![first];
-    for _ in 1..config.udp_workers {
-        udp.push(udp_socket(local_addr)?);
-    }
     let tcp = tcp_listener(local_addr)?;
-    Ok((local_addr, udp, tcp))
+    Ok((local_addr, vec![socket], tcp))
 }
 
+/// The UDP socket, bound without SO_REUSEPORT: with it, any process of the same user that
+/// sets SO_REUSEPORT could join the port. `dig` does, and binds port 0: run as the
+/// gateway's user it was handed the server's port now and then, connected to the server
+/// and read its own query back as the "answer". The workers share this one socket (each
+/// reads a duplicate of its descriptor), which needs no port sharing at all.
 fn udp_socket(addr: SocketAddr) -> Result<UdpSocket, DnsError> {
     let sock_err = |source| DnsError::Socket { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None).map_err(sock_err)?;
-    socket.set_reuse_port(true).map_err(sock_err)?;
-    // Best effort: the kernel caps it at net.core.rmem_max.
-    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER_BYTES);
+    // Best effort, to absorb bursts: above net.core.rmem_max only with CAP_NET_ADMIN
+    // (SO_RCVBUFFORCE), else the kernel caps it at rmem_max.
+    if nix::sys::socket::setsockopt(&socket, sockopt::RcvBufForce, &UDP_RECV_BUFFER_BYTES).is_err()
+    {
+        let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER_BYTES);
+    }
     socket.bind(&addr.into()).map_err(|source| DnsError::Bind {
         proto: "udp",
         addr,
         source,
     })?;
-    socket
-        .set_read_timeout(Some(WORKER_POLL))
-        .map_err(sock_err)?;
     Ok(socket.into())
+}
+
+/// One descriptor per worker: worker `i` reads a duplicate of `sockets[i % len]`, so every
+/// socket is read (a predecessor may hand over several) and there are at least `workers`
+/// readers. Each gets the poll timeout the workers rely on to notice shutdown.
+fn worker_sockets(
+    sockets: &[UdpSocket],
+    workers: usize,
+    addr: SocketAddr,
+) -> Result<Vec<UdpSocket>, DnsError> {
+    let sock_err = |source| DnsError::Socket { addr, source };
+    (0..workers.max(sockets.len()))
+        .map(|i| {
+            let socket = sockets[i % sockets.len()].try_clone().map_err(sock_err)?;
+            socket
+                .set_read_timeout(Some(WORKER_POLL))
+                .map_err(sock_err)?;
+            Ok(socket)
+        })
+        .collect()
 }
 
 fn tcp_listener(addr: SocketAddr) -> Result<std::net::TcpListener, DnsError> {

@@ -671,6 +671,37 @@ async fn a_busy_port_fails_at_bind() -> anyhow::Result<()> {
     .await
 }
 
+/// The UDP port is the server's alone: a socket asking to share it with SO_REUSEPORT (as
+/// `dig` does for its own port-0 bind) is refused. When the server set SO_REUSEPORT, a
+/// `dig` run as the same user was now and then handed the server's port and read its own
+/// query back as the answer.
+#[tokio::test]
+async fn the_udp_port_cannot_be_shared() -> anyhow::Result<()> {
+    with_deadline(async {
+        let server = TestServer::start(three_clusters(), |c| c.udp_workers = 2).await?;
+        let intruder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        intruder.set_reuse_port(true)?;
+        let err = intruder
+            .bind(&server.addr.into())
+            .expect_err("a SO_REUSEPORT socket must not join the DNS server's UDP port");
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        // Both workers still answer on the one socket.
+        for id in 0..8u16 {
+            let reply = udp_raw(
+                server.addr,
+                &query(id, "pay.prod.svc.clusterset.local.", RecordType::A, None),
+            )
+            .await?;
+            let msg = Message::from_vec(&reply)?;
+            assert_eq!(msg.metadata.message_type, MessageType::Response);
+            assert_eq!(msg.metadata.id, id);
+            assert_eq!(msg.answers.len(), 1, "{msg:?}");
+        }
+        server.stop().await
+    })
+    .await
+}
+
 /// Runs dig; fails loudly when it is not installed.
 async fn dig(args: &[&str]) -> anyhow::Result<String> {
     let out = tokio::time::timeout(

@@ -223,22 +223,10 @@ async fn a_fault_every_twenty_seconds_loses_nothing_and_leaks_nothing() {
         all_failed, 0,
         "requests failed during the soak ({failed} in fault windows)"
     );
-    // Seen twice in 5,282 queries in one run of three: dig received a datagram from the
-    // server's address and port with QR=0 (";; Warning: query response not set"). The
-    // server never sends one (its fuzz target asserts QR on every answer), so another socket
-    // shares the port: the DNS socket binds port 0 with SO_REUSEPORT, which lets the kernel
-    // hand out a port another reuse-port socket of the same user holds. Counted and printed,
-    // at most 1 in 1,000, until that is settled (docs/reliability.md, "Known gaps"); every
-    // other failure, a timeout or a wrong address, fails the soak.
-    let (stray, dns_failures): (Vec<String>, Vec<String>) = dns_failures
-        .into_iter()
-        .partition(|f| f.contains("query response not set"));
+    // Every DNS failure fails the soak, including a reply without QR: dig once got a few of
+    // those (its own query, read back on the server's port it had been handed while the
+    // server's UDP socket allowed SO_REUSEPORT; docs/reliability.md, "Hostile input").
     assert!(dns_failures.is_empty(), "DNS failures: {dns_failures:?}");
-    assert!(
-        stray.len() * 1000 <= answers.max(1000),
-        "{} replies without QR of {answers}: {stray:?}",
-        stray.len()
-    );
     assert!(
         injected.len() >= 5,
         "only {} faults injected",
