@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the gateway image offline with buildah (deploy/Containerfile): FROM scratch, the
-# `meshup` binary, exactly the shared libraries `ldd` lists for it and the loader.
+# `meshup` binary (debug sections stripped), exactly the shared libraries `ldd` lists for
+# it and the loader.
 #
 #   bash deploy/image/build.sh [--binary PATH] [--tag NAME]
 #
@@ -35,6 +36,10 @@ root=$stage/rootfs
 mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp"
 chmod 1777 "$root/tmp"
 cp "$binary" "$root/usr/local/bin/meshup"
+# The release profile keeps line tables for backtraces on the build machine (~118 MB); the
+# image drops the debug sections but keeps the symbols, so a panic's backtrace still names
+# the functions (~25 MB).
+strip --strip-debug "$root/usr/local/bin/meshup"
 
 # Every library the binary links, and the loader, at the path the binary asks for. Lines
 # look like `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or
