@@ -26,6 +26,7 @@ const EAST_PORT: u16 = 7300;
 const AGE: &str = "meshup_tunnel_connection_age_seconds";
 const RELOADS: &str = "meshup_certificate_reloads_total";
 const DIALS: &str = "meshup_tunnel_pool_dials_total";
+const ACTIVE: &str = "meshup_tunnel_active_connections";
 
 fn seconds_from_env(name: &str, default: u64) -> Duration {
     let secs = std::env::var(name)
@@ -93,6 +94,51 @@ fn report(name: &str, outcomes: &[Outcome], first: Duration, during: Duration) {
     );
 }
 
+/// Two clusters' gateways on a real etcd, each exporting an echo backend to the other, with
+/// certificates valid for `lifetime`.
+struct Pair {
+    certs: Certs,
+    east: GatewayProcess,
+    west: GatewayProcess,
+    to_west: SocketAddr,
+    to_east: SocketAddr,
+    _backends: [EchoServer; 2],
+    _etcd: EtcdServer,
+}
+
+impl Pair {
+    async fn start(lifetime: Duration) -> Self {
+        let etcd = EtcdServer::start();
+        let certs = Certs::new(&["east", "west"]);
+        for c in ["east", "west"] {
+            certs.rotate(c, lifetime);
+        }
+        let west_backend = EchoServer::start().await.expect("west's backend");
+        let east_backend = EchoServer::start().await.expect("east's backend");
+        let mut west = GatewayProcess::start(GatewaySpec {
+            exports: vec![("echo", "prod", WEST_PORT, west_backend.addr())],
+            ..GatewaySpec::new("west", "127.87.2.0/24", &etcd, &certs, "/rotation")
+        });
+        let mut east = GatewayProcess::start(GatewaySpec {
+            exports: vec![("pay", "prod", EAST_PORT, east_backend.addr())],
+            ..GatewaySpec::new("east", "127.87.1.0/24", &etcd, &certs, "/rotation")
+        });
+        west.wait_ready().await;
+        east.wait_ready().await;
+        let to_west = east.wait_routable("echo.prod", WEST_PORT).await;
+        let to_east = west.wait_routable("pay.prod", EAST_PORT).await;
+        Self {
+            certs,
+            east,
+            west,
+            to_west,
+            to_east,
+            _backends: [west_backend, east_backend],
+            _etcd: etcd,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_rotated_every_ten_seconds_under_traffic_fail_no_request() {
     let interval = seconds_from_env("MESHUP_ROTATION_INTERVAL_SECONDS", 10);
@@ -100,25 +146,9 @@ async fn certificates_rotated_every_ten_seconds_under_traffic_fail_no_request() 
     let lifetime = interval * 3;
     let half_life = lifetime / 2;
 
-    let etcd = EtcdServer::start();
-    let certs = Certs::new(&["east", "west"]);
-    for c in ["east", "west"] {
-        certs.rotate(c, lifetime);
-    }
-    let west_backend = EchoServer::start().await.expect("west's backend");
-    let east_backend = EchoServer::start().await.expect("east's backend");
-    let mut west = GatewayProcess::start(GatewaySpec {
-        exports: vec![("echo", "prod", WEST_PORT, west_backend.addr())],
-        ..GatewaySpec::new("west", "127.87.2.0/24", &etcd, &certs, "/rotation")
-    });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        exports: vec![("pay", "prod", EAST_PORT, east_backend.addr())],
-        ..GatewaySpec::new("east", "127.87.1.0/24", &etcd, &certs, "/rotation")
-    });
-    west.wait_ready().await;
-    east.wait_ready().await;
-    let to_west = east.wait_routable("echo.prod", WEST_PORT).await;
-    let to_east = west.wait_routable("pay.prod", EAST_PORT).await;
+    let pair = Pair::start(lifetime).await;
+    let (certs, east, west) = (&pair.certs, &pair.east, &pair.west);
+    let (to_west, to_east) = (pair.to_west, pair.to_east);
     let admins = vec![east.admin_addr(), west.admin_addr()];
 
     let limit = duration + Duration::from_secs(60);
@@ -223,5 +253,79 @@ async fn certificates_rotated_every_ten_seconds_under_traffic_fail_no_request() 
             *d <= rotations as f64 + ageing + 3.0,
             "{who} dialled {d} times for {rotations} rotations: a dial storm"
         );
+    }
+}
+
+/// Rotations in quick succession with certificates valid for hours, as in production: each
+/// supersedes the pooled connections, and a superseded connection must close once its
+/// streams are done. It used to stay open until half its certificate's lifetime (hours,
+/// kept alive by QUIC keep-alives), so the 30-minute soak's 14th rotation brought a cluster
+/// to the peer's `max_connections_per_cluster` (16) and every new stream after it was
+/// refused: 149,888 failed requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotations_leave_no_superseded_connection_open() {
+    /// Above `tunnel.max_connections_per_cluster` (16).
+    const ROTATIONS: u64 = 20;
+    let pair = Pair::start(Duration::from_secs(4 * 3600)).await;
+    let limit = Duration::from_secs(240);
+    let east_load = Workload {
+        limit,
+        ..Workload::new(pair.to_west, 2, 25.0)
+    }
+    .start();
+    let west_load = Workload {
+        limit,
+        ..Workload::new(pair.to_east, 2, 25.0)
+    }
+    .start();
+    for rotation in 1..=ROTATIONS {
+        let certs = &pair.certs;
+        tokio::task::block_in_place(|| {
+            certs.rotate("east", Duration::from_secs(4 * 3600));
+            certs.rotate("west", Duration::from_secs(4 * 3600));
+        });
+        let since = east_load.offset(Instant::now());
+        // Taken by both, and traffic on the new certificates, before the next rotation.
+        eventually_ok(
+            &format!("rotation {rotation} taken and traffic flowing"),
+            Duration::from_secs(20),
+            || async {
+                for g in [&pair.east, &pair.west] {
+                    let reloads = g.metric_sum(RELOADS, &[])?;
+                    anyhow::ensure!(reloads == rotation as f64, "{reloads} of {rotation}");
+                }
+                anyhow::ensure!(
+                    east_load.successes_since(since) >= 5 && west_load.successes_since(since) >= 5
+                );
+                Ok(())
+            },
+        )
+        .await;
+    }
+    // One connection each way is left: east's to west and west's to east.
+    eventually_ok(
+        "superseded connections closed",
+        Duration::from_secs(15),
+        || async {
+            for g in [&pair.east, &pair.west] {
+                let open = g.metric_sum(ACTIVE, &[])?;
+                anyhow::ensure!(open <= 2.0, "{open} QUIC connections open");
+            }
+            Ok(())
+        },
+    )
+    .await;
+    let east_outcomes = east_load.stop().await;
+    let west_outcomes = west_load.stop().await;
+    for (name, outcomes) in [
+        ("east → west", &east_outcomes),
+        ("west → east", &west_outcomes),
+    ] {
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        eprintln!(
+            "{name}: {ROTATIONS} rotations, {} requests, {failed} failed",
+            outcomes.len()
+        );
+        assert_eq!(failed, 0, "{name}: requests failed across the rotations");
     }
 }

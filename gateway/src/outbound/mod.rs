@@ -97,7 +97,7 @@ struct Early {
 /// The real pool dialer: QUIC through the gateway's endpoint. A completed handshake is
 /// proof of life of the peer ([`liveness`]), told to the steering state.
 #[derive(Debug, Clone)]
-pub struct QuicDialer(pub Arc<Endpoint>, pub Arc<Steering>);
+pub struct QuicDialer(pub Arc<Endpoint>, pub Arc<Steering>, pub Arc<ConnsInUse>);
 
 impl pool::Dialer for QuicDialer {
     type Conn = quinn::Connection;
@@ -124,6 +124,36 @@ impl pool::Dialer for QuicDialer {
 
     fn is_usable(conn: &quinn::Connection) -> bool {
         conn.close_reason().is_none()
+    }
+
+    /// A connection superseded by a rotation closes as soon as no stream uses it (quinn
+    /// keeps it open otherwise: its keep-alives never let it idle out), and at `at` at the
+    /// latest. Left open, each rotation would leave a connection behind until `at` (half a
+    /// certificate's lifetime, hours): the 16th would meet the peer's
+    /// `max_connections_per_cluster` and every new stream would be refused.
+    fn retire_when_idle(self: Arc<Self>, conn: quinn::Connection, at: tokio::time::Instant) {
+        tokio::spawn(async move {
+            let id = conn.stable_id();
+            let mut idle = IdleChecks::default();
+            let mut tick = tokio::time::interval(IDLE_CHECK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = conn.closed() => return,
+                    () = tokio::time::sleep_until(at) => {
+                        pool::Dialer::retire(&*self, conn);
+                        return;
+                    }
+                    _ = tick.tick() => {
+                        if idle.observe(self.2.count(id)) {
+                            tracing::debug!(remote = %conn.remote_address(), "superseded connection idle; closing it");
+                            conn.close(CLOSE_RECYCLED, b"superseded");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn retire(&self, conn: quinn::Connection) {
@@ -192,6 +222,73 @@ pub struct PeerLink {
     /// Time since its handshake: below half the peer certificate's lifetime and the
     /// configured maximum age (docs/reliability.md promise 15).
     pub age: Duration,
+}
+
+/// How often a superseded connection is checked for streams still using it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether a superseded connection may close: no stream used it at two checks in a row,
+/// [`IDLE_CHECK`] apart. One check is not enough: a caller handed the connection just before
+/// it was superseded counts its stream a moment later. Pure.
+#[derive(Debug, Default)]
+struct IdleChecks {
+    idle_before: bool,
+}
+
+impl IdleChecks {
+    /// Records a check that found `in_use` streams; true when the connection may close.
+    fn observe(&mut self, in_use: usize) -> bool {
+        let idle = in_use == 0;
+        let close = idle && self.idle_before;
+        self.idle_before = idle;
+        close
+    }
+}
+
+/// Streams (open or being opened) on each pooled QUIC connection, by `stable_id`: a
+/// superseded connection closes once this is zero ([`QuicDialer`]).
+#[derive(Debug, Default)]
+pub struct ConnsInUse(std::sync::Mutex<HashMap<usize, usize>>);
+
+impl ConnsInUse {
+    fn hold(self: &Arc<Self>, conn: &quinn::Connection) -> InUse {
+        self.hold_id(conn.stable_id())
+    }
+
+    fn hold_id(self: &Arc<Self>, id: usize) -> InUse {
+        *self.lock().entry(id).or_default() += 1;
+        InUse {
+            conns: self.clone(),
+            id,
+        }
+    }
+
+    fn count(&self, id: usize) -> usize {
+        self.lock().get(&id).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One stream's use of a connection; released when dropped.
+#[derive(Debug)]
+struct InUse {
+    conns: Arc<ConnsInUse>,
+    id: usize,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut counts = self.conns.lock();
+        if let Some(n) = counts.get_mut(&self.id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// Tunnel streams open to each peer gateway, counted by the guards the connections hold.
@@ -266,6 +363,8 @@ struct Shared {
     next_request_id: AtomicU64,
     prepared: std::sync::Mutex<PreparedCache>,
     open_streams: Arc<OpenStreams>,
+    /// Streams per pooled connection, shared with the pool's dialer.
+    in_use: Arc<ConnsInUse>,
     /// Failovers and ejections as [`changes`] detects them.
     changes: tokio::sync::broadcast::Sender<changes::SteeringChange>,
 }
@@ -336,8 +435,9 @@ impl Proxy {
             sockets,
         } = listeners;
         let steering = Arc::new(Steering::new(local.clone(), metrics));
+        let in_use = Arc::new(ConnsInUse::default());
         let pool = Pool::spawn(
-            QuicDialer(endpoint.clone(), steering.clone()),
+            QuicDialer(endpoint.clone(), steering.clone(), in_use.clone()),
             endpoint.config().max_connection_age,
         );
         let seed = std::time::SystemTime::now()
@@ -362,6 +462,7 @@ impl Proxy {
             next_request_id: AtomicU64::new(seed << 16),
             prepared: Default::default(),
             open_streams: Default::default(),
+            in_use,
             changes: tokio::sync::broadcast::Sender::new(changes::CHANNEL_CAPACITY),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
@@ -798,7 +899,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     let idle = shared.endpoint.config().stream_idle_timeout;
                     let out = match conn {
                         Connected::Local { tcp, up } => splice_tcp(tcp, up, idle).await,
-                        Connected::Remote { tcp, send, recv, _open } => splice(tcp, send, recv, &[], idle).await,
+                        Connected::Remote { tcp, send, recv, _open, _in_use } => splice(tcp, send, recv, &[], idle).await,
                     };
                     steering.lock().health.connection_ended(service, cluster);
                     let sent = out.tcp_to_quic + early.bytes.len() as u64;
@@ -847,6 +948,8 @@ enum Connected {
         recv: quinn::RecvStream,
         /// Counts the stream as open to its peer until the splice ends.
         _open: OpenStream,
+        /// Keeps its connection from closing as superseded until the splice ends.
+        _in_use: InUse,
     },
 }
 
@@ -936,13 +1039,14 @@ async fn attempt_remote(
         tracing::trace!(%peer, "attempt");
         let last = !more_after && k + 1 == count;
         let failed = match open_tunnel(shared, &peer, header, &mut tcp, early, last).await {
-            Ok((send, recv)) => {
+            Ok((send, recv, _in_use)) => {
                 let _open = shared.open_streams.open(peer);
                 return Attempt::Connected(Connected::Remote {
                     tcp,
                     send,
                     recv,
                     _open,
+                    _in_use,
                 });
             }
             Err(f) => f,
@@ -1089,7 +1193,7 @@ async fn open_tunnel(
     tcp: &mut TcpStream,
     early: &mut Early,
     last: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Failed> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, InUse), Failed> {
     let steering = &shared.steering;
     let conn = match shared.pool.get(peer).await {
         Ok(c) => c,
@@ -1104,6 +1208,9 @@ async fn open_tunnel(
             return Err(AttemptError::Pool(e).into());
         }
     };
+    // Counted from the moment the pool handed the connection out, so a rotation that
+    // supersedes it meanwhile does not close it under this stream.
+    let in_use = shared.in_use.hold(&conn);
     let cap = shared.endpoint.config().answer_timeout();
     let (early_ok, wait) = {
         let st = steering.lock();
@@ -1247,7 +1354,7 @@ async fn open_tunnel(
         // from the socket, and finishing twice is harmless).
         let _ = send.finish();
     }
-    Ok((send, recv))
+    Ok((send, recv, in_use))
 }
 
 fn reset_tcp(tcp: TcpStream) {
@@ -1258,6 +1365,45 @@ fn reset_tcp(tcp: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_superseded_connection_closes_after_two_idle_checks_in_a_row() {
+        // (streams in use at each check, whether that check closes it)
+        let table: &[(&str, &[(usize, bool)])] = &[
+            ("idle from the start", &[(0, false), (0, true)]),
+            (
+                "in use, then done",
+                &[(2, false), (1, false), (0, false), (0, true)],
+            ),
+            (
+                "a stream counted between two idle checks",
+                &[(0, false), (1, false), (0, false), (0, true)],
+            ),
+            ("never idle", &[(1, false), (1, false), (3, false)]),
+        ];
+        for (what, checks) in table {
+            let mut idle = IdleChecks::default();
+            for (i, &(in_use, closes)) in checks.iter().enumerate() {
+                assert_eq!(idle.observe(in_use), closes, "{what}: check {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn streams_are_counted_per_connection_until_their_guards_drop() {
+        let conns = Arc::new(ConnsInUse::default());
+        let guard = |id| conns.hold_id(id);
+        let a1 = guard(1);
+        let a2 = guard(1);
+        let b = guard(2);
+        assert_eq!((conns.count(1), conns.count(2), conns.count(3)), (2, 1, 0));
+        drop(a1);
+        drop(b);
+        assert_eq!((conns.count(1), conns.count(2)), (1, 0));
+        drop(a2);
+        assert_eq!(conns.count(1), 0);
+        assert!(conns.lock().is_empty(), "no entry left behind");
+    }
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([10, 0, 0, 1], port))

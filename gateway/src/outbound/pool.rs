@@ -16,8 +16,10 @@
 //! 5. A connection dialled with credentials that are no longer ours (the certificate was
 //!    rotated, see [`Credentials`]) is never handed out; the next caller dials with the new
 //!    ones, so new proxied connections present the new certificate within one reload. The old
-//!    connection keeps its open streams and is retired when it reaches the age it would have
-//!    been retired at anyway: a rotation never cuts a stream earlier than ageing would.
+//!    connection keeps its open streams and goes to `Dialer::retire_when_idle`: it closes
+//!    once they are done, and is retired at the age it would have been retired at anyway at
+//!    the latest, so a rotation never cuts a stream earlier than ageing would, and rotations
+//!    do not pile up open connections.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -92,6 +94,20 @@ pub trait Dialer: Send + Sync + 'static {
     /// Called once when a still-usable connection is retired for age: it gets no new
     /// streams, and the dialer closes it after giving the open ones time to finish.
     fn retire(&self, _conn: Self::Conn) {}
+    /// Called once when a still-usable connection is superseded (our certificate changed):
+    /// it gets no new streams; the dialer closes it once no stream uses it, and retires it
+    /// at `at` (the age it was dialled for) at the latest.
+    fn retire_when_idle(self: Arc<Self>, conn: Self::Conn, at: Instant)
+    where
+        Self: Sized,
+    {
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if Self::is_usable(&conn) {
+                self.retire(conn);
+            }
+        });
+    }
 }
 
 /// What a dialer presents to peers in its handshakes, so the pool notices a rotation.
@@ -278,15 +294,11 @@ async fn run<D: Dialer + Credentials>(
                         dialer.retire(pooled.conn);
                     } else {
                         tracing::info!(%peer, "our certificate changed; new streams go to a new connection");
-                        // Open streams stay on the old connection until it is as old as it
-                        // would have been retired at anyway.
-                        let dialer = dialer.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep_until(pooled.retire_at).await;
-                            if D::is_usable(&pooled.conn) {
-                                dialer.retire(pooled.conn);
-                            }
-                        });
+                        // Open streams stay on the old connection; it closes when they are
+                        // done, or at the age it would have been retired at anyway.
+                        dialer
+                            .clone()
+                            .retire_when_idle(pooled.conn, pooled.retire_at);
                     }
                 }
                 if slot.dialing {
