@@ -2,11 +2,13 @@
 //!
 //! Each scenario starts two clusters' gateways as processes on a real etcd: `west` serves an
 //! echo backend, `east` gives it a VIP, and a workload of new connections runs through
-//! east's VIP, across the tunnel, to west. The workload runs a clean phase first, then the
-//! attack for `MESHUP_HOSTILE_SECS` seconds (default 10; docs/reliability.md), then a short
-//! phase after it. Each prints a table (clean vs under attack: completed, failed by reason,
-//! p50/p99; the attacked gateway's RSS before/peak/after; the attack's achieved rate) and
-//! asserts the promise (docs/reliability.md 12, 16, 19):
+//! east's VIP, across the tunnel, to west. The workload runs a clean phase first; for the
+//! two floods then a control phase, the same attack aimed at a [`Sink`] instead of the
+//! gateway (the machine's share of the attack without the gateway's); then the attack for
+//! `MESHUP_HOSTILE_SECS` seconds (default 10; docs/reliability.md), then a short phase after
+//! it. Each prints a table (clean, control, under attack: completed, failed by reason,
+//! p50/p99 and their ratios; the attacked gateway's RSS before/peak/after; the attack's
+//! achieved rate) and asserts the promise (docs/reliability.md 12, 16, 19):
 //!
 //! 1. junk UDP at the QUIC port: random bytes, truncated Initials, real Initials replayed from
 //!    many source ports;
