@@ -395,19 +395,24 @@ pub fn dig_tcp(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::I
 }
 
 /// [`dig_in`] with more dig options after the defaults (`+short +tries=1 +time=2`), which
-/// they override: `+tcp`, or a stub resolver's timeout and retries.
+/// they override: `+tcp`, or a stub resolver's timeout and retries. Any note dig prints
+/// (`;; Warning: query response not set`, a failed try) is an error.
 pub fn dig_with(
     netns: Option<&str>,
     server: SocketAddr,
     name: &str,
     options: &[&str],
 ) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    dig_noting(netns, server, name, options).map(|(addresses, _)| addresses)
+    let (addresses, notes) = dig_noting(netns, server, name, options)?;
+    if !notes.is_empty() {
+        bail!("dig {name}: {}", notes.join("; "));
+    }
+    Ok(addresses)
 }
 
-/// [`dig_with`], and the tries that failed before the answer: dig's `;;` notes (`;;
-/// communications error to …: timed out`, `…: connection reset`), which it prints when it
-/// tries again (`+tries` above 1).
+/// [`dig_with`], but dig's `;;` notes are returned instead of failing: the tries that
+/// failed before the answer (`;; communications error to …: timed out`, `…: connection
+/// reset`), which it prints when it tries again (`+tries` above 1).
 pub fn dig_noting(
     netns: Option<&str>,
     server: SocketAddr,
