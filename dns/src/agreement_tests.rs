@@ -513,6 +513,7 @@ struct Tally {
     positive: usize,
     with_edns: usize,
     dropped: usize,
+    formerr: usize,
 }
 
 #[tokio::test]
@@ -560,6 +561,19 @@ async fn agree_randomly() {
                 format!("step {step} query {i} {parsed} bytes {q:02x?}")
             };
             match fast {
+                // Read from the header alone: the catalog path must send these very bytes.
+                Fast::Answered {
+                    rcode: ResponseCode::FormErr,
+                    ..
+                } => {
+                    assert_eq!(
+                        slow.as_deref(),
+                        Some(&out[..]),
+                        "fast path's FORMERR differs from the catalog's: {}",
+                        what()
+                    );
+                    tally.formerr += 1;
+                }
                 Fast::Answered { rcode, .. } => {
                     let slow = slow.unwrap_or_else(|| {
                         panic!(
@@ -602,4 +616,5 @@ async fn agree_randomly() {
     assert!(tally.nxdomain * 10 > tally.answered, "{tally:?}");
     assert!(tally.with_edns * 5 > tally.answered, "{tally:?}");
     assert!(tally.dropped > 0, "{tally:?}");
+    assert!(tally.formerr > 0, "{tally:?}");
 }

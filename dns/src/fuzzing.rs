@@ -4,12 +4,13 @@
 //!
 //! For any bytes received over UDP it checks: nothing panics; a response (QR=1) is never
 //! answered; every answer is a response with the query's ID; and no answer is larger than
-//! the client's EDNS buffer (512 bytes without EDNS), which bounds amplification.
+//! the client's EDNS buffer (512 bytes without EDNS), which bounds amplification; and a
+//! FORMERR the fast path sends is byte for byte the catalog path's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hickory_proto::op::Message;
+use hickory_proto::op::{Message, ResponseCode};
 use hickory_server::net::xfer::Protocol;
 use meshup_core::names::ClusterName;
 use tokio::sync::watch;
@@ -73,8 +74,20 @@ impl QueryHarness {
         let slow = self
             .runtime
             .block_on(self.guarded.answer_bytes(packet, src, Protocol::Udp));
-        if let Some(resp) = slow {
-            check_answer(packet, &resp, limit, "catalog");
+        if let Some(resp) = &slow {
+            check_answer(packet, resp, limit, "catalog");
+        }
+        // The fast path's FORMERR stands for the catalog path's: it must be the very same.
+        if let Fast::Answered {
+            rcode: ResponseCode::FormErr,
+            ..
+        } = fast
+        {
+            assert_eq!(
+                slow.as_deref(),
+                Some(&self.out[..]),
+                "fast FORMERR differs from the catalog's for {packet:02x?}"
+            );
         }
         // Over TCP the size bound is the 16-bit length prefix; it must not panic either.
         let _ = self

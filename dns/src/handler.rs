@@ -24,7 +24,7 @@ use meshup_core::names::ClusterName;
 use tokio::sync::watch;
 
 use crate::answer::{Answer, ZoneSettings, ZoneView, resolve, soa_record};
-use crate::wire::{HEADER_LEN, MAX_PLAIN_UDP};
+use crate::wire::{HEADER_LEN, MAX_PLAIN_UDP, formerr};
 
 /// The clusterset zone as a hickory `ZoneHandler`.
 #[derive(Debug)]
@@ -205,7 +205,11 @@ impl Guarded {
         }
         let request = match Request::from_bytes(raw.to_vec(), src, protocol) {
             Ok(request) => request,
-            Err(_) => return Some(formerr(header)),
+            Err(_) => {
+                let mut out = Vec::with_capacity(HEADER_LEN);
+                formerr(header, &mut out);
+                return Some(out);
+            }
         };
         let capture = Capture {
             protocol,
@@ -234,17 +238,6 @@ impl RequestHandler for Guarded {
             .handle_request::<R, T>(request, response_handle)
             .await
     }
-}
-
-/// FORMERR for a packet whose header parsed but whose body did not: ID, opcode and RD
-/// echoed, no sections (RFC 1035 §4.1.1).
-fn formerr(header: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN];
-    out[0] = header[0];
-    out[1] = header[1];
-    out[2] = 0x80 | (header[2] & 0x79);
-    out[3] = ResponseCode::FormErr.low();
-    out
 }
 
 /// A `ResponseHandler` that keeps the encoded response for the caller to send.

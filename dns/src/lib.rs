@@ -21,9 +21,11 @@
 //! Safety rules (docs/reliability.md 17–19): authoritative only (REFUSED outside the zone,
 //! RA=0, no recursion), UDP answers within the client's EDNS size (512 without) with TC=1
 //! when cut, minimal ANY (RFC 8482), responses (QR=1) never answered, malformed queries
-//! answered FORMERR or dropped, TCP connections capped and under read deadlines.
+//! answered FORMERR or dropped (FORMERR over UDP within an error budget, [`budget`]), TCP
+//! connections capped and under read deadlines.
 
 pub mod answer;
+pub mod budget;
 pub mod config;
 pub mod fixture;
 pub mod fuzzing;

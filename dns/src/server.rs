@@ -3,7 +3,9 @@
 //! Threads and tasks:
 //! - `udp_workers` OS threads sharing one UDP socket (a duplicate descriptor each), each
 //!   with a blocking recvmmsg/sendmmsg loop. They answer from the precomputed [`FastTable`] and fall back to the
-//!   hickory catalog inline (`Handle::block_on`; the catalog never waits on I/O).
+//!   hickory catalog inline (`Handle::block_on`; the catalog never waits on I/O). FORMERR
+//!   answers the fast path makes for junk are sent within an error budget per worker
+//!   ([`crate::budget`]); beyond it the junk is dropped.
 //! - one task rebuilds the table when the catalog snapshot changes and publishes it on a
 //!   `watch` channel. Workers check `has_changed()` (one atomic load) per packet and only
 //!   take the channel's lock when there is something new. Until the table for the newest
@@ -20,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use hickory_proto::op::ResponseCode;
 use hickory_server::net::xfer::Protocol;
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::ClusterName;
@@ -36,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::answer::{ZoneSettings, ZoneView};
+use crate::budget::{ERRORS_PER_SECOND, ErrorBudget};
 use crate::config::{ConfigError, DnsConfig};
 use crate::handler::{ClustersetZone, Guarded, ViewSource};
 use crate::metrics::{FAST_LATENCY_SAMPLE, Metrics, Path, classify_response};
@@ -480,6 +484,7 @@ impl UdpWorker {
         let mut sources: Vec<Option<SockaddrStorage>> = Vec::with_capacity(UDP_BATCH);
         let mut replies: Vec<usize> = Vec::with_capacity(UDP_BATCH);
         let mut state = self.refresh();
+        let mut budget = ErrorBudget::new(ERRORS_PER_SECOND, Instant::now());
         let mut packets: u64 = 0;
         while !self.stop.load(Ordering::Relaxed) {
             // One syscall for every datagram already queued (at least one; SO_RCVTIMEO wakes
@@ -518,6 +523,8 @@ impl UdpWorker {
                 state = self.refresh();
             }
             replies.clear();
+            // One clock read per batch, for the error budget.
+            let now = Instant::now();
             for (i, &(n, truncated)) in received.iter().enumerate() {
                 let Some(addr) = &sources[i] else {
                     continue;
@@ -529,7 +536,15 @@ impl UdpWorker {
                 }
                 packets = packets.wrapping_add(1);
                 let sample = packets.is_multiple_of(FAST_LATENCY_SAMPLE);
-                if self.answer(&state, &bufs[i][..n], addr, &mut outs[i], sample) {
+                if self.answer(
+                    &state,
+                    &mut budget,
+                    now,
+                    &bufs[i][..n],
+                    addr,
+                    &mut outs[i],
+                    sample,
+                ) {
                     replies.push(i);
                 }
             }
@@ -538,9 +553,12 @@ impl UdpWorker {
     }
 
     /// Answers one datagram into `out`; returns whether there is something to send.
+    #[allow(clippy::too_many_arguments)]
     fn answer(
         &self,
         state: &WorkerState,
+        budget: &mut ErrorBudget,
+        now: Instant,
         packet: &[u8],
         addr: &SockaddrStorage,
         out: &mut Vec<u8>,
@@ -553,6 +571,14 @@ impl UdpWorker {
             Fast::Slow
         };
         match fast {
+            Fast::Answered {
+                rcode: ResponseCode::FormErr,
+                ..
+            } if !budget.allow(now) => {
+                // Junk beyond the error budget: not worth a send (see `budget`).
+                self.metrics.dropped();
+                false
+            }
             Fast::Answered { qtype, rcode } => {
                 self.metrics.query(Path::Fast, qtype, u16::from(rcode));
                 if let Some(t) = started {

@@ -11,9 +11,12 @@
 //!   question stay valid),
 //! - an OPT record appended when the query had one (ARCOUNT + 1).
 //!
-//! Anything unusual (other opcodes or flags, several questions, a compressed or malformed
-//! question, EDNS version > 0, meta query types, a response that would not fit the client's
-//! UDP size) returns [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
+//! A message that cannot be read at all (counts its body does not hold, bad label types,
+//! pointers that do not point backwards) is answered FORMERR here, from its header, as the
+//! catalog would; a response or anything shorter than a header is dropped. Anything else
+//! unusual (other opcodes or flags, several questions, a compressed question, an EDNS
+//! version above 0, meta query types, a response that would not fit the client's UDP size) returns
+//! [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
 //! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
 
 use std::collections::{BTreeSet, HashSet};
@@ -381,6 +384,14 @@ impl FastTable {
         let Some(q) = parse_query(query, &mut key) else {
             return if query.len() < HEADER_LEN || query[2] & 0x80 != 0 {
                 Fast::Drop
+            } else if !readable(query) {
+                // What the catalog path answers too, without copying and parsing it there:
+                // a flood of junk costs a header's worth of work per datagram.
+                formerr(query, out);
+                Fast::Answered {
+                    qtype: 0,
+                    rcode: ResponseCode::FormErr,
+                }
             } else {
                 Fast::Slow
             };
@@ -439,6 +450,80 @@ impl FastTable {
         Fast::Answered {
             qtype: q.qtype,
             rcode,
+        }
+    }
+}
+
+/// FORMERR for a message with a header whose body cannot be read, into `out`: ID, opcode
+/// and RD echoed, QR set, no sections (RFC 1035 §4.1.1: the name server was unable to
+/// interpret the query). `message` must be at least a header long.
+pub(crate) fn formerr(message: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.resize(HEADER_LEN, 0);
+    if let Some(header) = message.get(..3) {
+        out[0] = header[0];
+        out[1] = header[1];
+        out[2] = 0x80 | (header[2] & 0x79);
+    }
+    out[3] = ResponseCode::FormErr.low();
+}
+
+/// Whether a message (at least a header) can be read as DNS at all: every question and
+/// record its header counts is there, each name made of labels of at most 63 bytes and
+/// ending in the root label or a compression pointer to an earlier offset than the name
+/// (RFC 1035 §3.1, §4.1.4), and no record's data runs past the end.
+///
+/// It checks a subset of what the catalog path's reader (hickory's) checks, in the same
+/// order: a message that fails here fails there, and the catalog path answers it with the
+/// same [`formerr`]. A message that passes may still fail there (record data, names longer
+/// than 255 bytes or whose pointers lead astray): it goes to the catalog path. The walk is
+/// bounded by the length: every question or record read moves forward by at least 5 bytes.
+fn readable(p: &[u8]) -> bool {
+    let Some(header) = p.get(..HEADER_LEN) else {
+        return false;
+    };
+    let count = |i: usize| usize::from(u16::from_be_bytes([header[i], header[i + 1]]));
+    let mut pos = HEADER_LEN;
+    for _ in 0..count(4) {
+        // Name, type, class.
+        match skip_name(p, pos) {
+            Some(end) if end + 4 <= p.len() => pos = end + 4,
+            _ => return false,
+        }
+    }
+    for _ in 0..count(6) + count(8) + count(10) {
+        // Name, type, class, TTL, RDLENGTH, then RDLENGTH bytes of data.
+        let Some(end) = skip_name(p, pos) else {
+            return false;
+        };
+        let Some(fixed) = p.get(end..end + 10) else {
+            return false;
+        };
+        let rdlen = usize::from(u16::from_be_bytes([fixed[8], fixed[9]]));
+        pos = end + 10 + rdlen;
+        if pos > p.len() {
+            return false;
+        }
+    }
+    true
+}
+
+/// The end of the name starting at `start`, or `None` when it cannot be read: it runs past
+/// the end, uses a reserved label type (0x40, 0x80), or has a pointer that does not point
+/// before `start` (which also rules out loops). Pointers are not followed.
+fn skip_name(p: &[u8], start: usize) -> Option<usize> {
+    let mut pos = start;
+    loop {
+        let len = *p.get(pos)?;
+        match len & 0xc0 {
+            0x00 if len == 0 => return Some(pos + 1),
+            0x00 => pos += 1 + usize::from(len),
+            0xc0 => {
+                let low = *p.get(pos + 1)?;
+                let target = usize::from(u16::from_be_bytes([len & 0x3f, low]));
+                return (target < start).then_some(pos + 2);
+            }
+            _ => return None,
         }
     }
 }
@@ -659,6 +744,150 @@ mod tests {
             );
             table = updated;
             view = next;
+        }
+    }
+
+    /// Messages the fast path cannot answer from its table: dropped, FORMERR from the
+    /// header, or left to the catalog path.
+    #[test]
+    fn unreadable_messages_get_formerr_from_the_header() {
+        let header = |flags: u8, counts: [u16; 4]| {
+            let mut h = vec![0xab, 0xcd, flags, 0];
+            for c in counts {
+                h.extend_from_slice(&c.to_be_bytes());
+            }
+            h
+        };
+        let with = |mut h: Vec<u8>, body: &[u8]| {
+            h.extend_from_slice(body);
+            h
+        };
+        let q = header(0x01, [1, 0, 0, 0]);
+        let question = b"\x04echo\x04test\x00\x00\x01\x00\x01";
+        #[derive(Debug, Clone, PartialEq)]
+        enum Want {
+            Slow,
+            Drop,
+            Reply(Vec<u8>),
+        }
+        use Want::{Drop, Reply, Slow};
+        let formerr = Reply(vec![0xab, 0xcd, 0x81, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let cases: Vec<(&str, Vec<u8>, Want)> = vec![
+            ("11 bytes", q[..11].to_vec(), Drop),
+            (
+                "a response",
+                with(header(0x84, [1, 0, 0, 0]), question),
+                Drop,
+            ),
+            ("no question body", q.clone(), formerr.clone()),
+            (
+                "a label past the end",
+                with(q.clone(), b"\x3fab"),
+                formerr.clone(),
+            ),
+            (
+                "label type 0x40",
+                with(q.clone(), b"\x50x\x00\x00\x01\x00\x01"),
+                formerr.clone(),
+            ),
+            (
+                "label type 0x80",
+                with(q.clone(), b"\x80x\x00\x00\x01\x00\x01"),
+                formerr.clone(),
+            ),
+            (
+                "a pointer to itself",
+                with(q.clone(), b"\xc0\x0c\x00\x01\x00\x01"),
+                formerr.clone(),
+            ),
+            (
+                "pointers to each other",
+                with(q.clone(), b"\xc0\x0e\xc0\x0c\x00\x01\x00\x01"),
+                formerr.clone(),
+            ),
+            (
+                "a pointer cut short",
+                with(q.clone(), b"\xc0"),
+                formerr.clone(),
+            ),
+            (
+                "no type and class",
+                with(q.clone(), b"\x04echo\x00\x00\x01"),
+                formerr.clone(),
+            ),
+            (
+                "huge counts",
+                with(header(0x01, [0xffff; 4]), question),
+                formerr.clone(),
+            ),
+            (
+                "an answer it lacks",
+                with(header(0x01, [1, 1, 0, 0]), question),
+                formerr.clone(),
+            ),
+            (
+                "record data past the end",
+                with(
+                    header(0x01, [1, 0, 0, 1]),
+                    &[
+                        &question[..],
+                        b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x05\x00",
+                    ]
+                    .concat(),
+                ),
+                formerr.clone(),
+            ),
+            // Opcode and RD are echoed (opcode 2, STATUS, and RD).
+            (
+                "opcode echoed",
+                header(0x11, [1, 0, 0, 0]),
+                Reply(vec![0xab, 0xcd, 0x91, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]),
+            ),
+            // Readable but not for the table: the catalog path decides.
+            (
+                "a compressed question",
+                with(
+                    header(0x01, [2, 0, 0, 0]),
+                    &[&question[..], b"\xc0\x0c\x00\x01\x00\x01"].concat(),
+                ),
+                Slow,
+            ),
+            ("no question at all", header(0x01, [0, 0, 0, 0]), Slow),
+            (
+                "another opcode",
+                with(header(0x29, [1, 0, 0, 0]), question),
+                Slow,
+            ),
+            (
+                "trailing bytes",
+                with(q.clone(), &[&question[..], b"junk"].concat()),
+                Slow,
+            ),
+        ];
+        let table = {
+            use crate::answer::ZoneSettings;
+            use crate::config::DnsConfig;
+            let settings =
+                Arc::new(ZoneSettings::from_config(&DnsConfig::default()).expect("settings"));
+            let snap = crate::fixture::three_clusters();
+            let view = ZoneView::new(
+                settings,
+                meshup_core::names::ClusterName::new("east").expect("name"),
+                Arc::new(snap),
+            );
+            FastTable::build(&view).expect("table")
+        };
+        for (what, message, want) in cases {
+            let mut out = Vec::new();
+            let got = match table.answer(&message, &mut out) {
+                Fast::Slow => Slow,
+                Fast::Drop => Drop,
+                Fast::Answered { rcode, .. } => {
+                    assert_eq!(rcode, ResponseCode::FormErr, "{what}");
+                    Reply(out)
+                }
+            };
+            assert_eq!(got, want, "{what}");
         }
     }
 

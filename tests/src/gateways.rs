@@ -394,12 +394,31 @@ pub fn dig_tcp(server: SocketAddr, name: &str) -> anyhow::Result<Vec<std::net::I
     dig_with(None, server, name, &["+tcp"])
 }
 
-fn dig_with(
+/// [`dig_in`] with more dig options after the defaults (`+short +tries=1 +time=2`), which
+/// they override: `+tcp`, or a stub resolver's timeout and retries. Any note dig prints
+/// (`;; Warning: query response not set`, a failed try) is an error.
+pub fn dig_with(
     netns: Option<&str>,
     server: SocketAddr,
     name: &str,
     options: &[&str],
 ) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let (addresses, notes) = dig_noting(netns, server, name, options)?;
+    if !notes.is_empty() {
+        bail!("dig {name}: {}", notes.join("; "));
+    }
+    Ok(addresses)
+}
+
+/// [`dig_with`], but dig's `;;` notes are returned instead of failing: the tries that
+/// failed before the answer (`;; communications error to …: timed out`, `…: connection
+/// reset`), which it prints when it tries again (`+tries` above 1).
+pub fn dig_noting(
+    netns: Option<&str>,
+    server: SocketAddr,
+    name: &str,
+    options: &[&str],
+) -> anyhow::Result<(Vec<std::net::IpAddr>, Vec<String>)> {
     let mut command = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -422,15 +441,20 @@ fn dig_with(
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (notes, answers): (Vec<&str>, Vec<&str>) = text
         .lines()
-        .filter(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .partition(|l| l.starts_with(";;"));
+    let addresses = answers
+        .into_iter()
         .map(|l| {
-            l.trim()
-                .parse()
+            l.parse()
                 .with_context(|| format!("dig {name}: not an address: {l:?}"))
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((addresses, notes.into_iter().map(str::to_owned).collect()))
 }
 
 /// One `meshup gateway` process. Killed (SIGKILL) on drop.

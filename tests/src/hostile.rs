@@ -1,7 +1,7 @@
 //! Tools of the hostile-input suite (tests/tests/hostile.rs): a UDP blaster, a process's
 //! memory watched from `/proc`, a real client Initial captured for replay, an authenticated
-//! tunnel peer (a quinn endpoint with a valid SVID of the test PKI), and a slow-loris of TCP
-//! connections that hold a server's slots.
+//! tunnel peer (a quinn endpoint with a valid SVID of the test PKI), a slow-loris of TCP
+//! connections that hold a server's slots, and a sink to aim them at for a control phase.
 //!
 //! Every loop here is bounded in time: the attacks stop by themselves at their deadline.
 
@@ -194,6 +194,80 @@ pub fn junk(seed: u64, len: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(&x.to_le_bytes());
     }
     out.truncate(len);
+}
+
+// === the control: the same attack aimed at nobody ===
+
+/// A place to aim an attack that is not the gateway, for a control phase: a UDP socket that
+/// a thread only drains, and a TCP listener that accepts each connection and closes it at
+/// once. The machine then carries the attacker's load and the kernel's share of it, but no
+/// gateway's; what the workload suffers then is the machine's, not the gateway's.
+#[derive(Debug)]
+pub struct Sink {
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start() -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let udp_socket = UdpSocket::bind("127.0.0.1:0").context("bind the sink's UDP socket")?;
+        // Wakes the drain to look at `stop` when nothing arrives.
+        udp_socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let udp = udp_socket.local_addr()?;
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("bind the sink's listener")?;
+        let tcp = listener.local_addr()?;
+        let drain = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = udp_socket.recv(&mut buf);
+                }
+            })
+        };
+        let accept = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    drop(conn);
+                }
+            })
+        };
+        Ok(Self {
+            udp,
+            tcp,
+            stop,
+            threads: vec![drain, accept],
+        })
+    }
+
+    /// The drained UDP socket.
+    pub fn udp(&self) -> SocketAddr {
+        self.udp
+    }
+
+    /// The listener that closes every connection.
+    pub fn tcp(&self) -> SocketAddr {
+        self.tcp
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // The accept loop sees `stop` at its next connection: this one.
+        let _ = std::net::TcpStream::connect(self.tcp);
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+    }
 }
 
 // === the tunnel peer ===

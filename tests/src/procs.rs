@@ -264,3 +264,72 @@ pub fn usage(pid: u32) -> Result<Usage> {
         .count();
     Ok(Usage { rss_kib, fds })
 }
+
+/// CPU time (user + system) spent so far by the threads of `pid` whose name starts with
+/// `prefix` (`/proc/<pid>/task/*/stat`; all threads for `""`). Threads that ended are not
+/// counted, so sample threads that live through the measurement.
+pub fn threads_cpu(pid: u32, prefix: &str) -> Result<Duration> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("read {tasks}"))? {
+        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
+            // The thread ended between the listing and the read.
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        // After the ")" of comm: state is field 3 of the whole line, utime 14, stime 15.
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+        ticks += field(14).unwrap_or(0) + field(15).unwrap_or(0);
+    }
+    Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+}
+
+/// Clock ticks per second of `/proc` CPU times (USER_HZ: 100 on every Linux architecture
+/// this runs on).
+const USER_HZ: u64 = 100;
+
+/// Datagrams the kernel dropped at the UDP socket bound to `addr` because its receive
+/// buffer was full (the `drops` column of `/proc/net/udp` or `/proc/net/udp6`), summed
+/// over every socket on that address.
+pub fn udp_drops(addr: SocketAddr) -> Result<u64> {
+    let (table, local) = match addr {
+        SocketAddr::V4(v4) => (
+            "/proc/net/udp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            ),
+        ),
+        SocketAddr::V6(v6) => {
+            let words: String = v6
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{words}:{:04X}", v6.port()))
+        }
+    };
+    let text = std::fs::read_to_string(table).with_context(|| format!("read {table}"))?;
+    let mut found = false;
+    let mut drops = 0;
+    for line in text.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(1) == Some(&local.as_str()) {
+            found = true;
+            drops += fields
+                .last()
+                .and_then(|d| d.parse::<u64>().ok())
+                .with_context(|| format!("no drops column in {table}: {line}"))?;
+        }
+    }
+    anyhow::ensure!(found, "no UDP socket on {addr} in {table}");
+    Ok(drops)
+}
