@@ -371,6 +371,19 @@ async fn probe(
         match seen {
             Some(seen) => row.probes.push(seen - at),
             None => {
+                // Which side lagged: the allocator (no VIP in the catalog) or the DNS answer.
+                let vips = layout.vip(&meshup_core::catalog::VipKey {
+                    cluster: ClusterName::new(JOINER)?,
+                    service: key.service.clone(),
+                    target: None,
+                });
+                let allocated = meshup_federation::store::get(store.as_ref(), vips)
+                    .await?
+                    .is_some();
+                eprintln!(
+                    "   probe {k} unanswered after {PROBE_WAIT:?}; its VIP is {} the catalog",
+                    if allocated { "in" } else { "not in" }
+                );
                 row.probe_timeouts += 1;
                 if row.probe_timeouts >= PROBE_TIMEOUTS {
                     eprintln!("   {PROBE_TIMEOUTS} probes unanswered: latency not measured");
