@@ -1,5 +1,13 @@
 //! VIP allocation: one address per clusterset service (and per service and target cluster
-//! for cluster-pinned names) from the cluster's `vip_cidr`.
+//! for the cluster-pinned names [`PinnedNames`] asks for) from the cluster's `vip_cidr`.
+//!
+//! The reconciler allocates in batches ([`ALLOCATION_BATCH`] keys per transaction): it picks
+//! each key's first candidate address not held by this cluster in the snapshot nor picked
+//! earlier in the batch ([`pick`]), and writes them all in one transaction guarded by the
+//! same absence checks. Only when a batch loses a race (a replica or an operator wrote one
+//! of its keys meanwhile) do its keys fall back to [`VipAllocator::allocate`], one
+//! transaction each, which adopts what the winner wrote. Clusterset VIPs go before pinned
+//! ones, so a range too small for every pinned name still serves every clusterset name.
 //!
 //! Allocation is one transaction that creates both the VIP key (service → address) and the
 //! address-claim key (address → service) only if both are absent (see [`crate::keys`]).
@@ -22,7 +30,7 @@
 //! early when the catalog frees an address (after a full range) and is forgotten when the
 //! key stops being missing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,7 +39,7 @@ use bytes::Bytes;
 use ipnet::IpNet;
 use meshup_core::catalog::{Snapshot, VipKey};
 use meshup_core::model::{SCHEMA_VERSION, VipRecord, decode, encode};
-use meshup_core::names::ClusterName;
+use meshup_core::names::{ClusterName, ServiceKey};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,6 +56,9 @@ use crate::store::{self, Compare, Store, StoreError, Txn, TxnOp};
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 /// Addresses tried for one VIP before giving up.
 pub const MAX_PROBES: u32 = 64;
+/// Keys allocated in one transaction: two absence checks and two puts each, inside etcd's
+/// default limit of 128 operations per list (`--max-txn-ops`).
+pub const ALLOCATION_BATCH: usize = 32;
 /// How often the reconciler looks for ended grace periods and ended backoffs; planning
 /// itself happens only on a new snapshot.
 const RECONCILE_TICK: Duration = Duration::from_secs(1);
@@ -85,6 +96,40 @@ pub struct VipConfig {
     pub cidr: IpNet,
     /// How long a service must be gone before its VIP is freed.
     pub grace: Duration,
+    /// Which cluster-pinned names get a VIP.
+    pub pinned: PinnedNames,
+}
+
+/// Which cluster-pinned names (`<svc>.<ns>.svc.<cluster>`) this cluster gives a VIP of its
+/// own. Each costs one address per (service, exporting cluster): 100 clusters exporting
+/// 1,000 services want 100,000 pinned VIPs, more than a /16 holds (docs/scale.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PinnedNames {
+    /// Every service in every exporting cluster (the default: small federations).
+    #[default]
+    All,
+    /// None: only the clusterset names answer.
+    None,
+    /// Only these services (in every cluster that exports them).
+    Only(BTreeSet<ServiceKey>),
+}
+
+impl PinnedNames {
+    /// Whether `service`'s pinned names get VIPs.
+    pub fn covers(&self, service: &ServiceKey) -> bool {
+        match self {
+            PinnedNames::All => true,
+            PinnedNames::None => false,
+            PinnedNames::Only(services) => services.contains(service),
+        }
+    }
+}
+
+/// What the reconciler has tried: for readiness, which must not wait for a key that failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VipProgress {
+    /// Keys whose last allocation failed; each waits for its next try.
+    pub failing: BTreeSet<VipKey>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -162,6 +207,7 @@ pub struct VipAllocator {
     layout: KeyLayout,
     config: VipConfig,
     metrics: Metrics,
+    progress: Arc<watch::Sender<VipProgress>>,
 }
 
 impl VipAllocator {
@@ -177,7 +223,102 @@ impl VipAllocator {
             layout,
             config,
             metrics,
+            progress: Arc::new(watch::Sender::new(VipProgress::default())),
         }
+    }
+
+    /// What the reconciler has tried so far (updated after each allocation pass).
+    pub fn progress(&self) -> watch::Receiver<VipProgress> {
+        self.progress.subscribe()
+    }
+
+    /// Allocates `keys` in one transaction (see the module docs), each on the first
+    /// candidate that is not in `used` (this cluster's addresses as far as it knows) nor
+    /// picked earlier in the batch. If the transaction loses a race, keys whose VIP exists
+    /// now adopt it and the others are allocated one by one. One result per key, in order.
+    pub async fn allocate_batch(
+        &self,
+        keys: &[VipKey],
+        used: &HashSet<IpAddr>,
+    ) -> Vec<(VipKey, Result<IpAddr, VipError>)> {
+        let mut results = Vec::with_capacity(keys.len());
+        let mut picked = HashSet::new();
+        let mut chosen = Vec::with_capacity(keys.len());
+        for key in keys {
+            let owner = self.layout.vip(key);
+            match pick(self.config.cidr, stable_hash(owner.as_bytes()), |ip| {
+                used.contains(ip) || picked.contains(ip)
+            }) {
+                Some(ip) => {
+                    picked.insert(ip);
+                    chosen.push((key.clone(), owner, ip));
+                }
+                None => results.push((
+                    key.clone(),
+                    Err(VipError::Exhausted {
+                        key: owner,
+                        cidr: self.config.cidr,
+                        probes: probe_limit(self.config.cidr),
+                    }),
+                )),
+            }
+        }
+        if chosen.is_empty() {
+            return results;
+        }
+        let mut txn = Txn::default();
+        for (_, owner, ip) in &chosen {
+            let vip_key = Bytes::from(owner.clone());
+            let claim_key = Bytes::from(self.layout.address_claim(&self.config.cluster, *ip));
+            let record = Bytes::from(encode(&VipRecord {
+                schema: SCHEMA_VERSION,
+                vip: *ip,
+            }));
+            txn.compares.push(Compare::Absent(vip_key.clone()));
+            txn.compares.push(Compare::Absent(claim_key.clone()));
+            txn.success.push(TxnOp::Put {
+                key: vip_key.clone(),
+                value: record,
+                lease: 0,
+            });
+            txn.success.push(TxnOp::Put {
+                key: claim_key,
+                value: Bytes::from(owner.clone()),
+                lease: 0,
+            });
+            txn.failure.push(TxnOp::Get { key: vip_key });
+        }
+        match self.store.txn(txn).await {
+            Err(e) => {
+                for (key, _, _) in chosen {
+                    results.push((key, Err(VipError::Store(e.clone()))));
+                }
+            }
+            Ok(result) if result.succeeded => {
+                tracing::debug!(vips = chosen.len(), "VIPs allocated in one transaction");
+                self.metrics.allocated.inc_by(chosen.len() as u64);
+                for (key, _, ip) in chosen {
+                    results.push((key, Ok(ip)));
+                }
+            }
+            Ok(result) => {
+                // Lost a race: adopt what exists, allocate the rest one by one.
+                let mut existing = result.gets.into_iter();
+                for (key, owner, _) in chosen {
+                    let outcome = match existing.next().flatten() {
+                        Some(kv) => decode::<VipRecord>(&kv.value).map(|r| r.vip).map_err(|e| {
+                            VipError::Corrupt {
+                                key: owner,
+                                detail: e.to_string(),
+                            }
+                        }),
+                        None => self.allocate(&key).await,
+                    };
+                    results.push((key, outcome));
+                }
+            }
+        }
+        results
     }
 
     /// The VIP of `key`: the existing one, or a new one allocated by transaction. Replicas
@@ -357,6 +498,8 @@ impl VipAllocator {
         let mut work = VipPlan::default();
         // This cluster's VIPs in the last planned snapshot, to notice freed addresses.
         let mut held: BTreeSet<(VipKey, IpAddr)> = BTreeSet::new();
+        // The addresses of `held` and those allocated since: what a batch must not pick.
+        let mut used: HashSet<IpAddr> = HashSet::new();
         let mut tick = tokio::time::interval(
             RECONCILE_TICK.min(self.config.grace.max(Duration::from_millis(50))),
         );
@@ -383,7 +526,7 @@ impl VipAllocator {
                     continue;
                 }
                 planned = true;
-                work = plan(&snapshot, &self.config.cluster);
+                work = plan(&snapshot, &self.config.cluster, &self.config.pinned);
                 let now_held: BTreeSet<(VipKey, IpAddr)> = snapshot
                     .vips()
                     .filter(|(k, _)| k.cluster == self.config.cluster)
@@ -391,6 +534,7 @@ impl VipAllocator {
                     .collect();
                 let freed_address = held.difference(&now_held).next().is_some();
                 held = now_held;
+                used = held.iter().map(|(_, ip)| *ip).collect();
                 allocations.retain_only(&work.missing);
                 frees.retain_only(&work.unused);
                 if freed_address {
@@ -400,7 +544,7 @@ impl VipAllocator {
                 self.metrics.set_backing_off(&allocations);
             }
             if !self
-                .allocate_due(&mut work, &mut allocations, &cancel)
+                .allocate_due(&mut work, &mut allocations, &mut used, &cancel)
                 .await
             {
                 return;
@@ -410,47 +554,52 @@ impl VipAllocator {
         }
     }
 
-    /// Allocates every missing key whose backoff has ended; false if cancelled meanwhile.
+    /// Allocates every missing key whose backoff has ended, clusterset VIPs first, in
+    /// batches; false if cancelled meanwhile.
     async fn allocate_due(
         &self,
         work: &mut VipPlan,
         retries: &mut Retries,
+        used: &mut HashSet<IpAddr>,
         cancel: &CancellationToken,
     ) -> bool {
         let now = Instant::now();
+        let due = allocation_order(&work.missing, |key| retries.is_due(key, now));
         // Set once a key found no free address although its probes covered the whole range:
         // every other key would probe the same full range, so they wait too.
         let mut range_full = false;
         let mut waiting_for_room = 0usize;
         let mut done = Vec::new();
-        for key in &work.missing {
+        for batch in due.chunks(ALLOCATION_BATCH) {
             if cancel.is_cancelled() {
                 return false;
             }
-            if !retries.is_due(key, now) {
-                continue;
-            }
             if range_full {
-                retries.failed(key, FailureKind::Exhausted, now);
-                waiting_for_room += 1;
+                for key in batch {
+                    retries.failed(key, FailureKind::Exhausted, now);
+                    waiting_for_room += 1;
+                }
                 continue;
             }
-            match self.allocate(key).await {
-                Ok(_) => {
-                    retries.succeeded(key);
-                    done.push(key.clone());
-                }
-                Err(e) => {
-                    let kind = FailureKind::of(&e);
-                    if kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr) {
-                        range_full = true;
+            for (key, result) in self.allocate_batch(batch, used).await {
+                match result {
+                    Ok(ip) => {
+                        used.insert(ip);
+                        retries.succeeded(&key);
+                        done.push(key);
                     }
-                    let (delay, first) = retries.failed(key, kind, Instant::now());
-                    self.metrics.count_error(&e);
-                    if first {
-                        tracing::warn!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "VIP allocation failed; will retry with backoff");
-                    } else {
-                        tracing::debug!(error = %e, key = %self.layout.vip(key), retry_in = ?delay, "VIP allocation failed again");
+                    Err(e) => {
+                        let kind = FailureKind::of(&e);
+                        if kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr) {
+                            range_full = true;
+                        }
+                        let (delay, first) = retries.failed(&key, kind, Instant::now());
+                        self.metrics.count_error(&e);
+                        if first {
+                            tracing::warn!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed; will retry with backoff");
+                        } else {
+                            tracing::debug!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed again");
+                        }
                     }
                 }
             }
@@ -466,6 +615,12 @@ impl VipAllocator {
             work.missing.remove(&key);
         }
         self.metrics.set_backing_off(retries);
+        self.progress.send_if_modified(|p| {
+            let failing: BTreeSet<VipKey> = retries.keys().cloned().collect();
+            let changed = p.failing != failing;
+            p.failing = failing;
+            changed
+        });
         true
     }
 
@@ -598,6 +753,11 @@ impl Retries {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+
+    /// The keys with a recorded failure.
+    pub fn keys(&self) -> impl Iterator<Item = &VipKey> {
+        self.keys.keys()
+    }
 }
 
 fn error_label(e: &VipError) -> &'static str {
@@ -618,8 +778,12 @@ pub struct VipPlan {
 }
 
 /// Every VIP `cluster` needs: one per clusterset service, and one per (service, exporting
-/// cluster) for the cluster-pinned names.
-pub fn wanted(snapshot: &Snapshot, cluster: &ClusterName) -> BTreeSet<VipKey> {
+/// cluster) for the cluster-pinned names `pinned` covers.
+pub fn wanted(
+    snapshot: &Snapshot,
+    cluster: &ClusterName,
+    pinned: &PinnedNames,
+) -> BTreeSet<VipKey> {
     let mut keys = BTreeSet::new();
     for view in snapshot.services() {
         keys.insert(VipKey {
@@ -627,6 +791,9 @@ pub fn wanted(snapshot: &Snapshot, cluster: &ClusterName) -> BTreeSet<VipKey> {
             service: view.key.clone(),
             target: None,
         });
+        if !pinned.covers(&view.key) {
+            continue;
+        }
         for target in view.clusters.keys() {
             keys.insert(VipKey {
                 cluster: cluster.clone(),
@@ -639,8 +806,8 @@ pub fn wanted(snapshot: &Snapshot, cluster: &ClusterName) -> BTreeSet<VipKey> {
 }
 
 /// Compares what `cluster` needs with what the snapshot has.
-pub fn plan(snapshot: &Snapshot, cluster: &ClusterName) -> VipPlan {
-    let wanted = wanted(snapshot, cluster);
+pub fn plan(snapshot: &Snapshot, cluster: &ClusterName, pinned: &PinnedNames) -> VipPlan {
+    let wanted = wanted(snapshot, cluster, pinned);
     let have: BTreeSet<VipKey> = snapshot
         .vips()
         .filter(|(k, _)| &k.cluster == cluster)
@@ -650,6 +817,50 @@ pub fn plan(snapshot: &Snapshot, cluster: &ClusterName) -> VipPlan {
         missing: wanted.difference(&have).cloned().collect(),
         unused: have.difference(&wanted).cloned().collect(),
     }
+}
+
+/// The `due` keys of `missing` in the order they are allocated: every clusterset VIP before
+/// any pinned one (a range too small for every pinned name still serves every clusterset
+/// name, and the names most clients use answer first). Pure.
+pub fn allocation_order(missing: &BTreeSet<VipKey>, due: impl Fn(&VipKey) -> bool) -> Vec<VipKey> {
+    let clusterset = missing.iter().filter(|k| k.target.is_none());
+    let pinned = missing.iter().filter(|k| k.target.is_some());
+    clusterset
+        .chain(pinned)
+        .filter(|k| due(k))
+        .cloned()
+        .collect()
+}
+
+/// Clusterset services of `snapshot` that `cluster` cannot answer yet: no VIP in the
+/// snapshot and no failed allocation in `progress` (a failed one is retried with backoff
+/// and logged; waiting for it would keep a gateway with a full range unready forever).
+/// Readiness waits until this is empty. Pure.
+pub fn unanswered(
+    snapshot: &Snapshot,
+    cluster: &ClusterName,
+    progress: &VipProgress,
+) -> Vec<ServiceKey> {
+    snapshot
+        .services()
+        .filter(|view| snapshot.vip(cluster, &view.key, None).is_none())
+        .filter(|view| {
+            !progress.failing.contains(&VipKey {
+                cluster: cluster.clone(),
+                service: view.key.clone(),
+                target: None,
+            })
+        })
+        .map(|view| view.key.clone())
+        .collect()
+}
+
+/// The first of `seed`'s candidates in `cidr` (at most [`probe_limit`]) that `taken` does
+/// not hold. Pure.
+pub fn pick(cidr: IpNet, seed: u128, taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+    (0..probe_limit(cidr))
+        .filter_map(|probe| candidate(cidr, seed, probe))
+        .find(|ip| !taken(ip))
 }
 
 /// FNV-1a: stable across builds and machines, so every replica probes the same addresses.
@@ -807,5 +1018,180 @@ mod tests {
         // A key that is no longer missing is forgotten.
         r.retain_only(&BTreeSet::from([a.clone()]));
         assert!(r.is_due(&b, t0) && r.is_empty());
+    }
+
+    mod scale {
+        use super::*;
+        use meshup_core::catalog::Change;
+        use meshup_core::fixture::{
+            cluster, export, gateway, put_export, put_gateway, put_vip, service, snapshot,
+        };
+
+        fn ip(s: &str) -> IpAddr {
+            s.parse().expect("ip")
+        }
+
+        /// west and north export pay.prod, west exports db.prod.
+        fn catalog(vips: Vec<Change>) -> Snapshot {
+            let mut changes = vec![
+                put_gateway(gateway("west", "w1")),
+                put_gateway(gateway("north", "n1")),
+                put_export("west", "w1", "pay.prod", export(80, 1)),
+                put_export("north", "n1", "pay.prod", export(80, 1)),
+                put_export("west", "w1", "db.prod", export(5432, 1)),
+            ];
+            changes.extend(vips);
+            snapshot(changes)
+        }
+
+        fn vip_key(service_key: &str, target: Option<&str>) -> VipKey {
+            VipKey {
+                cluster: cluster("east"),
+                service: service(service_key),
+                target: target.map(cluster),
+            }
+        }
+
+        #[test]
+        fn pinned_names_decide_which_pinned_vips_are_wanted() {
+            let snap = catalog(vec![]);
+            let only_pay = PinnedNames::Only([service("pay.prod")].into());
+            type Case<'a> = (&'a PinnedNames, &'a [(&'a str, Option<&'a str>)]);
+            let cases: &[Case] = &[
+                (
+                    &PinnedNames::All,
+                    &[
+                        ("db.prod", None),
+                        ("db.prod", Some("west")),
+                        ("pay.prod", None),
+                        ("pay.prod", Some("north")),
+                        ("pay.prod", Some("west")),
+                    ],
+                ),
+                (&PinnedNames::None, &[("db.prod", None), ("pay.prod", None)]),
+                (
+                    &only_pay,
+                    &[
+                        ("db.prod", None),
+                        ("pay.prod", None),
+                        ("pay.prod", Some("north")),
+                        ("pay.prod", Some("west")),
+                    ],
+                ),
+            ];
+            for (pinned, want) in cases {
+                let want: BTreeSet<VipKey> = want.iter().map(|(s, t)| vip_key(s, *t)).collect();
+                assert_eq!(wanted(&snap, &cluster("east"), pinned), want, "{pinned:?}");
+            }
+            // Switching pinned names off makes the pinned VIPs unused (freed after the grace).
+            let held = catalog(vec![put_vip(
+                "east",
+                "pay.prod",
+                Some("west"),
+                ip("127.77.0.9"),
+            )]);
+            let plan = plan(&held, &cluster("east"), &PinnedNames::None);
+            assert_eq!(plan.unused, [vip_key("pay.prod", Some("west"))].into());
+        }
+
+        #[test]
+        fn clusterset_vips_are_allocated_before_any_pinned_one() {
+            let missing: BTreeSet<VipKey> = [
+                vip_key("a.prod", None),
+                vip_key("a.prod", Some("west")),
+                vip_key("b.prod", None),
+                vip_key("b.prod", Some("west")),
+                vip_key("c.prod", None),
+            ]
+            .into();
+            assert_eq!(
+                allocation_order(&missing, |_| true),
+                vec![
+                    vip_key("a.prod", None),
+                    vip_key("b.prod", None),
+                    vip_key("c.prod", None),
+                    vip_key("a.prod", Some("west")),
+                    vip_key("b.prod", Some("west")),
+                ]
+            );
+            // Keys backing off are left out.
+            let not_b = |k: &VipKey| k.service != service("b.prod");
+            assert_eq!(
+                allocation_order(&missing, not_b),
+                vec![
+                    vip_key("a.prod", None),
+                    vip_key("c.prod", None),
+                    vip_key("a.prod", Some("west")),
+                ]
+            );
+        }
+
+        #[test]
+        fn pick_skips_taken_addresses_and_gives_up_after_the_probes() {
+            let net: IpNet = "10.0.0.0/24".parse().expect("cidr");
+            let seed = stable_hash(b"/vips/east/pay.prod");
+            let first = candidate(net, seed, 0).expect("candidate");
+            let second = candidate(net, seed, 1).expect("candidate");
+            assert_eq!(pick(net, seed, |_| false), Some(first));
+            assert_eq!(pick(net, seed, |a| *a == first), Some(second));
+            // Same key, same first pick: replicas with the same snapshot agree.
+            assert_eq!(pick(net, seed, |_| false), pick(net, seed, |_| false));
+            // Every probe taken: none (the caller reports the range full).
+            assert_eq!(pick(net, seed, |_| true), None);
+            let tiny: IpNet = "10.0.0.0/30".parse().expect("cidr");
+            let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+            assert_eq!(pick(tiny, seed, |x| *x == a || *x == b), None);
+        }
+
+        #[test]
+        fn unanswered_lists_clusterset_services_without_a_vip_that_did_not_fail() {
+            let none = VipProgress::default();
+            let cases: &[(Vec<Change>, &VipProgress, &[&str])] = &[
+                (vec![], &none, &["db.prod", "pay.prod"]),
+                (
+                    vec![put_vip("east", "pay.prod", None, ip("127.77.0.1"))],
+                    &none,
+                    &["db.prod"],
+                ),
+                // A pinned VIP does not answer the clusterset name.
+                (
+                    vec![put_vip("east", "db.prod", Some("west"), ip("127.77.0.2"))],
+                    &none,
+                    &["db.prod", "pay.prod"],
+                ),
+                // Another cluster's VIP does not either.
+                (
+                    vec![put_vip("north", "db.prod", None, ip("127.77.0.3"))],
+                    &none,
+                    &["db.prod", "pay.prod"],
+                ),
+                (
+                    vec![
+                        put_vip("east", "pay.prod", None, ip("127.77.0.1")),
+                        put_vip("east", "db.prod", None, ip("127.77.0.2")),
+                    ],
+                    &none,
+                    &[],
+                ),
+            ];
+            for (vips, progress, want) in cases {
+                let snap = catalog(vips.clone());
+                let want: Vec<ServiceKey> = want.iter().map(|s| service(s)).collect();
+                assert_eq!(
+                    unanswered(&snap, &cluster("east"), progress),
+                    want,
+                    "{vips:?}"
+                );
+            }
+            // A failed allocation (full range, corrupt record, store down) does not hold
+            // readiness: it is retried and logged.
+            let failing = VipProgress {
+                failing: [vip_key("db.prod", None)].into(),
+            };
+            assert_eq!(
+                unanswered(&catalog(vec![]), &cluster("east"), &failing),
+                vec![service("pay.prod")]
+            );
+        }
     }
 }

@@ -527,6 +527,7 @@ async fn vip_replicas_agree_and_free_after_grace(f: Fixture) {
             cluster: cluster("east"),
             cidr,
             grace,
+            pinned: vips::PinnedNames::All,
         };
         let replica_a = VipAllocator::new(
             store.clone(),
@@ -585,7 +586,11 @@ async fn vip_replicas_agree_and_free_after_grace(f: Fixture) {
             east_vips.len(),
             "two VIP keys share an address"
         );
-        assert!(vips::plan(&snap, &cluster("east")).missing.is_empty());
+        assert!(
+            vips::plan(&snap, &cluster("east"), &vips::PinnedNames::All)
+                .missing
+                .is_empty()
+        );
         // Both replicas see the same VIPs.
         until(&view_b.snapshots(), "replica b agrees", |s| {
             s.vips()
@@ -652,6 +657,7 @@ async fn vip_allocation_backs_off_while_the_range_is_full(f: Fixture) {
                 cluster: cluster("east"),
                 cidr,
                 grace: Duration::from_millis(500),
+                pinned: vips::PinnedNames::All,
             },
             metrics.clone(),
         );
@@ -680,10 +686,15 @@ async fn vip_allocation_backs_off_while_the_range_is_full(f: Fixture) {
         );
         assert_eq!(metrics.backing_off(), 4, "four VIPs wait for room");
         let snap = view.snapshots().borrow().clone();
-        assert_eq!(vips::plan(&snap, &cluster("east")).missing.len(), 4);
+        assert_eq!(
+            vips::plan(&snap, &cluster("east"), &vips::PinnedNames::All)
+                .missing
+                .len(),
+            4
+        );
 
-        // svc0 (first in key order) holds both addresses. Dropping it frees them after the
-        // grace period, and svc2 gets them at once, not at the end of its backoff (4 s or
+        // The clusterset VIPs of svc0 and svc1 (clusterset VIPs go first, in key order) hold
+        // both addresses. Dropping the two services frees them after the grace period, and svc2 gets them at once, not at the end of its backoff (4 s or
         // more by now).
         publisher.set_exports([(service("svc2.prod"), export(80, 1))]);
         let dropped = Instant::now();
@@ -742,6 +753,7 @@ async fn releasing_a_corrupt_vip_frees_its_claim(f: Fixture) {
                 cluster: cluster("east"),
                 cidr: "127.77.0.0/16".parse().expect("cidr"),
                 grace: Duration::from_secs(1),
+                pinned: vips::PinnedNames::All,
             },
             vips::Metrics::default(),
         );

@@ -331,9 +331,11 @@ impl Gateway {
                 cluster: cluster.clone(),
                 cidr: config.vip_cidr,
                 grace: VIP_GRACE,
+                pinned: config.pinned_names.to_allocator(),
             },
             catalog_metrics.vips.clone(),
         );
+        let vip_progress = vips.progress();
         tasks.push(vips.spawn(watcher.snapshots(), shutdown.child_token()));
         // Every gateway ends drills past their expiry; one transaction per drill makes the
         // race between gateways harmless (one audit entry each).
@@ -363,17 +365,20 @@ impl Gateway {
             shutdown.child_token(),
         );
 
-        // Ready once the first full catalog sync is applied and the VIP listeners follow it.
+        // Ready once the first full catalog sync is applied, every clusterset service of it
+        // has this cluster's VIP (or its allocation failed and is retried, logged), and the
+        // VIP listeners follow that snapshot: a ready gateway answers every name it serves.
         let status = watcher.status();
         let sync_stop = shutdown.child_token();
         let (sync_snapshots, sync_outbound) = (watcher.snapshots(), outbound.clone());
+        let sync_cluster = cluster.clone();
         tasks.push(tokio::spawn(async move {
             let mut status = status;
             tokio::select! {
                 _ = sync_stop.cancelled() => {}
                 synced = async {
                     status.wait_for(|s| s.synced).await?;
-                    let revision = sync_snapshots.borrow().revision;
+                    let revision = answers_every_service(sync_snapshots, vip_progress, &sync_cluster).await?;
                     sync_outbound.reconciled(revision).await;
                     Ok::<_, watch::error::RecvError>(())
                 } => {
@@ -382,7 +387,7 @@ impl Gateway {
                         if unused > 0 {
                             tracing::info!(unused, "closed the inherited sockets the catalog no longer wants");
                         }
-                        tracing::info!("first catalog sync done, VIP listeners bound: ready");
+                        tracing::info!("first catalog sync done, every clusterset service has its VIP, VIP listeners bound: ready");
                     }
                 }
             }
@@ -932,6 +937,42 @@ fn register_gateway_metrics(
         cluster.clone(),
         links.clone(),
     )));
+}
+
+/// Waits until the catalog snapshot has this cluster's VIP for every clusterset service
+/// (or a failed allocation for it, retried with backoff: [`meshup_federation::vips::unanswered`]);
+/// returns that snapshot's revision. Logs what it waits for every few seconds, so a slow
+/// start says why.
+async fn answers_every_service(
+    mut snapshots: watch::Receiver<Arc<meshup_core::catalog::Snapshot>>,
+    mut progress: watch::Receiver<meshup_federation::vips::VipProgress>,
+    cluster: &meshup_core::names::ClusterName,
+) -> Result<i64, watch::error::RecvError> {
+    const REPORT_EVERY: Duration = Duration::from_secs(5);
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let waiting = {
+            let progress = progress.borrow_and_update();
+            meshup_federation::vips::unanswered(&snapshot, cluster, &progress)
+        };
+        if waiting.is_empty() {
+            return Ok(snapshot.revision);
+        }
+        if last_report.elapsed() >= REPORT_EVERY {
+            last_report = tokio::time::Instant::now();
+            tracing::info!(
+                waiting = waiting.len(),
+                first = %waiting[0],
+                "not ready: clusterset services wait for their VIP"
+            );
+        }
+        tokio::select! {
+            changed = snapshots.changed() => changed?,
+            changed = progress.changed() => changed?,
+            () = tokio::time::sleep(REPORT_EVERY) => {}
+        }
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,11 @@ pub struct Config {
     pub catalog: CatalogConfig,
     /// Range this cluster's VIPs are allocated from.
     pub vip_cidr: IpNet,
+    /// Which cluster-pinned names (`<svc>.<ns>.svc.<cluster>`) get a VIP of this cluster:
+    /// `all` (default), `none`, or a list of `name.namespace`. Each pinned name costs one
+    /// address per exporting cluster (docs/scale.md).
+    #[serde(default, skip_serializing_if = "PinnedNamesConfig::is_all")]
+    pub pinned_names: PinnedNamesConfig,
     pub tunnel: TunnelConfig,
     #[serde(default)]
     pub dns: DnsConfig,
@@ -97,6 +102,84 @@ pub struct Config {
     /// (docs/upgrade.md). Unset: a new process cannot start while this one runs.
     #[serde(default)]
     pub handover: Option<HandoverConfig>,
+}
+
+/// `pinned_names`: `all`, `none` or a list of `name.namespace` (docs/scale.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum PinnedNamesConfig {
+    /// Every service in every cluster that exports it.
+    #[default]
+    All,
+    /// None: only clusterset names answer.
+    None,
+    /// Only these services (in every cluster that exports them).
+    Only(BTreeSet<ServiceKey>),
+}
+
+impl PinnedNamesConfig {
+    /// Whether this is the default (left out of a config dump).
+    pub fn is_all(&self) -> bool {
+        *self == PinnedNamesConfig::All
+    }
+
+    /// What the VIP allocator takes.
+    pub fn to_allocator(&self) -> meshup_federation::vips::PinnedNames {
+        use meshup_federation::vips::PinnedNames;
+        match self {
+            PinnedNamesConfig::All => PinnedNames::All,
+            PinnedNamesConfig::None => PinnedNames::None,
+            PinnedNamesConfig::Only(services) => PinnedNames::Only(services.clone()),
+        }
+    }
+}
+
+impl Serialize for PinnedNamesConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PinnedNamesConfig::All => s.serialize_str("all"),
+            PinnedNamesConfig::None => s.serialize_str("none"),
+            PinnedNamesConfig::Only(services) => {
+                s.collect_seq(services.iter().map(ServiceKey::to_string))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PinnedNamesConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = PinnedNamesConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("`all`, `none` or a list of services as `name.namespace`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "all" => Ok(PinnedNamesConfig::All),
+                    "none" => Ok(PinnedNamesConfig::None),
+                    other => Err(E::custom(format!(
+                        "pinned_names: {other:?} is neither `all` nor `none`; list services as [name.namespace, ...]"
+                    ))),
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut services = BTreeSet::new();
+                while let Some(entry) = seq.next_element::<String>()? {
+                    let key: ServiceKey = entry.parse().map_err(|e| {
+                        serde::de::Error::custom(format!(
+                            "pinned_names: {entry:?} is not a service as name.namespace: {e}"
+                        ))
+                    })?;
+                    services.insert(key);
+                }
+                Ok(PinnedNamesConfig::Only(services))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Where a successor process finds this one to take its listening sockets.
@@ -469,6 +552,50 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn pinned_names_are_all_none_or_a_list_of_services() {
+        let with = |v: &str| {
+            Config::parse(&SAMPLE.replace("region: us-east-1", &format!("pinned_names: {v}")))
+        };
+        assert_eq!(sample().pinned_names, PinnedNamesConfig::All, "default");
+        assert_eq!(
+            with("all").expect("all").pinned_names,
+            PinnedNamesConfig::All
+        );
+        assert_eq!(
+            with("none").expect("none").pinned_names,
+            PinnedNamesConfig::None
+        );
+        assert_eq!(
+            with("[pay.prod, db.prod]").expect("list").pinned_names,
+            PinnedNamesConfig::Only(
+                [
+                    "pay.prod".parse().expect("key"),
+                    "db.prod".parse().expect("key")
+                ]
+                .into()
+            )
+        );
+        for (bad, says) in [
+            ("some", "\"some\" is neither `all` nor `none`"),
+            (
+                "[pay.prod, Pay]",
+                "pinned_names: \"Pay\" is not a service as name.namespace",
+            ),
+        ] {
+            let err = with(bad).expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        // A dump reads back the same.
+        let config = with("[pay.prod]").expect("list");
+        let text = serde_norway::to_string(&config).expect("dump");
+        assert!(text.contains("pinned_names:\n- pay.prod"), "{text}");
+        assert_eq!(
+            Config::parse(&text).expect("reparse").pinned_names,
+            config.pinned_names
+        );
+    }
 
     const SAMPLE: &str = r#"
 cluster: east

@@ -60,3 +60,23 @@ where
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// Polls `check` every `every` on this thread until it returns `true` (the instant it did)
+/// or `timeout` passes (`None`). For timing loops that poll faster than [`POLL_INTERVAL`]
+/// and run on a thread of their own (`spawn_blocking`), such as the scale benchmark's.
+pub fn poll_every(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}

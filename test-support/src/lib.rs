@@ -18,4 +18,4 @@ pub mod tls;
 
 pub use etcd::{EtcdEndpoints, EtcdServer, etcdctl_at, free_port};
 pub use etcd_cluster::EtcdCluster;
-pub use eventually::{assert_eventually, eventually_ok, poll_until};
+pub use eventually::{assert_eventually, eventually_ok, poll_every, poll_until};

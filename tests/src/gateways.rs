@@ -202,6 +202,8 @@ pub struct GatewaySpec<'a> {
     pub dns_listen: Option<SocketAddr>,
     /// The `datapath:` section: (interface, node-local addresses); `None`: none.
     pub datapath: Option<(&'a str, Vec<&'a str>)>,
+    /// `pinned_names:` as written in YAML (`none`, `[pay.prod]`); `None`: left out (all).
+    pub pinned_names: Option<&'a str>,
 }
 
 impl<'a> GatewaySpec<'a> {
@@ -246,6 +248,7 @@ impl<'a> GatewaySpec<'a> {
             advertise: None,
             dns_listen: None,
             datapath: None,
+            pinned_names: None,
         }
     }
 
@@ -298,7 +301,7 @@ trust_domain: {TRUST_DOMAIN}
 catalog:
 {catalog}  allow_loopback_addresses: true
 vip_cidr: {vip_cidr}
-tunnel:
+{pinned}tunnel:
   listen: {tunnel}
   cert: {certs}/cert.pem
   key: {certs}/key.pem
@@ -312,6 +315,9 @@ admin:
 {exports}"#,
             cluster = self.cluster,
             vip_cidr = self.vip_cidr,
+            pinned = self
+                .pinned_names
+                .map_or(String::new(), |p| format!("pinned_names: {p}\n")),
             tunnel = SocketAddr::new(self.tunnel_ip.unwrap_or([127, 0, 0, 1].into()), quic_port),
             dns = self
                 .dns_listen

@@ -8,6 +8,7 @@
 
 pub mod browser;
 pub mod dashboard;
+pub mod dns;
 pub mod failover;
 pub mod gateways;
 pub mod hostile;
@@ -17,10 +18,11 @@ pub mod netns;
 pub mod nginx;
 pub mod procs;
 pub mod sampler;
+pub mod scale;
 pub mod workload;
 
 pub use meshup::{meshup, meshup_bin};
 pub use meshup_test_support::{
     EtcdCluster, EtcdEndpoints, EtcdServer, assert_eventually, etcd, etcd_cluster, etcdctl_at,
-    eventually, eventually_ok, free_port, poll_until, relay, tls,
+    eventually, eventually_ok, free_port, poll_every, poll_until, relay, tls,
 };

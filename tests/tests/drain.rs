@@ -128,6 +128,7 @@ fn config(
             ..CatalogConfig::default()
         },
         vip_cidr: vip_cidr.parse().expect("cidr"),
+        pinned_names: Default::default(),
         tunnel: TunnelConfig {
             listen: any,
             drain_deadline,

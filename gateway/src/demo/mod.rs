@@ -175,6 +175,7 @@ async fn cluster_config(
             ..CatalogConfig::default()
         },
         vip_cidr: plan.vip_cidr.parse()?,
+        pinned_names: Default::default(),
         tunnel: TunnelConfig {
             listen: loopback0,
             drain_deadline: Duration::from_secs(5),

@@ -53,6 +53,7 @@ pub fn gateway_config(
         trust_domain: TD.into(),
         catalog,
         vip_cidr: vip_cidr.parse().expect("cidr"),
+        pinned_names: Default::default(),
         tunnel: TunnelConfig {
             listen: any,
             ..TunnelConfig::with_files(IdentityFiles::in_dir(identity))

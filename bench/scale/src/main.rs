@@ -1,0 +1,493 @@
+//! Scale benchmark: a fresh gateway joins a federation of 100 clusters on a 3-member etcd.
+//!
+//! For each size (export records: clusters × services, every service exported by every
+//! cluster, as the issue's federation is laid out) it
+//! 1. starts a 3-member etcd on loopback (test-support's `EtcdCluster`, quota raised);
+//! 2. plays 100 clusters' publishers into it (`meshup_tests::scale`): the project's own
+//!    publisher, one per cluster, each with its own lease and keep-alives, writing its
+//!    records in batched transactions as a gateway does; the time until every publisher is
+//!    in sync is printed;
+//! 3. starts a real `meshup gateway` process of a new cluster (the shared harness's config)
+//!    and times, from the spawn, its `/ready` and its first DNS answer (a real UDP query) for
+//!    the lexically last service, which its VIP allocator reaches last; then its RSS
+//!    (VmRSS);
+//! 4. under a background churn (export updates of one cluster at `--churn` per second), adds
+//!    a new service to the catalog `--samples` times and times each until the joined
+//!    gateway's DNS answers it: p50 / p99.
+//!
+//! Everything (etcd members, publishers, gateway, this load generator) shares the machine's
+//! cores, so figures are from one run on a noisy machine, printed as a table.
+//!
+//! Usage (the `meshup` binary is taken from beside this one, so build both in one profile):
+//! `cargo build -p meshup-gateway --bin meshup -p meshup-bench-scale &&
+//!  target/debug/meshup-bench-scale --sizes 1000,10000,100000`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use meshup_core::catalog::ExportKey;
+use meshup_core::model::encode;
+use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_federation::etcd::{EtcdOptions, EtcdStore};
+use meshup_federation::keys::KeyLayout;
+use meshup_federation::store::{Store, Txn, TxnOp};
+use meshup_tests::dns::query_a;
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec};
+use meshup_tests::scale::{
+    self, NAMESPACE, cluster, clusterset_name, export_record, gateway_id, gateway_record, service,
+};
+use meshup_tests::{EtcdCluster, poll_every};
+use tokio_util::sync::CancellationToken;
+
+/// The catalog's key prefix.
+const PREFIX: &str = "/scale";
+/// The joining gateway's cluster.
+const JOINER: &str = "joiner";
+/// The cluster whose exports the latency probes add.
+const PROBE_CLUSTER: &str = "probe";
+/// The publishers' lease TTL: the product default.
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// Longest wait for the joiner's `/ready` and its first answer.
+const JOIN_WAIT: Duration = Duration::from_secs(120);
+/// Longest wait for one probe's answer.
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+/// Probes that time out before the latency measurement is given up.
+const PROBE_TIMEOUTS: usize = 3;
+/// etcd's backend quota: 8 GiB, enough for 1M records and their history.
+const QUOTA_BYTES: &str = "--quota-backend-bytes=8589934592";
+
+#[derive(Debug, Clone)]
+struct Options {
+    sizes: Vec<usize>,
+    clusters: usize,
+    samples: usize,
+    churn_per_s: u32,
+    vip_cidr: String,
+    /// The joiner's `pinned_names:`; `None`: left out (all).
+    pinned_names: Option<String>,
+}
+
+/// One size's figures.
+#[derive(Debug, Default)]
+struct Row {
+    records: usize,
+    clusters: usize,
+    services: usize,
+    load: Duration,
+    ready: Option<Duration>,
+    last_answer: Option<Duration>,
+    rss_kib: u64,
+    probes: Vec<Duration>,
+    probe_timeouts: usize,
+    churned: u64,
+    churn_errors: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let options = parse_args()?;
+    let meshup = meshup_beside_me()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let certs = Certs::with_binary(&meshup, &[JOINER]);
+    let mut rows = Vec::new();
+    for &n in &options.sizes {
+        eprintln!("== {n} records: starting a 3-member etcd");
+        let etcd = EtcdCluster::start_with_args(&[
+            QUOTA_BYTES,
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+        ]);
+        let row = runtime.block_on(run_size(&etcd, &certs, &options, n))?;
+        print_row(&row);
+        rows.push(row);
+        drop(etcd);
+    }
+    println!();
+    print_table(&options, &rows);
+    Ok(())
+}
+
+fn parse_args() -> anyhow::Result<Options> {
+    let mut options = Options {
+        sizes: vec![1_000, 10_000, 100_000],
+        clusters: 100,
+        samples: 100,
+        churn_per_s: 100,
+        vip_cidr: "127.80.0.0/16".into(),
+        pinned_names: None,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = args
+            .get(i + 1)
+            .with_context(|| format!("{} needs a value", args[i]))?;
+        match args[i].as_str() {
+            "--sizes" => {
+                options.sizes = value
+                    .split(',')
+                    .map(|s| s.parse().with_context(|| format!("size {s:?}")))
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--clusters" => options.clusters = value.parse()?,
+            "--samples" => options.samples = value.parse()?,
+            "--churn" => options.churn_per_s = value.parse()?,
+            "--vip-cidr" => options.vip_cidr = value.clone(),
+            "--pinned-names" => options.pinned_names = Some(value.clone()),
+            other => bail!(
+                "unknown argument {other:?} (use --sizes N,N,.. --clusters N --samples N --churn PER_S --vip-cidr CIDR --pinned-names all|none)"
+            ),
+        }
+        i += 2;
+    }
+    anyhow::ensure!(options.clusters > 0, "--clusters must be at least 1");
+    Ok(options)
+}
+
+/// The `meshup` binary of the same build as this benchmark (`target/<profile>/meshup`).
+fn meshup_beside_me() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name("meshup");
+    anyhow::ensure!(
+        bin.exists(),
+        "no meshup binary at {}: build it in the same profile (cargo build -p meshup-gateway --bin meshup)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+async fn run_size(
+    etcd: &EtcdCluster,
+    certs: &Certs,
+    options: &Options,
+    n: usize,
+) -> anyhow::Result<Row> {
+    let services = (n / options.clusters).max(1);
+    let mut row = Row {
+        records: services * options.clusters,
+        clusters: options.clusters,
+        services,
+        ..Row::default()
+    };
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(EtcdOptions {
+            endpoints: etcd.endpoints(),
+            request_timeout: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await?,
+    );
+    let layout = KeyLayout::new(PREFIX)?;
+    let cancel = CancellationToken::new();
+
+    // 100 clusters' publishers, each with its lease and keep-alives.
+    let started = Instant::now();
+    let publishers = scale::publish(
+        store.clone(),
+        &layout,
+        options.clusters,
+        services,
+        LEASE_TTL,
+        Duration::from_secs(1800),
+        &cancel,
+    )
+    .await?;
+    row.load = started.elapsed();
+    eprintln!(
+        "   {} records of {} clusters published in {:.1} s",
+        row.records,
+        options.clusters,
+        row.load.as_secs_f64()
+    );
+
+    // The joining gateway.
+    let spec = GatewaySpec {
+        lease_ttl: LEASE_TTL,
+        log_filter: Some("info"),
+        pinned_names: options.pinned_names.as_deref(),
+        ..GatewaySpec::new(JOINER, &options.vip_cidr, etcd, certs, PREFIX)
+    };
+    let spawned = Instant::now();
+    let gateway = GatewayProcess::start(spec);
+    let dns = gateway.dns_addr().await;
+    let admin = gateway.admin_addr();
+    let last = clusterset_name(&service(services - 1));
+    let ready = tokio::task::spawn_blocking(move || {
+        poll_every(JOIN_WAIT, Duration::from_millis(5), || {
+            matches!(meshup_tests::http::get(admin, "/ready"), Ok((200, _)))
+        })
+        .map(|at| at - spawned)
+    });
+    let answered = tokio::task::spawn_blocking(move || {
+        poll_every(JOIN_WAIT, Duration::from_millis(2), || {
+            query_a(dns, &last, Duration::from_millis(500)).is_ok_and(|a| !a.addresses().is_empty())
+        })
+        .map(|at| at - spawned)
+    });
+    row.ready = ready.await?;
+    row.last_answer = answered.await?;
+    row.rss_kib = meshup_tests::procs::rss_kib(gateway.pid())?;
+    eprintln!(
+        "   /ready {:?}, last service answered {:?}, RSS {} MiB",
+        row.ready,
+        row.last_answer,
+        row.rss_kib / 1024
+    );
+
+    if row.last_answer.is_some() && options.samples > 0 {
+        let churn_stop = cancel.child_token();
+        let churned = Arc::new(AtomicU64::new(0));
+        let churn_errors = Arc::new(AtomicU64::new(0));
+        let lease = publishers[0]
+            .status()
+            .borrow()
+            .lease
+            .context("cluster 0's publisher holds no lease")?;
+        let churn = tokio::spawn(churn(
+            store.clone(),
+            layout.clone(),
+            lease,
+            services,
+            options.churn_per_s,
+            churned.clone(),
+            churn_errors.clone(),
+            churn_stop.clone(),
+        ));
+        probe(store.clone(), &layout, dns, options.samples, &mut row).await?;
+        churn_stop.cancel();
+        churn.await?;
+        row.churned = churned.load(Ordering::Relaxed);
+        row.churn_errors = churn_errors.load(Ordering::Relaxed);
+    }
+    drop(gateway);
+    cancel.cancel();
+    for p in publishers {
+        p.abort();
+    }
+    Ok(row)
+}
+
+/// Background churn: rewrites cluster 0's export records (healthy endpoints 3 ↔ 2) at
+/// `per_s` changes per second, under its publisher's lease, as endpoint health changes do.
+#[allow(clippy::too_many_arguments)]
+async fn churn(
+    store: Arc<dyn Store>,
+    layout: KeyLayout,
+    lease: i64,
+    services: usize,
+    per_s: u32,
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    if per_s == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_s);
+    let mut i = 0usize;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let key = ExportKey {
+            cluster: cluster(0),
+            gateway: gateway_id(),
+            service: service(i % services),
+        };
+        let healthy = if (i / services).is_multiple_of(2) {
+            2
+        } else {
+            3
+        };
+        i += 1;
+        let put = TxnOp::Put {
+            key: Bytes::from(layout.export(&key)),
+            value: Bytes::from(encode(&export_record(healthy))),
+            lease,
+        };
+        match store
+            .txn(Txn {
+                compares: vec![],
+                success: vec![put],
+                failure: vec![],
+            })
+            .await
+        {
+            Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+            Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// Adds a new service (exported by the probe cluster) `samples` times and times each until
+/// the joiner's DNS answers it with an address; the key is deleted after each sample.
+async fn probe(
+    store: Arc<dyn Store>,
+    layout: &KeyLayout,
+    dns: SocketAddr,
+    samples: usize,
+    row: &mut Row,
+) -> anyhow::Result<()> {
+    let lease = store.grant_lease(Duration::from_secs(600)).await?;
+    let probe_cluster = ClusterName::new(PROBE_CLUSTER)?;
+    let gw = gateway_record(probe_cluster.clone(), 0);
+    put(
+        store.as_ref(),
+        layout.gateway(&gw.cluster, &gw.gateway_id),
+        encode(&gw),
+        lease,
+    )
+    .await?;
+    for k in 0..samples {
+        let key = ExportKey {
+            cluster: probe_cluster.clone(),
+            gateway: gateway_id(),
+            service: ServiceKey::parse(NAMESPACE, &format!("probe-{k:04}"))?,
+        };
+        let name = clusterset_name(&key.service);
+        let at = Instant::now();
+        put(
+            store.as_ref(),
+            layout.export(&key),
+            encode(&export_record(3)),
+            lease,
+        )
+        .await?;
+        let seen = tokio::task::spawn_blocking(move || {
+            poll_every(PROBE_WAIT, Duration::from_millis(1), || {
+                query_a(dns, &name, Duration::from_millis(200))
+                    .is_ok_and(|a| !a.addresses().is_empty())
+            })
+        })
+        .await?;
+        match seen {
+            Some(seen) => row.probes.push(seen - at),
+            None => {
+                // Which side lagged: the allocator (no VIP in the catalog) or the DNS answer.
+                let vips = layout.vip(&meshup_core::catalog::VipKey {
+                    cluster: ClusterName::new(JOINER)?,
+                    service: key.service.clone(),
+                    target: None,
+                });
+                let allocated = meshup_federation::store::get(store.as_ref(), vips)
+                    .await?
+                    .is_some();
+                eprintln!(
+                    "   probe {k} unanswered after {PROBE_WAIT:?}; its VIP is {} the catalog",
+                    if allocated { "in" } else { "not in" }
+                );
+                row.probe_timeouts += 1;
+                if row.probe_timeouts >= PROBE_TIMEOUTS {
+                    eprintln!("   {PROBE_TIMEOUTS} probes unanswered: latency not measured");
+                    break;
+                }
+            }
+        }
+        store
+            .txn(Txn {
+                compares: vec![],
+                success: vec![TxnOp::Delete {
+                    key: Bytes::from(layout.export(&key)),
+                }],
+                failure: vec![],
+            })
+            .await?;
+    }
+    store.revoke_lease(lease).await?;
+    Ok(())
+}
+
+async fn put(store: &dyn Store, key: String, value: Vec<u8>, lease: i64) -> anyhow::Result<()> {
+    store
+        .txn(Txn {
+            compares: vec![],
+            success: vec![TxnOp::Put {
+                key: Bytes::from(key),
+                value: Bytes::from(value),
+                lease,
+            }],
+            failure: vec![],
+        })
+        .await?;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or_else(|| "none".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "-".into(),
+        |d| format!("{:.1}", d.as_secs_f64() * 1000.0),
+    )
+}
+
+fn print_row(row: &Row) {
+    eprintln!(
+        "   probes: {} answered, {} timed out; churn {} writes ({} failed)",
+        row.probes.len(),
+        row.probe_timeouts,
+        row.churned,
+        row.churn_errors
+    );
+}
+
+fn print_table(options: &Options, rows: &[Row]) {
+    println!(
+        "3-member etcd on loopback; {} clusters, every service exported by every cluster; \
+         joiner vip_cidr {}, pinned_names {}; churn {}/s; {} probes",
+        options.clusters,
+        options.vip_cidr,
+        options.pinned_names.as_deref().unwrap_or("all (default)"),
+        options.churn_per_s,
+        options.samples
+    );
+    println!(
+        "| records | clusters × services | publish | `/ready` | first answer, last service | RSS | B/record | change → DNS p50 / p99 ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for row in rows {
+        let mut sorted = row.probes.clone();
+        sorted.sort();
+        let latency = if sorted.is_empty() {
+            "not measured".to_owned()
+        } else {
+            format!(
+                "{} / {} ({} of {})",
+                ms(percentile(&sorted, 50.0)),
+                ms(percentile(&sorted, 99.0)),
+                sorted.len(),
+                sorted.len() + row.probe_timeouts
+            )
+        };
+        println!(
+            "| {} | {} × {} | {:.1} s | {} | {} | {:.0} MiB | {} | {} |",
+            row.records,
+            row.clusters,
+            row.services,
+            row.load.as_secs_f64(),
+            secs(row.ready),
+            secs(row.last_answer),
+            row.rss_kib as f64 / 1024.0,
+            (row.rss_kib * 1024) / row.records.max(1) as u64,
+            latency
+        );
+    }
+}

@@ -1,0 +1,204 @@
+//! Scale behaviour at a size CI can afford, with a real `meshup gateway` process on a real
+//! etcd and real DNS queries: a gateway joining a catalog of many clusters reports `/ready`
+//! only once it answers every clusterset service, and `pinned_names` decides which
+//! cluster-pinned names get a VIP. The full-size figures come from `bench/scale`.
+//!
+//! The `meshup` binary must be built (`cargo build --workspace`; `.ci/test` does).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshup_federation::etcd::{EtcdOptions, EtcdStore};
+use meshup_federation::keys::KeyLayout;
+use meshup_federation::publisher::PublisherHandle;
+use meshup_federation::store::{self, Store};
+use meshup_tests::dns::{Answer, query_a};
+use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec};
+use meshup_tests::scale::{cluster, clusterset_name, pinned_name, publish, service};
+use meshup_tests::{EtcdServer, eventually_ok, poll_until};
+use tokio_util::sync::CancellationToken;
+
+/// The publishers' lease TTL (long: the test is not about expiry).
+const LEASE_TTL: Duration = Duration::from_secs(10);
+/// One DNS query's wait.
+const QUERY_WAIT: Duration = Duration::from_secs(2);
+
+struct Federation {
+    etcd: EtcdServer,
+    store: Arc<dyn Store>,
+    _publishers: Vec<PublisherHandle>,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+/// A real etcd holding `clusters` × `services` export records under `prefix`, published by
+/// one live publisher per cluster.
+async fn federation(prefix: &str, clusters: usize, services: usize) -> Federation {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(EtcdOptions {
+            endpoints: vec![etcd.endpoint()],
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .expect("connect to etcd"),
+    );
+    let cancel = CancellationToken::new();
+    let layout = KeyLayout::new(prefix).expect("prefix");
+    let publishers = publish(
+        store.clone(),
+        &layout,
+        clusters,
+        services,
+        LEASE_TTL,
+        Duration::from_secs(30),
+        &cancel,
+    )
+    .await
+    .expect("publish the federation");
+    Federation {
+        etcd,
+        store,
+        _publishers: publishers,
+        _cancel: cancel.drop_guard(),
+    }
+}
+
+fn addresses(dns: SocketAddr, name: &str) -> Answer {
+    query_a(dns, name, QUERY_WAIT).unwrap_or_else(|e| panic!("query {name}: {e:#}"))
+}
+
+/// 20 clusters × 25 services: 500 export records, 25 clusterset VIPs and 500 pinned ones.
+/// Before the fix `/ready` came with the first catalog sync, before any VIP existed, and a
+/// client of a ready gateway got no address for most names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_gateway_is_ready_only_once_it_answers_every_clusterset_service() {
+    const CLUSTERS: usize = 20;
+    const SERVICES: usize = 25;
+    let f = federation("/scale", CLUSTERS, SERVICES).await;
+    let certs = Certs::new(&["joiner"]);
+    let started = Instant::now();
+    let joiner = GatewayProcess::start(GatewaySpec {
+        log_filter: Some("info"),
+        ..GatewaySpec::new("joiner", "127.81.0.0/16", &f.etcd, &certs, "/scale")
+    });
+    let dns = joiner.dns_addr().await;
+    assert!(
+        poll_until(Duration::from_secs(30), || async {
+            matches!(joiner.admin_get("/ready"), Ok((200, _)))
+        })
+        .await,
+        "joiner not ready within 30 s; log:\n{}",
+        joiner.log_text()
+    );
+    let ready = started.elapsed();
+    // The exact promise: once ready, every clusterset name answers with an address.
+    let unanswered: Vec<(String, Answer)> = (0..SERVICES)
+        .map(|s| clusterset_name(&service(s)))
+        .map(|name| {
+            let answer = addresses(dns, &name);
+            (name, answer)
+        })
+        .filter(|(_, answer)| answer.addresses().is_empty())
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "ready after {ready:?} but {} of {SERVICES} clusterset names have no address: {unanswered:?}",
+        unanswered.len()
+    );
+    // The pinned names follow (allocated after every clusterset VIP).
+    let all_pinned = eventually_ok(
+        "every pinned name answers",
+        Duration::from_secs(20),
+        || async {
+            for s in 0..SERVICES {
+                for c in 0..CLUSTERS {
+                    let name = pinned_name(&service(s), &cluster(c));
+                    if addresses(dns, &name).addresses().is_empty() {
+                        anyhow::bail!("{name} has no address yet");
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(started.elapsed())
+        },
+    )
+    .await;
+    eprintln!(
+        "{} records: ready {ready:?} after the spawn, every clusterset name answered then; \
+         all {} pinned names by {all_pinned:?}",
+        CLUSTERS * SERVICES,
+        CLUSTERS * SERVICES
+    );
+}
+
+/// `pinned_names: none` allocates only clusterset VIPs (a pinned name exists and answers
+/// NODATA); a list gives pinned VIPs to the listed services only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_names_decide_which_pinned_names_get_a_vip() {
+    const CLUSTERS: usize = 4;
+    const SERVICES: usize = 5;
+    let f = federation("/pinned", CLUSTERS, SERVICES).await;
+    let certs = Certs::new(&["lean", "picky"]);
+    let mut lean = GatewayProcess::start(GatewaySpec {
+        pinned_names: Some("none"),
+        ..GatewaySpec::new("lean", "127.82.0.0/24", &f.etcd, &certs, "/pinned")
+    });
+    let picky_list = format!("[{}]", service(1));
+    let mut picky = GatewayProcess::start(GatewaySpec {
+        pinned_names: Some(&picky_list),
+        ..GatewaySpec::new("picky", "127.82.1.0/24", &f.etcd, &certs, "/pinned")
+    });
+    lean.wait_ready().await;
+    picky.wait_ready().await;
+    let (lean_dns, picky_dns) = (lean.dns_addr().await, picky.dns_addr().await);
+    for s in 0..SERVICES {
+        let name = clusterset_name(&service(s));
+        assert!(
+            !addresses(lean_dns, &name).addresses().is_empty(),
+            "lean: {name}"
+        );
+        assert!(
+            !addresses(picky_dns, &name).addresses().is_empty(),
+            "picky: {name}"
+        );
+    }
+    // picky's one pinned service answers in every cluster, once its pinned VIPs are there.
+    eventually_ok(
+        "picky's listed pinned names",
+        Duration::from_secs(10),
+        || async {
+            for c in 0..CLUSTERS {
+                let name = pinned_name(&service(1), &cluster(c));
+                if addresses(picky_dns, &name).addresses().is_empty() {
+                    anyhow::bail!("{name} has no address yet");
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        },
+    )
+    .await;
+    // Exactly the VIPs each asked for are in the catalog: lean one per service, picky one
+    // per service plus one per cluster for the listed service.
+    let vips_of = |cluster: &'static str| {
+        let store = f.store.clone();
+        async move {
+            store::list_prefix(
+                store.as_ref(),
+                format!("/pinned/v1/vips/{cluster}/").as_bytes(),
+            )
+            .await
+            .map(|(kvs, _)| kvs.len())
+        }
+    };
+    assert_eq!(vips_of("lean").await.expect("list"), SERVICES);
+    assert_eq!(vips_of("picky").await.expect("list"), SERVICES + CLUSTERS);
+    // A pinned name without a VIP exists (the cluster exports the service): NODATA, not
+    // NXDOMAIN, so resolvers do not give up on the search list.
+    for (dns, s) in [(lean_dns, 1), (picky_dns, 0)] {
+        let name = pinned_name(&service(s), &cluster(2));
+        assert_eq!(addresses(dns, &name), Answer::Addresses(vec![]), "{name}");
+    }
+}
