@@ -2,8 +2,9 @@
 //!
 //! Threads and tasks:
 //! - `udp_workers` OS threads sharing one UDP socket (a duplicate descriptor each), each
-//!   with a blocking recvmmsg/sendmmsg loop. They answer from the precomputed [`FastTable`] and fall back to the
-//!   hickory catalog inline (`Handle::block_on`; the catalog never waits on I/O). FORMERR
+//!   with a blocking recvmmsg/sendmmsg loop. They answer from the precomputed
+//!   [`FastTable`] and fall back to the hickory catalog inline (`Handle::block_on`; the
+//!   catalog never waits on I/O). FORMERR
 //!   answers the fast path makes for junk are sent within an error budget per worker
 //!   ([`crate::budget`]); beyond it the junk is dropped.
 //! - one task rebuilds the table when the catalog snapshot changes and publishes it on a
