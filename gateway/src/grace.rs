@@ -87,16 +87,21 @@ pub fn spawn(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut grace = Grace::new(period, raw.borrow_and_update().clone());
+        // Start from what the consumers were given: the watcher may have published since,
+        // and the first pass below (before any wait) hands that on.
+        let mut grace = Grace::new(period, out.borrow().clone());
         let mut deadline = None;
         let mut was_held = 0;
+        let mut first = true;
         loop {
             let poll = grace.held() > 0;
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = raw.changed() => if changed.is_err() { return },
-                _ = sleep_until(deadline), if deadline.is_some() => {}
-                _ = tokio::time::sleep(LINK_POLL), if poll => {}
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = raw.changed() => if changed.is_err() { return },
+                    _ = sleep_until(deadline), if deadline.is_some() => {}
+                    _ = tokio::time::sleep(LINK_POLL), if poll => {}
+                }
             }
             let snapshot = raw.borrow_and_update().clone();
             let links = Links::new(
