@@ -82,6 +82,11 @@ pub struct CatalogConfig {
     /// TTL of the lease a gateway's records are bound to.
     #[serde(default = "default_lease_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// How long a gateway or export record that left the catalog is still answered and routed
+    /// to while this gateway's link to its gateway is alive ([`crate::grace`]); `0s` turns
+    /// the grace off.
+    #[serde(default = "default_withdrawal_grace", with = "humantime_serde")]
+    pub withdrawal_grace: Duration,
     /// etcd user, when etcd authentication is on.
     #[serde(default)]
     pub username: Option<String>,
@@ -103,6 +108,10 @@ fn default_lease_ttl() -> Duration {
     DEFAULT_LEASE_TTL
 }
 
+fn default_withdrawal_grace() -> Duration {
+    crate::grace::DEFAULT_WITHDRAWAL_GRACE
+}
+
 impl Default for CatalogConfig {
     fn default() -> Self {
         Self {
@@ -110,6 +119,7 @@ impl Default for CatalogConfig {
             endpoints: Vec::new(),
             prefix: default_prefix(),
             lease_ttl: DEFAULT_LEASE_TTL,
+            withdrawal_grace: default_withdrawal_grace(),
             username: None,
             password_file: None,
             tls: None,
@@ -137,6 +147,16 @@ impl CatalogConfig {
             return Err(invalid(
                 "lease_ttl",
                 "must be whole seconds (etcd leases are)",
+            ));
+        }
+        if self.withdrawal_grace > crate::grace::MAX_WITHDRAWAL_GRACE {
+            return Err(invalid(
+                "withdrawal_grace",
+                format!(
+                    "{} is longer than {}: a withdrawn service would linger; use a shorter grace, or 0s to turn it off",
+                    humantime::format_duration(self.withdrawal_grace),
+                    humantime::format_duration(crate::grace::MAX_WITHDRAWAL_GRACE)
+                ),
             ));
         }
         match self.backend {
@@ -276,7 +296,11 @@ mod tests {
         assert_eq!(c.prefix, "/meshup");
         assert_eq!(c.lease_ttl, Duration::from_secs(5));
         assert!(!c.allow_loopback_addresses);
+        assert_eq!(c.withdrawal_grace, crate::grace::DEFAULT_WITHDRAWAL_GRACE);
         c.validate().expect("valid");
+        let off = parse("withdrawal_grace: 0s").expect("parses");
+        assert_eq!(off.withdrawal_grace, Duration::ZERO);
+        off.validate().expect("a zero grace turns it off");
         let d = parse("{}").expect("empty section");
         assert_eq!(d, CatalogConfig::default());
         d.validate().expect("embedded default is valid");
@@ -295,6 +319,7 @@ mod tests {
             "lease_ttl: 1s",
             "lease_ttl: 2500ms",
             "lease_ttl: 1h",
+            "withdrawal_grace: 61s",
             "prefix: meshup",
             "prefix: /meshup/",
         ];
@@ -302,5 +327,11 @@ mod tests {
             let c = parse(yaml).expect("parses");
             assert!(c.validate().is_err(), "{yaml:?} should be invalid");
         }
+        let long = parse("withdrawal_grace: 2m").expect("parses");
+        let message = long.validate().expect_err("too long").to_string();
+        assert!(
+            message.starts_with("catalog.withdrawal_grace: 2m is longer than 1m"),
+            "{message}"
+        );
     }
 }

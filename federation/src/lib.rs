@@ -5,6 +5,8 @@
 //! - [`keys`]: the key layout; [`reducer`]: key + value → snapshot change or skip reason
 //!   (pure).
 //! - [`watcher`]: list, watch, resume, relist; publishes `Arc<Snapshot>`s.
+//! - [`grace`]: the withdrawal grace: withdrawn records kept while the link to their gateway
+//!   is alive (pure).
 //! - [`publisher`]: a gateway's own records under its lease, with anti-entropy.
 //! - [`vips`]: VIP allocation by create-if-absent transactions.
 //! - [`drills`]: starting, stopping and expiring operator drills, each end audited once.
@@ -20,6 +22,7 @@ pub mod config;
 pub mod drills;
 pub mod embedded;
 pub mod etcd;
+pub mod grace;
 pub mod keys;
 pub mod publisher;
 pub mod reducer;

@@ -204,6 +204,11 @@ impl Gateway {
             catalog_metrics.watcher.clone(),
             shutdown.child_token(),
         );
+        // What DNS and the outbound proxy act on: the catalog plus the records that left it
+        // while their gateway's link is alive (the withdrawal grace, fed once the outbound
+        // proxy exists, below).
+        let acting = watch::Sender::new(watcher.snapshots().borrow().clone());
+        let grace_metrics = crate::grace::Metrics::register(&mut registry);
         let dns_metrics = meshup_dns::Metrics::register(&mut registry);
         let dns_udp = inherited.take_matching(Kind::DnsUdp, config.dns.listen);
         let dns_tcp = inherited.take_matching(Kind::DnsTcp, config.dns.listen);
@@ -211,7 +216,7 @@ impl Gateway {
             (false, Some(tcp)) => DnsServer::inherit(
                 &config.dns,
                 cluster.clone(),
-                watcher.snapshots(),
+                acting.subscribe(),
                 dns_metrics,
                 dns_udp.into_iter().map(std::net::UdpSocket::from).collect(),
                 tcp.into(),
@@ -219,7 +224,7 @@ impl Gateway {
             _ => DnsServer::bind(
                 &config.dns,
                 cluster.clone(),
-                watcher.snapshots(),
+                acting.subscribe(),
                 dns_metrics,
             )?,
         };
@@ -356,7 +361,7 @@ impl Gateway {
                 zone: config.zone.clone(),
             },
             exports_rx.clone(),
-            watcher.snapshots(),
+            acting.subscribe(),
             outbound::VipListeners {
                 range: config.vip_cidr,
                 sockets: sockets.clone(),
@@ -364,6 +369,15 @@ impl Gateway {
             outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),
         );
+
+        tasks.push(crate::grace::spawn(
+            watcher.snapshots(),
+            acting,
+            outbound.clone(),
+            config.catalog.withdrawal_grace,
+            grace_metrics,
+            shutdown.child_token(),
+        ));
 
         // Ready once the first full catalog sync is applied, every clusterset service of it
         // has this cluster's VIP (or its allocation failed and is retried, logged), and the

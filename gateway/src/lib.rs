@@ -16,6 +16,7 @@ pub mod config;
 pub mod datapath;
 pub mod demo;
 pub mod exports;
+pub mod grace;
 pub mod grpc;
 pub mod handover;
 pub mod health;

@@ -170,6 +170,8 @@ pub struct GatewaySpec<'a> {
     pub drain_deadline: Duration,
     /// The catalog lease TTL ([`LEASE_TTL`] unless set: short, so tests see expiry fast).
     pub lease_ttl: Duration,
+    /// `catalog.withdrawal_grace`; `None`: the gateway's default (docs/records.md).
+    pub withdrawal_grace: Option<Duration>,
     /// Set through `MESHUP_GATEWAY_ID`, as each replica of a cluster is deployed; `None`
     /// keeps the config file's `<cluster>-0`.
     pub replica_id: Option<&'a str>,
@@ -235,6 +237,7 @@ impl<'a> GatewaySpec<'a> {
             exports: Vec::new(),
             drain_deadline: Duration::from_secs(2),
             lease_ttl: LEASE_TTL,
+            withdrawal_grace: None,
             replica_id: None,
             log_filter: None,
             worker_threads: None,
@@ -283,14 +286,18 @@ impl<'a> GatewaySpec<'a> {
         };
         let catalog = match self.etcd {
             Some(etcd) => format!(
-                "  backend: etcd\n  endpoints: [{}]\n  prefix: {}\n  lease_ttl: {}s\n",
+                "  backend: etcd\n  endpoints: [{}]\n  prefix: {}\n  lease_ttl: {}s\n{}",
                 etcd.endpoints()
                     .iter()
                     .map(|e| format!("\"{e}\""))
                     .collect::<Vec<_>>()
                     .join(", "),
                 self.prefix,
-                self.lease_ttl.as_secs()
+                self.lease_ttl.as_secs(),
+                self.withdrawal_grace.map_or(String::new(), |g| format!(
+                    "  withdrawal_grace: {}ms\n",
+                    g.as_millis()
+                ))
             ),
             None => "  backend: embedded\n".to_owned(),
         };
