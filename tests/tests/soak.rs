@@ -198,6 +198,35 @@ async fn a_fault_every_twenty_seconds_loses_nothing_and_leaks_nothing() {
             end[i].fds
         );
     }
+    if failed > 0 || streamed.is_err() {
+        // What the gateways said, for the cause: warnings, errors and catalog and listener
+        // events (the temp dirs with the whole logs are gone after the run).
+        for (who, g) in [("east", &east), ("west", &west)] {
+            let log = g.log_text();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [
+                        "WARN",
+                        "ERROR",
+                        "VIP listener",
+                        "lease",
+                        "relist",
+                        "catalog",
+                    ]
+                    .iter()
+                    .any(|k| l.contains(k))
+                })
+                .collect();
+            eprintln!(
+                "== {who}'s log, {} lines of interest (last 300):",
+                lines.len()
+            );
+            for l in lines.iter().skip(lines.len().saturating_sub(300)) {
+                eprintln!("{l}");
+            }
+        }
+    }
     let streamed = streamed.expect("the long stream lost or corrupted a byte");
     eprintln!(
         "long stream: {:.1} MiB echoed intact; DNS: {answers} answers, {} wrong or failed",

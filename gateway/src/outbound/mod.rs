@@ -145,7 +145,7 @@ impl pool::Dialer for QuicDialer {
                         return;
                     }
                     _ = tick.tick() => {
-                        if idle.observe(self.2.count(id)) {
+                        if idle.observe(self.2.count(&id)) {
                             tracing::debug!(remote = %conn.remote_address(), "superseded connection idle; closing it");
                             conn.close(CLOSE_RECYCLED, b"superseded");
                             return;
@@ -245,92 +245,63 @@ impl IdleChecks {
     }
 }
 
+/// Counts of live guards per key: a guard counts while it lives, however it ends.
+#[derive(Debug)]
+pub struct Counts<K: std::hash::Hash + Eq + Clone>(std::sync::Mutex<HashMap<K, usize>>);
+
+impl<K: std::hash::Hash + Eq + Clone> Default for Counts<K> {
+    fn default() -> Self {
+        Self(Default::default())
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
+    fn hold(self: &Arc<Self>, key: K) -> Counted<K> {
+        *self.lock().entry(key.clone()).or_default() += 1;
+        Counted {
+            counts: self.clone(),
+            key,
+        }
+    }
+
+    fn count(&self, key: &K) -> usize {
+        self.lock().get(key).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One guard of [`Counts`]; uncounted when dropped.
+#[derive(Debug)]
+struct Counted<K: std::hash::Hash + Eq + Clone> {
+    counts: Arc<Counts<K>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Counted<K> {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Streams (open or being opened) on each pooled QUIC connection, by `stable_id`: a
 /// superseded connection closes once this is zero ([`QuicDialer`]).
-#[derive(Debug, Default)]
-pub struct ConnsInUse(std::sync::Mutex<HashMap<usize, usize>>);
-
-impl ConnsInUse {
-    fn hold(self: &Arc<Self>, conn: &quinn::Connection) -> InUse {
-        self.hold_id(conn.stable_id())
-    }
-
-    fn hold_id(self: &Arc<Self>, id: usize) -> InUse {
-        *self.lock().entry(id).or_default() += 1;
-        InUse {
-            conns: self.clone(),
-            id,
-        }
-    }
-
-    fn count(&self, id: usize) -> usize {
-        self.lock().get(&id).copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, usize>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// One stream's use of a connection; released when dropped.
-#[derive(Debug)]
-struct InUse {
-    conns: Arc<ConnsInUse>,
-    id: usize,
-}
-
-impl Drop for InUse {
-    fn drop(&mut self) {
-        let mut counts = self.conns.lock();
-        if let Some(n) = counts.get_mut(&self.id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.id);
-            }
-        }
-    }
-}
+pub type ConnsInUse = Counts<usize>;
+/// One stream's use of a connection.
+type InUse = Counted<usize>;
 
 /// Tunnel streams open to each peer gateway, counted by the guards the connections hold.
-#[derive(Debug, Default)]
-struct OpenStreams(std::sync::Mutex<HashMap<PeerKey, usize>>);
-
-impl OpenStreams {
-    fn open(self: &Arc<Self>, peer: PeerKey) -> OpenStream {
-        *self.lock().entry(peer.clone()).or_default() += 1;
-        OpenStream {
-            streams: self.clone(),
-            peer,
-        }
-    }
-
-    fn count(&self, peer: &PeerKey) -> usize {
-        self.lock().get(peer).copied().unwrap_or(0)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerKey, usize>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// One open tunnel stream to a peer; uncounted when dropped, however the connection ends.
-#[derive(Debug)]
-struct OpenStream {
-    streams: Arc<OpenStreams>,
-    peer: PeerKey,
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        let mut counts = self.streams.lock();
-        if let Some(n) = counts.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(&self.peer);
-            }
-        }
-    }
-}
+type OpenStreams = Counts<PeerKey>;
+/// One open tunnel stream to a peer.
+type OpenStream = Counted<PeerKey>;
 
 /// The running outbound proxy.
 #[derive(Debug, Clone)]
@@ -1040,7 +1011,7 @@ async fn attempt_remote(
         let last = !more_after && k + 1 == count;
         let failed = match open_tunnel(shared, &peer, header, &mut tcp, early, last).await {
             Ok((send, recv, _in_use)) => {
-                let _open = shared.open_streams.open(peer);
+                let _open = shared.open_streams.hold(peer);
                 return Attempt::Connected(Connected::Remote {
                     tcp,
                     send,
@@ -1210,7 +1181,7 @@ async fn open_tunnel(
     };
     // Counted from the moment the pool handed the connection out, so a rotation that
     // supersedes it meanwhile does not close it under this stream.
-    let in_use = shared.in_use.hold(&conn);
+    let in_use = shared.in_use.hold(conn.stable_id());
     let cap = shared.endpoint.config().answer_timeout();
     let (early_ok, wait) = {
         let st = steering.lock();
@@ -1392,16 +1363,19 @@ mod tests {
     #[test]
     fn streams_are_counted_per_connection_until_their_guards_drop() {
         let conns = Arc::new(ConnsInUse::default());
-        let guard = |id| conns.hold_id(id);
+        let guard = |id| conns.hold(id);
         let a1 = guard(1);
         let a2 = guard(1);
         let b = guard(2);
-        assert_eq!((conns.count(1), conns.count(2), conns.count(3)), (2, 1, 0));
+        assert_eq!(
+            (conns.count(&1), conns.count(&2), conns.count(&3)),
+            (2, 1, 0)
+        );
         drop(a1);
         drop(b);
-        assert_eq!((conns.count(1), conns.count(2)), (1, 0));
+        assert_eq!((conns.count(&1), conns.count(&2)), (1, 0));
         drop(a2);
-        assert_eq!(conns.count(1), 0);
+        assert_eq!(conns.count(&1), 0);
         assert!(conns.lock().is_empty(), "no entry left behind");
     }
 
