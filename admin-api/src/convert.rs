@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use meshup_core::model::{PortSpec, Protocol};
+use meshup_core::model::{AppProtocol, PortSpec, Protocol};
 use meshup_core::names::{ClusterName, DrillId, Namespace, ServiceKey, ServiceName};
 use meshup_core::policy::{DrillAudit, DrillKind, DrillRecord, RecordError};
 
@@ -139,6 +139,16 @@ pub fn protocol_from_str(text: &str) -> Option<Protocol> {
     }
 }
 
+/// Parses a port's application protocol; empty means tcp.
+pub fn app_protocol_from_str(text: &str) -> Option<AppProtocol> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "tcp" => Some(AppProtocol::Tcp),
+        "http" => Some(AppProtocol::Http),
+        "grpc" => Some(AppProtocol::Grpc),
+        _ => None,
+    }
+}
+
 /// Parses an export message; the error names the field (`export.endpoints[1]`).
 pub fn export_from_pb(spec: &pb::ExportSpec) -> Result<Export, FieldError> {
     let name = ServiceName::new(spec.name.trim()).map_err(|e| field_error("export.name", e))?;
@@ -161,10 +171,17 @@ pub fn export_from_pb(spec: &pb::ExportSpec) -> Result<Export, FieldError> {
                     format!("{:?} is not tcp, udp or sctp", p.protocol),
                 )
             })?;
+            let app_protocol = app_protocol_from_str(&p.app_protocol).ok_or_else(|| {
+                field_error(
+                    format!("export.ports[{i}].app_protocol"),
+                    format!("{:?} is not tcp, http or grpc", p.app_protocol),
+                )
+            })?;
             Ok(PortSpec {
                 name: p.name.trim().to_owned(),
                 port,
                 protocol,
+                app_protocol,
             })
         })
         .collect::<Result<Vec<_>, FieldError>>()?;
@@ -216,6 +233,7 @@ pub fn export_to_pb(e: &Export) -> pb::ExportSpec {
                 name: p.name.clone(),
                 port: u32::from(p.port),
                 protocol: p.protocol.as_str().to_owned(),
+                app_protocol: p.app_protocol.as_str().to_owned(),
             })
             .collect(),
         endpoints: e.endpoints.iter().map(ToString::to_string).collect(),
@@ -264,6 +282,7 @@ mod tests {
                 name: "http".into(),
                 port: 8080,
                 protocol: String::new(),
+                app_protocol: "http".into(),
             }],
             endpoints: vec!["127.0.0.1:9000".into()],
             allowed_callers: vec!["west".into()],
@@ -274,6 +293,7 @@ mod tests {
         assert_eq!(export.ports[0].protocol, Protocol::Tcp);
         let back = export_to_pb(&export);
         assert_eq!(back.ports[0].protocol, "tcp");
+        assert_eq!(export.ports[0].app_protocol, AppProtocol::Http);
         assert_eq!(export_from_pb(&back).expect("again"), export);
 
         let bad = |f: &dyn Fn(&mut pb::ExportSpec)| {
@@ -287,6 +307,10 @@ mod tests {
         assert_eq!(
             bad(&|s| s.ports[0].protocol = "quic".into()),
             "export.ports[0].protocol"
+        );
+        assert_eq!(
+            bad(&|s| s.ports[0].app_protocol = "http3".into()),
+            "export.ports[0].app_protocol"
         );
         assert_eq!(
             bad(&|s| s.endpoints.push("localhost:80".into())),

@@ -19,6 +19,7 @@ use imbl::OrdMap;
 use crate::model::{ExportRecord, GatewayRecord, PortSpec};
 use crate::names::{ClusterName, DrillId, GatewayId, ServiceKey};
 use crate::policy::{DrillRecord, PolicyRecord};
+use crate::routes::CompiledRoutes;
 
 /// Identifies one export: which gateway of which cluster exports which service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -52,6 +53,9 @@ pub enum Change {
     /// A clusterset service's failover policy.
     PutPolicy(ServiceKey, Arc<PolicyRecord>),
     DeletePolicy(ServiceKey),
+    /// A clusterset service's per-request routing rules.
+    PutRoutes(ServiceKey, Arc<CompiledRoutes>),
+    DeleteRoutes(ServiceKey),
     /// An operator drill (in force or not: its times say).
     PutDrill(DrillId, Arc<DrillRecord>),
     DeleteDrill(DrillId),
@@ -108,6 +112,7 @@ pub struct Snapshot {
     services: OrdMap<ServiceKey, Arc<ServiceView>>,
     vips: OrdMap<VipKey, IpAddr>,
     policies: OrdMap<ServiceKey, Arc<PolicyRecord>>,
+    routes: OrdMap<ServiceKey, Arc<CompiledRoutes>>,
     drills: OrdMap<DrillId, Arc<DrillRecord>>,
     export_count: usize,
 }
@@ -173,6 +178,10 @@ impl Snapshot {
                 self.policies.insert(key, policy.clone()).as_deref() != Some(&*policy)
             }
             Change::DeletePolicy(key) => self.policies.remove(&key).is_some(),
+            Change::PutRoutes(key, routes) => {
+                self.routes.insert(key, routes.clone()).as_deref() != Some(&*routes)
+            }
+            Change::DeleteRoutes(key) => self.routes.remove(&key).is_some(),
             Change::PutDrill(id, drill) => {
                 self.drills.insert(id, drill.clone()).as_deref() != Some(&*drill)
             }
@@ -280,6 +289,11 @@ impl Snapshot {
     /// A service's failover policy, if an operator set one (else the default applies).
     pub fn policy(&self, service: &ServiceKey) -> Option<&Arc<PolicyRecord>> {
         self.policies.get(service)
+    }
+
+    /// A service's routing rules, if an operator set some (else the policy decides).
+    pub fn routes(&self, service: &ServiceKey) -> Option<&Arc<CompiledRoutes>> {
+        self.routes.get(service)
     }
 
     /// Every policy, by service.

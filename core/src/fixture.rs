@@ -57,6 +57,7 @@ pub fn export(port: u16, healthy: u32) -> ExportRecord {
             name: "http".into(),
             port,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints_total: healthy.max(1),
         endpoints_healthy: healthy,

@@ -21,4 +21,5 @@ pub mod identity;
 pub mod model;
 pub mod names;
 pub mod policy;
+pub mod routes;
 pub mod tunnel;

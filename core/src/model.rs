@@ -51,6 +51,11 @@ pub enum RecordError {
     BadPort { name: String, port: u16 },
     #[error("port name is invalid: {0}")]
     BadPortName(NameError),
+    #[error("port {name:?}: app_protocol {app_protocol} needs protocol tcp")]
+    AppProtocolNeedsTcp {
+        name: String,
+        app_protocol: &'static str,
+    },
     #[error("port name {0:?} is declared twice")]
     DuplicatePort(String),
     #[error("{what}: {count} entries, more than the limit of {max}")]
@@ -135,6 +140,44 @@ impl Protocol {
     }
 }
 
+/// What a TCP port carries, as far as the gateways care (Kubernetes' `appProtocol`): `tcp`
+/// bytes are spliced, one decision per connection; `http` (HTTP/1.1, or h2c with prior
+/// knowledge) and `grpc` are routed per request (docs/http-routing.md).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    #[default]
+    Tcp,
+    Http,
+    Grpc,
+    /// A value only a newer gateway knows: its port is served as `tcp`, which every peer can
+    /// serve (the record is read, not skipped: docs/records.md).
+    #[serde(other)]
+    Unknown,
+}
+
+impl AppProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Tcp => "tcp",
+            AppProtocol::Http => "http",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Unknown => "unknown",
+        }
+    }
+
+    /// Whether requests on the port are routed one by one (`http`, `grpc`).
+    pub fn per_request(self) -> bool {
+        matches!(self, AppProtocol::Http | AppProtocol::Grpc)
+    }
+
+    fn is_tcp(&self) -> bool {
+        *self == AppProtocol::Tcp
+    }
+}
+
 /// One named port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortSpec {
@@ -142,6 +185,10 @@ pub struct PortSpec {
     pub port: u16,
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
+    /// Left out when `tcp`, so a record of a `tcp` port is the same bytes older gateways
+    /// wrote; an older gateway reading `http` or `grpc` ignores the field and splices.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_tcp")]
+    pub app_protocol: AppProtocol,
 }
 
 fn default_protocol() -> Protocol {
@@ -156,6 +203,12 @@ impl PortSpec {
             return Err(RecordError::BadPort {
                 name: self.name.clone(),
                 port: self.port,
+            });
+        }
+        if self.app_protocol.per_request() && self.protocol != Protocol::Tcp {
+            return Err(RecordError::AppProtocolNeedsTcp {
+                name: self.name.clone(),
+                app_protocol: self.app_protocol.as_str(),
             });
         }
         Ok(())
@@ -402,10 +455,19 @@ mod tests {
         assert_eq!(check_gw(&g, AddressRules::default()), Ok(()));
 
         let export_json = r#"{"schema":1,"schema_minor":3,"ports":[{"name":"http","port":8080,
-            "protocol":"tcp","app_protocol":"http2"}],"endpoints_total":3,"endpoints_healthy":2,
+            "protocol":"tcp","idle_timeout":"30s"}],"endpoints_total":3,"endpoints_healthy":2,
             "allowed_callers":[],"labels":{},"weight_hint":40}"#;
         let e: ExportRecord = decode(export_json.as_bytes()).expect("a newer minor decodes");
         assert_eq!(e, export());
+        assert_eq!(e.validate(), Ok(()));
+
+        // An application protocol only a newer gateway knows: the record is read, and the
+        // port is served as plain TCP, which any gateway can do.
+        let newer_app = export_json.replace(r#""idle_timeout":"30s""#, r#""app_protocol":"http3""#);
+        let e: ExportRecord =
+            decode(newer_app.as_bytes()).expect("an unknown app_protocol decodes");
+        assert_eq!(e.ports[0].app_protocol, AppProtocol::Unknown);
+        assert!(!e.ports[0].app_protocol.per_request());
         assert_eq!(e.validate(), Ok(()));
 
         let vip_json = r#"{"schema":1,"schema_minor":2,"vip":"127.77.0.1","family":"v4"}"#;
@@ -440,6 +502,32 @@ mod tests {
         let first_release = br#"{"schema":1,"ports":[{"name":"http","port":8080,"protocol":"tcp"}],"endpoints_total":3,"endpoints_healthy":2,"allowed_callers":[],"labels":{}}"#;
         let e: ExportRecord = decode(first_release).expect("first-release bytes decode");
         assert_eq!(e, export());
+        assert_eq!(e.ports[0].app_protocol, AppProtocol::Tcp);
+        // A tcp port is written as those same bytes: no `app_protocol` key.
+        assert!(!String::from_utf8_lossy(&written).contains("app_protocol"));
+
+        // An older reader (a port without `app_protocol`) reads an `http` port as its
+        // port, and splices it.
+        #[derive(Debug, Deserialize)]
+        struct OlderPort {
+            name: String,
+            port: u16,
+        }
+        #[derive(Debug, Deserialize)]
+        struct OlderExport {
+            ports: Vec<OlderPort>,
+        }
+        let mut http = export();
+        http.ports[0].app_protocol = AppProtocol::Http;
+        let written = encode(&http);
+        assert!(String::from_utf8_lossy(&written).contains(r#""app_protocol":"http""#));
+        let older: OlderExport = decode(&written).expect("an older reader decodes an http port");
+        assert_eq!(
+            (older.ports[0].name.as_str(), older.ports[0].port),
+            ("http", 8080)
+        );
+        let back: ExportRecord = decode(&written).expect("round trip");
+        assert_eq!(back, http);
     }
 
     /// A new major is the one change an older reader must not guess at: skipped, named.

@@ -28,6 +28,7 @@ pub fn export(
                 name: (*name).to_owned(),
                 port: *port,
                 protocol: *protocol,
+                app_protocol: Default::default(),
             })
             .collect(),
         endpoints_total: 1,

@@ -7,6 +7,7 @@
 //! <prefix>/v1/vips/<cluster>/<ns>/<name>/pinned/<target-cluster>                VipRecord, cluster-pinned VIP
 //! <prefix>/v1/vip-claims/<cluster>/<ip>                                         address claim
 //! <prefix>/v1/policies/<ns>/<name>                                            PolicyRecord of a clusterset service
+//! <prefix>/v1/routes/<ns>/<name>                                              RouteRecord (per-request HTTP rules) of a clusterset service
 //! <prefix>/v1/drills/<drill-id>                                                DrillRecord (an operator override)
 //! <prefix>/v1/drill-audit/<drill-id>                                           DrillAudit: how a drill ended (not watched into the snapshot)
 //! ```
@@ -69,6 +70,8 @@ pub enum CatalogKey {
     },
     /// A clusterset service's failover policy.
     Policy(ServiceKey),
+    /// A clusterset service's per-request routing rules.
+    Routes(ServiceKey),
     /// An operator drill.
     Drill(DrillId),
     Ignored(IgnoredKind),
@@ -145,6 +148,11 @@ impl KeyLayout {
         )
     }
 
+    /// `<prefix>/v1/routes/<ns>/<name>`
+    pub fn routes(&self, service: &ServiceKey) -> String {
+        format!("{}routes/{}/{}", self.root, service.namespace, service.name)
+    }
+
     /// `<prefix>/v1/drills/<drill-id>`
     pub fn drill(&self, id: &DrillId) -> String {
         format!("{}drills/{id}", self.root)
@@ -219,6 +227,7 @@ impl KeyLayout {
                 })?,
             }),
             ["policies", ns, name] => Ok(CatalogKey::Policy(service(ns, name)?)),
+            ["routes", ns, name] => Ok(CatalogKey::Routes(service(ns, name)?)),
             ["drills", id] => Ok(CatalogKey::Drill(DrillId::new(id).map_err(name_err)?)),
             ["drill-audit", _] => Ok(CatalogKey::Ignored(IgnoredKind::DrillAudit)),
             _ => Err(KeyError::Unrecognized(key.to_owned())),
@@ -312,6 +321,11 @@ mod tests {
             Ok(CatalogKey::Policy(svc("pay.prod")))
         );
         assert_eq!(l.policy(&svc("pay.prod")), "/m/v1/policies/prod/pay");
+        assert_eq!(
+            l.parse(b"/m/v1/routes/prod/pay"),
+            Ok(CatalogKey::Routes(svc("pay.prod")))
+        );
+        assert_eq!(l.routes(&svc("pay.prod")), "/m/v1/routes/prod/pay");
         let drill = DrillId::new("drain-east").expect("valid");
         assert_eq!(
             l.parse(b"/m/v1/drills/drain-east"),
@@ -328,6 +342,7 @@ mod tests {
         for bad in [
             "/m/v1/policies/prod",
             "/m/v1/policies/prod/pay/x",
+            "/m/v1/routes/prod",
             "/m/v1/drills/a/b",
         ] {
             assert!(

@@ -14,6 +14,7 @@ use meshup_core::model::{
 };
 
 use meshup_core::policy::{self, DrillRecord, PolicyRecord};
+use meshup_core::routes;
 
 use crate::keys::{CatalogKey, KeyError, KeyLayout};
 
@@ -64,7 +65,8 @@ impl SkipReason {
             RecordError::UnsupportedSchema { .. } => SkipReason::UnsupportedSchema,
             RecordError::BadPort { .. }
             | RecordError::BadPortName(_)
-            | RecordError::DuplicatePort(_) => SkipReason::BadPorts,
+            | RecordError::DuplicatePort(_)
+            | RecordError::AppProtocolNeedsTcp { .. } => SkipReason::BadPorts,
             RecordError::UnroutableAddress(_) | RecordError::ZeroPort(_) => {
                 SkipReason::UnroutableAddress
             }
@@ -117,6 +119,27 @@ pub fn reduce(
             match policy::decode::<PolicyRecord>(bytes).and_then(|r| r.validate().map(|()| r)) {
                 Ok(r) => Outcome::Apply(Change::PutPolicy(service, Arc::new(r))),
                 Err(e) => skip_operator_record(e),
+            }
+        }
+        (CatalogKey::Routes(service), None) => Outcome::Apply(Change::DeleteRoutes(service)),
+        (CatalogKey::Routes(service), Some(bytes)) => {
+            match routes::decode(bytes).and_then(|r| r.compile()) {
+                Ok(r) => Outcome::Apply(Change::PutRoutes(service, Arc::new(r))),
+                Err(e) => {
+                    use routes::RouteError as E;
+                    let reason = match &e {
+                        E::TooLarge { .. } => SkipReason::Oversized,
+                        E::Decode(_) => SkipReason::Undecodable,
+                        E::UnsupportedSchema { .. } => SkipReason::UnsupportedSchema,
+                        E::Invalid { .. } => SkipReason::Invalid,
+                    };
+                    // Like a policy: the previous good rules stay in force.
+                    Outcome::Skip {
+                        reason,
+                        detail: e.to_string(),
+                        retract: None,
+                    }
+                }
             }
         }
         (CatalogKey::Drill(id), None) => Outcome::Apply(Change::DeleteDrill(id)),
@@ -353,7 +376,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_policy_or_drill_leaves_the_previous_good_one_in_force() {
+    fn a_bad_policy_drill_or_route_leaves_the_previous_good_one_in_force() {
         const POLICY_KEY: &str = "/m/v1/policies/prod/pay";
         const DRILL_KEY: &str = "/m/v1/drills/d1";
         let rules = AddressRules::default();
@@ -424,6 +447,35 @@ mod tests {
         assert_eq!(s.drills().count(), 1, "the drill in progress stays");
         let (_, s) = apply(DRILL_KEY, None);
         assert_eq!(s.drills().count(), 0);
+
+        const ROUTES_KEY: &str = "/m/v1/routes/prod/pay";
+        let good = br#"{"schema":1,"rules":[{"name":"api","match":[{"path":{"prefix":"/api"}}]}]}"#;
+        let (reason, s) = apply(ROUTES_KEY, Some(good));
+        assert_eq!(reason, None);
+        assert_eq!(
+            s.routes(&pay).map(|r| r.rules[0].name.as_str()),
+            Some("api")
+        );
+        let bad: [(&[u8], SkipReason); 4] = [
+            (b"[]", SkipReason::Undecodable),
+            (br#"{"schema":3,"rules":{}}"#, SkipReason::UnsupportedSchema),
+            (
+                br#"{"schema":1,"rules":[{"match":[{"path":{"regex":"("}}]}]}"#,
+                SkipReason::Invalid,
+            ),
+            (&[b' '; 70_000], SkipReason::Oversized),
+        ];
+        for (value, want) in bad {
+            let (reason, s) = apply(ROUTES_KEY, Some(value));
+            assert_eq!(reason, Some(want));
+            assert_eq!(
+                s.routes(&pay).map(|r| r.rules[0].name.as_str()),
+                Some("api"),
+                "the good rules stay in force"
+            );
+        }
+        let (_, s) = apply(ROUTES_KEY, None);
+        assert!(s.routes(&pay).is_none(), "deleted: the policy decides");
     }
 
     #[test]

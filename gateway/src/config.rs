@@ -11,7 +11,7 @@ use std::path::Path;
 
 use ipnet::IpNet;
 use meshup_core::identity::check_trust_domain;
-use meshup_core::model::{PortSpec, validate_ports};
+use meshup_core::model::{AppProtocol, PortSpec, Protocol, validate_ports};
 use meshup_core::names::{ClusterName, GatewayId, Namespace, ServiceKey, ServiceName};
 use meshup_dns::DnsConfig;
 use meshup_federation::config::CatalogConfig;
@@ -243,6 +243,7 @@ impl Default for AdminConfig {
 pub struct ExportConfig {
     pub name: ServiceName,
     pub namespace: Namespace,
+    #[serde(deserialize_with = "strict_ports")]
     pub ports: Vec<PortSpec>,
     /// Local endpoints (`ip:port`) the gateway connects to. The port of a service port maps
     /// to the same port on each endpoint unless the endpoint names its own.
@@ -252,6 +253,43 @@ pub struct ExportConfig {
     pub allowed_callers: Vec<ClusterName>,
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// The config file's port entries. Unlike a catalog record (read leniently, docs/records.md),
+/// a port entry with an unknown field or an `app_protocol` this gateway does not know is an
+/// error: a typo must not quietly turn per-request routing off.
+fn strict_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Port {
+        name: String,
+        port: u16,
+        #[serde(default)]
+        protocol: Option<Protocol>,
+        #[serde(default)]
+        app_protocol: Option<App>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum App {
+        Tcp,
+        Http,
+        Grpc,
+    }
+    let ports = Vec::<Port>::deserialize(d)?;
+    Ok(ports
+        .into_iter()
+        .map(|p| PortSpec {
+            name: p.name,
+            port: p.port,
+            protocol: p.protocol.unwrap_or(Protocol::Tcp),
+            app_protocol: match p.app_protocol {
+                None | Some(App::Tcp) => AppProtocol::Tcp,
+                Some(App::Http) => AppProtocol::Http,
+                Some(App::Grpc) => AppProtocol::Grpc,
+            },
+        })
+        .collect())
 }
 
 impl ExportConfig {
@@ -689,6 +727,37 @@ exports:
                 Err(e) => e.to_string(),
             };
             assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn port_entries_are_strict_and_say_how_they_are_routed() {
+        let port = "ports: [{name: http, port: 8080, protocol: tcp}]";
+        let with = |p: &str| Config::parse(&SAMPLE.replace(port, p));
+        assert_eq!(
+            sample().exports[0].ports[0].app_protocol,
+            AppProtocol::Tcp,
+            "default"
+        );
+        for (text, want) in [
+            ("app_protocol: http", AppProtocol::Http),
+            ("app_protocol: grpc", AppProtocol::Grpc),
+            ("app_protocol: tcp", AppProtocol::Tcp),
+        ] {
+            let c = with(&format!("ports: [{{name: http, port: 8080, {text}}}]")).expect(text);
+            assert_eq!(c.exports[0].ports[0].app_protocol, want, "{text}");
+            assert_eq!(c.exports[0].ports[0].protocol, Protocol::Tcp, "{text}");
+        }
+        for (text, names) in [
+            ("app_protocol: http3", "http3"),
+            ("app_protocl: http", "app_protocl"),
+            ("protocol: udp, app_protocol: grpc", "needs protocol tcp"),
+        ] {
+            let err = with(&format!("ports: [{{name: http, port: 8080, {text}}}]"))
+                .and_then(|c| c.validate().map(|()| c))
+                .expect_err(text)
+                .to_string();
+            assert!(err.contains(names), "{text}: {err}");
         }
     }
 

@@ -34,6 +34,7 @@ fn pay_export(backend: SocketAddr) -> ExportConfig {
             name: "http".into(),
             port: PORT,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints: vec![backend],
         allowed_callers: vec![],

@@ -36,8 +36,12 @@ const EJECTIONS: &str = "meshup_service_ejections_total";
 
 /// Documented families whose labels are known only when they first count (an open circuit, a
 /// spent retry budget, a silent peer, a failed publish or VIP allocation).
-const COUNTED_FROM_THE_FIRST_EVENT: [&str; 5] = [
+const COUNTED_FROM_THE_FIRST_EVENT: [&str; 7] = [
     "meshup_service_circuit_open_total",
+    // Requests of http and grpc ports: this scenario's ports are tcp (tests/tests/http_routing.rs
+    // counts them).
+    "meshup_http_requests_total",
+    "meshup_http_request_duration_seconds",
     "meshup_service_retry_budget_exhausted_total",
     "meshup_service_peers_suspected_total",
     "meshup_catalog_publish_errors_total",

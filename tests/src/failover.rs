@@ -44,6 +44,10 @@ pub struct Options<'a> {
     pub failback_hold_down: Option<Duration>,
     /// The policy's `outlier.base_ejection`; `None`: the policy default.
     pub base_ejection: Option<Duration>,
+    /// West's and north's backends instead of their echo servers (which then serve nothing).
+    pub backends: Option<[SocketAddr; 2]>,
+    /// The export port's `app_protocol` (`http`, `grpc`); `None`: tcp.
+    pub app_protocol: Option<&'a str>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -133,10 +137,16 @@ impl Federation {
         let north_echo = EchoServer::start().await?;
         let cidr = |n: u8| format!("127.{}.{n}.0/24", options.vip_octet);
         let (east_cidr, west_cidr, north_cidr) = (cidr(1), cidr(2), cidr(3));
+        let backend = |cluster: &str, echo: &EchoServer| match (cluster, options.backends) {
+            ("west", Some([west, _])) => west,
+            ("north", Some([_, north])) => north,
+            _ => echo.addr(),
+        };
         let spec = |cluster, vip_cidr, echo: Option<&EchoServer>| GatewaySpec {
             exports: echo
-                .map(|e| vec![(SERVICE_NAME, NAMESPACE, PORT, e.addr())])
+                .map(|e| vec![(SERVICE_NAME, NAMESPACE, PORT, backend(cluster, e))])
                 .unwrap_or_default(),
+            app_protocol: options.app_protocol,
             log_filter: options.log_filter,
             worker_threads: options.worker_threads,
             ..GatewaySpec::new(cluster, vip_cidr, &etcd, &certs, &prefix)
@@ -208,6 +218,15 @@ impl Federation {
     /// [`LEVELS`] order.
     pub fn served_between(&self, from: Instant, to: Option<Instant>) -> [(&'static str, usize); 2] {
         LEVELS.map(|c| (c, self.echo(c).accepted_between(from, to)))
+    }
+
+    /// Writes the route rules of `echo.prod` with `etcdctl put` under
+    /// `<prefix>/v1/routes/<ns>/<name>`, checked against the record type first.
+    pub fn write_routes(&self, json: &str) -> anyhow::Result<()> {
+        meshup_core::routes::decode(json.as_bytes())?.compile()?;
+        let key = format!("{}/v1/routes/{NAMESPACE}/{SERVICE_NAME}", self.prefix);
+        self.etcd.etcdctl(&["put", &key, json])?;
+        Ok(())
     }
 
     /// Writes a drill with `etcdctl put` under `<prefix>/v1/drills/<id>`; returns the instant

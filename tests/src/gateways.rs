@@ -167,6 +167,8 @@ pub struct GatewaySpec<'a> {
     pub prefix: &'a str,
     /// (service name, namespace, port, backend address)
     pub exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
+    /// The exports' ports' `app_protocol` (`http`, `grpc`); `None`: left out (tcp).
+    pub app_protocol: Option<&'a str>,
     pub drain_deadline: Duration,
     /// The catalog lease TTL ([`LEASE_TTL`] unless set: short, so tests see expiry fast).
     pub lease_ttl: Duration,
@@ -235,6 +237,7 @@ impl<'a> GatewaySpec<'a> {
             certs,
             prefix: "",
             exports: Vec::new(),
+            app_protocol: None,
             drain_deadline: Duration::from_secs(2),
             lease_ttl: LEASE_TTL,
             withdrawal_grace: None,
@@ -266,7 +269,14 @@ impl<'a> GatewaySpec<'a> {
         let certs = self.certs.of(self.cluster);
         let mut exports = String::new();
         for (name, ns, port, backend) in &self.exports {
-            exports.push_str(&export_entry(name, ns, *port, *backend));
+            let entry = export_entry(name, ns, *port, *backend);
+            exports.push_str(&match self.app_protocol {
+                Some(app) => entry.replace(
+                    "protocol: tcp}",
+                    &format!("protocol: tcp, app_protocol: {app}}}"),
+                ),
+                None => entry,
+            });
         }
         // QUIC and DNS on port 0: the gateway publishes the QUIC address it bound, and a
         // UDP port probed free over TCP may already be taken by another test's socket. A

@@ -3,7 +3,7 @@
 //! the three-cluster failover federation, free loopback ports, network namespaces playing nodes and pods, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
 //! their process group, background samplers (a dig loop, metrics, catalog keys) with
-//! timestamps, nginx `stream` peers, and the Grafana dashboard checked against
+//! timestamps, nginx `stream` peers, HTTP/1.1, h2c and gRPC backends naming their cluster, and the Grafana dashboard checked against
 //! `/metrics`.
 
 pub mod browser;
@@ -19,6 +19,7 @@ pub mod nginx;
 pub mod procs;
 pub mod sampler;
 pub mod scale;
+pub mod web;
 pub mod workload;
 
 pub use meshup::{meshup, meshup_bin};

@@ -77,6 +77,7 @@ pub fn export_record(healthy: u32) -> ExportRecord {
             name: "http".into(),
             port: 8080,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints_total: 3,
         endpoints_healthy: healthy,

@@ -99,6 +99,7 @@ fn export(backend: SocketAddr) -> ExportConfig {
             name: "tcp".into(),
             port: PORT,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints: vec![backend],
         allowed_callers: vec![],

@@ -101,6 +101,7 @@ fn export_record(healthy: u32) -> ExportRecord {
             name: "http".into(),
             port: 8080,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints_total: 1000,
         endpoints_healthy: healthy,

@@ -64,6 +64,7 @@ fn snapshot(n: usize, policy: Option<PolicyRecord>, drill: bool) -> Snapshot {
                     name: "http".into(),
                     port: PORT,
                     protocol: Protocol::Tcp,
+                    app_protocol: Default::default(),
                 }],
                 endpoints_total: 4,
                 endpoints_healthy: if i % 5 == 0 { 2 } else { 4 },

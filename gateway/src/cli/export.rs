@@ -119,7 +119,10 @@ pub fn render_list(r: &pb::ListExportsResponse) -> String {
                 e.source.clone(),
                 spec.ports
                     .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .map(|p| match p.app_protocol.as_str() {
+                        "" | "tcp" => format!("{}/{}", p.port, p.protocol),
+                        app => format!("{}/{} ({app})", p.port, p.protocol),
+                    })
                     .collect::<Vec<_>>()
                     .join(","),
                 if e.published {
@@ -170,6 +173,11 @@ mod tests {
                 name: "tcp".into(),
                 port,
                 protocol: "tcp".into(),
+                app_protocol: if port == 80 {
+                    "http".into()
+                } else {
+                    String::new()
+                },
             }],
             endpoints: vec![ep.into()],
             ..Default::default()
@@ -206,15 +214,15 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines[0],
-            "SERVICE    SOURCE  PORTS     PUBLISHED  ENDPOINTS"
+            "SERVICE    SOURCE  PORTS          PUBLISHED  ENDPOINTS"
         );
         assert_eq!(
             lines[1],
-            "pay.prod   file    8080/tcp  1/1        127.0.0.1:9000"
+            "pay.prod   file    8080/tcp       1/1        127.0.0.1:9000"
         );
         assert_eq!(
             lines[2],
-            "cart.prod  api     80/tcp    not yet    127.0.0.1:9001"
+            "cart.prod  api     80/tcp (http)  not yet    127.0.0.1:9001"
         );
         assert!(
             out.contains(

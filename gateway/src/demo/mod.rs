@@ -151,6 +151,7 @@ async fn cluster_config(
                 name: "http".into(),
                 port: SERVICE_PORT,
                 protocol: Protocol::Tcp,
+                app_protocol: Default::default(),
             }],
             endpoints: vec![endpoint],
             allowed_callers: callers

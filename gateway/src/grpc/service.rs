@@ -388,6 +388,7 @@ impl AdminApi {
                     name: p.name.clone(),
                     port: u32::from(p.port),
                     protocol: p.protocol.as_str().into(),
+                    app_protocol: p.app_protocol.as_str().into(),
                 })
                 .collect(),
             clusters: svc

@@ -18,6 +18,7 @@
 //!   gateways rotate across them.
 
 pub mod changes;
+pub mod http;
 pub mod link_metrics;
 pub mod liveness;
 pub mod pool;
@@ -33,6 +34,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use ipnet::IpNet;
 use meshup_core::catalog::Snapshot;
+use meshup_core::model::AppProtocol;
 use meshup_core::names::ClusterName;
 use meshup_core::tunnel::{RequestHeader, STATUS_LEN, Status, decode_status, encode_header};
 use thiserror::Error;
@@ -775,10 +777,26 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let shared2 = shared.clone();
         let route = route.clone();
-        shared
-            .connections
-            .spawn(handle_client(shared2, tcp, client, route));
+        // Read per connection, so a port that changes protocol needs no new listener.
+        if app_protocol(&shared.snapshots.borrow(), &route).per_request() {
+            shared
+                .connections
+                .spawn(http::serve(shared2, tcp, client, route));
+        } else {
+            shared
+                .connections
+                .spawn(handle_client(shared2, tcp, client, route));
+        }
     }
+}
+
+/// How the route's port is served: its `app_protocol` in the catalog (an unknown one is
+/// served as `tcp`).
+fn app_protocol(snapshot: &Snapshot, route: &Route) -> AppProtocol {
+    snapshot
+        .service(&route.service)
+        .and_then(|v| v.ports.iter().find(|p| p.port == route.port))
+        .map_or(AppProtocol::Tcp, |p| p.app_protocol)
 }
 
 // === one client connection ===
@@ -858,7 +876,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             let attempt = match target {
                 Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
                 Target::Remote { gateways } => {
-                    attempt_remote(&shared, cluster, gateways, &header, tcp, &mut early, more_after)
+                    attempt_remote(&shared, cluster, gateways, &header, Some(tcp), &mut early, more_after)
                         .await
                 }
             };
@@ -870,7 +888,9 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     let idle = shared.endpoint.config().stream_idle_timeout;
                     let out = match conn {
                         Connected::Local { tcp, up } => splice_tcp(tcp, up, idle).await,
-                        Connected::Remote { tcp, send, recv, _open, _in_use } => splice(tcp, send, recv, &[], idle).await,
+                        Connected::Remote { tcp: Some(tcp), send, recv, _open, _in_use } => splice(tcp, send, recv, &[], idle).await,
+                        // A connection attempt always carries its client.
+                        Connected::Remote { tcp: None, .. } => return,
                     };
                     steering.lock().health.connection_ended(service, cluster);
                     let sent = out.tcp_to_quic + early.bytes.len() as u64;
@@ -914,7 +934,8 @@ enum Connected {
         up: TcpStream,
     },
     Remote {
-        tcp: TcpStream,
+        /// The client connection (`None` for a request of the HTTP path, [`http`]).
+        tcp: Option<TcpStream>,
         send: quinn::SendStream,
         recv: quinn::RecvStream,
         /// Counts the stream as open to its peer until the splice ends.
@@ -973,13 +994,14 @@ async fn attempt_local(
 
 /// Tries the cluster's gateways in rotation (suspect ones last, skipped while others are
 /// left), each address in order, as [`after_failure`] says. `more_after`: whether another
-/// cluster may be tried after this one.
+/// cluster may be tried after this one. `tcp`: the client connection whose first bytes go
+/// out early ([`open_tunnel`]); `None` for a request of the HTTP path.
 async fn attempt_remote(
     shared: &Shared,
     cluster: &ClusterName,
     gateways: &[Vec<SocketAddr>],
     header: &RequestHeader,
-    mut tcp: TcpStream,
+    mut tcp: Option<TcpStream>,
     early: &mut Early,
     more_after: bool,
 ) -> Attempt {
@@ -1009,7 +1031,7 @@ async fn attempt_remote(
         };
         tracing::trace!(%peer, "attempt");
         let last = !more_after && k + 1 == count;
-        let failed = match open_tunnel(shared, &peer, header, &mut tcp, early, last).await {
+        let failed = match open_tunnel(shared, &peer, header, tcp.as_mut(), early, last).await {
             Ok((send, recv, _in_use)) => {
                 let _open = shared.open_streams.hold(peer);
                 return Attempt::Connected(Connected::Remote {
@@ -1033,7 +1055,7 @@ async fn attempt_remote(
                     AttemptError::ClientReset | AttemptError::Refused(Status::BadRequest)
                 );
                 return Attempt::Failed {
-                    tcp: reset_client.then_some(tcp),
+                    tcp: tcp.filter(|_| reset_client),
                     result,
                     cluster_failed,
                     stop: true,
@@ -1051,7 +1073,7 @@ async fn attempt_remote(
         }
     }
     Attempt::Failed {
-        tcp: Some(tcp),
+        tcp,
         result,
         cluster_failed: true,
         stop: false,
@@ -1161,7 +1183,7 @@ async fn open_tunnel(
     shared: &Shared,
     peer: &PeerKey,
     header: &RequestHeader,
-    tcp: &mut TcpStream,
+    mut tcp: Option<&mut TcpStream>,
     early: &mut Early,
     last: bool,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, InUse), Failed> {
@@ -1223,7 +1245,7 @@ async fn open_tunnel(
                         Ok(None) => return Err(AttemptError::Answer("stream finished".into())),
                         Err(e) => return Err(AttemptError::Answer(e.to_string())),
                     },
-                    r = tcp.read(&mut chunk[..room]), if sending && !early.eof && room > 0 => match r {
+                    r = read_client(tcp.as_deref_mut(), &mut chunk[..room]), if sending && !early.eof && room > 0 => match r {
                         Ok(0) => early.eof = true,
                         Ok(n) => {
                             early.bytes.extend_from_slice(&chunk[..n]);
@@ -1326,6 +1348,15 @@ async fn open_tunnel(
         let _ = send.finish();
     }
     Ok((send, recv, in_use))
+}
+
+/// Reads the client's next bytes; with no client (a request of the HTTP path), never ready.
+/// Cancel-safe, as `TcpStream::read` is.
+async fn read_client(tcp: Option<&mut TcpStream>, buf: &mut [u8]) -> std::io::Result<usize> {
+    match tcp {
+        Some(t) => t.read(buf).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn reset_tcp(tcp: TcpStream) {

@@ -16,6 +16,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::liveness::{Liveness, Transition};
@@ -124,7 +125,8 @@ impl Steering {
     }
 
     /// A uniformly distributed draw (SplitMix64 over a counter).
-    fn draw(&self) -> u64 {
+    /// A pseudo-random draw for weighted choices (a SplitMix64 sequence).
+    pub fn draw(&self) -> u64 {
         let mut z = self
             .draws
             .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
@@ -433,6 +435,43 @@ pub struct ServiceMetrics {
     pub failover_level: Family<ServiceLabels, Gauge>,
     /// Peer gateways found silent (new connections skip them until they show life).
     pub peers_suspected: Family<ClusterLabels, Counter>,
+    /// Requests of `http` and `grpc` ports, `meshup_http_*` (outbound/http.rs).
+    pub http: HttpMetrics,
+}
+
+/// [`PairLabels`], the route rule, the method class and the status code of one request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: Label,
+    pub source_cluster: Label,
+    /// `none` when no cluster answered.
+    pub destination_cluster: Label,
+    /// The rule that matched (`none`: the failover policy decided).
+    pub route: Label,
+    /// `read` (GET, HEAD, OPTIONS), `write` (the other methods), `upgrade`.
+    pub method: &'static str,
+    /// The status the client got.
+    pub code: u16,
+}
+
+/// Per-request metrics of the HTTP path.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time until the response headers, by source and destination cluster.
+    pub duration: Family<PairLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                // 0.25 ms .. 8 s.
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+            }),
+        }
+    }
 }
 
 impl ServiceMetrics {
@@ -484,6 +523,17 @@ impl ServiceMetrics {
             "peers_suspected",
             "Peer gateways found silent by the answer wait or a failed dial",
             m.peers_suspected.clone(),
+        );
+        let r = registry.sub_registry_with_prefix("http");
+        r.register(
+            "requests",
+            "Requests of http and grpc ports, by destination cluster, route rule, method class and status code",
+            m.http.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to its response headers, by destination cluster",
+            m.http.duration.clone(),
         );
         m
     }

@@ -83,6 +83,7 @@ pub fn export_config(service: &str, port: u16, endpoints: Vec<SocketAddr>) -> Ex
             name: "tcp".into(),
             port,
             protocol: Protocol::Tcp,
+            app_protocol: Default::default(),
         }],
         endpoints,
         allowed_callers: vec![],

@@ -1,0 +1,858 @@
+//! The HTTP path: `http` and `grpc` ports are routed per request (docs/http-routing.md).
+//!
+//! - The client's connection is served by hyper (HTTP/1.1, or h2c with prior knowledge,
+//!   told apart by the connection preface), with limits on what the client controls.
+//! - Each request is decided on its own: the service's route rules ([`CompiledRoutes`]) pick
+//!   the first matching rule and draw a destination by weight; no rule, or a destination
+//!   naming the policy, takes the failover decision's order, as a TCP connection does.
+//! - Each try is one tunnel stream (the same header, status and pool as a TCP connection),
+//!   carrying one HTTP/1.1 exchange, or one h2 connection for an h2 or gRPC request; the
+//!   serving gateway splices it to an endpoint. A local endpoint gets its own connection.
+//! - A request is tried again elsewhere while nothing of it can have reached a backend (the
+//!   stream was refused, the peer did not answer), and after a retryable status, a reset or a
+//!   per-try timeout only when it can be sent again whole: an idempotent method with no body.
+//! - Which clusters, in which order, and whether to try again are pure functions below.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshup_core::model::AppProtocol;
+use meshup_core::names::ClusterName;
+use meshup_core::routes::{CompiledRule, HeaderEdits, HttpRetry, RequestView};
+use meshup_core::tunnel::RequestHeader;
+use tokio::net::TcpStream;
+
+use super::route::Target;
+use super::steer::{Plan, RequestLabels};
+use super::{Attempt, Connected, Early, Shared, attempt_remote, connect_local, prepared};
+use crate::outbound::Route;
+use crate::tunnel::metrics::Label;
+
+/// Longest request line and header block of an HTTP/1.1 request (hyper's read buffer):
+/// more gets `431`/`414` and the connection closed.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Longest wait for a request's headers on an HTTP/1.1 connection (slow-loris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most concurrent requests on one h2 connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Longest a request waits for its response headers when its rule sets no timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+type RespBody = BoxBody<Bytes, hyper::Error>;
+type ReqBody = BoxBody<Bytes, hyper::Error>;
+
+/// Serves one client connection of an `http` or `grpc` port until it closes.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    route: Arc<Route>,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let route = route.clone();
+        async move { Ok::<_, Infallible>(handle(shared, route, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES)
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_pending_accept_reset_streams(64);
+    if let Err(e) = builder
+        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+        .await
+    {
+        tracing::debug!(%client, error = %e, "http connection ended with an error");
+    }
+}
+
+/// Which HTTP a try speaks over its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Http1,
+    H2,
+}
+
+/// One request, end to end: decide, try, answer.
+async fn handle(
+    shared: Arc<Shared>,
+    route: Arc<Route>,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let started = Instant::now();
+    let snapshot = shared.snapshots.borrow().clone();
+    let app = super::app_protocol(&snapshot, &route);
+    let routes = snapshot.routes(&route.service).cloned();
+    let (mut parts, body) = req.into_parts();
+    let rule = routes.as_deref().and_then(|r| {
+        let header = |name: &str| -> Vec<&str> {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        };
+        r.matching(&RequestView {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            header: &header,
+        })
+    });
+    let steering = &shared.steering;
+    let plan = steering.plan(&route.service, prepared(&shared, &route));
+    let policy_order: Vec<ClusterName> = plan.targets().map(|(c, _)| c.clone()).collect();
+    let order = request_order(
+        rule.map(|r| r.order(steering.draw())).as_deref(),
+        &policy_order,
+        &plan.prepared.serving.targets,
+    );
+    let retry = rule.map_or_else(
+        || HttpRetry {
+            attempts: plan
+                .decision
+                .max_attempts
+                .clamp(1, meshup_core::routes::MAX_ATTEMPTS),
+            ..HttpRetry::default()
+        },
+        |r| r.retry.clone(),
+    );
+    let upgrade = parts
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .filter(|_| is_upgrade(&parts.headers));
+    let wire = if app == AppProtocol::Grpc || parts.version == Version::HTTP_2 {
+        Wire::H2
+    } else {
+        Wire::Http1
+    };
+    clean_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    if let Some(r) = rule {
+        apply_edits(&mut parts.headers, &r.request_headers);
+    }
+    let replayable = upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream();
+    let method_class = match (&upgrade, &parts.method) {
+        (Some(_), _) => "upgrade",
+        (None, &Method::GET | &Method::HEAD | &Method::OPTIONS) => "read",
+        _ => "write",
+    };
+    let route_label = rule.map_or(Label::Static("none"), |r| {
+        Label::Text(r.name.as_str().into())
+    });
+    let deadline = started + rule.and_then(|r| r.timeout).unwrap_or(DEFAULT_TIMEOUT);
+    let request = Outgoing {
+        method: parts.method,
+        uri: parts.uri,
+        headers: parts.headers,
+        wire,
+    };
+
+    let mut body = Some(body.boxed());
+    let mut attempts = 0u32;
+    let mut failure = Answer::NoRoute;
+    let sm = &steering.metrics;
+    let labels = plan.prepared.labels();
+    for (i, cluster) in order.iter().enumerate() {
+        if attempts == retry.attempts {
+            break;
+        }
+        let Some(target) = plan.prepared.serving.targets.get(cluster) else {
+            continue;
+        };
+        {
+            let mut st = steering.lock();
+            if attempts > 0
+                && !st
+                    .health
+                    .take_retry(&route.service, &plan.policy().retry, Instant::now())
+            {
+                sm.retry_budget_exhausted.get_or_create(labels).inc();
+                break;
+            }
+            if st
+                .health
+                .try_start(&route.service, cluster, &plan.policy().circuit)
+                .is_err()
+            {
+                drop(st);
+                sm.circuit_open
+                    .get_or_create(&labels.to(Label::from(cluster)))
+                    .inc();
+                continue;
+            }
+        }
+        if attempts > 0 {
+            sm.retries
+                .get_or_create(&labels.to(Label::from(cluster)))
+                .inc();
+        }
+        attempts += 1;
+        let more_after = i + 1 < order.len() && attempts < retry.attempts;
+        let now = Instant::now();
+        let try_deadline = retry
+            .per_try_timeout
+            .map_or(deadline, |t| (now + t).min(deadline));
+        let tried = tokio::time::timeout_at(
+            try_deadline.into(),
+            try_once(
+                &shared, &route, cluster, target, &request, &mut body, more_after,
+            ),
+        )
+        .await
+        .unwrap_or(Err(TryFailed {
+            answer: Answer::Timeout,
+            cluster_failed: true,
+            sent: true,
+        }));
+        let outcome: Result<(), TryFailed> = match tried {
+            Ok(resp) => {
+                let status = resp.status();
+                let again = status_retried(status, &retry, replayable) && more_after;
+                let ok = !status.is_server_error();
+                steering
+                    .lock()
+                    .health
+                    .attempt_finished(&route.service, cluster, ok);
+                steering
+                    .lock()
+                    .health
+                    .connection_ended(&route.service, cluster);
+                steering.record(&route.service, cluster, &plan, ok);
+                if !again {
+                    let mut resp = resp;
+                    finish_response(&mut resp, rule, upgrade, status);
+                    count(
+                        sm,
+                        &plan,
+                        cluster,
+                        &route_label,
+                        method_class,
+                        resp.status(),
+                        started,
+                    );
+                    return resp.map(|b| b.boxed());
+                }
+                sm.attempt_failures
+                    .get_or_create(&labels.result(Label::from(cluster), "retried_status"))
+                    .inc();
+                Err(TryFailed {
+                    answer: Answer::Status(status),
+                    cluster_failed: true,
+                    sent: true,
+                })
+            }
+            Err(f) => {
+                steering
+                    .lock()
+                    .health
+                    .attempt_finished(&route.service, cluster, false);
+                steering
+                    .lock()
+                    .health
+                    .connection_ended(&route.service, cluster);
+                if f.cluster_failed {
+                    steering.record(&route.service, cluster, &plan, false);
+                }
+                sm.attempt_failures
+                    .get_or_create(&labels.result(Label::from(cluster), f.answer.reason()))
+                    .inc();
+                Err(f)
+            }
+        };
+        if let Err(f) = outcome {
+            let stop = f.sent && !replayable;
+            failure = f.answer;
+            if stop || Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+    let resp = failure.response();
+    sm.http
+        .requests
+        .get_or_create(&RequestLabels {
+            service: labels.service.clone(),
+            source_cluster: labels.source_cluster.clone(),
+            destination_cluster: Label::Static("none"),
+            route: route_label,
+            method: method_class,
+            code: resp.status().as_u16(),
+        })
+        .inc();
+    resp
+}
+
+/// Counts a request a cluster answered.
+fn count(
+    sm: &super::ServiceMetrics,
+    plan: &Plan,
+    cluster: &ClusterName,
+    route: &Label,
+    method: &'static str,
+    code: StatusCode,
+    started: Instant,
+) {
+    let labels = plan.prepared.labels();
+    sm.http
+        .requests
+        .get_or_create(&RequestLabels {
+            service: labels.service.clone(),
+            source_cluster: labels.source_cluster.clone(),
+            destination_cluster: Label::from(cluster),
+            route: route.clone(),
+            method,
+            code: code.as_u16(),
+        })
+        .inc();
+    sm.http
+        .duration
+        .get_or_create(&labels.to(Label::from(cluster)))
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// What is sent on each try: the request without its body (which is taken once).
+struct Outgoing {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    wire: Wire,
+}
+
+impl Outgoing {
+    /// The request of one try. The body goes with the first try only; a retried request
+    /// (replayable: it had none) is sent again with an empty body.
+    fn build(&self, body: Option<ReqBody>) -> Request<ReqBody> {
+        let mut uri = self.uri.clone();
+        let version = match self.wire {
+            Wire::Http1 => {
+                // Origin form on an HTTP/1.1 stream; the Host header says the authority.
+                if let Some(pq) = uri.path_and_query()
+                    && uri.authority().is_some()
+                {
+                    uri = Uri::from(pq.clone());
+                }
+                Version::HTTP_11
+            }
+            Wire::H2 => {
+                // h2 needs the scheme and authority (`:scheme`, `:authority`).
+                if uri.authority().is_none() {
+                    let authority = self
+                        .headers
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("localhost")
+                        .to_owned();
+                    let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+                    uri = Uri::builder()
+                        .scheme("http")
+                        .authority(authority)
+                        .path_and_query(pq)
+                        .build()
+                        .unwrap_or(uri);
+                }
+                Version::HTTP_2
+            }
+        };
+        let mut req = Request::new(body.unwrap_or_else(|| {
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed()
+        }));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = self.headers.clone();
+        if self.wire == Wire::H2 {
+            req.headers_mut().remove(header::HOST);
+        }
+        req
+    }
+}
+
+/// Why a try failed, and what the client gets if it was the last.
+#[derive(Debug)]
+struct TryFailed {
+    answer: Answer,
+    /// Whether the failure says the cluster cannot serve (outlier detection).
+    cluster_failed: bool,
+    /// Whether any of the request may have reached a backend.
+    sent: bool,
+}
+
+/// The client's answer when no try succeeded.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// No cluster can serve the request.
+    NoRoute,
+    /// No gateway or endpoint of the clusters tried took the request.
+    Unreachable,
+    /// A try was sent and lost (reset, broken stream).
+    Lost,
+    /// The request's time ran out.
+    Timeout,
+    /// The last try's retryable status (it was retried, and nothing better came).
+    Status(StatusCode),
+}
+
+impl Answer {
+    fn reason(self) -> &'static str {
+        match self {
+            Answer::NoRoute => "no_route",
+            Answer::Unreachable => "unreachable",
+            Answer::Lost => "reset",
+            Answer::Timeout => "timeout",
+            Answer::Status(_) => "retried_status",
+        }
+    }
+
+    fn response(self) -> Response<RespBody> {
+        let (status, text) = match self {
+            Answer::NoRoute => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "meshup: no cluster can serve this request\n",
+            ),
+            Answer::Unreachable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "meshup: no cluster tried took the request\n",
+            ),
+            Answer::Lost => (
+                StatusCode::BAD_GATEWAY,
+                "meshup: the request was lost on its way to the service\n",
+            ),
+            Answer::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "meshup: the service did not answer in time\n",
+            ),
+            Answer::Status(s) => (s, "meshup: every cluster tried answered this status\n"),
+        };
+        let mut resp = Response::new(
+            Full::new(Bytes::from_static(text.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+/// One try at one cluster: a stream (or a local connection), an HTTP client on it, the
+/// request, its response headers.
+async fn try_once(
+    shared: &Shared,
+    route: &Route,
+    cluster: &ClusterName,
+    target: &Target,
+    request: &Outgoing,
+    body: &mut Option<ReqBody>,
+    more_after: bool,
+) -> Result<Response<Incoming>, TryFailed> {
+    let unreachable = |cluster_failed| TryFailed {
+        answer: Answer::Unreachable,
+        cluster_failed,
+        sent: false,
+    };
+    let sender = match target {
+        Target::Local(eps) => {
+            let tcp = connect_local(shared, eps)
+                .await
+                .map_err(|_| unreachable(true))?;
+            handshake(TokioIo::new(tcp), request.wire, ())
+                .await
+                .map_err(|_| unreachable(true))?
+        }
+        Target::Remote { gateways } => {
+            let header = RequestHeader {
+                request_id: shared.next_request_id.fetch_add(1, Ordering::Relaxed),
+                service: route.service.clone(),
+                port: route.port,
+                caller: shared.local.clone(),
+            };
+            let mut early = Early::default();
+            match attempt_remote(
+                shared, cluster, gateways, &header, None, &mut early, more_after,
+            )
+            .await
+            {
+                Attempt::Connected(Connected::Remote {
+                    send,
+                    recv,
+                    _open,
+                    _in_use,
+                    ..
+                }) => handshake(
+                    TokioIo::new(tokio::io::join(recv, send)),
+                    request.wire,
+                    (_open, _in_use),
+                )
+                .await
+                .map_err(|_| TryFailed {
+                    answer: Answer::Lost,
+                    cluster_failed: true,
+                    sent: false,
+                })?,
+                Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
+                Attempt::Failed { cluster_failed, .. } => return Err(unreachable(cluster_failed)),
+            }
+        }
+    };
+    let req = request.build(body.take());
+    sender.send(req).await.map_err(|(failed, unsent)| {
+        // Never written: the body goes back for the next try.
+        if let Some(req) = unsent {
+            *body = Some(req.into_body());
+        }
+        failed
+    })
+}
+
+/// An HTTP client on one try's connection.
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<ReqBody>),
+    H2(hyper::client::conn::http2::SendRequest<ReqBody>),
+}
+
+impl Sender {
+    /// Sends the request; on failure, the request itself if hyper never wrote it.
+    async fn send(
+        self,
+        req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, (TryFailed, Option<Request<ReqBody>>)> {
+        let result = match self {
+            Sender::Http1(mut s) => s.try_send_request(req).await,
+            Sender::H2(mut s) => s.try_send_request(req).await,
+        };
+        result.map_err(|mut e| {
+            let unsent = e.take_message();
+            let failed = TryFailed {
+                sent: unsent.is_none(),
+                answer: Answer::Lost,
+                cluster_failed: true,
+            };
+            (failed, unsent)
+        })
+    }
+}
+
+/// Starts an HTTP client on `io`; its connection task keeps `guards` (the stream's counts)
+/// until the exchange ends.
+async fn handshake<I, G>(io: TokioIo<I>, wire: Wire, guards: G) -> hyper::Result<Sender>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    G: Send + 'static,
+{
+    match wire {
+        Wire::Http1 => {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(async move {
+                let _guards = guards;
+                let _ = conn.with_upgrades().await;
+            });
+            Ok(Sender::Http1(sender))
+        }
+        Wire::H2 => {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                let _guards = guards;
+                let _ = conn.await;
+            });
+            Ok(Sender::H2(sender))
+        }
+    }
+}
+
+/// The response the client gets: hop-by-hop headers out, the rule's edits in, and an
+/// accepted upgrade joined to the client's connection.
+fn finish_response(
+    resp: &mut Response<Incoming>,
+    rule: Option<&CompiledRule>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    status: StatusCode,
+) {
+    let upgraded = status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some();
+    clean_hop_by_hop(resp.headers_mut(), upgraded);
+    if let Some(r) = rule {
+        apply_edits(resp.headers_mut(), &r.response_headers);
+    }
+    if let (true, Some(client)) = (upgraded, upgrade) {
+        let server = hyper::upgrade::on(&mut *resp);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(server)) = (client.await, server.await) else {
+                return;
+            };
+            let _ =
+                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(server))
+                    .await;
+        });
+    }
+}
+
+// === pure parts ===
+
+/// The clusters a request tries, in order: the rule's destinations as drawn (`None`, the
+/// policy, stands for the failover decision's order), else the decision's order; each
+/// cluster once, only clusters that can serve the service.
+fn request_order(
+    rule_order: Option<&[Option<&ClusterName>]>,
+    policy_order: &[ClusterName],
+    serving: &BTreeMap<ClusterName, Target>,
+) -> Vec<ClusterName> {
+    let mut out: Vec<ClusterName> = Vec::new();
+    let mut push = |c: &ClusterName| {
+        if serving.contains_key(c) && !out.contains(c) {
+            out.push(c.clone());
+        }
+    };
+    match rule_order {
+        None => policy_order.iter().for_each(&mut push),
+        Some(destinations) => {
+            for d in destinations {
+                match d {
+                    Some(c) => push(c),
+                    None => policy_order.iter().for_each(&mut push),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a response with `status` is tried again elsewhere: a status the retry policy
+/// names, for a request that can be sent again whole.
+fn status_retried(status: StatusCode, retry: &HttpRetry, replayable: bool) -> bool {
+    replayable && retry.on_status.contains(&status.as_u16())
+}
+
+/// RFC 9110 §9.2.2.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the headers of one connection (RFC 9110 §7.6.1): `Connection` and every header
+/// it names, and the fixed hop-by-hop ones. `TE: trailers` stays (gRPC needs it); an
+/// upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn clean_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+    ] {
+        headers.remove(n);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Applies a rule's edits: remove, then set, then add. The record was checked, so every
+/// name and value is valid; one that is not would be skipped.
+fn apply_edits(headers: &mut HeaderMap, edits: &HeaderEdits) {
+    for n in &edits.remove {
+        headers.remove(n.as_str());
+    }
+    let parse = |n: &String, v: &String| {
+        Some((
+            HeaderName::from_bytes(n.as_bytes()).ok()?,
+            HeaderValue::from_str(v).ok()?,
+        ))
+    };
+    for (n, v) in edits.set.iter().filter_map(|(n, v)| parse(n, v)) {
+        headers.insert(n, v);
+    }
+    for (n, v) in edits.add.iter().filter_map(|(n, v)| parse(n, v)) {
+        headers.append(n, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(name: &str) -> ClusterName {
+        ClusterName::new(name).expect("name")
+    }
+
+    fn serving(names: &[&str]) -> BTreeMap<ClusterName, Target> {
+        names
+            .iter()
+            .map(|n| (c(n), Target::Remote { gateways: vec![] }))
+            .collect()
+    }
+
+    #[test]
+    fn a_request_tries_the_rules_destinations_then_the_policy_each_cluster_once() {
+        let (west, north, south) = (c("west"), c("north"), c("south"));
+        let policy = vec![north.clone(), west.clone()];
+        let all = serving(&["west", "north"]);
+        type Drawn<'a> = Option<Vec<Option<&'a ClusterName>>>;
+        let cases: Vec<(Drawn, Vec<&ClusterName>)> = vec![
+            (None, vec![&north, &west]),
+            (Some(vec![None]), vec![&north, &west]),
+            (Some(vec![Some(&west)]), vec![&west]),
+            (Some(vec![Some(&west), Some(&north)]), vec![&west, &north]),
+            (Some(vec![Some(&west), None]), vec![&west, &north]),
+            (Some(vec![None, Some(&west)]), vec![&north, &west]),
+            // A destination that does not export the service is left out.
+            (Some(vec![Some(&south)]), vec![]),
+            (Some(vec![Some(&south), None]), vec![&north, &west]),
+        ];
+        for (rule, want) in cases {
+            let got = request_order(rule.as_deref(), &policy, &all);
+            let want: Vec<ClusterName> = want.into_iter().cloned().collect();
+            assert_eq!(got, want, "{rule:?}");
+        }
+        let only_west = serving(&["west"]);
+        assert_eq!(request_order(None, &policy, &only_west), vec![west.clone()]);
+    }
+
+    #[test]
+    fn only_a_whole_idempotent_request_is_retried_after_a_status() {
+        let retry = HttpRetry::default();
+        let cases = [
+            (503, true, true),
+            (503, false, false),
+            (502, true, false),
+            (500, true, false),
+            (200, true, false),
+        ];
+        for (status, replayable, want) in cases {
+            let s = StatusCode::from_u16(status).expect("status");
+            assert_eq!(
+                status_retried(s, &retry, replayable),
+                want,
+                "{status} {replayable}"
+            );
+        }
+        let on_502 = HttpRetry {
+            on_status: vec![502, 503],
+            ..HttpRetry::default()
+        };
+        assert!(status_retried(StatusCode::BAD_GATEWAY, &on_502, true));
+        for (m, want) in [
+            (Method::GET, true),
+            (Method::PUT, true),
+            (Method::DELETE, true),
+            (Method::POST, false),
+            (Method::PATCH, false),
+        ] {
+            assert_eq!(is_idempotent(&m), want, "{m}");
+        }
+    }
+
+    #[test]
+    fn connection_headers_stay_on_their_connection() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-end", "2"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        ] {
+            h.append(n, HeaderValue::from_static(v));
+        }
+        let mut plain = h.clone();
+        clean_hop_by_hop(&mut plain, false);
+        let mut names: Vec<&str> = plain.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "traceparent", "x-end"]);
+        assert!(!is_upgrade(&h), "keep-alive, x-hop is not an upgrade");
+
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        assert!(is_upgrade(&h));
+        clean_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            h.get("connection").map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+        assert!(h.get("transfer-encoding").is_none());
+    }
+
+    #[test]
+    fn edits_remove_then_set_then_add() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("old"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        let edits = HeaderEdits {
+            set: [("x-a".to_owned(), "new".to_owned())].into(),
+            add: [("x-a".to_owned(), "more".to_owned())].into(),
+            remove: vec!["x-gone".to_owned()],
+        };
+        apply_edits(&mut h, &edits);
+        let a: Vec<&[u8]> = h.get_all("x-a").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(a, [&b"new"[..], &b"more"[..]]);
+        assert!(h.get("x-gone").is_none());
+    }
+}

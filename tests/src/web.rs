@@ -1,0 +1,219 @@
+//! Backends and clients of the HTTP routing tests (tests/tests/http_routing.rs).
+//!
+//! [`WebBackend`] serves HTTP/1.1 and h2c (prior knowledge) on a loopback port and names its
+//! cluster in every answer, so a test knows which cluster served each request:
+//! - any path: `200`, body `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v>`;
+//! - `/slow`: the same after 2 s;
+//! - an `Upgrade: websocket` request: `101`, then every byte echoed on the connection;
+//! - [`WebBackend::fail_with`] makes every request (or only those of one method) answer a
+//!   status instead.
+//!
+//! It counts the requests it answered, by method. [`GrpcBackend`] is a tonic gRPC server with
+//! the standard health service, reporting one service named after its cluster as serving.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Default)]
+struct State {
+    /// Requests answered, by method.
+    answered: BTreeMap<String, u64>,
+    /// (method or `None` for every method, status) to answer instead.
+    fail: Option<(Option<String>, u16)>,
+}
+
+/// An HTTP backend naming its cluster; serves until dropped.
+#[derive(Debug)]
+pub struct WebBackend {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl WebBackend {
+    pub async fn start(cluster: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let cluster: Arc<str> = cluster.into();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let (st, cluster) = (st.clone(), cluster.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let (st, cluster) = (st.clone(), cluster.clone());
+                        async move { Ok::<_, Infallible>(answer(&st, &cluster, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Requests answered so far with `method` (`None`: every method).
+    pub fn answered(&self, method: Option<&str>) -> u64 {
+        let st = self.state.lock().expect("backend state");
+        match method {
+            Some(m) => st.answered.get(m).copied().unwrap_or(0),
+            None => st.answered.values().sum(),
+        }
+    }
+
+    /// From now on, answer `status` to every request (`method` `None`) or to that method's;
+    /// `None` status: answer normally again.
+    pub fn fail_with(&self, method: Option<&str>, status: Option<u16>) {
+        self.state.lock().expect("backend state").fail =
+            status.map(|s| (method.map(str::to_owned), s));
+    }
+}
+
+impl Drop for WebBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(
+    st: &Mutex<State>,
+    cluster: &str,
+    mut req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_owned();
+    let fail = {
+        let mut st = st.lock().expect("backend state");
+        *st.answered.entry(method.clone()).or_default() += 1;
+        st.fail
+            .clone()
+            .filter(|(m, _)| m.as_deref().is_none_or(|m| m == method))
+            .map(|(_, s)| s)
+    };
+    let text = format!(
+        "cluster={cluster} method={method} path={} tag={} version={:?}\n",
+        req.uri().path(),
+        req.headers()
+            .get("x-route-tag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
+        req.version(),
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut()
+        .insert("x-served-by", cluster.parse().expect("header value"));
+    if let Some(status) = fail {
+        *resp.status_mut() = StatusCode::from_u16(status).expect("status");
+        return resp;
+    }
+    if req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "websocket")
+    {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(up) = on.await else { return };
+            let mut io = TokioIo::new(up);
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = io.read(&mut buf).await {
+                if io.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("upgrade", "websocket".parse().expect("value"));
+        resp.headers_mut()
+            .insert("connection", "upgrade".parse().expect("value"));
+        return resp;
+    }
+    if req.uri().path() == "/slow" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    resp
+}
+
+/// A gRPC server with the standard health service (`grpc.health.v1.Health`): the service
+/// named `cluster` is SERVING, every other name is unknown (NOT_FOUND, in trailers).
+#[derive(Debug)]
+pub struct GrpcBackend {
+    addr: SocketAddr,
+    reporter: tonic_health::server::HealthReporter,
+    task: JoinHandle<()>,
+}
+
+impl GrpcBackend {
+    pub async fn start(cluster: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status(cluster, tonic_health::ServingStatus::Serving)
+            .await;
+        let incoming = tokio_stream_incoming(listener);
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Ok(Self {
+            addr,
+            reporter,
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets the status of the service named `name`.
+    pub async fn set(&self, name: &str, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(name, status).await;
+    }
+}
+
+impl Drop for GrpcBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The accepted connections of `listener` as the stream tonic serves.
+fn tokio_stream_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}

@@ -1,0 +1,342 @@
+//! Per-request routing of `http` and `grpc` ports across clusters, with real clients (curl,
+//! a tonic gRPC client) and real gateway processes on one etcd: east is the client side,
+//! west and north export `echo.prod` port 7000 with a backend that names its cluster. The
+//! failover policy is `levels: [[west], [north]]`; route rules are written with `etcdctl put`
+//! (docs/http-routing.md).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use meshup_tests::eventually_ok;
+use meshup_tests::failover::{Federation, Options};
+use meshup_tests::gateways::path_str;
+use meshup_tests::web::{GrpcBackend, WebBackend};
+
+/// One curl run: (exit code, stdout). `-s`, no proxy from the environment.
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--noproxy", "*", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl runs (.ci/packages: curl)");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The cluster a backend answer names (`cluster=<name> …`).
+fn cluster_of(body: &str) -> Option<&str> {
+    body.lines()
+        .find_map(|l| l.strip_prefix("cluster="))
+        .and_then(|rest| rest.split_whitespace().next())
+}
+
+/// GETs `path` through east with extra headers: (status, cluster that answered or `-`).
+fn get(vip: SocketAddr, path: &str, headers: &[&str]) -> (u16, String, String) {
+    let url = format!("http://{vip}{path}");
+    let mut args: Vec<&str> = vec!["-w", "\n%{http_code}"];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let (_, out) = curl(&args);
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        cluster_of(body).unwrap_or("-").to_owned(),
+        body.to_owned(),
+    )
+}
+
+async fn federation(
+    prefix: &str,
+    octet: u8,
+    backends: [SocketAddr; 2],
+    app: &str,
+) -> anyhow::Result<Federation> {
+    Federation::start(Options {
+        prefix,
+        vip_octet: octet,
+        backends: Some(backends),
+        app_protocol: Some(app),
+        // Outlier detection's first ejection outlasts the test.
+        base_ejection: Some(Duration::from_secs(120)),
+        ..Options::default()
+    })
+    .await
+}
+
+const RULES: &str = r#"{"schema": 1, "rules": [
+    {"name": "canary", "match": [{"headers": [{"name": "x-canary", "exact": "1"}]}],
+     "destinations": [{"cluster": "north"}],
+     "request_headers": {"set": {"x-route-tag": "canary"}},
+     "response_headers": {"add": {"x-route": "canary"}}},
+    {"name": "api", "match": [{"path": {"prefix": "/api"}}], "destinations": [{"cluster": "north"}]},
+    {"name": "slow", "match": [{"path": {"exact": "/slow"}}], "timeout": "500ms",
+     "retry": {"attempts": 1}},
+    {"name": "split", "match": [{"path": {"prefix": "/split"}}],
+     "destinations": [{"cluster": "west", "weight": 90}, {"cluster": "north", "weight": 10}]}
+]}"#;
+
+/// Rules by path prefix and header, header edits both ways, a 90/10 split over one
+/// keep-alive connection, h2c, a WebSocket upgrade and a timeout, across two clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let fed = federation("/http-rules", 101, [west.addr(), north.addr()], "http").await?;
+    let vip = fed.vip;
+
+    // No rule yet: the policy sends everything to west, over HTTP (the gateway parses it).
+    let (code, cluster, body) = get(vip, "/api/pay", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "west"), "{body}");
+
+    fed.write_routes(RULES)?;
+    eventually_ok(
+        "east applies the rules",
+        Duration::from_secs(10),
+        || async {
+            let (code, cluster, _) = get(vip, "/api/pay", &[]);
+            anyhow::ensure!(
+                (code, cluster.as_str()) == (200, "north"),
+                "{code} {cluster}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    // Path prefix by whole segments, header match, the rest to the policy.
+    for (path, headers, want) in [
+        ("/api", &[][..], "north"),
+        ("/api/v1/x", &[][..], "north"),
+        ("/apix", &[][..], "west"),
+        ("/other", &["x-canary: 1"][..], "north"),
+        ("/other", &["x-canary: 0"][..], "west"),
+        ("/", &[][..], "west"),
+    ] {
+        let (code, cluster, body) = get(vip, path, headers);
+        assert_eq!(
+            (code, cluster.as_str()),
+            (200, want),
+            "{path} {headers:?}: {body}"
+        );
+    }
+
+    // Header edits: the backend sees the request's tag, the client the response's header.
+    let (_, out) = curl(&["-i", "-H", "x-canary: 1", &format!("http://{vip}/x")]);
+    assert!(out.contains("tag=canary"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-route: canary"),
+        "{out}"
+    );
+    assert!(
+        out.to_ascii_lowercase().contains("x-served-by: north"),
+        "{out}"
+    );
+
+    // 90/10 over 2,000 requests on ONE keep-alive connection.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("urls");
+    let urls: String = (0..2000)
+        .map(|i| format!("url = \"http://{vip}/split/{i}\"\n"))
+        .collect();
+    std::fs::write(&config, urls)?;
+    let (code, out) = curl(&["-K", path_str(&config), "-w", "connects=%{num_connects}\n"]);
+    assert_eq!(code, 0, "curl: {out}");
+    let mut by_cluster: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in out.lines().filter_map(|l| l.strip_prefix("cluster=")) {
+        *by_cluster
+            .entry(c.split_whitespace().next().unwrap_or("-"))
+            .or_default() += 1;
+    }
+    let connects: usize = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects="))
+        .map(|n| n.parse::<usize>().unwrap_or(99))
+        .sum();
+    assert_eq!(connects, 1, "all 2,000 requests on one connection");
+    let west_n = by_cluster.get("west").copied().unwrap_or(0);
+    let north_n = by_cluster.get("north").copied().unwrap_or(0);
+    assert_eq!(west_n + north_n, 2000, "{by_cluster:?}");
+    let west_pct = west_n as f64 / 20.0;
+    println!("90/10 split over one connection: west {west_n}, north {north_n} ({west_pct:.1} %)");
+    assert!(
+        (87.0..=93.0).contains(&west_pct),
+        "west {west_pct} % (want 90 ± 3)"
+    );
+
+    // h2c with prior knowledge: routed per request the same way, h2 to the backend.
+    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/api/h2")]);
+    assert_eq!(cluster_of(&out), Some("north"), "{out}");
+    assert!(out.contains("version=HTTP/2.0"), "{out}");
+    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/h2")]);
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+
+    // A WebSocket upgrade passes through as a tunnel: bytes echoed after the 101.
+    websocket_echo(vip).await?;
+
+    // The rule's timeout: the backend answers /slow after 2 s; the client gets 504 at 0.5 s.
+    let started = std::time::Instant::now();
+    let (code, _, _) = get(vip, "/slow", &[]);
+    let took = started.elapsed();
+    assert_eq!(code, 504);
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    // Counted by destination, route and code.
+    let series = fed.east.metric_sum(
+        "meshup_http_requests_total",
+        &[
+            "route=\"split\"",
+            "destination_cluster=\"west\"",
+            "code=\"200\"",
+        ],
+    )?;
+    assert_eq!(series as usize, west_n);
+    Ok(())
+}
+
+/// Sends an upgrade request by hand, then bytes that must come back.
+async fn websocket_echo(vip: SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(vip).await?;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: echo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(s.read(&mut b).await? == 1, "closed before the 101");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    anyhow::ensure!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in [&b"hello through the tunnel"[..], &[0u8, 1, 2, 255][..]] {
+        s.write_all(msg).await?;
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
+        assert_eq!(back, msg);
+    }
+    Ok(())
+}
+
+/// A cluster answering 503 is retried elsewhere and ejected; a POST is never retried once
+/// sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_cluster_is_retried_around_and_ejected_and_a_post_is_never_repeated()
+-> anyhow::Result<()> {
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let fed = federation("/http-retry", 102, [west.addr(), north.addr()], "http").await?;
+    let vip = fed.vip;
+    let (code, cluster, _) = get(vip, "/", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "west"));
+
+    // A POST with a body that west answers 503: the client gets west's 503, north never
+    // sees it (it may have changed state at west).
+    west.fail_with(Some("POST"), Some(503));
+    let (north_before, west_before) = (north.answered(Some("POST")), west.answered(Some("POST")));
+    let (_, out) = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        "pay=1",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{vip}/pay"),
+    ]);
+    assert!(out.ends_with("503"), "{out}");
+    assert_eq!(west.answered(Some("POST")) - west_before, 1);
+    assert_eq!(
+        north.answered(Some("POST")) - north_before,
+        0,
+        "a sent POST is not retried"
+    );
+
+    // Every GET at west answers 503: each is retried at north (the client sees 200), and
+    // within a handful of requests west is ejected: it sees no more.
+    west.fail_with(None, Some(503));
+    let west_before = west.answered(Some("GET"));
+    for i in 0..40 {
+        let (code, cluster, body) = get(vip, &format!("/get/{i}"), &[]);
+        assert_eq!(
+            (code, cluster.as_str()),
+            (200, "north"),
+            "request {i}: {body}"
+        );
+    }
+    let west_saw = west.answered(Some("GET")) - west_before;
+    println!("west answered {west_saw} of 40 GETs with 503 before it was ejected");
+    assert!((1..=6).contains(&west_saw), "west saw {west_saw} GETs");
+    let ejections = fed.east.metric_sum(
+        "meshup_service_ejections_total",
+        &["destination_cluster=\"west\""],
+    )?;
+    assert!(ejections >= 1.0, "ejections {ejections}");
+    Ok(())
+}
+
+/// A gRPC unary call and a server stream with trailers across clusters, routed by metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_and_streams_cross_clusters_with_their_trailers() -> anyhow::Result<()> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let west = GrpcBackend::start("west").await?;
+    let north = GrpcBackend::start("north").await?;
+    let fed = federation("/http-grpc", 103, [west.addr(), north.addr()], "grpc").await?;
+    fed.write_routes(
+        r#"{"schema": 1, "rules": [{"name": "to-north",
+            "match": [{"headers": [{"name": "x-cluster", "exact": "north"}]}],
+            "destinations": [{"cluster": "north"}]}]}"#,
+    )?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", fed.vip))?
+        .connect()
+        .await?;
+    let mut client = HealthClient::new(channel);
+    let check = |service: &str, to_north: bool| {
+        let mut req = tonic::Request::new(HealthCheckRequest {
+            service: service.into(),
+        });
+        if to_north {
+            req.metadata_mut()
+                .insert("x-cluster", "north".parse().expect("value"));
+        }
+        req
+    };
+    // The policy's west serves "west"; "north" is unknown there: NOT_FOUND comes in the
+    // trailers (grpc-status), through both gateways.
+    let ok = client.check(check("west", false)).await?.into_inner();
+    assert_eq!(ok.status, ServingStatus::Serving as i32);
+    let err = client
+        .check(check("north", false))
+        .await
+        .expect_err("unknown at west");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    eventually_ok("east applies the rules", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let ok = client.check(check("north", true)).await?.into_inner();
+            anyhow::ensure!(ok.status == ServingStatus::Serving as i32);
+            Ok(())
+        }
+    })
+    .await;
+
+    // A server stream on one request, across clusters: updates arrive as they happen.
+    let mut stream = client.watch(check("north", true)).await?.into_inner();
+    let first = stream.message().await?.expect("first update");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    north.set("north", false).await;
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await??
+        .expect("second update");
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    Ok(())
+}
