@@ -7,12 +7,16 @@
 //! - [`names`]: service names and the DNS names `Resolve` accepts.
 //! - [`policy_file`]: policy files as people write them (YAML) to the catalog's JSON record,
 //!   and back; a mistake names its line and field.
+//! - [`route_file`]: route files (a service's HTTP route rules) the same way.
+//! - [`file`]: what the two share: the error naming a line and a field, finding a field's line.
 //! - [`convert`]: drill records and audit entries to messages, and record errors to the field
 //!   they are about.
 
 pub mod convert;
+pub mod file;
 pub mod names;
 pub mod policy_file;
+pub mod route_file;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -16,7 +16,6 @@
 //! and the field: a wrong type or unknown field from the YAML parser's position, a policy
 //! that cannot work (`PolicyRecord::validate`) from the field its error is about.
 
-use std::fmt;
 use std::time::Duration;
 
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -24,6 +23,8 @@ use meshup_core::policy::{self, PolicyRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::convert::record_error_field;
+pub use crate::file::FileError;
+use crate::file::{find_line, yaml_error};
 
 /// A policy file, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,29 +44,6 @@ impl PolicyFile {
 pub fn record_json(record: &PolicyRecord) -> String {
     serde_json::to_string(record).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
-
-/// What is wrong with a policy file, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileError {
-    /// 1-based.
-    pub line: Option<usize>,
-    /// The field, as a path (`levels[0].clusters[1].weight`).
-    pub field: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for FileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.line, &self.field) {
-            (Some(l), Some(field)) => write!(f, "line {l}, field {field}: {}", self.message),
-            (Some(l), None) => write!(f, "line {l}: {}", self.message),
-            (None, Some(field)) => write!(f, "field {field}: {}", self.message),
-            (None, None) => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for FileError {}
 
 // The file's shape: the record's fields, all optional, unknown ones refused. A test checks
 // that every field of the record is accepted, so the two cannot drift apart.
@@ -174,42 +152,18 @@ struct RetryShape {
 /// Reads a policy file. `service` is the service given on the command line, if any: the file
 /// may leave `service:` out then, and must agree with it otherwise.
 pub fn parse(text: &str, service: Option<&ServiceKey>) -> Result<PolicyFile, FileError> {
-    if text.trim().is_empty() {
-        return Err(FileError {
-            line: None,
-            field: None,
-            message: "the file is empty; a policy file names its service and sets at least `levels` or `local_only` (see docs/policy.md)".into(),
-        });
-    }
+    crate::file::empty(
+        text,
+        "a policy file names its service and sets at least `levels` or `local_only` (see docs/policy.md)",
+    )?;
     let shape: FileShape = serde_norway::from_str(text).map_err(|e| yaml_error(&e))?;
-    let named = match &shape.service {
-        Some(s) => Some(s.parse::<ServiceKey>().map_err(|e| FileError {
-            line: find_line(text, &["service"]),
-            field: Some("service".into()),
-            message: format!("{e} (e.g. `service: pay.prod`)"),
-        })?),
-        None => None,
-    };
-    let service = match (named, service) {
-        (Some(a), Some(b)) if &a != b => {
-            return Err(FileError {
-                line: find_line(text, &["service"]),
-                field: Some("service".into()),
-                message: format!(
-                    "the file is for {a} but the command names {b}; drop one or make them agree"
-                ),
-            });
-        }
-        (Some(a), _) => a,
-        (None, Some(b)) => b.clone(),
-        (None, None) => {
-            return Err(FileError {
-                line: Some(1),
-                field: Some("service".into()),
-                message: "missing: name the service the policy is for (`service: pay.prod`)".into(),
-            });
-        }
-    };
+    let service = crate::file::service(
+        text,
+        shape.service.as_deref(),
+        service,
+        "service: pay.prod",
+        "the policy",
+    )?;
     let mut value = serde_json::to_value(&shape).map_err(|e| FileError {
         line: None,
         field: None,
@@ -247,43 +201,6 @@ pub fn to_yaml(service: &ServiceKey, record: &PolicyRecord) -> String {
     out
 }
 
-/// The line and field of a YAML parse error (`levels[0].clusters[1]: unknown field ...`).
-fn yaml_error(e: &serde_norway::Error) -> FileError {
-    let text = e.to_string();
-    let line = e.location().map(|l| l.line());
-    // The message ends with " at line L column C"; the position is reported on its own.
-    let message = match text.rfind(" at line ") {
-        Some(at) => text[..at].to_owned(),
-        None => text.clone(),
-    };
-    // "path: message" when the error is inside a field.
-    let (mut field, message) = match message.split_once(": ") {
-        Some((path, rest))
-            if !path.contains(' ')
-                && path
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c)) =>
-        {
-            (Some(path.to_owned()), rest.to_owned())
-        }
-        _ => (None, message),
-    };
-    // An unknown field is the field at fault.
-    if let Some(rest) = message.strip_prefix("unknown field `")
-        && let Some((name, _)) = rest.split_once('`')
-    {
-        field = Some(match field {
-            Some(parent) => format!("{parent}.{name}"),
-            None => name.to_owned(),
-        });
-    }
-    FileError {
-        line,
-        field,
-        message,
-    }
-}
-
 /// Where in the file the field a validation error names is (best effort: the error names a
 /// path, the file is read line by line).
 fn line_of_record_error(text: &str, e: &policy::RecordError) -> Option<usize> {
@@ -310,33 +227,6 @@ fn line_of_record_error(text: &str, e: &policy::RecordError) -> Option<usize> {
             find_line(text, &path)
         }
     }
-}
-
-/// The line of `key:` for each segment of `path` in turn, each searched after the previous
-/// one (so `retry.max_attempts` finds the `max_attempts` under `retry`, in block or flow
-/// style).
-fn find_line(text: &str, path: &[&str]) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut from = 0;
-    let mut found = None;
-    for seg in path {
-        let i = (from..lines.len()).find(|&i| has_key(lines[i], seg))?;
-        found = Some(i + 1);
-        from = i;
-    }
-    found
-}
-
-/// Whether a line holds `key:` as a key (not inside a longer name or a comment).
-fn has_key(line: &str, key: &str) -> bool {
-    let code = line.split(" #").next().unwrap_or(line);
-    let pattern = format!("{key}:");
-    code.match_indices(&pattern).any(|(at, _)| {
-        code[..at]
-            .chars()
-            .last()
-            .is_none_or(|c| c == ' ' || c == '{' || c == ',' || c == '-')
-    })
 }
 
 /// Lines (1-based) where `key: value` appears.

@@ -67,6 +67,13 @@ pub struct RouteRecord {
     #[serde(default)]
     pub schema_minor: u32,
     pub rules: Vec<RouteRule>,
+    /// Who last wrote the record through the admin API (an operator's name, or `local`), and
+    /// when (Unix seconds): set by the gateway that wrote it, absent in records written
+    /// otherwise. Ignored by routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<i64>,
 }
 
 /// One rule: when it matches, where the request goes and how it is handled.
@@ -964,6 +971,8 @@ mod tests {
             schema: 1,
             schema_minor: 0,
             rules: vec![RouteRule::default()],
+            updated_by: None,
+            updated_at: None,
         })
         .expect("encode");
         assert_eq!(written, r#"{"schema":1,"schema_minor":0,"rules":[{}]}"#);
