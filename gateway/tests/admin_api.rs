@@ -1,8 +1,8 @@
 //! The gRPC admin API of whole gateways (`app::Gateway`) on the embedded store, asked through
 //! a real tonic client: every method of `meshup.admin.v1.AdminService` with good and bad
 //! input (an unknown service, a policy that cannot work, a drill without expiry, a policy
-//! write that loses the compare-and-set to a concurrent one), the event stream, the standard
-//! health service and server reflection v1 and v1alpha.
+//! write that loses the compare-and-set to a concurrent one), the route rules methods, the
+//! event stream, the standard health service and server reflection v1 and v1alpha.
 
 mod common;
 
@@ -442,6 +442,109 @@ async fn every_admin_method_with_good_and_bad_input() {
         drop(events);
 
         for g in [east, west, north] {
+            g.drain().await;
+        }
+    })
+    .await;
+}
+
+/// The route rules methods on whole gateways: a bad record named by its field (and nothing
+/// written), create, read back with the writer, two operators at once (one wins, the other is
+/// told the winner's revision), an overwrite that changes nothing, a stale delete, a delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_rules_methods_with_good_and_bad_input() {
+    within(Duration::from_secs(120), async {
+        let backend = common::Backend::echo().await;
+        let pki = Pki::new();
+        let store = EmbeddedStore::new();
+        let west = Gateway::start(config(&pki, "west", "127.82.12.0/24", vec![pay_export(backend.addr)]), Some(&store))
+            .await
+            .expect("west starts");
+        let east = Gateway::start(config(&pki, "east", "127.82.11.0/24", vec![]), Some(&store))
+            .await
+            .expect("east starts");
+        let mut api = client(&east).await;
+        assert_eventually("east sees pay.prod", Duration::from_secs(20), || {
+            let mut api = api.clone();
+            async move { api.list_services(pb::ListServicesRequest { service: "pay.prod".into() }).await.is_ok() }
+        })
+        .await;
+        let pay = || "pay.prod".to_string();
+
+        assert_status(api.get_routes(pb::GetRoutesRequest { service: "nope.prod".into() }).await, Code::NotFound, &["no route rules for nope.prod"]);
+        let none = api.get_routes(pb::GetRoutesRequest { service: pay() }).await.expect("get").into_inner();
+        assert_eq!((none.found, none.revision), (false, 0));
+        assert_eq!(none.routes_json, r#"{"schema":1,"schema_minor":0,"rules":[]}"#);
+        for (json, words) in [
+            (r#"{"schema":1,"rules":[{"retry":{"attempts":0}}]}"#, &["routes_json.rules[0].retry.attempts:", "outside 1..=5"][..]),
+            (r#"{"schema":1,"rules":[{"match":[{"path":{"prefix":"api"}}]}]}"#, &["routes_json.rules[0].match[0].path:", "does not start with '/'"][..]),
+            (r#"{"schema":2,"rules":[]}"#, &["routes_json.schema:", "schema version 2"][..]),
+            (r#"{"schema":1}"#, &["routes_json:", "not valid JSON"][..]),
+            ("", &["routes_json: missing"][..]),
+        ] {
+            assert_status(api.validate_routes(pb::ValidateRoutesRequest { service: pay(), routes_json: json.into() }).await, Code::InvalidArgument, words);
+            assert_status(api.apply_routes(pb::ApplyRoutesRequest { service: pay(), routes_json: json.into(), revision: 0 }).await, Code::InvalidArgument, words);
+            assert_status(api.set_routes(pb::SetRoutesRequest { service: pay(), routes_json: json.into() }).await, Code::InvalidArgument, words);
+        }
+        assert!(!api.get_routes(pb::GetRoutesRequest { service: pay() }).await.expect("get").into_inner().found, "refused writes wrote nothing");
+        let valid = api
+            .validate_routes(pb::ValidateRoutesRequest { service: pay(), routes_json: r#"{"schema":1,"rules":[{"destinations":[{"cluster":"north"}]}]}"#.into() })
+            .await
+            .expect("legal")
+            .into_inner();
+        assert!(valid.warnings.iter().any(|w| w.contains("cluster north (rules rule-0) is not in the catalog")), "{valid:?}");
+        assert!(valid.warnings.iter().any(|w| w.contains("no http or grpc port")), "{valid:?}");
+
+        let rules = |weight: u32| format!(r#"{{"schema":1,"rules":[{{"name":"api","match":[{{"path":{{"prefix":"/api"}}}}],"destinations":[{{"cluster":"west","weight":{weight}}},{{"weight":1}}]}}],"updated_by":"mallory"}}"#);
+        let created = api.apply_routes(pb::ApplyRoutesRequest { service: pay(), routes_json: rules(5), revision: 0 }).await.expect("create").into_inner();
+        assert!(created.revision > 0, "{created:?}");
+        let lost = assert_status(
+            api.apply_routes(pb::ApplyRoutesRequest { service: pay(), routes_json: rules(5), revision: 0 }).await,
+            Code::FailedPrecondition,
+            &["route rules for pay.prod already exist", &format!("revision {}", created.revision)],
+        );
+        assert_eq!(current_revision(&lost), Some(created.revision));
+        let read = api.get_routes(pb::GetRoutesRequest { service: pay() }).await.expect("get").into_inner();
+        assert_eq!((read.found, read.revision), (true, created.revision));
+        let stored: serde_json::Value = serde_json::from_str(&read.routes_json).expect("json");
+        assert_eq!(stored["updated_by"], "local", "the caller, not what the JSON claimed: {stored}");
+        assert!(stored["updated_at"].as_i64().is_some_and(|t| t > 1_700_000_000), "{stored}");
+
+        // Two operators read the same revision and write at once: one wins.
+        let (mut a, mut b) = (client(&east).await, client(&west).await);
+        let (ra, rb) = tokio::join!(
+            a.apply_routes(pb::ApplyRoutesRequest { service: pay(), routes_json: rules(7), revision: read.revision }),
+            b.apply_routes(pb::ApplyRoutesRequest { service: pay(), routes_json: rules(8), revision: read.revision }),
+        );
+        let (won, lost, winner) = match (ra, rb) {
+            (Ok(w), Err(l)) => (w.into_inner(), l, 7),
+            (Err(l), Ok(w)) => (w.into_inner(), l, 8),
+            other => panic!("exactly one concurrent write must win: {other:?}"),
+        };
+        assert_eq!(lost.code(), Code::FailedPrecondition, "{lost:?}");
+        assert!(lost.message().contains(&format!("changed since revision {}: they are at revision {} now", read.revision, won.revision)), "{lost:?}");
+        assert_eq!(current_revision(&lost), Some(won.revision));
+        let stored = api.get_routes(pb::GetRoutesRequest { service: pay() }).await.expect("get").into_inner();
+        assert_eq!(stored.revision, won.revision);
+        assert!(stored.routes_json.contains(&format!(r#""cluster":"west","weight":{winner}"#)), "{}", stored.routes_json);
+
+        // Set: the same rules change nothing; others are written over whatever is stored.
+        let same = api.set_routes(pb::SetRoutesRequest { service: pay(), routes_json: rules(winner) }).await.expect("set").into_inner();
+        assert_eq!((same.changed, same.revision, same.previous_revision), (false, won.revision, won.revision));
+        let over = api.set_routes(pb::SetRoutesRequest { service: pay(), routes_json: rules(9) }).await.expect("set").into_inner();
+        assert!(over.changed && over.revision > won.revision && over.previous_revision == won.revision, "{over:?}");
+
+        // Delete: a stale revision is a conflict, the right one deletes, again is NOT_FOUND.
+        assert_status(
+            api.delete_routes(pb::DeleteRoutesRequest { service: pay(), revision: won.revision }).await,
+            Code::FailedPrecondition,
+            &[&format!("they are at revision {} now", over.revision)],
+        );
+        api.delete_routes(pb::DeleteRoutesRequest { service: pay(), revision: over.revision }).await.expect("delete");
+        assert_status(api.delete_routes(pb::DeleteRoutesRequest { service: pay(), revision: 0 }).await, Code::NotFound, &["no route rules stored for pay.prod"]);
+        assert!(!api.get_routes(pb::GetRoutesRequest { service: pay() }).await.expect("get").into_inner().found);
+
+        for g in [east, west] {
             g.drain().await;
         }
     })

@@ -48,6 +48,8 @@ pub struct Options<'a> {
     pub backends: Option<[SocketAddr; 2]>,
     /// The export port's `app_protocol` (`http`, `grpc`); `None`: tcp.
     pub app_protocol: Option<&'a str>,
+    /// East serves the gRPC admin API ([`GatewayProcess::grpc_addr`]), for the CLI.
+    pub east_admin: bool,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -157,7 +159,10 @@ impl Federation {
             ..spec("west", &west_cidr, Some(&west_echo))
         });
         let mut north = GatewayProcess::start(spec("north", &north_cidr, Some(&north_echo)));
-        let mut east = GatewayProcess::start(spec("east", &east_cidr, None));
+        let mut east = GatewayProcess::start(GatewaySpec {
+            grpc: options.east_admin,
+            ..spec("east", &east_cidr, None)
+        });
         for g in [&mut west, &mut north, &mut east] {
             g.wait_ready().await;
         }

@@ -454,6 +454,250 @@ fn client_commands_against_gateway_processes() {
     );
 }
 
+const ROUTES: &str = "\
+# pay: a canary by header, the API split
+service: pay.prod
+rules:
+  - name: canary
+    match:
+      - headers: [{name: x-canary, exact: \"1\"}]
+    destinations: [{cluster: north}]
+  - name: api
+    match: [{path: {prefix: /api}}]
+    destinations:
+      - {cluster: west, weight: 90}
+      - {cluster: north, weight: 10}
+    timeout: 2s
+";
+
+/// `meshup route` against a gateway process on etcd: a file's mistakes named (exit 2), the
+/// rules written under `<prefix>/v1/routes/<ns>/<name>` with their writer, read back as a
+/// file that applies again, a stale revision refused (exit 5), an overwrite, a delete.
+#[test]
+fn route_rules_through_the_cli() {
+    let etcd = EtcdServer::start();
+    let certs = Certs::new(&["east", "west", "north"]);
+    let prefix = "/routes-cli";
+    let east = gateway("east", &certs, &etcd, prefix, true, None);
+    let _west = gateway("west", &certs, &etcd, prefix, false, Some(backend()));
+    let _north = gateway("north", &certs, &etcd, prefix, false, Some(backend()));
+    let admin = east.grpc_addr().expect("east's admin API").to_string();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--admin", admin.as_str()]);
+        meshup(&all, &[])
+    };
+    let key = format!("{prefix}/v1/routes/prod/pay");
+    let stored = || {
+        etcd.etcdctl(&["get", &key, "--print-value-only"])
+            .expect("etcdctl get")
+    };
+    until("east sees pay.prod served by west and north", &east, || {
+        let (code, out, _) = run(&["services", "pay.prod", "-o", "json"]);
+        code == 0
+            && json(&out)["services"][0]["clusters"]
+                .as_array()
+                .is_some_and(|c| c.len() == 2)
+    });
+
+    // Nothing stored: a file with no rules to start from; an unknown service is not found.
+    let (code, out, err) = run(&["route", "get", "pay.prod"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(
+            "# no route rules stored for pay.prod: every request follows the failover policy"
+        ) && out.contains("service: pay.prod\n")
+            && out.contains("rules: []"),
+        "{out}"
+    );
+    let (code, _, err) = run(&["route", "get", "nope.prod"]);
+    assert_eq!(code, 4, "{err}");
+
+    // Mistakes: the line and the field, exit 2, nothing written.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8").to_owned()
+    };
+    let misspelt = write("bad.yaml", &ROUTES.replace("weight: 90", "wieght: 90"));
+    let unusable = write("worse.yaml", &ROUTES.replace("prefix: /api", "prefix: api"));
+    for (file, want) in [
+        (
+            &misspelt,
+            "bad.yaml: line 11, field rules[1].destinations[0].wieght: unknown field `wieght`",
+        ),
+        (
+            &unusable,
+            "worse.yaml: line 9, field rules[1].match[0].path: \"api\" does not start with '/'",
+        ),
+    ] {
+        for cmd in ["validate", "apply", "set"] {
+            let (code, _, err) = run(&["route", cmd, "-f", file]);
+            assert_eq!(code, 2, "{cmd} {file}: {err}");
+            assert!(err.contains(want), "{cmd}: {err}");
+        }
+    }
+    let (code, out, _) = run(&["route", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["found"], false, "the bad files wrote nothing");
+    assert_eq!(stored(), "", "nothing under {key}");
+
+    // Valid, with the warnings of this catalog: pay.prod's only port is tcp, and a typo.
+    let good = write("pay.yaml", ROUTES);
+    let (code, out, err) = run(&["route", "validate", "-f", &good]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("ok: the route rules for pay.prod are valid\nwarning: pay.prod has no http or grpc port (7200/tcp)"),
+        "{out}"
+    );
+    let typo = write(
+        "typo.yaml",
+        &ROUTES.replace("{cluster: north}", "{cluster: nort}"),
+    );
+    let (code, out, err) = run(&["route", "validate", "-f", &typo]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            "warning: cluster nort (rules canary) is not in the catalog (known: east, north, west)"
+        ),
+        "{out}"
+    );
+
+    // Create (revision 0), read back with the writer, apply again: unchanged.
+    let (code, out, err) = run(&["route", "apply", "-f", &good, "--revision", "0"]);
+    assert_eq!(code, 0, "{err}");
+    let first: i64 = written_at(&out, "(created)");
+    let record = json(&stored());
+    assert_eq!(
+        record["rules"][1]["destinations"][0]["weight"], 90,
+        "{record}"
+    );
+    assert_eq!(
+        record["updated_by"], "local",
+        "the loopback caller: {record}"
+    );
+    let (code, out, _) = run(&["route", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    let got = json(&out);
+    assert_eq!(
+        (got["found"].clone(), got["revision"].as_i64()),
+        (true.into(), Some(first))
+    );
+    assert_eq!(got["routes"]["rules"][0]["name"], "canary");
+    let (code, out, _) = run(&["route", "apply", "-f", &good]);
+    assert_eq!(
+        (code, out),
+        (
+            0,
+            format!("route rules for pay.prod unchanged (revision {first})\n")
+        )
+    );
+    let (code, _, err) = run(&["route", "apply", "-f", &good, "--revision", "0"]);
+    assert_eq!(code, 5, "creating again is a conflict: {err}");
+    assert!(
+        err.contains("already exist") && err.contains(&format!("current revision: {first}")),
+        "{err}"
+    );
+
+    // The table form is a file to edit: it applies at the revision it names.
+    let (code, out, _) = run(&["route", "get", "pay.prod"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with(&format!("# route rules for pay.prod at revision {first}")),
+        "{out}"
+    );
+    let edited = write("edited.yaml", &out.replace("weight: 90", "weight: 80"));
+    let (code, out, err) = run(&[
+        "route",
+        "apply",
+        "-f",
+        &edited,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let second = written_at(&out, &format!("(was {first})"));
+    assert_eq!(json(&stored())["rules"][1]["destinations"][0]["weight"], 80);
+
+    // A second operator who read the first revision loses, and is told what to do.
+    let (code, _, err) = run(&[
+        "route",
+        "apply",
+        "-f",
+        &good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 5, "a stale write must be a conflict: {err}");
+    assert!(
+        err.contains(&format!("changed since revision {first}"))
+            && err.contains(&format!("current revision: {second}"))
+            && err.contains("meshup route get"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&stored())["rules"][1]["destinations"][0]["weight"],
+        80,
+        "kept"
+    );
+
+    // set writes over whatever is stored; the same rules again change nothing.
+    let (code, out, err) = run(&["route", "set", "-f", &good]);
+    assert_eq!(code, 0, "{err}");
+    let third = written_at(&out, &format!("(was {second})"));
+    assert_eq!(json(&stored())["rules"][1]["destinations"][0]["weight"], 90);
+    let (code, out, _) = run(&["route", "set", "-f", &good]);
+    assert_eq!(
+        (code, out.lines().next()),
+        (
+            0,
+            Some(format!("route rules for pay.prod unchanged (revision {third})").as_str())
+        ),
+        "{out}"
+    );
+
+    // delete: a stale revision is a conflict; then gone; again: not found.
+    let (code, _, err) = run(&[
+        "route",
+        "delete",
+        "pay.prod",
+        "--revision",
+        &second.to_string(),
+    ]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains(&format!("they are at revision {third} now")),
+        "{err}"
+    );
+    let (code, out, err) = run(&[
+        "route",
+        "delete",
+        "pay.prod",
+        "--revision",
+        &third.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("every request follows the failover policy again"),
+        "{out}"
+    );
+    assert_eq!(stored(), "", "deleted from {key}");
+    let (code, _, err) = run(&["route", "delete", "pay.prod"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no route rules stored for pay.prod"), "{err}");
+}
+
+/// The revision in "… written at revision N (tail)", the first line (warnings follow).
+fn written_at(out: &str, tail: &str) -> i64 {
+    out.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("route rules for pay.prod written at revision "))
+        .and_then(|r| r.strip_suffix(&format!(" {tail}")))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("not written with {tail:?}: {out}"))
+}
+
 #[test]
 fn grpcurl_lists_the_services_and_sees_serving() {
     let etcd = EtcdServer::start();
@@ -483,7 +727,9 @@ fn grpcurl_lists_the_services_and_sees_serving() {
     ]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("rpc Resolve") && out.contains("stream .meshup.admin.v1.Event"),
+        out.contains("rpc Resolve")
+            && out.contains("stream .meshup.admin.v1.Event")
+            && out.contains("rpc ApplyRoutes"),
         "{out}"
     );
     until("grpcurl: ListServices shows pay.prod", &east, || {
@@ -508,6 +754,38 @@ fn grpcurl_lists_the_services_and_sees_serving() {
     assert!(
         err.contains("InvalidArgument") && err.contains("policy_json.retry.max_attempts"),
         "{err}"
+    );
+    // Route rules the same way: the field inside the rules is named.
+    let (ok, _, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service": "pay.prod", "routes_json": "{\"schema\":1,\"rules\":[{\"retry\":{\"attempts\":0}}]}"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/ValidateRoutes",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("routes_json.rules[0].retry.attempts"),
+        "{err}"
+    );
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service": "pay.prod", "routes_json": "{\"schema\":1,\"rules\":[{\"name\":\"all\"}]}"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/SetRoutes",
+    ]);
+    assert!(ok && out.contains("\"changed\": true"), "{out}{err}");
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service": "pay.prod"}"#,
+        &addr,
+        "meshup.admin.v1.AdminService/GetRoutes",
+    ]);
+    assert!(
+        ok && out.contains("\"found\": true") && out.contains("\\\"name\\\":\\\"all\\\""),
+        "{out}{err}"
     );
 }
 

@@ -2,17 +2,17 @@
 //! a tonic gRPC client) and real gateway processes on one etcd: east is the client side,
 //! west and north export `echo.prod` port 7000 with a backend that names its cluster. The
 //! failover policy is `levels: [[west], [north]]`; route rules are written with `etcdctl put`
-//! (docs/http-routing.md).
+//! (docs/http-routing.md), and once with `meshup route apply` through east's admin API.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use meshup_tests::eventually_ok;
 use meshup_tests::failover::{Federation, Options};
 use meshup_tests::gateways::path_str;
 use meshup_tests::web::{GrpcBackend, WebBackend};
+use meshup_tests::{eventually_ok, meshup};
 
 /// One curl run: (exit code, stdout). `-s`, no proxy from the environment.
 fn curl(args: &[&str]) -> (i32, String) {
@@ -338,5 +338,100 @@ async fn grpc_calls_and_streams_cross_clusters_with_their_trailers() -> anyhow::
         .await??
         .expect("second update");
     assert_eq!(next.status, ServingStatus::NotServing as i32);
+    Ok(())
+}
+
+/// Rules written with `meshup route apply -f` (a route file, through east's admin API) route
+/// the next requests; `meshup route delete` gives them back to the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_applied_with_the_cli_route_requests() -> anyhow::Result<()> {
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let fed = Federation::start(Options {
+        prefix: "/http-cli",
+        vip_octet: 104,
+        backends: Some([west.addr(), north.addr()]),
+        app_protocol: Some("http"),
+        east_admin: true,
+        ..Options::default()
+    })
+    .await?;
+    let vip = fed.vip;
+    let admin = fed.east.grpc_addr().expect("east's admin API").to_string();
+    let (code, cluster, body) = get(vip, "/api/pay", &[]);
+    assert_eq!(
+        (code, cluster.as_str()),
+        (200, "west"),
+        "the policy: {body}"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("echo.yaml");
+    std::fs::write(
+        &file,
+        "service: echo.prod\nrules:\n  - name: api\n    match: [{path: {prefix: /api}}]\n    destinations: [{cluster: north}]\n",
+    )?;
+    let (code, out, err) = meshup(
+        &[
+            "route",
+            "apply",
+            "-f",
+            path_str(&file),
+            "--revision",
+            "0",
+            "--admin",
+            &admin,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("route rules for echo.prod written at revision "),
+        "{out}"
+    );
+    eventually_ok(
+        "east routes /api to north",
+        Duration::from_secs(10),
+        || async {
+            let (code, cluster, _) = get(vip, "/api/pay", &[]);
+            anyhow::ensure!(
+                (code, cluster.as_str()) == (200, "north"),
+                "{code} {cluster}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+    let (code, cluster, body) = get(vip, "/other", &[]);
+    assert_eq!(
+        (code, cluster.as_str()),
+        (200, "west"),
+        "no rule: the policy: {body}"
+    );
+    let routed = fed.east.metric_sum(
+        "meshup_http_requests_total",
+        &[
+            "route=\"api\"",
+            "destination_cluster=\"north\"",
+            "code=\"200\"",
+        ],
+    )?;
+    assert!(routed >= 1.0, "counted under the rule's name: {routed}");
+
+    let (code, out, err) = meshup(&["route", "delete", "echo.prod", "--admin", &admin], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually_ok(
+        "east routes /api by the policy again",
+        Duration::from_secs(10),
+        || async {
+            let (code, cluster, _) = get(vip, "/api/pay", &[]);
+            anyhow::ensure!(
+                (code, cluster.as_str()) == (200, "west"),
+                "{code} {cluster}"
+            );
+            Ok(())
+        },
+    )
+    .await;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! The `meshup` client commands: `status`, `clusters`, `services`, `resolve`, `policy`, `drill`,
-//! `events`. Each talks to a gateway's gRPC admin API (`--admin ADDR`, or `MESHUP_ADMIN`,
+//! The `meshup` client commands: `status`, `clusters`, `services`, `resolve`, `policy`,
+//! `route`, `drill`, `events`, `export`. Each talks to a gateway's gRPC admin API (`--admin ADDR`, or `MESHUP_ADMIN`,
 //! default 127.0.0.1:15021; `--admin https://HOST:PORT` with an operator certificate for a
 //! remote gateway, [`remote`]), prints a table for people or `-o json|yaml` for scripts, and
 //! exits with a code a script can trust:
@@ -8,21 +8,23 @@
 //! | --- | --- |
 //! | 0 | done |
 //! | 1 | anything else (an internal error of the gateway, a failed write of the output) |
-//! | 2 | bad input: a wrong argument, a policy file or record that is not valid |
+//! | 2 | bad input: a wrong argument, a policy or route file or record that is not valid |
 //! | 3 | the gateway cannot be reached, or did not answer in time |
-//! | 4 | not found: an unknown service, cluster, policy or drill |
-//! | 5 | conflict: a compare-and-set lost (someone changed the policy since you read it), a drill id in use |
+//! | 4 | not found: an unknown service, cluster, policy, route rules or drill |
+//! | 5 | conflict: a compare-and-set lost (someone changed the policy or route rules since you read them), a drill id in use |
 //!
 //! Every error message says what to do next.
 
 mod export;
 pub mod remote;
 mod render;
+mod route;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
+use meshup_admin_api::file::FileError;
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, DrillKind as PbDrillKind};
 use meshup_admin_api::policy_file::{self, PolicyFile};
@@ -128,6 +130,9 @@ pub enum AdminCommand {
     /// Failover policies: get, validate, set, apply, delete.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Route rules of http and grpc ports: get, validate, apply, set, delete.
+    #[command(subcommand)]
+    Route(route::RouteCommand),
     /// Drills: drain, fail or pin a cluster for a while, with an audit trail.
     #[command(subcommand)]
     Drill(DrillCommand),
@@ -314,6 +319,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
             print(&conn, &r, render::resolve)
         }
         AdminCommand::Policy(p) => policy(p).await,
+        AdminCommand::Route(r) => route::run(r).await,
         AdminCommand::Drill(d) => drill(d).await,
         AdminCommand::Events {
             existing,
@@ -456,7 +462,14 @@ fn other(e: impl std::fmt::Display) -> CliError {
     CliError::new(exit::OTHER, e.to_string())
 }
 
-fn read_policy_file(file: &PathBuf, service: Option<&str>) -> Result<PolicyFile> {
+/// Reads a policy or route file (`what`: "policy", "route") with `parse`; `--service`, if
+/// given, is the service when the file names none.
+fn read_file<T>(
+    file: &PathBuf,
+    service: Option<&str>,
+    what: &str,
+    parse: fn(&str, Option<&ServiceKey>) -> std::result::Result<T, FileError>,
+) -> Result<T> {
     let service = service
         .map(|s| {
             s.parse::<ServiceKey>()
@@ -466,18 +479,22 @@ fn read_policy_file(file: &PathBuf, service: Option<&str>) -> Result<PolicyFile>
     let text = std::fs::read_to_string(file).map_err(|e| {
         CliError::new(
             exit::BAD_INPUT,
-            format!("cannot read policy file {}: {e}", file.display()),
+            format!("cannot read {what} file {}: {e}", file.display()),
         )
     })?;
-    policy_file::parse(&text, service.as_ref()).map_err(|e| {
+    parse(&text, service.as_ref()).map_err(|e| {
         CliError::new(
             exit::BAD_INPUT,
             format!(
-                "{}: {e}\n(policy files: docs/admin-api.md; `meshup policy get SERVICE` prints one to start from)",
+                "{}: {e}\n({what} files: docs/admin-api.md; `meshup {what} get SERVICE` prints one to start from)",
                 file.display()
             ),
         )
     })
+}
+
+fn read_policy_file(file: &PathBuf, service: Option<&str>) -> Result<PolicyFile> {
+    read_file(file, service, "policy", policy_file::parse)
 }
 
 /// What `policy get -o json|yaml` prints: the record as a value, not a string.
@@ -489,9 +506,12 @@ struct PolicyView {
     policy: serde_json::Value,
 }
 
-/// What the policy writes print for scripts.
+/// What the policy and route writes print for scripts.
 #[derive(Debug, Serialize)]
 struct WriteView {
+    /// "policy" or "route rules", for the table.
+    #[serde(skip)]
+    what: &'static str,
     service: String,
     revision: i64,
     previous_revision: i64,
@@ -539,6 +559,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                 warnings = r.warnings;
             }
             let view = WriteView {
+                what: "policy",
                 service: f.service.to_string(),
                 revision: 0,
                 previous_revision: 0,
@@ -590,6 +611,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
             };
             if unchanged {
                 let view = WriteView {
+                    what: "policy",
                     service: f.service.to_string(),
                     revision,
                     previous_revision: revision,
@@ -612,9 +634,10 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                     revision: revision.unwrap_or(0),
                 })
                 .await
-                .map_err(|s| cas_error(&conn, s))?
+                .map_err(|s| cas_error(&conn, s, "policy"))?
                 .into_inner();
             let view = WriteView {
+                what: "policy",
                 service,
                 revision: r.revision,
                 previous_revision: revision.unwrap_or(0),
@@ -631,7 +654,6 @@ async fn policy(command: PolicyCommand) -> Result<()> {
     }
 }
 
-/// A lost compare-and-set says the current revision (from the trailer) and how to go on.
 /// Writes the file's policy if the stored one is still at `revision` (0: none stored), and
 /// prints what changed.
 async fn write_policy(
@@ -647,9 +669,10 @@ async fn write_policy(
             revision,
         })
         .await
-        .map_err(|s| cas_error(conn, s))?
+        .map_err(|s| cas_error(conn, s, "policy"))?
         .into_inner();
     let view = WriteView {
+        what: "policy",
         service: f.service.to_string(),
         revision: r.revision,
         previous_revision: revision,
@@ -659,7 +682,9 @@ async fn write_policy(
     print(conn, &view, render::written)
 }
 
-fn cas_error(conn: &Conn, s: Status) -> CliError {
+/// A lost compare-and-set says the current revision (from the trailer) and how to go on;
+/// `command` reads what is stored (`policy`, `route`).
+fn cas_error(conn: &Conn, s: Status, command: &str) -> CliError {
     let current = s
         .metadata()
         .get(CURRENT_REVISION_METADATA)
@@ -670,7 +695,7 @@ fn cas_error(conn: &Conn, s: Status) -> CliError {
         && let Some(c) = current
     {
         e.message.push_str(&format!(
-            "\n(current revision: {c}; `meshup policy get` shows what is stored)"
+            "\n(current revision: {c}; `meshup {command} get` shows what is stored)"
         ));
     }
     e

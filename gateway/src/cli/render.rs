@@ -373,7 +373,8 @@ pub fn policy(v: &PolicyView) -> String {
 pub fn written(v: &WriteView) -> String {
     let mut out = if v.changed {
         format!(
-            "policy for {} written at revision {}{}\n",
+            "{} for {} written at revision {}{}\n",
+            v.what,
             v.service,
             v.revision,
             if v.previous_revision == 0 {
@@ -384,8 +385,8 @@ pub fn written(v: &WriteView) -> String {
         )
     } else {
         format!(
-            "policy for {} unchanged (revision {})\n",
-            v.service, v.revision
+            "{} for {} unchanged (revision {})\n",
+            v.what, v.service, v.revision
         )
     };
     for w in &v.warnings {

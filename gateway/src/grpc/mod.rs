@@ -1,8 +1,9 @@
 //! The gRPC admin API (`proto/meshup/admin/v1/admin.proto`) on `admin.grpc`: the
-//! `meshup.admin.v1.AdminService` ([`service`]), the standard `grpc.health.v1.Health`
-//! (SERVING once the gateway is ready, NOT_SERVING while it starts or drains) and server
-//! reflection v1 and v1alpha (older clients know only the latter), so `grpcurl` works
-//! unchanged.
+//! `meshup.admin.v1.AdminService` ([`service`]; the route rules methods in [`routes`], the
+//! compare-and-set writes that policies and route rules share in [`cas`]), the standard
+//! `grpc.health.v1.Health` (SERVING once the gateway is ready, NOT_SERVING while it starts or
+//! drains) and server reflection v1 and v1alpha (older clients know only the latter), so
+//! `grpcurl` works unchanged.
 //!
 //! Two listeners serve the same API. `admin.grpc` is plaintext and loopback only (the config
 //! refuses any other address): its callers are users of this host, recorded by the name they
@@ -15,8 +16,10 @@
 //! connection, a deadline for every unary call, and a bounded number of event watchers.
 
 pub mod caller;
+pub mod cas;
 pub mod events;
 pub mod remote;
+pub mod routes;
 pub mod service;
 
 use std::collections::BTreeSet;

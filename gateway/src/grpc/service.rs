@@ -7,28 +7,28 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::Stream;
+use meshup_admin_api::MAX_DRILL_DURATION;
 use meshup_admin_api::convert::{Export, export_from_pb, export_to_pb};
 use meshup_admin_api::convert::{audit_to_pb, drill_kind_from_pb, drill_to_pb, record_error_field};
 use meshup_admin_api::names::{parse_resolve_name, parse_service};
 use meshup_admin_api::pb::admin_service_server::AdminService;
 use meshup_admin_api::pb::{self, EventKind, LinkState};
 use meshup_admin_api::policy_file::record_json;
-use meshup_admin_api::{CURRENT_REVISION_METADATA, MAX_DRILL_DURATION};
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, DrillId, GatewayId, ServiceKey};
 use meshup_core::policy::{self, DrillEnd, DrillRecord, PolicyRecord, RecordError};
 use meshup_federation::drills::{self, DrillError, Ended};
 use meshup_federation::keys::KeyLayout;
-use meshup_federation::store::{self, Compare, Store, StoreError, Txn, TxnOp};
+use meshup_federation::store::{self, Store};
 use meshup_federation::watcher::WatcherStatus;
 use meshup_policy::{Decision, Excluded, PeerSignal, Verdict, decide::Note};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::caller::{self, AuthorError, Caller, caller_of};
-use super::{MAX_WATCHERS, events};
+use super::cas::{self, Record, store_status};
+use super::{MAX_WATCHERS, events, routes};
 use crate::config::ExportConfig;
 use crate::exports::{ExportError, Registered};
 use crate::inbound::LocalExports;
@@ -77,27 +77,8 @@ impl AdminApi {
     }
 }
 
-fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+pub(super) fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
-}
-
-fn store_status(e: &StoreError) -> Status {
-    let code = if e.is_retryable() {
-        Code::Unavailable
-    } else {
-        Code::FailedPrecondition
-    };
-    Status::new(code, format!("catalog store: {e}"))
-}
-
-/// A lost compare-and-set: FAILED_PRECONDITION, with the current revision in the message
-/// and the trailer.
-fn conflict(message: String, current: i64) -> Status {
-    let mut metadata = tonic::metadata::MetadataMap::new();
-    if let Ok(v) = current.to_string().parse() {
-        metadata.insert(CURRENT_REVISION_METADATA, v);
-    }
-    Status::with_metadata(Code::FailedPrecondition, message, metadata)
 }
 
 /// The author a write records ([`caller::author`]); INVALID_ARGUMENT on `who` otherwise.
@@ -111,7 +92,7 @@ fn author_arg(caller: &Caller, who: &str, action: &str) -> Result<String, Status
     })
 }
 
-fn service_arg(text: &str) -> Result<ServiceKey, Status> {
+pub(super) fn service_arg(text: &str) -> Result<ServiceKey, Status> {
     if text.trim().is_empty() {
         return Err(invalid(
             "service",
@@ -171,7 +152,7 @@ fn policy_warnings(snapshot: &Snapshot, key: &ServiceKey, record: &PolicyRecord)
     out
 }
 
-fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+pub(super) fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     let v: Vec<String> = items.map(|i| i.to_string()).collect();
     if v.is_empty() {
         "none".into()
@@ -713,55 +694,24 @@ impl AdminService for AdminApi {
         record.updated_by = Some(caller.name().to_owned());
         record.updated_at = Some(unix_now());
         let json = record_json(&record);
-        let k = Bytes::from(self.ctx.layout.policy(&key));
-        let compare = if req.revision == 0 {
-            Compare::Absent(k.clone())
-        } else {
-            Compare::ModRevision(k.clone(), req.revision)
-        };
-        let result = self
-            .ctx
-            .store
-            .txn(Txn {
-                compares: vec![compare],
-                success: vec![TxnOp::Put {
-                    key: k.clone(),
-                    value: Bytes::from(json.clone()),
-                    lease: 0,
-                }],
-                failure: vec![TxnOp::Get { key: k }],
-            })
-            .await
-            .map_err(|e| store_status(&e))?;
-        if !result.succeeded {
-            let current = result
-                .gets
-                .into_iter()
-                .next()
-                .flatten()
-                .map_or(0, |kv| kv.mod_revision);
-            let message = match (req.revision, current) {
-                (0, c) => format!(
-                    "a policy for {key} already exists (revision {c}): read it with `meshup policy get {key}` and pass --revision {c} to replace it"
-                ),
-                (r, 0) => format!(
-                    "no policy for {key} is stored (you passed revision {r}: it was deleted since, or never was): pass revision 0 to create it"
-                ),
-                (r, c) => format!(
-                    "the policy for {key} changed since revision {r}: it is at revision {c} now; read it again, merge your change and retry with revision {c}"
-                ),
-            };
-            return Err(conflict(message, current));
-        }
+        let revision = cas::put_if(
+            self.ctx.store.as_ref(),
+            Record::Policy,
+            &key,
+            self.ctx.layout.policy(&key),
+            json.clone(),
+            req.revision,
+        )
+        .await?;
         caller::audit(
             &caller,
             caller.name(),
             "policy.set",
             &key.to_string(),
-            result.revision,
+            revision,
         );
         Ok(Response::new(pb::SetPolicyResponse {
-            revision: result.revision,
+            revision,
             normalized_json: json,
             warnings: policy_warnings(&self.snapshot(), &key, &record),
         }))
@@ -780,56 +730,68 @@ impl AdminService for AdminApi {
                 "must be the revision read, or 0 for whatever is stored",
             ));
         }
-        let k = Bytes::from(self.ctx.layout.policy(&key));
-        let revision = if req.revision == 0 {
-            match store::get(self.ctx.store.as_ref(), k.clone())
-                .await
-                .map_err(|e| store_status(&e))?
-            {
-                Some(kv) => kv.mod_revision,
-                None => {
-                    return Err(Status::not_found(format!(
-                        "no policy stored for {key}: the default applies already"
-                    )));
-                }
-            }
-        } else {
-            req.revision
-        };
-        let result = self
-            .ctx
-            .store
-            .txn(Txn {
-                compares: vec![Compare::ModRevision(k.clone(), revision)],
-                success: vec![TxnOp::Delete { key: k.clone() }],
-                failure: vec![TxnOp::Get { key: k }],
-            })
-            .await
-            .map_err(|e| store_status(&e))?;
-        if !result.succeeded {
-            return Err(match result.gets.into_iter().next().flatten() {
-                None => Status::not_found(format!(
-                    "no policy stored for {key}: the default applies already"
-                )),
-                Some(kv) => conflict(
-                    format!(
-                        "the policy for {key} changed since revision {revision}: it is at revision {} now; read it again before deleting it",
-                        kv.mod_revision
-                    ),
-                    kv.mod_revision,
-                ),
-            });
-        }
+        let revision = cas::delete_if(
+            self.ctx.store.as_ref(),
+            Record::Policy,
+            &key,
+            self.ctx.layout.policy(&key),
+            req.revision,
+        )
+        .await?;
         caller::audit(
             &caller,
             caller.name(),
             "policy.delete",
             &key.to_string(),
-            result.revision,
+            revision,
         );
-        Ok(Response::new(pb::DeletePolicyResponse {
-            revision: result.revision,
-        }))
+        Ok(Response::new(pb::DeletePolicyResponse { revision }))
+    }
+
+    async fn get_routes(
+        &self,
+        request: Request<pb::GetRoutesRequest>,
+    ) -> Result<Response<pb::GetRoutesResponse>, Status> {
+        routes::get(&self.ctx, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn validate_routes(
+        &self,
+        request: Request<pb::ValidateRoutesRequest>,
+    ) -> Result<Response<pb::ValidateRoutesResponse>, Status> {
+        routes::validate(&self.ctx, request.into_inner()).map(Response::new)
+    }
+
+    async fn apply_routes(
+        &self,
+        request: Request<pb::ApplyRoutesRequest>,
+    ) -> Result<Response<pb::ApplyRoutesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        routes::apply(&self.ctx, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn set_routes(
+        &self,
+        request: Request<pb::SetRoutesRequest>,
+    ) -> Result<Response<pb::SetRoutesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        routes::set(&self.ctx, &caller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_routes(
+        &self,
+        request: Request<pb::DeleteRoutesRequest>,
+    ) -> Result<Response<pb::DeleteRoutesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        routes::delete(&self.ctx, &caller, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn start_drill(
