@@ -51,6 +51,20 @@ fn get(vip: SocketAddr, path: &str, headers: &[&str]) -> (u16, String, String) {
     )
 }
 
+/// Waits (10 s at most) until a GET of `path` through east is answered 200 by `cluster`.
+async fn routed_to(vip: SocketAddr, path: &str, cluster: &str) {
+    eventually_ok(
+        &format!("east routes {path} to {cluster}"),
+        Duration::from_secs(10),
+        || async {
+            let (code, got, _) = get(vip, path, &[]);
+            anyhow::ensure!((code, got.as_str()) == (200, cluster), "{code} {got}");
+            Ok(())
+        },
+    )
+    .await;
+}
+
 async fn federation(
     prefix: &str,
     octet: u8,
@@ -95,19 +109,7 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     assert_eq!((code, cluster.as_str()), (200, "west"), "{body}");
 
     fed.write_routes(RULES)?;
-    eventually_ok(
-        "east applies the rules",
-        Duration::from_secs(10),
-        || async {
-            let (code, cluster, _) = get(vip, "/api/pay", &[]);
-            anyhow::ensure!(
-                (code, cluster.as_str()) == (200, "north"),
-                "{code} {cluster}"
-            );
-            Ok(())
-        },
-    )
-    .await;
+    routed_to(vip, "/api/pay", "north").await;
 
     // Path prefix by whole segments, header match, the rest to the policy.
     for (path, headers, want) in [
@@ -389,19 +391,7 @@ async fn rules_applied_with_the_cli_route_requests() -> anyhow::Result<()> {
         out.starts_with("route rules for echo.prod written at revision "),
         "{out}"
     );
-    eventually_ok(
-        "east routes /api to north",
-        Duration::from_secs(10),
-        || async {
-            let (code, cluster, _) = get(vip, "/api/pay", &[]);
-            anyhow::ensure!(
-                (code, cluster.as_str()) == (200, "north"),
-                "{code} {cluster}"
-            );
-            Ok(())
-        },
-    )
-    .await;
+    routed_to(vip, "/api/pay", "north").await;
     let (code, cluster, body) = get(vip, "/other", &[]);
     assert_eq!(
         (code, cluster.as_str()),
@@ -420,18 +410,6 @@ async fn rules_applied_with_the_cli_route_requests() -> anyhow::Result<()> {
 
     let (code, out, err) = meshup(&["route", "delete", "echo.prod", "--admin", &admin], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    eventually_ok(
-        "east routes /api by the policy again",
-        Duration::from_secs(10),
-        || async {
-            let (code, cluster, _) = get(vip, "/api/pay", &[]);
-            anyhow::ensure!(
-                (code, cluster.as_str()) == (200, "west"),
-                "{code} {cluster}"
-            );
-            Ok(())
-        },
-    )
-    .await;
+    routed_to(vip, "/api/pay", "west").await;
     Ok(())
 }

@@ -446,7 +446,7 @@ fn status_error(conn: &Conn, s: Status) -> CliError {
 }
 
 /// Prints an answer: the table, or JSON / YAML.
-fn print<T: Serialize>(conn: &Conn, value: &T, table: fn(&T) -> String) -> Result<()> {
+fn print<T: Serialize>(conn: &Conn, value: &T, table: impl FnOnce(&T) -> String) -> Result<()> {
     let text = match conn.output {
         Output::Table => table(value),
         Output::Json => serde_json::to_string_pretty(value)
@@ -558,21 +558,7 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                     .into_inner();
                 warnings = r.warnings;
             }
-            let view = WriteView {
-                what: "policy",
-                service: f.service.to_string(),
-                revision: 0,
-                previous_revision: 0,
-                changed: false,
-                warnings,
-            };
-            print(&conn, &view, |v| {
-                let mut out = format!("{}: the policy for {} is valid\n", "ok", v.service);
-                for w in &v.warnings {
-                    out.push_str(&format!("warning: {w}\n"));
-                }
-                out
-            })
+            print_valid(&conn, "policy", f.service.to_string(), "is", warnings)
         }
         PolicyCommand::Set {
             file,
@@ -636,22 +622,67 @@ async fn policy(command: PolicyCommand) -> Result<()> {
                 .await
                 .map_err(|s| cas_error(&conn, s, "policy"))?
                 .into_inner();
-            let view = WriteView {
-                what: "policy",
+            print_deleted(
+                &conn,
+                "policy",
                 service,
-                revision: r.revision,
-                previous_revision: revision.unwrap_or(0),
-                changed: true,
-                warnings: Vec::new(),
-            };
-            print(&conn, &view, |v| {
-                format!(
-                    "deleted the policy for {} (catalog revision {}): the default applies again\n",
-                    v.service, v.revision
-                )
-            })
+                revision.unwrap_or(0),
+                r.revision,
+                "the default applies again",
+            )
         }
     }
+}
+
+/// Prints that a policy or route file is valid (`is`: "is" or "are"), with the gateway's
+/// warnings.
+fn print_valid(
+    conn: &Conn,
+    what: &'static str,
+    service: String,
+    is: &str,
+    warnings: Vec<String>,
+) -> Result<()> {
+    let view = WriteView {
+        what,
+        service,
+        revision: 0,
+        previous_revision: 0,
+        changed: false,
+        warnings,
+    };
+    print(conn, &view, |v| {
+        let mut out = format!("ok: the {} for {} {is} valid\n", v.what, v.service);
+        for w in &v.warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        out
+    })
+}
+
+/// Prints a delete of a policy or route rules; `now` says what holds after it.
+fn print_deleted(
+    conn: &Conn,
+    what: &'static str,
+    service: String,
+    previous_revision: i64,
+    revision: i64,
+    now: &str,
+) -> Result<()> {
+    let view = WriteView {
+        what,
+        service,
+        revision,
+        previous_revision,
+        changed: true,
+        warnings: Vec::new(),
+    };
+    print(conn, &view, |v| {
+        format!(
+            "deleted the {} for {} (catalog revision {}): {now}\n",
+            v.what, v.service, v.revision
+        )
+    })
 }
 
 /// Writes the file's policy if the stored one is still at `revision` (0: none stored), and

@@ -347,9 +347,6 @@ pub fn resolve(r: &pb::ResolveResponse) -> String {
 }
 
 pub fn policy(v: &PolicyView) -> String {
-    let record: Result<meshup_core::policy::PolicyRecord, _> =
-        serde_json::from_value(v.policy.clone());
-    let service: Result<meshup_core::names::ServiceKey, _> = v.service.parse();
     let head = if v.found {
         format!(
             "# policy for {} at revision {} (set it with --revision {})\n",
@@ -361,12 +358,26 @@ pub fn policy(v: &PolicyView) -> String {
             v.service
         )
     };
-    match (record, service) {
-        (Ok(r), Ok(s)) => head + &meshup_admin_api::policy_file::to_yaml(&s, &r),
-        _ => format!(
-            "{head}# the stored record does not decode; as stored:\n{}\n",
-            v.policy
-        ),
+    as_file(
+        head,
+        &v.service,
+        &v.policy,
+        meshup_admin_api::policy_file::to_yaml,
+    )
+}
+
+/// A stored record (policy, route rules) as the file to edit: `head` (a comment), then the
+/// file `to_yaml` makes of it; a record that does not decode is shown as stored.
+pub fn as_file<R: serde::de::DeserializeOwned>(
+    head: String,
+    service: &str,
+    record: &serde_json::Value,
+    to_yaml: fn(&meshup_core::names::ServiceKey, &R) -> String,
+) -> String {
+    let decoded: Result<R, _> = serde_json::from_value(record.clone());
+    match (decoded, service.parse()) {
+        (Ok(r), Ok(s)) => head + &to_yaml(&s, &r),
+        _ => format!("{head}# the stored record does not decode; as stored:\n{record}\n"),
     }
 }
 

@@ -11,15 +11,16 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use meshup_admin_api::pb;
 use meshup_admin_api::route_file::{self, RouteFile};
-use meshup_core::names::ServiceKey;
-use meshup_core::routes::RouteRecord;
 use serde::Serialize;
 use tonic::Code;
 use tonic::transport::Channel;
 
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 
-use super::{Conn, Result, WriteView, cas_error, connect, print, read_file, render, status_error};
+use super::{
+    Conn, Result, WriteView, cas_error, connect, print, print_deleted, print_valid, read_file,
+    render, status_error,
+};
 
 #[derive(Debug, Subcommand)]
 pub enum RouteCommand {
@@ -133,21 +134,7 @@ pub async fn run(command: RouteCommand) -> Result<()> {
                     .into_inner()
                     .warnings;
             }
-            let view = WriteView {
-                what: WHAT,
-                service: f.service.to_string(),
-                revision: 0,
-                previous_revision: 0,
-                changed: false,
-                warnings,
-            };
-            print(&conn, &view, |v| {
-                let mut out = format!("ok: the route rules for {} are valid\n", v.service);
-                for w in &v.warnings {
-                    out.push_str(&format!("warning: {w}\n"));
-                }
-                out
-            })
+            print_valid(&conn, WHAT, f.service.to_string(), "are", warnings)
         }
         RouteCommand::Apply {
             file,
@@ -218,20 +205,14 @@ pub async fn run(command: RouteCommand) -> Result<()> {
                 .await
                 .map_err(|s| cas_error(&conn, s, "route"))?
                 .into_inner();
-            let view = WriteView {
-                what: WHAT,
+            print_deleted(
+                &conn,
+                WHAT,
                 service,
-                revision: r.revision,
-                previous_revision: revision.unwrap_or(0),
-                changed: true,
-                warnings: Vec::new(),
-            };
-            print(&conn, &view, |v| {
-                format!(
-                    "deleted the route rules for {} (catalog revision {}): every request follows the failover policy again\n",
-                    v.service, v.revision
-                )
-            })
+                revision.unwrap_or(0),
+                r.revision,
+                "every request follows the failover policy again",
+            )
         }
     }
 }
@@ -313,12 +294,5 @@ fn render_get(v: &RoutesView) -> String {
             v.service
         )
     };
-    let record: std::result::Result<RouteRecord, _> = serde_json::from_value(v.routes.clone());
-    match (record, v.service.parse::<ServiceKey>()) {
-        (Ok(r), Ok(s)) => head + &route_file::to_yaml(&s, &r),
-        _ => format!(
-            "{head}# the stored record does not decode; as stored:\n{}\n",
-            v.routes
-        ),
-    }
+    render::as_file(head, &v.service, &v.routes, route_file::to_yaml)
 }
