@@ -1,10 +1,10 @@
 //! Remote admin over mutual TLS (`admin.grpc_remote`), with whole gateways (`app::Gateway`)
 //! on the embedded store and real TLS: an operator certificate from
 //! `meshup certs issue --operator` may read and write, and every write names it (drills'
-//! `who`, the audit entry's `ended_by`, a policy's `updated_by`); no client certificate, a
-//! gateway SVID, another federation's operator, an operator left off `admin.operators`, and a
-//! plaintext client are all refused with nothing written; the loopback listener works as
-//! before, its writes recorded as the local caller's.
+//! `who`, the audit entry's `ended_by`, a policy's and route rules' `updated_by`); no client
+//! certificate, a gateway SVID, another federation's operator, an operator left off
+//! `admin.operators`, and a plaintext client are all refused with nothing written; the
+//! loopback listener works as before, its writes recorded as the local caller's.
 
 mod common;
 
@@ -310,6 +310,19 @@ async fn operators_write_under_their_own_name_and_nobody_else_gets_in() {
         assert_eq!(policies.len(), 1);
         assert_eq!(policies[0].updated_by.as_deref(), Some("ana"));
         assert!(policies[0].updated_at.is_some_and(|t| t >= before), "{:?}", policies[0].updated_at);
+        // Route rules the same way.
+        let routes_key = KeyLayout::new(PREFIX).expect("layout").routes(&"pay.prod".parse().expect("key"));
+        ana.apply_routes(pb::ApplyRoutesRequest {
+            service: "pay.prod".into(),
+            routes_json: r#"{"schema":1,"rules":[{"name":"all"}],"updated_by":"mallory"}"#.into(),
+            revision: 0,
+        })
+        .await
+        .expect("ana applies route rules");
+        let kv = store::get(&store, routes_key.clone()).await.expect("get").expect("stored");
+        let routes = meshup_core::routes::decode(&kv.value).expect("a route record");
+        assert_eq!(routes.updated_by.as_deref(), Some("ana"));
+        assert!(routes.updated_at.is_some_and(|t| t >= before), "{routes:?}");
 
         // --- loopback, as before: the caller names itself ------------------------------
         let mut local = AdminServiceClient::connect(format!("http://{loopback}")).await.expect("loopback");
@@ -335,6 +348,12 @@ async fn operators_write_under_their_own_name_and_nobody_else_gets_in() {
         let (drills, _, policies) = written(&store).await;
         assert_eq!(drills.iter().map(|d| d.who.as_str()).collect::<Vec<_>>(), ["bo"]);
         assert_eq!(policies[0].updated_by.as_deref(), Some("local"));
+        local
+            .set_routes(pb::SetRoutesRequest { service: "pay.prod".into(), routes_json: r#"{"schema":1,"rules":[{"name":"local"}]}"#.into() })
+            .await
+            .expect("loopback route rules write");
+        let kv = store::get(&store, routes_key).await.expect("get").expect("stored");
+        assert_eq!(meshup_core::routes::decode(&kv.value).expect("a route record").updated_by.as_deref(), Some("local"));
 
         drop(west);
     })
