@@ -196,6 +196,31 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         ],
     )?;
     assert_eq!(series as usize, west_n);
+
+    // SIGTERM with an idle keep-alive client: the connection is closed at once (after its
+    // last response), so the drain completes instead of waiting out its deadline.
+    idle_keep_alive_does_not_hold_the_drain(fed).await
+}
+
+async fn idle_keep_alive_does_not_hold_the_drain(mut fed: Federation) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(fed.vip).await?;
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("cluster=") {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    fed.east.signal("-TERM");
+    let code = fed.east.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "a completed drain exits 0");
+    let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await??;
+    assert_eq!(n, 0, "the idle client connection was closed");
+    let log = fed.east.log_text();
+    assert!(log.contains("drain complete"), "{log}");
     Ok(())
 }
 
@@ -278,6 +303,57 @@ async fn a_failing_cluster_is_retried_around_and_ejected_and_a_post_is_never_rep
         &["destination_cluster=\"west\""],
     )?;
     assert!(ejections >= 1.0, "ejections {ejections}");
+
+    hostile_clients_are_held_to_the_limits(vip, &north).await
+}
+
+/// A header block past 64 KiB gets 431 and reaches no backend; connections that never finish
+/// their headers are closed after the header timeout while other clients are served.
+async fn hostile_clients_are_held_to_the_limits(
+    vip: SocketAddr,
+    backend: &WebBackend,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = backend.answered(None);
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    let (code, _, _) = get(vip, "/big", &[&big]);
+    assert_eq!(code, 431, "a 70 KiB header block");
+    assert_eq!(backend.answered(None), before, "no backend saw it");
+
+    let started = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(vip).await?;
+        s.write_all(b"GET /never HTTP/1.1\r\nHost: echo\r\nx-slow: 1\r\n")
+            .await?;
+        slow.push(s);
+    }
+    // Other clients are served meanwhile.
+    let (code, cluster, _) = get(vip, "/meanwhile", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "north"));
+    let mut buf = [0u8; 1024];
+    for mut s in slow {
+        // Closed by the gateway (possibly after a 408): reads end within the timeout.
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a connection without its headers stayed open"
+        );
+    }
+    let took = started.elapsed();
+    println!("20 connections that never finished their headers were closed after {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the 10 s timeout"
+    );
     Ok(())
 }
 

@@ -59,6 +59,7 @@ pub(super) async fn serve(
     client: SocketAddr,
     route: Arc<Route>,
 ) {
+    let draining = shared.stop_listeners.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let route = route.clone();
@@ -76,10 +77,19 @@ pub(super) async fn serve(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_pending_accept_reset_streams(64);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    // Draining: requests in flight finish, then the connection closes (HTTP/1.1 after the
+    // current response, h2 with GOAWAY), so an idle keep-alive client does not hold the
+    // drain until its deadline.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%client, error = %e, "http connection ended with an error");
     }
 }
