@@ -365,6 +365,7 @@ impl Gateway {
             outbound::VipListeners {
                 range: config.vip_cidr,
                 sockets: sockets.clone(),
+                serving_cluster_header: config.http.serving_cluster_header(),
             },
             outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),

@@ -48,6 +48,8 @@ pub struct Options<'a> {
     pub backends: Option<[SocketAddr; 2]>,
     /// The export port's `app_protocol` (`http`, `grpc`); `None`: tcp.
     pub app_protocol: Option<&'a str>,
+    /// East's `http.serving_cluster_header`; `None`: none.
+    pub serving_cluster_header: Option<&'a str>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -157,7 +159,10 @@ impl Federation {
             ..spec("west", &west_cidr, Some(&west_echo))
         });
         let mut north = GatewayProcess::start(spec("north", &north_cidr, Some(&north_echo)));
-        let mut east = GatewayProcess::start(spec("east", &east_cidr, None));
+        let mut east = GatewayProcess::start(GatewaySpec {
+            serving_cluster_header: options.serving_cluster_header,
+            ..spec("east", &east_cidr, None)
+        });
         for g in [&mut west, &mut north, &mut east] {
             g.wait_ready().await;
         }

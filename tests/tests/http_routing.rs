@@ -62,6 +62,7 @@ async fn federation(
         vip_octet: octet,
         backends: Some(backends),
         app_protocol: Some(app),
+        serving_cluster_header: (app == "http").then_some("x-meshup-cluster"),
         // Outlier detection's first ejection outlasts the test.
         base_ejection: Some(Duration::from_secs(120)),
         ..Options::default()
@@ -135,6 +136,11 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     );
     assert!(
         out.to_ascii_lowercase().contains("x-served-by: north"),
+        "{out}"
+    );
+    // The gateway's own header naming the serving cluster (configured on east).
+    assert!(
+        out.to_ascii_lowercase().contains("x-meshup-cluster: north"),
         "{out}"
     );
 

@@ -250,6 +250,11 @@ async fn handle(
                 if !again {
                     let mut resp = resp;
                     finish_response(&mut resp, rule, upgrade, status);
+                    if let Some(name) = &shared.serving_cluster_header
+                        && let Ok(value) = HeaderValue::from_str(cluster.as_str())
+                    {
+                        resp.headers_mut().insert(name.clone(), value);
+                    }
                     count(
                         sm,
                         &plan,
