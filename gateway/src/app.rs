@@ -837,6 +837,12 @@ pub fn local_exports(exports: &[ExportConfig], health: &HealthMap) -> LocalExpor
                 usable
             },
             allowed_callers: e.allowed_callers.clone(),
+            http_ports: e
+                .ports
+                .iter()
+                .filter(|p| p.app_protocol.per_request())
+                .map(|p| p.port)
+                .collect(),
         }
     }))
 }

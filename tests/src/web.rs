@@ -8,7 +8,7 @@
 //! - [`WebBackend::fail_with`] makes every request (or only those of one method) answer a
 //!   status instead.
 //!
-//! It counts the requests it answered, by method. [`GrpcBackend`] is a tonic gRPC server with
+//! It counts the requests it answered, by method, and the connections it accepted. [`GrpcBackend`] is a tonic gRPC server with
 //! the standard health service, reporting one service named after its cluster as serving.
 
 use std::collections::BTreeMap;
@@ -32,6 +32,8 @@ struct State {
     answered: BTreeMap<String, u64>,
     /// (method or `None` for every method, status) to answer instead.
     fail: Option<(Option<String>, u16)>,
+    /// Connections accepted.
+    connections: u64,
 }
 
 /// An HTTP backend naming its cluster; serves until dropped.
@@ -55,6 +57,7 @@ impl WebBackend {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                st.lock().expect("backend state").connections += 1;
                 let (st, cluster) = (st.clone(), cluster.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -81,6 +84,11 @@ impl WebBackend {
             Some(m) => st.answered.get(m).copied().unwrap_or(0),
             None => st.answered.values().sum(),
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.lock().expect("backend state").connections
     }
 
     /// From now on, answer `status` to every request (`method` `None`) or to that method's;

@@ -151,6 +151,7 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         .map(|i| format!("url = \"http://{vip}/split/{i}\"\n"))
         .collect();
     std::fs::write(&config, urls)?;
+    let west_connections = west.connections();
     let (code, out) = curl(&["-K", path_str(&config), "-w", "connects=%{num_connects}\n"]);
     assert_eq!(code, 0, "curl: {out}");
     let mut by_cluster: BTreeMap<&str, usize> = BTreeMap::new();
@@ -173,6 +174,13 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     assert!(
         (87.0..=93.0).contains(&west_pct),
         "west {west_pct} % (want 90 ± 3)"
+    );
+    // West's gateway sends them to its backend over pooled keep-alive connections.
+    let opened = west.connections() - west_connections;
+    println!("west's backend: {west_n} requests over {opened} connections");
+    assert!(
+        opened <= 8,
+        "{opened} backend connections for {west_n} requests"
     );
 
     // h2c with prior knowledge: routed per request the same way, h2 to the backend.

@@ -11,6 +11,7 @@
 //! caller may retry elsewhere.
 
 mod balance;
+mod http;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,6 +51,9 @@ pub struct LocalExport {
     pub endpoints: Vec<SocketAddr>,
     /// Callers allowed; empty means every cluster of the federation.
     pub allowed_callers: Vec<ClusterName>,
+    /// Of `ports`, those whose `app_protocol` is `http` or `grpc`: their streams are served
+    /// as HTTP over pooled endpoint connections ([`http`]).
+    pub http_ports: Vec<u16>,
 }
 
 impl LocalExport {
@@ -121,7 +125,9 @@ struct Shared {
     draining: AtomicBool,
     drain_started: CancellationToken,
     streams: TaskTracker,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
+    /// Pooled endpoint connections of `http` and `grpc` ports.
+    backends: Arc<http::Backends>,
     handshakes: Arc<Semaphore>,
     /// Live connections per caller cluster, capped at `max_connections_per_cluster`.
     per_cluster: Arc<std::sync::Mutex<BTreeMap<ClusterName, u32>>>,
@@ -180,7 +186,8 @@ impl Server {
             draining: AtomicBool::new(false),
             drain_started: CancellationToken::new(),
             streams: TaskTracker::new(),
-            balancer: Balancer::default(),
+            balancer: Default::default(),
+            backends: Default::default(),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_cluster: Arc::default(),
         });
@@ -496,6 +503,47 @@ async fn serve_stream(
                 return;
             }
         };
+        if exports
+            .get(&header.service)
+            .is_some_and(|e| e.http_ports.contains(&header.port))
+        {
+            // An idle pooled connection says an endpoint answers; else a new one must.
+            let first = match shared.backends.ready(&endpoints) {
+                Some(first) => Some(first),
+                None => {
+                    let search = shared.balancer.connect(&endpoints, connect_timeout);
+                    match tokio::time::timeout(connect_timeout, search).await {
+                        Ok(Some((tcp, load))) => tcp
+                            .peer_addr()
+                            .ok()
+                            .map(|ep| http::First::Fresh(ep, tcp, load)),
+                        _ => None,
+                    }
+                }
+            };
+            let Some(first) = first else {
+                guard.set_result(Status::ConnectFailed.as_str());
+                let _ = answer(&mut send, Status::ConnectFailed).await;
+                let _ = recv.stop(RESET_ABORT);
+                return;
+            };
+            if let Err(e) = answer(&mut send, Status::Connected).await {
+                tracing::debug!(error = %e, "caller went away before the answer");
+                guard.set_result("error");
+                return;
+            }
+            let clean = http::serve(
+                shared.backends.clone(),
+                shared.balancer.clone(),
+                endpoints,
+                connect_timeout,
+                first,
+                (send, recv, rest),
+            )
+            .await;
+            guard.set_result(if clean { "done" } else { "reset" });
+            return;
+        }
         // The whole search is bounded by one connect timeout, so the caller (which waits
         // header + connect timeout for our answer) always hears from us first.
         let search = shared.balancer.connect(&endpoints, connect_timeout);
@@ -644,12 +692,14 @@ mod tests {
                 ports: vec![8080],
                 endpoints: vec![ep],
                 allowed_callers: vec![cluster("east")],
+                http_ports: vec![],
             },
             LocalExport {
                 service: key("empty.prod"),
                 ports: vec![80],
                 endpoints: vec![],
                 allowed_callers: vec![],
+                http_ports: vec![],
             },
         ]);
         let h = |svc: &str, port: u16, caller: &str| RequestHeader {

@@ -192,6 +192,7 @@ impl Gateway {
                 ports: vec![SERVICE_PORT],
                 endpoints: vec![backend],
                 allowed_callers: allowed.iter().map(|c| cluster(c)).collect(),
+                http_ports: vec![],
             }])));
     }
 
