@@ -2,7 +2,8 @@
 //!
 //! [`WebBackend`] serves HTTP/1.1 and h2c (prior knowledge) on a loopback port and names its
 //! cluster in every answer, so a test knows which cluster served each request:
-//! - any path: `200`, body `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v>`;
+//! - any path: `200`, body
+//!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>`;
 //! - `/slow`: the same after 2 s;
 //! - an `Upgrade: websocket` request: `101`, then every byte echoed on the connection;
 //! - [`WebBackend::fail_with`] makes every request (or only those of one method) answer a
@@ -120,13 +121,17 @@ async fn answer(
             .map(|(_, s)| s)
     };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
         req.version(),
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
     );
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut()

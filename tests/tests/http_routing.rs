@@ -78,6 +78,7 @@ const RULES: &str = r#"{"schema": 1, "rules": [
     {"name": "api", "match": [{"path": {"prefix": "/api"}}], "destinations": [{"cluster": "north"}]},
     {"name": "slow", "match": [{"path": {"exact": "/slow"}}], "timeout": "500ms",
      "retry": {"attempts": 1}},
+    {"name": "west", "match": [{"path": {"prefix": "/west"}}], "destinations": [{"cluster": "west"}]},
     {"name": "split", "match": [{"path": {"prefix": "/split"}}],
      "destinations": [{"cluster": "west", "weight": 90}, {"cluster": "north", "weight": 10}]}
 ]}"#;
@@ -138,6 +139,10 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         out.to_ascii_lowercase().contains("x-served-by: north"),
         "{out}"
     );
+    // W3C trace context passes untouched.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, _, body) = get(vip, "/traced", &[&format!("traceparent: {trace}")]);
+    assert!(body.contains(&format!("trace={trace}")), "{body}");
     // The gateway's own header naming the serving cluster (configured on east).
     assert!(
         out.to_ascii_lowercase().contains("x-meshup-cluster: north"),
@@ -187,7 +192,7 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/api/h2")]);
     assert_eq!(cluster_of(&out), Some("north"), "{out}");
     assert!(out.contains("version=HTTP/2.0"), "{out}");
-    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/h2")]);
+    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/west/h2")]);
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
 
     // A WebSocket upgrade passes through as a tunnel: bytes echoed after the 101.

@@ -178,6 +178,8 @@ async fn handle(
 
     let mut body = Some(body.boxed());
     let mut attempts = 0u32;
+    // Failed tries that reached a backend: the next retry waits (`retry_backoff`).
+    let mut reached_backend = 0u32;
     let mut failure = Answer::NoRoute;
     let sm = &steering.metrics;
     let labels = plan.prepared.labels();
@@ -214,6 +216,13 @@ async fn handle(
             sm.retries
                 .get_or_create(&labels.to(Label::from(cluster)))
                 .inc();
+        }
+        if reached_backend > 0 {
+            let wait = retry_backoff(reached_backend - 1, steering.draw());
+            if Instant::now() + wait >= deadline {
+                break;
+            }
+            tokio::time::sleep(wait).await;
         }
         attempts += 1;
         let more_after = i + 1 < order.len() && attempts < retry.attempts;
@@ -295,6 +304,9 @@ async fn handle(
         };
         if let Err(f) = outcome {
             let stop = f.sent && !replayable;
+            if f.sent {
+                reached_backend += 1;
+            }
             failure = f.answer;
             if stop || Instant::now() >= deadline {
                 break;
@@ -664,6 +676,15 @@ fn status_retried(status: StatusCode, retry: &HttpRetry, replayable: bool) -> bo
     replayable && retry.on_status.contains(&status.as_u16())
 }
 
+/// The wait before a retry that follows `n` earlier tries that reached a backend (a status,
+/// a reset, a timeout): uniform in 0..=25 ms × 2ⁿ, at most 250 ms (Envoy's defaults, full
+/// jitter), so a struggling service is not hit by every client's retries at once. A try that
+/// reached nothing (a refused stream) is retried at once, elsewhere.
+fn retry_backoff(n: u32, draw: u64) -> Duration {
+    let cap_ms = (25u64 << n.min(4)).min(250);
+    Duration::from_micros(draw % (cap_ms * 1000 + 1))
+}
+
 /// RFC 9110 §9.2.2.
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -814,6 +835,25 @@ mod tests {
         ] {
             assert_eq!(is_idempotent(&m), want, "{m}");
         }
+    }
+
+    #[test]
+    fn retries_after_a_backend_answered_wait_a_jittered_growing_time() {
+        for (n, cap_ms) in [(0, 25), (1, 50), (2, 100), (3, 200), (4, 250), (9, 250)] {
+            let cap = Duration::from_millis(cap_ms);
+            let waits: Vec<Duration> = (0..1000u64)
+                .map(|d| retry_backoff(n, d.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                .collect();
+            assert!(waits.iter().all(|w| *w <= cap), "n={n}");
+            let max = waits.iter().max().copied().unwrap_or_default();
+            let min = waits.iter().min().copied().unwrap_or_default();
+            assert!(
+                max > cap * 9 / 10 && min < cap / 10,
+                "n={n}: {min:?}..{max:?} spread over 0..={cap:?}"
+            );
+        }
+        assert_eq!(retry_backoff(0, 0), Duration::ZERO);
+        assert_eq!(retry_backoff(0, 25_000), Duration::from_millis(25));
     }
 
     #[test]
