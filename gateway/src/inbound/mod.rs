@@ -503,51 +503,31 @@ async fn serve_stream(
                 return;
             }
         };
-        if exports
+        let per_request = exports
             .get(&header.service)
-            .is_some_and(|e| e.http_ports.contains(&header.port))
-        {
-            // An idle pooled connection says an endpoint answers; else a new one must.
-            let first = match shared.backends.ready(&endpoints) {
-                Some(first) => Some(first),
-                None => {
-                    let search = shared.balancer.connect(&endpoints, connect_timeout);
-                    match tokio::time::timeout(connect_timeout, search).await {
-                        Ok(Some((tcp, load))) => tcp
-                            .peer_addr()
-                            .ok()
-                            .map(|ep| http::First::Fresh(ep, tcp, load)),
-                        _ => None,
-                    }
+            .is_some_and(|e| e.http_ports.contains(&header.port));
+        // An `http` or `grpc` port needs an endpoint known to answer: an idle pooled
+        // connection, else a new one, as a spliced stream needs.
+        let pooled = per_request
+            .then(|| shared.backends.ready(&endpoints))
+            .flatten();
+        let upstream = match pooled {
+            Some(first) => Some(Upstream::Http(first)),
+            None => {
+                // The whole search is bounded by one connect timeout, so the caller (which
+                // waits header + connect timeout for our answer) always hears from us first.
+                let search = shared.balancer.connect(&endpoints, connect_timeout);
+                match tokio::time::timeout(connect_timeout, search).await {
+                    Ok(Some((tcp, load))) if per_request => tcp
+                        .peer_addr()
+                        .ok()
+                        .map(|ep| Upstream::Http(http::First::Fresh(ep, tcp, load))),
+                    Ok(Some((tcp, load))) => Some(Upstream::Tcp(tcp, load)),
+                    _ => None,
                 }
-            };
-            let Some(first) = first else {
-                guard.set_result(Status::ConnectFailed.as_str());
-                let _ = answer(&mut send, Status::ConnectFailed).await;
-                let _ = recv.stop(RESET_ABORT);
-                return;
-            };
-            if let Err(e) = answer(&mut send, Status::Connected).await {
-                tracing::debug!(error = %e, "caller went away before the answer");
-                guard.set_result("error");
-                return;
             }
-            let clean = http::serve(
-                shared.backends.clone(),
-                shared.balancer.clone(),
-                endpoints,
-                connect_timeout,
-                first,
-                (send, recv, rest),
-            )
-            .await;
-            guard.set_result(if clean { "done" } else { "reset" });
-            return;
-        }
-        // The whole search is bounded by one connect timeout, so the caller (which waits
-        // header + connect timeout for our answer) always hears from us first.
-        let search = shared.balancer.connect(&endpoints, connect_timeout);
-        let Ok(Some((tcp, load))) = tokio::time::timeout(connect_timeout, search).await else {
+        };
+        let Some(upstream) = upstream else {
             guard.set_result(Status::ConnectFailed.as_str());
             let _ = answer(&mut send, Status::ConnectFailed).await;
             let _ = recv.stop(RESET_ABORT);
@@ -558,6 +538,22 @@ async fn serve_stream(
             guard.set_result("error");
             return;
         }
+        let (tcp, load) = match upstream {
+            Upstream::Tcp(tcp, load) => (tcp, load),
+            Upstream::Http(first) => {
+                let clean = http::serve(
+                    shared.backends.clone(),
+                    shared.balancer.clone(),
+                    endpoints,
+                    connect_timeout,
+                    first,
+                    (send, recv, rest),
+                )
+                .await;
+                guard.set_result(if clean { "done" } else { "reset" });
+                return;
+            }
+        };
         let idle = shared.endpoint.config().stream_idle_timeout;
         let outcome = splice(tcp, send, recv, &rest, idle).await;
         drop(load);
@@ -567,6 +563,13 @@ async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+/// Where an accepted stream goes: spliced to a new endpoint connection, or served as HTTP
+/// over pooled ones ([`http`]).
+enum Upstream {
+    Tcp(TcpStream, balance::Load),
+    Http(http::First),
 }
 
 /// Header timeouts in a row on one connection. A peer gateway sends the header with the

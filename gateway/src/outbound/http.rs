@@ -242,19 +242,18 @@ async fn handle(
             cluster_failed: true,
             sent: true,
         }));
+        // The circuit breaker's count of this try ends with its response headers.
+        let finished = |ok: bool| {
+            let mut st = steering.lock();
+            st.health.attempt_finished(&route.service, cluster, ok);
+            st.health.connection_ended(&route.service, cluster);
+        };
         let outcome: Result<(), TryFailed> = match tried {
             Ok(resp) => {
                 let status = resp.status();
                 let again = status_retried(status, &retry, replayable) && more_after;
                 let ok = !status.is_server_error();
-                steering
-                    .lock()
-                    .health
-                    .attempt_finished(&route.service, cluster, ok);
-                steering
-                    .lock()
-                    .health
-                    .connection_ended(&route.service, cluster);
+                finished(ok);
                 steering.record(&route.service, cluster, &plan, ok);
                 if !again {
                     let mut resp = resp;
@@ -285,14 +284,7 @@ async fn handle(
                 })
             }
             Err(f) => {
-                steering
-                    .lock()
-                    .health
-                    .attempt_finished(&route.service, cluster, false);
-                steering
-                    .lock()
-                    .health
-                    .connection_ended(&route.service, cluster);
+                finished(false);
                 if f.cluster_failed {
                     steering.record(&route.service, cluster, &plan, false);
                 }
