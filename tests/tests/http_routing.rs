@@ -76,6 +76,9 @@ const RULES: &str = r#"{"schema": 1, "rules": [
      "request_headers": {"set": {"x-route-tag": "canary"}},
      "response_headers": {"add": {"x-route": "canary"}}},
     {"name": "api", "match": [{"path": {"prefix": "/api"}}], "destinations": [{"cluster": "north"}]},
+    {"name": "slow-tries", "match": [{"path": {"exact": "/slow"}, "headers": [{"name": "x-tries"}]}],
+     "timeout": "5s", "retry": {"attempts": 2, "per_try_timeout": "300ms"},
+     "destinations": [{"cluster": "west"}, {"cluster": "north"}]},
     {"name": "slow", "match": [{"path": {"exact": "/slow"}}], "timeout": "500ms",
      "retry": {"attempts": 1}},
     {"name": "west", "match": [{"path": {"prefix": "/west"}}], "destinations": [{"cluster": "west"}]},
@@ -204,6 +207,25 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     let took = started.elapsed();
     assert_eq!(code, 504);
     assert!(took < Duration::from_millis(1500), "took {took:?}");
+
+    // Per-try timeouts: west, then north, each cut at 0.3 s (a GET is replayable), then 504.
+    let (west_before, north_before) = (west.answered(None), north.answered(None));
+    let started = std::time::Instant::now();
+    let (code, _, _) = get(vip, "/slow", &["x-tries: 1"]);
+    let took = started.elapsed();
+    assert_eq!(code, 504);
+    assert_eq!(
+        (
+            west.answered(None) - west_before,
+            north.answered(None) - north_before
+        ),
+        (1, 1),
+        "one try at each cluster"
+    );
+    assert!(
+        (Duration::from_millis(550)..Duration::from_millis(1900)).contains(&took),
+        "two tries of 0.3 s took {took:?}"
+    );
 
     // Counted by destination, route and code.
     let series = fed.east.metric_sum(
