@@ -274,16 +274,14 @@ impl Drop for Sink {
 
 /// A tunnel endpoint that is not a gateway, for the control phase of an attack by an
 /// authenticated peer: it holds `cluster`'s certificate (so the attacker's dial succeeds as
-/// it does against a gateway of that cluster), accepts every connection and stream, reads
-/// what arrives and never answers, and keeps each stream until the peer goes. It runs on a
-/// thread and runtime of its own, as a gateway is a process of its own: the machine carries
-/// the attacker and a QUIC server taking its packets, but no gateway's work.
-///
-/// Of the gateway's limits it keeps QUIC's stream limit (the tunnel config's) and the number
-/// of streams taken per connection, but no header timeout and no closing of stalling
-/// connections. So the attacker's churn that those
-/// limits cause at a gateway (resets, reconnects, handshakes) is not in the control phase;
-/// that share is the gateway's defence at work, and counts against it.
+/// it does against a gateway of that cluster) and plays a gateway's limits on streams
+/// without a header, and nothing else: it takes at most `held_per_connection` streams of a
+/// connection at a time (the rest wait inside QUIC), reads and drops what they send, resets
+/// each one `header_timeout` after taking it (it never reads a header), and closes a
+/// connection once `held_per_connection` of its streams were reset. So the attacker goes
+/// through the same churn as at a gateway (streams reset, connections closed, reconnects and
+/// handshakes), on a thread and runtime of its own, as a gateway is a process of its own;
+/// what a control phase against it leaves out is the gateway's own work.
 #[derive(Debug)]
 pub struct QuicSink {
     addr: SocketAddr,
@@ -292,10 +290,13 @@ pub struct QuicSink {
 }
 
 impl QuicSink {
-    /// Starts the sink with `cluster`'s certificate; it takes at most `held_per_connection`
-    /// streams of a connection (a gateway's `tunnel.max_pending_headers`: the streams it
-    /// takes before a header arrives), and leaves the rest waiting inside QUIC.
-    pub fn start(certs: &Certs, cluster: &str, held_per_connection: usize) -> anyhow::Result<Self> {
+    /// Starts the sink with `cluster`'s certificate and a gateway's limits (above).
+    pub fn start(
+        certs: &Certs,
+        cluster: &str,
+        held_per_connection: usize,
+        header_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let dir = certs.of(cluster);
@@ -325,19 +326,9 @@ impl QuicSink {
                     let accept = async {
                         while let Some(incoming) = endpoint.quinn().accept().await {
                             tokio::spawn(async move {
-                                let Ok(conn) = incoming.await else { return };
-                                for _ in 0..held_per_connection {
-                                    let Ok((send, mut recv)) = conn.accept_bi().await else {
-                                        return;
-                                    };
-                                    tokio::spawn(async move {
-                                        let _hold = send;
-                                        let mut buf = [0u8; 4096];
-                                        while let Ok(Some(_)) = recv.read(&mut buf).await {}
-                                    });
+                                if let Ok(conn) = incoming.await {
+                                    hold_streams(conn, held_per_connection, header_timeout).await;
                                 }
-                                // The rest wait inside QUIC, as at a gateway.
-                                conn.closed().await;
                             });
                         }
                     };
@@ -362,6 +353,39 @@ impl QuicSink {
     /// The sink's UDP address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+}
+
+/// One connection of the [`QuicSink`]: streams taken `held` at a time, each reset after
+/// `timeout`, the connection closed after `held` resets.
+async fn hold_streams(conn: quinn::Connection, held: usize, timeout: Duration) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(held));
+    let resets = Arc::new(AtomicU64::new(0));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            _ = conn.closed() => return,
+        };
+        let Ok(slot) = slot else { return };
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let (conn, resets) = (conn.clone(), resets.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let drained = tokio::time::timeout(timeout, async {
+                let mut buf = [0u8; 4096];
+                while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            })
+            .await;
+            if drained.is_err() {
+                let _ = send.reset(0u32.into());
+                let _ = recv.stop(0u32.into());
+                if resets.fetch_add(1, Ordering::Relaxed) + 1 >= held as u64 {
+                    conn.close(0u32.into(), b"stalling");
+                }
+            }
+        });
     }
 }
 

@@ -227,9 +227,11 @@ struct Control<'a> {
 const QUIC_JUNK_P99_BOUND: f64 = 15.0;
 /// Malformed DNS and the slow-loris: measured 1.2–3.6× the control phase.
 const DNS_FLOOD_P99_BOUND: f64 = 5.0;
-/// The stalling and trickling peer: measured 11.4× the control phase in a first run
-/// (preliminary; see docs/reliability.md).
-const STALL_P99_BOUND: f64 = 15.0;
+/// The stalling and trickling peer, against a [`QuicSink`] playing the gateway's stream
+/// limits: measured 0.2–4.1× the control phase in 7 runs (1.2, 1.5, 1.5, 1.7, 2.2, 4.1 and
+/// 0.2 when the control phase itself had a 1 s stall), so the 3× promise held in 6 of 7. The
+/// bound is the highest ratio measured with a margin of 1.5 for the shared machine.
+const STALL_P99_BOUND: f64 = 6.0;
 
 /// `p99 under attack / control p99` (and `/ clean p99`), for the table.
 fn p99_ratio(figures: &FaultFigures, control: Control<'_>) -> String {
@@ -1035,9 +1037,14 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
     };
     let in_flight_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // The control phase: the same attack, from this process as well, aimed at a tunnel
-    // endpoint with west's certificate that takes every stream and never answers.
-    let sink = QuicSink::start(&fed.certs, "west", DEFAULT_MAX_PENDING_HEADERS as usize)
-        .expect("QUIC sink");
+    // endpoint with west's certificate that plays the gateway's stream limits.
+    let sink = QuicSink::start(
+        &fed.certs,
+        "west",
+        DEFAULT_MAX_PENDING_HEADERS as usize,
+        DEFAULT_HEADER_TIMEOUT,
+    )
+    .expect("QUIC sink");
     let mut sink_conns = Vec::new();
     for _ in 0..=stallers {
         sink_conns.push(
@@ -1111,8 +1118,13 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
         &memory,
         &[
             format!(
-                "control (the same attack aimed at a tunnel endpoint that takes streams and never answers): {} streams opened by the stallers, {} by the trickler",
+                "control (the same attack aimed at a QuicSink playing the gateway's stream limits): stallers opened {} streams, {} reset, {} connections closed and reconnected; the trickler opened {}",
                 control_stalls.iter().map(|s| s.opened).sum::<usize>(),
+                control_stalls.iter().map(|s| s.reset).sum::<usize>(),
+                control_stalls
+                    .iter()
+                    .map(|s| s.closed_by_gateway)
+                    .sum::<usize>(),
                 control_trickles.0
             ),
             format!(
