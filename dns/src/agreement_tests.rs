@@ -2,6 +2,8 @@
 //! fast path takes: same flags, rcode, question (as sent), sections and OPT. Checked for every
 //! name form of a fixed catalog, and for seeded random (and mutated) queries over a catalog
 //! that keeps changing, so a fast table that misses a change disagrees with the catalog.
+//! Header flags too: a query's flags (AD as `dig` sends it, CD, DO, and the bits that mean
+//! nothing in a query) never change which path answers, and both answer them alike.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -40,9 +42,41 @@ fn mixed_case(name: &Name) -> Name {
     Name::from_ascii(text).unwrap_or_else(|_| name.clone())
 }
 
-fn query(id: u16, name: &Name, qtype: RecordType, edns: Option<u16>, rd: bool) -> Vec<u8> {
+/// Header flags a query may carry, each tried on every query of the name-form check: `(what,
+/// bits set in header byte 2, bits set in byte 3, DO in the OPT)`. `dig`'s defaults are RD, AD
+/// and an OPT (RFC 6840 §5.7); `+dnssec` adds DO, `+cdflag` CD. The rest mean nothing in a
+/// query (AA, TC, RA, Z, RCODE) and must change nothing either.
+const FLAG_VARIANTS: [(&str, u8, u8, bool); 13] = [
+    ("none", 0, 0, false),
+    ("rd", 0x01, 0, false),
+    ("rd ad (dig)", 0x01, 0x20, false),
+    ("rd ad do (dig +dnssec)", 0x01, 0x20, true),
+    ("ad", 0, 0x20, false),
+    ("cd", 0, 0x10, false),
+    ("ad cd", 0, 0x30, false),
+    ("rd ad cd do", 0x01, 0x30, true),
+    ("do", 0, 0, true),
+    ("z", 0, 0x40, false),
+    ("ra", 0, 0x80, false),
+    ("rcode 5", 0, 0x05, false),
+    ("aa tc", 0x06, 0, false),
+];
+
+/// `query` with the flags of one of [`FLAG_VARIANTS`] set.
+fn with_flags(mut q: Vec<u8>, byte2: u8, byte3: u8, dnssec_ok: bool) -> Vec<u8> {
+    q[2] |= byte2;
+    q[3] |= byte3;
+    if dnssec_ok {
+        // The OPT, last and without options: flags are its TTL's third byte.
+        let at = q.len() - 4;
+        q[at] |= 0x80;
+    }
+    q
+}
+
+/// A query without header flags (RD clear), with an OPT of payload `edns` if given.
+fn query(id: u16, name: &Name, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
     let mut msg = Message::new(id, MessageType::Query, OpCode::Query);
-    msg.metadata.recursion_desired = rd;
     msg.add_query(Query::query(name.clone(), qtype));
     if let Some(size) = edns {
         let mut e = Edns::new();
@@ -96,32 +130,69 @@ async fn agree() {
     ];
     let src: SocketAddr = "127.0.0.1:5353".parse().expect("addr");
     let (mut fast_count, mut compared) = (0, 0);
+    let mut fast_by_flags = [0usize; FLAG_VARIANTS.len()];
     let mut out = Vec::new();
     let mut id = 0u16;
     for name in &names {
         for spelled in [name.clone(), mixed_case(name)] {
             for qtype in types {
                 for edns in [None, Some(1232), Some(100), Some(4096)] {
-                    for rd in [false, true] {
+                    // Whether the query without flags took the fast path: with any flags it
+                    // must too (and answer the same as the catalog, flags included).
+                    let mut plain_fast = false;
+                    for (v, &(flags, byte2, byte3, dnssec_ok)) in FLAG_VARIANTS.iter().enumerate() {
+                        if dnssec_ok && edns.is_none() {
+                            continue;
+                        }
                         id = id.wrapping_add(7919);
-                        let q = query(id, &spelled, qtype, edns, rd);
+                        let q =
+                            with_flags(query(id, &spelled, qtype, edns), byte2, byte3, dnssec_ok);
                         let slow = guarded.answer_bytes(&q, src, Protocol::Udp).await;
                         let fast = table.answer(&q, &mut out);
                         compared += 1;
-                        let Fast::Answered { .. } = fast else {
+                        let what = format!("{spelled} {qtype} edns={edns:?} flags: {flags}");
+                        let taken = matches!(fast, Fast::Answered { .. });
+                        if v == 0 {
+                            plain_fast = taken;
+                        } else {
+                            assert_eq!(
+                                taken, plain_fast,
+                                "{what}: the flags alone changed the path (fast: {taken})"
+                            );
+                        }
+                        if !taken {
                             continue;
-                        };
+                        }
                         fast_count += 1;
+                        fast_by_flags[v] += 1;
                         let slow = slow.expect("catalog answers what the fast path answers");
-                        let what = format!("{spelled} {qtype} edns={edns:?} rd={rd}");
                         let question_end = q.len() - if edns.is_some() { 11 } else { 0 };
                         assert_same_answer(&q, question_end, &out, &slow, &what);
+                        // The flags themselves, spelled out (RFC 4035 §3.1.6, RFC 6840 §5.8):
+                        // CD and RD copied, AD, RA and Z clear, DO not copied.
+                        assert_eq!(out[2] & 0x01, q[2] & 0x01, "RD of {what}");
+                        assert_eq!(out[3] & 0xf0, q[3] & 0x10, "RA, Z, AD, CD of {what}");
+                        if edns.is_some() {
+                            assert_eq!(out[out.len() - 4], 0, "DO of {what}");
+                        }
                     }
                 }
             }
         }
     }
     eprintln!("fast path answered {fast_count} of {compared} queries");
+    eprintln!(
+        "fast answers by query flags: {:?}",
+        FLAG_VARIANTS
+            .iter()
+            .map(|v| v.0)
+            .zip(fast_by_flags)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        fast_by_flags[2] > 0 && fast_by_flags[3] > 0,
+        "dig's queries must take the fast path: {fast_by_flags:?}"
+    );
     // The fast path must actually take the ordinary queries.
     assert!(
         fast_count * 2 > compared,
@@ -416,7 +487,11 @@ fn random_query(rng: &mut StdRng, pools: [&[Known]; 3]) -> (Vec<u8>, usize) {
     let mut q = Vec::with_capacity(128);
     q.extend_from_slice(&rng.random::<u16>().to_be_bytes());
     let mut flags2 = u8::from(rng.random_bool(0.5)); // RD
-    let mut flags3 = 0u8;
+    // AD as `dig` sends it by default, CD as `dig +cdflag` does.
+    let mut flags3 = if rng.random_bool(0.3) { 0x20 } else { 0 };
+    if rng.random_bool(0.1) {
+        flags3 |= 0x10;
+    }
     if rng.random_bool(0.08) {
         flags2 = rng.random(); // opcode, AA, TC, even QR
     }
@@ -512,6 +587,8 @@ struct Tally {
     nxdomain: usize,
     positive: usize,
     with_edns: usize,
+    /// Answered with AD or CD in the query.
+    with_ad_or_cd: usize,
     dropped: usize,
     formerr: usize,
 }
@@ -593,6 +670,9 @@ async fn agree_randomly() {
                     if q.len() > question_end {
                         tally.with_edns += 1;
                     }
+                    if q[3] & 0x30 != 0 {
+                        tally.with_ad_or_cd += 1;
+                    }
                 }
                 Fast::Drop => {
                     assert_eq!(
@@ -615,6 +695,7 @@ async fn agree_randomly() {
     assert!(tally.positive * 5 > tally.answered, "{tally:?}");
     assert!(tally.nxdomain * 10 > tally.answered, "{tally:?}");
     assert!(tally.with_edns * 5 > tally.answered, "{tally:?}");
+    assert!(tally.with_ad_or_cd * 5 > tally.answered, "{tally:?}");
     assert!(tally.dropped > 0, "{tally:?}");
     assert!(tally.formerr > 0, "{tally:?}");
 }

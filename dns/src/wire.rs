@@ -5,7 +5,7 @@
 //! catalog change from [`resolve`](crate::answer::resolve). A query that matches is answered
 //! by copying that template and patching only:
 //!
-//! - the ID and the RD bit (copied from the query),
+//! - the ID, the RD bit and the CD bit (copied from the query; see "Header flags"),
 //! - the question (copied byte for byte from the query: same length, since the key is the
 //!   lowercased name, so the client's 0x20 case comes back and compression pointers into the
 //!   question stay valid),
@@ -14,10 +14,28 @@
 //! A message that cannot be read at all (counts its body does not hold, bad label types,
 //! pointers that do not point backwards) is answered FORMERR here, from its header, as the
 //! catalog would; a response or anything shorter than a header is dropped. Anything else
-//! unusual (other opcodes or flags, several questions, a compressed question, an EDNS
+//! unusual (other opcodes, several questions, a compressed question, an EDNS
 //! version above 0, meta query types, a response that would not fit the client's UDP size) returns
 //! [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
 //! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
+//!
+//! ## Header flags
+//!
+//! What an answer keeps of the query's header flags, on both paths (here, and hickory's
+//! `Metadata::response_from_request` on the catalog path, which is the reference). No flag
+//! of an ordinary query (QR=0, opcode QUERY) sends it to the catalog path: `dig` sets AD in
+//! every query (RFC 6840 §5.7), and its queries must stay on the fast path.
+//!
+//! | query bit | in the answer | why |
+//! | --- | --- | --- |
+//! | RD | copied | RFC 1035 §4.1.1 |
+//! | CD | copied | RFC 4035 §3.1.6: the name server "MUST copy the setting of the CD bit from a query to the corresponding response" |
+//! | AD | always 0 | RFC 6840 §5.7: AD in a query only asks for AD in the answer; §5.8: a server sets AD only when it considers the answer's data authentic (DNSSEC), and this zone is unsigned |
+//! | AA, TC | from the answer | meaningless in a query |
+//! | RA | always 0 | no recursion |
+//! | Z | always 0 | RFC 1035 §4.1.1: zero in all queries and responses |
+//! | RCODE | from the answer | meaningless in a query |
+//! | DO (EDNS) | not copied: the answer's OPT has no flags | hickory built without DNSSEC (as here) does not copy it, so neither does the fast path. RFC 3225 §3 says DO "MUST be copied in the response": a known deviation, harmless for an unsigned zone (DO only asks for DNSSEC records, and there are none); copying it would mean patching the catalog path's encoded OPT too |
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
@@ -48,6 +66,10 @@ pub const FAST_TYPES: [RecordType; 7] = [
     RecordType::ANY,
 ];
 const TYPE_OPT: u16 = 41;
+/// RD in the header's third byte, CD in its fourth.
+const FLAG_RD: u8 = 0x01;
+const FLAG_CD: u8 = 0x10;
+
 /// Longest name in wire form (RFC 1035 §3.1).
 const MAX_NAME_WIRE: usize = 255;
 const CLASS_IN: u16 = 1;
@@ -432,8 +454,10 @@ impl FastTable {
         };
         out[0] = query[0];
         out[1] = query[1];
-        // QR, opcode 0, AA and TC from the template; RD echoed from the query.
-        out[2] = (out[2] & !0x01) | (query[2] & 0x01);
+        // QR, opcode 0, AA and TC from the template, RA, Z, AD and RCODE too (all but RCODE
+        // zero); RD and CD echoed from the query (module docs, "Header flags").
+        out[2] = (out[2] & !FLAG_RD) | (query[2] & FLAG_RD);
+        out[3] = (out[3] & !FLAG_CD) | (query[3] & FLAG_CD);
         if let Some(payload) = q.edns_payload {
             let arcount = u16::from_be_bytes([out[10], out[11]]).saturating_add(1);
             out[10..12].copy_from_slice(&arcount.to_be_bytes());
@@ -541,9 +565,11 @@ struct ParsedQuery {
 /// `None` for anything else.
 fn parse_query(p: &[u8], key: &mut [u8; MAX_NAME_WIRE]) -> Option<ParsedQuery> {
     let header = p.get(..HEADER_LEN)?;
-    // QR=0, opcode 0 (QUERY), AA=0, TC=0 in byte 2 (RD may be anything); byte 3: RA, Z,
-    // AD, CD and RCODE all zero.
-    if header[2] & 0xfe != 0 || header[3] != 0 {
+    // QR=0 and opcode 0 (QUERY) in byte 2. AA and TC mean nothing in a query and RD is
+    // echoed; nor does any bit of byte 3 stop the fast path (RA, Z, AD, CD, RCODE): `dig`
+    // sets AD in every query (RFC 6840 §5.7). What the answer echoes: module docs, "Header
+    // flags".
+    if header[2] & 0xf8 != 0 {
         return None;
     }
     let count = |i: usize| u16::from_be_bytes([header[i], header[i + 1]]);

@@ -786,3 +786,70 @@ async fn dig_over_udp_and_tcp() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// Answers counted on one path (`Fast`, `Slow` or `Tcp`), all types and codes together.
+fn answers_on(server: &TestServer, path: &str) -> u64 {
+    let label = format!("path=\"{path}\"");
+    server
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("dns_queries_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A real `dig` with its default flags (RD, AD as RFC 6840 §5.7 allows, an OPT with a
+/// cookie), and with `+dnssec` (DO) and `+cdflag` (CD), is answered on the fast path: each
+/// query adds exactly one fast-path answer and none on the catalog path. The answer's flags
+/// are an authoritative server's: AA, RD and CD echoed, no AD (unsigned zone), no RA.
+#[tokio::test]
+async fn dig_queries_take_the_fast_path() -> anyhow::Result<()> {
+    with_deadline(async {
+        let server = TestServer::start(three_clusters(), |_| {}).await?;
+        let (addr, srv) = (server.addr, &server);
+        // The first table is built after start-up: wait until the fast path answers.
+        eventually_ok(
+            "the fast path answers",
+            Duration::from_secs(10),
+            || async move {
+                let before = answers_on(srv, "Fast");
+                udp_raw(
+                    addr,
+                    &query(1, "pay.prod.svc.clusterset.local.", RecordType::A, None),
+                )
+                .await?;
+                let after = answers_on(srv, "Fast");
+                anyhow::ensure!(after > before, "not answered on the fast path yet");
+                Ok(())
+            },
+        )
+        .await;
+        let at = format!("@{}", server.addr.ip());
+        let port = server.addr.port().to_string();
+        for (extra, flags) in [
+            (None, "flags: qr aa rd;"),
+            (Some("+dnssec"), "flags: qr aa rd;"),
+            (Some("+cdflag"), "flags: qr aa rd cd;"),
+        ] {
+            let mut args = vec![at.as_str(), "-p", port.as_str(), "+time=2", "+tries=1"];
+            args.extend(extra);
+            args.extend(["pay.prod.svc.clusterset.local", "A"]);
+            let (fast, slow) = (answers_on(&server, "Fast"), answers_on(&server, "Slow"));
+            let out = dig(&args).await?;
+            let what = format!("dig {extra:?}");
+            assert!(out.contains("status: NOERROR"), "{what}: {out}");
+            assert!(out.contains("\t10.64.0.1\n"), "{what}: {out}");
+            assert!(out.contains(flags), "{what}: expected {flags:?} in {out}");
+            assert_eq!(
+                (
+                    answers_on(&server, "Fast") - fast,
+                    answers_on(&server, "Slow") - slow
+                ),
+                (1, 0),
+                "{what}: (fast, catalog) path answers for one dig query\n{out}"
+            );
+        }
+        server.stop().await
+    })
+    .await
+}

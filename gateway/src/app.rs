@@ -365,6 +365,7 @@ impl Gateway {
             outbound::VipListeners {
                 range: config.vip_cidr,
                 sockets: sockets.clone(),
+                serving_cluster_header: config.http.serving_cluster_header(),
             },
             outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),
@@ -836,6 +837,12 @@ pub fn local_exports(exports: &[ExportConfig], health: &HealthMap) -> LocalExpor
                 usable
             },
             allowed_callers: e.allowed_callers.clone(),
+            http_ports: e
+                .ports
+                .iter()
+                .filter(|p| p.app_protocol.per_request())
+                .map(|p| p.port)
+                .collect(),
         }
     }))
 }

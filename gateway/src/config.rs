@@ -93,6 +93,9 @@ pub struct Config {
     /// Services this cluster offers to the federation.
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
+    /// Requests of `http` and `grpc` ports (docs/http-routing.md).
+    #[serde(default, skip_serializing_if = "HttpConfig::is_default")]
+    pub http: HttpConfig,
     /// Threads that run the gateway (data path, DNS, catalog). Default: one per CPU core.
     /// On a node whose cores are mostly the workloads', 1 avoids handing work between
     /// threads and is the cheapest per byte and per request.
@@ -234,6 +237,30 @@ impl Default for AdminConfig {
             grpc_remote: None,
             operators: Vec::new(),
         }
+    }
+}
+
+/// How requests of `http` and `grpc` ports are answered (docs/http-routing.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A response header naming the cluster that served each request, e.g.
+    /// `x-meshup-cluster`. Absent (the default): none, since which cluster serves is
+    /// topology some federations keep from their clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_cluster_header: Option<String>,
+}
+
+impl HttpConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The header, once validated ([`Config::validate`]).
+    pub fn serving_cluster_header(&self) -> Option<::http::HeaderName> {
+        self.serving_cluster_header
+            .as_deref()
+            .and_then(|n| ::http::HeaderName::from_bytes(n.as_bytes()).ok())
     }
 }
 
@@ -435,6 +462,15 @@ impl Config {
         self.dns
             .validate()
             .map_err(|e| invalid("dns", e.to_string()))?;
+        if let Some(name) = &self.http.serving_cluster_header
+            && (::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+                || name.bytes().any(|b| b.is_ascii_uppercase()))
+        {
+            return Err(invalid(
+                "http.serving_cluster_header",
+                format!("{name:?} is not a lowercase header name (e.g. x-meshup-cluster)"),
+            ));
+        }
         if self.handover.is_some() && self.tunnel.handover_port.is_none() {
             return Err(invalid(
                 "handover",
@@ -759,6 +795,34 @@ exports:
                 .to_string();
             assert!(err.contains(names), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_serving_cluster_header_is_off_by_default_and_must_be_a_header_name() {
+        assert_eq!(sample().http.serving_cluster_header(), None);
+        let with = |v: &str| {
+            Config::parse(&SAMPLE.replace(
+                "region: us-east-1",
+                &format!("region: us-east-1\nhttp:\n  serving_cluster_header: {v}"),
+            ))
+            .and_then(|c| c.validate().map(|()| c))
+        };
+        let c = with("x-meshup-cluster").expect("valid");
+        assert_eq!(
+            c.http.serving_cluster_header().map(|h| h.to_string()),
+            Some("x-meshup-cluster".to_owned())
+        );
+        for bad in ["\"x meshup\"", "X-Meshup-Cluster"] {
+            let err = with(bad).expect_err(bad).to_string();
+            assert!(err.contains("http.serving_cluster_header"), "{bad}: {err}");
+        }
+        let err = Config::parse(&SAMPLE.replace(
+            "region: us-east-1",
+            "region: us-east-1\nhttp:\n  cluster_header: x",
+        ))
+        .expect_err("unknown field")
+        .to_string();
+        assert!(err.contains("cluster_header"), "{err}");
     }
 
     #[test]

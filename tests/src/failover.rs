@@ -50,6 +50,8 @@ pub struct Options<'a> {
     pub app_protocol: Option<&'a str>,
     /// East serves the gRPC admin API ([`GatewayProcess::grpc_addr`]), for the CLI.
     pub east_admin: bool,
+    /// East's `http.serving_cluster_header`; `None`: none.
+    pub serving_cluster_header: Option<&'a str>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -161,6 +163,7 @@ impl Federation {
         let mut north = GatewayProcess::start(spec("north", &north_cidr, Some(&north_echo)));
         let mut east = GatewayProcess::start(GatewaySpec {
             grpc: options.east_admin,
+            serving_cluster_header: options.serving_cluster_header,
             ..spec("east", &east_cidr, None)
         });
         for g in [&mut west, &mut north, &mut east] {

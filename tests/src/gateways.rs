@@ -181,6 +181,8 @@ pub struct GatewaySpec<'a> {
     pub log_filter: Option<&'a str>,
     /// `worker_threads`; `None`: the gateway's default (one per core).
     pub worker_threads: Option<usize>,
+    /// `http.serving_cluster_header`; `None`: left out (no such header).
+    pub serving_cluster_header: Option<&'a str>,
     /// Serve the gRPC admin API on a free loopback port ([`GatewayProcess::grpc_addr`]).
     pub grpc: bool,
     /// Serve the remote (mutual TLS) admin API on a free loopback port
@@ -244,6 +246,7 @@ impl<'a> GatewaySpec<'a> {
             replica_id: None,
             log_filter: None,
             worker_threads: None,
+            serving_cluster_header: None,
             grpc: false,
             grpc_remote: false,
             handover: false,
@@ -328,7 +331,7 @@ vip_cidr: {vip_cidr}
   listen: {dns}
 admin:
   http: {admin}
-{grpc}{remote}{threads}{datapath}exports:
+{grpc}{remote}{threads}{http}{datapath}exports:
 {exports}"#,
             cluster = self.cluster,
             vip_cidr = self.vip_cidr,
@@ -356,6 +359,9 @@ admin:
             threads = self
                 .worker_threads
                 .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
+            http = self.serving_cluster_header.map_or(String::new(), |h| {
+                format!("http:\n  serving_cluster_header: {h}\n")
+            }),
             exports = if exports.is_empty() {
                 "  []\n".to_string()
             } else {

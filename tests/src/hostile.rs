@@ -1,7 +1,9 @@
 //! Tools of the hostile-input suite (tests/tests/hostile.rs): a UDP blaster, a process's
 //! memory watched from `/proc`, a real client Initial captured for replay, an authenticated
 //! tunnel peer (a quinn endpoint with a valid SVID of the test PKI), a slow-loris of TCP
-//! connections that hold a server's slots, and a sink to aim them at for a control phase.
+//! connections that hold a server's slots, and sinks to aim them at for a control phase (a
+//! drained socket and listener, [`Sink`]; a tunnel endpoint that takes streams and never
+//! answers, [`QuicSink`]).
 //!
 //! Every loop here is bounded in time: the attacks stop by themselves at their deadline.
 
@@ -270,6 +272,134 @@ impl Drop for Sink {
     }
 }
 
+/// A tunnel endpoint that is not a gateway, for the control phase of an attack by an
+/// authenticated peer: it holds `cluster`'s certificate (so the attacker's dial succeeds as
+/// it does against a gateway of that cluster) and plays a gateway's limits on streams
+/// without a header, and nothing else: it takes at most `held_per_connection` streams of a
+/// connection at a time (the rest wait inside QUIC), reads and drops what they send, resets
+/// each one `header_timeout` after taking it (it never reads a header), and closes a
+/// connection once `held_per_connection` of its streams were reset. So the attacker goes
+/// through the same churn as at a gateway (streams reset, connections closed, reconnects and
+/// handshakes), on a thread and runtime of its own, as a gateway is a process of its own;
+/// what a control phase against it leaves out is the gateway's own work.
+#[derive(Debug)]
+pub struct QuicSink {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QuicSink {
+    /// Starts the sink with `cluster`'s certificate and a gateway's limits (above).
+    pub fn start(
+        certs: &Certs,
+        cluster: &str,
+        held_per_connection: usize,
+        header_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let dir = certs.of(cluster);
+        let cluster = cluster.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("quic-sink".to_owned())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("sink runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let endpoint = match endpoint_in(&dir, &cluster, |_| {}) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(endpoint.local_addr()));
+                    let accept = async {
+                        while let Some(incoming) = endpoint.quinn().accept().await {
+                            tokio::spawn(async move {
+                                if let Ok(conn) = incoming.await {
+                                    hold_streams(conn, held_per_connection, header_timeout).await;
+                                }
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        () = accept => {}
+                        _ = stopped => {}
+                    }
+                    endpoint.close(0u32.into(), b"sink stopped");
+                });
+            })
+            .context("start the QUIC sink's thread")?;
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("the QUIC sink did not start")??;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The sink's UDP address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// One connection of the [`QuicSink`]: streams taken `held` at a time, each reset after
+/// `timeout`, the connection closed after `held` resets.
+async fn hold_streams(conn: quinn::Connection, held: usize, timeout: Duration) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(held));
+    let resets = Arc::new(AtomicU64::new(0));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot,
+            _ = conn.closed() => return,
+        };
+        let Ok(slot) = slot else { return };
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let (conn, resets) = (conn.clone(), resets.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let drained = tokio::time::timeout(timeout, async {
+                let mut buf = [0u8; 4096];
+                while let Ok(Some(_)) = recv.read(&mut buf).await {}
+            })
+            .await;
+            if drained.is_err() {
+                let _ = send.reset(0u32.into());
+                let _ = recv.stop(0u32.into());
+                if resets.fetch_add(1, Ordering::Relaxed) + 1 >= held as u64 {
+                    conn.close(0u32.into(), b"stalling");
+                }
+            }
+        });
+    }
+}
+
+impl Drop for QuicSink {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 // === the tunnel peer ===
 
 /// A tunnel endpoint on a free loopback port holding `cluster`'s certificate from `certs`:
@@ -279,7 +409,16 @@ pub fn peer_endpoint(
     cluster: &str,
     tune: impl FnOnce(&mut TunnelConfig),
 ) -> anyhow::Result<Arc<Endpoint>> {
-    let files = IdentityFiles::in_dir(&certs.of(cluster));
+    endpoint_in(&certs.of(cluster), cluster, tune)
+}
+
+/// [`peer_endpoint`] with the certificate files in `dir`.
+fn endpoint_in(
+    dir: &std::path::Path,
+    cluster: &str,
+    tune: impl FnOnce(&mut TunnelConfig),
+) -> anyhow::Result<Arc<Endpoint>> {
+    let files = IdentityFiles::in_dir(dir);
     let identity = Identity::load(files.clone(), TRUST_DOMAIN, ClusterName::new(cluster)?)
         .context("load the peer's identity")?;
     let mut config = TunnelConfig::with_files(files);

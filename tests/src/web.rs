@@ -2,13 +2,14 @@
 //!
 //! [`WebBackend`] serves HTTP/1.1 and h2c (prior knowledge) on a loopback port and names its
 //! cluster in every answer, so a test knows which cluster served each request:
-//! - any path: `200`, body `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v>`;
+//! - any path: `200`, body
+//!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>`;
 //! - `/slow`: the same after 2 s;
 //! - an `Upgrade: websocket` request: `101`, then every byte echoed on the connection;
 //! - [`WebBackend::fail_with`] makes every request (or only those of one method) answer a
 //!   status instead.
 //!
-//! It counts the requests it answered, by method. [`GrpcBackend`] is a tonic gRPC server with
+//! It counts the requests it answered, by method, and the connections it accepted. [`GrpcBackend`] is a tonic gRPC server with
 //! the standard health service, reporting one service named after its cluster as serving.
 
 use std::collections::BTreeMap;
@@ -32,6 +33,8 @@ struct State {
     answered: BTreeMap<String, u64>,
     /// (method or `None` for every method, status) to answer instead.
     fail: Option<(Option<String>, u16)>,
+    /// Connections accepted.
+    connections: u64,
 }
 
 /// An HTTP backend naming its cluster; serves until dropped.
@@ -55,6 +58,7 @@ impl WebBackend {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                st.lock().expect("backend state").connections += 1;
                 let (st, cluster) = (st.clone(), cluster.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -81,6 +85,11 @@ impl WebBackend {
             Some(m) => st.answered.get(m).copied().unwrap_or(0),
             None => st.answered.values().sum(),
         }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.lock().expect("backend state").connections
     }
 
     /// From now on, answer `status` to every request (`method` `None`) or to that method's;
@@ -112,13 +121,17 @@ async fn answer(
             .map(|(_, s)| s)
     };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
         req.version(),
+        req.headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
     );
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut()

@@ -142,6 +142,7 @@ fn config(
         },
         exports,
         worker_threads: None,
+        http: Default::default(),
         handover: None,
         datapath: None,
     };

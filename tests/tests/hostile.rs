@@ -2,9 +2,10 @@
 //!
 //! Each scenario starts two clusters' gateways as processes on a real etcd: `west` serves an
 //! echo backend, `east` gives it a VIP, and a workload of new connections runs through
-//! east's VIP, across the tunnel, to west. The workload runs a clean phase first; for the
-//! two floods then a control phase, the same attack aimed at a [`Sink`] instead of the
-//! gateway (the machine's share of the attack without the gateway's); then the attack for
+//! east's VIP, across the tunnel, to west. The workload runs a clean phase first; then a
+//! control phase, the same attack aimed at a sink instead of the gateway (a [`Sink`] for the
+//! floods, a [`QuicSink`] for the stalling peer: the machine's share of the attack without
+//! the gateway's); then the attack for
 //! `MESHUP_HOSTILE_SECS` seconds (default 10; docs/reliability.md), then a short phase after
 //! it. Each prints a table (clean, control, under attack: completed, failed by reason,
 //! p50/p99 and their ratios; the attacked gateway's RSS before/peak/after; the attack's
@@ -28,7 +29,8 @@ use meshup_gateway::tunnel::{
 use meshup_tests::EtcdServer;
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, dig, dig_noting};
 use meshup_tests::hostile::{
-    LorisReport, RssWatch, Sink, UdpBlaster, capture_initial, junk, peer_endpoint, slow_loris,
+    LorisReport, QuicSink, RssWatch, Sink, UdpBlaster, capture_initial, junk, peer_endpoint,
+    slow_loris,
 };
 use meshup_tests::procs::{rss_kib, threads_cpu, udp_drops};
 use meshup_tests::workload::{
@@ -115,7 +117,7 @@ impl Memory {
 fn report(
     title: &str,
     figures: &FaultFigures,
-    control: Option<Control<'_>>,
+    control: Control<'_>,
     memory: &Memory,
     attack: &[String],
 ) -> String {
@@ -124,11 +126,12 @@ fn report(
         "{:<16} {:>9} {:>9}  {:<28} {:>10} {:>10}\n",
         "phase", "attempts", "completed", "failed (by reason)", "p50", "p99"
     ));
-    let mut phases = vec![("clean", &figures.before)];
-    if let Some(c) = control {
-        phases.push(("control", c.phase));
-    }
-    phases.extend([("under attack", &figures.first), ("after", &figures.after)]);
+    let phases = [
+        ("clean", &figures.before),
+        ("control", control.phase),
+        ("under attack", &figures.first),
+        ("after", &figures.after),
+    ];
     for (name, phase) in phases {
         out.push_str(&format!(
             "{:<16} {:>9} {:>9}  {:<28} {:>10} {:>10}\n",
@@ -170,30 +173,22 @@ fn assert_no_panic(gateway: &mut GatewayProcess, table: &str) {
 }
 
 /// The promise for the workload: nothing failed in any phase, and p99 under attack within
-/// 3× of the run without it. With a control phase, "without it" is the control: the same
-/// attack aimed at a [`Sink`], so that the machine carries the attacker (on two shared
-/// cores the blaster alone takes one) and only the gateway's own share is judged; the
+/// 3× of the run without it. "Without it" is the control phase: the same attack aimed at a
+/// sink instead of the gateway ([`Sink`], [`QuicSink`]), so that the machine carries the
+/// attacker (on two shared cores the blaster alone takes one; the stalling peer runs in the
+/// test process, beside the workload) and only the gateway's own share is judged. The
 /// table prints the ratio to the clean run as well, and docs/reliability.md records both.
-/// Without one (the stalling peer, whose attacker is the test process itself), the p99 check
-/// also passes under an absolute [`P99_FLOOR`] (well under the workload's 2 s timeout).
-fn assert_unaffected(
-    what: &str,
-    figures: &FaultFigures,
-    control: Option<Control<'_>>,
-    table: &str,
-) {
+fn assert_unaffected(what: &str, figures: &FaultFigures, control: Control<'_>, table: &str) {
     assert_eq!(
         figures.before.failures(),
         0,
         "{what} failed before the attack{table}"
     );
-    if let Some(c) = control {
-        assert_eq!(
-            c.phase.failures(),
-            0,
-            "{what} failed in the control phase{table}"
-        );
-    }
+    assert_eq!(
+        control.phase.failures(),
+        0,
+        "{what} failed in the control phase{table}"
+    );
     assert!(
         figures.first.attempts > 0,
         "no {what} ran under attack{table}"
@@ -209,23 +204,12 @@ fn assert_unaffected(
         "{what} failed after the attack{table}"
     );
     let attacked = figures.first.p99.expect("p99 under attack");
-    match control {
-        Some(c) => {
-            let control = c.phase.p99.expect("control p99");
-            assert!(
-                attacked.as_secs_f64() <= control.as_secs_f64() * c.asserted,
-                "{what}: p99 under attack {attacked:?} is more than {}× the control phase's {control:?}{table}",
-                c.asserted
-            );
-        }
-        None => {
-            let clean = figures.before.p99.expect("clean p99");
-            assert!(
-                attacked <= (clean * 3).max(P99_FLOOR),
-                "{what}: p99 under attack {attacked:?} is more than 3× the clean {clean:?} and above {P99_FLOOR:?}{table}"
-            );
-        }
-    }
+    let c = control.phase.p99.expect("control p99");
+    assert!(
+        attacked.as_secs_f64() <= c.as_secs_f64() * control.asserted,
+        "{what}: p99 under attack {attacked:?} is more than {}× the control phase's {c:?}{table}",
+        control.asserted
+    );
 }
 
 /// A control phase and the bound asserted against it: p99 under attack at most `asserted`
@@ -243,29 +227,27 @@ struct Control<'a> {
 const QUIC_JUNK_P99_BOUND: f64 = 15.0;
 /// Malformed DNS and the slow-loris: measured 1.2–3.6× the control phase.
 const DNS_FLOOD_P99_BOUND: f64 = 5.0;
+/// The stalling and trickling peer, against a [`QuicSink`] playing the gateway's stream
+/// limits: measured 0.2–4.1× the control phase in 8 runs (1.0, 1.2, 1.5, 1.5, 1.7, 2.2, 4.1
+/// and 0.2 when the control phase itself had a 1 s stall), so the 3× promise held in 7 of 8.
+/// The bound is the highest ratio measured with a margin of 1.5 for the shared machine.
+const STALL_P99_BOUND: f64 = 6.0;
 
-/// Without a control phase, below this a p99 under attack passes whatever the clean run's was.
-const P99_FLOOR: Duration = Duration::from_millis(250);
-
-/// `p99 under attack / clean p99` (and `/ control p99`), for the table.
-fn p99_ratio(figures: &FaultFigures, control: Option<Control<'_>>) -> String {
+/// `p99 under attack / control p99` (and `/ clean p99`), for the table.
+fn p99_ratio(figures: &FaultFigures, control: Control<'_>) -> String {
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
-    let (Some(clean), Some(attacked)) = (figures.before.p99, figures.first.p99) else {
+    let (Some(clean), Some(attacked), Some(c)) =
+        (figures.before.p99, figures.first.p99, control.phase.p99)
+    else {
         return "p99 ratio: -".to_owned();
     };
-    match control.and_then(|c| Some((c.phase.p99?, c.asserted))) {
-        Some((c, asserted)) => format!(
-            "p99 under attack = {:.1}× the control phase's (promise: ≤ 3×; asserted: ≤ {asserted}×), {:.1}× the clean run's; control = {:.1}× clean",
-            ratio(attacked, c),
-            ratio(attacked, clean),
-            ratio(c, clean)
-        ),
-        None => format!(
-            "p99 under attack = {:.1}× the clean run's (promise: ≤ 3×; asserted: ≤ 3× or ≤ {} ms)",
-            ratio(attacked, clean),
-            P99_FLOOR.as_millis()
-        ),
-    }
+    format!(
+        "p99 under attack = {:.1}× the control phase's (promise: ≤ 3×; asserted: ≤ {}×), {:.1}× the clean run's; control = {:.1}× clean",
+        ratio(attacked, c),
+        control.asserted,
+        ratio(attacked, clean),
+        ratio(c, clean)
+    )
 }
 
 /// The bound the attacked gateway's memory must stay within: 64 MiB of growth (its queues
@@ -276,21 +258,19 @@ const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
 struct Attacked<T> {
     /// `before` is the clean phase (without the control phase).
     figures: FaultFigures,
-    /// The control phase: the same attack aimed at a [`Sink`], and what the attack reported.
-    control: Option<(Phase, T)>,
+    /// The control phase: the same attack aimed at a sink, and what the attack reported.
+    control: (Phase, T),
     memory: Memory,
     result: T,
     started: Instant,
 }
 
-/// Runs `workload` for the clean phase; then, with `control`, `attack(false)` aimed at a
-/// [`Sink`] instead of the gateway (the control phase); then `attack(true)` at the gateway;
-/// then the after phase. Each attack lasts `attack_len()`. Returns the figures and the
-/// attacked process's memory.
+/// Runs `workload` for the clean phase; then `attack(false)` aimed at a sink instead of the
+/// gateway (the control phase); then `attack(true)` at the gateway; then the after phase.
+/// Each attack lasts `attack_len()`. Returns the figures and the attacked process's memory.
 async fn under_attack<T, Fut>(
     workload: Workload,
     attacked_pid: u32,
-    control: bool,
     attack: impl Fn(bool) -> Fut,
 ) -> Attacked<T>
 where
@@ -298,13 +278,9 @@ where
 {
     let running = workload.start();
     tokio::time::sleep(CLEAN).await;
-    let control = if control {
-        let from = running.offset(Instant::now());
-        let result = attack(false).await;
-        Some((from, running.offset(Instant::now()), result))
-    } else {
-        None
-    };
+    let control_from = running.offset(Instant::now());
+    let control_result = attack(false).await;
+    let control_to = running.offset(Instant::now());
     let before = rss_kib(attacked_pid).expect("RSS before");
     let watch = RssWatch::start(attacked_pid);
     let started = Instant::now();
@@ -316,14 +292,15 @@ where
     let after = rss_kib(attacked_pid).expect("RSS after");
     let outcomes = running.stop().await;
     let mut figures = check(&outcomes, at, attack_len());
-    let control = control.map(|(from, to, result)| {
-        figures.before = Phase::of(outcomes.iter().filter(|o| o.start < from));
-        let phase = Phase::of(outcomes.iter().filter(|o| o.start >= from && o.start < to));
-        (phase, result)
-    });
+    figures.before = Phase::of(outcomes.iter().filter(|o| o.start < control_from));
+    let control = Phase::of(
+        outcomes
+            .iter()
+            .filter(|o| o.start >= control_from && o.start < control_to),
+    );
     Attacked {
         figures,
-        control,
+        control: (control, control_result),
         memory: Memory {
             before,
             peak,
@@ -366,7 +343,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
         memory,
         result: blast,
         ..
-    } = under_attack(workload(fed.vip), fed.west.pid(), true, |real| {
+    } = under_attack(workload(fed.vip), fed.west.pid(), |real| {
         let target = if real { quic } else { sink_udp };
         let payloads = payloads.clone();
         async move {
@@ -383,7 +360,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
     })
     .await;
     drop(sink);
-    let (control, control_blast) = control.expect("a control phase");
+    let (control, control_blast) = control;
     let quic_control = Control {
         phase: &control,
         asserted: QUIC_JUNK_P99_BOUND,
@@ -391,7 +368,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
     let table = report(
         "junk UDP at the QUIC port (random, truncated Initials, replayed Initials)",
         &figures,
-        Some(quic_control),
+        quic_control,
         &memory,
         &[
             format!(
@@ -410,7 +387,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
         ],
     );
     assert_no_panic(&mut fed.west, &table);
-    assert_unaffected("workload", &figures, Some(quic_control), &table);
+    assert_unaffected("workload", &figures, quic_control, &table);
     assert!(
         memory.growth_kib() <= RSS_GROWTH_BOUND_KIB,
         "RSS grew {} KiB (bound {RSS_GROWTH_BOUND_KIB} KiB){table}",
@@ -609,7 +586,7 @@ async fn malformed_dns_and_a_tcp_slow_loris_leave_real_queries_answered() {
         memory,
         result: (blast, loris, udp_before),
         started: attack_started,
-    } = under_attack(workload(fed.vip), fed.east.pid(), true, |real| async move {
+    } = under_attack(workload(fed.vip), fed.east.pid(), |real| async move {
         let (udp_target, tcp_target) = if real {
             (dns, dns)
         } else {
@@ -635,7 +612,7 @@ async fn malformed_dns_and_a_tcp_slow_loris_leave_real_queries_answered() {
     .await;
     drop(sink);
     let udp = UdpSide::sample(&fed.east, dns).since(&udp_before.expect("sampled at the attack"));
-    let (control, (control_blast, control_loris, _)) = control.expect("a control phase");
+    let (control, (control_blast, control_loris, _)) = control;
     let dns_control = Control {
         phase: &control,
         asserted: DNS_FLOOD_P99_BOUND,
@@ -659,7 +636,7 @@ async fn malformed_dns_and_a_tcp_slow_loris_leave_real_queries_answered() {
     let table = report(
         "malformed DNS over UDP and a TCP slow-loris at the DNS port",
         &figures,
-        Some(dns_control),
+        dns_control,
         &memory,
         &[
             format!(
@@ -707,7 +684,7 @@ async fn malformed_dns_and_a_tcp_slow_loris_leave_real_queries_answered() {
     assert_unaffected(
         "the workload through the attacked gateway",
         &figures,
-        Some(dns_control),
+        dns_control,
         &table,
     );
     assert!(
@@ -951,6 +928,74 @@ async fn trickle_headers(
     total
 }
 
+/// One run of the stalling attack: stallers on all connections but the last, a trickler on
+/// the last, until `until`.
+struct StallAttack {
+    rogue: Arc<meshup_gateway::tunnel::Endpoint>,
+    /// The gateway's QUIC address, or the [`QuicSink`]'s for the control phase.
+    target: SocketAddr,
+    /// The cluster the target's certificate names.
+    cluster: ClusterName,
+    conns: Vec<quinn::Connection>,
+    header: Vec<u8>,
+    until: tokio::time::Instant,
+    /// The gateway's admin address, and where to keep the peak of the rogue's in-flight
+    /// streams it reports (sampled while the attack runs).
+    sampled: Option<(SocketAddr, Arc<std::sync::atomic::AtomicU64>)>,
+}
+
+/// Runs a [`StallAttack`]: what each staller saw, and the trickler's counts.
+async fn stall_attack(attack: StallAttack) -> (Vec<StallReport>, (usize, usize, usize, Duration)) {
+    let StallAttack {
+        rogue,
+        target,
+        cluster,
+        mut conns,
+        header,
+        until,
+        sampled,
+    } = attack;
+    let trickle_conn = conns.pop().expect("a connection to trickle on");
+    let trickle = tokio::spawn(trickle_headers(
+        trickle_conn,
+        header,
+        Duration::from_millis(100),
+        64,
+        until,
+    ));
+    let mut stallers = tokio::task::JoinSet::new();
+    for conn in conns {
+        let (rogue, cluster) = (rogue.clone(), cluster.clone());
+        stallers.spawn(stall_streams(
+            conn,
+            move || {
+                let (rogue, cluster) = (rogue.clone(), cluster.clone());
+                async move { rogue.connect(target, &cluster).await.ok() }
+            },
+            until,
+        ));
+    }
+    // The gateway's own count of the rogue's open streams, sampled while it stalls.
+    let sampler = sampled.map(|(admin, peak)| {
+        tokio::spawn(async move {
+            while tokio::time::Instant::now() < until {
+                if let Ok(v) = in_flight_of(admin) {
+                    peak.fetch_max(v as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    let mut stalls = Vec::new();
+    while let Some(r) = stallers.join_next().await {
+        stalls.push(r.expect("staller"));
+    }
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
+    (stalls, trickle.await.expect("trickler"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
     let mut fed = federation("/hostile-streams", 30).await;
@@ -991,60 +1036,61 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
             .is_ok(),
     };
     let in_flight_peak = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // The attacker is this process, a peer of the federation: there is nothing else to aim
-    // it at, so no control phase (one attack, taken once).
-    let attack = std::cell::Cell::new(Some(async {
-        let until = tokio::time::Instant::now() + len;
-        let trickle_conn = conns.pop().expect("a connection to trickle on");
-        let trickle = tokio::spawn(trickle_headers(
-            trickle_conn,
-            header.clone(),
-            Duration::from_millis(100),
-            64,
-            until,
-        ));
-        let mut stallers = tokio::task::JoinSet::new();
-        for conn in conns.drain(..) {
-            let (rogue, west) = (rogue.clone(), west.clone());
-            stallers.spawn(stall_streams(
-                conn,
-                move || {
-                    let (rogue, west) = (rogue.clone(), west.clone());
-                    async move { rogue.connect(quic, &west).await.ok() }
-                },
-                until,
-            ));
-        }
-        // The gateway's own count of the rogue's open streams, sampled while it stalls.
-        let sampler = {
-            let peak = in_flight_peak.clone();
-            let admin = fed.west.admin_addr();
-            tokio::spawn(async move {
-                while tokio::time::Instant::now() < until {
-                    if let Ok(v) = in_flight_of(admin) {
-                        peak.fetch_max(v as u64, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-        };
-        let mut stalls = Vec::new();
-        while let Some(r) = stallers.join_next().await {
-            stalls.push(r.expect("staller"));
-        }
-        let _ = sampler.await;
-        (stalls, trickle.await.expect("trickler"))
-    }));
+    // The control phase: the same attack, from this process as well, aimed at a tunnel
+    // endpoint with west's certificate that plays the gateway's stream limits.
+    let sink = QuicSink::start(
+        &fed.certs,
+        "west",
+        DEFAULT_MAX_PENDING_HEADERS as usize,
+        DEFAULT_HEADER_TIMEOUT,
+    )
+    .expect("QUIC sink");
+    let mut sink_conns = Vec::new();
+    for _ in 0..=stallers {
+        sink_conns.push(
+            rogue
+                .connect(sink.addr(), &west)
+                .await
+                .expect("rogue connects to the sink"),
+        );
+    }
+    let conns = std::cell::Cell::new(Some(conns));
+    let sink_conns = std::cell::Cell::new(Some(sink_conns));
     let Attacked {
         figures,
+        control,
         memory,
         result: (stalls, trickles),
         ..
-    } = under_attack(workload(fed.vip), fed.west.pid(), false, |_| {
-        attack.take().expect("the attack runs once")
+    } = under_attack(workload(fed.vip), fed.west.pid(), |real| {
+        let (target, conns, sampled) = if real {
+            let conns = conns.take().expect("the attack runs once");
+            (
+                quic,
+                conns,
+                Some((fed.west.admin_addr(), in_flight_peak.clone())),
+            )
+        } else {
+            let conns = sink_conns.take().expect("the control runs once");
+            (sink.addr(), conns, None)
+        };
+        stall_attack(StallAttack {
+            rogue: rogue.clone(),
+            target,
+            cluster: west.clone(),
+            conns,
+            header: header.clone(),
+            until: tokio::time::Instant::now() + len,
+            sampled,
+        })
     })
     .await;
-    drop(attack);
+    drop(sink);
+    let (control, (control_stalls, control_trickles)) = control;
+    let stall_control = Control {
+        phase: &control,
+        asserted: STALL_P99_BOUND,
+    };
     let timed_out_total = timed_out(&fed.west) - timed_out_before;
     let caps: Vec<usize> = stalls
         .iter()
@@ -1068,9 +1114,19 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
     let table = report(
         "an authenticated peer stalling streams (no header) and trickling headers",
         &figures,
-        None,
+        stall_control,
         &memory,
         &[
+            format!(
+                "control (the same attack aimed at a QuicSink playing the gateway's stream limits): stallers opened {} streams, {} reset, {} connections closed and reconnected; the trickler opened {}",
+                control_stalls.iter().map(|s| s.opened).sum::<usize>(),
+                control_stalls.iter().map(|s| s.reset).sum::<usize>(),
+                control_stalls
+                    .iter()
+                    .map(|s| s.closed_by_gateway)
+                    .sum::<usize>(),
+                control_trickles.0
+            ),
             format!(
                 "stallers: {stallers} connections, streams opened before the limit blocked: {:?} (limit {DEFAULT_MAX_STREAMS}); {opened} opened in all, {reset} reset by the gateway (open → reset {} .. {}), connections closed by the gateway {closed} (meshup_tunnel_stalling_peers_total {stalling_closed}), each reconnected",
                 caps.iter().min().zip(caps.iter().max()),
@@ -1096,7 +1152,7 @@ async fn a_peer_that_stalls_streams_is_held_to_every_limit() {
         ],
     );
     assert_no_panic(&mut fed.west, &table);
-    assert_unaffected("workload from east", &figures, None, &table);
+    assert_unaffected("workload from east", &figures, stall_control, &table);
     assert!(
         extra_closed,
         "a connection above the cluster's limit was kept{table}"

@@ -76,6 +76,7 @@ async fn federation(
         vip_octet: octet,
         backends: Some(backends),
         app_protocol: Some(app),
+        serving_cluster_header: (app == "http").then_some("x-meshup-cluster"),
         // Outlier detection's first ejection outlasts the test.
         base_ejection: Some(Duration::from_secs(120)),
         ..Options::default()
@@ -89,8 +90,12 @@ const RULES: &str = r#"{"schema": 1, "rules": [
      "request_headers": {"set": {"x-route-tag": "canary"}},
      "response_headers": {"add": {"x-route": "canary"}}},
     {"name": "api", "match": [{"path": {"prefix": "/api"}}], "destinations": [{"cluster": "north"}]},
+    {"name": "slow-tries", "match": [{"path": {"exact": "/slow"}, "headers": [{"name": "x-tries"}]}],
+     "timeout": "5s", "retry": {"attempts": 2, "per_try_timeout": "300ms"},
+     "destinations": [{"cluster": "west"}, {"cluster": "north"}]},
     {"name": "slow", "match": [{"path": {"exact": "/slow"}}], "timeout": "500ms",
      "retry": {"attempts": 1}},
+    {"name": "west", "match": [{"path": {"prefix": "/west"}}], "destinations": [{"cluster": "west"}]},
     {"name": "split", "match": [{"path": {"prefix": "/split"}}],
      "destinations": [{"cluster": "west", "weight": 90}, {"cluster": "north", "weight": 10}]}
 ]}"#;
@@ -139,6 +144,15 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         out.to_ascii_lowercase().contains("x-served-by: north"),
         "{out}"
     );
+    // W3C trace context passes untouched.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, _, body) = get(vip, "/traced", &[&format!("traceparent: {trace}")]);
+    assert!(body.contains(&format!("trace={trace}")), "{body}");
+    // The gateway's own header naming the serving cluster (configured on east).
+    assert!(
+        out.to_ascii_lowercase().contains("x-meshup-cluster: north"),
+        "{out}"
+    );
 
     // 90/10 over 2,000 requests on ONE keep-alive connection.
     let dir = tempfile::tempdir()?;
@@ -147,6 +161,7 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         .map(|i| format!("url = \"http://{vip}/split/{i}\"\n"))
         .collect();
     std::fs::write(&config, urls)?;
+    let west_connections = west.connections();
     let (code, out) = curl(&["-K", path_str(&config), "-w", "connects=%{num_connects}\n"]);
     assert_eq!(code, 0, "curl: {out}");
     let mut by_cluster: BTreeMap<&str, usize> = BTreeMap::new();
@@ -170,12 +185,19 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         (87.0..=93.0).contains(&west_pct),
         "west {west_pct} % (want 90 ± 3)"
     );
+    // West's gateway sends them to its backend over pooled keep-alive connections.
+    let opened = west.connections() - west_connections;
+    println!("west's backend: {west_n} requests over {opened} connections");
+    assert!(
+        opened <= 8,
+        "{opened} backend connections for {west_n} requests"
+    );
 
     // h2c with prior knowledge: routed per request the same way, h2 to the backend.
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/api/h2")]);
     assert_eq!(cluster_of(&out), Some("north"), "{out}");
     assert!(out.contains("version=HTTP/2.0"), "{out}");
-    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/h2")]);
+    let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/west/h2")]);
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
 
     // A WebSocket upgrade passes through as a tunnel: bytes echoed after the 101.
@@ -188,6 +210,25 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     assert_eq!(code, 504);
     assert!(took < Duration::from_millis(1500), "took {took:?}");
 
+    // Per-try timeouts: west, then north, each cut at 0.3 s (a GET is replayable), then 504.
+    let (west_before, north_before) = (west.answered(None), north.answered(None));
+    let started = std::time::Instant::now();
+    let (code, _, _) = get(vip, "/slow", &["x-tries: 1"]);
+    let took = started.elapsed();
+    assert_eq!(code, 504);
+    assert_eq!(
+        (
+            west.answered(None) - west_before,
+            north.answered(None) - north_before
+        ),
+        (1, 1),
+        "one try at each cluster"
+    );
+    assert!(
+        (Duration::from_millis(550)..Duration::from_millis(1900)).contains(&took),
+        "two tries of 0.3 s took {took:?}"
+    );
+
     // Counted by destination, route and code.
     let series = fed.east.metric_sum(
         "meshup_http_requests_total",
@@ -198,6 +239,31 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         ],
     )?;
     assert_eq!(series as usize, west_n);
+
+    // SIGTERM with an idle keep-alive client: the connection is closed at once (after its
+    // last response), so the drain completes instead of waiting out its deadline.
+    idle_keep_alive_does_not_hold_the_drain(fed).await
+}
+
+async fn idle_keep_alive_does_not_hold_the_drain(mut fed: Federation) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(fed.vip).await?;
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: echo\r\n\r\n")
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("cluster=") {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed before the response");
+        got.extend_from_slice(&buf[..n]);
+    }
+    fed.east.signal("-TERM");
+    let code = fed.east.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "a completed drain exits 0");
+    let n = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await??;
+    assert_eq!(n, 0, "the idle client connection was closed");
+    let log = fed.east.log_text();
+    assert!(log.contains("drain complete"), "{log}");
     Ok(())
 }
 
@@ -280,6 +346,57 @@ async fn a_failing_cluster_is_retried_around_and_ejected_and_a_post_is_never_rep
         &["destination_cluster=\"west\""],
     )?;
     assert!(ejections >= 1.0, "ejections {ejections}");
+
+    hostile_clients_are_held_to_the_limits(vip, &north).await
+}
+
+/// A header block past 64 KiB gets 431 and reaches no backend; connections that never finish
+/// their headers are closed after the header timeout while other clients are served.
+async fn hostile_clients_are_held_to_the_limits(
+    vip: SocketAddr,
+    backend: &WebBackend,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let before = backend.answered(None);
+    let big = format!("x-big: {}", "a".repeat(70 * 1024));
+    let (code, _, _) = get(vip, "/big", &[&big]);
+    assert_eq!(code, 431, "a 70 KiB header block");
+    assert_eq!(backend.answered(None), before, "no backend saw it");
+
+    let started = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(vip).await?;
+        s.write_all(b"GET /never HTTP/1.1\r\nHost: echo\r\nx-slow: 1\r\n")
+            .await?;
+        slow.push(s);
+    }
+    // Other clients are served meanwhile.
+    let (code, cluster, _) = get(vip, "/meanwhile", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "north"));
+    let mut buf = [0u8; 1024];
+    for mut s in slow {
+        // Closed by the gateway (possibly after a 408): reads end within the timeout.
+        let closed = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "a connection without its headers stayed open"
+        );
+    }
+    let took = started.elapsed();
+    println!("20 connections that never finished their headers were closed after {took:?}");
+    assert!(
+        took >= Duration::from_secs(9),
+        "closed after {took:?}, before the 10 s timeout"
+    );
     Ok(())
 }
 

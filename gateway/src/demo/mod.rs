@@ -193,6 +193,7 @@ async fn cluster_config(
         },
         exports,
         worker_threads: None,
+        http: Default::default(),
         handover: None,
         datapath: None,
     };

@@ -11,6 +11,7 @@
 //! caller may retry elsewhere.
 
 mod balance;
+mod http;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -50,6 +51,9 @@ pub struct LocalExport {
     pub endpoints: Vec<SocketAddr>,
     /// Callers allowed; empty means every cluster of the federation.
     pub allowed_callers: Vec<ClusterName>,
+    /// Of `ports`, those whose `app_protocol` is `http` or `grpc`: their streams are served
+    /// as HTTP over pooled endpoint connections ([`http`]).
+    pub http_ports: Vec<u16>,
 }
 
 impl LocalExport {
@@ -121,7 +125,9 @@ struct Shared {
     draining: AtomicBool,
     drain_started: CancellationToken,
     streams: TaskTracker,
-    balancer: Balancer,
+    balancer: Arc<Balancer>,
+    /// Pooled endpoint connections of `http` and `grpc` ports.
+    backends: Arc<http::Backends>,
     handshakes: Arc<Semaphore>,
     /// Live connections per caller cluster, capped at `max_connections_per_cluster`.
     per_cluster: Arc<std::sync::Mutex<BTreeMap<ClusterName, u32>>>,
@@ -180,7 +186,8 @@ impl Server {
             draining: AtomicBool::new(false),
             drain_started: CancellationToken::new(),
             streams: TaskTracker::new(),
-            balancer: Balancer::default(),
+            balancer: Default::default(),
+            backends: Default::default(),
             handshakes: Arc::new(Semaphore::new(max_handshakes)),
             per_cluster: Arc::default(),
         });
@@ -496,10 +503,31 @@ async fn serve_stream(
                 return;
             }
         };
-        // The whole search is bounded by one connect timeout, so the caller (which waits
-        // header + connect timeout for our answer) always hears from us first.
-        let search = shared.balancer.connect(&endpoints, connect_timeout);
-        let Ok(Some((tcp, load))) = tokio::time::timeout(connect_timeout, search).await else {
+        let per_request = exports
+            .get(&header.service)
+            .is_some_and(|e| e.http_ports.contains(&header.port));
+        // An `http` or `grpc` port needs an endpoint known to answer: an idle pooled
+        // connection, else a new one, as a spliced stream needs.
+        let pooled = per_request
+            .then(|| shared.backends.ready(&endpoints))
+            .flatten();
+        let upstream = match pooled {
+            Some(first) => Some(Upstream::Http(first)),
+            None => {
+                // The whole search is bounded by one connect timeout, so the caller (which
+                // waits header + connect timeout for our answer) always hears from us first.
+                let search = shared.balancer.connect(&endpoints, connect_timeout);
+                match tokio::time::timeout(connect_timeout, search).await {
+                    Ok(Some((tcp, load))) if per_request => tcp
+                        .peer_addr()
+                        .ok()
+                        .map(|ep| Upstream::Http(http::First::Fresh(ep, tcp, load))),
+                    Ok(Some((tcp, load))) => Some(Upstream::Tcp(tcp, load)),
+                    _ => None,
+                }
+            }
+        };
+        let Some(upstream) = upstream else {
             guard.set_result(Status::ConnectFailed.as_str());
             let _ = answer(&mut send, Status::ConnectFailed).await;
             let _ = recv.stop(RESET_ABORT);
@@ -510,6 +538,22 @@ async fn serve_stream(
             guard.set_result("error");
             return;
         }
+        let (tcp, load) = match upstream {
+            Upstream::Tcp(tcp, load) => (tcp, load),
+            Upstream::Http(first) => {
+                let clean = http::serve(
+                    shared.backends.clone(),
+                    shared.balancer.clone(),
+                    endpoints,
+                    connect_timeout,
+                    first,
+                    (send, recv, rest),
+                )
+                .await;
+                guard.set_result(if clean { "done" } else { "reset" });
+                return;
+            }
+        };
         let idle = shared.endpoint.config().stream_idle_timeout;
         let outcome = splice(tcp, send, recv, &rest, idle).await;
         drop(load);
@@ -519,6 +563,13 @@ async fn serve_stream(
     }
     .instrument(span)
     .await;
+}
+
+/// Where an accepted stream goes: spliced to a new endpoint connection, or served as HTTP
+/// over pooled ones ([`http`]).
+enum Upstream {
+    Tcp(TcpStream, balance::Load),
+    Http(http::First),
 }
 
 /// Header timeouts in a row on one connection. A peer gateway sends the header with the
@@ -644,12 +695,14 @@ mod tests {
                 ports: vec![8080],
                 endpoints: vec![ep],
                 allowed_callers: vec![cluster("east")],
+                http_ports: vec![],
             },
             LocalExport {
                 service: key("empty.prod"),
                 ports: vec![80],
                 endpoints: vec![],
                 allowed_callers: vec![],
+                http_ports: vec![],
             },
         ]);
         let h = |svc: &str, port: u16, caller: &str| RequestHeader {

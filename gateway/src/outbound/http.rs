@@ -59,6 +59,7 @@ pub(super) async fn serve(
     client: SocketAddr,
     route: Arc<Route>,
 ) {
+    let draining = shared.stop_listeners.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let route = route.clone();
@@ -76,10 +77,19 @@ pub(super) async fn serve(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
         .max_pending_accept_reset_streams(64);
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-        .await
-    {
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    // Draining: requests in flight finish, then the connection closes (HTTP/1.1 after the
+    // current response, h2 with GOAWAY), so an idle keep-alive client does not hold the
+    // drain until its deadline.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%client, error = %e, "http connection ended with an error");
     }
 }
@@ -168,6 +178,8 @@ async fn handle(
 
     let mut body = Some(body.boxed());
     let mut attempts = 0u32;
+    // Failed tries that reached a backend: the next retry waits (`retry_backoff`).
+    let mut reached_backend = 0u32;
     let mut failure = Answer::NoRoute;
     let sm = &steering.metrics;
     let labels = plan.prepared.labels();
@@ -205,6 +217,13 @@ async fn handle(
                 .get_or_create(&labels.to(Label::from(cluster)))
                 .inc();
         }
+        if reached_backend > 0 {
+            let wait = retry_backoff(reached_backend - 1, steering.draw());
+            if Instant::now() + wait >= deadline {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
         attempts += 1;
         let more_after = i + 1 < order.len() && attempts < retry.attempts;
         let now = Instant::now();
@@ -223,23 +242,27 @@ async fn handle(
             cluster_failed: true,
             sent: true,
         }));
+        // The circuit breaker's count of this try ends with its response headers.
+        let finished = |ok: bool| {
+            let mut st = steering.lock();
+            st.health.attempt_finished(&route.service, cluster, ok);
+            st.health.connection_ended(&route.service, cluster);
+        };
         let outcome: Result<(), TryFailed> = match tried {
             Ok(resp) => {
                 let status = resp.status();
                 let again = status_retried(status, &retry, replayable) && more_after;
                 let ok = !status.is_server_error();
-                steering
-                    .lock()
-                    .health
-                    .attempt_finished(&route.service, cluster, ok);
-                steering
-                    .lock()
-                    .health
-                    .connection_ended(&route.service, cluster);
+                finished(ok);
                 steering.record(&route.service, cluster, &plan, ok);
                 if !again {
                     let mut resp = resp;
                     finish_response(&mut resp, rule, upgrade, status);
+                    if let Some(name) = &shared.serving_cluster_header
+                        && let Ok(value) = HeaderValue::from_str(cluster.as_str())
+                    {
+                        resp.headers_mut().insert(name.clone(), value);
+                    }
                     count(
                         sm,
                         &plan,
@@ -261,14 +284,7 @@ async fn handle(
                 })
             }
             Err(f) => {
-                steering
-                    .lock()
-                    .health
-                    .attempt_finished(&route.service, cluster, false);
-                steering
-                    .lock()
-                    .health
-                    .connection_ended(&route.service, cluster);
+                finished(false);
                 if f.cluster_failed {
                     steering.record(&route.service, cluster, &plan, false);
                 }
@@ -280,6 +296,9 @@ async fn handle(
         };
         if let Err(f) = outcome {
             let stop = f.sent && !replayable;
+            if f.sent {
+                reached_backend += 1;
+            }
             failure = f.answer;
             if stop || Instant::now() >= deadline {
                 break;
@@ -649,6 +668,15 @@ fn status_retried(status: StatusCode, retry: &HttpRetry, replayable: bool) -> bo
     replayable && retry.on_status.contains(&status.as_u16())
 }
 
+/// The wait before a retry that follows `n` earlier tries that reached a backend (a status,
+/// a reset, a timeout): uniform in 0..=25 ms × 2ⁿ, at most 250 ms (Envoy's defaults, full
+/// jitter), so a struggling service is not hit by every client's retries at once. A try that
+/// reached nothing (a refused stream) is retried at once, elsewhere.
+fn retry_backoff(n: u32, draw: u64) -> Duration {
+    let cap_ms = (25u64 << n.min(4)).min(250);
+    Duration::from_micros(draw % (cap_ms * 1000 + 1))
+}
+
 /// RFC 9110 §9.2.2.
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -799,6 +827,25 @@ mod tests {
         ] {
             assert_eq!(is_idempotent(&m), want, "{m}");
         }
+    }
+
+    #[test]
+    fn retries_after_a_backend_answered_wait_a_jittered_growing_time() {
+        for (n, cap_ms) in [(0, 25), (1, 50), (2, 100), (3, 200), (4, 250), (9, 250)] {
+            let cap = Duration::from_millis(cap_ms);
+            let waits: Vec<Duration> = (0..1000u64)
+                .map(|d| retry_backoff(n, d.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                .collect();
+            assert!(waits.iter().all(|w| *w <= cap), "n={n}");
+            let max = waits.iter().max().copied().unwrap_or_default();
+            let min = waits.iter().min().copied().unwrap_or_default();
+            assert!(
+                max > cap * 9 / 10 && min < cap / 10,
+                "n={n}: {min:?}..{max:?} spread over 0..={cap:?}"
+            );
+        }
+        assert_eq!(retry_backoff(0, 0), Duration::ZERO);
+        assert_eq!(retry_backoff(0, 25_000), Duration::from_millis(25));
     }
 
     #[test]

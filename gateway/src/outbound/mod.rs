@@ -323,6 +323,9 @@ struct Shared {
     /// VIP listeners handed over by a predecessor (taken when bound) and the ones this
     /// process would hand to a successor.
     sockets: SocketSets,
+    /// A response header naming the cluster that served each request of an `http` or `grpc`
+    /// port (`None`: none).
+    serving_cluster_header: Option<::http::HeaderName>,
     /// Set once a successor process serves this node: the listeners stay as they are
     /// (binding a new VIP here would race the successor for the address).
     frozen: std::sync::atomic::AtomicBool,
@@ -383,11 +386,13 @@ fn prepared(shared: &Shared, route: &Route) -> Arc<steer::Prepared> {
 
 /// Where the proxy listens: the cluster's VIP range (listeners are only ever bound inside
 /// it) and the listening sockets handed over by a predecessor process or kept for a
-/// successor ([`crate::handover`]).
+/// successor ([`crate::handover`]); and how requests of `http` and `grpc` ports are answered.
 #[derive(Debug, Clone)]
 pub struct VipListeners {
     pub range: IpNet,
     pub sockets: SocketSets,
+    /// A response header naming the cluster that served each request (`None`: none).
+    pub serving_cluster_header: Option<::http::HeaderName>,
 }
 
 impl Proxy {
@@ -406,6 +411,7 @@ impl Proxy {
         let VipListeners {
             range: vip_range,
             sockets,
+            serving_cluster_header,
         } = listeners;
         let steering = Arc::new(Steering::new(local.clone(), metrics));
         let in_use = Arc::new(ConnsInUse::default());
@@ -425,6 +431,7 @@ impl Proxy {
             snapshots,
             vip_range,
             sockets,
+            serving_cluster_header,
             frozen: Default::default(),
             pool,
             connections: TaskTracker::new(),

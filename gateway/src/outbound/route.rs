@@ -293,6 +293,7 @@ mod tests {
             ports: vec![8080],
             endpoints: vec![ep],
             allowed_callers: vec![],
+            http_ports: vec![],
         }]);
         let got = serving(&s, &c("east"), &mine, &route);
         assert_eq!(got.states[0], state("east", 1, true, 0));

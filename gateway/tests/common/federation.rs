@@ -65,6 +65,7 @@ pub fn gateway_config(
         },
         exports,
         worker_threads: None,
+        http: Default::default(),
         handover: None,
         datapath: None,
     };

@@ -153,6 +153,7 @@ impl Gateway {
             meshup_gateway::outbound::VipListeners {
                 range: "127.0.0.0/8".parse().expect("cidr"),
                 sockets: Default::default(),
+                serving_cluster_header: None,
             },
             ServiceMetrics::register(&mut registry),
             shutdown.clone(),
@@ -191,6 +192,7 @@ impl Gateway {
                 ports: vec![SERVICE_PORT],
                 endpoints: vec![backend],
                 allowed_callers: allowed.iter().map(|c| cluster(c)).collect(),
+                http_ports: vec![],
             }])));
     }
 

@@ -1,0 +1,298 @@
+//! The serving side of the HTTP path (docs/http-routing.md): a stream for an `http` or
+//! `grpc` port is served as HTTP, and its requests go to local endpoints over pooled
+//! keep-alive connections instead of a new connection per stream.
+//!
+//! - Before `Connected` is answered an endpoint must be known to answer: an idle pooled
+//!   connection to one of the export's endpoints, or a new connection made now (the same
+//!   connect as a spliced stream, so a refusal is still retried elsewhere by the caller).
+//! - HTTP/1.1 connections go back to the pool once their response has been read to the end
+//!   (`SendRequest::ready`); an h2 connection is shared by every h2 request to its endpoint.
+//! - Idle connections are kept at most [`IDLE_TIMEOUT`] and [`MAX_IDLE_PER_ENDPOINT`] per
+//!   endpoint: shorter than the keep-alive timeouts backends commonly use (Node.js: 5 s), so
+//!   the pool rarely hands out a connection the backend is closing.
+//! - A request hyper hands back unsent (its pooled connection had just closed) is sent again
+//!   on a new connection. An upgrade (WebSocket) gets a connection of its own.
+//! - A stream carrying a whole client connection (a caller that splices the port, an older
+//!   gateway) works the same: every request on it is forwarded in turn.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use quinn::{RecvStream, SendStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use super::balance::{Balancer, Load};
+
+/// Longest an idle backend connection stays in the pool.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// Most idle HTTP/1.1 connections kept per endpoint.
+pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// Largest request and response header block (hyper's read buffer on the stream).
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+type RespBody = BoxBody<Bytes, hyper::Error>;
+/// An idle HTTP/1.1 connection and since when.
+type Idle = (http1::SendRequest<Incoming>, Instant);
+
+/// Idle and shared backend connections, by endpoint.
+#[derive(Debug, Default)]
+pub(super) struct Backends {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
+    h2: Mutex<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+/// What made the stream worth answering `Connected`: a pooled connection or a new one.
+pub(super) enum First {
+    Pooled(SocketAddr, http1::SendRequest<Incoming>),
+    Shared,
+    Fresh(SocketAddr, TcpStream, Load),
+}
+
+impl Backends {
+    /// An idle HTTP/1.1 connection to one of `endpoints`, or a live h2 one; stale and closed
+    /// ones are dropped on the way.
+    pub(super) fn ready(&self, endpoints: &[SocketAddr]) -> Option<First> {
+        let now = Instant::now();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            for ep in endpoints {
+                if let Some(list) = idle.get_mut(ep) {
+                    while let Some((sender, since)) = list.pop() {
+                        if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
+                            return Some(First::Pooled(*ep, sender));
+                        }
+                    }
+                }
+            }
+        }
+        let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints
+            .iter()
+            .find(|ep| h2.get(ep).is_some_and(|s| !s.is_closed()))
+            .map(|_| First::Shared)
+    }
+
+    fn put_idle(self: &Arc<Self>, ep: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
+        let pool = self.clone();
+        // Ready once the previous response was read to its end; an error: the connection
+        // closed, and it is dropped.
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let list = idle.entry(ep).or_default();
+                if list.len() < MAX_IDLE_PER_ENDPOINT {
+                    list.push((sender, Instant::now()));
+                }
+            }
+        });
+    }
+
+    fn h2_sender(&self, ep: SocketAddr) -> Option<http2::SendRequest<Incoming>> {
+        let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        h2.get(&ep).filter(|s| !s.is_closed()).cloned()
+    }
+}
+
+/// One stream's requests, forwarded to the export's endpoints.
+struct Forwarder {
+    backends: Arc<Backends>,
+    balancer: Arc<Balancer>,
+    endpoints: Vec<SocketAddr>,
+    connect_timeout: Duration,
+    /// The connection that made the stream worth accepting, used by its first request.
+    first: Mutex<Option<First>>,
+}
+
+/// Serves a stream whose `Connected` answer was sent: HTTP in, pooled connections out.
+/// Returns whether the stream ended cleanly.
+pub(super) async fn serve(
+    backends: Arc<Backends>,
+    balancer: Arc<Balancer>,
+    endpoints: Vec<SocketAddr>,
+    connect_timeout: Duration,
+    first: First,
+    (send, recv, rest): (SendStream, RecvStream, Vec<u8>),
+) -> bool {
+    let fwd = Arc::new(Forwarder {
+        backends,
+        balancer,
+        endpoints,
+        connect_timeout,
+        first: Mutex::new(Some(first)),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let fwd = fwd.clone();
+        async move { Ok::<_, Infallible>(fwd.forward(req).await) }
+    });
+    let io = TokioIo::new(tokio::io::join(
+        std::io::Cursor::new(rest).chain(recv),
+        send,
+    ));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+        .serve_connection_with_upgrades(io, service)
+        .await
+        .is_ok()
+}
+
+/// A backend connection for one request.
+enum Conn {
+    H1(SocketAddr, http1::SendRequest<Incoming>, Option<Load>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+impl Forwarder {
+    async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+        let upgrade =
+            req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
+        let h2 = req.version() == Version::HTTP_2;
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        for fresh in [false, true] {
+            let Some(conn) = self.conn(h2, upgrade || fresh).await else {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "meshup: no local endpoint accepted the request\n",
+                );
+            };
+            let result = match conn {
+                Conn::H1(ep, mut sender, load) => {
+                    let r = sender.try_send_request(req).await;
+                    if r.is_ok() && !upgrade {
+                        self.backends.put_idle(ep, sender);
+                    }
+                    drop(load);
+                    r
+                }
+                Conn::H2(mut sender) => sender.try_send_request(req).await,
+            };
+            match result {
+                Ok(mut resp) => {
+                    if let (Some(client), StatusCode::SWITCHING_PROTOCOLS) =
+                        (client_upgrade, resp.status())
+                    {
+                        let server = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(c), Ok(s)) = (client.await, server.await) {
+                                let _ = tokio::io::copy_bidirectional(
+                                    &mut TokioIo::new(c),
+                                    &mut TokioIo::new(s),
+                                )
+                                .await;
+                            }
+                        });
+                    }
+                    return resp.map(|b| b.boxed());
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written (the pooled connection had closed): once more, new.
+                    Some(back) if !fresh => req = back,
+                    _ => {
+                        tracing::debug!(error = %e.error(), "local endpoint failed the request");
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "meshup: the local endpoint failed the request\n",
+                        );
+                    }
+                },
+            }
+        }
+        error(
+            StatusCode::BAD_GATEWAY,
+            "meshup: no local endpoint accepted the request\n",
+        )
+    }
+
+    /// The stream's first connection, an idle pooled one, the endpoint's shared h2 one, or
+    /// a new one (`fresh`: only a new one).
+    async fn conn(&self, h2: bool, fresh: bool) -> Option<Conn> {
+        let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let (tcp, ep, load) = match first {
+            Some(First::Fresh(ep, tcp, load)) => (tcp, ep, Some(load)),
+            Some(First::Pooled(ep, sender)) if !h2 && !fresh => {
+                return Some(Conn::H1(ep, sender, None));
+            }
+            other => {
+                // A pooled connection of the other kind goes back unused.
+                if let Some(First::Pooled(ep, sender)) = other {
+                    self.backends.put_idle(ep, sender);
+                }
+                if !fresh {
+                    if h2 {
+                        if let Some(s) = self
+                            .endpoints
+                            .iter()
+                            .find_map(|ep| self.backends.h2_sender(*ep))
+                        {
+                            return Some(Conn::H2(s));
+                        }
+                    } else if let Some(First::Pooled(ep, sender)) = self
+                        .backends
+                        .ready(&self.endpoints)
+                        .filter(|f| matches!(f, First::Pooled(..)))
+                    {
+                        return Some(Conn::H1(ep, sender, None));
+                    }
+                }
+                let (tcp, load) = self
+                    .balancer
+                    .connect(&self.endpoints, self.connect_timeout)
+                    .await?;
+                let ep = tcp.peer_addr().ok()?;
+                (tcp, ep, Some(load))
+            }
+        };
+        let io = TokioIo::new(tcp);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .ok()?;
+            tokio::spawn(async move {
+                let _load = load;
+                let _ = conn.await;
+            });
+            self.backends
+                .h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ep, sender.clone());
+            Some(Conn::H2(sender))
+        } else {
+            let (sender, conn) = http1::handshake(io).await.ok()?;
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+            });
+            Some(Conn::H1(ep, sender, load))
+        }
+    }
+}
+
+fn error(status: StatusCode, text: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp
+}
