@@ -7,13 +7,11 @@
 //! phase, from /proc.
 //!
 //! Layout: `backend` (sink/echo server) and `load` (the clients) speak `protocol`;
-//! `peers/` sets up the contenders, `meshup_pair` the gateways; `cpu` reads /proc;
-//! `report` prints the tables. Child processes and nginx's set-up are shared with the
-//! failover benchmark (`meshup_tests::procs`, `meshup_tests::nginx`).
+//! `peers/` sets up the contenders, `meshup_pair` the gateways; `report` prints the tables.
+//! Child processes, nginx's set-up, the gateway pair and the CPU meter are shared with the
+//! other benchmarks (`meshup_tests::procs`, `nginx`, `gateway_pair`, `cpu`).
 
 mod backend;
-mod cpu;
-mod dns_query;
 mod load;
 mod meshup_pair;
 mod peers;
@@ -148,7 +146,7 @@ async fn run(args: Args) -> Result<()> {
         let binary = args
             .meshup
             .clone()
-            .unwrap_or_else(meshup_pair::default_binary);
+            .unwrap_or_else(meshup_tests::gateway_pair::default_binary);
         match meshup_pair::start(&dir, &binary, backend.addr(), args.gateway_threads).await {
             Ok(contender) => contenders.push(contender),
             Err(e) => {
