@@ -7,8 +7,8 @@
 #   bench/http/run.sh --duration 10 --clients 16   # any option of the program passes through
 #
 # Needs Debian packages wrk, nghttp2-client, nginx and etcd-server; the program fails naming
-# the package if one is missing. Builds both the benchmark and the `meshup` binary in
-# release (CARGO_TARGET_DIR is honoured).
+# the package if one is missing. Builds the benchmark and the `meshup` binary in release
+# (CARGO_TARGET_DIR is honoured).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -18,15 +18,5 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 # One worker thread per gateway, as each nginx runs one worker.
 threads=(--gateway-threads 1)
 
-cargo build --release -p meshup-bench-http
-# The meshup pair is optional for the run: if the daemon does not build, the benchmark
-# still measures the peers and says why meshup is missing.
-meshup_args=()
-if cargo build --release -p meshup-gateway --bin meshup; then
-  meshup_args=(--meshup "$target/release/meshup")
-else
-  echo "run.sh: meshup did not build; measuring the peers only" >&2
-  meshup_args=(--meshup "$target/release/meshup-did-not-build")
-fi
-
-exec "$target/release/meshup-bench-http" "${threads[@]}" "${meshup_args[@]}" "$@"
+cargo build --release -p meshup-bench-http -p meshup-gateway --bin meshup-bench-http --bin meshup
+exec "$target/release/meshup-bench-http" --meshup "$target/release/meshup" "${threads[@]}" "$@"

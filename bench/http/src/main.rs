@@ -16,14 +16,13 @@ mod contenders;
 mod load;
 mod report;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use meshup_tests::bench::{PairArgs, ScratchDir};
 use meshup_tests::tls::Pki;
 
-use crate::backend::Backend;
 use crate::contenders::{Contender, MESHUP_HTTP, MESHUP_TCP};
 use crate::load::Protocol;
 use crate::report::{Phase, Report};
@@ -41,25 +40,11 @@ struct Args {
     /// Smoke run: 1 s points. Proves everything works; its figures are not worth comparing.
     #[arg(long)]
     quick: bool,
-    /// The `meshup` binary for the gateway pair.
-    #[arg(long)]
-    meshup: Option<PathBuf>,
-    /// Leave out the meshup pair.
-    #[arg(long)]
-    no_meshup: bool,
     /// Run only these contenders (comma-separated: direct, nginx, meshup). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Fail (exit non-zero) if the meshup pair cannot be set up, instead of measuring the
-    /// others and reporting it as not available.
-    #[arg(long)]
-    require_meshup: bool,
-    /// Keep the temporary directory (configs, certificates, logs) for inspection.
-    #[arg(long)]
-    keep_temp: bool,
-    /// `worker_threads` of each meshup gateway. Default: the gateway's own (one per core).
-    #[arg(long)]
-    gateway_threads: Option<usize>,
+    #[command(flatten)]
+    pair: PairArgs,
 }
 
 /// Contender groups `--only` knows.
@@ -88,21 +73,12 @@ async fn run(args: Args) -> Result<()> {
         !args.clients.is_empty() && !args.clients.contains(&0),
         "--clients: give one or more client counts above 0, e.g. 1,16,64"
     );
-    let temp = tempfile::Builder::new()
-        .prefix("meshup-bench-http-")
-        .tempdir()
-        .context("create temp dir")?;
-    let dir = temp.path().to_owned();
-    let mut temp = Some(temp);
-    if args.keep_temp
-        && let Some(t) = temp.take()
-    {
-        let _ = t.keep();
-        eprintln!("keeping {}", dir.display());
-    }
+    // Removed on drop unless kept (on request, or below when a point failed).
+    let mut scratch = ScratchDir::new("meshup-bench-http-", args.pair.keep_temp)?;
+    let dir = scratch.path().to_owned();
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
 
-    let backend = Backend::start().await?;
+    let backend = backend::start().await?;
     let pki = Pki::generate(&dir)?;
     let mut report = Report::default();
     // A missing or broken peer is a broken benchmark: fail loudly, naming the package.
@@ -115,15 +91,13 @@ async fn run(args: Args) -> Result<()> {
     }
     if !wanted("meshup") {
         // Left out on purpose: nothing to report.
-    } else if args.no_meshup {
+    } else if args.pair.no_meshup {
         report.record_unavailable(MESHUP_TCP, "left out with --no-meshup".to_owned());
         report.record_unavailable(MESHUP_HTTP, "left out with --no-meshup".to_owned());
     } else {
-        let binary = args
-            .meshup
-            .clone()
-            .unwrap_or_else(meshup_tests::gateway_pair::default_binary);
-        match contenders::meshup_pair(&dir, &binary, backend.addr(), args.gateway_threads).await {
+        let binary = args.pair.binary();
+        let threads = args.pair.gateway_threads;
+        match contenders::meshup_pair(&dir, &binary, backend.addr(), threads).await {
             Ok(pair) => contenders.extend(pair),
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -176,20 +150,14 @@ async fn run(args: Args) -> Result<()> {
     println!("{}", report.render());
     drop(contenders);
     let failed = report.failed_phases();
-    if failed > 0
-        && let Some(t) = temp.take()
-    {
-        let _ = t.keep();
-        eprintln!(
-            "a point failed: keeping configs and logs in {}",
-            dir.display()
-        );
+    if failed > 0 {
+        scratch.keep("a point failed: its configs and logs");
     }
     anyhow::ensure!(
         failed == 0,
         "{failed} point(s) failed; see the tables above"
     );
-    if args.require_meshup {
+    if args.pair.require_meshup {
         anyhow::ensure!(
             !report.is_unavailable(MESHUP_HTTP),
             "--require-meshup: the meshup pair did not run"

@@ -18,15 +18,14 @@ mod peers;
 mod protocol;
 mod report;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::backend::Backend;
 use crate::peers::Contender;
 use crate::report::{Figure, Measure, Report};
+use meshup_tests::bench::{PairArgs, ScratchDir};
 use meshup_tests::tls::Pki;
 
 /// Side-by-side data-path benchmark of meshup against stunnel and nginx mTLS pairs.
@@ -49,26 +48,12 @@ struct Args {
     /// works, its figures are not worth comparing.
     #[arg(long)]
     quick: bool,
-    /// The `meshup` binary for the gateway pair.
-    #[arg(long)]
-    meshup: Option<PathBuf>,
-    /// Leave out the meshup pair (e.g. while the daemon does not build).
-    #[arg(long)]
-    no_meshup: bool,
     /// Run only these contenders (comma-separated: direct, stunnel, nginx, meshup), e.g.
     /// `--only direct,meshup` while working on the gateway. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Fail (exit non-zero) if the meshup pair cannot be set up, instead of measuring the
-    /// others and reporting it as not available. For CI smoke runs once the daemon is in.
-    #[arg(long)]
-    require_meshup: bool,
-    /// Keep the temporary directory (configs, certificates, logs) for inspection.
-    #[arg(long)]
-    keep_temp: bool,
-    /// `worker_threads` of each meshup gateway. Default: the gateway's own (one per core).
-    #[arg(long)]
-    gateway_threads: Option<usize>,
+    #[command(flatten)]
+    pair: PairArgs,
     /// Internal: run as one plain TCP relay (`LISTEN=TARGET`) of the `relay` floor pair.
     #[arg(long, hide = true)]
     relay: Option<String>,
@@ -97,21 +82,11 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let temp = tempfile::Builder::new()
-        .prefix("meshup-bench-tunnel-")
-        .tempdir()
-        .context("create temp dir")?;
-    let dir = temp.path().to_owned();
     // Removed on drop unless kept (on request, or below when a phase failed).
-    let mut temp = Some(temp);
-    if args.keep_temp
-        && let Some(t) = temp.take()
-    {
-        let _ = t.keep();
-        eprintln!("keeping {}", dir.display());
-    }
+    let mut scratch = ScratchDir::new("meshup-bench-tunnel-", args.pair.keep_temp)?;
+    let dir = scratch.path().to_owned();
 
-    let backend = Backend::start().await?;
+    let backend = backend::start().await?;
     let pki = Pki::generate(&dir)?;
     let mut report = Report::default();
 
@@ -140,14 +115,11 @@ async fn run(args: Args) -> Result<()> {
     }
     if !wanted("meshup") {
         // Left out on purpose: nothing to report.
-    } else if args.no_meshup {
+    } else if args.pair.no_meshup {
         report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
     } else {
-        let binary = args
-            .meshup
-            .clone()
-            .unwrap_or_else(meshup_tests::gateway_pair::default_binary);
-        match meshup_pair::start(&dir, &binary, backend.addr(), args.gateway_threads).await {
+        let binary = args.pair.binary();
+        match meshup_pair::start(&dir, &binary, backend.addr(), args.pair.gateway_threads).await {
             Ok(contender) => contenders.push(contender),
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -196,21 +168,15 @@ async fn run(args: Args) -> Result<()> {
     // The figures are never a gate, but a phase that failed means a contender is broken,
     // which a smoke run must notice.
     let failed = report.failed_phases();
-    if failed > 0
-        && let Some(t) = temp.take()
-    {
+    if failed > 0 {
         // The peers' and gateways' logs are the first thing to read after a failure.
-        let _ = t.keep();
-        eprintln!(
-            "a phase failed: keeping configs and logs in {}",
-            dir.display()
-        );
+        scratch.keep("a phase failed: its configs and logs");
     }
     anyhow::ensure!(
         failed == 0,
         "{failed} phase(s) failed; see the tables above"
     );
-    if args.require_meshup {
+    if args.pair.require_meshup {
         anyhow::ensure!(
             !report.is_unavailable("meshup"),
             "--require-meshup: the meshup pair did not run"
