@@ -39,6 +39,26 @@ impl PairArgs {
             .clone()
             .unwrap_or_else(crate::gateway_pair::default_binary)
     }
+
+    /// The end of a run, after the tables are printed: the figures are never a gate, but a
+    /// failed phase means a contender broke or lost data, which a smoke run must notice
+    /// (the scratch dir is kept for its logs); with `--require-meshup`, so does a gateway
+    /// pair that did not run.
+    pub fn finish(&self, scratch: &mut ScratchDir, failed: usize, meshup_ran: bool) -> Result<()> {
+        if failed > 0 {
+            // The peers' and gateways' logs are the first thing to read after a failure.
+            scratch.keep("a phase failed: its configs and logs");
+        }
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} phase(s) failed; see the tables above"
+        );
+        anyhow::ensure!(
+            meshup_ran || !self.require_meshup,
+            "--require-meshup: the meshup pair did not run"
+        );
+        Ok(())
+    }
 }
 
 /// A benchmark's temporary directory: removed at the end, unless kept on request or after a

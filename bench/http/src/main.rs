@@ -149,21 +149,9 @@ async fn run(args: Args) -> Result<()> {
     }
     println!("{}", report.render());
     drop(contenders);
-    let failed = report.failed_phases();
-    if failed > 0 {
-        scratch.keep("a point failed: its configs and logs");
-    }
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} point(s) failed; see the tables above"
-    );
-    if args.pair.require_meshup {
-        anyhow::ensure!(
-            !report.is_unavailable(MESHUP_HTTP),
-            "--require-meshup: the meshup pair did not run"
-        );
-    }
-    Ok(())
+    let meshup_ran = !report.is_unavailable(MESHUP_HTTP);
+    args.pair
+        .finish(&mut scratch, report.failed_phases(), meshup_ran)
 }
 
 /// One point: the load through one contender, with its proxies' CPU around it.

@@ -165,24 +165,9 @@ async fn run(args: Args) -> Result<()> {
     println!("{}", report.render());
     // Contenders (and their child guards) drop here, before the temp dir.
     drop(contenders);
-    // The figures are never a gate, but a phase that failed means a contender is broken,
-    // which a smoke run must notice.
-    let failed = report.failed_phases();
-    if failed > 0 {
-        // The peers' and gateways' logs are the first thing to read after a failure.
-        scratch.keep("a phase failed: its configs and logs");
-    }
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} phase(s) failed; see the tables above"
-    );
-    if args.pair.require_meshup {
-        anyhow::ensure!(
-            !report.is_unavailable("meshup"),
-            "--require-meshup: the meshup pair did not run"
-        );
-    }
-    Ok(())
+    let meshup_ran = !report.is_unavailable("meshup");
+    args.pair
+        .finish(&mut scratch, report.failed_phases(), meshup_ran)
 }
 
 /// Prints a phase's outcome and records it.
