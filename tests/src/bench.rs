@@ -61,6 +61,17 @@ impl PairArgs {
     }
 }
 
+/// The first line of a benchmark's output: what the figures were measured on (cores, and
+/// the load average, since the machines are shared).
+pub fn machine_line(benchmark: &str) -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!(
+        "meshup {benchmark} benchmark: {cores} cores, load average {}",
+        load.trim()
+    )
+}
+
 /// A benchmark's temporary directory: removed at the end, unless kept on request or after a
 /// failure (its configs and logs are then the first thing to read).
 #[derive(Debug)]

@@ -182,12 +182,7 @@ async fn measure(
 }
 
 fn print_header(args: &Args, contenders: &[Contender]) {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "meshup HTTP benchmark: {cores} cores, load average {}",
-        load.trim()
-    );
+    println!("{}", meshup_tests::bench::machine_line("HTTP"));
     println!(
         "{} s per point; clients {:?}; body {} bytes{}",
         args.duration,

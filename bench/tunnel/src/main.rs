@@ -331,12 +331,7 @@ fn describe(figure: &Figure) -> String {
 }
 
 fn print_header(args: &Args, contenders: &[Contender]) {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "meshup tunnel benchmark: {cores} cores, load average {}",
-        load.trim()
-    );
+    println!("{}", meshup_tests::bench::machine_line("tunnel"));
     println!(
         "throughput phases {:.1} s; {} warm requests of 1 KiB; {} new connections; {} round(s){}",
         args.duration,
