@@ -3,13 +3,16 @@
 //! the three-cluster failover federation, free loopback ports, network namespaces playing nodes and pods, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
 //! their process group, background samplers (a dig loop, metrics, catalog keys) with
-//! timestamps, nginx `stream` peers, HTTP/1.1, h2c and gRPC backends naming their cluster, and the Grafana dashboard checked against
+//! timestamps, the benchmarks' gateway pair, CPU meter, options, work dir and backend server, nginx `stream` and `http` peers, HTTP/1.1, h2c and gRPC backends naming their cluster, and the Grafana dashboard checked against
 //! `/metrics`.
 
+pub mod bench;
 pub mod browser;
+pub mod cpu;
 pub mod dashboard;
 pub mod dns;
 pub mod failover;
+pub mod gateway_pair;
 pub mod gateways;
 pub mod hostile;
 pub mod http;

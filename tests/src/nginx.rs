@@ -1,7 +1,8 @@
-//! nginx `stream` peers for the benchmarks: the Debian package's binary (with its dynamic
-//! `stream` module), one worker, a private prefix directory, and the mTLS halves of a tunnel
-//! pair: the client side (`proxy_ssl` with a client certificate, server verified) and the
-//! server side (TLS 1.3, `ssl_verify_client on`).
+//! nginx peers for the benchmarks: the Debian package's binary, one worker, a private prefix
+//! directory, either a `stream` block (with its dynamic module: the tunnel pairs) or an
+//! `http` block (the HTTP reverse-proxy pair), and the mTLS halves of a pair: the client
+//! side (`proxy_ssl_*` with a client certificate, server verified) and the server side
+//! (TLS 1.3, `ssl_verify_client on`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,19 +22,58 @@ pub fn program() -> Result<PathBuf> {
 /// Starts one nginx (one worker, no daemon) whose `stream` block is `stream`, in its own
 /// prefix `dir/<name>`, and waits until it listens on every address of `listens`.
 pub fn start(dir: &Path, name: &str, stream: &str, listens: &[SocketAddr]) -> Result<ChildGuard> {
+    let load_module = stream_module_directive(&program()?)?;
+    let stream = format!("stream {{\n{stream}}}\n");
+    start_with(dir, name, &load_module, &stream, listens)
+}
+
+/// Starts one nginx (one worker, no daemon) whose `http` block holds `servers` (and any
+/// other `http`-level directives), in its own prefix `dir/<name>`, and waits until it
+/// listens on every address of `listens`. No access log; temporary files in the prefix.
+pub fn start_http(
+    dir: &Path,
+    name: &str,
+    servers: &str,
+    listens: &[SocketAddr],
+) -> Result<ChildGuard> {
+    let temp = dir.join(name).join("temp");
+    std::fs::create_dir_all(&temp).context("create nginx temp dir")?;
+    // The Debian build points its temporary directories at /var/lib/nginx.
+    let http = format!(
+        "http {{\n\
+           access_log off;\n\
+           client_body_temp_path {temp}/body;\n\
+           proxy_temp_path {temp}/proxy;\n\
+           fastcgi_temp_path {temp}/fastcgi;\n\
+           uwsgi_temp_path {temp}/uwsgi;\n\
+           scgi_temp_path {temp}/scgi;\n\
+         {servers}}}\n",
+        temp = temp.display(),
+    );
+    start_with(dir, name, "", &http, listens)
+}
+
+/// Starts nginx with `blocks` (a `stream` or `http` block) after the common main-context
+/// lines; `modules` (`load_module` lines) come first, as nginx requires.
+fn start_with(
+    dir: &Path,
+    name: &str,
+    modules: &str,
+    blocks: &str,
+    listens: &[SocketAddr],
+) -> Result<ChildGuard> {
     let program = program()?;
-    let load_module = stream_module_directive(&program)?;
     let prefix = dir.join(name);
     std::fs::create_dir_all(prefix.join("logs")).context("create nginx prefix")?;
-    // No access log in the stream block (none is configured), error log at `warn`: a tuned
-    // deployment does not log every connection either.
+    // No access log (none in the stream block, `off` in the http block), error log at
+    // `warn`: a tuned deployment does not log every connection either.
     let conf = format!(
-        "{load_module}\
+        "{modules}\
          worker_processes 1;\n\
          pid {prefix}/nginx.pid;\n\
          error_log {prefix}/logs/error.log warn;\n\
          events {{ worker_connections 4096; }}\n\
-         stream {{\n{stream}}}\n",
+         {blocks}",
         prefix = prefix.display(),
     );
     let conf_path = prefix.join("nginx.conf");
@@ -56,12 +96,16 @@ pub fn start(dir: &Path, name: &str, stream: &str, listens: &[SocketAddr]) -> Re
     Ok(nginx)
 }
 
-/// The client side's directives: TLS 1.3 to the server side with the client certificate,
-/// the server's certificate verified against the CA.
+/// The client side's directives in a `stream` server: TLS 1.3 to the server side with the
+/// client certificate, the server's certificate verified against the CA.
 pub fn mtls_client_directives(pki: &Pki) -> String {
+    format!("proxy_ssl on;\n{}", mtls_http_client_directives(pki))
+}
+
+/// The same in an `http` server or location (where TLS follows from `proxy_pass https://`).
+pub fn mtls_http_client_directives(pki: &Pki) -> String {
     format!(
-        "proxy_ssl on;\n\
-         proxy_ssl_protocols TLSv1.3;\n\
+        "proxy_ssl_protocols TLSv1.3;\n\
          proxy_ssl_certificate {client_cert};\n\
          proxy_ssl_certificate_key {client_key};\n\
          proxy_ssl_trusted_certificate {ca};\n\

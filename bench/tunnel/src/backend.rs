@@ -1,63 +1,24 @@
 //! The backend server behind every contender: a sink for throughput and an echo for
 //! request/response (see [`crate::protocol`]).
 
-use std::net::SocketAddr;
-
 use anyhow::{Context, Result, bail};
+use meshup_tests::bench::LoopbackServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpStream;
 
 use crate::protocol::{MESSAGE_SIZE, MODE_ECHO, MODE_SINK, SINK_READY};
 
 /// Read buffer for the sink: several frames per read system call.
 const SINK_BUFFER: usize = 256 * 1024;
 
-/// A running backend; the accept loop ends when this is dropped.
-#[derive(Debug)]
-pub struct Backend {
-    addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Backend {
-    /// Binds 127.0.0.1 on a free port and serves until dropped.
-    pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("bind backend on 127.0.0.1")?;
-        let addr = listener.local_addr().context("backend local address")?;
-        let task = tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        tokio::spawn(async move {
-                            // A connection that breaks mid-way (a client timing out, a tunnel
-                            // closing) is not the backend's problem; the client reports it.
-                            let _ = serve(stream).await;
-                        });
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off a little instead of spinning.
-                        eprintln!("backend: accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        });
-        Ok(Self { addr, task })
-    }
-
-    /// The address the tunnels forward to.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// Starts the backend on 127.0.0.1 (a free port); it serves until dropped.
+pub async fn start() -> Result<LoopbackServer> {
+    LoopbackServer::start(|stream| async move {
+        // A connection that breaks mid-way (a client timing out, a tunnel closing) is not
+        // the backend's problem; the client reports it.
+        let _ = serve(stream).await;
+    })
+    .await
 }
 
 async fn serve(mut stream: TcpStream) -> Result<()> {

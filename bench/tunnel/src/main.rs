@@ -7,28 +7,25 @@
 //! phase, from /proc.
 //!
 //! Layout: `backend` (sink/echo server) and `load` (the clients) speak `protocol`;
-//! `peers/` sets up the contenders, `meshup_pair` the gateways; `cpu` reads /proc;
-//! `report` prints the tables. Child processes and nginx's set-up are shared with the
-//! failover benchmark (`meshup_tests::procs`, `meshup_tests::nginx`).
+//! `peers/` sets up the contenders, `meshup_pair` the gateways; `report` prints the tables.
+//! Child processes, nginx's set-up, the gateway pair and the CPU meter are shared with the
+//! other benchmarks (`meshup_tests::procs`, `nginx`, `gateway_pair`, `cpu`).
 
 mod backend;
-mod cpu;
-mod dns_query;
 mod load;
 mod meshup_pair;
 mod peers;
 mod protocol;
 mod report;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use crate::backend::Backend;
 use crate::peers::Contender;
 use crate::report::{Figure, Measure, Report};
+use meshup_tests::bench::{PairArgs, ScratchDir};
 use meshup_tests::tls::Pki;
 
 /// Side-by-side data-path benchmark of meshup against stunnel and nginx mTLS pairs.
@@ -51,26 +48,12 @@ struct Args {
     /// works, its figures are not worth comparing.
     #[arg(long)]
     quick: bool,
-    /// The `meshup` binary for the gateway pair.
-    #[arg(long)]
-    meshup: Option<PathBuf>,
-    /// Leave out the meshup pair (e.g. while the daemon does not build).
-    #[arg(long)]
-    no_meshup: bool,
     /// Run only these contenders (comma-separated: direct, stunnel, nginx, meshup), e.g.
     /// `--only direct,meshup` while working on the gateway. Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Fail (exit non-zero) if the meshup pair cannot be set up, instead of measuring the
-    /// others and reporting it as not available. For CI smoke runs once the daemon is in.
-    #[arg(long)]
-    require_meshup: bool,
-    /// Keep the temporary directory (configs, certificates, logs) for inspection.
-    #[arg(long)]
-    keep_temp: bool,
-    /// `worker_threads` of each meshup gateway. Default: the gateway's own (one per core).
-    #[arg(long)]
-    gateway_threads: Option<usize>,
+    #[command(flatten)]
+    pair: PairArgs,
     /// Internal: run as one plain TCP relay (`LISTEN=TARGET`) of the `relay` floor pair.
     #[arg(long, hide = true)]
     relay: Option<String>,
@@ -99,21 +82,11 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let temp = tempfile::Builder::new()
-        .prefix("meshup-bench-tunnel-")
-        .tempdir()
-        .context("create temp dir")?;
-    let dir = temp.path().to_owned();
     // Removed on drop unless kept (on request, or below when a phase failed).
-    let mut temp = Some(temp);
-    if args.keep_temp
-        && let Some(t) = temp.take()
-    {
-        let _ = t.keep();
-        eprintln!("keeping {}", dir.display());
-    }
+    let mut scratch = ScratchDir::new("meshup-bench-tunnel-", args.pair.keep_temp)?;
+    let dir = scratch.path().to_owned();
 
-    let backend = Backend::start().await?;
+    let backend = backend::start().await?;
     let pki = Pki::generate(&dir)?;
     let mut report = Report::default();
 
@@ -142,14 +115,11 @@ async fn run(args: Args) -> Result<()> {
     }
     if !wanted("meshup") {
         // Left out on purpose: nothing to report.
-    } else if args.no_meshup {
+    } else if args.pair.no_meshup {
         report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
     } else {
-        let binary = args
-            .meshup
-            .clone()
-            .unwrap_or_else(meshup_pair::default_binary);
-        match meshup_pair::start(&dir, &binary, backend.addr(), args.gateway_threads).await {
+        let binary = args.pair.binary();
+        match meshup_pair::start(&dir, &binary, backend.addr(), args.pair.gateway_threads).await {
             Ok(contender) => contenders.push(contender),
             Err(e) => {
                 let reason = format!("{e:#}");
@@ -195,30 +165,9 @@ async fn run(args: Args) -> Result<()> {
     println!("{}", report.render());
     // Contenders (and their child guards) drop here, before the temp dir.
     drop(contenders);
-    // The figures are never a gate, but a phase that failed means a contender is broken,
-    // which a smoke run must notice.
-    let failed = report.failed_phases();
-    if failed > 0
-        && let Some(t) = temp.take()
-    {
-        // The peers' and gateways' logs are the first thing to read after a failure.
-        let _ = t.keep();
-        eprintln!(
-            "a phase failed: keeping configs and logs in {}",
-            dir.display()
-        );
-    }
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} phase(s) failed; see the tables above"
-    );
-    if args.require_meshup {
-        anyhow::ensure!(
-            !report.is_unavailable("meshup"),
-            "--require-meshup: the meshup pair did not run"
-        );
-    }
-    Ok(())
+    let meshup_ran = !report.is_unavailable("meshup");
+    args.pair
+        .finish(&mut scratch, report.failed_phases(), meshup_ran)
 }
 
 /// Prints a phase's outcome and records it.
@@ -382,12 +331,7 @@ fn describe(figure: &Figure) -> String {
 }
 
 fn print_header(args: &Args, contenders: &[Contender]) {
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!(
-        "meshup tunnel benchmark: {cores} cores, load average {}",
-        load.trim()
-    );
+    println!("{}", meshup_tests::bench::machine_line("tunnel"));
     println!(
         "throughput phases {:.1} s; {} warm requests of 1 KiB; {} new connections; {} round(s){}",
         args.duration,

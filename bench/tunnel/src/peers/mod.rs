@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::cpu::CpuMeter;
 use crate::protocol::{MESSAGE_SIZE, MODE_ECHO};
+use meshup_tests::cpu::CpuMeter;
 use meshup_tests::procs::ChildGuard;
 
 /// What a contender is, which decides the ratios it is compared by.

@@ -1,7 +1,7 @@
-//! CPU time of the tunnel processes, from `/proc/<pid>/stat` (utime + stime, which for a
-//! process cover all its threads).
+//! CPU time of the processes a benchmark measures (tunnels, proxies, gateways), from
+//! `/proc/<pid>/stat` (utime + stime, which for a process cover all its threads).
 //!
-//! A contender names its root processes; their direct children are included too, which is
+//! A benchmark's contender names its root processes; their direct children are included too, which is
 //! how nginx's worker (forked by the master) is counted with the master.
 
 use std::collections::BTreeSet;
