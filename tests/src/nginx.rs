@@ -38,7 +38,7 @@ pub fn start_http(
 ) -> Result<ChildGuard> {
     let temp = dir.join(name).join("temp");
     std::fs::create_dir_all(&temp).context("create nginx temp dir")?;
-    // The Debian build points its temporary directories at /var/lib/nginx.
+    // The Debian build points its temporary directories at a system directory it owns.
     let http = format!(
         "http {{\n\
            access_log off;\n\
