@@ -82,7 +82,7 @@ pub struct ScratchDir {
 }
 
 impl ScratchDir {
-    /// Creates `/tmp/<prefix>XXXX`, kept from the start when `keep` is set.
+    /// Creates `<prefix>XXXX` in the temp directory, kept from the start when `keep` is set.
     pub fn new(prefix: &str, keep: bool) -> Result<Self> {
         let temp = tempfile::Builder::new()
             .prefix(prefix)
