@@ -21,10 +21,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,15 +31,13 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::balance::{Balancer, Load};
+use crate::outbound::http::{MAX_HEADER_BYTES, RespBody, text_response};
 
 /// Longest an idle backend connection stays in the pool.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Most idle HTTP/1.1 connections kept per endpoint.
 pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
-/// Largest request and response header block (hyper's read buffer on the stream).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
 /// An idle HTTP/1.1 connection and since when.
 type Idle = (http1::SendRequest<Incoming>, Instant);
 
@@ -60,27 +56,36 @@ pub(super) enum First {
 }
 
 impl Backends {
-    /// An idle HTTP/1.1 connection to one of `endpoints`, or a live h2 one; stale and closed
-    /// ones are dropped on the way.
+    /// An idle HTTP/1.1 connection to one of `endpoints`, or a live h2 one.
     pub(super) fn ready(&self, endpoints: &[SocketAddr]) -> Option<First> {
-        let now = Instant::now();
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            for ep in endpoints {
-                if let Some(list) = idle.get_mut(ep) {
-                    while let Some((sender, since)) = list.pop() {
-                        if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
-                            return Some(First::Pooled(*ep, sender));
-                        }
-                    }
-                }
-            }
+        if let Some((ep, sender)) = self.take_idle(endpoints) {
+            return Some(First::Pooled(ep, sender));
         }
         let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         endpoints
             .iter()
             .find(|ep| h2.get(ep).is_some_and(|s| !s.is_closed()))
             .map(|_| First::Shared)
+    }
+
+    /// An idle HTTP/1.1 connection to one of `endpoints`; stale and closed ones are dropped
+    /// on the way.
+    fn take_idle(
+        &self,
+        endpoints: &[SocketAddr],
+    ) -> Option<(SocketAddr, http1::SendRequest<Incoming>)> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        for ep in endpoints {
+            if let Some(list) = idle.get_mut(ep) {
+                while let Some((sender, since)) = list.pop() {
+                    if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
+                        return Some((*ep, sender));
+                    }
+                }
+            }
+        }
+        None
     }
 
     fn put_idle(self: &Arc<Self>, ep: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
@@ -168,7 +173,7 @@ impl Forwarder {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         for fresh in [false, true] {
             let Some(conn) = self.conn(h2, upgrade || fresh).await else {
-                return error(
+                return text_response(
                     StatusCode::BAD_GATEWAY,
                     "meshup: no local endpoint accepted the request\n",
                 );
@@ -207,7 +212,7 @@ impl Forwarder {
                     Some(back) if !fresh => req = back,
                     _ => {
                         tracing::debug!(error = %e.error(), "local endpoint failed the request");
-                        return error(
+                        return text_response(
                             StatusCode::BAD_GATEWAY,
                             "meshup: the local endpoint failed the request\n",
                         );
@@ -215,7 +220,7 @@ impl Forwarder {
                 },
             }
         }
-        error(
+        text_response(
             StatusCode::BAD_GATEWAY,
             "meshup: no local endpoint accepted the request\n",
         )
@@ -244,11 +249,7 @@ impl Forwarder {
                         {
                             return Some(Conn::H2(s));
                         }
-                    } else if let Some(First::Pooled(ep, sender)) = self
-                        .backends
-                        .ready(&self.endpoints)
-                        .filter(|f| matches!(f, First::Pooled(..)))
-                    {
+                    } else if let Some((ep, sender)) = self.backends.take_idle(&self.endpoints) {
                         return Some(Conn::H1(ep, sender, None));
                     }
                 }
@@ -285,14 +286,4 @@ impl Forwarder {
             Some(Conn::H1(ep, sender, load))
         }
     }
-}
-
-fn error(status: StatusCode, text: &'static str) -> Response<RespBody> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp
 }

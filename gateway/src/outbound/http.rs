@@ -49,7 +49,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Longest a request waits for its response headers when its rule sets no timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-type RespBody = BoxBody<Bytes, hyper::Error>;
+/// The body of every response the HTTP path gives a client or a caller.
+pub(crate) type RespBody = BoxBody<Bytes, hyper::Error>;
 type ReqBody = BoxBody<Bytes, hyper::Error>;
 
 /// Serves one client connection of an `http` or `grpc` port until it closes.
@@ -58,12 +59,13 @@ pub(super) async fn serve(
     tcp: TcpStream,
     client: SocketAddr,
     route: Arc<Route>,
+    app: AppProtocol,
 ) {
     let draining = shared.stop_listeners.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let route = route.clone();
-        async move { Ok::<_, Infallible>(handle(shared, route, req).await) }
+        async move { Ok::<_, Infallible>(handle(shared, route, app, req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -101,15 +103,15 @@ enum Wire {
     H2,
 }
 
-/// One request, end to end: decide, try, answer.
+/// One request of a connection to an `app` port, end to end: decide, try, answer.
 async fn handle(
     shared: Arc<Shared>,
     route: Arc<Route>,
+    app: AppProtocol,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = Instant::now();
     let snapshot = shared.snapshots.borrow().clone();
-    let app = super::app_protocol(&snapshot, &route);
     let routes = snapshot.routes(&route.service).cloned();
     let (mut parts, body) = req.into_parts();
     let rule = routes.as_deref().and_then(|r| {
@@ -463,18 +465,24 @@ impl Answer {
             ),
             Answer::Status(s) => (s, "meshup: every cluster tried answered this status\n"),
         };
-        let mut resp = Response::new(
-            Full::new(Bytes::from_static(text.as_bytes()))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = status;
+        let mut resp = text_response(status, text);
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         resp
     }
+}
+
+/// A response of the gateway's own: `status` with a short text body.
+pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp
 }
 
 /// One try at one cluster: a stream (or a local connection), an HTTP client on it, the

@@ -785,10 +785,11 @@ async fn accept_loop(
         let shared2 = shared.clone();
         let route = route.clone();
         // Read per connection, so a port that changes protocol needs no new listener.
-        if app_protocol(&shared.snapshots.borrow(), &route).per_request() {
+        let app = app_protocol(&shared.snapshots.borrow(), &route);
+        if app.per_request() {
             shared
                 .connections
-                .spawn(http::serve(shared2, tcp, client, route));
+                .spawn(http::serve(shared2, tcp, client, route, app));
         } else {
             shared
                 .connections
