@@ -365,7 +365,12 @@ impl Gateway {
             outbound::VipListeners {
                 range: config.vip_cidr,
                 sockets: sockets.clone(),
-                serving_cluster_header: config.http.serving_cluster_header(),
+                http: outbound::http::HttpOptions {
+                    serving_cluster_header: config.http.serving_cluster_header(),
+                    body_idle_timeout: config.http.body_idle_timeout,
+                    grpc_body_idle_timeout: config.http.grpc_body_idle_timeout,
+                    max_requests_per_client: config.http.max_requests_per_client,
+                },
             },
             outbound::ServiceMetrics::register(&mut registry),
             shutdown.child_token(),

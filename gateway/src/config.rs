@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use meshup_core::identity::check_trust_domain;
@@ -241,7 +242,7 @@ impl Default for AdminConfig {
 }
 
 /// How requests of `http` and `grpc` ports are answered (docs/http-routing.md).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// A response header naming the cluster that served each request, e.g.
@@ -249,6 +250,69 @@ pub struct HttpConfig {
     /// topology some federations keep from their clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_cluster_header: Option<String>,
+    /// Longest a request's body may go without a byte from the client once it started
+    /// (slow or stalled uploads): the request is then abandoned, and the client answered
+    /// `408` if nothing was answered yet. gRPC streams idle longer between messages: their
+    /// ports get [`HttpConfig::grpc_body_idle_timeout`].
+    #[serde(
+        default = "d_body_idle",
+        with = "humantime_serde",
+        skip_serializing_if = "is_d_body_idle"
+    )]
+    pub body_idle_timeout: Duration,
+    /// [`HttpConfig::body_idle_timeout`] for `grpc` ports.
+    #[serde(
+        default = "d_grpc_body_idle",
+        with = "humantime_serde",
+        skip_serializing_if = "is_d_grpc_body_idle"
+    )]
+    pub grpc_body_idle_timeout: Duration,
+    /// Most requests of one client address waiting for their response headers at once,
+    /// over all its connections: more are answered `429` at once.
+    #[serde(
+        default = "d_max_requests_per_client",
+        skip_serializing_if = "is_d_max_requests_per_client"
+    )]
+    pub max_requests_per_client: u32,
+}
+
+/// Default [`HttpConfig::max_requests_per_client`].
+pub const DEFAULT_MAX_REQUESTS_PER_CLIENT: u32 = 1024;
+
+fn d_max_requests_per_client() -> u32 {
+    DEFAULT_MAX_REQUESTS_PER_CLIENT
+}
+fn is_d_max_requests_per_client(n: &u32) -> bool {
+    *n == DEFAULT_MAX_REQUESTS_PER_CLIENT
+}
+
+/// Default [`HttpConfig::body_idle_timeout`].
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`HttpConfig::grpc_body_idle_timeout`] (Envoy's stream idle timeout).
+pub const DEFAULT_GRPC_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn d_body_idle() -> Duration {
+    DEFAULT_BODY_IDLE_TIMEOUT
+}
+fn is_d_body_idle(d: &Duration) -> bool {
+    *d == DEFAULT_BODY_IDLE_TIMEOUT
+}
+fn d_grpc_body_idle() -> Duration {
+    DEFAULT_GRPC_BODY_IDLE_TIMEOUT
+}
+fn is_d_grpc_body_idle(d: &Duration) -> bool {
+    *d == DEFAULT_GRPC_BODY_IDLE_TIMEOUT
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            serving_cluster_header: None,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            grpc_body_idle_timeout: DEFAULT_GRPC_BODY_IDLE_TIMEOUT,
+            max_requests_per_client: DEFAULT_MAX_REQUESTS_PER_CLIENT,
+        }
+    }
 }
 
 impl HttpConfig {
@@ -469,6 +533,23 @@ impl Config {
             return Err(invalid(
                 "http.serving_cluster_header",
                 format!("{name:?} is not a lowercase header name (e.g. x-meshup-cluster)"),
+            ));
+        }
+        for (field, d) in [
+            ("http.body_idle_timeout", self.http.body_idle_timeout),
+            (
+                "http.grpc_body_idle_timeout",
+                self.http.grpc_body_idle_timeout,
+            ),
+        ] {
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+                return Err(invalid(field, format!("{d:?} is outside 100ms..1h")));
+            }
+        }
+        if !(1..=65_536).contains(&self.http.max_requests_per_client) {
+            return Err(invalid(
+                "http.max_requests_per_client",
+                format!("{} is outside 1..65536", self.http.max_requests_per_client),
             ));
         }
         if self.handover.is_some() && self.tunnel.handover_port.is_none() {
@@ -823,6 +904,48 @@ exports:
         .expect_err("unknown field")
         .to_string();
         assert!(err.contains("cluster_header"), "{err}");
+    }
+
+    #[test]
+    fn http_limits_default_and_are_bounded() {
+        let c = sample();
+        assert_eq!(c.http.body_idle_timeout, DEFAULT_BODY_IDLE_TIMEOUT);
+        assert_eq!(
+            c.http.grpc_body_idle_timeout,
+            DEFAULT_GRPC_BODY_IDLE_TIMEOUT
+        );
+        let with = |field: &str, v: &str| {
+            Config::parse(&SAMPLE.replace(
+                "region: us-east-1",
+                &format!("region: us-east-1\nhttp:\n  {field}: {v}"),
+            ))
+            .and_then(|c| c.validate().map(|()| c))
+        };
+        let c = with("body_idle_timeout", "2s").expect("2s");
+        assert_eq!(c.http.body_idle_timeout, Duration::from_secs(2));
+        let c = with("grpc_body_idle_timeout", "10m").expect("10m");
+        assert_eq!(c.http.grpc_body_idle_timeout, Duration::from_secs(600));
+        for (field, bad) in [
+            ("body_idle_timeout", "0s"),
+            ("body_idle_timeout", "50ms"),
+            ("grpc_body_idle_timeout", "2h"),
+            ("body_idle_timeout", "soon"),
+        ] {
+            let err = with(field, bad).expect_err(bad).to_string();
+            assert!(err.contains(field), "{field}: {bad}: {err}");
+        }
+        assert_eq!(
+            sample().http.max_requests_per_client,
+            DEFAULT_MAX_REQUESTS_PER_CLIENT
+        );
+        let c = with("max_requests_per_client", "4").expect("4");
+        assert_eq!(c.http.max_requests_per_client, 4);
+        for bad in ["0", "70000", "-1"] {
+            let err = with("max_requests_per_client", bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("max_requests_per_client"), "{bad}: {err}");
+        }
     }
 
     #[test]

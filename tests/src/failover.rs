@@ -52,6 +52,10 @@ pub struct Options<'a> {
     pub east_admin: bool,
     /// East's `http.serving_cluster_header`; `None`: none.
     pub serving_cluster_header: Option<&'a str>,
+    /// East's `http.body_idle_timeout`; `None`: the default.
+    pub body_idle_timeout: Option<Duration>,
+    /// East's `http.max_requests_per_client`; `None`: the default.
+    pub max_requests_per_client: Option<u32>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -164,6 +168,8 @@ impl Federation {
         let mut east = GatewayProcess::start(GatewaySpec {
             grpc: options.east_admin,
             serving_cluster_header: options.serving_cluster_header,
+            body_idle_timeout: options.body_idle_timeout,
+            max_requests_per_client: options.max_requests_per_client,
             ..spec("east", &east_cidr, None)
         });
         for g in [&mut west, &mut north, &mut east] {

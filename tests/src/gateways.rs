@@ -183,6 +183,10 @@ pub struct GatewaySpec<'a> {
     pub worker_threads: Option<usize>,
     /// `http.serving_cluster_header`; `None`: left out (no such header).
     pub serving_cluster_header: Option<&'a str>,
+    /// `http.body_idle_timeout`; `None`: the default.
+    pub body_idle_timeout: Option<Duration>,
+    /// `http.max_requests_per_client`; `None`: the default.
+    pub max_requests_per_client: Option<u32>,
     /// Serve the gRPC admin API on a free loopback port ([`GatewayProcess::grpc_addr`]).
     pub grpc: bool,
     /// Serve the remote (mutual TLS) admin API on a free loopback port
@@ -247,6 +251,8 @@ impl<'a> GatewaySpec<'a> {
             log_filter: None,
             worker_threads: None,
             serving_cluster_header: None,
+            body_idle_timeout: None,
+            max_requests_per_client: None,
             grpc: false,
             grpc_remote: false,
             handover: false,
@@ -359,9 +365,23 @@ admin:
             threads = self
                 .worker_threads
                 .map_or(String::new(), |n| format!("worker_threads: {n}\n")),
-            http = self.serving_cluster_header.map_or(String::new(), |h| {
-                format!("http:\n  serving_cluster_header: {h}\n")
-            }),
+            http = {
+                let mut http = String::new();
+                if let Some(h) = self.serving_cluster_header {
+                    http += &format!("  serving_cluster_header: {h}\n");
+                }
+                if let Some(t) = self.body_idle_timeout {
+                    http += &format!("  body_idle_timeout: {}ms\n", t.as_millis());
+                }
+                if let Some(n) = self.max_requests_per_client {
+                    http += &format!("  max_requests_per_client: {n}\n");
+                }
+                if http.is_empty() {
+                    http
+                } else {
+                    format!("http:\n{http}")
+                }
+            },
             exports = if exports.is_empty() {
                 "  []\n".to_string()
             } else {

@@ -43,6 +43,8 @@ pub struct WebBackend {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
+    /// Its connections' tasks, so [`WebBackend::stop`] ends them too.
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl WebBackend {
@@ -52,6 +54,8 @@ impl WebBackend {
         let state = Arc::new(Mutex::new(State::default()));
         let cluster: Arc<str> = cluster.into();
         let st = state.clone();
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let tasks = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -60,7 +64,7 @@ impl WebBackend {
                 };
                 st.lock().expect("backend state").connections += 1;
                 let (st, cluster) = (st.clone(), cluster.clone());
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (st, cluster) = (st.clone(), cluster.clone());
                         async move { Ok::<_, Infallible>(answer(&st, &cluster, req).await) }
@@ -69,9 +73,27 @@ impl WebBackend {
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                         .await;
                 });
+                tasks
+                    .lock()
+                    .expect("backend tasks")
+                    .push(conn.abort_handle());
             }
         });
-        Ok(Self { addr, state, task })
+        Ok(Self {
+            addr,
+            state,
+            task,
+            conns,
+        })
+    }
+
+    /// Stops as a crashed backend does: its port refuses connections and every open one
+    /// is closed.
+    pub fn stop(&self) {
+        self.task.abort();
+        for conn in self.conns.lock().expect("backend tasks").drain(..) {
+            conn.abort();
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -102,7 +124,7 @@ impl WebBackend {
 
 impl Drop for WebBackend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -161,6 +183,15 @@ async fn answer(
             .insert("upgrade", "websocket".parse().expect("value"));
         resp.headers_mut()
             .insert("connection", "upgrade".parse().expect("value"));
+        return resp;
+    }
+    if req.uri().path() == "/upload" {
+        // Reads the whole body first, and names its length.
+        let n = match http_body_util::BodyExt::collect(req.into_body()).await {
+            Ok(b) => b.to_bytes().len().to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *resp.body_mut() = Full::new(Bytes::from(format!("cluster={cluster} uploaded={n}\n")));
         return resp;
     }
     if req.uri().path() == "/slow" {

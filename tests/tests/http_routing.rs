@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use meshup_tests::failover::{Federation, Options};
-use meshup_tests::gateways::path_str;
+use meshup_tests::gateways::{GatewayProcess, path_str};
 use meshup_tests::web::{GrpcBackend, WebBackend};
 use meshup_tests::{eventually_ok, meshup};
 
@@ -77,6 +77,8 @@ async fn federation(
         backends: Some(backends),
         app_protocol: Some(app),
         serving_cluster_header: (app == "http").then_some("x-meshup-cluster"),
+        body_idle_timeout: Some(Duration::from_secs(1)),
+        max_requests_per_client: Some(4),
         // Outlier detection's first ejection outlasts the test.
         base_ejection: Some(Duration::from_secs(120)),
         ..Options::default()
@@ -347,7 +349,7 @@ async fn a_failing_cluster_is_retried_around_and_ejected_and_a_post_is_never_rep
     )?;
     assert!(ejections >= 1.0, "ejections {ejections}");
 
-    hostile_clients_are_held_to_the_limits(vip, &north).await
+    hostile_clients_are_held_to_the_limits(vip, &north, &fed.east).await
 }
 
 /// A header block past 64 KiB gets 431 and reaches no backend; connections that never finish
@@ -355,6 +357,7 @@ async fn a_failing_cluster_is_retried_around_and_ejected_and_a_post_is_never_rep
 async fn hostile_clients_are_held_to_the_limits(
     vip: SocketAddr,
     backend: &WebBackend,
+    east: &GatewayProcess,
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let before = backend.answered(None);
@@ -397,6 +400,80 @@ async fn hostile_clients_are_held_to_the_limits(
         took >= Duration::from_secs(9),
         "closed after {took:?}, before the 10 s timeout"
     );
+
+    // An upload that stops halfway: abandoned after `http.body_idle_timeout` (1 s here) with
+    // a 408, and not held against the cluster.
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(vip).await?;
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: echo\r\nContent-Length: 100\r\n\r\nfirst ten.")
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await??;
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    println!("a stalled upload was answered after {took:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("the request body stopped coming"),
+        "{answer}"
+    );
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(5)).contains(&took),
+        "answered after {took:?}"
+    );
+    let stalled = east.metric_sum(
+        "meshup_service_attempt_failures_total",
+        &["result=\"body_stalled\""],
+    )?;
+    assert_eq!(stalled, 1.0);
+    let north_ejected = east.metric_sum(
+        "meshup_service_ejections_total",
+        &["destination_cluster=\"north\""],
+    )?;
+    assert_eq!(
+        north_ejected, 0.0,
+        "the client's stall is not the cluster's failure"
+    );
+
+    // One client address with 4 requests waiting (`max_requests_per_client: 4`): its 5th is
+    // answered 429 at once; another address is served meanwhile.
+    let waiting_before = backend.answered(Some("GET"));
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(vip).await?;
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+            .await?;
+        waiting.push(tokio::spawn(async move {
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            out
+        }));
+    }
+    meshup_tests::assert_eventually(
+        "the 4 slow requests reached the backend",
+        Duration::from_secs(10),
+        || async { backend.answered(Some("GET")) - waiting_before == 4 },
+    )
+    .await;
+    let (code, _, body) = get(vip, "/fifth", &[]);
+    assert_eq!(code, 429, "{body}");
+    assert!(body.contains("too many requests"), "{body}");
+    let (_, other) = curl(&[
+        "--interface",
+        "127.0.0.2",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{vip}/other"),
+    ]);
+    assert!(other.ends_with("200"), "another client address: {other}");
+    for w in waiting {
+        let out = w.await?;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    }
+    let (code, _, _) = get(vip, "/after-slow", &[]);
+    assert_eq!(code, 200, "the client's slots are free again");
+    let limited = east.metric_sum("meshup_http_requests_total", &["code=\"429\""])?;
+    assert_eq!(limited, 1.0);
     Ok(())
 }
 
@@ -528,5 +605,142 @@ async fn rules_applied_with_the_cli_route_requests() -> anyhow::Result<()> {
     let (code, out, err) = meshup(&["route", "delete", "echo.prod", "--admin", &admin], &[]);
     assert_eq!(code, 0, "{out}{err}");
     routed_to(vip, "/api/pay", "west").await;
+    Ok(())
+}
+
+/// Requests share kept tunnel streams; a kept stream whose cluster lost its endpoint says it
+/// forwarded nothing, and the request is served elsewhere; a draining serving gateway
+/// closes the streams kept to it instead of waiting out its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_streams_carry_requests_and_a_lost_endpoint_behind_one_is_tried_elsewhere()
+-> anyhow::Result<()> {
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let mut fed = federation("/http-kept", 106, [west.addr(), north.addr()], "http").await?;
+    let vip = fed.vip;
+    routed_to(vip, "/", "west").await;
+
+    // 50 requests, each on its own client connection: a handful of tunnel streams.
+    let streams = |fed: &Federation| {
+        fed.west.metric_sum(
+            "meshup_tunnel_streams_opened_total",
+            &["direction=\"inbound\"", "source_cluster=\"east\""],
+        )
+    };
+    let before = streams(&fed)?;
+    for i in 0..50 {
+        let (code, cluster, body) = get(vip, &format!("/kept/{i}"), &[]);
+        assert_eq!(
+            (code, cluster.as_str()),
+            (200, "west"),
+            "request {i}: {body}"
+        );
+    }
+    let opened = streams(&fed)? - before;
+    println!("50 requests took {opened} new tunnel streams to west");
+    assert!(opened <= 10.0, "{opened} streams for 50 requests");
+
+    // Kept streams past their time are dropped without traffic.
+    let in_flight = |fed: &Federation| {
+        fed.west.metric_sum(
+            "meshup_tunnel_streams_in_flight",
+            &["direction=\"inbound\"", "source_cluster=\"east\""],
+        )
+    };
+    eventually_ok(
+        "east drops the streams it kept to west",
+        Duration::from_secs(15),
+        || async {
+            let n = in_flight(&fed)?;
+            anyhow::ensure!(n == 0.0, "{n} streams open");
+            Ok(())
+        },
+    )
+    .await;
+
+    // A new stream carries the next request and is kept. West's backend dies with its
+    // connections: the request after goes out on the kept stream, west has no endpoint for
+    // it and says so, and north serves it.
+    let before = streams(&fed)?;
+    let (code, cluster, _) = get(vip, "/warm", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "west"));
+    assert_eq!(streams(&fed)? - before, 1.0, "one new stream");
+    let north_before = north.answered(Some("GET"));
+    // The client is connected first, so the request follows the stop within a millisecond,
+    // long before west's next health probe (every 2 s) could withdraw its export.
+    let mut client = tokio::net::TcpStream::connect(vip).await?;
+    west.stop();
+    let body = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client
+            .write_all(b"GET /after HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut out)).await??;
+        out
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert_eq!(cluster_of(&body), Some("north"), "{body}");
+    assert_eq!(streams(&fed)? - before, 1.0, "the kept stream carried it");
+    let not_forwarded = fed.east.metric_sum(
+        "meshup_service_attempt_failures_total",
+        &["destination_cluster=\"west\"", "result=\"not_forwarded\""],
+    )?;
+    assert_eq!(not_forwarded, 1.0);
+    // The stream is not used again: the next requests' new streams are refused by west and
+    // served by north.
+    for i in 0..4 {
+        let (code, cluster, body) = get(vip, &format!("/after/{i}"), &[]);
+        assert_eq!(
+            (code, cluster.as_str()),
+            (200, "north"),
+            "request {i}: {body}"
+        );
+        assert!(!body.contains("meshup"), "a gateway's own answer: {body}");
+    }
+    assert_eq!(north.answered(Some("GET")) - north_before, 5);
+
+    // North drains with east's streams kept open to it (the last request was just served
+    // over one): they close after their response, so the drain completes instead of waiting
+    // for its deadline.
+    fed.north.signal("-TERM");
+    let code = fed.north.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "a completed drain exits 0");
+    let log = fed.north.log_text();
+    assert!(
+        log.contains("drain complete") && !log.contains("drain deadline passed"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// West is killed (kill -9) while east keeps streams to it: the next request goes out on a
+/// kept stream into silence, QUIC's idle timeout (3 s) ends the connection and its streams,
+/// and the GET is served by north, instead of waiting out its 60 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_behind_kept_streams_is_left_within_the_idle_timeout() -> anyhow::Result<()>
+{
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let mut fed = federation("/http-killed", 107, [west.addr(), north.addr()], "http").await?;
+    let vip = fed.vip;
+    routed_to(vip, "/", "west").await;
+    for i in 0..10 {
+        let (code, cluster, body) = get(vip, &format!("/before/{i}"), &[]);
+        assert_eq!(
+            (code, cluster.as_str()),
+            (200, "west"),
+            "request {i}: {body}"
+        );
+    }
+    fed.west.kill9();
+    let started = std::time::Instant::now();
+    let (code, cluster, body) = get(vip, "/after-kill", &[]);
+    let took = started.elapsed();
+    println!("the first request after west's kill -9 was served by {cluster} after {took:?}");
+    assert_eq!((code, cluster.as_str()), (200, "north"), "{body}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    let (code, cluster, _) = get(vip, "/next", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "north"));
     Ok(())
 }

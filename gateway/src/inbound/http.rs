@@ -5,11 +5,13 @@
 //! - Before `Connected` is answered an endpoint must be known to answer: an idle pooled
 //!   connection to one of the export's endpoints, or a new connection made now (the same
 //!   connect as a spliced stream, so a refusal is still retried elsewhere by the caller).
-//! - HTTP/1.1 connections go back to the pool once their response has been read to the end
-//!   (`SendRequest::ready`); an h2 connection is shared by every h2 request to its endpoint.
-//! - Idle connections are kept at most [`IDLE_TIMEOUT`] and [`MAX_IDLE_PER_ENDPOINT`] per
-//!   endpoint: shorter than the keep-alive timeouts backends commonly use (Node.js: 5 s), so
-//!   the pool rarely hands out a connection the backend is closing.
+//! - HTTP/1.1 connections are listed in the pool when their response headers come, and
+//!   handed out again once that response has been read to the end (`SendRequest::is_ready`);
+//!   an h2 connection is shared by every h2 request to its endpoint.
+//! - Connections are kept at most [`IDLE_TIMEOUT`] after their last response's headers, and
+//!   [`MAX_KEPT_PER_ENDPOINT`] per endpoint: shorter than the keep-alive timeouts backends
+//!   commonly use (Node.js: 5 s), so the pool rarely hands out a connection the backend is
+//!   closing.
 //! - A request hyper hands back unsent (its pooled connection had just closed) is sent again
 //!   on a new connection. An upgrade (WebSocket) gets a connection of its own.
 //! - A stream carrying a whole client connection (a caller that splices the port, an older
@@ -29,16 +31,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use quinn::{RecvStream, SendStream};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::balance::{Balancer, Load};
-use crate::outbound::http::{MAX_HEADER_BYTES, RespBody, text_response};
+use crate::outbound::http::{MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, text_response};
 
-/// Longest an idle backend connection stays in the pool.
+/// Longest a backend connection stays in the pool after its last response's headers.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
-/// Most idle HTTP/1.1 connections kept per endpoint.
-pub const MAX_IDLE_PER_ENDPOINT: usize = 64;
+/// Most HTTP/1.1 connections kept per endpoint, idle or finishing a response.
+pub const MAX_KEPT_PER_ENDPOINT: usize = 256;
+/// Most concurrent requests on one h2 tunnel stream: a calling gateway shares one per
+/// service port among all its clients' h2 and gRPC requests to this cluster.
+pub const MAX_STREAMS_PER_TUNNEL_STREAM: u32 = 1024;
 
-/// An idle HTTP/1.1 connection and since when.
+/// A kept HTTP/1.1 connection and when its last response's headers came.
 type Idle = (http1::SendRequest<Incoming>, Instant);
 
 /// Idle and shared backend connections, by endpoint.
@@ -69,7 +75,7 @@ impl Backends {
     }
 
     /// An idle HTTP/1.1 connection to one of `endpoints`; stale and closed ones are dropped
-    /// on the way.
+    /// on the way, ones still carrying a response stay.
     fn take_idle(
         &self,
         endpoints: &[SocketAddr],
@@ -77,30 +83,31 @@ impl Backends {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         for ep in endpoints {
-            if let Some(list) = idle.get_mut(ep) {
-                while let Some((sender, since)) = list.pop() {
-                    if now.duration_since(since) < IDLE_TIMEOUT && sender.is_ready() {
-                        return Some((*ep, sender));
-                    }
+            let Some(list) = idle.get_mut(ep) else {
+                continue;
+            };
+            let mut i = list.len();
+            while i > 0 {
+                i -= 1;
+                let (sender, since) = &list[i];
+                if now.duration_since(*since) >= IDLE_TIMEOUT || sender.is_closed() {
+                    list.swap_remove(i);
+                } else if sender.is_ready() {
+                    return Some((*ep, list.swap_remove(i).0));
                 }
             }
         }
         None
     }
 
-    fn put_idle(self: &Arc<Self>, ep: SocketAddr, mut sender: http1::SendRequest<Incoming>) {
-        let pool = self.clone();
-        // Ready once the previous response was read to its end; an error: the connection
-        // closed, and it is dropped.
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-                let list = idle.entry(ep).or_default();
-                if list.len() < MAX_IDLE_PER_ENDPOINT {
-                    list.push((sender, Instant::now()));
-                }
-            }
-        });
+    /// Keeps a connection whose response headers came: it takes another request once that
+    /// response was read to its end (hyper says it is ready; no task waits for that).
+    fn put_idle(&self, ep: SocketAddr, sender: http1::SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(ep).or_default();
+        if list.len() < MAX_KEPT_PER_ENDPOINT {
+            list.push((sender, Instant::now()));
+        }
     }
 
     fn h2_sender(&self, ep: SocketAddr) -> Option<http2::SendRequest<Incoming>> {
@@ -120,7 +127,9 @@ struct Forwarder {
 }
 
 /// Serves a stream whose `Connected` answer was sent: HTTP in, pooled connections out.
-/// Returns whether the stream ended cleanly.
+/// The calling gateway may keep the stream for later requests; when this gateway drains
+/// (`draining`), requests in flight finish and the stream closes (HTTP/1.1 after the current
+/// response, h2 with GOAWAY). Returns whether the stream ended cleanly.
 pub(super) async fn serve(
     backends: Arc<Backends>,
     balancer: Arc<Balancer>,
@@ -128,6 +137,7 @@ pub(super) async fn serve(
     connect_timeout: Duration,
     first: First,
     (send, recv, rest): (SendStream, RecvStream, Vec<u8>),
+    draining: CancellationToken,
 ) -> bool {
     let fwd = Arc::new(Forwarder {
         backends,
@@ -152,11 +162,30 @@ pub(super) async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(MAX_STREAMS_PER_TUNNEL_STREAM)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
-    builder
-        .serve_connection_with_upgrades(io, service)
-        .await
-        .is_ok()
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.is_ok(),
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await.is_ok()
+        }
+    }
+}
+
+/// The answer to a request no local endpoint accepted: nothing of it reached a backend, so
+/// the calling gateway may try another cluster ([`NOT_FORWARDED`]).
+fn not_forwarded() -> Response<RespBody> {
+    let mut resp = text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "meshup: no local endpoint accepted the request\n",
+    );
+    resp.headers_mut()
+        .insert(NOT_FORWARDED, http::HeaderValue::from_static("1"));
+    resp
 }
 
 /// A backend connection for one request.
@@ -173,10 +202,7 @@ impl Forwarder {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         for fresh in [false, true] {
             let Some(conn) = self.conn(h2, upgrade || fresh).await else {
-                return text_response(
-                    StatusCode::BAD_GATEWAY,
-                    "meshup: no local endpoint accepted the request\n",
-                );
+                return not_forwarded();
             };
             let result = match conn {
                 Conn::H1(ep, mut sender, load) => {
@@ -220,10 +246,7 @@ impl Forwarder {
                 },
             }
         }
-        text_response(
-            StatusCode::BAD_GATEWAY,
-            "meshup: no local endpoint accepted the request\n",
-        )
+        not_forwarded()
     }
 
     /// The stream's first connection, an idle pooled one, the endpoint's shared h2 one, or

@@ -548,6 +548,7 @@ async fn serve_stream(
                     connect_timeout,
                     first,
                     (send, recv, rest),
+                    shared.drain_started.clone(),
                 )
                 .await;
                 guard.set_result(if clean { "done" } else { "reset" });

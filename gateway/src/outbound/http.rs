@@ -13,9 +13,9 @@
 //!   per-try timeout only when it can be sent again whole: an idempotent method with no body.
 //! - Which clusters, in which order, and whether to try again are pure functions below.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,9 +32,12 @@ use meshup_core::names::ClusterName;
 use meshup_core::routes::{CompiledRule, HeaderEdits, HttpRetry, RequestView};
 use meshup_core::tunnel::RequestHeader;
 use tokio::net::TcpStream;
+use tower_http::timeout::{TimeoutBody, TimeoutError};
 
+use super::pool::PeerKey;
 use super::route::Target;
-use super::steer::{Plan, RequestLabels};
+use super::steer::{Plan, RequestLabels, ServiceLabels};
+use super::streams::{Kept, StreamKey, Via};
 use super::{Attempt, Connected, Early, Shared, attempt_remote, connect_local, prepared};
 use crate::outbound::Route;
 use crate::tunnel::metrics::Label;
@@ -42,16 +45,84 @@ use crate::tunnel::metrics::Label;
 /// Longest request line and header block of an HTTP/1.1 request (hyper's read buffer):
 /// more gets `431`/`414` and the connection closed.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields of an HTTP/1.1 request: more gets `431`.
+pub const MAX_HEADERS: usize = 100;
 /// Longest wait for a request's headers on an HTTP/1.1 connection (slow-loris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most concurrent requests on one h2 connection.
 pub const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// Longest a request waits for its response headers when its rule sets no timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Marks a serving gateway's answer to a request it forwarded to no endpoint (none
+/// accepted it): the caller may try another cluster, as after a refused stream. Only ever
+/// between gateways: the caller removes it.
+pub const NOT_FORWARDED: HeaderName = HeaderName::from_static("meshup-not-forwarded");
+
+/// How requests of `http` and `grpc` ports are answered (the config's `http` section).
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// A response header naming the cluster that served each request (`None`: none).
+    pub serving_cluster_header: Option<HeaderName>,
+    /// Longest a request body may go without a byte once started (`http` ports).
+    pub body_idle_timeout: Duration,
+    /// The same for `grpc` ports, whose streams idle between messages.
+    pub grpc_body_idle_timeout: Duration,
+    /// Most requests of one client address waiting for their response headers at once.
+    pub max_requests_per_client: u32,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            serving_cluster_header: None,
+            body_idle_timeout: crate::config::DEFAULT_BODY_IDLE_TIMEOUT,
+            grpc_body_idle_timeout: crate::config::DEFAULT_GRPC_BODY_IDLE_TIMEOUT,
+            max_requests_per_client: crate::config::DEFAULT_MAX_REQUESTS_PER_CLIENT,
+        }
+    }
+}
+
+/// Requests waiting for their response headers, by client address
+/// ([`HttpOptions::max_requests_per_client`]).
+#[derive(Debug, Default)]
+pub(super) struct ClientLoad(std::sync::Mutex<HashMap<IpAddr, u32>>);
+
+/// One request counted in [`ClientLoad`] until dropped.
+struct ClientSlot<'a> {
+    load: &'a ClientLoad,
+    client: IpAddr,
+}
+
+impl ClientLoad {
+    /// A slot for one more request of `client`, unless it has `max` already.
+    fn take(&self, client: IpAddr, max: u32) -> Option<ClientSlot<'_>> {
+        let mut load = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = load.entry(client).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { load: self, client })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut load = self.load.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = load.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                load.remove(&self.client);
+            }
+        }
+    }
+}
 
 /// The body of every response the HTTP path gives a client or a caller.
 pub(crate) type RespBody = BoxBody<Bytes, hyper::Error>;
-type ReqBody = BoxBody<Bytes, hyper::Error>;
+/// The body of a request on its way to a cluster.
+pub(super) type ReqBody = BoxBody<Bytes, BoxError>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves one client connection of an `http` or `grpc` port until it closes.
 pub(super) async fn serve(
@@ -65,13 +136,14 @@ pub(super) async fn serve(
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let route = route.clone();
-        async move { Ok::<_, Infallible>(handle(shared, route, app, req).await) }
+        async move { Ok::<_, Infallible>(handle(shared, route, app, client.ip(), req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
         .header_read_timeout(HEADER_READ_TIMEOUT);
     builder
         .http2()
@@ -108,9 +180,34 @@ async fn handle(
     shared: Arc<Shared>,
     route: Arc<Route>,
     app: AppProtocol,
+    client: IpAddr,
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = Instant::now();
+    let Some(_slot) = shared
+        .client_load
+        .take(client, shared.http.max_requests_per_client)
+    else {
+        let labels = ServiceLabels::new(&route.service, &shared.local);
+        shared
+            .steering
+            .metrics
+            .http
+            .requests
+            .get_or_create(&RequestLabels {
+                service: labels.service.clone(),
+                source_cluster: labels.source_cluster.clone(),
+                destination_cluster: Label::Static("none"),
+                route: Label::Static("none"),
+                method: method_class(false, req.method()),
+                code: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+            })
+            .inc();
+        return text_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "meshup: too many requests from this client at once\n",
+        );
+    };
     let snapshot = shared.snapshots.borrow().clone();
     let routes = snapshot.routes(&route.service).cloned();
     let (mut parts, body) = req.into_parts();
@@ -161,12 +258,9 @@ async fn handle(
     if let Some(r) = rule {
         apply_edits(&mut parts.headers, &r.request_headers);
     }
-    let replayable = upgrade.is_none() && is_idempotent(&parts.method) && body.is_end_stream();
-    let method_class = match (&upgrade, &parts.method) {
-        (Some(_), _) => "upgrade",
-        (None, &Method::GET | &Method::HEAD | &Method::OPTIONS) => "read",
-        _ => "write",
-    };
+    let empty_body = body.is_end_stream();
+    let replayable = upgrade.is_none() && is_idempotent(&parts.method) && empty_body;
+    let method_class = method_class(upgrade.is_some(), &parts.method);
     let route_label = rule.map_or(Label::Static("none"), |r| {
         Label::Text(r.name.as_str().into())
     });
@@ -176,9 +270,21 @@ async fn handle(
         uri: parts.uri,
         headers: parts.headers,
         wire,
+        reuse: upgrade.is_none(),
+        empty_body,
     };
 
-    let mut body = Some(body.boxed());
+    // A body that stalls is abandoned (`408`); an empty one stays empty, so h2 ends the
+    // stream with the headers.
+    let idle = match app {
+        AppProtocol::Grpc => shared.http.grpc_body_idle_timeout,
+        _ => shared.http.body_idle_timeout,
+    };
+    let mut body = Some(if empty_body {
+        empty_body_of()
+    } else {
+        TimeoutBody::new(idle, body).boxed()
+    });
     let mut attempts = 0u32;
     // Failed tries that reached a backend: the next retry waits (`retry_backoff`).
     let mut reached_backend = 0u32;
@@ -260,7 +366,7 @@ async fn handle(
                 if !again {
                     let mut resp = resp;
                     finish_response(&mut resp, rule, upgrade, status);
-                    if let Some(name) = &shared.serving_cluster_header
+                    if let Some(name) = &shared.http.serving_cluster_header
                         && let Ok(value) = HeaderValue::from_str(cluster.as_str())
                     {
                         resp.headers_mut().insert(name.clone(), value);
@@ -356,6 +462,10 @@ struct Outgoing {
     uri: Uri,
     headers: HeaderMap,
     wire: Wire,
+    /// Whether a kept stream may carry it (not an upgrade, which takes its stream).
+    reuse: bool,
+    /// Whether it has no body: one it can be sent again whole, whatever its method.
+    empty_body: bool,
 }
 
 impl Outgoing {
@@ -393,11 +503,7 @@ impl Outgoing {
                 Version::HTTP_2
             }
         };
-        let mut req = Request::new(body.unwrap_or_else(|| {
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed()
-        }));
+        let mut req = Request::new(body.unwrap_or_else(empty_body_of));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = version;
@@ -407,6 +513,12 @@ impl Outgoing {
         }
         req
     }
+}
+
+fn empty_body_of() -> ReqBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Why a try failed, and what the client gets if it was the last.
@@ -426,10 +538,14 @@ enum Answer {
     NoRoute,
     /// No gateway or endpoint of the clusters tried took the request.
     Unreachable,
+    /// A serving gateway forwarded it to no endpoint ([`NOT_FORWARDED`]).
+    NotForwarded,
     /// A try was sent and lost (reset, broken stream).
     Lost,
     /// The request's time ran out.
     Timeout,
+    /// The client's request body stopped coming (`http.body_idle_timeout`).
+    BodyStalled,
     /// The last try's retryable status (it was retried, and nothing better came).
     Status(StatusCode),
 }
@@ -439,8 +555,10 @@ impl Answer {
         match self {
             Answer::NoRoute => "no_route",
             Answer::Unreachable => "unreachable",
+            Answer::NotForwarded => "not_forwarded",
             Answer::Lost => "reset",
             Answer::Timeout => "timeout",
+            Answer::BodyStalled => "body_stalled",
             Answer::Status(_) => "retried_status",
         }
     }
@@ -451,7 +569,7 @@ impl Answer {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "meshup: no cluster can serve this request\n",
             ),
-            Answer::Unreachable => (
+            Answer::Unreachable | Answer::NotForwarded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "meshup: no cluster tried took the request\n",
             ),
@@ -462,6 +580,10 @@ impl Answer {
             Answer::Timeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "meshup: the service did not answer in time\n",
+            ),
+            Answer::BodyStalled => (
+                StatusCode::REQUEST_TIMEOUT,
+                "meshup: the request body stopped coming\n",
             ),
             Answer::Status(s) => (s, "meshup: every cluster tried answered this status\n"),
         };
@@ -485,8 +607,8 @@ pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<
     resp
 }
 
-/// One try at one cluster: a stream (or a local connection), an HTTP client on it, the
-/// request, its response headers.
+/// One try at one cluster: a kept stream, a new stream (or a local connection), an HTTP
+/// client on it, the request, its response headers.
 async fn try_once(
     shared: &Shared,
     route: &Route,
@@ -501,58 +623,126 @@ async fn try_once(
         cluster_failed,
         sent: false,
     };
-    let sender = match target {
+    let gateways = match target {
         Target::Local(eps) => {
             let tcp = connect_local(shared, eps)
                 .await
                 .map_err(|_| unreachable(true))?;
-            handshake(TokioIo::new(tcp), request.wire, ())
+            let mut sender = handshake(TokioIo::new(tcp), request.wire, ())
                 .await
-                .map_err(|_| unreachable(true))?
+                .map_err(|_| unreachable(true))?;
+            return send(&mut sender, request.build(body.take()), body).await;
         }
-        Target::Remote { gateways } => {
-            let header = RequestHeader {
-                request_id: shared.next_request_id.fetch_add(1, Ordering::Relaxed),
-                service: route.service.clone(),
-                port: route.port,
-                caller: shared.local.clone(),
+        Target::Remote { gateways } => gateways,
+    };
+    let key = StreamKey {
+        cluster: cluster.clone(),
+        service: route.service.clone(),
+        port: route.port,
+    };
+    let streams = &shared.http_streams;
+    if request.reuse {
+        let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
+        while let Some(kept) = streams.take(&key, request.wire == Wire::H2, alive) {
+            let (mut sender, via) = match kept {
+                Kept::H1(s, via) => (Sender::Http1(s), via),
+                Kept::H2(s, via) => (Sender::H2(s), via),
             };
-            let mut early = Early::default();
-            match attempt_remote(
-                shared, cluster, gateways, &header, None, &mut early, more_after,
-            )
-            .await
-            {
-                Attempt::Connected(Connected::Remote {
-                    send,
-                    recv,
-                    _open,
-                    _in_use,
-                    ..
-                }) => handshake(
-                    TokioIo::new(tokio::io::join(recv, send)),
-                    request.wire,
-                    (_open, _in_use),
-                )
+            let req = request.build(body.take());
+            match send(&mut sender, req, body).await {
+                Err(f) if !f.sent => {
+                    // The stream had closed before it wrote the request: another one.
+                    if let Sender::H2(_) = sender {
+                        streams.forget_h2(&key);
+                    }
+                }
+                result => {
+                    let (result, keep) = forwarded(result, request);
+                    match (keep, sender) {
+                        (true, Sender::Http1(s)) => streams.put_h1(key, s, via),
+                        (false, Sender::H2(_)) => streams.forget_h2(&key),
+                        _ => {}
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+    let header = RequestHeader {
+        request_id: shared.next_request_id.fetch_add(1, Ordering::Relaxed),
+        service: route.service.clone(),
+        port: route.port,
+        caller: shared.local.clone(),
+    };
+    let mut early = Early::default();
+    let (mut sender, via) = match attempt_remote(
+        shared, cluster, gateways, &header, None, &mut early, more_after,
+    )
+    .await
+    {
+        Attempt::Connected(Connected::Remote {
+            send,
+            recv,
+            _open,
+            _in_use,
+            peer,
+            ..
+        }) => {
+            let io = TokioIo::new(tokio::io::join(recv, send));
+            let sender = handshake(io, request.wire, (_open, _in_use))
                 .await
                 .map_err(|_| TryFailed {
                     answer: Answer::Lost,
                     cluster_failed: true,
                     sent: false,
-                })?,
-                Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
-                Attempt::Failed { cluster_failed, .. } => return Err(unreachable(cluster_failed)),
-            }
+                })?;
+            let opened = tokio::time::Instant::now();
+            (sender, Via { peer, opened })
         }
+        Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
+        Attempt::Failed { cluster_failed, .. } => return Err(unreachable(cluster_failed)),
     };
-    let req = request.build(body.take());
-    sender.send(req).await.map_err(|(failed, unsent)| {
-        // Never written: the body goes back for the next try.
-        if let Some(req) = unsent {
-            *body = Some(req.into_body());
-        }
-        failed
-    })
+    if let (true, Sender::H2(s)) = (request.reuse, &sender) {
+        streams.share_h2(key.clone(), s.clone(), via.clone());
+    }
+    let (result, keep) = forwarded(
+        send(&mut sender, request.build(body.take()), body).await,
+        request,
+    );
+    match (request.reuse && keep, sender) {
+        (true, Sender::Http1(s)) => streams.put_h1(key, s, via),
+        (false, Sender::H2(_)) if request.reuse => streams.forget_h2(&key),
+        _ => {}
+    }
+    result
+}
+
+/// A try's outcome, and whether its stream may take more requests. A serving gateway's
+/// answer saying it forwarded nothing ([`NOT_FORWARDED`]: no local endpoint accepted the
+/// request) is a try that reached no backend: tried again elsewhere if the request can
+/// still be sent whole (it had no body), else the client gets that `503`. Either way the
+/// stream is not used again, so the next request opens a new one, which that gateway
+/// refuses for as long as it has no endpoint, and the refusal is retried elsewhere.
+fn forwarded(
+    result: Result<Response<Incoming>, TryFailed>,
+    request: &Outgoing,
+) -> (Result<Response<Incoming>, TryFailed>, bool) {
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(f) => return (Err(f), false),
+    };
+    if resp.headers_mut().remove(&NOT_FORWARDED).is_none() {
+        return (Ok(resp), true);
+    }
+    if request.empty_body {
+        let f = TryFailed {
+            answer: Answer::NotForwarded,
+            cluster_failed: true,
+            sent: false,
+        };
+        return (Err(f), false);
+    }
+    (Ok(resp), false)
 }
 
 /// An HTTP client on one try's connection.
@@ -561,26 +751,38 @@ enum Sender {
     H2(hyper::client::conn::http2::SendRequest<ReqBody>),
 }
 
-impl Sender {
-    /// Sends the request; on failure, the request itself if hyper never wrote it.
-    async fn send(
-        self,
-        req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, (TryFailed, Option<Request<ReqBody>>)> {
-        let result = match self {
-            Sender::Http1(mut s) => s.try_send_request(req).await,
-            Sender::H2(mut s) => s.try_send_request(req).await,
-        };
-        result.map_err(|mut e| {
-            let unsent = e.take_message();
-            let failed = TryFailed {
-                sent: unsent.is_none(),
-                answer: Answer::Lost,
-                cluster_failed: true,
-            };
-            (failed, unsent)
-        })
-    }
+/// Sends the request; a request hyper never wrote gives its body back for the next try.
+async fn send(
+    sender: &mut Sender,
+    req: Request<ReqBody>,
+    body: &mut Option<ReqBody>,
+) -> Result<Response<Incoming>, TryFailed> {
+    let result = match sender {
+        Sender::Http1(s) => s.try_send_request(req).await,
+        Sender::H2(s) => s.try_send_request(req).await,
+    };
+    result.map_err(|mut e| {
+        let unsent = e.take_message();
+        let sent = unsent.is_none();
+        if let Some(req) = unsent {
+            *body = Some(req.into_body());
+        }
+        // The client's body stalled: the client's failure, not the cluster's.
+        let stalled =
+            std::iter::successors(Some(e.error() as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .any(|e| e.is::<TimeoutError>());
+        TryFailed {
+            sent,
+            answer: if stalled {
+                Answer::BodyStalled
+            } else {
+                Answer::Lost
+            },
+            cluster_failed: !stalled,
+        }
+    })
 }
 
 /// Starts an HTTP client on `io`; its connection task keeps `guards` (the stream's counts)
@@ -602,6 +804,7 @@ where
         Wire::H2 => {
             let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .adaptive_window(true)
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .handshake(io)
                 .await?;
@@ -683,6 +886,15 @@ fn status_retried(status: StatusCode, retry: &HttpRetry, replayable: bool) -> bo
 fn retry_backoff(n: u32, draw: u64) -> Duration {
     let cap_ms = (25u64 << n.min(4)).min(250);
     Duration::from_micros(draw % (cap_ms * 1000 + 1))
+}
+
+/// The `method` label of a request: `upgrade`, `read` (GET, HEAD, OPTIONS) or `write`.
+fn method_class(upgrade: bool, method: &Method) -> &'static str {
+    match (upgrade, method) {
+        (true, _) => "upgrade",
+        (false, &Method::GET | &Method::HEAD | &Method::OPTIONS) => "read",
+        _ => "write",
+    }
 }
 
 /// RFC 9110 §9.2.2.

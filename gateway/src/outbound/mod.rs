@@ -24,6 +24,7 @@ pub mod liveness;
 pub mod pool;
 pub mod route;
 pub mod steer;
+mod streams;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -323,9 +324,8 @@ struct Shared {
     /// VIP listeners handed over by a predecessor (taken when bound) and the ones this
     /// process would hand to a successor.
     sockets: SocketSets,
-    /// A response header naming the cluster that served each request of an `http` or `grpc`
-    /// port (`None`: none).
-    serving_cluster_header: Option<::http::HeaderName>,
+    /// How requests of `http` and `grpc` ports are answered.
+    http: http::HttpOptions,
     /// Set once a successor process serves this node: the listeners stay as they are
     /// (binding a new VIP here would race the successor for the address).
     frozen: std::sync::atomic::AtomicBool,
@@ -341,6 +341,10 @@ struct Shared {
     open_streams: Arc<OpenStreams>,
     /// Streams per pooled connection, shared with the pool's dialer.
     in_use: Arc<ConnsInUse>,
+    /// Tunnel streams of the HTTP path kept for the next request ([`streams`]).
+    http_streams: Arc<streams::Streams>,
+    /// Requests of `http` and `grpc` ports waiting for their response, by client address.
+    client_load: http::ClientLoad,
     /// Failovers and ejections as [`changes`] detects them.
     changes: tokio::sync::broadcast::Sender<changes::SteeringChange>,
 }
@@ -391,8 +395,8 @@ fn prepared(shared: &Shared, route: &Route) -> Arc<steer::Prepared> {
 pub struct VipListeners {
     pub range: IpNet,
     pub sockets: SocketSets,
-    /// A response header naming the cluster that served each request (`None`: none).
-    pub serving_cluster_header: Option<::http::HeaderName>,
+    /// How requests of `http` and `grpc` ports are answered.
+    pub http: http::HttpOptions,
 }
 
 impl Proxy {
@@ -411,7 +415,7 @@ impl Proxy {
         let VipListeners {
             range: vip_range,
             sockets,
-            serving_cluster_header,
+            http,
         } = listeners;
         let steering = Arc::new(Steering::new(local.clone(), metrics));
         let in_use = Arc::new(ConnsInUse::default());
@@ -431,7 +435,7 @@ impl Proxy {
             snapshots,
             vip_range,
             sockets,
-            serving_cluster_header,
+            http,
             frozen: Default::default(),
             pool,
             connections: TaskTracker::new(),
@@ -443,6 +447,8 @@ impl Proxy {
             prepared: Default::default(),
             open_streams: Default::default(),
             in_use,
+            http_streams: streams::Streams::spawn(),
+            client_load: Default::default(),
             changes: tokio::sync::broadcast::Sender::new(changes::CHANNEL_CAPACITY),
         });
         tokio::spawn(reconcile_loop(inner.clone()));
@@ -896,7 +902,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
                     let idle = shared.endpoint.config().stream_idle_timeout;
                     let out = match conn {
                         Connected::Local { tcp, up } => splice_tcp(tcp, up, idle).await,
-                        Connected::Remote { tcp: Some(tcp), send, recv, _open, _in_use } => splice(tcp, send, recv, &[], idle).await,
+                        Connected::Remote { tcp: Some(tcp), send, recv, _open, _in_use, .. } => splice(tcp, send, recv, &[], idle).await,
                         // A connection attempt always carries its client.
                         Connected::Remote { tcp: None, .. } => return,
                     };
@@ -950,6 +956,8 @@ enum Connected {
         _open: OpenStream,
         /// Keeps its connection from closing as superseded until the splice ends.
         _in_use: InUse,
+        /// The gateway that took the stream.
+        peer: PeerKey,
     },
 }
 
@@ -1041,13 +1049,14 @@ async fn attempt_remote(
         let last = !more_after && k + 1 == count;
         let failed = match open_tunnel(shared, &peer, header, tcp.as_mut(), early, last).await {
             Ok((send, recv, _in_use)) => {
-                let _open = shared.open_streams.hold(peer);
+                let _open = shared.open_streams.hold(peer.clone());
                 return Attempt::Connected(Connected::Remote {
                     tcp,
                     send,
                     recv,
                     _open,
                     _in_use,
+                    peer,
                 });
             }
             Err(f) => f,

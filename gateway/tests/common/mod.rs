@@ -153,7 +153,7 @@ impl Gateway {
             meshup_gateway::outbound::VipListeners {
                 range: "127.0.0.0/8".parse().expect("cidr"),
                 sockets: Default::default(),
-                serving_cluster_header: None,
+                http: Default::default(),
             },
             ServiceMetrics::register(&mut registry),
             shutdown.clone(),
