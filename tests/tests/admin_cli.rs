@@ -290,6 +290,40 @@ fn client_commands_against_gateway_processes() {
             && err.contains(&format!("current revision: {second}")),
         "{err}"
     );
+    // The same words as `route`: apply takes --revision too, and set needs it.
+    let (code, _, err) = run(&[
+        "policy",
+        "apply",
+        "-f",
+        good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(
+        code, 5,
+        "a stale apply --revision must be a conflict: {err}"
+    );
+    assert!(
+        err.contains(&format!("current revision: {second}")),
+        "{err}"
+    );
+    let (code, _, err) = run(&["policy", "set", "-f", good]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`meshup policy set` writes only at a revision you read: pass --revision N")
+            && err.contains("use `meshup policy apply -f FILE`"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["policy", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (
+            json(&out)["revision"].as_i64(),
+            json(&out)["policy"]["levels"][0]["clusters"][0]["weight"].clone()
+        ),
+        (Some(second), 70.into()),
+        "neither wrote"
+    );
     until("resolve follows the stored policy", &east, || {
         let (code, out, _) = run(&["resolve", "pay.prod", "-o", "json"]);
         code == 0 && json(&out)["policy_source"] == "catalog"
@@ -532,10 +566,18 @@ fn route_rules_through_the_cli() {
             "worse.yaml: line 9, field rules[1].match[0].path: \"api\" does not start with '/'",
         ),
     ] {
-        for cmd in ["validate", "apply", "set"] {
-            let (code, _, err) = run(&["route", cmd, "-f", file]);
-            assert_eq!(code, 2, "{cmd} {file}: {err}");
-            assert!(err.contains(want), "{cmd}: {err}");
+        for cmd in [
+            &["validate"][..],
+            &["apply"],
+            &["apply", "--revision", "0"],
+            &["set", "--revision", "0"],
+        ] {
+            let mut args = vec!["route"];
+            args.extend_from_slice(cmd);
+            args.extend_from_slice(&["-f", file]);
+            let (code, _, err) = run(&args);
+            assert_eq!(code, 2, "{cmd:?} {file}: {err}");
+            assert!(err.contains(want), "{cmd:?}: {err}");
         }
     }
     let (code, out, _) = run(&["route", "get", "pay.prod", "-o", "json"]);
@@ -642,12 +684,46 @@ fn route_rules_through_the_cli() {
         "kept"
     );
 
-    // set writes over whatever is stored; the same rules again change nothing.
-    let (code, out, err) = run(&["route", "set", "-f", &good]);
+    // set needs --revision (it never writes over what its writer has not seen): without
+    // it, exit 2 naming what to run instead, and nothing written.
+    let (code, _, err) = run(&["route", "set", "-f", &good]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`meshup route set` writes only at a revision you read: pass --revision N")
+            && err.contains("use `meshup route apply -f FILE`"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&stored())["rules"][1]["destinations"][0]["weight"],
+        80,
+        "set without --revision wrote nothing"
+    );
+    // set --revision N is apply --revision N: a stale one loses, the current one writes.
+    let (code, _, err) = run(&[
+        "route",
+        "set",
+        "-f",
+        &good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 5, "a stale set must be a conflict: {err}");
+    let (code, out, err) = run(&[
+        "route",
+        "set",
+        "-f",
+        &edited,
+        "--revision",
+        &second.to_string(),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let third = written_at(&out, &format!("(was {second})"));
+    let after_set = written_at(&out, &format!("(was {second})"));
+    // apply without --revision writes over what it reads; the same rules again change nothing.
+    let (code, out, err) = run(&["route", "apply", "-f", &good]);
+    assert_eq!(code, 0, "{err}");
+    let third = written_at(&out, &format!("(was {after_set})"));
     assert_eq!(json(&stored())["rules"][1]["destinations"][0]["weight"], 90);
-    let (code, out, _) = run(&["route", "set", "-f", &good]);
+    let (code, out, _) = run(&["route", "apply", "-f", &good]);
     assert_eq!(
         (code, out.lines().next()),
         (
