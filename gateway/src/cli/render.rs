@@ -263,8 +263,13 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
                     shares.join(", ")
                 },
                 format!(
-                    "{}{}",
+                    "{}{}{}",
                     if s.has_policy { "policy" } else { "default" },
+                    if s.route_rules.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", routes: {}", s.route_rules.join(" "))
+                    },
                     if s.drills.is_empty() {
                         String::new()
                     } else {
