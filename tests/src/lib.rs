@@ -14,6 +14,7 @@ pub mod dns;
 pub mod failover;
 pub mod gateway_pair;
 pub mod gateways;
+pub mod h2_raw;
 pub mod hostile;
 pub mod http;
 pub mod meshup;
