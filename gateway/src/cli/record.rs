@@ -18,7 +18,7 @@
 
 use std::path::PathBuf;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use meshup_admin_api::CURRENT_REVISION_METADATA;
 use meshup_admin_api::file::FileError;
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
@@ -59,32 +59,10 @@ pub enum RecordCommand {
     /// Validate a file and write it over what is stored now (refused if someone writes
     /// between the read and the write; nothing written when it is stored already). With
     /// --revision N: only if the stored record is still at N (0: none stored).
-    Apply {
-        #[arg(long, short = 'f')]
-        file: PathBuf,
-        /// The revision `get` printed; 0 to create.
-        #[arg(long)]
-        revision: Option<i64>,
-        /// The service, if the file does not name it.
-        #[arg(long)]
-        service: Option<String>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Apply(WriteArgs),
     /// Write a file only if the stored record is still at --revision (0: none stored), as
     /// `apply --revision`. --revision is required.
-    Set {
-        #[arg(long, short = 'f')]
-        file: PathBuf,
-        /// The revision `get` printed; 0 to create. Required.
-        #[arg(long)]
-        revision: Option<i64>,
-        /// The service, if the file does not name it.
-        #[arg(long)]
-        service: Option<String>,
-        #[command(flatten)]
-        conn: Conn,
-    },
+    Set(WriteArgs),
     /// Delete what is stored for a service.
     Delete {
         service: String,
@@ -94,6 +72,21 @@ pub enum RecordCommand {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// What `apply` and `set` take.
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// The revision `get` printed; 0 to create (required by `set`).
+    #[arg(long)]
+    revision: Option<i64>,
+    /// The service, if the file does not name it.
+    #[arg(long)]
+    service: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
 }
 
 /// What a `get` found.
@@ -232,12 +225,12 @@ pub(super) async fn run<F: Family>(command: RecordCommand) -> Result<()> {
                 out
             })
         }
-        RecordCommand::Apply {
+        RecordCommand::Apply(WriteArgs {
             file,
             revision,
             service,
             conn,
-        } => {
+        }) => {
             let f = read_file::<F>(&file, service.as_deref())?;
             let mut client = connect(&conn).await?;
             let revision = match revision {
@@ -260,12 +253,12 @@ pub(super) async fn run<F: Family>(command: RecordCommand) -> Result<()> {
             };
             write::<F>(&mut client, &conn, &f, revision).await
         }
-        RecordCommand::Set {
+        RecordCommand::Set(WriteArgs {
             file,
             revision,
             service,
             conn,
-        } => {
+        }) => {
             let Some(revision) = revision else {
                 return Err(set_needs_revision(F::COMMAND));
             };
