@@ -45,6 +45,7 @@ pub enum RecordCommand {
     },
     /// Check a file, here and against the gateway's catalog; writes nothing.
     Validate {
+        /// The policy or route file (YAML or JSON) to check.
         #[arg(long, short = 'f')]
         file: PathBuf,
         /// The service, if the file does not name it.
@@ -77,6 +78,7 @@ pub enum RecordCommand {
 /// What `apply` and `set` take.
 #[derive(Debug, Args)]
 pub struct WriteArgs {
+    /// The policy or route file (YAML or JSON) to write.
     #[arg(long, short = 'f')]
     file: PathBuf,
     /// The revision `get` printed; 0 to create (required by `set`).
