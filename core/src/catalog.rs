@@ -296,6 +296,11 @@ impl Snapshot {
         self.routes.get(service)
     }
 
+    /// Every service's routing rules, by service.
+    pub fn all_routes(&self) -> impl Iterator<Item = (&ServiceKey, &Arc<CompiledRoutes>)> {
+        self.routes.iter()
+    }
+
     /// Every policy, by service.
     pub fn policies(&self) -> impl Iterator<Item = (&ServiceKey, &Arc<PolicyRecord>)> {
         self.policies.iter()

@@ -56,6 +56,11 @@ pub struct Options<'a> {
     pub body_idle_timeout: Option<Duration>,
     /// East's `http.max_requests_per_client`; `None`: the default.
     pub max_requests_per_client: Option<u32>,
+    /// East exports `echo.prod` too, to this backend (the source cluster serves it itself);
+    /// `None`: east only calls it.
+    pub east_backend: Option<SocketAddr>,
+    /// The policy's levels, one cluster each, best first; `None`: [`LEVELS`].
+    pub levels: Option<&'a [&'a str]>,
 }
 
 /// East, west and north on one etcd, with the policy in force.
@@ -133,7 +138,8 @@ impl Federation {
         let prefix = options.prefix.to_owned();
         // Checked against the record types first: a policy the gateways skip as invalid
         // would make every figure below meaningless.
-        let policy = policy_json_with(&LEVELS, options.failback_hold_down, options.base_ejection);
+        let levels = options.levels.unwrap_or(&LEVELS);
+        let policy = policy_json_with(levels, options.failback_hold_down, options.base_ejection);
         meshup_core::policy::decode::<PolicyRecord>(policy.as_bytes())?.validate()?;
         etcd.etcdctl(&[
             "put",
@@ -170,18 +176,26 @@ impl Federation {
             serving_cluster_header: options.serving_cluster_header,
             body_idle_timeout: options.body_idle_timeout,
             max_requests_per_client: options.max_requests_per_client,
+            exports: options
+                .east_backend
+                .map(|b| vec![(SERVICE_NAME, NAMESPACE, PORT, b)])
+                .unwrap_or_default(),
             ..spec("east", &east_cidr, None)
         });
         for g in [&mut west, &mut north, &mut east] {
             g.wait_ready().await;
         }
+        let exporters: Vec<&str> = LEVELS
+            .into_iter()
+            .chain(options.east_backend.map(|_| "east"))
+            .collect();
         eventually_ok(
-            "east lists west and north for echo.prod",
+            "east lists every exporting cluster for echo.prod",
             Duration::from_secs(20),
             || async {
                 let listed = listed_clusters(&east)?;
                 anyhow::ensure!(
-                    LEVELS.iter().all(|c| listed.iter().any(|l| l == c)),
+                    exporters.iter().all(|c| listed.iter().any(|l| l == c)),
                     "east lists {listed:?}"
                 );
                 Ok(())

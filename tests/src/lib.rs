@@ -3,7 +3,7 @@
 //! the three-cluster failover federation, free loopback ports, network namespaces playing nodes and pods, polling helpers, a throw-away
 //! TLS PKI, a new-connection workload with its fault checker, child processes ended with
 //! their process group, background samplers (a dig loop, metrics, catalog keys) with
-//! timestamps, the benchmarks' gateway pair, CPU meter, options, work dir and backend server, nginx `stream` and `http` peers, HTTP/1.1, h2c and gRPC backends naming their cluster, and the Grafana dashboard checked against
+//! timestamps, the benchmarks' gateway pair, CPU meter, options, work dir and backend server, nginx `stream` and `http` peers, HTTP/1.1, h2c and gRPC backends naming their cluster, a hostile h2 client driven frame by frame, and the Grafana dashboard checked against
 //! `/metrics`.
 
 pub mod bench;
@@ -14,6 +14,7 @@ pub mod dns;
 pub mod failover;
 pub mod gateway_pair;
 pub mod gateways;
+pub mod h2_raw;
 pub mod hostile;
 pub mod http;
 pub mod meshup;

@@ -290,6 +290,40 @@ fn client_commands_against_gateway_processes() {
             && err.contains(&format!("current revision: {second}")),
         "{err}"
     );
+    // The same words as `route`: apply takes --revision too, and set needs it.
+    let (code, _, err) = run(&[
+        "policy",
+        "apply",
+        "-f",
+        good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(
+        code, 5,
+        "a stale apply --revision must be a conflict: {err}"
+    );
+    assert!(
+        err.contains(&format!("current revision: {second}")),
+        "{err}"
+    );
+    let (code, _, err) = run(&["policy", "set", "-f", good]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`meshup policy set` writes only at a revision you read: pass --revision N")
+            && err.contains("use `meshup policy apply -f FILE`"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["policy", "get", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (
+            json(&out)["revision"].as_i64(),
+            json(&out)["policy"]["levels"][0]["clusters"][0]["weight"].clone()
+        ),
+        (Some(second), 70.into()),
+        "neither wrote"
+    );
     until("resolve follows the stored policy", &east, || {
         let (code, out, _) = run(&["resolve", "pay.prod", "-o", "json"]);
         code == 0 && json(&out)["policy_source"] == "catalog"
@@ -328,27 +362,7 @@ fn client_commands_against_gateway_processes() {
     assert!(err.contains("cluster wset is not in the catalog"), "{err}");
 
     // Watch the events while the drill starts and stops.
-    let mut events = Command::new(meshup_bin())
-        .args(["events", "-o", "json", "--admin", &admin])
-        .env("MESHUP_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn meshup events");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = events.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let sync = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("a sync event");
-    assert_eq!(json(&sync)["kind"], "EVENT_KIND_SYNC", "{sync}");
+    let events = Events::watch(&admin);
 
     let (code, out, err) = meshup(
         &[
@@ -411,21 +425,12 @@ fn client_commands_against_gateway_processes() {
     assert_eq!(list["audit"][0]["ended_by"], "bo");
     assert_eq!(list["audit"][0]["how"], "stopped");
 
-    let mut kinds = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !kinds.contains(&"EVENT_KIND_DRILL_ENDED".to_string()) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no drill_ended event; got {kinds:?}"));
-        kinds.push(json(&line)["kind"].as_str().unwrap_or("?").to_owned());
-    }
+    let seen = events.until("EVENT_KIND_DRILL_ENDED", "gd-1");
     assert!(
-        kinds.contains(&"EVENT_KIND_DRILL_STARTED".to_string()),
-        "{kinds:?}"
+        seen.iter().any(|e| e["kind"] == "EVENT_KIND_DRILL_STARTED"),
+        "{seen:?}"
     );
-    let _ = events.kill();
-    let _ = events.wait();
+    drop(events);
 
     // policy delete: the default applies again; deleting again is not found.
     let (code, out, err) = run(&["policy", "delete", "pay.prod"]);
@@ -452,6 +457,69 @@ fn client_commands_against_gateway_processes() {
             && err.contains("admin.grpc"),
         "{err}"
     );
+}
+
+/// `meshup events -o json` running against a gateway, its lines read as they come.
+struct Events {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Events {
+    /// Starts the watch and waits for its first event, the sync.
+    fn watch(admin: &str) -> Self {
+        let mut child = Command::new(meshup_bin())
+            .args(["events", "-o", "json", "--admin", admin])
+            .env("MESHUP_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn meshup events");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let events = Self { child, lines };
+        let sync = events
+            .lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a sync event");
+        assert_eq!(json(&sync)["kind"], "EVENT_KIND_SYNC", "{sync}");
+        events
+    }
+
+    /// Reads events until one of `kind` that names `about` (its service or drill) comes
+    /// (15 s at most); returns every event read, that one last.
+    fn until(&self, kind: &str, about: &str) -> Vec<serde_json::Value> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {kind} event about {about}; got {seen:?}"));
+            let e = json(&line);
+            let found = e["kind"] == kind && (e["service"] == about || e["drill"] == about);
+            seen.push(e);
+            if found {
+                return seen;
+            }
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 const ROUTES: &str = "\
@@ -532,10 +600,18 @@ fn route_rules_through_the_cli() {
             "worse.yaml: line 9, field rules[1].match[0].path: \"api\" does not start with '/'",
         ),
     ] {
-        for cmd in ["validate", "apply", "set"] {
-            let (code, _, err) = run(&["route", cmd, "-f", file]);
-            assert_eq!(code, 2, "{cmd} {file}: {err}");
-            assert!(err.contains(want), "{cmd}: {err}");
+        for cmd in [
+            &["validate"][..],
+            &["apply"],
+            &["apply", "--revision", "0"],
+            &["set", "--revision", "0"],
+        ] {
+            let mut args = vec!["route"];
+            args.extend_from_slice(cmd);
+            args.extend_from_slice(&["-f", file]);
+            let (code, _, err) = run(&args);
+            assert_eq!(code, 2, "{cmd:?} {file}: {err}");
+            assert!(err.contains(want), "{cmd:?}: {err}");
         }
     }
     let (code, out, _) = run(&["route", "get", "pay.prod", "-o", "json"]);
@@ -564,10 +640,43 @@ fn route_rules_through_the_cli() {
         "{out}"
     );
 
-    // Create (revision 0), read back with the writer, apply again: unchanged.
+    // Create (revision 0), read back with the writer, apply again: unchanged. Operators see
+    // it: an event naming the service, the writer and the revision, and `services` names
+    // the rules.
+    let events = Events::watch(&admin);
     let (code, out, err) = run(&["route", "apply", "-f", &good, "--revision", "0"]);
     assert_eq!(code, 0, "{err}");
     let first: i64 = written_at(&out, "(created)");
+    let seen = events.until("EVENT_KIND_ROUTES_SET", "pay.prod");
+    let set = seen.last().expect("the event");
+    assert_eq!(
+        (
+            set["text"].as_str(),
+            set["who"].as_str(),
+            set["revision"].as_i64()
+        ),
+        (
+            Some("route rules for pay.prod set by local: 2 rules (canary, api)"),
+            Some("local"),
+            Some(first)
+        ),
+        "{set}"
+    );
+    let (code, out, _) = run(&["services", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        json(&out)["services"][0]["route_rules"],
+        serde_json::json!(["canary", "api"]),
+        "{out}"
+    );
+    let (code, out, _) = run(&["services", "pay.prod"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("default, routes: canary api")),
+        "{out}"
+    );
     let record = json(&stored());
     assert_eq!(
         record["rules"][1]["destinations"][0]["weight"], 90,
@@ -642,12 +751,46 @@ fn route_rules_through_the_cli() {
         "kept"
     );
 
-    // set writes over whatever is stored; the same rules again change nothing.
-    let (code, out, err) = run(&["route", "set", "-f", &good]);
+    // set needs --revision (it never writes over what its writer has not seen): without
+    // it, exit 2 naming what to run instead, and nothing written.
+    let (code, _, err) = run(&["route", "set", "-f", &good]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("`meshup route set` writes only at a revision you read: pass --revision N")
+            && err.contains("use `meshup route apply -f FILE`"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&stored())["rules"][1]["destinations"][0]["weight"],
+        80,
+        "set without --revision wrote nothing"
+    );
+    // set --revision N is apply --revision N: a stale one loses, the current one writes.
+    let (code, _, err) = run(&[
+        "route",
+        "set",
+        "-f",
+        &good,
+        "--revision",
+        &first.to_string(),
+    ]);
+    assert_eq!(code, 5, "a stale set must be a conflict: {err}");
+    let (code, out, err) = run(&[
+        "route",
+        "set",
+        "-f",
+        &edited,
+        "--revision",
+        &second.to_string(),
+    ]);
     assert_eq!(code, 0, "{err}");
-    let third = written_at(&out, &format!("(was {second})"));
+    let after_set = written_at(&out, &format!("(was {second})"));
+    // apply without --revision writes over what it reads; the same rules again change nothing.
+    let (code, out, err) = run(&["route", "apply", "-f", &good]);
+    assert_eq!(code, 0, "{err}");
+    let third = written_at(&out, &format!("(was {after_set})"));
     assert_eq!(json(&stored())["rules"][1]["destinations"][0]["weight"], 90);
-    let (code, out, _) = run(&["route", "set", "-f", &good]);
+    let (code, out, _) = run(&["route", "apply", "-f", &good]);
     assert_eq!(
         (code, out.lines().next()),
         (
@@ -683,6 +826,40 @@ fn route_rules_through_the_cli() {
         "{out}"
     );
     assert_eq!(stored(), "", "deleted from {key}");
+    let deleted_at: i64 = out
+        .split("(catalog revision ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {out}"));
+    let seen = events.until("EVENT_KIND_ROUTES_DELETED", "pay.prod");
+    assert!(
+        seen.iter().any(|e| e["kind"] == "EVENT_KIND_ROUTES_SET"
+            && e["text"] == "route rules for pay.prod changed by local: 2 rules (canary, api)"
+            && e["revision"] == third),
+        "the writes in between are events too: {seen:?}"
+    );
+    let deleted = seen.last().expect("the event");
+    assert_eq!(
+        (
+            deleted["text"].as_str(),
+            deleted["who"].as_str(),
+            deleted["revision"].as_i64()
+        ),
+        (
+            Some("route rules for pay.prod deleted: every request follows the failover policy"),
+            Some(""),
+            Some(deleted_at)
+        ),
+        "{deleted}"
+    );
+    let (code, out, _) = run(&["services", "pay.prod", "-o", "json"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        json(&out)["services"][0]["route_rules"],
+        serde_json::json!([]),
+        "{out}"
+    );
     let (code, _, err) = run(&["route", "delete", "pay.prod"]);
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("no route rules stored for pay.prod"), "{err}");

@@ -234,3 +234,51 @@ fn config_check_applies_environment_overrides_and_redacts_secrets() {
     assert!(!ok);
     assert!(err.contains("MESHUP_GATEWAY_ID"), "{err}");
 }
+
+/// `meshup policy` and `meshup route` take the same verbs with the same meaning
+/// (docs/admin-api.md): the same subcommands, `--revision` on `apply` and `set`, and `set`
+/// without `--revision` refused before any file is read or gateway asked (exit 2, not 3:
+/// nothing listens at the admin address given).
+#[test]
+fn policy_and_route_take_the_same_verbs() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let verbs = |family: &str| {
+        let (ok, out, err) = run(&[family, "--help"], Duration::from_secs(20));
+        assert!(ok, "{err}");
+        out.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        verbs("policy"),
+        ["get", "validate", "apply", "set", "delete", "help"]
+    );
+    assert_eq!(verbs("policy"), verbs("route"));
+    for family in ["policy", "route"] {
+        for verb in ["apply", "set"] {
+            let (ok, out, err) = run(&[family, verb, "--help"], Duration::from_secs(20));
+            assert!(ok, "{err}");
+            assert!(
+                out.contains("--revision <REVISION>"),
+                "{family} {verb}: {out}"
+            );
+        }
+        let (code, _, err) = meshup_tests::meshup(
+            &[family, "set", "-f", "no-such-file.yaml", "--admin", &closed],
+            &[],
+        );
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!(
+                "`meshup {family} set` writes only at a revision you read: pass --revision N"
+            )) && err.contains(&format!("use `meshup {family} apply -f FILE`")),
+            "{err}"
+        );
+    }
+}

@@ -744,3 +744,100 @@ async fn a_killed_gateway_behind_kept_streams_is_left_within_the_idle_timeout() 
     assert_eq!((code, cluster.as_str()), (200, "north"));
     Ok(())
 }
+
+/// The source cluster exports the service itself (an `http` port), first in the policy:
+/// requests no rule sends elsewhere are served by east's own endpoint, directly (a local
+/// connection, no tunnel stream), and the requests a rule sends to a remote cluster still go
+/// there, on the same client connection, one request at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_cluster_serves_what_no_rule_sends_elsewhere() -> anyhow::Result<()> {
+    let east = WebBackend::start("east").await?;
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let fed = Federation::start(Options {
+        prefix: "/http-local",
+        vip_octet: 105,
+        backends: Some([west.addr(), north.addr()]),
+        app_protocol: Some("http"),
+        serving_cluster_header: Some("x-meshup-cluster"),
+        east_backend: Some(east.addr()),
+        levels: Some(&["east", "west", "north"]),
+        ..Options::default()
+    })
+    .await?;
+    let vip = fed.vip;
+
+    // No rule: the policy's first level is east itself, served from its own endpoint.
+    let (_, out) = curl(&["-i", &format!("http://{vip}/api/pay")]);
+    assert_eq!(cluster_of(&out), Some("east"), "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("x-meshup-cluster: east"),
+        "{out}"
+    );
+
+    fed.write_routes(
+        r#"{"schema": 1, "rules": [
+        {"name": "api", "match": [{"path": {"prefix": "/api"}}], "destinations": [{"cluster": "north"}]},
+        {"name": "west", "match": [{"path": {"prefix": "/west"}}], "destinations": [{"cluster": "west"}]}
+    ]}"#,
+    )?;
+    routed_to(vip, "/api/pay", "north").await;
+
+    // 300 requests on ONE keep-alive connection, interleaved: each goes where its own rule
+    // (or the policy, for the rest) says.
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("urls");
+    let urls: String = (0..100)
+        .flat_map(|i| ["api", "west", "other"].map(|p| format!("url = \"http://{vip}/{p}/{i}\"\n")))
+        .collect();
+    std::fs::write(&config, urls)?;
+    let answered = |b: &WebBackend| b.answered(None);
+    let before = [answered(&east), answered(&west), answered(&north)];
+    let east_connections = east.connections();
+    let local_before = fed.east.metric_sum(
+        "meshup_http_requests_total",
+        &["destination_cluster=\"east\"", "code=\"200\""],
+    )?;
+    let (code, out) = curl(&["-K", path_str(&config), "-w", "connects=%{num_connects}\n"]);
+    assert_eq!(code, 0, "curl: {out}");
+    let connects: usize = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("connects="))
+        .map(|n| n.parse::<usize>().unwrap_or(99))
+        .sum();
+    assert_eq!(connects, 1, "all 300 requests on one connection");
+    // The answers in order: api → north, west → west, the rest → east.
+    let got: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("cluster="))
+        .map(|c| c.split_whitespace().next().unwrap_or("-"))
+        .collect();
+    let want: Vec<&str> = (0..100).flat_map(|_| ["north", "west", "east"]).collect();
+    assert_eq!(got, want);
+    // Each backend saw exactly its share, and east's local ones were counted as served by
+    // east.
+    let after = [answered(&east), answered(&west), answered(&north)];
+    assert_eq!(
+        [
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2]
+        ],
+        [100, 100, 100]
+    );
+    let local = fed.east.metric_sum(
+        "meshup_http_requests_total",
+        &["destination_cluster=\"east\"", "code=\"200\""],
+    )? - local_before;
+    assert_eq!(local, 100.0, "east's own endpoint served 100 requests");
+    println!(
+        "east's own backend: 100 requests over {} connections",
+        east.connections() - east_connections
+    );
+
+    // Without the rules, every request is east's again.
+    fed.etcd
+        .etcdctl(&["del", "/http-local/v1/routes/prod/echo"])?;
+    routed_to(vip, "/api/pay", "east").await;
+    Ok(())
+}

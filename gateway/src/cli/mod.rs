@@ -16,6 +16,8 @@
 //! Every error message says what to do next.
 
 mod export;
+mod policy;
+mod record;
 pub mod remote;
 mod render;
 mod route;
@@ -24,12 +26,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use meshup_admin_api::file::FileError;
 use meshup_admin_api::pb::admin_service_client::AdminServiceClient;
 use meshup_admin_api::pb::{self, DrillKind as PbDrillKind};
-use meshup_admin_api::policy_file::{self, PolicyFile};
-use meshup_admin_api::{CURRENT_REVISION_METADATA, DEFAULT_ADMIN_GRPC, MAX_MESSAGE_BYTES};
-use meshup_core::names::ServiceKey;
+use meshup_admin_api::{DEFAULT_ADMIN_GRPC, MAX_MESSAGE_BYTES};
 use serde::Serialize;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -127,12 +126,13 @@ pub enum AdminCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Failover policies: get, validate, set, apply, delete.
+    /// Failover policies: get, validate, apply, set, delete (the same verbs as `route`).
     #[command(subcommand)]
-    Policy(PolicyCommand),
-    /// Route rules of http and grpc ports: get, validate, apply, set, delete.
+    Policy(record::RecordCommand),
+    /// Route rules of http and grpc ports: get, validate, apply, set, delete (the same verbs
+    /// as `policy`).
     #[command(subcommand)]
-    Route(route::RouteCommand),
+    Route(record::RecordCommand),
     /// Drills: drain, fail or pin a cluster for a while, with an audit trail.
     #[command(subcommand)]
     Drill(DrillCommand),
@@ -151,61 +151,6 @@ pub enum AdminCommand {
     /// This gateway's exports: list them, register or withdraw one at runtime.
     #[command(subcommand)]
     Export(export::ExportCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Print a service's policy as a file to edit (the default when none is stored).
-    Get {
-        /// `name.namespace`
-        service: String,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Check a policy file, here and against the gateway's catalog; writes nothing.
-    Validate {
-        #[arg(long, short = 'f')]
-        file: PathBuf,
-        /// The service, if the file does not name it.
-        #[arg(long)]
-        service: Option<String>,
-        /// Only check the file, without asking a gateway.
-        #[arg(long)]
-        offline: bool,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Write a policy file if the stored policy is still at --revision (0: none stored).
-    Set {
-        #[arg(long, short = 'f')]
-        file: PathBuf,
-        /// The revision `policy get` printed; 0 to create.
-        #[arg(long)]
-        revision: i64,
-        #[arg(long)]
-        service: Option<String>,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Validate a policy file and write it over whatever is stored (refused if someone
-    /// writes it between the read and the write).
-    Apply {
-        #[arg(long, short = 'f')]
-        file: PathBuf,
-        #[arg(long)]
-        service: Option<String>,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Delete a service's policy: the default applies again.
-    Delete {
-        service: String,
-        /// Only if the stored policy is still at this revision.
-        #[arg(long)]
-        revision: Option<i64>,
-        #[command(flatten)]
-        conn: Conn,
-    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -318,8 +263,8 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 .into_inner();
             print(&conn, &r, render::resolve)
         }
-        AdminCommand::Policy(p) => policy(p).await,
-        AdminCommand::Route(r) => route::run(r).await,
+        AdminCommand::Policy(p) => record::run::<policy::Policies>(p).await,
+        AdminCommand::Route(r) => record::run::<route::Routes>(r).await,
         AdminCommand::Drill(d) => drill(d).await,
         AdminCommand::Events {
             existing,
@@ -460,276 +405,6 @@ fn print<T: Serialize>(conn: &Conn, value: &T, table: impl FnOnce(&T) -> String)
 
 fn other(e: impl std::fmt::Display) -> CliError {
     CliError::new(exit::OTHER, e.to_string())
-}
-
-/// Reads a policy or route file (`what`: "policy", "route") with `parse`; `--service`, if
-/// given, is the service when the file names none.
-fn read_file<T>(
-    file: &PathBuf,
-    service: Option<&str>,
-    what: &str,
-    parse: fn(&str, Option<&ServiceKey>) -> std::result::Result<T, FileError>,
-) -> Result<T> {
-    let service = service
-        .map(|s| {
-            s.parse::<ServiceKey>()
-                .map_err(|e| CliError::new(exit::BAD_INPUT, format!("--service: {e}")))
-        })
-        .transpose()?;
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        CliError::new(
-            exit::BAD_INPUT,
-            format!("cannot read {what} file {}: {e}", file.display()),
-        )
-    })?;
-    parse(&text, service.as_ref()).map_err(|e| {
-        CliError::new(
-            exit::BAD_INPUT,
-            format!(
-                "{}: {e}\n({what} files: docs/admin-api.md; `meshup {what} get SERVICE` prints one to start from)",
-                file.display()
-            ),
-        )
-    })
-}
-
-fn read_policy_file(file: &PathBuf, service: Option<&str>) -> Result<PolicyFile> {
-    read_file(file, service, "policy", policy_file::parse)
-}
-
-/// What `policy get -o json|yaml` prints: the record as a value, not a string.
-#[derive(Debug, Serialize)]
-struct PolicyView {
-    service: String,
-    found: bool,
-    revision: i64,
-    policy: serde_json::Value,
-}
-
-/// What the policy and route writes print for scripts.
-#[derive(Debug, Serialize)]
-struct WriteView {
-    /// "policy" or "route rules", for the table.
-    #[serde(skip)]
-    what: &'static str,
-    service: String,
-    revision: i64,
-    previous_revision: i64,
-    changed: bool,
-    warnings: Vec<String>,
-}
-
-async fn policy(command: PolicyCommand) -> Result<()> {
-    match command {
-        PolicyCommand::Get { service, conn } => {
-            let r = connect(&conn)
-                .await?
-                .get_policy(pb::GetPolicyRequest { service })
-                .await
-                .map_err(|s| status_error(&conn, s))?
-                .into_inner();
-            let policy: serde_json::Value = serde_json::from_str(&r.policy_json)
-                .unwrap_or(serde_json::Value::String(r.policy_json.clone()));
-            let view = PolicyView {
-                service: r.service,
-                found: r.found,
-                revision: r.revision,
-                policy,
-            };
-            print(&conn, &view, render::policy)
-        }
-        PolicyCommand::Validate {
-            file,
-            service,
-            offline,
-            conn,
-        } => {
-            let f = read_policy_file(&file, service.as_deref())?;
-            let mut warnings = Vec::new();
-            if !offline {
-                let r = connect(&conn)
-                    .await?
-                    .validate_policy(pb::ValidatePolicyRequest {
-                        service: f.service.to_string(),
-                        policy_json: f.json(),
-                    })
-                    .await
-                    .map_err(|s| status_error(&conn, s))?
-                    .into_inner();
-                warnings = r.warnings;
-            }
-            print_valid(&conn, "policy", f.service.to_string(), "is", warnings)
-        }
-        PolicyCommand::Set {
-            file,
-            revision,
-            service,
-            conn,
-        } => {
-            let f = read_policy_file(&file, service.as_deref())?;
-            write_policy(&mut connect(&conn).await?, &conn, &f, revision).await
-        }
-        PolicyCommand::Apply {
-            file,
-            service,
-            conn,
-        } => {
-            let f = read_policy_file(&file, service.as_deref())?;
-            let mut client = connect(&conn).await?;
-            let current = client
-                .get_policy(pb::GetPolicyRequest {
-                    service: f.service.to_string(),
-                })
-                .await;
-            let (revision, unchanged) = match current {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let same = r.found
-                        && meshup_core::policy::decode::<meshup_core::policy::PolicyRecord>(
-                            r.policy_json.as_bytes(),
-                        )
-                        .is_ok_and(|stored| stored.same_rules(&f.record));
-                    (r.revision, same)
-                }
-                // Not stored and not exported yet: create it (the gateway warns).
-                Err(s) if s.code() == Code::NotFound => (0, false),
-                Err(s) => return Err(status_error(&conn, s)),
-            };
-            if unchanged {
-                let view = WriteView {
-                    what: "policy",
-                    service: f.service.to_string(),
-                    revision,
-                    previous_revision: revision,
-                    changed: false,
-                    warnings: Vec::new(),
-                };
-                return print(&conn, &view, render::written);
-            }
-            write_policy(&mut client, &conn, &f, revision).await
-        }
-        PolicyCommand::Delete {
-            service,
-            revision,
-            conn,
-        } => {
-            let r = connect(&conn)
-                .await?
-                .delete_policy(pb::DeletePolicyRequest {
-                    service: service.clone(),
-                    revision: revision.unwrap_or(0),
-                })
-                .await
-                .map_err(|s| cas_error(&conn, s, "policy"))?
-                .into_inner();
-            print_deleted(
-                &conn,
-                "policy",
-                service,
-                revision.unwrap_or(0),
-                r.revision,
-                "the default applies again",
-            )
-        }
-    }
-}
-
-/// Prints that a policy or route file is valid (`is`: "is" or "are"), with the gateway's
-/// warnings.
-fn print_valid(
-    conn: &Conn,
-    what: &'static str,
-    service: String,
-    is: &str,
-    warnings: Vec<String>,
-) -> Result<()> {
-    let view = WriteView {
-        what,
-        service,
-        revision: 0,
-        previous_revision: 0,
-        changed: false,
-        warnings,
-    };
-    print(conn, &view, |v| {
-        let mut out = format!("ok: the {} for {} {is} valid\n", v.what, v.service);
-        for w in &v.warnings {
-            out.push_str(&format!("warning: {w}\n"));
-        }
-        out
-    })
-}
-
-/// Prints a delete of a policy or route rules; `now` says what holds after it.
-fn print_deleted(
-    conn: &Conn,
-    what: &'static str,
-    service: String,
-    previous_revision: i64,
-    revision: i64,
-    now: &str,
-) -> Result<()> {
-    let view = WriteView {
-        what,
-        service,
-        revision,
-        previous_revision,
-        changed: true,
-        warnings: Vec::new(),
-    };
-    print(conn, &view, |v| {
-        format!(
-            "deleted the {} for {} (catalog revision {}): {now}\n",
-            v.what, v.service, v.revision
-        )
-    })
-}
-
-/// Writes the file's policy if the stored one is still at `revision` (0: none stored), and
-/// prints what changed.
-async fn write_policy(
-    client: &mut AdminServiceClient<Channel>,
-    conn: &Conn,
-    f: &PolicyFile,
-    revision: i64,
-) -> Result<()> {
-    let r = client
-        .set_policy(pb::SetPolicyRequest {
-            service: f.service.to_string(),
-            policy_json: f.json(),
-            revision,
-        })
-        .await
-        .map_err(|s| cas_error(conn, s, "policy"))?
-        .into_inner();
-    let view = WriteView {
-        what: "policy",
-        service: f.service.to_string(),
-        revision: r.revision,
-        previous_revision: revision,
-        changed: true,
-        warnings: r.warnings,
-    };
-    print(conn, &view, render::written)
-}
-
-/// A lost compare-and-set says the current revision (from the trailer) and how to go on;
-/// `command` reads what is stored (`policy`, `route`).
-fn cas_error(conn: &Conn, s: Status, command: &str) -> CliError {
-    let current = s
-        .metadata()
-        .get(CURRENT_REVISION_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok());
-    let mut e = status_error(conn, s);
-    if e.code == exit::CONFLICT
-        && let Some(c) = current
-    {
-        e.message.push_str(&format!(
-            "\n(current revision: {c}; `meshup {command} get` shows what is stored)"
-        ));
-    }
-    e
 }
 
 /// What `drill start` prints for scripts.

@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meshup_admin_api::convert::drill_kind_word;
 use meshup_admin_api::pb::{self, EventKind, LinkState};
 
-use super::{Clusters, PolicyView, WriteView};
+use super::Clusters;
+use super::record::WriteView;
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -262,8 +263,13 @@ pub fn services(r: &pb::ListServicesResponse) -> String {
                     shares.join(", ")
                 },
                 format!(
-                    "{}{}",
+                    "{}{}{}",
                     if s.has_policy { "policy" } else { "default" },
+                    if s.route_rules.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", routes: {}", s.route_rules.join(" "))
+                    },
                     if s.drills.is_empty() {
                         String::new()
                     } else {
@@ -344,26 +350,6 @@ pub fn resolve(r: &pb::ResolveResponse) -> String {
         &rows,
     ));
     out
-}
-
-pub fn policy(v: &PolicyView) -> String {
-    let head = if v.found {
-        format!(
-            "# policy for {} at revision {} (set it with --revision {})\n",
-            v.service, v.revision, v.revision
-        )
-    } else {
-        format!(
-            "# no policy stored for {}: the default below applies (create one with --revision 0)\n",
-            v.service
-        )
-    };
-    as_file(
-        head,
-        &v.service,
-        &v.policy,
-        meshup_admin_api::policy_file::to_yaml,
-    )
 }
 
 /// A stored record (policy, route rules) as the file to edit: `head` (a comment), then the

@@ -23,7 +23,7 @@ fn event(kind: EventKind, text: String) -> Event {
 }
 
 /// Every change from `old` to `new`, in a stable order: gateways, services and their
-/// exports, policies, drills.
+/// exports, policies, route rules, drills.
 pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
     let mut out = Vec::new();
     // Gateways.
@@ -123,19 +123,59 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
         new.policies().collect::<BTreeMap<_, _>>(),
     );
     for (key, policy) in &after {
-        let text = match before.get(key) {
-            None => format!("policy for {key} set"),
-            Some(was) if was != policy => format!("policy for {key} changed"),
+        let verb = match before.get(key) {
+            None => "set",
+            Some(was) if was != policy => "changed",
             Some(_) => continue,
         };
-        let mut e = event(EventKind::PolicySet, text);
+        let mut e = event(
+            EventKind::PolicySet,
+            format!("policy for {key} {verb}{}", by(&policy.updated_by)),
+        );
         e.service = key.to_string();
+        e.who = policy.updated_by.clone().unwrap_or_default();
         out.push(e);
     }
     for key in before.keys().filter(|k| !after.contains_key(*k)) {
         let mut e = event(
             EventKind::PolicyDeleted,
             format!("policy for {key} deleted: the default applies"),
+        );
+        e.service = key.to_string();
+        out.push(e);
+    }
+    // Route rules.
+    let (before, after) = (
+        old.all_routes().collect::<BTreeMap<_, _>>(),
+        new.all_routes().collect::<BTreeMap<_, _>>(),
+    );
+    for (key, routes) in &after {
+        let verb = match before.get(key) {
+            None => "set",
+            Some(was) if was != routes => "changed",
+            Some(_) => continue,
+        };
+        let names: Vec<&str> = routes.rules.iter().map(|r| r.name.as_str()).collect();
+        let rules = match names.len() {
+            0 => "no rules, every request follows the failover policy".to_owned(),
+            1 => format!("1 rule ({})", names[0]),
+            n => format!("{n} rules ({})", names.join(", ")),
+        };
+        let mut e = event(
+            EventKind::RoutesSet,
+            format!(
+                "route rules for {key} {verb}{}: {rules}",
+                by(&routes.record.updated_by)
+            ),
+        );
+        e.service = key.to_string();
+        e.who = routes.record.updated_by.clone().unwrap_or_default();
+        out.push(e);
+    }
+    for key in before.keys().filter(|k| !after.contains_key(*k)) {
+        let mut e = event(
+            EventKind::RoutesDeleted,
+            format!("route rules for {key} deleted: every request follows the failover policy"),
         );
         e.service = key.to_string();
         out.push(e);
@@ -187,6 +227,11 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> Vec<Event> {
         out.push(e);
     }
     out
+}
+
+/// " by WHO" when a record names its writer.
+fn by(who: &Option<String>) -> String {
+    who.as_ref().map_or(String::new(), |w| format!(" by {w}"))
 }
 
 fn export_event(key: &ServiceKey, cluster: &ClusterName, text: String) -> Event {
@@ -293,6 +338,13 @@ mod tests {
         fixture::put_export(cluster, &format!("{cluster}-0"), "pay.prod", record)
     }
 
+    fn routes(json: &str) -> Change {
+        let compiled = meshup_core::routes::decode(json.as_bytes())
+            .and_then(|r| r.compile())
+            .expect("route record");
+        Change::PutRoutes("pay.prod".parse().expect("key"), Arc::new(compiled))
+    }
+
     fn kinds(events: &[Event]) -> Vec<(EventKind, String)> {
         events
             .iter()
@@ -316,7 +368,13 @@ mod tests {
         b.apply(export("west", 1));
         b.apply(Change::PutPolicy(
             "pay.prod".parse().expect("key"),
-            Arc::new(PolicyRecord::default()),
+            Arc::new(PolicyRecord {
+                updated_by: Some("ana".into()),
+                ..PolicyRecord::default()
+            }),
+        ));
+        b.apply(routes(
+            r#"{"schema":1,"rules":[{"name":"canary"},{}],"updated_by":"ana"}"#,
         ));
         let drill = DrillId::new("fail-west").expect("id");
         b.apply(Change::PutDrill(
@@ -349,7 +407,11 @@ mod tests {
                     EventKind::ExportChanged,
                     "pay.prod in west: 1/2 endpoints healthy (was 2/2)".into()
                 ),
-                (EventKind::PolicySet, "policy for pay.prod set".into()),
+                (EventKind::PolicySet, "policy for pay.prod set by ana".into()),
+                (
+                    EventKind::RoutesSet,
+                    "route rules for pay.prod set by ana: 2 rules (canary, rule-1)".into()
+                ),
                 (
                     EventKind::DrillStarted,
                     "drill fail-west started by ana: fail west (every service) until 1970-01-01T01:00:00Z, because game day".into()
@@ -366,6 +428,38 @@ mod tests {
             EventKind::PolicyDeleted,
             "policy for pay.prod deleted: the default applies".into()
         )));
+        assert!(got.contains(&(
+            EventKind::RoutesDeleted,
+            "route rules for pay.prod deleted: every request follows the failover policy".into()
+        )));
+        // Changed rules name the new writer; a record that names none says no one.
+        let mut c = b.clone();
+        c.apply(routes(
+            r#"{"schema":1,"rules":[{"name":"api"}],"updated_by":"bo"}"#,
+        ));
+        let changed = diff(&b, &c);
+        assert_eq!(
+            kinds(&changed),
+            vec![(
+                EventKind::RoutesSet,
+                "route rules for pay.prod changed by bo: 1 rule (api)".into()
+            )]
+        );
+        assert_eq!(
+            (changed[0].service.as_str(), changed[0].who.as_str()),
+            ("pay.prod", "bo")
+        );
+        let mut d = c.clone();
+        d.apply(routes(r#"{"schema":1,"rules":[]}"#));
+        let cleared = diff(&c, &d);
+        assert_eq!(
+            kinds(&cleared),
+            vec![(
+                EventKind::RoutesSet,
+                "route rules for pay.prod changed: no rules, every request follows the failover policy".into()
+            )]
+        );
+        assert_eq!(cleared[0].who, "");
         assert!(got.contains(&(
             EventKind::DrillEnded,
             "drill fail-west ended (fail west)".into()

@@ -392,6 +392,10 @@ impl AdminApi {
                 })
                 .map(|(id, _)| id.to_string())
                 .collect(),
+            route_rules: snapshot
+                .routes(key)
+                .map(|r| r.rules.iter().map(|rule| rule.name.clone()).collect())
+                .unwrap_or_default(),
         })
     }
 }
