@@ -607,8 +607,8 @@ pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<
     resp
 }
 
-/// One try at one cluster: a kept stream, a new stream (or a local connection), an HTTP
-/// client on it, the request, its response headers.
+/// One try at one cluster: a kept stream or connection, else a new stream (or a new local
+/// connection), an HTTP client on it, the request, its response headers.
 async fn try_once(
     shared: &Shared,
     route: &Route,
@@ -623,84 +623,70 @@ async fn try_once(
         cluster_failed,
         sent: false,
     };
-    let gateways = match target {
-        Target::Local(eps) => {
-            let tcp = connect_local(shared, eps)
-                .await
-                .map_err(|_| unreachable(true))?;
-            let mut sender = handshake(TokioIo::new(tcp), request.wire, ())
-                .await
-                .map_err(|_| unreachable(true))?;
-            return send(&mut sender, request.build(body.take()), body).await;
-        }
-        Target::Remote { gateways } => gateways,
-    };
     let key = StreamKey {
         cluster: cluster.clone(),
         service: route.service.clone(),
         port: route.port,
     };
     let streams = &shared.http_streams;
-    if request.reuse {
-        let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
-        while let Some(kept) = streams.take(&key, request.wire == Wire::H2, alive) {
-            let (mut sender, via) = match kept {
-                Kept::H1(s, via) => (Sender::Http1(s), via),
-                Kept::H2(s, via) => (Sender::H2(s), via),
+    if request.reuse
+        && let Some(result) = try_kept(shared, &key, request, body).await
+    {
+        return result;
+    }
+    let opened = tokio::time::Instant::now();
+    let (mut sender, via) = match target {
+        Target::Local(eps) => {
+            let tcp = connect_local(shared, eps)
+                .await
+                .map_err(|_| unreachable(true))?;
+            let addr = tcp.peer_addr().map_err(|_| unreachable(true))?;
+            let sender = handshake(TokioIo::new(tcp), request.wire, ())
+                .await
+                .map_err(|_| unreachable(true))?;
+            let peer = PeerKey {
+                cluster: cluster.clone(),
+                addr,
             };
-            let req = request.build(body.take());
-            match send(&mut sender, req, body).await {
-                Err(f) if !f.sent => {
-                    // The stream had closed before it wrote the request: another one.
-                    if let Sender::H2(_) = sender {
-                        streams.forget_h2(&key);
-                    }
+            (sender, Via { peer, opened })
+        }
+        Target::Remote { gateways } => {
+            let header = RequestHeader {
+                request_id: shared.next_request_id.fetch_add(1, Ordering::Relaxed),
+                service: route.service.clone(),
+                port: route.port,
+                caller: shared.local.clone(),
+            };
+            let mut early = Early::default();
+            match attempt_remote(
+                shared, cluster, gateways, &header, None, &mut early, more_after,
+            )
+            .await
+            {
+                Attempt::Connected(Connected::Remote {
+                    send,
+                    recv,
+                    _open,
+                    _in_use,
+                    peer,
+                    ..
+                }) => {
+                    let io = TokioIo::new(tokio::io::join(recv, send));
+                    let sender = handshake(io, request.wire, (_open, _in_use))
+                        .await
+                        .map_err(|_| TryFailed {
+                            answer: Answer::Lost,
+                            cluster_failed: true,
+                            sent: false,
+                        })?;
+                    (sender, Via { peer, opened })
                 }
-                result => {
-                    let (result, keep) = forwarded(result, request);
-                    match (keep, sender) {
-                        (true, Sender::Http1(s)) => streams.put_h1(key, s, via),
-                        (false, Sender::H2(_)) => streams.forget_h2(&key),
-                        _ => {}
-                    }
-                    return result;
+                Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
+                Attempt::Failed { cluster_failed, .. } => {
+                    return Err(unreachable(cluster_failed));
                 }
             }
         }
-    }
-    let header = RequestHeader {
-        request_id: shared.next_request_id.fetch_add(1, Ordering::Relaxed),
-        service: route.service.clone(),
-        port: route.port,
-        caller: shared.local.clone(),
-    };
-    let mut early = Early::default();
-    let (mut sender, via) = match attempt_remote(
-        shared, cluster, gateways, &header, None, &mut early, more_after,
-    )
-    .await
-    {
-        Attempt::Connected(Connected::Remote {
-            send,
-            recv,
-            _open,
-            _in_use,
-            peer,
-            ..
-        }) => {
-            let io = TokioIo::new(tokio::io::join(recv, send));
-            let sender = handshake(io, request.wire, (_open, _in_use))
-                .await
-                .map_err(|_| TryFailed {
-                    answer: Answer::Lost,
-                    cluster_failed: true,
-                    sent: false,
-                })?;
-            let opened = tokio::time::Instant::now();
-            (sender, Via { peer, opened })
-        }
-        Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
-        Attempt::Failed { cluster_failed, .. } => return Err(unreachable(cluster_failed)),
     };
     if let (true, Sender::H2(s)) = (request.reuse, &sender) {
         streams.share_h2(key.clone(), s.clone(), via.clone());
@@ -715,6 +701,42 @@ async fn try_once(
         _ => {}
     }
     result
+}
+
+/// The try on a kept stream (or kept local connection) for `key`, if there is one: `None`
+/// when none is left that could take the request (it was not sent).
+async fn try_kept(
+    shared: &Shared,
+    key: &StreamKey,
+    request: &Outgoing,
+    body: &mut Option<ReqBody>,
+) -> Option<Result<Response<Incoming>, TryFailed>> {
+    let streams = &shared.http_streams;
+    let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
+    while let Some(kept) = streams.take(key, request.wire == Wire::H2, alive) {
+        let (mut sender, via) = match kept {
+            Kept::H1(s, via) => (Sender::Http1(s), via),
+            Kept::H2(s, via) => (Sender::H2(s), via),
+        };
+        match send(&mut sender, request.build(body.take()), body).await {
+            Err(f) if !f.sent => {
+                // It had closed before it wrote the request: another one.
+                if let Sender::H2(_) = sender {
+                    streams.forget_h2(key);
+                }
+            }
+            result => {
+                let (result, keep) = forwarded(result, request);
+                match (keep, sender) {
+                    (true, Sender::Http1(s)) => streams.put_h1(key.clone(), s, via),
+                    (false, Sender::H2(_)) => streams.forget_h2(key),
+                    _ => {}
+                }
+                return Some(result);
+            }
+        }
+    }
+    None
 }
 
 /// A try's outcome, and whether its stream may take more requests. A serving gateway's

@@ -1,5 +1,5 @@
-//! Tunnel streams of the HTTP path kept for the next request (docs/http-routing.md,
-//! "Connections").
+//! Tunnel streams of the HTTP path kept for the next request, and connections to this
+//! cluster's own endpoints kept the same way (docs/http-routing.md, "How a request travels").
 //!
 //! A try that opens a stream pays a round trip for the serving gateway's answer, an HTTP
 //! handshake on both gateways and a task on each; a stream kept open after its response
