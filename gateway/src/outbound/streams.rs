@@ -211,6 +211,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    /// Streams to west's `echo.prod` port 80, and the gateway they lead to.
+    fn west() -> (StreamKey, PeerKey) {
+        let key = StreamKey {
+            cluster: ClusterName::new("west").expect("name"),
+            service: "echo.prod".parse().expect("service"),
+            port: 80,
+        };
+        let peer = PeerKey {
+            cluster: key.cluster.clone(),
+            addr: "127.0.0.1:4433".parse().expect("addr"),
+        };
+        (key, peer)
+    }
+
     #[test]
     fn a_stream_takes_requests_for_a_while_after_it_opened_and_not_long_idle() {
         let t0 = Instant::now();
@@ -261,15 +275,7 @@ mod tests {
             .await
             .expect("h2 handshake");
         tokio::spawn(conn);
-        let key = StreamKey {
-            cluster: ClusterName::new("west").expect("name"),
-            service: "echo.prod".parse().expect("service"),
-            port: 80,
-        };
-        let peer = PeerKey {
-            cluster: key.cluster.clone(),
-            addr: "127.0.0.1:4433".parse().expect("addr"),
-        };
+        let (key, peer) = west();
         let via = Via {
             peer: peer.clone(),
             opened: Instant::now(),
@@ -328,15 +334,7 @@ mod tests {
             .await
             .expect("h1 handshake");
         tokio::spawn(conn);
-        let key = StreamKey {
-            cluster: ClusterName::new("west").expect("name"),
-            service: "echo.prod".parse().expect("service"),
-            port: 80,
-        };
-        let peer = PeerKey {
-            cluster: key.cluster.clone(),
-            addr: "127.0.0.1:4433".parse().expect("addr"),
-        };
+        let (key, peer) = west();
         let get = || {
             http::Request::builder()
                 .uri("/")
