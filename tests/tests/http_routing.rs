@@ -366,6 +366,38 @@ async fn hostile_clients_are_held_to_the_limits(
     assert_eq!(code, 431, "a 70 KiB header block");
     assert_eq!(backend.answered(None), before, "no backend saw it");
 
+    // Header fields: 100 pass, 101 get 431. A request line past the 64 KiB buffer is refused.
+    let status_of = |fields: usize, path: String| async move {
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n");
+        for i in 2..fields {
+            req += &format!("x-f{i}: 1\r\n");
+        }
+        req += "\r\n";
+        let mut s = tokio::net::TcpStream::connect(vip).await?;
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+        let out = String::from_utf8_lossy(&out).into_owned();
+        anyhow::Ok(out.get(9..12).unwrap_or("-").to_owned())
+    };
+    assert_eq!(
+        status_of(100, "/fields".into()).await?,
+        "200",
+        "100 header fields"
+    );
+    let seen = backend.answered(None);
+    assert_eq!(
+        status_of(101, "/fields".into()).await?,
+        "431",
+        "101 header fields"
+    );
+    let long = status_of(3, format!("/{}", "a".repeat(70 * 1024))).await?;
+    assert!(
+        long == "414" || long == "431",
+        "a 70 KiB request line: {long}"
+    );
+    assert_eq!(backend.answered(None), seen, "no backend saw them");
+
     let started = std::time::Instant::now();
     let mut slow = Vec::new();
     for _ in 0..20 {
