@@ -37,7 +37,7 @@ use tower_http::timeout::{TimeoutBody, TimeoutError};
 use super::pool::PeerKey;
 use super::route::Target;
 use super::steer::{Plan, RequestLabels, ServiceLabels};
-use super::streams::{Kept, StreamKey, Via};
+use super::streams::{Kept, StreamKey, Streams, Via};
 use super::{Attempt, Connected, Early, Shared, attempt_remote, connect_local, prepared};
 use crate::outbound::Route;
 use crate::tunnel::metrics::Label;
@@ -695,12 +695,20 @@ async fn try_once(
         send(&mut sender, request.build(body.take()), body).await,
         request,
     );
-    match (request.reuse && keep, sender) {
-        (true, Sender::Http1(s)) => streams.put_h1(key, s, via),
-        (false, Sender::H2(_)) if request.reuse => streams.forget_h2(&key),
-        _ => {}
+    if request.reuse {
+        keep_or_forget(streams, &key, sender, via, keep);
     }
     result
+}
+
+/// After a try on a stream that may be kept: an HTTP/1.1 stream that may take more requests
+/// is kept, a shared h2 one that may not is no longer shared.
+fn keep_or_forget(streams: &Streams, key: &StreamKey, sender: Sender, via: Via, keep: bool) {
+    match (keep, sender) {
+        (true, Sender::Http1(s)) => streams.put_h1(key.clone(), s, via),
+        (false, Sender::H2(_)) => streams.forget_h2(key),
+        _ => {}
+    }
 }
 
 /// The try on a kept stream (or kept local connection) for `key`, if there is one: `None`
@@ -721,17 +729,11 @@ async fn try_kept(
         match send(&mut sender, request.build(body.take()), body).await {
             Err(f) if !f.sent => {
                 // It had closed before it wrote the request: another one.
-                if let Sender::H2(_) = sender {
-                    streams.forget_h2(key);
-                }
+                keep_or_forget(streams, key, sender, via, false);
             }
             result => {
                 let (result, keep) = forwarded(result, request);
-                match (keep, sender) {
-                    (true, Sender::Http1(s)) => streams.put_h1(key.clone(), s, via),
-                    (false, Sender::H2(_)) => streams.forget_h2(key),
-                    _ => {}
-                }
+                keep_or_forget(streams, key, sender, via, keep);
                 return Some(result);
             }
         }
