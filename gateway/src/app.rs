@@ -101,6 +101,7 @@ pub struct BoundAddrs {
 #[derive(Debug)]
 pub struct Gateway {
     cluster: ClusterName,
+    gateway_id: GatewayId,
     addrs: BoundAddrs,
     drain_deadline: Duration,
     readiness: Readiness,
@@ -484,6 +485,7 @@ impl Gateway {
 
         Ok(Self {
             cluster,
+            gateway_id,
             addrs,
             drain_deadline: config.tunnel.drain_deadline,
             readiness,
@@ -582,6 +584,44 @@ impl Gateway {
         self.publisher.reassert();
     }
 
+    /// After a hand-over, waits (within `deadline`) until peers can reach the successor:
+    /// peers find this node's gateway through its catalog record, which names this
+    /// process's QUIC address until the successor re-publishes it with its own. A stream
+    /// refused before then would leave a peer with no other gateway of this cluster nowhere
+    /// to go, so new streams are still served here until the record names the successor and
+    /// [`HANDOVER_SETTLE`] has passed for peers' watches to see it.
+    async fn peers_moved_to_successor(&self, deadline: Duration) {
+        let own = self.endpoint.advertised_addrs();
+        let mut snapshots = self.watcher.snapshots();
+        let published = async {
+            loop {
+                let moved = successor_published(
+                    &snapshots.borrow_and_update(),
+                    &self.cluster,
+                    &self.gateway_id,
+                    &own,
+                );
+                if moved || snapshots.changed().await.is_err() {
+                    return moved;
+                }
+            }
+        };
+        match tokio::time::timeout(deadline, published).await {
+            Ok(true) => {
+                tracing::info!(
+                    settle = ?HANDOVER_SETTLE,
+                    "the catalog names the successor's QUIC address; refusing new streams after the settle time"
+                );
+                tokio::time::sleep(HANDOVER_SETTLE.min(deadline)).await;
+            }
+            Ok(false) => {}
+            Err(_) => tracing::warn!(
+                ?deadline,
+                "the catalog never named the successor's QUIC address; refusing new streams at the drain deadline"
+            ),
+        }
+    }
+
     /// Drains and stops the gateway; returns whether every in-flight stream finished in time.
     /// After a hand-over the successor serves the node: this gateway stops answering DNS at
     /// once and leaves its records alone (they are the successor's now); otherwise it marks
@@ -603,8 +643,15 @@ impl Gateway {
             self.publisher.set_draining(true);
         }
         self.draining.send_replace(true);
-        let (inbound, outbound) =
-            tokio::join!(self.inbound.drain(deadline), self.outbound.drain(deadline));
+        let started = tokio::time::Instant::now();
+        let inbound = async {
+            if handed_over {
+                self.peers_moved_to_successor(deadline).await;
+            }
+            let left = deadline.saturating_sub(started.elapsed());
+            self.inbound.drain(left).await
+        };
+        let (inbound, outbound) = tokio::join!(inbound, self.outbound.drain(deadline));
         let completed = inbound.completed && outbound.completed;
         if completed {
             tracing::info!("drain complete: every in-flight stream finished");
@@ -635,6 +682,23 @@ impl Gateway {
         tracing::info!("gateway stopped");
         completed
     }
+}
+
+/// How long a predecessor keeps serving new streams after the catalog names its successor's
+/// QUIC address: peers watch the same store and see the change within milliseconds.
+const HANDOVER_SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether the catalog's record of this gateway names another process's QUIC addresses (a
+/// successor's) rather than `own`. Pure.
+fn successor_published(
+    snapshot: &Snapshot,
+    cluster: &ClusterName,
+    id: &GatewayId,
+    own: &[SocketAddr],
+) -> bool {
+    snapshot.gateway(cluster, id).is_some_and(|record| {
+        !record.quic_addrs.is_empty() && !record.quic_addrs.iter().any(|a| own.contains(a))
+    })
 }
 
 /// This gateway's side of a hand-over (see [`crate::handover`]).
@@ -1007,6 +1071,46 @@ mod tests {
 
     use super::*;
     use crate::health::EndpointHealth;
+
+    #[test]
+    fn the_predecessor_refuses_streams_only_once_the_record_names_the_successor() {
+        use meshup_core::fixture;
+        let (cluster, id) = (fixture::cluster("east"), fixture::gateway_id("east-0"));
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let own = [addr(4000)];
+        let with = |cluster: &str, id: &str, ports: &[u16]| {
+            let mut snapshot = Snapshot::new();
+            snapshot.apply(fixture::put_gateway(GatewayRecord {
+                quic_addrs: ports.iter().map(|p| addr(*p)).collect(),
+                ..fixture::gateway(cluster, id)
+            }));
+            snapshot
+        };
+        let cases = [
+            ("no record yet", Snapshot::new(), false),
+            ("still ours", with("east", "east-0", &[4000]), false),
+            (
+                "ours among others",
+                with("east", "east-0", &[4001, 4000]),
+                false,
+            ),
+            ("the successor's", with("east", "east-0", &[4001]), true),
+            (
+                "another gateway of the cluster",
+                with("east", "east-1", &[4001]),
+                false,
+            ),
+            ("another cluster's", with("west", "east-0", &[4001]), false),
+            ("no address at all", with("east", "east-0", &[]), false),
+        ];
+        for (what, snapshot, want) in cases {
+            assert_eq!(
+                successor_published(&snapshot, &cluster, &id, &own),
+                want,
+                "{what}"
+            );
+        }
+    }
 
     fn export() -> ExportConfig {
         serde_norway::from_str(
