@@ -57,6 +57,13 @@ const MAX_DECODING_MESSAGE_BYTES: usize = 96 * 1024 * 1024;
 /// Attempts of a request whose connection was refused (see the module docs): with one member
 /// of three down, all five land on it with odds of about 1 in 250.
 pub const UNSENT_ATTEMPTS: usize = 5;
+/// A watch's creation is sent again this long after the last one while none has answered:
+/// a member that holds requests without answering (stopped, or behind a connection that is
+/// not yet known dead) then costs this much, not the whole request deadline, and the
+/// balancer sends the next one to a member with fewer requests pending.
+pub const HEDGE_AFTER: Duration = Duration::from_millis(500);
+/// Creations of one watch in flight at most.
+const MAX_HEDGED: usize = 3;
 /// Watch responses buffered between the forwarding task and the watcher.
 const WATCH_BUFFER: usize = 256;
 /// etcd's watch id on answers to a progress request (they belong to the whole stream).
@@ -198,22 +205,56 @@ impl EtcdStore {
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let attempts = async {
-            let mut attempt = 1;
-            loop {
-                match call().await {
-                    Err(e) if attempt < UNSENT_ATTEMPTS && never_sent(&e) => {
-                        tracing::debug!(error = %e, attempt, "etcd request not sent (a member refused the connection); sending it again");
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
-        };
-        tokio::time::timeout(self.request_timeout, attempts)
+        tokio::time::timeout(self.request_timeout, resend_unsent(call))
             .await
             .map_err(|_| StoreError::Timeout(self.request_timeout))?
             .map_err(map_err)
+    }
+}
+
+/// Runs `call`, again while it fails without having reached a member ([`never_sent`]), at
+/// most [`UNSENT_ATTEMPTS`] times in all.
+async fn resend_unsent<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+where
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Err(e) if attempt < UNSENT_ATTEMPTS && never_sent(&e) => {
+                tracing::debug!(error = %e, attempt, "etcd request not sent (a member refused the connection); sending it again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs `call`, and again each `after` while no call has answered, with at most `max` in
+/// flight; the first success wins and the others are dropped (cancelled). An error ends it
+/// only when no other call is pending. Only for requests that are harmless to send twice.
+/// The caller bounds the whole with its deadline.
+async fn hedged<T, E, Fut>(mut call: impl FnMut() -> Fut, after: Duration, max: usize) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    use futures::StreamExt;
+    let mut pending = futures::stream::FuturesUnordered::new();
+    pending.push(call());
+    let mut next = tokio::time::Instant::now() + after;
+    loop {
+        tokio::select! {
+            Some(result) = pending.next() => match result {
+                Ok(value) => return Ok(value),
+                Err(e) if pending.is_empty() => return Err(e),
+                Err(_) => {}
+            },
+            () = tokio::time::sleep_until(next), if pending.len() < max => {
+                tracing::debug!(in_flight = pending.len(), "etcd has not answered; sending the request again");
+                pending.push(call());
+                next += after;
+            }
+        }
     }
 }
 
@@ -484,13 +525,21 @@ impl Store for EtcdStore {
             } else {
                 options.with_range(range.end.to_vec())
             };
-            let stream = self
-                .deadline(|| {
+            // Creating a watch changes nothing in etcd, so it is safe to send twice.
+            let create = || {
+                resend_unsent(|| {
                     let (mut client, options) = (client.clone(), options.clone());
                     let start = range.start.to_vec();
                     async move { client.watch(start, Some(options)).await }
                 })
-                .await?;
+            };
+            let stream = tokio::time::timeout(
+                self.request_timeout,
+                hedged(create, HEDGE_AFTER, MAX_HEDGED),
+            )
+            .await
+            .map_err(|_| StoreError::Timeout(self.request_timeout))?
+            .map_err(map_err)?;
             let (mut requests, mut responses) = stream.split();
             let (tx, rx) = mpsc::channel(WATCH_BUFFER);
             let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);
@@ -668,6 +717,62 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One call of a hedged request: answers `Ok(n)` or `Err(n)` after `delay`, or never.
+    fn call_with(
+        plan: &'static [(Option<u64>, bool)],
+        calls: &std::cell::Cell<usize>,
+    ) -> impl Future<Output = Result<usize, usize>> + use<> {
+        let n = calls.get();
+        calls.set(n + 1);
+        let (delay, ok) = plan.get(n).copied().unwrap_or((None, false));
+        async move {
+            match delay {
+                Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                None => std::future::pending::<()>().await,
+            }
+            if ok { Ok(n) } else { Err(n) }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hedged_request_is_sent_again_while_unanswered_and_the_first_answer_wins() {
+        // (per call: answer after ms or never, success), the result, calls made, time taken.
+        type Plan = &'static [(Option<u64>, bool)];
+        let cases: [(&str, Plan, Result<usize, usize>, usize, u64); 6] = [
+            ("answered at once", &[(Some(0), true)], Ok(0), 1, 0),
+            ("refused at once: nothing else pending", &[(Some(0), false)], Err(0), 1, 0),
+            ("a hung member, then an answer", &[(None, true), (Some(10), true)], Ok(1), 2, 510),
+            (
+                "the first answers before the second",
+                &[(Some(700), true), (Some(900), true)],
+                Ok(0),
+                2,
+                700,
+            ),
+            (
+                "an error while another is pending waits for it",
+                &[(Some(600), true), (Some(0), false)],
+                Ok(0),
+                2,
+                600,
+            ),
+            ("at most three in flight", &[(None, true), (None, true), (None, true), (Some(0), true)], Err(usize::MAX), 3, 5000),
+        ];
+        for (what, plan, want, want_calls, want_ms) in cases {
+            let calls = std::cell::Cell::new(0);
+            let started = tokio::time::Instant::now();
+            let result = tokio::time::timeout(
+                Duration::from_secs(5),
+                hedged(|| call_with(plan, &calls), HEDGE_AFTER, MAX_HEDGED),
+            )
+            .await
+            .unwrap_or(Err(usize::MAX));
+            assert_eq!(result, want, "{what}");
+            assert_eq!(calls.get(), want_calls, "{what}: calls");
+            assert_eq!(started.elapsed(), Duration::from_millis(want_ms), "{what}: time");
+        }
+    }
 
     #[test]
     fn only_a_refused_connection_counts_as_never_sent() {

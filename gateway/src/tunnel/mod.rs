@@ -7,6 +7,7 @@
 
 mod config;
 pub mod metrics;
+mod queues;
 mod socket;
 pub(crate) mod splice;
 
@@ -160,7 +161,16 @@ impl Endpoint {
         endpoint_config
             .max_udp_payload_size(config.max_udp_payload)
             .map_err(|e| bind_error(std::io::Error::other(e.to_string())))?;
-        let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        let (socket, new) = match queues::bind(config.listen).map_err(bind_error)? {
+            queues::PortSockets::Split { known, new, tag } => {
+                endpoint_config.cid_generator(move || Box::new(queues::TaggedCids(tag)));
+                if let Err(e) = socket::size_buffers(&new, queues::NEW_BUFFER_BYTES) {
+                    tracing::warn!(error = %e, "cannot size the new connections' queue");
+                }
+                (known, Some(new))
+            }
+            queues::PortSockets::Single(socket) => (socket, None),
+        };
         let wanted = config.socket_buffer_bytes as usize;
         match socket::size_buffers(&socket, wanted) {
             // Linux reports twice the usable size it granted.
@@ -176,8 +186,16 @@ impl Endpoint {
         }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
-        let socket =
-            socket::TunnelSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?);
+        let new = match new {
+            Some(s) => Some(queues::NewQueue::new(
+                runtime.wrap_udp_socket(s).map_err(bind_error)?,
+            )),
+            None => None,
+        };
+        let socket = socket::TunnelSocket::new(
+            runtime.wrap_udp_socket(socket).map_err(bind_error)?,
+            new,
+        );
         let quinn = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server),

@@ -22,6 +22,8 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
+use super::queues::NewQueue;
+
 /// The largest UDP payload one send can carry over IPv4 (65,535 − 20 IP − 8 UDP bytes); the
 /// IPv6 limit is higher, so this one is safe for both.
 pub const MAX_UDP_SEND: usize = 65_507;
@@ -42,22 +44,26 @@ pub fn gso_batches(len: usize, segment: usize, limit: usize) -> impl Iterator<It
         .map(move |start| start..(start + step).min(len))
 }
 
-/// quinn's platform socket with [`gso_batches`] applied to every send.
+/// quinn's platform socket with [`gso_batches`] applied to every send; with the port split
+/// in two queues ([`super::queues`]), the known connections' socket (which also sends) and
+/// the new connections' queue, read only when the first has nothing.
 pub struct TunnelSocket {
     inner: Arc<dyn AsyncUdpSocket>,
+    new: Option<NewQueue>,
 }
 
 impl fmt::Debug for TunnelSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TunnelSocket")
             .field("inner", &self.inner)
+            .field("new", &self.new)
             .finish()
     }
 }
 
 impl TunnelSocket {
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>) -> Arc<Self> {
-        Arc::new(Self { inner })
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>, new: Option<NewQueue>) -> Arc<Self> {
+        Arc::new(Self { inner, new })
     }
 }
 
@@ -96,7 +102,13 @@ impl AsyncUdpSocket for TunnelSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        if let Poll::Ready(read) = self.inner.poll_recv(cx, bufs, meta) {
+            return Poll::Ready(read);
+        }
+        match &self.new {
+            Some(new) => new.poll_recv(cx, bufs, meta),
+            None => Poll::Pending,
+        }
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
