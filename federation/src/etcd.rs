@@ -201,7 +201,7 @@ impl EtcdStore {
 
     /// Runs `call` with the request deadline, again while it fails without having reached
     /// a member ([`never_sent`]), at most [`UNSENT_ATTEMPTS`] times in all.
-    async fn deadline<T, Fut>(&self, mut call: impl FnMut() -> Fut) -> Result<T, StoreError>
+    async fn deadline<T, Fut>(&self, call: impl FnMut() -> Fut) -> Result<T, StoreError>
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
@@ -234,7 +234,11 @@ where
 /// flight; the first success wins and the others are dropped (cancelled). An error ends it
 /// only when no other call is pending. Only for requests that are harmless to send twice.
 /// The caller bounds the whole with its deadline.
-async fn hedged<T, E, Fut>(mut call: impl FnMut() -> Fut, after: Duration, max: usize) -> Result<T, E>
+async fn hedged<T, E, Fut>(
+    mut call: impl FnMut() -> Fut,
+    after: Duration,
+    max: usize,
+) -> Result<T, E>
 where
     Fut: Future<Output = Result<T, E>>,
 {
@@ -739,10 +743,23 @@ mod tests {
     async fn a_hedged_request_is_sent_again_while_unanswered_and_the_first_answer_wins() {
         // (per call: answer after ms or never, success), the result, calls made, time taken.
         type Plan = &'static [(Option<u64>, bool)];
-        let cases: [(&str, Plan, Result<usize, usize>, usize, u64); 6] = [
+        type Case = (&'static str, Plan, Result<usize, usize>, usize, u64);
+        let cases: [Case; 6] = [
             ("answered at once", &[(Some(0), true)], Ok(0), 1, 0),
-            ("refused at once: nothing else pending", &[(Some(0), false)], Err(0), 1, 0),
-            ("a hung member, then an answer", &[(None, true), (Some(10), true)], Ok(1), 2, 510),
+            (
+                "refused at once: nothing else pending",
+                &[(Some(0), false)],
+                Err(0),
+                1,
+                0,
+            ),
+            (
+                "a hung member, then an answer",
+                &[(None, true), (Some(10), true)],
+                Ok(1),
+                2,
+                510,
+            ),
             (
                 "the first answers before the second",
                 &[(Some(700), true), (Some(900), true)],
@@ -757,7 +774,13 @@ mod tests {
                 2,
                 600,
             ),
-            ("at most three in flight", &[(None, true), (None, true), (None, true), (Some(0), true)], Err(usize::MAX), 3, 5000),
+            (
+                "at most three in flight",
+                &[(None, true), (None, true), (None, true), (Some(0), true)],
+                Err(usize::MAX),
+                3,
+                5000,
+            ),
         ];
         for (what, plan, want, want_calls, want_ms) in cases {
             let calls = std::cell::Cell::new(0);
@@ -770,7 +793,11 @@ mod tests {
             .unwrap_or(Err(usize::MAX));
             assert_eq!(result, want, "{what}");
             assert_eq!(calls.get(), want_calls, "{what}: calls");
-            assert_eq!(started.elapsed(), Duration::from_millis(want_ms), "{what}: time");
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_millis(want_ms),
+                "{what}: time"
+            );
         }
     }
 

@@ -3,17 +3,18 @@
 //! port").
 //!
 //! With one socket, every datagram shares one kernel queue and one reader: at a few hundred
-//! thousand junk datagrams a second, a real packet waits behind thousands of junk ones, and
-//! the gateway spends a core reading junk (measured: p99 of real traffic 4.5–6× the
-//! attack-free control). Here the port has two sockets in one `SO_REUSEPORT` group:
+//! thousand junk datagrams a second, a real packet waits behind thousands of junk ones
+//! (measured: p99 of real traffic 4.3–6.1× the attack-free control). Here the port has two
+//! sockets in one `SO_REUSEPORT` group:
 //!
 //! - **known**: datagrams whose destination connection ID carries this endpoint's [`Tag`].
 //!   Every connection ID quinn issues for this endpoint ([`TaggedCids`]) starts with it, so
 //!   every packet of an established connection (short header), and the handshake packets
-//!   after the first flight (long header), land here. Read first, always, in full.
-//! - **new**: everything else (clients' first Initials with a connection ID they chose,
-//!   junk). Read only when the known queue is empty and within a [`Budget`] per window; the
-//!   rest of a flood stays in the kernel, which drops it when the small queue is full.
+//!   after the client's first flight (long header), land here. The endpoint reads it first,
+//!   every time it reads ([`super::socket::TunnelSocket`]).
+//! - **new**: everything else. Its socket filter ([`new_connections_filter`]) keeps only
+//!   what could open a connection (a version 1 Initial in a full-size datagram) and drops
+//!   the rest in the kernel; the endpoint reads it only when the known queue is empty.
 //!
 //! A classic BPF program attached to the group ([`steering_program`]) picks the socket per
 //! datagram. Where the kernel refuses any of this, the port falls back to one socket.
@@ -23,19 +24,13 @@
 //! QUIC-LB's plaintext server IDs. Between gateways that tells nothing the addresses do not:
 //! the tunnel does not migrate, and each side's address is in the catalog.
 
-use std::future::Future;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use quinn::udp::RecvMeta;
-use quinn::{AsyncUdpSocket, ConnectionId, ConnectionIdGenerator};
+use quinn::{ConnectionId, ConnectionIdGenerator};
 use rand::RngCore;
-use tokio::time::{Instant, Sleep};
 
 /// Length of every connection ID this endpoint issues.
 pub const CID_LEN: usize = 8;
@@ -115,102 +110,41 @@ const NEW: usize = 0;
 /// Index of the known-connections socket in the group (bound second).
 const KNOWN: usize = 1;
 
-/// How many datagrams the new queue hands quinn per window: a budget far above any real
-/// rate of connection attempts (peers are gateways), far below a flood.
-pub const NEW_PER_WINDOW: u32 = 256;
-pub const NEW_WINDOW: Duration = Duration::from_millis(10);
-/// The new queue's kernel buffer: a flood beyond the budget is dropped there, and a real
-/// Initial waits at most this much junk.
+/// The new connections' queue's kernel buffer: what arrives beyond it while the gateway is
+/// busy is dropped there.
 pub const NEW_BUFFER_BYTES: usize = 1 << 20;
 
-/// A count of datagrams per fixed window. Pure: the clock is passed in.
-#[derive(Debug, Clone, Copy)]
-pub struct Budget {
-    per_window: u32,
-    window: Duration,
-    start: Instant,
-    used: u32,
-}
+/// The smallest datagram that may carry a client's first Initial (RFC 9000 §14.1).
+const MIN_INITIAL_DATAGRAM: u32 = 1200;
 
-impl Budget {
-    pub fn new(per_window: u32, window: Duration, now: Instant) -> Self {
-        Self {
-            per_window,
-            window,
-            start: now,
-            used: 0,
-        }
-    }
-
-    /// `Ok` if the queue may be read at `now`, else the instant it may be again.
-    pub fn allows(&mut self, now: Instant) -> Result<(), Instant> {
-        if now >= self.start + self.window {
-            self.start = now;
-            self.used = 0;
-        }
-        if self.used < self.per_window {
-            Ok(())
-        } else {
-            Err(self.start + self.window)
-        }
-    }
-
-    /// Counts `n` datagrams read (one read may take a batch, so the window's count may pass
-    /// the budget by one batch).
-    pub fn spend(&mut self, n: usize) {
-        self.used = self.used.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-    }
-}
-
-/// The new connections' queue as the endpoint's socket reads it: only within its [`Budget`],
-/// woken by a timer when the budget is spent (the kernel keeps or drops what waits).
-pub struct NewQueue {
-    socket: Arc<dyn AsyncUdpSocket>,
-    state: Mutex<(Budget, Pin<Box<Sleep>>)>,
-}
-
-impl std::fmt::Debug for NewQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewQueue")
-            .field("socket", &self.socket)
-            .finish_non_exhaustive()
-    }
-}
-
-impl NewQueue {
-    /// Must be called inside a tokio runtime (the budget's timer).
-    pub fn new(socket: Arc<dyn AsyncUdpSocket>) -> Self {
-        let now = Instant::now();
-        Self {
-            socket,
-            state: Mutex::new((
-                Budget::new(NEW_PER_WINDOW, NEW_WINDOW, now),
-                Box::pin(tokio::time::sleep_until(now)),
-            )),
-        }
-    }
-
-    pub fn poll_recv(
-        &self,
-        cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [RecvMeta],
-    ) -> Poll<io::Result<usize>> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let (budget, wake) = &mut *state;
-        if let Err(until) = budget.allows(Instant::now()) {
-            wake.as_mut().reset(until);
-            if wake.as_mut().poll(cx).is_ready() {
-                cx.waker().wake_by_ref();
-            }
-            return Poll::Pending;
-        }
-        let read = self.socket.poll_recv(cx, bufs, meta);
-        if let Poll::Ready(Ok(n)) = &read {
-            budget.spend(*n);
-        }
-        read
-    }
+/// The socket filter of the new connections' queue: it keeps only what could open a
+/// connection, a datagram of at least [`MIN_INITIAL_DATAGRAM`] bytes whose first packet is a
+/// QUIC version 1 Initial, and drops the rest in the kernel (quinn would drop it too, or
+/// answer with a stateless reset or version negotiation, which no peer gateway needs: they
+/// all speak version 1, and a reset without a key that outlives the process is never
+/// recognised). A socket filter sees the UDP header first (8 bytes), and the length it
+/// loads includes it.
+pub fn new_connections_filter() -> [libc::sock_filter; 9] {
+    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
+    const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    const UDP_HEADER: u32 = 8;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    [
+        /* 0 */ op(LD_B_ABS, 0, 0, UDP_HEADER), // the first byte
+        /* 1 */ op(AND, 0, 0, 0xF0), // form, fixed bit, packet type
+        /* 2 */ op(JEQ, 0, 4, 0xC0), // long header, Initial; else → 7
+        /* 3 */ op(LD_W_ABS, 0, 0, UDP_HEADER + 1), // the version
+        /* 4 */ op(JEQ, 0, 2, 1), // version 1; else → 7
+        /* 5 */ op(LD_LEN, 0, 0, 0),
+        /* 6 */ op(JGE, 1, 0, UDP_HEADER + MIN_INITIAL_DATAGRAM), // → 8, else → 7
+        /* 7 */ op(RET, 0, 0, 0), // dropped
+        /* 8 */ op(RET, 0, 0, u32::MAX), // kept whole
+    ]
 }
 
 /// The QUIC port's sockets: the known and new queues, or one socket where the kernel
@@ -257,13 +191,24 @@ fn group(addr: SocketAddr, tag: Tag) -> io::Result<(std::net::UdpSocket, std::ne
         Ok(socket)
     };
     let new = member()?;
+    attach(&new, libc::SO_ATTACH_FILTER, &new_connections_filter())?;
     let known = member()?;
-    attach_reuseport_program(&known, &steering_program(tag))?;
+    attach(
+        &known,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        &steering_program(tag),
+    )?;
     Ok((new.into(), known.into()))
 }
 
+/// Attaches a classic BPF `program` with the socket option `option` (`SO_ATTACH_FILTER` or
+/// `SO_ATTACH_REUSEPORT_CBPF`).
 #[allow(unsafe_code)]
-fn attach_reuseport_program(socket: &socket2::Socket, program: &[libc::sock_filter]) -> io::Result<()> {
+fn attach(
+    socket: &socket2::Socket,
+    option: libc::c_int,
+    program: &[libc::sock_filter],
+) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| io::Error::other("BPF program too long"))?,
         filter: program.as_ptr().cast_mut(),
@@ -277,7 +222,7 @@ fn attach_reuseport_program(socket: &socket2::Socket, program: &[libc::sock_filt
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
+            option,
             (&raw const prog).cast(),
             len,
         )
@@ -296,32 +241,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_budget_counts_datagrams_per_window() {
-        let t0 = Instant::now();
-        let ms = |n: u64| t0 + Duration::from_millis(n);
-        let mut budget = Budget::new(3, Duration::from_millis(10), t0);
-        // (now, datagrams read if allowed, want)
-        let steps: [(Instant, usize, Result<(), Instant>); 7] = [
-            (ms(0), 2, Ok(())),
-            (ms(1), 1, Ok(())),
-            // 3 spent: closed until the window ends.
-            (ms(2), 0, Err(ms(10))),
-            (ms(9), 0, Err(ms(10))),
-            // A new window starts at the first look after the old one ended.
-            (ms(12), 5, Ok(())),
-            // One batch may pass the budget; then it is closed.
-            (ms(13), 0, Err(ms(22))),
-            (ms(22), 0, Ok(())),
-        ];
-        for (i, (now, read, want)) in steps.into_iter().enumerate() {
-            assert_eq!(budget.allows(now), want, "step {i}");
-            if want.is_ok() {
-                budget.spend(read);
-            }
-        }
-    }
-
-    #[test]
     fn issued_connection_ids_carry_the_tag_and_differ() {
         let tag = Tag([1, 2, 3, 4]);
         let mut cids = TaggedCids(tag);
@@ -334,58 +253,91 @@ mod tests {
         assert!(!Tag([9, 2, 3, 4]).carried_by(&a));
     }
 
-    /// Sends `datagram` to the group and returns which socket the kernel gave it to.
+    /// Sends `datagram` to the group and returns which socket the kernel gave it to, or
+    /// "dropped". On loopback the kernel queues (or drops) a datagram within the send
+    /// itself, so a datagram on neither queue 200 ms later was dropped.
     fn landed_on(sender: &UdpSocket, port: &PortSockets, datagram: &[u8]) -> &'static str {
         let PortSockets::Split { known, new, .. } = port else {
             panic!("the kernel refused the split: {port:?}");
         };
-        let to = known.local_addr().expect("addr");
-        sender.send_to(datagram, to).expect("send");
+        sender
+            .send_to(datagram, known.local_addr().expect("addr"))
+            .expect("send");
         let mut buf = [0u8; 2048];
-        for s in [known, new] {
-            s.set_nonblocking(false).expect("blocking");
-            s.set_read_timeout(Some(Duration::from_millis(50)))
+        let mut landed = "dropped";
+        for (name, s) in [("known", known), ("new", new)] {
+            s.set_read_timeout(Some(Duration::from_millis(100)))
                 .expect("timeout");
-        }
-        // A datagram is on exactly one queue: whichever has it, the other cannot.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            for (name, s) in [("known", known), ("new", new)] {
-                if let Ok(n) = s.recv(&mut buf) {
-                    assert_eq!(&buf[..n], datagram, "the datagram arrived whole");
-                    return name;
-                }
+            if let Ok(n) = s.recv(&mut buf) {
+                assert_eq!(&buf[..n], datagram, "the datagram arrived whole");
+                assert_eq!(landed, "dropped", "a datagram on both queues");
+                landed = name;
             }
         }
-        panic!("the datagram arrived on neither queue");
+        landed
     }
 
     #[test]
-    fn the_kernel_steers_datagrams_by_the_destination_connection_id() {
+    fn the_kernel_steers_by_connection_id_and_keeps_only_initials_for_new_connections() {
         let tag = Tag([0xA1, 0xB2, 0xC3, 0xD4]);
         let port = bind_tagged("127.0.0.1:0".parse().expect("addr"), tag).expect("bind");
         let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
-        let mut short = vec![0x41];
-        short.extend_from_slice(&[0xA1, 0xB2, 0xC3, 0xD4, 9, 9, 9, 9]);
-        short.extend_from_slice(&[0u8; 40]);
-        let long = |cid_len: u8, cid: &[u8]| {
-            let mut d = vec![0xC3, 0, 0, 0, 1, cid_len];
-            d.extend_from_slice(cid);
-            d.extend_from_slice(&[0u8; 40]);
+        let padded = |mut d: Vec<u8>, len: usize| {
+            d.resize(len, 0);
             d
         };
-        let tagged_cid = [0xA1, 0xB2, 0xC3, 0xD4, 5, 6, 7, 8];
-        let mut untagged_short = short.clone();
-        untagged_short[1] = 0xA0;
-        let cases: [(&str, Vec<u8>, &str); 8] = [
-            ("short header, tagged", short, "known"),
-            ("short header, another tag", untagged_short, "new"),
-            ("long header, tagged", long(8, &tagged_cid), "known"),
-            ("long header, a client's own ID", long(8, &[7; 8]), "new"),
-            ("long header, tag but another length", long(5, &tagged_cid[..5]), "new"),
-            ("one byte", vec![0x41], "new"),
-            ("the tag cut short", vec![0x41, 0xA1, 0xB2], "new"),
-            ("empty", vec![], "new"),
+        let short = |cid: &[u8]| padded([&[0x41], cid].concat(), 60);
+        // first byte (0xC3: long header, Initial; 0xE3: Handshake), version, ID length, ID.
+        let long = |first: u8, version: u32, cid: &[u8], len: usize| {
+            let mut d = vec![first];
+            d.extend_from_slice(&version.to_be_bytes());
+            d.push(cid.len() as u8);
+            d.extend_from_slice(cid);
+            padded(d, len)
+        };
+        let tagged = [0xA1, 0xB2, 0xC3, 0xD4, 5, 6, 7, 8];
+        let other = [0xA0, 0xB2, 0xC3, 0xD4, 5, 6, 7, 8];
+        let cases: [(&str, Vec<u8>, &str); 12] = [
+            ("short header, tagged", short(&tagged), "known"),
+            ("short header, another tag", short(&other), "dropped"),
+            (
+                "Initial to a tagged ID (after a Retry)",
+                long(0xC3, 1, &tagged, 1200),
+                "known",
+            ),
+            (
+                "Handshake to a tagged ID",
+                long(0xE3, 1, &tagged, 80),
+                "known",
+            ),
+            (
+                "a client's first Initial",
+                long(0xC3, 1, &[7; 8], 1200),
+                "new",
+            ),
+            (
+                "a client's first Initial, 20-byte ID",
+                long(0xC3, 1, &[7; 20], 1300),
+                "new",
+            ),
+            (
+                "an Initial in a short datagram",
+                long(0xC3, 1, &[7; 8], 1199),
+                "dropped",
+            ),
+            (
+                "an Initial of another version",
+                long(0xC3, 0x6b33_43cf, &[7; 8], 1200),
+                "dropped",
+            ),
+            (
+                "Handshake to an unknown ID",
+                long(0xE3, 1, &[7; 8], 1200),
+                "dropped",
+            ),
+            ("one byte", vec![0x41], "dropped"),
+            ("the tag cut short", vec![0x41, 0xA1, 0xB2], "dropped"),
+            ("empty", vec![], "dropped"),
         ];
         for (what, datagram, want) in cases {
             assert_eq!(landed_on(&sender, &port, &datagram), want, "{what}");

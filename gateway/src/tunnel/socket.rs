@@ -22,8 +22,6 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 
-use super::queues::NewQueue;
-
 /// The largest UDP payload one send can carry over IPv4 (65,535 − 20 IP − 8 UDP bytes); the
 /// IPv6 limit is higher, so this one is safe for both.
 pub const MAX_UDP_SEND: usize = 65_507;
@@ -46,10 +44,10 @@ pub fn gso_batches(len: usize, segment: usize, limit: usize) -> impl Iterator<It
 
 /// quinn's platform socket with [`gso_batches`] applied to every send; with the port split
 /// in two queues ([`super::queues`]), the known connections' socket (which also sends) and
-/// the new connections' queue, read only when the first has nothing.
+/// the new connections' one, read only when the first has nothing to read.
 pub struct TunnelSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    new: Option<NewQueue>,
+    new: Option<Arc<dyn AsyncUdpSocket>>,
 }
 
 impl fmt::Debug for TunnelSocket {
@@ -62,7 +60,7 @@ impl fmt::Debug for TunnelSocket {
 }
 
 impl TunnelSocket {
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, new: Option<NewQueue>) -> Arc<Self> {
+    pub fn new(inner: Arc<dyn AsyncUdpSocket>, new: Option<Arc<dyn AsyncUdpSocket>>) -> Arc<Self> {
         Arc::new(Self { inner, new })
     }
 }
