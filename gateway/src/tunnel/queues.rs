@@ -74,6 +74,20 @@ impl ConnectionIdGenerator for TaggedCids {
     }
 }
 
+// Classic BPF instructions (linux/filter.h), for the two programs below.
+const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
+const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
 /// The classic BPF program that picks a socket of the group for each datagram: 1 (known)
 /// when the destination connection ID starts with `tag`, else 0 (new). The program sees the
 /// UDP payload from its first byte. A read past a short datagram's end ends the program
@@ -83,12 +97,6 @@ impl ConnectionIdGenerator for TaggedCids {
 /// - long header (first bit 1): first byte, 4-byte version, the ID's length (must be
 ///   [`CID_LEN`]), then the ID.
 pub fn steering_program(tag: Tag) -> [libc::sock_filter; 10] {
-    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
-    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JSET: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     let tag = u32::from_be_bytes(tag.0);
     // Jumps are relative: the target is the next instruction's index plus jt or jf.
     [
@@ -125,15 +133,7 @@ const MIN_INITIAL_DATAGRAM: u32 = 1200;
 /// recognised). A socket filter sees the UDP header first (8 bytes), and the length it
 /// loads includes it.
 pub fn new_connections_filter() -> [libc::sock_filter; 9] {
-    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
-    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
-    const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     const UDP_HEADER: u32 = 8;
-    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
     [
         /* 0 */ op(LD_B_ABS, 0, 0, UDP_HEADER), // the first byte
         /* 1 */ op(AND, 0, 0, 0xF0), // form, fixed bit, packet type
