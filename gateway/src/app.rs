@@ -123,7 +123,7 @@ pub struct Gateway {
     /// Stops the DNS server alone (at a hand-over drain, the successor answers).
     dns_stop: CancellationToken,
     /// Turns true once a successor process has taken over this node.
-    handed_over: watch::Sender<bool>,
+    handed_over: watch::Sender<Option<crate::handover::HandedOver>>,
     /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
     /// to stop.
     _exports: Arc<watch::Sender<Arc<LocalExports>>>,
@@ -500,7 +500,7 @@ impl Gateway {
             sockets,
             admin_stop,
             dns_stop,
-            handed_over: watch::Sender::new(false),
+            handed_over: watch::Sender::new(None),
             _exports: exports_tx,
             exports,
             loaded,
@@ -585,12 +585,13 @@ impl Gateway {
     }
 
     /// After a hand-over, waits (within `deadline`) until peers can reach the successor:
-    /// peers find this node's gateway through its catalog record, which names this
-    /// process's QUIC address until the successor re-publishes it with its own. A stream
-    /// refused before then would leave a peer with no other gateway of this cluster nowhere
-    /// to go, so new streams are still served here until the record names the successor and
+    /// peers find this node's gateway through catalog records. The successor publishes
+    /// under `successor` (this gateway's own id, re-published with its QUIC address, or a
+    /// new id, a new pod's name); until that record names a QUIC address other than this
+    /// process's, a stream refused here would leave a peer with no other gateway of this
+    /// cluster nowhere to go. So new streams are still served here until it does and
     /// [`HANDOVER_SETTLE`] has passed for peers' watches to see it.
-    async fn peers_moved_to_successor(&self, deadline: Duration) {
+    async fn peers_moved_to_successor(&self, successor: &GatewayId, deadline: Duration) {
         let own = self.endpoint.advertised_addrs();
         let mut snapshots = self.watcher.snapshots();
         let published = async {
@@ -598,7 +599,7 @@ impl Gateway {
                 let moved = successor_published(
                     &snapshots.borrow_and_update(),
                     &self.cluster,
-                    &self.gateway_id,
+                    successor,
                     &own,
                 );
                 if moved || snapshots.changed().await.is_err() {
@@ -628,8 +629,15 @@ impl Gateway {
     /// itself draining in the catalog.
     pub async fn drain(self) -> bool {
         let deadline = self.drain_deadline;
-        let handed_over = *self.handed_over.borrow();
-        if handed_over {
+        let handed_over = self.handed_over.borrow().clone();
+        // An older successor does not name itself: it re-publishes under this id.
+        let successor = handed_over.as_ref().map(|h| {
+            h.successor
+                .as_deref()
+                .and_then(|id| GatewayId::new(id).ok())
+                .unwrap_or_else(|| self.gateway_id.clone())
+        });
+        if handed_over.is_some() {
             tracing::info!(
                 ?deadline,
                 "draining after a hand-over: the successor serves the node; finishing in-flight streams"
@@ -645,8 +653,8 @@ impl Gateway {
         self.draining.send_replace(true);
         let started = tokio::time::Instant::now();
         let inbound = async {
-            if handed_over {
-                self.peers_moved_to_successor(deadline).await;
+            if let Some(successor) = &successor {
+                self.peers_moved_to_successor(successor, deadline).await;
             }
             let left = deadline.saturating_sub(started.elapsed());
             self.inbound.drain(left).await
@@ -688,15 +696,15 @@ impl Gateway {
 /// QUIC address: peers watch the same store and see the change within milliseconds.
 const HANDOVER_SETTLE: Duration = Duration::from_secs(1);
 
-/// Whether the catalog's record of this gateway names another process's QUIC addresses (a
-/// successor's) rather than `own`. Pure.
+/// Whether the catalog's record of gateway `successor` (this gateway's own id, or the new one
+/// the successor took) names QUIC addresses of another process rather than `own`. Pure.
 fn successor_published(
     snapshot: &Snapshot,
     cluster: &ClusterName,
-    id: &GatewayId,
+    successor: &GatewayId,
     own: &[SocketAddr],
 ) -> bool {
-    snapshot.gateway(cluster, id).is_some_and(|record| {
+    snapshot.gateway(cluster, successor).is_some_and(|record| {
         !record.quic_addrs.is_empty() && !record.quic_addrs.iter().any(|a| own.contains(a))
     })
 }
@@ -800,7 +808,8 @@ pub async fn run_until_signal(config: Config, file: Option<ConfigFile>) -> Resul
     let mut _predecessor = None;
     if let Some(successor) = successor {
         gateway.readiness.wait_ready().await;
-        let released = tokio::task::spawn_blocking(move || successor.ready())
+        let id = gateway.gateway_id.to_string();
+        let released = tokio::task::spawn_blocking(move || successor.ready(&id))
             .await
             .map_err(|e| AppError::TakeOver(e.to_string()))??;
         // The predecessor writes no more; move every record to this gateway's lease.
@@ -1075,7 +1084,7 @@ mod tests {
     #[test]
     fn the_predecessor_refuses_streams_only_once_the_record_names_the_successor() {
         use meshup_core::fixture;
-        let (cluster, id) = (fixture::cluster("east"), fixture::gateway_id("east-0"));
+        let cluster = fixture::cluster("east");
         let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         let own = [addr(4000)];
         let with = |cluster: &str, id: &str, ports: &[u16]| {
@@ -1086,26 +1095,69 @@ mod tests {
             }));
             snapshot
         };
+        let both = {
+            let mut snapshot = with("east", "east-0", &[4000]);
+            snapshot.apply(fixture::put_gateway(GatewayRecord {
+                quic_addrs: vec![addr(4001)],
+                ..fixture::gateway("east", "east-1")
+            }));
+            snapshot
+        };
+        // (what, the catalog, the id the successor publishes under, refuse new streams?)
         let cases = [
-            ("no record yet", Snapshot::new(), false),
-            ("still ours", with("east", "east-0", &[4000]), false),
+            ("no record yet", Snapshot::new(), "east-0", false),
+            (
+                "still ours",
+                with("east", "east-0", &[4000]),
+                "east-0",
+                false,
+            ),
             (
                 "ours among others",
                 with("east", "east-0", &[4001, 4000]),
+                "east-0",
                 false,
             ),
-            ("the successor's", with("east", "east-0", &[4001]), true),
+            (
+                "the successor's",
+                with("east", "east-0", &[4001]),
+                "east-0",
+                true,
+            ),
             (
                 "another gateway of the cluster",
                 with("east", "east-1", &[4001]),
+                "east-0",
                 false,
             ),
-            ("another cluster's", with("west", "east-0", &[4001]), false),
-            ("no address at all", with("east", "east-0", &[]), false),
+            (
+                "another cluster's",
+                with("west", "east-0", &[4001]),
+                "east-0",
+                false,
+            ),
+            (
+                "no address at all",
+                with("east", "east-0", &[]),
+                "east-0",
+                false,
+            ),
+            (
+                "a successor under a new id, not yet published",
+                with("east", "east-0", &[4000]),
+                "east-1",
+                false,
+            ),
+            (
+                "a successor under a new id, published beside ours",
+                both,
+                "east-1",
+                true,
+            ),
         ];
-        for (what, snapshot, want) in cases {
+        for (what, snapshot, successor, want) in cases {
             assert_eq!(
-                successor_published(&snapshot, &cluster, &id, &own),
+                successor_published(&snapshot, &cluster, &fixture::gateway_id(successor), &own),
                 want,
                 "{what}"
             );

@@ -11,7 +11,7 @@
 //!                                  ◀─────   Offer{quic_port, sockets, more} + SCM_RIGHTS
 //!                                           (publisher paused, /ready 503 "handing over")
 //!   ... binds QUIC on the other port, syncs the catalog, publishes, serves ...
-//!   Ready                          ─────▶
+//!   Ready{gateway}                 ─────▶
 //!                                  ◀─────   Released (admin listeners no longer served)
 //!   re-asserts its records, listens on the hand-over socket itself
 //!                                           SIGTERM: stops accepting, drains in flight,
@@ -88,7 +88,12 @@ enum Message {
         /// More offers follow (descriptors are passed at most 200 per message).
         more: bool,
     },
-    Ready,
+    /// `gateway`: the successor's gateway id, which its catalog record is published under
+    /// (absent from a successor of an older version).
+    Ready {
+        #[serde(default)]
+        gateway: Option<String>,
+    },
     Released,
     Refused {
         reason: String,
@@ -292,15 +297,19 @@ pub fn take_over(path: &Path) -> Result<Option<Successor>, HandoverError> {
 }
 
 impl Successor {
-    /// Tells the predecessor this process is ready and waits until it has stopped serving
-    /// the admin listeners and writing the catalog. Returns the connection, to keep open
-    /// while the predecessor drains (its end closes when it exits).
-    pub fn ready(self) -> Result<UnixStream, HandoverError> {
+    /// Tells the predecessor this process is ready, publishing as gateway `gateway`, and
+    /// waits until it has stopped serving the admin listeners and writing the catalog.
+    /// Returns the connection, to keep open while the predecessor drains (its end closes
+    /// when it exits).
+    pub fn ready(self, gateway: &str) -> Result<UnixStream, HandoverError> {
         let io_err = |source| HandoverError::Io {
             path: self.path.clone(),
             source,
         };
-        send(&self.stream, &Message::Ready, &[]).map_err(io_err)?;
+        let ready = Message::Ready {
+            gateway: Some(gateway.to_owned()),
+        };
+        send(&self.stream, &ready, &[]).map_err(io_err)?;
         match recv(&self.stream).map_err(io_err)?.0 {
             Message::Released => Ok(self.stream),
             other => Err(HandoverError::Protocol(format!("{other:?}"))),
@@ -339,13 +348,21 @@ pub fn listen(path: &Path) -> Result<UnixListener, HandoverError> {
     Ok(listener)
 }
 
-/// Serves successors on `listener` until one takes over (then `handed_over` turns true and
-/// the task ends) or `stop` is cancelled. One successor at a time; a successor of another
-/// user or protocol version is refused.
+/// A completed hand-over, as the predecessor learnt it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedOver {
+    /// The gateway id the successor publishes under; `None` when it did not say (a
+    /// successor of an older version).
+    pub successor: Option<String>,
+}
+
+/// Serves successors on `listener` until one takes over (then `handed_over` is set and the
+/// task ends) or `stop` is cancelled. One successor at a time; a successor of another user
+/// or protocol version is refused.
 pub async fn serve(
     listener: UnixListener,
     predecessor: Arc<dyn Predecessor>,
-    handed_over: watch::Sender<bool>,
+    handed_over: watch::Sender<Option<HandedOver>>,
     stop: CancellationToken,
 ) {
     let listener = match listener
@@ -383,8 +400,8 @@ pub async fn serve(
         let p = predecessor.clone();
         let done = tokio::task::spawn_blocking(move || hand_over(&stream, p.as_ref())).await;
         match done {
-            Ok(Ok(())) => {
-                handed_over.send_replace(true);
+            Ok(Ok(done)) => {
+                handed_over.send_replace(Some(done));
                 return;
             }
             Ok(Err(why)) => {
@@ -396,7 +413,7 @@ pub async fn serve(
 }
 
 /// One hand-over, on the blocking thread. `Err` leaves this process serving as before.
-fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
+fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<HandedOver, String> {
     let creds = rustix::net::sockopt::socket_peercred(stream).map_err(|e| e.to_string())?;
     let (uid, pid) = (creds.uid.as_raw(), creds.pid.as_raw_pid());
     let me = rustix::process::geteuid().as_raw();
@@ -435,7 +452,7 @@ fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
     }
     let _ = stream.set_read_timeout(Some(READY_TIMEOUT));
     match recv(stream) {
-        Ok((Message::Ready, _)) => {
+        Ok((Message::Ready { gateway }, _)) => {
             p.released();
             if let Err(e) = send(stream, &Message::Released, &[]) {
                 // It is serving; only the acknowledgement was lost.
@@ -443,9 +460,10 @@ fn hand_over(stream: &UnixStream, p: &dyn Predecessor) -> Result<(), String> {
             }
             tracing::info!(
                 pid,
+                successor = gateway.as_deref().unwrap_or("(not named)"),
                 "the successor is ready; drain this process with SIGTERM"
             );
-            Ok(())
+            Ok(HandedOver { successor: gateway })
         }
         Ok((other, _)) => {
             let why = format!("expected ready, got {other:?}");
@@ -614,7 +632,7 @@ mod tests {
             .add(Kind::DnsUdp, udp_addr, &udp)
             .expect("dup");
         let listener = listen(&path).expect("listen");
-        let (handed_over, mut handed_rx) = watch::channel(false);
+        let (handed_over, mut handed_rx) = watch::channel(None);
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, recorder.clone(), handed_over, stop.clone()));
 
@@ -636,7 +654,7 @@ mod tests {
         .await;
         assert!(abandoned.is_ok(), "steps: {:?}", steps(&recorder));
         assert_eq!(steps(&recorder), vec!["offered", "abandoned"]);
-        assert!(!*handed_rx.borrow());
+        assert_eq!(*handed_rx.borrow(), None);
 
         // A successor that sees it through.
         let path2 = path.clone();
@@ -660,17 +678,47 @@ mod tests {
             "the DNS socket"
         );
         assert_eq!(successor.sockets.clear(), 449);
-        let _conn = tokio::task::spawn_blocking(move || successor.ready())
+        let _conn = tokio::task::spawn_blocking(move || successor.ready("east-1"))
             .await
             .expect("join")
             .expect("released");
-        handed_rx.wait_for(|h| *h).await.expect("handed over");
+        let done = handed_rx
+            .wait_for(Option::is_some)
+            .await
+            .expect("handed over");
+        assert_eq!(
+            done.as_ref().and_then(|d| d.successor.as_deref()),
+            Some("east-1")
+        );
+        drop(done);
         assert_eq!(
             steps(&recorder),
             vec!["offered", "abandoned", "offered", "released"]
         );
         assert_eq!(recorder.offers.load(Ordering::SeqCst), 2);
         server.await.expect("server task");
+    }
+
+    /// Processes of two versions hand over to each other: a `Ready` naming the successor
+    /// is read by a predecessor that knows only the bare `Ready` (version 1 as first
+    /// shipped), and a bare one is read here as "not named".
+    #[test]
+    fn ready_is_read_across_versions() {
+        #[derive(Debug, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        enum FirstShipped {
+            Ready,
+        }
+        let named = serde_json::to_string(&Message::Ready {
+            gateway: Some("east-a-2".into()),
+        })
+        .expect("encode");
+        assert_eq!(
+            serde_json::from_str::<FirstShipped>(&named).expect("an older predecessor reads it"),
+            FirstShipped::Ready
+        );
+        let bare = serde_json::from_str::<Message>(r#"{"type":"ready"}"#).expect("decode");
+        assert!(matches!(bare, Message::Ready { gateway: None }), "{bare:?}");
     }
 
     #[test]

@@ -24,7 +24,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -793,9 +793,40 @@ impl Drop for EchoServer {
     }
 }
 
-/// A long connection to `vip` that sends 1 KiB every 5 ms and checks every echoed
-/// byte, until told to end; returns the bytes echoed intact.
-pub async fn long_stream(vip: SocketAddr, end: Arc<AtomicBool>) -> anyhow::Result<u64> {
+/// A long connection to a VIP that sends 1 KiB every 5 ms and checks every echoed byte,
+/// until [`RunningStream::finish`] (a [`LongStream`] without a set length).
+#[derive(Debug)]
+pub struct RunningStream {
+    end: Arc<AtomicBool>,
+    echoed: Arc<AtomicU64>,
+    task: JoinHandle<anyhow::Result<u64>>,
+}
+
+impl RunningStream {
+    pub fn start(vip: SocketAddr) -> Self {
+        let end = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(long_stream(vip, end.clone(), echoed.clone()));
+        Self { end, echoed, task }
+    }
+
+    /// Bytes echoed intact so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::Relaxed)
+    }
+
+    /// Ends the stream; returns the bytes echoed intact, or what broke it.
+    pub async fn finish(self) -> anyhow::Result<u64> {
+        self.end.store(true, Ordering::Relaxed);
+        self.task.await?
+    }
+}
+
+async fn long_stream(
+    vip: SocketAddr,
+    end: Arc<AtomicBool>,
+    echoed: Arc<AtomicU64>,
+) -> anyhow::Result<u64> {
     let mut conn = TcpStream::connect(vip).await?;
     let mut sent: u64 = 0;
     let mut chunk = vec![0u8; 1024];
@@ -808,6 +839,7 @@ pub async fn long_stream(vip: SocketAddr, end: Arc<AtomicBool>) -> anyhow::Resul
         tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back)).await??;
         anyhow::ensure!(back == chunk, "echoed bytes differ at offset {sent}");
         sent += chunk.len() as u64;
+        echoed.store(sent, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     conn.shutdown().await?;

@@ -12,13 +12,11 @@
 //! 2 minutes in CI; `MESHUP_SOAK_SECONDS=1800` for the 30-minute run by hand
 //! (docs/reliability.md has its figures).
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use meshup_tests::gateways::{Certs, DigLoop, GatewayProcess, GatewaySpec};
 use meshup_tests::procs::{Usage, usage};
-use meshup_tests::workload::{self, EchoServer, Workload, long_stream};
+use meshup_tests::workload::{self, EchoServer, RunningStream, Workload};
 use meshup_tests::{EtcdServer, eventually_ok};
 
 const WEST_PORT: u16 = 7400;
@@ -120,8 +118,7 @@ async fn a_fault_every_twenty_seconds_loses_nothing_and_leaks_nothing() {
     }
     .start();
     let digs = DigLoop::start(None, dns, NAME, to_west.ip());
-    let end_stream = Arc::new(AtomicBool::new(false));
-    let stream = tokio::spawn(long_stream(to_west, end_stream.clone()));
+    let stream = RunningStream::start(to_west);
     eventually_ok("the load is warm", Duration::from_secs(10), || async {
         anyhow::ensure!(
             east_load.successes_since(Duration::ZERO) >= 100
@@ -153,8 +150,7 @@ async fn a_fault_every_twenty_seconds_loses_nothing_and_leaks_nothing() {
     // The last fault's recovery, then the end sample with the load still running.
     tokio::time::sleep_until((started + duration).into()).await;
     let end = sample();
-    end_stream.store(true, std::sync::atomic::Ordering::Relaxed);
-    let streamed = stream.await.expect("stream task");
+    let streamed = stream.finish().await;
     let (answers, dns_failures) = digs.finish();
     let east_outcomes = east_load.stop().await;
     let west_outcomes = west_load.stop().await;
