@@ -390,6 +390,49 @@ async fn small_request_response_has_no_delayed_ack_stall() {
     .await;
 }
 
+/// ACK-only packets on a request/response chain: a 1 KiB exchange needs two datagrams, the
+/// request and the response, each carrying the ACK of the other, because both gateways ask
+/// their peer for ACKs within 1 ms rather than at once (gateway/src/tunnel/mod.rs,
+/// `transport_config`). Acknowledging every packet at once makes it four datagrams: two
+/// more sends, wake-ups and receives per exchange (docs/benchmarks.md, "Small messages").
+/// Counted at a relay between the gateways, exchange by exchange (from one's start to the
+/// next one's); the median, so that the few exchanges a loaded machine slows past 1 ms
+/// (whose ACK then goes alone) do not decide it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_response_exchange_takes_two_datagrams_and_no_ack_only_packet() {
+    within(Duration::from_secs(60), async {
+        let echo = Backend::echo().await;
+        let (_pki, _east, _west, relay, vip) = pair_via_relay(&echo).await;
+        let mut c = dial(vip).await.expect("connect");
+        let msg = vec![0x5au8; 1024];
+        for _ in 0..50 {
+            ping(&mut c, &msg).await.expect("warm-up");
+        }
+        let mut marks = vec![relay.passed.load(Ordering::SeqCst)];
+        for _ in 0..300 {
+            ping(&mut c, &msg).await.expect("echo");
+            marks.push(relay.passed.load(Ordering::SeqCst));
+        }
+        let mut per_exchange: Vec<usize> = marks.windows(2).map(|w| w[1] - w[0]).collect();
+        let total: usize = per_exchange.iter().sum();
+        per_exchange.sort_unstable();
+        let median = per_exchange[per_exchange.len() / 2];
+        let mut histogram = std::collections::BTreeMap::<usize, usize>::new();
+        for n in &per_exchange {
+            *histogram.entry(*n).or_default() += 1;
+        }
+        eprintln!(
+            "datagrams per 1 KiB exchange: median {median}, mean {:.2}, exchanges by datagrams {histogram:?}",
+            total as f64 / per_exchange.len() as f64
+        );
+        assert_eq!(
+            median, 2,
+            "datagrams per exchange {histogram:?}: ACK-only packets on a request/response chain"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_spread_across_a_clusters_gateways_with_one_dial_each() {
     within(Duration::from_secs(30), async {

@@ -456,10 +456,12 @@ pub async fn ping(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
 // === UDP relay ===
 
 /// A user-space UDP relay between one client and `target`: can blackhole traffic (a peer
-/// that dies silently), drop datagrams above a size (a path-MTU black hole), and counts QUIC
-/// Retry packets from the server.
+/// that dies silently), drop datagrams above a size (a path-MTU black hole), and counts the
+/// datagrams it passes and QUIC Retry packets from the server.
 pub struct Relay {
     pub addr: SocketAddr,
+    /// Datagrams passed on, both ways.
+    pub passed: Arc<AtomicUsize>,
     pub blackhole: Arc<std::sync::atomic::AtomicBool>,
     pub retries_seen: Arc<AtomicUsize>,
     /// Datagrams longer than this (UDP payload bytes) are dropped, both ways.
@@ -484,6 +486,7 @@ impl Relay {
         let retries_seen = Arc::new(AtomicUsize::new(0));
         let max_datagram = Arc::new(AtomicUsize::new(usize::MAX));
         let dropped_large = Arc::new(AtomicUsize::new(0));
+        let passed = Arc::new(AtomicUsize::new(0));
         let last_to_client: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         let last_any: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
         let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
@@ -506,13 +509,14 @@ impl Relay {
                 client.clone(),
                 fits.clone(),
             );
-            let any = last_any.clone();
+            let (any, passed) = (last_any.clone(), passed.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = front.recv_from(&mut buf).await {
                     *client.lock().expect("relay lock") = Some(from);
                     if !blackhole.load(Ordering::SeqCst) && fits(n) {
                         *any.lock().expect("relay lock") = Some(Instant::now());
+                        passed.fetch_add(1, Ordering::SeqCst);
                         let _ = back.send(&buf[..n]).await;
                     }
                 }
@@ -525,6 +529,7 @@ impl Relay {
                 last_to_client.clone(),
                 last_any.clone(),
             );
+            let passed = passed.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok(n) = back.recv(&mut buf).await {
@@ -539,6 +544,7 @@ impl Relay {
                         // Taken before the send, so the client cannot have heard from the
                         // server any later than this.
                         let at = Instant::now();
+                        passed.fetch_add(1, Ordering::SeqCst);
                         let _ = front.send_to(&buf[..n], to).await;
                         *last.lock().expect("relay lock") = Some(at);
                         *any.lock().expect("relay lock") = Some(at);
@@ -548,6 +554,7 @@ impl Relay {
         }
         Self {
             addr,
+            passed,
             blackhole,
             retries_seen,
             max_datagram,
