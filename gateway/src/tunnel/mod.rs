@@ -187,11 +187,11 @@ impl Endpoint {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
         let new = match new {
-            Some(s) => Some(runtime.wrap_udp_socket(s).map_err(bind_error)?),
+            Some(s) => Some(socket::QueueSocket::new(s).map_err(bind_error)? as _),
             None => None,
         };
         let socket =
-            socket::TunnelSocket::new(runtime.wrap_udp_socket(socket).map_err(bind_error)?, new);
+            socket::TunnelSocket::new(socket::QueueSocket::new(socket).map_err(bind_error)?, new);
         let quinn = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server),

@@ -1,4 +1,5 @@
-//! The tunnel's UDP socket: quinn's own socket, with two fixes for large packets.
+//! The tunnel's UDP socket: quinn's own socket, with two fixes for large packets and one
+//! syscall less per datagram received.
 //!
 //! - **GSO batches that fit.** quinn hands the socket up to 10 equal-size packets at once
 //!   (UDP generic segmentation offload). With a path MTU above ~6.5 KB (jumbo frames, or
@@ -10,6 +11,13 @@
 //! - **Socket buffers sized for bursts** (`tunnel.socket_buffer_bytes`): a flight of packets
 //!   arrives faster than one thread drains it, and the kernel's default receive buffer
 //!   (~208 KiB) drops the tail of the burst, which QUIC must then detect and resend.
+//! - **No read that finds the queue empty** ([`QueueSocket`]). quinn reads until the socket
+//!   says `WouldBlock`, so every wake-up for one datagram cost a second `recvmmsg` answering
+//!   `EAGAIN` (docs/benchmarks.md, "Small messages"). A batch shorter than the buffers
+//!   offered means the queue was empty at that moment: readiness is cleared then, as tokio's
+//!   `TcpStream` does after a short read. A datagram that arrives meanwhile is not missed:
+//!   clearing only takes back the readiness seen before the read, and the datagram's own
+//!   edge sets it again.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -19,8 +27,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 /// The largest UDP payload one send can carry over IPv4 (65,535 − 20 IP − 8 UDP bytes); the
 /// IPv6 limit is higher, so this one is safe for both.
@@ -126,6 +136,88 @@ impl AsyncUdpSocket for TunnelSocket {
     }
 }
 
+/// One of the port's UDP sockets, registered with tokio: quinn's tokio socket, except that a
+/// receive batch shorter than the buffers offered clears readiness (see the module docs).
+#[derive(Debug)]
+pub struct QueueSocket {
+    io: AsyncFd<std::net::UdpSocket>,
+    state: UdpSocketState,
+}
+
+impl QueueSocket {
+    /// Must be called inside a tokio runtime.
+    #[allow(unsafe_code)]
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+        socket.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&socket).into())?;
+        // SAFETY: the `UdpSocket` owns its descriptor: open, and the same one, for as long as
+        // the `AsyncFd` holds it (it is closed only when the `AsyncFd` drops it).
+        let io = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
+        Ok(Arc::new(Self { io, state }))
+    }
+}
+
+impl AsyncUdpSocket for QueueSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        Box::pin(Writable(self))
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, |socket| {
+            self.state.send(socket.into(), transmit)
+        })
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let slots = bufs.len().min(meta.len());
+        loop {
+            let mut ready = std::task::ready!(self.io.poll_read_ready(cx))?;
+            match ready.try_io(|fd| self.state.recv(fd.get_ref().into(), bufs, meta)) {
+                Ok(Ok(received)) => {
+                    if received < slots {
+                        ready.clear_ready();
+                    }
+                    return Poll::Ready(Ok(received));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Readiness was stale: cleared by `try_io`; wait for the next edge.
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.io.get_ref().local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.state.may_fragment()
+    }
+}
+
+/// Whether a [`QueueSocket`] can take another send.
+#[derive(Debug)]
+struct Writable(Arc<QueueSocket>);
+
+impl UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.0.io.poll_write_ready(cx).map_ok(|_ready| ())
+    }
+}
+
 /// Asks the kernel for `bytes` of send and receive buffer on `socket` and returns what it
 /// granted (Linux reports twice the usable size; the value is capped by `net.core.rmem_max`
 /// and `net.core.wmem_max`).
@@ -139,6 +231,70 @@ pub fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) -> io::Result<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The race a short batch's cleared readiness could lose: datagrams that arrive while the
+    /// queue is being read. 20,000 of them from another thread, sent in bursts of 1 to 3 as
+    /// fast as the reader keeps up (at most 64 ahead, so none is dropped for buffer space):
+    /// every one must be received, none may wait for a wake-up that never comes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn datagrams_arriving_while_the_queue_is_read_are_all_received() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const TOTAL: usize = 20_000;
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let addr = bound.local_addr().expect("addr");
+        let queue = QueueSocket::new(bound).expect("register");
+        let received = Arc::new(AtomicUsize::new(0));
+        let sender = std::thread::spawn({
+            let received = received.clone();
+            move || {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+                let mut sent = 0;
+                while sent < TOTAL {
+                    while sent >= received.load(Ordering::SeqCst) + 64 {
+                        std::thread::yield_now();
+                    }
+                    for _ in 0..(1 + sent % 3).min(TOTAL - sent) {
+                        s.send_to(&(sent as u64).to_be_bytes(), addr).expect("send");
+                        sent += 1;
+                    }
+                }
+            }
+        });
+        // Four buffers, so that most batches are short ones and clear readiness.
+        let mut bufs = vec![vec![0u8; 16 * 1024]; 4];
+        let mut short_batches = 0;
+        let read_all = async {
+            while received.load(Ordering::SeqCst) < TOTAL {
+                let mut meta = [RecvMeta::default(); 4];
+                let mut slices: Vec<IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let n = std::future::poll_fn(|cx| queue.poll_recv(cx, &mut slices, &mut meta))
+                    .await
+                    .expect("receive");
+                short_batches += usize::from(n < meta.len());
+                // Datagrams of one sender may come coalesced (GRO): `stride` bytes each.
+                let datagrams: usize = meta[..n]
+                    .iter()
+                    .map(|m| m.len.div_ceil(m.stride.max(1)))
+                    .sum();
+                received.fetch_add(datagrams, Ordering::SeqCst);
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(30), read_all)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "stuck after {} of {TOTAL} datagrams: a wake-up was lost",
+                    received.load(Ordering::SeqCst)
+                )
+            });
+        sender.join().expect("sender");
+        assert_eq!(received.load(Ordering::SeqCst), TOTAL);
+        assert!(
+            short_batches > 0,
+            "no batch was short: the clearing was not exercised"
+        );
+    }
 
     fn batches(len: usize, segment: usize) -> Vec<Range<usize>> {
         gso_batches(len, segment, MAX_UDP_SEND).collect()
