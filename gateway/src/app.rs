@@ -584,14 +584,14 @@ impl Gateway {
         self.publisher.reassert();
     }
 
-    /// After a hand-over, waits (within `deadline`) until peers can reach the successor:
-    /// peers find this node's gateway through catalog records. The successor publishes
+    /// After a hand-over, waits (until `until`, the drain deadline at the latest) until peers
+    /// can reach the successor: peers find this node's gateway through catalog records. The successor publishes
     /// under `successor` (this gateway's own id, re-published with its QUIC address, or a
     /// new id, a new pod's name); until that record names a QUIC address other than this
     /// process's, a stream refused here would leave a peer with no other gateway of this
     /// cluster nowhere to go. So new streams are still served here until it does and
     /// [`HANDOVER_SETTLE`] has passed for peers' watches to see it.
-    async fn peers_moved_to_successor(&self, successor: &GatewayId, deadline: Duration) {
+    async fn peers_moved_to_successor(&self, successor: &GatewayId, until: tokio::time::Instant) {
         let own = self.endpoint.advertised_addrs();
         let mut snapshots = self.watcher.snapshots();
         let published = async {
@@ -607,17 +607,17 @@ impl Gateway {
                 }
             }
         };
-        match tokio::time::timeout(deadline, published).await {
+        match tokio::time::timeout_at(until, published).await {
             Ok(true) => {
                 tracing::info!(
                     settle = ?HANDOVER_SETTLE,
                     "the catalog names the successor's QUIC address; refusing new streams after the settle time"
                 );
-                tokio::time::sleep(HANDOVER_SETTLE.min(deadline)).await;
+                let settled = tokio::time::Instant::now() + HANDOVER_SETTLE;
+                tokio::time::sleep_until(settled.min(until)).await;
             }
             Ok(false) => {}
             Err(_) => tracing::warn!(
-                ?deadline,
                 "the catalog never named the successor's QUIC address; refusing new streams at the drain deadline"
             ),
         }
@@ -651,12 +651,12 @@ impl Gateway {
             self.publisher.set_draining(true);
         }
         self.draining.send_replace(true);
-        let started = tokio::time::Instant::now();
+        let until = tokio::time::Instant::now() + deadline;
         let inbound = async {
             if let Some(successor) = &successor {
-                self.peers_moved_to_successor(successor, deadline).await;
+                self.peers_moved_to_successor(successor, until).await;
             }
-            let left = deadline.saturating_sub(started.elapsed());
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
             self.inbound.drain(left).await
         };
         let (inbound, outbound) = tokio::join!(inbound, self.outbound.drain(deadline));
