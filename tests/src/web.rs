@@ -13,7 +13,6 @@
 //! the standard health service, reporting one service named after its cluster as serving.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +34,8 @@ struct State {
     fail: Option<(Option<String>, u16)>,
     /// Connections accepted.
     connections: u64,
+    /// Close the connection of the next request instead of answering it.
+    hang_up: bool,
 }
 
 /// An HTTP backend naming its cluster; serves until dropped.
@@ -67,7 +68,13 @@ impl WebBackend {
                 let conn = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let (st, cluster) = (st.clone(), cluster.clone());
-                        async move { Ok::<_, Infallible>(answer(&st, &cluster, req).await) }
+                        async move {
+                            if std::mem::take(&mut st.lock().expect("backend state").hang_up) {
+                                // A service error closes the connection without an answer.
+                                return Err(std::io::Error::other("hung up on purpose"));
+                            }
+                            Ok(answer(&st, &cluster, req).await)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
@@ -112,6 +119,12 @@ impl WebBackend {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.lock().expect("backend state").connections
+    }
+
+    /// Reads the next request and closes its connection without answering, as a backend
+    /// closing a keep-alive connection at the moment it is reused (or going away) does.
+    pub fn hang_up_on_next_request(&self) {
+        self.state.lock().expect("backend state").hang_up = true;
     }
 
     /// From now on, answer `status` to every request (`method` `None`) or to that method's;

@@ -746,6 +746,32 @@ async fn kept_streams_carry_requests_and_a_lost_endpoint_behind_one_is_tried_els
     Ok(())
 }
 
+/// The keep-alive race: west's backend closes a kept connection without answering the
+/// request west just wrote on it (as a backend closing an idle connection at the moment it
+/// is reused does, or one going away). The request is a GET, which may be sent again: west
+/// says it forwarded nothing and north serves it, instead of the client getting a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_endpoint_connection_hung_up_sends_an_idempotent_request_elsewhere()
+-> anyhow::Result<()> {
+    let west = WebBackend::start("west").await?;
+    let north = WebBackend::start("north").await?;
+    let fed = federation("/http-hang-up", 109, [west.addr(), north.addr()], "http").await?;
+    let vip = fed.vip;
+    // The answer leaves west's connection to its backend in the pool, kept for 4 s.
+    routed_to(vip, "/", "west").await;
+    let north_before = north.answered(Some("GET"));
+    west.hang_up_on_next_request();
+    let (code, cluster, body) = get(vip, "/hung-up", &[]);
+    assert_eq!((code, cluster.as_str()), (200, "north"), "{body}");
+    assert_eq!(north.answered(Some("GET")) - north_before, 1);
+    let not_forwarded = fed.east.metric_sum(
+        "meshup_service_attempt_failures_total",
+        &["destination_cluster=\"west\"", "result=\"not_forwarded\""],
+    )?;
+    assert_eq!(not_forwarded, 1.0, "west's answer: forwarded nothing");
+    Ok(())
+}
+
 /// West is killed (kill -9) while east keeps streams to it: the next request goes out on a
 /// kept stream into silence, QUIC's idle timeout (3 s) ends the connection and its streams,
 /// and the GET is served by north, instead of waiting out its 60 s timeout.

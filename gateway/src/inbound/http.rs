@@ -13,7 +13,10 @@
 //!   commonly use (Node.js: 5 s), so the pool rarely hands out a connection the backend is
 //!   closing.
 //! - A request hyper hands back unsent (its pooled connection had just closed) is sent again
-//!   on a new connection. An upgrade (WebSocket) gets a connection of its own.
+//!   on a new connection. An idempotent request written on a pooled connection that then
+//!   closed without an answer (the backend closed it at the same moment, or is going away)
+//!   is answered "not forwarded", so the caller sends it again elsewhere (RFC 9110, 9.2.2);
+//!   any other request gets a 502. An upgrade (WebSocket) gets a connection of its own.
 //! - A stream carrying a whole client connection (a caller that splices the port, an older
 //!   gateway) works the same: every request on it is forwarded in turn.
 
@@ -176,8 +179,9 @@ pub(super) async fn serve(
     }
 }
 
-/// The answer to a request no local endpoint accepted: nothing of it reached a backend, so
-/// the calling gateway may try another cluster ([`NOT_FORWARDED`]).
+/// The answer to a request no local endpoint accepted: nothing of it reached a backend, or
+/// it is idempotent and its kept connection closed before any answer, so the calling
+/// gateway may try another cluster ([`NOT_FORWARDED`]).
 fn not_forwarded() -> Response<RespBody> {
     let mut resp = text_response(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -200,20 +204,22 @@ impl Forwarder {
             req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
         let h2 = req.version() == Version::HTTP_2;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let idempotent = req.method().is_idempotent();
         for fresh in [false, true] {
             let Some(conn) = self.conn(h2, upgrade || fresh).await else {
                 return not_forwarded();
             };
-            let result = match conn {
+            let (result, pooled) = match conn {
                 Conn::H1(ep, mut sender, load) => {
+                    let pooled = load.is_none();
                     let r = sender.try_send_request(req).await;
                     if r.is_ok() && !upgrade {
                         self.backends.put_idle(ep, sender);
                     }
                     drop(load);
-                    r
+                    (r, pooled)
                 }
-                Conn::H2(mut sender) => sender.try_send_request(req).await,
+                Conn::H2(mut sender) => (sender.try_send_request(req).await, false),
             };
             match result {
                 Ok(mut resp) => {
@@ -236,6 +242,13 @@ impl Forwarder {
                 Err(mut e) => match e.take_message() {
                     // Never written (the pooled connection had closed): once more, new.
                     Some(back) if !fresh => req = back,
+                    // Written on a kept connection the endpoint closed without an answer
+                    // (the keep-alive race, or an endpoint going away): an idempotent
+                    // request may be sent again (RFC 9110, 9.2.2), here by the caller.
+                    None if pooled && idempotent => {
+                        tracing::debug!(error = %e.error(), "a kept endpoint connection closed before answering an idempotent request");
+                        return not_forwarded();
+                    }
                     _ => {
                         tracing::debug!(error = %e.error(), "local endpoint failed the request");
                         return text_response(
