@@ -122,7 +122,7 @@ pub struct Gateway {
     admin_stop: CancellationToken,
     /// Stops the DNS server alone (at a hand-over drain, the successor answers).
     dns_stop: CancellationToken,
-    /// Turns true once a successor process has taken over this node.
+    /// Set once a successor process has taken over this node.
     handed_over: watch::Sender<Option<crate::handover::HandedOver>>,
     /// The local exports the proxies serve. Kept open: a closed channel tells the proxies
     /// to stop.
@@ -585,12 +585,12 @@ impl Gateway {
     }
 
     /// After a hand-over, waits (until `until`, the drain deadline at the latest) until peers
-    /// can reach the successor: peers find this node's gateway through catalog records. The successor publishes
-    /// under `successor` (this gateway's own id, re-published with its QUIC address, or a
-    /// new id, a new pod's name); until that record names a QUIC address other than this
-    /// process's, a stream refused here would leave a peer with no other gateway of this
-    /// cluster nowhere to go. So new streams are still served here until it does and
-    /// [`HANDOVER_SETTLE`] has passed for peers' watches to see it.
+    /// can reach the successor: peers find this node's gateway through catalog records. The
+    /// successor publishes under `successor` (this gateway's own id, re-published with its
+    /// QUIC address, or a new id, a new pod's name); until that record names a QUIC address
+    /// other than this process's, a stream refused here would leave a peer with no other
+    /// gateway of this cluster nowhere to go. So new streams are still served here until it
+    /// does and [`HANDOVER_SETTLE`] has passed for peers' watches to see it.
     async fn peers_moved_to_successor(&self, successor: &GatewayId, until: tokio::time::Instant) {
         let own = self.endpoint.advertised_addrs();
         let mut snapshots = self.watcher.snapshots();

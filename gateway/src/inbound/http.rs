@@ -211,6 +211,7 @@ impl Forwarder {
             };
             let (result, pooled) = match conn {
                 Conn::H1(ep, mut sender, load) => {
+                    // Only a connection made for this request carries a connect load.
                     let pooled = load.is_none();
                     let r = sender.try_send_request(req).await;
                     if r.is_ok() && !upgrade {

@@ -187,7 +187,7 @@ impl Endpoint {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
         let new = match new {
-            Some(s) => Some(socket::QueueSocket::new(s).map_err(bind_error)? as _),
+            Some(s) => Some(socket::QueueSocket::new(s).map_err(bind_error)?),
             None => None,
         };
         let socket =

@@ -19,7 +19,6 @@
 //!   clearing only takes back the readiness seen before the read, and the datagram's own
 //!   edge sets it again.
 
-use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -52,48 +51,40 @@ pub fn gso_batches(len: usize, segment: usize, limit: usize) -> impl Iterator<It
         .map(move |start| start..(start + step).min(len))
 }
 
-/// quinn's platform socket with [`gso_batches`] applied to every send; with the port split
-/// in two queues ([`super::queues`]), the known connections' socket (which also sends) and
-/// the new connections' one, read only when the first has nothing to read.
+/// The tunnel's socket as quinn sees it: [`gso_batches`] applied to every send; with the
+/// port split in two queues ([`super::queues`]), the known connections' socket (which also
+/// sends) and the new connections' one, read only when the first has nothing to read.
+#[derive(Debug)]
 pub struct TunnelSocket {
-    inner: Arc<dyn AsyncUdpSocket>,
-    new: Option<Arc<dyn AsyncUdpSocket>>,
-}
-
-impl fmt::Debug for TunnelSocket {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TunnelSocket")
-            .field("inner", &self.inner)
-            .field("new", &self.new)
-            .finish()
-    }
+    known: QueueSocket,
+    new: Option<QueueSocket>,
 }
 
 impl TunnelSocket {
-    pub fn new(inner: Arc<dyn AsyncUdpSocket>, new: Option<Arc<dyn AsyncUdpSocket>>) -> Arc<Self> {
-        Arc::new(Self { inner, new })
+    pub fn new(known: QueueSocket, new: Option<QueueSocket>) -> Arc<Self> {
+        Arc::new(Self { known, new })
     }
 }
 
 impl AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        self.inner.clone().create_io_poller()
+        Box::pin(Writable(self))
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let Some(segment) = transmit.segment_size else {
-            return self.inner.try_send(transmit);
+            return self.known.try_send(transmit);
         };
         if transmit.contents.len() <= MAX_UDP_SEND {
             // The common case, without building a new transmit.
-            return self.inner.try_send(transmit);
+            return self.known.try_send(transmit);
         }
         // If a later part would block, quinn retries the whole transmit: the parts already
         // sent arrive twice, and the peer discards the duplicate packet numbers. That is
         // cheaper than losing them.
         for range in gso_batches(transmit.contents.len(), segment, MAX_UDP_SEND) {
             let contents = &transmit.contents[range];
-            self.inner.try_send(&Transmit {
+            self.known.try_send(&Transmit {
                 destination: transmit.destination,
                 ecn: transmit.ecn,
                 contents,
@@ -110,7 +101,7 @@ impl AsyncUdpSocket for TunnelSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        if let Poll::Ready(read) = self.inner.poll_recv(cx, bufs, meta) {
+        if let Poll::Ready(read) = self.known.poll_recv(cx, bufs, meta) {
             return Poll::Ready(read);
         }
         match &self.new {
@@ -120,19 +111,29 @@ impl AsyncUdpSocket for TunnelSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.known.io.get_ref().local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
+        self.known.state.max_gso_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.known.state.gro_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.known.state.may_fragment()
+    }
+}
+
+/// Whether the tunnel's socket can take another send (sends go out on the known queue's).
+#[derive(Debug)]
+struct Writable(Arc<TunnelSocket>);
+
+impl UdpPoller for Writable {
+    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.0.known.io.poll_write_ready(cx).map_ok(|_ready| ())
     }
 }
 
@@ -147,19 +148,13 @@ pub struct QueueSocket {
 impl QueueSocket {
     /// Must be called inside a tokio runtime.
     #[allow(unsafe_code)]
-    pub fn new(socket: std::net::UdpSocket) -> io::Result<Arc<Self>> {
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
         // SAFETY: the `UdpSocket` owns its descriptor: open, and the same one, for as long as
         // the `AsyncFd` holds it (it is closed only when the `AsyncFd` drops it).
         let io = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
-        Ok(Arc::new(Self { io, state }))
-    }
-}
-
-impl AsyncUdpSocket for QueueSocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Writable(self))
+        Ok(Self { io, state })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
@@ -189,32 +184,6 @@ impl AsyncUdpSocket for QueueSocket {
                 Err(_would_block) => {}
             }
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.get_ref().local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
-    }
-}
-
-/// Whether a [`QueueSocket`] can take another send.
-#[derive(Debug)]
-struct Writable(Arc<QueueSocket>);
-
-impl UdpPoller for Writable {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.0.io.poll_write_ready(cx).map_ok(|_ready| ())
     }
 }
 
