@@ -6,14 +6,20 @@
 //! - Every unary request has a deadline ([`EtcdOptions::request_timeout`]), enforced here with
 //!   `tokio::time::timeout` so a hung server (SIGSTOP) cannot hang a caller.
 //! - A request that provably never reached a member (its connection was refused) is sent
-//!   again at once, up to [`UNSENT_ATTEMPTS`] times within its deadline. etcd-client balances
-//!   requests over every endpoint and keeps choosing a dead member's endpoint
-//!   (etcdv3/etcd-client#39): with one member of three down, about a third of the requests
-//!   failed, and three failed lease keep-alives in a row (a 2 s TTL) lost the gateway's lease
-//!   and dropped its records from every peer for a moment — failed connections at the peers
-//!   (docs/reliability.md, "leader killed"). Resending is safe for any request, writes
-//!   included, because nothing was sent; the next attempt is balanced again and most likely
-//!   lands on a live member.
+//!   again, at once and then after pauses of 10 ms doubling to 100 ms, for up to
+//!   [`RESEND_FOR`] within its deadline. etcd-client balances requests over every endpoint
+//!   and keeps choosing a dead member's endpoint (etcdv3/etcd-client#39): with one member of
+//!   three down, about a third of the requests failed, and three failed lease keep-alives in
+//!   a row (a 2 s TTL) lost the gateway's lease and dropped its records from every peer for
+//!   a moment — failed connections at the peers (docs/reliability.md, "leader killed").
+//!   Resending is safe for any request, writes included, because nothing was sent; each
+//!   attempt is balanced again, so one of the 14 that fit in the second lands on a live
+//!   member but for odds of about 1 in 5 million (a fixed count of five attempts was too
+//!   few: with a third of them refused, a run of 90 requests lost one about 1 time in 3). This is gRPC's
+//!   transparent retry (gRFC A6) bounded by time. Requests that change nothing or are
+//!   harmless twice (reads, lease keep-alives, watch creation) are also sent again when
+//!   the connection broke under them, e.g. a killed member's connection reset before the
+//!   client noticed ([`Resend::Idempotent`]).
 //! - Lists are paged by the caller ([`crate::store::list_prefix`]); the decoding limit is
 //!   raised so one page of maximal records still fits.
 //! - A watch runs in its own task that forwards responses into a bounded channel and sends
@@ -54,9 +60,11 @@ pub const DEFAULT_KEEP_ALIVE: (Duration, Duration) =
 /// Largest message accepted from etcd: a page of `LIST_PAGE_KEYS` maximal (64 KiB) records
 /// plus keys, or a watch response carrying a large transaction.
 const MAX_DECODING_MESSAGE_BYTES: usize = 96 * 1024 * 1024;
-/// Attempts of a request whose connection was refused (see the module docs): with one member
-/// of three down, all five land on it with odds of about 1 in 250.
-pub const UNSENT_ATTEMPTS: usize = 5;
+/// How long a request that did not reach a member is sent again (see the module docs).
+pub const RESEND_FOR: Duration = Duration::from_secs(1);
+/// The pause before the second resend; it doubles up to [`MAX_RESEND_PAUSE`].
+const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(10);
+const MAX_RESEND_PAUSE: Duration = Duration::from_millis(100);
 /// A watch's creation is sent again this long after the last one while none has answered:
 /// a member that holds requests without answering (stopped, or behind a connection that is
 /// not yet known dead) then costs this much, not the whole request deadline, and the
@@ -176,7 +184,7 @@ impl EtcdStore {
         }
         let maintenance = self.client.maintenance_client();
         match self
-            .deadline(|| {
+            .deadline(Resend::Idempotent, || {
                 let mut maintenance = maintenance.clone();
                 async move { maintenance.status().await }
             })
@@ -199,30 +207,58 @@ impl EtcdStore {
         }
     }
 
-    /// Runs `call` with the request deadline, again while it fails without having reached
-    /// a member ([`never_sent`]), at most [`UNSENT_ATTEMPTS`] times in all.
-    async fn deadline<T, Fut>(&self, call: impl FnMut() -> Fut) -> Result<T, StoreError>
+    /// Runs `call` with the request deadline, sent again as [`resend`] allows for `kind`.
+    async fn deadline<T, Fut>(
+        &self,
+        kind: Resend,
+        call: impl FnMut() -> Fut,
+    ) -> Result<T, StoreError>
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        tokio::time::timeout(self.request_timeout, resend_unsent(call))
+        tokio::time::timeout(self.request_timeout, resend(call, |e| kind.allows(e)))
             .await
             .map_err(|_| StoreError::Timeout(self.request_timeout))?
             .map_err(map_err)
     }
 }
 
-/// Runs `call`, again while it fails without having reached a member ([`never_sent`]), at
-/// most [`UNSENT_ATTEMPTS`] times in all.
-async fn resend_unsent<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+/// Which failed requests may be sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resend {
+    /// Only one that never reached a member ([`never_sent`]): safe for any request.
+    Unsent,
+    /// Also one whose connection broke under it ([`connection_failed`]): for requests that
+    /// change nothing, or nothing more when applied twice.
+    Idempotent,
+}
+
+impl Resend {
+    fn allows(self, e: &etcd_client::Error) -> bool {
+        never_sent(e) || (self == Self::Idempotent && connection_failed(e))
+    }
+}
+
+/// Runs `call`, again while it fails with an error `resendable` accepts: at once, then after
+/// pauses of [`FIRST_RESEND_PAUSE`] doubling to [`MAX_RESEND_PAUSE`], as long as the next
+/// attempt starts within [`RESEND_FOR`] of the first. Then the last error is returned.
+async fn resend<T, E, Fut>(
+    mut call: impl FnMut() -> Fut,
+    resendable: impl Fn(&E) -> bool,
+) -> Result<T, E>
 where
-    Fut: Future<Output = Result<T, etcd_client::Error>>,
+    E: fmt::Debug,
+    Fut: Future<Output = Result<T, E>>,
 {
+    let give_up = tokio::time::Instant::now() + RESEND_FOR;
+    let mut pause = Duration::ZERO;
     let mut attempt = 1;
     loop {
         match call().await {
-            Err(e) if attempt < UNSENT_ATTEMPTS && never_sent(&e) => {
-                tracing::debug!(error = %e, attempt, "etcd request not sent (a member refused the connection); sending it again");
+            Err(e) if resendable(&e) && tokio::time::Instant::now() + pause <= give_up => {
+                tracing::debug!(error = ?e, attempt, "etcd request did not reach a member; sending it again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).clamp(FIRST_RESEND_PAUSE, MAX_RESEND_PAUSE);
                 attempt += 1;
             }
             other => return other,
@@ -275,6 +311,30 @@ fn never_sent(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(e) => refused_in(e),
         etcd_client::Error::IoError(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
         _ => false,
+    }
+}
+
+/// Whether a request failed in its connection rather than in etcd: a refused or broken
+/// connection, or a transport error (the gRPC status carries no `etcdserver:` message then).
+/// Such a request may or may not have been applied.
+fn connection_failed(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => {
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ) && [
+                "transport error",
+                "tcp connect error",
+                "error trying to connect",
+                // hyper's words for a request its connection closed under.
+                "operation was canceled",
+            ]
+            .iter()
+            .any(|prefix| status.message().starts_with(prefix))
+        }
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => never_sent(e),
     }
 }
 
@@ -455,7 +515,7 @@ impl Store for EtcdStore {
             let kv = self.client.kv_client();
             // A keys-only, count-only read of one key is the cheapest way to get the header.
             let resp = self
-                .deadline(|| {
+                .deadline(Resend::Idempotent, || {
                     let mut kv = kv.clone();
                     async move {
                         kv.get("\0", Some(GetOptions::new().with_count_only()))
@@ -489,7 +549,7 @@ impl Store for EtcdStore {
                 options = options.with_revision(rev);
             }
             let resp = self
-                .deadline(|| {
+                .deadline(Resend::Idempotent, || {
                     let (mut kv, options) = (kv.clone(), options.clone());
                     let start = range.start.to_vec();
                     async move { kv.get(start, Some(options)).await }
@@ -531,11 +591,14 @@ impl Store for EtcdStore {
             };
             // Creating a watch changes nothing in etcd, so it is safe to send twice.
             let create = || {
-                resend_unsent(|| {
-                    let (mut client, options) = (client.clone(), options.clone());
-                    let start = range.start.to_vec();
-                    async move { client.watch(start, Some(options)).await }
-                })
+                resend(
+                    || {
+                        let (mut client, options) = (client.clone(), options.clone());
+                        let start = range.start.to_vec();
+                        async move { client.watch(start, Some(options)).await }
+                    },
+                    |e| Resend::Idempotent.allows(e),
+                )
             };
             let stream = tokio::time::timeout(
                 self.request_timeout,
@@ -594,7 +657,7 @@ impl Store for EtcdStore {
                 .unwrap_or(i64::MAX)
                 .max(1);
             let resp = self
-                .deadline(|| {
+                .deadline(Resend::Unsent, || {
                     let mut lease = lease.clone();
                     async move { lease.grant(secs, None).await }
                 })
@@ -607,7 +670,7 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let lease = self.client.lease_client();
             let result = self
-                .deadline(|| {
+                .deadline(Resend::Idempotent, || {
                     let mut lease = lease.clone();
                     async move {
                         let (mut keeper, mut stream) = lease.keep_alive(id).await?;
@@ -633,7 +696,7 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let lease = self.client.lease_client();
             let revoked = self
-                .deadline(|| {
+                .deadline(Resend::Unsent, || {
                     let mut lease = lease.clone();
                     async move { lease.revoke(id).await }
                 })
@@ -677,7 +740,7 @@ impl Store for EtcdStore {
                 .kv_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
             let sent = self
-                .deadline(|| {
+                .deadline(Resend::Unsent, || {
                     let (mut kv, request) = (kv.clone(), request.clone());
                     async move { kv.txn(request).await }
                 })
@@ -708,7 +771,7 @@ impl Store for EtcdStore {
     fn compact(&self, revision: Revision) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let kv = self.client.kv_client();
-            self.deadline(|| {
+            self.deadline(Resend::Unsent, || {
                 let mut kv = kv.clone();
                 async move { kv.compact(revision, None).await }
             })
@@ -802,50 +865,142 @@ mod tests {
     }
 
     #[test]
-    fn only_a_refused_connection_counts_as_never_sent() {
+    fn a_refused_connection_is_resent_for_any_request_a_broken_one_only_for_idempotent_ones() {
         use std::io::{Error as IoError, ErrorKind};
         let status =
             |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
-        let refused_source = {
-            let mut s = tonic::Status::unavailable("transport error");
-            s.set_source(Arc::new(IoError::from(ErrorKind::ConnectionRefused)));
+        let with_source = |code, kind| {
+            let mut s = tonic::Status::new(code, "transport error");
+            s.set_source(Arc::new(IoError::from(kind)));
             etcd_client::Error::GRpcStatus(s)
         };
-        let reset_source = {
-            let mut s = tonic::Status::unavailable("transport error");
-            s.set_source(Arc::new(IoError::from(ErrorKind::ConnectionReset)));
-            etcd_client::Error::GRpcStatus(s)
-        };
+        // (error, resent for any request, resent for an idempotent one)
         let cases = [
             // What a balanced request to a killed member fails with.
-            (status(tonic::Code::Unavailable, "tcp connect error"), true),
-            (refused_source, true),
+            (
+                status(tonic::Code::Unavailable, "tcp connect error"),
+                true,
+                true,
+            ),
+            (
+                with_source(tonic::Code::Unavailable, ErrorKind::ConnectionRefused),
+                true,
+                true,
+            ),
             (
                 etcd_client::Error::IoError(IoError::from(ErrorKind::ConnectionRefused)),
                 true,
+                true,
             ),
-            // It may have reached etcd: never resent.
-            (reset_source, false),
+            // It may have reached etcd: resent only when that is harmless.
             (
-                status(tonic::Code::Unavailable, "etcdserver: no leader"),
+                with_source(tonic::Code::Unavailable, ErrorKind::ConnectionReset),
                 false,
+                true,
             ),
+            // A killed member's connection, reset under a lease keep-alive stream, or
+            // closed before it took the stream (both seen in etcd_members).
+            (status(tonic::Code::Unknown, "transport error"), false, true),
             (
-                status(tonic::Code::Unavailable, "etcdserver: request timed out"),
+                status(tonic::Code::Cancelled, "operation was canceled"),
                 false,
+                true,
             ),
+            // The caller's own cancellation is not the connection's.
             (
-                status(tonic::Code::DeadlineExceeded, "tcp connect error"),
+                status(tonic::Code::Cancelled, "Timeout expired"),
+                false,
                 false,
             ),
             (
                 etcd_client::Error::IoError(IoError::from(ErrorKind::TimedOut)),
                 false,
+                true,
             ),
-            (etcd_client::Error::InvalidArgs("x".into()), false),
+            // etcd's own answers: never resent here (the caller decides).
+            (
+                status(tonic::Code::Unavailable, "etcdserver: no leader"),
+                false,
+                false,
+            ),
+            (
+                status(tonic::Code::Unavailable, "etcdserver: request timed out"),
+                false,
+                false,
+            ),
+            (
+                status(tonic::Code::DeadlineExceeded, "tcp connect error"),
+                false,
+                false,
+            ),
+            (
+                status(tonic::Code::Unknown, "etcdserver: lease not found"),
+                false,
+                false,
+            ),
+            (etcd_client::Error::InvalidArgs("x".into()), false, false),
         ];
-        for (e, want) in cases {
-            assert_eq!(never_sent(&e), want, "{e:?}");
+        for (e, any, idempotent) in cases {
+            assert_eq!(Resend::Unsent.allows(&e), any, "{e:?}");
+            assert_eq!(Resend::Idempotent.allows(&e), idempotent, "{e:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resendable_failure_is_sent_again_with_growing_pauses_for_at_most_resend_for() {
+        // Per attempt: `None` answers, `Some(resendable)` fails; past the plan, refused.
+        type Plan = &'static [Option<bool>];
+        // (case, plan, result: the answering or last attempt, attempts made, ms taken)
+        type Case = (&'static str, Plan, Result<usize, usize>, usize, u64);
+        let cases: [Case; 5] = [
+            ("answered at once", &[None], Ok(0), 1, 0),
+            (
+                "refused once: sent again at once",
+                &[Some(true), None],
+                Ok(1),
+                2,
+                0,
+            ),
+            (
+                "refused three times: pauses of 0, 10 and 20 ms",
+                &[Some(true), Some(true), Some(true), None],
+                Ok(3),
+                4,
+                30,
+            ),
+            (
+                "a failure that may have applied",
+                &[Some(false)],
+                Err(0),
+                1,
+                0,
+            ),
+            // Pauses 0, 10, 20, 40, 80, then 100 ms: the 14th attempt starts at 950 ms,
+            // and a 15th would start past RESEND_FOR.
+            ("refused for ever", &[], Err(13), 14, 950),
+        ];
+        for (name, plan, want, want_calls, want_ms) in cases {
+            let calls = std::cell::Cell::new(0);
+            let start = tokio::time::Instant::now();
+            let got = resend(
+                || {
+                    let n = calls.get();
+                    calls.set(n + 1);
+                    let outcome = plan.get(n).copied().unwrap_or(Some(true));
+                    async move {
+                        match outcome {
+                            None => Ok(n),
+                            Some(resendable) => Err((n, resendable)),
+                        }
+                    }
+                },
+                |&(_, resendable): &(usize, bool)| resendable,
+            )
+            .await
+            .map_err(|(n, _)| n);
+            assert_eq!(got, want, "{name}");
+            assert_eq!(calls.get(), want_calls, "{name}");
+            assert_eq!(start.elapsed(), Duration::from_millis(want_ms), "{name}");
         }
     }
 
