@@ -790,13 +790,25 @@ struct TcpConnection {
 impl TcpConnection {
     async fn serve(self, mut stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
-        loop {
+        // Set when a newer connection took the slot: a query already received whole is
+        // still answered, then the connection closes.
+        let mut evicted = false;
+        while !evicted {
             self.slot.waiting(true);
             // Idle until the first byte of the next query: shutdown closes the connection
-            // then, as does a newer connection needing the slot, or the idle deadline.
+            // then, as does the idle deadline. A newer connection needing the slot closes it
+            // too, unless a whole query is already here: a real client sends its query with
+            // the connection, and when the server is slow to read it (a CPU-starved host
+            // under a slow-loris) it must not lose its slot for the server's slowness.
             let first = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = self.slot.close.cancelled() => return,
+                _ = self.slot.close.cancelled() => {
+                    evicted = true;
+                    match already_here(stream.read_u8()).await {
+                        Some(Ok(byte)) => byte,
+                        _ => return,
+                    }
+                }
                 read = tokio::time::timeout(self.idle, stream.read_u8()) => match read {
                     Ok(Ok(byte)) => byte,
                     // Idle deadline, EOF or a reset: close.
@@ -806,24 +818,32 @@ impl TcpConnection {
             // A query in flight: one deadline from its first byte for the rest of it, length
             // and body, so a client that dribbles a byte at a time gets no more time than one
             // that stalls. Shutdown lets it finish (and answers it); a newer connection may
-            // still take the slot, since the query is not complete.
-            let rest = async {
-                let second = stream.read_u8().await?;
-                let mut query = vec![0u8; usize::from(u16::from_be_bytes([first, second]))];
-                stream.read_exact(&mut query).await?;
-                Ok::<_, std::io::Error>(query)
-            };
-            let query = tokio::select! {
-                _ = self.slot.close.cancelled() => return,
-                read = tokio::time::timeout(self.idle, rest) => match read {
-                    Ok(Ok(query)) => query,
-                    Err(_) => {
-                        self.metrics.tcp_timed_out();
-                        return;
+            // still take the slot, since the query is not complete: it is answered only if
+            // the rest of it is already here.
+            let read = {
+                let mut rest = std::pin::pin!(rest_of_query(&mut stream, first));
+                if evicted {
+                    already_here(rest.as_mut()).await
+                } else {
+                    tokio::select! {
+                        _ = self.slot.close.cancelled() => {
+                            evicted = true;
+                            already_here(rest.as_mut()).await
+                        }
+                        read = tokio::time::timeout(self.idle, rest.as_mut()) => match read {
+                            Ok(read) => Some(read),
+                            Err(_) => {
+                                self.metrics.tcp_timed_out();
+                                return;
+                            }
+                        },
                     }
-                    // EOF or a reset: close.
-                    Ok(Err(_)) => return,
-                },
+                }
+            };
+            let query = match read {
+                Some(Ok(query)) => query,
+                // Not here whole (evicted), EOF or a reset: close.
+                _ => return,
             };
             self.slot.waiting(false);
             let started = Instant::now();
@@ -849,6 +869,21 @@ impl TcpConnection {
     }
 }
 
+/// The rest of a TCP query whose length prefix began with `first`: the prefix's second
+/// byte, then the body.
+async fn rest_of_query(stream: &mut TcpStream, first: u8) -> io::Result<Vec<u8>> {
+    let second = stream.read_u8().await?;
+    let mut query = vec![0u8; usize::from(u16::from_be_bytes([first, second]))];
+    stream.read_exact(&mut query).await?;
+    Ok(query)
+}
+
+/// `read`'s result if it completes with what the socket already holds, without waiting.
+async fn already_here<T>(read: impl Future<Output = T>) -> Option<T> {
+    // A timeout of zero polls the read once before it expires.
+    tokio::time::timeout(Duration::ZERO, read).await.ok()
+}
+
 /// The sender's address as a std address (for the catalog path).
 fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
@@ -861,6 +896,37 @@ fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
 #[cfg(test)]
 mod slot_tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_evicted_connection_reads_only_a_query_already_here_whole() {
+        // (what the client sent before the eviction, the query read without waiting)
+        type Case = (&'static str, &'static [u8], Option<&'static [u8]>);
+        let cases: [Case; 4] = [
+            ("a whole query", &[0, 3, 7, 8, 9], Some(&[7, 8, 9])),
+            ("a slow-loris's length prefix", &[0, 3], None),
+            ("a length prefix and part of the body", &[0, 3, 7], None),
+            ("nothing (a silent slow-loris)", &[], None),
+        ];
+        for (name, sent, want) in cases {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+                .await
+                .expect("connect");
+            let (mut server, _) = listener.accept().await.expect("accept");
+            client.write_all(sent).await.expect("send");
+            if !sent.is_empty() {
+                // What the serving task sees once the client's bytes arrived.
+                server.readable().await.expect("readable");
+            }
+            let got = match already_here(server.read_u8()).await {
+                Some(Ok(first)) => already_here(rest_of_query(&mut server, first)).await,
+                _ => None,
+            };
+            assert_eq!(got.and_then(Result::ok).as_deref(), want, "{name}");
+        }
+    }
 
     #[test]
     fn a_new_connection_takes_a_free_slot_or_the_longest_waiting_one() {

@@ -3,7 +3,9 @@
 //! [`WebBackend`] serves HTTP/1.1 and h2c (prior knowledge) on a loopback port and names its
 //! cluster in every answer, so a test knows which cluster served each request:
 //! - any path: `200`, body
-//!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>`;
+//!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>
+//!   body=<the request body's length>:<its FNV-1a hash, hex>` (`body=-` when the request
+//!   declares no `content-length`: such a body is not read before the answer);
 //! - `/slow`: the same after 2 s;
 //! - an `Upgrade: websocket` request: `101`, then every byte echoed on the connection;
 //! - [`WebBackend::fail_with`] makes every request (or only those of one method) answer a
@@ -155,8 +157,26 @@ async fn answer(
             .filter(|(m, _)| m.as_deref().is_none_or(|m| m == method))
             .map(|(_, s)| s)
     };
+    let upgrade = req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "websocket");
+    // Only a body of a declared length is read before the answer: the hostile tests' bodies
+    // never end, and their requests are answered at once.
+    let body = if !upgrade && req.headers().contains_key("content-length") {
+        use http_body_util::BodyExt;
+        let bytes = req
+            .body_mut()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        body_digest(&bytes)
+    } else {
+        "-".to_owned()
+    };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?} trace={}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} body={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
@@ -167,6 +187,7 @@ async fn answer(
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
+        body,
     );
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     resp.headers_mut()
@@ -175,11 +196,7 @@ async fn answer(
         *resp.status_mut() = StatusCode::from_u16(status).expect("status");
         return resp;
     }
-    if req
-        .headers()
-        .get("upgrade")
-        .is_some_and(|v| v == "websocket")
-    {
+    if upgrade {
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let Ok(up) = on.await else { return };
@@ -273,4 +290,12 @@ fn tokio_stream_incoming(
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
     })
+}
+
+/// How [`WebBackend`] names a request body in its answer: `<length>:<FNV-1a hash, hex>`.
+pub fn body_digest(body: &[u8]) -> String {
+    let hash = body.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{}:{hash:08x}", body.len())
 }

@@ -10,6 +10,9 @@
 //!   from before, no request fails; the staleness gauge rises during the outage and falls
 //!   back after; a change made while quorum was lost, and one made right after it returned,
 //!   are visible in the other gateway within 3 s of the return.
+//! - **quorum lost with the leader**: the leader and one follower stopped for 20 s. The same
+//!   promises; on the return etcd revokes every lease, so the records may be missing from
+//!   etcd for up to the withdrawal grace, and peers keep answering and routing meanwhile.
 //!
 //! Set-up: clusters east (the client side, no exports) and west (exports `echo.prod`, backed
 //! by an echo server), one gateway each, both given all three etcd endpoints. The workload
@@ -255,14 +258,13 @@ fn since(later: Option<Instant>, earlier: Instant) -> String {
     )
 }
 
-/// How long each lasting record was missing from etcd at most, as `key: duration` lines.
-/// The catalog promises both scenarios share: no gateway relisted, and no record missing
-/// from etcd longer than the lease TTL (`when` qualifies the absence in the message).
+/// The catalog promises every scenario shares: no gateway relisted, and no record missing
+/// from etcd longer than `bound` (the lease TTL, or the withdrawal grace where etcd revokes
+/// the leases; `when` qualifies the absence in the message).
 fn catalog_kept(
     missed: &mut Vec<String>,
     (relists_before, relists_after): ((f64, f64), (f64, f64)),
-    records: &[String],
-    missing: &[Duration],
+    (records, missing, bound): (&[String], &[Duration], Duration),
     when: &str,
 ) {
     if relists_after != relists_before {
@@ -271,9 +273,9 @@ fn catalog_kept(
         ));
     }
     for (r, d) in records.iter().zip(missing) {
-        if *d > LEASE_TTL {
+        if *d > bound {
             missed.push(format!(
-                "{r} was missing from etcd for {d:?}{when} > TTL {LEASE_TTL:?}"
+                "{r} was missing from etcd for {d:?}{when} > {bound:?}"
             ));
         }
     }
@@ -465,8 +467,7 @@ async fn etcd_leader_killed_under_catalog_churn_and_traffic() {
     catalog_kept(
         &mut missed,
         (relists_before, relists_after),
-        &records,
-        &missing,
+        (&records, &missing, LEASE_TTL),
         "",
     );
     if keys.iter().all(|(_, k)| k.is_none()) {
@@ -514,11 +515,57 @@ fn first_at_most(
         .map(|(at, _)| *at)
 }
 
+/// Which two of the three members a quorum loss stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    /// The followers: the leader, alone, loses its quorum and steps down; no lease is
+    /// revoked.
+    Followers,
+    /// The leader and one follower: when they resume, the old leader still holds its term
+    /// with the resumed follower and revokes every lease it thinks expired, so every
+    /// gateway's records vanish until it publishes them again. Peers with a live link keep
+    /// answering and routing through the withdrawal grace (docs/records.md).
+    LeaderAndFollower,
+}
+
+impl Stopped {
+    /// The longest a lasting record may be missing from etcd after the return.
+    fn absence_bound(self) -> Duration {
+        match self {
+            Stopped::Followers => LEASE_TTL,
+            Stopped::LeaderAndFollower => meshup_federation::grace::DEFAULT_WITHDRAWAL_GRACE,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_quorum_lost_for_60s_then_restored() {
+    quorum_lost(
+        Stopped::Followers,
+        Duration::from_secs(60),
+        "/quorum-loss",
+        92,
+    )
+    .await;
+}
+
+/// The other way to lose quorum: the leader and a follower stopped (shorter: what differs is
+/// the return, when the leases are revoked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_leader_and_a_follower_stopped_for_20s_then_restored() {
+    quorum_lost(
+        Stopped::LeaderAndFollower,
+        Duration::from_secs(20),
+        "/quorum-loss-leader",
+        93,
+    )
+    .await;
+}
+
+async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: u8) {
     let _turn = SERIAL.lock().await;
-    let mut fed = Federation::start("/quorum-loss", 92).await;
-    let outage = scaled(Duration::from_secs(60));
+    let mut fed = Federation::start(prefix, vip_octet).await;
+    let outage = scaled(outage);
     let before_fault = scaled(Duration::from_secs(4));
     let after_return = scaled(Duration::from_secs(8));
     let relists_before = fed.counters("meshup_catalog_relists_total");
@@ -536,19 +583,21 @@ async fn etcd_quorum_lost_for_60s_then_restored() {
     warm(&running, 20).await;
     tokio::time::sleep(before_fault).await;
 
-    // The fault: both followers stop answering (SIGSTOP); the leader, alone, loses its
-    // quorum and steps down. (Stopping the leader with one follower is another fault: see
-    // docs/reliability.md on leases revoked when a paused leader resumes.)
+    // The fault: two members stop answering (SIGSTOP); the one left loses its quorum.
     let (stopped, fault_at) = tokio::task::block_in_place(|| {
         let leader = fed
             .etcd
             .wait_leader(None, Duration::from_secs(10))
             .expect("a leader before the fault")
             .0;
-        let followers = [1, 2].map(|k| (leader + k) % meshup_tests::etcd_cluster::MEMBERS);
-        let at = fed.etcd.stop(followers[0]);
-        fed.etcd.stop(followers[1]);
-        (followers, at)
+        let first = match which {
+            Stopped::Followers => 1,
+            Stopped::LeaderAndFollower => 0,
+        };
+        let members = [first, 2].map(|k| (leader + k) % meshup_tests::etcd_cluster::MEMBERS);
+        let at = fed.etcd.stop(members[0]);
+        fed.etcd.stop(members[1]);
+        (members, at)
     });
     // Halfway through, an operator adds an export on west: the change waits for etcd.
     tokio::time::sleep(outage / 2).await;
@@ -630,7 +679,7 @@ async fn etcd_quorum_lost_for_60s_then_restored() {
     );
     let fmt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2} s"));
     eprintln!(
-        "\n=== etcd quorum lost for {} (members {stopped:?} of 3 stopped), then restored (scale {})\n{figures}\n\
+        "\n=== etcd quorum lost for {} ({which:?}: members {stopped:?} of 3 stopped), then restored (scale {})\n{figures}\n\
          total failed: {}\n\
          quorum back: member {leader_after} leads {} after the members resumed\n\
          DNS answers checked: {} ({} not {expected:?})\n\
@@ -713,13 +762,12 @@ async fn etcd_quorum_lost_for_60s_then_restored() {
     catalog_kept(
         &mut missed,
         (relists_before, relists_after),
-        &records,
-        &missing,
+        (&records, &missing, which.absence_bound()),
         " after the return",
     );
     assert!(
         missed.is_empty(),
-        "quorum loss: missed {} promise(s):\n- {}\n--- east's log (tail):\n{}\n--- west's log (tail):\n{}",
+        "quorum loss ({which:?}): missed {} promise(s):\n- {}\n--- east's log (tail):\n{}\n--- west's log (tail):\n{}",
         missed.len(),
         missed.join("\n- "),
         tail(&fed.east.log_text(), 30),

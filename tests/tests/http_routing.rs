@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use meshup_tests::failover::{Federation, Options};
 use meshup_tests::gateways::{GatewayProcess, path_str};
-use meshup_tests::web::{GrpcBackend, WebBackend};
+use meshup_tests::web::{GrpcBackend, WebBackend, body_digest};
 use meshup_tests::{eventually_ok, meshup};
 
 /// One curl run: (exit code, stdout). `-s`, no proxy from the environment.
@@ -691,28 +691,40 @@ async fn kept_streams_carry_requests_and_a_lost_endpoint_behind_one_is_tried_els
     .await;
 
     // A new stream carries the next request and is kept. West's backend dies with its
-    // connections: the request after goes out on the kept stream, west has no endpoint for
-    // it and says so, and north serves it.
+    // connections: the request after, a POST with a body, goes out on the kept stream, west
+    // has no endpoint for it and says so, and north serves it, body and all (it reached no
+    // backend, so sending it again is safe whatever its method).
     let before = streams(&fed)?;
     let (code, cluster, _) = get(vip, "/warm", &[]);
     assert_eq!((code, cluster.as_str()), (200, "west"));
     assert_eq!(streams(&fed)? - before, 1.0, "one new stream");
     let north_before = north.answered(Some("GET"));
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
     // The client is connected first, so the request follows the stop within a millisecond,
     // long before west's next health probe (every 2 s) could withdraw its export.
     let mut client = tokio::net::TcpStream::connect(vip).await?;
     west.stop();
     let body = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        client
-            .write_all(b"GET /after HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
-            .await?;
+        let mut request = format!(
+            "POST /after HTTP/1.1\r\nHost: echo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            payload.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&payload);
+        client.write_all(&request).await?;
         let mut out = String::new();
         tokio::time::timeout(Duration::from_secs(10), client.read_to_string(&mut out)).await??;
         out
     };
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert_eq!(cluster_of(&body), Some("north"), "{body}");
+    assert!(body.contains("method=POST path=/after "), "{body}");
+    assert!(
+        body.contains(&format!("body={}\n", body_digest(&payload))),
+        "north got the body whole: {body}"
+    );
+    assert_eq!(north.answered(Some("POST")), 1);
     assert_eq!(streams(&fed)? - before, 1.0, "the kept stream carried it");
     let not_forwarded = fed.east.metric_sum(
         "meshup_service_attempt_failures_total",
@@ -730,7 +742,7 @@ async fn kept_streams_carry_requests_and_a_lost_endpoint_behind_one_is_tried_els
         );
         assert!(!body.contains("meshup"), "a gateway's own answer: {body}");
     }
-    assert_eq!(north.answered(Some("GET")) - north_before, 5);
+    assert_eq!(north.answered(Some("GET")) - north_before, 4);
 
     // North drains with east's streams kept open to it (the last request was just served
     // over one): they close after their response, so the drain completes instead of waiting

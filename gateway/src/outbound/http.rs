@@ -35,6 +35,7 @@ use tokio::net::TcpStream;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
 
 use super::pool::PeerKey;
+use super::replay::Tape;
 use super::route::Target;
 use super::steer::{Plan, RequestLabels, ServiceLabels};
 use super::streams::{Kept, StreamKey, Streams, Via};
@@ -122,7 +123,7 @@ impl Drop for ClientSlot<'_> {
 pub(crate) type RespBody = BoxBody<Bytes, hyper::Error>;
 /// The body of a request on its way to a cluster.
 pub(super) type ReqBody = BoxBody<Bytes, BoxError>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Serves one client connection of an `http` or `grpc` port until it closes.
 pub(super) async fn serve(
@@ -265,6 +266,26 @@ async fn handle(
         Label::Text(r.name.as_str().into())
     });
     let deadline = started + rule.and_then(|r| r.timeout).unwrap_or(DEFAULT_TIMEOUT);
+
+    // A body that stalls is abandoned (`408`); an empty one stays empty, so h2 ends the
+    // stream with the headers. A body is read through a tape, for a try that reaches no
+    // backend ([`forwarded`]); an upgrade's is not (it is the start of a tunnel).
+    let idle = match app {
+        AppProtocol::Grpc => shared.http.grpc_body_idle_timeout,
+        _ => shared.http.body_idle_timeout,
+    };
+    let (tape, body) = if empty_body {
+        (None, empty_body_of())
+    } else {
+        let body = TimeoutBody::new(idle, body).boxed();
+        if upgrade.is_none() {
+            let (tape, reader) = Tape::new(body);
+            (Some(tape), reader)
+        } else {
+            (None, body)
+        }
+    };
+    let mut body = Some(body);
     let request = Outgoing {
         method: parts.method,
         uri: parts.uri,
@@ -272,19 +293,8 @@ async fn handle(
         wire,
         reuse: upgrade.is_none(),
         empty_body,
+        tape,
     };
-
-    // A body that stalls is abandoned (`408`); an empty one stays empty, so h2 ends the
-    // stream with the headers.
-    let idle = match app {
-        AppProtocol::Grpc => shared.http.grpc_body_idle_timeout,
-        _ => shared.http.body_idle_timeout,
-    };
-    let mut body = Some(if empty_body {
-        empty_body_of()
-    } else {
-        TimeoutBody::new(idle, body).boxed()
-    });
     let mut attempts = 0u32;
     // Failed tries that reached a backend: the next retry waits (`retry_backoff`).
     let mut reached_backend = 0u32;
@@ -466,11 +476,13 @@ struct Outgoing {
     reuse: bool,
     /// Whether it has no body: one it can be sent again whole, whatever its method.
     empty_body: bool,
+    /// Its body as sent, for a try that reached no backend ([`forwarded`]).
+    tape: Option<Tape>,
 }
 
 impl Outgoing {
-    /// The request of one try. The body goes with the first try only; a retried request
-    /// (replayable: it had none) is sent again with an empty body.
+    /// The request of one try. The body goes with the first try; a retried request gets
+    /// an empty one (it had none), or its body replayed from the tape ([`forwarded`]).
     fn build(&self, body: Option<ReqBody>) -> Request<ReqBody> {
         let mut uri = self.uri.clone();
         let version = match self.wire {
@@ -694,6 +706,7 @@ async fn try_once(
     let (result, keep) = forwarded(
         send(&mut sender, request.build(body.take()), body).await,
         request,
+        body,
     );
     if request.reuse {
         keep_or_forget(streams, &key, sender, via, keep);
@@ -732,7 +745,7 @@ async fn try_kept(
                 keep_or_forget(streams, key, sender, via, false);
             }
             result => {
-                let (result, keep) = forwarded(result, request);
+                let (result, keep) = forwarded(result, request, body);
                 keep_or_forget(streams, key, sender, via, keep);
                 return Some(result);
             }
@@ -744,12 +757,14 @@ async fn try_kept(
 /// A try's outcome, and whether its stream may take more requests. A serving gateway's
 /// answer saying it forwarded nothing ([`NOT_FORWARDED`]: no local endpoint accepted the
 /// request) is a try that reached no backend: tried again elsewhere if the request can
-/// still be sent whole (it had no body), else the client gets that `503`. Either way the
+/// still be sent whole (it had no body, or its body is within the replay limit: `body`
+/// becomes its replay from the tape), else the client gets that `503`. Either way the
 /// stream is not used again, so the next request opens a new one, which that gateway
 /// refuses for as long as it has no endpoint, and the refusal is retried elsewhere.
 fn forwarded(
     result: Result<Response<Incoming>, TryFailed>,
     request: &Outgoing,
+    body: &mut Option<ReqBody>,
 ) -> (Result<Response<Incoming>, TryFailed>, bool) {
     let mut resp = match result {
         Ok(resp) => resp,
@@ -758,7 +773,11 @@ fn forwarded(
     if resp.headers_mut().remove(&NOT_FORWARDED).is_none() {
         return (Ok(resp), true);
     }
-    if request.empty_body {
+    let replay = request.tape.as_ref().and_then(Tape::replay);
+    if request.empty_body || replay.is_some() {
+        if replay.is_some() {
+            *body = replay;
+        }
         let f = TryFailed {
             answer: Answer::NotForwarded,
             cluster_failed: true,

@@ -22,6 +22,7 @@ pub mod http;
 pub mod link_metrics;
 pub mod liveness;
 pub mod pool;
+mod replay;
 pub mod route;
 pub mod steer;
 mod streams;
