@@ -256,7 +256,7 @@ where
     loop {
         match call().await {
             Err(e) if resendable(&e) && tokio::time::Instant::now() + pause <= give_up => {
-                tracing::debug!(error = ?e, attempt, "etcd request did not reach a member; sending it again");
+                tracing::debug!(error = ?e, attempt, "etcd request failed in its connection; sending it again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).clamp(FIRST_RESEND_PAUSE, MAX_RESEND_PAUSE);
                 attempt += 1;
@@ -334,7 +334,7 @@ fn connection_failed(e: &etcd_client::Error) -> bool {
             .any(|prefix| status.message().starts_with(prefix))
         }
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        _ => never_sent(e),
+        _ => false,
     }
 }
 

@@ -773,19 +773,17 @@ fn forwarded(
     if resp.headers_mut().remove(&NOT_FORWARDED).is_none() {
         return (Ok(resp), true);
     }
-    let replay = request.tape.as_ref().and_then(Tape::replay);
-    if request.empty_body || replay.is_some() {
-        if replay.is_some() {
-            *body = replay;
-        }
-        let f = TryFailed {
-            answer: Answer::NotForwarded,
-            cluster_failed: true,
-            sent: false,
-        };
-        return (Err(f), false);
+    if let Some(replay) = request.tape.as_ref().and_then(Tape::replay) {
+        *body = Some(replay);
+    } else if !request.empty_body {
+        return (Ok(resp), false);
     }
-    (Ok(resp), false)
+    let f = TryFailed {
+        answer: Answer::NotForwarded,
+        cluster_failed: true,
+        sent: false,
+    };
+    (Err(f), false)
 }
 
 /// An HTTP client on one try's connection.

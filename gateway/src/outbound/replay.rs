@@ -32,13 +32,11 @@ pub(super) struct Tape(Arc<Mutex<Recorded>>);
 struct Recorded {
     /// The client's body; `None` once it ended or failed.
     source: Option<ReqBody>,
-    /// The frames read so far (none once `spoiled`).
-    frames: Vec<Frame<Bytes>>,
+    /// The frames read so far; `None` once past the limit or failed: no replay.
+    kept: Option<Vec<Frame<Bytes>>>,
     /// Frames read from the source so far.
     read: usize,
     bytes: usize,
-    /// Past the limit, or the body failed: no replay.
-    spoiled: bool,
     /// Replays made: a reader of an earlier try fails, so its abandoned connection stops
     /// reading the client's body.
     generation: u64,
@@ -49,10 +47,9 @@ impl Tape {
     pub(super) fn new(body: ReqBody) -> (Self, ReqBody) {
         let tape = Self(Arc::new(Mutex::new(Recorded {
             source: Some(body),
-            frames: Vec::new(),
+            kept: Some(Vec::new()),
             read: 0,
             bytes: 0,
-            spoiled: false,
             generation: 0,
         })));
         let reader = tape.reader(0);
@@ -64,9 +61,7 @@ impl Tape {
     pub(super) fn replay(&self) -> Option<ReqBody> {
         let generation = {
             let mut r = self.lock();
-            if r.spoiled {
-                return None;
-            }
+            r.kept.as_ref()?;
             r.generation += 1;
             r.generation
         };
@@ -120,8 +115,8 @@ impl Body for Reader {
             return Poll::Ready(Some(Err("the request was sent again elsewhere".into())));
         }
         if self.next < r.read {
-            let kept = r.frames.get(self.next).and_then(copy_frame);
-            let Some(frame) = kept else {
+            let kept = r.kept.as_ref().and_then(|k| k.get(self.next));
+            let Some(frame) = kept.and_then(copy_frame) else {
                 return Poll::Ready(Some(Err("the request body is no longer kept".into())));
             };
             self.next += 1;
@@ -137,12 +132,9 @@ impl Body for Reader {
                 r.read += 1;
                 r.bytes += frame.data_ref().map_or(0, Bytes::len);
                 if r.bytes > REPLAY_LIMIT {
-                    r.spoiled = true;
-                    r.frames = Vec::new();
-                } else if !r.spoiled
-                    && let Some(kept) = copy_frame(&frame)
-                {
-                    r.frames.push(kept);
+                    r.kept = None;
+                } else if let (Some(kept), Some(copy)) = (r.kept.as_mut(), copy_frame(&frame)) {
+                    kept.push(copy);
                 }
                 if ended {
                     r.source = None;
@@ -156,8 +148,7 @@ impl Body for Reader {
             }
             Poll::Ready(Some(Err(e))) => {
                 r.source = None;
-                r.spoiled = true;
-                r.frames = Vec::new();
+                r.kept = None;
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => Poll::Pending,
@@ -172,8 +163,9 @@ impl Body for Reader {
     fn size_hint(&self) -> SizeHint {
         let r = self.tape.lock();
         let kept: u64 = r
-            .frames
-            .get(self.next..)
+            .kept
+            .as_deref()
+            .and_then(|k| k.get(self.next..))
             .unwrap_or_default()
             .iter()
             .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
