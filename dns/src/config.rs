@@ -28,8 +28,15 @@ pub const DEFAULT_SOA_EXPIRE: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default cap on concurrent TCP connections; more are closed at accept.
 pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
-/// Default number of UDP worker threads (they share the one UDP socket).
-pub const DEFAULT_UDP_WORKERS: usize = 1;
+/// Default number of UDP worker threads (they share the one UDP socket): one per CPU the
+/// process may run on, as Knot DNS's `udp-workers` and CoreDNS (one goroutine per CPU) do.
+/// A flood then meets as many readers as there are CPUs, and the scheduler gives the socket
+/// a share of each core instead of one thread's share of one.
+pub fn default_udp_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, MAX_UDP_WORKERS)
+}
 
 /// Largest TTL DNS allows (RFC 2181 §8).
 pub const MAX_TTL: Duration = Duration::from_secs(i32::MAX as u64);
@@ -104,7 +111,7 @@ pub struct DnsConfig {
     /// that has waited longest for a query; it is closed at once only when every open one is
     /// busy answering.
     pub max_tcp_connections: usize,
-    /// UDP worker threads; they share the one UDP socket.
+    /// UDP worker threads; they share the one UDP socket. Default: one per CPU.
     pub udp_workers: usize,
 }
 
@@ -124,7 +131,7 @@ impl Default for DnsConfig {
             soa_rname: None,
             tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
             max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
-            udp_workers: DEFAULT_UDP_WORKERS,
+            udp_workers: default_udp_workers(),
         }
     }
 }

@@ -20,6 +20,15 @@
 //!   harmless twice (reads, lease keep-alives, watch creation) are also sent again when
 //!   the connection broke under them, e.g. a killed member's connection reset before the
 //!   client noticed ([`Resend::Idempotent`]).
+//! - Small requests that are harmless twice (status, revision, lease grants and keep-alives,
+//!   transactions without a compare: the publisher's writes) and watch creations are also
+//!   sent again [`HEDGE_AFTER`] after the last while none has answered, at most
+//!   [`MAX_HEDGED`] at once ([`Resend::Hedged`]): a member that holds them (stopped, or just
+//!   resumed and following a leader that is gone) costs half a second, not the whole
+//!   request deadline, and the balancer sends the next to a member with fewer pending.
+//! - Requests are balanced over the members by fewest requests pending
+//!   (`etcd_balance.rs`); etcd-client's own balancer draws a member at random, so a
+//!   copy of a held request went back to the member holding it a third of the time.
 //! - Lists are paged by the caller ([`crate::store::list_prefix`]); the decoding limit is
 //!   raised so one page of maximal records still fits.
 //! - A watch runs in its own task that forwards responses into a bounded channel and sends
@@ -65,12 +74,13 @@ pub const RESEND_FOR: Duration = Duration::from_secs(1);
 /// The pause before the second resend; it doubles up to [`MAX_RESEND_PAUSE`].
 const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(10);
 const MAX_RESEND_PAUSE: Duration = Duration::from_millis(100);
-/// A watch's creation is sent again this long after the last one while none has answered:
+/// A hedged request (a watch's creation, [`Resend::Hedged`]) is sent again this long after
+/// the last one while none has answered:
 /// a member that holds requests without answering (stopped, or behind a connection that is
 /// not yet known dead) then costs this much, not the whole request deadline, and the
 /// balancer sends the next one to a member with fewer requests pending.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(500);
-/// Creations of one watch in flight at most.
+/// Copies of one hedged request in flight at most.
 const MAX_HEDGED: usize = 3;
 /// Watch responses buffered between the forwarding task and the watcher.
 const WATCH_BUFFER: usize = 256;
@@ -148,7 +158,11 @@ impl EtcdStore {
         }
         let client = tokio::time::timeout(
             request_timeout,
-            Client::connect(&options.endpoints, Some(connect)),
+            Client::connect_with_balanced_channel(
+                &options.endpoints,
+                Some(connect),
+                crate::etcd_balance::LeastPending,
+            ),
         )
         .await
         .map_err(|_| StoreError::Timeout(request_timeout))?
@@ -184,7 +198,7 @@ impl EtcdStore {
         }
         let maintenance = self.client.maintenance_client();
         match self
-            .deadline(Resend::Idempotent, || {
+            .deadline(Resend::Hedged, || {
                 let mut maintenance = maintenance.clone();
                 async move { maintenance.status().await }
             })
@@ -207,17 +221,26 @@ impl EtcdStore {
         }
     }
 
-    /// Runs `call` with the request deadline, sent again as [`resend`] allows for `kind`.
-    async fn deadline<T, Fut>(
-        &self,
-        kind: Resend,
-        call: impl FnMut() -> Fut,
-    ) -> Result<T, StoreError>
+    /// Runs `call` with the request deadline, sent again as [`resend`] allows for `kind`, and
+    /// hedged ([`hedged`]) when `kind` is [`Resend::Hedged`].
+    async fn deadline<T, Fut>(&self, kind: Resend, call: impl Fn() -> Fut) -> Result<T, StoreError>
     where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        tokio::time::timeout(self.request_timeout, resend(call, |e| kind.allows(e)))
-            .await
+        let attempt = || resend(&call, |e| kind.allows(e));
+        let answered = match kind {
+            Resend::Unsent | Resend::Idempotent => {
+                tokio::time::timeout(self.request_timeout, attempt()).await
+            }
+            Resend::Hedged => {
+                tokio::time::timeout(
+                    self.request_timeout,
+                    hedged(attempt, HEDGE_AFTER, MAX_HEDGED),
+                )
+                .await
+            }
+        };
+        answered
             .map_err(|_| StoreError::Timeout(self.request_timeout))?
             .map_err(map_err)
     }
@@ -231,11 +254,17 @@ enum Resend {
     /// Also one whose connection broke under it ([`connection_failed`]): for requests that
     /// change nothing, or nothing more when applied twice.
     Idempotent,
+    /// As [`Resend::Idempotent`], and also sent again while a member holds it unanswered
+    /// ([`hedged`]): for small requests harmless twice. A member that holds requests (stopped,
+    /// or resumed and still following a leader that is gone) then costs [`HEDGE_AFTER`], not
+    /// the whole request deadline. Not for large reads, whose answer may take longer than
+    /// that on its own.
+    Hedged,
 }
 
 impl Resend {
     fn allows(self, e: &etcd_client::Error) -> bool {
-        never_sent(e) || (self == Self::Idempotent && connection_failed(e))
+        never_sent(e) || (self != Self::Unsent && connection_failed(e))
     }
 }
 
@@ -329,6 +358,9 @@ fn connection_failed(e: &etcd_client::Error) -> bool {
                 "error trying to connect",
                 // hyper's words for a request its connection closed under.
                 "operation was canceled",
+                // The HTTP/2 connection failed under it: a keep-alive ping unanswered (a
+                // stopped member), a GOAWAY or a reset connection.
+                "http2 error",
             ]
             .iter()
             .any(|prefix| status.message().starts_with(prefix))
@@ -515,7 +547,7 @@ impl Store for EtcdStore {
             let kv = self.client.kv_client();
             // A keys-only, count-only read of one key is the cheapest way to get the header.
             let resp = self
-                .deadline(Resend::Idempotent, || {
+                .deadline(Resend::Hedged, || {
                     let mut kv = kv.clone();
                     async move {
                         kv.get("\0", Some(GetOptions::new().with_count_only()))
@@ -656,8 +688,9 @@ impl Store for EtcdStore {
             let secs = i64::try_from(ttl.as_secs_f64().ceil() as u64)
                 .unwrap_or(i64::MAX)
                 .max(1);
+            // Granted twice, the spare lease holds no key and expires after its TTL.
             let resp = self
-                .deadline(Resend::Unsent, || {
+                .deadline(Resend::Hedged, || {
                     let mut lease = lease.clone();
                     async move { lease.grant(secs, None).await }
                 })
@@ -670,7 +703,7 @@ impl Store for EtcdStore {
         Box::pin(async move {
             let lease = self.client.lease_client();
             let result = self
-                .deadline(Resend::Idempotent, || {
+                .deadline(Resend::Hedged, || {
                     let mut lease = lease.clone();
                     async move {
                         let (mut keeper, mut stream) = lease.keep_alive(id).await?;
@@ -719,6 +752,13 @@ impl Store for EtcdStore {
                     TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
                     _ => None,
                 });
+            // Without a compare, a transaction applied twice leaves what it left once (the
+            // publisher's puts and deletes); with one, the second would answer "failed".
+            let kind = if txn.compares.is_empty() {
+                Resend::Hedged
+            } else {
+                Resend::Unsent
+            };
             let compares: Vec<EtcdCompare> = txn
                 .compares
                 .into_iter()
@@ -740,7 +780,7 @@ impl Store for EtcdStore {
                 .kv_client()
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES);
             let sent = self
-                .deadline(Resend::Unsent, || {
+                .deadline(kind, || {
                     let (mut kv, request) = (kv.clone(), request.clone());
                     async move { kv.txn(request).await }
                 })
@@ -906,6 +946,9 @@ mod tests {
                 false,
                 true,
             ),
+            // A stopped member's connection, closed when its keep-alive ping went unanswered
+            // (seen in etcd_members).
+            (status(tonic::Code::Unavailable, "http2 error"), false, true),
             // The caller's own cancellation is not the connection's.
             (
                 status(tonic::Code::Cancelled, "Timeout expired"),
@@ -943,6 +986,7 @@ mod tests {
         for (e, any, idempotent) in cases {
             assert_eq!(Resend::Unsent.allows(&e), any, "{e:?}");
             assert_eq!(Resend::Idempotent.allows(&e), idempotent, "{e:?}");
+            assert_eq!(Resend::Hedged.allows(&e), idempotent, "{e:?}");
         }
     }
 

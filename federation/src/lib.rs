@@ -22,6 +22,7 @@ pub mod config;
 pub mod drills;
 pub mod embedded;
 pub mod etcd;
+mod etcd_balance;
 pub mod grace;
 pub mod keys;
 pub mod publisher;

@@ -112,6 +112,8 @@ pub struct Gateway {
     /// shut down (which needs the only reference).
     export_updates: JoinHandle<()>,
     watcher: Watcher,
+    /// The catalog DNS and the outbound proxy act on (the raw catalog plus held records).
+    acting: watch::Receiver<Arc<Snapshot>>,
     inbound: inbound::Server,
     outbound: outbound::Proxy,
     draining: watch::Sender<bool>,
@@ -377,6 +379,7 @@ impl Gateway {
             shutdown.child_token(),
         );
 
+        let acting_rx = acting.subscribe();
         tasks.push(crate::grace::spawn(
             watcher.snapshots(),
             acting,
@@ -494,6 +497,7 @@ impl Gateway {
             publisher,
             export_updates,
             watcher,
+            acting: acting_rx,
             inbound,
             outbound,
             draining,
@@ -527,6 +531,13 @@ impl Gateway {
     /// The catalog as this gateway sees it.
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.watcher.snapshots()
+    }
+
+    /// The catalog this gateway acts on: what DNS answers from and the outbound proxy routes
+    /// by. It follows [`Self::snapshots`] once the withdrawal grace has seen each change, and
+    /// keeps a withdrawn record while its grace holds it.
+    pub fn acting(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.acting.clone()
     }
 
     /// The watcher's health.

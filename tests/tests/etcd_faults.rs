@@ -627,7 +627,9 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
         view.first_since(after_at, listed("after.prod")).is_some()
     })
     .await;
-    let end = returned_at + after_return;
+    // Counted from the election, not the resume: etcd's election after a long stop took
+    // 1.7–3.5 s in most runs and once 9.5 s, which left this window no time after it.
+    let end = quorum_at + after_return;
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
     let fault = running.offset(fault_at);
     let outcomes: Vec<Outcome> = running.stop().await;

@@ -331,8 +331,11 @@ impl Federation {
         check: impl Fn(&Snapshot) -> bool,
     ) {
         let g = self.gateway(observer);
+        // The catalog as read, and the one the data path routes by: the second follows the
+        // first through the withdrawal grace's task, so a test that routes right after this
+        // wait must not act on a change only the first has seen.
         assert_eventually(&format!("{observer}: {what}"), CONVERGE, || {
-            let ok = check(&g.snapshots().borrow());
+            let ok = check(&g.snapshots().borrow()) && check(&g.acting().borrow());
             async move { ok }
         })
         .await;
