@@ -430,11 +430,43 @@ fn health(addr: SocketAddr) -> std::io::Result<bool> {
     Ok(response.contains("\"health\":\"true\""))
 }
 
-/// A port the kernel just handed out on 127.0.0.1, released again for a server to bind (a
-/// small window in which another process could take it; the server then fails loudly).
+/// Where [`free_port`] draws from: below the kernel's ephemeral range (32768–60999 by
+/// default), which outgoing connections take their source ports from.
+const TEST_PORTS: std::ops::Range<u16> = 10_000..32_768;
+
+/// A port free on 127.0.0.1 for TCP and UDP, for a server to bind. It is drawn at random
+/// below the kernel's ephemeral range: a port the kernel hands out for port 0 comes from
+/// that range, and any outgoing connection of a concurrent test could take it as its
+/// source port before the server binds it (CI saw a gateway fail to start with
+/// "Address already in use" on such a port). Falls back to a port the kernel hands out.
 pub fn free_port() -> anyhow::Result<u16> {
+    use rand::Rng;
+    let (first_ephemeral, _) = ephemeral_range();
+    let end = TEST_PORTS.end.min(first_ephemeral);
+    let mut rng = rand::rng();
+    if TEST_PORTS.start < end {
+        for _ in 0..256 {
+            let port = rng.random_range(TEST_PORTS.start..end);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+    }
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), or Linux's default.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut bounds = text.split_whitespace().map(str::parse::<u16>);
+            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
+        })
+        .unwrap_or((32_768, 60_999))
 }
 
 pub(crate) fn require_binary(name: &str) {

@@ -35,6 +35,9 @@ use crate::etcd::{EtcdEndpoints, EtcdServer, START_ATTEMPTS, etcdctl_at, require
 pub const MEMBERS: usize = 3;
 /// How often [`EtcdCluster::wait_leader`] asks the members.
 const LEADER_POLL: Duration = Duration::from_millis(10);
+/// The key [`EtcdCluster::wait_writable`] writes, and how long one attempt may take.
+const WRITE_PROBE_KEY: &str = "/etcd-cluster-write-probe";
+const WRITE_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 /// Timeout of one status request (a paused member is not asked at all).
 const STATUS_TIMEOUT: Duration = Duration::from_millis(300);
 
@@ -165,6 +168,33 @@ impl EtcdCluster {
                 bail!("no leader (other than {not:?}) within {timeout:?}: {statuses:?}");
             }
             std::thread::sleep(LEADER_POLL);
+        }
+    }
+
+    /// Polls a write through the answering members until one is committed, and returns the
+    /// instant that attempt began (the cluster was writable at the latest when it ended). A
+    /// member just resumed from SIGSTOP reports the leader it followed before it stopped, so
+    /// [`EtcdCluster::wait_leader`] can name a leader whose term the cluster is leaving: in
+    /// one run the resumed pair named its old leader at once while requests were answered
+    /// "no leader" for 6 s more. A committed write proves a quorum follows a leader. The key
+    /// lies outside every catalog prefix. Fails after `timeout`.
+    pub fn wait_writable(&self, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let attempt = Instant::now();
+            let put = self.etcdctl(&[
+                "put",
+                WRITE_PROBE_KEY,
+                "1",
+                &format!("--command-timeout={}ms", WRITE_PROBE_TIMEOUT.as_millis()),
+            ]);
+            match put {
+                Ok(_) => return Ok(attempt),
+                Err(e) if Instant::now() >= deadline => {
+                    bail!("no write committed within {timeout:?}: {e:#}")
+                }
+                Err(_) => std::thread::sleep(LEADER_POLL),
+            }
         }
     }
 

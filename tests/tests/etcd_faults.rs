@@ -9,7 +9,8 @@
 //!   partition, see `meshup_tests::EtcdCluster`) for 60 s, then back. Must hold: every DNS answer is the one
 //!   from before, no request fails; the staleness gauge rises during the outage and falls
 //!   back after; a change made while quorum was lost, and one made right after it returned,
-//!   are visible in the other gateway within 3 s of the return.
+//!   are visible in the other gateway within 3 s of the return. Quorum has returned when
+//!   etcd commits a write again: the resumed members' own word for who leads can be stale.
 //! - **quorum lost with the leader**: the leader and one follower stopped for 20 s. The same
 //!   promises; on the return etcd revokes every lease, so the records may be missing from
 //!   etcd for up to the withdrawal grace, and peers keep answering and routing meanwhile.
@@ -606,15 +607,20 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
         .write_config(&fed.west_exports(&["pending".to_owned()]));
     tokio::time::sleep((fault_at + outage).saturating_duration_since(Instant::now())).await;
 
-    // Back: both members resume; the first instant a quorum follows a leader.
-    let (returned_at, (leader_after, quorum_at)) = tokio::task::block_in_place(|| {
+    // Back: both members resume; quorum is back at the first write etcd commits. The
+    // members' own word for who leads comes first and can be stale (`wait_writable`).
+    let (returned_at, (leader_after, named_at), quorum_at) = tokio::task::block_in_place(|| {
         let at = fed.etcd.resume(stopped[0]);
         fed.etcd.resume(stopped[1]);
         let leader = fed
             .etcd
             .wait_leader(None, Duration::from_secs(30))
             .expect("a leader once two members answer again");
-        (at, leader)
+        let writable = fed
+            .etcd
+            .wait_writable(Duration::from_secs(30))
+            .expect("a write committed once two members answer again");
+        (at, leader, writable.max(leader.1))
     });
     // Right after the return, another change.
     let after_at = Instant::now();
@@ -683,7 +689,7 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
     eprintln!(
         "\n=== etcd quorum lost for {} ({which:?}: members {stopped:?} of 3 stopped), then restored (scale {})\n{figures}\n\
          total failed: {}\n\
-         quorum back: member {leader_after} leads {} after the members resumed\n\
+         quorum back: member {leader_after} named leader {} after the members resumed, the first write committed {} after\n\
          DNS answers checked: {} ({} not {expected:?})\n\
          staleness (east, west): normal max {normal_east:.2} s, {normal_west:.2} s; peak during {}, {}; \
          back to normal {}, {} after quorum returned\n\
@@ -694,6 +700,7 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
         secs(outage),
         scale(),
         failures(&figures),
+        secs(named_at - returned_at),
         secs(quorum_at - returned_at),
         digs.len(),
         wrong.len(),
