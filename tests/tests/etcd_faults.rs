@@ -620,7 +620,7 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
             .etcd
             .wait_writable(Duration::from_secs(30))
             .expect("a write committed once two members answer again");
-        (at, leader, writable.max(leader.1))
+        (at, leader, writable)
     });
     // Right after the return, another change.
     let after_at = Instant::now();
