@@ -622,23 +622,13 @@ impl Store for EtcdStore {
                 options.with_range(range.end.to_vec())
             };
             // Creating a watch changes nothing in etcd, so it is safe to send twice.
-            let create = || {
-                resend(
-                    || {
-                        let (mut client, options) = (client.clone(), options.clone());
-                        let start = range.start.to_vec();
-                        async move { client.watch(start, Some(options)).await }
-                    },
-                    |e| Resend::Idempotent.allows(e),
-                )
-            };
-            let stream = tokio::time::timeout(
-                self.request_timeout,
-                hedged(create, HEDGE_AFTER, MAX_HEDGED),
-            )
-            .await
-            .map_err(|_| StoreError::Timeout(self.request_timeout))?
-            .map_err(map_err)?;
+            let stream = self
+                .deadline(Resend::Hedged, || {
+                    let (mut client, options) = (client.clone(), options.clone());
+                    let start = range.start.to_vec();
+                    async move { client.watch(start, Some(options)).await }
+                })
+                .await?;
             let (mut requests, mut responses) = stream.split();
             let (tx, rx) = mpsc::channel(WATCH_BUFFER);
             let (progress_tx, mut progress_rx) = mpsc::channel::<()>(1);

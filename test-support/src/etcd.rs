@@ -441,7 +441,7 @@ const TEST_PORTS: std::ops::Range<u16> = 10_000..32_768;
 /// "Address already in use" on such a port). Falls back to a port the kernel hands out.
 pub fn free_port() -> anyhow::Result<u16> {
     use rand::Rng;
-    let (first_ephemeral, _) = ephemeral_range();
+    let first_ephemeral = first_ephemeral_port();
     let end = TEST_PORTS.end.min(first_ephemeral);
     let mut rng = rand::rng();
     if TEST_PORTS.start < end {
@@ -458,15 +458,13 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), or Linux's default.
-fn ephemeral_range() -> (u16, u16) {
+/// The first port of the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), or
+/// Linux's default.
+fn first_ephemeral_port() -> u16 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .and_then(|text| {
-            let mut bounds = text.split_whitespace().map(str::parse::<u16>);
-            Some((bounds.next()?.ok()?, bounds.next()?.ok()?))
-        })
-        .unwrap_or((32_768, 60_999))
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub(crate) fn require_binary(name: &str) {
