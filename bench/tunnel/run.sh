@@ -5,7 +5,8 @@
 #   bench/tunnel/run.sh --quick    # smoke run (~30 s): checks everything works, not a gate
 #   bench/tunnel/run.sh --rounds 5 --duration 10   # any option of the program passes through
 #
-# Needs Debian packages stunnel4, nginx, libnginx-mod-stream and etcd-server; the program
+# Needs Debian packages stunnel4, nginx, libnginx-mod-stream, etcd-server, redis-server and
+# redis-tools (`bash .ci/setup bench`); the program
 # fails naming the package if one is missing. Builds both the benchmark and the `meshup`
 # binary in release (CARGO_TARGET_DIR is honoured).
 set -euo pipefail

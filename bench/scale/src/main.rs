@@ -15,11 +15,14 @@
 //!    a new service to the catalog `--samples` times and times each until the joined
 //!    gateway's DNS answers it: p50 / p99.
 //!
+//! Size 0 is the idle row: no publishers, the gateway joins an empty catalog, and its RSS is
+//! read `IDLE_SETTLE` after `/ready` (the idle target: ≤ 16 MiB, a release build).
+//!
 //! Everything (etcd members, publishers, gateway, this load generator) shares the machine's
 //! cores, so figures are from one run on a noisy machine, printed as a table.
 //!
 //! Usage (the `meshup` binary is taken from beside this one, so build both in one profile):
-//! `cargo build -p meshup-gateway --bin meshup -p meshup-bench-scale &&
+//! `cargo build -p meshup-gateway --bin meshup && cargo build -p meshup-bench-scale &&
 //!  target/debug/meshup-bench-scale --sizes 1000,10000,100000`
 
 use std::net::SocketAddr;
@@ -58,6 +61,11 @@ const JOIN_WAIT: Duration = Duration::from_secs(120);
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Probes that time out before the latency measurement is given up.
 const PROBE_TIMEOUTS: usize = 3;
+/// How long the idle row's gateway runs after `/ready` before its RSS is read: an idle
+/// gateway, not one still starting.
+const IDLE_SETTLE: Duration = Duration::from_secs(5);
+/// The target for an idle gateway with an empty catalog.
+const IDLE_TARGET_MIB: f64 = 16.0;
 /// etcd's backend quota: 8 GiB, enough for 1M records and their history.
 const QUOTA_BYTES: &str = "--quota-backend-bytes=8589934592";
 
@@ -105,7 +113,9 @@ fn main() -> anyhow::Result<()> {
             "--election-timeout=500",
         ]);
         let row = runtime.block_on(run_size(&etcd, &certs, &options, n))?;
-        print_row(&row);
+        if row.records > 0 {
+            print_row(&row);
+        }
         rows.push(row);
         drop(etcd);
     }
@@ -169,6 +179,9 @@ async fn run_size(
     options: &Options,
     n: usize,
 ) -> anyhow::Result<Row> {
+    if n == 0 {
+        return run_idle(etcd, certs, options).await;
+    }
     let services = (n / options.clusters).max(1);
     let mut row = Row {
         records: services * options.clusters,
@@ -208,23 +221,10 @@ async fn run_size(
     );
 
     // The joining gateway.
-    let spec = GatewaySpec {
-        lease_ttl: LEASE_TTL,
-        log_filter: Some("info"),
-        pinned_names: options.pinned_names.as_deref(),
-        ..GatewaySpec::new(JOINER, &options.vip_cidr, etcd, certs, PREFIX)
-    };
-    let spawned = Instant::now();
-    let gateway = GatewayProcess::start(spec);
+    let (gateway, spawned) = start_joiner(etcd, certs, options);
     let dns = gateway.dns_addr().await;
-    let admin = gateway.admin_addr();
     let last = clusterset_name(&service(services - 1));
-    let ready = tokio::task::spawn_blocking(move || {
-        poll_every(JOIN_WAIT, Duration::from_millis(5), || {
-            matches!(meshup_tests::http::get(admin, "/ready"), Ok((200, _)))
-        })
-        .map(|at| at - spawned)
-    });
+    let ready = wait_ready(&gateway, spawned);
     let answered = tokio::task::spawn_blocking(move || {
         poll_every(JOIN_WAIT, Duration::from_millis(2), || {
             query_a(dns, &last, Duration::from_millis(500)).is_ok_and(|a| !a.addresses().is_empty())
@@ -272,6 +272,54 @@ async fn run_size(
         p.abort();
     }
     Ok(row)
+}
+
+/// Starts the joining gateway (a real process); returns it and when it was spawned.
+fn start_joiner(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> (GatewayProcess, Instant) {
+    let spec = GatewaySpec {
+        lease_ttl: LEASE_TTL,
+        log_filter: Some("info"),
+        pinned_names: options.pinned_names.as_deref(),
+        ..GatewaySpec::new(JOINER, &options.vip_cidr, etcd, certs, PREFIX)
+    };
+    let spawned = Instant::now();
+    (GatewayProcess::start(spec), spawned)
+}
+
+/// Polls the gateway's `/ready` every 5 ms until it answers 200: the time since `spawned`,
+/// or `None` after `JOIN_WAIT`.
+fn wait_ready(
+    gateway: &GatewayProcess,
+    spawned: Instant,
+) -> tokio::task::JoinHandle<Option<Duration>> {
+    let admin = gateway.admin_addr();
+    tokio::task::spawn_blocking(move || {
+        poll_every(JOIN_WAIT, Duration::from_millis(5), || {
+            matches!(meshup_tests::http::get(admin, "/ready"), Ok((200, _)))
+        })
+        .map(|at| at - spawned)
+    })
+}
+
+/// The idle row: a gateway joins an empty catalog; RSS `IDLE_SETTLE` after `/ready`.
+async fn run_idle(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> anyhow::Result<Row> {
+    let (gateway, spawned) = start_joiner(etcd, certs, options);
+    let ready = wait_ready(&gateway, spawned).await?;
+    anyhow::ensure!(
+        ready.is_some(),
+        "the idle gateway was not ready within {JOIN_WAIT:?}"
+    );
+    tokio::time::sleep(IDLE_SETTLE).await;
+    let rss_kib = meshup_tests::procs::rss_kib(gateway.pid())?;
+    eprintln!(
+        "   idle: /ready {ready:?}, RSS {:.1} MiB {IDLE_SETTLE:?} later",
+        rss_kib as f64 / 1024.0
+    );
+    Ok(Row {
+        ready,
+        rss_kib,
+        ..Row::default()
+    })
 }
 
 /// Background churn: rewrites cluster 0's export records (healthy endpoints 3 ↔ 2) at
@@ -463,7 +511,14 @@ fn print_table(options: &Options, rows: &[Row]) {
         "| records | clusters × services | publish | `/ready` | first answer, last service | RSS | B/record | change → DNS p50 / p99 ms |"
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for row in rows {
+    for row in rows.iter().filter(|r| r.records == 0) {
+        let mib = row.rss_kib as f64 / 1024.0;
+        println!(
+            "| 0 (idle) | – | – | {} | – | {mib:.1} MiB | – | – |",
+            secs(row.ready)
+        );
+    }
+    for row in rows.iter().filter(|r| r.records > 0) {
         let mut sorted = row.probes.clone();
         sorted.sort();
         let latency = if sorted.is_empty() {
@@ -488,6 +543,17 @@ fn print_table(options: &Options, rows: &[Row]) {
             row.rss_kib as f64 / 1024.0,
             (row.rss_kib * 1024) / row.records.max(1) as u64,
             latency
+        );
+    }
+    for row in rows.iter().filter(|r| r.records == 0) {
+        let mib = row.rss_kib as f64 / 1024.0;
+        println!(
+            "idle gateway, empty catalog: {mib:.1} MiB RSS {IDLE_SETTLE:?} after /ready (target ≤ {IDLE_TARGET_MIB} MiB, release build) {}",
+            if mib <= IDLE_TARGET_MIB {
+                "MET"
+            } else {
+                "MISSED"
+            }
         );
     }
 }

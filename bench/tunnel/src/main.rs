@@ -16,6 +16,7 @@ mod load;
 mod meshup_pair;
 mod peers;
 mod protocol;
+mod redis;
 mod report;
 
 use std::time::Duration;
@@ -41,6 +42,12 @@ struct Args {
     /// New connections per contender and round.
     #[arg(long, default_value_t = 500)]
     new_connections: usize,
+    /// GETs per redis-benchmark run at 1 connection (5× at 16, 10× at 64).
+    #[arg(long, default_value_t = 20_000)]
+    redis_requests: u64,
+    /// Leave out the redis-benchmark measure (and redis-server).
+    #[arg(long)]
+    no_redis: bool,
     /// Rounds; each figure is the median over the rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
@@ -76,6 +83,7 @@ fn main() -> Result<()> {
         args.duration = 1.0;
         args.requests = 2_000;
         args.new_connections = 100;
+        args.redis_requests = 2_000;
         args.rounds = 1;
     }
     meshup_tests::procs::run_until_signalled(run(args))
@@ -100,39 +108,38 @@ async fn run(args: Args) -> Result<()> {
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
 
     // A missing or broken peer is a broken benchmark: fail loudly, naming the package.
-    let mut contenders = Vec::new();
-    if wanted("direct") {
-        contenders.push(Contender::direct(backend.addr()));
-    }
-    if wanted("relay") {
-        contenders.push(peers::relay::start(&dir, backend.addr()).context("relay pair")?);
-    }
-    if wanted("stunnel") {
-        contenders.push(peers::stunnel::start(&dir, &pki, backend.addr()).context("stunnel pair")?);
-    }
-    if wanted("nginx") {
-        contenders.push(peers::nginx::start(&dir, &pki, backend.addr()).context("nginx pair")?);
-    }
-    if !wanted("meshup") {
-        // Left out on purpose: nothing to report.
-    } else if args.pair.no_meshup {
-        report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
+    let mut contenders = start_contenders(
+        &dir,
+        &pki,
+        backend.addr(),
+        meshup_pair::SINK,
+        &args,
+        &wanted,
+        &mut report,
+    )
+    .await?;
+    // The same contenders again in front of a redis-server, for redis-benchmark.
+    let mut redis_contenders = Vec::new();
+    let _redis_server = if args.no_redis {
+        None
     } else {
-        let binary = args.pair.binary();
-        match meshup_pair::start(&dir, &binary, backend.addr(), args.pair.gateway_threads).await {
-            Ok(contender) => contenders.push(contender),
-            Err(e) => {
-                let reason = format!("{e:#}");
-                eprintln!("meshup: not available ({reason})");
-                report.record_unavailable("meshup", reason);
-            }
-        }
-    }
-    for contender in &mut contenders {
-        contender.probe(Duration::from_secs(10)).await?;
-    }
+        let rdir = dir.join("redis");
+        let server = redis::start_server(&rdir).context("redis-server")?;
+        let mut ignored = Report::default();
+        redis_contenders = start_contenders(
+            &rdir,
+            &pki,
+            server.addr,
+            meshup_pair::REDIS,
+            &args,
+            &wanted,
+            &mut ignored,
+        )
+        .await?;
+        Some(server)
+    };
 
-    print_header(&args, &contenders);
+    print_header(&args, &contenders, &redis_contenders);
     let duration = Duration::from_secs_f64(args.duration);
     let measures = [
         Measure::Throughput(1),
@@ -140,6 +147,9 @@ async fn run(args: Args) -> Result<()> {
         Measure::Throughput(64),
         Measure::RequestResponse,
         Measure::NewConnection,
+        Measure::Redis(1),
+        Measure::Redis(16),
+        Measure::Redis(64),
     ];
     for round in 0..args.rounds {
         for measure in measures {
@@ -151,23 +161,100 @@ async fn run(args: Args) -> Result<()> {
                 }
                 continue;
             }
-            // Rotate the order each round so no contender always runs first or last.
-            let n = contenders.len();
-            for i in 0..n {
-                let contender = &mut contenders[(i + round) % n];
-                let outcome = run_phase(contender, measure, &args, duration).await;
-                record_outcome(&mut report, round, args.rounds, measure, contender, outcome);
-                // Let the previous phase's connections close and sockets drain.
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
+            // redis-benchmark runs through the contenders in front of redis-server (none
+            // with `--no-redis`).
+            let set = match measure {
+                Measure::Redis(_) => &mut redis_contenders,
+                _ => &mut contenders,
+            };
+            run_rotated(set, measure, &args, duration, round, &mut report).await;
         }
     }
     println!("{}", report.render());
     // Contenders (and their child guards) drop here, before the temp dir.
     drop(contenders);
+    drop(redis_contenders);
     let meshup_ran = !report.is_unavailable("meshup");
     args.pair
         .finish(&mut scratch, report.failed_phases(), meshup_ran)
+}
+
+/// Starts the wanted contenders in front of `backend`, with their files under `dir`, and
+/// probes each. A meshup pair that cannot start is recorded as unavailable in `report`.
+async fn start_contenders(
+    dir: &std::path::Path,
+    pki: &Pki,
+    backend: std::net::SocketAddr,
+    service: meshup_pair::Service,
+    args: &Args,
+    wanted: &dyn Fn(&str) -> bool,
+    report: &mut Report,
+) -> Result<Vec<Contender>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut contenders = Vec::new();
+    if wanted("direct") {
+        contenders.push(Contender::direct(backend).serving(service.backend));
+    }
+    if wanted("relay") {
+        contenders.push(
+            peers::relay::start(dir, backend)
+                .context("relay pair")?
+                .serving(service.backend),
+        );
+    }
+    if wanted("stunnel") {
+        contenders.push(
+            peers::stunnel::start(dir, pki, backend)
+                .context("stunnel pair")?
+                .serving(service.backend),
+        );
+    }
+    if wanted("nginx") {
+        contenders.push(
+            peers::nginx::start(dir, pki, backend)
+                .context("nginx pair")?
+                .serving(service.backend),
+        );
+    }
+    if !wanted("meshup") {
+        // Left out on purpose: nothing to report.
+    } else if args.pair.no_meshup {
+        report.record_unavailable("meshup", "left out with --no-meshup".to_owned());
+    } else {
+        let binary = args.pair.binary();
+        match meshup_pair::start(dir, &binary, backend, service, args.pair.gateway_threads).await {
+            Ok(contender) => contenders.push(contender),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                eprintln!("meshup: not available ({reason})");
+                report.record_unavailable("meshup", reason);
+            }
+        }
+    }
+    for contender in &mut contenders {
+        contender.probe(Duration::from_secs(10)).await?;
+    }
+    Ok(contenders)
+}
+
+/// Runs `measure` against every contender, one after the other, the order rotated each
+/// round so no contender always runs first or last.
+async fn run_rotated(
+    contenders: &mut [Contender],
+    measure: Measure,
+    args: &Args,
+    duration: Duration,
+    round: usize,
+    report: &mut Report,
+) {
+    let n = contenders.len();
+    for i in 0..n {
+        let contender = &mut contenders[(i + round) % n];
+        let outcome = run_phase(contender, measure, args, duration).await;
+        record_outcome(report, round, args.rounds, measure, contender, outcome);
+        // Let the previous phase's connections close and sockets drain.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// Prints a phase's outcome and records it.
@@ -284,6 +371,22 @@ async fn run_phase(
             // Interleaved across contenders instead: see `request_response_interleaved`.
             anyhow::bail!("request/response runs interleaved, not per contender")
         }
+        Measure::Redis(connections) => {
+            let factor = match connections {
+                1 => 1,
+                n if n <= 16 => 5,
+                _ => 10,
+            };
+            let r = redis::get(contender.addr, connections, args.redis_requests * factor).await?;
+            let cpu_s = cpu_delta(contender, cpu_before)?;
+            Figure::Rate {
+                rps: r.rps,
+                p50_us: r.p50_us,
+                p99_us: r.p99_us,
+                ops: r.requests,
+                cpu_s,
+            }
+        }
         Measure::NewConnection => {
             let l =
                 load::new_connections(contender.addr, args.new_connections, LATENCY_PHASE_LIMIT)
@@ -327,10 +430,19 @@ fn describe(figure: &Figure) -> String {
             cpu_s,
             ..
         } => format!("p50 {p50_us:.1} µs, p99 {p99_us:.1} µs, tunnel CPU {cpu_s:.2?} s"),
+        Figure::Rate {
+            rps,
+            p50_us,
+            p99_us,
+            cpu_s,
+            ..
+        } => format!(
+            "{rps:.0} req/s, p50 {p50_us:.0} µs, p99 {p99_us:.0} µs, tunnel CPU {cpu_s:.2?} s"
+        ),
     }
 }
 
-fn print_header(args: &Args, contenders: &[Contender]) {
+fn print_header(args: &Args, contenders: &[Contender], redis: &[Contender]) {
     println!("{}", meshup_tests::bench::machine_line("tunnel"));
     println!(
         "throughput phases {:.1} s; {} warm requests of 1 KiB; {} new connections; {} round(s){}",
@@ -346,6 +458,17 @@ fn print_header(args: &Args, contenders: &[Contender]) {
     );
     for c in contenders {
         println!("  {:<8} via {}", c.name, c.addr);
+    }
+    if !redis.is_empty() {
+        println!(
+            "redis-benchmark GET: {} / {} / {} requests at 1 / 16 / 64 connections",
+            args.redis_requests,
+            args.redis_requests * 5,
+            args.redis_requests * 10
+        );
+        for c in redis {
+            println!("  {:<8} via {} (to redis-server)", c.name, c.addr);
+        }
     }
     println!("Each figure is the median over rounds; CPU is the tunnel processes' utime+stime.");
 }

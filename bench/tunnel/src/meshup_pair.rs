@@ -1,5 +1,6 @@
 //! The meshup contender: the shared gateway pair (`meshup_tests::gateway_pair`) exporting
-//! the backend as one plain `tcp` port, `sink.bench:9000`.
+//! the backend as one plain `tcp` port, `sink.bench:9000` (or another service, such as
+//! `redis.bench:6379` in front of redis-server).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -7,10 +8,31 @@ use std::path::Path;
 use anyhow::Result;
 use meshup_tests::gateway_pair::{self, Export, FIRST_REQUEST_LIMIT};
 
-use crate::peers::{Contender, Kind};
+use crate::peers::{Backend, Contender, Kind};
 
-/// The service port clients use on the virtual IP.
-const SERVICE_PORT: u16 = 9000;
+/// The service the data-path measures use, and the port clients use on its virtual IP.
+pub const SINK: Service = Service {
+    name: "sink",
+    port: 9000,
+    backend: Backend::Echo,
+};
+
+/// The service the redis-benchmark measure uses. A pair of its own (own etcd, own gateways)
+/// that allocates the same virtual IP as the sink's pair: the ports differ, so their
+/// listeners do not.
+pub const REDIS: Service = Service {
+    name: "redis",
+    port: 6379,
+    backend: Backend::Redis,
+};
+
+/// A service the pair exports, as one `tcp` port.
+#[derive(Debug, Clone, Copy)]
+pub struct Service {
+    pub name: &'static str,
+    pub port: u16,
+    pub backend: Backend,
+}
 
 /// Starts etcd and both gateways under `dir` and returns the contender (client-facing
 /// address: east's virtual IP for the service) once a first request went through.
@@ -18,11 +40,12 @@ pub async fn start(
     dir: &Path,
     binary: &Path,
     backend: SocketAddr,
+    service: Service,
     threads: Option<usize>,
 ) -> Result<Contender> {
     let export = Export {
-        name: "sink",
-        port: SERVICE_PORT,
+        name: service.name,
+        port: service.port,
         app_protocol: None,
     };
     let pair = gateway_pair::start(dir, binary, backend, threads, &[export]).await?;
@@ -32,7 +55,8 @@ pub async fn start(
         pair.addrs[0],
         pair.gateways,
         vec![pair.etcd],
-    );
+    )
+    .serving(service.backend);
     contender.probe(FIRST_REQUEST_LIMIT).await?;
     Ok(contender)
 }

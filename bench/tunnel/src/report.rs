@@ -15,6 +15,8 @@ pub enum Measure {
     RequestResponse,
     /// Connect, 1 KiB request, first response byte.
     NewConnection,
+    /// redis-benchmark GET over this many connections, to a redis-server.
+    Redis(usize),
 }
 
 impl Measure {
@@ -26,6 +28,8 @@ impl Measure {
             Measure::NewConnection => {
                 "New connection: connect → 1 KiB request → first response byte".to_owned()
             }
+            Measure::Redis(1) => "redis-benchmark GET, 1 connection".to_owned(),
+            Measure::Redis(n) => format!("redis-benchmark GET, {n} connections"),
         }
     }
 }
@@ -47,14 +51,25 @@ pub enum Figure {
         ops: u64,
         cpu_s: Option<f64>,
     },
+    /// Requests per second from a real client, with its own percentiles.
+    Rate {
+        rps: f64,
+        p50_us: f64,
+        p99_us: f64,
+        /// Requests done in the phase.
+        ops: u64,
+        cpu_s: Option<f64>,
+    },
 }
 
 /// Median of each figure over the rounds.
 #[derive(Debug, Clone, Copy)]
 struct Summary {
-    /// Gb/s or p50 µs.
+    /// Gb/s, p50 µs, or requests/s.
     main: f64,
-    /// p99 µs for latency measures.
+    /// p50 µs for rate measures.
+    p50: f64,
+    /// p99 µs for latency and rate measures.
     p99: f64,
     /// CPU seconds per GB or per 1000 operations.
     cpu_per_unit: Option<f64>,
@@ -137,6 +152,7 @@ impl Report {
                 }
                 Measure::RequestResponse => render_rr(&mut out, &summaries, &mut targets),
                 Measure::NewConnection => render_new_connection(&mut out, &summaries, &mut targets),
+                Measure::Redis(n) => render_redis(&mut out, &summaries, *n, &mut targets),
             }
         }
         for (name, reason) in &self.unavailable {
@@ -158,6 +174,7 @@ fn summarize(entry: &Entry) -> Result<Summary, String> {
         return Err("no figures".to_owned());
     }
     let mut main = Vec::new();
+    let mut p50 = Vec::new();
     let mut p99 = Vec::new();
     let mut cpu = Vec::new();
     for figure in figures {
@@ -180,15 +197,27 @@ fn summarize(entry: &Entry) -> Result<Summary, String> {
                     cpu.push(c / ops as f64 * 1000.0);
                 }
             }
+            Figure::Rate {
+                rps,
+                p50_us,
+                p99_us,
+                ops,
+                cpu_s,
+            } => {
+                main.push(rps);
+                p50.push(p50_us);
+                p99.push(p99_us);
+                if let Some(c) = cpu_s {
+                    cpu.push(c / ops as f64 * 1000.0);
+                }
+            }
         }
     }
+    let median_or_nan = |v: &mut Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
     Ok(Summary {
         main: median(&mut main),
-        p99: if p99.is_empty() {
-            f64::NAN
-        } else {
-            median(&mut p99)
-        },
+        p50: median_or_nan(&mut p50),
+        p99: median_or_nan(&mut p99),
         cpu_per_unit: (!cpu.is_empty()).then(|| median(&mut cpu)),
     })
 }
@@ -283,6 +312,64 @@ fn measure_short(measure: Measure) -> String {
         Measure::Throughput(n) => format!("throughput, {n} connections"),
         Measure::RequestResponse => "1 KiB RR".to_owned(),
         Measure::NewConnection => "new connection".to_owned(),
+        Measure::Redis(n) => format!("redis-benchmark GET, {n} connection(s)"),
+    }
+}
+
+/// meshup's redis-benchmark target over the stunnel pair's requests/s (docs/benchmarks.md).
+fn redis_target(connections: usize) -> f64 {
+    match connections {
+        1 => 1.2,
+        n if n <= 16 => 1.5,
+        _ => 2.5,
+    }
+}
+
+fn render_redis(out: &mut String, rows: &Rows<'_>, connections: usize, targets: &mut Vec<String>) {
+    let direct = find(rows, Kind::Direct).first().map(|(_, s)| s.main);
+    let stunnel = find(rows, Kind::Peer)
+        .into_iter()
+        .find(|(name, _)| *name == "stunnel")
+        .map(|(_, s)| s);
+    let _ = writeln!(
+        out,
+        "{:<10} {:>10} {:>8} {:>8} {:>10} {:>11} {:>17}",
+        "contender", "req/s", "p50 µs", "p99 µs", "× direct", "× stunnel", "CPU-s/1000 req"
+    );
+    for (entry, summary) in rows {
+        match summary {
+            Ok(s) => {
+                let _ = writeln!(
+                    out,
+                    "{:<10} {:>10.0} {:>8.0} {:>8.0} {:>10} {:>11} {:>17}",
+                    entry.name,
+                    s.main,
+                    s.p50,
+                    s.p99,
+                    ratio_cell(s.main, direct),
+                    ratio_cell(s.main, stunnel.map(|b| b.main)),
+                    cpu_cell(s.cpu_per_unit)
+                );
+                if entry.kind == Kind::Meshup
+                    && let Some(st) = stunnel
+                {
+                    let r = s.main / st.main;
+                    let target = redis_target(connections);
+                    let cpu = match (s.cpu_per_unit, st.cpu_per_unit) {
+                        (Some(m), Some(p)) if p > 0.0 => format!("; CPU per request {:.2}×", m / p),
+                        _ => String::new(),
+                    };
+                    targets.push(format!(
+                        "{}: {r:.2}× the stunnel pair's requests/s (target ≥ {target:.1}×) {}{cpu}",
+                        measure_short(Measure::Redis(connections)),
+                        verdict(r >= target)
+                    ));
+                }
+            }
+            Err(reason) => {
+                let _ = writeln!(out, "{:<10} failed: {reason}", entry.name);
+            }
+        }
     }
 }
 
@@ -437,6 +524,43 @@ mod tests {
         assert!(text.contains("(best peer: nginx)"), "{text}");
         assert!(text.contains("1.20× nginx (target ≥ 1.00×) MET"), "{text}");
         assert!(text.contains("0.500"), "CPU-s/GB: {text}");
+    }
+
+    #[test]
+    fn redis_table_compares_meshup_with_the_stunnel_pair() {
+        let mut report = Report::default();
+        let rate = |rps: f64, cpu_s: Option<f64>| Figure::Rate {
+            rps,
+            p50_us: 300.0,
+            p99_us: 900.0,
+            ops: 10_000,
+            cpu_s,
+        };
+        for connections in [1, 64] {
+            let m = Measure::Redis(connections);
+            report.record(m, "direct", Kind::Direct, rate(20_000.0, None));
+            report.record(m, "stunnel", Kind::Peer, rate(5_000.0, Some(1.0)));
+            report.record(m, "meshup", Kind::Meshup, rate(6_500.0, Some(1.5)));
+        }
+        let text = report.render();
+        assert!(
+            text.contains("== redis-benchmark GET, 64 connections =="),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 connection(s): 1.30× the stunnel pair's requests/s (target ≥ 1.2×) MET; CPU per request 1.50×"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "64 connection(s): 1.30× the stunnel pair's requests/s (target ≥ 2.5×) MISSED"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("0.150"),
+            "meshup's CPU-s per 1000 requests: {text}"
+        );
     }
 
     #[test]

@@ -18,12 +18,22 @@
 //!   `TcpStream` does after a short read. A datagram that arrives meanwhile is not missed:
 //!   clearing only takes back the readiness seen before the read, and the datagram's own
 //!   edge sets it again.
+//! - **No wake-up per send** ([`QueueSocket`], [`Writable`]). A UDP socket signals write space
+//!   (`EPOLLOUT`) every time the kernel frees a sent datagram, which on loopback is during
+//!   the send itself. Registered for writability for its whole life, as quinn's tokio socket
+//!   is, every send therefore made the worker's next `epoll_wait` return at once for nothing:
+//!   one wasted reactor turn per datagram sent. The socket is registered for reading only.
+//!   A send that finds the buffer full marks the socket full; only then does the sender's
+//!   poller register a second descriptor of the socket for writability, wait for room, and
+//!   drop it again. Registering reports a socket that is already writable at once, so room
+//!   that came back in between is not missed.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
@@ -68,7 +78,10 @@ impl TunnelSocket {
 
 impl AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-        Box::pin(Writable(self))
+        Box::pin(Writable {
+            socket: self,
+            waiter: None,
+        })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
@@ -128,39 +141,76 @@ impl AsyncUdpSocket for TunnelSocket {
 }
 
 /// Whether the tunnel's socket can take another send (sends go out on the known queue's).
+/// quinn asks before every send: the answer is yes at once unless a send found the socket
+/// full, and only then is writability waited for (see the module docs).
 #[derive(Debug)]
-struct Writable(Arc<TunnelSocket>);
+struct Writable {
+    socket: Arc<TunnelSocket>,
+    /// While the socket is full: a second descriptor of it, registered for writability.
+    waiter: Option<AsyncFd<std::net::UdpSocket>>,
+}
 
 impl UdpPoller for Writable {
     fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.0.known.io.poll_write_ready(cx).map_ok(|_ready| ())
+        let this = self.get_mut();
+        let known = &this.socket.known;
+        if !known.full.load(Ordering::Acquire) {
+            this.waiter = None;
+            return Poll::Ready(Ok(()));
+        }
+        let waiter = match &mut this.waiter {
+            Some(waiter) => waiter,
+            None => this.waiter.insert(known.write_waiter()?),
+        };
+        // The guard's readiness need not be cleared: the waiter is dropped just below.
+        let _ = std::task::ready!(waiter.poll_write_ready(cx))?;
+        // Room again: the next send tries, and marks the socket full again if it was not
+        // enough. Dropping the waiter deregisters its descriptor before closing it.
+        known.full.store(false, Ordering::Release);
+        this.waiter = None;
+        Poll::Ready(Ok(()))
     }
 }
 
-/// One of the port's UDP sockets, registered with tokio: quinn's tokio socket, except that a
-/// receive batch shorter than the buffers offered clears readiness (see the module docs).
+/// One of the port's UDP sockets, registered with tokio for reading only: quinn's tokio
+/// socket, except that a receive batch shorter than the buffers offered clears readiness and
+/// that writability is waited for only after a send found the socket full (see the module
+/// docs).
 #[derive(Debug)]
 pub struct QueueSocket {
     io: AsyncFd<std::net::UdpSocket>,
     state: UdpSocketState,
+    /// A send found the send buffer full (`WouldBlock`) and no poller has seen room since.
+    full: AtomicBool,
 }
 
 impl QueueSocket {
     /// Must be called inside a tokio runtime.
-    #[allow(unsafe_code)]
     pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
         let state = UdpSocketState::new((&socket).into())?;
-        // SAFETY: the `UdpSocket` owns its descriptor: open, and the same one, for as long as
-        // the `AsyncFd` holds it (it is closed only when the `AsyncFd` drops it).
-        let io = unsafe { AsyncFd::register(socket) }.map_err(|e| e.into_parts().1)?;
-        Ok(Self { io, state })
+        let io = register(socket, Interest::READABLE)?;
+        Ok(Self {
+            io,
+            state,
+            full: AtomicBool::new(false),
+        })
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.io.try_io(Interest::WRITABLE, |socket| {
-            self.state.send(socket.into(), transmit)
-        })
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if let Err(e) = &sent
+            && e.kind() == io::ErrorKind::WouldBlock
+        {
+            self.full.store(true, Ordering::Release);
+        }
+        sent
+    }
+
+    /// A second descriptor of the socket, registered for writability only. Registering a
+    /// socket that is already writable reports it at once (epoll checks on insertion).
+    fn write_waiter(&self) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+        register(self.io.get_ref().try_clone()?, Interest::WRITABLE)
     }
 
     fn poll_recv(
@@ -185,6 +235,18 @@ impl QueueSocket {
             }
         }
     }
+}
+
+/// Registers `socket` with tokio's reactor for `interest`. Must be called inside a tokio
+/// runtime.
+#[allow(unsafe_code)]
+fn register(
+    socket: std::net::UdpSocket,
+    interest: Interest,
+) -> io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the `UdpSocket` owns its descriptor: open, and the same one, for as long as the
+    // `AsyncFd` holds it (it is closed only when the `AsyncFd` drops it, after deregistering).
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|e| e.into_parts().1)
 }
 
 /// Asks the kernel for `bytes` of send and receive buffer on `socket` and returns what it
@@ -263,6 +325,116 @@ mod tests {
             short_batches > 0,
             "no batch was short: the clearing was not exercised"
         );
+    }
+
+    /// Every registration in this process's epoll instances, from `/proc/self/fdinfo`:
+    /// `(epoll descriptor, registered descriptor, event mask)`.
+    fn epoll_entries() -> Vec<(String, i32, u32)> {
+        let mut entries = Vec::new();
+        for fd in std::fs::read_dir("/proc/self/fd").expect("list /proc/self/fd") {
+            let fd = fd.expect("fd entry");
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if target.to_string_lossy() != "anon_inode:[eventpoll]" {
+                continue;
+            }
+            let epoll = fd.file_name().to_string_lossy().into_owned();
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")) else {
+                continue;
+            };
+            for line in info.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if let ["tfd:", tfd, "events:", events, ..] = words[..] {
+                    let tfd = tfd.parse().expect("tfd");
+                    let events = u32::from_str_radix(events, 16).expect("events");
+                    entries.push((epoll.clone(), tfd, events));
+                }
+            }
+        }
+        entries
+    }
+
+    const EPOLLIN: u32 = 0x1;
+    const EPOLLOUT: u32 = 0x4;
+
+    /// The entries of the epoll instance that holds `fd` (this test's runtime's).
+    fn entries_beside(fd: i32) -> Vec<(i32, u32)> {
+        let all = epoll_entries();
+        let epoll = all
+            .iter()
+            .find(|(_, tfd, _)| *tfd == fd)
+            .map(|(epoll, _, _)| epoll.clone())
+            .expect("the socket is registered with an epoll instance");
+        all.into_iter()
+            .filter(|(e, _, _)| *e == epoll)
+            .map(|(_, tfd, events)| (tfd, events))
+            .collect()
+    }
+
+    /// What saves a wake-up per datagram sent: the socket is registered for reading only, so
+    /// the write space every send frees does not wake the reactor. Registered for writing too
+    /// (as `AsyncFd::register` does), this fails.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_socket_is_registered_for_reading_only() {
+        use std::os::fd::AsRawFd;
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let queue = QueueSocket::new(bound).expect("register");
+        let fd = queue.io.get_ref().as_raw_fd();
+        let mine: Vec<u32> = entries_beside(fd)
+            .into_iter()
+            .filter(|(tfd, _)| *tfd == fd)
+            .map(|(_, events)| events)
+            .collect();
+        assert_eq!(mine.len(), 1, "one registration: {mine:x?}");
+        assert_ne!(
+            mine[0] & EPOLLIN,
+            0,
+            "registered for reading: {:#x}",
+            mine[0]
+        );
+        assert_eq!(mine[0] & EPOLLOUT, 0, "not for writing: {:#x}", mine[0]);
+    }
+
+    /// A send that found the socket full: the poller registers a second descriptor for
+    /// writability, reports room once epoll sees it, and lets the descriptor go. Before that
+    /// and after it, asking costs nothing and registers nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_socket_waits_for_room_on_a_second_descriptor_then_lets_it_go() {
+        use std::os::fd::AsRawFd;
+        let bound = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let socket = TunnelSocket::new(QueueSocket::new(bound).expect("register"), None);
+        let fd = socket.known.io.get_ref().as_raw_fd();
+        let writers = || {
+            entries_beside(fd)
+                .into_iter()
+                .filter(|(_, events)| events & EPOLLOUT != 0)
+                .count()
+        };
+        let mut poller = socket.clone().create_io_poller();
+        let mut noop = Context::from_waker(std::task::Waker::noop());
+
+        assert!(poller.as_mut().poll_writable(&mut noop).is_ready());
+        assert_eq!(writers(), 0);
+
+        // What `try_send` records when the kernel answers `WouldBlock` (loopback frees each
+        // datagram during its send, so a test cannot fill the buffer for real).
+        socket.known.full.store(true, Ordering::Release);
+        assert!(
+            poller.as_mut().poll_writable(&mut noop).is_pending(),
+            "room is reported by the reactor, not assumed"
+        );
+        assert_eq!(writers(), 1, "a second descriptor waits for writability");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx)),
+        )
+        .await
+        .expect("an empty socket has room: the registration must report it")
+        .expect("writable");
+        assert!(!socket.known.full.load(Ordering::Acquire));
+        assert_eq!(writers(), 0, "the waiting descriptor was let go");
+        assert!(poller.as_mut().poll_writable(&mut noop).is_ready());
     }
 
     fn batches(len: usize, segment: usize) -> Vec<Range<usize>> {

@@ -30,6 +30,15 @@ pub enum Kind {
     Floor,
 }
 
+/// What a contender forwards to, which decides how [`Contender::probe`] checks the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The benchmark's own backend (`crate::backend`): an echo request.
+    Echo,
+    /// A redis-server: `PING`, answered `+PONG`.
+    Redis,
+}
+
 /// One way from the load generator to the backend.
 #[derive(Debug)]
 pub struct Contender {
@@ -41,6 +50,8 @@ pub struct Contender {
     pub cpu: CpuMeter,
     /// Processes to check between phases and to end on drop.
     children: Vec<ChildGuard>,
+    /// What is behind the contender (the benchmark's backend unless said otherwise).
+    backend: Backend,
 }
 
 impl Contender {
@@ -51,7 +62,14 @@ impl Contender {
             addr: backend,
             cpu: CpuMeter::new(Vec::new()),
             children: Vec::new(),
+            backend: Backend::Echo,
         }
+    }
+
+    /// The same contender, forwarding to `backend`.
+    pub fn serving(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// A contender whose tunnel processes are `tunnel` (CPU is counted for these and their
@@ -72,6 +90,7 @@ impl Contender {
             addr,
             cpu,
             children,
+            backend: Backend::Echo,
         }
     }
 
@@ -89,7 +108,13 @@ impl Contender {
         let deadline = Instant::now() + limit;
         loop {
             self.ensure_running()?;
-            let attempt = tokio::time::timeout(Duration::from_secs(3), echo_once(self.addr)).await;
+            let once = async {
+                match self.backend {
+                    Backend::Echo => echo_once(self.addr).await,
+                    Backend::Redis => ping_once(self.addr).await,
+                }
+            };
+            let attempt = tokio::time::timeout(Duration::from_secs(3), once).await;
             let error = match attempt {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => e,
@@ -111,6 +136,24 @@ impl Contender {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+async fn ping_once(addr: SocketAddr) -> Result<()> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    stream.write_all(b"PING\r\n").await.context("write PING")?;
+    let mut answer = [0u8; 7];
+    stream
+        .read_exact(&mut answer)
+        .await
+        .context("read PING's answer")?;
+    anyhow::ensure!(
+        &answer == b"+PONG\r\n",
+        "PING answered {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    Ok(())
 }
 
 async fn echo_once(addr: SocketAddr) -> Result<()> {
