@@ -311,9 +311,20 @@ async fn run_idle(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> anyho
     );
     tokio::time::sleep(IDLE_SETTLE).await;
     let rss_kib = meshup_tests::procs::rss_kib(gateway.pid())?;
+    // Of it, the process's own memory (heap, stacks) against the binary's and libraries'
+    // pages, which other processes of the same binary share.
+    let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", gateway.pid()))
+        .context("read smaps_rollup")?;
+    let anon_kib = rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Anonymous:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no Anonymous: line in smaps_rollup")?;
     eprintln!(
-        "   idle: /ready {ready:?}, RSS {:.1} MiB {IDLE_SETTLE:?} later",
-        rss_kib as f64 / 1024.0
+        "   idle: /ready {ready:?}, RSS {:.1} MiB {IDLE_SETTLE:?} later, of it anonymous {:.1} MiB, file-backed {:.1} MiB",
+        rss_kib as f64 / 1024.0,
+        anon_kib as f64 / 1024.0,
+        rss_kib.saturating_sub(anon_kib) as f64 / 1024.0
     );
     Ok(Row {
         ready,
