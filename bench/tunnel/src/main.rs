@@ -124,7 +124,7 @@ async fn run(args: Args) -> Result<()> {
         None
     } else {
         let rdir = dir.join("redis");
-        let server = redis::start_server(&rdir).context("redis-server")?;
+        let server = redis::start_server(&rdir).await.context("redis-server")?;
         let mut ignored = Report::default();
         redis_contenders = start_contenders(
             &rdir,
@@ -372,12 +372,8 @@ async fn run_phase(
             anyhow::bail!("request/response runs interleaved, not per contender")
         }
         Measure::Redis(connections) => {
-            let factor = match connections {
-                1 => 1,
-                n if n <= 16 => 5,
-                _ => 10,
-            };
-            let r = redis::get(contender.addr, connections, args.redis_requests * factor).await?;
+            let requests = redis_requests(args, connections);
+            let r = redis::get(contender.addr, connections, requests).await?;
             let cpu_s = cpu_delta(contender, cpu_before)?;
             Figure::Rate {
                 rps: r.rps,
@@ -403,6 +399,17 @@ async fn run_phase(
     // A tunnel that crashed at the end of a phase must not report figures as if it worked.
     contender.ensure_running()?;
     Ok(figure)
+}
+
+/// GETs of one redis-benchmark run at `connections`: `--redis-requests` at 1 connection, 5×
+/// at up to 16, 10× beyond.
+fn redis_requests(args: &Args, connections: usize) -> u64 {
+    let factor = match connections {
+        1 => 1,
+        n if n <= 16 => 5,
+        _ => 10,
+    };
+    args.redis_requests * factor
 }
 
 fn cpu_seconds(contender: &Contender) -> Result<Option<f64>> {
@@ -462,9 +469,9 @@ fn print_header(args: &Args, contenders: &[Contender], redis: &[Contender]) {
     if !redis.is_empty() {
         println!(
             "redis-benchmark GET: {} / {} / {} requests at 1 / 16 / 64 connections",
-            args.redis_requests,
-            args.redis_requests * 5,
-            args.redis_requests * 10
+            redis_requests(args, 1),
+            redis_requests(args, 16),
+            redis_requests(args, 64)
         );
         for c in redis {
             println!("  {:<8} via {} (to redis-server)", c.name, c.addr);

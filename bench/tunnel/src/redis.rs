@@ -5,10 +5,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 use meshup_tests::free_port;
 use meshup_tests::procs::{ChildGuard, find_program};
@@ -24,13 +24,12 @@ pub struct RedisServer {
 }
 
 /// Starts redis-server in `dir` on a free loopback port and stores the key GET reads.
-pub fn start_server(dir: &Path) -> Result<RedisServer> {
+pub async fn start_server(dir: &Path) -> Result<RedisServer> {
     let program = find_program(&["redis-server"], "redis-server")?;
-    find_program(&["redis-benchmark"], "redis-tools")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let port = free_port()?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut cmd = Command::new(program);
+    let mut cmd = std::process::Command::new(program);
     cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .arg("--dir")
@@ -39,7 +38,9 @@ pub fn start_server(dir: &Path) -> Result<RedisServer> {
     child.wait_for_port(addr, Duration::from_secs(10))?;
     // One SET of the key the GETs read (redis-benchmark's default key without `-r`, and its
     // default 3-byte value), so that every answer carries a value, not a nil.
-    run_benchmark(addr, &["-t", "set", "-n", "1", "-c", "1"]).context("store the key")?;
+    run_benchmark(addr, &["-t", "set", "-n", "1", "-c", "1"])
+        .await
+        .context("store the key")?;
     Ok(RedisServer {
         addr,
         _child: child,
@@ -57,51 +58,32 @@ pub struct Rate {
 
 /// `requests` GETs over `connections` connections to `addr` (a contender's entry).
 pub async fn get(addr: SocketAddr, connections: usize, requests: u64) -> Result<Rate> {
-    let args = [
-        "-t".to_owned(),
-        "get".to_owned(),
-        "-n".to_owned(),
-        requests.to_string(),
-        "-c".to_owned(),
-        connections.to_string(),
-    ];
-    let csv = tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_benchmark(addr, &args)
-    })
-    .await
-    .context("redis-benchmark task")??;
+    let (n, c) = (requests.to_string(), connections.to_string());
+    let csv = run_benchmark(addr, &["-t", "get", "-n", &n, "-c", &c]).await?;
     let mut rate = parse_csv(&csv, "GET")?;
     rate.requests = requests;
     Ok(rate)
 }
 
-/// Runs redis-benchmark against `addr` with `--csv` and returns its output.
-fn run_benchmark(addr: SocketAddr, args: &[&str]) -> Result<String> {
+/// Runs redis-benchmark against `addr` with `--csv` and returns its output; killed if it
+/// takes longer than `RUN_LIMIT`.
+async fn run_benchmark(addr: SocketAddr, args: &[&str]) -> Result<String> {
     let program = find_program(&["redis-benchmark"], "redis-tools")?;
-    let mut child = Command::new(program)
+    let run = tokio::process::Command::new(program)
         .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(args)
         .arg("--csv")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start redis-benchmark")?;
-    let deadline = std::time::Instant::now() + RUN_LIMIT;
-    while child
-        .try_wait()
-        .context("wait for redis-benchmark")?
-        .is_none()
-    {
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("redis-benchmark {args:?} through {addr} did not finish within {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().context("redis-benchmark output")?;
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(RUN_LIMIT, run)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "redis-benchmark {args:?} through {addr} did not finish within {RUN_LIMIT:?}"
+            )
+        })?
+        .context("run redis-benchmark")?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     ensure!(
         output.status.success(),
