@@ -122,6 +122,9 @@ pub struct Metrics {
     /// Connections closed because `tunnel.max_pending_headers` of their streams in a row
     /// sent no complete header within `tunnel.header_timeout`.
     pub stalling_peers: Counter,
+    /// Connection IDs whose client Initial came from too many source addresses: their
+    /// copies are dropped in the kernel from then on (gateway/src/tunnel/replays.rs).
+    pub replayed_initials_blocked: Counter,
     pub listeners: Gauge,
     /// In-flight streams per direction over every cluster pair (`[outbound, inbound]`), for
     /// [`Metrics::in_flight`]; not exported (the family above has the same numbers).
@@ -182,6 +185,11 @@ impl Metrics {
             "stalling_peers",
             "QUIC connections closed because tunnel.max_pending_headers of their streams in a row sent no header within tunnel.header_timeout",
             m.stalling_peers.clone(),
+        );
+        r.register(
+            "replayed_initials_blocked",
+            "Connection IDs of client Initials replayed from many source addresses, blocked in the new connections' socket filter",
+            m.replayed_initials_blocked.clone(),
         );
         r.register(
             "listeners",

@@ -8,6 +8,7 @@
 mod config;
 pub mod metrics;
 mod queues;
+mod replays;
 mod socket;
 pub(crate) mod splice;
 
@@ -187,7 +188,10 @@ impl Endpoint {
         let runtime = quinn::default_runtime()
             .ok_or_else(|| bind_error(std::io::Error::other("no async runtime")))?;
         let new = match new {
-            Some(s) => Some(socket::QueueSocket::new(s).map_err(bind_error)?),
+            Some(s) => Some(socket::NewQueue::new(
+                socket::QueueSocket::new(s).map_err(bind_error)?,
+                metrics.replayed_initials_blocked.clone(),
+            )),
             None => None,
         };
         let socket =

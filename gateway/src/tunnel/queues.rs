@@ -26,11 +26,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use quinn::{ConnectionId, ConnectionIdGenerator};
 use rand::RngCore;
+
+use super::replays::Cid;
 
 /// Length of every connection ID this endpoint issues.
 pub const CID_LEN: usize = 8;
@@ -76,6 +78,7 @@ impl ConnectionIdGenerator for TaggedCids {
 
 // Classic BPF instructions (linux/filter.h), for the two programs below.
 const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
 const AND: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
@@ -130,11 +133,12 @@ const MIN_INITIAL_DATAGRAM: u32 = 1200;
 /// QUIC version 1 Initial, and drops the rest in the kernel (quinn would drop it too, or
 /// answer with a stateless reset or version negotiation, which no peer gateway needs: they
 /// all speak version 1, and a reset without a key that outlives the process is never
-/// recognised). A socket filter sees the UDP header first (8 bytes), and the length it
-/// loads includes it.
-pub fn new_connections_filter() -> [libc::sock_filter; 9] {
+/// recognised). Initials to a `blocked` destination connection ID (replays,
+/// [`super::replays`]) are dropped too. A socket filter sees the UDP header first (8 bytes),
+/// and the length it loads includes it.
+pub fn new_connections_filter(blocked: &[Cid]) -> Vec<libc::sock_filter> {
     const UDP_HEADER: u32 = 8;
-    [
+    let mut program = vec![
         /* 0 */ op(LD_B_ABS, 0, 0, UDP_HEADER), // the first byte
         /* 1 */ op(AND, 0, 0, 0xF0), // form, fixed bit, packet type
         /* 2 */ op(JEQ, 0, 4, 0xC0), // long header, Initial; else → 7
@@ -143,8 +147,48 @@ pub fn new_connections_filter() -> [libc::sock_filter; 9] {
         /* 5 */ op(LD_LEN, 0, 0, 0),
         /* 6 */ op(JGE, 1, 0, UDP_HEADER + MIN_INITIAL_DATAGRAM), // → 8, else → 7
         /* 7 */ op(RET, 0, 0, 0), // dropped
-        /* 8 */ op(RET, 0, 0, u32::MAX), // kept whole
-    ]
+    ];
+    // From 8 on, one block per blocked ID: its length, then its bytes four, two or one at a
+    // time; any difference jumps to the next block, and a block that runs to its end drops
+    // the datagram. Jumps stay within a block (at most 13 instructions).
+    for cid in blocked {
+        let id = cid.as_bytes();
+        let mut checks = vec![(LD_B_ABS, UDP_HEADER + 5, id.len() as u32)];
+        let mut at = 0;
+        while at < id.len() {
+            let offset = UDP_HEADER + 6 + at as u32;
+            let (code, width) = match id.len() - at {
+                4.. => (LD_W_ABS, 4),
+                2 | 3 => (LD_H_ABS, 2),
+                _ => (LD_B_ABS, 1),
+            };
+            let value = id[at..at + width]
+                .iter()
+                .fold(0u32, |v, &b| (v << 8) | u32::from(b));
+            checks.push((code, offset, value));
+            at += width;
+        }
+        // Two instructions per check, then the drop; a mismatch skips the rest of the block.
+        let len = checks.len() * 2 + 1;
+        for (i, (code, offset, value)) in checks.into_iter().enumerate() {
+            let after_jump = i * 2 + 2;
+            program.push(op(code, 0, 0, offset));
+            program.push(op(JEQ, 0, (len - after_jump) as u8, value));
+        }
+        program.push(op(RET, 0, 0, 0)); // a blocked ID: dropped
+    }
+    program.push(op(RET, 0, 0, u32::MAX)); // kept whole
+    program
+}
+
+/// Attaches the new connections' filter with `blocked` to `socket`, replacing the one it had
+/// (the kernel swaps the two atomically).
+pub fn refilter(socket: &std::net::UdpSocket, blocked: &[Cid]) -> io::Result<()> {
+    attach(
+        socket.as_fd(),
+        libc::SO_ATTACH_FILTER,
+        &new_connections_filter(blocked),
+    )
 }
 
 /// The QUIC port's sockets: the known and new queues, or one socket where the kernel
@@ -191,10 +235,14 @@ fn group(addr: SocketAddr, tag: Tag) -> io::Result<(std::net::UdpSocket, std::ne
         Ok(socket)
     };
     let new = member()?;
-    attach(&new, libc::SO_ATTACH_FILTER, &new_connections_filter())?;
+    attach(
+        new.as_fd(),
+        libc::SO_ATTACH_FILTER,
+        &new_connections_filter(&[]),
+    )?;
     let known = member()?;
     attach(
-        &known,
+        known.as_fd(),
         libc::SO_ATTACH_REUSEPORT_CBPF,
         &steering_program(tag),
     )?;
@@ -205,7 +253,7 @@ fn group(addr: SocketAddr, tag: Tag) -> io::Result<(std::net::UdpSocket, std::ne
 /// `SO_ATTACH_REUSEPORT_CBPF`).
 #[allow(unsafe_code)]
 fn attach(
-    socket: &socket2::Socket,
+    socket: BorrowedFd<'_>,
     option: libc::c_int,
     program: &[libc::sock_filter],
 ) -> io::Result<()> {
@@ -342,6 +390,77 @@ mod tests {
         for (what, datagram, want) in cases {
             assert_eq!(landed_on(&sender, &port, &datagram), want, "{what}");
         }
+    }
+
+    #[test]
+    fn initials_to_a_blocked_id_are_dropped_in_the_kernel_and_all_others_kept() {
+        let port = bind_tagged(
+            "127.0.0.1:0".parse().expect("addr"),
+            Tag([0xF1, 0xF2, 0xF3, 0xF4]),
+        )
+        .expect("bind");
+        let PortSockets::Split { new, .. } = &port else {
+            panic!("the kernel refused the split: {port:?}");
+        };
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("sender");
+        let initial = |id: &[u8]| {
+            let mut d = vec![0xC3, 0, 0, 0, 1, id.len() as u8];
+            d.extend_from_slice(id);
+            d.resize(1200, 0);
+            d
+        };
+        // IDs of every length a word, a half-word and a byte at a time cover.
+        let blocked: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0x11],
+            vec![0x21, 0x22, 0x23],
+            (1..=8).collect(),
+            (1..=19).collect(),
+            (100..=119).collect(),
+        ];
+        let cids: Vec<Cid> = blocked
+            .iter()
+            .map(|id| Cid::new(id).expect("cid"))
+            .collect();
+        refilter(new, &cids).expect("attach the filter with the blocked IDs");
+        for id in &blocked {
+            assert_eq!(
+                landed_on(&sender, &port, &initial(id)),
+                "dropped",
+                "blocked {id:?}"
+            );
+            // The same length, one byte different (first and last), and one byte longer.
+            let mut cases = vec![[&id[..], &[0x99]].concat()];
+            if let Some(last) = id.len().checked_sub(1) {
+                let (mut first, mut end) = (id.clone(), id.clone());
+                first[0] ^= 0xFF;
+                end[last] ^= 0xFF;
+                cases.extend([first, end]);
+            }
+            for other in cases {
+                assert_eq!(
+                    landed_on(&sender, &port, &initial(&other)),
+                    "new",
+                    "not blocked: {other:?}"
+                );
+            }
+        }
+        // The blocks end when the filter is attached again without them.
+        refilter(new, &[]).expect("attach the filter without blocks");
+        for id in &blocked {
+            assert_eq!(
+                landed_on(&sender, &port, &initial(id)),
+                "new",
+                "unblocked {id:?}"
+            );
+        }
+        // The largest list the guard keeps fits the kernel's limits.
+        let many: Vec<Cid> = (0..crate::tunnel::replays::MAX_BLOCKED as u8)
+            .map(|n| Cid::new(&[n; crate::tunnel::replays::MAX_CID]).expect("cid"))
+            .collect();
+        refilter(new, &many).expect("the longest blocked list attaches");
+        assert_eq!(landed_on(&sender, &port, &initial(&[7; 20])), "dropped");
+        assert_eq!(landed_on(&sender, &port, &initial(&[7; 8])), "new");
     }
 
     #[test]

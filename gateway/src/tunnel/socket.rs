@@ -32,14 +32,20 @@ use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
 
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+use super::queues::refilter;
+use super::replays::{Cid, ReplayGuard, initial_dcid};
 
 /// The largest UDP payload one send can carry over IPv4 (65,535 − 20 IP − 8 UDP bytes); the
 /// IPv6 limit is higher, so this one is safe for both.
@@ -67,12 +73,78 @@ pub fn gso_batches(len: usize, segment: usize, limit: usize) -> impl Iterator<It
 #[derive(Debug)]
 pub struct TunnelSocket {
     known: QueueSocket,
-    new: Option<QueueSocket>,
+    new: Option<NewQueue>,
 }
 
 impl TunnelSocket {
-    pub fn new(known: QueueSocket, new: Option<QueueSocket>) -> Arc<Self> {
+    pub fn new(known: QueueSocket, new: Option<NewQueue>) -> Arc<Self> {
         Arc::new(Self { known, new })
+    }
+}
+
+/// The new connections' queue, and the replay decision fed by what it reads
+/// ([`super::replays`]): when the list of blocked connection IDs changes, the queue's socket
+/// filter is attached again with it, and the kernel drops those Initials from then on.
+#[derive(Debug)]
+pub struct NewQueue {
+    socket: QueueSocket,
+    guard: Mutex<ReplayGuard>,
+    /// `meshup_tunnel_replayed_initials_blocked_total`.
+    blocked: Counter,
+}
+
+impl NewQueue {
+    pub fn new(socket: QueueSocket, blocked: Counter) -> Self {
+        Self {
+            socket,
+            guard: Mutex::new(ReplayGuard::default()),
+            blocked,
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let read = std::task::ready!(self.socket.poll_recv(cx, bufs, meta))?;
+        self.observe(&bufs[..read], &meta[..read]);
+        Poll::Ready(Ok(read))
+    }
+
+    /// Feeds every Initial of a batch just read to the replay decision, and attaches the
+    /// filter again if the blocked list changed.
+    fn observe(&self, bufs: &[IoSliceMut<'_>], meta: &[RecvMeta]) {
+        let mut now = None;
+        let mut guard = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        let before = guard.blocked().count();
+        let mut changed = false;
+        for (buf, meta) in bufs.iter().zip(meta) {
+            let data = &buf[..meta.len.min(buf.len())];
+            for datagram in data.chunks(meta.stride.max(1)) {
+                if let Some(cid) = initial_dcid(datagram) {
+                    let now = *now.get_or_insert_with(Instant::now);
+                    changed |= guard.observe(cid, meta.addr, now);
+                }
+            }
+        }
+        if !changed {
+            return;
+        }
+        let blocked: Vec<Cid> = guard.blocked().copied().collect();
+        let added = blocked.len().saturating_sub(before);
+        drop(guard);
+        if added > 0 {
+            self.blocked.inc_by(added as u64);
+            tracing::warn!(
+                blocked = blocked.len(),
+                "a client Initial is being replayed from many source addresses; the kernel drops its copies from now on"
+            );
+        }
+        if let Err(e) = refilter(self.socket.io.get_ref(), &blocked) {
+            tracing::warn!(error = %e, "cannot attach the new connections' filter again");
+        }
     }
 }
 
