@@ -281,6 +281,35 @@ impl Snapshot {
             .copied()
     }
 
+    /// Whether the records operators write (policies, routing rules, drills) may differ from
+    /// `other`'s: a pointer comparison of the persistent maps, so a snapshot derived from
+    /// `other` by export, gateway or VIP changes alone answers `false` at once.
+    pub fn operator_records_differ(&self, other: &Snapshot) -> bool {
+        !(self.policies.ptr_eq(&other.policies)
+            && self.routes.ptr_eq(&other.routes)
+            && self.drills.ptr_eq(&other.drills))
+    }
+
+    /// Every VIP `cluster` allocated (clusterset and pinned), in key order: a range of the
+    /// map, so its cost follows that cluster's VIPs, not every (service, cluster) pair.
+    pub fn vips_of<'a>(
+        &'a self,
+        cluster: &'a ClusterName,
+    ) -> impl Iterator<Item = (&'a VipKey, IpAddr)> + 'a {
+        let from = VipKey {
+            cluster: cluster.clone(),
+            service: ServiceKey::new(
+                crate::names::Namespace::lowest(),
+                crate::names::ServiceName::lowest(),
+            ),
+            target: None,
+        };
+        self.vips
+            .range(from..)
+            .take_while(move |(k, _)| k.cluster == *cluster)
+            .map(|(k, ip)| (k, *ip))
+    }
+
     /// Every VIP allocated, with its key.
     pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &IpAddr)> {
         self.vips.iter()
@@ -447,6 +476,44 @@ mod tests {
         assert_eq!(snap.vip(&cluster("west"), &svc, None), None);
         assert!(snap.apply(Change::DeleteVip(vk(None))));
         assert_eq!(snap.vip(&cluster("east"), &svc, None), None);
+    }
+
+    #[test]
+    fn vips_of_a_cluster_are_exactly_its_own_whatever_the_neighbours_names() {
+        let mut snap = Snapshot::new();
+        let ip = |n: u8| IpAddr::from([127, 77, 0, n]);
+        // Clusters whose names sort right before and after "east", and are prefixes of it
+        // or have it as a prefix.
+        let owners = [
+            "ea", "eas", "east", "east-2", "east2", "eastern", "west", "a", "z",
+        ];
+        let services = ["a.a", "pay.prod", "zz.zz"];
+        let mut n = 0u8;
+        let mut want = Vec::new();
+        for owner in owners {
+            for svc in services {
+                for target in [None, Some("west"), Some("ea")] {
+                    n += 1;
+                    let key = VipKey {
+                        cluster: cluster(owner),
+                        service: svc.parse().expect("service"),
+                        target: target.map(cluster),
+                    };
+                    if owner == "east" {
+                        want.push((key.clone(), ip(n)));
+                    }
+                    assert!(snap.apply(Change::PutVip(key, ip(n))));
+                }
+            }
+        }
+        want.sort();
+        let got: Vec<(VipKey, IpAddr)> = snap
+            .vips_of(&cluster("east"))
+            .map(|(k, ip)| (k.clone(), ip))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(snap.vips_of(&cluster("north")).count(), 0);
+        assert_eq!(snap.vips_of(&cluster("z")).count(), 9);
     }
 
     #[test]

@@ -98,6 +98,13 @@ macro_rules! label_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
+
+            /// The empty name, which sorts below every valid one: a lower bound for ranges
+            /// over ordered keys, never a name.
+            #[allow(dead_code, reason = "used for the types some ranges start at")]
+            pub(crate) fn lowest() -> Self {
+                Self(Arc::from(""))
+            }
         }
 
         impl FromStr for $ty {

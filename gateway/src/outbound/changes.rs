@@ -9,16 +9,20 @@
 //! (`WatchEvents` subscribes) and counts the failovers. One detector per gateway, however
 //! many watchers: the counter counts each change once.
 //!
-//! Limits: an ejection is seen as soon as it happens (the steering wakes the detector), but a
-//! failover that flips back within one look is not seen; at most [`MAX_SERVICES`] services
-//! are followed.
+//! Limits: an ejection, a drill or a policy change is looked at as soon as it happens; a
+//! failover that follows catalog churn (exports, gateways, VIPs) is seen at most
+//! [`MIN_LOOK_INTERVAL`] after the look before, and one that flips back between two looks is
+//! not seen; at most [`MAX_SERVICES`] services are followed.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_policy::{Decision, Verdict};
-use tokio::sync::broadcast;
+use std::sync::Arc;
+
+use meshup_core::catalog::Snapshot;
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
@@ -29,6 +33,10 @@ use crate::tunnel::metrics::Label;
 pub const MAX_SERVICES: usize = 1000;
 /// How often the detector looks without a catalog change or an ejection.
 pub const POLL: Duration = Duration::from_secs(1);
+/// The shortest time between two looks: changes that arrive sooner are seen together by the
+/// next look. Under a catalog churn of 100 changes a second, a look per change (up to
+/// [`MAX_SERVICES`] decisions each) took a third of a gateway's CPU (docs/scale.md).
+pub const MIN_LOOK_INTERVAL: Duration = Duration::from_millis(250);
 /// Changes kept for a slow watcher before it is told it lagged.
 pub const CHANNEL_CAPACITY: usize = 1024;
 
@@ -171,25 +179,42 @@ pub(super) async fn run(
     let steering = proxy.inner.steering.clone();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut looked_at = snapshots.borrow_and_update().clone();
     let mut last = look(&proxy);
+    let mut looked = tokio::time::Instant::now();
     loop {
-        tokio::select! {
+        // An operator's action (a drill, a policy) and an ejection are looked at at once, so
+        // that even a drill stopped a moment after it started shows its failover; catalog
+        // churn (exports, gateways, VIPs) waits for MIN_LOOK_INTERVAL since the last look.
+        let at_once = tokio::select! {
             _ = stop.cancelled() => return,
             r = snapshots.changed() => {
                 if r.is_err() {
                     return;
                 }
-                snapshots.borrow_and_update();
+                snapshots.borrow_and_update().operator_records_differ(&looked_at)
             }
             r = exports.changed() => {
                 if r.is_err() {
                     return;
                 }
                 exports.borrow_and_update();
+                false
             }
-            _ = steering.changed.notified() => {}
-            _ = tick.tick() => {}
+            _ = steering.changed.notified() => true,
+            _ = tick.tick() => false,
+        };
+        if !at_once {
+            let due = looked + MIN_LOOK_INTERVAL;
+            let wait = wait_to_look(due, &mut snapshots, &looked_at, &steering.changed, &stop);
+            if wait.await.is_none() {
+                return;
+            }
         }
+        // What changed while waiting is seen by this look, not by another one right after.
+        looked_at = snapshots.borrow_and_update().clone();
+        exports.borrow_and_update();
+        looked = tokio::time::Instant::now();
         let now_states = look(&proxy);
         for change in changes(&last, &now_states, Instant::now()) {
             if let SteeringChange::Failover { service, to, .. } = &change {
@@ -210,6 +235,32 @@ pub(super) async fn run(
     }
 }
 
+/// Waits until `due`, or less if an operator's record (a drill, a policy, a routing rule)
+/// differs from `looked_at`'s or an ejection notifies `changed` first. `None`: stopped, or
+/// the catalog is gone.
+async fn wait_to_look(
+    due: tokio::time::Instant,
+    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    looked_at: &Snapshot,
+    changed: &Notify,
+    stop: &CancellationToken,
+) -> Option<()> {
+    loop {
+        let at_once = tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = tokio::time::sleep_until(due) => return Some(()),
+            r = snapshots.changed() => {
+                r.ok()?;
+                snapshots.borrow_and_update().operator_records_differ(looked_at)
+            }
+            _ = changed.notified() => true,
+        };
+        if at_once {
+            return Some(());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +278,91 @@ mod tests {
             level,
             target: target.map(c),
             ejected: ejected.iter().map(|(n, t)| (c(n), *t)).collect(),
+        }
+    }
+
+    /// `(what arrives, after how many ms) → ms waited` (the wait is due at 250 ms).
+    #[tokio::test(start_paused = true)]
+    async fn catalog_churn_waits_for_the_interval_and_an_operators_action_does_not() {
+        use meshup_core::catalog::Change;
+        use meshup_core::fixture;
+        use meshup_core::names::DrillId;
+        use meshup_core::policy::{DrillKind, DrillRecord};
+        enum Arrives {
+            Nothing,
+            ExportChange,
+            Drill,
+            Ejection,
+        }
+        let cases = [
+            (Arrives::Nothing, 0, 250),
+            (Arrives::ExportChange, 10, 250),
+            (Arrives::Drill, 10, 10),
+            (Arrives::Ejection, 40, 40),
+        ];
+        for (arrives, after, want) in cases {
+            let base = fixture::snapshot(vec![fixture::put_export(
+                "west",
+                "w1",
+                "pay.prod",
+                fixture::export(8080, 1),
+            )]);
+            let (tx, mut rx) = watch::channel(Arc::new(base.clone()));
+            let looked_at = rx.borrow_and_update().clone();
+            let changed = Arc::new(Notify::new());
+            let stop = CancellationToken::new();
+            let start = tokio::time::Instant::now();
+            let send = {
+                let changed = changed.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(after)).await;
+                    let mut next = base;
+                    match arrives {
+                        Arrives::Nothing => {}
+                        Arrives::ExportChange => {
+                            next.apply(fixture::put_export(
+                                "south",
+                                "s1",
+                                "pay.prod",
+                                fixture::export(8080, 1),
+                            ));
+                        }
+                        Arrives::Drill => {
+                            next.apply(Change::PutDrill(
+                                DrillId::new("fail-west").expect("id"),
+                                Arc::new(DrillRecord {
+                                    schema: 1,
+                                    schema_minor: 0,
+                                    kind: DrillKind::Fail,
+                                    cluster: c("west"),
+                                    service: None,
+                                    who: "ana".into(),
+                                    why: "game day".into(),
+                                    created: 0,
+                                    expires: 3600,
+                                }),
+                            ));
+                        }
+                        Arrives::Ejection => changed.notify_waiters(),
+                    }
+                    if !matches!(arrives, Arrives::Nothing | Arrives::Ejection) {
+                        tx.send_replace(Arc::new(next));
+                    }
+                    // Keep the channel open for the rest of the wait.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            };
+            let due = start + MIN_LOOK_INTERVAL;
+            let (waited, ()) = tokio::join!(
+                async {
+                    wait_to_look(due, &mut rx, &looked_at, &changed, &stop)
+                        .await
+                        .expect("not stopped");
+                    start.elapsed()
+                },
+                send
+            );
+            assert_eq!(waited, Duration::from_millis(want));
         }
     }
 

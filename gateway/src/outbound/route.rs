@@ -55,42 +55,30 @@ pub struct Listeners {
 pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName, vip_range: &IpNet) -> Listeners {
     let mut out = BTreeMap::new();
     let mut outside = BTreeSet::new();
-    let mut vip = |target: Option<&ClusterName>, svc: &ServiceKey| {
-        let v = snapshot.vip(local, svc, target)?;
-        if vip_range.contains(&v) {
-            Some(v)
-        } else {
-            outside.insert(v);
-            None
+    // A range over this cluster's VIPs, not a lookup per (service, cluster): at 10,000
+    // services × 100 clusters the lookups were most of a reconcile (docs/scale.md).
+    for (key, vip) in snapshot.vips_of(local) {
+        let Some(svc) = snapshot.service(&key.service) else {
+            continue;
+        };
+        if let Some(target) = &key.target
+            && !svc.clusters.contains_key(target)
+        {
+            continue;
         }
-    };
-    for svc in snapshot.services() {
-        let tcp_ports = || svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp);
-        if let Some(vip) = vip(None, &svc.key) {
-            for p in tcp_ports() {
-                out.insert(
-                    SocketAddr::new(vip, p.port),
-                    Route {
-                        service: svc.key.clone(),
-                        port: p.port,
-                        target: None,
-                    },
-                );
-            }
+        if !vip_range.contains(&vip) {
+            outside.insert(vip);
+            continue;
         }
-        for target in svc.clusters.keys() {
-            if let Some(vip) = vip(Some(target), &svc.key) {
-                for p in tcp_ports() {
-                    out.insert(
-                        SocketAddr::new(vip, p.port),
-                        Route {
-                            service: svc.key.clone(),
-                            port: p.port,
-                            target: Some(target.clone()),
-                        },
-                    );
-                }
-            }
+        for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+            out.insert(
+                SocketAddr::new(vip, p.port),
+                Route {
+                    service: key.service.clone(),
+                    port: p.port,
+                    target: key.target.clone(),
+                },
+            );
         }
     }
     Listeners {
@@ -220,6 +208,10 @@ mod tests {
             export("south", "s1", 1),
             vip(None, [127, 77, 0, 1]),
             vip(Some("west"), [127, 77, 0, 2]),
+            // Left VIPs: pinned to a cluster that does not export the service, and of a
+            // service nobody exports. Neither gets a listener.
+            vip(Some("north"), [127, 77, 0, 3]),
+            fixture::put_vip("east", "gone.prod", None, IpAddr::from([127, 77, 0, 4])),
         ]);
         let l = desired_listeners(&s, &c("east"), &loopback()).routes;
         let addrs: Vec<String> = l.keys().map(|a| a.to_string()).collect();
