@@ -124,6 +124,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none]
+  --sizes         records per run (clusters × services; 0: the idle row), default 1000,10000,100000
+  --clusters      clusters publishing, default 100
+  --samples       change → DNS probes per size, default 100
+  --churn         background export changes per second during the probes, default 100
+  --vip-cidr      the joining gateway's vip_cidr, default 127.80.0.0/16
+  --pinned-names  the joining gateway's pinned_names (all or none), default all
+The meshup binary of the same build (target/<profile>/meshup) is used; see bench/scale/README.md.";
+
 fn parse_args() -> anyhow::Result<Options> {
     let mut options = Options {
         sizes: vec![1_000, 10_000, 100_000],
@@ -134,6 +143,10 @@ fn parse_args() -> anyhow::Result<Options> {
         pinned_names: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        std::process::exit(0);
+    }
     let mut i = 0;
     while i < args.len() {
         let value = args
@@ -151,9 +164,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--churn" => options.churn_per_s = value.parse()?,
             "--vip-cidr" => options.vip_cidr = value.clone(),
             "--pinned-names" => options.pinned_names = Some(value.clone()),
-            other => bail!(
-                "unknown argument {other:?} (use --sizes N,N,.. --clusters N --samples N --churn PER_S --vip-cidr CIDR --pinned-names all|none)"
-            ),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 2;
     }
