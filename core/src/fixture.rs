@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::catalog::{Change, ExportKey, Snapshot, VipKey};
 use crate::model::{ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION};
 use crate::names::{ClusterName, GatewayId, ServiceKey};
+use crate::policy::{DrillKind, DrillRecord};
 
 /// The trust domain of the SPIFFE IDs in these records.
 pub const TRUST_DOMAIN: &str = "mesh.test";
@@ -94,6 +95,23 @@ pub fn put_vip(cluster_name: &str, service_key: &str, target: Option<&str>, ip: 
         },
         ip,
     )
+}
+
+/// A drill of `kind` on every service of `cluster`, by ana for a game day, in force from
+/// 1970 for an hour of Unix time (tests that compare against a clock set `created` and
+/// `expires`).
+pub fn drill(kind: DrillKind, cluster_name: &str) -> DrillRecord {
+    DrillRecord {
+        schema: SCHEMA_VERSION,
+        schema_minor: 0,
+        kind,
+        cluster: cluster(cluster_name),
+        service: None,
+        who: "ana".into(),
+        why: "game day".into(),
+        created: 0,
+        expires: 3600,
+    }
 }
 
 /// A snapshot with `changes` applied in order, as the catalog watcher builds one.

@@ -314,7 +314,7 @@ mod tests {
     use meshup_core::fixture;
     use meshup_core::model::{ExportRecord, GatewayRecord};
     use meshup_core::names::DrillId;
-    use meshup_core::policy::{DrillKind, DrillRecord, PolicyRecord};
+    use meshup_core::policy::{DrillKind, PolicyRecord};
 
     use super::*;
 
@@ -379,17 +379,7 @@ mod tests {
         let drill = DrillId::new("fail-west").expect("id");
         b.apply(Change::PutDrill(
             drill.clone(),
-            Arc::new(DrillRecord {
-                schema: 1,
-                schema_minor: 0,
-                kind: DrillKind::Fail,
-                cluster: c("west"),
-                service: None,
-                who: "ana".into(),
-                why: "game day".into(),
-                created: 0,
-                expires: 3600,
-            }),
+            Arc::new(fixture::drill(DrillKind::Fail, "west")),
         ));
         let got = kinds(&diff(&a, &b));
         assert_eq!(

@@ -287,7 +287,7 @@ mod tests {
         use meshup_core::catalog::Change;
         use meshup_core::fixture;
         use meshup_core::names::DrillId;
-        use meshup_core::policy::{DrillKind, DrillRecord};
+        use meshup_core::policy::DrillKind;
         enum Arrives {
             Nothing,
             ExportChange,
@@ -330,17 +330,7 @@ mod tests {
                         Arrives::Drill => {
                             next.apply(Change::PutDrill(
                                 DrillId::new("fail-west").expect("id"),
-                                Arc::new(DrillRecord {
-                                    schema: 1,
-                                    schema_minor: 0,
-                                    kind: DrillKind::Fail,
-                                    cluster: c("west"),
-                                    service: None,
-                                    who: "ana".into(),
-                                    why: "game day".into(),
-                                    created: 0,
-                                    expires: 3600,
-                                }),
+                                Arc::new(fixture::drill(DrillKind::Fail, "west")),
                             ));
                         }
                         Arrives::Ejection => changed.notify_waiters(),
