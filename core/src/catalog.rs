@@ -17,7 +17,7 @@ use std::sync::Arc;
 use imbl::OrdMap;
 
 use crate::model::{ExportRecord, GatewayRecord, PortSpec};
-use crate::names::{ClusterName, DrillId, GatewayId, ServiceKey};
+use crate::names::{ClusterName, DrillId, GatewayId, Namespace, ServiceKey};
 use crate::policy::{DrillRecord, PolicyRecord};
 use crate::routes::CompiledRoutes;
 
@@ -115,6 +115,10 @@ pub struct Snapshot {
     routes: OrdMap<ServiceKey, Arc<CompiledRoutes>>,
     drills: OrdMap<DrillId, Arc<DrillRecord>>,
     export_count: usize,
+    /// For every (cluster, namespace): how many services of the namespace list the cluster
+    /// in their view. Kept with the views, so "does cluster X export anything (in namespace
+    /// N)?" is a lookup, not a scan of every service.
+    exporting: OrdMap<(ClusterName, Namespace), u32>,
 }
 
 impl Snapshot {
@@ -193,17 +197,66 @@ impl Snapshot {
     fn set_service_exports(&mut self, service: ServiceKey, exports: ServiceExports) {
         if exports.is_empty() {
             self.exports.remove(&service);
-            self.services.remove(&service);
+            if let Some(old) = self.services.remove(&service) {
+                self.count_exporting(&service.namespace, Some(&old), None);
+            }
             return;
         }
-        let view = derive_view(service.clone(), &exports);
+        let view = Arc::new(derive_view(service.clone(), &exports));
         self.exports.insert(service.clone(), exports);
-        self.services.insert(service, Arc::new(view));
+        let old = self.services.insert(service.clone(), view.clone());
+        self.count_exporting(&service.namespace, old.as_deref(), Some(&view));
+    }
+
+    /// Moves the (cluster, namespace) counts from `old`'s clusters to `new`'s.
+    fn count_exporting(
+        &mut self,
+        namespace: &Namespace,
+        old: Option<&ServiceView>,
+        new: Option<&ServiceView>,
+    ) {
+        fn clusters(v: Option<&ServiceView>) -> impl Iterator<Item = &ClusterName> {
+            v.into_iter().flat_map(|v| v.clusters.keys())
+        }
+        for gone in clusters(old).filter(|c| !new.is_some_and(|n| n.clusters.contains_key(*c))) {
+            let key = ((*gone).clone(), namespace.clone());
+            match self.exporting.get(&key).copied() {
+                Some(n) if n > 1 => {
+                    self.exporting.insert(key, n - 1);
+                }
+                _ => {
+                    self.exporting.remove(&key);
+                }
+            }
+        }
+        for came in clusters(new).filter(|c| !old.is_some_and(|o| o.clusters.contains_key(*c))) {
+            let key = ((*came).clone(), namespace.clone());
+            let n = self.exporting.get(&key).copied().unwrap_or(0);
+            self.exporting.insert(key, n + 1);
+        }
+    }
+
+    /// Whether any clusterset service lists `cluster` among its exporters; with
+    /// `namespace`, any service of that namespace. A range of an index kept with the views.
+    pub fn cluster_exports(&self, cluster: &ClusterName, namespace: Option<&Namespace>) -> bool {
+        match namespace {
+            Some(ns) => self.exporting.contains_key(&(cluster.clone(), ns.clone())),
+            None => self
+                .exporting
+                .range((cluster.clone(), Namespace::lowest())..)
+                .next()
+                .is_some_and(|((c, _), _)| c == cluster),
+        }
     }
 
     /// Every clusterset service, in name order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
         self.services.values()
+    }
+
+    /// The persistent map of gateways by cluster, for cheap comparisons between snapshots.
+    pub fn gateway_map(&self) -> &OrdMap<ClusterName, OrdMap<GatewayId, Arc<GatewayRecord>>> {
+        &self.gateways
     }
 
     /// The persistent map of services, for cheap diffs between two snapshots.
@@ -290,6 +343,24 @@ impl Snapshot {
             && self.drills.ptr_eq(&other.drills))
     }
 
+    /// Whether `other` may differ in what addresses, names and listeners follow: the VIPs,
+    /// the gateways, a service that came or went, or a service whose ports or exporting
+    /// clusters changed. Endpoint counts and allowed callers are not compared, so a catalog
+    /// churning only those answers `false` after a diff of the changed services alone (the
+    /// persistent maps share every untouched subtree).
+    pub fn addressing_differs(&self, other: &Snapshot) -> bool {
+        if !self.vips.ptr_eq(&other.vips) || !self.gateways.ptr_eq(&other.gateways) {
+            return true;
+        }
+        self.services.diff(&other.services).any(|item| match item {
+            imbl::ordmap::DiffItem::Update {
+                old: (_, was),
+                new: (_, is),
+            } => was.ports != is.ports || !was.clusters.keys().eq(is.clusters.keys()),
+            _ => true,
+        })
+    }
+
     /// Every VIP `cluster` allocated (clusterset and pinned), in key order: a range of the
     /// map, so its cost follows that cluster's VIPs, not every (service, cluster) pair.
     pub fn vips_of<'a>(
@@ -298,10 +369,7 @@ impl Snapshot {
     ) -> impl Iterator<Item = (&'a VipKey, IpAddr)> + 'a {
         let from = VipKey {
             cluster: cluster.clone(),
-            service: ServiceKey::new(
-                crate::names::Namespace::lowest(),
-                crate::names::ServiceName::lowest(),
-            ),
+            service: ServiceKey::new(Namespace::lowest(), crate::names::ServiceName::lowest()),
             target: None,
         };
         self.vips
@@ -530,5 +598,128 @@ mod tests {
             gateway: GatewayId::new("a").expect("valid"),
         }));
         assert_eq!(snap.clusters().count(), 1);
+    }
+
+    /// The (cluster, namespace) index follows every export put and delete, including
+    /// clusters whose names prefix or sort next to each other: after each step it equals a
+    /// scan of every view.
+    #[test]
+    fn the_exporting_index_equals_a_scan_of_the_views() {
+        let mut snap = Snapshot::new();
+        let clusters = ["east", "east-2", "eas", "west"];
+        let namespaces = ["prod", "prod-2", "dev"];
+        let steps: Vec<Change> = vec![
+            Change::PutExport(key("east", "gw-0", "pay.prod"), export(80, 1)),
+            Change::PutExport(key("east", "gw-1", "pay.prod"), export(80, 0)),
+            Change::PutExport(key("east-2", "gw-0", "pay.prod"), export(80, 1)),
+            Change::PutExport(key("east", "gw-0", "db.prod"), export(5432, 1)),
+            Change::PutExport(key("west", "gw-0", "db.prod-2"), export(5432, 1)),
+            Change::PutExport(key("east", "gw-0", "pay.prod"), export(81, 3)),
+            Change::DeleteExport(key("east", "gw-0", "pay.prod")),
+            Change::DeleteExport(key("east", "gw-1", "pay.prod")),
+            Change::DeleteExport(key("east", "gw-0", "db.prod")),
+            Change::DeleteExport(key("east-2", "gw-0", "pay.prod")),
+            Change::PutExport(key("eas", "gw-0", "web.dev"), export(8080, 0)),
+            Change::DeleteExport(key("west", "gw-0", "db.prod-2")),
+        ];
+        for (i, change) in steps.into_iter().enumerate() {
+            snap.apply(change);
+            for c in clusters.map(cluster) {
+                let scan = |ns: Option<&str>| {
+                    snap.services().any(|v| {
+                        v.clusters.contains_key(&c)
+                            && ns.is_none_or(|ns| v.key.namespace.as_str() == ns)
+                    })
+                };
+                assert_eq!(snap.cluster_exports(&c, None), scan(None), "step {i}, {c}");
+                for ns in namespaces {
+                    let namespace = Namespace::new(ns).expect("valid");
+                    assert_eq!(
+                        snap.cluster_exports(&c, Some(&namespace)),
+                        scan(Some(ns)),
+                        "step {i}, {c}, {ns}"
+                    );
+                }
+            }
+        }
+        assert!(snap.exporting.keys().all(|(c, _)| c.as_str() == "eas"));
+    }
+
+    /// What `addressing_differs` sees: every kind of change, one at a time, from the same
+    /// starting catalog.
+    #[test]
+    fn addressing_differs_ignores_endpoint_counts_only() {
+        let base = fixture::snapshot([
+            fixture::put_gateway(fixture::gateway("east", "gw-0")),
+            Change::PutExport(key("east", "gw-0", "pay.prod"), export(80, 2)),
+            Change::PutExport(key("west", "gw-0", "pay.prod"), export(80, 1)),
+        ]);
+        let ip: IpAddr = "10.64.0.1".parse().expect("ip");
+        let cases: Vec<(&str, Vec<Change>, bool)> = vec![
+            ("nothing", vec![], false),
+            (
+                "healthy endpoints",
+                vec![Change::PutExport(
+                    key("east", "gw-0", "pay.prod"),
+                    export(80, 0),
+                )],
+                false,
+            ),
+            (
+                "a second gateway of an exporting cluster",
+                vec![Change::PutExport(
+                    key("east", "gw-1", "pay.prod"),
+                    export(80, 2),
+                )],
+                false,
+            ),
+            (
+                "a port",
+                vec![Change::PutExport(
+                    key("east", "gw-0", "pay.prod"),
+                    export(81, 2),
+                )],
+                true,
+            ),
+            (
+                "a cluster joins",
+                vec![Change::PutExport(
+                    key("south", "gw-0", "pay.prod"),
+                    export(80, 2),
+                )],
+                true,
+            ),
+            (
+                "a cluster leaves",
+                vec![Change::DeleteExport(key("west", "gw-0", "pay.prod"))],
+                true,
+            ),
+            (
+                "a new service",
+                vec![Change::PutExport(
+                    key("east", "gw-0", "db.prod"),
+                    export(5432, 1),
+                )],
+                true,
+            ),
+            (
+                "a VIP",
+                vec![fixture::put_vip("east", "pay.prod", None, ip)],
+                true,
+            ),
+            (
+                "a gateway",
+                vec![fixture::put_gateway(fixture::gateway("west", "gw-0"))],
+                true,
+            ),
+        ];
+        for (what, changes, want) in cases {
+            let mut next = base.clone();
+            for c in changes {
+                next.apply(c);
+            }
+            assert_eq!(base.addressing_differs(&next), want, "{what}");
+            assert_eq!(next.addressing_differs(&base), want, "{what}, backwards");
+        }
     }
 }

@@ -21,15 +21,15 @@
 //! try every search domain and server and then fail hard. The reserved form
 //! `<cluster>.<svc>.<ns>.svc` does not exist (NXDOMAIN).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use hickory_proto::op::ResponseCode;
 use hickory_proto::rr::rdata::{A, AAAA, NS, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use meshup_core::catalog::{ServiceView, Snapshot};
-use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_core::names::{ClusterName, Namespace, ServiceKey};
 
 use crate::config::{ConfigError, DnsConfig, secs_u32};
 
@@ -86,23 +86,11 @@ impl ZoneSettings {
 }
 
 /// Everything an answer depends on: settings, this gateway's cluster and one snapshot.
-///
-/// Cluster-pinned empty non-terminals need "does cluster X export anything (in namespace
-/// N)?", which the snapshot cannot answer without a scan; that index is computed at most
-/// once per view, on first use.
 #[derive(Debug)]
 pub struct ZoneView {
     pub settings: Arc<ZoneSettings>,
     pub local: ClusterName,
     pub snapshot: Arc<Snapshot>,
-    pinned: OnceLock<PinnedIndex>,
-}
-
-/// Which clusters export anything, and in which namespaces.
-#[derive(Debug, Default)]
-struct PinnedIndex {
-    clusters: HashSet<String>,
-    cluster_namespaces: HashSet<(String, String)>,
 }
 
 impl ZoneView {
@@ -112,24 +100,20 @@ impl ZoneView {
             settings,
             local,
             snapshot,
-            pinned: OnceLock::new(),
         }
     }
 
-    fn pinned(&self) -> &PinnedIndex {
-        self.pinned.get_or_init(|| {
-            let mut index = PinnedIndex::default();
-            for view in self.snapshot.services() {
-                for cluster in view.clusters.keys() {
-                    index.clusters.insert(cluster.as_str().to_owned());
-                    index.cluster_namespaces.insert((
-                        cluster.as_str().to_owned(),
-                        view.key.namespace.as_str().to_owned(),
-                    ));
-                }
-            }
-            index
-        })
+    /// Whether `cluster` exports anything (in namespace `ns`): the cluster-pinned empty
+    /// non-terminals. A lookup in the snapshot's index, whatever the catalog's size.
+    fn cluster_exports(&self, cluster: &str, ns: Option<&str>) -> bool {
+        let Ok(cluster) = ClusterName::new(cluster) else {
+            return false;
+        };
+        match ns.map(Namespace::new) {
+            None => self.snapshot.cluster_exports(&cluster, None),
+            Some(Ok(ns)) => self.snapshot.cluster_exports(&cluster, Some(&ns)),
+            Some(Err(_)) => false,
+        }
     }
 
     /// Whether any service lives in namespace `ns` (O(log n): keys sort by namespace first).
@@ -411,16 +395,8 @@ fn classify(zone: &ZoneView, name: &Name) -> Option<Node> {
             let port = found.port;
             Some(Node::Srv { view, port })
         }
-        [cluster] if zone.pinned().clusters.contains(*cluster) => ent(),
-        ["svc", cluster] if zone.pinned().clusters.contains(*cluster) => ent(),
-        [ns, "svc", cluster]
-            if zone
-                .pinned()
-                .cluster_namespaces
-                .contains(&((*cluster).to_owned(), (*ns).to_owned())) =>
-        {
-            ent()
-        }
+        [cluster] | ["svc", cluster] if zone.cluster_exports(cluster, None) => ent(),
+        [ns, "svc", cluster] if zone.cluster_exports(cluster, Some(ns)) => ent(),
         [svc, ns, "svc", cluster] => {
             let view = service(ns, svc)?;
             let pinned = ClusterName::new(cluster).ok()?;
@@ -467,36 +443,46 @@ pub fn zone_names(settings: &ZoneSettings) -> Vec<Name> {
 /// The names one service makes exist, including the empty non-terminals above them
 /// (which other services may share).
 pub fn service_names(settings: &ZoneSettings, view: &ServiceView) -> Vec<Name> {
-    let (svc, ns) = (view.key.name.as_str(), view.key.namespace.as_str());
-    let mut rel: Vec<Vec<String>> = vec![
-        vec!["svc".into()],
-        vec![ns.into(), "svc".into()],
-        vec![svc.into(), ns.into(), "svc".into()],
-    ];
-    for port in &view.ports {
-        let proto = format!("_{}", port.protocol.as_str());
-        rel.push(vec![proto.clone(), svc.into(), ns.into(), "svc".into()]);
-        rel.push(vec![
-            format!("_{}", port.name),
-            proto,
-            svc.into(),
-            ns.into(),
-            "svc".into(),
-        ]);
-    }
+    let mut names = service_base_names(settings, view);
     for cluster in view.clusters.keys() {
-        let c = cluster.as_str();
-        rel.push(vec![c.into()]);
-        rel.push(vec!["svc".into(), c.into()]);
-        rel.push(vec![ns.into(), "svc".into(), c.into()]);
-        rel.push(vec![svc.into(), ns.into(), "svc".into(), c.into()]);
+        names.extend(pinned_names(settings, &view.key, cluster));
+    }
+    names
+}
+
+/// The names of a service that do not name a cluster: what its ports and its clusterset
+/// VIP answer, and the empty non-terminals above them.
+pub fn service_base_names(settings: &ZoneSettings, view: &ServiceView) -> Vec<Name> {
+    let (svc, ns) = (view.key.name.as_str(), view.key.namespace.as_str());
+    let mut rel: Vec<Vec<&str>> = vec![vec!["svc"], vec![ns, "svc"], vec![svc, ns, "svc"]];
+    let protos: Vec<String> = view
+        .ports
+        .iter()
+        .map(|p| format!("_{}", p.protocol.as_str()))
+        .collect();
+    let port_names: Vec<String> = view.ports.iter().map(|p| format!("_{}", p.name)).collect();
+    for (proto, port) in protos.iter().zip(&port_names) {
+        rel.push(vec![proto, svc, ns, "svc"]);
+        rel.push(vec![port, proto, svc, ns, "svc"]);
     }
     rel.iter()
-        .filter_map(|labels| {
-            let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-            relative_name(settings, &labels)
-        })
+        .filter_map(|labels| relative_name(settings, labels))
         .collect()
+}
+
+/// The names exporting `cluster` gives a service: its cluster-pinned name and the empty
+/// non-terminals above it (shared with the cluster's other services).
+pub fn pinned_names(settings: &ZoneSettings, key: &ServiceKey, cluster: &ClusterName) -> Vec<Name> {
+    let (svc, ns, c) = (key.name.as_str(), key.namespace.as_str(), cluster.as_str());
+    [
+        &[c][..],
+        &["svc", c][..],
+        &[ns, "svc", c][..],
+        &[svc, ns, "svc", c][..],
+    ]
+    .iter()
+    .filter_map(|labels| relative_name(settings, labels))
+    .collect()
 }
 
 #[cfg(test)]

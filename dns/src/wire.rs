@@ -46,9 +46,10 @@ use hickory_proto::rr::{Name, RecordType};
 use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 
 use imbl::ordmap::DiffItem;
-use meshup_core::names::ServiceKey;
 
-use crate::answer::{Answer, ZoneView, existing_names, resolve, service_names, zone_names};
+use crate::answer::{
+    Answer, ZoneView, existing_names, pinned_names, resolve, service_base_names, service_names,
+};
 
 /// Size of the DNS header.
 pub const HEADER_LEN: usize = 12;
@@ -175,13 +176,104 @@ impl Eq for NameEntry {}
 /// The table of precomputed answers for one snapshot.
 #[derive(Debug)]
 pub struct FastTable {
-    /// Entries are shared between successive tables, so an update copies pointers only.
-    names: HashSet<NameEntry, NameHash>,
+    /// Every name but the apex. Entries are shared between successive tables, and an
+    /// update copies only the shards it touches; a change that no answer shows (endpoint
+    /// counts) copies none.
+    names: Names,
+    /// The apex, apart: its SOA serial is the catalog revision, so it is the one name that
+    /// changes with every revision.
+    apex_entry: NameEntry,
     /// Lowercase wire form of the apex, to tell "in zone, unknown" (NXDOMAIN) from
     /// "outside the zone" (REFUSED, slow path).
     apex: Box<[u8]>,
     /// NXDOMAIN: header flags byte 3 and the SOA record, uncompressed (the question varies).
     nx_soa: Box<[u8]>,
+}
+
+/// Names per shard of a table when it is built: an update that touches one name copies
+/// the pointers of this many entries, not of every name in the zone.
+const NAMES_PER_SHARD: usize = 256;
+
+/// A table's names in shards by hash, each shared between successive tables until an
+/// update touches it (copy on write).
+#[derive(Debug, Clone)]
+struct Names {
+    hasher: NameHash,
+    /// A power of two of them.
+    shards: Vec<Arc<HashSet<NameEntry, NameHash>>>,
+    len: usize,
+}
+
+impl Names {
+    fn new(entries: Vec<NameEntry>) -> Self {
+        let count = (entries.len() / NAMES_PER_SHARD)
+            .next_power_of_two()
+            .clamp(1, 1 << 16);
+        let hasher = NameHash::new();
+        let mut shards: Vec<HashSet<NameEntry, NameHash>> =
+            (0..count).map(|_| HashSet::with_hasher(hasher)).collect();
+        for entry in entries {
+            shards[Self::index(&hasher, count, entry.key())].insert(entry);
+        }
+        Self {
+            hasher,
+            len: shards.iter().map(HashSet::len).sum(),
+            shards: shards.into_iter().map(Arc::new).collect(),
+        }
+    }
+
+    /// The shard of `key`: hash bits 40 and up, apart from those a shard's own table uses
+    /// (its bucket from the low bits, its control byte from the top seven).
+    fn index(hasher: &NameHash, count: usize, key: &[u8]) -> usize {
+        use std::hash::BuildHasher;
+        (hasher.hash_one(key) >> 40) as usize & (count - 1)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&NameEntry> {
+        self.shards[Self::index(&self.hasher, self.shards.len(), key)].get(key)
+    }
+
+    /// The shard of `key`, copied first if another table shares it.
+    fn shard_mut(&mut self, key: &[u8]) -> &mut HashSet<NameEntry, NameHash> {
+        let i = Self::index(&self.hasher, self.shards.len(), key);
+        Arc::make_mut(&mut self.shards[i])
+    }
+
+    fn put(&mut self, entry: NameEntry) {
+        if self.shard_mut(entry.key()).replace(entry).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &[u8]) {
+        if self.shard_mut(key).remove(key) {
+            self.len -= 1;
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &NameEntry> {
+        self.shards.iter().flat_map(|s| s.iter())
+    }
+
+    /// How many shards `self` and `other` share (for tests: what an update copied).
+    #[cfg(test)]
+    fn shared_shards(&self, other: &Self) -> usize {
+        self.shards
+            .iter()
+            .zip(&other.shards)
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count()
+    }
+}
+
+/// The apex's precomputed answers (it always exists).
+fn apex_entry(zone: &ZoneView) -> Result<NameEntry, TableError> {
+    let origin = &zone.settings.origin;
+    entry_for(zone, origin)?.ok_or_else(|| TableError::Encode {
+        name: origin.to_string(),
+        qtype: RecordType::SOA,
+        source: "the apex has no answers".into(),
+    })
 }
 
 /// The precomputed answers of one existing name; `None` when the name does not exist.
@@ -297,13 +389,17 @@ pub fn encode_answer(
 impl FastTable {
     /// Precomputes every answer of a zone view. O(names × types); run off the hot path.
     pub fn build(zone: &ZoneView) -> Result<Self, TableError> {
-        let mut names = HashSet::with_hasher(NameHash::new());
+        let origin = &zone.settings.origin;
+        let apex_entry = apex_entry(zone)?;
+        let mut entries = Vec::new();
         for name in existing_names(zone) {
+            if name == *origin {
+                continue;
+            }
             if let Some(entry) = entry_for(zone, &name)? {
-                names.insert(entry);
+                entries.push(entry);
             }
         }
-        let origin = &zone.settings.origin;
         let nx = crate::answer::soa_record(&zone.settings, 0, zone.settings.negative_ttl);
         let mut nx_soa = Vec::new();
         {
@@ -316,64 +412,93 @@ impl FastTable {
             })?;
         }
         Ok(Self {
-            names,
+            names: Names::new(entries),
+            apex_entry,
             apex: wire_name(origin).into_boxed_slice(),
             nx_soa: nx_soa.into_boxed_slice(),
         })
     }
 
     /// The table for `new`, derived from this table (built for `old`) by recomputing only
-    /// the names of services whose view or local VIPs changed, found with the persistent
-    /// maps' cheap `diff`. Falls back to [`build`](Self::build) when the zone settings or
-    /// the local cluster differ, or when most services changed.
+    /// the names whose answers may differ, found with the persistent maps' cheap `diff`:
+    ///
+    /// - a service that came or went: all its names;
+    /// - a service whose ports changed: its names that do not name a cluster;
+    /// - a cluster that came to or left a service: that cluster's pinned name for it and the
+    ///   empty non-terminals above it;
+    /// - a VIP of this cluster: the names that answer it;
+    /// - the apex, whose SOA serial is the revision.
+    ///
+    /// Nothing else in a view shows in an answer (endpoint counts, allowed callers), so
+    /// catalog churn of that kind copies no name. Falls back to [`build`](Self::build) when
+    /// the zone settings or the local cluster differ, or when most names are touched.
     pub fn update(&self, old: &ZoneView, new: &ZoneView) -> Result<Self, TableError> {
         if old.settings != new.settings || old.local != new.local {
             return Self::build(new);
         }
+        let settings = &*new.settings;
         let (before, after) = (&*old.snapshot, &*new.snapshot);
-        let mut touched: BTreeSet<&ServiceKey> = BTreeSet::new();
+        let mut candidates: BTreeSet<Name> = BTreeSet::new();
         for item in before.service_map().diff(after.service_map()) {
-            touched.insert(match item {
-                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
-                DiffItem::Update { new: (k, _), .. } => k,
-            });
+            match item {
+                DiffItem::Add(_, view) | DiffItem::Remove(_, view) => {
+                    candidates.extend(service_names(settings, view));
+                }
+                DiffItem::Update {
+                    old: (_, was),
+                    new: (_, is),
+                } => {
+                    if was.ports != is.ports {
+                        candidates.extend(service_base_names(settings, was));
+                        candidates.extend(service_base_names(settings, is));
+                    }
+                    let moved = was
+                        .clusters
+                        .keys()
+                        .filter(|c| !is.clusters.contains_key(*c))
+                        .chain(
+                            is.clusters
+                                .keys()
+                                .filter(|c| !was.clusters.contains_key(*c)),
+                        );
+                    for cluster in moved {
+                        candidates.extend(pinned_names(settings, &is.key, cluster));
+                    }
+                }
+            }
+            if candidates.len() * 2 > self.names.len.max(32) {
+                return Self::build(new);
+            }
         }
         for item in before.vip_map().diff(after.vip_map()) {
             let key = match item {
                 DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
                 DiffItem::Update { new: (k, _), .. } => k,
             };
-            if key.cluster == new.local {
-                touched.insert(&key.service);
+            if key.cluster != new.local {
+                continue;
             }
-        }
-        if touched.len() * 2 > after.service_count().max(16) {
-            return Self::build(new);
-        }
-        // Every name a touched service had or has (its empty non-terminals included, since
-        // they may appear or vanish with it), plus the apex (its SOA serial is the revision).
-        let settings = &*new.settings;
-        let mut candidates: BTreeSet<Name> = zone_names(settings).into_iter().collect();
-        for key in touched {
-            for snap in [before, after] {
-                if let Some(view) = snap.service(key) {
-                    candidates.extend(service_names(settings, view));
+            match &key.target {
+                Some(target) => candidates.extend(pinned_names(settings, &key.service, target)),
+                None => {
+                    for snap in [before, after] {
+                        if let Some(view) = snap.service(&key.service) {
+                            candidates.extend(service_base_names(settings, view));
+                        }
+                    }
                 }
             }
         }
         let mut names = self.names.clone();
         for name in candidates {
             match entry_for(new, &name)? {
-                Some(entry) => {
-                    names.replace(entry);
-                }
-                None => {
-                    names.remove(&wire_name(&name)[..]);
-                }
+                Some(entry) => names.put(entry),
+                None => names.remove(&wire_name(&name)),
             }
         }
         Ok(Self {
             names,
+            apex_entry: apex_entry(new)?,
             apex: self.apex.clone(),
             nx_soa: self.nx_soa.clone(),
         })
@@ -381,7 +506,8 @@ impl FastTable {
 
     /// Whether two tables hold the same answers (for tests of [`update`](Self::update)).
     pub fn same_answers(&self, other: &Self) -> bool {
-        self.names.len() == other.names.len()
+        self.names.len == other.names.len
+            && self.apex_entry.0 == other.apex_entry.0
             && self
                 .names
                 .iter()
@@ -392,12 +518,12 @@ impl FastTable {
 
     /// Number of names with precomputed answers.
     pub fn len(&self) -> usize {
-        self.names.len()
+        self.names.len + 1
     }
 
     /// Whether the table is empty (it never is: the apex always exists).
     pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
+        false
     }
 
     /// Answers `query` into `out` if it is an ordinary query. Never panics on any input.
@@ -424,7 +550,13 @@ impl FastTable {
             None => MAX_PLAIN_UDP,
         };
         out.clear();
-        let rcode = match self.names.get(&key[..q.key_len]) {
+        let key = &key[..q.key_len];
+        let found = if key == &*self.apex {
+            Some(&self.apex_entry)
+        } else {
+            self.names.get(key)
+        };
+        let rcode = match found {
             Some(entry) => {
                 let template = match entry.template(q.qtype) {
                     Ok((true, t)) => t,
@@ -441,7 +573,7 @@ impl FastTable {
             }
             None => {
                 if !is_ordinary_type(q.qtype) && q.qtype != u16::from(RecordType::ANY)
-                    || !in_zone(&key[..q.key_len], &self.apex)
+                    || !in_zone(key, &self.apex)
                 {
                     return Fast::Slow;
                 }
@@ -729,6 +861,18 @@ mod tests {
             gateway: GatewayId::new("gw-0").expect("id"),
             service: s.parse().expect("key"),
         };
+        let endpoints = |c: &str, s: &str, healthy: u32| {
+            let Ok(Change::PutExport(k, record)) = export(
+                c,
+                s,
+                &[("http", 8080, Protocol::Tcp), ("dns", 53, Protocol::Udp)],
+            ) else {
+                panic!("the fixture makes an export");
+            };
+            let mut record = (*record).clone();
+            record.endpoints_healthy = healthy;
+            Change::PutExport(k, Arc::new(record))
+        };
         let steps: Vec<Vec<Change>> = vec![
             // A new service in a new namespace, exported by a new cluster.
             vec![
@@ -755,7 +899,30 @@ mod tests {
             ],
             // A service loses one exporting cluster.
             vec![Change::DeleteExport(key("south", "svc-5.ns-5"))],
+            // Only endpoint counts change: no answer shows them.
+            vec![endpoints("west", "svc-6.ns-6", 0)],
+            // A new cluster joins an existing service (its pinned empty non-terminals
+            // appear), then gets a pinned VIP, which then goes away.
+            vec![export("far", "svc-7.ns-7", &[("http", 8080, Protocol::Tcp)]).expect("c")],
+            vec![vip("east", "svc-7.ns-7", Some("far"), ip("10.70.0.9")).expect("c")],
+            vec![Change::DeleteVip(VipKey {
+                cluster: local.clone(),
+                service: "svc-7.ns-7".parse().expect("key"),
+                target: Some(ClusterName::new("far").expect("name")),
+            })],
+            // The clusterset VIP of a service goes away: its SRV answers lose their glue.
+            vec![Change::DeleteVip(VipKey {
+                cluster: local.clone(),
+                service: "svc-8.ns-8".parse().expect("key"),
+                target: None,
+            })],
+            // The new cluster leaves again.
+            vec![Change::DeleteExport(key("far", "svc-7.ns-7"))],
+            // Nothing but the revision.
+            vec![],
         ];
+        // The steps whose answers, the apex's aside, are those of the step before.
+        let unchanged = [3, 6, 12];
         for (i, changes) in steps.into_iter().enumerate() {
             for c in changes {
                 snap.apply(c);
@@ -768,9 +935,51 @@ mod tests {
                 updated.same_answers(&rebuilt),
                 "step {i}: incremental table differs"
             );
+            assert_eq!(
+                updated.names.shared_shards(&table.names) == table.names.shards.len(),
+                unchanged.contains(&i),
+                "step {i}: whether no name was copied"
+            );
+            assert!(
+                !Arc::ptr_eq(&updated.apex_entry.0, &table.apex_entry.0),
+                "step {i}: the apex carries the new serial"
+            );
             table = updated;
             view = next;
         }
+    }
+
+    /// A change to one service copies the few shards its names fall in, and the table
+    /// still answers like one built from scratch.
+    #[test]
+    fn an_update_copies_only_the_shards_it_touches() {
+        use meshup_core::model::Protocol;
+        use meshup_core::names::ClusterName;
+
+        use crate::answer::ZoneSettings;
+        use crate::config::DnsConfig;
+        use crate::fixture::{export, synthetic};
+
+        let settings =
+            Arc::new(ZoneSettings::from_config(&DnsConfig::default()).expect("settings"));
+        let local = ClusterName::new("east").expect("name");
+        let mut snap = synthetic("east", &["east", "west"], 800).expect("catalog");
+        let view = ZoneView::new(settings.clone(), local.clone(), Arc::new(snap.clone()));
+        let table = FastTable::build(&view).expect("table");
+        let shards = table.names.shards.len();
+        assert!(shards >= 32, "{} names in {shards} shards", table.len());
+        snap.apply(export("west", "svc-3.ns-3", &[("grpc", 9000, Protocol::Tcp)]).expect("c"));
+        snap.revision += 1;
+        let next = ZoneView::new(settings, local, Arc::new(snap));
+        let updated = table.update(&view, &next).expect("update");
+        assert!(updated.same_answers(&FastTable::build(&next).expect("build")));
+        let copied = shards - updated.names.shared_shards(&table.names);
+        // The service's names that do not name a cluster: 3 for its old ports, 3 for its
+        // new ones, itself and the two empty non-terminals above it.
+        assert!(
+            (1..=9).contains(&copied),
+            "{copied} of {shards} shards copied"
+        );
     }
 
     /// Messages the fast path cannot answer from its table: dropped, FORMERR from the

@@ -31,6 +31,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imbl::ordmap::DiffItem;
 use meshup_core::catalog::{Change, ExportKey, Snapshot};
 use meshup_core::model::{ExportRecord, GatewayRecord};
 use meshup_core::names::{ClusterName, GatewayId};
@@ -249,8 +250,16 @@ impl Grace {
         ended: &mut Vec<(Kind, Outcome)>,
     ) {
         let until = now + self.period;
-        for gone in previous
-            .gateways()
+        // The persistent maps share what did not change: an unchanged gateway map is one
+        // pointer comparison, and only the services the diff yields are walked.
+        let gateways = if previous.gateway_map().ptr_eq(self.raw.gateway_map()) {
+            None
+        } else {
+            Some(previous.gateways())
+        };
+        for gone in gateways
+            .into_iter()
+            .flatten()
             .filter(|g| self.raw.gateway(&g.cluster, &g.gateway_id).is_none())
         {
             if links.carries(gone) {
@@ -268,14 +277,14 @@ impl Grace {
         // A service whose view is the same `Arc` has the same exports (the snapshot makes a
         // new view whenever one of its exports changes): only changed services are walked.
         let raw = self.raw.clone();
-        for (service, view) in previous.service_map() {
-            if raw
-                .service_map()
-                .get(service)
-                .is_some_and(|now_view| Arc::ptr_eq(now_view, view))
-            {
-                continue;
-            }
+        for item in previous.service_map().diff(raw.service_map()) {
+            let service = match item {
+                DiffItem::Add(..) => continue,
+                DiffItem::Remove(service, _)
+                | DiffItem::Update {
+                    old: (service, _), ..
+                } => service,
+            };
             for ((cluster, gateway), record) in previous.exports_of(service) {
                 let key = ExportKey {
                     cluster: cluster.clone(),

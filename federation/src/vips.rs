@@ -506,7 +506,7 @@ impl VipAllocator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Plans once at start even without a change notification: the receiver may come in
         // having seen the current snapshot already.
-        let mut planned = false;
+        let mut planned: Option<Arc<Snapshot>> = None;
         loop {
             let changed = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -518,30 +518,37 @@ impl VipAllocator {
                 }
                 _ = tick.tick() => false,
             };
-            if changed || !planned {
+            if changed || planned.is_none() {
                 let snapshot = snapshots.borrow_and_update().clone();
                 // Revision 0: the watcher has not listed yet; an empty catalog would free
                 // every VIP.
                 if snapshot.revision == 0 {
                     continue;
                 }
-                planned = true;
-                work = plan(&snapshot, &self.config.cluster, &self.config.pinned);
-                let now_held: BTreeSet<(VipKey, IpAddr)> = snapshot
-                    .vips()
-                    .filter(|(k, _)| k.cluster == self.config.cluster)
-                    .map(|(k, ip)| (k.clone(), *ip))
-                    .collect();
-                let freed_address = held.difference(&now_held).next().is_some();
-                held = now_held;
-                used = held.iter().map(|(_, ip)| *ip).collect();
-                allocations.retain_only(&work.missing);
-                frees.retain_only(&work.unused);
-                if freed_address {
-                    // A full range may have room now: retry those keys at once.
-                    allocations.reset_kind(FailureKind::Exhausted);
+                // Churn of endpoint counts changes nothing the plan reads: keep the plan
+                // (and its work list) instead of walking the catalog again.
+                let same = planned
+                    .as_ref()
+                    .is_some_and(|p| !p.addressing_differs(&snapshot));
+                planned = Some(snapshot.clone());
+                if !same {
+                    work = plan(&snapshot, &self.config.cluster, &self.config.pinned);
+                    let now_held: BTreeSet<(VipKey, IpAddr)> = snapshot
+                        .vips()
+                        .filter(|(k, _)| k.cluster == self.config.cluster)
+                        .map(|(k, ip)| (k.clone(), *ip))
+                        .collect();
+                    let freed_address = held.difference(&now_held).next().is_some();
+                    held = now_held;
+                    used = held.iter().map(|(_, ip)| *ip).collect();
+                    allocations.retain_only(&work.missing);
+                    frees.retain_only(&work.unused);
+                    if freed_address {
+                        // A full range may have room now: retry those keys at once.
+                        allocations.reset_kind(FailureKind::Exhausted);
+                    }
+                    self.metrics.set_backing_off(&allocations);
                 }
-                self.metrics.set_backing_off(&allocations);
             }
             if !self
                 .allocate_due(&mut work, &mut allocations, &mut used, &cancel)

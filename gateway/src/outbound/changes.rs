@@ -9,24 +9,29 @@
 //! (`WatchEvents` subscribes) and counts the failovers. One detector per gateway, however
 //! many watchers: the counter counts each change once.
 //!
+//! A look decides every followed service, except after catalog churn alone (exports,
+//! VIPs): then only the services whose view changed ([`scope`]); the look once a second
+//! still decides them all.
+//!
 //! Limits: an ejection, a drill or a policy change is looked at as soon as it happens; a
 //! failover that follows catalog churn (exports, gateways, VIPs) is seen at most
 //! [`MIN_LOOK_INTERVAL`] after the look before, and one that flips back between two looks is
 //! not seen; at most [`MAX_SERVICES`] services are followed.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use imbl::ordmap::DiffItem;
+use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_policy::{Decision, Verdict};
-use std::sync::Arc;
-
-use meshup_core::catalog::Snapshot;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
 use super::route::Route;
+use crate::inbound::LocalExports;
 use crate::tunnel::metrics::Label;
 
 /// Most services the detector follows (each costs one decision per look).
@@ -145,6 +150,61 @@ pub fn changes(
     out
 }
 
+/// Which services a look decides again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Scope {
+    /// Every followed service.
+    Every,
+    /// Only these (their views changed); the others' decisions cannot have moved.
+    Only(Vec<ServiceKey>),
+}
+
+/// What the next look must decide: every service when `every` (this cluster's exports
+/// changed, an ejection, the periodic look that follows health and time) or when something
+/// every decision reads changed between `looked_at` and `now` (an operator's record, a
+/// gateway); else only the services whose view changed, found by a diff of the persistent
+/// maps. Under churn of one service, a look decides one service, not a thousand.
+fn scope(looked_at: &Snapshot, now: &Snapshot, every: bool) -> Scope {
+    if every
+        || now.operator_records_differ(looked_at)
+        || !now.gateway_map().ptr_eq(looked_at.gateway_map())
+    {
+        return Scope::Every;
+    }
+    Scope::Only(
+        looked_at
+            .service_map()
+            .diff(now.service_map())
+            .map(|item| match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
+                DiffItem::Update { new: (k, _), .. } => k.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// One service's steering now, as a new connection would get it; `None` when the service
+/// is gone or has no port.
+fn look_at(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    exports: &LocalExports,
+    service: &ServiceKey,
+) -> Option<Steered> {
+    let port = snapshot.service(service)?.ports.first()?.port;
+    let route = Route {
+        service: service.clone(),
+        port,
+        target: None,
+    };
+    let decision = proxy.explain(snapshot, exports, &route);
+    let now = Instant::now();
+    let st = proxy.steering().lock();
+    Some(Steered::of(&decision, |c| {
+        st.health.ejected_until(service, c, now)
+    }))
+}
+
 /// Every followed service's steering now, as a new connection would get it.
 fn look(proxy: &Proxy) -> BTreeMap<ServiceKey, Steered> {
     let snapshot = proxy.inner.snapshots.borrow().clone();
@@ -153,19 +213,37 @@ fn look(proxy: &Proxy) -> BTreeMap<ServiceKey, Steered> {
         .services()
         .take(MAX_SERVICES)
         .filter_map(|svc| {
-            let port = snapshot.service(&svc.key)?.ports.first()?.port;
-            let route = Route {
-                service: svc.key.clone(),
-                port,
-                target: None,
-            };
-            let decision = proxy.explain(&snapshot, &exports, &route);
-            let now = Instant::now();
-            let st = proxy.steering().lock();
-            let steered = Steered::of(&decision, |c| st.health.ejected_until(&svc.key, c, now));
-            Some((svc.key.clone(), steered))
+            Some((
+                svc.key.clone(),
+                look_at(proxy, &snapshot, &exports, &svc.key)?,
+            ))
         })
         .collect()
+}
+
+/// The steering of `services` now, and `last` brought up to date: a service gone (or
+/// without a port) leaves it; a new one joins while fewer than [`MAX_SERVICES`] are
+/// followed (the next whole look restores the first [`MAX_SERVICES`] in name order).
+fn look_only(
+    proxy: &Proxy,
+    services: &[ServiceKey],
+    last: &mut BTreeMap<ServiceKey, Steered>,
+) -> BTreeMap<ServiceKey, Steered> {
+    let snapshot = proxy.inner.snapshots.borrow().clone();
+    let exports = proxy.inner.exports.borrow().clone();
+    let mut now_states = BTreeMap::new();
+    for service in services {
+        match look_at(proxy, &snapshot, &exports, service) {
+            Some(st) if last.contains_key(service) || last.len() < MAX_SERVICES => {
+                now_states.insert(service.clone(), st);
+            }
+            Some(_) => {}
+            None => {
+                last.remove(service);
+            }
+        }
+    }
+    now_states
 }
 
 /// Looks until `stop`, publishing and counting every change.
@@ -186,6 +264,7 @@ pub(super) async fn run(
         // An operator's action (a drill, a policy) and an ejection are looked at at once, so
         // that even a drill stopped a moment after it started shows its failover; catalog
         // churn (exports, gateways, VIPs) waits for MIN_LOOK_INTERVAL since the last look.
+        let mut every = false;
         let at_once = tokio::select! {
             _ = stop.cancelled() => return,
             r = snapshots.changed() => {
@@ -199,23 +278,36 @@ pub(super) async fn run(
                     return;
                 }
                 exports.borrow_and_update();
+                every = true;
                 false
             }
-            _ = steering.changed.notified() => true,
-            _ = tick.tick() => false,
+            _ = steering.changed.notified() => {
+                every = true;
+                true
+            }
+            _ = tick.tick() => {
+                every = true;
+                false
+            }
         };
         if !at_once {
             let due = looked + MIN_LOOK_INTERVAL;
             let wait = wait_to_look(due, &mut snapshots, &looked_at, &steering.changed, &stop);
-            if wait.await.is_none() {
-                return;
+            match wait.await {
+                None => return,
+                Some(early) => every |= early,
             }
         }
         // What changed while waiting is seen by this look, not by another one right after.
-        looked_at = snapshots.borrow_and_update().clone();
+        let snapshot = snapshots.borrow_and_update().clone();
+        let scope = scope(&looked_at, &snapshot, every);
+        looked_at = snapshot;
         exports.borrow_and_update();
         looked = tokio::time::Instant::now();
-        let now_states = look(&proxy);
+        let now_states = match &scope {
+            Scope::Every => look(&proxy),
+            Scope::Only(services) => look_only(&proxy, services, &mut last),
+        };
         for change in changes(&last, &now_states, Instant::now()) {
             if let SteeringChange::Failover { service, to, .. } = &change {
                 tracing::info!(%service, to = ?to, "main target changed");
@@ -231,24 +323,27 @@ pub(super) async fn run(
             // No receiver (no watcher) is fine: the counter still counted.
             let _ = tx.send(change);
         }
-        last = now_states;
+        match scope {
+            Scope::Every => last = now_states,
+            Scope::Only(_) => last.extend(now_states),
+        }
     }
 }
 
 /// Waits until `due`, or less if an operator's record (a drill, a policy, a routing rule)
-/// differs from `looked_at`'s or an ejection notifies `changed` first. `None`: stopped, or
-/// the catalog is gone.
+/// differs from `looked_at`'s or an ejection notifies `changed` first: `Some(true)` then,
+/// `Some(false)` at `due`. `None`: stopped, or the catalog is gone.
 async fn wait_to_look(
     due: tokio::time::Instant,
     snapshots: &mut watch::Receiver<Arc<Snapshot>>,
     looked_at: &Snapshot,
     changed: &Notify,
     stop: &CancellationToken,
-) -> Option<()> {
+) -> Option<bool> {
     loop {
         let at_once = tokio::select! {
             _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep_until(due) => return Some(()),
+            _ = tokio::time::sleep_until(due) => return Some(false),
             r = snapshots.changed() => {
                 r.ok()?;
                 snapshots.borrow_and_update().operator_records_differ(looked_at)
@@ -256,7 +351,7 @@ async fn wait_to_look(
             _ = changed.notified() => true,
         };
         if at_once {
-            return Some(());
+            return Some(true);
         }
     }
 }
@@ -343,16 +438,102 @@ mod tests {
                 }
             };
             let due = start + MIN_LOOK_INTERVAL;
-            let (waited, ()) = tokio::join!(
+            let ((early, waited), ()) = tokio::join!(
                 async {
-                    wait_to_look(due, &mut rx, &looked_at, &changed, &stop)
+                    let early = wait_to_look(due, &mut rx, &looked_at, &changed, &stop)
                         .await
                         .expect("not stopped");
-                    start.elapsed()
+                    (early, start.elapsed())
                 },
                 send
             );
             assert_eq!(waited, Duration::from_millis(want));
+            assert_eq!(
+                early,
+                want < 250,
+                "ended early for an operator or an ejection"
+            );
+        }
+    }
+
+    /// `(what changed since the last look, whether the look was asked for everything) →
+    /// what the look decides again`.
+    #[test]
+    fn a_look_after_churn_decides_only_the_services_that_changed() {
+        use meshup_core::catalog::{Change, ExportKey};
+        use meshup_core::fixture;
+        use meshup_core::names::DrillId;
+        use meshup_core::policy::DrillKind;
+        let base = fixture::snapshot([
+            fixture::put_gateway(fixture::gateway("west", "w1")),
+            fixture::put_export("west", "w1", "pay.prod", fixture::export(8080, 1)),
+            fixture::put_export("west", "w1", "db.prod", fixture::export(5432, 1)),
+        ]);
+        let only = |keys: &[&str]| Scope::Only(keys.iter().map(|k| fixture::service(k)).collect());
+        let ip = "10.64.0.1".parse().expect("ip");
+        let cases: Vec<(&str, Vec<Change>, bool, Scope)> = vec![
+            ("nothing", vec![], false, only(&[])),
+            ("nothing, periodic look", vec![], true, Scope::Every),
+            (
+                "endpoints of one service",
+                vec![fixture::put_export(
+                    "west",
+                    "w1",
+                    "pay.prod",
+                    fixture::export(8080, 0),
+                )],
+                false,
+                only(&["pay.prod"]),
+            ),
+            (
+                "a new service",
+                vec![fixture::put_export(
+                    "west",
+                    "w1",
+                    "web.prod",
+                    fixture::export(80, 1),
+                )],
+                false,
+                only(&["web.prod"]),
+            ),
+            (
+                "a service gone",
+                vec![Change::DeleteExport(ExportKey {
+                    cluster: fixture::cluster("west"),
+                    gateway: fixture::gateway_id("w1"),
+                    service: fixture::service("db.prod"),
+                })],
+                false,
+                only(&["db.prod"]),
+            ),
+            (
+                "a VIP",
+                vec![fixture::put_vip("east", "pay.prod", None, ip)],
+                false,
+                only(&[]),
+            ),
+            (
+                "a gateway",
+                vec![fixture::put_gateway(fixture::gateway("south", "s1"))],
+                false,
+                Scope::Every,
+            ),
+            (
+                "a drill",
+                vec![Change::PutDrill(
+                    DrillId::new("fail-west").expect("id"),
+                    Arc::new(fixture::drill(DrillKind::Fail, "west")),
+                )],
+                false,
+                Scope::Every,
+            ),
+        ];
+        for (what, changes, every, want) in cases {
+            let mut next = base.clone();
+            for c in changes {
+                next.apply(c);
+            }
+            assert_eq!(scope(&base, &next, every), want, "{what}");
         }
     }
 

@@ -573,24 +573,35 @@ async fn reconcile_loop(shared: Arc<Shared>) {
     let mut exports = shared.exports.clone();
     let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
     let mut warned = std::collections::BTreeSet::new();
+    // The snapshot last reconciled against, and whether the loop woke for a new snapshot
+    // alone (not for this cluster's exports or the tick).
     let mut pruned: Option<Arc<Snapshot>> = None;
+    let mut catalog_only = false;
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let desired = desired_listeners(&snapshot, &shared.local, &shared.vip_range);
-        // Once per VIP while it stays out of range, not at every tick.
-        for vip in desired.outside.difference(&warned) {
-            tracing::warn!(%vip, range = %shared.vip_range, "catalog VIP outside vip_cidr; not listening on it");
+        // Catalog churn that changes no VIP, gateway, port or exporting cluster (endpoint
+        // counts) changes no listener and no peer: skip the reconcile (docs/scale.md).
+        let unchanged = catalog_only
+            && pruned
+                .as_ref()
+                .is_some_and(|p| !p.addressing_differs(&snapshot));
+        if !unchanged {
+            let desired = desired_listeners(&snapshot, &shared.local, &shared.vip_range);
+            // Once per VIP while it stays out of range, not at every tick.
+            for vip in desired.outside.difference(&warned) {
+                tracing::warn!(%vip, range = %shared.vip_range, "catalog VIP outside vip_cidr; not listening on it");
+            }
+            warned = desired.outside;
+            let desired = desired.routes;
+            // The peer set changes only with the catalog, not at every tick.
+            if pruned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &snapshot)) {
+                shared.pool.retain(catalog_peers(&snapshot));
+            }
+            exports.borrow_and_update();
+            reconcile(&shared, &mut bound, &desired);
         }
-        warned = desired.outside;
-        let desired = desired.routes;
-        // The peer set changes only with the catalog, not at every tick.
-        if pruned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &snapshot)) {
-            shared.pool.retain(catalog_peers(&snapshot));
-            pruned = Some(snapshot);
-        }
-        exports.borrow_and_update();
-        reconcile(&shared, &mut bound, &desired);
+        pruned = Some(snapshot);
         let revision = pruned.as_ref().map_or(0, |s| s.revision);
         shared.reconciled.send_if_modified(|r| {
             let newer = *r < revision;
@@ -599,12 +610,12 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             }
             newer
         });
-        tokio::select! {
+        catalog_only = tokio::select! {
             _ = shared.stop_listeners.cancelled() => break,
-            r = snapshots.changed() => if r.is_err() { break },
-            r = exports.changed() => if r.is_err() { break },
-            _ = tick.tick() => {}
-        }
+            r = snapshots.changed() => if r.is_err() { break } else { true },
+            r = exports.changed() => if r.is_err() { break } else { false },
+            _ = tick.tick() => false,
+        };
     }
     for (_, b) in std::mem::take(&mut bound) {
         b.stop.cancel();
