@@ -361,6 +361,28 @@ impl Snapshot {
         })
     }
 
+    /// The services whose steering inputs (view, policy, drills, gateways) may differ
+    /// between `older` and this snapshot: `None` when every service's may (an operator's
+    /// record or a gateway changed), else those whose view changed, found by a diff of the
+    /// persistent maps. Under churn of one service's endpoints that is one service.
+    pub fn steering_changed_since(&self, older: &Snapshot) -> Option<Vec<ServiceKey>> {
+        if self.operator_records_differ(older) || !self.gateways.ptr_eq(&older.gateways) {
+            return None;
+        }
+        Some(
+            older
+                .services
+                .diff(&self.services)
+                .map(|item| match item {
+                    imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => {
+                        k.clone()
+                    }
+                    imbl::ordmap::DiffItem::Update { new: (k, _), .. } => k.clone(),
+                })
+                .collect(),
+        )
+    }
+
     /// Every VIP `cluster` allocated (clusterset and pinned), in key order: a range of the
     /// map, so its cost follows that cluster's VIPs, not every (service, cluster) pair.
     pub fn vips_of<'a>(
@@ -720,6 +742,21 @@ mod tests {
             }
             assert_eq!(base.addressing_differs(&next), want, "{what}");
             assert_eq!(next.addressing_differs(&base), want, "{what}, backwards");
+        }
+    }
+
+    #[test]
+    fn steering_changes_are_every_service_or_the_diff() {
+        let base = fixture::steering_base();
+        for case in fixture::steering_cases() {
+            let mut next = base.clone();
+            for c in case.changes {
+                next.apply(c);
+            }
+            let want = case
+                .changed
+                .map(|keys| keys.into_iter().map(fixture::service).collect::<Vec<_>>());
+            assert_eq!(next.steering_changed_since(&base), want, "{}", case.what);
         }
     }
 }

@@ -122,3 +122,68 @@ pub fn snapshot(changes: impl IntoIterator<Item = Change>) -> Snapshot {
     }
     s
 }
+
+/// One kind of catalog change, applied to [`steering_base`], and which services' steering
+/// inputs it changes (`None`: every service's).
+#[derive(Debug)]
+pub struct SteeringCase {
+    pub what: &'static str,
+    pub changes: Vec<Change>,
+    pub changed: Option<Vec<&'static str>>,
+}
+
+/// The catalog the [`steering_cases`] start from: gateway `west/w1` exporting `pay.prod`
+/// and `db.prod` on port 8080.
+pub fn steering_base() -> Snapshot {
+    snapshot([
+        put_gateway(gateway("west", "w1")),
+        put_export("west", "w1", "pay.prod", export(8080, 1)),
+        put_export("west", "w1", "db.prod", export(8080, 1)),
+    ])
+}
+
+/// Every kind of change a consumer of steering inputs tells apart, for their table tests.
+pub fn steering_cases() -> Vec<SteeringCase> {
+    let ip = IpAddr::from([10, 64, 0, 1]);
+    let case = |what, changes, changed| SteeringCase {
+        what,
+        changes,
+        changed,
+    };
+    vec![
+        case("nothing", vec![], Some(vec![])),
+        case(
+            "endpoints of one service",
+            vec![put_export("west", "w1", "pay.prod", export(8080, 0))],
+            Some(vec!["pay.prod"]),
+        ),
+        case(
+            "a new service",
+            vec![put_export("west", "w1", "web.prod", export(80, 1))],
+            Some(vec!["web.prod"]),
+        ),
+        case(
+            "a service gone",
+            vec![Change::DeleteExport(ExportKey {
+                cluster: cluster("west"),
+                gateway: gateway_id("w1"),
+                service: service("db.prod"),
+            })],
+            Some(vec!["db.prod"]),
+        ),
+        case(
+            "a VIP",
+            vec![put_vip("east", "pay.prod", None, ip)],
+            Some(vec![]),
+        ),
+        case("a gateway", vec![put_gateway(gateway("south", "s1"))], None),
+        case(
+            "a drill",
+            vec![Change::PutDrill(
+                crate::names::DrillId::new("fail-west").expect("valid id"),
+                Arc::new(drill(DrillKind::Fail, "west")),
+            )],
+            None,
+        ),
+    ]
+}

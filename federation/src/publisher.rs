@@ -209,6 +209,7 @@ impl Publisher {
             status_tx,
             lease: None,
             stale_leases: Vec::new(),
+            kept_alive_at: tokio::time::Instant::now(),
         };
         let join = tokio::spawn(task.run(stop.clone()));
         PublisherHandle {
@@ -319,12 +320,19 @@ struct Task {
     /// Leases given up locally (no keep-alive for a TTL) that may still exist in the store,
     /// revoked best-effort once the records moved to the new lease.
     stale_leases: Vec<LeaseId>,
+    /// When the last keep-alive was sent (or the lease granted): a long reconcile sends
+    /// the keep-alives that come due while it writes.
+    kept_alive_at: tokio::time::Instant,
 }
 
 impl Task {
+    /// How often the lease is kept alive: a third of its TTL.
+    fn keep_alive_every(&self) -> Duration {
+        (self.config.lease_ttl / 3).max(Duration::from_millis(200))
+    }
+
     async fn run(mut self, stop: CancellationToken) {
-        let keep_alive_every = (self.config.lease_ttl / 3).max(Duration::from_millis(200));
-        let mut keep_alive = tokio::time::interval(keep_alive_every);
+        let mut keep_alive = tokio::time::interval(self.keep_alive_every());
         let mut anti_entropy = tokio::time::interval(self.config.anti_entropy_interval);
         keep_alive.reset();
         anti_entropy.reset();
@@ -343,6 +351,7 @@ impl Task {
                         self.metrics.lease_grants.inc();
                         dirty = true;
                         keep_alive.reset();
+                        self.kept_alive_at = tokio::time::Instant::now();
                     }
                     Err(e) => {
                         self.failed(&e);
@@ -400,6 +409,7 @@ impl Task {
 
     async fn keep_alive(&mut self) {
         let Some(lease) = self.lease else { return };
+        self.kept_alive_at = tokio::time::Instant::now();
         match self.store.keep_alive(lease.id).await {
             Ok(ttl) => {
                 if let Some(l) = self.lease.as_mut() {
@@ -464,6 +474,16 @@ impl Task {
         let ops = plan(&own, &wanted, &actual, lease.id);
         let count = ops.len() as u64;
         for batch in batches(ops) {
+            // Writing 10,000 records to a loaded store can take longer than the lease's
+            // TTL: keep it alive between batches, or it expires halfway and every attempt
+            // starts over under a new lease, never done (seen at 100 clusters × 10,000
+            // services, docs/scale.md).
+            if self.kept_alive_at.elapsed() >= self.keep_alive_every() {
+                self.keep_alive().await;
+                if self.lease.map(|l| l.id) != Some(lease.id) {
+                    return Err(StoreError::LeaseNotFound(lease.id));
+                }
+            }
             self.store
                 .txn(Txn {
                     compares: vec![],
@@ -615,6 +635,53 @@ mod tests {
             mod_revision: 1,
             lease,
         }
+    }
+
+    /// A first publish that takes several lease TTLs (640 records in 10 transactions of
+    /// 300 ms each against a 1 s lease) keeps its one lease and gets in sync; before, the
+    /// lease expired halfway and every attempt started over under a new one.
+    #[tokio::test(start_paused = true)]
+    async fn a_publish_longer_than_the_lease_keeps_its_lease() {
+        use crate::embedded::EmbeddedStore;
+        use crate::test_store::TestStore;
+        use meshup_core::fixture;
+
+        let store = TestStore::new(Arc::new(EmbeddedStore::new()));
+        store.set_txn_delay(Duration::from_millis(300));
+        let exports = (0..640).map(|i| {
+            (
+                fixture::service(&format!("svc-{i:03}.prod")),
+                fixture::export(8080, 1),
+            )
+        });
+        let cancel = CancellationToken::new();
+        let handle = Publisher::new(
+            store.clone(),
+            KeyLayout::new("/m").expect("prefix"),
+            fixture::gateway("east", "gw-1"),
+        )
+        .with_exports(exports)
+        .with_config(PublisherConfig {
+            lease_ttl: Duration::from_secs(1),
+            anti_entropy_interval: Duration::from_secs(600),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+        })
+        .spawn(cancel.clone());
+        let mut status = handle.status();
+        let synced = tokio::time::timeout(Duration::from_secs(30), status.wait_for(|s| s.in_sync))
+            .await
+            .expect("in sync within 30 s")
+            .expect("publisher running")
+            .clone();
+        assert_eq!(synced.leases_granted, 1, "{synced:?}");
+        assert!(synced.writes >= 641, "{synced:?}");
+        let listed = store::list_prefix(store.inner().as_ref(), b"/m/")
+            .await
+            .expect("list")
+            .0;
+        assert_eq!(listed.len(), 641, "the gateway record and every export");
+        cancel.cancel();
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct TestStore {
     /// Bumped by each disconnect: open watches end when it changes.
     epoch: watch::Sender<u64>,
     before_txn: Option<BeforeTxn>,
+    /// How long every transaction takes before it is forwarded, in milliseconds (tokio
+    /// time: a slow or loaded etcd, on paused time in tests).
+    txn_delay_ms: AtomicU64,
 }
 
 impl fmt::Debug for TestStore {
@@ -83,7 +86,15 @@ impl TestStore {
             down: AtomicBool::new(false),
             epoch: watch::channel(0).0,
             before_txn,
+            txn_delay_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Makes every transaction from now on take `delay` (tokio time) before it is
+    /// forwarded, as a loaded store would.
+    pub fn set_txn_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.txn_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// The wrapped store, to read or write past the wrapper (as another client would).
@@ -190,6 +201,10 @@ impl Store for TestStore {
         Box::pin(async move {
             self.admit(Call::Txn)?;
             tokio::task::yield_now().await;
+            let delay = self.txn_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if let Some(first) = self.before_txn.as_ref().and_then(|hook| hook(&txn)) {
                 self.inner.txn(first).await?;
             }

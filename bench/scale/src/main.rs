@@ -78,6 +78,7 @@ struct Options {
     vip_cidr: String,
     /// The joiner's `pinned_names:`; `None`: left out (all).
     pinned_names: Option<String>,
+    lease_ttl: Duration,
 }
 
 /// One size's figures.
@@ -124,13 +125,14 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none]
+const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none] [--lease-ttl SECS]
   --sizes         records per run (clusters × services; 0: the idle row), default 1000,10000,100000
   --clusters      clusters publishing, default 100
   --samples       change → DNS probes per size, default 100
   --churn         background export changes per second during the probes, default 100
   --vip-cidr      the joining gateway's vip_cidr, default 127.80.0.0/16
   --pinned-names  the joining gateway's pinned_names (all or none), default all
+  --lease-ttl     lease TTL of the played publishers and the joiner, seconds, default 10
 The meshup binary of the same build (target/<profile>/meshup) is used; see bench/scale/README.md.";
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -141,6 +143,7 @@ fn parse_args() -> anyhow::Result<Options> {
         churn_per_s: 100,
         vip_cidr: "127.80.0.0/16".into(),
         pinned_names: None,
+        lease_ttl: LEASE_TTL,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -164,6 +167,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--churn" => options.churn_per_s = value.parse()?,
             "--vip-cidr" => options.vip_cidr = value.clone(),
             "--pinned-names" => options.pinned_names = Some(value.clone()),
+            "--lease-ttl" => options.lease_ttl = Duration::from_secs(value.parse()?),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 2;
@@ -218,7 +222,7 @@ async fn run_size(
         &layout,
         options.clusters,
         services,
-        LEASE_TTL,
+        options.lease_ttl,
         Duration::from_secs(1800),
         &cancel,
     )
@@ -288,7 +292,7 @@ async fn run_size(
 /// Starts the joining gateway (a real process); returns it and when it was spawned.
 fn start_joiner(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> (GatewayProcess, Instant) {
     let spec = GatewaySpec {
-        lease_ttl: LEASE_TTL,
+        lease_ttl: options.lease_ttl,
         log_filter: Some("info"),
         pinned_names: options.pinned_names.as_deref(),
         ..GatewaySpec::new(JOINER, &options.vip_cidr, etcd, certs, PREFIX)

@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imbl::ordmap::DiffItem;
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_policy::{Decision, Verdict};
@@ -31,7 +30,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Proxy;
 use super::route::Route;
-use crate::inbound::LocalExports;
 use crate::tunnel::metrics::Label;
 
 /// Most services the detector follows (each costs one decision per look).
@@ -165,39 +163,25 @@ enum Scope {
 /// gateway); else only the services whose view changed, found by a diff of the persistent
 /// maps. Under churn of one service, a look decides one service, not a thousand.
 fn scope(looked_at: &Snapshot, now: &Snapshot, every: bool) -> Scope {
-    if every
-        || now.operator_records_differ(looked_at)
-        || !now.gateway_map().ptr_eq(looked_at.gateway_map())
-    {
+    if every {
         return Scope::Every;
     }
-    Scope::Only(
-        looked_at
-            .service_map()
-            .diff(now.service_map())
-            .map(|item| match item {
-                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
-                DiffItem::Update { new: (k, _), .. } => k.clone(),
-            })
-            .collect(),
-    )
+    match now.steering_changed_since(looked_at) {
+        None => Scope::Every,
+        Some(services) => Scope::Only(services),
+    }
 }
 
 /// One service's steering now, as a new connection would get it; `None` when the service
 /// is gone or has no port.
-fn look_at(
-    proxy: &Proxy,
-    snapshot: &Snapshot,
-    exports: &LocalExports,
-    service: &ServiceKey,
-) -> Option<Steered> {
+fn look_at(proxy: &Proxy, snapshot: &Snapshot, service: &ServiceKey) -> Option<Steered> {
     let port = snapshot.service(service)?.ports.first()?.port;
     let route = Route {
         service: service.clone(),
         port,
         target: None,
     };
-    let decision = proxy.explain(snapshot, exports, &route);
+    let decision = proxy.explain_now(&route);
     let now = Instant::now();
     let st = proxy.steering().lock();
     Some(Steered::of(&decision, |c| {
@@ -208,16 +192,10 @@ fn look_at(
 /// Every followed service's steering now, as a new connection would get it.
 fn look(proxy: &Proxy) -> BTreeMap<ServiceKey, Steered> {
     let snapshot = proxy.inner.snapshots.borrow().clone();
-    let exports = proxy.inner.exports.borrow().clone();
     snapshot
         .services()
         .take(MAX_SERVICES)
-        .filter_map(|svc| {
-            Some((
-                svc.key.clone(),
-                look_at(proxy, &snapshot, &exports, &svc.key)?,
-            ))
-        })
+        .filter_map(|svc| Some((svc.key.clone(), look_at(proxy, &snapshot, &svc.key)?)))
         .collect()
 }
 
@@ -230,10 +208,9 @@ fn look_only(
     last: &mut BTreeMap<ServiceKey, Steered>,
 ) -> BTreeMap<ServiceKey, Steered> {
     let snapshot = proxy.inner.snapshots.borrow().clone();
-    let exports = proxy.inner.exports.borrow().clone();
     let mut now_states = BTreeMap::new();
     for service in services {
-        match look_at(proxy, &snapshot, &exports, service) {
+        match look_at(proxy, &snapshot, service) {
             Some(st) if last.contains_key(service) || last.len() < MAX_SERVICES => {
                 now_states.insert(service.clone(), st);
             }
@@ -456,84 +433,24 @@ mod tests {
         }
     }
 
-    /// `(what changed since the last look, whether the look was asked for everything) →
-    /// what the look decides again`.
+    /// What a look decides again after each kind of change, and always everything when
+    /// the look was asked for everything (the periodic look, an ejection, this cluster's
+    /// exports).
     #[test]
     fn a_look_after_churn_decides_only_the_services_that_changed() {
-        use meshup_core::catalog::{Change, ExportKey};
         use meshup_core::fixture;
-        use meshup_core::names::DrillId;
-        use meshup_core::policy::DrillKind;
-        let base = fixture::snapshot([
-            fixture::put_gateway(fixture::gateway("west", "w1")),
-            fixture::put_export("west", "w1", "pay.prod", fixture::export(8080, 1)),
-            fixture::put_export("west", "w1", "db.prod", fixture::export(5432, 1)),
-        ]);
-        let only = |keys: &[&str]| Scope::Only(keys.iter().map(|k| fixture::service(k)).collect());
-        let ip = "10.64.0.1".parse().expect("ip");
-        let cases: Vec<(&str, Vec<Change>, bool, Scope)> = vec![
-            ("nothing", vec![], false, only(&[])),
-            ("nothing, periodic look", vec![], true, Scope::Every),
-            (
-                "endpoints of one service",
-                vec![fixture::put_export(
-                    "west",
-                    "w1",
-                    "pay.prod",
-                    fixture::export(8080, 0),
-                )],
-                false,
-                only(&["pay.prod"]),
-            ),
-            (
-                "a new service",
-                vec![fixture::put_export(
-                    "west",
-                    "w1",
-                    "web.prod",
-                    fixture::export(80, 1),
-                )],
-                false,
-                only(&["web.prod"]),
-            ),
-            (
-                "a service gone",
-                vec![Change::DeleteExport(ExportKey {
-                    cluster: fixture::cluster("west"),
-                    gateway: fixture::gateway_id("w1"),
-                    service: fixture::service("db.prod"),
-                })],
-                false,
-                only(&["db.prod"]),
-            ),
-            (
-                "a VIP",
-                vec![fixture::put_vip("east", "pay.prod", None, ip)],
-                false,
-                only(&[]),
-            ),
-            (
-                "a gateway",
-                vec![fixture::put_gateway(fixture::gateway("south", "s1"))],
-                false,
-                Scope::Every,
-            ),
-            (
-                "a drill",
-                vec![Change::PutDrill(
-                    DrillId::new("fail-west").expect("id"),
-                    Arc::new(fixture::drill(DrillKind::Fail, "west")),
-                )],
-                false,
-                Scope::Every,
-            ),
-        ];
-        for (what, changes, every, want) in cases {
+        let base = fixture::steering_base();
+        for case in fixture::steering_cases() {
             let mut next = base.clone();
-            for c in changes {
+            for c in case.changes {
                 next.apply(c);
             }
-            assert_eq!(scope(&base, &next, every), want, "{what}");
+            let want = match case.changed {
+                Some(keys) => Scope::Only(keys.into_iter().map(fixture::service).collect()),
+                None => Scope::Every,
+            };
+            assert_eq!(scope(&base, &next, false), want, "{}", case.what);
+            assert_eq!(scope(&base, &next, true), Scope::Every, "{}", case.what);
         }
     }
 

@@ -350,13 +350,70 @@ struct Shared {
     changes: tokio::sync::broadcast::Sender<changes::SteeringChange>,
 }
 
-/// Each route's [`steer::Prepared`], valid for one catalog snapshot and one set of local
-/// exports: a new connection reuses it instead of reading the catalog again.
-#[derive(Debug, Default)]
-struct PreparedCache {
+/// Each route's [`steer::Prepared`] for the current catalog snapshot and local exports: a
+/// new connection reuses it instead of reading the catalog again. A new snapshot drops only
+/// the routes of the services whose steering inputs changed
+/// ([`Snapshot::steering_changed_since`]), so catalog churn of one service does not make
+/// every other service's next connection read the catalog again.
+#[derive(Debug)]
+struct RouteCache<V> {
     snapshot: Option<Arc<Snapshot>>,
     exports: Option<Arc<LocalExports>>,
-    routes: std::collections::HashMap<Route, Arc<steer::Prepared>>,
+    routes: std::collections::HashMap<Route, Arc<V>>,
+}
+
+impl<V> Default for RouteCache<V> {
+    fn default() -> Self {
+        Self {
+            snapshot: None,
+            exports: None,
+            routes: std::collections::HashMap::new(),
+        }
+    }
+}
+
+type PreparedCache = RouteCache<steer::Prepared>;
+
+impl<V> RouteCache<V> {
+    /// `route`'s value for `snapshot` and `exports`: the cached one when its inputs did not
+    /// change since it was made, else `make`'s.
+    fn get_or_make(
+        &mut self,
+        snapshot: &Arc<Snapshot>,
+        exports: &Arc<LocalExports>,
+        route: &Route,
+        make: impl FnOnce() -> V,
+    ) -> Arc<V> {
+        let same_exports = self
+            .exports
+            .as_ref()
+            .is_some_and(|e| Arc::ptr_eq(e, exports));
+        let same_snapshot = self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, snapshot));
+        if !(same_exports && same_snapshot) {
+            let changed = match &self.snapshot {
+                Some(old) if same_exports => snapshot.steering_changed_since(old),
+                _ => None,
+            };
+            match changed {
+                Some(services) if !services.is_empty() => {
+                    let services: HashSet<&meshup_core::names::ServiceKey> =
+                        services.iter().collect();
+                    self.routes.retain(|r, _| !services.contains(&r.service));
+                }
+                Some(_) => {}
+                None => self.routes.clear(),
+            }
+            self.snapshot = Some(snapshot.clone());
+            self.exports = Some(exports.clone());
+        }
+        self.routes
+            .entry(route.clone())
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
 }
 
 /// The route's prepared catalog view, from the cache or made now.
@@ -364,29 +421,13 @@ fn prepared(shared: &Shared, route: &Route) -> Arc<steer::Prepared> {
     let snapshot = shared.snapshots.borrow().clone();
     let exports = shared.exports.borrow().clone();
     let mut cache = shared.prepared.lock().unwrap_or_else(|e| e.into_inner());
-    let current = cache
-        .snapshot
-        .as_ref()
-        .is_some_and(|s| Arc::ptr_eq(s, &snapshot))
-        && cache
-            .exports
-            .as_ref()
-            .is_some_and(|e| Arc::ptr_eq(e, &exports));
-    if !current {
-        cache.routes.clear();
-        cache.snapshot = Some(snapshot.clone());
-        cache.exports = Some(exports.clone());
-    }
-    if let Some(p) = cache.routes.get(route) {
-        return p.clone();
-    }
-    let p = Arc::new(shared.steering.prepare(
-        &snapshot,
-        &route.service,
-        serving(&snapshot, &shared.local, &exports, route),
-    ));
-    cache.routes.insert(route.clone(), p.clone());
-    p
+    cache.get_or_make(&snapshot, &exports, route, || {
+        shared.steering.prepare(
+            &snapshot,
+            &route.service,
+            serving(&snapshot, &shared.local, &exports, route),
+        )
+    })
 }
 
 /// Where the proxy listens: the cluster's VIP range (listeners are only ever bound inside
@@ -534,6 +575,13 @@ impl Proxy {
             serving(snapshot, &self.inner.local, exports, route),
         );
         steering.explain(&route.service, &prepared)
+    }
+
+    /// [`explain`](Self::explain) for the current snapshot and exports, from the routes'
+    /// prepared cache (the steering detector's looks, which ask for every service).
+    pub fn explain_now(&self, route: &Route) -> meshup_policy::Decision {
+        let prepared = prepared(&self.inner, route);
+        self.inner.steering.explain(&route.service, &prepared)
     }
 
     /// The decision's live state (health, liveness) and the per-service metrics.
@@ -1396,6 +1444,46 @@ fn reset_tcp(tcp: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which cached routes a new snapshot or new local exports keep: after each kind of
+    /// change, the routes of the services it changed are made again, the others kept; after
+    /// new local exports, all are made again.
+    #[test]
+    fn the_route_cache_keeps_the_routes_a_change_did_not_touch() {
+        use meshup_core::fixture;
+        let route = |svc: &str| Route {
+            service: fixture::service(svc),
+            port: 8080,
+            target: None,
+        };
+        let services = ["pay.prod", "db.prod"];
+        let base = Arc::new(fixture::steering_base());
+        let exports = Arc::new(LocalExports::new());
+        for new_exports in [false, true] {
+            for case in fixture::steering_cases() {
+                let mut cache: RouteCache<u32> = RouteCache::default();
+                for svc in services {
+                    cache.get_or_make(&base, &exports, &route(svc), || 1);
+                }
+                let mut next = (*base).clone();
+                for c in case.changes {
+                    next.apply(c);
+                }
+                let next = Arc::new(next);
+                let exports = if new_exports {
+                    Arc::new(LocalExports::new())
+                } else {
+                    exports.clone()
+                };
+                let made =
+                    services.map(|svc| *cache.get_or_make(&next, &exports, &route(svc), || 2) == 2);
+                let want = services.map(|svc| {
+                    new_exports || case.changed.as_ref().is_none_or(|c| c.contains(&svc))
+                });
+                assert_eq!(made, want, "{}, new exports: {new_exports}", case.what);
+            }
+        }
+    }
 
     #[test]
     fn a_superseded_connection_closes_after_two_idle_checks_in_a_row() {
