@@ -749,10 +749,7 @@ mod tests {
     fn steering_changes_are_every_service_or_the_diff() {
         let base = fixture::steering_base();
         for case in fixture::steering_cases() {
-            let mut next = base.clone();
-            for c in case.changes {
-                next.apply(c);
-            }
+            let next = case.applied_to(&base);
             let want = case
                 .changed
                 .map(|keys| keys.into_iter().map(fixture::service).collect::<Vec<_>>());

@@ -132,6 +132,17 @@ pub struct SteeringCase {
     pub changed: Option<Vec<&'static str>>,
 }
 
+impl SteeringCase {
+    /// `base` with this case's changes applied.
+    pub fn applied_to(&self, base: &Snapshot) -> Snapshot {
+        let mut next = base.clone();
+        for change in &self.changes {
+            next.apply(change.clone());
+        }
+        next
+    }
+}
+
 /// The catalog the [`steering_cases`] start from: gateway `west/w1` exporting `pay.prod`
 /// and `db.prod` on port 8080.
 pub fn steering_base() -> Snapshot {

@@ -441,10 +441,7 @@ mod tests {
         use meshup_core::fixture;
         let base = fixture::steering_base();
         for case in fixture::steering_cases() {
-            let mut next = base.clone();
-            for c in case.changes {
-                next.apply(c);
-            }
+            let next = case.applied_to(&base);
             let want = match case.changed {
                 Some(keys) => Scope::Only(keys.into_iter().map(fixture::service).collect()),
                 None => Scope::Every,

@@ -1465,11 +1465,7 @@ mod tests {
                 for svc in services {
                     cache.get_or_make(&base, &exports, &route(svc), || 1);
                 }
-                let mut next = (*base).clone();
-                for c in case.changes {
-                    next.apply(c);
-                }
-                let next = Arc::new(next);
+                let next = Arc::new(case.applied_to(&base));
                 let exports = if new_exports {
                     Arc::new(LocalExports::new())
                 } else {
