@@ -15,6 +15,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
 
 use crate::model::{ExportRecord, GatewayRecord, PortSpec};
 use crate::names::{ClusterName, DrillId, GatewayId, Namespace, ServiceKey};
@@ -353,7 +354,7 @@ impl Snapshot {
             return true;
         }
         self.services.diff(&other.services).any(|item| match item {
-            imbl::ordmap::DiffItem::Update {
+            DiffItem::Update {
                 old: (_, was),
                 new: (_, is),
             } => was.ports != is.ports || !was.clusters.keys().eq(is.clusters.keys()),
@@ -374,10 +375,8 @@ impl Snapshot {
                 .services
                 .diff(&self.services)
                 .map(|item| match item {
-                    imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => {
-                        k.clone()
-                    }
-                    imbl::ordmap::DiffItem::Update { new: (k, _), .. } => k.clone(),
+                    DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
+                    DiffItem::Update { new: (k, _), .. } => k.clone(),
                 })
                 .collect(),
         )

@@ -398,12 +398,11 @@ impl<V> RouteCache<V> {
                 _ => None,
             };
             match changed {
-                Some(services) if !services.is_empty() => {
+                Some(services) => {
                     let services: HashSet<&meshup_core::names::ServiceKey> =
                         services.iter().collect();
                     self.routes.retain(|r, _| !services.contains(&r.service));
                 }
-                Some(_) => {}
                 None => self.routes.clear(),
             }
             self.snapshot = Some(snapshot.clone());
