@@ -422,6 +422,43 @@ pub fn existing_names(zone: &ZoneView) -> Vec<Name> {
     names.into_iter().collect()
 }
 
+/// The names the fast table holds (lowercase, unique): every name that exists but the
+/// cluster-pinned names without an address of this cluster, which answer NODATA to every
+/// type and which the table's miss path tells from nonexistent names by a lookup in the
+/// snapshot (`wire`, "Pinned names"). At 100 clusters, those are 100 names per service.
+///
+/// The pinned empty non-terminals (`<cluster>`, `svc.<cluster>`, `<ns>.svc.<cluster>`)
+/// come from the exporting index, once per (cluster, namespace) rather than once per
+/// service.
+pub fn table_names(zone: &ZoneView) -> Vec<Name> {
+    let settings = &*zone.settings;
+    let snapshot = &*zone.snapshot;
+    let mut names: BTreeSet<Name> = zone_names(settings).into_iter().collect();
+    for view in snapshot.services() {
+        names.extend(service_base_names(settings, view));
+    }
+    for (key, _) in snapshot.vips_of(&zone.local) {
+        let Some(target) = &key.target else {
+            continue;
+        };
+        if snapshot
+            .service(&key.service)
+            .is_some_and(|view| view.clusters.contains_key(target))
+        {
+            names.extend(service_name(settings, &key.service, Some(target)));
+        }
+    }
+    for (cluster, ns) in snapshot.exporting_pairs() {
+        let (c, ns) = (cluster.as_str(), ns.as_str());
+        names.extend(
+            [&[c][..], &["svc", c][..], &[ns, "svc", c][..]]
+                .iter()
+                .filter_map(|labels| relative_name(settings, labels)),
+        );
+    }
+    names.into_iter().collect()
+}
+
 /// Names that exist whatever the catalog holds: the apex, `dns-version`, and the NS host
 /// with the empty non-terminals between it and the apex (when it is in the zone and has an
 /// address).

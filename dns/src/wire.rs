@@ -19,6 +19,17 @@
 //! [`Fast::Slow`] and goes to hickory's `Catalog`. NXDOMAIN for unknown
 //! names inside the zone is served here too, so random-subdomain floods stay on the cheap path.
 //!
+//! ## Pinned names
+//!
+//! A cluster-pinned name (`<svc>.<ns>.svc.<cluster>`) exists for every cluster that
+//! exports the service, but has an address only where this cluster allocated it a VIP
+//! (`pinned_names`). Without one it answers NODATA to every type; at 100 clusters that is
+//! 100 names per service, as many as the catalog has export records, all with the same
+//! answer. The table leaves those out: a name it lacks is looked up in the snapshot it was
+//! built for (`pinned_host_exists`: the name's shape, then the service's view), and
+//! answers NODATA if the view lists the cluster, NXDOMAIN otherwise, with the same SOA as
+//! the catalog path. At 1M export records this keeps 1M entries out of the table.
+//!
 //! ## Header flags
 //!
 //! What an answer keeps of the query's header flags, on both paths (here, and hickory's
@@ -48,8 +59,10 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use imbl::ordmap::DiffItem;
 
 use crate::answer::{
-    Answer, ZoneView, existing_names, pinned_names, resolve, service_base_names, service_names,
+    Answer, ZoneView, pinned_names, resolve, service_base_names, service_names, table_names,
 };
+use meshup_core::catalog::Snapshot;
+use meshup_core::names::{ClusterName, ServiceKey};
 
 /// Size of the DNS header.
 pub const HEADER_LEN: usize = 12;
@@ -127,6 +140,12 @@ impl NameEntry {
         self.0.get(1..1 + len).unwrap_or(&[])
     }
 
+    /// Whether any type has records here (else every type is NODATA).
+    fn has_answers(&self) -> bool {
+        let len = usize::from(self.0.first().copied().unwrap_or(0));
+        self.0.get(1 + len).is_some_and(|&count| count > 0)
+    }
+
     /// The response template for `qtype`, or the NODATA template when `qtype` has no
     /// records here (`Err(())` when the blob is malformed, which `pack` never produces).
     fn template(&self, qtype: u16) -> Result<(bool, &[u8]), ()> {
@@ -188,6 +207,10 @@ pub struct FastTable {
     apex: Box<[u8]>,
     /// NXDOMAIN: header flags byte 3 and the SOA record, uncompressed (the question varies).
     nx_soa: Box<[u8]>,
+    /// The catalog the table was built for: a name the table lacks may be a cluster-pinned
+    /// name without an address, which exists (NODATA) if the service's view lists the
+    /// cluster (module docs, "Pinned names").
+    snapshot: Arc<Snapshot>,
 }
 
 /// Names per shard of a table when it is built: an update that touches one name copies
@@ -302,6 +325,54 @@ fn entry_for(zone: &ZoneView, name: &Name) -> Result<Option<NameEntry>, TableErr
     Ok(NameEntry::pack(&wire_name(name), &answers, &nodata))
 }
 
+/// The entry `name` gets in the table: [`entry_for`]'s, except for a cluster-pinned name
+/// without records, which the miss path answers (`None`: left out).
+fn table_entry(zone: &ZoneView, name: &Name, apex: &[u8]) -> Result<Option<NameEntry>, TableError> {
+    let Some(entry) = entry_for(zone, name)? else {
+        return Ok(None);
+    };
+    if !entry.has_answers() && pinned_host_exists(&zone.snapshot, entry.key(), apex) {
+        return Ok(None);
+    }
+    Ok(Some(entry))
+}
+
+/// Whether `key` (a lowercase wire name) is `<svc>.<ns>.svc.<cluster>` right under `apex`
+/// for a service whose view lists `cluster`: a cluster-pinned name that exists, as the
+/// catalog path classifies names.
+fn pinned_host_exists(snapshot: &Snapshot, key: &[u8], apex: &[u8]) -> bool {
+    let mut labels: [&[u8]; 4] = [&[]; 4];
+    let mut pos = 0;
+    for label in &mut labels {
+        let Some(&len) = key.get(pos) else {
+            return false;
+        };
+        let Some(text) = key.get(pos + 1..pos + 1 + usize::from(len)) else {
+            return false;
+        };
+        if len == 0 {
+            return false;
+        }
+        *label = text;
+        pos += 1 + usize::from(len);
+    }
+    if key.get(pos..) != Some(apex) || labels[2] != b"svc" {
+        return false;
+    }
+    let text = |l: &[u8]| std::str::from_utf8(l).ok().map(str::to_owned);
+    let (Some(svc), Some(ns), Some(cluster)) = (text(labels[0]), text(labels[1]), text(labels[3]))
+    else {
+        return false;
+    };
+    let (Ok(service), Ok(cluster)) = (ServiceKey::parse(&ns, &svc), ClusterName::new(&cluster))
+    else {
+        return false;
+    };
+    snapshot
+        .service(&service)
+        .is_some_and(|view| view.clusters.contains_key(&cluster))
+}
+
 /// Hashing for the name table: a seeded multiply-rotate hash over 8-byte words (the
 /// FxHash step), several times cheaper than SipHash on 30–60 byte names. The table's keys
 /// come from the catalog, never from packets, and the seed is random per process, so
@@ -391,12 +462,13 @@ impl FastTable {
     pub fn build(zone: &ZoneView) -> Result<Self, TableError> {
         let origin = &zone.settings.origin;
         let apex_entry = apex_entry(zone)?;
+        let apex = wire_name(origin).into_boxed_slice();
         let mut entries = Vec::new();
-        for name in existing_names(zone) {
+        for name in table_names(zone) {
             if name == *origin {
                 continue;
             }
-            if let Some(entry) = entry_for(zone, &name)? {
+            if let Some(entry) = table_entry(zone, &name, &apex)? {
                 entries.push(entry);
             }
         }
@@ -414,8 +486,9 @@ impl FastTable {
         Ok(Self {
             names: Names::new(entries),
             apex_entry,
-            apex: wire_name(origin).into_boxed_slice(),
+            apex,
             nx_soa: nx_soa.into_boxed_slice(),
+            snapshot: zone.snapshot.clone(),
         })
     }
 
@@ -491,7 +564,7 @@ impl FastTable {
         }
         let mut names = self.names.clone();
         for name in candidates {
-            match entry_for(new, &name)? {
+            match table_entry(new, &name, &self.apex)? {
                 Some(entry) => names.put(entry),
                 None => names.remove(&wire_name(&name)),
             }
@@ -501,6 +574,7 @@ impl FastTable {
             apex_entry: apex_entry(new)?,
             apex: self.apex.clone(),
             nx_soa: self.nx_soa.clone(),
+            snapshot: new.snapshot.clone(),
         })
     }
 
@@ -577,11 +651,20 @@ impl FastTable {
                 {
                     return Fast::Slow;
                 }
-                // NXDOMAIN: AA, rcode 3, one SOA in authority.
-                out.extend_from_slice(&[0, 0, 0x84, 0x03, 0, 1, 0, 0, 0, 1, 0, 0]);
+                let rcode = if pinned_host_exists(&self.snapshot, key, &self.apex) {
+                    if !is_ordinary_type(q.qtype) {
+                        return Fast::Slow;
+                    }
+                    ResponseCode::NoError
+                } else {
+                    ResponseCode::NXDomain
+                };
+                // NXDOMAIN or NODATA: AA, the rcode, one SOA in authority (the same record
+                // for both, as the catalog path answers).
+                out.extend_from_slice(&[0, 0, 0x84, rcode.low(), 0, 1, 0, 0, 0, 1, 0, 0]);
                 out.extend_from_slice(question);
                 out.extend_from_slice(&self.nx_soa);
-                ResponseCode::NXDomain
+                rcode
             }
         };
         out[0] = query[0];
@@ -830,6 +913,77 @@ mod tests {
         assert!(in_zone(&yes, &apex));
         assert!(in_zone(&apex, &apex));
         assert!(!in_zone(&no, &apex));
+    }
+
+    /// The table holds every existing name but the cluster-pinned names without a VIP;
+    /// those are answered NODATA on the fast path all the same, while a pinned name of a
+    /// cluster that does not export the service stays NXDOMAIN.
+    #[test]
+    fn pinned_names_without_a_vip_are_answered_without_an_entry() {
+        use hickory_proto::op::{Message, MessageType, OpCode, Query};
+
+        use crate::answer::{ZoneSettings, existing_names};
+        use crate::config::DnsConfig;
+        use crate::fixture::three_clusters;
+
+        let settings =
+            Arc::new(ZoneSettings::from_config(&DnsConfig::default()).expect("settings"));
+        let local = ClusterName::new("east").expect("name");
+        let snapshot = Arc::new(three_clusters());
+        let view = ZoneView::new(settings, local.clone(), snapshot.clone());
+        let table = FastTable::build(&view).expect("table");
+        let without_vip: Vec<Name> = snapshot
+            .services()
+            .flat_map(|v| v.clusters.keys().map(move |c| (v, c)))
+            .filter(|(v, c)| snapshot.vip(&local, &v.key, Some(c)).is_none())
+            .filter_map(|(v, c)| crate::answer::service_name(&view.settings, &v.key, Some(c)))
+            .collect();
+        assert!(
+            !without_vip.is_empty(),
+            "the fixture has pinned names without a VIP"
+        );
+        assert_eq!(
+            table.len(),
+            existing_names(&view).len() - without_vip.len(),
+            "every existing name but those has an entry"
+        );
+        let ask = |name: &str| {
+            let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
+            msg.add_query(Query::query(
+                Name::from_ascii(name).expect("name"),
+                RecordType::A,
+            ));
+            let mut out = Vec::new();
+            let fast = table.answer(&msg.to_vec().expect("query"), &mut out);
+            let answer = Message::from_vec(&out).expect("answer");
+            (fast, answer.answers.len(), answer.authorities.len())
+        };
+        for name in &without_vip {
+            let (fast, answers, authority) = ask(&name.to_ascii());
+            assert!(
+                matches!(
+                    fast,
+                    Fast::Answered {
+                        rcode: ResponseCode::NoError,
+                        ..
+                    }
+                ),
+                "{name}: {fast:?}"
+            );
+            assert_eq!((answers, authority), (0, 1), "{name}: NODATA with the SOA");
+        }
+        let (fast, _, authority) = ask("pay.prod.svc.nowhere.clusterset.local.");
+        assert!(
+            matches!(
+                fast,
+                Fast::Answered {
+                    rcode: ResponseCode::NXDomain,
+                    ..
+                }
+            ),
+            "{fast:?}"
+        );
+        assert_eq!(authority, 1);
     }
 
     /// A sequence of catalog changes: after each, the incremental table equals a table

@@ -453,6 +453,20 @@ fn to_kv(kv: &etcd_client::KeyValue) -> KeyValue {
     }
 }
 
+/// Like [`to_kv`], taking the key's and value's buffers instead of copying them.
+fn into_kv(kv: etcd_client::KeyValue) -> KeyValue {
+    let (create_revision, mod_revision, lease) =
+        (kv.create_revision(), kv.mod_revision(), kv.lease());
+    let (key, value) = kv.into_key_value();
+    KeyValue {
+        key: Bytes::from(key),
+        value: Bytes::from(value),
+        create_revision,
+        mod_revision,
+        lease,
+    }
+}
+
 fn to_op(op: TxnOp) -> EtcdTxnOp {
     match op {
         TxnOp::Put { key, value, lease } => {
@@ -594,8 +608,10 @@ impl Store for EtcdStore {
                     },
                     other => other,
                 })?;
+            let mut resp = resp;
             Ok(Page {
-                kvs: resp.kvs().iter().map(to_kv).collect(),
+                // Taken, not copied: a list page can be megabytes.
+                kvs: resp.take_kvs().into_iter().map(into_kv).collect(),
                 more: resp.more(),
                 // The header carries the store's current revision; the page was read at the
                 // pinned one.

@@ -29,10 +29,20 @@ pub type LeaseId = i64;
 /// A boxed future returning a store result; what every [`Store`] method returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
-/// Most keys one page of a list carries. Catalog values are at most 64 KiB
-/// (`MAX_RECORD_BYTES`), typical ones a few hundred bytes, so a page stays well below the
-/// gRPC message limit the etcd client is configured with.
+/// Keys in the first page of a list, and in any page after a larger one failed. Catalog
+/// values are at most 64 KiB (`MAX_RECORD_BYTES`), so a page of this many always stays
+/// below the gRPC message limit the etcd client is configured with.
 pub const LIST_PAGE_KEYS: usize = 1000;
+
+/// About how many bytes a later page of a list carries: pages grow from
+/// [`LIST_PAGE_KEYS`] by doubling, up to this at the previous page's mean record size.
+///
+/// Pages must grow with the catalog: etcd walks its index from a page's first key to the
+/// end of the range for every page (to count what is left; etcd 3.4 even collects it), so
+/// listing N keys in pages of P walks about N²/2P index entries. At 1M records in pages of
+/// 1,000 that is 5·10⁸ and took minutes; in pages of 8 MiB (~25,000 records of ~330 bytes),
+/// 2·10⁷.
+pub const LIST_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why a store operation failed. [`StoreError::is_retryable`] tells callers whether to back
 /// off and try again.
@@ -300,23 +310,53 @@ pub async fn list_prefix(
     store: &dyn Store,
     prefix: &[u8],
 ) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+    let mut kvs = Vec::new();
+    let revision = list_prefix_pages(store, prefix, |page, first| {
+        if first {
+            kvs.clear();
+        }
+        kvs.extend(page);
+    })
+    .await?;
+    Ok((kvs, revision))
+}
+
+/// Like [`list_prefix`], but hands each page to `on_page` as it arrives, so a large list
+/// is reduced page by page instead of held whole. `on_page`'s second argument is true for
+/// the first page of an attempt: after a restart, the pages before it are void.
+///
+/// Pages grow (see [`LIST_PAGE_BYTES`]); a grown page that fails for any reason but
+/// compaction (too large to decode, when the records further on are much larger than the
+/// ones before; too slow) is read again in pages of [`LIST_PAGE_KEYS`], which grow anew.
+pub async fn list_prefix_pages(
+    store: &dyn Store,
+    prefix: &[u8],
+    mut on_page: impl FnMut(Vec<KeyValue>, bool),
+) -> Result<Revision, StoreError> {
     const LIST_RESTARTS: usize = 3;
     let range = KeyRange::prefix(Bytes::copy_from_slice(prefix));
     let mut attempt = 0;
     'restart: loop {
         attempt += 1;
-        let mut kvs = Vec::new();
         let mut revision = None;
         let mut next = range.clone();
+        let mut limit = LIST_PAGE_KEYS;
         loop {
-            let page = match store.range(next.clone(), revision, LIST_PAGE_KEYS).await {
+            let page = match store.range(next.clone(), revision, limit).await {
                 Ok(page) => page,
                 Err(StoreError::Compacted { .. }) if attempt < LIST_RESTARTS => continue 'restart,
+                Err(e) if limit > LIST_PAGE_KEYS => {
+                    tracing::debug!(limit, error = %e, "a large list page failed; reading it in small pages");
+                    limit = LIST_PAGE_KEYS;
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
+            let first = revision.is_none();
             revision = Some(page.revision);
+            limit = next_page_limit(limit, &page.kvs);
             let last = page.kvs.last().map(|kv| kv.key.clone());
-            kvs.extend(page.kvs);
+            on_page(page.kvs, first);
             match last {
                 Some(last) if page.more => {
                     // The next page starts right after the last key: append a zero byte.
@@ -324,10 +364,21 @@ pub async fn list_prefix(
                     start.push(0);
                     next.start = Bytes::from(start);
                 }
-                _ => return Ok((kvs, page.revision)),
+                _ => return Ok(page.revision),
             }
         }
     }
+}
+
+/// The next page's limit after a page of `limit` that brought `kvs`: doubled, and at most
+/// what [`LIST_PAGE_BYTES`] holds at `kvs`' mean size; never below [`LIST_PAGE_KEYS`].
+fn next_page_limit(limit: usize, kvs: &[KeyValue]) -> usize {
+    let bytes: usize = kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+    let mean = (bytes / kvs.len().max(1)).max(1);
+    limit
+        .saturating_mul(2)
+        .min(LIST_PAGE_BYTES / mean)
+        .max(LIST_PAGE_KEYS)
 }
 
 /// Reads one key.
@@ -434,6 +485,8 @@ pub async fn delete_if_mod_revision(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -445,5 +498,107 @@ mod tests {
         assert!(r.contains(b"/m/x"));
         assert!(!r.contains(b"/m0"));
         assert!(!r.contains(b"/l"));
+    }
+
+    /// A list whose pinned revision is compacted between two pages starts over, telling
+    /// its consumer so, and ends with each key once, at the new revision.
+    #[tokio::test]
+    async fn a_list_compacted_between_pages_starts_over() {
+        use futures::FutureExt;
+
+        let store = crate::embedded::EmbeddedStore::new();
+        let keys = 2 * LIST_PAGE_KEYS + 500;
+        for i in 0..keys {
+            put(&store, format!("/l/{i:05}"), "v", 0)
+                .await
+                .expect("put");
+        }
+        let mut firsts = Vec::new();
+        let mut listed: Vec<Bytes> = Vec::new();
+        let revision = list_prefix_pages(&store, b"/l/", |page, first| {
+            firsts.push(first);
+            if first {
+                listed.clear();
+            }
+            listed.extend(page.into_iter().map(|kv| kv.key));
+            if firsts.len() == 1 {
+                // Between the first and the second page: a new key, and the pinned
+                // revision compacted away (the embedded store answers at once).
+                let rev = put(&store, "/l/99999", "v", 0)
+                    .now_or_never()
+                    .expect("embedded put is ready")
+                    .expect("put");
+                store
+                    .compact(rev)
+                    .now_or_never()
+                    .expect("embedded compact is ready")
+                    .expect("compact");
+            }
+        })
+        .await
+        .expect("list");
+        // The first attempt's first page, then the second attempt's pages (which grow).
+        assert_eq!(firsts[..2], [true, true], "pages and restarts: {firsts:?}");
+        assert!(firsts[2..].iter().all(|f| !f), "one restart: {firsts:?}");
+        assert_eq!(listed.len(), keys + 1);
+        assert!(
+            listed.windows(2).all(|w| w[0] < w[1]),
+            "each key once, in order"
+        );
+        assert_eq!(listed.last().map(|k| &k[..]), Some(&b"/l/99999"[..]));
+        let (all, at) = list_prefix(&store, b"/l/").await.expect("list");
+        assert_eq!((all.len(), at), (keys + 1, revision));
+    }
+
+    /// Pages double from `LIST_PAGE_KEYS` up to `LIST_PAGE_BYTES` at the records' size; a
+    /// grown page that fails is read again in small pages, and the list still ends whole.
+    #[tokio::test]
+    async fn list_pages_grow_and_fall_back_to_small_ones() {
+        let embedded = crate::embedded::EmbeddedStore::new();
+        let store = crate::test_store::TestStore::new(Arc::new(embedded));
+        let value = vec![b'v'; 1000];
+        let keys = 40 * LIST_PAGE_KEYS;
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(500) {
+            let success = chunk
+                .iter()
+                .map(|i| TxnOp::Put {
+                    key: Bytes::from(format!("/g/{i:06}")),
+                    value: Bytes::from(value.clone()),
+                    lease: 0,
+                })
+                .collect();
+            let txn = Txn {
+                compares: vec![],
+                success,
+                failure: vec![],
+            };
+            store.txn(txn).await.expect("put");
+        }
+        let pages = |store: Arc<crate::test_store::TestStore>| async move {
+            let mut sizes = Vec::new();
+            let mut seen = 0;
+            list_prefix_pages(store.as_ref(), b"/g/", |page, _| {
+                sizes.push(page.len());
+                seen += page.len();
+            })
+            .await
+            .expect("list");
+            (sizes, seen)
+        };
+        // 1,009-byte records (key and value): 8 MiB holds 8,313 of them.
+        let cap = LIST_PAGE_BYTES / ("/g/000000".len() + value.len());
+        let (sizes, seen) = pages(store.clone()).await;
+        assert_eq!(seen, keys);
+        assert_eq!(sizes[..4], [1000, 2000, 4000, 8000], "{sizes:?}");
+        assert!(
+            sizes[4..sizes.len() - 1].iter().all(|&n| n == cap),
+            "{sizes:?}"
+        );
+
+        // Pages above 3,000 keys fail: each is read again from 1,000.
+        store.cap_range_limit(3000);
+        let (sizes, seen) = pages(store.clone()).await;
+        assert_eq!(seen, keys);
+        assert_eq!(sizes[..5], [1000, 2000, 1000, 2000, 1000], "{sizes:?}");
     }
 }

@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -51,6 +51,8 @@ pub struct TestStore {
     /// How long every transaction takes before it is forwarded, in milliseconds (tokio
     /// time: a slow or loaded etcd, on paused time in tests).
     txn_delay_ms: AtomicU64,
+    /// Ranges asking for more keys than this fail (`usize::MAX`: none).
+    range_limit_cap: AtomicUsize,
 }
 
 impl fmt::Debug for TestStore {
@@ -87,6 +89,7 @@ impl TestStore {
             epoch: watch::channel(0).0,
             before_txn,
             txn_delay_ms: AtomicU64::new(0),
+            range_limit_cap: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -95,6 +98,12 @@ impl TestStore {
     pub fn set_txn_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.txn_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Makes every range asking for more than `cap` keys fail from now on, as a page too
+    /// large for the client's message limit does.
+    pub fn cap_range_limit(&self, cap: usize) {
+        self.range_limit_cap.store(cap, Ordering::SeqCst);
     }
 
     /// The wrapped store, to read or write past the wrapper (as another client would).
@@ -156,6 +165,12 @@ impl Store for TestStore {
         revision: Option<Revision>,
         limit: usize,
     ) -> StoreFuture<'_, Page> {
+        if limit > self.range_limit_cap.load(Ordering::SeqCst) {
+            let _ = self.admit(Call::Range);
+            return Box::pin(std::future::ready(Err(StoreError::Unavailable(format!(
+                "a page of {limit} keys is too large (test store cap)"
+            )))));
+        }
         self.forward(Call::Range, move |s| s.range(range, revision, limit))
     }
     fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreFuture<'_, Watch> {

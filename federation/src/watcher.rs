@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use meshup_core::catalog::Snapshot;
+use meshup_core::catalog::{Batch, Snapshot};
 use meshup_core::model::AddressRules;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -44,7 +44,7 @@ use crate::backoff::Backoff;
 use crate::keys::KeyLayout;
 use crate::reducer::{self, Outcome, SkipReason};
 use crate::store::{
-    self, Event, EventKind, KeyRange, KeyValue, Revision, Store, StoreError, Watch, WatchItem,
+    self, Event, EventKind, KeyRange, Revision, Store, StoreError, Watch, WatchItem,
 };
 
 /// Default stall timeout: no message for this long and the watch is reconnected.
@@ -327,13 +327,28 @@ impl Run {
         let mut need_list = true;
         loop {
             if need_list {
+                // Each page is reduced as it arrives, into a batch that derives every
+                // service's view once at the end: the raw list is never held whole.
+                let mut fresh = Batch::default();
+                let mut keys = 0;
+                let (layout, rules, metrics) = (&self.layout, &self.rules, &self.metrics);
                 let listed = tokio::select! {
                     () = cancel.cancelled() => return,
-                    r = store::list_prefix(self.store.as_ref(), self.layout.root().as_bytes()) => r,
+                    r = store::list_prefix_pages(self.store.as_ref(), layout.root().as_bytes(), |page, first| {
+                        if first {
+                            fresh = Batch::default();
+                            keys = 0;
+                        }
+                        keys += page.len();
+                        for kv in page {
+                            let outcome = reducer::reduce(layout, rules, &kv.key, Some(&kv.value));
+                            apply_outcome(&mut fresh, outcome, &kv.key, metrics);
+                        }
+                    }) => r,
                 };
                 match listed {
-                    Ok((kvs, revision)) => {
-                        self.replace(kvs, revision);
+                    Ok(revision) => {
+                        self.replace(fresh, keys, revision);
                         need_list = false;
                         self.backoff.reset();
                     }
@@ -441,9 +456,11 @@ impl Run {
         // arrive in one message, so duplicates are judged against the revision applied
         // before this message, not against the event just applied.
         let before = self.snapshot.revision;
+        let mut applied = before;
+        let mut batch = Batch::new(std::mem::take(&mut self.snapshot));
         for event in events {
             let rev = event.kv.mod_revision;
-            if rev <= before || rev < self.snapshot.revision {
+            if rev <= before || rev < applied {
                 // Already applied (a resumed watch may repeat the boundary revision).
                 tracing::debug!(rev, applied = before, "dropping duplicate catalog event");
                 continue;
@@ -453,9 +470,11 @@ impl Run {
                 EventKind::Delete => None,
             };
             let outcome = reducer::reduce(&self.layout, &self.rules, &event.kv.key, value);
-            apply_outcome(&mut self.snapshot, outcome, &event.kv.key, &self.metrics);
-            self.snapshot.revision = rev;
+            apply_outcome(&mut batch, outcome, &event.kv.key, &self.metrics);
+            applied = rev;
         }
+        batch.set_revision(applied);
+        self.snapshot = batch.finish();
         if self.snapshot.revision != before {
             self.publish();
         }
@@ -472,13 +491,11 @@ impl Run {
         }
     }
 
-    /// Replaces the whole view with a fresh list (first sync or relist after compaction).
-    fn replace(&mut self, kvs: Vec<KeyValue>, revision: Revision) {
-        let mut fresh = Snapshot::new();
-        for kv in &kvs {
-            let outcome = reducer::reduce(&self.layout, &self.rules, &kv.key, Some(&kv.value));
-            apply_outcome(&mut fresh, outcome, &kv.key, &self.metrics);
-        }
+    /// Replaces the whole view with a fresh list of `keys` keys (first sync or relist after
+    /// compaction), reduced into `fresh`.
+    fn replace(&mut self, mut fresh: Batch, keys: usize, revision: Revision) {
+        fresh.set_revision(revision);
+        let fresh = fresh.finish();
         if revision < self.snapshot.revision {
             // Only possible if the store itself went back (restored from an older backup):
             // the store is the source of truth, so its view wins.
@@ -488,7 +505,6 @@ impl Run {
                 "catalog store revision went backwards (etcd restored from a backup?); adopting the store's view"
             );
         }
-        fresh.revision = revision;
         self.snapshot = fresh;
         // Set, not advanced: after a store that went back, the old resume point is invalid.
         self.resume_rev = revision;
@@ -499,7 +515,7 @@ impl Run {
         }
         tracing::info!(
             revision,
-            keys = kvs.len(),
+            keys,
             exports = self.snapshot.export_count(),
             "catalog listed"
         );
@@ -542,10 +558,10 @@ impl Run {
 }
 
 /// Applies a reducer outcome, logging and counting skipped keys.
-fn apply_outcome(snapshot: &mut Snapshot, outcome: Outcome, key: &[u8], metrics: &Metrics) {
+fn apply_outcome(batch: &mut Batch, outcome: Outcome, key: &[u8], metrics: &Metrics) {
     match outcome {
         Outcome::Apply(change) => {
-            snapshot.apply(change);
+            batch.apply(change);
         }
         Outcome::Ignore => {}
         Outcome::Skip {
@@ -566,7 +582,7 @@ fn apply_outcome(snapshot: &mut Snapshot, outcome: Outcome, key: &[u8], metrics:
                 })
                 .inc();
             if let Some(change) = retract {
-                snapshot.apply(change);
+                batch.apply(change);
             }
         }
     }

@@ -118,14 +118,53 @@ pub struct Sockets {
     inner: Arc<Mutex<SocketMap>>,
 }
 
-type SocketMap = BTreeMap<(Kind, SocketAddr), Vec<OwnedFd>>;
+type SocketMap = BTreeMap<(Kind, SocketAddr), Vec<Held>>;
+
+/// One socket of a set: a descriptor of the set's own (a duplicate, or one inherited), or
+/// a share of a listener that also serves, duplicated only when offered. A VIP listener is
+/// held shared: a gateway with 10,000 of them would otherwise hold 20,000 descriptors, over
+/// common hard limits, for a hand-over that may never come.
+#[derive(Debug)]
+enum Held {
+    Own(OwnedFd),
+    Shared(Arc<tokio::net::TcpListener>),
+}
+
+impl Held {
+    fn duplicate(&self) -> io::Result<OwnedFd> {
+        match self {
+            Held::Own(fd) => fd.try_clone(),
+            Held::Shared(listener) => listener.as_fd().try_clone_to_owned(),
+        }
+    }
+
+    fn into_owned(self) -> io::Result<OwnedFd> {
+        match self {
+            Held::Own(fd) => Ok(fd),
+            Held::Shared(listener) => listener.as_fd().try_clone_to_owned(),
+        }
+    }
+}
 
 impl Sockets {
     /// Keeps a duplicate of `fd` (the caller keeps its own) under `kind` and `addr`.
     pub fn add(&self, kind: Kind, addr: SocketAddr, fd: impl AsFd) -> io::Result<()> {
         let dup = fd.as_fd().try_clone_to_owned()?;
-        self.lock().entry((kind, addr)).or_default().push(dup);
+        self.lock()
+            .entry((kind, addr))
+            .or_default()
+            .push(Held::Own(dup));
         Ok(())
+    }
+
+    /// Keeps a share of `listener` (which also serves) under `kind` and `addr`: no
+    /// descriptor of its own until the set is offered. The socket stays open until both the
+    /// server and the set let go of it.
+    pub fn add_shared(&self, kind: Kind, addr: SocketAddr, listener: Arc<tokio::net::TcpListener>) {
+        self.lock()
+            .entry((kind, addr))
+            .or_default()
+            .push(Held::Shared(listener));
     }
 
     /// Forgets the sockets of `kind` at `addr` (closing the duplicates).
@@ -133,9 +172,10 @@ impl Sockets {
         self.lock().remove(&(kind, addr));
     }
 
-    /// Takes every socket of `kind` at `addr`.
+    /// Takes every socket of `kind` at `addr` (a shared one as a duplicate: one that
+    /// cannot be duplicated, out of descriptors, is left out).
     pub fn take(&self, kind: Kind, addr: SocketAddr) -> Vec<OwnedFd> {
-        self.lock().remove(&(kind, addr)).unwrap_or_default()
+        owned(self.lock().remove(&(kind, addr)).unwrap_or_default())
     }
 
     /// Takes the one TCP listener of `kind` at `addr`.
@@ -154,7 +194,7 @@ impl Sockets {
             .keys()
             .find(|(k, a)| *k == kind && (*a == addr || (addr.port() == 0 && a.ip() == addr.ip())))
             .copied();
-        key.and_then(|k| map.remove(&k)).unwrap_or_default()
+        owned(key.and_then(|k| map.remove(&k)).unwrap_or_default())
     }
 
     /// Drops every socket left (inherited but not wanted); returns how many.
@@ -170,8 +210,8 @@ impl Sockets {
         let map = self.lock();
         let mut out = Vec::new();
         for ((kind, addr), fds) in map.iter() {
-            for fd in fds {
-                out.push((*kind, *addr, fd.try_clone()?));
+            for held in fds {
+                out.push((*kind, *addr, held.duplicate()?));
             }
         }
         Ok(out)
@@ -182,6 +222,18 @@ impl Sockets {
         // insert or remove), so a poisoned lock is still good.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn owned(held: Vec<Held>) -> Vec<OwnedFd> {
+    held.into_iter()
+        .filter_map(|h| match h.into_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot duplicate a listening socket");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The two sides of a gateway's listening sockets: what it would offer a successor (a
@@ -271,7 +323,7 @@ pub fn take_over(path: &Path) -> Result<Option<Successor>, HandoverError> {
                 passed += fds.len();
                 let mut map = sockets.lock();
                 for ((kind, addr), fd) in listed.into_iter().zip(fds) {
-                    map.entry((kind, addr)).or_default().push(fd);
+                    map.entry((kind, addr)).or_default().push(Held::Own(fd));
                 }
                 drop(map);
                 if !more {

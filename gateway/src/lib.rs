@@ -22,6 +22,7 @@ pub mod handover;
 pub mod health;
 pub mod identity;
 pub mod inbound;
+pub mod limits;
 pub mod notify;
 pub mod outbound;
 pub mod readiness;

@@ -101,6 +101,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Gateway { config: path } => {
+            meshup_gateway::limits::raise_open_files();
             let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
                 source,

@@ -86,39 +86,52 @@ pub fn export_record(healthy: u32) -> ExportRecord {
     }
 }
 
-/// Starts one publisher per cluster, each exporting services `0..services`, and waits until
-/// every one is in sync (its records written, within `limit`).
+/// Starts one publisher per cluster, each exporting services `0..services`, `wave`
+/// publishers at a time (a wave starts once the one before is in sync), and waits until
+/// every one is in sync (its records written, within `limit` in all).
+///
+/// Waves keep a large federation's first publish from overloading a small etcd: a hundred
+/// publishers writing 10,000 records each at once left the members minutes behind on their
+/// applies, and a lease renewal waits for the applies, so leases expired under publishers
+/// that were still writing (docs/scale.md, "The 1M run").
+#[allow(clippy::too_many_arguments)]
 pub async fn publish(
     store: Arc<dyn Store>,
     layout: &KeyLayout,
     clusters: usize,
     services: usize,
+    wave: usize,
     lease_ttl: Duration,
     limit: Duration,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<PublisherHandle>> {
+    anyhow::ensure!(wave > 0, "a wave holds at least one publisher");
     let exports: Vec<(ServiceKey, ExportRecord)> = (0..services)
         .map(|s| (service(s), export_record(3)))
         .collect();
-    let publishers: Vec<PublisherHandle> = (0..clusters)
-        .map(|c| {
-            Publisher::new(store.clone(), layout.clone(), gateway_record(cluster(c), c))
-                .with_exports(exports.iter().cloned())
-                .with_config(PublisherConfig {
-                    lease_ttl,
-                    ..PublisherConfig::default()
-                })
-                .spawn(cancel.child_token())
-        })
-        .collect();
     let deadline = tokio::time::Instant::now() + limit;
-    for (c, p) in publishers.iter().enumerate() {
-        let mut status = p.status();
-        tokio::time::timeout_at(deadline, status.wait_for(|s| s.in_sync))
-            .await
-            .with_context(|| {
-                format!("publisher of {} not in sync within {limit:?}", cluster(c))
-            })??;
+    let mut publishers = Vec::with_capacity(clusters);
+    for first in (0..clusters).step_by(wave) {
+        let this_wave = first..(first + wave).min(clusters);
+        for c in this_wave.clone() {
+            publishers.push(
+                Publisher::new(store.clone(), layout.clone(), gateway_record(cluster(c), c))
+                    .with_exports(exports.iter().cloned())
+                    .with_config(PublisherConfig {
+                        lease_ttl,
+                        ..PublisherConfig::default()
+                    })
+                    .spawn(cancel.child_token()),
+            );
+        }
+        for c in this_wave {
+            let mut status = publishers[c].status();
+            tokio::time::timeout_at(deadline, status.wait_for(|s| s.in_sync))
+                .await
+                .with_context(|| {
+                    format!("publisher of {} not in sync within {limit:?}", cluster(c))
+                })??;
+        }
     }
     Ok(publishers)
 }

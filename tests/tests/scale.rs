@@ -53,6 +53,7 @@ async fn federation(prefix: &str, clusters: usize, services: usize) -> Federatio
         &layout,
         clusters,
         services,
+        clusters,
         LEASE_TTL,
         Duration::from_secs(30),
         &cancel,
@@ -201,4 +202,48 @@ async fn pinned_names_decide_which_pinned_names_get_a_vip() {
         let name = pinned_name(&service(s), &cluster(2));
         assert_eq!(addresses(dns, &name), Answer::Addresses(vec![]), "{name}");
     }
+}
+
+/// A gateway raises its soft limit on open files to the hard one at start-up (two
+/// descriptors per VIP listener: 10,000 services outgrow the usual soft limit of 1,024). The
+/// test lowers its own soft limit with util-linux's `prlimit`; the gateway inherits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_raises_its_open_files_limit_to_the_hard_one() {
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let me = std::process::id().to_string();
+    let lowered = std::process::Command::new("prlimit")
+        .args(["--pid", &me, "--nofile=512:"])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(lowered.success(), "prlimit --nofile=512: failed");
+    let limits = |pid: &str| -> (String, String) {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("an open files line")
+            .to_owned();
+        let mut fields = line["Max open files".len()..].split_whitespace();
+        let soft = fields.next().expect("soft").to_owned();
+        let hard = fields.next().expect("hard").to_owned();
+        (soft, hard)
+    };
+    let (soft, hard) = limits(&me);
+    assert_eq!(soft, "512", "the test's own soft limit was lowered");
+    assert_ne!(hard, "512", "a hard limit above the soft one, to raise to");
+
+    let certs = Certs::new(&["joiner"]);
+    let mut gateway = GatewayProcess::start(GatewaySpec {
+        log_filter: Some("info"),
+        ..GatewaySpec::new("joiner", "127.81.0.0/16", &etcd, &certs, "/limits")
+    });
+    gateway.wait_ready().await;
+    assert_eq!(
+        limits(&gateway.pid().to_string()),
+        (hard.clone(), hard),
+        "the gateway's open files limits; log:\n{}",
+        gateway.log_text()
+    );
 }

@@ -55,8 +55,14 @@ const JOINER: &str = "joiner";
 const PROBE_CLUSTER: &str = "probe";
 /// The publishers' lease TTL: the product default.
 const LEASE_TTL: Duration = Duration::from_secs(10);
-/// Longest wait for the joiner's `/ready` and its first answer.
+/// Longest wait for the joiner's `/ready` and its first answer, at least.
 const JOIN_WAIT: Duration = Duration::from_secs(120);
+
+/// Longest wait for the joiner's `/ready` and its first answer at `records`: `JOIN_WAIT`,
+/// or 300 µs per record if longer (300 s at 1M), so that a slow sync is measured, not cut.
+fn join_wait(records: usize) -> Duration {
+    JOIN_WAIT.max(Duration::from_micros(300) * u32::try_from(records).unwrap_or(u32::MAX))
+}
 /// Longest wait for one probe's answer.
 const PROBE_WAIT: Duration = Duration::from_secs(10);
 /// Probes that time out before the latency measurement is given up.
@@ -79,6 +85,8 @@ struct Options {
     /// The joiner's `pinned_names:`; `None`: left out (all).
     pinned_names: Option<String>,
     lease_ttl: Duration,
+    /// Publishers started together; the next wave starts once these are in sync.
+    wave: usize,
 }
 
 /// One size's figures.
@@ -133,6 +141,7 @@ const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [
   --vip-cidr      the joining gateway's vip_cidr, default 127.80.0.0/16
   --pinned-names  the joining gateway's pinned_names (all or none), default all
   --lease-ttl     lease TTL of the played publishers and the joiner, seconds, default 10
+  --wave          publishers started at a time (the next wave once these are in sync), default 10
 The meshup binary of the same build (target/<profile>/meshup) is used; see bench/scale/README.md.";
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -144,6 +153,7 @@ fn parse_args() -> anyhow::Result<Options> {
         vip_cidr: "127.80.0.0/16".into(),
         pinned_names: None,
         lease_ttl: LEASE_TTL,
+        wave: 10,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -168,11 +178,13 @@ fn parse_args() -> anyhow::Result<Options> {
             "--vip-cidr" => options.vip_cidr = value.clone(),
             "--pinned-names" => options.pinned_names = Some(value.clone()),
             "--lease-ttl" => options.lease_ttl = Duration::from_secs(value.parse()?),
+            "--wave" => options.wave = value.parse()?,
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 2;
     }
     anyhow::ensure!(options.clusters > 0, "--clusters must be at least 1");
+    anyhow::ensure!(options.wave > 0, "--wave must be at least 1");
     Ok(options)
 }
 
@@ -222,6 +234,7 @@ async fn run_size(
         &layout,
         options.clusters,
         services,
+        options.wave,
         options.lease_ttl,
         Duration::from_secs(1800),
         &cancel,
@@ -239,9 +252,10 @@ async fn run_size(
     let (gateway, spawned) = start_joiner(etcd, certs, options);
     let dns = gateway.dns_addr().await;
     let last = clusterset_name(&service(services - 1));
-    let ready = wait_ready(&gateway, spawned);
+    let wait = join_wait(row.records);
+    let ready = wait_ready(&gateway, spawned, wait);
     let answered = tokio::task::spawn_blocking(move || {
-        poll_every(JOIN_WAIT, Duration::from_millis(2), || {
+        poll_every(wait, Duration::from_millis(2), || {
             query_a(dns, &last, Duration::from_millis(500)).is_ok_and(|a| !a.addresses().is_empty())
         })
         .map(|at| at - spawned)
@@ -302,14 +316,15 @@ fn start_joiner(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> (Gatewa
 }
 
 /// Polls the gateway's `/ready` every 5 ms until it answers 200: the time since `spawned`,
-/// or `None` after `JOIN_WAIT`.
+/// or `None` after `limit`.
 fn wait_ready(
     gateway: &GatewayProcess,
     spawned: Instant,
+    limit: Duration,
 ) -> tokio::task::JoinHandle<Option<Duration>> {
     let admin = gateway.admin_addr();
     tokio::task::spawn_blocking(move || {
-        poll_every(JOIN_WAIT, Duration::from_millis(5), || {
+        poll_every(limit, Duration::from_millis(5), || {
             matches!(meshup_tests::http::get(admin, "/ready"), Ok((200, _)))
         })
         .map(|at| at - spawned)
@@ -319,7 +334,7 @@ fn wait_ready(
 /// The idle row: a gateway joins an empty catalog; RSS `IDLE_SETTLE` after `/ready`.
 async fn run_idle(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> anyhow::Result<Row> {
     let (gateway, spawned) = start_joiner(etcd, certs, options);
-    let ready = wait_ready(&gateway, spawned).await?;
+    let ready = wait_ready(&gateway, spawned, JOIN_WAIT).await?;
     anyhow::ensure!(
         ready.is_some(),
         "the idle gateway was not ready within {JOIN_WAIT:?}"

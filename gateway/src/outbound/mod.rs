@@ -802,8 +802,8 @@ fn reconcile(
 }
 
 /// The VIP listener for `addr`: the one a predecessor handed over, or a new one. Either way
-/// a duplicate is kept to offer a successor.
-fn bind(addr: SocketAddr, sockets: &SocketSets) -> std::io::Result<TcpListener> {
+/// the offer set shares it, to hand it to a successor (one descriptor per listener).
+fn bind(addr: SocketAddr, sockets: &SocketSets) -> std::io::Result<Arc<TcpListener>> {
     let listener = match sockets.inherited.take_tcp(Kind::Vip, addr) {
         Some(inherited) => {
             tracing::debug!(%addr, "VIP listener taken over");
@@ -822,20 +822,23 @@ fn bind(addr: SocketAddr, sockets: &SocketSets) -> std::io::Result<TcpListener> 
             socket.listen(1024)?
         }
     };
-    sockets.offer.add(Kind::Vip, addr, &listener)?;
+    let listener = Arc::new(listener);
+    sockets.offer.add_shared(Kind::Vip, addr, listener.clone());
     Ok(listener)
 }
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     route: Route,
     stop: CancellationToken,
 ) {
     let route = Arc::new(route);
     loop {
         let (tcp, client) = tokio::select! {
-            _ = stop.cancelled() => return, // drops the listener: new connects are refused
+            // Lets go of the listener; it closes once the offer set lets go too (the
+            // reconcile removes it there as it stops the loop).
+            _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
