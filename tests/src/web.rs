@@ -45,9 +45,10 @@ struct State {
 pub struct WebBackend {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    task: JoinHandle<()>,
+    /// The accept loop (taken by [`WebBackend::crash`]).
+    task: Mutex<Option<JoinHandle<()>>>,
     /// Its connections' tasks, so [`WebBackend::stop`] ends them too.
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
 impl WebBackend {
@@ -57,7 +58,7 @@ impl WebBackend {
         let state = Arc::new(Mutex::new(State::default()));
         let cluster: Arc<str> = cluster.into();
         let st = state.clone();
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let tasks = conns.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -82,16 +83,13 @@ impl WebBackend {
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                         .await;
                 });
-                tasks
-                    .lock()
-                    .expect("backend tasks")
-                    .push(conn.abort_handle());
+                tasks.lock().expect("backend tasks").push(conn);
             }
         });
         Ok(Self {
             addr,
             state,
-            task,
+            task: Mutex::new(Some(task)),
             conns,
         })
     }
@@ -99,9 +97,30 @@ impl WebBackend {
     /// Stops as a crashed backend does: its port refuses connections and every open one
     /// is closed.
     pub fn stop(&self) {
-        self.task.abort();
-        for conn in self.conns.lock().expect("backend tasks").drain(..) {
+        if let Some(task) = self.task.lock().expect("backend task").as_ref() {
+            task.abort();
+        }
+        for conn in self.conns.lock().expect("backend tasks").iter() {
             conn.abort();
+        }
+    }
+
+    /// Stops as [`stop`](Self::stop) does and returns once it has: the port refuses
+    /// connections and every connection is closed (an aborted task lets go of its socket
+    /// only when the runtime drops it, which a loaded machine may not do at once).
+    pub async fn crash(&self) {
+        let task = self.task.lock().expect("backend task").take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        // The accept loop is gone: no connection task comes after these.
+        let conns = std::mem::take(&mut *self.conns.lock().expect("backend tasks"));
+        for conn in &conns {
+            conn.abort();
+        }
+        for conn in conns {
+            let _ = conn.await;
         }
     }
 

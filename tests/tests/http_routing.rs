@@ -703,7 +703,7 @@ async fn kept_streams_carry_requests_and_a_lost_endpoint_behind_one_is_tried_els
     // The client is connected first, so the request follows the stop within a millisecond,
     // long before west's next health probe (every 2 s) could withdraw its export.
     let mut client = tokio::net::TcpStream::connect(vip).await?;
-    west.stop();
+    west.crash().await;
     let body = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut request = format!(
