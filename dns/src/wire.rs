@@ -359,13 +359,14 @@ fn pinned_host_exists(snapshot: &Snapshot, key: &[u8], apex: &[u8]) -> bool {
     if key.get(pos..) != Some(apex) || labels[2] != b"svc" {
         return false;
     }
-    let text = |l: &[u8]| std::str::from_utf8(l).ok().map(str::to_owned);
-    let (Some(svc), Some(ns), Some(cluster)) = (text(labels[0]), text(labels[1]), text(labels[3]))
-    else {
+    let (Ok(svc), Ok(ns), Ok(cluster)) = (
+        std::str::from_utf8(labels[0]),
+        std::str::from_utf8(labels[1]),
+        std::str::from_utf8(labels[3]),
+    ) else {
         return false;
     };
-    let (Ok(service), Ok(cluster)) = (ServiceKey::parse(&ns, &svc), ClusterName::new(&cluster))
-    else {
+    let (Ok(service), Ok(cluster)) = (ServiceKey::parse(ns, svc), ClusterName::new(cluster)) else {
         return false;
     };
     snapshot
