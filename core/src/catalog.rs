@@ -296,6 +296,11 @@ impl Snapshot {
         self.exporting.keys()
     }
 
+    /// The persistent exporting index, for cheap diffs between two snapshots.
+    pub fn exporting_map(&self) -> &OrdMap<(ClusterName, Namespace), u32> {
+        &self.exporting
+    }
+
     /// Every clusterset service, in name order.
     pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceView>> {
         self.services.values()
@@ -426,6 +431,24 @@ impl Snapshot {
                 })
                 .collect(),
         )
+    }
+
+    /// The VIPs `cluster` allocated for `service` (clusterset first, then pinned by target):
+    /// a range of the map.
+    pub fn vips_of_service<'a>(
+        &'a self,
+        cluster: &'a ClusterName,
+        service: &'a ServiceKey,
+    ) -> impl Iterator<Item = (&'a VipKey, IpAddr)> + 'a {
+        let from = VipKey {
+            cluster: cluster.clone(),
+            service: service.clone(),
+            target: None,
+        };
+        self.vips
+            .range(from..)
+            .take_while(move |(k, _)| k.cluster == *cluster && k.service == *service)
+            .map(|(k, ip)| (k, *ip))
     }
 
     /// Every VIP `cluster` allocated (clusterset and pinned), in key order: a range of the

@@ -449,14 +449,24 @@ pub fn table_names(zone: &ZoneView) -> Vec<Name> {
         }
     }
     for (cluster, ns) in snapshot.exporting_pairs() {
-        let (c, ns) = (cluster.as_str(), ns.as_str());
-        names.extend(
-            [&[c][..], &["svc", c][..], &[ns, "svc", c][..]]
-                .iter()
-                .filter_map(|labels| relative_name(settings, labels)),
-        );
+        names.extend(pinned_empty_names(settings, cluster, ns));
     }
     names.into_iter().collect()
+}
+
+/// The empty non-terminals above the pinned names of `cluster`'s services in `ns`, which
+/// exist while the cluster exports any service of the namespace.
+pub fn pinned_empty_names(
+    settings: &ZoneSettings,
+    cluster: &ClusterName,
+    ns: &Namespace,
+) -> impl Iterator<Item = Name> {
+    let (c, ns) = (cluster.as_str(), ns.as_str());
+    [&[c][..], &["svc", c][..], &[ns, "svc", c][..]]
+        .into_iter()
+        .filter_map(|labels| relative_name(settings, labels))
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 /// Names that exist whatever the catalog holds: the apex, `dns-version`, and the NS host

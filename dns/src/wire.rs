@@ -59,7 +59,7 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder, NameEncoding};
 use imbl::ordmap::DiffItem;
 
 use crate::answer::{
-    Answer, ZoneView, pinned_names, resolve, service_base_names, service_names, table_names,
+    Answer, ZoneView, pinned_empty_names, resolve, service_base_names, service_name, table_names,
 };
 use meshup_core::catalog::Snapshot;
 use meshup_core::names::{ClusterName, ServiceKey};
@@ -374,6 +374,102 @@ fn pinned_host_exists(snapshot: &Snapshot, key: &[u8], apex: &[u8]) -> bool {
         .is_some_and(|view| view.clusters.contains_key(&cluster))
 }
 
+/// The names whose answers may differ between two zone views of the same settings and local
+/// cluster, found with the persistent maps' cheap `diff`; `None` once more than `limit`
+/// (then a full build is cheaper):
+///
+/// - a service that came or went: its names that do not name a cluster, and its pinned
+///   names that have a VIP of this cluster (the others are not in the table: see "Pinned
+///   names" above);
+/// - a service whose ports changed: its names that do not name a cluster;
+/// - a cluster that came to or left a service: its pinned name, if it has a VIP here;
+/// - a (cluster, namespace) pair that started or stopped exporting: the pinned empty
+///   non-terminals it makes exist;
+/// - a VIP of this cluster: the names that answer it.
+///
+/// A new service of 100 clusters in a federation where they all export its namespace
+/// already is thus its 3 + 2 × ports base names, not 400 more.
+fn changed_names(old: &ZoneView, new: &ZoneView, limit: usize) -> Option<BTreeSet<Name>> {
+    let settings = &*new.settings;
+    let local = &new.local;
+    let (before, after) = (&*old.snapshot, &*new.snapshot);
+    let mut candidates: BTreeSet<Name> = BTreeSet::new();
+    let pinned_host = |candidates: &mut BTreeSet<Name>, key: &ServiceKey, cluster: &ClusterName| {
+        if [before, after]
+            .iter()
+            .any(|s| s.vip(local, key, Some(cluster)).is_some())
+        {
+            candidates.extend(service_name(settings, key, Some(cluster)));
+        }
+    };
+    for item in before.service_map().diff(after.service_map()) {
+        match item {
+            DiffItem::Add(_, view) | DiffItem::Remove(_, view) => {
+                candidates.extend(service_base_names(settings, view));
+                for cluster in view.clusters.keys() {
+                    pinned_host(&mut candidates, &view.key, cluster);
+                }
+            }
+            DiffItem::Update {
+                old: (_, was),
+                new: (_, is),
+            } => {
+                if was.ports != is.ports {
+                    candidates.extend(service_base_names(settings, was));
+                    candidates.extend(service_base_names(settings, is));
+                }
+                let moved = was
+                    .clusters
+                    .keys()
+                    .filter(|c| !is.clusters.contains_key(*c))
+                    .chain(
+                        is.clusters
+                            .keys()
+                            .filter(|c| !was.clusters.contains_key(*c)),
+                    );
+                for cluster in moved {
+                    pinned_host(&mut candidates, &is.key, cluster);
+                }
+            }
+        }
+        if candidates.len() > limit {
+            return None;
+        }
+    }
+    for item in before.exporting_map().diff(after.exporting_map()) {
+        match item {
+            DiffItem::Add((cluster, ns), _) | DiffItem::Remove((cluster, ns), _) => {
+                candidates.extend(pinned_empty_names(settings, cluster, ns));
+            }
+            // Only the count of exported services changed: the names stay.
+            DiffItem::Update { .. } => {}
+        }
+        if candidates.len() > limit {
+            return None;
+        }
+    }
+    for item in before.vip_map().diff(after.vip_map()) {
+        let key = match item {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
+            DiffItem::Update { new: (k, _), .. } => k,
+        };
+        if key.cluster != *local {
+            continue;
+        }
+        match &key.target {
+            Some(target) => candidates.extend(service_name(settings, &key.service, Some(target))),
+            None => {
+                for snap in [before, after] {
+                    if let Some(view) = snap.service(&key.service) {
+                        candidates.extend(service_base_names(settings, view));
+                    }
+                }
+            }
+        }
+    }
+    Some(candidates)
+}
+
 /// Hashing for the name table: a seeded multiply-rotate hash over 8-byte words (the
 /// FxHash step), several times cheaper than SipHash on 30–60 byte names. The table's keys
 /// come from the catalog, never from packets, and the seed is random per process, so
@@ -496,11 +592,7 @@ impl FastTable {
     /// The table for `new`, derived from this table (built for `old`) by recomputing only
     /// the names whose answers may differ, found with the persistent maps' cheap `diff`:
     ///
-    /// - a service that came or went: all its names;
-    /// - a service whose ports changed: its names that do not name a cluster;
-    /// - a cluster that came to or left a service: that cluster's pinned name for it and the
-    ///   empty non-terminals above it;
-    /// - a VIP of this cluster: the names that answer it;
+    /// - see [`changed_names`];
     /// - the apex, whose SOA serial is the revision.
     ///
     /// Nothing else in a view shows in an answer (endpoint counts, allowed callers), so
@@ -510,59 +602,9 @@ impl FastTable {
         if old.settings != new.settings || old.local != new.local {
             return Self::build(new);
         }
-        let settings = &*new.settings;
-        let (before, after) = (&*old.snapshot, &*new.snapshot);
-        let mut candidates: BTreeSet<Name> = BTreeSet::new();
-        for item in before.service_map().diff(after.service_map()) {
-            match item {
-                DiffItem::Add(_, view) | DiffItem::Remove(_, view) => {
-                    candidates.extend(service_names(settings, view));
-                }
-                DiffItem::Update {
-                    old: (_, was),
-                    new: (_, is),
-                } => {
-                    if was.ports != is.ports {
-                        candidates.extend(service_base_names(settings, was));
-                        candidates.extend(service_base_names(settings, is));
-                    }
-                    let moved = was
-                        .clusters
-                        .keys()
-                        .filter(|c| !is.clusters.contains_key(*c))
-                        .chain(
-                            is.clusters
-                                .keys()
-                                .filter(|c| !was.clusters.contains_key(*c)),
-                        );
-                    for cluster in moved {
-                        candidates.extend(pinned_names(settings, &is.key, cluster));
-                    }
-                }
-            }
-            if candidates.len() * 2 > self.names.len.max(32) {
-                return Self::build(new);
-            }
-        }
-        for item in before.vip_map().diff(after.vip_map()) {
-            let key = match item {
-                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k,
-                DiffItem::Update { new: (k, _), .. } => k,
-            };
-            if key.cluster != new.local {
-                continue;
-            }
-            match &key.target {
-                Some(target) => candidates.extend(pinned_names(settings, &key.service, target)),
-                None => {
-                    for snap in [before, after] {
-                        if let Some(view) = snap.service(&key.service) {
-                            candidates.extend(service_base_names(settings, view));
-                        }
-                    }
-                }
-            }
-        }
+        let Some(candidates) = changed_names(old, new, self.names.len.max(32) / 2) else {
+            return Self::build(new);
+        };
         let mut names = self.names.clone();
         for name in candidates {
             match table_entry(new, &name, &self.apex)? {
@@ -1135,6 +1177,78 @@ mod tests {
             (1..=9).contains(&copied),
             "{copied} of {shards} shards copied"
         );
+    }
+
+    /// A new service exported by many clusters, none with a pinned VIP here, in a namespace
+    /// they all export already: the table re-evaluates its base names only, not four names
+    /// per cluster; a pinned VIP brings its name back in, and the first service of a new
+    /// namespace brings that namespace's pinned empty non-terminals.
+    #[test]
+    fn a_new_service_reevaluates_only_names_that_can_change() {
+        use meshup_core::model::Protocol;
+        use meshup_core::names::ClusterName;
+
+        use crate::answer::ZoneSettings;
+        use crate::config::DnsConfig;
+        use crate::fixture::{export, synthetic, vip};
+
+        let settings =
+            Arc::new(ZoneSettings::from_config(&DnsConfig::default()).expect("settings"));
+        let local = ClusterName::new("east").expect("name");
+        let clusters: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+        let clusters: Vec<&str> = clusters.iter().map(String::as_str).collect();
+        let mut snap = synthetic("east", &clusters, 20).expect("catalog");
+        // synthetic gives every service a pinned VIP per cluster: drop those of svc-0.
+        let pinned: Vec<_> = snap
+            .vips()
+            .filter(|(k, _)| k.target.is_some() && k.service.name.as_str() == "svc-0")
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in pinned {
+            snap.apply(meshup_core::catalog::Change::DeleteVip(key));
+        }
+        let view_of = |snap: &Snapshot| {
+            ZoneView::new(settings.clone(), local.clone(), Arc::new(snap.clone()))
+        };
+        let base = view_of(&snap);
+        let table = FastTable::build(&base).expect("table");
+        let ports = [("http", 8080, Protocol::Tcp), ("dns", 53, Protocol::Udp)];
+        let cases: [(&str, Option<&str>, usize); 3] = [
+            // Its name, two empty non-terminals above it (shared), one protocol name and
+            // one port name per port; `svc` and `ns-0.svc` exist already but are re-read.
+            ("fresh.ns-0", None, 3 + 2 * 2),
+            // The same, plus its pinned name to c7, which has a VIP here.
+            ("fresh.ns-0", Some("c7"), 3 + 2 * 2 + 1),
+            // The first service of namespace newns: each cluster's `newns.svc.<c>` and the
+            // unchanged `svc.<c>` and `<c>` are re-read.
+            ("fresh.newns", None, 3 + 2 * 2 + 3 * clusters.len()),
+        ];
+        for (service, pinned_vip, expected) in cases {
+            let mut next = snap.clone();
+            for c in &clusters {
+                next.apply(export(c, service, &ports).expect("change"));
+            }
+            if let Some(target) = pinned_vip {
+                next.apply(
+                    vip(
+                        "east",
+                        service,
+                        Some(target),
+                        "10.99.0.1".parse().expect("ip"),
+                    )
+                    .expect("change"),
+                );
+            }
+            next.revision += 1;
+            let next = view_of(&next);
+            let names = changed_names(&base, &next, usize::MAX).expect("under the limit");
+            assert_eq!(names.len(), expected, "{service} {pinned_vip:?}: {names:?}");
+            let updated = table.update(&base, &next).expect("update");
+            assert!(
+                updated.same_answers(&FastTable::build(&next).expect("build")),
+                "{service} {pinned_vip:?}: the update answers as a full build"
+            );
+        }
     }
 
     /// Messages the fast path cannot answer from its table: dropped, FORMERR from the

@@ -160,6 +160,7 @@ impl Gateway {
         let readiness = Readiness::new();
         let identity_ready = readiness.register("identity");
         let sync_ready = readiness.register("catalog sync");
+        let listeners_ready = readiness.register("VIP listeners");
         let mut registry = Registry::with_prefix("meshup");
 
         // The node datapath before any socket: the VIP range and the node-local addresses
@@ -390,8 +391,10 @@ impl Gateway {
         ));
 
         // Ready once the first full catalog sync is applied, every clusterset service of it
-        // has this cluster's VIP (or its allocation failed and is retried, logged), and the
-        // VIP listeners follow that snapshot: a ready gateway answers every name it serves.
+        // has this cluster's VIP (or its allocation failed and is retried, logged): "catalog
+        // sync"; and every VIP listener of that snapshot is bound (a failed bind is retried
+        // at each reconcile and keeps this pending): "VIP listeners". A ready gateway answers
+        // every name it serves.
         let status = watcher.status();
         let sync_stop = shutdown.child_token();
         let (sync_snapshots, sync_outbound) = (watcher.snapshots(), outbound.clone());
@@ -403,6 +406,7 @@ impl Gateway {
                 synced = async {
                     status.wait_for(|s| s.synced).await?;
                     let revision = answers_every_service(sync_snapshots, vip_progress, &sync_cluster).await?;
+                    drop(sync_ready);
                     sync_outbound.reconciled(revision).await;
                     Ok::<_, watch::error::RecvError>(())
                 } => {
@@ -415,7 +419,7 @@ impl Gateway {
                     }
                 }
             }
-            drop(sync_ready);
+            drop(listeners_ready);
         }));
 
         let (links, link_refresh) =
@@ -564,7 +568,7 @@ impl Gateway {
     }
 
     /// VIP:port listeners currently bound by the outbound proxy.
-    pub fn listeners(&self) -> Arc<BTreeMap<SocketAddr, route::Route>> {
+    pub fn listeners(&self) -> imbl::OrdMap<SocketAddr, route::Route> {
         self.outbound.listeners()
     }
 
@@ -1062,20 +1066,20 @@ async fn answers_every_service(
     let mut last_report = tokio::time::Instant::now();
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let waiting = {
+        {
             let progress = progress.borrow_and_update();
-            meshup_federation::vips::unanswered(&snapshot, cluster, &progress)
-        };
-        if waiting.is_empty() {
-            return Ok(snapshot.revision);
-        }
-        if last_report.elapsed() >= REPORT_EVERY {
-            last_report = tokio::time::Instant::now();
-            tracing::info!(
-                waiting = waiting.len(),
-                first = %waiting[0],
-                "not ready: clusterset services wait for their VIP"
-            );
+            let mut waiting = meshup_federation::vips::unanswered(&snapshot, cluster, &progress);
+            let Some(first) = waiting.next() else {
+                return Ok(snapshot.revision);
+            };
+            if last_report.elapsed() >= REPORT_EVERY {
+                last_report = tokio::time::Instant::now();
+                tracing::info!(
+                    waiting = 1 + waiting.count(),
+                    %first,
+                    "not ready: clusterset services wait for their VIP"
+                );
+            }
         }
         tokio::select! {
             changed = snapshots.changed() => changed?,

@@ -117,10 +117,16 @@ async fn ready_is_503_until_the_first_catalog_sync_then_200() {
         .await;
         let ready = get(admin, "/ready").await;
         assert_eq!(ready.status, 503, "{ready:?}");
-        assert_eq!(ready.body, "not ready: waiting for catalog sync\n");
+        assert_eq!(
+            ready.body,
+            "not ready: waiting for VIP listeners, catalog sync\n"
+        );
         let status = status_json(&get(admin, "/status").await);
         assert_eq!(status["ready"], false);
-        assert_eq!(status["pending"], serde_json::json!(["catalog sync"]));
+        assert_eq!(
+            status["pending"],
+            serde_json::json!(["VIP listeners", "catalog sync"])
+        );
         assert_eq!(status["catalog"]["synced"], false);
         assert_eq!(status["catalog"]["connected"], false);
         // Alive all the same: a probe must not restart a gateway because etcd is away.
@@ -148,8 +154,123 @@ async fn ready_is_503_until_the_first_catalog_sync_then_200() {
     .await;
 }
 
+/// A VIP listener that cannot be bound keeps the gateway not ready, naming it, and the
+/// reconciler's retries make it ready once the address is free: a ready gateway serves
+/// every VIP of its first catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_until_every_vip_listener_is_bound() {
+    within(Duration::from_secs(90), async {
+        let echo = common::Backend::echo().await;
+        let pki = Pki::new();
+        let store = EmbeddedStore::new();
+        let catalog = embedded("/admin-binds");
+        let west = west_exporting_echo(&pki, &store, &catalog, "127.81.22.0/24", &echo).await;
+        let key: ServiceKey = "echo.test".parse().expect("key");
+        assert_eventually("west is ready", Duration::from_secs(20), || {
+            let ready = west.readiness().is_ready();
+            async move { ready }
+        })
+        .await;
+        // Every address of east's VIP range is held on the service's port by another socket.
+        // The smallest range a config accepts.
+        let range = "127.81.21.0/28";
+        let blockers: Vec<std::net::TcpListener> = (0..16)
+            .map(|i| {
+                std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 81, 21, i), PORT))
+                    .expect("hold the address")
+            })
+            .collect();
+        let east = Gateway::start(config(&pki, "east", catalog, range, vec![]), Some(&store))
+            .await
+            .expect("east starts");
+        let admin = east.addrs().admin;
+        let scrape = || async move { Exposition::parse(&get(admin, "/metrics").await.body) };
+        // The VIPs are allocated and their binds failed, then failed again at a retry.
+        assert_eventually(
+            "east retried the bind",
+            Duration::from_secs(20),
+            || async move {
+                let m = scrape().await;
+                let get = |s: &str| m.samples.get(s).copied().unwrap_or(0.0);
+                // Its clusterset VIP, and the one pinned to west if the range holds it.
+                let unbound = get("meshup_tunnel_listeners_unbound");
+                unbound >= 1.0 && get("meshup_tunnel_listener_bind_failures_total") > unbound
+            },
+        )
+        .await;
+        let vip = east
+            .snapshots()
+            .borrow()
+            .vip(east.cluster(), &key, None)
+            .expect("east allocated a VIP");
+        let ready = get(admin, "/ready").await;
+        assert_eq!(
+            (ready.status, ready.body.as_str()),
+            (503, "not ready: waiting for VIP listeners\n")
+        );
+        assert_eq!(
+            status_json(&get(admin, "/status").await)["pending"],
+            serde_json::json!(["VIP listeners"])
+        );
+
+        // The addresses are freed: the next reconcile binds the VIP and east is ready.
+        drop(blockers);
+        assert_eventually("/ready turns 200", Duration::from_secs(20), || async move {
+            get(admin, "/ready").await.status == 200
+        })
+        .await;
+        assert_eq!(scrape().await.value("meshup_tunnel_listeners_unbound"), 0.0);
+        ping(SocketAddr::new(vip, PORT)).await;
+        east.drain().await;
+        west.drain().await;
+    })
+    .await;
+}
+
 fn echo_export(backend: SocketAddr) -> ExportConfig {
     export_config("echo.test", PORT, vec![backend])
+}
+
+/// The embedded catalog under `prefix`, loopback addresses allowed.
+fn embedded(prefix: &str) -> CatalogConfig {
+    CatalogConfig {
+        backend: Backend::Embedded,
+        prefix: prefix.into(),
+        allow_loopback_addresses: true,
+        ..CatalogConfig::default()
+    }
+}
+
+/// Cluster west exporting `echo.test` (served by `echo`) on `store`.
+async fn west_exporting_echo(
+    pki: &Pki,
+    store: &EmbeddedStore,
+    catalog: &CatalogConfig,
+    vip_cidr: &str,
+    echo: &common::Backend,
+) -> Gateway {
+    Gateway::start(
+        config(
+            pki,
+            "west",
+            catalog.clone(),
+            vip_cidr,
+            vec![echo_export(echo.addr)],
+        ),
+        Some(store),
+    )
+    .await
+    .expect("west starts")
+}
+
+/// One connection to `addr` whose "ping" comes back.
+async fn ping(addr: SocketAddr) {
+    let mut client = TcpStream::connect(addr).await.expect("connect");
+    client.write_all(b"ping").await.expect("send");
+    client.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    client.read_to_end(&mut back).await.expect("echo");
+    assert_eq!(back, b"ping");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,24 +279,8 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
         let echo = common::Backend::echo().await;
         let pki = Pki::new();
         let store = EmbeddedStore::new();
-        let catalog = CatalogConfig {
-            backend: Backend::Embedded,
-            prefix: "/admin-metrics".into(),
-            allow_loopback_addresses: true,
-            ..CatalogConfig::default()
-        };
-        let west = Gateway::start(
-            config(
-                &pki,
-                "west",
-                catalog.clone(),
-                "127.81.12.0/24",
-                vec![echo_export(echo.addr)],
-            ),
-            Some(&store),
-        )
-        .await
-        .expect("west starts");
+        let catalog = embedded("/admin-metrics");
+        let west = west_exporting_echo(&pki, &store, &catalog, "127.81.12.0/24", &echo).await;
         let east = Gateway::start(
             config(&pki, "east", catalog, "127.81.11.0/24", vec![]),
             Some(&store),
@@ -200,14 +305,7 @@ async fn live_and_metrics_answer_with_the_tunnel_and_catalog_series() {
             async move { routed }
         })
         .await;
-        let mut client = TcpStream::connect(vip.expect("vip"))
-            .await
-            .expect("connect");
-        client.write_all(b"ping").await.expect("send");
-        client.shutdown().await.expect("half-close");
-        let mut back = Vec::new();
-        client.read_to_end(&mut back).await.expect("echo");
-        assert_eq!(back, b"ping");
+        ping(vip.expect("vip")).await;
 
         let scrape = |admin| async move {
             let r = get(admin, "/metrics").await;

@@ -27,7 +27,7 @@ pub mod route;
 pub mod steer;
 mod streams;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -48,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use pool::{PeerKey, Pool, PoolError};
-pub use route::{Listeners, Route, Serving, Target, desired_listeners, serving};
+pub use route::{DesiredListeners, Listeners, Route, Serving, Target, desired_listeners, serving};
 pub use steer::{ServiceMetrics, Steering};
 
 use meshup_policy::Locality;
@@ -333,7 +333,7 @@ struct Shared {
     pool: Pool<quinn::Connection>,
     connections: TaskTracker,
     stop_listeners: CancellationToken,
-    bound: watch::Sender<Arc<BTreeMap<SocketAddr, Route>>>,
+    bound: watch::Sender<imbl::OrdMap<SocketAddr, Route>>,
     /// The catalog revision the listeners were last reconciled with.
     reconciled: watch::Sender<i64>,
     rotation: AtomicUsize,
@@ -481,7 +481,7 @@ impl Proxy {
             pool,
             connections: TaskTracker::new(),
             stop_listeners: shutdown.child_token(),
-            bound: watch::Sender::new(Arc::new(BTreeMap::new())),
+            bound: watch::Sender::new(imbl::OrdMap::new()),
             reconciled: watch::Sender::new(-1),
             rotation: AtomicUsize::new(0),
             next_request_id: AtomicU64::new(seed << 16),
@@ -515,19 +515,21 @@ impl Proxy {
     }
 
     /// The listeners currently bound.
-    pub fn listeners(&self) -> Arc<BTreeMap<SocketAddr, Route>> {
+    pub fn listeners(&self) -> imbl::OrdMap<SocketAddr, Route> {
         self.inner.bound.borrow().clone()
     }
 
     /// Waits until the VIP listeners have been reconciled with a catalog of at least
-    /// `revision` (for readiness: the VIPs of the synced catalog are served).
+    /// `revision` and every one of them is bound (for readiness: the VIPs of the synced
+    /// catalog are served). A bind that fails (the address held by another socket, no
+    /// descriptor left) keeps this waiting until a later reconcile binds it.
     pub async fn reconciled(&self, revision: i64) {
         let mut rx = self.inner.reconciled.subscribe();
         let _ = rx.wait_for(|r| *r >= revision).await;
     }
 
     /// Watches the bound listeners (for readiness: "every VIP is listening").
-    pub fn watch_listeners(&self) -> watch::Receiver<Arc<BTreeMap<SocketAddr, Route>>> {
+    pub fn watch_listeners(&self) -> watch::Receiver<imbl::OrdMap<SocketAddr, Route>> {
         self.inner.bound.subscribe()
     }
 
@@ -618,12 +620,15 @@ struct Bound {
 async fn reconcile_loop(shared: Arc<Shared>) {
     let mut snapshots = shared.snapshots.clone();
     let mut exports = shared.exports.clone();
-    let mut bound: BTreeMap<SocketAddr, Bound> = BTreeMap::new();
-    let mut warned = std::collections::BTreeSet::new();
+    let mut state = Reconciled::default();
+    let mut warned = BTreeSet::new();
     // The snapshot last reconciled against, and whether the loop woke for a new snapshot
     // alone (not for this cluster's exports or the tick).
     let mut pruned: Option<Arc<Snapshot>> = None;
+    let mut desired: Option<DesiredListeners> = None;
     let mut catalog_only = false;
+    // Whether the last reconcile bound every listener it wanted.
+    let mut complete = false;
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
@@ -634,23 +639,39 @@ async fn reconcile_loop(shared: Arc<Shared>) {
                 .as_ref()
                 .is_some_and(|p| !p.addressing_differs(&snapshot));
         if !unchanged {
-            let desired = desired_listeners(&snapshot, &shared.local, &shared.vip_range);
+            // A new snapshot moves the desired set by what changed since the last one; the
+            // tick and this cluster's exports rebuild it in full and compare every
+            // listener, a safety net of a few milliseconds per RECONCILE_INTERVAL.
+            let (set, touched) = match (desired.take(), &pruned) {
+                (Some(mut set), Some(before)) if catalog_only => {
+                    let touched = set.update(before, &snapshot, &shared.local, &shared.vip_range);
+                    (set, touched)
+                }
+                _ => (
+                    DesiredListeners::build(&snapshot, &shared.local, &shared.vip_range),
+                    None,
+                ),
+            };
+            let wanted = set.listeners();
             // Once per VIP while it stays out of range, not at every tick.
-            for vip in desired.outside.difference(&warned) {
+            for vip in wanted.outside.difference(&warned) {
                 tracing::warn!(%vip, range = %shared.vip_range, "catalog VIP outside vip_cidr; not listening on it");
             }
-            warned = desired.outside;
-            let desired = desired.routes;
+            warned.clone_from(&wanted.outside);
             // The peer set changes only with the catalog, not at every tick.
             if pruned.as_ref().is_none_or(|p| !Arc::ptr_eq(p, &snapshot)) {
                 shared.pool.retain(catalog_peers(&snapshot));
             }
             exports.borrow_and_update();
-            reconcile(&shared, &mut bound, &desired);
+            complete = reconcile(&shared, &mut state, &wanted.routes, touched.as_ref());
+            desired = Some(set);
         }
         pruned = Some(snapshot);
         let revision = pruned.as_ref().map_or(0, |s| s.revision);
         shared.reconciled.send_if_modified(|r| {
+            if !complete {
+                return false;
+            }
             let newer = *r < revision;
             if newer {
                 *r = revision;
@@ -664,10 +685,10 @@ async fn reconcile_loop(shared: Arc<Shared>) {
             _ = tick.tick() => false,
         };
     }
-    for (_, b) in std::mem::take(&mut bound) {
+    for (_, b) in std::mem::take(&mut state.bound) {
         b.stop.cancel();
     }
-    shared.bound.send_replace(Arc::new(BTreeMap::new()));
+    shared.bound.send_replace(imbl::OrdMap::new());
     shared.endpoint.metrics().listeners.set(0);
 }
 
@@ -743,28 +764,81 @@ async fn monitor_peers(shared: Arc<Shared>) {
     }
 }
 
+/// The reconciler's listeners.
+#[derive(Default)]
+struct Reconciled {
+    bound: BTreeMap<SocketAddr, Bound>,
+    /// The routes of `bound`, as [`Outbound::listeners`] shows them (a persistent map:
+    /// publishing it is a pointer copy).
+    published: imbl::OrdMap<SocketAddr, Route>,
+    /// Desired listeners whose bind failed: retried at every reconcile.
+    unbound: BTreeSet<SocketAddr>,
+}
+
+/// Closes the listeners `desired` no longer has and binds the ones it adds, looking at the
+/// `touched` addresses (and the ones that failed to bind before) or, with `None`, at every
+/// one; returns whether every desired listener is bound (a frozen set counts as complete:
+/// its successor binds).
 fn reconcile(
     shared: &Arc<Shared>,
-    bound: &mut BTreeMap<SocketAddr, Bound>,
+    state: &mut Reconciled,
     desired: &BTreeMap<SocketAddr, Route>,
-) {
+    touched: Option<&BTreeSet<SocketAddr>>,
+) -> bool {
     if shared.frozen.load(Ordering::Acquire) {
-        return;
+        return true;
     }
-    bound.retain(|addr, b| {
-        let keep = desired.get(addr) == Some(&b.route);
-        if !keep {
-            tracing::info!(%addr, service = %b.route.service, "closing VIP listener");
-            b.stop.cancel();
-            shared.sockets.offer.remove(Kind::Vip, *addr);
+    let metrics = shared.endpoint.metrics();
+    let Reconciled {
+        bound,
+        published,
+        unbound,
+    } = state;
+    let mut changed = false;
+    let mut close = |addr: &SocketAddr, b: &Bound| {
+        tracing::info!(%addr, service = %b.route.service, "closing VIP listener");
+        b.stop.cancel();
+        shared.sockets.offer.remove(Kind::Vip, *addr);
+        published.remove(addr);
+        changed = true;
+    };
+    let candidates: Vec<SocketAddr> = match touched {
+        None => {
+            bound.retain(|addr, b| {
+                let keep = desired.get(addr) == Some(&b.route);
+                if !keep {
+                    close(addr, b);
+                }
+                keep
+            });
+            desired
+                .keys()
+                .filter(|a| !bound.contains_key(*a))
+                .copied()
+                .collect()
         }
-        keep
-    });
-    for (addr, route) in desired {
-        if bound.contains_key(addr) {
+        Some(touched) => {
+            for addr in touched {
+                if let Some(b) = bound.get(addr)
+                    && desired.get(addr) != Some(&b.route)
+                {
+                    close(addr, b);
+                    bound.remove(addr);
+                }
+            }
+            touched
+                .union(unbound)
+                .filter(|a| desired.contains_key(*a) && !bound.contains_key(*a))
+                .copied()
+                .collect()
+        }
+    };
+    unbound.clear();
+    for addr in candidates {
+        let Some(route) = desired.get(&addr) else {
             continue;
-        }
-        match bind(*addr, &shared.sockets) {
+        };
+        match bind(addr, &shared.sockets) {
             Ok(listener) => {
                 tracing::info!(%addr, service = %route.service, target = ?route.target, "VIP listener bound");
                 let stop = shared.stop_listeners.child_token();
@@ -775,30 +849,29 @@ fn reconcile(
                     stop.clone(),
                 ));
                 bound.insert(
-                    *addr,
+                    addr,
                     Bound {
                         route: route.clone(),
                         stop,
                     },
                 );
+                published.insert(addr, route.clone());
+                changed = true;
             }
             Err(e) => {
-                // Retried at the next tick: a just-closed listener may still hold it.
+                // Retried at the next reconcile: a just-closed listener may still hold it.
                 tracing::warn!(%addr, error = %e, "cannot bind VIP listener; will retry");
+                metrics.listener_bind_failures.inc();
+                unbound.insert(addr);
             }
         }
     }
-    let now: BTreeMap<SocketAddr, Route> =
-        bound.iter().map(|(a, b)| (*a, b.route.clone())).collect();
-    shared.endpoint.metrics().listeners.set(now.len() as i64);
-    shared.bound.send_if_modified(|cur| {
-        if **cur == now {
-            false
-        } else {
-            *cur = Arc::new(now);
-            true
-        }
-    });
+    metrics.listeners.set(bound.len() as i64);
+    metrics.listeners_unbound.set(unbound.len() as i64);
+    if changed {
+        shared.bound.send_replace(published.clone());
+    }
+    unbound.is_empty()
 }
 
 /// The VIP listener for `addr`: the one a predecessor handed over, or a new one. Either way

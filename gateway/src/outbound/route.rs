@@ -1,11 +1,12 @@
 //! Pure routing inputs: which VIP:port listeners should exist, and which clusters could serve
 //! one new client connection (the policy decides among them). No I/O; table-tested.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
+use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
-use meshup_core::catalog::Snapshot;
+use meshup_core::catalog::{Snapshot, VipKey};
 use meshup_core::model::Protocol;
 use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_policy::ClusterState;
@@ -53,37 +54,179 @@ pub struct Listeners {
 /// address (a narrowed range, a hand-written or hostile record) must never make the gateway
 /// open an unauthenticated proxy on, say, the node's own address.
 pub fn desired_listeners(snapshot: &Snapshot, local: &ClusterName, vip_range: &IpNet) -> Listeners {
-    let mut out = BTreeMap::new();
-    let mut outside = BTreeSet::new();
+    let mut out = Listeners::default();
     // A range over this cluster's VIPs, not a lookup per (service, cluster): at 10,000
     // services × 100 clusters the lookups were most of a reconcile (docs/scale.md).
     for (key, vip) in snapshot.vips_of(local) {
-        let Some(svc) = snapshot.service(&key.service) else {
-            continue;
-        };
-        if let Some(target) = &key.target
-            && !svc.clusters.contains_key(target)
-        {
-            continue;
+        add_vip(snapshot, key, vip, vip_range, &mut out);
+    }
+    out
+}
+
+/// Adds one VIP's listeners (or its address to `outside`) as [`desired_listeners`] does.
+fn add_vip(snapshot: &Snapshot, key: &VipKey, vip: IpAddr, vip_range: &IpNet, out: &mut Listeners) {
+    let Some(svc) = snapshot.service(&key.service) else {
+        return;
+    };
+    if let Some(target) = &key.target
+        && !svc.clusters.contains_key(target)
+    {
+        return;
+    }
+    if !vip_range.contains(&vip) {
+        out.outside.insert(vip);
+        return;
+    }
+    for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+        out.routes.insert(
+            SocketAddr::new(vip, p.port),
+            Route {
+                service: key.service.clone(),
+                port: p.port,
+                target: key.target.clone(),
+            },
+        );
+    }
+}
+
+/// [`desired_listeners`] kept up to date across snapshots by what changed between them, so
+/// a new snapshot costs in proportion to the services whose listeners it changes, not to
+/// every VIP: a joining gateway gets a snapshot per VIP allocation transaction (some 300
+/// at 10,000 services), and rebuilding the whole set for each was most of its CPU between
+/// its catalog list and `/ready` (docs/scale.md).
+#[derive(Debug, Clone)]
+pub struct DesiredListeners {
+    listeners: Listeners,
+    /// How many of this cluster's VIP records hold each address.
+    uses: HashMap<IpAddr, u32>,
+    /// Addresses held by more than one VIP record (only a hand-written or hostile record
+    /// does that): whose record wins depends on the order of the whole set, so while any
+    /// exists every update is a full build.
+    shared: usize,
+}
+
+impl DesiredListeners {
+    /// The listeners of `snapshot`, built in full.
+    pub fn build(snapshot: &Snapshot, local: &ClusterName, vip_range: &IpNet) -> Self {
+        let mut uses: HashMap<IpAddr, u32> = HashMap::new();
+        for (_, vip) in snapshot.vips_of(local) {
+            *uses.entry(vip).or_default() += 1;
         }
-        if !vip_range.contains(&vip) {
-            outside.insert(vip);
-            continue;
-        }
-        for p in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-            out.insert(
-                SocketAddr::new(vip, p.port),
-                Route {
-                    service: key.service.clone(),
-                    port: p.port,
-                    target: key.target.clone(),
-                },
-            );
+        Self {
+            listeners: desired_listeners(snapshot, local, vip_range),
+            shared: uses.values().filter(|n| **n > 1).count(),
+            uses,
         }
     }
-    Listeners {
-        routes: out,
-        outside,
+
+    /// The listeners.
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
+    }
+
+    /// Moves the set from the listeners of `before` (what it holds) to those of `after`;
+    /// returns the addresses whose route may have changed (every added, removed or
+    /// different one, and some that came back the same), or `None` after a full build
+    /// (then any address may have).
+    pub fn update(
+        &mut self,
+        before: &Snapshot,
+        after: &Snapshot,
+        local: &ClusterName,
+        vip_range: &IpNet,
+    ) -> Option<BTreeSet<SocketAddr>> {
+        let shared_before = self.shared;
+        let mut touched: BTreeSet<&ServiceKey> = BTreeSet::new();
+        for item in before.vip_map().diff(after.vip_map()) {
+            match item {
+                DiffItem::Add(k, ip) if k.cluster == *local => {
+                    self.count(*ip, true);
+                    touched.insert(&k.service);
+                }
+                DiffItem::Remove(k, ip) if k.cluster == *local => {
+                    self.count(*ip, false);
+                    touched.insert(&k.service);
+                }
+                DiffItem::Update {
+                    old: (k, was),
+                    new: (_, is),
+                } if k.cluster == *local => {
+                    self.count(*was, false);
+                    self.count(*is, true);
+                    touched.insert(&k.service);
+                }
+                _ => {}
+            }
+        }
+        if shared_before > 0 || self.shared > 0 {
+            self.listeners = desired_listeners(after, local, vip_range);
+            return None;
+        }
+        for item in before.service_map().diff(after.service_map()) {
+            match item {
+                DiffItem::Add(k, _) | DiffItem::Remove(k, _) => {
+                    touched.insert(k);
+                }
+                DiffItem::Update {
+                    old: (k, was),
+                    new: (_, is),
+                } => {
+                    if was.ports != is.ports || !was.clusters.keys().eq(is.clusters.keys()) {
+                        touched.insert(k);
+                    }
+                }
+            }
+        }
+        // Every old listener of the touched services goes before any new one comes: two
+        // services that swapped addresses must not remove each other's new routes. No
+        // address is shared, so each belongs to one service alone.
+        let mut changed = BTreeSet::new();
+        let mut old = Listeners::default();
+        for service in &touched {
+            for (key, vip) in before.vips_of_service(local, service) {
+                add_vip(before, key, vip, vip_range, &mut old);
+            }
+        }
+        for (addr, route) in old.routes {
+            if self.listeners.routes.get(&addr) == Some(&route) {
+                self.listeners.routes.remove(&addr);
+                changed.insert(addr);
+            }
+        }
+        for ip in old.outside {
+            self.listeners.outside.remove(&ip);
+        }
+        let mut new = Listeners::default();
+        for service in &touched {
+            for (key, vip) in after.vips_of_service(local, service) {
+                add_vip(after, key, vip, vip_range, &mut new);
+            }
+        }
+        for (addr, route) in new.routes {
+            self.listeners.routes.insert(addr, route);
+            changed.insert(addr);
+        }
+        self.listeners.outside.extend(new.outside);
+        Some(changed)
+    }
+
+    fn count(&mut self, ip: IpAddr, add: bool) {
+        let n = self.uses.entry(ip).or_default();
+        let was_shared = *n > 1;
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+        }
+        let is_shared = *n > 1;
+        if *n == 0 {
+            self.uses.remove(&ip);
+        }
+        match (was_shared, is_shared) {
+            (false, true) => self.shared += 1,
+            (true, false) => self.shared -= 1,
+            _ => {}
+        }
     }
 }
 
@@ -231,6 +374,127 @@ mod tests {
         assert!(l.routes.is_empty());
         let outside: Vec<String> = l.outside.iter().map(ToString::to_string).collect();
         assert_eq!(outside, ["127.77.0.1", "127.77.0.2"]);
+    }
+
+    /// A sequence of catalog changes: after each, the incrementally updated set equals one
+    /// built from scratch, and every address whose route differs from the step before is
+    /// among the touched ones. A VIP address held by two records (hostile) makes updates
+    /// full builds until it is not.
+    #[test]
+    fn desired_listeners_updated_by_diff_equal_a_full_build() {
+        use meshup_core::catalog::{ExportKey, VipKey};
+        let put = |cluster: &str, service: &str, port: u16| {
+            fixture::put_export(cluster, "gw-0", service, fixture::export(port, 1))
+        };
+        let vip = |service: &str, target: Option<&str>, last: u8| {
+            fixture::put_vip("east", service, target, IpAddr::from([127, 77, 0, last]))
+        };
+        let vip_key = |service: &str, target: Option<&str>| VipKey {
+            cluster: c("east"),
+            service: fixture::service(service),
+            target: target.map(c),
+        };
+        let range: IpNet = "127.77.0.0/26".parse().expect("cidr");
+        let steps: Vec<(&str, Vec<Change>, bool)> = vec![
+            (
+                "VIPs come",
+                vec![vip("a.prod", None, 1), vip("b.prod", None, 2)],
+                true,
+            ),
+            ("a pinned VIP", vec![vip("a.prod", Some("west"), 3)], true),
+            (
+                "another cluster's VIP",
+                vec![fixture::put_vip(
+                    "west",
+                    "a.prod",
+                    None,
+                    IpAddr::from([127, 77, 0, 9]),
+                )],
+                true,
+            ),
+            ("a port is added", vec![put("south", "a.prod", 9090)], true),
+            (
+                "endpoints only",
+                vec![fixture::put_export(
+                    "west",
+                    "gw-0",
+                    "a.prod",
+                    fixture::export(8080, 5),
+                )],
+                true,
+            ),
+            (
+                "two services swap addresses",
+                vec![vip("a.prod", None, 2), vip("b.prod", None, 1)],
+                true,
+            ),
+            (
+                "a VIP outside the range",
+                vec![vip("c.prod", None, 100)],
+                true,
+            ),
+            (
+                "the pinned target stops exporting",
+                vec![Change::DeleteExport(ExportKey {
+                    cluster: c("west"),
+                    gateway: fixture::gateway_id("gw-0"),
+                    service: fixture::service("a.prod"),
+                })],
+                true,
+            ),
+            (
+                "a second record on one address",
+                vec![vip("c.prod", None, 1)],
+                false,
+            ),
+            ("still shared", vec![vip("d.prod", None, 20)], false),
+            (
+                "no longer shared",
+                vec![Change::DeleteVip(vip_key("c.prod", None))],
+                false,
+            ),
+            ("incremental again", vec![vip("d.prod", None, 21)], true),
+            (
+                "a service goes",
+                vec![Change::DeleteExport(ExportKey {
+                    cluster: c("south"),
+                    gateway: fixture::gateway_id("gw-0"),
+                    service: fixture::service("b.prod"),
+                })],
+                true,
+            ),
+        ];
+        let mut snap = snapshot(vec![
+            put("west", "a.prod", 8080),
+            put("south", "b.prod", 8080),
+            put("south", "c.prod", 7000),
+            put("south", "d.prod", 7000),
+        ]);
+        let mut set = DesiredListeners::build(&snap, &c("east"), &range);
+        let mut saw_outside = false;
+        for (what, changes, incremental) in steps {
+            let before = snap.clone();
+            for change in changes {
+                snap.apply(change);
+            }
+            let touched = set.update(&before, &snap, &c("east"), &range);
+            let full = desired_listeners(&snap, &c("east"), &range);
+            assert_eq!(set.listeners(), &full, "{what}");
+            assert_eq!(touched.is_some(), incremental, "{what}: {touched:?}");
+            saw_outside |= !full.outside.is_empty();
+            if let Some(touched) = touched {
+                let was = desired_listeners(&before, &c("east"), &range).routes;
+                let differs: Vec<&SocketAddr> = was
+                    .keys()
+                    .chain(full.routes.keys())
+                    .filter(|a| was.get(a) != full.routes.get(a))
+                    .collect();
+                for addr in differs {
+                    assert!(touched.contains(addr), "{what}: {addr} not touched");
+                }
+            }
+        }
+        assert!(saw_outside, "the range check was exercised");
     }
 
     #[test]

@@ -126,6 +126,11 @@ pub struct Metrics {
     /// copies are dropped in the kernel from then on (gateway/src/tunnel/replays.rs).
     pub replayed_initials_blocked: Counter,
     pub listeners: Gauge,
+    /// VIP listeners the catalog asks for that could not be bound at the last reconcile
+    /// (retried every reconcile); the gateway is not ready while its first catalog has any.
+    pub listeners_unbound: Gauge,
+    /// Failed VIP listener binds, each retry counted.
+    pub listener_bind_failures: Counter,
     /// In-flight streams per direction over every cluster pair (`[outbound, inbound]`), for
     /// [`Metrics::in_flight`]; not exported (the family above has the same numbers).
     in_flight_by_direction: [Gauge; 2],
@@ -195,6 +200,16 @@ impl Metrics {
             "listeners",
             "Outbound VIP listeners currently bound",
             m.listeners.clone(),
+        );
+        r.register(
+            "listeners_unbound",
+            "Outbound VIP listeners the catalog asks for that could not be bound at the last reconcile (retried)",
+            m.listeners_unbound.clone(),
+        );
+        r.register(
+            "listener_bind_failures",
+            "Failed binds of outbound VIP listeners, each retry counted",
+            m.listener_bind_failures.clone(),
         );
         m
     }
