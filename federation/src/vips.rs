@@ -4,7 +4,9 @@
 //! The reconciler allocates in batches ([`ALLOCATION_BATCH`] keys per transaction): it picks
 //! each key's first candidate address not held by this cluster in the snapshot nor picked
 //! earlier in the batch ([`pick`]), and writes them all in one transaction guarded by the
-//! same absence checks. Only when a batch loses a race (a replica or an operator wrote one
+//! same absence checks; up to [`ALLOCATIONS_IN_FLIGHT`] batches are written at once (their
+//! picks are made one batch after another, so they never collide with each other). Only
+//! when a batch loses a race (a replica or an operator wrote one
 //! of its keys meanwhile) do its keys fall back to [`VipAllocator::allocate`], one
 //! transaction each, which adopts what the winner wrote. Clusterset VIPs go before pinned
 //! ones, so a range too small for every pinned name still serves every clusterset name.
@@ -36,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use ipnet::IpNet;
 use meshup_core::catalog::{Snapshot, VipKey};
 use meshup_core::model::{SCHEMA_VERSION, VipRecord, decode, encode};
@@ -67,6 +70,23 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest backoff of a key: how long a repaired corrupt record or a widened store
 /// permission may go unnoticed.
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Addresses picked for a batch of keys, not written yet ([`VipAllocator::pick_batch`]).
+#[derive(Debug, Default)]
+pub struct Picked(Vec<(VipKey, String, IpAddr)>);
+
+impl Picked {
+    /// The picked addresses, in key order.
+    fn addresses(&self) -> Vec<IpAddr> {
+        self.0.iter().map(|(_, _, ip)| *ip).collect()
+    }
+}
+
+/// One key's allocation result.
+pub type Allocation = (VipKey, Result<IpAddr, VipError>);
+
+/// VIP allocation transactions a reconcile keeps in flight at once.
+pub const ALLOCATIONS_IN_FLIGHT: usize = 8;
 
 /// Why a VIP could not be allocated or freed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -232,28 +252,29 @@ impl VipAllocator {
         self.progress.subscribe()
     }
 
-    /// Allocates `keys` in one transaction (see the module docs), each on the first
-    /// candidate that is not in `used` (this cluster's addresses as far as it knows) nor
-    /// picked earlier in the batch. If the transaction loses a race, keys whose VIP exists
-    /// now adopt it and the others are allocated one by one. One result per key, in order.
-    pub async fn allocate_batch(
+    /// Picks an address for each of `keys` (at most [`ALLOCATION_BATCH`]): its first
+    /// candidate that is not in `used` (this cluster's addresses as far as it knows, and
+    /// what earlier batches picked), and adds the picks to `used`. What [`commit_batch`]
+    /// then writes; keys without a free candidate come back as errors at once.
+    ///
+    /// [`commit_batch`]: Self::commit_batch
+    pub fn pick_batch(
         &self,
         keys: &[VipKey],
-        used: &HashSet<IpAddr>,
-    ) -> Vec<(VipKey, Result<IpAddr, VipError>)> {
-        let mut results = Vec::with_capacity(keys.len());
-        let mut picked = HashSet::new();
+        used: &mut HashSet<IpAddr>,
+    ) -> (Picked, Vec<Allocation>) {
+        let mut exhausted = Vec::new();
         let mut chosen = Vec::with_capacity(keys.len());
         for key in keys {
             let owner = self.layout.vip(key);
             match pick(self.config.cidr, stable_hash(owner.as_bytes()), |ip| {
-                used.contains(ip) || picked.contains(ip)
+                used.contains(ip)
             }) {
                 Some(ip) => {
-                    picked.insert(ip);
+                    used.insert(ip);
                     chosen.push((key.clone(), owner, ip));
                 }
-                None => results.push((
+                None => exhausted.push((
                     key.clone(),
                     Err(VipError::Exhausted {
                         key: owner,
@@ -263,6 +284,17 @@ impl VipAllocator {
                 )),
             }
         }
+        (Picked(chosen), exhausted)
+    }
+
+    /// Writes a batch of picks in one transaction guarded by the absence of every VIP key
+    /// and address claim. If it loses a race, keys whose VIP exists now adopt it and the
+    /// others are allocated one by one. One result per key, in order. Batches of disjoint
+    /// picks may be committed concurrently: etcd puts concurrent proposals in one raft
+    /// round, so a joining gateway's thousands of VIPs cost a few rounds, not one each.
+    pub async fn commit_batch(&self, picked: Picked) -> Vec<Allocation> {
+        let chosen = picked.0;
+        let mut results = Vec::with_capacity(chosen.len());
         if chosen.is_empty() {
             return results;
         }
@@ -577,10 +609,10 @@ impl VipAllocator {
         let mut range_full = false;
         let mut waiting_for_room = 0usize;
         let mut done = Vec::new();
+        // Addresses are picked batch by batch here (each batch sees the earlier picks), then
+        // the batches are written ALLOCATIONS_IN_FLIGHT at a time.
+        let mut batches = Vec::new();
         for batch in due.chunks(ALLOCATION_BATCH) {
-            if cancel.is_cancelled() {
-                return false;
-            }
             if range_full {
                 for key in batch {
                     retries.failed(key, FailureKind::Exhausted, now);
@@ -588,27 +620,36 @@ impl VipAllocator {
                 }
                 continue;
             }
-            for (key, result) in self.allocate_batch(batch, used).await {
-                match result {
-                    Ok(ip) => {
-                        used.insert(ip);
-                        retries.succeeded(&key);
-                        done.push(key);
-                    }
-                    Err(e) => {
-                        let kind = FailureKind::of(&e);
-                        if kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr) {
-                            range_full = true;
-                        }
-                        let (delay, first) = retries.failed(&key, kind, Instant::now());
-                        self.metrics.count_error(&e);
-                        if first {
-                            tracing::warn!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed; will retry with backoff");
-                        } else {
-                            tracing::debug!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed again");
-                        }
-                    }
+            let (picked, exhausted) = self.pick_batch(batch, used);
+            for (key, result) in exhausted {
+                range_full |= self.settle(key, result, retries, &mut done);
+            }
+            batches.push(picked);
+        }
+        let mut commits = futures::stream::iter(batches.into_iter().map(|picked| {
+            let ips = picked.addresses();
+            async move { (ips, self.commit_batch(picked).await) }
+        }))
+        .buffered(ALLOCATIONS_IN_FLIGHT);
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return false,
+                next = commits.next() => next,
+            };
+            let Some((ips, results)) = next else {
+                break;
+            };
+            for ((key, result), picked) in results.into_iter().zip(ips) {
+                // A key that adopted a racing writer's address, or failed, frees its pick.
+                if result.as_ref().ok() != Some(&picked) {
+                    used.remove(&picked);
                 }
+                if let Ok(ip) = &result {
+                    used.insert(*ip);
+                }
+                // Every batch is picked already: a full range found now shows at the next
+                // round (a fallback allocation probing past a racing writer's picks).
+                self.settle(key, result, retries, &mut done);
             }
         }
         if waiting_for_room > 0 {
@@ -629,6 +670,34 @@ impl VipAllocator {
             changed
         });
         true
+    }
+
+    /// Records one key's allocation result; true if it found the whole range full.
+    fn settle(
+        &self,
+        key: VipKey,
+        result: Result<IpAddr, VipError>,
+        retries: &mut Retries,
+        done: &mut Vec<VipKey>,
+    ) -> bool {
+        match result {
+            Ok(_) => {
+                retries.succeeded(&key);
+                done.push(key);
+                false
+            }
+            Err(e) => {
+                let kind = FailureKind::of(&e);
+                let (delay, first) = retries.failed(&key, kind, Instant::now());
+                self.metrics.count_error(&e);
+                if first {
+                    tracing::warn!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed; will retry with backoff");
+                } else {
+                    tracing::debug!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed again");
+                }
+                kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr)
+            }
+        }
     }
 
     /// Frees unused VIPs whose grace period (and any backoff after a failed free) ended.
