@@ -99,6 +99,13 @@ impl ServiceView {
     pub fn port(&self, name: &str) -> Option<&PortSpec> {
         self.ports.iter().find(|p| p.name == name)
     }
+
+    /// Whether the two views address the service differently: other ports or another set of
+    /// exporting clusters (what names, VIPs and listeners are derived from). Endpoint counts
+    /// and allowed callers are not compared.
+    pub fn addressing_differs(&self, other: &ServiceView) -> bool {
+        self.ports != other.ports || !self.clusters.keys().eq(other.clusters.keys())
+    }
 }
 
 type ServiceExports = OrdMap<(ClusterName, GatewayId), Arc<ExportRecord>>;
@@ -408,7 +415,7 @@ impl Snapshot {
             DiffItem::Update {
                 old: (_, was),
                 new: (_, is),
-            } => was.ports != is.ports || !was.clusters.keys().eq(is.clusters.keys()),
+            } => was.addressing_differs(is),
             _ => true,
         })
     }

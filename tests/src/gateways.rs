@@ -713,6 +713,30 @@ impl GatewayProcess {
 
     /// Waits until `/ready` answers 200; panics with the log if the process exits first.
     pub async fn wait_ready(&mut self) {
+        self.wait_start_up("ready", |g| matches!(g.admin_get("/ready"), Ok((200, _))))
+            .await
+    }
+
+    /// Waits until nothing but its VIP listeners keeps the gateway from being ready: its
+    /// catalog is synced and it answers every service. For replicas of one cluster started
+    /// in one network namespace, where each VIP and port can be held by one of them only (in
+    /// a deployment each replica is on its own node).
+    pub async fn wait_ready_but_listeners(&mut self) {
+        self.wait_start_up("ready but for its VIP listeners", |g| {
+            let Ok((200, body)) = g.admin_get("/status") else {
+                return false;
+            };
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            status["pending"]
+                .as_array()
+                .is_some_and(|p| p.iter().all(|item| item == "VIP listeners"))
+        })
+        .await
+    }
+
+    /// Polls `done` until it holds; panics with the log when the gateway exits first or
+    /// 30 s pass.
+    async fn wait_start_up(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self
@@ -725,12 +749,12 @@ impl GatewayProcess {
                     self.log_text()
                 );
             }
-            if matches!(self.admin_get("/ready"), Ok((200, _))) {
+            if done(self) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "gateway not ready within 30s; log:\n{}",
+                "gateway not {what} within 30s; log:\n{}",
                 self.log_text()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

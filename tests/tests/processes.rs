@@ -181,8 +181,11 @@ async fn replicas_of_one_cluster_answer_the_same_vip_for_every_service() {
         GatewayProcess::start(spec("east-0")),
         GatewayProcess::start(spec("east-1")),
     ];
+    // Both share this host's loopback, so each VIP and port can be bound by one of them
+    // only; the other keeps retrying it, reports it unbound (checked below) and is not ready
+    // while any of its first catalog's VIPs is held by the other.
     for r in &mut replicas {
-        r.wait_ready().await;
+        r.wait_ready_but_listeners().await;
     }
     // West joins once both replicas are up: both see its four services in the same watch
     // event and race for all of their VIPs.
@@ -293,6 +296,28 @@ async fn replicas_of_one_cluster_answer_the_same_vip_for_every_service() {
         allocated, wanted as f64,
         "VIP allocations by both replicas together"
     );
+    // Every VIP is listened on, by exactly one replica: a bind never takes an address the
+    // other replica holds (no SO_REUSEPORT), and the one that lost it says so.
+    eventually_ok(
+        "each VIP bound by one replica",
+        Duration::from_secs(10),
+        || async {
+            let mut bound = 0.0;
+            let mut unbound = 0.0;
+            for r in &replicas {
+                bound += r.metric("meshup_tunnel_listeners")?;
+                unbound += r.metric("meshup_tunnel_listeners_unbound")?;
+            }
+            if bound == wanted as f64 && unbound == wanted as f64 {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "{bound} bound and {unbound} unbound of {wanted} VIP listeners per replica"
+                ))
+            }
+        },
+    )
+    .await;
 
     for (i, replica) in replicas.iter().enumerate() {
         let dns = replica.dns_addr().await;

@@ -99,6 +99,9 @@ struct Row {
     ready: Option<Duration>,
     last_answer: Option<Duration>,
     rss_kib: u64,
+    /// RSS again once the churn probes are done (tens of seconds later): what the
+    /// allocator kept of the join's transient memory.
+    settled_rss_kib: Option<u64>,
     probes: Vec<Duration>,
     probe_timeouts: usize,
     churned: u64,
@@ -294,6 +297,11 @@ async fn run_size(
         churn.await?;
         row.churned = churned.load(Ordering::Relaxed);
         row.churn_errors = churn_errors.load(Ordering::Relaxed);
+        row.settled_rss_kib = Some(meshup_tests::procs::rss_kib(gateway.pid())?);
+        eprintln!(
+            "   RSS after the probes {} MiB",
+            row.settled_rss_kib.unwrap_or_default() / 1024
+        );
     }
     drop(gateway);
     cancel.cancel();
@@ -549,13 +557,13 @@ fn print_table(options: &Options, rows: &[Row]) {
         options.samples
     );
     println!(
-        "| records | clusters × services | publish | `/ready` | first answer, last service | RSS | B/record | change → DNS p50 / p99 ms |"
+        "| records | clusters × services | publish | `/ready` | first answer, last service | RSS | B/record | RSS after the probes | change → DNS p50 / p99 ms |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows.iter().filter(|r| r.records == 0) {
         let mib = row.rss_kib as f64 / 1024.0;
         println!(
-            "| 0 (idle) | – | – | {} | – | {mib:.1} MiB | – | – |",
+            "| 0 (idle) | – | – | {} | – | {mib:.1} MiB | – | – | – |",
             secs(row.ready)
         );
     }
@@ -573,8 +581,15 @@ fn print_table(options: &Options, rows: &[Row]) {
                 sorted.len() + row.probe_timeouts
             )
         };
+        let settled = row.settled_rss_kib.map_or("–".to_owned(), |kib| {
+            format!(
+                "{:.0} MiB ({} B/record)",
+                kib as f64 / 1024.0,
+                (kib * 1024) / row.records.max(1) as u64
+            )
+        });
         println!(
-            "| {} | {} × {} | {:.1} s | {} | {} | {:.0} MiB | {} | {} |",
+            "| {} | {} × {} | {:.1} s | {} | {} | {:.0} MiB | {} | {settled} | {} |",
             row.records,
             row.clusters,
             row.services,

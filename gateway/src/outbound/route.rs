@@ -171,7 +171,7 @@ impl DesiredListeners {
                     old: (k, was),
                     new: (_, is),
                 } => {
-                    if was.ports != is.ports || !was.clusters.keys().eq(is.clusters.keys()) {
+                    if was.addressing_differs(is) {
                         touched.insert(k);
                     }
                 }
