@@ -295,18 +295,32 @@ impl GatewayRecord {
     }
 }
 
+/// Reads a sequence into a vector with no spare room. Without a length to go by, serde grows
+/// a vector from room for four: an export's usual single port held 128 bytes instead of 32,
+/// and a snapshot holds one record per export (docs/scale.md, "Memory per record").
+fn compact_vec<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let mut items = Vec::<T>::deserialize(deserializer)?;
+    items.shrink_to_fit();
+    Ok(items)
+}
+
 /// A service one cluster offers to the federation.
 /// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>/exports/<ns>/<name>`, lease-bound.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportRecord {
     pub schema: u32,
+    #[serde(deserialize_with = "compact_vec")]
     pub ports: Vec<PortSpec>,
     /// Local endpoints the exporting gateway knows of.
     pub endpoints_total: u32,
     /// Of those, the ones that passed the gateway's last probe.
     pub endpoints_healthy: u32,
     /// Clusters allowed to call this export; empty means every cluster of the federation.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "compact_vec")]
     pub allowed_callers: Vec<ClusterName>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
