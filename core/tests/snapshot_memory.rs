@@ -1,8 +1,8 @@
 //! What a catalog snapshot holds per export record, measured with a counting allocator:
 //! 100 clusters each exporting the same 1,000 services (100,000 records), every record decoded
 //! from its own bytes as the watcher does, applied through a `Batch`. The figure guards the
-//! compact representation (docs/scale.md, "Memory per record"): a change that gives each record its own
-//! copy of what records share again fails here.
+//! compact representation (docs/scale.md, "Memory per record"): a change that gives each
+//! record its own copy of what records share again fails here.
 //!
 //! One test per binary: the allocator counts the whole process.
 
