@@ -7,15 +7,13 @@
 //! One test per binary: the allocator counts the whole process.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use meshup_core::catalog::{Batch, Change, ExportKey, Snapshot};
-use meshup_core::model::{
-    ExportRecord, GatewayRecord, PortSpec, Protocol, SCHEMA_VERSION, decode, encode,
-};
-use meshup_core::names::{ClusterName, GatewayId, ServiceKey};
+use meshup_core::fixture::{cluster, export, gateway, gateway_id};
+use meshup_core::model::{ExportRecord, decode, encode};
+use meshup_core::names::ServiceKey;
 
 /// Counts the bytes allocated now.
 struct Counting;
@@ -62,58 +60,28 @@ const SERVICES: usize = 1_000;
 /// decoded record's port list kept serde's spare room for three more ports.
 const MAX_BYTES_PER_RECORD: usize = 360;
 
-fn cluster(c: usize) -> ClusterName {
-    ClusterName::new(&format!("c{c:03}")).expect("cluster name")
-}
-
-fn gateway_id() -> GatewayId {
-    GatewayId::new("gw-0").expect("gateway id")
-}
-
-fn gateway(c: usize) -> GatewayRecord {
-    GatewayRecord {
-        schema: SCHEMA_VERSION,
-        spiffe_id: format!("spiffe://example.org/cluster/c{c:03}/gateway"),
-        cluster: cluster(c),
-        gateway_id: gateway_id(),
-        region: format!("r{}", c % 4),
-        zone: format!("z{}", c % 12),
-        quic_addrs: vec![([127, 0, 0, 1], 1).into()],
-        draining: false,
-    }
-}
-
-fn export(healthy: u32) -> Vec<u8> {
-    encode(&ExportRecord {
-        schema: SCHEMA_VERSION,
-        ports: vec![PortSpec {
-            name: "http".into(),
-            port: 8080,
-            protocol: Protocol::Tcp,
-            app_protocol: Default::default(),
-        }],
-        endpoints_total: 3,
-        endpoints_healthy: healthy,
-        allowed_callers: vec![],
-        labels: BTreeMap::new(),
-    })
+fn cluster_name(c: usize) -> String {
+    format!("c{c:03}")
 }
 
 #[test]
 fn a_snapshot_holds_at_most_its_budget_per_export_record() {
     // Two encodings, so records are not all the same bytes.
-    let values = [export(3), export(2)];
+    let values = [encode(&export(8080, 3)), encode(&export(8080, 2))];
     let before = LIVE.load(Ordering::Relaxed);
     let mut batch = Batch::new(Snapshot::new());
     for c in 0..CLUSTERS {
-        batch.apply(Change::PutGateway(Arc::new(gateway(c))));
+        batch.apply(Change::PutGateway(Arc::new(gateway(
+            &cluster_name(c),
+            "gw-0",
+        ))));
     }
     for c in 0..CLUSTERS {
         for s in 0..SERVICES {
             // Fresh names and a freshly decoded record per key, as the reducer makes them.
             let key = ExportKey {
-                cluster: cluster(c),
-                gateway: gateway_id(),
+                cluster: cluster(&cluster_name(c)),
+                gateway: gateway_id("gw-0"),
                 service: ServiceKey::parse("bench", &format!("svc-{s:06}")).expect("service"),
             };
             let record: ExportRecord = decode(&values[(c + s) % 2]).expect("record");
