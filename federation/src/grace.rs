@@ -20,6 +20,14 @@
 //!   gateway that stops or hands over marks itself draining before it revokes its lease, and
 //!   must get no new connections.
 //!
+//! The grace runs only while the store answers this gateway. etcd can revoke the leases and
+//! then have no leader for seconds (a leader and a follower stopped together: they resume,
+//! commit the revocations in their old term, then the third member forces an election). No
+//! gateway can publish again until a leader is back, and this one cannot see them do it, so
+//! the time the store was silent (from its last answer until it answers again) is added to
+//! every hold, the way the rest of the catalog stays as it was while etcd is away
+//! (docs/reliability.md, "stale while down"). The link still ends a hold at once.
+//!
 //! An explicit withdrawal (an unexport, a gateway removed by hand) looks the same as a lost
 //! lease from here: while the link is alive it takes effect at most the grace later.
 //!
@@ -134,7 +142,16 @@ pub struct Update {
 #[derive(Debug, Clone)]
 struct Held<R> {
     record: Arc<R>,
+    /// When the catalog lost it.
+    since: Instant,
     until: Instant,
+}
+
+impl<R> Held<R> {
+    /// Adds the part of a silence from `silent` to `now` that fell within this hold.
+    fn credit(&mut self, silent: Instant, now: Instant) {
+        self.until += now.saturating_duration_since(silent.max(self.since));
+    }
 }
 
 /// The withdrawal grace's state: the last raw catalog and the records held. Pure: time comes
@@ -146,6 +163,8 @@ pub struct Grace {
     output: Arc<Snapshot>,
     gateways: BTreeMap<(ClusterName, GatewayId), Held<GatewayRecord>>,
     exports: BTreeMap<ExportKey, Held<ExportRecord>>,
+    /// The store's last answer, while it is silent.
+    silent_since: Option<Instant>,
 }
 
 impl Grace {
@@ -157,6 +176,7 @@ impl Grace {
             raw,
             gateways: BTreeMap::new(),
             exports: BTreeMap::new(),
+            silent_since: None,
         }
     }
 
@@ -171,8 +191,32 @@ impl Grace {
     }
 
     /// Takes the raw catalog `raw` (the same `Arc` as before when only links or time moved),
-    /// the live `links` and `now`; returns the catalog to act on.
-    pub fn update(&mut self, raw: Arc<Snapshot>, links: &Links, now: Instant) -> Update {
+    /// the live `links`, since when the store has been silent (its last answer; `None` while
+    /// it answers) and `now`; returns the catalog to act on. No hold expires while the store
+    /// is silent, and when it answers again every hold gets the silence added.
+    pub fn update(
+        &mut self,
+        raw: Arc<Snapshot>,
+        links: &Links,
+        silent_since: Option<Instant>,
+        now: Instant,
+    ) -> Update {
+        match (silent_since, self.silent_since) {
+            (Some(since), None) => self.silent_since = Some(since),
+            (None, Some(since)) => {
+                self.silent_since = None;
+                for held in self.gateways.values_mut() {
+                    held.credit(since, now);
+                }
+                for held in self.exports.values_mut() {
+                    held.credit(since, now);
+                }
+            }
+            // Still silent: counted from the first answer missed.
+            _ => {}
+        }
+        let silent = self.silent_since.is_some();
+        let expired = |until: Instant| !silent && now >= until;
         let mut ended = Vec::new();
         let mut touched = false;
         if !Arc::ptr_eq(&raw, &self.raw) {
@@ -188,7 +232,7 @@ impl Grace {
         for (key, held) in gateways {
             let outcome = if raw.gateway(&key.0, &key.1).is_some() {
                 Some(Outcome::Returned)
-            } else if now >= held.until {
+            } else if expired(held.until) {
                 Some(Outcome::Expired)
             } else if !links.carries(&held.record) {
                 Some(Outcome::LinkGone)
@@ -206,7 +250,7 @@ impl Grace {
         for (key, held) in exports {
             let outcome = if raw.export(&key).is_some() {
                 Some(Outcome::Returned)
-            } else if now >= held.until {
+            } else if expired(held.until) {
                 Some(Outcome::Expired)
             } else if !self
                 .gateway_record(&raw, &key.cluster, &key.gateway)
@@ -236,7 +280,8 @@ impl Grace {
                 .values()
                 .map(|h| h.until)
                 .chain(self.exports.values().map(|h| h.until))
-                .min(),
+                .min()
+                .filter(|_| self.silent_since.is_none()),
             ended,
         }
     }
@@ -267,6 +312,7 @@ impl Grace {
                     (gone.cluster.clone(), gone.gateway_id.clone()),
                     Held {
                         record: gone.clone(),
+                        since: now,
                         until,
                     },
                 );
@@ -302,6 +348,7 @@ impl Grace {
                         key,
                         Held {
                             record: record.clone(),
+                            since: now,
                             until,
                         },
                     );
@@ -388,8 +435,9 @@ mod tests {
         (gateway, s.service(&service("echo.prod")).is_some())
     }
 
-    /// One step: the raw catalog (`None`: unchanged), the link, seconds since the start.
-    type Step = (Option<Arc<Snapshot>>, bool, u64);
+    /// One step: the raw catalog (`None`: unchanged), the link, since when the store has been
+    /// silent and now (seconds since the start).
+    type Step = (Option<Arc<Snapshot>>, bool, Option<u64>, u64);
 
     #[test]
     fn withdrawn_records_are_held_only_while_the_link_carries_them() {
@@ -403,7 +451,11 @@ mod tests {
         let cases: Vec<(&str, Vec<Step>, Vec<((bool, bool), Vec<(Kind, Outcome)>)>)> = vec![
             (
                 "lease lost, link alive: held through the grace, then gone",
-                vec![(lease_lost(), true, 1), (None, true, 5), (None, true, 6)],
+                vec![
+                    (lease_lost(), true, None, 1),
+                    (None, true, None, 5),
+                    (None, true, None, 6),
+                ],
                 vec![
                     ((true, true), vec![]),
                     ((true, true), vec![]),
@@ -412,12 +464,12 @@ mod tests {
             ),
             (
                 "lease lost, no link: gone at once",
-                vec![(lease_lost(), false, 1)],
+                vec![(lease_lost(), false, None, 1)],
                 vec![((false, false), vec![(G, Dropped), (E, Dropped)])],
             ),
             (
                 "lease lost, link goes during the grace: gone then",
-                vec![(lease_lost(), true, 1), (None, false, 2)],
+                vec![(lease_lost(), true, None, 1), (None, false, None, 2)],
                 vec![
                     ((true, true), vec![]),
                     ((false, false), vec![(G, LinkGone), (E, LinkGone)]),
@@ -425,7 +477,11 @@ mod tests {
             ),
             (
                 "records back within the grace: the new ones take over",
-                vec![(lease_lost(), true, 1), (full(), true, 2), (None, true, 9)],
+                vec![
+                    (lease_lost(), true, None, 1),
+                    (full(), true, None, 2),
+                    (None, true, None, 9),
+                ],
                 vec![
                     ((true, true), vec![]),
                     ((true, true), vec![(G, Returned), (E, Returned)]),
@@ -435,9 +491,9 @@ mod tests {
             (
                 "gateway back before its export: the export stays held",
                 vec![
-                    (lease_lost(), true, 1),
-                    (unexported(), true, 2),
-                    (full(), true, 3),
+                    (lease_lost(), true, None, 1),
+                    (unexported(), true, None, 2),
+                    (full(), true, None, 3),
                 ],
                 vec![
                     ((true, true), vec![]),
@@ -447,7 +503,7 @@ mod tests {
             ),
             (
                 "a draining gateway's records are never held",
-                vec![(drained(), true, 1), (lease_lost(), true, 2)],
+                vec![(drained(), true, None, 1), (lease_lost(), true, None, 2)],
                 vec![
                     ((true, true), vec![]),
                     ((false, false), vec![(G, Dropped), (E, Dropped)]),
@@ -456,8 +512,8 @@ mod tests {
             (
                 "gateway back draining while its export is held: the export goes",
                 vec![
-                    (lease_lost(), true, 1),
-                    (Some(catalog(Some(true), false)), true, 2),
+                    (lease_lost(), true, None, 1),
+                    (Some(catalog(Some(true), false)), true, None, 2),
                 ],
                 vec![
                     ((true, true), vec![]),
@@ -466,7 +522,11 @@ mod tests {
             ),
             (
                 "explicit unexport, link alive: takes effect the grace later",
-                vec![(unexported(), true, 1), (None, true, 5), (None, true, 6)],
+                vec![
+                    (unexported(), true, None, 1),
+                    (None, true, None, 5),
+                    (None, true, None, 6),
+                ],
                 vec![
                     ((true, true), vec![]),
                     ((true, true), vec![]),
@@ -474,8 +534,63 @@ mod tests {
                 ],
             ),
             (
+                "store silent before the grace ran out: held until it answers, then the rest",
+                // Lost at 1 (until 6); the store's last answer was at 2, seen silent at 4;
+                // it answers at 10: 8 s of silence added, so the hold lasts until 14.
+                vec![
+                    (lease_lost(), true, None, 1),
+                    (None, true, Some(2), 4),
+                    (None, true, Some(2), 9),
+                    (None, true, None, 10),
+                    (None, true, None, 13),
+                    (None, true, None, 14),
+                ],
+                vec![
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((false, false), vec![(G, Expired), (E, Expired)]),
+                ],
+            ),
+            (
+                "store silent, then the records come back with it",
+                vec![
+                    (lease_lost(), true, None, 1),
+                    (None, true, Some(1), 6),
+                    (full(), true, None, 8),
+                ],
+                vec![
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((true, true), vec![(G, Returned), (E, Returned)]),
+                ],
+            ),
+            (
+                "store silent: the link still ends a hold at once",
+                vec![(lease_lost(), true, None, 1), (None, false, Some(1), 3)],
+                vec![
+                    ((true, true), vec![]),
+                    ((false, false), vec![(G, LinkGone), (E, LinkGone)]),
+                ],
+            ),
+            (
+                "a silence that ended before the loss adds nothing",
+                vec![
+                    (None, true, Some(0), 1),
+                    (lease_lost(), true, None, 2),
+                    (None, true, None, 7),
+                ],
+                vec![
+                    ((true, true), vec![]),
+                    ((true, true), vec![]),
+                    ((false, false), vec![(G, Expired), (E, Expired)]),
+                ],
+            ),
+            (
                 "explicit unexport, no link: at once",
-                vec![(unexported(), false, 1)],
+                vec![(unexported(), false, None, 1)],
                 vec![((true, false), vec![(E, Dropped)])],
             ),
         ];
@@ -483,14 +598,14 @@ mod tests {
             let start = Instant::now();
             let mut grace = Grace::new(GRACE, catalog(Some(false), true));
             let mut raw = grace.snapshot().clone();
-            for (i, ((next, alive, at), (want, want_ended))) in
+            let secs = |s: u64| start + Duration::from_secs(s);
+            for (i, ((next, alive, silent, at), (want, want_ended))) in
                 steps.into_iter().zip(expected).enumerate()
             {
                 if let Some(next) = next {
                     raw = next;
                 }
-                let update =
-                    grace.update(raw.clone(), &link(alive), start + Duration::from_secs(at));
+                let update = grace.update(raw.clone(), &link(alive), silent.map(secs), secs(at));
                 assert_eq!(
                     answered(&update.snapshot),
                     want,
@@ -514,7 +629,7 @@ mod tests {
     fn the_deadline_is_the_first_hold_to_expire() {
         let start = Instant::now();
         let mut grace = Grace::new(GRACE, catalog(Some(false), true));
-        let update = grace.update(catalog(None, false), &link(true), start);
+        let update = grace.update(catalog(None, false), &link(true), None, start);
         assert_eq!(update.next_deadline, Some(start + GRACE));
         assert_eq!(grace.held(), 2);
         // The held records are the last ones seen: the view is the one before the loss.
@@ -526,13 +641,27 @@ mod tests {
     }
 
     #[test]
+    fn no_deadline_while_the_store_is_silent() {
+        let start = Instant::now();
+        let mut grace = Grace::new(GRACE, catalog(Some(false), true));
+        let lost = catalog(None, false);
+        let update = grace.update(lost.clone(), &link(true), None, start);
+        assert_eq!(update.next_deadline, Some(start + GRACE));
+        let later = start + Duration::from_secs(3);
+        let silent = grace.update(lost.clone(), &link(true), Some(start), later);
+        assert_eq!(silent.next_deadline, None);
+        let back = grace.update(lost, &link(true), None, later);
+        assert_eq!(back.next_deadline, Some(later + GRACE));
+    }
+
+    #[test]
     fn nothing_moved_means_the_same_snapshot() {
         let start = Instant::now();
         let mut grace = Grace::new(GRACE, catalog(Some(false), true));
         let raw = catalog(None, false);
-        let first = grace.update(raw.clone(), &link(true), start);
+        let first = grace.update(raw.clone(), &link(true), None, start);
         assert!(first.changed);
-        let again = grace.update(raw, &link(true), start + Duration::from_secs(1));
+        let again = grace.update(raw, &link(true), None, start + Duration::from_secs(1));
         assert!(!again.changed);
         assert!(Arc::ptr_eq(&first.snapshot, &again.snapshot));
     }
@@ -541,7 +670,7 @@ mod tests {
     fn a_zero_grace_holds_nothing() {
         let mut grace = Grace::new(Duration::ZERO, catalog(Some(false), true));
         let raw = catalog(None, false);
-        let update = grace.update(raw.clone(), &link(true), Instant::now());
+        let update = grace.update(raw.clone(), &link(true), None, Instant::now());
         assert!(Arc::ptr_eq(&update.snapshot, &raw));
         assert_eq!(grace.held(), 0);
     }

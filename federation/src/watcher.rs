@@ -51,6 +51,9 @@ use crate::store::{
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default interval between progress requests on an idle watch.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(3);
+/// An open watch hears from the store at least every [`DEFAULT_PROGRESS_INTERVAL`]; no word
+/// for this long and the store counts as silent ([`WatcherStatus::silent_since`]).
+pub const SILENT_AFTER: Duration = DEFAULT_PROGRESS_INTERVAL.saturating_add(Duration::from_secs(1));
 /// Longest pause between retries while the store is unreachable. It bounds how long a
 /// gateway stays behind once etcd is back: a change converges within one publisher retry,
 /// one watcher retry and the write itself, 3 s after quorum returns at most
@@ -104,6 +107,13 @@ impl WatcherStatus {
     /// How long ago the store last answered (`None` before the first answer).
     pub fn staleness(&self) -> Option<Duration> {
         self.last_contact.map(|t| t.elapsed())
+    }
+
+    /// The store's last answer if it has gone silent since: no watch open, or none of its
+    /// answers for [`SILENT_AFTER`] (`None` while it answers, and before its first answer).
+    pub fn silent_since(&self, now: Instant) -> Option<Instant> {
+        let last = self.last_contact?;
+        (!self.connected || now.saturating_duration_since(last) > SILENT_AFTER).then_some(last)
     }
 }
 

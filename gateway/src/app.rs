@@ -383,6 +383,7 @@ impl Gateway {
         let acting_rx = acting.subscribe();
         tasks.push(crate::grace::spawn(
             watcher.snapshots(),
+            watcher.status(),
             acting,
             outbound.clone(),
             config.catalog.withdrawal_grace,

@@ -5,7 +5,8 @@
 //!
 //! One task owns the [`Grace`]. It wakes on every raw catalog change, at the next hold's
 //! expiry, and every [`LINK_POLL`] while something is held (to drop a hold as soon as its
-//! link goes); each time it asks the outbound pool which links are alive and publishes what
+//! link goes, and to see the store go silent or answer again); each time it asks the outbound
+//! pool which links are alive and the watcher whether the store answers, and publishes what
 //! the decision returns when that changed.
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use meshup_core::catalog::Snapshot;
 use meshup_federation::grace::{Grace, Kind, Links, Outcome};
+use meshup_federation::watcher::WatcherStatus;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -77,9 +79,11 @@ impl Metrics {
 }
 
 /// Runs the grace of `period` over `raw` until `stop`, publishing on `out` (which the
-/// consumers were given before the outbound proxy existed).
+/// consumers were given before the outbound proxy existed). The watcher's `status` says
+/// whether the store answers (the grace does not run out while it is silent).
 pub fn spawn(
     mut raw: watch::Receiver<Arc<Snapshot>>,
+    status: watch::Receiver<WatcherStatus>,
     out: watch::Sender<Arc<Snapshot>>,
     outbound: outbound::Proxy,
     period: Duration,
@@ -111,7 +115,9 @@ pub fn spawn(
                     .into_iter()
                     .map(|l| (l.peer.cluster, l.peer.addr)),
             );
-            let update = grace.update(snapshot, &links, std::time::Instant::now());
+            let now = std::time::Instant::now();
+            let silent = status.borrow().silent_since(now);
+            let update = grace.update(snapshot, &links, silent, now);
             for (kind, outcome) in &update.ended {
                 metrics.count(*kind, *outcome);
                 if *outcome != Outcome::Dropped {

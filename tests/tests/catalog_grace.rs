@@ -93,6 +93,63 @@ fn revoke_every_lease(etcd: &EtcdServer) {
     }
 }
 
+/// Two gateways on one etcd (west exports `echo.prod`, east gives it a VIP), a connection
+/// loop through east's VIP and a `dig` loop at east's DNS, both warm.
+struct Pair {
+    etcd: EtcdServer,
+    west: GatewayProcess,
+    east: GatewayProcess,
+    load: workload::Running,
+    digs: DigLoop,
+    _backend: EchoServer,
+    _certs: Certs,
+}
+
+impl Pair {
+    /// `grace`: both gateways' `catalog.withdrawal_grace` (`None`: the default).
+    async fn start(prefix: &str, lease_ttl: Duration, grace: Option<Duration>) -> Self {
+        let etcd = EtcdServer::start();
+        let certs = Certs::new(&["east", "west"]);
+        let backend = EchoServer::start().await.expect("west's backend");
+        let mut west = GatewayProcess::start(GatewaySpec {
+            exports: vec![("echo", "prod", WEST_PORT, backend.addr())],
+            lease_ttl,
+            withdrawal_grace: grace,
+            ..GatewaySpec::new("west", "127.89.2.0/24", &etcd, &certs, prefix)
+        });
+        let mut east = GatewayProcess::start(GatewaySpec {
+            lease_ttl,
+            withdrawal_grace: grace,
+            ..GatewaySpec::new("east", "127.89.1.0/24", &etcd, &certs, prefix)
+        });
+        west.wait_ready().await;
+        east.wait_ready().await;
+        let vip = east.wait_routable("echo.prod", WEST_PORT).await;
+        let dns = east.dns_addr().await;
+
+        let load = Workload {
+            limit: Duration::from_secs(150),
+            ..Workload::new(vip, 4, 50.0)
+        }
+        .start();
+        let digs = DigLoop::start(None, dns, NAME, vip.ip());
+        eventually_ok("the loops are warm", Duration::from_secs(10), || async {
+            anyhow::ensure!(load.successes_since(Duration::ZERO) >= 100 && digs.answers() >= 20);
+            Ok(())
+        })
+        .await;
+        Self {
+            etcd,
+            west,
+            east,
+            load,
+            digs,
+            _backend: backend,
+            _certs: certs,
+        }
+    }
+}
+
 /// Two gateways on one etcd, loops running, the member frozen and resumed; prints the
 /// figures. `grace`: east's and west's `catalog.withdrawal_grace` (`None`: the default).
 async fn frozen_etcd(
@@ -101,36 +158,15 @@ async fn frozen_etcd(
     grace: Option<Duration>,
     gap_seen: impl Fn(&GatewayProcess) -> bool,
 ) -> Figures {
-    let etcd = EtcdServer::start();
-    let certs = Certs::new(&["east", "west"]);
-    let backend = EchoServer::start().await.expect("west's backend");
-    let mut west = GatewayProcess::start(GatewaySpec {
-        exports: vec![("echo", "prod", WEST_PORT, backend.addr())],
-        lease_ttl: LEASE_TTL,
-        withdrawal_grace: grace,
-        ..GatewaySpec::new("west", "127.89.2.0/24", &etcd, &certs, prefix)
-    });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        lease_ttl: LEASE_TTL,
-        withdrawal_grace: grace,
-        ..GatewaySpec::new("east", "127.89.1.0/24", &etcd, &certs, prefix)
-    });
-    west.wait_ready().await;
-    east.wait_ready().await;
-    let vip = east.wait_routable("echo.prod", WEST_PORT).await;
-    let dns = east.dns_addr().await;
-
-    let load = Workload {
-        limit: Duration::from_secs(150),
-        ..Workload::new(vip, 4, 50.0)
-    }
-    .start();
-    let digs = DigLoop::start(None, dns, NAME, vip.ip());
-    eventually_ok("the loops are warm", Duration::from_secs(10), || async {
-        anyhow::ensure!(load.successes_since(Duration::ZERO) >= 100 && digs.answers() >= 20);
-        Ok(())
-    })
-    .await;
+    let Pair {
+        etcd,
+        west,
+        east,
+        load,
+        digs,
+        _backend,
+        _certs,
+    } = Pair::start(prefix, LEASE_TTL, grace).await;
     // etcd does not always get to revoke the leases first: a gateway that saw no keep-alive
     // through for a whole TTL moves its records to a new lease itself, and if both win that
     // race nothing disappears. Then the leases are revoked outright, so the catalog does lose
@@ -322,5 +358,128 @@ async fn control_without_the_grace_the_same_fault_loses_connections_and_answers(
         f.listener_closed,
         "east never closed echo.prod's VIP listener without the grace ({} failed, {} refused, DNS failures {:?}): the scenario no longer reproduces the loss",
         f.failed, f.refused, f.dns_failures
+    );
+}
+
+/// How long etcd stays silent after the revocations: longer than the grace (5 s).
+const SILENCE: Duration = Duration::from_secs(8);
+const HELD: &str = "meshup_catalog_withdrawals_held";
+
+/// The leases are revoked and etcd goes silent at once, for longer than the grace: what a
+/// leader stopped with a follower does when the pair resumes, commits the revocations and
+/// then has no leader for seconds (CI saw 5.3 s). No gateway can publish again until etcd
+/// answers, so east must keep holding west's records through the silence, and give them back
+/// only when they return (docs/records.md, "The grace does not run out while etcd is
+/// silent").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leases_revoked_then_etcd_silent_past_the_grace_lose_no_connection() {
+    // A 10 s TTL: west notices the revocation at its next keep-alive (every 3.3 s), so etcd is
+    // frozen before it could publish again.
+    let pair = Pair::start("/grace-silent", Duration::from_secs(10), None).await;
+    let (east, west) = (&pair.east, &pair.west);
+    let withdrawals = |outcome: &str| {
+        east.metric_sum(
+            "meshup_catalog_withdrawals_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+        .expect("east's withdrawal metrics")
+    };
+    let mut silent = None;
+    // West may win the race and publish again before etcd is frozen; then the run is repeated.
+    for attempt in 1..=3 {
+        let returned_before = withdrawals("returned");
+        let grants_before = west.metric(GRANTS).expect(GRANTS);
+        tokio::task::block_in_place(|| revoke_every_lease(&pair.etcd));
+        eventually_ok(
+            "east holds west's withdrawn records",
+            Duration::from_secs(5),
+            || async {
+                let held = east.metric(HELD)?;
+                anyhow::ensure!(held > 0.0, "held {held}");
+                Ok(())
+            },
+        )
+        .await;
+        let frozen_at = pair.load.offset(Instant::now());
+        pair.etcd.pause();
+        let held = east.metric(HELD).expect(HELD);
+        let west_published = west.metric(GRANTS).expect(GRANTS) > grants_before;
+        if held == 0.0 || west_published {
+            eprintln!(
+                "attempt {attempt}: west published again before etcd froze (held {held}); again"
+            );
+            pair.etcd.resume();
+            eventually_ok("west publishes again", Duration::from_secs(15), || async {
+                anyhow::ensure!(withdrawals("returned") > returned_before);
+                Ok(())
+            })
+            .await;
+            continue;
+        }
+        // The fault's length, not a wait for a condition: etcd is silent this long.
+        tokio::time::sleep(SILENCE).await;
+        let held_at_end = east.metric(HELD).expect(HELD);
+        let resumed_at = pair.load.offset(Instant::now());
+        pair.etcd.resume();
+        // How the holds ended (returned, or expired: the failure) is checked below.
+        eventually_ok(
+            "west publishes again and east holds nothing",
+            Duration::from_secs(15),
+            || async {
+                let grants = west.metric(GRANTS)?;
+                let held = east.metric(HELD)?;
+                anyhow::ensure!(
+                    grants > grants_before && held == 0.0,
+                    "west's lease grants {grants_before} → {grants}, east held {held}"
+                );
+                Ok(())
+            },
+        )
+        .await;
+        tokio::time::sleep(AFTER).await;
+        silent = Some((frozen_at, resumed_at, held_at_end));
+        break;
+    }
+    let (frozen_at, resumed_at, held_at_end) =
+        silent.expect("west published again before etcd froze in all 3 attempts");
+    let Pair { digs, load, .. } = pair;
+    let (answers, dns_failures) = digs.finish();
+    let outcomes = load.stop().await;
+    let during = workload::Phase::of(
+        outcomes
+            .iter()
+            .filter(|o| o.start >= frozen_at && o.start < resumed_at),
+    );
+    let after = workload::Phase::of(outcomes.iter().filter(|o| o.start >= resumed_at));
+    eprintln!(
+        "etcd silent {:.2} s → {:.2} s: {} connections, {}; after: {} connections, {}; \
+         DNS {answers} right, {} wrong or unanswered; east held {held_at_end} record(s) at the end of the silence",
+        frozen_at.as_secs_f64(),
+        resumed_at.as_secs_f64(),
+        during.attempts,
+        during.failures_text(),
+        after.attempts,
+        after.failures_text(),
+        dns_failures.len(),
+    );
+    assert!(
+        during.attempts > 0 && after.attempts > 0 && answers > 0,
+        "the loops ran through and past the silence"
+    );
+    assert!(
+        held_at_end > 0.0,
+        "east no longer held west's records after {SILENCE:?} of silence"
+    );
+    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    assert_eq!(failed, 0, "connections through the VIP failed");
+    assert!(dns_failures.is_empty(), "DNS failures: {:?}", dns_failures);
+    assert!(
+        !listener_closed(&pair.east),
+        "east closed echo.prod's VIP listener"
+    );
+    assert_eq!(
+        withdrawals("expired") + withdrawals("link_gone"),
+        0.0,
+        "a hold ended without the record coming back"
     );
 }
