@@ -213,6 +213,33 @@ impl EtcdCluster {
         self.paused[i] = false;
     }
 
+    /// SIGKILL every member: the whole cluster down, as a region losing its etcd (an outage
+    /// with connections refused; [`EtcdCluster::stop`] models one that hangs). Returns the
+    /// instant just before.
+    pub fn kill_all(&mut self) -> Instant {
+        let at = Instant::now();
+        for i in 0..MEMBERS {
+            self.kill9(i);
+        }
+        at
+    }
+
+    /// Starts every member again after [`EtcdCluster::kill_all`], on their ports and data
+    /// dirs, all first (no member is healthy before a quorum runs), then waits until each is
+    /// healthy. Returns the instant just before the first start.
+    pub fn restart_all(&mut self) -> anyhow::Result<Instant> {
+        let at = Instant::now();
+        for m in &mut self.members {
+            m.kill_child();
+            m.spawn()?;
+        }
+        for (i, m) in self.members.iter_mut().enumerate() {
+            m.wait_healthy().with_context(|| format!("member {i}"))?;
+        }
+        self.paused = [false; MEMBERS];
+        Ok(at)
+    }
+
     /// SIGSTOP member `i` (see the module docs for why an outage is a pause); returns the
     /// instant just before.
     pub fn stop(&mut self, i: usize) -> Instant {

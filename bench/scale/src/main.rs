@@ -13,7 +13,10 @@
 //!    (VmRSS);
 //! 4. under a background churn (export updates of one cluster at `--churn` per second), adds
 //!    a new service to the catalog `--samples` times and times each until the joined
-//!    gateway's DNS answers it: p50 / p99.
+//!    gateway's DNS answers it: p50 / p99;
+//! 5. unless `--outage 0`: kills the etcd leader under that churn, then every member for
+//!    `--outage` seconds (`faults`): convergence after the kill, DNS answers and listeners
+//!    through the outage, the catch-up and relists after it.
 //!
 //! Size 0 is the idle row: no publishers, the gateway joins an empty catalog, and its RSS is
 //! read `IDLE_SETTLE` after `/ready` (the issue's idle target: ≤ 16 MiB, a release build).
@@ -46,6 +49,8 @@ use meshup_tests::scale::{
 };
 use meshup_tests::{EtcdCluster, poll_every};
 use tokio_util::sync::CancellationToken;
+
+mod faults;
 
 /// The catalog's key prefix.
 const PREFIX: &str = "/scale";
@@ -87,6 +92,8 @@ struct Options {
     lease_ttl: Duration,
     /// Publishers started together; the next wave starts once these are in sync.
     wave: usize,
+    /// How long every etcd member is down in the outage phase; zero: no fault phases.
+    outage: Duration,
 }
 
 /// One size's figures.
@@ -106,6 +113,8 @@ struct Row {
     probe_timeouts: usize,
     churned: u64,
     churn_errors: u64,
+    leader_kill: Option<faults::LeaderKill>,
+    outage: Option<faults::Outage>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,12 +128,12 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &n in &options.sizes {
         eprintln!("== {n} records: starting a 3-member etcd");
-        let etcd = EtcdCluster::start_with_args(&[
+        let mut etcd = EtcdCluster::start_with_args(&[
             QUOTA_BYTES,
             "--heartbeat-interval=50",
             "--election-timeout=500",
         ]);
-        let row = runtime.block_on(run_size(&etcd, &certs, &options, n))?;
+        let row = runtime.block_on(run_size(&mut etcd, &certs, &options, n))?;
         if row.records > 0 {
             print_row(&row);
         }
@@ -136,7 +145,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none] [--lease-ttl SECS]
+const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none] [--lease-ttl SECS] [--outage SECS]
   --sizes         records per run (clusters × services; 0: the idle row), default 1000,10000,100000
   --clusters      clusters publishing, default 100
   --samples       change → DNS probes per size, default 100
@@ -145,6 +154,7 @@ const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [
   --pinned-names  the joining gateway's pinned_names (all or none), default all
   --lease-ttl     lease TTL of the played publishers and the joiner, seconds, default 10
   --wave          publishers started at a time (the next wave once these are in sync), default 10
+  --outage        seconds every etcd member is down after the leader kill; 0: neither fault, default 30
 The meshup binary of the same build (target/<profile>/meshup) is used; see bench/scale/README.md.";
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -157,6 +167,7 @@ fn parse_args() -> anyhow::Result<Options> {
         pinned_names: None,
         lease_ttl: LEASE_TTL,
         wave: 10,
+        outage: Duration::from_secs(30),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -182,6 +193,7 @@ fn parse_args() -> anyhow::Result<Options> {
             "--pinned-names" => options.pinned_names = Some(value.clone()),
             "--lease-ttl" => options.lease_ttl = Duration::from_secs(value.parse()?),
             "--wave" => options.wave = value.parse()?,
+            "--outage" => options.outage = Duration::from_secs(value.parse()?),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 2;
@@ -204,7 +216,7 @@ fn meshup_beside_me() -> anyhow::Result<PathBuf> {
 }
 
 async fn run_size(
-    etcd: &EtcdCluster,
+    etcd: &mut EtcdCluster,
     certs: &Certs,
     options: &Options,
     n: usize,
@@ -292,7 +304,30 @@ async fn run_size(
             churn_errors.clone(),
             churn_stop.clone(),
         ));
-        probe(store.clone(), &layout, dns, options.samples, &mut row).await?;
+        let probe_lease = probe_gateway(store.as_ref(), &layout).await?;
+        probe(
+            store.clone(),
+            &layout,
+            dns,
+            options.samples,
+            probe_lease,
+            &mut row,
+        )
+        .await?;
+        if !options.outage.is_zero() {
+            row.leader_kill = Some(
+                faults::leader_kill(
+                    etcd,
+                    store.as_ref(),
+                    &layout,
+                    &gateway,
+                    dns,
+                    probe_lease,
+                    &churn_errors,
+                )
+                .await?,
+            );
+        }
         churn_stop.cancel();
         churn.await?;
         row.churned = churned.load(Ordering::Relaxed);
@@ -302,6 +337,21 @@ async fn run_size(
             "   RSS after the probes {} MiB",
             row.settled_rss_kib.unwrap_or_default() / 1024
         );
+        if !options.outage.is_zero() {
+            row.outage = Some(
+                faults::outage(
+                    etcd,
+                    store.as_ref(),
+                    &layout,
+                    &gateway,
+                    dns,
+                    services,
+                    options.outage,
+                )
+                .await?,
+            );
+        }
+        store.revoke_lease(probe_lease).await?;
     }
     drop(gateway);
     cancel.cancel();
@@ -424,6 +474,21 @@ async fn churn(
     }
 }
 
+/// Publishes the probe cluster's gateway record under a lease of its own (10 minutes, no
+/// keep-alive); the lease, for the probes' exports.
+async fn probe_gateway(store: &dyn Store, layout: &KeyLayout) -> anyhow::Result<i64> {
+    let lease = store.grant_lease(Duration::from_secs(600)).await?;
+    let gw = gateway_record(ClusterName::new(PROBE_CLUSTER)?, 0);
+    put(
+        store,
+        layout.gateway(&gw.cluster, &gw.gateway_id),
+        encode(&gw),
+        lease,
+    )
+    .await?;
+    Ok(lease)
+}
+
 /// Adds a new service (exported by the probe cluster) `samples` times and times each until
 /// the joiner's DNS answers it with an address; the key is deleted after each sample.
 async fn probe(
@@ -431,18 +496,10 @@ async fn probe(
     layout: &KeyLayout,
     dns: SocketAddr,
     samples: usize,
+    lease: i64,
     row: &mut Row,
 ) -> anyhow::Result<()> {
-    let lease = store.grant_lease(Duration::from_secs(600)).await?;
     let probe_cluster = ClusterName::new(PROBE_CLUSTER)?;
-    let gw = gateway_record(probe_cluster.clone(), 0);
-    put(
-        store.as_ref(),
-        layout.gateway(&gw.cluster, &gw.gateway_id),
-        encode(&gw),
-        lease,
-    )
-    .await?;
     for k in 0..samples {
         let key = ExportKey {
             cluster: probe_cluster.clone(),
@@ -498,7 +555,6 @@ async fn probe(
             })
             .await?;
     }
-    store.revoke_lease(lease).await?;
     Ok(())
 }
 
@@ -601,6 +657,7 @@ fn print_table(options: &Options, rows: &[Row]) {
             latency
         );
     }
+    print_faults(rows);
     for row in rows.iter().filter(|r| r.records == 0) {
         let mib = row.rss_kib as f64 / 1024.0;
         println!(
@@ -611,5 +668,57 @@ fn print_table(options: &Options, rows: &[Row]) {
                 "MISSED"
             }
         );
+    }
+}
+
+fn print_faults(rows: &[Row]) {
+    if rows
+        .iter()
+        .all(|r| r.leader_kill.is_none() && r.outage.is_none())
+    {
+        return;
+    }
+    println!();
+    println!(
+        "Leader killed under the churn (target: converged ≤ 3 s, no relist); then every member down (stale while down: answers unchanged, at most one relist)"
+    );
+    println!(
+        "| records | kill → a write committed | kill → joiner at its revision | kill → DNS answers it | relists | churn writes failed | all members down | DNS answers differed (sweeps × names) | VIP listeners before / end of outage / after | exports before / after | healthy → caught up | relists |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for row in rows.iter().filter(|r| r.records > 0) {
+        let kill = row.leader_kill.as_ref().map_or_else(
+            || "| – | – | – | – | –".to_owned(),
+            |k| {
+                format!(
+                    "| {} | {} | {} | {} | {}",
+                    secs(k.committed),
+                    secs(k.converged),
+                    secs(k.answered),
+                    k.relists,
+                    k.churn_errors
+                )
+            },
+        );
+        let outage = row.outage.as_ref().map_or_else(
+            || "| – | – | – | – | – | –".to_owned(),
+            |o| {
+                format!(
+                    "| {:.0} s | {} ({} × {}) | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {} | {}",
+                    o.length.as_secs_f64(),
+                    o.wrong,
+                    o.sweeps,
+                    o.names,
+                    o.listeners[0],
+                    o.listeners[1],
+                    o.listeners[2],
+                    o.exports[0],
+                    o.exports[1],
+                    secs(o.caught_up),
+                    o.relists
+                )
+            },
+        );
+        println!("| {} {kill} {outage} |", row.records);
     }
 }
