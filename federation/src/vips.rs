@@ -39,8 +39,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use imbl::ordmap::DiffItem;
 use ipnet::IpNet;
-use meshup_core::catalog::{Snapshot, VipKey};
+use meshup_core::catalog::{ServiceView, Snapshot, VipKey};
 use meshup_core::model::{SCHEMA_VERSION, VipRecord, decode, encode};
 use meshup_core::names::{ClusterName, ServiceKey};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -528,9 +529,8 @@ impl VipAllocator {
         // The work list of the last plan: keys leave it when done, so a tick between our
         // write and the snapshot that shows it does not redo the work.
         let mut work = VipPlan::default();
-        // This cluster's VIPs in the last planned snapshot, to notice freed addresses.
-        let mut held: BTreeSet<(VipKey, IpAddr)> = BTreeSet::new();
-        // The addresses of `held` and those allocated since: what a batch must not pick.
+        // The addresses of this cluster's VIPs and those allocated since: what a batch must
+        // not pick.
         let mut used: HashSet<IpAddr> = HashSet::new();
         let mut tick = tokio::time::interval(
             RECONCILE_TICK.min(self.config.grace.max(Duration::from_millis(50))),
@@ -558,21 +558,26 @@ impl VipAllocator {
                     continue;
                 }
                 // Churn of endpoint counts changes nothing the plan reads: keep the plan
-                // (and its work list) instead of walking the catalog again.
-                let same = planned
-                    .as_ref()
-                    .is_some_and(|p| !p.addressing_differs(&snapshot));
-                planned = Some(snapshot.clone());
-                if !same {
-                    work = plan(&snapshot, &self.config.cluster, &self.config.pinned);
-                    let now_held: BTreeSet<(VipKey, IpAddr)> = snapshot
-                        .vips()
-                        .filter(|(k, _)| k.cluster == self.config.cluster)
-                        .map(|(k, ip)| (k.clone(), *ip))
-                        .collect();
-                    let freed_address = held.difference(&now_held).next().is_some();
-                    held = now_held;
-                    used = held.iter().map(|(_, ip)| *ip).collect();
+                // (and its work list) instead of walking the catalog again; other changes
+                // re-decide only what they touched.
+                let cluster = &self.config.cluster;
+                let freed_address = match planned.replace(snapshot.clone()) {
+                    Some(older) if !older.addressing_differs(&snapshot) => None,
+                    Some(older) => Some(replan(
+                        &mut work,
+                        &mut used,
+                        &older,
+                        &snapshot,
+                        cluster,
+                        &self.config.pinned,
+                    )),
+                    None => {
+                        work = plan(&snapshot, cluster, &self.config.pinned);
+                        used = snapshot.vips_of(cluster).map(|(_, ip)| ip).collect();
+                        Some(false)
+                    }
+                };
+                if let Some(freed_address) = freed_address {
                     allocations.retain_only(&work.missing);
                     frees.retain_only(&work.unused);
                     if freed_address {
@@ -862,37 +867,123 @@ pub fn wanted(
 ) -> BTreeSet<VipKey> {
     let mut keys = BTreeSet::new();
     for view in snapshot.services() {
+        wanted_of(view, cluster, pinned, &mut keys);
+    }
+    keys
+}
+
+/// The VIPs `cluster` needs for one service, added to `keys`.
+fn wanted_of(
+    view: &ServiceView,
+    cluster: &ClusterName,
+    pinned: &PinnedNames,
+    keys: &mut BTreeSet<VipKey>,
+) {
+    keys.insert(VipKey {
+        cluster: cluster.clone(),
+        service: view.key.clone(),
+        target: None,
+    });
+    if !pinned.covers(&view.key) {
+        return;
+    }
+    for target in view.clusters.keys() {
         keys.insert(VipKey {
             cluster: cluster.clone(),
             service: view.key.clone(),
-            target: None,
+            target: Some(target.clone()),
         });
-        if !pinned.covers(&view.key) {
-            continue;
-        }
-        for target in view.clusters.keys() {
-            keys.insert(VipKey {
-                cluster: cluster.clone(),
-                service: view.key.clone(),
-                target: Some(target.clone()),
-            });
-        }
     }
-    keys
 }
 
 /// Compares what `cluster` needs with what the snapshot has.
 pub fn plan(snapshot: &Snapshot, cluster: &ClusterName, pinned: &PinnedNames) -> VipPlan {
     let wanted = wanted(snapshot, cluster, pinned);
-    let have: BTreeSet<VipKey> = snapshot
-        .vips()
-        .filter(|(k, _)| &k.cluster == cluster)
-        .map(|(k, _)| k.clone())
-        .collect();
+    let have: BTreeSet<VipKey> = snapshot.vips_of(cluster).map(|(k, _)| k.clone()).collect();
     VipPlan {
         missing: wanted.difference(&have).cloned().collect(),
         unused: have.difference(&wanted).cloned().collect(),
     }
+}
+
+/// Brings `plan`, made for `older`, up to `newer`, deciding again only the keys whose
+/// inputs differ between the two: the VIPs of services that came, went or changed their
+/// exporting clusters, and this cluster's VIPs that changed. `used` (the addresses this
+/// cluster's VIPs hold, and picks in flight) follows the VIP changes. Returns whether one of
+/// this cluster's addresses was freed. Pure.
+///
+/// A whole plan per new service walked every service and every VIP of this cluster: at
+/// 10,000 services that was most of a joined gateway's CPU under churn and most of a new
+/// service's time to its first answer (docs/scale.md). A key taken off `missing` as
+/// allocated is not put back by a snapshot that does not show the allocation yet, as a
+/// whole plan would do.
+pub fn replan(
+    plan: &mut VipPlan,
+    used: &mut HashSet<IpAddr>,
+    older: &Snapshot,
+    newer: &Snapshot,
+    cluster: &ClusterName,
+    pinned: &PinnedNames,
+) -> bool {
+    let mut touched = BTreeSet::new();
+    for item in older.service_map().diff(newer.service_map()) {
+        match item {
+            DiffItem::Add(_, view) | DiffItem::Remove(_, view) => {
+                wanted_of(view, cluster, pinned, &mut touched);
+            }
+            DiffItem::Update {
+                old: (_, was),
+                new: (_, is),
+            } => {
+                if was.addressing_differs(is) {
+                    wanted_of(was, cluster, pinned, &mut touched);
+                    wanted_of(is, cluster, pinned, &mut touched);
+                }
+            }
+        }
+    }
+    let mut freed = false;
+    for item in older.vip_map().diff(newer.vip_map()) {
+        let (key, was, is) = match item {
+            DiffItem::Add(key, ip) => (key, None, Some(*ip)),
+            DiffItem::Remove(key, ip) => (key, Some(*ip), None),
+            DiffItem::Update {
+                old: (key, was),
+                new: (_, is),
+            } => (key, Some(*was), Some(*is)),
+        };
+        if &key.cluster != cluster {
+            continue;
+        }
+        if let Some(was) = was.filter(|w| Some(*w) != is) {
+            used.remove(&was);
+            freed = true;
+        }
+        if let Some(is) = is {
+            used.insert(is);
+        }
+        touched.insert(key.clone());
+    }
+    for key in touched {
+        let wanted = newer
+            .service(&key.service)
+            .is_some_and(|view| match &key.target {
+                None => true,
+                Some(target) => pinned.covers(&key.service) && view.clusters.contains_key(target),
+            });
+        let has = newer.vip_map().contains_key(&key);
+        if wanted && !has {
+            plan.missing.insert(key.clone());
+        } else {
+            plan.missing.remove(&key);
+        }
+        if has && !wanted {
+            plan.unused.insert(key);
+        } else {
+            plan.unused.remove(&key);
+        }
+    }
+    freed
 }
 
 /// The `due` keys of `missing` in the order they are allocated: every clusterset VIP before
@@ -1181,6 +1272,92 @@ mod tests {
             )]);
             let plan = plan(&held, &cluster("east"), &PinnedNames::None);
             assert_eq!(plan.unused, [vip_key("pay.prod", Some("west"))].into());
+        }
+
+        /// Replanning step by step equals a whole plan of each snapshot, and the addresses
+        /// in use follow this cluster's VIPs, under every pinned-names setting.
+        #[test]
+        fn replanning_the_changes_equals_a_whole_plan() {
+            use meshup_core::catalog::ExportKey;
+            let export_key = |c: &str, id: &str, s: &str| ExportKey {
+                cluster: cluster(c),
+                gateway: meshup_core::fixture::gateway_id(id),
+                service: service(s),
+            };
+            type Step = (&'static str, Vec<Change>, bool);
+            let steps: Vec<Step> = vec![
+                (
+                    "this cluster's clusterset VIP and another cluster's",
+                    vec![
+                        put_vip("east", "pay.prod", None, ip("127.77.0.1")),
+                        put_vip("south", "pay.prod", None, ip("127.66.0.1")),
+                    ],
+                    false,
+                ),
+                (
+                    "a pinned VIP",
+                    vec![put_vip("east", "pay.prod", Some("west"), ip("127.77.0.2"))],
+                    false,
+                ),
+                (
+                    "a new service",
+                    vec![put_export("north", "n1", "new.prod", export(80, 1))],
+                    false,
+                ),
+                (
+                    "endpoint churn only",
+                    vec![put_export("west", "w1", "pay.prod", export(80, 3))],
+                    false,
+                ),
+                (
+                    "a cluster stops exporting a service: its pinned VIP is unused",
+                    vec![Change::DeleteExport(export_key("west", "w1", "pay.prod"))],
+                    false,
+                ),
+                (
+                    "the unused VIP freed",
+                    vec![Change::DeleteVip(vip_key("pay.prod", Some("west")))],
+                    true,
+                ),
+                (
+                    "a VIP moved to another address",
+                    vec![put_vip("east", "pay.prod", None, ip("127.77.0.3"))],
+                    true,
+                ),
+                (
+                    "a service gone with its VIP",
+                    vec![
+                        Change::DeleteExport(export_key("west", "w1", "db.prod")),
+                        put_vip("east", "db.prod", None, ip("127.77.0.4")),
+                    ],
+                    false,
+                ),
+                (
+                    "and its VIP freed",
+                    vec![Change::DeleteVip(vip_key("db.prod", None))],
+                    true,
+                ),
+            ];
+            let only_pay = PinnedNames::Only([service("pay.prod")].into());
+            for pinned in [PinnedNames::All, PinnedNames::None, only_pay] {
+                let east = cluster("east");
+                let mut older = catalog(vec![]);
+                let mut work = plan(&older, &east, &pinned);
+                let mut used: HashSet<IpAddr> = HashSet::new();
+                for (name, changes, freed) in &steps {
+                    let mut newer = older.clone();
+                    for change in changes {
+                        newer.apply(change.clone());
+                    }
+                    let was_freed = replan(&mut work, &mut used, &older, &newer, &east, &pinned);
+                    assert_eq!(work, plan(&newer, &east, &pinned), "{pinned:?}, {name}");
+                    let addresses: HashSet<IpAddr> =
+                        newer.vips_of(&east).map(|(_, ip)| ip).collect();
+                    assert_eq!(used, addresses, "{pinned:?}, {name}: addresses in use");
+                    assert_eq!(was_freed, *freed, "{pinned:?}, {name}: freed");
+                    older = newer;
+                }
+            }
         }
 
         #[test]
