@@ -72,7 +72,7 @@ pub struct ClusterExport {
     pub endpoints_total: u32,
     pub endpoints_healthy: u32,
     /// Callers allowed by this cluster's export; empty means everyone.
-    pub allowed_callers: Vec<ClusterName>,
+    pub allowed_callers: Box<[ClusterName]>,
 }
 
 /// A clusterset service: the union of all clusters' exports of one `<name>.<ns>`.
@@ -171,11 +171,20 @@ impl Snapshot {
                 }
                 changed
             }
-            Change::PutExport(key, record) => {
+            Change::PutExport(key, mut record) => {
                 let at = self.interned(key.cluster, key.gateway);
                 let of_service = self.exports.get(&key.service);
                 if of_service.and_then(|m| m.get(&at)).map(|r| &**r) == Some(&*record) {
                     return (false, None);
+                }
+                // The service's records share one port list when their ports are the same
+                // (a record just decoded is ours alone to change).
+                if let Some(first) = of_service.and_then(|m| m.values().next())
+                    && !first.ports.shares(&record.ports)
+                    && first.ports == record.ports
+                    && let Some(fresh) = Arc::get_mut(&mut record)
+                {
+                    fresh.ports = first.ports.clone();
                 }
                 // In place: a map no published snapshot shares (a list being reduced) is
                 // changed without copying its path.
@@ -557,19 +566,28 @@ impl Batch {
 }
 
 fn derive_view(key: ServiceKey, exports: &ServiceExports) -> ServiceView {
-    let mut clusters: BTreeMap<ClusterName, ClusterExport> = BTreeMap::new();
+    // Collected in order, then built in one go: a B-tree built from sorted entries has full
+    // nodes, one grown by inserts in order half-empty ones (at 1M records the views' maps
+    // were about a tenth of the gateway's memory; docs/scale.md, "Memory per record").
+    let mut clusters: Vec<(ClusterName, ClusterExport)> = Vec::new();
     let mut ports: BTreeMap<&str, &PortSpec> = BTreeMap::new();
     // Exports iterate in (cluster, gateway) order, so the first definition of a port name
-    // comes from the cluster that sorts first.
+    // comes from the cluster that sorts first, and a cluster's gateways come together.
     for ((cluster, _gateway), record) in exports {
-        let entry = clusters
-            .entry(cluster.clone())
-            .or_insert_with(|| ClusterExport {
-                gateways: 0,
-                endpoints_total: 0,
-                endpoints_healthy: 0,
-                allowed_callers: record.allowed_callers.clone(),
-            });
+        if clusters.last().is_none_or(|(last, _)| last != cluster) {
+            clusters.push((
+                cluster.clone(),
+                ClusterExport {
+                    gateways: 0,
+                    endpoints_total: 0,
+                    endpoints_healthy: 0,
+                    allowed_callers: record.allowed_callers.as_slice().into(),
+                },
+            ));
+        }
+        let Some((_, entry)) = clusters.last_mut() else {
+            continue;
+        };
         entry.gateways += 1;
         entry.endpoints_total = entry.endpoints_total.max(record.endpoints_total);
         entry.endpoints_healthy = entry.endpoints_healthy.max(record.endpoints_healthy);
@@ -580,7 +598,7 @@ fn derive_view(key: ServiceKey, exports: &ServiceExports) -> ServiceView {
     ServiceView {
         key,
         ports: ports.into_values().cloned().collect(),
-        clusters,
+        clusters: clusters.into_iter().collect(),
     }
 }
 
@@ -644,6 +662,56 @@ mod tests {
         assert!(snap.apply(Change::DeleteExport(key("west", "gw-0", "pay.prod"))));
         assert_eq!(snap.service_count(), 0);
         assert_eq!(snap.export_count(), 0);
+    }
+
+    #[test]
+    fn records_of_a_service_with_the_same_ports_share_one_list() {
+        let mut snap = Snapshot::new();
+        let record = |snap: &Snapshot, c: &str, svc: &str| {
+            snap.export(&key(c, "gw-0", svc))
+                .cloned()
+                .expect("record in the snapshot")
+        };
+        for (c, svc, port) in [
+            ("east", "pay.prod", 8080),
+            ("west", "pay.prod", 8080),
+            ("north", "pay.prod", 9090),
+            ("south", "cart.prod", 8080),
+        ] {
+            snap.apply(Change::PutExport(key(c, "gw-0", svc), export(port, 1)));
+        }
+        let (east, west, north) = (
+            record(&snap, "east", "pay.prod"),
+            record(&snap, "west", "pay.prod"),
+            record(&snap, "north", "pay.prod"),
+        );
+        assert!(
+            east.ports.shares(&west.ports),
+            "same ports, one service: one list"
+        );
+        assert!(
+            !east.ports.shares(&north.ports),
+            "other ports: a list of its own"
+        );
+        assert!(
+            !east
+                .ports
+                .shares(&record(&snap, "south", "cart.prod").ports),
+            "another service: its own list"
+        );
+        // A record that others hold too is left as it is (it is not ours to change).
+        let held = export(8080, 2);
+        snap.apply(Change::PutExport(
+            key("west", "gw-0", "pay.prod"),
+            held.clone(),
+        ));
+        assert!(Arc::ptr_eq(&record(&snap, "west", "pay.prod"), &held));
+        assert_eq!(record(&snap, "west", "pay.prod").ports, east.ports);
+        // Changing a shared list copies it first.
+        let mut changed = ExportRecord::clone(&east);
+        changed.ports[0].port = 7070;
+        assert_eq!(east.ports[0].port, 8080);
+        assert!(!changed.ports.shares(&east.ports));
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub fn export(port: u16, healthy: u32) -> ExportRecord {
             port,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
-        }],
+        }]
+        .into(),
         endpoints_total: healthy.max(1),
         endpoints_healthy: healthy,
         allowed_callers: vec![],

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -308,13 +309,129 @@ where
     Ok(items)
 }
 
+/// An export's ports: a list shared, copy on write, between the records of one service
+/// whose ports are the same (a snapshot makes them share, `Snapshot::apply`). At 1M records
+/// a list of its own per record held a vector and a name string, 80 bytes of heap each
+/// (docs/scale.md, "Memory per record"). Reads and writes as the list itself; changing it
+/// through `DerefMut` copies it first when it is shared.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ports(#[serde(deserialize_with = "compact_arc_vec")] Arc<Vec<PortSpec>>);
+
+impl Ports {
+    /// Whether the two share one list (not merely equal ones).
+    pub fn shares(&self, other: &Ports) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for Ports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::ops::Deref for Ports {
+    type Target = Vec<PortSpec>;
+    fn deref(&self) -> &Vec<PortSpec> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Ports {
+    fn deref_mut(&mut self) -> &mut Vec<PortSpec> {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+impl From<Vec<PortSpec>> for Ports {
+    fn from(ports: Vec<PortSpec>) -> Self {
+        Self(Arc::new(ports))
+    }
+}
+
+impl FromIterator<PortSpec> for Ports {
+    fn from_iter<I: IntoIterator<Item = PortSpec>>(iter: I) -> Self {
+        Self::from(iter.into_iter().collect::<Vec<_>>())
+    }
+}
+
+impl<'a> IntoIterator for &'a Ports {
+    type Item = &'a PortSpec;
+    type IntoIter = std::slice::Iter<'a, PortSpec>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+fn compact_arc_vec<'de, D>(deserializer: D) -> Result<Arc<Vec<PortSpec>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    compact_vec(deserializer).map(Arc::new)
+}
+
+/// An export's labels: none allocated while there are none (most exports), so a record in a
+/// snapshot is 16 bytes smaller than with a map inline (docs/scale.md, "Memory per
+/// record"). Reads as the map; written and read as the map on the wire.
+#[derive(Clone, PartialEq, Eq, Default)]
+// The box is the point: 8 bytes in the record for the usual "no labels", not a map's 24.
+#[allow(clippy::box_collection)]
+pub struct Labels(Option<Box<BTreeMap<String, String>>>);
+
+/// The map an export without labels reads as.
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl Labels {
+    /// The map, to change (allocated on the first change).
+    pub fn to_mut(&mut self) -> &mut BTreeMap<String, String> {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl std::ops::Deref for Labels {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &BTreeMap<String, String> {
+        self.0.as_deref().unwrap_or(&NO_LABELS)
+    }
+}
+
+impl From<BTreeMap<String, String>> for Labels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Self((!map.is_empty()).then(|| Box::new(map)))
+    }
+}
+
+impl<const N: usize> From<[(String, String); N]> for Labels {
+    fn from(pairs: [(String, String); N]) -> Self {
+        Self::from(BTreeMap::from(pairs))
+    }
+}
+
+impl Serialize for Labels {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(deserializer).map(Self::from)
+    }
+}
+
 /// A service one cluster offers to the federation.
 /// Key: `<prefix>/v1/clusters/<cluster>/gateways/<gateway-id>/exports/<ns>/<name>`, lease-bound.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportRecord {
     pub schema: u32,
-    #[serde(deserialize_with = "compact_vec")]
-    pub ports: Vec<PortSpec>,
+    pub ports: Ports,
     /// Local endpoints the exporting gateway knows of.
     pub endpoints_total: u32,
     /// Of those, the ones that passed the gateway's last probe.
@@ -323,7 +440,7 @@ pub struct ExportRecord {
     #[serde(default, deserialize_with = "compact_vec")]
     pub allowed_callers: Vec<ClusterName>,
     #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
 }
 
 impl ExportRecord {
@@ -343,7 +460,7 @@ impl ExportRecord {
             MAX_ALLOWED_CALLERS,
         )?;
         check_count("labels", self.labels.len(), MAX_LABELS)?;
-        for (k, v) in &self.labels {
+        for (k, v) in self.labels.iter() {
             check_text("label key", k, MAX_LABEL_TEXT)?;
             check_text("label value", v, MAX_LABEL_TEXT)?;
         }
@@ -429,6 +546,22 @@ mod tests {
     }
 
     #[test]
+    fn labels_read_and_write_as_the_map_and_allocate_nothing_when_empty() {
+        let plain = export();
+        let text = String::from_utf8(encode(&plain)).expect("utf-8");
+        assert!(text.contains(r#""labels":{}"#), "{text}");
+        let back: ExportRecord = decode(text.as_bytes()).expect("decodes");
+        assert!(back.labels.0.is_none(), "no map for no labels");
+        let mut labelled = export();
+        labelled.labels.to_mut().insert("team".into(), "pay".into());
+        let text = String::from_utf8(encode(&labelled)).expect("utf-8");
+        assert!(text.contains(r#""labels":{"team":"pay"}"#), "{text}");
+        let back: ExportRecord = decode(text.as_bytes()).expect("decodes");
+        assert_eq!(back.labels.get("team").map(String::as_str), Some("pay"));
+        assert_eq!(back, labelled);
+    }
+
+    #[test]
     fn gateway_records_are_checked_against_their_key() {
         let strict = AddressRules::default();
         assert_eq!(check_gw(&gateway(), strict), Ok(()));
@@ -508,7 +641,7 @@ mod tests {
         let written = encode(&export());
         let newer: NewerExport = decode(&written).expect("a newer reader decodes our record");
         assert_eq!((newer.schema, newer.schema_minor), (SCHEMA_VERSION, 0));
-        assert_eq!(newer.ports, export().ports);
+        assert_eq!(newer.ports, *export().ports);
         assert_eq!((newer.endpoints_total, newer.endpoints_healthy), (3, 2));
         assert_eq!(newer.weight_hint, None);
 
@@ -591,7 +724,8 @@ mod tests {
         e.ports[0].port = 0;
         assert!(matches!(e.validate(), Err(RecordError::BadPort { .. })));
         let mut e = export();
-        e.ports.push(e.ports[0].clone());
+        let first = e.ports[0].clone();
+        e.ports.push(first);
         assert!(matches!(e.validate(), Err(RecordError::DuplicatePort(_))));
         let mut e = export();
         e.ports[0].name = "HTTP".into();
@@ -605,7 +739,8 @@ mod tests {
         let mut e = export();
         e.labels = (0..=MAX_LABELS)
             .map(|i| (i.to_string(), String::new()))
-            .collect();
+            .collect::<BTreeMap<_, _>>()
+            .into();
         assert!(matches!(e.validate(), Err(RecordError::TooMany { .. })));
     }
 

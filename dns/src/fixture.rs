@@ -34,7 +34,7 @@ pub fn export(
         endpoints_total: 1,
         endpoints_healthy: 1,
         allowed_callers: vec![],
-        labels: BTreeMap::new(),
+        labels: BTreeMap::new().into(),
     };
     Ok(Change::PutExport(key, Arc::new(record)))
 }

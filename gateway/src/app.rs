@@ -969,11 +969,11 @@ pub fn export_records(
             };
             let record = ExportRecord {
                 schema: SCHEMA_VERSION,
-                ports: e.ports.clone(),
+                ports: e.ports.clone().into(),
                 endpoints_total: total,
                 endpoints_healthy: healthy,
                 allowed_callers: e.allowed_callers.clone(),
-                labels: e.labels.clone(),
+                labels: e.labels.clone().into(),
             };
             Some((key, record))
         })

@@ -78,12 +78,32 @@ pub fn export_record(healthy: u32) -> ExportRecord {
             port: 8080,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
-        }],
+        }]
+        .into(),
         endpoints_total: 3,
         endpoints_healthy: healthy,
         allowed_callers: vec![],
-        labels: BTreeMap::new(),
+        labels: BTreeMap::new().into(),
     }
+}
+
+/// Starts cluster `c`'s publisher (its gateway record and `services` exports, under a
+/// lease of `lease_ttl` kept alive until `cancel` or the handle's abort).
+pub fn publisher(
+    store: Arc<dyn Store>,
+    layout: &KeyLayout,
+    c: usize,
+    services: usize,
+    lease_ttl: Duration,
+    cancel: &CancellationToken,
+) -> PublisherHandle {
+    Publisher::new(store, layout.clone(), gateway_record(cluster(c), c))
+        .with_exports((0..services).map(|s| (service(s), export_record(3))))
+        .with_config(PublisherConfig {
+            lease_ttl,
+            ..PublisherConfig::default()
+        })
+        .spawn(cancel.child_token())
 }
 
 /// Starts one publisher per cluster, each exporting services `0..services`, `wave`
@@ -106,23 +126,19 @@ pub async fn publish(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<PublisherHandle>> {
     anyhow::ensure!(wave > 0, "a wave holds at least one publisher");
-    let exports: Vec<(ServiceKey, ExportRecord)> = (0..services)
-        .map(|s| (service(s), export_record(3)))
-        .collect();
     let deadline = tokio::time::Instant::now() + limit;
     let mut publishers = Vec::with_capacity(clusters);
     for first in (0..clusters).step_by(wave) {
         let this_wave = first..(first + wave).min(clusters);
         for c in this_wave.clone() {
-            publishers.push(
-                Publisher::new(store.clone(), layout.clone(), gateway_record(cluster(c), c))
-                    .with_exports(exports.iter().cloned())
-                    .with_config(PublisherConfig {
-                        lease_ttl,
-                        ..PublisherConfig::default()
-                    })
-                    .spawn(cancel.child_token()),
-            );
+            publishers.push(publisher(
+                store.clone(),
+                layout,
+                c,
+                services,
+                lease_ttl,
+                cancel,
+            ));
         }
         for c in this_wave {
             let mut status = publishers[c].status();

@@ -102,7 +102,8 @@ fn export_record(healthy: u32) -> ExportRecord {
             port: 8080,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
-        }],
+        }]
+        .into(),
         endpoints_total: 1000,
         endpoints_healthy: healthy,
         allowed_callers: vec![],

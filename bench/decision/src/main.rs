@@ -65,7 +65,8 @@ fn snapshot(n: usize, policy: Option<PolicyRecord>, drill: bool) -> Snapshot {
                     port: PORT,
                     protocol: Protocol::Tcp,
                     app_protocol: Default::default(),
-                }],
+                }]
+                .into(),
                 endpoints_total: 4,
                 endpoints_healthy: if i % 5 == 0 { 2 } else { 4 },
                 allowed_callers: vec![],

@@ -14,9 +14,11 @@
 //! 4. under a background churn (export updates of one cluster at `--churn` per second), adds
 //!    a new service to the catalog `--samples` times and times each until the joined
 //!    gateway's DNS answers it: p50 / p99;
-//! 5. unless `--outage 0`: kills the etcd leader under that churn, then every member for
-//!    `--outage` seconds (`faults`): convergence after the kill, DNS answers and listeners
-//!    through the outage, the catch-up and relists after it.
+//! 5. unless `--outage 0`: kills the etcd leader under that churn (`faults`);
+//! 6. unless `--join-leave off`: one more cluster exporting every service joins and leaves by
+//!    lease expiry (`membership`): until the joiner holds and drops its records;
+//! 7. unless `--outage 0`: every member down for `--outage` seconds (`faults`): DNS answers
+//!    and listeners through the outage, the catch-up and relists after it.
 //!
 //! Size 0 is the idle row: no publishers, the gateway joins an empty catalog, and its RSS is
 //! read `IDLE_SETTLE` after `/ready` (the issue's idle target: ≤ 16 MiB, a release build).
@@ -51,6 +53,7 @@ use meshup_tests::{EtcdCluster, poll_every};
 use tokio_util::sync::CancellationToken;
 
 mod faults;
+mod membership;
 
 /// The catalog's key prefix.
 const PREFIX: &str = "/scale";
@@ -94,6 +97,8 @@ struct Options {
     wave: usize,
     /// How long every etcd member is down in the outage phase; zero: no fault phases.
     outage: Duration,
+    /// Whether one more cluster joins and leaves after the probes.
+    join_leave: bool,
 }
 
 /// One size's figures.
@@ -114,6 +119,7 @@ struct Row {
     churned: u64,
     churn_errors: u64,
     leader_kill: Option<faults::LeaderKill>,
+    membership: Option<membership::Membership>,
     outage: Option<faults::Outage>,
 }
 
@@ -145,7 +151,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none] [--lease-ttl SECS] [--outage SECS]
+const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [--samples N] [--churn PER_S] [--vip-cidr CIDR] [--pinned-names all|none] [--lease-ttl SECS] [--outage SECS] [--join-leave on|off]
   --sizes         records per run (clusters × services; 0: the idle row), default 1000,10000,100000
   --clusters      clusters publishing, default 100
   --samples       change → DNS probes per size, default 100
@@ -155,6 +161,7 @@ const USAGE: &str = "usage: meshup-bench-scale [--sizes N,N,..] [--clusters N] [
   --lease-ttl     lease TTL of the played publishers and the joiner, seconds, default 10
   --wave          publishers started at a time (the next wave once these are in sync), default 10
   --outage        seconds every etcd member is down after the leader kill; 0: neither fault, default 30
+  --join-leave    one more cluster joins and leaves by lease expiry after the probes (on|off), default on
 The meshup binary of the same build (target/<profile>/meshup) is used; see bench/scale/README.md.";
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -168,6 +175,7 @@ fn parse_args() -> anyhow::Result<Options> {
         lease_ttl: LEASE_TTL,
         wave: 10,
         outage: Duration::from_secs(30),
+        join_leave: true,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
@@ -194,6 +202,13 @@ fn parse_args() -> anyhow::Result<Options> {
             "--lease-ttl" => options.lease_ttl = Duration::from_secs(value.parse()?),
             "--wave" => options.wave = value.parse()?,
             "--outage" => options.outage = Duration::from_secs(value.parse()?),
+            "--join-leave" => {
+                options.join_leave = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("--join-leave takes on or off, not {other:?}"),
+                }
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
         i += 2;
@@ -337,6 +352,20 @@ async fn run_size(
             "   RSS after the probes {} MiB",
             row.settled_rss_kib.unwrap_or_default() / 1024
         );
+        if options.join_leave {
+            row.membership = Some(
+                membership::join_and_leave(
+                    store.clone(),
+                    &layout,
+                    &gateway,
+                    options.clusters,
+                    services,
+                    options.lease_ttl,
+                    &cancel,
+                )
+                .await?,
+            );
+        }
         if !options.outage.is_zero() {
             row.outage = Some(
                 faults::outage(
@@ -657,6 +686,7 @@ fn print_table(options: &Options, rows: &[Row]) {
             latency
         );
     }
+    print_membership(rows);
     print_faults(rows);
     for row in rows.iter().filter(|r| r.records == 0) {
         let mib = row.rss_kib as f64 / 1024.0;
@@ -668,6 +698,33 @@ fn print_table(options: &Options, rows: &[Row]) {
                 "MISSED"
             }
         );
+    }
+}
+
+fn print_membership(rows: &[Row]) {
+    if rows.iter().all(|r| r.membership.is_none()) {
+        return;
+    }
+    println!();
+    println!(
+        "One more cluster joins (every service) and leaves by lease expiry (target: every gateway converged ≤ 5 s)"
+    );
+    println!(
+        "| records | services of the cluster | start → published | start → joiner holds them | publisher stopped → lease expired in etcd | expired → joiner dropped them |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for row in rows.iter().filter(|r| r.records > 0) {
+        if let Some(m) = &row.membership {
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                row.records,
+                m.services,
+                secs(m.published),
+                secs(m.joined),
+                secs(m.expired),
+                secs(m.left)
+            );
+        }
     }
 }
 
