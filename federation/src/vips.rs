@@ -103,6 +103,10 @@ pub enum VipError {
         probes: u32,
     },
     #[error(
+        "no address for the pinned name of {key}: pinned names may hold at most half of {cidr} ({cap} addresses), the rest stays for clusterset names; list fewer pinned_names or widen vip_cidr"
+    )]
+    PinnedFull { key: String, cidr: IpNet, cap: u128 },
+    #[error(
         "VIP record at {key} is corrupt ({detail}); delete it with etcdctl so it is reallocated"
     )]
     Corrupt { key: String, detail: String },
@@ -266,8 +270,21 @@ impl VipAllocator {
     ) -> (Picked, Vec<Allocation>) {
         let mut exhausted = Vec::new();
         let mut chosen = Vec::with_capacity(keys.len());
+        let cap = pinned_cap(self.config.cidr);
         for key in keys {
             let owner = self.layout.vip(key);
+            if key.target.is_some() && used.len() as u128 >= cap {
+                let cidr = self.config.cidr;
+                exhausted.push((
+                    key.clone(),
+                    Err(VipError::PinnedFull {
+                        key: owner,
+                        cidr,
+                        cap,
+                    }),
+                ));
+                continue;
+            }
             match pick(self.config.cidr, stable_hash(owner.as_bytes()), |ip| {
                 used.contains(ip)
             }) {
@@ -700,7 +717,7 @@ impl VipAllocator {
                 } else {
                     tracing::debug!(error = %e, key = %self.layout.vip(&key), retry_in = ?delay, "VIP allocation failed again");
                 }
-                kind == FailureKind::Exhausted && probes_cover_range(self.config.cidr)
+                matches!(e, VipError::Exhausted { .. }) && probes_cover_range(self.config.cidr)
             }
         }
     }
@@ -758,7 +775,7 @@ impl FailureKind {
     /// The kind of `e`.
     pub fn of(e: &VipError) -> Self {
         match e {
-            VipError::Exhausted { .. } => FailureKind::Exhausted,
+            VipError::Exhausted { .. } | VipError::PinnedFull { .. } => FailureKind::Exhausted,
             VipError::Corrupt { .. } => FailureKind::Corrupt,
             VipError::Store(_) => FailureKind::Store,
         }
@@ -844,7 +861,7 @@ impl Retries {
 fn error_label(e: &VipError) -> &'static str {
     match e {
         VipError::Store(s) => s.label(),
-        VipError::Exhausted { .. } => "exhausted",
+        VipError::Exhausted { .. } | VipError::PinnedFull { .. } => "exhausted",
         VipError::Corrupt { .. } => "corrupt",
     }
 }
@@ -1061,6 +1078,16 @@ fn usable(cidr: IpNet) -> (u128, u128) {
         IpNet::V4(_) if host_bits >= 2 => (1, (1u128 << host_bits) - 2),
         _ => (0, 1u128.checked_shl(host_bits).unwrap_or(u128::MAX)),
     }
+}
+
+/// How many of `cidr`'s addresses pinned names may hold: half. A pinned VIP is picked only
+/// while fewer addresses than that are in use, so clusterset names (one per service, the
+/// names most clients use) always find room, services added later included: at 100 × 1,000
+/// with `pinned_names: all` the pinned VIPs filled a /16 and a new service got no VIP at
+/// all (docs/scale.md, "Pinned names: the decision"). Half is also where hashed probing
+/// starts to miss (the rule of thumb there). Pure.
+pub fn pinned_cap(cidr: IpNet) -> u128 {
+    usable(cidr).1 / 2
 }
 
 /// Addresses one allocation tries in `cidr`: [`MAX_PROBES`], or fewer when the range is
@@ -1407,6 +1434,51 @@ mod tests {
             let tiny: IpNet = "10.0.0.0/30".parse().expect("cidr");
             let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
             assert_eq!(pick(tiny, seed, |x| *x == a || *x == b), None);
+        }
+
+        /// Pinned names stop at half the range; clusterset names still get the rest.
+        #[tokio::test]
+        async fn pinned_names_leave_half_the_range_to_clusterset_names() {
+            let cidr: IpNet = "10.0.0.0/28".parse().expect("cidr");
+            assert_eq!(pinned_cap(cidr), 7, "14 usable addresses");
+            let allocator = VipAllocator::new(
+                Arc::new(crate::embedded::EmbeddedStore::new()),
+                KeyLayout::new("/t").expect("layout"),
+                VipConfig {
+                    cluster: cluster("east"),
+                    cidr,
+                    grace: Duration::from_secs(1),
+                    pinned: PinnedNames::All,
+                },
+                Metrics::default(),
+            );
+            let pinned: Vec<VipKey> = (0..10)
+                .map(|i| vip_key(&format!("s{i}.prod"), Some("west")))
+                .collect();
+            let mut used = HashSet::new();
+            let (picked, refused) = allocator.pick_batch(&pinned, &mut used);
+            assert_eq!(picked.0.len(), 7, "pinned names take half");
+            assert_eq!(refused.len(), 3);
+            assert!(
+                refused
+                    .iter()
+                    .all(|(_, r)| matches!(r, Err(VipError::PinnedFull { cap: 7, .. }))),
+                "{refused:?}"
+            );
+            assert!(
+                refused
+                    .iter()
+                    .all(|(_, r)| FailureKind::of(r.as_ref().expect_err("refused"))
+                        == FailureKind::Exhausted),
+                "retried when an address is freed"
+            );
+            let clusterset: Vec<VipKey> = (0..7)
+                .map(|i| vip_key(&format!("s{i}.prod"), None))
+                .collect();
+            let (picked, refused) = allocator.pick_batch(&clusterset, &mut used);
+            assert!(refused.is_empty(), "{refused:?}");
+            assert_eq!(picked.0.len(), 7, "clusterset names take the other half");
+            assert_eq!(used.len(), 14);
         }
 
         #[test]
