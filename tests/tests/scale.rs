@@ -247,3 +247,38 @@ async fn a_gateway_raises_its_open_files_limit_to_the_hard_one() {
         gateway.log_text()
     );
 }
+
+/// The `meshup` binary is linked with packed relative relocations (DT_RELR, `gateway/build.rs`):
+/// an idle gateway otherwise keeps ~600 KiB of relocation records resident, the loader having
+/// read them all at start-up (docs/scale.md, "An idle gateway"). Read from the binary's own
+/// dynamic section: DT_RELR present, the classic relocation table (DT_RELASZ) small.
+#[test]
+fn the_binary_packs_its_relative_relocations() {
+    const DT_RELASZ: u64 = 8;
+    const DT_RELR: u64 = 36;
+    const PT_DYNAMIC: u32 = 2;
+    let elf = std::fs::read(meshup_tests::meshup::meshup_bin()).expect("read the meshup binary");
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().expect("2 bytes"));
+    let u32_at = |at: usize| u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().expect("8 bytes"));
+    assert_eq!(&elf[..4], b"\x7fELF", "an ELF file");
+    assert_eq!((elf[4], elf[5]), (2, 1), "64-bit little-endian");
+    let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36), u16_at(0x38));
+    let dynamic = (0..usize::from(phnum))
+        .map(|i| phoff + i * usize::from(phentsize))
+        .find(|&ph| u32_at(ph) == PT_DYNAMIC)
+        .map(|ph| (u64_at(ph + 8) as usize, u64_at(ph + 32) as usize))
+        .expect("a dynamic section: the binary is dynamically linked");
+    let (offset, size) = dynamic;
+    let entries: Vec<(u64, u64)> = (offset..offset + size)
+        .step_by(16)
+        .map(|at| (u64_at(at), u64_at(at + 8)))
+        .collect();
+    let tag = |t: u64| entries.iter().find(|(k, _)| *k == t).map(|(_, v)| *v);
+    assert!(tag(DT_RELR).is_some(), "no DT_RELR: relocations not packed");
+    let rela = tag(DT_RELASZ).unwrap_or(0);
+    assert!(
+        rela < 64 * 1024,
+        "{rela} bytes of RELA relocation records (over 600 KiB unpacked)"
+    );
+}
