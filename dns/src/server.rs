@@ -475,8 +475,12 @@ struct WorkerState {
 impl UdpWorker {
     fn run(mut self) {
         let fd = self.socket.as_raw_fd();
-        let mut bufs = vec![vec![0u8; MAX_UDP_QUERY]; UDP_BATCH];
-        let mut outs: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| Vec::with_capacity(1024)).collect();
+        // Receive buffers and their replies, one pair per datagram a batch can hold. They
+        // start at one and double each time a batch fills them all, up to `UDP_BATCH`: an
+        // idle worker holds 4 KiB instead of 128 KiB of buffers, which are memory as soon
+        // as they are allocated (docs/scale.md, "An idle gateway").
+        let mut bufs: Vec<Vec<u8>> = vec![vec![0u8; MAX_UDP_QUERY]];
+        let mut outs: Vec<Vec<u8>> = vec![Vec::with_capacity(1024)];
         let mut recv_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
         let mut send_headers = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
         // Per received datagram: (length, truncated) and its source address, kept apart so
@@ -550,6 +554,11 @@ impl UdpWorker {
                 }
             }
             self.send_batch(fd, &mut send_headers, &outs, &sources, &replies);
+            if received.len() == bufs.len() && bufs.len() < UDP_BATCH {
+                let more = bufs.len().min(UDP_BATCH - bufs.len());
+                bufs.extend((0..more).map(|_| vec![0u8; MAX_UDP_QUERY]));
+                outs.extend((0..more).map(|_| Vec::with_capacity(1024)));
+            }
         }
     }
 

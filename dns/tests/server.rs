@@ -853,3 +853,62 @@ async fn dig_queries_take_the_fast_path() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A burst of queries from one socket is read in batches (one `recvmmsg` for every datagram
+/// queued, each into its own slot of one buffer): every reply answers its own query, by ID,
+/// question and response code, names that exist and names that do not interleaved.
+#[tokio::test]
+async fn a_burst_of_queries_gets_each_its_own_answer() -> anyhow::Result<()> {
+    with_deadline(async {
+        let server = TestServer::start(three_clusters(), |c| c.udp_workers = 1).await?;
+        let sock = UdpSocket::bind("127.0.0.1:0").await?;
+        let name_of = |id: u16| {
+            if id.is_multiple_of(2) {
+                "pay.prod.svc.clusterset.local.".to_owned()
+            } else {
+                // Of every length, so no two neighbouring slots hold the same bytes.
+                format!(
+                    "{}.prod.svc.clusterset.local.",
+                    "x".repeat(usize::from(id % 50) + 1)
+                )
+            }
+        };
+        const BURST: u16 = 64;
+        for id in 0..BURST {
+            sock.send_to(&query(id, &name_of(id), RecordType::A, None), server.addr)
+                .await?;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut buf = vec![0u8; 65_535];
+        while seen.len() < usize::from(BURST) {
+            let (n, _) = tokio::time::timeout(REPLY_DEADLINE, sock.recv_from(&mut buf))
+                .await
+                .map_err(|_| anyhow::anyhow!("{} of {BURST} answered", seen.len()))??;
+            let msg = Message::from_vec(&buf[..n])?;
+            let id = msg.metadata.id;
+            anyhow::ensure!(
+                id < BURST && seen.insert(id),
+                "reply with ID {id} twice or unasked"
+            );
+            let question = msg.queries.first().map(|q| q.name().to_string());
+            assert_eq!(
+                question,
+                Some(name_of(id)),
+                "the reply to {id} has another question"
+            );
+            let expected = if id.is_multiple_of(2) {
+                ResponseCode::NoError
+            } else {
+                ResponseCode::NXDomain
+            };
+            assert_eq!(msg.metadata.response_code, expected, "reply to {id}");
+            assert_eq!(
+                msg.answers.len(),
+                usize::from(id.is_multiple_of(2)),
+                "reply to {id}"
+            );
+        }
+        server.stop().await
+    })
+    .await
+}
