@@ -130,18 +130,10 @@ async fn delete(store: &dyn Store, layout: &KeyLayout, key: &ExportKey) -> anyho
 
 /// Polls the joiner's catalog revision until it reaches `revision`; when it did.
 async fn reaches(gateway: &GatewayProcess, revision: Revision) -> Option<Instant> {
-    let admin = gateway.admin_addr();
-    tokio::task::spawn_blocking(move || {
-        poll_every(CONVERGE_WAIT, Duration::from_millis(5), || {
-            let Ok((200, body)) = meshup_tests::http::get(admin, "/metrics") else {
-                return false;
-            };
-            meshup_tests::gateways::metric_in(&body, REVISION).is_ok_and(|r| r >= revision as f64)
-        })
+    crate::metric_until(gateway.admin_addr(), REVISION, CONVERGE_WAIT, move |r| {
+        r >= revision as f64
     })
     .await
-    .ok()
-    .flatten()
 }
 
 /// Polls the joiner's DNS until it answers `name`; when it did.

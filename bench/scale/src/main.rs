@@ -418,6 +418,27 @@ fn wait_ready(
     })
 }
 
+/// Polls the gateway's `/metrics` every 5 ms until `metric` satisfies `done`; when it did,
+/// or `None` after `limit`.
+pub(crate) async fn metric_until(
+    admin: SocketAddr,
+    metric: &'static str,
+    limit: Duration,
+    done: impl Fn(f64) -> bool + Send + 'static,
+) -> Option<Instant> {
+    tokio::task::spawn_blocking(move || {
+        poll_every(limit, Duration::from_millis(5), || {
+            let Ok((200, body)) = meshup_tests::http::get(admin, "/metrics") else {
+                return false;
+            };
+            meshup_tests::gateways::metric_in(&body, metric).is_ok_and(&done)
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
 /// The idle row: a gateway joins an empty catalog; RSS `IDLE_SETTLE` after `/ready`.
 async fn run_idle(etcd: &EtcdCluster, certs: &Certs, options: &Options) -> anyhow::Result<Row> {
     let (gateway, spawned) = start_joiner(etcd, certs, options);

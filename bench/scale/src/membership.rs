@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use meshup_federation::keys::KeyLayout;
 use meshup_federation::store::Store;
 use meshup_tests::gateways::GatewayProcess;
-use meshup_tests::poll_every;
 use meshup_tests::scale::{self, cluster, gateway_id};
 use tokio_util::sync::CancellationToken;
 
@@ -43,17 +42,7 @@ async fn exports_until(
     admin: SocketAddr,
     done: impl Fn(f64) -> bool + Send + 'static,
 ) -> Option<Instant> {
-    tokio::task::spawn_blocking(move || {
-        poll_every(STEP_WAIT, Duration::from_millis(5), || {
-            let Ok((200, body)) = meshup_tests::http::get(admin, "/metrics") else {
-                return false;
-            };
-            meshup_tests::gateways::metric_in(&body, EXPORTS).is_ok_and(&done)
-        })
-    })
-    .await
-    .ok()
-    .flatten()
+    crate::metric_until(admin, EXPORTS, STEP_WAIT, done).await
 }
 
 /// Cluster number `c` (after the federation's) joins with `services` services and leaves.
