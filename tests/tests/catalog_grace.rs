@@ -52,6 +52,15 @@ fn held_and_returned(east: &GatewayProcess) -> bool {
     .is_ok_and(|n| n > 0.0)
 }
 
+/// east's `meshup_catalog_withdrawals_total` of one outcome.
+fn withdrawals(east: &GatewayProcess, outcome: &str) -> f64 {
+    east.metric_sum(
+        "meshup_catalog_withdrawals_total",
+        &[&format!("outcome=\"{outcome}\"")],
+    )
+    .expect("east's withdrawal metrics")
+}
+
 /// east closed its VIP listener for `echo.prod`: the gap happened (with the grace off).
 fn listener_closed(east: &GatewayProcess) -> bool {
     east.log_text()
@@ -209,13 +218,7 @@ async fn frozen_etcd(
     }
     let (answers, dns_failures) = digs.finish();
     let outcomes = load.stop().await;
-    let withdrawals = |outcome: &str| {
-        east.metric_sum(
-            "meshup_catalog_withdrawals_total",
-            &[&format!("outcome=\"{outcome}\"")],
-        )
-        .expect("east's withdrawal metrics")
-    };
+    let withdrawals = |outcome: &str| withdrawals(&east, outcome);
     let returned = withdrawals("returned");
     let other_outcomes = withdrawals("expired") + withdrawals("link_gone");
     let dropped = withdrawals("dropped");
@@ -377,13 +380,7 @@ async fn leases_revoked_then_etcd_silent_past_the_grace_lose_no_connection() {
     // frozen before it could publish again.
     let pair = Pair::start("/grace-silent", Duration::from_secs(10), None).await;
     let (east, west) = (&pair.east, &pair.west);
-    let withdrawals = |outcome: &str| {
-        east.metric_sum(
-            "meshup_catalog_withdrawals_total",
-            &[&format!("outcome=\"{outcome}\"")],
-        )
-        .expect("east's withdrawal metrics")
-    };
+    let withdrawals = |outcome: &str| withdrawals(east, outcome);
     let mut silent = None;
     // West may win the race and publish again before etcd is frozen; then the run is repeated.
     for attempt in 1..=3 {
