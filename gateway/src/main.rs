@@ -174,11 +174,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The async runtime: `worker_threads` threads, or one per CPU core.
+///
+/// One thread is tokio's current-thread scheduler on the main thread: the same single
+/// thread for the data path, without the work-stealing scheduler's bookkeeping per wake-up
+/// (docs/benchmarks.md, "Small messages").
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n);
-    }
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder
         .enable_all()
         .build()

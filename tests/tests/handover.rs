@@ -8,7 +8,8 @@
 //! connection, not a DNS answer, not a byte of the long stream, which stays on the old
 //! process until it ends. A second successor goes back to the first QUIC port. Peers see it
 //! too: a client loop in the other cluster reaching a backend behind the replaced gateway
-//! loses nothing either, its gateway moving to the successor's QUIC port.
+//! loses nothing either, its gateway moving to the successor's QUIC port. The replaced
+//! gateway and its successors run one worker thread (`worker_threads: 1`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -55,8 +56,11 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
         exports: vec![("echo", "prod", PORT, echo.addr())],
         ..GatewaySpec::new("west", "127.86.2.0/24", &etcd, &certs, "/handover")
     });
+    // One worker thread (tokio's current-thread scheduler; successors share the config):
+    // every other test's gateways run the multi-thread one.
     let mut first = GatewayProcess::start(GatewaySpec {
         handover: true,
+        worker_threads: Some(1),
         exports: vec![("pay", "prod", INBOUND_PORT, east_backend.addr())],
         drain_deadline: Duration::from_secs(20),
         ..GatewaySpec::new("east", "127.86.1.0/24", &etcd, &certs, "/handover")

@@ -663,3 +663,133 @@ async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
     assert!(intact, "bytes arrived in order and unchanged");
     assert_eq!(west.wait_exit(Duration::from_secs(15)).await, Some(0));
 }
+
+/// A gateway with one worker thread (`worker_threads: 1`) runs tokio's current-thread
+/// scheduler, which runs woken tasks in turn: the streams whose clients wrote at the same
+/// moment all write to the QUIC connection before its driver runs, and it sends their
+/// messages together, several to a datagram. The multi-thread scheduler ran the driver
+/// straight after each stream's write (its LIFO slot) and sent one datagram per message
+/// (docs/benchmarks.md, "One worker thread").
+///
+/// East is stopped (SIGSTOP) while 32 clients each send a message, then continued, so it
+/// wakes with all 32 connections readable at once; the datagrams from east to west are
+/// counted at a relay between the gateways. The same one-thread gateways answer DNS (a name
+/// outside the fast table goes through the runtime from a DNS thread) and drain on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagrams() {
+    use meshup_tests::gateways::free_udp_port;
+    use meshup_tests::relay::{Direction, Relay};
+
+    const CLIENTS: usize = 32;
+    const ROUNDS: usize = 10;
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let echo = EchoServer::start().await.expect("echo server");
+    let west_port = free_udp_port();
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], west_port)))
+        .await
+        .expect("relay");
+    let prefix = "/one-thread";
+    let mut west = GatewayProcess::start(GatewaySpec {
+        exports: vec![("echo", "test", 7000, echo.addr())],
+        tunnel_port: Some(west_port),
+        advertise: Some(relay.addr()),
+        worker_threads: Some(1),
+        ..GatewaySpec::new("west", "127.78.24.0/24", &etcd, &certs, prefix)
+    });
+    let mut east = GatewayProcess::start(GatewaySpec {
+        worker_threads: Some(1),
+        ..GatewaySpec::new("east", "127.78.23.0/24", &etcd, &certs, prefix)
+    });
+    west.wait_ready().await;
+    east.wait_ready().await;
+    let vip = east.wait_routable("echo.test", 7000).await;
+
+    let dns = east.dns_addr().await;
+    let found = tokio::task::spawn_blocking(move || dig(dns, "echo.test.svc.clusterset.local"))
+        .await
+        .expect("dig task")
+        .expect("dig");
+    assert_eq!(
+        found,
+        vec![vip.ip()],
+        "the one-thread gateway's DNS names the VIP"
+    );
+    // EDNS version 1 is not the fast table's: hickory's catalog answers it, reached through
+    // the runtime from the DNS thread.
+    let out = std::process::Command::new("dig")
+        .args([
+            format!("@{}", dns.ip()),
+            "-p".to_owned(),
+            dns.port().to_string(),
+        ])
+        .args([
+            "+edns=1",
+            "+noednsnegotiation",
+            "+tries=1",
+            "+time=5",
+            "echo.test.svc.clusterset.local",
+        ])
+        .output()
+        .expect("run dig");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("status: BADVERS"),
+        "the catalog path answers EDNS version 1 with BADVERS: {text}"
+    );
+
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for i in 0..CLIENTS {
+        let mut c = TcpStream::connect(vip).await.expect("connect");
+        c.set_nodelay(true).expect("nodelay");
+        let hello = format!("hello {i:02}");
+        c.write_all(hello.as_bytes()).await.expect("write");
+        let mut got = vec![0u8; hello.len()];
+        c.read_exact(&mut got).await.expect("echo");
+        assert_eq!(got, hello.as_bytes());
+        clients.push(c);
+    }
+
+    let mut per_round = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let before = relay.counts(Direction::ToUpstream).forwarded;
+        east.signal("-STOP");
+        // Loopback delivers each write into east's receive queue before it returns.
+        for (i, c) in clients.iter_mut().enumerate() {
+            let msg = [u8::try_from((round * CLIENTS + i) % 256).expect("byte"); 64];
+            c.write_all(&msg).await.expect("write");
+        }
+        east.signal("-CONT");
+        for (i, c) in clients.iter_mut().enumerate() {
+            let mut got = [0u8; 64];
+            tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
+                .await
+                .expect("echo within 10 s")
+                .expect("echo");
+            let want = u8::try_from((round * CLIENTS + i) % 256).expect("byte");
+            assert!(got.iter().all(|b| *b == want), "client {i}'s own echo");
+        }
+        per_round.push(relay.counts(Direction::ToUpstream).forwarded - before);
+    }
+    let mut sorted = per_round.clone();
+    sorted.sort_unstable();
+    let median = sorted[ROUNDS / 2];
+    eprintln!(
+        "datagrams east → west per burst of {CLIENTS} messages (ACKs included): {per_round:?}, median {median}"
+    );
+    assert!(
+        median <= (CLIENTS / 4) as u64,
+        "a burst of {CLIENTS} messages took a median of {median} datagrams ({per_round:?}): \
+         one datagram per message"
+    );
+
+    drop(clients);
+    east.signal("-TERM");
+    assert_eq!(
+        east.wait_exit(Duration::from_secs(15)).await,
+        Some(0),
+        "a one-thread gateway drains and exits cleanly"
+    );
+}
