@@ -27,13 +27,12 @@ use std::time::{Duration, Instant};
 
 use meshup_gateway::outbound::pool::BACKOFF_MAX;
 use meshup_gateway::tunnel::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_IDLE_TIMEOUT};
-use meshup_tests::failover::{Federation, Options, SERVICE};
-use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, free_udp_port};
+use meshup_tests::failover::{Federation, Options};
+use meshup_tests::gateways::free_udp_port;
+use meshup_tests::link::Link;
+use meshup_tests::poll_until;
 use meshup_tests::relay::{Counts, Direction, Faults, Relay};
-use meshup_tests::workload::{
-    EchoServer, LongStream, Outcome, Phase, StreamOutcome, Workload, check,
-};
-use meshup_tests::{EtcdServer, poll_until};
+use meshup_tests::workload::{LongStream, Outcome, Phase, StreamOutcome, Workload, check};
 
 /// Scenarios measure time on a shared 2-core machine: they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -80,56 +79,6 @@ const BULK_TIMEOUT: Duration = Duration::from_secs(60);
 /// connection's p99 at 5 % loss within this of the clean link's (a lost datagram costs one
 /// probe timeout, a few RTTs, not a retransmission timer of hundreds of milliseconds).
 const MAX_P99_ADDED_AT_5_PERCENT: Duration = Duration::from_millis(100);
-
-/// East (the client side) and west (exports echo.prod), west's tunnel behind a relay.
-struct Link {
-    east: GatewayProcess,
-    _west: GatewayProcess,
-    echo: EchoServer,
-    relay: Relay,
-    vip: SocketAddr,
-    // Dropped last: the gateways use both.
-    _certs: Certs,
-    _etcd: EtcdServer,
-}
-
-async fn link() -> Link {
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("etcd start task");
-    let certs = Certs::new(&["east", "west"]);
-    let echo = EchoServer::start().await.expect("echo server");
-    let west_port = free_udp_port();
-    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], west_port)))
-        .await
-        .expect("relay");
-    let prefix = "/link-faults";
-    let mut west = GatewayProcess::start(GatewaySpec {
-        exports: vec![("echo", "prod", 7000, echo.addr())],
-        tunnel_port: Some(west_port),
-        advertise: Some(relay.addr()),
-        ..GatewaySpec::new("west", "127.90.2.0/24", &etcd, &certs, prefix)
-    });
-    let mut east = GatewayProcess::start(GatewaySpec::new(
-        "east",
-        "127.90.1.0/24",
-        &etcd,
-        &certs,
-        prefix,
-    ));
-    west.wait_ready().await;
-    east.wait_ready().await;
-    let vip = east.wait_routable(SERVICE, 7000).await;
-    Link {
-        east,
-        _west: west,
-        echo,
-        relay,
-        vip,
-        _certs: certs,
-        _etcd: etcd,
-    }
-}
 
 /// What one link condition did.
 struct Condition {
@@ -225,7 +174,7 @@ fn print_conditions(seed: u64, rows: &[Condition]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lossy_and_slow_links_keep_every_byte_and_no_stream_sticks() {
     let _turn = SERIAL.lock().await;
-    let link = link().await;
+    let link = Link::start("/link-faults", None).await;
     let (d, j) = (Duration::from_millis(50), Duration::from_millis(10));
     // (name, faults, bulk bytes): the reordering link moves a bulk stream at a fraction of a
     // MB/s (see docs/reliability.md), so its stream is shorter.

@@ -13,6 +13,8 @@ use meshup_core::model::{VipRecord, decode};
 use meshup_federation::etcd::{EtcdOptions, EtcdStore};
 use meshup_federation::store::{self, KeyValue, Store};
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL, dig};
+use meshup_tests::link::Link;
+use meshup_tests::relay::Direction;
 use meshup_tests::workload::EchoServer;
 use meshup_tests::{EtcdServer, eventually_ok};
 use sha2::{Digest, Sha256};
@@ -677,38 +679,12 @@ async fn sigterm_does_not_cut_the_tail_of_a_response_that_already_finished() {
 /// outside the fast table goes through the runtime from a DNS thread) and drain on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagrams() {
-    use meshup_tests::gateways::free_udp_port;
-    use meshup_tests::relay::{Direction, Relay};
-
     const CLIENTS: usize = 32;
     const ROUNDS: usize = 10;
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("etcd");
-    let certs = Certs::new(&["east", "west"]);
-    let echo = EchoServer::start().await.expect("echo server");
-    let west_port = free_udp_port();
-    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], west_port)))
-        .await
-        .expect("relay");
-    let prefix = "/one-thread";
-    let mut west = GatewayProcess::start(GatewaySpec {
-        exports: vec![("echo", "test", 7000, echo.addr())],
-        tunnel_port: Some(west_port),
-        advertise: Some(relay.addr()),
-        worker_threads: Some(1),
-        ..GatewaySpec::new("west", "127.78.24.0/24", &etcd, &certs, prefix)
-    });
-    let mut east = GatewayProcess::start(GatewaySpec {
-        worker_threads: Some(1),
-        ..GatewaySpec::new("east", "127.78.23.0/24", &etcd, &certs, prefix)
-    });
-    west.wait_ready().await;
-    east.wait_ready().await;
-    let vip = east.wait_routable("echo.test", 7000).await;
-
-    let dns = east.dns_addr().await;
-    let found = tokio::task::spawn_blocking(move || dig(dns, "echo.test.svc.clusterset.local"))
+    let mut link = Link::start("/one-thread", Some(1)).await;
+    let (relay, vip) = (&link.relay, link.vip);
+    let dns = link.east.dns_addr().await;
+    let found = tokio::task::spawn_blocking(move || dig(dns, "echo.prod.svc.clusterset.local"))
         .await
         .expect("dig task")
         .expect("dig");
@@ -730,7 +706,7 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
             "+noednsnegotiation",
             "+tries=1",
             "+time=5",
-            "echo.test.svc.clusterset.local",
+            "echo.prod.svc.clusterset.local",
         ])
         .output()
         .expect("run dig");
@@ -755,13 +731,13 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
     let mut per_round = Vec::with_capacity(ROUNDS);
     for round in 0..ROUNDS {
         let before = relay.counts(Direction::ToUpstream).forwarded;
-        east.signal("-STOP");
+        link.east.signal("-STOP");
         // Loopback delivers each write into east's receive queue before it returns.
         for (i, c) in clients.iter_mut().enumerate() {
             let msg = [u8::try_from((round * CLIENTS + i) % 256).expect("byte"); 64];
             c.write_all(&msg).await.expect("write");
         }
-        east.signal("-CONT");
+        link.east.signal("-CONT");
         for (i, c) in clients.iter_mut().enumerate() {
             let mut got = [0u8; 64];
             tokio::time::timeout(Duration::from_secs(10), c.read_exact(&mut got))
@@ -786,9 +762,9 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
     );
 
     drop(clients);
-    east.signal("-TERM");
+    link.east.signal("-TERM");
     assert_eq!(
-        east.wait_exit(Duration::from_secs(15)).await,
+        link.east.wait_exit(Duration::from_secs(15)).await,
         Some(0),
         "a one-thread gateway drains and exits cleanly"
     );
