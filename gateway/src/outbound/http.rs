@@ -961,6 +961,11 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
 /// it names, and the fixed hop-by-hop ones. `TE: trailers` stays (gRPC needs it); an
 /// upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn clean_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of them: one pass over the names present, instead of a
+    // lookup per hop-by-hop name, for every request and response.
+    if !upgrade && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -976,11 +981,11 @@ fn clean_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in [
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
     ] {
         headers.remove(n);
     }
@@ -993,6 +998,24 @@ fn clean_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Whether `name` is one of the hop-by-hop headers [`clean_hop_by_hop`] removes whatever
+/// `Connection` names.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ]
+    .contains(name)
 }
 
 /// Applies a rule's edits: remove, then set, then add. The record was checked, so every
@@ -1146,6 +1169,30 @@ mod tests {
             Some(&b"upgrade"[..])
         );
         assert!(h.get("transfer-encoding").is_none());
+
+        // Nothing hop-by-hop: every header stays, in its order.
+        let mut end_to_end = HeaderMap::new();
+        for (n, v) in [("host", "a"), ("x-b", "1"), ("accept", "*/*"), ("x-b", "2")] {
+            end_to_end.append(n, HeaderValue::from_static(v));
+        }
+        let before = end_to_end.clone();
+        clean_hop_by_hop(&mut end_to_end, false);
+        assert_eq!(end_to_end, before);
+        // Any one hop-by-hop name alone is removed.
+        for n in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "upgrade",
+        ] {
+            let mut one = before.clone();
+            one.append(n, HeaderValue::from_static("x"));
+            clean_hop_by_hop(&mut one, false);
+            assert_eq!(one, before, "{n} is removed");
+        }
     }
 
     #[test]
