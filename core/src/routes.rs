@@ -209,9 +209,9 @@ impl HeaderEdits {
     }
 }
 
-/// Headers a rule may not edit: the connection's own (RFC 9110 §7.6.1) and the framing,
-/// which the gateway sets itself.
-const RESERVED_HEADERS: [&str; 9] = [
+/// The connection's own headers (RFC 9110 §7.6.1), which a proxy removes from every message
+/// it forwards (besides those `Connection` names).
+pub const HOP_BY_HOP_HEADERS: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -219,9 +219,13 @@ const RESERVED_HEADERS: [&str; 9] = [
     "te",
     "trailer",
     "upgrade",
-    "content-length",
-    "host",
 ];
+
+/// Whether a rule may not edit the header `name` (lowercase): a hop-by-hop one, or the
+/// framing and authority, which the gateway sets itself.
+fn is_reserved_header(name: &str) -> bool {
+    HOP_BY_HOP_HEADERS.contains(&name) || name == "content-length" || name == "host"
+}
 
 /// Decodes a route record: size limit first, then JSON; another major schema is named as
 /// such even when its fields no longer decode as ours.
@@ -538,7 +542,7 @@ fn check_edits(at: &str, edits: &HeaderEdits) -> Result<(), RouteError> {
                 format!("{name:?} is not a header name"),
             ));
         }
-        if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+        if is_reserved_header(&name.to_ascii_lowercase()) {
             return Err(invalid(
                 at.to_owned(),
                 format!(

@@ -175,18 +175,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The async runtime: `worker_threads` threads, or one per CPU core.
 ///
-/// One thread is tokio's current-thread scheduler on the main thread: the same single
-/// thread for the data path, without the work-stealing scheduler's bookkeeping per wake-up
-/// (docs/benchmarks.md, "Small messages").
+/// One thread is tokio's current-thread scheduler on the main thread, which runs woken tasks
+/// in turn: the messages of connections that wrote together leave in the same datagrams
+/// (docs/benchmarks.md, "One worker thread").
 fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let mut builder = match worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
+    let mut builder = if worker_threads == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads {
             b.worker_threads(n);
-            b
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
+        b
     };
     builder
         .enable_all()

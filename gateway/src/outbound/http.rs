@@ -29,7 +29,7 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshup_core::model::AppProtocol;
 use meshup_core::names::ClusterName;
-use meshup_core::routes::{CompiledRule, HeaderEdits, HttpRetry, RequestView};
+use meshup_core::routes::{CompiledRule, HOP_BY_HOP_HEADERS, HeaderEdits, HttpRetry, RequestView};
 use meshup_core::tunnel::RequestHeader;
 use tokio::net::TcpStream;
 use tower_http::timeout::{TimeoutBody, TimeoutError};
@@ -1006,16 +1006,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// Whether `name` is one of the hop-by-hop headers [`clean_hop_by_hop`] removes whatever
 /// `Connection` names.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        header::CONNECTION,
-        header::UPGRADE,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-    ]
-    .contains(name)
+    HOP_BY_HOP_HEADERS.contains(&name.as_str())
 }
 
 /// Applies a rule's edits: remove, then set, then add. The record was checked, so every
@@ -1179,15 +1170,7 @@ mod tests {
         clean_hop_by_hop(&mut end_to_end, false);
         assert_eq!(end_to_end, before);
         // Any one hop-by-hop name alone is removed.
-        for n in [
-            "connection",
-            "keep-alive",
-            "proxy-connection",
-            "transfer-encoding",
-            "te",
-            "trailer",
-            "upgrade",
-        ] {
+        for n in HOP_BY_HOP_HEADERS {
             let mut one = before.clone();
             one.append(n, HeaderValue::from_static("x"));
             clean_hop_by_hop(&mut one, false);
