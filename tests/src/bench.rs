@@ -72,6 +72,23 @@ pub fn machine_line(benchmark: &str) -> String {
     )
 }
 
+/// The median of `values` (sorted in place; the mean of the middle two for an even count).
+/// Benchmarks report medians over rounds, since the machines are shared and noisy.
+///
+/// # Panics
+///
+/// If `values` is empty.
+pub fn median(values: &mut [f64]) -> f64 {
+    assert!(!values.is_empty(), "the median of no values");
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
 /// A benchmark's temporary directory: removed at the end, unless kept on request or after a
 /// failure (its configs and logs are then the first thing to read).
 #[derive(Debug)]
@@ -157,5 +174,17 @@ impl LoopbackServer {
 impl Drop for LoopbackServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut [7.0]), 7.0);
     }
 }

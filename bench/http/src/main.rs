@@ -5,7 +5,7 @@
 //!
 //! The machine is shared and noisy (docs/benchmarks.md), so every point runs all
 //! contenders back to back (order rotated per point) and the ratios compare them within
-//! the run. CPU is the proxy processes' own utime + stime over each phase, from /proc.
+//! the run; `--rounds N` repeats the whole sequence and reports medians. CPU is the proxy processes' own utime + stime over each phase, from /proc.
 //!
 //! Layout: `backend` (the hyper server), `contenders` (set-up and probes), `load` (wrk and
 //! h2load, their output parsed), `report` (tables and ratios). nginx, the gateway pair, child
@@ -37,7 +37,11 @@ struct Args {
     /// Client counts (connections), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     clients: Vec<usize>,
-    /// Smoke run: 1 s points. Proves everything works; its figures are not worth comparing.
+    /// Rounds: the whole sequence of points is run this many times; each figure is then the
+    /// median over the rounds and each ratio the median of the rounds' own ratios.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    rounds: u16,
+    /// Smoke run: 1 s points, one round. Proves everything works; its figures are not worth comparing.
     #[arg(long)]
     quick: bool,
     /// Run only these contenders (comma-separated: direct, nginx, meshup). Default: all.
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.quick {
         args.duration = 1;
+        args.rounds = 1;
     }
     meshup_tests::procs::run_until_signalled(run(args))
 }
@@ -114,37 +119,37 @@ async fn run(args: Args) -> Result<()> {
     print_header(&args, &contenders);
     let duration = Duration::from_secs(args.duration);
     let mut point = 0;
-    for protocol in [Protocol::Http1, Protocol::H2] {
-        for &clients in &args.clients {
-            // Rotate the order per point so no contender always runs first or last.
-            let n = contenders.len();
-            for i in 0..n {
-                let contender = &contenders[(i + point) % n];
-                let outcome = measure(contender, protocol, clients, duration, &dir).await;
-                match &outcome {
-                    Ok(p) => eprintln!(
-                        "{} {clients} clients, {}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, proxy CPU {:.2?} s",
-                        protocol.label(),
-                        contender.name,
-                        p.load.requests_per_second,
-                        p.load.p50_ms,
-                        p.load.p99_ms,
-                        p.cpu_s
-                    ),
-                    Err(e) => eprintln!(
-                        "{} {clients} clients, {}: FAILED: {e:#}",
+    for round in 0..usize::from(args.rounds) {
+        for protocol in [Protocol::Http1, Protocol::H2] {
+            for &clients in &args.clients {
+                // Rotate the order per point so no contender always runs first or last.
+                let n = contenders.len();
+                for i in 0..n {
+                    let contender = &contenders[(i + point) % n];
+                    let outcome = measure(contender, protocol, clients, duration, &dir).await;
+                    let label = format!(
+                        "{}{} {clients} clients, {}",
+                        round_label(round, args.rounds),
                         protocol.label(),
                         contender.name
-                    ),
+                    );
+                    match &outcome {
+                        Ok(p) => eprintln!(
+                            "{label}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, proxy CPU {:.2?} s",
+                            p.load.requests_per_second, p.load.p50_ms, p.load.p99_ms, p.cpu_s
+                        ),
+                        Err(e) => eprintln!("{label}: FAILED: {e:#}"),
+                    }
+                    report.record(
+                        protocol,
+                        clients,
+                        round,
+                        contender.name,
+                        outcome.map_err(|e| format!("{e:#}")),
+                    );
                 }
-                report.record(
-                    protocol,
-                    clients,
-                    contender.name,
-                    outcome.map_err(|e| format!("{e:#}")),
-                );
+                point += 1;
             }
-            point += 1;
         }
     }
     println!("{}", report.render());
@@ -152,6 +157,15 @@ async fn run(args: Args) -> Result<()> {
     let meshup_ran = !report.is_unavailable(MESHUP_HTTP);
     args.pair
         .finish(&mut scratch, report.failed_phases(), meshup_ran)
+}
+
+/// `round 2/3: ` when there are several rounds, else nothing.
+fn round_label(round: usize, rounds: u16) -> String {
+    if rounds > 1 {
+        format!("round {}/{rounds}: ", round + 1)
+    } else {
+        String::new()
+    }
 }
 
 /// One point: the load through one contender, with its proxies' CPU around it.
@@ -184,9 +198,14 @@ async fn measure(
 fn print_header(args: &Args, contenders: &[Contender]) {
     println!("{}", meshup_tests::bench::machine_line("HTTP"));
     println!(
-        "{} s per point; clients {:?}; body {} bytes{}",
+        "{} s per point; clients {:?}; {}; body {} bytes{}",
         args.duration,
         args.clients,
+        if args.rounds > 1 {
+            format!("{} rounds, figures are medians over them", args.rounds)
+        } else {
+            "one round".to_owned()
+        },
         backend::BODY.len(),
         if args.quick {
             " (quick smoke run: figures not comparable)"

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use meshup_tests::bench::median;
+
 use crate::peers::Kind;
 
 /// The measures, in the order they are run and printed.
@@ -220,16 +222,6 @@ fn summarize(entry: &Entry) -> Result<Summary, String> {
         p99: median_or_nan(&mut p99),
         cpu_per_unit: (!cpu.is_empty()).then(|| median(&mut cpu)),
     })
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
 }
 
 type Rows<'a> = [(&'a Entry, Result<Summary, String>)];
@@ -495,12 +487,6 @@ mod tests {
             bytes: 1_000_000_000,
             cpu_s: Some(0.5),
         }
-    }
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 
     #[test]
