@@ -5,7 +5,8 @@
 //!
 //! The machine is shared and noisy (docs/benchmarks.md), so every point runs all
 //! contenders back to back (order rotated per point) and the ratios compare them within
-//! the run; `--rounds N` repeats the whole sequence and reports medians. CPU is the proxy processes' own utime + stime over each phase, from /proc.
+//! the run; `--rounds N` repeats the whole sequence and reports medians. CPU is the proxy
+//! processes' own utime + stime over each phase, from /proc.
 //!
 //! Layout: `backend` (the hyper server), `contenders` (set-up and probes), `load` (wrk and
 //! h2load, their output parsed), `report` (tables and ratios). nginx, the gateway pair, child
@@ -41,7 +42,8 @@ struct Args {
     /// median over the rounds and each ratio the median of the rounds' own ratios.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
     rounds: u16,
-    /// Smoke run: 1 s points, one round. Proves everything works; its figures are not worth comparing.
+    /// Smoke run: 1 s points, one round. Proves everything works; its figures are not worth
+    /// comparing.
     #[arg(long)]
     quick: bool,
     /// Run only these contenders (comma-separated: direct, nginx, meshup). Default: all.
