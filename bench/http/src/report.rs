@@ -159,16 +159,21 @@ impl Report {
                         );
                         continue;
                     }
+                    // At least one round, none failed.
                     let phases: Vec<&Phase> = mine.filter_map(|o| o.phase.as_ref().ok()).collect();
-                    let of = |f: &dyn Fn(&Phase) -> Option<f64>| {
-                        let mut v: Vec<f64> = phases.iter().filter_map(|p| f(p)).collect();
-                        (!v.is_empty()).then(|| median(&mut v))
+                    let median_of = |f: fn(&Phase) -> f64| {
+                        median(&mut phases.iter().map(|p| f(p)).collect::<Vec<_>>())
                     };
-                    let rps = of(&|p| Some(p.load.requests_per_second)).unwrap_or(f64::NAN);
-                    let p50 = of(&|p| Some(p.load.p50_ms)).unwrap_or(f64::NAN);
-                    let p99 = of(&|p| Some(p.load.p99_ms)).unwrap_or(f64::NAN);
-                    let cpu =
-                        of(&Phase::cpu_per_100k).map_or("—".to_owned(), |c| format!("{c:.2}"));
+                    let rps = median_of(|p| p.load.requests_per_second);
+                    let p50 = median_of(|p| p.load.p50_ms);
+                    let p99 = median_of(|p| p.load.p99_ms);
+                    let mut cpu: Vec<f64> =
+                        phases.iter().filter_map(|p| p.cpu_per_100k()).collect();
+                    let cpu = if cpu.is_empty() {
+                        "—".to_owned()
+                    } else {
+                        format!("{:.2}", median(&mut cpu))
+                    };
                     let _ = writeln!(
                         out,
                         "| {clients} | {contender} | {rps:.0} | {p50:.3} | {p99:.3} | {cpu} |"
@@ -354,13 +359,12 @@ mod tests {
                 MESHUP_TCP,
                 phase(rps(30_000.0), n(30_000.0), Some(3.0)),
             );
-            let http = rps(24_000.0);
             r.record(
                 h1,
                 16,
                 round,
                 MESHUP_HTTP,
-                phase(http, n(24_000.0), Some(4.4 - round as f64 * 0.2)),
+                phase(rps(24_000.0), n(24_000.0), Some(4.4 - round as f64 * 0.2)),
             );
         }
         let text = r.render();
