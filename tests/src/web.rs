@@ -4,6 +4,7 @@
 //! cluster in every answer, so a test knows which cluster served each request:
 //! - any path: `200`, body
 //!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>
+//!   internal=<names of meshup-* headers that reached it, comma-separated, or ->
 //!   body=<the request body's length>:<its FNV-1a hash, hex>` (`body=-` when the request
 //!   declares no `content-length`: such a body is not read before the answer);
 //! - `/slow`: the same after 2 s;
@@ -195,7 +196,7 @@ async fn answer(
         "-".to_owned()
     };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} body={}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} internal={} body={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
@@ -206,6 +207,7 @@ async fn answer(
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
+        internal_headers(req.headers()),
         body,
     );
     let mut resp = Response::new(Full::new(Bytes::from(text)));
@@ -309,6 +311,21 @@ fn tokio_stream_incoming(
         let r = l.accept().await.map(|(s, _)| s);
         Some((r, l))
     })
+}
+
+/// The names of the gateways' own headers (`meshup-*`) among `headers`, comma-separated,
+/// or `-`: none should ever reach a backend.
+fn internal_headers(headers: &http::HeaderMap) -> String {
+    let names: Vec<&str> = headers
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| k.starts_with("meshup-"))
+        .collect();
+    if names.is_empty() {
+        "-".to_owned()
+    } else {
+        names.join(",")
+    }
 }
 
 /// How [`WebBackend`] names a request body in its answer: `<length>:<FNV-1a hash, hex>`.

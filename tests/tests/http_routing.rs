@@ -195,12 +195,35 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
         "{opened} backend connections for {west_n} requests"
     );
 
-    // h2c with prior knowledge: routed per request the same way, h2 to the backend.
+    // h2c with prior knowledge: routed per request the same way, h2 to the backend (it
+    // crosses between the gateways as HTTP/1.1, marked, and the mark stays there).
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/api/h2")]);
     assert_eq!(cluster_of(&out), Some("north"), "{out}");
     assert!(out.contains("version=HTTP/2.0"), "{out}");
+    assert!(out.contains("internal=-"), "{out}");
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/west/h2")]);
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("version=HTTP/2.0"), "{out}");
+    // ... with a body, which goes on as h2 too.
+    let (_, out) = curl(&[
+        "--http2-prior-knowledge",
+        "--data-binary",
+        "h2 body",
+        &format!("http://{vip}/west/h2"),
+    ]);
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("method=POST"), "{out}");
+    assert!(out.contains("version=HTTP/2.0"), "{out}");
+    assert!(
+        out.contains(&format!("body={}\n", body_digest(b"h2 body"))),
+        "{out}"
+    );
+    // A client's own mark is not taken: HTTP/1.1 stays HTTP/1.1, and the mark goes no
+    // further than the calling gateway.
+    let (_, _, out) = get(vip, "/west/h1", &["meshup-h2-client: 1"]);
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("version=HTTP/1.1"), "{out}");
+    assert!(out.contains("internal=-"), "{out}");
 
     // A WebSocket upgrade passes through as a tunnel: bytes echoed after the 101.
     websocket_echo(vip).await?;

@@ -17,6 +17,8 @@
 //!   closed without an answer (the backend closed it at the same moment, or is going away)
 //!   is answered "not forwarded", so the caller sends it again elsewhere (RFC 9110, 9.2.2);
 //!   any other request gets a 502. An upgrade (WebSocket) gets a connection of its own.
+//! - A request marked [`H2_CLIENT`] (an h2 client's, carried as HTTP/1.1 between the
+//!   gateways) goes to its endpoint as h2, as the client spoke it.
 //! - A stream carrying a whole client connection (a caller that splices the port, an older
 //!   gateway) works the same: every request on it is forwarded in turn.
 
@@ -37,7 +39,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::{Balancer, Load};
-use crate::outbound::http::{MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, text_response};
+use crate::outbound::http::{
+    H2_CLIENT, MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, h2_uri, text_response,
+};
 
 /// Longest a backend connection stays in the pool after its last response's headers.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -202,6 +206,12 @@ impl Forwarder {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
         let upgrade =
             req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
+        // An h2 client's request that crossed as HTTP/1.1 goes on as h2, as it was spoken.
+        if req.headers_mut().remove(H2_CLIENT).is_some() && !upgrade {
+            *req.version_mut() = Version::HTTP_2;
+            *req.uri_mut() = h2_uri(std::mem::take(req.uri_mut()), req.headers());
+            req.headers_mut().remove(http::header::HOST);
+        }
         let h2 = req.version() == Version::HTTP_2;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let idempotent = req.method().is_idempotent();

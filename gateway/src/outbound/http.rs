@@ -6,8 +6,10 @@
 //!   the first matching rule and draw a destination by weight; no rule, or a destination
 //!   naming the policy, takes the failover decision's order, as a TCP connection does.
 //! - Each try is one tunnel stream (the same header, status and pool as a TCP connection),
-//!   carrying one HTTP/1.1 exchange, or one h2 connection for an h2 or gRPC request; the
-//!   serving gateway splices it to an endpoint. A local endpoint gets its own connection.
+//!   carrying one HTTP/1.1 exchange, or one h2 connection for a request that may need h2's
+//!   trailers (gRPC); the serving gateway splices it to an endpoint. An h2 client's other
+//!   requests cross as HTTP/1.1, marked [`H2_CLIENT`], and reach the endpoint as h2
+//!   ([`tunnel_wire`]). A local endpoint gets its own connection.
 //! - A request is tried again elsewhere while nothing of it can have reached a backend (the
 //!   stream was refused, the peer did not answer), and after a retryable status, a reset or a
 //!   per-try timeout only when it can be sent again whole: an idempotent method with no body.
@@ -58,6 +60,11 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// accepted it): the caller may try another cluster, as after a refused stream. Only ever
 /// between gateways: the caller removes it.
 pub const NOT_FORWARDED: HeaderName = HeaderName::from_static("meshup-not-forwarded");
+/// Marks a request of an h2 client that crosses to the serving gateway as HTTP/1.1
+/// ([`tunnel_wire`]): that gateway removes it and sends the request to its endpoint as h2,
+/// as the client spoke it. Only ever between gateways: the calling gateway removes any a
+/// client sent.
+pub const H2_CLIENT: HeaderName = HeaderName::from_static("meshup-h2-client");
 
 /// How requests of `http` and `grpc` ports are answered (the config's `http` section).
 #[derive(Debug, Clone)]
@@ -171,7 +178,7 @@ pub(super) async fn serve(
 
 /// Which HTTP a try speaks over its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wire {
+pub(crate) enum Wire {
     Http1,
     H2,
 }
@@ -250,12 +257,10 @@ async fn handle(
         .extensions
         .remove::<hyper::upgrade::OnUpgrade>()
         .filter(|_| is_upgrade(&parts.headers));
-    let wire = if app == AppProtocol::Grpc || parts.version == Version::HTTP_2 {
-        Wire::H2
-    } else {
-        Wire::Http1
-    };
+    let h2_client = parts.version == Version::HTTP_2;
+    let wire = tunnel_wire(app, parts.version, &parts.headers);
     clean_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    parts.headers.remove(&H2_CLIENT);
     if let Some(r) = rule {
         apply_edits(&mut parts.headers, &r.request_headers);
     }
@@ -291,6 +296,7 @@ async fn handle(
         uri: parts.uri,
         headers: parts.headers,
         wire,
+        h2_client,
         reuse: upgrade.is_none(),
         empty_body,
         tape,
@@ -471,7 +477,11 @@ struct Outgoing {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    /// What a tunnel stream carries it as ([`tunnel_wire`]).
     wire: Wire,
+    /// Whether the client spoke h2: a local endpoint gets it as h2, a serving gateway
+    /// learns it from [`H2_CLIENT`] when it crosses as HTTP/1.1.
+    h2_client: bool,
     /// Whether a kept stream may carry it (not an upgrade, which takes its stream).
     reuse: bool,
     /// Whether it has no body: one it can be sent again whole, whatever its method.
@@ -481,11 +491,21 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    /// The request of one try. The body goes with the first try; a retried request gets
-    /// an empty one (it had none), or its body replayed from the tape ([`forwarded`]).
-    fn build(&self, body: Option<ReqBody>) -> Request<ReqBody> {
+    /// What a try to a local endpoint (`local`) or over a tunnel stream speaks.
+    fn wire(&self, local: bool) -> Wire {
+        if local && self.h2_client {
+            Wire::H2
+        } else {
+            self.wire
+        }
+    }
+
+    /// The request of one try spoken as `wire`. The body goes with the first try; a retried
+    /// request gets an empty one (it had none), or its body replayed from the tape
+    /// ([`forwarded`]).
+    fn build(&self, wire: Wire, body: Option<ReqBody>) -> Request<ReqBody> {
         let mut uri = self.uri.clone();
-        let version = match self.wire {
+        let version = match wire {
             Wire::Http1 => {
                 // Origin form on an HTTP/1.1 stream; the Host header says the authority.
                 if let Some(pq) = uri.path_and_query()
@@ -496,22 +516,7 @@ impl Outgoing {
                 Version::HTTP_11
             }
             Wire::H2 => {
-                // h2 needs the scheme and authority (`:scheme`, `:authority`).
-                if uri.authority().is_none() {
-                    let authority = self
-                        .headers
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or("localhost")
-                        .to_owned();
-                    let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-                    uri = Uri::builder()
-                        .scheme("http")
-                        .authority(authority)
-                        .path_and_query(pq)
-                        .build()
-                        .unwrap_or(uri);
-                }
+                uri = h2_uri(uri, &self.headers);
                 Version::HTTP_2
             }
         };
@@ -520,11 +525,72 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.version_mut() = version;
         *req.headers_mut() = self.headers.clone();
-        if self.wire == Wire::H2 {
-            req.headers_mut().remove(header::HOST);
+        match wire {
+            Wire::H2 => {
+                req.headers_mut().remove(header::HOST);
+            }
+            // An h2 client's request: its `:authority` becomes the Host header, and the mark
+            // tells the serving gateway to speak h2 to its endpoint.
+            Wire::Http1 if self.h2_client => {
+                let headers = req.headers_mut();
+                if let Some(authority) = self.uri.authority()
+                    && !headers.contains_key(header::HOST)
+                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
+                {
+                    headers.insert(header::HOST, host);
+                }
+                headers.insert(H2_CLIENT, HeaderValue::from_static("1"));
+            }
+            Wire::Http1 => {}
         }
         req
     }
+}
+
+/// What a tunnel stream carries a request as. HTTP/1.1 costs the two gateways a third less
+/// per request than h2 (docs/benchmarks.md, "An h2 client's request crosses as HTTP/1.1"),
+/// so an h2 client's request crosses as HTTP/1.1 unless it may need what only h2 carries
+/// end to end: trailers, which a gRPC call always has and which an HTTP/1.1 hop passes on
+/// only to a client that said `TE: trailers` (RFC 9110, 6.5.1). A `grpc` port is h2
+/// throughout.
+pub(crate) fn tunnel_wire(app: AppProtocol, version: Version, headers: &HeaderMap) -> Wire {
+    let grpc = || {
+        headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    };
+    let trailers = || {
+        headers.get_all(header::TE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+        })
+    };
+    if app == AppProtocol::Grpc || (version == Version::HTTP_2 && (grpc() || trailers())) {
+        Wire::H2
+    } else {
+        Wire::Http1
+    }
+}
+
+/// `uri` in the form h2 needs, with a scheme and an authority (`:scheme`, `:authority`):
+/// an origin-form URI gets `http` and the Host header's authority.
+pub(crate) fn h2_uri(uri: Uri, headers: &HeaderMap) -> Uri {
+    if uri.authority().is_some() {
+        return uri;
+    }
+    let authority = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .unwrap_or(uri)
 }
 
 fn empty_body_of() -> ReqBody {
@@ -641,8 +707,9 @@ async fn try_once(
         port: route.port,
     };
     let streams = &shared.http_streams;
+    let wire = request.wire(matches!(target, Target::Local(_)));
     if request.reuse
-        && let Some(result) = try_kept(shared, &key, request, body).await
+        && let Some(result) = try_kept(shared, &key, request, wire, body).await
     {
         return result;
     }
@@ -653,7 +720,7 @@ async fn try_once(
                 .await
                 .map_err(|_| unreachable(true))?;
             let addr = tcp.peer_addr().map_err(|_| unreachable(true))?;
-            let sender = handshake(TokioIo::new(tcp), request.wire, ())
+            let sender = handshake(TokioIo::new(tcp), wire, ())
                 .await
                 .map_err(|_| unreachable(true))?;
             let peer = PeerKey {
@@ -684,13 +751,14 @@ async fn try_once(
                     ..
                 }) => {
                     let io = TokioIo::new(tokio::io::join(recv, send));
-                    let sender = handshake(io, request.wire, (_open, _in_use))
-                        .await
-                        .map_err(|_| TryFailed {
-                            answer: Answer::Lost,
-                            cluster_failed: true,
-                            sent: false,
-                        })?;
+                    let sender =
+                        handshake(io, wire, (_open, _in_use))
+                            .await
+                            .map_err(|_| TryFailed {
+                                answer: Answer::Lost,
+                                cluster_failed: true,
+                                sent: false,
+                            })?;
                     (sender, Via { peer, opened })
                 }
                 Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
@@ -704,7 +772,7 @@ async fn try_once(
         streams.share_h2(key.clone(), s.clone(), via.clone());
     }
     let (result, keep) = forwarded(
-        send(&mut sender, request.build(body.take()), body).await,
+        send(&mut sender, request.build(wire, body.take()), body).await,
         request,
         body,
     );
@@ -730,16 +798,17 @@ async fn try_kept(
     shared: &Shared,
     key: &StreamKey,
     request: &Outgoing,
+    wire: Wire,
     body: &mut Option<ReqBody>,
 ) -> Option<Result<Response<Incoming>, TryFailed>> {
     let streams = &shared.http_streams;
     let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
-    while let Some(kept) = streams.take(key, request.wire == Wire::H2, alive) {
+    while let Some(kept) = streams.take(key, wire == Wire::H2, alive) {
         let (mut sender, via) = match kept {
             Kept::H1(s, via) => (Sender::Http1(s), via),
             Kept::H2(s, via) => (Sender::H2(s), via),
         };
-        match send(&mut sender, request.build(body.take()), body).await {
+        match send(&mut sender, request.build(wire, body.take()), body).await {
             Err(f) if !f.sent => {
                 // It had closed before it wrote the request: another one.
                 keep_or_forget(streams, key, sender, via, false);
@@ -1121,6 +1190,110 @@ mod tests {
         }
         assert_eq!(retry_backoff(0, 0), Duration::ZERO);
         assert_eq!(retry_backoff(0, 25_000), Duration::from_millis(25));
+    }
+
+    #[test]
+    fn an_h2_clients_request_crosses_as_http1_unless_it_may_need_trailers() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        for (app, version, pairs, want) in [
+            (AppProtocol::Http, h1, &[][..], Wire::Http1),
+            (AppProtocol::Http, h2, &[][..], Wire::Http1),
+            (
+                AppProtocol::Http,
+                h2,
+                &[("content-type", "text/plain")][..],
+                Wire::Http1,
+            ),
+            (AppProtocol::Http, h2, &[("te", "trailers")][..], Wire::H2),
+            (
+                AppProtocol::Http,
+                h2,
+                &[("te", "gzip, Trailers")][..],
+                Wire::H2,
+            ),
+            (
+                AppProtocol::Http,
+                h2,
+                &[("te", "gzip"), ("te", "trailers")][..],
+                Wire::H2,
+            ),
+            (
+                AppProtocol::Http,
+                h2,
+                &[("te", "trailersx")][..],
+                Wire::Http1,
+            ),
+            (
+                AppProtocol::Http,
+                h2,
+                &[("content-type", "application/grpc+proto")][..],
+                Wire::H2,
+            ),
+            // An HTTP/1.1 client's trailers cross HTTP/1.1 as they came.
+            (
+                AppProtocol::Http,
+                h1,
+                &[("te", "trailers")][..],
+                Wire::Http1,
+            ),
+            (AppProtocol::Grpc, h1, &[][..], Wire::H2),
+            (AppProtocol::Grpc, h2, &[][..], Wire::H2),
+        ] {
+            assert_eq!(
+                tunnel_wire(app, version, &headers(pairs)),
+                want,
+                "{app:?} {version:?} {pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_h2_request_crossing_as_http1_names_its_authority_and_is_marked() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-tag", HeaderValue::from_static("a"));
+        let outgoing = |h2_client| Outgoing {
+            method: Method::GET,
+            uri: Uri::from_static("http://web.shop:8080/a/b?c=d"),
+            headers: headers.clone(),
+            wire: Wire::Http1,
+            h2_client,
+            reuse: true,
+            empty_body: true,
+            tape: None,
+        };
+        let o = outgoing(true);
+        // Over a tunnel stream: HTTP/1.1, origin form, Host, the mark.
+        let wire = o.wire(false);
+        assert_eq!(wire, Wire::Http1);
+        let req = o.build(wire, None);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/a/b?c=d");
+        assert_eq!(req.headers()[header::HOST], "web.shop:8080");
+        assert_eq!(req.headers()[&H2_CLIENT], "1");
+        assert_eq!(req.headers()["x-tag"], "a");
+        // What the serving gateway makes of it: h2 again, with the same authority.
+        assert_eq!(
+            h2_uri(req.uri().clone(), req.headers()),
+            "http://web.shop:8080/a/b?c=d"
+        );
+        // To a local endpoint: h2, as the client spoke it, unmarked.
+        let wire = o.wire(true);
+        assert_eq!(wire, Wire::H2);
+        let req = o.build(wire, None);
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
+        assert!(!req.headers().contains_key(header::HOST));
+        assert!(!req.headers().contains_key(&H2_CLIENT));
+        // An HTTP/1.1 client's request is never marked.
+        let req = outgoing(false).build(Wire::Http1, None);
+        assert!(!req.headers().contains_key(&H2_CLIENT));
     }
 
     #[test]
