@@ -4,6 +4,7 @@
 //! cluster in every answer, so a test knows which cluster served each request:
 //! - any path: `200`, body
 //!   `cluster=<name> method=<m> path=<p> tag=<x-route-tag> version=<v> trace=<traceparent>
+//!   authority=<:authority, or Host> scheme=<:scheme, or -> fields=<header fields>
 //!   internal=<names of meshup-* headers that reached it, comma-separated, or ->
 //!   body=<the request body's length>:<its FNV-1a hash, hex>` (`body=-` when the request
 //!   declares no `content-length`: such a body is not read before the answer);
@@ -196,7 +197,7 @@ async fn answer(
         "-".to_owned()
     };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} internal={} body={}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} authority={} scheme={} fields={} internal={} body={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
@@ -207,6 +208,13 @@ async fn answer(
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-"),
+        req.uri()
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| req.headers().get("host").and_then(|v| v.to_str().ok()))
+            .unwrap_or("-"),
+        req.uri().scheme_str().unwrap_or("-"),
+        req.headers().len(),
         internal_headers(req.headers()),
         body,
     );

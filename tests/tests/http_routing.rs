@@ -200,7 +200,28 @@ async fn requests_are_routed_one_by_one_by_the_rules() -> anyhow::Result<()> {
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/api/h2")]);
     assert_eq!(cluster_of(&out), Some("north"), "{out}");
     assert!(out.contains("version=HTTP/2.0"), "{out}");
+    assert!(
+        out.contains(&format!("authority={vip} scheme=http ")),
+        "{out}"
+    );
     assert!(out.contains("internal=-"), "{out}");
+    // More header fields than an HTTP/1.1 client may send (100) cross with it.
+    let many: Vec<String> = (0..150).map(|i| format!("x-field-{i}: {i}")).collect();
+    let mut args = vec!["--http2-prior-knowledge"];
+    for field in &many {
+        args.extend(["-H", field.as_str()]);
+    }
+    let url = format!("http://{vip}/west/many");
+    args.push(&url);
+    let (_, out) = curl(&args);
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("version=HTTP/2.0"), "{out}");
+    let fields: usize = out
+        .split_once(" fields=")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(fields >= 150, "{fields} fields reached the backend: {out}");
     let (_, out) = curl(&["--http2-prior-knowledge", &format!("http://{vip}/west/h2")]);
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
     assert!(out.contains("version=HTTP/2.0"), "{out}");

@@ -48,7 +48,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Most HTTP/1.1 connections kept per endpoint, idle or finishing a response.
 pub const MAX_KEPT_PER_ENDPOINT: usize = 256;
 /// Most concurrent requests on one h2 tunnel stream: a calling gateway shares one per
-/// service port among all its clients' h2 and gRPC requests to this cluster.
+/// service port among all its clients' requests to this cluster that cross as h2 (gRPC,
+/// and h2 requests that may need trailers).
 pub const MAX_STREAMS_PER_TUNNEL_STREAM: u32 = 1024;
 
 /// A kept HTTP/1.1 connection and when its last response's headers came.
@@ -206,10 +207,14 @@ impl Forwarder {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
         let upgrade =
             req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
-        // An h2 client's request that crossed as HTTP/1.1 goes on as h2, as it was spoken.
-        if req.headers_mut().remove(H2_CLIENT).is_some() && !upgrade {
+        // An h2 client's request that crossed as HTTP/1.1 goes on as h2, as it was spoken,
+        // with the scheme the mark carries.
+        if let Some(mark) = req.headers_mut().remove(H2_CLIENT)
+            && !upgrade
+        {
+            let scheme = if mark == "https" { "https" } else { "http" };
             *req.version_mut() = Version::HTTP_2;
-            *req.uri_mut() = h2_uri(std::mem::take(req.uri_mut()), req.headers());
+            *req.uri_mut() = h2_uri(std::mem::take(req.uri_mut()), scheme, req.headers());
             req.headers_mut().remove(http::header::HOST);
         }
         let h2 = req.version() == Version::HTTP_2;

@@ -61,9 +61,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// between gateways: the caller removes it.
 pub const NOT_FORWARDED: HeaderName = HeaderName::from_static("meshup-not-forwarded");
 /// Marks a request of an h2 client that crosses to the serving gateway as HTTP/1.1
-/// ([`tunnel_wire`]): that gateway removes it and sends the request to its endpoint as h2,
-/// as the client spoke it. Only ever between gateways: the calling gateway removes any a
-/// client sent.
+/// ([`tunnel_wire`]), with its `:scheme` as the value: that gateway removes it and sends
+/// the request to its endpoint as h2, as the client spoke it. Only ever between gateways:
+/// the calling gateway removes any a client or a rule's edit set.
 pub const H2_CLIENT: HeaderName = HeaderName::from_static("meshup-h2-client");
 
 /// How requests of `http` and `grpc` ports are answered (the config's `http` section).
@@ -258,12 +258,15 @@ async fn handle(
         .remove::<hyper::upgrade::OnUpgrade>()
         .filter(|_| is_upgrade(&parts.headers));
     let h2_client = parts.version == Version::HTTP_2;
-    let wire = tunnel_wire(app, parts.version, &parts.headers);
+    // Only an h2 client's request may cross as h2 for them (HTTP/1.1 crosses as it came).
+    let needs_trailers = h2_client && may_need_trailers(&parts.headers);
     clean_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    parts.headers.remove(&H2_CLIENT);
     if let Some(r) = rule {
         apply_edits(&mut parts.headers, &r.request_headers);
     }
+    // Set by no client and no rule: only ever between gateways.
+    parts.headers.remove(&H2_CLIENT);
+    let wire = tunnel_wire(app, parts.version, needs_trailers, parts.headers.len());
     let empty_body = body.is_end_stream();
     let replayable = upgrade.is_none() && is_idempotent(&parts.method) && empty_body;
     let method_class = method_class(upgrade.is_some(), &parts.method);
@@ -516,7 +519,7 @@ impl Outgoing {
                 Version::HTTP_11
             }
             Wire::H2 => {
-                uri = h2_uri(uri, &self.headers);
+                uri = h2_uri(uri, "http", &self.headers);
                 Version::HTTP_2
             }
         };
@@ -529,17 +532,21 @@ impl Outgoing {
             Wire::H2 => {
                 req.headers_mut().remove(header::HOST);
             }
-            // An h2 client's request: its `:authority` becomes the Host header, and the mark
-            // tells the serving gateway to speak h2 to its endpoint.
+            // An h2 client's request: its `:authority` becomes the Host header (in place of
+            // any Host it sent too, RFC 9113 8.3.1), and the mark, with its `:scheme`, tells
+            // the serving gateway to speak h2 to its endpoint.
             Wire::Http1 if self.h2_client => {
                 let headers = req.headers_mut();
                 if let Some(authority) = self.uri.authority()
-                    && !headers.contains_key(header::HOST)
                     && let Ok(host) = HeaderValue::from_str(authority.as_str())
                 {
                     headers.insert(header::HOST, host);
                 }
-                headers.insert(H2_CLIENT, HeaderValue::from_static("1"));
+                let scheme = match self.uri.scheme_str() {
+                    Some("https") => "https",
+                    _ => "http",
+                };
+                headers.insert(H2_CLIENT, HeaderValue::from_static(scheme));
             }
             Wire::Http1 => {}
         }
@@ -547,26 +554,42 @@ impl Outgoing {
     }
 }
 
-/// What a tunnel stream carries a request as. HTTP/1.1 costs the two gateways a third less
-/// per request than h2 (docs/benchmarks.md, "An h2 client's request crosses as HTTP/1.1"),
-/// so an h2 client's request crosses as HTTP/1.1 unless it may need what only h2 carries
-/// end to end: trailers, which a gRPC call always has and which an HTTP/1.1 hop passes on
-/// only to a client that said `TE: trailers` (RFC 9110, 6.5.1). A `grpc` port is h2
-/// throughout.
-pub(crate) fn tunnel_wire(app: AppProtocol, version: Version, headers: &HeaderMap) -> Wire {
-    let grpc = || {
-        headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-    };
-    let trailers = || {
-        headers.get_all(header::TE).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
-        })
-    };
-    if app == AppProtocol::Grpc || (version == Version::HTTP_2 && (grpc() || trailers())) {
+/// Whether a request may need what only h2 carries end to end: trailers, which a gRPC
+/// call always has, which an HTTP/1.1 hop passes on only to a client that said
+/// `TE: trailers` (RFC 9110, 6.5.1), and which a request announcing its own (`Trailer`)
+/// would lose on the way. Read before the hop-by-hop headers are removed.
+pub(crate) fn may_need_trailers(headers: &HeaderMap) -> bool {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    });
+    grpc || te_trailers || headers.contains_key(header::TRAILER)
+}
+
+/// Header fields an h2 client's request gains when it crosses as HTTP/1.1: Host and the
+/// mark ([`H2_CLIENT`]).
+const CROSSING_FIELDS: usize = 2;
+
+/// What a tunnel stream carries a request of `fields` header fields (as it is sent, after
+/// a rule's edits) as. HTTP/1.1 costs the two gateways a third less per request than h2
+/// (docs/benchmarks.md, "An h2 client's request crosses as HTTP/1.1"), so an h2 client's
+/// request crosses as HTTP/1.1 unless it may need trailers ([`may_need_trailers`]) or has
+/// more header fields than an HTTP/1.1 hop takes ([`MAX_HEADERS`], hyper's and Envoy's
+/// default; h2 clients are held only to the size of their header list). A `grpc` port is
+/// h2 throughout.
+pub(crate) fn tunnel_wire(
+    app: AppProtocol,
+    version: Version,
+    needs_trailers: bool,
+    fields: usize,
+) -> Wire {
+    let h2_only =
+        version == Version::HTTP_2 && (needs_trailers || fields + CROSSING_FIELDS > MAX_HEADERS);
+    if app == AppProtocol::Grpc || h2_only {
         Wire::H2
     } else {
         Wire::Http1
@@ -574,8 +597,8 @@ pub(crate) fn tunnel_wire(app: AppProtocol, version: Version, headers: &HeaderMa
 }
 
 /// `uri` in the form h2 needs, with a scheme and an authority (`:scheme`, `:authority`):
-/// an origin-form URI gets `http` and the Host header's authority.
-pub(crate) fn h2_uri(uri: Uri, headers: &HeaderMap) -> Uri {
+/// an origin-form URI gets `scheme` and the Host header's authority.
+pub(crate) fn h2_uri(uri: Uri, scheme: &str, headers: &HeaderMap) -> Uri {
     if uri.authority().is_some() {
         return uri;
     }
@@ -586,7 +609,7 @@ pub(crate) fn h2_uri(uri: Uri, headers: &HeaderMap) -> Uri {
         .to_owned();
     let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
     Uri::builder()
-        .scheme("http")
+        .scheme(scheme)
         .authority(authority)
         .path_and_query(pq)
         .build()
@@ -1194,63 +1217,47 @@ mod tests {
 
     #[test]
     fn an_h2_clients_request_crosses_as_http1_unless_it_may_need_trailers() {
-        let headers = |pairs: &[(&'static str, &'static str)]| {
-            let mut h = HeaderMap::new();
-            for (k, v) in pairs {
-                h.append(*k, HeaderValue::from_static(v));
-            }
-            h
-        };
-        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
-        for (app, version, pairs, want) in [
-            (AppProtocol::Http, h1, &[][..], Wire::Http1),
-            (AppProtocol::Http, h2, &[][..], Wire::Http1),
-            (
-                AppProtocol::Http,
-                h2,
-                &[("content-type", "text/plain")][..],
-                Wire::Http1,
-            ),
-            (AppProtocol::Http, h2, &[("te", "trailers")][..], Wire::H2),
-            (
-                AppProtocol::Http,
-                h2,
-                &[("te", "gzip, Trailers")][..],
-                Wire::H2,
-            ),
-            (
-                AppProtocol::Http,
-                h2,
-                &[("te", "gzip"), ("te", "trailers")][..],
-                Wire::H2,
-            ),
-            (
-                AppProtocol::Http,
-                h2,
-                &[("te", "trailersx")][..],
-                Wire::Http1,
-            ),
-            (
-                AppProtocol::Http,
-                h2,
-                &[("content-type", "application/grpc+proto")][..],
-                Wire::H2,
-            ),
-            // An HTTP/1.1 client's trailers cross HTTP/1.1 as they came.
-            (
-                AppProtocol::Http,
-                h1,
-                &[("te", "trailers")][..],
-                Wire::Http1,
-            ),
-            (AppProtocol::Grpc, h1, &[][..], Wire::H2),
-            (AppProtocol::Grpc, h2, &[][..], Wire::H2),
+        // Header fields as `name: value` lines.
+        for (fields, want) in [
+            ("", false),
+            ("content-type: text/plain", false),
+            ("te: trailers", true),
+            ("te: gzip, Trailers", true),
+            ("te: gzip\nte: trailers", true),
+            ("te: trailersx", false),
+            ("content-type: application/grpc+proto", true),
+            ("trailer: x-checksum", true),
         ] {
-            assert_eq!(
-                tunnel_wire(app, version, &headers(pairs)),
-                want,
-                "{app:?} {version:?} {pairs:?}"
-            );
+            let mut headers = HeaderMap::new();
+            for line in fields.lines() {
+                let (name, value) = line.split_once(": ").expect("name: value");
+                headers.append(
+                    HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                    HeaderValue::from_str(value).expect("value"),
+                );
+            }
+            assert_eq!(may_need_trailers(&headers), want, "{fields:?}");
+        }
+
+        use AppProtocol::{Grpc, Http};
+        use Wire::{H2, Http1};
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        // (port, client, may need trailers, header fields, what crosses)
+        for (app, version, trailers, fields, want) in [
+            (Http, h1, false, 5, Http1),
+            (Http, h2, false, 5, Http1),
+            (Http, h2, true, 5, H2),
+            // An HTTP/1.1 client's request crosses HTTP/1.1 as it came, trailers and all.
+            (Http, h1, true, 5, Http1),
+            // With Host and the mark, an HTTP/1.1 hop's 100 fields at most.
+            (Http, h2, false, MAX_HEADERS - 2, Http1),
+            (Http, h2, false, MAX_HEADERS - 1, H2),
+            (Http, h2, false, 150, H2),
+            (Grpc, h1, false, 5, H2),
+            (Grpc, h2, false, 5, H2),
+        ] {
+            let got = tunnel_wire(app, version, trailers, fields);
+            assert_eq!(got, want, "{app:?} {version:?} {trailers} {fields}");
         }
     }
 
@@ -1258,6 +1265,8 @@ mod tests {
     fn an_h2_request_crossing_as_http1_names_its_authority_and_is_marked() {
         let mut headers = HeaderMap::new();
         headers.insert("x-tag", HeaderValue::from_static("a"));
+        // A Host the client sent beside `:authority`: `:authority` wins (RFC 9113 8.3.1).
+        headers.insert(header::HOST, HeaderValue::from_static("other.example"));
         let outgoing = |h2_client| Outgoing {
             method: Method::GET,
             uri: Uri::from_static("http://web.shop:8080/a/b?c=d"),
@@ -1276,12 +1285,24 @@ mod tests {
         assert_eq!(req.version(), Version::HTTP_11);
         assert_eq!(req.uri(), "/a/b?c=d");
         assert_eq!(req.headers()[header::HOST], "web.shop:8080");
-        assert_eq!(req.headers()[&H2_CLIENT], "1");
+        assert_eq!(req.headers()[&H2_CLIENT], "http");
         assert_eq!(req.headers()["x-tag"], "a");
         // What the serving gateway makes of it: h2 again, with the same authority.
         assert_eq!(
-            h2_uri(req.uri().clone(), req.headers()),
+            h2_uri(req.uri().clone(), "http", req.headers()),
             "http://web.shop:8080/a/b?c=d"
+        );
+        // An `https` scheme (a TLS-terminating proxy in front of the client) crosses in the
+        // mark.
+        let tls = Outgoing {
+            uri: Uri::from_static("https://web.shop/x"),
+            ..outgoing(true)
+        };
+        let req = tls.build(Wire::Http1, None);
+        assert_eq!(req.headers()[&H2_CLIENT], "https");
+        assert_eq!(
+            h2_uri(req.uri().clone(), "https", req.headers()),
+            "https://web.shop/x"
         );
         // To a local endpoint: h2, as the client spoke it, unmarked.
         let wire = o.wire(true);

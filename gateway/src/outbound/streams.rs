@@ -8,8 +8,9 @@
 //! - an HTTP/1.1 stream is listed for its (cluster, service, port) when its response headers
 //!   come, and the next request to that cluster takes it once that response was read to
 //!   its end (no task waits for that: a request looks for a stream hyper says is ready);
-//! - an h2 stream (h2 and gRPC requests) is shared: every request to that cluster's port
-//!   goes over it as its own h2 stream, while it lasts.
+//! - an h2 stream (requests that cross as h2: gRPC, and h2 requests that may need
+//!   trailers) is shared: every such request to that cluster's port goes over it as its
+//!   own h2 stream, while it lasts.
 //!
 //! A stream takes new requests for at most [`REUSE_FOR`] after it opened, so a connection
 //! a certificate rotation superseded is not kept alive by reuse, and requests spread over a
