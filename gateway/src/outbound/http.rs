@@ -178,7 +178,7 @@ pub(super) async fn serve(
 
 /// Which HTTP a try speaks over its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
+enum Wire {
     Http1,
     H2,
 }
@@ -558,7 +558,7 @@ impl Outgoing {
 /// call always has, which an HTTP/1.1 hop passes on only to a client that said
 /// `TE: trailers` (RFC 9110, 6.5.1), and which a request announcing its own (`Trailer`)
 /// would lose on the way. Read before the hop-by-hop headers are removed.
-pub(crate) fn may_need_trailers(headers: &HeaderMap) -> bool {
+fn may_need_trailers(headers: &HeaderMap) -> bool {
     let grpc = headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -581,12 +581,7 @@ const CROSSING_FIELDS: usize = 2;
 /// more header fields than an HTTP/1.1 hop takes ([`MAX_HEADERS`], hyper's and Envoy's
 /// default; h2 clients are held only to the size of their header list). A `grpc` port is
 /// h2 throughout.
-pub(crate) fn tunnel_wire(
-    app: AppProtocol,
-    version: Version,
-    needs_trailers: bool,
-    fields: usize,
-) -> Wire {
+fn tunnel_wire(app: AppProtocol, version: Version, needs_trailers: bool, fields: usize) -> Wire {
     let h2_only =
         version == Version::HTTP_2 && (needs_trailers || fields + CROSSING_FIELDS > MAX_HEADERS);
     if app == AppProtocol::Grpc || h2_only {
