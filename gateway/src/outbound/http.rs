@@ -9,7 +9,8 @@
 //!   carrying one HTTP/1.1 exchange, or one h2 connection for a request that may need h2's
 //!   trailers (gRPC); the serving gateway splices it to an endpoint. An h2 client's other
 //!   requests cross as HTTP/1.1, marked [`H2_CLIENT`], and reach the endpoint as h2
-//!   ([`tunnel_wire`]). A local endpoint gets its own connection.
+//!   ([`tunnel_wire`]), between gateways that speak `meshup/1.1` ([`Hop`]). A local
+//!   endpoint gets its own connection.
 //! - A request is tried again elsewhere while nothing of it can have reached a backend (the
 //!   stream was refused, the peer did not answer), and after a retryable status, a reset or a
 //!   per-try timeout only when it can be sent again whole: an idempotent method with no body.
@@ -493,14 +494,32 @@ struct Outgoing {
     tape: Option<Tape>,
 }
 
+/// Where one try goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// An endpoint of this cluster.
+    Local,
+    /// A serving gateway, over a tunnel stream; `speaks_1_1`: it speaks `meshup/1.1`, so
+    /// it sends a request marked [`H2_CLIENT`] to its endpoint as h2
+    /// ([`crate::tunnel::speaks_1_1`]).
+    Gateway { speaks_1_1: bool },
+}
+
 impl Outgoing {
-    /// What a try to a local endpoint (`local`) or over a tunnel stream speaks.
-    fn wire(&self, local: bool) -> Wire {
-        if local && self.h2_client {
-            Wire::H2
-        } else {
-            self.wire
+    /// What a try to `hop` speaks: an h2 client's request is h2 to a local endpoint, and to
+    /// a gateway that would not read the mark (an older one, during a rolling upgrade);
+    /// else what [`tunnel_wire`] chose.
+    fn wire(&self, hop: Hop) -> Wire {
+        match hop {
+            Hop::Local | Hop::Gateway { speaks_1_1: false } if self.h2_client => Wire::H2,
+            _ => self.wire,
         }
+    }
+
+    /// Whether a try to a gateway carries the mark: it crosses as HTTP/1.1 only to one
+    /// that speaks `meshup/1.1`.
+    fn marked(&self) -> bool {
+        self.h2_client && self.wire == Wire::Http1
     }
 
     /// The request of one try spoken as `wire`. The body goes with the first try; a retried
@@ -725,19 +744,20 @@ async fn try_once(
         port: route.port,
     };
     let streams = &shared.http_streams;
-    let wire = request.wire(matches!(target, Target::Local(_)));
+    let local = matches!(target, Target::Local(_));
     if request.reuse
-        && let Some(result) = try_kept(shared, &key, request, wire, body).await
+        && let Some(result) = try_kept(shared, &key, request, local, body).await
     {
         return result;
     }
     let opened = tokio::time::Instant::now();
-    let (mut sender, via) = match target {
+    let (mut sender, via, wire) = match target {
         Target::Local(eps) => {
             let tcp = connect_local(shared, eps)
                 .await
                 .map_err(|_| unreachable(true))?;
             let addr = tcp.peer_addr().map_err(|_| unreachable(true))?;
+            let wire = request.wire(Hop::Local);
             let sender = handshake(TokioIo::new(tcp), wire, ())
                 .await
                 .map_err(|_| unreachable(true))?;
@@ -745,7 +765,12 @@ async fn try_once(
                 cluster: cluster.clone(),
                 addr,
             };
-            (sender, Via { peer, opened })
+            let via = Via {
+                peer,
+                opened,
+                speaks_1_1: false,
+            };
+            (sender, via, wire)
         }
         Target::Remote { gateways } => {
             let header = RequestHeader {
@@ -766,9 +791,11 @@ async fn try_once(
                     _open,
                     _in_use,
                     peer,
+                    speaks_1_1,
                     ..
                 }) => {
                     let io = TokioIo::new(tokio::io::join(recv, send));
+                    let wire = request.wire(Hop::Gateway { speaks_1_1 });
                     let sender =
                         handshake(io, wire, (_open, _in_use))
                             .await
@@ -777,7 +804,12 @@ async fn try_once(
                                 cluster_failed: true,
                                 sent: false,
                             })?;
-                    (sender, Via { peer, opened })
+                    let via = Via {
+                        peer,
+                        opened,
+                        speaks_1_1,
+                    };
+                    (sender, via, wire)
                 }
                 Attempt::Connected(Connected::Local { .. }) => return Err(unreachable(false)),
                 Attempt::Failed { cluster_failed, .. } => {
@@ -811,30 +843,40 @@ fn keep_or_forget(streams: &Streams, key: &StreamKey, sender: Sender, via: Via, 
 }
 
 /// The try on a kept stream (or kept local connection) for `key`, if there is one: `None`
-/// when none is left that could take the request (it was not sent).
+/// when none is left that could take the request (it was not sent). A marked request
+/// ([`Outgoing::marked`]) takes an HTTP/1.1 stream to a gateway that speaks `meshup/1.1`,
+/// else the shared h2 stream, if there is one.
 async fn try_kept(
     shared: &Shared,
     key: &StreamKey,
     request: &Outgoing,
-    wire: Wire,
+    local: bool,
     body: &mut Option<ReqBody>,
 ) -> Option<Result<Response<Incoming>, TryFailed>> {
     let streams = &shared.http_streams;
     let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
-    while let Some(kept) = streams.take(key, wire == Wire::H2, alive) {
-        let (mut sender, via) = match kept {
-            Kept::H1(s, via) => (Sender::Http1(s), via),
-            Kept::H2(s, via) => (Sender::H2(s), via),
-        };
-        match send(&mut sender, request.build(wire, body.take()), body).await {
-            Err(f) if !f.sent => {
-                // It had closed before it wrote the request: another one.
-                keep_or_forget(streams, key, sender, via, false);
-            }
-            result => {
-                let (result, keep) = forwarded(result, request, body);
-                keep_or_forget(streams, key, sender, via, keep);
-                return Some(result);
+    let marked = !local && request.marked();
+    let first = if local {
+        request.wire(Hop::Local)
+    } else {
+        request.wire
+    };
+    for wire in std::iter::once(first).chain(marked.then_some(Wire::H2)) {
+        while let Some(kept) = streams.take(key, wire == Wire::H2, marked, alive) {
+            let (mut sender, via) = match kept {
+                Kept::H1(s, via) => (Sender::Http1(s), via),
+                Kept::H2(s, via) => (Sender::H2(s), via),
+            };
+            match send(&mut sender, request.build(wire, body.take()), body).await {
+                Err(f) if !f.sent => {
+                    // It had closed before it wrote the request: another one.
+                    keep_or_forget(streams, key, sender, via, false);
+                }
+                result => {
+                    let (result, keep) = forwarded(result, request, body);
+                    keep_or_forget(streams, key, sender, via, keep);
+                    return Some(result);
+                }
             }
         }
     }
@@ -1273,8 +1315,10 @@ mod tests {
             tape: None,
         };
         let o = outgoing(true);
-        // Over a tunnel stream: HTTP/1.1, origin form, Host, the mark.
-        let wire = o.wire(false);
+        assert!(o.marked());
+        // Over a tunnel stream to a gateway speaking meshup/1.1: HTTP/1.1, origin form, Host,
+        // the mark.
+        let wire = o.wire(Hop::Gateway { speaks_1_1: true });
         assert_eq!(wire, Wire::Http1);
         let req = o.build(wire, None);
         assert_eq!(req.version(), Version::HTTP_11);
@@ -1299,17 +1343,40 @@ mod tests {
             h2_uri(req.uri().clone(), "https", req.headers()),
             "https://web.shop/x"
         );
-        // To a local endpoint: h2, as the client spoke it, unmarked.
-        let wire = o.wire(true);
-        assert_eq!(wire, Wire::H2);
-        let req = o.build(wire, None);
-        assert_eq!(req.version(), Version::HTTP_2);
-        assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
-        assert!(!req.headers().contains_key(header::HOST));
+        // To a local endpoint, and to an older gateway (which would not read the mark): h2,
+        // as the client spoke it, unmarked.
+        for hop in [Hop::Local, Hop::Gateway { speaks_1_1: false }] {
+            let wire = o.wire(hop);
+            assert_eq!(wire, Wire::H2, "{hop:?}");
+            let req = o.build(wire, None);
+            assert_eq!(req.version(), Version::HTTP_2);
+            assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
+            assert!(!req.headers().contains_key(header::HOST));
+            assert!(!req.headers().contains_key(&H2_CLIENT));
+        }
+        // An HTTP/1.1 client's request is never marked, and goes as HTTP/1.1 everywhere.
+        let every_hop = [
+            Hop::Local,
+            Hop::Gateway { speaks_1_1: false },
+            Hop::Gateway { speaks_1_1: true },
+        ];
+        let h1 = outgoing(false);
+        assert!(!h1.marked());
+        for hop in every_hop {
+            assert_eq!(h1.wire(hop), Wire::Http1, "{hop:?}");
+        }
+        let req = h1.build(Wire::Http1, None);
         assert!(!req.headers().contains_key(&H2_CLIENT));
-        // An HTTP/1.1 client's request is never marked.
-        let req = outgoing(false).build(Wire::Http1, None);
-        assert!(!req.headers().contains_key(&H2_CLIENT));
+        // An h2 client's request chosen to cross as h2 (it may need trailers) is h2 to
+        // every hop, and unmarked.
+        let h2 = Outgoing {
+            wire: Wire::H2,
+            ..outgoing(true)
+        };
+        assert!(!h2.marked());
+        for hop in every_hop {
+            assert_eq!(h2.wire(hop), Wire::H2, "{hop:?}");
+        }
     }
 
     #[test]

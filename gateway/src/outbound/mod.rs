@@ -57,7 +57,7 @@ use crate::handover::{Kind, SocketSets};
 use crate::inbound::{DrainReport, LocalExports, connect_tcp};
 use crate::tunnel::metrics::Label;
 use crate::tunnel::{
-    CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
+    self, CLOSE_RECYCLED, ConnectError, Endpoint, RESET_ABORT,
     splice::{splice, splice_result, splice_tcp},
 };
 
@@ -1093,6 +1093,8 @@ enum Connected {
         _in_use: InUse,
         /// The gateway that took the stream.
         peer: PeerKey,
+        /// Whether that gateway speaks `meshup/1.1` ([`tunnel::speaks_1_1`]).
+        speaks_1_1: bool,
     },
 }
 
@@ -1183,7 +1185,12 @@ async fn attempt_remote(
         tracing::trace!(%peer, "attempt");
         let last = !more_after && k + 1 == count;
         let failed = match open_tunnel(shared, &peer, header, tcp.as_mut(), early, last).await {
-            Ok((send, recv, _in_use)) => {
+            Ok(Opened {
+                send,
+                recv,
+                in_use: _in_use,
+                speaks_1_1,
+            }) => {
                 let _open = shared.open_streams.hold(peer.clone());
                 return Attempt::Connected(Connected::Remote {
                     tcp,
@@ -1192,6 +1199,7 @@ async fn attempt_remote(
                     _open,
                     _in_use,
                     peer,
+                    speaks_1_1,
                 });
             }
             Err(f) => f,
@@ -1338,7 +1346,7 @@ async fn open_tunnel(
     mut tcp: Option<&mut TcpStream>,
     early: &mut Early,
     last: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream, InUse), Failed> {
+) -> Result<Opened, Failed> {
     let steering = &shared.steering;
     let conn = match shared.pool.get(peer).await {
         Ok(c) => c,
@@ -1499,7 +1507,21 @@ async fn open_tunnel(
         // from the socket, and finishing twice is harmless).
         let _ = send.finish();
     }
-    Ok((send, recv, in_use))
+    Ok(Opened {
+        send,
+        recv,
+        in_use,
+        speaks_1_1: tunnel::speaks_1_1(&conn),
+    })
+}
+
+/// A stream the peer accepted ([`open_tunnel`]).
+struct Opened {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    in_use: InUse,
+    /// Whether the peer speaks `meshup/1.1` ([`tunnel::speaks_1_1`]).
+    speaks_1_1: bool,
 }
 
 /// Reads the client's next bytes; with no client (a request of the HTTP path), never ready.

@@ -54,6 +54,10 @@ pub(super) struct Via {
     pub peer: PeerKey,
     /// When the stream opened: it takes new requests until [`REUSE_FOR`] later.
     pub opened: Instant,
+    /// Whether the peer is a gateway that speaks `meshup/1.1`, so an h2 client's request
+    /// may cross to it as HTTP/1.1 (`crate::tunnel::speaks_1_1`; false for this cluster's
+    /// own endpoints).
+    pub speaks_1_1: bool,
 }
 
 /// An HTTP/1.1 stream kept after a response: idle, or still carrying that response.
@@ -105,11 +109,14 @@ impl Streams {
     }
 
     /// A kept stream for `key` that may take a request now, from a peer `alive` says is
-    /// not suspected; past ones found on the way are dropped.
+    /// not suspected; past ones found on the way are dropped. A `marked` request (an h2
+    /// client's, crossing as HTTP/1.1) takes only an HTTP/1.1 stream to a gateway that
+    /// speaks `meshup/1.1`; the others stay kept for other requests.
     pub(super) fn take(
         &self,
         key: &StreamKey,
         h2: bool,
+        marked: bool,
         alive: impl Fn(&PeerKey) -> bool,
     ) -> Option<Kept> {
         let now = Instant::now();
@@ -134,6 +141,8 @@ impl Streams {
                 || !alive(&s.via.peer)
             {
                 list.swap_remove(i);
+            } else if marked && !s.via.speaks_1_1 {
+                continue;
             } else if s.sender.is_ready() {
                 let s = list.swap_remove(i);
                 return Some(Kept::H1(s.sender, s.via));
@@ -280,15 +289,16 @@ mod tests {
         let via = Via {
             peer: peer.clone(),
             opened: Instant::now(),
+            speaks_1_1: true,
         };
         streams.share_h2(key.clone(), sender.clone(), via.clone());
-        assert!(streams.take(&key, true, |_| true).is_some());
+        assert!(streams.take(&key, true, false, |_| true).is_some());
         assert!(
-            streams.take(&key, false, |_| true).is_none(),
+            streams.take(&key, false, false, |_| true).is_none(),
             "no idle HTTP/1.1 stream"
         );
         assert!(
-            streams.take(&key, true, |p| p != &peer).is_none(),
+            streams.take(&key, true, false, |p| p != &peer).is_none(),
             "a suspected peer's stream is not handed out"
         );
         assert_eq!(streams.len(), (0, 0), "and it is no longer shared");
@@ -351,6 +361,7 @@ mod tests {
         let via = Via {
             peer,
             opened: Instant::now(),
+            speaks_1_1: false,
         };
         streams.put_h1(key.clone(), sender, via);
         tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
@@ -362,7 +373,7 @@ mod tests {
         let part = body.frame().await.expect("a frame").expect("data");
         assert_eq!(part.into_data().ok().as_deref(), Some(&b"part"[..]));
         assert!(
-            streams.take(&key, false, |_| true).is_none(),
+            streams.take(&key, false, false, |_| true).is_none(),
             "its response is still coming"
         );
         assert_eq!(streams.len(), (1, 0), "and it stays kept");
@@ -371,7 +382,7 @@ mod tests {
         // hyper's connection task marks the stream ready once it saw the body's end.
         let kept = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                if let Some(k) = streams.take(&key, false, |_| true) {
+                if let Some(k) = streams.take(&key, false, false, |_| true) {
                     return k;
                 }
                 tokio::task::yield_now().await;
@@ -379,10 +390,19 @@ mod tests {
         })
         .await
         .expect("taken once its response was read");
-        let Kept::H1(mut sender, ..) = kept else {
+        let Kept::H1(sender, via) = kept else {
             panic!("an HTTP/1.1 stream")
         };
         assert_eq!(streams.len(), (0, 0));
+        streams.put_h1(key.clone(), sender, via);
+        assert!(
+            streams.take(&key, false, true, |_| true).is_none(),
+            "an h2 client's request crossing as HTTP/1.1 takes no stream to a gateway that does not speak meshup/1.1"
+        );
+        assert_eq!(streams.len(), (1, 0), "which stays kept");
+        let Some(Kept::H1(mut sender, ..)) = streams.take(&key, false, false, |_| true) else {
+            panic!("and taken by another request")
+        };
         let resp = sender.send_request(get()).await.expect("a second response");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"again");

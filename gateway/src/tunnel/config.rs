@@ -106,6 +106,13 @@ pub struct TunnelConfig {
     /// `net.core.rmem_max` / `wmem_max`; the gateway warns at start when it got less.
     #[serde(default = "d_socket_buffer")]
     pub socket_buffer_bytes: u32,
+    /// Speak only the first tunnel protocol, `meshup/1`, as gateways released before
+    /// `meshup/1.1` do ([`super::PROTOCOLS`]). Not a config-file setting (a file naming it
+    /// is refused as unknown): tests set it so a gateway stands in for an older one in a
+    /// rolling upgrade.
+    #[serde(skip)]
+    #[doc(hidden)]
+    pub first_protocol_only: bool,
 }
 
 /// Default `max_udp_payload`: a 9000-byte jumbo frame less IPv6 and UDP headers.
@@ -240,6 +247,7 @@ impl TunnelConfig {
             max_udp_payload: DEFAULT_MAX_UDP_PAYLOAD,
             max_connections_per_cluster: DEFAULT_MAX_CONNECTIONS_PER_CLUSTER,
             socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
+            first_protocol_only: false,
         }
     }
 
@@ -392,6 +400,13 @@ mod tests {
         assert!(
             serde_norway::from_str::<TunnelConfig>("cert: c\nkey: k\nbundle: b\nidle: 1s\n")
                 .is_err()
+        );
+        // Standing in for an older release is for tests, not a setting a file can make.
+        assert!(
+            serde_norway::from_str::<TunnelConfig>(
+                "cert: c\nkey: k\nbundle: b\nfirst_protocol_only: true\n"
+            )
+            .is_err()
         );
     }
 

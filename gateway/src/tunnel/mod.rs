@@ -1,5 +1,6 @@
 //! The QUIC endpoint every tunnel stream runs over: mutual TLS 1.3 with SPIFFE identities,
-//! ALPN `meshup/1`, and transport settings chosen on purpose (see [`transport_config`]).
+//! ALPN `meshup/1.1` or `meshup/1` ([`PROTOCOLS`]), and transport settings chosen on purpose
+//! (see [`transport_config`]).
 //!
 //! One UDP socket serves both directions: [`crate::inbound`] accepts peers' connections on it
 //! and [`crate::outbound`] dials peers from it. There is no plaintext mode and no fallback:
@@ -38,8 +39,34 @@ use crate::identity::{
     CertResolver, Identity, PeerIdentity, PeerVerifier, check_svid, server_name_for,
 };
 
-/// ALPN protocol id: a peer speaking anything else fails the handshake.
+/// ALPN id of the first tunnel protocol, which every gateway speaks.
 pub const ALPN: &[u8] = b"meshup/1";
+/// ALPN id of `meshup/1` plus one promise of the serving gateway: it sends an HTTP/1.1
+/// request marked `meshup-h2-client` (an h2 client's, carried as HTTP/1.1 between the
+/// gateways) to its endpoint as h2 (docs/http-routing.md, "How a request travels").
+pub const ALPN_1_1: &[u8] = b"meshup/1.1";
+/// The tunnel protocols a gateway speaks, newest first. Both ends offer all of them and the
+/// handshake settles on the newest both speak (the server's order decides), so gateways of
+/// two releases connect during a rolling upgrade; a peer speaking none of them fails the
+/// handshake.
+pub const PROTOCOLS: [&[u8]; 2] = [ALPN_1_1, ALPN];
+
+/// The ALPN ids `cfg` offers and accepts ([`PROTOCOLS`]).
+fn alpn_ids(cfg: &TunnelConfig) -> Vec<Vec<u8>> {
+    let ids: &[&[u8]] = if cfg.first_protocol_only {
+        &[ALPN]
+    } else {
+        &PROTOCOLS
+    };
+    ids.iter().map(|id| id.to_vec()).collect()
+}
+
+/// Whether the gateway at the other end of `conn` speaks `meshup/1.1` ([`ALPN_1_1`]).
+pub fn speaks_1_1(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .is_some_and(|d| d.protocol.as_deref() == Some(ALPN_1_1))
+}
 
 /// Application close code: the gateway is draining (peers should not reconnect to it).
 pub const CLOSE_DRAINING: VarInt = VarInt::from_u32(0x10);
@@ -152,7 +179,7 @@ impl Endpoint {
         let transport = Arc::new(transport_config(config)?);
         identity.attach_metrics(metrics.clone());
         let server = server_config(config, &identity, transport.clone())?;
-        let mut client_config = quinn::ClientConfig::new(Arc::new(client_tls(&identity)?));
+        let mut client_config = quinn::ClientConfig::new(Arc::new(client_tls(config, &identity)?));
         client_config.transport_config(transport);
         let bind_error = |source| BindError::Bind {
             addr: config.listen,
@@ -370,7 +397,7 @@ fn server_config(
         .map_err(|e| BindError::Tls(e.to_string()))?
         .with_client_cert_verifier(PeerVerifier::new(identity.clone()))
         .with_cert_resolver(Arc::new(CertResolver(identity.clone())));
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_ids(cfg);
     // 0-RTT off: replayable early data has no place in a proxy of arbitrary TCP.
     tls.max_early_data_size = 0;
     tls.send_half_rtt_data = false;
@@ -391,14 +418,14 @@ fn server_config(
     Ok(server)
 }
 
-fn client_tls(identity: &Arc<Identity>) -> Result<QuicClientConfig, BindError> {
+fn client_tls(cfg: &TunnelConfig, identity: &Arc<Identity>) -> Result<QuicClientConfig, BindError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| BindError::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(PeerVerifier::new(identity.clone()))
         .with_client_cert_resolver(Arc::new(CertResolver(identity.clone())));
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn_ids(cfg);
     tls.enable_early_data = false;
     // Session resumption would skip our verifier on later handshakes (and its cluster
     // check); every handshake verifies the full chain.
