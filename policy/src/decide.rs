@@ -205,6 +205,15 @@ impl Member<'_> {
     }
 }
 
+/// One priority level's sums: its members' effective weights, their configured weights
+/// (members with any effective weight only), and its share of new connections in ppm.
+#[derive(Debug, Clone, Copy, Default)]
+struct LevelSums {
+    effective: u64,
+    weights: u64,
+    share: u64,
+}
+
 /// Decides where a new connection goes. Pure: same inputs, same decision.
 pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let Inputs {
@@ -322,31 +331,27 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     // Members that are out entirely (dead, ejected, drained, holding down) leave the level:
     // the others share its traffic by their weights. Members that lost part of their
     // endpoints stay, and the level spills what they lost.
-    let mut level_effective = vec![0u64; level_count];
-    let mut level_weights = vec![0u64; level_count];
+    let mut levels = vec![LevelSums::default(); level_count];
     for (l, m) in &members {
         let e = m.effective();
         if e > 0 {
-            level_effective[*l] += e;
-            level_weights[*l] += u64::from(m.weight);
+            levels[*l].effective += e;
+            levels[*l].weights += u64::from(m.weight);
         }
     }
     // Each level's share of the traffic, in ppm.
     let factor = u64::from(policy.overprovisioning_percent);
-    let mut shares = vec![0u64; level_count];
     let mut remaining = MILLION;
-    for (level, share) in shares.iter_mut().enumerate() {
-        let health = level_effective[level]
-            .checked_div(level_weights[level])
-            .unwrap_or(0);
-        *share = (health * factor / 100).min(MILLION).min(remaining);
-        remaining -= *share;
+    for level in &mut levels {
+        let health = level.effective.checked_div(level.weights).unwrap_or(0);
+        level.share = (health * factor / 100).min(MILLION).min(remaining);
+        remaining -= level.share;
     }
-    let total: u64 = shares.iter().sum();
+    let total: u64 = levels.iter().map(|l| l.share).sum();
     if total > 0 && total < MILLION {
         // Every level together is short of capacity: scale up so the traffic still lands.
-        for s in &mut shares {
-            *s = *s * MILLION / total;
+        for l in &mut levels {
+            l.share = l.share * MILLION / total;
         }
     }
 
@@ -355,10 +360,10 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
     let member_draw = draw >> 32;
     let mut chosen: Option<usize> = None;
     let mut acc = 0;
-    for (level, share) in shares.iter().enumerate() {
-        acc += share;
-        if *share > 0 && level_draw < acc {
-            let sum = level_effective[level];
+    for (level, sums) in levels.iter().enumerate() {
+        acc += sums.share;
+        if sums.share > 0 && level_draw < acc {
+            let sum = sums.effective;
             if sum > 0 {
                 let pick = ((u128::from(member_draw) * u128::from(sum)) >> 32) as u64;
                 let mut acc = 0;
@@ -406,12 +411,12 @@ pub fn decide(inputs: &Inputs<'_>) -> Decision {
         last_resort.sort_by(|(la, a), (lb, b)| a.ejected.cmp(&b.ejected).then(la.cmp(lb)));
     }
 
-    let mut order = Vec::new();
+    let mut order = Vec::with_capacity(ranked.len() + held.len() + last_resort.len());
     for (rank, (level, m)) in ranked.iter().chain(&held).chain(&last_resort).enumerate() {
         let share_ppm = if m.effective() == 0 {
             0
         } else {
-            shares[*level] * m.effective() / level_effective[*level].max(1)
+            levels[*level].share * m.effective() / levels[*level].effective.max(1)
         };
         let note = match (m.hold_down, m.ejected) {
             (Some(until), _) => Some(Note::HoldDown { until }),

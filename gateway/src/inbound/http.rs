@@ -22,7 +22,7 @@
 //! - A stream carrying a whole client connection (a caller that splices the port, an older
 //!   gateway) works the same: every request on it is forwarded in turn.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -55,7 +55,8 @@ pub const MAX_STREAMS_PER_TUNNEL_STREAM: u32 = 1024;
 /// A kept HTTP/1.1 connection and when its last response's headers came.
 type Idle = (http1::SendRequest<Incoming>, Instant);
 
-/// Idle and shared backend connections, by endpoint.
+/// Idle and shared backend connections, by endpoint (foldhash: the local exports name the
+/// keys, and each request looks one up).
 #[derive(Debug, Default)]
 pub(super) struct Backends {
     idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,

@@ -92,7 +92,8 @@ impl Default for HttpOptions {
 }
 
 /// Requests waiting for their response headers, by client address
-/// ([`HttpOptions::max_requests_per_client`]).
+/// ([`HttpOptions::max_requests_per_client`]). Clients choose the keys, so this map keeps
+/// std's keyed SipHash (the maps keyed by what the catalog names use foldhash).
 #[derive(Debug, Default)]
 pub(super) struct ClientLoad(std::sync::Mutex<HashMap<IpAddr, u32>>);
 
@@ -238,10 +239,9 @@ async fn handle(
     });
     let steering = &shared.steering;
     let plan = steering.plan(&route.service, prepared(&shared, &route));
-    let policy_order: Vec<ClusterName> = plan.targets().map(|(c, _)| c.clone()).collect();
     let order = request_order(
         rule.map(|r| r.order(steering.draw())).as_deref(),
-        &policy_order,
+        &plan.decision.order,
         &plan.prepared.serving.targets,
     );
     let retry = rule.map_or_else(
@@ -458,22 +458,12 @@ fn count(
     code: StatusCode,
     started: Instant,
 ) {
-    let labels = plan.prepared.labels();
-    sm.http
-        .requests
-        .get_or_create(&RequestLabels {
-            service: labels.service.clone(),
-            source_cluster: labels.source_cluster.clone(),
-            destination_cluster: Label::from(cluster),
-            route: route.clone(),
-            method,
-            code: code.as_u16(),
-        })
-        .inc();
-    sm.http
-        .duration
-        .get_or_create(&labels.to(Label::from(cluster)))
-        .observe(started.elapsed().as_secs_f64());
+    plan.prepared.count_request(
+        sm,
+        cluster,
+        (route, method, code.as_u16()),
+        started.elapsed().as_secs_f64(),
+    );
 }
 
 /// What is sent on each try: the request without its body (which is taken once).

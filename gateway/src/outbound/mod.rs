@@ -27,7 +27,7 @@ pub mod route;
 pub mod steer;
 mod streams;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -251,7 +251,7 @@ impl IdleChecks {
 
 /// Counts of live guards per key: a guard counts while it lives, however it ends.
 #[derive(Debug)]
-pub struct Counts<K: std::hash::Hash + Eq + Clone>(std::sync::Mutex<HashMap<K, usize>>);
+pub struct Counts<K: std::hash::Hash + Eq + Clone>(std::sync::Mutex<foldhash::HashMap<K, usize>>);
 
 impl<K: std::hash::Hash + Eq + Clone> Default for Counts<K> {
     fn default() -> Self {
@@ -272,7 +272,7 @@ impl<K: std::hash::Hash + Eq + Clone> Counts<K> {
         self.lock().get(key).copied().unwrap_or(0)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, foldhash::HashMap<K, usize>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -359,7 +359,7 @@ struct Shared {
 struct RouteCache<V> {
     snapshot: Option<Arc<Snapshot>>,
     exports: Option<Arc<LocalExports>>,
-    routes: std::collections::HashMap<Route, Arc<V>>,
+    routes: foldhash::HashMap<Route, Arc<V>>,
 }
 
 impl<V> Default for RouteCache<V> {
@@ -367,7 +367,7 @@ impl<V> Default for RouteCache<V> {
         Self {
             snapshot: None,
             exports: None,
-            routes: std::collections::HashMap::new(),
+            routes: foldhash::HashMap::default(),
         }
     }
 }
@@ -408,10 +408,12 @@ impl<V> RouteCache<V> {
             self.snapshot = Some(snapshot.clone());
             self.exports = Some(exports.clone());
         }
-        self.routes
-            .entry(route.clone())
-            .or_insert_with(|| Arc::new(make()))
-            .clone()
+        if let Some(v) = self.routes.get(route) {
+            return v.clone();
+        }
+        let v = Arc::new(make());
+        self.routes.insert(route.clone(), v.clone());
+        v
     }
 }
 
@@ -972,9 +974,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
         let labels = plan.prepared.labels();
         let pair = |cluster: &ClusterName| labels.to(Label::from(cluster));
         let counted = |cluster: Option<&ClusterName>, result: &'static str| {
-            sm.connections
-                .get_or_create(&labels.result(Label::cluster_or_none(cluster), result))
-                .inc();
+            plan.prepared.count_connection(sm, cluster, result);
         };
         let failed_attempt = |cluster: &ClusterName, reason: &'static str| {
             sm.attempt_failures

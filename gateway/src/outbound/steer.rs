@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use meshup_core::catalog::Snapshot;
@@ -43,12 +43,121 @@ pub struct Prepared {
     /// The route's `service` and `source_cluster` labels, made once here so that counting a
     /// connection allocates nothing.
     labels: ServiceLabels,
+    /// The series counted for every connection or request, looked up once.
+    series: Series,
 }
 
 impl Prepared {
     /// The route's `service` and `source_cluster` labels.
     pub fn labels(&self) -> &ServiceLabels {
         &self.labels
+    }
+
+    /// Counts a request of the route that `cluster` answered with `code`, `seconds` after
+    /// it came (`meshup_http_requests_total`, `meshup_http_request_duration_seconds`).
+    pub fn count_request(
+        &self,
+        metrics: &ServiceMetrics,
+        cluster: &ClusterName,
+        (route, method, code): (&Label, &'static str, u16),
+        seconds: f64,
+    ) {
+        let key = (cluster, route, method, code);
+        self.series.requests.with(
+            |(c, r, m, k)| (c, r, *m, *k) == key,
+            || {
+                let labels = RequestLabels {
+                    service: self.labels.service.clone(),
+                    source_cluster: self.labels.source_cluster.clone(),
+                    destination_cluster: Label::from(cluster),
+                    route: route.clone(),
+                    method,
+                    code,
+                };
+                let key = (cluster.clone(), route.clone(), method, code);
+                (key, metrics.http.requests.get_or_create(&labels).clone())
+            },
+            |c| {
+                c.inc();
+            },
+        );
+        self.series.durations.with(
+            |c| c == cluster,
+            || {
+                let h = metrics
+                    .http
+                    .duration
+                    .get_or_create(&self.labels.to(Label::from(cluster)))
+                    .clone();
+                (cluster.clone(), h)
+            },
+            |h| h.observe(seconds),
+        );
+    }
+
+    /// Counts a connection of the route that ended `result` at `cluster` (`None`: none
+    /// took it) (`meshup_service_connections_total`).
+    pub fn count_connection(
+        &self,
+        metrics: &ServiceMetrics,
+        cluster: Option<&ClusterName>,
+        result: &'static str,
+    ) {
+        self.series.connections.with(
+            |(c, r)| (c.as_ref(), *r) == (cluster, result),
+            || {
+                let labels = self.labels.result(Label::cluster_or_none(cluster), result);
+                let counter = metrics.connections.get_or_create(&labels).clone();
+                ((cluster.cloned(), result), counter)
+            },
+            |c| {
+                c.inc();
+            },
+        );
+    }
+}
+
+/// Most series of one kind a route keeps looked up; counts past them go through the family.
+const MAX_SERIES: usize = 64;
+
+/// A route's metric series, each looked up in its family once: a family lookup hashes every
+/// label (SipHash over the text) under a lock, which showed as a tenth of the gateways'
+/// per-request instructions (docs/benchmarks.md, "The per-request decision and its counts").
+#[derive(Debug, Default)]
+struct Series {
+    failover_level: OnceLock<Gauge>,
+    /// By destination cluster, route rule, method class and status code.
+    requests: SeriesList<(ClusterName, Label, &'static str, u16), Counter>,
+    /// By destination cluster.
+    durations: SeriesList<ClusterName, Histogram>,
+    /// By destination cluster (`None`: none) and result.
+    connections: SeriesList<(Option<ClusterName>, &'static str), Counter>,
+}
+
+/// Series found by a short scan: a route has few clusters, rules and codes.
+#[derive(Debug)]
+struct SeriesList<K, M>(Mutex<Vec<(K, M)>>);
+
+impl<K, M> Default for SeriesList<K, M> {
+    fn default() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+}
+
+impl<K, M> SeriesList<K, M> {
+    /// Applies `count` to the series whose key `is` names, found here, or else made by
+    /// `make` (from its family) and kept while there is room.
+    fn with(&self, is: impl Fn(&K) -> bool, make: impl FnOnce() -> (K, M), count: impl Fn(&M)) {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = list.iter().find(|(k, _)| is(k)) {
+            count(m);
+            return;
+        }
+        let (k, m) = make();
+        count(&m);
+        if list.len() < MAX_SERIES {
+            list.push((k, m));
+        }
     }
 }
 
@@ -153,6 +262,7 @@ impl Steering {
             policy,
             drills,
             labels: ServiceLabels::new(service, &self.local.cluster),
+            series: Series::default(),
         }
     }
 
@@ -201,9 +311,15 @@ impl Steering {
                 _ => None,
             })
             .unwrap_or(-1);
-        self.metrics
+        prepared
+            .series
             .failover_level
-            .get_or_create(&prepared.labels)
+            .get_or_init(|| {
+                self.metrics
+                    .failover_level
+                    .get_or_create(&prepared.labels)
+                    .clone()
+            })
             .set(level);
         let serving = decision
             .explanations
@@ -600,6 +716,56 @@ mod tests {
 
     fn svc() -> ServiceKey {
         "pay.prod".parse().expect("key")
+    }
+
+    /// Counting through a route's looked-up series lands in the families as counting into
+    /// them directly would, past the most series a route keeps too.
+    #[test]
+    fn counts_through_the_routes_series_land_in_their_families() {
+        let st = steering();
+        let p = st.prepare(&snapshot(PolicyRecord::default()), &svc(), serving(1));
+        let m = &st.metrics;
+        let rule = Label::Text("canary".into());
+        // (cluster, route, code, times): more distinct codes than the series kept.
+        let mut cases = vec![("west", &rule, 200, 3), ("north", &rule, 200, 2)];
+        cases.extend((300..300 + MAX_SERIES as u16 + 6).map(|code| ("west", &rule, code, 2)));
+        for &(cluster, route, code, times) in &cases {
+            for _ in 0..times {
+                p.count_request(m, &c(cluster), (route, "read", code), 0.001);
+            }
+        }
+        for &(cluster, route, code, times) in &cases {
+            let labels = RequestLabels {
+                service: p.labels().service.clone(),
+                source_cluster: p.labels().source_cluster.clone(),
+                destination_cluster: Label::from(&c(cluster)),
+                route: route.clone(),
+                method: "read",
+                code,
+            };
+            let got = m.http.requests.get_or_create(&labels).get();
+            assert_eq!(got, times, "{cluster} {code}");
+        }
+        let mut text = String::new();
+        let mut registry = Registry::default();
+        registry.register("d", "", m.http.duration.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        let west = 3 + 2 * (MAX_SERIES + 6);
+        for (cluster, n) in [("west", west), ("north", 2)] {
+            let line = format!(
+                "d_count{{service=\"pay.prod\",source_cluster=\"east\",destination_cluster=\"{cluster}\"}} {n}"
+            );
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        for (cluster, result, times) in [(Some("west"), "connected", 2), (None, "no_route", 1)] {
+            for _ in 0..times {
+                p.count_connection(m, cluster.map(c).as_ref(), result);
+            }
+            let labels = p
+                .labels()
+                .result(Label::cluster_or_none(cluster.map(c).as_ref()), result);
+            assert_eq!(m.connections.get_or_create(&labels).get(), times);
+        }
     }
 
     #[test]

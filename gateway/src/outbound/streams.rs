@@ -19,7 +19,7 @@
 //! handed out. A request its stream never wrote (the stream had just closed) is sent again
 //! on another one, as a refused stream is.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -80,7 +80,8 @@ pub(super) enum Kept {
     H2(http2::SendRequest<ReqBody>, Via),
 }
 
-/// The kept streams, by key.
+/// The kept streams, by key (foldhash: the catalog names the keys, and each request looks
+/// one up; docs/benchmarks.md, "The per-request decision and its counts").
 #[derive(Default)]
 pub(super) struct Streams {
     h1: Mutex<HashMap<StreamKey, Vec<IdleH1>>>,
