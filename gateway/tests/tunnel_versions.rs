@@ -87,6 +87,9 @@ async fn http_export(east: &Gateway, west: &Gateway, vip: IpAddr) {
     east.wait_listening(vip).await;
 }
 
+/// Concurrent slow requests (the backend answers `/slow` after 2 s).
+const BURST: u32 = 8;
+
 /// curl's output for `url` with `args`: the backend's echo line.
 async fn curl(args: &[&str], url: &str) -> String {
     let out = tokio::process::Command::new("curl")
@@ -136,6 +139,34 @@ async fn an_h2_clients_request_reaches_its_endpoint_as_h2_whichever_gateway_is_o
                     "{case}: {out}"
                 );
             }
+            // Which way they crossed, seen in the streams the serving gateway was opened:
+            // as HTTP/1.1, each request in flight needs a stream of its own, so a burst of
+            // more slow requests than streams were ever opened before opens new ones; as
+            // h2 they all share the port's one h2 stream, opened above.
+            let opened = || {
+                west.sum(
+                    "meshup_tunnel_streams_opened_total",
+                    &[("direction", "inbound")],
+                )
+            };
+            let before = opened();
+            let slow = format!("http://{vip}:{SERVICE_PORT}/slow");
+            let burst = (0..BURST).map(|_| curl(&["--http2-prior-knowledge"], &slow));
+            for out in futures::future::join_all(burst).await {
+                assert!(out.contains("version=HTTP/2.0"), "{case}: {out}");
+            }
+            let new_streams = opened() - before;
+            if caller_older || server_older {
+                assert_eq!(
+                    new_streams, 0.0,
+                    "{case}: crossed as h2 on the shared stream"
+                );
+            } else {
+                assert!(
+                    before < f64::from(BURST) && new_streams >= f64::from(BURST) - before,
+                    "{case}: crossed as HTTP/1.1: {before} streams before, {new_streams} new"
+                );
+            }
         }
     })
     .await;
@@ -177,11 +208,11 @@ async fn over_raw_stream(conn: &quinn::Connection, caller: &str, request: &str) 
     }
 }
 
-/// A gateway older than `meshup/1.1` marks nothing: a `meshup-h2-client` header on a request
-/// it carries is its client's own, so the request goes on as HTTP/1.1, without it. From a
-/// gateway that speaks `meshup/1.1`, the same bytes are an h2 client's request.
+/// The first releases that mark an h2 client's request speak only `meshup/1`, so a serving
+/// gateway reads the mark whatever the caller speaks: the same marked HTTP/1.1 bytes reach
+/// the endpoint as h2, without the mark, on a `meshup/1` connection as on a `meshup/1.1` one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mark_counts_only_from_a_gateway_that_speaks_meshup_1_1() {
+async fn a_mark_is_read_from_a_caller_of_either_protocol() {
     within(Duration::from_secs(60), async {
         let pki = Pki::new();
         let [east_id, west_id] = identities(&pki);
@@ -189,12 +220,12 @@ async fn a_mark_counts_only_from_a_gateway_that_speaks_meshup_1_1() {
         let west = gateway("west", &west_id, false);
         serve_http(&west, backend.addr());
         let request = "GET /x HTTP/1.1\r\nhost: pay.prod:8080\r\nmeshup-h2-client: http\r\n\r\n";
-        for (caller_older, version) in [(true, "HTTP/1.1"), (false, "HTTP/2.0")] {
+        for caller_older in [true, false] {
             let east = gateway("east", &east_id, caller_older);
             let conn = raw_connection(&east, &west).await;
             let out = over_raw_stream(&conn, "east", request).await;
             assert!(
-                out.contains(&format!("version={version} ")) && out.contains("internal=-"),
+                out.contains("version=HTTP/2.0 ") && out.contains("internal=-"),
                 "caller older: {caller_older}: {out}"
             );
             assert!(

@@ -125,16 +125,6 @@ impl Backends {
     }
 }
 
-/// An accepted stream whose `Connected` answer was sent.
-pub(super) struct Accepted {
-    pub send: SendStream,
-    pub recv: RecvStream,
-    /// What was read past the header.
-    pub rest: Vec<u8>,
-    /// Whether the calling gateway speaks `meshup/1.1` (`crate::tunnel::speaks_1_1`).
-    pub caller_speaks_1_1: bool,
-}
-
 /// One stream's requests, forwarded to the export's endpoints.
 struct Forwarder {
     backends: Arc<Backends>,
@@ -143,9 +133,6 @@ struct Forwarder {
     connect_timeout: Duration,
     /// The connection that made the stream worth accepting, used by its first request.
     first: Mutex<Option<First>>,
-    /// Whether the calling gateway speaks `meshup/1.1`: only then is a request's mark
-    /// ([`H2_CLIENT`]) its own, not a header an older gateway passed on from its client.
-    caller_speaks_1_1: bool,
 }
 
 /// Serves a stream whose `Connected` answer was sent: HTTP in, pooled connections out.
@@ -158,22 +145,15 @@ pub(super) async fn serve(
     endpoints: Vec<SocketAddr>,
     connect_timeout: Duration,
     first: First,
-    stream: Accepted,
+    (send, recv, rest): (SendStream, RecvStream, Vec<u8>),
     draining: CancellationToken,
 ) -> bool {
-    let Accepted {
-        send,
-        recv,
-        rest,
-        caller_speaks_1_1,
-    } = stream;
     let fwd = Arc::new(Forwarder {
         backends,
         balancer,
         endpoints,
         connect_timeout,
         first: Mutex::new(Some(first)),
-        caller_speaks_1_1,
     });
     let service = hyper::service::service_fn(move |req| {
         let fwd = fwd.clone();
@@ -229,10 +209,9 @@ impl Forwarder {
         let upgrade =
             req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
         // An h2 client's request that crossed as HTTP/1.1 goes on as h2, as it was spoken,
-        // with the scheme the mark carries. A gateway older than `meshup/1.1` marks nothing:
-        // the header is its client's, and goes no further either.
+        // with the scheme the mark carries. Read from any caller: gateways of the first
+        // releases that mark speak only `meshup/1` (docs/http-routing.md).
         if let Some(mark) = req.headers_mut().remove(H2_CLIENT)
-            && self.caller_speaks_1_1
             && !upgrade
         {
             let scheme = if mark == "https" { "https" } else { "http" };

@@ -320,8 +320,6 @@ async fn serve_connection(
         return;
     };
     let caller = peer.identity.cluster.clone();
-    // Whether the caller marks an h2 client's request it carries as HTTP/1.1.
-    let speaks_1_1 = tunnel::speaks_1_1(&conn);
     // One cluster's gateways need a connection each (plus one being recycled); a peer that
     // opens more is misbehaving, and each connection can carry thousands of streams.
     let max = shared.endpoint.config().max_connections_per_cluster;
@@ -399,14 +397,8 @@ async fn serve_connection(
             let shared2 = shared.clone();
             let caller = caller.clone();
             shared.streams.spawn(
-                serve_stream(
-                    shared2,
-                    (caller, speaks_1_1),
-                    send,
-                    recv,
-                    (permit, stalls.clone()),
-                )
-                .in_current_span(),
+                serve_stream(shared2, caller, send, recv, (permit, stalls.clone()))
+                    .in_current_span(),
             );
         }
     }
@@ -462,7 +454,7 @@ pub fn authorize(
 
 async fn serve_stream(
     shared: Arc<Shared>,
-    (caller, speaks_1_1): (ClusterName, bool),
+    caller: ClusterName,
     mut send: SendStream,
     mut recv: RecvStream,
     (pending, stalls): (tokio::sync::OwnedSemaphorePermit, Arc<Stalls>),
@@ -555,12 +547,7 @@ async fn serve_stream(
                     endpoints,
                     connect_timeout,
                     first,
-                    http::Accepted {
-                        send,
-                        recv,
-                        rest,
-                        caller_speaks_1_1: speaks_1_1,
-                    },
+                    (send, recv, rest),
                     shared.drain_started.clone(),
                 )
                 .await;

@@ -506,8 +506,8 @@ impl Outgoing {
         }
     }
 
-    /// Whether a try to a gateway carries the mark: it crosses as HTTP/1.1 only to one
-    /// that speaks `meshup/1.1`.
+    /// Whether the request crosses marked where it can: as HTTP/1.1 to a gateway that
+    /// speaks `meshup/1.1` (to an older one it goes as h2, unmarked: [`Outgoing::wire`]).
     fn marked(&self) -> bool {
         self.h2_client && self.wire == Wire::Http1
     }
