@@ -37,6 +37,11 @@ impl CpuMeter {
         }
     }
 
+    /// The measured processes (their direct children count too).
+    pub fn roots(&self) -> &[u32] {
+        &self.roots
+    }
+
     /// Whether there is anything to measure (the direct contender has no tunnel process).
     pub fn is_empty(&self) -> bool {
         self.roots.is_empty()

@@ -49,15 +49,20 @@ struct Args {
     /// Run only these contenders (comma-separated: direct, nginx, meshup). Default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Set the contenders up, print their addresses and process ids, and keep them running
+    /// without load until interrupted: for attaching perf, strace or callgrind by hand.
+    #[arg(long)]
+    hold: bool,
+    /// Seconds each contender gets to answer its first requests (more for a `--meshup`
+    /// wrapper that starts the gateways under valgrind).
+    #[arg(long, default_value_t = 10)]
+    probe_secs: u64,
     #[command(flatten)]
     pair: PairArgs,
 }
 
 /// Contender groups `--only` knows.
 const GROUPS: [&str; 3] = ["direct", "nginx", "meshup"];
-
-/// How long a contender gets to answer its first requests after start.
-const PROBE_LIMIT: Duration = Duration::from_secs(10);
 
 fn main() -> Result<()> {
     let mut args = Args::parse();
@@ -115,10 +120,15 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     for contender in &contenders {
-        contender.probe(PROBE_LIMIT).await?;
+        contender
+            .probe(Duration::from_secs(args.probe_secs))
+            .await?;
     }
 
     print_header(&args, &contenders);
+    if args.hold {
+        return hold(&contenders).await;
+    }
     let duration = Duration::from_secs(args.duration);
     let mut point = 0;
     for round in 0..usize::from(args.rounds) {
@@ -161,6 +171,21 @@ async fn run(args: Args) -> Result<()> {
         .finish(&mut scratch, report.failed_phases(), meshup_ran)
 }
 
+/// `--hold`: the contenders' process ids, then nothing until a signal stops the run (its
+/// peers are stopped as the contenders drop).
+async fn hold(contenders: &[Contender]) -> Result<()> {
+    for c in contenders {
+        println!("  {:<16} processes {:?}", c.name, c.cpu.roots());
+    }
+    println!("holding: the contenders run until interrupted (Ctrl-C, SIGTERM)");
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for c in contenders {
+            c.ensure_running()?;
+        }
+    }
+}
+
 /// `round 2/3: ` when there are several rounds, else nothing.
 fn round_label(round: usize, rounds: u16) -> String {
     if rounds > 1 {
@@ -199,29 +224,33 @@ async fn measure(
 
 fn print_header(args: &Args, contenders: &[Contender]) {
     println!("{}", meshup_tests::bench::machine_line("HTTP"));
-    println!(
-        "{} s per point; clients {:?}; {}; body {} bytes{}",
-        args.duration,
-        args.clients,
-        if args.rounds > 1 {
-            format!("{} rounds, figures are medians over them", args.rounds)
-        } else {
-            "one round".to_owned()
-        },
-        backend::BODY.len(),
-        if args.quick {
-            " (quick smoke run: figures not comparable)"
-        } else {
-            ""
-        }
-    );
+    if !args.hold {
+        println!(
+            "{} s per point; clients {:?}; {}; body {} bytes{}",
+            args.duration,
+            args.clients,
+            if args.rounds > 1 {
+                format!("{} rounds, figures are medians over them", args.rounds)
+            } else {
+                "one round".to_owned()
+            },
+            backend::BODY.len(),
+            if args.quick {
+                " (quick smoke run: figures not comparable)"
+            } else {
+                ""
+            }
+        );
+    }
     for c in contenders {
         println!(
             "  {:<16} HTTP/1.1 via {}, h2c via {}",
             c.name, c.http1, c.h2
         );
     }
-    println!(
-        "CPU is the proxy processes' utime+stime (nginx: both masters and workers; meshup: both gateways)."
-    );
+    if !args.hold {
+        println!(
+            "CPU is the proxy processes' utime+stime (nginx: both masters and workers; meshup: both gateways)."
+        );
+    }
 }
