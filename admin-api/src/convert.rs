@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use meshup_core::model::{AppProtocol, PortSpec, Protocol};
+use meshup_core::model::{AppProtocol, EndpointProtocol, PortSpec, Protocol};
 use meshup_core::names::{ClusterName, DrillId, Namespace, ServiceKey, ServiceName};
 use meshup_core::policy::{DrillAudit, DrillKind, DrillRecord, RecordError};
 
@@ -149,6 +149,15 @@ pub fn app_protocol_from_str(text: &str) -> Option<AppProtocol> {
     }
 }
 
+/// Parses what a port's endpoints speak; empty means `as_client`.
+pub fn endpoint_protocol_from_str(text: &str) -> Option<EndpointProtocol> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "" | "as_client" => Some(EndpointProtocol::AsClient),
+        "http1" => Some(EndpointProtocol::Http1),
+        _ => None,
+    }
+}
+
 /// Parses an export message; the error names the field (`export.endpoints[1]`).
 pub fn export_from_pb(spec: &pb::ExportSpec) -> Result<Export, FieldError> {
     let name = ServiceName::new(spec.name.trim()).map_err(|e| field_error("export.name", e))?;
@@ -177,11 +186,19 @@ pub fn export_from_pb(spec: &pb::ExportSpec) -> Result<Export, FieldError> {
                     format!("{:?} is not tcp, http or grpc", p.app_protocol),
                 )
             })?;
+            let endpoint_protocol =
+                endpoint_protocol_from_str(&p.endpoint_protocol).ok_or_else(|| {
+                    field_error(
+                        format!("export.ports[{i}].endpoint_protocol"),
+                        format!("{:?} is not as_client or http1", p.endpoint_protocol),
+                    )
+                })?;
             Ok(PortSpec {
                 name: p.name.trim().to_owned(),
                 port,
                 protocol,
                 app_protocol,
+                endpoint_protocol,
             })
         })
         .collect::<Result<Vec<_>, FieldError>>()?;
@@ -234,6 +251,7 @@ pub fn export_to_pb(e: &Export) -> pb::ExportSpec {
                 port: u32::from(p.port),
                 protocol: p.protocol.as_str().to_owned(),
                 app_protocol: p.app_protocol.as_str().to_owned(),
+                endpoint_protocol: p.endpoint_protocol.as_str().to_owned(),
             })
             .collect(),
         endpoints: e.endpoints.iter().map(ToString::to_string).collect(),
@@ -283,6 +301,7 @@ mod tests {
                 port: 8080,
                 protocol: String::new(),
                 app_protocol: "http".into(),
+                endpoint_protocol: "http1".into(),
             }],
             endpoints: vec!["127.0.0.1:9000".into()],
             allowed_callers: vec!["west".into()],
@@ -294,7 +313,14 @@ mod tests {
         let back = export_to_pb(&export);
         assert_eq!(back.ports[0].protocol, "tcp");
         assert_eq!(export.ports[0].app_protocol, AppProtocol::Http);
+        assert_eq!(export.ports[0].endpoint_protocol, EndpointProtocol::Http1);
         assert_eq!(export_from_pb(&back).expect("again"), export);
+        let mut unset = spec.clone();
+        unset.ports[0].endpoint_protocol.clear();
+        assert_eq!(
+            export_from_pb(&unset).expect("valid").ports[0].endpoint_protocol,
+            EndpointProtocol::AsClient
+        );
 
         let bad = |f: &dyn Fn(&mut pb::ExportSpec)| {
             let mut s = spec.clone();
@@ -311,6 +337,10 @@ mod tests {
         assert_eq!(
             bad(&|s| s.ports[0].app_protocol = "http3".into()),
             "export.ports[0].app_protocol"
+        );
+        assert_eq!(
+            bad(&|s| s.ports[0].endpoint_protocol = "h2".into()),
+            "export.ports[0].endpoint_protocol"
         );
         assert_eq!(
             bad(&|s| s.endpoints.push("localhost:80".into())),

@@ -59,6 +59,7 @@ pub fn export(port: u16, healthy: u32) -> ExportRecord {
             port,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
+            endpoint_protocol: Default::default(),
         }]
         .into(),
         endpoints_total: healthy.max(1),

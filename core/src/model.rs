@@ -179,6 +179,44 @@ impl AppProtocol {
     }
 }
 
+/// What an `http` port's endpoints speak (docs/http-routing.md, "What the endpoints
+/// speak"): by default each request reaches them as its client spoke it (HTTP/1.1, or h2
+/// for an h2 client); `http1` is for endpoints that speak only HTTP/1.1, as an nginx or
+/// Envoy upstream does by default: every request reaches them as HTTP/1.1.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointProtocol {
+    #[default]
+    AsClient,
+    Http1,
+    /// A value only a newer gateway knows: read as `as_client` (the record is read, not
+    /// skipped: docs/records.md). Only the serving gateway acts on the field, and it is
+    /// the one that wrote it.
+    #[serde(other)]
+    Unknown,
+}
+
+impl EndpointProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointProtocol::AsClient => "as_client",
+            EndpointProtocol::Http1 => "http1",
+            EndpointProtocol::Unknown => "unknown",
+        }
+    }
+
+    /// Whether every request reaches the endpoints as HTTP/1.1.
+    pub fn http1_only(self) -> bool {
+        self == EndpointProtocol::Http1
+    }
+
+    fn is_as_client(&self) -> bool {
+        *self == EndpointProtocol::AsClient
+    }
+}
+
 /// One named port of a service.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortSpec {
@@ -190,6 +228,10 @@ pub struct PortSpec {
     /// wrote; an older gateway reading `http` or `grpc` ignores the field and splices.
     #[serde(default, skip_serializing_if = "AppProtocol::is_tcp")]
     pub app_protocol: AppProtocol,
+    /// Left out when `as_client`, so records of ports that do not set it are the bytes
+    /// older gateways wrote; an older gateway ignores the field.
+    #[serde(default, skip_serializing_if = "EndpointProtocol::is_as_client")]
+    pub endpoint_protocol: EndpointProtocol,
 }
 
 fn default_protocol() -> Protocol {
@@ -675,6 +717,23 @@ mod tests {
         );
         let back: ExportRecord = decode(&written).expect("round trip");
         assert_eq!(back, http);
+        // Ports that do not say what their endpoints speak are written as before.
+        assert!(!String::from_utf8_lossy(&written).contains("endpoint_protocol"));
+
+        // What the endpoints speak: written only when set, ignored by an older reader, and
+        // a value only a newer gateway knows is read, not a reason to skip the record.
+        http.ports[0].endpoint_protocol = EndpointProtocol::Http1;
+        let written = encode(&http);
+        assert!(String::from_utf8_lossy(&written).contains(r#""endpoint_protocol":"http1""#));
+        let older: OlderExport = decode(&written).expect("an older reader decodes it");
+        assert_eq!(older.ports[0].port, 8080);
+        let back: ExportRecord = decode(&written).expect("round trip");
+        assert_eq!(back, http);
+        let newer = String::from_utf8_lossy(&written).replace("http1", "h3");
+        let e: ExportRecord = decode(newer.as_bytes()).expect("an unknown value decodes");
+        assert_eq!(e.ports[0].endpoint_protocol, EndpointProtocol::Unknown);
+        assert!(!e.ports[0].endpoint_protocol.http1_only());
+        assert_eq!(e.validate(), Ok(()));
     }
 
     /// A new major is the one change an older reader must not guess at: skipped, named.

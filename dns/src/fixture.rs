@@ -29,6 +29,7 @@ pub fn export(
                 port: *port,
                 protocol: *protocol,
                 app_protocol: Default::default(),
+                endpoint_protocol: Default::default(),
             })
             .collect(),
         endpoints_total: 1,

@@ -937,6 +937,12 @@ pub fn local_exports(exports: &[ExportConfig], health: &HealthMap) -> LocalExpor
                 .filter(|p| p.app_protocol.per_request())
                 .map(|p| p.port)
                 .collect(),
+            http1_ports: e
+                .ports
+                .iter()
+                .filter(|p| p.app_protocol.per_request() && p.endpoint_protocol.http1_only())
+                .map(|p| p.port)
+                .collect(),
         }
     }))
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use meshup_core::identity::check_trust_domain;
-use meshup_core::model::{AppProtocol, PortSpec, Protocol, validate_ports};
+use meshup_core::model::{AppProtocol, EndpointProtocol, PortSpec, Protocol, validate_ports};
 use meshup_core::names::{ClusterName, GatewayId, Namespace, ServiceKey, ServiceName};
 use meshup_dns::DnsConfig;
 use meshup_federation::config::CatalogConfig;
@@ -359,6 +359,14 @@ fn strict_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>,
         protocol: Option<Protocol>,
         #[serde(default)]
         app_protocol: Option<App>,
+        #[serde(default)]
+        endpoint_protocol: Option<Endpoint>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Endpoint {
+        AsClient,
+        Http1,
     }
     #[derive(Deserialize)]
     #[serde(rename_all = "lowercase")]
@@ -379,6 +387,10 @@ fn strict_ports<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PortSpec>,
                 Some(App::Http) => AppProtocol::Http,
                 Some(App::Grpc) => AppProtocol::Grpc,
             },
+            endpoint_protocol: match p.endpoint_protocol {
+                None | Some(Endpoint::AsClient) => EndpointProtocol::AsClient,
+                Some(Endpoint::Http1) => EndpointProtocol::Http1,
+            },
         })
         .collect())
 }
@@ -396,6 +408,19 @@ impl ExportConfig {
             return Err(invalid(field, "an export needs at least one port"));
         }
         validate_ports(&self.ports).map_err(|err| invalid(field, err.to_string()))?;
+        if let Some(p) = self
+            .ports
+            .iter()
+            .find(|p| p.endpoint_protocol.http1_only() && p.app_protocol != AppProtocol::Http)
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "port {:?}: endpoint_protocol http1 needs app_protocol http (a grpc port's endpoints speak h2, a tcp port is spliced)",
+                    p.name
+                ),
+            ));
+        }
         if self.endpoints.is_empty() {
             return Err(invalid(
                 field,
@@ -865,10 +890,36 @@ exports:
             assert_eq!(c.exports[0].ports[0].app_protocol, want, "{text}");
             assert_eq!(c.exports[0].ports[0].protocol, Protocol::Tcp, "{text}");
         }
+        assert_eq!(
+            sample().exports[0].ports[0].endpoint_protocol,
+            EndpointProtocol::AsClient,
+            "default"
+        );
+        for (text, want) in [
+            ("endpoint_protocol: http1", EndpointProtocol::Http1),
+            ("endpoint_protocol: as_client", EndpointProtocol::AsClient),
+        ] {
+            let c = with(&format!(
+                "ports: [{{name: http, port: 8080, app_protocol: http, {text}}}]"
+            ))
+            .expect(text);
+            c.validate().expect(text);
+            assert_eq!(c.exports[0].ports[0].endpoint_protocol, want, "{text}");
+        }
         for (text, names) in [
             ("app_protocol: http3", "http3"),
             ("app_protocl: http", "app_protocl"),
             ("protocol: udp, app_protocol: grpc", "needs protocol tcp"),
+            ("app_protocol: http, endpoint_protocol: h2", "h2"),
+            (
+                "app_protocol: http, endpoint_protocl: http1",
+                "endpoint_protocl",
+            ),
+            (
+                "app_protocol: grpc, endpoint_protocol: http1",
+                "needs app_protocol http",
+            ),
+            ("endpoint_protocol: http1", "needs app_protocol http"),
         ] {
             let err = with(&format!("ports: [{{name: http, port: 8080, {text}}}]"))
                 .and_then(|c| c.validate().map(|()| c))

@@ -35,6 +35,7 @@ fn pay_export(backend: SocketAddr) -> ExportConfig {
             port: PORT,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
+            endpoint_protocol: Default::default(),
         }],
         endpoints: vec![backend],
         allowed_callers: vec![],

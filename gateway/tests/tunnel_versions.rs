@@ -66,6 +66,7 @@ fn serve_http(west: &Gateway, backend: SocketAddr) {
             endpoints: vec![backend],
             allowed_callers: vec![],
             http_ports: vec![SERVICE_PORT],
+            http1_ports: vec![],
         }])));
 }
 
@@ -77,6 +78,7 @@ async fn http_export(east: &Gateway, west: &Gateway, vip: IpAddr) {
         port: SERVICE_PORT,
         protocol: Protocol::Tcp,
         app_protocol: AppProtocol::Http,
+        endpoint_protocol: Default::default(),
     }]
     .into();
     east.snapshots.send_replace(snapshot([

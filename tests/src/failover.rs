@@ -48,6 +48,8 @@ pub struct Options<'a> {
     pub backends: Option<[SocketAddr; 2]>,
     /// The export port's `app_protocol` (`http`, `grpc`); `None`: tcp.
     pub app_protocol: Option<&'a str>,
+    /// The export port's `endpoint_protocol` (`http1`); `None`: as the client spoke.
+    pub endpoint_protocol: Option<&'a str>,
     /// East serves the gRPC admin API ([`GatewayProcess::grpc_addr`]), for the CLI.
     pub east_admin: bool,
     /// East's `http.serving_cluster_header`; `None`: none.
@@ -161,6 +163,7 @@ impl Federation {
                 .map(|e| vec![(SERVICE_NAME, NAMESPACE, PORT, backend(cluster, e))])
                 .unwrap_or_default(),
             app_protocol: options.app_protocol,
+            endpoint_protocol: options.endpoint_protocol,
             log_filter: options.log_filter,
             worker_threads: options.worker_threads,
             ..GatewaySpec::new(cluster, vip_cidr, &etcd, &certs, &prefix)

@@ -48,6 +48,9 @@ pub struct Export<'a> {
     /// The port's `app_protocol`: `None` for a plain `tcp` port (spliced), `Some("http")`
     /// for per-request routing.
     pub app_protocol: Option<&'a str>,
+    /// The port's `endpoint_protocol`: `Some("http1")` for endpoints that get every
+    /// request as HTTP/1.1; `None`: as the client spoke.
+    pub endpoint_protocol: Option<&'a str>,
 }
 
 /// The running pair: both gateways, their etcd, and the client-facing address of each
@@ -199,7 +202,9 @@ fn gateway_config(
             for e in exports {
                 let app = e
                     .app_protocol
-                    .map_or(String::new(), |a| format!(", app_protocol: {a}"));
+                    .map_or(String::new(), |a| format!(", app_protocol: {a}"))
+                    + &e.endpoint_protocol
+                        .map_or(String::new(), |p| format!(", endpoint_protocol: {p}"));
                 text.push_str(&format!(
                     "  - name: {name}\n    namespace: {SERVICE_NAMESPACE}\n    ports: [{{ name: p{port}, port: {port}, protocol: tcp{app} }}]\n    endpoints: [\"{backend}\"]\n",
                     name = e.name,

@@ -169,6 +169,9 @@ pub struct GatewaySpec<'a> {
     pub exports: Vec<(&'a str, &'a str, u16, SocketAddr)>,
     /// The exports' ports' `app_protocol` (`http`, `grpc`); `None`: left out (tcp).
     pub app_protocol: Option<&'a str>,
+    /// The exports' ports' `endpoint_protocol` (`http1`); `None`: left out (as the client
+    /// spoke).
+    pub endpoint_protocol: Option<&'a str>,
     pub drain_deadline: Duration,
     /// The catalog lease TTL ([`LEASE_TTL`] unless set: short, so tests see expiry fast).
     pub lease_ttl: Duration,
@@ -244,6 +247,7 @@ impl<'a> GatewaySpec<'a> {
             prefix: "",
             exports: Vec::new(),
             app_protocol: None,
+            endpoint_protocol: None,
             drain_deadline: Duration::from_secs(2),
             lease_ttl: LEASE_TTL,
             withdrawal_grace: None,
@@ -279,10 +283,13 @@ impl<'a> GatewaySpec<'a> {
         let mut exports = String::new();
         for (name, ns, port, backend) in &self.exports {
             let entry = export_entry(name, ns, *port, *backend);
+            let endpoint = self
+                .endpoint_protocol
+                .map_or(String::new(), |e| format!(", endpoint_protocol: {e}"));
             exports.push_str(&match self.app_protocol {
                 Some(app) => entry.replace(
                     "protocol: tcp}",
-                    &format!("protocol: tcp, app_protocol: {app}}}"),
+                    &format!("protocol: tcp, app_protocol: {app}{endpoint}}}"),
                 ),
                 None => entry,
             });

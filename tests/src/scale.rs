@@ -78,6 +78,7 @@ pub fn export_record(healthy: u32) -> ExportRecord {
             port: 8080,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
+            endpoint_protocol: Default::default(),
         }]
         .into(),
         endpoints_total: 3,

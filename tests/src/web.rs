@@ -55,6 +55,16 @@ pub struct WebBackend {
 
 impl WebBackend {
     pub async fn start(cluster: &str) -> std::io::Result<Self> {
+        Self::start_with(cluster, false).await
+    }
+
+    /// A backend that speaks only HTTP/1.1: the h2 preface is not HTTP/1.1, so an h2
+    /// connection fails.
+    pub async fn start_http1_only(cluster: &str) -> std::io::Result<Self> {
+        Self::start_with(cluster, true).await
+    }
+
+    async fn start_with(cluster: &str, http1_only: bool) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
@@ -81,7 +91,12 @@ impl WebBackend {
                             Ok(answer(&st, &cluster, req).await)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if http1_only {
+                        builder = builder.http1_only();
+                    }
+                    let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(tcp), service)
                         .await;
                 });

@@ -955,3 +955,84 @@ async fn the_source_cluster_serves_what_no_rule_sends_elsewhere() -> anyhow::Res
     routed_to(vip, "/api/pay", "east").await;
     Ok(())
 }
+
+/// Endpoints that speak only HTTP/1.1 (`endpoint_protocol: http1`, docs/http-routing.md,
+/// "What the endpoints speak"): every request reaches them as HTTP/1.1, whatever its client
+/// spoke and however it crossed. The backends refuse h2, so a request that reached one as
+/// h2 would fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_that_speak_only_http1_get_every_request_as_http1() -> anyhow::Result<()> {
+    let east = WebBackend::start_http1_only("east").await?;
+    let west = WebBackend::start_http1_only("west").await?;
+    let north = WebBackend::start_http1_only("north").await?;
+    let fed = Federation::start(Options {
+        prefix: "/http-endpoint-http1",
+        vip_octet: 116,
+        backends: Some([west.addr(), north.addr()]),
+        app_protocol: Some("http"),
+        endpoint_protocol: Some("http1"),
+        east_backend: Some(east.addr()),
+        levels: Some(&["east", "west", "north"]),
+        ..Options::default()
+    })
+    .await?;
+    let vip = fed.vip;
+    fed.write_routes(
+        r#"{"schema": 1, "rules": [
+        {"name": "west", "match": [{"path": {"prefix": "/west"}}], "destinations": [{"cluster": "west"}]}
+    ]}"#,
+    )?;
+    routed_to(vip, "/west/ready", "west").await;
+    let h2 = |path: &str, extra: &[&str]| {
+        let url = format!("http://{vip}{path}");
+        let mut args = vec![
+            "--http2-prior-knowledge",
+            "-w",
+            "status=%{http_code} http=%{http_version}\n",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let (code, out) = curl(&args);
+        assert_eq!(code, 0, "curl {path}: {out}");
+        assert!(out.contains("status=200 http=2"), "{path}: {out}");
+        out
+    };
+    let authority = format!("authority={vip} ");
+
+    // An h2 client's request to another cluster crosses as HTTP/1.1, marked; the serving
+    // gateway sends it on as it crossed.
+    let out = h2("/west/a", &[]);
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("version=HTTP/1.1 "), "{out}");
+    assert!(out.contains(&authority), "{out}");
+    assert!(
+        out.contains("internal=-"),
+        "the mark is not passed on: {out}"
+    );
+
+    // One that may need trailers crosses as h2; the serving gateway turns it into HTTP/1.1,
+    // its `:authority` the Host, its body whole.
+    let out = h2(
+        "/west/b",
+        &["-H", "te: trailers", "--data-binary", "hello, endpoint"],
+    );
+    assert_eq!(cluster_of(&out), Some("west"), "{out}");
+    assert!(out.contains("method=POST "), "{out}");
+    assert!(out.contains("version=HTTP/1.1 "), "{out}");
+    assert!(out.contains(&authority), "{out}");
+    let digest = body_digest(b"hello, endpoint");
+    assert!(out.contains(&format!("body={digest}")), "{out}");
+
+    // Served by east's own endpoint: HTTP/1.1 too.
+    let out = h2("/local", &[]);
+    assert_eq!(cluster_of(&out), Some("east"), "{out}");
+    assert!(out.contains("version=HTTP/1.1 "), "{out}");
+    assert!(out.contains(&authority), "{out}");
+    assert!(out.contains("internal=-"), "{out}");
+
+    // An HTTP/1.1 client's request, as before.
+    let (code, _, body) = get(vip, "/west/c", &[]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("version=HTTP/1.1 "), "{body}");
+    Ok(())
+}

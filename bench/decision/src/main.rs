@@ -65,6 +65,7 @@ fn snapshot(n: usize, policy: Option<PolicyRecord>, drill: bool) -> Snapshot {
                     port: PORT,
                     protocol: Protocol::Tcp,
                     app_protocol: Default::default(),
+                    endpoint_protocol: Default::default(),
                 }]
                 .into(),
                 endpoints_total: 4,

@@ -9,9 +9,12 @@
 //! - (c) `meshup-tcp`: the gateway pair with the backend exported on a plain `tcp` port
 //!   (each client connection spliced over one QUIC stream);
 //! - (d) `meshup-http`: the same pair, the backend exported on an `app_protocol: http` port
-//!   (each request on its own QUIC stream, a new backend connection per stream).
+//!   (requests on kept QUIC streams, pooled backend connections); each request reaches the
+//!   backend as its client spoke it;
+//! - (e) `meshup-http1`: the same again on a port with `endpoint_protocol: http1`: every
+//!   request reaches the backend as HTTP/1.1, as the nginx pair's do.
 //!
-//! (c) and (d) are two exports of one gateway pair, so both run the same two processes.
+//! (c), (d) and (e) are three exports of one gateway pair, so all run the same two processes.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -39,6 +42,7 @@ const NGINX_UPSTREAM_KEEPALIVE: usize = 128;
 /// Service ports of the two meshup exports.
 const MESHUP_TCP_PORT: u16 = 8080;
 const MESHUP_HTTP_PORT: u16 = 8081;
+const MESHUP_HTTP1_PORT: u16 = 8082;
 
 /// Processes shared by contenders (the gateway pair serves both meshup contenders).
 type Processes = Arc<Mutex<Vec<ChildGuard>>>;
@@ -61,6 +65,7 @@ pub const DIRECT: &str = "(a) direct";
 pub const NGINX: &str = "(b) nginx pair";
 pub const MESHUP_TCP: &str = "(c) meshup tcp";
 pub const MESHUP_HTTP: &str = "(d) meshup http";
+pub const MESHUP_HTTP1: &str = "(e) meshup http, endpoint http1";
 
 impl Contender {
     pub fn direct(backend: SocketAddr) -> Self {
@@ -251,24 +256,33 @@ pub fn nginx_pair(dir: &Path, pki: &Pki, backend: SocketAddr) -> Result<Contende
     })
 }
 
-/// Starts the gateway pair with the backend exported twice, on a `tcp` port and on an
-/// `http` port, and returns the two contenders that share it.
+/// Starts the gateway pair with the backend exported three times, on a `tcp` port, an
+/// `http` port and an `http` port whose endpoints get HTTP/1.1, and returns the three
+/// contenders that share it.
 pub async fn meshup_pair(
     dir: &Path,
     binary: &Path,
     backend: SocketAddr,
     threads: Option<usize>,
-) -> Result<[Contender; 2]> {
+) -> Result<[Contender; 3]> {
     let exports = [
         Export {
             name: "web-tcp",
             port: MESHUP_TCP_PORT,
             app_protocol: None,
+            endpoint_protocol: None,
         },
         Export {
             name: "web-http",
             port: MESHUP_HTTP_PORT,
             app_protocol: Some("http"),
+            endpoint_protocol: None,
+        },
+        Export {
+            name: "web-http1",
+            port: MESHUP_HTTP1_PORT,
+            app_protocol: Some("http"),
+            endpoint_protocol: Some("http1"),
         },
     ];
     let pair = gateway_pair::start(dir, binary, backend, threads, &exports).await?;
@@ -284,12 +298,13 @@ pub async fn meshup_pair(
         cpu: cpu.clone(),
         processes: processes.clone(),
     };
-    let both = [
+    let all = [
         contender(MESHUP_TCP, pair.addrs[0]),
         contender(MESHUP_HTTP, pair.addrs[1]),
+        contender(MESHUP_HTTP1, pair.addrs[2]),
     ];
-    for c in &both {
+    for c in &all {
         c.probe(FIRST_REQUEST_LIMIT).await?;
     }
-    Ok(both)
+    Ok(all)
 }

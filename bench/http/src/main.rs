@@ -24,7 +24,7 @@ use clap::Parser;
 use meshup_tests::bench::{PairArgs, ScratchDir};
 use meshup_tests::tls::Pki;
 
-use crate::contenders::{Contender, MESHUP_HTTP, MESHUP_TCP};
+use crate::contenders::{Contender, MESHUP_HTTP, MESHUP_HTTP1, MESHUP_TCP};
 use crate::load::Protocol;
 use crate::report::{Phase, Report};
 
@@ -106,6 +106,7 @@ async fn run(args: Args) -> Result<()> {
     } else if args.pair.no_meshup {
         report.record_unavailable(MESHUP_TCP, "left out with --no-meshup".to_owned());
         report.record_unavailable(MESHUP_HTTP, "left out with --no-meshup".to_owned());
+        report.record_unavailable(MESHUP_HTTP1, "left out with --no-meshup".to_owned());
     } else {
         let binary = args.pair.binary();
         let threads = args.pair.gateway_threads;
@@ -115,7 +116,8 @@ async fn run(args: Args) -> Result<()> {
                 let reason = format!("{e:#}");
                 eprintln!("meshup: not available ({reason})");
                 report.record_unavailable(MESHUP_TCP, reason.clone());
-                report.record_unavailable(MESHUP_HTTP, reason);
+                report.record_unavailable(MESHUP_HTTP, reason.clone());
+                report.record_unavailable(MESHUP_HTTP1, reason);
             }
         }
     }

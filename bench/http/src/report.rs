@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use meshup_tests::bench::median;
 
-use crate::contenders::{MESHUP_HTTP, MESHUP_TCP, NGINX};
+use crate::contenders::{MESHUP_HTTP, MESHUP_HTTP1, MESHUP_TCP, NGINX};
 use crate::load::{LoadFigures, Protocol};
 
 /// What one phase (a contender, a protocol, a client count) measured.
@@ -184,8 +184,8 @@ impl Report {
         let _ = writeln!(
             out,
             "\nRatios (targets from docs/benchmarks.md)\n\n\
-             | protocol | clients | (d)/(b) requests per CPU-second (≥ {TARGET_HTTP_VS_NGINX_PER_CPU:.1}×) | (d)/(c) requests/s (≥ {TARGET_HTTP_VS_TCP_RPS:.1}×) | (b)/(c) requests/s, for reference |\n\
-             | --- | --- | --- | --- | --- |"
+             | protocol | clients | (d)/(b) requests per CPU-second (≥ {TARGET_HTTP_VS_NGINX_PER_CPU:.1}×) | (d)/(c) requests/s (≥ {TARGET_HTTP_VS_TCP_RPS:.1}×) | (b)/(c) requests/s, for reference | (e)/(b) requests per CPU-second (≥ {TARGET_HTTP_VS_NGINX_PER_CPU:.1}×) | (e)/(c) requests/s (≥ {TARGET_HTTP_VS_TCP_RPS:.1}×) |\n\
+             | --- | --- | --- | --- | --- | --- | --- |"
         );
         for &point in self.phases.keys() {
             let per_cpu = self.ratios(point, (MESHUP_HTTP, NGINX), Phase::requests_per_cpu_second);
@@ -197,14 +197,22 @@ impl Report {
             let nginx_rps = self.ratios(point, (NGINX, MESHUP_TCP), |p| {
                 Some(p.load.requests_per_second)
             });
+            // The same port with HTTP/1.1 to the endpoint, as the nginx pair speaks to it.
+            let http1_per_cpu =
+                self.ratios(point, (MESHUP_HTTP1, NGINX), Phase::requests_per_cpu_second);
+            let http1_rps = self.ratios(point, (MESHUP_HTTP1, MESHUP_TCP), |p| {
+                Some(p.load.requests_per_second)
+            });
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 point.0.label(),
                 point.1,
                 verdict(per_cpu, Some(TARGET_HTTP_VS_NGINX_PER_CPU)),
                 verdict(rps, Some(TARGET_HTTP_VS_TCP_RPS)),
                 verdict(nginx_rps, None),
+                verdict(http1_per_cpu, Some(TARGET_HTTP_VS_NGINX_PER_CPU)),
+                verdict(http1_rps, Some(TARGET_HTTP_VS_TCP_RPS)),
             );
         }
         for (contender, reason) in &self.unavailable {
@@ -279,9 +287,13 @@ mod tests {
         r.record(h1, 16, 0, MESHUP_TCP, phase(30_000.0, 150_000, Some(3.0)));
         // http mode: 120k requests for 4 CPU-s = 30k per CPU-s: 1.2× nginx; 24k/30k = 0.8× tcp.
         r.record(h1, 16, 0, MESHUP_HTTP, phase(24_000.0, 120_000, Some(4.0)));
+        // Endpoint HTTP/1.1: 135k for 4.5 CPU-s = 30k per CPU-s; 27k/30k = 0.9× tcp.
+        r.record(h1, 16, 0, MESHUP_HTTP1, phase(27_000.0, 135_000, Some(4.5)));
         let text = r.render();
         assert!(
-            text.contains("| HTTP/1.1 | 16 | 1.20× met | 0.80× missed | 0.67× |"),
+            text.contains(
+                "| HTTP/1.1 | 16 | 1.20× met | 0.80× missed | 0.67× | 1.20× met | 0.90× met |"
+            ),
             "{text}"
         );
         assert!(
@@ -317,7 +329,7 @@ mod tests {
             text.contains("| 64 | (d) meshup http | FAILED: h2load saw failed requests |"),
             "{text}"
         );
-        assert!(text.contains("| h2c | 64 | — | — | — |"), "{text}");
+        assert!(text.contains("| h2c | 64 | — | — | — | — | — |"), "{text}");
         assert_eq!(r.failed_phases(), 1);
 
         // A contender that failed in one round of several is reported failed; the ratios
@@ -332,7 +344,10 @@ mod tests {
             text.contains("| 1 | (d) meshup http | FAILED: connection refused |"),
             "{text}"
         );
-        assert!(text.contains("| h2c | 1 | 1.25× met | — | — |"), "{text}");
+        assert!(
+            text.contains("| h2c | 1 | 1.25× met | — | — | — | — |"),
+            "{text}"
+        );
         assert_eq!(r.failed_phases(), 2);
     }
 
@@ -377,7 +392,7 @@ mod tests {
         // (speed cancels out within a round); requests/s: 0.80 in every round.
         assert!(
             text.contains(
-                "| HTTP/1.1 | 16 | 1.14× met (rounds 1.09–1.20, 3 of 3 met) | 0.80× missed (rounds 0.80–0.80, 0 of 3 met) | 0.67× (rounds 0.67–0.67) |"
+                "| HTTP/1.1 | 16 | 1.14× met (rounds 1.09–1.20, 3 of 3 met) | 0.80× missed (rounds 0.80–0.80, 0 of 3 met) | 0.67× (rounds 0.67–0.67) | — | — |"
             ),
             "{text}"
         );

@@ -47,6 +47,7 @@ pub async fn start(
         name: service.name,
         port: service.port,
         app_protocol: None,
+        endpoint_protocol: None,
     };
     let pair = gateway_pair::start(dir, binary, backend, threads, &[export]).await?;
     let mut contender = Contender::with_processes(

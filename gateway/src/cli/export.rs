@@ -119,10 +119,15 @@ pub fn render_list(r: &pb::ListExportsResponse) -> String {
                 e.source.clone(),
                 spec.ports
                     .iter()
-                    .map(|p| match p.app_protocol.as_str() {
-                        "" | "tcp" => format!("{}/{}", p.port, p.protocol),
-                        app => format!("{}/{} ({app})", p.port, p.protocol),
-                    })
+                    .map(
+                        |p| match (p.app_protocol.as_str(), p.endpoint_protocol.as_str()) {
+                            ("" | "tcp", _) => format!("{}/{}", p.port, p.protocol),
+                            (app, "http1") => {
+                                format!("{}/{} ({app}, endpoints http1)", p.port, p.protocol)
+                            }
+                            (app, _) => format!("{}/{} ({app})", p.port, p.protocol),
+                        },
+                    )
                     .collect::<Vec<_>>()
                     .join(","),
                 if e.published {
@@ -178,6 +183,11 @@ mod tests {
                 } else {
                     String::new()
                 },
+                endpoint_protocol: if port == 80 {
+                    "http1".into()
+                } else {
+                    String::new()
+                },
             }],
             endpoints: vec![ep.into()],
             ..Default::default()
@@ -214,15 +224,15 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines[0],
-            "SERVICE    SOURCE  PORTS          PUBLISHED  ENDPOINTS"
+            "SERVICE    SOURCE  PORTS                           PUBLISHED  ENDPOINTS"
         );
         assert_eq!(
             lines[1],
-            "pay.prod   file    8080/tcp       1/1        127.0.0.1:9000"
+            "pay.prod   file    8080/tcp                        1/1        127.0.0.1:9000"
         );
         assert_eq!(
             lines[2],
-            "cart.prod  api     80/tcp (http)  not yet    127.0.0.1:9001"
+            "cart.prod  api     80/tcp (http, endpoints http1)  not yet    127.0.0.1:9001"
         );
         assert!(
             out.contains(

@@ -152,6 +152,7 @@ async fn cluster_config(
                 port: SERVICE_PORT,
                 protocol: Protocol::Tcp,
                 app_protocol: Default::default(),
+                endpoint_protocol: Default::default(),
             }],
             endpoints: vec![endpoint],
             allowed_callers: callers

@@ -370,6 +370,7 @@ impl AdminApi {
                     port: u32::from(p.port),
                     protocol: p.protocol.as_str().into(),
                     app_protocol: p.app_protocol.as_str().into(),
+                    endpoint_protocol: p.endpoint_protocol.as_str().into(),
                 })
                 .collect(),
             clusters: svc

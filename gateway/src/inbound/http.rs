@@ -40,7 +40,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::{Balancer, Load};
 use crate::outbound::http::{
-    H2_CLIENT, MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, h2_uri, text_response,
+    H2_CLIENT, MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, authority_as_host, h2_uri, origin_form,
+    text_response,
 };
 
 /// Longest a backend connection stays in the pool after its last response's headers.
@@ -131,6 +132,9 @@ struct Forwarder {
     balancer: Arc<Balancer>,
     endpoints: Vec<SocketAddr>,
     connect_timeout: Duration,
+    /// The endpoints speak only HTTP/1.1 (`endpoint_protocol: http1`): every request
+    /// reaches them as HTTP/1.1, whatever its client spoke.
+    http1_only: bool,
     /// The connection that made the stream worth accepting, used by its first request.
     first: Mutex<Option<First>>,
 }
@@ -138,12 +142,13 @@ struct Forwarder {
 /// Serves a stream whose `Connected` answer was sent: HTTP in, pooled connections out.
 /// The calling gateway may keep the stream for later requests; when this gateway drains
 /// (`draining`), requests in flight finish and the stream closes (HTTP/1.1 after the current
-/// response, h2 with GOAWAY). Returns whether the stream ended cleanly.
+/// response, h2 with GOAWAY). Its requests go to `endpoints`, connected within
+/// `connect_timeout`, as HTTP/1.1 only if `http1_only` ([`as_the_endpoint_speaks`]).
+/// Returns whether the stream ended cleanly.
 pub(super) async fn serve(
     backends: Arc<Backends>,
     balancer: Arc<Balancer>,
-    endpoints: Vec<SocketAddr>,
-    connect_timeout: Duration,
+    (endpoints, connect_timeout, http1_only): (Vec<SocketAddr>, Duration, bool),
     first: First,
     (send, recv, rest): (SendStream, RecvStream, Vec<u8>),
     draining: CancellationToken,
@@ -153,6 +158,7 @@ pub(super) async fn serve(
         balancer,
         endpoints,
         connect_timeout,
+        http1_only,
         first: Mutex::new(Some(first)),
     });
     let service = hyper::service::service_fn(move |req| {
@@ -198,6 +204,30 @@ fn not_forwarded() -> Response<RespBody> {
     resp
 }
 
+/// Puts a request that crossed into the form its endpoint gets. Endpoints that speak only
+/// HTTP/1.1 (`http1_only`) get it as HTTP/1.1: one that crossed as h2 is turned into it,
+/// its `:authority` as the Host header. Otherwise an h2 client's request that crossed as
+/// HTTP/1.1 ([`H2_CLIENT`]) goes on as h2, as it was spoken, with the scheme the mark
+/// carries; the mark is read from any caller, since gateways of the first releases that
+/// mark speak only `meshup/1` (docs/http-routing.md). The mark never reaches the endpoint.
+fn as_the_endpoint_speaks<B>(req: &mut Request<B>, http1_only: bool, upgrade: bool) {
+    let mark = req.headers_mut().remove(H2_CLIENT);
+    if http1_only {
+        if req.version() == Version::HTTP_2 {
+            authority_as_host(&req.uri().clone(), req.headers_mut());
+            *req.uri_mut() = origin_form(std::mem::take(req.uri_mut()));
+            *req.version_mut() = Version::HTTP_11;
+        }
+    } else if let Some(mark) = mark
+        && !upgrade
+    {
+        let scheme = if mark == "https" { "https" } else { "http" };
+        *req.version_mut() = Version::HTTP_2;
+        *req.uri_mut() = h2_uri(std::mem::take(req.uri_mut()), scheme, req.headers());
+        req.headers_mut().remove(http::header::HOST);
+    }
+}
+
 /// A backend connection for one request.
 enum Conn {
     H1(SocketAddr, http1::SendRequest<Incoming>, Option<Load>),
@@ -208,17 +238,7 @@ impl Forwarder {
     async fn forward(&self, mut req: Request<Incoming>) -> Response<RespBody> {
         let upgrade =
             req.headers().contains_key(http::header::UPGRADE) && req.version() == Version::HTTP_11;
-        // An h2 client's request that crossed as HTTP/1.1 goes on as h2, as it was spoken,
-        // with the scheme the mark carries. Read from any caller: gateways of the first
-        // releases that mark speak only `meshup/1` (docs/http-routing.md).
-        if let Some(mark) = req.headers_mut().remove(H2_CLIENT)
-            && !upgrade
-        {
-            let scheme = if mark == "https" { "https" } else { "http" };
-            *req.version_mut() = Version::HTTP_2;
-            *req.uri_mut() = h2_uri(std::mem::take(req.uri_mut()), scheme, req.headers());
-            req.headers_mut().remove(http::header::HOST);
-        }
+        as_the_endpoint_speaks(&mut req, self.http1_only, upgrade);
         let h2 = req.version() == Version::HTTP_2;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let idempotent = req.method().is_idempotent();
@@ -338,6 +358,123 @@ impl Forwarder {
                 let _ = conn.with_upgrades().await;
             });
             Some(Conn::H1(ep, sender, load))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use http::header::HOST;
+
+    /// (version, URI, Host, mark, endpoints speak only HTTP/1.1, upgrade) → (version, URI,
+    /// Host) as the endpoint gets it.
+    #[test]
+    fn a_request_reaches_its_endpoint_as_the_endpoint_speaks() {
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        let abs = "http://web.shop:8080/a?b=c";
+        for (version, uri, host, mark, http1_only, upgrade, want) in [
+            // Marked (an h2 client's request that crossed as HTTP/1.1): h2 again, with the
+            // mark's scheme; to HTTP/1.1-only endpoints it stays as it crossed.
+            (
+                h1,
+                "/a?b=c",
+                Some("web.shop:8080"),
+                Some("http"),
+                false,
+                false,
+                (h2, abs, None),
+            ),
+            (
+                h1,
+                "/a?b=c",
+                Some("web.shop"),
+                Some("https"),
+                false,
+                false,
+                (h2, "https://web.shop/a?b=c", None),
+            ),
+            (
+                h1,
+                "/a?b=c",
+                Some("web.shop:8080"),
+                Some("http"),
+                true,
+                false,
+                (h1, "/a?b=c", Some("web.shop:8080")),
+            ),
+            // An upgrade stays HTTP/1.1 whatever it carries.
+            (
+                h1,
+                "/ws",
+                Some("web.shop"),
+                Some("http"),
+                false,
+                true,
+                (h1, "/ws", Some("web.shop")),
+            ),
+            // Crossed as h2 (it may need trailers): h2, unless the endpoints speak only
+            // HTTP/1.1; then origin form with `:authority` as the Host, in place of any Host.
+            (h2, abs, None, None, false, false, (h2, abs, None)),
+            (
+                h2,
+                abs,
+                None,
+                None,
+                true,
+                false,
+                (h1, "/a?b=c", Some("web.shop:8080")),
+            ),
+            (
+                h2,
+                abs,
+                Some("other.example"),
+                None,
+                true,
+                false,
+                (h1, "/a?b=c", Some("web.shop:8080")),
+            ),
+            // An HTTP/1.1 client's request goes as it came, everywhere.
+            (
+                h1,
+                "/a?b=c",
+                Some("web.shop"),
+                None,
+                false,
+                false,
+                (h1, "/a?b=c", Some("web.shop")),
+            ),
+            (
+                h1,
+                "/a?b=c",
+                Some("web.shop"),
+                None,
+                true,
+                false,
+                (h1, "/a?b=c", Some("web.shop")),
+            ),
+        ] {
+            let mut req = Request::new(());
+            *req.version_mut() = version;
+            *req.uri_mut() = uri.parse().expect("uri");
+            if let Some(h) = host {
+                req.headers_mut().insert(HOST, HeaderValue::from_static(h));
+            }
+            if let Some(m) = mark {
+                req.headers_mut()
+                    .insert(H2_CLIENT, HeaderValue::from_static(m));
+            }
+            as_the_endpoint_speaks(&mut req, http1_only, upgrade);
+            let case = format!("{version:?} {uri} {host:?} {mark:?} {http1_only} {upgrade}");
+            assert_eq!(req.version(), want.0, "{case}");
+            assert_eq!(req.uri(), want.1, "{case}");
+            assert_eq!(
+                req.headers().get(HOST).and_then(|h| h.to_str().ok()),
+                want.2,
+                "{case}"
+            );
+            assert!(!req.headers().contains_key(H2_CLIENT), "{case}");
         }
     }
 }

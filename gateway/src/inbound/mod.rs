@@ -54,6 +54,9 @@ pub struct LocalExport {
     /// Of `ports`, those whose `app_protocol` is `http` or `grpc`: their streams are served
     /// as HTTP over pooled endpoint connections ([`http`]).
     pub http_ports: Vec<u16>,
+    /// Of `http_ports`, those whose endpoints speak only HTTP/1.1 (`endpoint_protocol:
+    /// http1`): every request reaches them as HTTP/1.1 ([`http`]).
+    pub http1_ports: Vec<u16>,
 }
 
 impl LocalExport {
@@ -503,9 +506,9 @@ async fn serve_stream(
                 return;
             }
         };
-        let per_request = exports
-            .get(&header.service)
-            .is_some_and(|e| e.http_ports.contains(&header.port));
+        let export = exports.get(&header.service);
+        let per_request = export.is_some_and(|e| e.http_ports.contains(&header.port));
+        let http1_only = export.is_some_and(|e| e.http1_ports.contains(&header.port));
         // An `http` or `grpc` port needs an endpoint known to answer: an idle pooled
         // connection, else a new one, as a spliced stream needs.
         let pooled = per_request
@@ -544,8 +547,7 @@ async fn serve_stream(
                 let clean = http::serve(
                     shared.backends.clone(),
                     shared.balancer.clone(),
-                    endpoints,
-                    connect_timeout,
+                    (endpoints, connect_timeout, http1_only),
                     first,
                     (send, recv, rest),
                     shared.drain_started.clone(),
@@ -697,6 +699,7 @@ mod tests {
                 endpoints: vec![ep],
                 allowed_callers: vec![cluster("east")],
                 http_ports: vec![],
+                http1_ports: vec![],
             },
             LocalExport {
                 service: key("empty.prod"),
@@ -704,6 +707,7 @@ mod tests {
                 endpoints: vec![],
                 allowed_callers: vec![],
                 http_ports: vec![],
+                http1_ports: vec![],
             },
         ]);
         let h = |svc: &str, port: u16, caller: &str| RequestHeader {

@@ -31,7 +31,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshup_core::model::AppProtocol;
-use meshup_core::names::ClusterName;
+use meshup_core::names::{ClusterName, ServiceKey};
 use meshup_core::routes::{CompiledRule, HOP_BY_HOP_HEADERS, HeaderEdits, HttpRetry, RequestView};
 use meshup_core::tunnel::RequestHeader;
 use tokio::net::TcpStream;
@@ -487,8 +487,9 @@ struct Outgoing {
 /// Where one try goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hop {
-    /// An endpoint of this cluster.
-    Local,
+    /// An endpoint of this cluster; `http1_only`: the port's endpoints speak only HTTP/1.1
+    /// (`endpoint_protocol: http1`).
+    Local { http1_only: bool },
     /// A serving gateway, over a tunnel stream; `speaks_1_1`: it speaks `meshup/1.1`, so
     /// it sends a request marked [`H2_CLIENT`] to its endpoint as h2
     /// ([`crate::tunnel::speaks_1_1`]).
@@ -496,12 +497,14 @@ enum Hop {
 }
 
 impl Outgoing {
-    /// What a try to `hop` speaks: an h2 client's request is h2 to a local endpoint, and to
-    /// a gateway that would not read the mark (an older one, during a rolling upgrade);
-    /// else what [`tunnel_wire`] chose.
+    /// What a try to `hop` speaks: every request is HTTP/1.1 to a local endpoint that
+    /// speaks only that; an h2 client's request is h2 to another local endpoint, and to a
+    /// gateway that would not read the mark (an older one, during a rolling upgrade); else
+    /// what [`tunnel_wire`] chose.
     fn wire(&self, hop: Hop) -> Wire {
         match hop {
-            Hop::Local | Hop::Gateway { speaks_1_1: false } if self.h2_client => Wire::H2,
+            Hop::Local { http1_only: true } => Wire::Http1,
+            Hop::Local { .. } | Hop::Gateway { speaks_1_1: false } if self.h2_client => Wire::H2,
             _ => self.wire,
         }
     }
@@ -512,19 +515,15 @@ impl Outgoing {
         self.h2_client && self.wire == Wire::Http1
     }
 
-    /// The request of one try spoken as `wire`. The body goes with the first try; a retried
-    /// request gets an empty one (it had none), or its body replayed from the tape
-    /// ([`forwarded`]).
-    fn build(&self, wire: Wire, body: Option<ReqBody>) -> Request<ReqBody> {
+    /// The request of one try spoken as `wire`, to a local endpoint (`local`) or a serving
+    /// gateway. The body goes with the first try; a retried request gets an empty one (it
+    /// had none), or its body replayed from the tape ([`forwarded`]).
+    fn build(&self, wire: Wire, local: bool, body: Option<ReqBody>) -> Request<ReqBody> {
         let mut uri = self.uri.clone();
         let version = match wire {
             Wire::Http1 => {
                 // Origin form on an HTTP/1.1 stream; the Host header says the authority.
-                if let Some(pq) = uri.path_and_query()
-                    && uri.authority().is_some()
-                {
-                    uri = Uri::from(pq.clone());
-                }
+                uri = origin_form(uri);
                 Version::HTTP_11
             }
             Wire::H2 => {
@@ -542,20 +541,18 @@ impl Outgoing {
                 req.headers_mut().remove(header::HOST);
             }
             // An h2 client's request: its `:authority` becomes the Host header (in place of
-            // any Host it sent too, RFC 9113 8.3.1), and the mark, with its `:scheme`, tells
-            // the serving gateway to speak h2 to its endpoint.
+            // any Host it sent too, RFC 9113 8.3.1), and to a serving gateway the mark, with
+            // its `:scheme`, tells it to speak h2 to its endpoint.
             Wire::Http1 if self.h2_client => {
                 let headers = req.headers_mut();
-                if let Some(authority) = self.uri.authority()
-                    && let Ok(host) = HeaderValue::from_str(authority.as_str())
-                {
-                    headers.insert(header::HOST, host);
+                authority_as_host(&self.uri, headers);
+                if !local {
+                    let scheme = match self.uri.scheme_str() {
+                        Some("https") => "https",
+                        _ => "http",
+                    };
+                    headers.insert(H2_CLIENT, HeaderValue::from_static(scheme));
                 }
-                let scheme = match self.uri.scheme_str() {
-                    Some("https") => "https",
-                    _ => "http",
-                };
-                headers.insert(H2_CLIENT, HeaderValue::from_static(scheme));
             }
             Wire::Http1 => {}
         }
@@ -618,6 +615,24 @@ pub(crate) fn h2_uri(uri: Uri, scheme: &str, headers: &HeaderMap) -> Uri {
         .path_and_query(pq)
         .build()
         .unwrap_or(uri)
+}
+
+/// `uri` in origin form (path and query), for an HTTP/1.1 hop.
+pub(crate) fn origin_form(uri: Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() => Uri::from(pq.clone()),
+        _ => uri,
+    }
+}
+
+/// An h2 request's `:authority` as the Host header of its HTTP/1.1 form, in place of any
+/// Host it sent too (RFC 9113 8.3.1).
+pub(crate) fn authority_as_host(uri: &Uri, headers: &mut HeaderMap) {
+    if let Some(authority) = uri.authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        headers.insert(header::HOST, host);
+    }
 }
 
 fn empty_body_of() -> ReqBody {
@@ -747,7 +762,9 @@ async fn try_once(
                 .await
                 .map_err(|_| unreachable(true))?;
             let addr = tcp.peer_addr().map_err(|_| unreachable(true))?;
-            let wire = request.wire(Hop::Local);
+            let wire = request.wire(Hop::Local {
+                http1_only: http1_endpoints(shared, &route.service, route.port),
+            });
             let sender = handshake(TokioIo::new(tcp), wire, ())
                 .await
                 .map_err(|_| unreachable(true))?;
@@ -812,7 +829,7 @@ async fn try_once(
         streams.share_h2(key.clone(), s.clone(), via.clone());
     }
     let (result, keep) = forwarded(
-        send(&mut sender, request.build(wire, body.take()), body).await,
+        send(&mut sender, request.build(wire, local, body.take()), body).await,
         request,
         body,
     );
@@ -820,6 +837,16 @@ async fn try_once(
         keep_or_forget(streams, &key, sender, via, keep);
     }
     result
+}
+
+/// Whether this cluster's endpoints of `service`'s `port` speak only HTTP/1.1
+/// (`endpoint_protocol: http1`).
+fn http1_endpoints(shared: &Shared, service: &ServiceKey, port: u16) -> bool {
+    shared
+        .exports
+        .borrow()
+        .get(service)
+        .is_some_and(|e| e.http1_ports.contains(&port))
 }
 
 /// After a try on a stream that may be kept: an HTTP/1.1 stream that may take more requests
@@ -847,7 +874,9 @@ async fn try_kept(
     let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
     let marked = !local && request.marked();
     let first = if local {
-        request.wire(Hop::Local)
+        request.wire(Hop::Local {
+            http1_only: http1_endpoints(shared, &key.service, key.port),
+        })
     } else {
         request.wire
     };
@@ -857,7 +886,7 @@ async fn try_kept(
                 Kept::H1(s, via) => (Sender::Http1(s), via),
                 Kept::H2(s, via) => (Sender::H2(s), via),
             };
-            match send(&mut sender, request.build(wire, body.take()), body).await {
+            match send(&mut sender, request.build(wire, local, body.take()), body).await {
                 Err(f) if !f.sent => {
                     // It had closed before it wrote the request: another one.
                     keep_or_forget(streams, key, sender, via, false);
@@ -1310,7 +1339,7 @@ mod tests {
         // the mark.
         let wire = o.wire(Hop::Gateway { speaks_1_1: true });
         assert_eq!(wire, Wire::Http1);
-        let req = o.build(wire, None);
+        let req = o.build(wire, false, None);
         assert_eq!(req.version(), Version::HTTP_11);
         assert_eq!(req.uri(), "/a/b?c=d");
         assert_eq!(req.headers()[header::HOST], "web.shop:8080");
@@ -1327,7 +1356,7 @@ mod tests {
             uri: Uri::from_static("https://web.shop/x"),
             ..outgoing(true)
         };
-        let req = tls.build(Wire::Http1, None);
+        let req = tls.build(Wire::Http1, false, None);
         assert_eq!(req.headers()[&H2_CLIENT], "https");
         assert_eq!(
             h2_uri(req.uri().clone(), "https", req.headers()),
@@ -1335,18 +1364,29 @@ mod tests {
         );
         // To a local endpoint, and to an older gateway (which would not read the mark): h2,
         // as the client spoke it, unmarked.
-        for hop in [Hop::Local, Hop::Gateway { speaks_1_1: false }] {
+        let local = Hop::Local { http1_only: false };
+        for hop in [local, Hop::Gateway { speaks_1_1: false }] {
             let wire = o.wire(hop);
             assert_eq!(wire, Wire::H2, "{hop:?}");
-            let req = o.build(wire, None);
+            let req = o.build(wire, hop == local, None);
             assert_eq!(req.version(), Version::HTTP_2);
             assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
             assert!(!req.headers().contains_key(header::HOST));
             assert!(!req.headers().contains_key(&H2_CLIENT));
         }
+        // To a local endpoint that speaks only HTTP/1.1: HTTP/1.1, origin form, Host, no mark.
+        let http1_local = Hop::Local { http1_only: true };
+        let wire = o.wire(http1_local);
+        assert_eq!(wire, Wire::Http1);
+        let req = o.build(wire, true, None);
+        assert_eq!(req.version(), Version::HTTP_11);
+        assert_eq!(req.uri(), "/a/b?c=d");
+        assert_eq!(req.headers()[header::HOST], "web.shop:8080");
+        assert!(!req.headers().contains_key(&H2_CLIENT));
         // An HTTP/1.1 client's request is never marked, and goes as HTTP/1.1 everywhere.
         let every_hop = [
-            Hop::Local,
+            local,
+            http1_local,
             Hop::Gateway { speaks_1_1: false },
             Hop::Gateway { speaks_1_1: true },
         ];
@@ -1355,7 +1395,7 @@ mod tests {
         for hop in every_hop {
             assert_eq!(h1.wire(hop), Wire::Http1, "{hop:?}");
         }
-        let req = h1.build(Wire::Http1, None);
+        let req = h1.build(Wire::Http1, false, None);
         assert!(!req.headers().contains_key(&H2_CLIENT));
         // An h2 client's request chosen to cross as h2 (it may need trailers) is h2 to
         // every hop, and unmarked.
@@ -1365,7 +1405,12 @@ mod tests {
         };
         assert!(!h2.marked());
         for hop in every_hop {
-            assert_eq!(h2.wire(hop), Wire::H2, "{hop:?}");
+            let want = if hop == http1_local {
+                Wire::Http1
+            } else {
+                Wire::H2
+            };
+            assert_eq!(h2.wire(hop), want, "{hop:?}");
         }
     }
 

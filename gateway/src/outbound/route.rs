@@ -550,6 +550,7 @@ mod tests {
             endpoints: vec![ep],
             allowed_callers: vec![],
             http_ports: vec![],
+            http1_ports: vec![],
         }]);
         let got = serving(&s, &c("east"), &mine, &route);
         assert_eq!(got.states[0], state("east", 1, true, 0));

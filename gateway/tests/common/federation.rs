@@ -85,6 +85,7 @@ pub fn export_config(service: &str, port: u16, endpoints: Vec<SocketAddr>) -> Ex
             port,
             protocol: Protocol::Tcp,
             app_protocol: Default::default(),
+            endpoint_protocol: Default::default(),
         }],
         endpoints,
         allowed_callers: vec![],

@@ -193,6 +193,7 @@ impl Gateway {
                 endpoints: vec![backend],
                 allowed_callers: allowed.iter().map(|c| cluster(c)).collect(),
                 http_ports: vec![],
+                http1_ports: vec![],
             }])));
     }
 
