@@ -212,7 +212,7 @@ async fn answer(
         "-".to_owned()
     };
     let text = format!(
-        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} authority={} scheme={} fields={} internal={} body={}\n",
+        "cluster={cluster} method={method} path={} tag={} version={:?} trace={} authority={} scheme={} fields={} internal={} cookie={} body={}\n",
         req.uri().path(),
         req.headers()
             .get("x-route-tag")
@@ -231,6 +231,7 @@ async fn answer(
         req.uri().scheme_str().unwrap_or("-"),
         req.headers().len(),
         internal_headers(req.headers()),
+        cookie_fields(req.headers()),
         body,
     );
     let mut resp = Response::new(Full::new(Bytes::from(text)));
@@ -338,6 +339,21 @@ fn tokio_stream_incoming(
 
 /// The names of the gateways' own headers (`meshup-*`) among `headers`, comma-separated,
 /// or `-`: none should ever reach a backend.
+/// The request's `cookie` fields, `|` between fields (`-`: none), so one field of two
+/// cookies (`a=1; b=2`) reads apart from two fields (`a=1|b=2`).
+fn cookie_fields(headers: &http::HeaderMap) -> String {
+    let fields: Vec<&str> = headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if fields.is_empty() {
+        "-".to_owned()
+    } else {
+        fields.join("|")
+    }
+}
+
 fn internal_headers(headers: &http::HeaderMap) -> String {
     let names: Vec<&str> = headers
         .keys()

@@ -1000,8 +1000,10 @@ async fn endpoints_that_speak_only_http1_get_every_request_as_http1() -> anyhow:
     let authority = format!("authority={vip} ");
 
     // An h2 client's request to another cluster crosses as HTTP/1.1, marked; the serving
-    // gateway sends it on as it crossed.
-    let out = h2("/west/a", &[]);
+    // gateway sends it on as it crossed, its cookie fields in one (RFC 9113 8.2.3).
+    let cookies = ["-H", "cookie: a=1", "-H", "cookie: b=2"];
+    let out = h2("/west/a", &cookies);
+    assert!(out.contains("cookie=a=1; b=2 "), "{out}");
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
     assert!(out.contains("version=HTTP/1.1 "), "{out}");
     assert!(out.contains(&authority), "{out}");
@@ -1014,8 +1016,18 @@ async fn endpoints_that_speak_only_http1_get_every_request_as_http1() -> anyhow:
     // its `:authority` the Host, its body whole.
     let out = h2(
         "/west/b",
-        &["-H", "te: trailers", "--data-binary", "hello, endpoint"],
+        &[
+            "-H",
+            "te: trailers",
+            "-H",
+            "cookie: a=1",
+            "-H",
+            "cookie: b=2",
+            "--data-binary",
+            "hello, endpoint",
+        ],
     );
+    assert!(out.contains("cookie=a=1; b=2 "), "{out}");
     assert_eq!(cluster_of(&out), Some("west"), "{out}");
     assert!(out.contains("method=POST "), "{out}");
     assert!(out.contains("version=HTTP/1.1 "), "{out}");
@@ -1024,7 +1036,8 @@ async fn endpoints_that_speak_only_http1_get_every_request_as_http1() -> anyhow:
     assert!(out.contains(&format!("body={digest}")), "{out}");
 
     // Served by east's own endpoint: HTTP/1.1 too.
-    let out = h2("/local", &[]);
+    let out = h2("/local", &cookies);
+    assert!(out.contains("cookie=a=1; b=2 "), "{out}");
     assert_eq!(cluster_of(&out), Some("east"), "{out}");
     assert!(out.contains("version=HTTP/1.1 "), "{out}");
     assert!(out.contains(&authority), "{out}");

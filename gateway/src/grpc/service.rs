@@ -370,7 +370,8 @@ impl AdminApi {
                     port: u32::from(p.port),
                     protocol: p.protocol.as_str().into(),
                     app_protocol: p.app_protocol.as_str().into(),
-                    endpoint_protocol: p.endpoint_protocol.as_str().into(),
+                    // What one cluster's endpoints speak, not the service's: left out.
+                    endpoint_protocol: String::new(),
                 })
                 .collect(),
             clusters: svc

@@ -18,7 +18,9 @@
 //!   is answered "not forwarded", so the caller sends it again elsewhere (RFC 9110, 9.2.2);
 //!   any other request gets a 502. An upgrade (WebSocket) gets a connection of its own.
 //! - A request marked [`H2_CLIENT`] (an h2 client's, carried as HTTP/1.1 between the
-//!   gateways) goes to its endpoint as h2, as the client spoke it.
+//!   gateways) goes to its endpoint as h2, as the client spoke it, unless the port's
+//!   endpoints speak only HTTP/1.1 (`endpoint_protocol: http1`): then every request goes as
+//!   HTTP/1.1 ([`as_the_endpoint_speaks`]).
 //! - A stream carrying a whole client connection (a caller that splices the port, an older
 //!   gateway) works the same: every request on it is forwarded in turn.
 
@@ -40,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::{Balancer, Load};
 use crate::outbound::http::{
-    H2_CLIENT, MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, authority_as_host, h2_uri, origin_form,
-    text_response,
+    H2_CLIENT, MAX_HEADER_BYTES, NOT_FORWARDED, RespBody, h2_fields_for_http1, h2_uri,
+    join_cookies, origin_form, text_response,
 };
 
 /// Longest a backend connection stays in the pool after its last response's headers.
@@ -72,10 +74,14 @@ pub(super) enum First {
 }
 
 impl Backends {
-    /// An idle HTTP/1.1 connection to one of `endpoints`, or a live h2 one.
-    pub(super) fn ready(&self, endpoints: &[SocketAddr]) -> Option<First> {
+    /// An idle HTTP/1.1 connection to one of `endpoints`, or a live h2 one unless the
+    /// endpoints speak only HTTP/1.1 (`http1_only`).
+    pub(super) fn ready(&self, endpoints: &[SocketAddr], http1_only: bool) -> Option<First> {
         if let Some((ep, sender)) = self.take_idle(endpoints) {
             return Some(First::Pooled(ep, sender));
+        }
+        if http1_only {
+            return None;
         }
         let h2 = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         endpoints
@@ -206,7 +212,8 @@ fn not_forwarded() -> Response<RespBody> {
 
 /// Puts a request that crossed into the form its endpoint gets. Endpoints that speak only
 /// HTTP/1.1 (`http1_only`) get it as HTTP/1.1: one that crossed as h2 is turned into it,
-/// its `:authority` as the Host header. Otherwise an h2 client's request that crossed as
+/// its `:authority` as the Host header, and an h2 client's cookie crumbs are joined
+/// ([`h2_fields_for_http1`]). Otherwise an h2 client's request that crossed as
 /// HTTP/1.1 ([`H2_CLIENT`]) goes on as h2, as it was spoken, with the scheme the mark
 /// carries; the mark is read from any caller, since gateways of the first releases that
 /// mark speak only `meshup/1` (docs/http-routing.md). The mark never reaches the endpoint.
@@ -214,9 +221,13 @@ fn as_the_endpoint_speaks<B>(req: &mut Request<B>, http1_only: bool, upgrade: bo
     let mark = req.headers_mut().remove(H2_CLIENT);
     if http1_only {
         if req.version() == Version::HTTP_2 {
-            authority_as_host(&req.uri().clone(), req.headers_mut());
+            h2_fields_for_http1(&req.uri().clone(), req.headers_mut());
             *req.uri_mut() = origin_form(std::mem::take(req.uri_mut()));
             *req.version_mut() = Version::HTTP_11;
+        } else if mark.is_some() {
+            // Crossed as HTTP/1.1 from an h2 client: a caller of the first releases that
+            // mark left its cookie crumbs apart.
+            join_cookies(req.headers_mut());
         }
     } else if let Some(mark) = mark
         && !upgrade
@@ -475,6 +486,43 @@ mod tests {
                 "{case}"
             );
             assert!(!req.headers().contains_key(H2_CLIENT), "{case}");
+        }
+    }
+
+    /// An h2 client's cookie crumbs reach an HTTP/1.1-only endpoint in one field (RFC 9113
+    /// 8.2.3), whether the request crossed as h2 or marked; an h2 endpoint gets them as they
+    /// came, and an HTTP/1.1 client's fields are left alone.
+    #[test]
+    fn cookie_crumbs_are_joined_for_an_http1_endpoint() {
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        for (version, uri, mark, http1_only, want) in [
+            (h2, "http://web.shop/a", None, true, vec!["a=1; b=2"]),
+            (h1, "/a", Some("http"), true, vec!["a=1; b=2"]),
+            (h1, "/a", Some("http"), false, vec!["a=1", "b=2"]),
+            (h2, "http://web.shop/a", None, false, vec!["a=1", "b=2"]),
+            (h1, "/a", None, true, vec!["a=1", "b=2"]),
+        ] {
+            let mut req = Request::new(());
+            *req.version_mut() = version;
+            *req.uri_mut() = uri.parse().expect("uri");
+            req.headers_mut()
+                .insert(HOST, HeaderValue::from_static("web.shop"));
+            for c in ["a=1", "b=2"] {
+                req.headers_mut()
+                    .append(http::header::COOKIE, HeaderValue::from_static(c));
+            }
+            if let Some(m) = mark {
+                req.headers_mut()
+                    .insert(H2_CLIENT, HeaderValue::from_static(m));
+            }
+            as_the_endpoint_speaks(&mut req, http1_only, false);
+            let got: Vec<&str> = req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            assert_eq!(got, want, "{version:?} {mark:?} {http1_only}");
         }
     }
 }

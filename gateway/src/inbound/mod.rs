@@ -512,7 +512,7 @@ async fn serve_stream(
         // An `http` or `grpc` port needs an endpoint known to answer: an idle pooled
         // connection, else a new one, as a spliced stream needs.
         let pooled = per_request
-            .then(|| shared.backends.ready(&endpoints))
+            .then(|| shared.backends.ready(&endpoints, http1_only))
             .flatten();
         let upstream = match pooled {
             Some(first) => Some(Upstream::Http(first)),

@@ -10,7 +10,8 @@
 //!   trailers (gRPC); the serving gateway splices it to an endpoint. An h2 client's other
 //!   requests cross as HTTP/1.1, marked [`H2_CLIENT`], and reach the endpoint as h2
 //!   ([`tunnel_wire`]), between gateways that speak `meshup/1.1` ([`Hop`]). A local
-//!   endpoint gets its own connection.
+//!   endpoint gets its own connection. Endpoints that speak only HTTP/1.1
+//!   (`endpoint_protocol: http1`) get every request as HTTP/1.1.
 //! - A request is tried again elsewhere while nothing of it can have reached a backend (the
 //!   stream was refused, the peer did not answer), and after a retryable status, a reset or a
 //!   per-try timeout only when it can be sent again whole: an idempotent method with no body.
@@ -473,8 +474,9 @@ struct Outgoing {
     headers: HeaderMap,
     /// What a tunnel stream carries it as ([`tunnel_wire`]).
     wire: Wire,
-    /// Whether the client spoke h2: a local endpoint gets it as h2, a serving gateway
-    /// learns it from [`H2_CLIENT`] when it crosses as HTTP/1.1.
+    /// Whether the client spoke h2: a local endpoint gets it as h2 (unless it speaks only
+    /// HTTP/1.1), a serving gateway learns it from [`H2_CLIENT`] when it crosses as
+    /// HTTP/1.1.
     h2_client: bool,
     /// Whether a kept stream may carry it (not an upgrade, which takes its stream).
     reuse: bool,
@@ -545,7 +547,7 @@ impl Outgoing {
             // its `:scheme`, tells it to speak h2 to its endpoint.
             Wire::Http1 if self.h2_client => {
                 let headers = req.headers_mut();
-                authority_as_host(&self.uri, headers);
+                h2_fields_for_http1(&self.uri, headers);
                 if !local {
                     let scheme = match self.uri.scheme_str() {
                         Some("https") => "https",
@@ -625,13 +627,33 @@ pub(crate) fn origin_form(uri: Uri) -> Uri {
     }
 }
 
-/// An h2 request's `:authority` as the Host header of its HTTP/1.1 form, in place of any
-/// Host it sent too (RFC 9113 8.3.1).
-pub(crate) fn authority_as_host(uri: &Uri, headers: &mut HeaderMap) {
+/// An h2 request's header fields as an HTTP/1.1 hop needs them: its `:authority` as the
+/// Host header, in place of any Host it sent too (RFC 9113 8.3.1), and its cookie crumbs
+/// in one field ([`join_cookies`]).
+pub(crate) fn h2_fields_for_http1(uri: &Uri, headers: &mut HeaderMap) {
     if let Some(authority) = uri.authority()
         && let Ok(host) = HeaderValue::from_str(authority.as_str())
     {
         headers.insert(header::HOST, host);
+    }
+    join_cookies(headers);
+}
+
+/// Joins the `cookie` fields an h2 client may split its cookies into into one, with "; ",
+/// as an HTTP/1.1 hop needs them (RFC 9113 8.2.3). One field or none stays as it is.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let mut crumbs = headers.get_all(header::COOKIE).iter();
+    if crumbs.nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -1323,6 +1345,16 @@ mod tests {
         headers.insert("x-tag", HeaderValue::from_static("a"));
         // A Host the client sent beside `:authority`: `:authority` wins (RFC 9113 8.3.1).
         headers.insert(header::HOST, HeaderValue::from_static("other.example"));
+        // Cookie crumbs, as h2 clients send them (RFC 9113 8.2.3).
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let cookies = |req: &Request<ReqBody>| -> Vec<String> {
+            req.headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .collect()
+        };
         let outgoing = |h2_client| Outgoing {
             method: Method::GET,
             uri: Uri::from_static("http://web.shop:8080/a/b?c=d"),
@@ -1345,6 +1377,7 @@ mod tests {
         assert_eq!(req.headers()[header::HOST], "web.shop:8080");
         assert_eq!(req.headers()[&H2_CLIENT], "http");
         assert_eq!(req.headers()["x-tag"], "a");
+        assert_eq!(cookies(&req), ["a=1; b=2"], "one field on an HTTP/1.1 hop");
         // What the serving gateway makes of it: h2 again, with the same authority.
         assert_eq!(
             h2_uri(req.uri().clone(), "http", req.headers()),
@@ -1373,6 +1406,7 @@ mod tests {
             assert_eq!(req.uri(), "http://web.shop:8080/a/b?c=d");
             assert!(!req.headers().contains_key(header::HOST));
             assert!(!req.headers().contains_key(&H2_CLIENT));
+            assert_eq!(cookies(&req), ["a=1", "b=2"], "h2 keeps the crumbs");
         }
         // To a local endpoint that speaks only HTTP/1.1: HTTP/1.1, origin form, Host, no mark.
         let http1_local = Hop::Local { http1_only: true };
@@ -1383,6 +1417,7 @@ mod tests {
         assert_eq!(req.uri(), "/a/b?c=d");
         assert_eq!(req.headers()[header::HOST], "web.shop:8080");
         assert!(!req.headers().contains_key(&H2_CLIENT));
+        assert_eq!(cookies(&req), ["a=1; b=2"]);
         // An HTTP/1.1 client's request is never marked, and goes as HTTP/1.1 everywhere.
         let every_hop = [
             local,
@@ -1397,6 +1432,11 @@ mod tests {
         }
         let req = h1.build(Wire::Http1, false, None);
         assert!(!req.headers().contains_key(&H2_CLIENT));
+        assert_eq!(
+            cookies(&req),
+            ["a=1", "b=2"],
+            "an HTTP/1.1 client's fields as sent"
+        );
         // An h2 client's request chosen to cross as h2 (it may need trailers) is h2 to
         // every hop, and unmarked.
         let h2 = Outgoing {
