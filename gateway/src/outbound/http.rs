@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshup_core::model::AppProtocol;
-use meshup_core::names::{ClusterName, ServiceKey};
+use meshup_core::names::ClusterName;
 use meshup_core::routes::{CompiledRule, HOP_BY_HOP_HEADERS, HeaderEdits, HttpRetry, RequestView};
 use meshup_core::tunnel::RequestHeader;
 use tokio::net::TcpStream;
@@ -771,21 +771,30 @@ async fn try_once(
         port: route.port,
     };
     let streams = &shared.http_streams;
-    let local = matches!(target, Target::Local(_));
+    let local_hop = match target {
+        Target::Local { http1_only, .. } => Some(Hop::Local {
+            http1_only: *http1_only,
+        }),
+        Target::Remote { .. } => None,
+    };
+    let local = local_hop.is_some();
     if request.reuse
-        && let Some(result) = try_kept(shared, &key, request, local, body).await
+        && let Some(result) = try_kept(shared, &key, request, local_hop, body).await
     {
         return result;
     }
     let opened = tokio::time::Instant::now();
     let (mut sender, via, wire) = match target {
-        Target::Local(eps) => {
-            let tcp = connect_local(shared, eps)
+        Target::Local {
+            endpoints,
+            http1_only,
+        } => {
+            let tcp = connect_local(shared, endpoints)
                 .await
                 .map_err(|_| unreachable(true))?;
             let addr = tcp.peer_addr().map_err(|_| unreachable(true))?;
             let wire = request.wire(Hop::Local {
-                http1_only: http1_endpoints(shared, &route.service, route.port),
+                http1_only: *http1_only,
             });
             let sender = handshake(TokioIo::new(tcp), wire, ())
                 .await
@@ -861,16 +870,6 @@ async fn try_once(
     result
 }
 
-/// Whether this cluster's endpoints of `service`'s `port` speak only HTTP/1.1
-/// (`endpoint_protocol: http1`).
-fn http1_endpoints(shared: &Shared, service: &ServiceKey, port: u16) -> bool {
-    shared
-        .exports
-        .borrow()
-        .get(service)
-        .is_some_and(|e| e.http1_ports.contains(&port))
-}
-
 /// After a try on a stream that may be kept: an HTTP/1.1 stream that may take more requests
 /// is kept, a shared h2 one that may not is no longer shared.
 fn keep_or_forget(streams: &Streams, key: &StreamKey, sender: Sender, via: Via, keep: bool) {
@@ -881,27 +880,23 @@ fn keep_or_forget(streams: &Streams, key: &StreamKey, sender: Sender, via: Via, 
     }
 }
 
-/// The try on a kept stream (or kept local connection) for `key`, if there is one: `None`
-/// when none is left that could take the request (it was not sent). A marked request
+/// The try on a kept stream (or kept local connection, `local_hop` when this cluster serves
+/// the request) for `key`, if there is one: `None` when none is left that could take the
+/// request (it was not sent). A marked request
 /// ([`Outgoing::marked`]) takes an HTTP/1.1 stream to a gateway that speaks `meshup/1.1`,
 /// else the shared h2 stream, if there is one.
 async fn try_kept(
     shared: &Shared,
     key: &StreamKey,
     request: &Outgoing,
-    local: bool,
+    local_hop: Option<Hop>,
     body: &mut Option<ReqBody>,
 ) -> Option<Result<Response<Incoming>, TryFailed>> {
     let streams = &shared.http_streams;
     let alive = |p: &PeerKey| !shared.steering.lock().liveness.is_suspect(p);
+    let local = local_hop.is_some();
     let marked = !local && request.marked();
-    let first = if local {
-        request.wire(Hop::Local {
-            http1_only: http1_endpoints(shared, &key.service, key.port),
-        })
-    } else {
-        request.wire
-    };
+    let first = local_hop.map_or(request.wire, |hop| request.wire(hop));
     for wire in std::iter::once(first).chain(marked.then_some(Wire::H2)) {
         while let Some(kept) = streams.take(key, wire == Wire::H2, marked, alive) {
             let (mut sender, via) = match kept {

@@ -1023,7 +1023,7 @@ async fn handle_client(shared: Arc<Shared>, tcp: TcpStream, client: SocketAddr, 
             attempts += 1;
             let mut guard = metrics.stream("outbound", labels.source_cluster.clone(), Label::from(cluster));
             let attempt = match target {
-                Target::Local(eps) => attempt_local(&shared, eps, tcp, &early).await,
+                Target::Local { endpoints, .. } => attempt_local(&shared, endpoints, tcp, &early).await,
                 Target::Remote { gateways } => {
                     attempt_remote(&shared, cluster, gateways, &header, Some(tcp), &mut early, more_after)
                         .await

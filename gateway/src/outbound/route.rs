@@ -25,8 +25,12 @@ pub struct Route {
 /// Where one cluster's share of a connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// This cluster exports the service: connect to these local endpoints directly.
-    Local(Vec<SocketAddr>),
+    /// This cluster exports the service: connect to these local endpoints directly;
+    /// `http1_only`: they speak only HTTP/1.1 (the port's `endpoint_protocol: http1`).
+    Local {
+        endpoints: Vec<SocketAddr>,
+        http1_only: bool,
+    },
     /// A remote cluster: open a stream to one of its gateways (draining gateways left
     /// out), each with its advertised addresses in order.
     Remote { gateways: Vec<Vec<SocketAddr>> },
@@ -271,7 +275,14 @@ pub fn serving(
                 allows_us: true,
                 gateways: 0,
             });
-            out.targets.insert(local.clone(), Target::Local(eps));
+            let http1_only = export.http1_ports.contains(&route.port);
+            out.targets.insert(
+                local.clone(),
+                Target::Local {
+                    endpoints: eps,
+                    http1_only,
+                },
+            );
         }
     }
     let Some(view) = view else {
@@ -554,7 +565,13 @@ mod tests {
         }]);
         let got = serving(&s, &c("east"), &mine, &route);
         assert_eq!(got.states[0], state("east", 1, true, 0));
-        assert_eq!(got.targets.get(&c("east")), Some(&Target::Local(vec![ep])));
+        assert_eq!(
+            got.targets.get(&c("east")),
+            Some(&Target::Local {
+                endpoints: vec![ep],
+                http1_only: false
+            })
+        );
         assert_eq!(got.states.len(), 5);
         // Pinned to west: only west, even though we export it locally.
         let pinned = Route {
