@@ -221,8 +221,9 @@ fn as_the_endpoint_speaks<B>(req: &mut Request<B>, http1_only: bool, upgrade: bo
     let mark = req.headers_mut().remove(H2_CLIENT);
     if http1_only {
         if req.version() == Version::HTTP_2 {
-            h2_fields_for_http1(&req.uri().clone(), req.headers_mut());
-            *req.uri_mut() = origin_form(std::mem::take(req.uri_mut()));
+            let uri = std::mem::take(req.uri_mut());
+            h2_fields_for_http1(&uri, req.headers_mut());
+            *req.uri_mut() = origin_form(uri);
             *req.version_mut() = Version::HTTP_11;
         } else if mark.is_some() {
             // Crossed as HTTP/1.1 from an h2 client: a caller of the first releases that
