@@ -7,8 +7,8 @@
 //! cluster never holds readiness back (peers are dialed lazily).
 //!
 //! Drain (SIGTERM or [`Gateway::drain`]): mark the gateway draining in the catalog, stop
-//! taking connections, let in-flight streams finish up to `tunnel.drain_deadline`, close the
-//! QUIC endpoint with the `draining` code, revoke the lease, stop every task.
+//! taking connections, let in-flight streams finish up to `tunnel.drain_deadline`, revoke the
+//! lease, close the QUIC endpoint with the `draining` code, stop every task.
 //!
 //! Exports change while it runs ([`crate::exports`]): the export task follows the configured
 //! set (config reload on SIGHUP or a file change, [`crate::reload`]; the admin API) and
@@ -686,9 +686,11 @@ impl Gateway {
                 "drain deadline passed; closing the remaining streams"
             );
         }
-        self.endpoint.close(tunnel::CLOSE_DRAINING, b"draining");
-        let _ = tokio::time::timeout(STOP_TIMEOUT, self.endpoint.wait_idle()).await;
-        // Revoking the lease removes our records at once instead of after the TTL.
+        // Revoking the lease removes our records at once instead of after the TTL. It comes
+        // before the QUIC connections close, so a peer learns from its catalog watch that
+        // this gateway is gone while its connections still refuse new streams with
+        // `draining` (a cheap retry elsewhere), rather than finding a closed connection under
+        // a record that still names this gateway and dialling an address nobody serves.
         self.export_updates.abort();
         let _ = self.export_updates.await;
         match Arc::try_unwrap(self.publisher) {
@@ -699,6 +701,8 @@ impl Gateway {
                 tracing::warn!("publisher still shared at shutdown; revoking in the background")
             }
         }
+        self.endpoint.close(tunnel::CLOSE_DRAINING, b"draining");
+        let _ = tokio::time::timeout(STOP_TIMEOUT, self.endpoint.wait_idle()).await;
         self.shutdown.cancel();
         for task in self.tasks {
             let _ = tokio::time::timeout(STOP_TIMEOUT, task).await;

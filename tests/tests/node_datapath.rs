@@ -525,6 +525,7 @@ fn connection_loop(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<At
         let mut n: u64 = 0;
         while !stop.load(Ordering::Relaxed) {
             n += 1;
+            let started = std::time::SystemTime::now();
             let sent = format!("{n:064}").into_bytes();
             let attempt = (|| -> std::io::Result<()> {
                 let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
@@ -540,7 +541,14 @@ fn connection_loop(ns: String, vip: SocketAddr, load: Arc<PodLoad>, stop: Arc<At
             match attempt {
                 Ok(()) => load.connections.fetch_add(1, Ordering::Relaxed),
                 Err(e) => {
-                    load.failed.lock().expect("lock").push(format!("#{n}: {e}"));
+                    let at = started
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    load.failed.lock().expect("lock").push(format!(
+                        "{ns} -> {vip} #{n} (started at {}.{:06} s since the epoch): {e}",
+                        at.as_secs(),
+                        at.subsec_micros()
+                    ));
                     0
                 }
             };
@@ -780,6 +788,15 @@ async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
         load.dns_answers.load(Ordering::Relaxed),
         dns_failed.len(),
     );
+    if !failed.is_empty() || !dns_failed.is_empty() {
+        let labels = ["east-a-1", "east-b-1", "east-a-2", "east-b-2", "west"];
+        for (label, g) in labels
+            .iter()
+            .zip(olds.iter().chain(&news).chain([&west_gw]))
+        {
+            println!("---- {label} log:\n{}", g.log_text());
+        }
+    }
     assert!(failed.is_empty(), "failed: {failed:?}");
     assert!(dns_failed.is_empty(), "DNS failures: {dns_failed:?}");
     assert!(

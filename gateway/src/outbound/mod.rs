@@ -130,6 +130,16 @@ impl pool::Dialer for QuicDialer {
         conn.close_reason().is_none()
     }
 
+    /// The peer closed with [`crate::tunnel::CLOSE_DRAINING`] or [`crate::tunnel::CLOSE_SHUTDOWN`].
+    fn going_away(conn: &quinn::Connection) -> bool {
+        matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == crate::tunnel::CLOSE_DRAINING
+                    || close.error_code == crate::tunnel::CLOSE_SHUTDOWN
+        )
+    }
+
     /// A connection superseded by a rotation closes as soon as no stream uses it (quinn
     /// keeps it open otherwise: its keep-alives never let it idle out), and at `at` at the
     /// latest. Left open, each rotation would leave a connection behind until `at` (half a
@@ -1293,8 +1303,12 @@ fn after_failure(error: &AttemptError, early_bytes_sent: bool) -> AfterFailure {
         AttemptError::Answer(_) => AfterFailure::NextGateway {
             result: "unreachable",
         },
-        // A silent peer's other addresses reach the same dead process.
+        // A silent peer's other addresses reach the same dead process, and so do a
+        // departing one's.
         AttemptError::Silent(_) => AfterFailure::NextGateway { result: "silent" },
+        AttemptError::Pool(PoolError::GoingAway { .. }) => {
+            AfterFailure::NextGateway { result: "draining" }
+        }
         AttemptError::Pool(_) | AttemptError::Open(_) | AttemptError::LocalConnect => {
             AfterFailure::NextAddress {
                 result: "unreachable",
@@ -1713,6 +1727,13 @@ mod tests {
             (
                 refused(Status::Draining),
                 true,
+                NextGateway { result: "draining" },
+            ),
+            (
+                AttemptError::Pool(PoolError::GoingAway {
+                    peer: "east@127.0.0.1:1".into(),
+                }),
+                false,
                 NextGateway { result: "draining" },
             ),
             (

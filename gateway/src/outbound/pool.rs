@@ -20,6 +20,12 @@
 //!    once they are done, and is retired at the age it would have been retired at anyway at
 //!    the latest, so a rotation never cuts a stream earlier than ageing would, and rotations
 //!    do not pile up open connections.
+//! 6. A connection the peer closed saying it is going away (`Dialer::going_away`: it drains
+//!    or shut down) is not redialled by the caller that finds it closed: that caller gets
+//!    `PoolError::GoingAway` at once and tries another gateway, and the peer is in backoff as
+//!    after a failed dial. The catalog drops such a peer within moments, but a caller that
+//!    comes first would otherwise spend a whole handshake timeout on an address nobody
+//!    serves any more.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -64,6 +70,8 @@ pub enum PoolError {
     Dial { peer: String, source: ConnectError },
     #[error("{peer} is in backoff after failed dials; next attempt in {remaining:?}")]
     Backoff { peer: String, remaining: Duration },
+    #[error("{peer} closed its connection: it is going away (draining or shut down)")]
+    GoingAway { peer: String },
     #[error("connection pool is shut down")]
     Closed,
 }
@@ -74,7 +82,7 @@ impl PoolError {
     pub fn is_retryable(&self) -> bool {
         match self {
             PoolError::Dial { source, .. } => source.is_retryable(),
-            PoolError::Backoff { .. } => true,
+            PoolError::Backoff { .. } | PoolError::GoingAway { .. } => true,
             PoolError::Closed => false,
         }
     }
@@ -87,6 +95,10 @@ pub trait Dialer: Send + Sync + 'static {
     fn dial(&self, peer: &PeerKey) -> BoxFuture<'static, Result<Self::Conn, ConnectError>>;
     /// Whether a pooled connection may still carry new streams.
     fn is_usable(conn: &Self::Conn) -> bool;
+    /// Whether the peer closed `conn` saying it is going away (invariant 6).
+    fn going_away(_conn: &Self::Conn) -> bool {
+        false
+    }
     /// A per-connection cap on how long it is handed out, below the pool's `max_age`.
     fn lifetime(&self, _conn: &Self::Conn) -> Option<Duration> {
         None
@@ -287,7 +299,15 @@ async fn run<D: Dialer + Credentials>(
                         slot.conn = Some(pooled);
                         continue;
                     }
-                    if !usable {
+                    if !usable && D::going_away(&pooled.conn) {
+                        tracing::info!(%peer, "peer gateway closed its connection going away; new streams go elsewhere");
+                        slot.failures = slot.failures.saturating_add(1);
+                        slot.retry_at = Some(now + backoff(slot.failures));
+                        let _ = reply.send(Err(PoolError::GoingAway {
+                            peer: peer.to_string(),
+                        }));
+                        continue;
+                    } else if !usable {
                         tracing::debug!(%peer, "pooled connection closed; replacing it");
                     } else if !young {
                         tracing::debug!(%peer, "pooled connection too old; replacing it");
@@ -417,6 +437,8 @@ mod tests {
     #[derive(Clone)]
     struct FakeConn {
         alive: Arc<AtomicBool>,
+        /// Closed by the peer going away (set together with `alive` false).
+        going_away: Arc<AtomicBool>,
         lifetime: Option<Duration>,
     }
 
@@ -452,6 +474,7 @@ mod tests {
                 } else {
                     Ok(FakeConn {
                         alive: Arc::new(AtomicBool::new(true)),
+                        going_away: Arc::new(AtomicBool::new(false)),
                         lifetime,
                     })
                 }
@@ -459,6 +482,9 @@ mod tests {
         }
         fn is_usable(conn: &FakeConn) -> bool {
             conn.alive.load(Ordering::SeqCst)
+        }
+        fn going_away(conn: &FakeConn) -> bool {
+            conn.going_away.load(Ordering::SeqCst)
         }
         fn retire(&self, _conn: FakeConn) {
             self.retired.fetch_add(1, Ordering::SeqCst);
@@ -670,6 +696,42 @@ mod tests {
         tokio::time::sleep_until(failed + backoff(2)).await;
         dialer.fail.store(false, Ordering::SeqCst);
         assert!(pool.get(&peer()).await.is_ok());
+        assert_eq!(dialer.dials(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_going_away_is_not_redialled_by_the_caller_that_finds_it_closed() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(60));
+        let (c1, _) = get(&pool).await;
+        c1.going_away.store(true, Ordering::SeqCst);
+        c1.alive.store(false, Ordering::SeqCst);
+        let closed = Instant::now();
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::GoingAway { .. })
+        ));
+        assert_eq!(
+            dialer.dials(),
+            1,
+            "no dial for the caller that found it closed"
+        );
+        // Then the peer is in backoff, as after a failed dial, up to its last instant.
+        tokio::time::sleep_until(closed + backoff(1) - MS).await;
+        assert!(matches!(
+            pool.get(&peer()).await,
+            Err(PoolError::Backoff { .. })
+        ));
+        assert_eq!(dialer.dials(), 1);
+        // At its end a caller dials again (a new process may serve the address now), and a
+        // connection that simply closed is redialled at once, as before.
+        tokio::time::sleep_until(closed + backoff(1)).await;
+        let (c2, _) = get(&pool).await;
+        assert!(!same(&c1, &c2));
+        assert_eq!(dialer.dials(), 2);
+        c2.alive.store(false, Ordering::SeqCst);
+        let (c3, _) = get(&pool).await;
+        assert!(!same(&c2, &c3));
         assert_eq!(dialer.dials(), 3);
     }
 
