@@ -12,8 +12,8 @@
 //!   is closed with GOAWAY ENHANCE_YOUR_CALM ("too_many_resets", hyper's limit of 64 pending
 //!   resets), while an ordinary client is served during and after, and the gateway's memory
 //!   stays bounded.
-//! - A header list over 64 KiB: answered 431 on its stream, never reaching a backend; the
-//!   connection goes on serving.
+//! - A header list over 64 KiB, and a CONNECT: answered 431 and 501 on their streams, never
+//!   reaching a backend; the connection goes on serving.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -297,10 +297,12 @@ async fn rapid_reset_is_answered_with_goaway() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A request whose header list is over 64 KiB is answered 431 on its stream and reaches no
-/// backend; the connection stays up and serves the next request.
+/// A request whose header list is over 64 KiB is answered 431 on its stream and a CONNECT
+/// (RFC 9113 §8.5: `:authority` alone) 501; neither reaches a backend, and the connection
+/// stays up and serves the next request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_lists_over_the_limit_are_refused() -> anyhow::Result<()> {
+async fn header_lists_over_the_limit_and_connect_are_refused_on_their_stream() -> anyhow::Result<()>
+{
     let (fed, west) = federation("/h2-headers", 108).await?;
     let mut h2 = RawH2::connect(fed.vip).await?;
     let before = west.answered(Some("GET"));
@@ -323,6 +325,10 @@ async fn header_lists_over_the_limit_are_refused() -> anyhow::Result<()> {
         .headers(Method::GET, "/small", HeaderMap::new(), true)
         .await?;
     let large = h2.headers(Method::GET, "/large", big, true).await?;
+    // The h2 crate leaves `:scheme` and `:path` out of a CONNECT without `:protocol`.
+    let connect = h2
+        .headers(Method::CONNECT, "/", HeaderMap::new(), false)
+        .await?;
     let next = h2
         .headers(Method::GET, "/after", HeaderMap::new(), true)
         .await?;
@@ -330,7 +336,7 @@ async fn header_lists_over_the_limit_are_refused() -> anyhow::Result<()> {
 
     let mut answers = BTreeMap::new();
     let mut other = Vec::new();
-    while answers.len() < 3 {
+    while answers.len() < 4 {
         match h2.next(FRAME_WAIT).await? {
             None => anyhow::bail!("the gateway closed the connection; got {answers:?} {other:?}"),
             Some(f @ Frame::Headers(_)) => {
@@ -340,19 +346,19 @@ async fn header_lists_over_the_limit_are_refused() -> anyhow::Result<()> {
             Some(Frame::Settings(_) | Frame::WindowUpdate(_) | Frame::Ping(_) | Frame::Data(_)) => {
             }
             // The refused stream may also be reset after its 431.
-            Some(Frame::Reset(r)) if u32::from(r.stream_id()) == large => {}
+            Some(Frame::Reset(r)) if [large, connect].contains(&u32::from(r.stream_id())) => {}
             Some(f) => other.push(describe(&f)),
         }
     }
     assert_eq!(
         answers,
-        BTreeMap::from([(small, 200), (large, 431), (next, 200)])
+        BTreeMap::from([(small, 200), (large, 431), (connect, 501), (next, 200)])
     );
     assert!(other.is_empty(), "unexpected frames: {other:?}");
     assert_eq!(
         west.answered(Some("GET")) - before,
         2,
-        "the 431 never reached the backend"
+        "neither the 431 nor the CONNECT reached the backend"
     );
     Ok(())
 }

@@ -442,6 +442,34 @@ async fn hostile_clients_are_held_to_the_limits(
     );
     assert_eq!(backend.answered(None), seen, "no backend saw them");
 
+    // A CONNECT (a tunnel to the authority it names) is answered 501 by the gateway, and the
+    // connection goes on serving requests.
+    let mut s = tokio::net::TcpStream::connect(vip).await?;
+    s.write_all(b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\n\r\n")
+        .await?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&head).contains("export a tcp port to tunnel\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed after {}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 501"), "{head}");
+    s.write_all(b"GET /after-connect HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(
+        backend.answered(None),
+        seen + 1,
+        "the backend saw the GET, not the CONNECT"
+    );
+    let refused = east.metric_sum("meshup_http_requests_total", &["code=\"501\""])?;
+    assert_eq!(refused, 1.0);
+
     let started = std::time::Instant::now();
     let mut slow = Vec::new();
     for _ in 0..20 {

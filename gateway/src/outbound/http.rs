@@ -195,26 +195,26 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<RespBody> {
     let started = Instant::now();
+    // A CONNECT asks for a tunnel to the authority it names, which is not this service's
+    // business: a TCP tunnel across clusters is a `tcp` port. Forwarded, it would reach an
+    // endpoint as a request it cannot serve, or open a tunnel behind the route's back.
+    if req.method() == Method::CONNECT {
+        return answered_here(
+            &shared,
+            &route,
+            req.method(),
+            StatusCode::NOT_IMPLEMENTED,
+            "meshup: CONNECT is not served on an http or grpc port; export a tcp port to tunnel\n",
+        );
+    }
     let Some(_slot) = shared
         .client_load
         .take(client, shared.http.max_requests_per_client)
     else {
-        let labels = ServiceLabels::new(&route.service, &shared.local);
-        shared
-            .steering
-            .metrics
-            .http
-            .requests
-            .get_or_create(&RequestLabels {
-                service: labels.service.clone(),
-                source_cluster: labels.source_cluster.clone(),
-                destination_cluster: Label::Static("none"),
-                route: Label::Static("none"),
-                method: method_class(false, req.method()),
-                code: StatusCode::TOO_MANY_REQUESTS.as_u16(),
-            })
-            .inc();
-        return text_response(
+        return answered_here(
+            &shared,
+            &route,
+            req.method(),
             StatusCode::TOO_MANY_REQUESTS,
             "meshup: too many requests from this client at once\n",
         );
@@ -739,6 +739,33 @@ impl Answer {
 }
 
 /// A response of the gateway's own: `status` with a short text body.
+/// A request the gateway answers itself, before any decision: counted with no destination
+/// and no route.
+fn answered_here(
+    shared: &Shared,
+    route: &Route,
+    method: &Method,
+    status: StatusCode,
+    text: &'static str,
+) -> Response<RespBody> {
+    let labels = ServiceLabels::new(&route.service, &shared.local);
+    shared
+        .steering
+        .metrics
+        .http
+        .requests
+        .get_or_create(&RequestLabels {
+            service: labels.service,
+            source_cluster: labels.source_cluster,
+            destination_cluster: Label::Static("none"),
+            route: Label::Static("none"),
+            method: method_class(false, method),
+            code: status.as_u16(),
+        })
+        .inc();
+    text_response(status, text)
+}
+
 pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<RespBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))
