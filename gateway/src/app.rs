@@ -641,8 +641,9 @@ impl Gateway {
 
     /// Drains and stops the gateway; returns whether every in-flight stream finished in time.
     /// After a hand-over the successor serves the node: this gateway stops answering DNS at
-    /// once and leaves its records alone (they are the successor's now); otherwise it marks
-    /// itself draining in the catalog.
+    /// once and leaves its records alone when the successor took its id (they are the
+    /// successor's now), or marks them draining once peers can reach a successor under a new
+    /// id; otherwise it marks itself draining in the catalog at once.
     pub async fn drain(self) -> bool {
         let deadline = self.drain_deadline;
         let handed_over = self.handed_over.borrow().clone();
@@ -671,6 +672,17 @@ impl Gateway {
         let inbound = async {
             if let Some(successor) = &successor {
                 self.peers_moved_to_successor(successor, until).await;
+                // A successor under another id (a new pod's name) publishes keys of its own,
+                // so this gateway's records are still its own: marked draining, they stop
+                // peers opening new streams here for the rest of the drain, where each would
+                // otherwise be refused and cost the peer a round trip (docs/upgrade.md).
+                if successor != &self.gateway_id {
+                    tracing::info!(
+                        "the successor publishes under its own id: marking this gateway draining in the catalog"
+                    );
+                    self.publisher.set_draining(true);
+                    self.publisher.set_paused(false);
+                }
             }
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             self.inbound.drain(left).await

@@ -224,3 +224,124 @@ async fn a_successor_process_takes_over_without_losing_a_connection_or_a_dns_ans
     let (code, _) = third.admin_get("/ready").expect("ready");
     assert_eq!(code, 200);
 }
+
+/// Whether `west`'s catalog lists east's gateway `id`, and whether as draining.
+fn east_gateway_draining(west: &GatewayProcess, id: &str) -> anyhow::Result<Option<bool>> {
+    let (_, body) = west.admin_get("/status")?;
+    let status: serde_json::Value = serde_json::from_str(&body)?;
+    let gateways = status["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "east")
+        .flat_map(|c| c["gateways"].as_array().cloned().unwrap_or_default());
+    for g in gateways {
+        if g["id"] == id {
+            let draining = g["draining"]
+                .as_bool()
+                .ok_or_else(|| anyhow::anyhow!("no draining flag in {g}"))?;
+            return Ok(Some(draining));
+        }
+    }
+    Ok(None)
+}
+
+/// A successor under another gateway id (a DaemonSet's new pod has its own name), while a
+/// long stream from the other cluster holds the old process's drain open: once peers can
+/// reach the successor, the old process marks its own record draining, so the other cluster
+/// stops opening streams to it instead of having each refused there for the rest of the
+/// drain. New connections lose nothing, none is refused by the old process after the mark,
+/// and the long stream finishes intact on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_predecessor_under_another_id_is_marked_draining_while_a_stream_holds_its_drain() {
+    const PREFIX: &str = "/handover-new-id";
+    let etcd = EtcdServer::start();
+    let certs = Certs::new(&["east", "west"]);
+    let east_backend = EchoServer::start().await.expect("east's backend");
+    let mut west = GatewayProcess::start(GatewaySpec::new(
+        "west",
+        "127.86.4.0/24",
+        &etcd,
+        &certs,
+        PREFIX,
+    ));
+    let mut first = GatewayProcess::start(GatewaySpec {
+        handover: true,
+        replica_id: Some("east-1"),
+        exports: vec![("pay", "prod", INBOUND_PORT, east_backend.addr())],
+        drain_deadline: Duration::from_secs(30),
+        ..GatewaySpec::new("east", "127.86.3.0/24", &etcd, &certs, PREFIX)
+    });
+    west.wait_ready().await;
+    first.wait_ready().await;
+    let inbound_vip = west.wait_routable(INBOUND, INBOUND_PORT).await;
+    // East has one gateway yet: the long stream is served by the old process.
+    let stream = RunningStream::start(inbound_vip);
+    eventually_ok("the long stream flows", Duration::from_secs(10), || async {
+        anyhow::ensure!(stream.echoed() >= 16 * 1024, "{} bytes", stream.echoed());
+        Ok(())
+    })
+    .await;
+
+    let mut second = first.start_successor_as("east-2");
+    second.wait_taken_over().await;
+    let term = first.signal("-TERM");
+    first
+        .wait_log("marking this gateway draining in the catalog")
+        .await;
+    eventually_ok(
+        "west sees east-1 draining beside east-2",
+        Duration::from_secs(10),
+        || async {
+            let old = east_gateway_draining(&west, "east-1")?;
+            let new = east_gateway_draining(&west, "east-2")?;
+            anyhow::ensure!(old == Some(true) && new == Some(false), "{old:?} {new:?}");
+            Ok(())
+        },
+    )
+    .await;
+    // The drain is still held open by the stream: the old process has not exited.
+    assert!(
+        first.is_running(),
+        "the old process exited under its long stream"
+    );
+
+    let draining = "result=\"draining\"";
+    let refused_before = west.metric_sum("meshup_service_attempt_failures_total", &[draining]);
+    let refused_before = refused_before.expect("west's metrics");
+    let load = Workload::new(inbound_vip, 2, 40.0).start();
+    eventually_ok(
+        "new connections go through",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(load.successes_since(Duration::ZERO) >= 60);
+            Ok(())
+        },
+    )
+    .await;
+    let outcomes = load.stop().await;
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let refused = west
+        .metric_sum("meshup_service_attempt_failures_total", &[draining])
+        .expect("west's metrics")
+        - refused_before;
+    let streamed = stream
+        .finish()
+        .await
+        .expect("the long stream stayed intact");
+    let code = first.wait_exit(Duration::from_secs(30)).await;
+    eprintln!(
+        "new-id hand-over: {} new connections from the other cluster ({} failed, {refused} refused as draining) during the drain, long stream {streamed} bytes intact; old process stopped {:?} after SIGTERM",
+        outcomes.len(),
+        failed.len(),
+        term.elapsed()
+    );
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    assert_eq!(
+        refused,
+        0.0,
+        "streams refused by the draining process after west saw it draining; west's log:\n{}",
+        west.log_text()
+    );
+    assert_eq!(code, Some(0), "old process log:\n{}", first.log_text());
+}

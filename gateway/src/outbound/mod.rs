@@ -1370,7 +1370,11 @@ async fn open_tunnel(
                     .lock()
                     .liveness
                     .suspect(peer, std::time::Instant::now());
-                steering.peer_transition(peer, t);
+                // A gateway going away said so (the pool logged it): new connections skip
+                // it all the same, but it is not reported as silent.
+                if !matches!(e, PoolError::GoingAway { .. }) {
+                    steering.peer_transition(peer, t);
+                }
             }
             return Err(AttemptError::Pool(e).into());
         }
