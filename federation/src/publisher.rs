@@ -79,6 +79,8 @@ pub struct PublisherStatus {
     pub leases_granted: u64,
     /// Records written (puts and deletes) by all passes so far.
     pub writes: u64,
+    /// The last pass that matched the store wrote the gateway record as draining.
+    pub draining_written: bool,
     /// The last error, for the admin page.
     pub last_error: Option<String>,
 }
@@ -266,6 +268,15 @@ impl PublisherHandle {
     /// last are moved to this gateway's lease before that lease is revoked.
     pub fn reassert(&self) {
         self.desired.send_modify(|_| {});
+    }
+
+    /// Waits (at most `within`) until the store holds this gateway's record marked draining
+    /// ([`Self::set_draining`]), so peers watching it see the mark before the records go;
+    /// returns whether it does.
+    pub async fn draining_written(&self, within: Duration) -> bool {
+        let mut status = self.status.clone();
+        let written = status.wait_for(|s| s.in_sync && s.draining_written);
+        matches!(tokio::time::timeout(within, written).await, Ok(Ok(_)))
     }
 
     /// The publisher's status channel.
@@ -496,6 +507,7 @@ impl Task {
             tracing::debug!(writes = count, "catalog records re-asserted");
         }
         self.status.writes += count;
+        self.status.draining_written = desired.gateway.draining;
         self.metrics.writes.inc_by(count);
         Ok(())
     }

@@ -135,6 +135,10 @@ pub struct Gateway {
     loaded: Arc<watch::Sender<Loaded>>,
     /// `meshup_config_reloads_total`, for the reloader.
     reload_metrics: reload::Metrics,
+    /// Serves the hand-over socket ([`Self::serve_handover`]): its stop and its task. It
+    /// holds a reference to the publisher, so it is stopped before the publisher is shut
+    /// down on drain.
+    handover: Option<(CancellationToken, JoinHandle<()>)>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -514,6 +518,7 @@ impl Gateway {
             exports,
             loaded,
             reload_metrics,
+            handover: None,
             tasks,
         })
     }
@@ -586,12 +591,14 @@ impl Gateway {
             admin_stop: self.admin_stop.clone(),
             outbound: self.outbound.clone(),
         });
-        self.tasks.push(tokio::spawn(crate::handover::serve(
+        let stop = self.shutdown.child_token();
+        let task = tokio::spawn(crate::handover::serve(
             listener,
             predecessor,
             self.handed_over.clone(),
-            self.shutdown.child_token(),
-        )));
+            stop.clone(),
+        ));
+        self.handover = Some((stop, task));
     }
 
     /// Re-asserts every catalog record under this gateway's lease (a successor, once its
@@ -703,8 +710,22 @@ impl Gateway {
         // this gateway is gone while its connections still refuse new streams with
         // `draining` (a cheap retry elsewhere), rather than finding a closed connection under
         // a record that still names this gateway and dialling an address nobody serves.
+        // The records go marked draining, when this gateway marks them (not after a
+        // successor took its id): a peer's catalog then drops the gateway as draining instead
+        // of holding a record that vanished while its link was up (the withdrawal grace).
+        let marked = successor.as_ref().is_none_or(|s| s != &self.gateway_id);
+        if marked && !self.publisher.draining_written(MARK_WAIT).await {
+            tracing::warn!(
+                wait = ?MARK_WAIT,
+                "the catalog does not show this gateway draining yet; revoking its records all the same"
+            );
+        }
         self.export_updates.abort();
         let _ = self.export_updates.await;
+        if let Some((stop, task)) = self.handover {
+            stop.cancel();
+            let _ = tokio::time::timeout(STOP_TIMEOUT, task).await;
+        }
         match Arc::try_unwrap(self.publisher) {
             Ok(publisher) => publisher.shutdown().await,
             // Unreachable while the update task was the only other holder; cancelling the
@@ -723,6 +744,10 @@ impl Gateway {
         completed
     }
 }
+
+/// Longest wait at the end of a drain for the store to show this gateway draining before its
+/// records are revoked.
+const MARK_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a predecessor keeps serving new streams after the catalog names its successor's
 /// QUIC address: peers watch the same store and see the change within milliseconds.

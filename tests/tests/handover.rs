@@ -344,4 +344,15 @@ async fn a_predecessor_under_another_id_is_marked_draining_while_a_stream_holds_
         west.log_text()
     );
     assert_eq!(code, Some(0), "old process log:\n{}", first.log_text());
+
+    // A plain SIGTERM of a gateway that serves the hand-over socket with no successor
+    // waiting: it revokes its lease (its records leave the catalog at once, not after the
+    // lease's TTL) before it closes its QUIC connections.
+    second.signal("-TERM");
+    let code = second.wait_exit(Duration::from_secs(30)).await;
+    let log = second.log_text();
+    assert_eq!(code, Some(0), "east-2's log:\n{log}");
+    let revoked = log.find("catalog lease revoked; own records removed");
+    assert!(revoked.is_some(), "east-2's log:\n{log}");
+    assert!(!log.contains("publisher still shared"), "east-2's log:\n{log}");
 }

@@ -130,6 +130,13 @@ impl pool::Dialer for QuicDialer {
         conn.close_reason().is_none()
     }
 
+    fn closed(conn: &quinn::Connection) -> BoxFuture<'static, ()> {
+        let conn = conn.clone();
+        Box::pin(async move {
+            conn.closed().await;
+        })
+    }
+
     /// The peer closed with [`crate::tunnel::CLOSE_DRAINING`] or [`crate::tunnel::CLOSE_SHUTDOWN`].
     fn going_away(conn: &quinn::Connection) -> bool {
         matches!(

@@ -20,12 +20,15 @@
 //!    once they are done, and is retired at the age it would have been retired at anyway at
 //!    the latest, so a rotation never cuts a stream earlier than ageing would, and rotations
 //!    do not pile up open connections.
-//! 6. A connection the peer closed saying it is going away (`Dialer::going_away`: it drains
-//!    or shut down) is not redialled by the caller that finds it closed: that caller gets
-//!    `PoolError::GoingAway` at once and tries another gateway, and the peer is in backoff as
-//!    after a failed dial. The catalog drops such a peer within moments, but a caller that
-//!    comes first would otherwise spend a whole handshake timeout on an address nobody
-//!    serves any more.
+//! 6. When the peer closes a pooled connection saying it is going away (`Dialer::going_away`:
+//!    it drains or shut down), the pool notices at once (`Dialer::closed`), and for
+//!    [`GOING_AWAY_HOLD`] after the close no caller dials that address: each gets
+//!    `PoolError::GoingAway` at once and tries another gateway. A draining gateway revokes
+//!    its lease before it closes, and peers' catalogs drop it within moments, but a caller
+//!    that picked it from a catalog a moment old would otherwise spend a whole handshake
+//!    timeout on an address nobody serves any more. After the hold the address is dialled
+//!    as any other: a process restarted there (which takes longer than the hold to start
+//!    and publish itself) is reached as soon as it is there.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -49,6 +52,9 @@ use crate::tunnel::ConnectError;
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest backoff between dials to a failing peer.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long after a peer closed a connection going away its address is not dialled
+/// (invariant 6).
+pub const GOING_AWAY_HOLD: Duration = Duration::from_secs(1);
 
 /// A peer gateway: the cluster it must prove it belongs to and where to dial it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -99,6 +105,8 @@ pub trait Dialer: Send + Sync + 'static {
     fn going_away(_conn: &Self::Conn) -> bool {
         false
     }
+    /// Resolves once `conn` is closed, by either end.
+    fn closed(conn: &Self::Conn) -> BoxFuture<'static, ()>;
     /// A per-connection cap on how long it is handed out, below the pool's `max_age`.
     fn lifetime(&self, _conn: &Self::Conn) -> Option<Duration> {
         None
@@ -183,6 +191,8 @@ enum Msg<C> {
     Retain {
         peers: HashSet<PeerKey>,
     },
+    /// The pooled connection `serial` closed.
+    Closed { peer: PeerKey, serial: u64 },
 }
 
 /// A pooled connection that may still carry new streams, as [`Pool::connections`] lists it.
@@ -197,6 +207,11 @@ pub struct Live<C> {
 /// A pooled connection.
 struct Pooled<C> {
     conn: C,
+    /// Tells it from the slot's earlier and later connections.
+    serial: u64,
+    /// Ends the task that waits for it to close once the pool lets it go, so that task
+    /// never keeps a connection open the pool forgot.
+    _closed_watch: tokio_util::sync::DropGuard,
     /// When its handshake completed.
     dialed_at: Instant,
     /// After this instant the connection is no longer handed out.
@@ -214,6 +229,8 @@ struct Slot<C> {
     waiters: Vec<Reply<C>>,
     failures: u32,
     retry_at: Option<Instant>,
+    /// The peer closed a connection going away: no dial before this instant (invariant 6).
+    gone_until: Option<Instant>,
 }
 
 impl<C> Default for Slot<C> {
@@ -225,6 +242,7 @@ impl<C> Default for Slot<C> {
             waiters: Vec::new(),
             failures: 0,
             retry_at: None,
+            gone_until: None,
         }
     }
 }
@@ -284,6 +302,7 @@ async fn run<D: Dialer + Credentials>(
 ) {
     let dialer = Arc::new(dialer);
     let mut slots: HashMap<PeerKey, Slot<D::Conn>> = HashMap::new();
+    let mut serials: u64 = 0;
     while let Some(msg) = rx.recv().await {
         let now = Instant::now();
         match msg {
@@ -300,13 +319,8 @@ async fn run<D: Dialer + Credentials>(
                         continue;
                     }
                     if !usable && D::going_away(&pooled.conn) {
-                        tracing::info!(%peer, "peer gateway closed its connection going away; new streams go elsewhere");
-                        slot.failures = slot.failures.saturating_add(1);
-                        slot.retry_at = Some(now + backoff(slot.failures));
-                        let _ = reply.send(Err(PoolError::GoingAway {
-                            peer: peer.to_string(),
-                        }));
-                        continue;
+                        // Closed just now: the task that reports it has not yet.
+                        gone(slot, &peer, now);
                     } else if !usable {
                         tracing::debug!(%peer, "pooled connection closed; replacing it");
                     } else if !young {
@@ -323,6 +337,12 @@ async fn run<D: Dialer + Credentials>(
                 }
                 if slot.dialing {
                     slot.waiters.push(reply);
+                    continue;
+                }
+                if slot.gone_until.is_some_and(|until| now < until) {
+                    let _ = reply.send(Err(PoolError::GoingAway {
+                        peer: peer.to_string(),
+                    }));
                     continue;
                 }
                 if let Some(at) = slot.retry_at
@@ -372,6 +392,15 @@ async fn run<D: Dialer + Credentials>(
                     dialer.retire(pooled.conn);
                 }
             }
+            Msg::Closed { peer, serial } => {
+                if let Some(slot) = slots.get_mut(&peer)
+                    && slot.conn.as_ref().is_some_and(|p| p.serial == serial)
+                    && let Some(pooled) = slot.conn.take()
+                    && D::going_away(&pooled.conn)
+                {
+                    gone(slot, &peer, now);
+                }
+            }
             Msg::Retain { peers } => {
                 // A dial in progress keeps its slot so its waiters get their answer.
                 slots.retain(|peer, slot| slot.dialing || peers.contains(peer));
@@ -386,8 +415,30 @@ async fn run<D: Dialer + Credentials>(
                         slot.retry_at = None;
                         let age = dialer.lifetime(&conn).map_or(max_age, |l| l.min(max_age));
                         let retire_at = now + age;
+                        serials += 1;
+                        let serial = serials;
+                        let closed = D::closed(&conn);
+                        let released = tokio_util::sync::CancellationToken::new();
+                        let closed_tx = tx.clone();
+                        let closed_peer = peer.clone();
+                        let watch = released.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                () = closed => {
+                                    if let Some(tx) = closed_tx.upgrade() {
+                                        let _ = tx.send(Msg::Closed {
+                                            peer: closed_peer,
+                                            serial,
+                                        });
+                                    }
+                                }
+                                () = watch.cancelled() => {}
+                            }
+                        });
                         slot.conn = Some(Pooled {
                             conn: conn.clone(),
+                            serial,
+                            _closed_watch: released.drop_guard(),
                             dialed_at: now,
                             retire_at,
                             credentials: std::mem::take(&mut slot.dialing_with),
@@ -421,6 +472,12 @@ async fn run<D: Dialer + Credentials>(
     }
 }
 
+/// The peer of `slot` closed its connection going away, at `now` (invariant 6).
+fn gone<C>(slot: &mut Slot<C>, peer: &PeerKey, now: Instant) {
+    tracing::info!(%peer, hold = ?GOING_AWAY_HOLD, "peer gateway closed its connection going away; new streams go elsewhere");
+    slot.gone_until = Some(now + GOING_AWAY_HOLD);
+}
+
 #[cfg(test)]
 mod tests {
     //! On paused time: every instant below is exact, so the tests assert each boundary (the
@@ -439,6 +496,8 @@ mod tests {
         alive: Arc<AtomicBool>,
         /// Closed by the peer going away (set together with `alive` false).
         going_away: Arc<AtomicBool>,
+        /// Told when [`FakeConn::close`] closes it.
+        closed: Arc<tokio::sync::Notify>,
         lifetime: Option<Duration>,
     }
 
@@ -475,6 +534,7 @@ mod tests {
                     Ok(FakeConn {
                         alive: Arc::new(AtomicBool::new(true)),
                         going_away: Arc::new(AtomicBool::new(false)),
+                        closed: Arc::new(tokio::sync::Notify::new()),
                         lifetime,
                     })
                 }
@@ -485,6 +545,10 @@ mod tests {
         }
         fn going_away(conn: &FakeConn) -> bool {
             conn.going_away.load(Ordering::SeqCst)
+        }
+        fn closed(conn: &FakeConn) -> BoxFuture<'static, ()> {
+            let closed = conn.closed.clone();
+            Box::pin(async move { closed.notified().await })
         }
         fn retire(&self, _conn: FakeConn) {
             self.retired.fetch_add(1, Ordering::SeqCst);
@@ -699,40 +763,77 @@ mod tests {
         assert_eq!(dialer.dials(), 3);
     }
 
+    impl FakeConn {
+        /// The peer closes it, going away or not, and the pool is told.
+        fn close(&self, going_away: bool) {
+            self.going_away.store(going_away, Ordering::SeqCst);
+            self.alive.store(false, Ordering::SeqCst);
+            self.closed.notify_one();
+        }
+    }
+
+    /// A caller's view of the pool: whether it got a connection, was told the peer is going
+    /// away, or was refused for backoff.
+    async fn outcome(pool: &Pool<FakeConn>) -> &'static str {
+        match pool.get(&peer()).await {
+            Ok(_) => "connection",
+            Err(PoolError::GoingAway { .. }) => "going away",
+            Err(PoolError::Backoff { .. }) => "backoff",
+            Err(_) => "other error",
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_peer_going_away_is_not_redialled_by_the_caller_that_finds_it_closed() {
+    async fn a_peer_going_away_is_not_dialled_for_the_hold_after_its_close() {
         let dialer = FakeDialer::default();
         let pool = Pool::spawn(dialer.clone(), Duration::from_secs(60));
         let (c1, _) = get(&pool).await;
-        c1.going_away.store(true, Ordering::SeqCst);
-        c1.alive.store(false, Ordering::SeqCst);
         let closed = Instant::now();
-        assert!(matches!(
-            pool.get(&peer()).await,
-            Err(PoolError::GoingAway { .. })
-        ));
-        assert_eq!(
-            dialer.dials(),
-            1,
-            "no dial for the caller that found it closed"
-        );
-        // Then the peer is in backoff, as after a failed dial, up to its last instant.
-        tokio::time::sleep_until(closed + backoff(1) - MS).await;
-        assert!(matches!(
-            pool.get(&peer()).await,
-            Err(PoolError::Backoff { .. })
-        ));
+        c1.close(true);
+        // The pool hears of the close at once: every caller within the hold, up to its
+        // last instant, is told at once, and nobody dials.
+        for at in [MS, GOING_AWAY_HOLD / 2, GOING_AWAY_HOLD - MS] {
+            tokio::time::sleep_until(closed + at).await;
+            assert_eq!(outcome(&pool).await, "going away", "{at:?} after the close");
+        }
         assert_eq!(dialer.dials(), 1);
-        // At its end a caller dials again (a new process may serve the address now), and a
-        // connection that simply closed is redialled at once, as before.
-        tokio::time::sleep_until(closed + backoff(1)).await;
+        // At its end the address is dialled again (a new process may serve it now).
+        tokio::time::sleep_until(closed + GOING_AWAY_HOLD).await;
         let (c2, _) = get(&pool).await;
         assert!(!same(&c1, &c2));
         assert_eq!(dialer.dials(), 2);
-        c2.alive.store(false, Ordering::SeqCst);
+
+        // A connection that simply closed is redialled by the next caller, as before.
+        c2.close(false);
+        tokio::time::sleep(MS).await;
         let (c3, _) = get(&pool).await;
         assert!(!same(&c2, &c3));
         assert_eq!(dialer.dials(), 3);
+
+        // A close long past is not held against the address: the hold counts from the close,
+        // not from the first caller that finds it.
+        c3.close(true);
+        tokio::time::sleep(GOING_AWAY_HOLD * 10).await;
+        assert_eq!(outcome(&pool).await, "connection");
+        assert_eq!(dialer.dials(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_finds_a_going_away_close_first_does_not_dial() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(60));
+        let (c1, _) = get(&pool).await;
+        // Closed without the pool being told yet (its watch has not run).
+        c1.going_away.store(true, Ordering::SeqCst);
+        c1.alive.store(false, Ordering::SeqCst);
+        let found = Instant::now();
+        assert_eq!(outcome(&pool).await, "going away");
+        tokio::time::sleep_until(found + GOING_AWAY_HOLD - MS).await;
+        assert_eq!(outcome(&pool).await, "going away");
+        assert_eq!(dialer.dials(), 1);
+        tokio::time::sleep_until(found + GOING_AWAY_HOLD).await;
+        assert_eq!(outcome(&pool).await, "connection");
+        assert_eq!(dialer.dials(), 2);
     }
 
     #[tokio::test(start_paused = true)]
