@@ -727,7 +727,17 @@ impl Gateway {
             let _ = tokio::time::timeout(STOP_TIMEOUT, task).await;
         }
         match Arc::try_unwrap(self.publisher) {
-            Ok(publisher) => publisher.shutdown().await,
+            // Bounded: a hung store must not hold the QUIC close back for long (a write in
+            // flight waits out its request timeout before the revocation even starts).
+            // Past the bound the publisher is dropped, and the records expire with the lease.
+            Ok(publisher) => {
+                if tokio::time::timeout(PUBLISHER_STOP, publisher.shutdown())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(wait = ?PUBLISHER_STOP, "the catalog store did not answer the lease's revocation; the records expire with it");
+                }
+            }
             // Unreachable while the update task was the only other holder; cancelling the
             // token below still revokes the lease, just without waiting for it.
             Err(_) => {
@@ -748,6 +758,8 @@ impl Gateway {
 /// Longest wait at the end of a drain for the store to show this gateway draining before its
 /// records are revoked.
 const MARK_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait for the publisher to revoke the lease and stop, at the end of a drain.
+const PUBLISHER_STOP: Duration = Duration::from_secs(3);
 
 /// How long a predecessor keeps serving new streams after the catalog names its successor's
 /// QUIC address: peers watch the same store and see the change within milliseconds.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 
 use crate::{EtcdEndpoints, eventually_ok, meshup_bin};
 
@@ -693,6 +693,28 @@ impl GatewayProcess {
             Some(ns) => crate::netns::run_in(ns, || crate::http::get(self.admin, path)),
             None => crate::http::get(self.admin, path),
         }
+    }
+
+    /// The gateways of `cluster` this gateway's catalog lists (its `/status`): each id, and
+    /// whether it is marked draining, sorted by id.
+    pub fn catalog_gateways(&self, cluster: &str) -> anyhow::Result<Vec<(String, bool)>> {
+        let (_, body) = self.admin_get("/status")?;
+        let status: serde_json::Value = serde_json::from_str(&body)?;
+        let mut gateways = Vec::new();
+        let clusters = status["clusters"].as_array().cloned().unwrap_or_default();
+        for g in clusters
+            .iter()
+            .filter(|c| c["name"] == cluster)
+            .flat_map(|c| c["gateways"].as_array().cloned().unwrap_or_default())
+        {
+            let id = g["id"].as_str().ok_or_else(|| anyhow!("no id in {g}"))?;
+            let draining = g["draining"]
+                .as_bool()
+                .ok_or_else(|| anyhow!("no draining flag in {g}"))?;
+            gateways.push((id.to_owned(), draining));
+        }
+        gateways.sort();
+        Ok(gateways)
     }
 
     /// Waits until the process's log contains `what` (30 s at most).

@@ -664,21 +664,6 @@ async fn replacing_the_nodes_gateway_loses_no_pod_connection_and_no_dns_answer()
     assert!(load.streamed.load(Ordering::Relaxed) >= 64 * 1024);
 }
 
-/// The gateway ids of `cluster` that `gateway`'s catalog lists (from its status page).
-fn gateway_ids(gateway: &GatewayProcess, cluster: &str) -> anyhow::Result<Vec<String>> {
-    let (_, body) = gateway.admin_get("/status")?;
-    let status: serde_json::Value = serde_json::from_str(&body)?;
-    let clusters = status["clusters"].as_array().cloned().unwrap_or_default();
-    let mut ids: Vec<String> = clusters
-        .iter()
-        .filter(|c| c["name"] == cluster)
-        .flat_map(|c| c["gateways"].as_array().cloned().unwrap_or_default())
-        .filter_map(|g| g["id"].as_str().map(str::to_owned))
-        .collect();
-    ids.sort();
-    Ok(ids)
-}
-
 /// A rolling upgrade of a cluster, one gateway per node across two nodes, the way a
 /// DaemonSet with `maxSurge: 1` does it: each node's new process has a new gateway id (the
 /// new pod's name), takes the node over, and the old one drains. Throughout, a pod on each
@@ -773,7 +758,11 @@ async fn a_rolling_upgrade_across_two_nodes_loses_nothing() {
         "the other cluster sees the new gateways only",
         Duration::from_secs(20),
         || async {
-            let ids = gateway_ids(&west_gw, "east")?;
+            let ids: Vec<String> = west_gw
+                .catalog_gateways("east")?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
             anyhow::ensure!(ids == ["east-a-2", "east-b-2"], "{ids:?}");
             Ok(ids)
         },

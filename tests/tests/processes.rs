@@ -15,7 +15,7 @@ use meshup_federation::store::{self, KeyValue, Store};
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL, dig};
 use meshup_tests::link::Link;
 use meshup_tests::relay::Direction;
-use meshup_tests::workload::EchoServer;
+use meshup_tests::workload::{EchoServer, Workload};
 use meshup_tests::{EtcdServer, eventually_ok};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -767,5 +767,104 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
         link.east.wait_exit(Duration::from_secs(15)).await,
         Some(0),
         "a one-thread gateway drains and exits cleanly"
+    );
+}
+
+/// A peer gateway that closes its connections as it drains while this gateway's catalog
+/// still lists it as serving (etcd hung: neither its draining mark nor its lease's
+/// revocation reaches anyone) is left at once: new connections go to its cluster's other
+/// gateway, and none waits out a handshake with the address nobody serves any more (the
+/// connection pool's invariant 6, `gateway/src/outbound/pool.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_closing_going_away_is_left_at_once_while_the_catalog_still_lists_it() {
+    const PREFIX: &str = "/going-away";
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let echo = EchoServer::start().await.expect("echo server");
+    let spec = |id| GatewaySpec {
+        exports: vec![("echo", "prod", 7000, echo.addr())],
+        replica_id: Some(id),
+        ..GatewaySpec::new("west", "127.78.51.0/24", &etcd, &certs, PREFIX)
+    };
+    let mut wests = [
+        GatewayProcess::start(spec("west-0")),
+        GatewayProcess::start(spec("west-1")),
+    ];
+    for w in &mut wests {
+        w.wait_ready_but_listeners().await;
+    }
+    let mut east = GatewayProcess::start(GatewaySpec::new(
+        "east",
+        "127.78.52.0/24",
+        &etcd,
+        &certs,
+        PREFIX,
+    ));
+    east.wait_ready().await;
+    let vip = east.wait_routable("echo.prod", 7000).await;
+    eventually_ok(
+        "east lists both west gateways",
+        Duration::from_secs(20),
+        || async {
+            let west = east.catalog_gateways("west")?;
+            let want = [("west-0".to_owned(), false), ("west-1".to_owned(), false)];
+            anyhow::ensure!(west == want, "{west:?}");
+            Ok(())
+        },
+    )
+    .await;
+    // New connections take turns between the two gateways: east holds a connection to each.
+    let load = Workload::new(vip, 1, 50.0).start();
+    eventually_ok(
+        "connections go through",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(load.successes_since(Duration::ZERO) >= 20);
+            Ok(())
+        },
+    )
+    .await;
+
+    etcd.pause();
+    wests[0].signal("-TERM");
+    wests[0].wait_exit(Duration::from_secs(30)).await;
+    let closed = load.offset(std::time::Instant::now());
+    eventually_ok(
+        "connections go on after west-0 closed",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(load.successes_since(closed) >= 50);
+            Ok(())
+        },
+    )
+    .await;
+    let outcomes = load.stop().await;
+    etcd.resume();
+    let listed = east.catalog_gateways("west").expect("east's status");
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let slowest = outcomes.iter().map(|o| o.latency).max().unwrap_or_default();
+    let log = east.log_text();
+    println!(
+        "{} connections ({} failed), the slowest {slowest:?}; east's catalog listed {listed:?} throughout",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed: {failed:?}\neast's log:\n{log}");
+    assert!(
+        listed
+            .iter()
+            .any(|(id, draining)| id == "west-0" && !draining),
+        "the hung catalog still lists west-0 as serving: {listed:?}"
+    );
+    // The close's code was read as going away, when it came (not when a caller found it).
+    assert!(
+        log.contains("closed its connection going away"),
+        "east's log:\n{log}"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a connection took {slowest:?} (a handshake with the closed address waits 2 s)\neast's log:\n{log}"
     );
 }

@@ -738,7 +738,6 @@ impl Answer {
     }
 }
 
-/// A response of the gateway's own: `status` with a short text body.
 /// A request the gateway answers itself, before any decision: counted with no destination
 /// and no route.
 fn answered_here(
@@ -766,6 +765,7 @@ fn answered_here(
     text_response(status, text)
 }
 
+/// A response of the gateway's own: `status` with a short text body.
 pub(crate) fn text_response(status: StatusCode, text: &'static str) -> Response<RespBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))

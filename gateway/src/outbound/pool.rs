@@ -192,7 +192,10 @@ enum Msg<C> {
         peers: HashSet<PeerKey>,
     },
     /// The pooled connection `serial` closed.
-    Closed { peer: PeerKey, serial: u64 },
+    Closed {
+        peer: PeerKey,
+        serial: u64,
+    },
 }
 
 /// A pooled connection that may still carry new streams, as [`Pool::connections`] lists it.
