@@ -296,8 +296,11 @@ where
 }
 
 /// Runs `call`, and again each `after` while no call has answered, with at most `max` in
-/// flight; the first success wins and the others are dropped (cancelled). An error ends it
-/// only when no other call is pending. Only for requests that are harmless to send twice.
+/// flight: with `max` held, the oldest is given up (cancelled) for the fresh one, so copies
+/// that members hold without ever answering (etcd drops a write a member took while it had
+/// no leader, and answers nothing) do not stop new copies from going out once the members
+/// can answer. The first success wins and the others are dropped (cancelled). An error ends
+/// it only when no other call is pending. Only for requests that are harmless to send twice.
 /// The caller bounds the whole with its deadline.
 async fn hedged<T, E, Fut>(
     mut call: impl FnMut() -> Fut,
@@ -307,20 +310,42 @@ async fn hedged<T, E, Fut>(
 where
     Fut: Future<Output = Result<T, E>>,
 {
+    use futures::FutureExt;
     use futures::StreamExt;
+    use futures::future::{AbortHandle, Abortable};
     let mut pending = futures::stream::FuturesUnordered::new();
-    pending.push(call());
+    // The copies still held, oldest first: (its number, its abort handle).
+    let mut held: std::collections::VecDeque<(usize, AbortHandle)> = Default::default();
+    let mut send = |n: usize, pending: &mut futures::stream::FuturesUnordered<_>| {
+        let (handle, registration) = AbortHandle::new_pair();
+        pending.push(Abortable::new(call(), registration).map(move |r| (n, r)));
+        (n, handle)
+    };
+    held.push_back(send(0, &mut pending));
+    let mut sent = 1;
     let mut next = tokio::time::Instant::now() + after;
     loop {
         tokio::select! {
-            Some(result) = pending.next() => match result {
-                Ok(value) => return Ok(value),
-                Err(e) if pending.is_empty() => return Err(e),
-                Err(_) => {}
+            Some((n, result)) = pending.next() => match result {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => {
+                    held.retain(|(k, _)| *k != n);
+                    if held.is_empty() {
+                        return Err(e);
+                    }
+                }
+                // Given up for a fresh copy.
+                Err(_aborted) => {}
             },
-            () = tokio::time::sleep_until(next), if pending.len() < max => {
-                tracing::debug!(in_flight = pending.len(), "etcd has not answered; sending the request again");
-                pending.push(call());
+            () = tokio::time::sleep_until(next) => {
+                tracing::debug!(in_flight = held.len(), "etcd has not answered; sending the request again");
+                if held.len() >= max
+                    && let Some((_, oldest)) = held.pop_front()
+                {
+                    oldest.abort();
+                }
+                held.push_back(send(sent, &mut pending));
+                sent += 1;
                 next += after;
             }
         }
@@ -853,7 +878,7 @@ mod tests {
         // (per call: answer after ms or never, success), the result, calls made, time taken.
         type Plan = &'static [(Option<u64>, bool)];
         type Case = (&'static str, Plan, Result<usize, usize>, usize, u64);
-        let cases: [Case; 6] = [
+        let cases: [Case; 7] = [
             ("answered at once", &[(Some(0), true)], Ok(0), 1, 0),
             (
                 "refused at once: nothing else pending",
@@ -884,11 +909,25 @@ mod tests {
                 600,
             ),
             (
-                "at most three in flight",
+                "at most three in flight: the oldest is given up for a fresh copy",
                 &[(None, true), (None, true), (None, true), (Some(0), true)],
-                Err(usize::MAX),
-                3,
-                5000,
+                Ok(3),
+                4,
+                1500,
+            ),
+            (
+                "held copies: fresh ones go on until one answers",
+                &[
+                    (None, true),
+                    (None, true),
+                    (None, true),
+                    (None, true),
+                    (None, true),
+                    (Some(100), true),
+                ],
+                Ok(5),
+                6,
+                2600,
             ),
         ];
         for (what, plan, want, want_calls, want_ms) in cases {

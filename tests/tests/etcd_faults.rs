@@ -776,17 +776,26 @@ async fn quorum_lost(which: Stopped, outage: Duration, prefix: &str, vip_octet: 
     );
     assert!(
         missed.is_empty(),
-        "quorum loss ({which:?}): missed {} promise(s):\n- {}\n--- east's log (tail):\n{}\n--- west's log (tail):\n{}",
+        "quorum loss ({which:?}): missed {} promise(s):\n- {}\n--- east's catalog log (tail):\n{}\n--- west's catalog log (tail):\n{}",
         missed.len(),
         missed.join("\n- "),
-        tail(&fed.east.log_text(), 30),
-        tail(&fed.west.log_text(), 30),
+        tail(&catalog_lines(&fed.east.log_text()), 150),
+        tail(&catalog_lines(&fed.west.log_text()), 80),
     );
 }
 
 /// The first churn step's instant (steps before it have no view to compare with).
 fn running_origin_floor(steps: &[Sample<Step>]) -> Instant {
     steps.first().map_or_else(Instant::now, |s| s.0)
+}
+
+/// The lines of a gateway's log about its catalog (the store client, watcher, publisher and
+/// withdrawal grace).
+fn catalog_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("meshup_federation") || l.contains("grace"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn tail(text: &str, lines: usize) -> String {
