@@ -15,7 +15,7 @@ use meshup_federation::store::{self, KeyValue, Store};
 use meshup_tests::gateways::{Certs, GatewayProcess, GatewaySpec, LEASE_TTL, dig};
 use meshup_tests::link::Link;
 use meshup_tests::relay::Direction;
-use meshup_tests::workload::{EchoServer, Workload};
+use meshup_tests::workload::{EchoServer, RunningStream, Workload};
 use meshup_tests::{EtcdServer, eventually_ok};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -867,4 +867,139 @@ async fn a_peer_closing_going_away_is_left_at_once_while_the_catalog_still_lists
         slowest < Duration::from_millis(500),
         "a connection took {slowest:?} (a handshake with the closed address waits 2 s)\neast's log:\n{log}"
     );
+}
+
+/// A gateway that drains while a long stream holds it open, with etcd hung (SIGSTOP) so the
+/// other cluster's catalog still lists it as serving: it refuses every new stream with
+/// `draining`. The other cluster, told so once, sends its new streams to the cluster's other
+/// gateway for the pool's hold (1 s) instead of having each refused there, a round trip each
+/// (the pool's invariant 7). Counted at the draining gateway: without the hold about half of
+/// the new connections were refused there (they went through at the other gateway after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_refusing_streams_draining_is_left_for_a_while_while_the_catalog_still_lists_it() {
+    const PREFIX: &str = "/refused-draining";
+    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+        .await
+        .expect("etcd");
+    let certs = Certs::new(&["east", "west"]);
+    let echo = EchoServer::start().await.expect("echo server");
+    let spec = |id| GatewaySpec {
+        exports: vec![("echo", "prod", 7000, echo.addr())],
+        replica_id: Some(id),
+        drain_deadline: Duration::from_secs(60),
+        ..GatewaySpec::new("west", "127.78.53.0/24", &etcd, &certs, PREFIX)
+    };
+    let mut wests = [
+        GatewayProcess::start(spec("west-0")),
+        GatewayProcess::start(spec("west-1")),
+    ];
+    for w in &mut wests {
+        w.wait_ready_but_listeners().await;
+    }
+    let mut east = GatewayProcess::start(GatewaySpec::new(
+        "east",
+        "127.78.54.0/24",
+        &etcd,
+        &certs,
+        PREFIX,
+    ));
+    east.wait_ready().await;
+    let vip = east.wait_routable("echo.prod", 7000).await;
+    eventually_ok(
+        "east lists both west gateways",
+        Duration::from_secs(20),
+        || async {
+            let west = east.catalog_gateways("west")?;
+            let want = [("west-0".to_owned(), false), ("west-1".to_owned(), false)];
+            anyhow::ensure!(west == want, "{west:?}");
+            Ok(())
+        },
+    )
+    .await;
+
+    // Long streams, until west-0 carries one: it holds west-0's drain open.
+    let inbound = ["direction=\"inbound\""];
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        let stream = RunningStream::start(vip);
+        eventually_ok("the long stream flows", Duration::from_secs(10), || async {
+            anyhow::ensure!(stream.echoed() >= 1024, "{} bytes", stream.echoed());
+            Ok(())
+        })
+        .await;
+        streams.push(stream);
+        let held = wests[0]
+            .metric_sum("meshup_tunnel_streams_in_flight", &inbound)
+            .expect("west-0's metrics");
+        if held >= 1.0 {
+            break;
+        }
+    }
+
+    etcd.pause();
+    wests[0].signal("-TERM");
+    wests[0]
+        .wait_log("draining: marked in the catalog, no new connections")
+        .await;
+    let refused_here = |w: &GatewayProcess| {
+        w.metric_sum(
+            "meshup_tunnel_streams_closed_total",
+            &["direction=\"inbound\"", "result=\"draining\""],
+        )
+        .expect("west-0's metrics while it drains")
+    };
+    let refused_before = refused_here(&wests[0]);
+    let load = Workload::new(vip, 1, 50.0).start();
+    let started = std::time::Instant::now();
+    eventually_ok(
+        "connections go on while west-0 drains",
+        Duration::from_secs(20),
+        || async {
+            anyhow::ensure!(load.successes_since(Duration::ZERO) >= 150);
+            Ok(())
+        },
+    )
+    .await;
+    let outcomes = load.stop().await;
+    let took = started.elapsed();
+    assert!(
+        wests[0].is_running(),
+        "west-0 exited: its long stream did not hold its drain"
+    );
+    let refused = refused_here(&wests[0]) - refused_before;
+    let listed = east.catalog_gateways("west").expect("east's status");
+    for stream in streams {
+        stream
+            .finish()
+            .await
+            .expect("the long stream stayed intact");
+    }
+    let code = wests[0].wait_exit(Duration::from_secs(30)).await;
+    etcd.resume();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let log = east.log_text();
+    println!(
+        "{} connections in {took:?} ({} failed) while west-0 drained; west-0 refused {refused} streams as draining; east's catalog listed {listed:?}",
+        outcomes.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed: {failed:?}\neast's log:\n{log}");
+    assert!(
+        listed
+            .iter()
+            .any(|(id, draining)| id == "west-0" && !draining),
+        "the hung catalog still lists west-0 as serving: {listed:?}"
+    );
+    // One refusal per hold at most: the first, then one each time the hold ends.
+    let holds = took.as_secs_f64().ceil() + 1.0;
+    assert!(
+        refused >= 1.0 && refused <= holds,
+        "west-0 refused {refused} of {} new connections in {took:?} (at most {holds} with the hold)\neast's log:\n{log}",
+        outcomes.len()
+    );
+    assert!(
+        log.contains("refused a stream: it is draining"),
+        "east's log:\n{log}"
+    );
+    assert_eq!(code, Some(0), "west-0's log:\n{}", wests[0].log_text());
 }

@@ -130,6 +130,10 @@ impl pool::Dialer for QuicDialer {
         conn.close_reason().is_none()
     }
 
+    fn same(a: &quinn::Connection, b: &quinn::Connection) -> bool {
+        a.stable_id() == b.stable_id()
+    }
+
     fn closed(conn: &quinn::Connection) -> BoxFuture<'static, ()> {
         let conn = conn.clone();
         Box::pin(async move {
@@ -1498,6 +1502,9 @@ async fn open_tunnel(
         .answered(peer, std::time::Instant::now());
     steering.peer_transition(peer, t);
     if status != Status::Connected {
+        if status == Status::Draining {
+            shared.pool.refused_draining(peer, conn.clone());
+        }
         return Err(fail(
             AttemptError::Refused(status),
             sent_client_bytes,

@@ -29,6 +29,13 @@
 //!    timeout on an address nobody serves any more. After the hold the address is dialled
 //!    as any other: a process restarted there (which takes longer than the hold to start
 //!    and publish itself) is reached as soon as it is there.
+//! 7. When the peer refuses a stream on a pooled connection saying it is draining
+//!    ([`Pool::refused_draining`]), the connection stays pooled (its open streams go on) but
+//!    for [`GOING_AWAY_HOLD`] no caller gets it: each gets `PoolError::GoingAway` at once and
+//!    tries another gateway. A draining gateway refuses every new stream until it closes, and
+//!    peers' catalogs mark it within moments, but while one is hung (or slow) each new stream
+//!    would otherwise pay a round trip to be refused. After the hold one caller gets the
+//!    connection again: at most one refused stream per hold while the gateway drains.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -107,6 +114,8 @@ pub trait Dialer: Send + Sync + 'static {
     }
     /// Resolves once `conn` is closed, by either end.
     fn closed(conn: &Self::Conn) -> BoxFuture<'static, ()>;
+    /// Whether `a` and `b` are the same connection.
+    fn same(a: &Self::Conn, b: &Self::Conn) -> bool;
     /// A per-connection cap on how long it is handed out, below the pool's `max_age`.
     fn lifetime(&self, _conn: &Self::Conn) -> Option<Duration> {
         None
@@ -196,6 +205,11 @@ enum Msg<C> {
         peer: PeerKey,
         serial: u64,
     },
+    /// The peer refused a stream on `conn` because it is draining (invariant 7).
+    RefusedDraining {
+        peer: PeerKey,
+        conn: C,
+    },
 }
 
 /// A pooled connection that may still carry new streams, as [`Pool::connections`] lists it.
@@ -232,7 +246,8 @@ struct Slot<C> {
     waiters: Vec<Reply<C>>,
     failures: u32,
     retry_at: Option<Instant>,
-    /// The peer closed a connection going away: no dial before this instant (invariant 6).
+    /// The peer closed a connection going away, or refused a stream draining: no caller
+    /// gets a connection to it before this instant (invariants 6 and 7).
     gone_until: Option<Instant>,
 }
 
@@ -283,6 +298,15 @@ impl<C: Clone + Send + Sync + 'static> Pool<C> {
         rx.await.unwrap_or_default()
     }
 
+    /// The peer refused a stream on `conn` saying it is draining: new streams go elsewhere
+    /// for a while (invariant 7).
+    pub fn refused_draining(&self, peer: &PeerKey, conn: C) {
+        let _ = self.tx.send(Msg::RefusedDraining {
+            peer: peer.clone(),
+            conn,
+        });
+    }
+
     /// Forgets every peer outside `peers` (the gateways the catalog still lists), so slots
     /// do not pile up as gateways come and go. A forgotten connection is not closed here:
     /// it ends when its last stream does.
@@ -311,6 +335,12 @@ async fn run<D: Dialer + Credentials>(
         match msg {
             Msg::Get { peer, reply } => {
                 let slot = slots.entry(peer.clone()).or_default();
+                if slot.gone_until.is_some_and(|until| now < until) {
+                    let _ = reply.send(Err(PoolError::GoingAway {
+                        peer: peer.to_string(),
+                    }));
+                    continue;
+                }
                 let credentials = dialer.credentials();
                 if let Some(pooled) = slot.conn.take() {
                     let usable = D::is_usable(&pooled.conn);
@@ -343,6 +373,7 @@ async fn run<D: Dialer + Credentials>(
                     continue;
                 }
                 if slot.gone_until.is_some_and(|until| now < until) {
+                    // Found closed going away just now, above.
                     let _ = reply.send(Err(PoolError::GoingAway {
                         peer: peer.to_string(),
                     }));
@@ -402,6 +433,15 @@ async fn run<D: Dialer + Credentials>(
                     && D::going_away(&pooled.conn)
                 {
                     gone(slot, &peer, now);
+                }
+            }
+            Msg::RefusedDraining { peer, conn } => {
+                if let Some(slot) = slots.get_mut(&peer)
+                    && slot.conn.as_ref().is_some_and(|p| D::same(&p.conn, &conn))
+                    && slot.gone_until.is_none_or(|until| now >= until)
+                {
+                    tracing::info!(%peer, hold = ?GOING_AWAY_HOLD, "peer gateway refused a stream: it is draining; new streams go elsewhere");
+                    slot.gone_until = Some(now + GOING_AWAY_HOLD);
                 }
             }
             Msg::Retain { peers } => {
@@ -552,6 +592,9 @@ mod tests {
         fn closed(conn: &FakeConn) -> BoxFuture<'static, ()> {
             let closed = conn.closed.clone();
             Box::pin(async move { closed.notified().await })
+        }
+        fn same(a: &FakeConn, b: &FakeConn) -> bool {
+            same(a, b)
         }
         fn retire(&self, _conn: FakeConn) {
             self.retired.fetch_add(1, Ordering::SeqCst);
@@ -819,6 +862,56 @@ mod tests {
         tokio::time::sleep(GOING_AWAY_HOLD * 10).await;
         assert_eq!(outcome(&pool).await, "connection");
         assert_eq!(dialer.dials(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_refusing_a_stream_draining_is_held_back_while_its_connection_stays() {
+        let dialer = FakeDialer::default();
+        let pool = Pool::spawn(dialer.clone(), Duration::from_secs(60));
+        let (c1, _) = get(&pool).await;
+        let refused = Instant::now();
+        pool.refused_draining(&peer(), c1.clone());
+        // Every caller within the hold, up to its last instant, is told at once; the
+        // connection is neither closed nor replaced.
+        for at in [MS, GOING_AWAY_HOLD / 2, GOING_AWAY_HOLD - MS] {
+            tokio::time::sleep_until(refused + at).await;
+            assert_eq!(
+                outcome(&pool).await,
+                "going away",
+                "{at:?} after the refusal"
+            );
+        }
+        assert!(
+            FakeDialer::is_usable(&c1),
+            "the refusal closed the connection"
+        );
+        // A refusal during the hold does not extend it.
+        pool.refused_draining(&peer(), c1.clone());
+        // At its end the same connection is handed out again (one stream tries again).
+        tokio::time::sleep_until(refused + GOING_AWAY_HOLD).await;
+        let (again, _) = get(&pool).await;
+        assert!(same(&c1, &again), "handed out another connection");
+        assert_eq!(dialer.dials(), 1);
+
+        // A refusal on a connection the pool no longer holds changes nothing.
+        c1.close(false);
+        tokio::time::sleep(MS).await;
+        let (c2, _) = get(&pool).await;
+        assert!(!same(&c1, &c2));
+        pool.refused_draining(&peer(), c1.clone());
+        tokio::time::sleep(MS).await;
+        assert_eq!(outcome(&pool).await, "connection");
+
+        // Refused, then closed going away: the hold counts from the close.
+        pool.refused_draining(&peer(), c2.clone());
+        tokio::time::sleep(GOING_AWAY_HOLD / 2).await;
+        c2.close(true);
+        let closed = Instant::now();
+        tokio::time::sleep_until(closed + GOING_AWAY_HOLD - MS).await;
+        assert_eq!(outcome(&pool).await, "going away");
+        tokio::time::sleep_until(closed + GOING_AWAY_HOLD).await;
+        assert_eq!(outcome(&pool).await, "connection");
+        assert_eq!(dialer.dials(), 3);
     }
 
     #[tokio::test(start_paused = true)]
