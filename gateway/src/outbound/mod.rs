@@ -1317,7 +1317,7 @@ fn after_failure(error: &AttemptError, early_bytes_sent: bool) -> AfterFailure {
         // A silent peer's other addresses reach the same dead process, and so do a
         // departing one's.
         AttemptError::Silent(_) => AfterFailure::NextGateway { result: "silent" },
-        AttemptError::Pool(PoolError::GoingAway { .. }) => {
+        AttemptError::Pool(PoolError::GoingAway { .. } | PoolError::Draining { .. }) => {
             AfterFailure::NextGateway { result: "draining" }
         }
         AttemptError::Pool(_) | AttemptError::Open(_) | AttemptError::LocalConnect => {
@@ -1376,7 +1376,9 @@ async fn open_tunnel(
     let conn = match shared.pool.get(peer).await {
         Ok(c) => c,
         Err(e) => {
-            if !matches!(e, PoolError::Closed) {
+            // A gateway that refused a stream draining answered: it is alive, and only held
+            // back by the pool for a while (invariant 7), so it is not suspected.
+            if !matches!(e, PoolError::Closed | PoolError::Draining { .. }) {
                 let t = steering
                     .lock()
                     .liveness
@@ -1749,6 +1751,13 @@ mod tests {
             ),
             (
                 AttemptError::Pool(PoolError::GoingAway {
+                    peer: "east@127.0.0.1:1".into(),
+                }),
+                false,
+                NextGateway { result: "draining" },
+            ),
+            (
+                AttemptError::Pool(PoolError::Draining {
                     peer: "east@127.0.0.1:1".into(),
                 }),
                 false,

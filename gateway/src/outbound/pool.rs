@@ -31,11 +31,13 @@
 //!    and publish itself) is reached as soon as it is there.
 //! 7. When the peer refuses a stream on a pooled connection saying it is draining
 //!    ([`Pool::refused_draining`]), the connection stays pooled (its open streams go on) but
-//!    for [`GOING_AWAY_HOLD`] no caller gets it: each gets `PoolError::GoingAway` at once and
+//!    for [`GOING_AWAY_HOLD`] no caller gets it: each gets `PoolError::Draining` at once and
 //!    tries another gateway. A draining gateway refuses every new stream until it closes, and
 //!    peers' catalogs mark it within moments, but while one is hung (or slow) each new stream
-//!    would otherwise pay a round trip to be refused. After the hold one caller gets the
-//!    connection again: at most one refused stream per hold while the gateway drains.
+//!    would otherwise pay a round trip to be refused. After the hold callers get the
+//!    connection again until the next refusal comes back: one round trip's worth of streams
+//!    is refused per hold while the gateway drains. The peer is alive (it answered), so
+//!    unlike a close this is no reason to suspect it.
 //!
 //! The state is owned by one task; callers talk to it over a channel and never lock.
 //! Dials run in their own tasks and report back, so a slow handshake blocks nobody else.
@@ -60,7 +62,8 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Longest backoff between dials to a failing peer.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long after a peer closed a connection going away its address is not dialled
-/// (invariant 6).
+/// (invariant 6), and after it refused a stream draining its connection is not handed out
+/// (invariant 7).
 pub const GOING_AWAY_HOLD: Duration = Duration::from_secs(1);
 
 /// A peer gateway: the cluster it must prove it belongs to and where to dial it.
@@ -85,6 +88,8 @@ pub enum PoolError {
     Backoff { peer: String, remaining: Duration },
     #[error("{peer} closed its connection: it is going away (draining or shut down)")]
     GoingAway { peer: String },
+    #[error("{peer} refused a stream: it is draining")]
+    Draining { peer: String },
     #[error("connection pool is shut down")]
     Closed,
 }
@@ -95,7 +100,9 @@ impl PoolError {
     pub fn is_retryable(&self) -> bool {
         match self {
             PoolError::Dial { source, .. } => source.is_retryable(),
-            PoolError::Backoff { .. } | PoolError::GoingAway { .. } => true,
+            PoolError::Backoff { .. }
+            | PoolError::GoingAway { .. }
+            | PoolError::Draining { .. } => true,
             PoolError::Closed => false,
         }
     }
@@ -249,6 +256,8 @@ struct Slot<C> {
     /// The peer closed a connection going away, or refused a stream draining: no caller
     /// gets a connection to it before this instant (invariants 6 and 7).
     gone_until: Option<Instant>,
+    /// The hold above is for a refusal (invariant 7), not a close.
+    refused_draining: bool,
 }
 
 impl<C> Default for Slot<C> {
@@ -261,6 +270,7 @@ impl<C> Default for Slot<C> {
             failures: 0,
             retry_at: None,
             gone_until: None,
+            refused_draining: false,
         }
     }
 }
@@ -336,9 +346,7 @@ async fn run<D: Dialer + Credentials>(
             Msg::Get { peer, reply } => {
                 let slot = slots.entry(peer.clone()).or_default();
                 if slot.gone_until.is_some_and(|until| now < until) {
-                    let _ = reply.send(Err(PoolError::GoingAway {
-                        peer: peer.to_string(),
-                    }));
+                    let _ = reply.send(Err(slot.held(&peer)));
                     continue;
                 }
                 let credentials = dialer.credentials();
@@ -442,6 +450,7 @@ async fn run<D: Dialer + Credentials>(
                 {
                     tracing::info!(%peer, hold = ?GOING_AWAY_HOLD, "peer gateway refused a stream: it is draining; new streams go elsewhere");
                     slot.gone_until = Some(now + GOING_AWAY_HOLD);
+                    slot.refused_draining = true;
                 }
             }
             Msg::Retain { peers } => {
@@ -519,6 +528,19 @@ async fn run<D: Dialer + Credentials>(
 fn gone<C>(slot: &mut Slot<C>, peer: &PeerKey, now: Instant) {
     tracing::info!(%peer, hold = ?GOING_AWAY_HOLD, "peer gateway closed its connection going away; new streams go elsewhere");
     slot.gone_until = Some(now + GOING_AWAY_HOLD);
+    slot.refused_draining = false;
+}
+
+impl<C> Slot<C> {
+    /// What a caller is told during a hold (invariants 6 and 7).
+    fn held(&self, peer: &PeerKey) -> PoolError {
+        let peer = peer.to_string();
+        if self.refused_draining {
+            PoolError::Draining { peer }
+        } else {
+            PoolError::GoingAway { peer }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -824,6 +846,7 @@ mod tests {
         match pool.get(&peer()).await {
             Ok(_) => "connection",
             Err(PoolError::GoingAway { .. }) => "going away",
+            Err(PoolError::Draining { .. }) => "draining",
             Err(PoolError::Backoff { .. }) => "backoff",
             Err(_) => "other error",
         }
@@ -875,11 +898,7 @@ mod tests {
         // connection is neither closed nor replaced.
         for at in [MS, GOING_AWAY_HOLD / 2, GOING_AWAY_HOLD - MS] {
             tokio::time::sleep_until(refused + at).await;
-            assert_eq!(
-                outcome(&pool).await,
-                "going away",
-                "{at:?} after the refusal"
-            );
+            assert_eq!(outcome(&pool).await, "draining", "{at:?} after the refusal");
         }
         assert!(
             FakeDialer::is_usable(&c1),
@@ -902,7 +921,8 @@ mod tests {
         tokio::time::sleep(MS).await;
         assert_eq!(outcome(&pool).await, "connection");
 
-        // Refused, then closed going away: the hold counts from the close.
+        // Refused, then closed going away: the hold counts from the close, and callers are
+        // told the gateway went away.
         pool.refused_draining(&peer(), c2.clone());
         tokio::time::sleep(GOING_AWAY_HOLD / 2).await;
         c2.close(true);
