@@ -248,6 +248,49 @@ fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "MISSED" }
 }
 
+/// meshup's targets, as docs/benchmarks.md states them ("meshup's targets").
+mod target {
+    /// Throughput, 1, 16 and 64 connections: over the better tunnel pair.
+    pub const THROUGHPUT_OVER_BEST_PEER: f64 = 1.5;
+    /// Throughput, one stream: over the relay floor.
+    pub const ONE_STREAM_OVER_FLOOR: f64 = 1.0;
+    /// CPU-seconds per GB: over the relay floor's.
+    pub const CPU_PER_GB_OVER_FLOOR: f64 = 1.0;
+    /// 1 KiB request/response p50: µs added over the relay floor's p50.
+    pub const RR_P50_OVER_FLOOR_US: f64 = 20.0;
+    /// New connection, time to first response p50: over the stunnel pair's.
+    pub const NEW_CONNECTION_OVER_STUNNEL: f64 = 0.15;
+    /// New connection p50: over the relay floor's.
+    pub const NEW_CONNECTION_OVER_FLOOR: f64 = 1.2;
+}
+
+/// The stunnel pair's summary, when it ran.
+fn stunnel_of(rows: &Rows<'_>) -> Option<Summary> {
+    find(rows, Kind::Peer)
+        .into_iter()
+        .find(|(name, _)| *name == "stunnel")
+        .map(|(_, s)| s)
+}
+
+/// The relay floor's summary, when it ran.
+fn floor_of(rows: &Rows<'_>) -> Option<Summary> {
+    find(rows, Kind::Floor).first().map(|(_, s)| *s)
+}
+
+/// "a / b ≤ or ≥ limit", as a target line's clause.
+fn ratio_clause(what: &str, value: f64, base: f64, at_least: bool, limit: f64) -> String {
+    let r = value / base;
+    let (sign, met) = if at_least {
+        ("≥", r >= limit)
+    } else {
+        ("≤", r <= limit)
+    };
+    format!(
+        "{r:.2}× {what} (target {sign} {limit:.2}×) {}",
+        verdict(met)
+    )
+}
+
 fn render_throughput(
     out: &mut String,
     rows: &Rows<'_>,
@@ -276,16 +319,47 @@ fn render_throughput(
                     ratio_cell(s.main, best.map(|b| b.1.main)),
                     cpu_cell(s.cpu_per_unit)
                 );
-                if entry.kind == Kind::Meshup
-                    && let Some((best_name, b)) = best
-                {
-                    let r = s.main / b.main;
-                    targets.push(format!(
-                        "{}: {:.2}× {best_name} (target ≥ 1.00×) {}",
-                        measure_short(measure),
-                        r,
-                        verdict(r >= 1.0)
-                    ));
+                if entry.kind == Kind::Meshup {
+                    let mut clauses = Vec::new();
+                    if let Some((best_name, b)) = best {
+                        clauses.push(ratio_clause(
+                            best_name,
+                            s.main,
+                            b.main,
+                            true,
+                            target::THROUGHPUT_OVER_BEST_PEER,
+                        ));
+                    }
+                    if let Some(f) = floor_of(rows) {
+                        if measure == Measure::Throughput(1) {
+                            clauses.push(ratio_clause(
+                                "the relay floor",
+                                s.main,
+                                f.main,
+                                true,
+                                target::ONE_STREAM_OVER_FLOOR,
+                            ));
+                        }
+                        if let (Some(m), Some(fc)) = (s.cpu_per_unit, f.cpu_per_unit) {
+                            clauses.push(format!(
+                                "CPU per GB {}",
+                                ratio_clause(
+                                    "the relay floor's",
+                                    m,
+                                    fc,
+                                    false,
+                                    target::CPU_PER_GB_OVER_FLOOR
+                                )
+                            ));
+                        }
+                    }
+                    if !clauses.is_empty() {
+                        targets.push(format!(
+                            "{}: {}",
+                            measure_short(measure),
+                            clauses.join("; ")
+                        ));
+                    }
                 }
             }
             Err(reason) => {
@@ -319,10 +393,7 @@ fn redis_target(connections: usize) -> f64 {
 
 fn render_redis(out: &mut String, rows: &Rows<'_>, connections: usize, targets: &mut Vec<String>) {
     let direct = find(rows, Kind::Direct).first().map(|(_, s)| s.main);
-    let stunnel = find(rows, Kind::Peer)
-        .into_iter()
-        .find(|(name, _)| *name == "stunnel")
-        .map(|(_, s)| s);
+    let stunnel = stunnel_of(rows);
     let _ = writeln!(
         out,
         "{:<10} {:>10} {:>8} {:>8} {:>10} {:>11} {:>17}",
@@ -393,21 +464,32 @@ fn render_rr(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
                     ratio_cell(s.main, best.map(|b| b.1.main)),
                     cpu_cell(s.cpu_per_unit)
                 );
-                if entry.kind == Kind::Meshup
-                    && let Some(d) = direct
-                {
-                    let p50 = s.main - d.main;
-                    let p99 = s.p99 - d.p99;
-                    targets.push(format!(
-                        "1 KiB RR added over direct: p50 {p50:+.1} µs (target ≤ +40) {}, p99 {p99:+.1} µs (target ≤ +80) {}",
-                        verdict(p50 <= 40.0),
-                        verdict(p99 <= 80.0)
-                    ));
-                    if let Some((_, f)) = find(rows, Kind::Floor).first() {
+                if entry.kind == Kind::Meshup {
+                    if let Some(st) = stunnel_of(rows) {
+                        let cpu = match (s.cpu_per_unit, st.cpu_per_unit) {
+                            (Some(m), Some(p)) if p > 0.0 => format!(
+                                "; CPU per 1000 requests {}",
+                                ratio_clause("the stunnel pair's", m, p, false, 1.0)
+                            ),
+                            _ => String::new(),
+                        };
                         targets.push(format!(
-                            "  (two plain TCP relay processes add p50 {:+.1} µs here; meshup adds {:+.1} µs over them)",
-                            f.main - d.main,
-                            s.main - f.main
+                            "1 KiB RR: p50 {:.1} µs against the stunnel pair's {:.1} (target ≤) {}; p99 {:.1} µs against {:.1} (target ≤) {}{cpu}",
+                            s.main,
+                            st.main,
+                            verdict(s.main <= st.main),
+                            s.p99,
+                            st.p99,
+                            verdict(s.p99 <= st.p99)
+                        ));
+                    }
+                    if let Some(f) = floor_of(rows) {
+                        let added = s.main - f.main;
+                        targets.push(format!(
+                            "1 KiB RR: p50 {added:+.1} µs over the relay floor's {:.1} (target ≤ +{:.0}) {}",
+                            f.main,
+                            target::RR_P50_OVER_FLOOR_US,
+                            verdict(added <= target::RR_P50_OVER_FLOOR_US)
                         ));
                     }
                 }
@@ -424,10 +506,7 @@ fn render_rr(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
 
 fn render_new_connection(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<String>) {
     let direct = find(rows, Kind::Direct).first().map(|(_, s)| s.main);
-    let stunnel = find(rows, Kind::Peer)
-        .into_iter()
-        .find(|(name, _)| *name == "stunnel")
-        .map(|(_, s)| s);
+    let stunnel = stunnel_of(rows);
     let best = find(rows, Kind::Peer)
         .into_iter()
         .min_by(|a, b| a.1.main.total_cmp(&b.1.main));
@@ -456,15 +535,29 @@ fn render_new_connection(out: &mut String, rows: &Rows<'_>, targets: &mut Vec<St
                     ratio_cell(s.main, best.map(|b| b.1.main)),
                     cpu_cell(s.cpu_per_unit)
                 );
-                if entry.kind == Kind::Meshup
-                    && let Some(st) = stunnel
-                {
-                    let r = s.main / st.main;
-                    targets.push(format!(
-                        "new connection: p50 {r:.2}× the stunnel pair (target ≤ 0.25×) {}; p99 {:.2}×",
-                        verdict(r <= 0.25),
-                        s.p99 / st.p99
-                    ));
+                if entry.kind == Kind::Meshup {
+                    let mut clauses = Vec::new();
+                    if let Some(st) = stunnel {
+                        clauses.push(ratio_clause(
+                            "the stunnel pair",
+                            s.main,
+                            st.main,
+                            false,
+                            target::NEW_CONNECTION_OVER_STUNNEL,
+                        ));
+                    }
+                    if let Some(f) = floor_of(rows) {
+                        clauses.push(ratio_clause(
+                            "the relay floor",
+                            s.main,
+                            f.main,
+                            false,
+                            target::NEW_CONNECTION_OVER_FLOOR,
+                        ));
+                    }
+                    if !clauses.is_empty() {
+                        targets.push(format!("new connection p50: {}", clauses.join("; ")));
+                    }
                 }
             }
             Err(reason) => {
@@ -508,8 +601,55 @@ mod tests {
         report.record(m, "meshup", Kind::Meshup, throughput(6.0));
         let text = report.render();
         assert!(text.contains("(best peer: nginx)"), "{text}");
-        assert!(text.contains("1.20× nginx (target ≥ 1.00×) MET"), "{text}");
+        assert!(
+            text.contains("throughput, 1 stream: 1.20× nginx (target ≥ 1.50×) MISSED"),
+            "{text}"
+        );
         assert!(text.contains("0.500"), "CPU-s/GB: {text}");
+    }
+
+    #[test]
+    fn every_documented_target_is_checked_against_its_own_peer() {
+        let mut report = Report::default();
+        let gbps = |gbps: f64, cpu_s: f64| Figure::Throughput {
+            gbps,
+            bytes: 1_000_000_000,
+            cpu_s: Some(cpu_s),
+        };
+        let m = Measure::Throughput(1);
+        report.record(m, "relay", Kind::Floor, gbps(5.0, 1.0));
+        report.record(m, "stunnel", Kind::Peer, gbps(4.0, 2.0));
+        report.record(m, "meshup", Kind::Meshup, gbps(6.4, 0.9));
+        let m = Measure::Throughput(16);
+        report.record(m, "relay", Kind::Floor, gbps(5.0, 1.0));
+        report.record(m, "stunnel", Kind::Peer, gbps(4.0, 2.0));
+        report.record(m, "meshup", Kind::Meshup, gbps(5.6, 1.2));
+        let latency = |p50_us: f64, p99_us: f64, cpu_s: f64| Figure::Latency {
+            p50_us,
+            p99_us,
+            ops: 1000,
+            cpu_s: Some(cpu_s),
+        };
+        let m = Measure::RequestResponse;
+        report.record(m, "relay", Kind::Floor, latency(100.0, 200.0, 0.06));
+        report.record(m, "stunnel", Kind::Peer, latency(130.0, 250.0, 0.10));
+        report.record(m, "meshup", Kind::Meshup, latency(125.0, 260.0, 0.11));
+        let m = Measure::NewConnection;
+        report.record(m, "relay", Kind::Floor, latency(300.0, 500.0, 0.0));
+        report.record(m, "stunnel", Kind::Peer, latency(2000.0, 2500.0, 0.0));
+        report.record(m, "meshup", Kind::Meshup, latency(340.0, 700.0, 0.0));
+        let text = report.render();
+        for want in [
+            "throughput, 1 stream: 1.60× stunnel (target ≥ 1.50×) MET; 1.28× the relay floor (target ≥ 1.00×) MET; CPU per GB 0.90× the relay floor's (target ≤ 1.00×) MET",
+            "throughput, 16 connections: 1.40× stunnel (target ≥ 1.50×) MISSED; CPU per GB 1.20× the relay floor's (target ≤ 1.00×) MISSED",
+            "1 KiB RR: p50 125.0 µs against the stunnel pair's 130.0 (target ≤) MET; p99 260.0 µs against 250.0 (target ≤) MISSED; CPU per 1000 requests 1.10× the stunnel pair's (target ≤ 1.00×) MISSED",
+            "1 KiB RR: p50 +25.0 µs over the relay floor's 100.0 (target ≤ +20) MISSED",
+            "new connection p50: 0.17× the stunnel pair (target ≤ 0.15×) MISSED; 1.13× the relay floor (target ≤ 1.20×) MET",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        // The floor is a reference, never the best peer.
+        assert!(!text.contains("× relay (target"), "{text}");
     }
 
     #[test]
