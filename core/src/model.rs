@@ -271,6 +271,25 @@ pub fn validate_ports(ports: &[PortSpec]) -> Result<(), RecordError> {
     Ok(())
 }
 
+/// Checks an export's labels: at most [`MAX_LABELS`], each key and value at most
+/// [`MAX_LABEL_TEXT`] bytes. The config file and the admin API hold exports to it before
+/// publishing, so a record is never skipped by its readers for its labels.
+pub fn validate_labels<'a>(
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), RecordError> {
+    check_count("labels", labels.len(), MAX_LABELS)?;
+    for (k, v) in labels {
+        check_text("label key", k, MAX_LABEL_TEXT)?;
+        check_text("label value", v, MAX_LABEL_TEXT)?;
+    }
+    Ok(())
+}
+
+/// Checks the number of caller clusters an export lists (at most [`MAX_ALLOWED_CALLERS`]).
+pub fn validate_allowed_callers(count: usize) -> Result<(), RecordError> {
+    check_count("allowed_callers", count, MAX_ALLOWED_CALLERS)
+}
+
 fn check_count(what: &'static str, count: usize, max: usize) -> Result<(), RecordError> {
     if count > max {
         Err(RecordError::TooMany { what, count, max })
@@ -496,17 +515,8 @@ impl ExportRecord {
                 total: self.endpoints_total,
             });
         }
-        check_count(
-            "allowed_callers",
-            self.allowed_callers.len(),
-            MAX_ALLOWED_CALLERS,
-        )?;
-        check_count("labels", self.labels.len(), MAX_LABELS)?;
-        for (k, v) in self.labels.iter() {
-            check_text("label key", k, MAX_LABEL_TEXT)?;
-            check_text("label value", v, MAX_LABEL_TEXT)?;
-        }
-        Ok(())
+        validate_allowed_callers(self.allowed_callers.len())?;
+        validate_labels(self.labels.iter())
     }
 
     /// Whether `caller` may open streams to this export.

@@ -37,6 +37,19 @@ pub enum NameError {
     BadServiceKey(String),
 }
 
+/// At most the first [`SHOWN_MAX`] characters of a rejected `value`, marked when cut, so that
+/// an error never carries a caller's whole input back (a 10 MB name must not become a 10 MB
+/// error message).
+fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_MAX) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_owned(),
+    }
+}
+
+/// Longest part of a rejected value an error message repeats.
+pub const SHOWN_MAX: usize = 80;
+
 /// Checks an RFC 1123 label: `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
 pub fn check_dns1123_label(kind: &'static str, value: &str) -> Result<(), NameError> {
     check_label(kind, value, MAX_LABEL_LEN)
@@ -221,7 +234,7 @@ impl FromStr for ServiceKey {
     fn from_str(s: &str) -> Result<Self, NameError> {
         let (name, ns) = s
             .split_once('.')
-            .ok_or_else(|| NameError::BadServiceKey(s.to_owned()))?;
+            .ok_or_else(|| NameError::BadServiceKey(shown(s)))?;
         Self::parse(ns, name)
     }
 }
@@ -241,6 +254,31 @@ impl fmt::Debug for ServiceKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_repeats_at_most_the_start_of_a_long_value() {
+        let long = "a".repeat(20_000);
+        for err in [
+            long.parse::<ServiceKey>().expect_err("no dot"),
+            ServiceKey::parse("prod", &long).expect_err("too long"),
+        ] {
+            let text = err.to_string();
+            assert!(text.len() < 300, "{} bytes: {}", text.len(), &text[..300]);
+        }
+        let short = "nodot"
+            .parse::<ServiceKey>()
+            .expect_err("no dot")
+            .to_string();
+        assert!(short.contains("\"nodot\""), "{short}");
+        assert!(
+            "ä".repeat(100)
+                .parse::<ServiceKey>()
+                .expect_err("no dot")
+                .to_string()
+                .contains('…'),
+            "cut on a character boundary, marked"
+        );
+    }
 
     #[test]
     fn labels_follow_rfc1123() {

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use meshup_core::identity::check_trust_domain;
-use meshup_core::model::{AppProtocol, EndpointProtocol, PortSpec, Protocol, validate_ports};
+use meshup_core::model::{
+    AppProtocol, EndpointProtocol, PortSpec, Protocol, validate_allowed_callers, validate_labels,
+    validate_ports,
+};
 use meshup_core::names::{ClusterName, GatewayId, Namespace, ServiceKey, ServiceName};
 use meshup_dns::DnsConfig;
 use meshup_federation::config::CatalogConfig;
@@ -408,6 +411,34 @@ impl ExportConfig {
             return Err(invalid(field, "an export needs at least one port"));
         }
         validate_ports(&self.ports).map_err(|err| invalid(field, err.to_string()))?;
+        // A gateway proxies TCP only: a UDP or SCTP port would get a VIP in DNS and nothing
+        // behind it.
+        if let Some(p) = self.ports.iter().find(|p| p.protocol != Protocol::Tcp) {
+            return Err(invalid(
+                field,
+                format!(
+                    "port {:?}: protocol {} is not proxied (a gateway serves tcp ports only)",
+                    p.name,
+                    p.protocol.as_str()
+                ),
+            ));
+        }
+        let mut numbers = std::collections::BTreeMap::new();
+        for p in &self.ports {
+            if let Some(first) = numbers.insert(p.port, &p.name) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "ports {first:?} and {:?} both use port {}: a VIP listens once per port",
+                        p.name, p.port
+                    ),
+                ));
+            }
+        }
+        // The record's own limits, so that readers never skip what this gateway publishes.
+        validate_labels(self.labels.iter()).map_err(|err| invalid(field, err.to_string()))?;
+        validate_allowed_callers(self.allowed_callers.len())
+            .map_err(|err| invalid(field, err.to_string()))?;
         if let Some(p) = self
             .ports
             .iter()
@@ -732,6 +763,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use meshup_core::model::{MAX_LABEL_TEXT, MAX_LABELS};
 
     #[test]
     fn pinned_names_are_all_none_or_a_list_of_services() {
@@ -869,6 +901,51 @@ exports:
                 Err(e) => e.to_string(),
             };
             assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn exports_a_gateway_cannot_serve_or_publish_are_refused() {
+        let port = "ports: [{name: http, port: 8080, protocol: tcp}]";
+        let long = "x".repeat(MAX_LABEL_TEXT + 1);
+        let many: String = (0..=MAX_LABELS).map(|i| format!("l{i}: v, ")).collect();
+        for (entry, names) in [
+            (
+                "ports: [{name: dns, port: 53, protocol: udp}]".to_owned(),
+                "protocol udp is not proxied",
+            ),
+            (
+                "ports: [{name: http, port: 8080}, {name: s, port: 9000, protocol: sctp}]"
+                    .to_owned(),
+                "protocol sctp is not proxied",
+            ),
+            (
+                "ports: [{name: a, port: 8080}, {name: b, port: 8080}]".to_owned(),
+                "\"a\" and \"b\" both use port 8080",
+            ),
+            (
+                format!("{port}\n    labels: {{owner: {long}}}"),
+                "label value",
+            ),
+            (format!("{port}\n    labels: {{{long}: v}}"), "label key"),
+            (format!("{port}\n    labels: {{{many}}}"), "labels"),
+        ] {
+            let err = Config::parse(&SAMPLE.replace(port, &entry))
+                .and_then(|c| c.validate().map(|()| c))
+                .expect_err(&entry)
+                .to_string();
+            assert!(err.contains(names), "{entry}: {err}");
+        }
+        // At the limits, accepted.
+        let at: String = (0..MAX_LABELS).map(|i| format!("l{i}: v, ")).collect();
+        let edge = "y".repeat(MAX_LABEL_TEXT);
+        for entry in [
+            format!("{port}\n    labels: {{{at}}}"),
+            format!("{port}\n    labels: {{{edge}: {edge}}}"),
+            "ports: [{name: a, port: 8080}, {name: b, port: 8081}]".to_owned(),
+        ] {
+            let c = Config::parse(&SAMPLE.replace(port, &entry)).expect(&entry);
+            c.validate().expect(&entry);
         }
     }
 

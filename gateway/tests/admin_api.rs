@@ -360,6 +360,7 @@ async fn every_admin_method_with_good_and_bad_input() {
             (pb::StartDrillRequest { kind: DrillKind::Pin as i32, ..good.clone() }, Code::InvalidArgument, &["service:", "pin drill needs the service"][..]),
             (pb::StartDrillRequest { cluster: "wset".into(), ..good.clone() }, Code::NotFound, &["cluster wset is not in the catalog", "east, north, west"][..]),
             (pb::StartDrillRequest { service: "nope.prod".into(), ..good.clone() }, Code::NotFound, &["no service nope.prod"][..]),
+            (pb::StartDrillRequest { kind: DrillKind::Pin as i32, cluster: "east".into(), service: "pay.prod".into(), ..good.clone() }, Code::FailedPrecondition, &["cluster east does not export pay.prod", "exported by: north, west", "nothing to send traffic to"][..]),
             (pb::StartDrillRequest { id: "Bad_Id".into(), ..good.clone() }, Code::InvalidArgument, &["id:"][..]),
         ] {
             assert_status(api.start_drill(bad).await, code, words);

@@ -341,13 +341,11 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
     let mut fed = federation("/hostile-quic", 10).await;
-    let quic = fed.west.quic_addr().await;
     let initial = Arc::new(
         capture_initial(&fed.certs, "rogue", "west")
             .await
             .expect("a real client Initial"),
     );
-    let failures_before = handshake_failures(&fed.west);
     let payloads: meshup_tests::hostile::Payloads = {
         let initial = initial.clone();
         Arc::new(move |n: u64, out: &mut Vec<u8>| match n % 4 {
@@ -359,6 +357,92 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
             _ => out.extend_from_slice(&initial),
         })
     };
+    let (table, replays_blocked) = flood_the_quic_port(
+        &mut fed,
+        "junk UDP at the QUIC port (random, truncated Initials, replayed Initials)",
+        initial.len(),
+        payloads,
+        NewPeer::MustConnect,
+    )
+    .await;
+    assert!(
+        replays_blocked >= 1.0,
+        "the replayed Initial was never blocked in the kernel{table}"
+    );
+}
+
+/// Initials each with a connection ID of its own: a real client Initial whose destination
+/// connection ID is rewritten for every datagram, from thousands of source ports. No two
+/// share an ID, so none is dropped in the kernel as a replay, and the gateway derives the
+/// Initial keys of each one before its packet protection fails. Each lands on the new
+/// connections' receive queue, read within a budget (`NEW_QUEUE_RATE`,
+/// gateway/src/tunnel/socket.rs): before it, the gateway spent a core on them and the
+/// workload's p99 was 8.0–18.2× the control phase's in four runs; with it, 1.5× in two.
+/// A new peer dialling in the middle of the flood is not asserted: its Initial waits in the
+/// same kernel queue as the flood's, and timed out in 2 s in 5 of 6 runs, before the budget
+/// and after it alike (docs/reliability.md, "not yet").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initials_each_with_a_fresh_connection_id_leave_traffic_and_memory_alone() {
+    let mut fed = federation("/hostile-fresh-ids", 40).await;
+    let initial = Arc::new(
+        capture_initial(&fed.certs, "rogue", "west")
+            .await
+            .expect("a real client Initial"),
+    );
+    // Long header: flags (1), version (4), destination ID length (1), destination ID.
+    let id_len = usize::from(initial[5]);
+    assert!(
+        (8..=20).contains(&id_len) && initial.len() > 6 + id_len,
+        "a client Initial's destination ID is 8 to 20 bytes: {id_len}"
+    );
+    let payloads: meshup_tests::hostile::Payloads = {
+        let initial = initial.clone();
+        Arc::new(move |n: u64, out: &mut Vec<u8>| {
+            out.extend_from_slice(&initial);
+            // A different ID for every datagram of every thread (`n` is unique to both).
+            let id = &mut out[6..6 + id_len];
+            id.fill(0);
+            let bytes = n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_be_bytes();
+            id[..8].copy_from_slice(&bytes);
+            id[8..]
+                .iter_mut()
+                .zip(n.to_le_bytes())
+                .for_each(|(b, v)| *b = v);
+        })
+    };
+    let (_table, replays_blocked) = flood_the_quic_port(
+        &mut fed,
+        "Initials each with a fresh connection ID at the QUIC port",
+        initial.len(),
+        payloads,
+        NewPeer::Reported,
+    )
+    .await;
+    println!("Initials blocked in the kernel as replays: {replays_blocked}");
+}
+
+/// Whether a new peer dialling in the middle of a flood must connect in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NewPeer {
+    MustConnect,
+    /// Its outcome is printed with the table, not asserted.
+    Reported,
+}
+
+/// Floods west's QUIC port with `payloads` from two threads (a control phase against a sink
+/// first) while the workload runs, and asserts the promise: the workload's p99 within
+/// [`QUIC_JUNK_P99_BOUND`] of the control phase's, a new peer's handshake halfway through
+/// within [`HANDSHAKE_UNDER_JUNK_BOUND`], RSS growth within [`RSS_GROWTH_BOUND_KIB`], no
+/// panic. Returns the table printed and the replayed Initials blocked in the kernel.
+async fn flood_the_quic_port(
+    fed: &mut Federation,
+    title: &str,
+    initial_len: usize,
+    payloads: meshup_tests::hostile::Payloads,
+    new_peer: NewPeer,
+) -> (String, f64) {
+    let quic = fed.west.quic_addr().await;
+    let failures_before = handshake_failures(&fed.west);
     let len = attack_len();
     let sink = Sink::start().expect("control sink");
     let sink_udp = sink.udp();
@@ -378,7 +462,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
         async move {
             let blast = tokio::task::spawn_blocking(move || {
                 // Two threads (the machine has two cores), 32 sockets each, a new source
-                // port every 512 datagrams: replays arrive from thousands of ports.
+                // port every 512 datagrams: thousands of source ports.
                 UdpBlaster::start(target, 2, 32, 512, len, payloads)
                     .expect("blaster")
                     .finish()
@@ -408,18 +492,17 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
         asserted: QUIC_JUNK_P99_BOUND,
     };
     let table = report(
-        "junk UDP at the QUIC port (random, truncated Initials, replayed Initials)",
+        title,
         &figures,
         quic_control,
         &memory,
         &[
             format!(
-                "attack: {} datagrams in {:.1} s = {:.0} datagrams/s ({} refused by the local kernel); Initial {} bytes; control (aimed at a drained socket): {:.0} datagrams/s",
+                "attack: {} datagrams in {:.1} s = {:.0} datagrams/s ({} refused by the local kernel); Initial {initial_len} bytes; control (aimed at a drained socket): {:.0} datagrams/s",
                 blast.sent,
                 blast.elapsed.as_secs_f64(),
                 blast.rate(),
                 blast.send_errors,
-                initial.len(),
                 control_blast.rate()
             ),
             format!(
@@ -430,13 +513,10 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
             format!("replayed Initials' connection IDs blocked in the kernel: {replays_blocked}"),
         ],
     );
-    assert!(
-        replays_blocked >= 1.0,
-        "the replayed Initial was never blocked in the kernel{table}"
-    );
     let handshake = handshake.expect("the attack dialled a new peer");
     assert!(
-        handshake.0.is_ok() && handshake.1 <= HANDSHAKE_UNDER_JUNK_BOUND,
+        new_peer == NewPeer::Reported
+            || (handshake.0.is_ok() && handshake.1 <= HANDSHAKE_UNDER_JUNK_BOUND),
         "a new peer could not connect within {HANDSHAKE_UNDER_JUNK_BOUND:?} under the attack{table}"
     );
     assert_no_panic(&mut fed.west, &table);
@@ -447,6 +527,7 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
         memory.growth_kib()
     );
     assert!(blast.sent > 0, "the blaster sent nothing{table}");
+    (table, replays_blocked)
 }
 
 fn handshake_failures(gateway: &GatewayProcess) -> Vec<(String, f64)> {

@@ -856,10 +856,18 @@ impl AdminService for AdminApi {
                 join(snapshot.clusters())
             )));
         }
-        if let Some(s) = &service
-            && snapshot.service(s).is_none()
-        {
-            return Err(unknown_service(&snapshot, s));
+        if let Some(s) = &service {
+            let Some(view) = snapshot.service(s) else {
+                return Err(unknown_service(&snapshot, s));
+            };
+            // A pin sends every new connection to the cluster: one that does not export the
+            // service has nothing to pin to, and the decision would ignore the drill.
+            if kind == policy::DrillKind::Pin && !view.clusters.contains_key(&cluster) {
+                return Err(Status::failed_precondition(format!(
+                    "cluster {cluster} does not export {s} (exported by: {}): a pin there has nothing to send traffic to",
+                    join(view.clusters.keys())
+                )));
+            }
         }
         let created = unix_now();
         let record = DrillRecord {

@@ -82,15 +82,83 @@ impl TunnelSocket {
     }
 }
 
+/// Datagrams per second read from the new connections' queue at most. Each is a client's
+/// first Initial, and quinn derives that connection ID's Initial keys to open it (several
+/// µs); a flood of Initials each with an ID of its own (never blocked as a replay) would
+/// otherwise take a whole core, and the established connections on this machine would pay
+/// for it (docs/reliability.md, "Initials each with a fresh connection ID"). Real peers open
+/// a connection each per peer gateway and certificate rotation: far below this.
+pub const NEW_QUEUE_RATE: u32 = 5_000;
+/// Datagrams the new connections' queue may be read at once after a quiet spell (every peer
+/// of a large federation dialling a restarted gateway at once).
+pub const NEW_QUEUE_BURST: u32 = 2_000;
+
+/// A token bucket over the datagrams read from the new connections' queue ([`NEW_QUEUE_RATE`]).
+/// Pure: the clock is passed in. What it does not let through waits in the kernel's queue,
+/// and what overflows that queue the kernel drops, at no cost to this process.
+#[derive(Debug, Clone)]
+pub struct ReadBudget {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<tokio::time::Instant>,
+}
+
+impl ReadBudget {
+    pub fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate.max(1)),
+            burst: f64::from(burst.max(1)),
+            tokens: f64::from(burst.max(1)),
+            at: None,
+        }
+    }
+
+    /// How many datagrams may be read at `now`, at most `want` (≥ 1 when any may); or the
+    /// instant the next one may be.
+    pub fn allowed(
+        &mut self,
+        now: tokio::time::Instant,
+        want: usize,
+    ) -> Result<usize, tokio::time::Instant> {
+        if let Some(at) = self.at {
+            let earned = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + earned).min(self.burst);
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            // `tokens` is at most `burst`, a u32.
+            Ok((self.tokens as usize).min(want).max(1))
+        } else {
+            let wait = (1.0 - self.tokens) / self.rate;
+            Err(now + std::time::Duration::from_secs_f64(wait))
+        }
+    }
+
+    /// `n` datagrams were read.
+    pub fn spend(&mut self, n: usize) {
+        self.tokens -= n as f64;
+    }
+}
+
 /// The new connections' queue, and the replay decision fed by what it reads
 /// ([`super::replays`]): when the list of blocked connection IDs changes, the queue's socket
-/// filter is attached again with it, and the kernel drops those Initials from then on.
+/// filter is attached again with it, and the kernel drops those Initials from then on. It is
+/// read within [`NEW_QUEUE_RATE`].
 #[derive(Debug)]
 pub struct NewQueue {
     socket: QueueSocket,
     guard: Mutex<ReplayGuard>,
     /// `meshup_tunnel_replayed_initials_blocked_total`.
     blocked: Counter,
+    budget: Mutex<Budget>,
+}
+
+/// The read budget and the timer that wakes the reader when it allows a read again.
+#[derive(Debug)]
+struct Budget {
+    bucket: ReadBudget,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl NewQueue {
@@ -99,6 +167,10 @@ impl NewQueue {
             socket,
             guard: Mutex::new(ReplayGuard::default()),
             blocked,
+            budget: Mutex::new(Budget {
+                bucket: ReadBudget::new(NEW_QUEUE_RATE, NEW_QUEUE_BURST),
+                timer: None,
+            }),
         }
     }
 
@@ -108,7 +180,29 @@ impl NewQueue {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let read = std::task::ready!(self.socket.poll_recv(cx, bufs, meta))?;
+        let slots = bufs.len().min(meta.len());
+        let mut budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let allowed = loop {
+            match budget.bucket.allowed(tokio::time::Instant::now(), slots) {
+                Ok(n) => break n,
+                Err(at) => {
+                    // Woken when the budget allows a read again; the known queue wakes the
+                    // reader meanwhile as it always does.
+                    let timer = budget
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                    timer.as_mut().reset(at);
+                    std::task::ready!(timer.as_mut().poll(cx));
+                }
+            }
+        };
+        let read = std::task::ready!(self.socket.poll_recv(
+            cx,
+            &mut bufs[..allowed],
+            &mut meta[..allowed]
+        ))?;
+        budget.bucket.spend(read);
+        drop(budget);
         self.observe(&bufs[..read], &meta[..read]);
         Poll::Ready(Ok(read))
     }
@@ -334,6 +428,40 @@ pub fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) -> io::Result<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_read_budget_lets_a_burst_through_then_the_rate() {
+        use tokio::time::Instant;
+        let ms = std::time::Duration::from_millis;
+        let t0 = Instant::now();
+        let mut b = ReadBudget::new(1_000, 100);
+        // A quiet start: the whole burst, in batches as large as asked.
+        assert_eq!(b.allowed(t0, 32), Ok(32));
+        b.spend(32);
+        assert_eq!(b.allowed(t0, 1_000), Ok(68));
+        b.spend(68);
+        // Empty: the next datagram in 1 ms (1,000 a second).
+        assert_eq!(b.allowed(t0, 32), Err(t0 + ms(1)));
+        assert_eq!(b.allowed(t0 + ms(1), 32), Ok(1));
+        b.spend(1);
+        // 10 ms later, 10 more; a batch shorter than allowed spends only what it read.
+        assert_eq!(b.allowed(t0 + ms(11), 32), Ok(10));
+        b.spend(3);
+        assert_eq!(b.allowed(t0 + ms(11), 32), Ok(7));
+        b.spend(7);
+        // A long quiet spell earns no more than the burst.
+        assert_eq!(b.allowed(t0 + ms(60_000), 1_000), Ok(100));
+        // Over a whole second of asking for everything, the rate and the burst.
+        let mut b = ReadBudget::new(1_000, 100);
+        let mut read = 0;
+        for step in 0..=1_000u64 {
+            if let Ok(n) = b.allowed(t0 + ms(step), usize::MAX) {
+                b.spend(n);
+                read += n;
+            }
+        }
+        assert!((1_095..=1_101).contains(&read), "{read}");
+    }
 
     /// The race a short batch's cleared readiness could lose: datagrams that arrive while the
     /// queue is being read. 20,000 of them from another thread, sent in bursts of 1 to 3 as
