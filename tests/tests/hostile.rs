@@ -379,8 +379,8 @@ async fn junk_udp_at_the_quic_port_leaves_traffic_and_memory_alone() {
 /// gateway/src/tunnel/socket.rs): before it, the gateway spent a core on them and the
 /// workload's p99 was 8.0–18.2× the control phase's in four runs; with it, 1.5× in two.
 /// A new peer dialling in the middle of the flood is not asserted: its Initial waits in the
-/// same kernel queue as the flood's, and timed out in 2 s in 5 of 6 runs, before the budget
-/// and after it alike (docs/reliability.md, "not yet").
+/// same kernel queue as the flood's, and timed out in 2 s in 3 of 4 runs before the budget
+/// and in 5 of 5 after it (docs/reliability.md, "not yet").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initials_each_with_a_fresh_connection_id_leave_traffic_and_memory_alone() {
     let mut fed = federation("/hostile-fresh-ids", 40).await;
