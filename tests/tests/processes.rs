@@ -770,6 +770,72 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
     );
 }
 
+/// Two gateways of west (`west-0`, `west-1`) serving an echo backend as `echo.prod:7000`,
+/// and east with its VIP, on one etcd, once east's catalog lists both west gateways serving.
+/// Bind every field: the backend and the certificates must outlive the test's traffic.
+struct TwoWests {
+    etcd: EtcdServer,
+    _certs: Certs,
+    _echo: EchoServer,
+    wests: [GatewayProcess; 2],
+    east: GatewayProcess,
+    vip: SocketAddr,
+}
+
+impl TwoWests {
+    async fn start(
+        prefix: &str,
+        west_cidr: &str,
+        east_cidr: &str,
+        drain_deadline: Option<Duration>,
+    ) -> Self {
+        let etcd = tokio::task::spawn_blocking(EtcdServer::start)
+            .await
+            .expect("etcd");
+        let certs = Certs::new(&["east", "west"]);
+        let echo = EchoServer::start().await.expect("echo server");
+        let spec = |id| {
+            let base = GatewaySpec::new("west", west_cidr, &etcd, &certs, prefix);
+            GatewaySpec {
+                exports: vec![("echo", "prod", 7000, echo.addr())],
+                replica_id: Some(id),
+                drain_deadline: drain_deadline.unwrap_or(base.drain_deadline),
+                ..base
+            }
+        };
+        let mut wests = [
+            GatewayProcess::start(spec("west-0")),
+            GatewayProcess::start(spec("west-1")),
+        ];
+        for w in &mut wests {
+            w.wait_ready_but_listeners().await;
+        }
+        let mut east =
+            GatewayProcess::start(GatewaySpec::new("east", east_cidr, &etcd, &certs, prefix));
+        east.wait_ready().await;
+        let vip = east.wait_routable("echo.prod", 7000).await;
+        eventually_ok(
+            "east lists both west gateways",
+            Duration::from_secs(20),
+            || async {
+                let west = east.catalog_gateways("west")?;
+                let want = [("west-0".to_owned(), false), ("west-1".to_owned(), false)];
+                anyhow::ensure!(west == want, "{west:?}");
+                Ok(())
+            },
+        )
+        .await;
+        Self {
+            etcd,
+            _certs: certs,
+            _echo: echo,
+            wests,
+            east,
+            vip,
+        }
+    }
+}
+
 /// A peer gateway that closes its connections as it drains while this gateway's catalog
 /// still lists it as serving (etcd hung: neither its draining mark nor its lease's
 /// revocation reaches anyone) is left at once: new connections go to its cluster's other
@@ -777,44 +843,14 @@ async fn a_one_thread_gateway_sends_messages_that_arrive_together_in_few_datagra
 /// connection pool's invariant 6, `gateway/src/outbound/pool.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_closing_going_away_is_left_at_once_while_the_catalog_still_lists_it() {
-    const PREFIX: &str = "/going-away";
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("etcd");
-    let certs = Certs::new(&["east", "west"]);
-    let echo = EchoServer::start().await.expect("echo server");
-    let spec = |id| GatewaySpec {
-        exports: vec![("echo", "prod", 7000, echo.addr())],
-        replica_id: Some(id),
-        ..GatewaySpec::new("west", "127.78.51.0/24", &etcd, &certs, PREFIX)
-    };
-    let mut wests = [
-        GatewayProcess::start(spec("west-0")),
-        GatewayProcess::start(spec("west-1")),
-    ];
-    for w in &mut wests {
-        w.wait_ready_but_listeners().await;
-    }
-    let mut east = GatewayProcess::start(GatewaySpec::new(
-        "east",
-        "127.78.52.0/24",
-        &etcd,
-        &certs,
-        PREFIX,
-    ));
-    east.wait_ready().await;
-    let vip = east.wait_routable("echo.prod", 7000).await;
-    eventually_ok(
-        "east lists both west gateways",
-        Duration::from_secs(20),
-        || async {
-            let west = east.catalog_gateways("west")?;
-            let want = [("west-0".to_owned(), false), ("west-1".to_owned(), false)];
-            anyhow::ensure!(west == want, "{west:?}");
-            Ok(())
-        },
-    )
-    .await;
+    let TwoWests {
+        etcd,
+        mut wests,
+        east,
+        vip,
+        _certs,
+        _echo,
+    } = TwoWests::start("/going-away", "127.78.51.0/24", "127.78.52.0/24", None).await;
     // New connections take turns between the two gateways: east holds a connection to each.
     let load = Workload::new(vip, 1, 50.0).start();
     eventually_ok(
@@ -877,43 +913,18 @@ async fn a_peer_closing_going_away_is_left_at_once_while_the_catalog_still_lists
 /// the new connections were refused there (they went through at the other gateway after).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_peer_refusing_streams_draining_is_left_for_a_while_while_the_catalog_still_lists_it() {
-    const PREFIX: &str = "/refused-draining";
-    let etcd = tokio::task::spawn_blocking(EtcdServer::start)
-        .await
-        .expect("etcd");
-    let certs = Certs::new(&["east", "west"]);
-    let echo = EchoServer::start().await.expect("echo server");
-    let spec = |id| GatewaySpec {
-        exports: vec![("echo", "prod", 7000, echo.addr())],
-        replica_id: Some(id),
-        drain_deadline: Duration::from_secs(60),
-        ..GatewaySpec::new("west", "127.78.53.0/24", &etcd, &certs, PREFIX)
-    };
-    let mut wests = [
-        GatewayProcess::start(spec("west-0")),
-        GatewayProcess::start(spec("west-1")),
-    ];
-    for w in &mut wests {
-        w.wait_ready_but_listeners().await;
-    }
-    let mut east = GatewayProcess::start(GatewaySpec::new(
-        "east",
+    let TwoWests {
+        etcd,
+        mut wests,
+        east,
+        vip,
+        _certs,
+        _echo,
+    } = TwoWests::start(
+        "/refused-draining",
+        "127.78.53.0/24",
         "127.78.54.0/24",
-        &etcd,
-        &certs,
-        PREFIX,
-    ));
-    east.wait_ready().await;
-    let vip = east.wait_routable("echo.prod", 7000).await;
-    eventually_ok(
-        "east lists both west gateways",
-        Duration::from_secs(20),
-        || async {
-            let west = east.catalog_gateways("west")?;
-            let want = [("west-0".to_owned(), false), ("west-1".to_owned(), false)];
-            anyhow::ensure!(west == want, "{west:?}");
-            Ok(())
-        },
+        Some(Duration::from_secs(60)),
     )
     .await;
 
