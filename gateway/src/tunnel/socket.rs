@@ -114,8 +114,8 @@ impl ReadBudget {
         }
     }
 
-    /// How many datagrams may be read at `now`, at most `want` (≥ 1 when any may); or the
-    /// instant the next one may be.
+    /// How many datagrams may be read at `now`, at most `want`; or the instant the next one
+    /// may be.
     pub fn allowed(
         &mut self,
         now: tokio::time::Instant,
@@ -128,7 +128,7 @@ impl ReadBudget {
         self.at = Some(now);
         if self.tokens >= 1.0 {
             // `tokens` is at most `burst`, a u32.
-            Ok((self.tokens as usize).min(want).max(1))
+            Ok((self.tokens as usize).min(want))
         } else {
             let wait = (1.0 - self.tokens) / self.rate;
             Err(now + std::time::Duration::from_secs_f64(wait))
@@ -435,6 +435,8 @@ mod tests {
         let ms = std::time::Duration::from_millis;
         let t0 = Instant::now();
         let mut b = ReadBudget::new(1_000, 100);
+        // Nothing asked, nothing given.
+        assert_eq!(b.allowed(t0, 0), Ok(0));
         // A quiet start: the whole burst, in batches as large as asked.
         assert_eq!(b.allowed(t0, 32), Ok(32));
         b.spend(32);
