@@ -264,8 +264,19 @@ enum Resend {
 
 impl Resend {
     fn allows(self, e: &etcd_client::Error) -> bool {
-        never_sent(e) || (self != Self::Unsent && connection_failed(e))
+        never_sent(e) || (self != Self::Unsent && (connection_failed(e) || no_leader(e)))
     }
+}
+
+/// Whether etcd answered that the member had no leader. Right after quorum returns, a member
+/// that was stopped (or cut off) answers so for seconds while the others already take
+/// writes; sent again, the request is balanced to a member that may answer. Only for requests
+/// harmless twice ([`Resend::Idempotent`], [`Resend::Hedged`]): a member may have forwarded
+/// a proposal before it lost its leader.
+fn no_leader(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(status)
+        if status.code() == tonic::Code::Unavailable
+            && status.message() == "etcdserver: no leader")
 }
 
 /// Runs `call`, again while it fails with an error `resendable` accepts: at once, then after
@@ -1005,12 +1016,14 @@ mod tests {
                 false,
                 true,
             ),
-            // etcd's own answers: never resent here (the caller decides).
+            // A member without a leader: sent again, to a member that may have one, when the
+            // request is harmless twice.
             (
                 status(tonic::Code::Unavailable, "etcdserver: no leader"),
                 false,
-                false,
+                true,
             ),
+            // etcd's other answers: never resent here (the caller decides).
             (
                 status(tonic::Code::Unavailable, "etcdserver: request timed out"),
                 false,
